@@ -1,0 +1,108 @@
+"""The object behind the ``saliency`` fixture: the assertions with the session's configuration.
+
+Each method fills in the configured preset, thresholds and seed (an explicit keyword argument
+wins, except that ``--saliency-seed`` forces the seed for every check so that a failure can be
+reproduced from the command line), adds the command that reproduces the test, and records the
+result for the terminal summary and the JUnit XML.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+from .config import SaliencyConfig
+
+RESULT_PROPERTY = "saliency_result"
+
+
+class SaliencyChecker:
+    """Bound to one test: ``saliency.assert_sensitive_to_layer_randomization(model, inputs)``."""
+
+    def __init__(
+        self,
+        config: SaliencyConfig,
+        nodeid: str = "",
+        record: Callable[[str, str], None] | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.nodeid = nodeid
+        self._record = record
+        self._progress = progress
+        self.results: list[Any] = []
+
+    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = {**self.config.check_defaults(), **options}
+        if self.config.seed is not None:
+            merged["seed"] = self.config.seed
+        seed = merged.setdefault("seed", 0)
+        if self.nodeid:
+            merged.setdefault("reproduce", f"pytest --saliency --saliency-seed={seed} {shlex.quote(self.nodeid)}")
+        if self._progress is not None:
+            merged.setdefault("progress", self._progress)
+        return merged
+
+    def _store(self, result: Any) -> None:
+        self.results.append(result)
+        if self._record is not None:
+            s = result.stats
+            summary = {
+                "nodeid": self.nodeid,
+                "check": result.check,
+                "method": result.method,
+                "preset": result.pipeline.name,
+                "passed": result.passed,
+                "dataset_score": round(s.dataset_score, 6),
+                "ci": [round(s.ci_low, 6), round(s.ci_high, 6)],
+                "threshold": s.sensitivity_threshold,
+                "insensitive_layers": [layer.name for layer in s.insensitive_layers],
+                "n_layers": len(s.layers),
+                "n_images": result.n_images,
+                "seed": result.seed,
+                "summary": result.summary(),
+            }
+            self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True))
+
+    def _run(self, mode: str, model: Any, inputs: Any, method: Any, options: dict[str, Any]) -> Any:
+        __tracebackhide__ = True
+        from .exceptions import SaliencyCheckFailed
+        from .parameter_randomization import layer_randomization
+
+        result = layer_randomization(model, inputs, method, mode=mode, **self._options(options))
+        self._store(result)
+        if not result.passed:
+            raise SaliencyCheckFailed(result.failure_message(), result)
+        return result
+
+    def layer_randomization(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """Run the check and return the result without asserting (it is still recorded)."""
+        from .parameter_randomization import layer_randomization
+
+        result = layer_randomization(model, inputs, method, **self._options(options))
+        self._store(result)
+        return result
+
+    def assert_sensitive_to_layer_randomization(
+        self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
+    ) -> Any:
+        """IPR with the session's preset, thresholds and seed; see the free function of the same name."""
+        __tracebackhide__ = True
+        return self._run("independent", model, inputs, method, options)
+
+    def assert_sensitive_to_cascading_randomization(
+        self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
+    ) -> Any:
+        """CPR with the session's preset, thresholds and seed; see the free function of the same name."""
+        __tracebackhide__ = True
+        return self._run("cascading", model, inputs, method, options)
+
+    def explain(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """:func:`pytest_saliency.explain` with the session's seed (raw attributions unless preset=)."""
+        from .explainers import explain
+
+        if self.config.seed is not None:
+            options["seed"] = self.config.seed
+        return explain(model, inputs, method, **options)

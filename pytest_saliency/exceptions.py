@@ -1,0 +1,33 @@
+"""Exceptions and warnings raised by pytest-saliency.
+
+Kept free of torch so the pytest plugin can import them at collection time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SaliencyUsageError(ValueError):
+    """The caller passed something the checks cannot work with.
+
+    The message always says what was wrong, what was expected, and how to fix it.
+    It is a ``ValueError`` so code that guards generic bad input still catches it.
+    """
+
+
+class SaliencyCheckFailed(AssertionError):
+    """A saliency sanity check ran and its verdict is "fail".
+
+    Subclasses ``AssertionError`` so pytest reports it as a test failure (not an
+    error) and plain ``assert``-style tooling treats it the same way. The full
+    result object is attached as ``.result``.
+    """
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class SaliencyWarning(UserWarning):
+    """A check ran, but the numbers are likely to mislead (e.g. a sign metric on non-negative maps)."""

@@ -1,0 +1,428 @@
+"""Attribution methods by name: one function, :func:`explain`, over captum.
+
+Every method is a captum attribution class with defaults written down in :data:`METHODS`
+(and in the README). Conventions that hold for all of them:
+
+* **Target.** ``target=None`` means the class the model predicts for each input. The randomization
+  checks resolve it once on the *original* model and hold it fixed for every randomized variant
+  (Sriram & Conati: explanations are computed "for the original prediction").
+* **Raw output.** ``explain`` returns attributions shaped like the inputs (GradCAM: ``(N, 1, H, W)``,
+  upsampled to the input size). Pass ``preset=`` to get post-processed 2-D maps instead.
+* **Gradients of the inputs only.** Parameters' ``requires_grad`` is switched off while a method
+  runs (and restored), so backward passes skip the weight gradients nobody reads.
+* **Evaluation mode.** The model runs in ``eval()`` (dropout off, BatchNorm on running statistics)
+  and its ``training`` flags are restored afterwards; pass ``eval_mode=False`` to keep its mode.
+* **Seeds.** Stochastic methods (smoothgrad, gradient_shap, lime, kernel_shap) draw from generators
+  seeded with ``seed`` inside :func:`pytest_saliency._rng.seeded`: bit-reproducible on CPU for a
+  fixed seed and batch size, and no global RNG state changes.
+* **Signed gradients.** ``saliency`` returns the signed gradient (captum's ``abs=False``); taking
+  the absolute value is the map pipeline's job, so signed and magnitude views stay available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._rng import seeded
+from ._torch import require_torch
+from ._validation import check_finite, check_inputs, check_model, unknown_choice
+from .exceptions import SaliencyUsageError, SaliencyWarning
+from .postprocess import MapPipeline, apply_pipeline
+
+Explainer = Callable[[Any, Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a named method is and which defaults it runs with."""
+
+    name: str
+    captum: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = False
+    layer_based: bool = False
+    signed: bool = True
+    note: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in [
+        MethodSpec("saliency", "Saliency", {"abs": False}, note="plain (signed) gradient of the target logit"),
+        MethodSpec("input_x_gradient", "InputXGradient"),
+        MethodSpec(
+            "integrated_gradients", "IntegratedGradients",
+            {"n_steps": 50, "baselines": "zero", "method": "gausslegendre", "internal_batch_size": None},
+            note="zero (black) baseline as in Sriram & Conati",
+        ),
+        MethodSpec(
+            "smoothgrad", "NoiseTunnel(Saliency)",
+            {"nt_samples": 50, "noise_level": 0.15, "nt_samples_batch_size": None},
+            stochastic=True,
+            note="noise std = noise_level * (max - min) of the inputs, as in SAM and Adebayo et al.",
+        ),
+        MethodSpec("guided_backprop", "GuidedBackprop"),
+        MethodSpec("deconvolution", "Deconvolution"),
+        MethodSpec(
+            "gradcam", "LayerGradCam", {"layer": None, "relu_attributions": True, "interpolate_mode": "bilinear"},
+            layer_based=True, signed=False, note="last Conv2d unless layer= is given; upsampled to the input",
+        ),
+        MethodSpec("guided_gradcam", "GuidedGradCam", {"layer": None}, layer_based=True),
+        MethodSpec("deeplift", "DeepLift", {"baselines": "zero"}),
+        MethodSpec(
+            "gradient_shap", "GradientShap", {"n_samples": 20, "n_baselines": 10, "stdevs": 0.0},
+            stochastic=True, note="baselines: zero plus n_baselines-1 uniform draws over the input range",
+        ),
+        MethodSpec(
+            "occlusion", "Occlusion", {"window": None, "stride": None, "baselines": 0.0, "perturbations_per_eval": 16},
+            signed=True, note="square window of 1/8 of the smaller side (at least 2 px), stride half the window",
+        ),
+        MethodSpec(
+            "lime", "Lime", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32},
+            stochastic=True, note="features: a grid x grid superpixel grid; captum's default Lasso surrogate",
+        ),
+        MethodSpec(
+            "kernel_shap", "KernelShap", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32},
+            stochastic=True, note="features: a grid x grid superpixel grid",
+        ),
+        MethodSpec(
+            "feature_ablation", "FeatureAblation", {"grid": 8, "baselines": 0.0, "perturbations_per_eval": 16},
+            note="features: a grid x grid superpixel grid, replaced by the baseline",
+        ),
+    ]
+}
+
+
+def method_name(method: str | Explainer) -> str:
+    """A printable name for a method name or a user callable."""
+    if isinstance(method, str):
+        return method
+    return getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or type(method).__name__
+
+
+def resolve_method(method: str | Explainer) -> MethodSpec | Explainer:
+    if callable(method) and not isinstance(method, str):
+        return method
+    if isinstance(method, str) and method in METHODS:
+        return METHODS[method]
+    raise unknown_choice(
+        "method", method, METHODS, "Or pass a callable (model, inputs, target) -> attributions."
+    )
+
+
+def last_conv_layer(model: Any) -> tuple[str, Any]:
+    """The last ``Conv2d`` in registration order, the usual GradCAM layer."""
+    torch = require_torch()
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise SaliencyUsageError(
+            f"{type(model).__name__} has no nn.Conv2d layer for GradCAM. Pass layer='<module name>' "
+            "naming the layer whose activations GradCAM should use, or choose a non-layer method."
+        )
+    return convs[-1]
+
+
+def _find_module(model: Any, layer: Any) -> Any:
+    if layer is None:
+        return last_conv_layer(model)[1]
+    if isinstance(layer, str):
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise unknown_choice("layer", layer, [n for n in modules if n])
+        return modules[layer]
+    return layer
+
+
+def predicted_targets(model: Any, inputs: Any, batch_size: int | None = None) -> Any:
+    """The class each input is predicted as: the default, fixed target of every check."""
+    torch = require_torch()
+    with torch.no_grad(), _eval_mode(model, True):
+        outputs = [model(chunk) for chunk in _chunks(inputs, batch_size)]
+    out = torch.cat(outputs)
+    if out.dim() != 2:
+        raise SaliencyUsageError(
+            f"the model's output has shape {tuple(out.shape)}; target=None needs (N, num_classes) "
+            "scores to take the predicted class. Pass target= explicitly or return logits of shape (N, K)."
+        )
+    return out.argmax(dim=1)
+
+
+def resolve_target(model: Any, inputs: Any, target: Any, batch_size: int | None = None) -> Any:
+    """None -> predicted classes; an int or a per-input tensor is checked and returned as a tensor."""
+    torch = require_torch()
+    n = inputs.shape[0]
+    if target is None:
+        return predicted_targets(model, inputs, batch_size)
+    if isinstance(target, int) and not isinstance(target, bool):
+        return torch.full((n,), target, dtype=torch.long, device=inputs.device)
+    if isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point():
+        target = target.to(inputs.device).long().reshape(-1)
+        if target.numel() == 1:
+            return target.expand(n).clone()
+        if target.numel() == n:
+            return target
+    raise SaliencyUsageError(
+        f"target must be None (the predicted class), an int, or an integer tensor of shape ({n},), "
+        f"got {target!r:.80}."
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any, enabled: bool) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    if enabled:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _inputs_only_gradients(model: Any) -> Iterator[None]:
+    """Turn off parameter gradients while explaining; the flags are restored exactly."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+# captum's notices about what it does on purpose (hooks on ReLUs, setting requires_grad on the
+# inputs, one Lime surrogate per example) say nothing actionable to a user of these checks.
+_CAPTUM_NOTICES = (
+    r"Input Tensor \d+ did not already require gradients",
+    r"Setting backward hooks on ReLU activations",
+    r"Setting forward, backward hooks and attributes on non-linear",
+    r"You are providing multiple inputs for Lime / Kernel SHAP",
+)
+
+
+@contextlib.contextmanager
+def _quiet_captum() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for pattern in _CAPTUM_NOTICES:
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+        yield
+
+
+def _chunks(tensor: Any, size: int | None) -> list[Any]:
+    if not size or size >= tensor.shape[0]:
+        return [tensor]
+    return list(tensor.split(size))
+
+
+def _grid_mask(inputs: Any, grid: int) -> Any:
+    """A (1, 1, H, W) (or (1, D)) feature mask of grid x grid superpixels shared by channels."""
+    torch = require_torch()
+    if inputs.dim() == 2:
+        d = inputs.shape[1]
+        groups = min(grid * grid, d)
+        return (torch.arange(d, device=inputs.device) * groups // d)[None]
+    h, w = inputs.shape[-2:]
+    gy, gx = min(grid, h), min(grid, w)
+    rows = torch.arange(h, device=inputs.device) * gy // h
+    cols = torch.arange(w, device=inputs.device) * gx // w
+    return (rows[:, None] * gx + cols[None, :])[None, None]
+
+
+def _zero_or(value: Any, inputs: Any) -> Any:
+    torch = require_torch()
+    if value == "zero" or value is None:
+        return torch.zeros_like(inputs)
+    return value
+
+
+def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any]) -> Any:
+    """Build the captum object for ``spec`` and attribute one chunk of inputs."""
+    import captum.attr as ca
+
+    torch = require_torch()
+    o = {**spec.defaults, **options}
+    name = spec.name
+    if name == "saliency":
+        return ca.Saliency(model).attribute(inputs, target=target, abs=o["abs"])
+    if name == "input_x_gradient":
+        return ca.InputXGradient(model).attribute(inputs, target=target)
+    if name == "integrated_gradients":
+        return ca.IntegratedGradients(model).attribute(
+            inputs, baselines=_zero_or(o["baselines"], inputs), target=target, n_steps=o["n_steps"],
+            method=o["method"], internal_batch_size=o["internal_batch_size"],
+        )
+    if name == "smoothgrad":
+        stdev = o.get("stdevs")
+        if stdev is None:
+            stdev = float(o["noise_level"]) * float(o["input_range"])
+        return ca.NoiseTunnel(ca.Saliency(model)).attribute(
+            inputs, nt_type="smoothgrad", nt_samples=o["nt_samples"], stdevs=stdev, target=target,
+            nt_samples_batch_size=o["nt_samples_batch_size"], abs=False,
+        )
+    if name == "guided_backprop":
+        return ca.GuidedBackprop(model).attribute(inputs, target=target)
+    if name == "deconvolution":
+        return ca.Deconvolution(model).attribute(inputs, target=target)
+    if name == "gradcam":
+        layer = _find_module(model, o["layer"])
+        cam = ca.LayerGradCam(model, layer).attribute(inputs, target=target, relu_attributions=o["relu_attributions"])
+        if inputs.dim() == 4:
+            cam = ca.LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), o["interpolate_mode"])
+        return cam
+    if name == "guided_gradcam":
+        return ca.GuidedGradCam(model, _find_module(model, o["layer"])).attribute(inputs, target=target)
+    if name == "deeplift":
+        return ca.DeepLift(model).attribute(inputs, baselines=_zero_or(o["baselines"], inputs), target=target)
+    if name == "gradient_shap":
+        low, high = o["input_min"], o["input_max"]
+        n_random = max(int(o["n_baselines"]) - 1, 0)
+        draws = torch.rand((n_random, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
+        baselines = torch.cat([torch.zeros_like(inputs[:1]), low + (high - low) * draws])
+        return ca.GradientShap(model).attribute(
+            inputs, baselines=baselines, n_samples=o["n_samples"], stdevs=o["stdevs"], target=target
+        )
+    if name == "occlusion":
+        window, stride = o["window"], o["stride"]
+        if inputs.dim() == 4:
+            side = max(2, round(min(inputs.shape[-2:]) / 8))
+            window = window or side
+            stride = stride or max(1, window // 2)
+            shape = (inputs.shape[1], window, window) if isinstance(window, int) else tuple(window)
+            strides = (1, stride, stride) if isinstance(stride, int) else tuple(stride)
+        else:
+            shape = (window or max(1, inputs.shape[1] // 8),) if not isinstance(window, tuple) else window
+            strides = (stride or max(1, shape[0] // 2),) if not isinstance(stride, tuple) else stride
+        return ca.Occlusion(model).attribute(
+            inputs, sliding_window_shapes=shape, strides=strides, baselines=o["baselines"], target=target,
+            perturbations_per_eval=o["perturbations_per_eval"],
+        )
+    mask = o.get("feature_mask")
+    if mask is None:
+        mask = _grid_mask(inputs, int(o["grid"]))
+    if name == "feature_ablation":
+        return ca.FeatureAblation(model).attribute(
+            inputs, baselines=o["baselines"], target=target, feature_mask=mask.expand_as(inputs),
+            perturbations_per_eval=o["perturbations_per_eval"],
+        )
+    cls = ca.Lime if name == "lime" else ca.KernelShap
+    return cls(model).attribute(
+        inputs, target=target, feature_mask=mask.expand(1, *inputs.shape[1:]), n_samples=o["n_samples"],
+        perturbations_per_eval=o["perturbations_per_eval"],
+    )
+
+
+# Options accepted on top of the documented defaults (they have no default value).
+_EXTRA_OPTIONS = {
+    "smoothgrad": ("stdevs", "input_range"),
+    "lime": ("feature_mask",),
+    "kernel_shap": ("feature_mask",),
+    "feature_ablation": ("feature_mask",),
+}
+
+
+_RELU_RULE_METHODS = ("guided_backprop", "deconvolution", "guided_gradcam", "deeplift")
+
+
+def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: Any) -> None:
+    """captum's ReLU-rule methods only hook ``nn.ReLU`` modules; ``F.relu`` gets the plain gradient."""
+    torch = require_torch()
+    if spec.name in _RELU_RULE_METHODS and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()):
+        warnings.warn(
+            f"{spec.name}: {type(model).__name__} has no nn.ReLU module. captum applies this method's "
+            "modified backward rule only to nn.ReLU modules, so with functional relu calls (F.relu, "
+            "torch.relu) the maps are just the plain gradient. Use one nn.ReLU module per activation.",
+            SaliencyWarning,
+            stacklevel=4,
+        )
+
+
+def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate user options and add the input-range facts some methods scale by."""
+    allowed = set(spec.defaults) | set(_EXTRA_OPTIONS.get(spec.name, ()))
+    extra = sorted(set(options) - allowed)
+    if extra:
+        valid = ", ".join(sorted(allowed)) or "none (this method has no hyperparameters)"
+        raise SaliencyUsageError(f"unknown option(s) {extra} for method {spec.name!r}; valid options: {valid}.")
+    options = dict(options)
+    _warn_if_relu_rules_cannot_apply(spec, model)
+    if spec.name == "smoothgrad" and "input_range" not in options:
+        options["input_range"] = float(inputs.max() - inputs.min()) or 1.0
+    if spec.name == "gradient_shap":
+        options["input_min"], options["input_max"] = float(inputs.min()), float(inputs.max())
+    return options
+
+
+def explain(
+    model: Any,
+    inputs: Any,
+    method: str | Explainer = "saliency",
+    target: Any = None,
+    seed: int = 0,
+    preset: str | MapPipeline | None = None,
+    *,
+    batch_size: int | None = None,
+    eval_mode: bool = True,
+    **method_kwargs: Any,
+) -> Any:
+    """Compute a batch of attribution maps with a named captum method or a user callable.
+
+    Args:
+        model: the ``nn.Module`` to explain; its state is left exactly as it was.
+        inputs: a floating tensor (N, C, H, W) or (N, D) on the model's device.
+        method: a name from :data:`METHODS` or a callable ``(model, inputs, target) -> attributions``.
+        target: ``None`` (each input's predicted class), an int, or an integer tensor of shape (N,).
+        seed: seeds the method's own randomness without touching global RNG state.
+        preset: ``None`` returns raw attributions; a preset name or :class:`MapPipeline` returns
+            post-processed maps of shape (N, H, W).
+        batch_size: explain at most this many inputs per call (memory bound); ``None`` = all at once.
+        eval_mode: run the model in ``eval()`` mode (restored afterwards).
+        **method_kwargs: the method's hyperparameters (see :data:`METHODS` for names and defaults).
+    """
+    check_model(model)
+    check_inputs(inputs, model)
+    resolved = resolve_method(method)
+    if isinstance(resolved, MethodSpec):
+        options = _method_options(resolved, model, inputs, method_kwargs)
+    elif method_kwargs:
+        raise SaliencyUsageError(
+            f"options {sorted(method_kwargs)} were given for the custom explainer {method_name(method)!r}, "
+            "which takes only (model, inputs, target); bind them with functools.partial instead."
+        )
+    target = resolve_target(model, inputs, target, batch_size)
+    if not isinstance(resolved, MethodSpec):
+        options = {}
+    attributions = _attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
+    return attributions if preset is None else apply_pipeline(attributions, preset)
+
+
+def _attribute(
+    model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
+    batch_size: int | None, eval_mode: bool, options: dict[str, Any],
+) -> Any:
+    """The core loop, without argument checks: the randomization engine calls it once per layer."""
+    torch = require_torch()
+    label = method.name if isinstance(method, MethodSpec) else method_name(method)
+    outputs = []
+    with _eval_mode(model, eval_mode), _inputs_only_gradients(model), seeded(seed, inputs.device), _quiet_captum():
+        for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
+            if isinstance(method, MethodSpec):
+                out = _run_captum(method, model, chunk.detach(), chunk_target, options)
+            else:
+                out = method(model, chunk.detach(), chunk_target)
+            outputs.append(out.detach())
+    result = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if not isinstance(result, torch.Tensor) or result.shape[0] != inputs.shape[0]:
+        raise SaliencyUsageError(
+            f"explainer {label!r} returned "
+            f"{type(result).__name__} of shape {tuple(getattr(result, 'shape', ()))}; expected a tensor with "
+            f"one map per input ({inputs.shape[0]})."
+        )
+    check_finite(result, f"attribution maps from {label!r}")
+    return result

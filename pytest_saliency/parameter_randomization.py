@@ -1,0 +1,337 @@
+"""The parameter-randomization sanity check (Adebayo et al. 2018; thresholds of Sriram & Conati).
+
+Independent (IPR): each layer is randomized on its own while the others keep their trained
+values. Cascading (CPR): layers are randomized cumulatively, from the output towards the input by
+default (Adebayo's order), or from the input upwards with ``order="bottom_up"``.
+
+Cost: the original model's maps are computed once; then one explanation of the whole batch per
+randomized state, with the layer randomized in place and restored (no model copies). SSIM runs
+batched on the maps' device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._torch import require_torch
+from ._validation import check_inputs, check_model, unknown_choice
+from .exceptions import SaliencyUsageError, SaliencyWarning
+from .explainers import Explainer, MethodSpec, _attribute, _method_options, method_name, resolve_method, resolve_target
+from .layers import select_layers
+from .postprocess import MapPipeline, apply_pipeline, get_pipeline
+from .randomization import STRATEGIES, check_strategy, preserved, randomized
+from .statistics import (
+    CONFIDENCE, N_BOOTSTRAP, SENSITIVITY_THRESHOLD, SSIM_THRESHOLD, SensitivityStatistics, sensitivity_statistics,
+)
+
+MODES = ("independent", "cascading")
+ORDERS = ("top_down", "bottom_up")
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class RandomizationResult:
+    """The outcome of one randomization check; ``to_dict()`` is JSON-serializable."""
+
+    mode: str
+    method: str
+    method_options: dict[str, Any]
+    pipeline: MapPipeline
+    layers: list[str]
+    ssim: list[list[float]]  # (layers, images)
+    stats: SensitivityStatistics
+    n_images: int
+    device: str
+    seed: int
+    randomization: str
+    order: str
+    require_every_layer: bool
+    seconds: float
+    reproduce: str = ""
+    original_maps: Any = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
+    randomized_maps: Any = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
+
+    @property
+    def check(self) -> str:
+        return f"{self.mode}_layer_randomization"
+
+    @property
+    def passed(self) -> bool:
+        every_layer = all(layer.sensitive for layer in self.stats.layers)
+        return self.stats.dataset_sensitive and (every_layer or not self.require_every_layer)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "check": self.check,
+            "passed": self.passed,
+            "method": self.method,
+            "method_options": {k: _jsonable(v) for k, v in self.method_options.items()},
+            "preset": self.pipeline.to_dict(),
+            "mode": self.mode,
+            "order": self.order,
+            "randomization": self.randomization,
+            "layers": [layer.to_dict() for layer in s.layers],
+            "ssim": self.ssim,
+            "image_scores": s.image_scores,
+            "image_sensitive_to_all_layers": s.image_sensitive_to_all_layers,
+            "dataset_score": s.dataset_score,
+            "dataset_score_ci": [s.ci_low, s.ci_high],
+            "confidence": s.confidence,
+            "fraction_images_sensitive_to_all_layers": s.fraction_images_sensitive_to_all_layers,
+            "ssim_threshold": s.ssim_threshold,
+            "sensitivity_threshold": s.sensitivity_threshold,
+            "clip_negative_ssim": s.clip_negative,
+            "require_every_layer": self.require_every_layer,
+            "n_images": self.n_images,
+            "device": self.device,
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "reproduce": self.reproduce,
+        }
+
+    def summary(self) -> str:
+        """One line: the key number, the threshold and the verdict."""
+        s = self.stats
+        verdict = "PASS" if self.passed else "FAIL"
+        return (
+            f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: S^I = {s.dataset_score:.4f} "
+            f"({s.confidence:.0%} CI {s.ci_low:.4f}-{s.ci_high:.4f}) vs >= {s.sensitivity_threshold:g}; "
+            f"{len(s.insensitive_layers)}/{len(s.layers)} layers with mean SSIM >= {s.ssim_threshold:g}; "
+            f"N = {self.n_images}"
+        )
+
+    def table(self, max_rows: int = 20) -> str:
+        """Per-layer table, insensitive layers first (they are what needs attention)."""
+        s = self.stats
+        rows = sorted(s.layers, key=lambda layer: (layer.sensitive, -layer.mean_ssim))
+        width = max([len("layer")] + [len(r.name) for r in rows])
+        lines = [
+            f"    {'layer':<{width}}  mean SSIM    std    min     max   sensitive images  verdict",
+        ]
+        for r in rows[:max_rows]:
+            verdict = "sensitive" if r.sensitive else "INSENSITIVE"
+            lines.append(
+                f"    {r.name:<{width}}  {r.mean_ssim:9.4f} {r.std_ssim:6.3f} {r.min_ssim:6.3f} {r.max_ssim:7.3f}"
+                f"   {r.fraction_sensitive:15.1%}  {verdict}"
+            )
+        if len(rows) > max_rows:
+            lines.append(f"    ... {len(rows) - max_rows} more layers (all in result.to_dict()['layers'])")
+        return "\n".join(lines)
+
+    def report(self) -> str:
+        """The full human-readable account used in failure messages."""
+        s = self.stats
+        boundary = "SSIM < threshold counts as sensitive; S from max(SSIM, 0)" if s.clip_negative else (
+            "SSIM < threshold counts as sensitive; S from raw SSIM (may exceed 1)"
+        )
+        order = f", {self.order.replace('_', '-')}" if self.mode == "cascading" else ""
+        lines = [
+            f"  check:       {self.check} ({self.mode}{order}, randomization={self.randomization})",
+            f"  method:      {self.method}{_format_options(self.method_options)}   target: original model's prediction",
+            f"  preset:      {self.pipeline.describe()}",
+            f"  thresholds:  layer sensitive if SSIM < {s.ssim_threshold:g}; dataset sensitive if "
+            f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
+            f"  S^I:         {s.dataset_score:.4f}  ({s.confidence:.0%} bootstrap CI {s.ci_low:.4f} .. {s.ci_high:.4f})"
+            f"  vs >= {s.sensitivity_threshold:g}  -> {'sensitive' if s.dataset_sensitive else 'NOT sensitive'}",
+            f"  images sensitive to every layer (Definition 2): {s.fraction_images_sensitive_to_all_layers:.1%}",
+            f"  layers:      {len(s.layers)} ({len(s.insensitive_layers)} with mean SSIM >= {s.ssim_threshold:g})"
+            + ("; every layer must be sensitive (require_every_layer=True)" if self.require_every_layer else ""),
+            self.table(),
+            f"  images: {self.n_images}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s",
+        ]
+        if self.reproduce:
+            lines.append(f"  reproduce:   {self.reproduce}")
+        return "\n".join(lines)
+
+    def failure_message(self) -> str:
+        s = self.stats
+        if not s.dataset_sensitive:
+            headline = (
+                f"Saliency check failed: {self.method} maps are NOT sensitive to {self.mode} layer randomization "
+                f"(S^I = {s.dataset_score:.4f} < {s.sensitivity_threshold:g})"
+            )
+        else:
+            names = ", ".join(layer.name for layer in s.insensitive_layers[:5])
+            headline = (
+                f"Saliency check failed: {self.method} maps do not change when these layers are randomized: {names}"
+            )
+        hint = (
+            "  what next:   an explanation that does not depend on the model's parameters is not explaining the "
+            "model. Try another method (e.g. saliency or integrated_gradients), check that the model is the "
+            "trained one, or, for a known-irrelevant layer, leave it out with layers=[...]."
+        )
+        return "\n".join([headline, self.report(), hint])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _format_options(options: dict[str, Any]) -> str:
+    shown = {k: v for k, v in options.items() if k not in ("input_range", "input_min", "input_max")}
+    if not shown:
+        return ""
+    return " (" + ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) + ")"
+
+
+def _ssim(a: Any, b: Any, pipeline: MapPipeline) -> Any:
+    from .similarity import structural_similarity
+
+    p = pipeline.ssim
+    return structural_similarity(
+        a, b, win_size=p.win_size, gaussian_weights=p.gaussian_weights, sigma=p.sigma, data_range=p.data_range,
+        K1=p.K1, K2=p.K2, use_sample_covariance=p.use_sample_covariance,
+    )
+
+
+def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant_maps: str) -> Any:
+    """Original maps must be big enough for the SSIM window and must not be constant.
+
+    Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``).
+    """
+    torch = require_torch()
+    win = pipeline.ssim.win_size
+    h, w = maps.shape[-2:]
+    if min(h, w) < win:
+        raise SaliencyUsageError(
+            f"{method} maps are {h}x{w}, smaller than the SSIM window ({win}x{win}) of preset "
+            f"{pipeline.name!r}. Upsample the inputs (e.g. to 32x32), resize the maps with "
+            f"MapPipeline(size=(32, 32)), or use a pipeline with a smaller odd win_size."
+        )
+    flat = maps.flatten(1)
+    constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
+    keep = torch.nonzero(~constant).flatten()
+    if bool(constant.any()):
+        index = torch.nonzero(constant).flatten().tolist()
+        problem = (
+            f"the original model's {method} maps are constant for {len(index)} of {len(constant)} image(s) "
+            f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}); SSIM against a constant map measures nothing."
+        )
+        if constant_maps == "skip" and keep.numel() > 0:
+            warnings.warn(f"{problem} Those images are left out of the check.", SaliencyWarning, stacklevel=3)
+            return keep
+        raise SaliencyUsageError(
+            f"{problem} Typical causes: a ReLU'd GradCAM that is zero everywhere for those inputs, dead ReLUs, a "
+            "saturated output, or a surrogate that zeroes every feature (lime: raise n_samples). Drop those "
+            "inputs, pass constant_maps='skip' to leave them out with a warning, or pick another method."
+        )
+    return keep
+
+
+def layer_randomization(
+    model: Any,
+    inputs: Any,
+    method: str | Explainer = "saliency",
+    *,
+    mode: str = "independent",
+    order: str = "top_down",
+    layers: str | Sequence[str] = "leaf",
+    depth: int = 1,
+    randomization: str = "reinit",
+    preset: str | MapPipeline | None = None,
+    target: Any = None,
+    seed: int = 0,
+    ssim_threshold: float = SSIM_THRESHOLD,
+    sensitivity_threshold: float = SENSITIVITY_THRESHOLD,
+    require_every_layer: bool = False,
+    clip_negative_ssim: bool = True,
+    confidence: float = CONFIDENCE,
+    n_bootstrap: int = N_BOOTSTRAP,
+    batch_size: int | None = None,
+    keep_maps: int = 4,
+    constant_maps: str = "error",
+    progress: Progress | None = None,
+    reproduce: str = "",
+    **method_kwargs: Any,
+) -> RandomizationResult:
+    """Run IPR (``mode="independent"``) or CPR (``mode="cascading"``) and return the full result.
+
+    ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
+    ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
+
+    The verdict (``result.passed``) is Definition 3: S^I >= ``sensitivity_threshold``; with
+    ``require_every_layer=True`` every layer's mean SSIM must also be < ``ssim_threshold``.
+    The model is bit-identical afterwards, whatever happens, and no global RNG state changes.
+    See :mod:`pytest_saliency.statistics` for how the paper's ambiguities are settled and
+    :mod:`pytest_saliency.randomization` for what each ``randomization`` strategy does.
+    """
+    torch = require_torch()
+    start = time.perf_counter()
+    check_model(model)
+    check_inputs(inputs, model)
+    if mode not in MODES:
+        raise unknown_choice("mode", mode, MODES)
+    if order not in ORDERS:
+        raise unknown_choice("order", order, ORDERS)
+    check_strategy(randomization)
+    pipeline = get_pipeline(preset)
+    resolved = resolve_method(method)
+    name = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
+    options = _method_options(resolved, model, inputs, method_kwargs) if isinstance(resolved, MethodSpec) else {}
+    if method_kwargs and not isinstance(resolved, MethodSpec):
+        raise SaliencyUsageError(
+            f"options {sorted(method_kwargs)} were given for the custom explainer {name!r}; bind them with "
+            "functools.partial instead."
+        )
+
+    def maps_now() -> Any:
+        raw = _attribute(model, inputs, resolved, fixed_target, seed, batch_size, True, options)
+        return apply_pipeline(raw, pipeline)
+
+    with preserved(model):
+        fixed_target = resolve_target(model, inputs, target, batch_size)
+        selected = select_layers(model, inputs, layers, depth=depth)
+        if constant_maps not in ("error", "skip"):
+            raise unknown_choice("constant_maps option", constant_maps, ("error", "skip"))
+        original = maps_now()
+        used = _check_original_maps(original, pipeline, name, constant_maps)
+        if used.numel() < original.shape[0]:
+            inputs, fixed_target, original = inputs[used], fixed_target[used], original[used]
+        stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
+        keep = min(keep_maps, inputs.shape[0])
+        ssim_rows, kept = [], []
+        with contextlib.ExitStack() as cascade:
+            for index, (layer_name, module) in enumerate(stages):
+                if progress is not None:
+                    progress(index, len(stages), layer_name)
+                if mode == "independent":
+                    with randomized([(layer_name, module)], randomization, seed):
+                        maps = maps_now()
+                else:
+                    cascade.enter_context(randomized([(layer_name, module)], randomization, seed))
+                    maps = maps_now()
+                ssim_rows.append(_ssim(original, maps, pipeline))
+                kept.append(maps[:keep])
+        if progress is not None:
+            progress(len(stages), len(stages), "")
+    ssim = torch.stack(ssim_rows)
+    names = [layer_name for layer_name, _ in stages]
+    stats = sensitivity_statistics(
+        ssim, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,
+        clip_negative=clip_negative_ssim, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
+    )
+    if not reproduce:
+        reproduce = (
+            f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={mode!r}, "
+            f"preset={pipeline.name!r}, seed={seed})"
+        )
+    return RandomizationResult(
+        mode=mode, method=name, method_options=options, pipeline=pipeline, layers=names,
+        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=int(inputs.shape[0]), device=str(inputs.device),
+        seed=seed, randomization=randomization, order=order if mode == "cascading" else "n/a",
+        require_every_layer=require_every_layer, seconds=time.perf_counter() - start, reproduce=reproduce,
+        original_maps=original[:keep].detach().cpu(), randomized_maps=torch.stack(kept).detach().cpu(),
+    )
+
+
+__all__ = ["MODES", "ORDERS", "STRATEGIES", "RandomizationResult", "layer_randomization", "N_BOOTSTRAP"]

@@ -1,0 +1,163 @@
+"""pytest hooks and fixtures for saliency checks: a thin layer over the pure library.
+
+Importing this module (pytest does so in every run where the plugin is installed) imports
+neither torch nor captum; they load when a saliency fixture or check first runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from .checker import RESULT_PROPERTY, SaliencyChecker
+from .config import (
+    DEFAULT_PRESET, SaliencyConfig, parse_device, parse_preset, parse_seed, parse_unit_interval,
+)
+
+CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
+FIXTURES = ("saliency", "saliency_device", "saliency_config")
+SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("saliency", "saliency map sanity checks")
+    group.addoption(
+        "--saliency", action="store_true", dest="saliency_enabled", default=False,
+        help="run saliency checks (tests marked 'saliency' or using saliency fixtures); "
+        "without it they are skipped.",
+    )
+    group.addoption(
+        "--saliency-device", dest="saliency_device", metavar="DEVICE", type=parse_device, default=None,
+        help="device for saliency checks: auto (CUDA when available), cpu, cuda or cuda:N. Default: auto.",
+    )
+    group.addoption(
+        "--saliency-seed", dest="saliency_seed", metavar="INT", type=parse_seed, default=None,
+        help="force this seed for every saliency check (printed in failures to reproduce them).",
+    )
+    group.addoption(
+        "--saliency-preset", dest="saliency_preset", metavar="NAME", type=parse_preset, default=None,
+        help=f"map pipeline preset: adebayo2018, sam2020 or thesis2023. Default: {DEFAULT_PRESET}.",
+    )
+    parser.addini("saliency_device", "default device for saliency checks (auto, cpu, cuda, cuda:N)", default="auto")
+    parser.addini("saliency_seed", "seed forced for every saliency check (empty: per-check seed)", default="")
+    parser.addini("saliency_preset", f"default map pipeline preset ({DEFAULT_PRESET})", default=DEFAULT_PRESET)
+    parser.addini("saliency_ssim_threshold", "SSIM below which a layer counts as sensitive (0.99)", default="0.99")
+    parser.addini(
+        "saliency_sensitivity_threshold", "S^I at or above which a method counts as sensitive (0.01)", default="0.01"
+    )
+
+
+def _ini(config: pytest.Config, name: str, parse: Any) -> Any:
+    raw = config.getini(name)
+    try:
+        return parse(raw)
+    except Exception as exc:  # argparse.ArgumentTypeError and friends
+        raise pytest.UsageError(f"invalid ini value {name} = {raw!r}: {exc}") from None
+
+
+def resolve_config(config: pytest.Config) -> SaliencyConfig:
+    """Command line over ini file over defaults."""
+    option = config.option
+    ini_seed = config.getini("saliency_seed")
+    return SaliencyConfig(
+        enabled=bool(getattr(option, "saliency_enabled", False)),
+        device=getattr(option, "saliency_device", None) or _ini(config, "saliency_device", parse_device),
+        seed=getattr(option, "saliency_seed", None)
+        if getattr(option, "saliency_seed", None) is not None
+        else (_ini(config, "saliency_seed", parse_seed) if str(ini_seed).strip() else None),
+        preset=getattr(option, "saliency_preset", None) or _ini(config, "saliency_preset", parse_preset),
+        ssim_threshold=_ini(config, "saliency_ssim_threshold", parse_unit_interval),
+        sensitivity_threshold=_ini(config, "saliency_sensitivity_threshold", parse_unit_interval),
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "saliency: a saliency sanity-check test; skipped unless pytest runs with --saliency"
+    )
+    config.stash[CONFIG_KEY] = resolve_config(config)
+    config.pluginmanager.register(SaliencyReporter(), "saliency-reporter")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    cfg = config.stash.get(CONFIG_KEY, None)
+    if cfg is None or not cfg.enabled:
+        return None
+    seed = cfg.seed if cfg.seed is not None else "per check"
+    return (
+        f"saliency: device={cfg.device}, preset={cfg.preset}, seed={seed}, "
+        f"thresholds SSIM<{cfg.ssim_threshold:g} / S^I>={cfg.sensitivity_threshold:g}"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    enabled = config.stash[CONFIG_KEY].enabled
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if any(name in FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.saliency)
+        if not enabled and item.get_closest_marker("saliency") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def saliency_config(pytestconfig: pytest.Config) -> SaliencyConfig:
+    """The resolved saliency configuration (options > ini > defaults) for this session."""
+    return pytestconfig.stash[CONFIG_KEY]
+
+
+@pytest.fixture(scope="session")
+def saliency_device(saliency_config: SaliencyConfig) -> Any:
+    """The ``torch.device`` saliency checks run on: move your model and inputs there.
+
+    ``auto`` picks CUDA when it is available, else the CPU.
+    """
+    from .devices import resolve_device
+
+    return resolve_device(saliency_config.device)
+
+
+@pytest.fixture
+def saliency(request: pytest.FixtureRequest, saliency_config: SaliencyConfig) -> SaliencyChecker:
+    """The saliency assertions with this session's preset, thresholds and seed applied.
+
+    Example::
+
+        def test_gradients_depend_on_the_model(saliency, model, images):
+            saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency")
+    """
+    node = request.node
+    return SaliencyChecker(
+        saliency_config,
+        nodeid=node.nodeid,
+        record=lambda name, value: node.user_properties.append((name, value)),
+    )
+
+
+class SaliencyReporter:
+    """Collects every check's summary from test reports and prints them at the end.
+
+    Results travel in ``report.user_properties``, so checks run in pytest-xdist workers reach
+    the controller's summary (and the JUnit XML) without any shared file.
+    """
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == RESULT_PROPERTY:
+                self.results.append(json.loads(value))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.results:
+            return
+        terminalreporter.write_sep("-", "saliency checks")
+        for entry in self.results:
+            terminalreporter.write_line(f"{entry['summary']}  ({entry['nodeid']})")
+        failed = sum(not entry["passed"] for entry in self.results)
+        terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")

@@ -1,0 +1,142 @@
+"""Randomizing layers in place, and putting every bit back afterwards.
+
+No copy of the model is made per layer. :func:`randomized` saves the tensors of the layers it is
+about to change (a copy of just those parameters), overwrites them in place under a seeded local
+RNG, and restores them in a ``finally`` block, so the model is bit-identical after the block
+whether it finished, failed or raised. :func:`preserved` guards a whole check the same way for
+the ``training`` and ``requires_grad`` flags.
+
+Strategies (``randomization=``):
+
+``"reinit"`` (default)
+    every submodule with ``reset_parameters`` re-draws its parameters from its own initializer,
+    as Adebayo et al. re-ran the variables' initializers. Parameters no initializer covers get
+    a Gaussian with the original tensor's standard deviation. Normalization layers
+    (BatchNorm, LayerNorm, GroupNorm, ...) reset their affine parameters to the constants 1 and
+    0; that makes the layer a fixed transformation rather than a random one (Quantus additionally
+    resets the running statistics, turning BatchNorm into the identity in eval mode). Here a
+    parameter whose initializer is a constant is instead drawn from a Gaussian with the original
+    tensor's mean and standard deviation, so the layer is really randomized, and running
+    statistics (buffers) are kept, as Adebayo's code kept them.
+``"gaussian"``
+    every parameter ~ N(0, std of the original tensor).
+``"permute"``
+    the entries of every parameter are shuffled: the weight distribution is kept exactly and
+    only the structure is destroyed.
+
+Buffers are never changed by any strategy. For a parameter whose standard deviation is zero
+(e.g. an untrained BatchNorm scale of all ones) the Gaussian uses ``max(|mean|, 1)`` as its scale
+so that randomizing it still changes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ._rng import derive_seed, seeded
+from ._torch import require_torch
+from ._validation import unknown_choice
+
+STRATEGIES = ("reinit", "gaussian", "permute")
+
+
+def _own_parameters(module: Any) -> list[Any]:
+    return list(module.parameters(recurse=True))
+
+
+def _scale(original: Any) -> Any:
+    torch = require_torch()
+    std = original.float().std() if original.numel() > 1 else torch.zeros((), device=original.device)
+    if float(std) > 0:
+        return std.to(original.dtype)
+    return torch.clamp(original.float().mean().abs(), min=1.0).to(original.dtype)
+
+
+def _gaussian_like(original: Any, mean: Any = 0.0) -> Any:
+    torch = require_torch()
+    return torch.randn_like(original) * _scale(original) + mean
+
+
+def _randomize_module(module: Any, strategy: str, seed: int, name: str) -> None:
+    """Overwrite ``module``'s parameters in place (buffers are restored by the caller)."""
+    torch = require_torch()
+    params = _own_parameters(module)
+    originals = [p.detach().clone() for p in params]
+    with seeded(derive_seed(seed, name), params[0].device if params else None), torch.no_grad():
+        if strategy == "reinit":
+            covered: set[int] = set()
+            for sub in module.modules():
+                if callable(getattr(sub, "reset_parameters", None)):
+                    sub.reset_parameters()
+                    covered.update(id(p) for p in sub.parameters(recurse=False))
+            for p, original in zip(params, originals):
+                if id(p) not in covered:
+                    p.copy_(_gaussian_like(original))
+                elif p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
+                    p.copy_(_gaussian_like(original, original.mean()))
+        elif strategy == "gaussian":
+            for p, original in zip(params, originals):
+                p.copy_(_gaussian_like(original))
+        else:
+            for p in params:
+                flat = p.reshape(-1)
+                perm = torch.randperm(flat.numel(), device=p.device)
+                p.copy_(flat[perm].reshape(p.shape))
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise unknown_choice("randomization", strategy, STRATEGIES)
+
+
+@contextlib.contextmanager
+def randomized(
+    layers: Sequence[tuple[str, Any]], strategy: str = "reinit", seed: int = 0
+) -> Iterator[None]:
+    """Randomize ``layers`` in place for the duration of the block, then restore them exactly.
+
+    Each layer's draw depends only on ``seed`` and its name, so independent and cascading
+    randomization change a given layer identically.
+    """
+    torch = require_torch()
+    check_strategy(strategy)
+    saved = []
+    for _, module in layers:
+        saved.append(
+            [(t, t.detach().clone()) for t in list(module.parameters()) + list(module.buffers())]
+        )
+    try:
+        for name, module in layers:
+            buffers = [(b, b.detach().clone()) for b in module.buffers()]
+            _randomize_module(module, strategy, seed, name)
+            with torch.no_grad():
+                for buffer, value in buffers:
+                    buffer.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for pairs in saved:
+                for tensor, value in pairs:
+                    tensor.copy_(value)
+
+
+@contextlib.contextmanager
+def preserved(model: Any) -> Iterator[None]:
+    """Restore the model's ``training`` and ``requires_grad`` flags when the block ends.
+
+    Parameter values need no copy here: :func:`randomized` is the only code that writes them and
+    it restores what it changed in its own ``finally``; a whole-model copy would double the
+    memory a check needs.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    grads = [p.requires_grad for p in params]
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+        for p, flag in zip(params, grads):
+            p.requires_grad_(flag)
