@@ -1,0 +1,166 @@
+"""In-place randomization and its guarantees: the model and the global RNGs come back bit-identical."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_cnn, tiny_images
+from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError, layer_randomization
+from pytest_saliency.randomization import randomized
+
+
+def snapshot(model: nn.Module):
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "ids": {n: id(p) for n, p in model.named_parameters()},
+    }
+
+
+def assert_identical(before, model: nn.Module) -> None:
+    after = snapshot(model)
+    for kind in ("params", "buffers"):
+        for name, value in before[kind].items():
+            assert torch.equal(value, after[kind][name]), f"{kind} {name} changed"
+            assert value.dtype == after[kind][name].dtype
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["ids"] == after["ids"], "parameters were replaced, not restored in place"
+
+
+def rng_states():
+    return torch.random.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def assert_same_rng(before) -> None:
+    torch_state, np_state, py_state = rng_states()
+    assert torch.equal(before[0], torch_state)
+    assert np.array_equal(before[1], np_state)
+    assert before[2] == py_state
+
+
+def mixed_state_model():
+    """Flags a check must not disturb: train mode in one part, a frozen layer, eval elsewhere."""
+    model = make_tiny_cnn()
+    model.train()
+    model.conv2.eval()
+    model.conv1.weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["independent", "cascading"])
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "gradient_shap"])
+def test_model_and_rng_untouched_after_a_passing_check(mode, method):
+    model, x = mixed_state_model(), tiny_images()
+    before, rng = snapshot(model), rng_states()
+    result = layer_randomization(model, x, method, mode=mode, nt_samples=4) if method == "smoothgrad" else (
+        layer_randomization(model, x, method, mode=mode)
+    )
+    assert result.passed
+    assert_identical(before, model)
+    assert_same_rng(rng)
+
+
+def test_model_untouched_after_a_failing_check():
+    model, x = mixed_state_model(), tiny_images()
+    before, rng = snapshot(model), rng_states()
+    from pytest_saliency import assert_sensitive_to_layer_randomization
+
+    with pytest.raises(SaliencyCheckFailed):
+        assert_sensitive_to_layer_randomization(model, x, method=lambda m, inputs, t: inputs.abs())
+    assert_identical(before, model)
+    assert_same_rng(rng)
+
+
+@pytest.mark.parametrize("mode", ["independent", "cascading"])
+@pytest.mark.parametrize("fail_at", [2, 4])
+def test_model_untouched_when_the_explainer_raises_midway(mode, fail_at):
+    """The explainer dies while layers are randomized (for CPR: several at once)."""
+    model, x = mixed_state_model(), tiny_images()
+    before, rng = snapshot(model), rng_states()
+    calls = []
+
+    def flaky(m, inputs, target):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("explainer crashed")
+        return torch.autograd.grad(m(inputs.requires_grad_()).sum(), inputs)[0]
+
+    with pytest.raises(RuntimeError, match="explainer crashed"):
+        layer_randomization(model, x, flaky, mode=mode)
+    assert_identical(before, model)
+    assert_same_rng(rng)
+
+
+@pytest.mark.parametrize("strategy", ["reinit", "gaussian", "permute"])
+def test_strategies_change_parameters_keep_buffers_and_restore(strategy):
+    model = make_tiny_cnn()
+    before = snapshot(model)
+    layers = [("conv1", model.conv1), ("bn", model.bn), ("fc", model.fc)]
+    with randomized(layers, strategy, seed=3):
+        for name, module in layers:
+            for pname, p in module.named_parameters():
+                assert not torch.equal(p, before["params"][f"{name}.{pname}"]), f"{name}.{pname} unchanged"
+        for name, b in model.named_buffers():
+            assert torch.equal(b, before["buffers"][name]), "running statistics must be kept"
+        assert torch.equal(model.conv2.weight, before["params"]["conv2.weight"])
+    assert_identical(before, model)
+
+
+def test_permute_keeps_the_weight_distribution():
+    model = make_tiny_cnn()
+    original = model.fc.weight.detach().clone()
+    with randomized([("fc", model.fc)], "permute", seed=0):
+        assert torch.equal(model.fc.weight.flatten().sort().values, original.flatten().sort().values)
+
+
+def test_reinit_draws_from_the_layers_initializer_and_randomizes_batchnorm():
+    model = make_tiny_cnn()
+    bound = 1 / (9 ** 0.5)  # Conv2d(1, 4, 3) kaiming-uniform(a=sqrt 5) bound = 1/sqrt(fan_in)
+    with randomized([("conv1", model.conv1), ("bn", model.bn)], "reinit", seed=0):
+        assert model.conv1.weight.abs().max() <= bound + 1e-6
+        # BatchNorm's initializer is the constant (1, 0): the identity affine map. We draw instead.
+        assert not torch.all(model.bn.weight == 1)
+        assert model.bn.weight.std() > 0
+
+
+def test_same_seed_same_randomization_different_seed_different():
+    model = make_tiny_cnn()
+    draws = []
+    for seed in (5, 5, 6):
+        with randomized([("fc", model.fc)], "reinit", seed=seed):
+            draws.append(model.fc.weight.detach().clone())
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_cascading_and_independent_randomize_a_layer_identically():
+    """The draw depends on (seed, layer name) only, so the first CPR stage equals that layer's IPR."""
+    model, x = make_tiny_cnn(), tiny_images()
+    ipr = layer_randomization(model, x, "saliency", mode="independent")
+    cpr = layer_randomization(model, x, "saliency", mode="cascading", order="top_down")
+    assert cpr.layers[0] == ipr.layers[-1] == "fc"
+    assert cpr.ssim[0] == ipr.ssim[-1]
+    bottom_up = layer_randomization(model, x, "saliency", mode="cascading", order="bottom_up")
+    assert bottom_up.layers[0] == ipr.layers[0] == "conv1"
+    assert bottom_up.ssim[0] == ipr.ssim[0]
+
+
+def test_results_are_reproducible_for_a_seed():
+    model, x = make_tiny_cnn(), tiny_images()
+    a = layer_randomization(model, x, "smoothgrad", nt_samples=4, seed=11)
+    b = layer_randomization(model, x, "smoothgrad", nt_samples=4, seed=11)
+    assert a.ssim == b.ssim and a.stats.ci_low == b.stats.ci_low
+
+
+def test_unknown_strategy_lists_valid_ones():
+    model, x = make_tiny_cnn(), tiny_images()
+    with pytest.raises(SaliencyUsageError, match="reinit, gaussian, permute"):
+        layer_randomization(model, x, randomization="shuffle")
