@@ -62,7 +62,6 @@ def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> Non
         )
     if inputs.shape[0] < 1:
         raise SaliencyUsageError(f"{name} is an empty batch (N = 0); pass at least one example.")
-    check_finite(inputs, name)
     if model is not None:
         device = model_device(model)
         if inputs.device != device:
@@ -70,6 +69,7 @@ def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> Non
                 f"model is on {device} but {name} are on {inputs.device}. Move them to one device, "
                 f"e.g. {name} = {name}.to({str(device)!r}) (or model.to({str(inputs.device)!r}))."
             )
+    check_finite(inputs, name)
 
 
 def check_finite(tensor: Any, name: str) -> None:

@@ -82,8 +82,10 @@ METHODS: dict[str, MethodSpec] = {
             signed=True, note="square window of 1/8 of the smaller side (at least 2 px), stride half the window",
         ),
         MethodSpec(
-            "lime", "Lime", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32},
-            stochastic=True, note="features: a grid x grid superpixel grid; captum's default Lasso surrogate",
+            "lime", "Lime", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32, "alpha": 0.01},
+            stochastic=True,
+            note="features: a grid x grid superpixel grid; captum's default Lasso surrogate (alpha=0.01); "
+            "a model whose outputs barely move under perturbation gets all-zero maps: lower alpha",
         ),
         MethodSpec(
             "kernel_shap", "KernelShap", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32},
@@ -101,7 +103,7 @@ def method_name(method: str | Explainer) -> str:
     """A printable name for a method name or a user callable."""
     if isinstance(method, str):
         return method
-    return getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or type(method).__name__
+    return getattr(method, "__name__", None) or type(method).__name__
 
 
 def resolve_method(method: str | Explainer) -> MethodSpec | Explainer:
@@ -311,8 +313,13 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
             inputs, baselines=o["baselines"], target=target, feature_mask=mask.expand_as(inputs),
             perturbations_per_eval=o["perturbations_per_eval"],
         )
-    cls = ca.Lime if name == "lime" else ca.KernelShap
-    return cls(model).attribute(
+    if name == "lime":
+        from captum._utils.models.linear_model import SkLearnLasso
+
+        explainer = ca.Lime(model, interpretable_model=SkLearnLasso(alpha=o["alpha"]))
+    else:
+        explainer = ca.KernelShap(model)
+    return explainer.attribute(
         inputs, target=target, feature_mask=mask.expand(1, *inputs.shape[1:]), n_samples=o["n_samples"],
         perturbations_per_eval=o["perturbations_per_eval"],
     )

@@ -6,12 +6,19 @@ runs, and a torch first imported inside one would be dropped and re-imported by 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# CI runs the property tests with a fixed seed sequence: a red CI must mean a real regression.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 EXAMPLE_REPO = Path(__file__).resolve().parent.parent / "examples" / "digits_repo"
 if str(EXAMPLE_REPO) not in sys.path:
@@ -64,11 +71,12 @@ def tiny_inputs() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def digits(request: pytest.FixtureRequest):
+def digits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """(model, test images, test labels): the example repo's CNN, trained once and cached."""
     from digits_model import load_digits_32, load_or_train
 
-    cache = Path(request.config.cache.mkdir("pytest_saliency_digits"))
+    cache_plugin = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = Path(cache_plugin.mkdir("pytest_saliency_digits")) if cache_plugin else tmp_path_factory.mktemp("digits")
     model = load_or_train(seed=0, cache_dir=cache)
     x, y = load_digits_32("test")
     return model, x, y

@@ -1,0 +1,148 @@
+"""explain(): every method by name, targets, seeds, options, and leaving the model alone."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import make_tiny_cnn, tiny_images
+from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explain
+from pytest_saliency.explainers import last_conv_layer, resolve_target
+
+FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-4},
+        "kernel_shap": {"n_samples": 30}, "gradient_shap": {"n_samples": 4}}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_finite_maps_of_the_input_shape(method, tiny_model, tiny_inputs):
+    raw = explain(tiny_model, tiny_inputs, method, **FAST.get(method, {}))
+    expected = (6, 1, 16, 16)
+    assert tuple(raw.shape) == expected
+    assert torch.isfinite(raw).all()
+    maps = explain(tiny_model, tiny_inputs, method, preset="adebayo2018", **FAST.get(method, {}))
+    assert tuple(maps.shape) == (6, 16, 16)
+    assert maps.min() >= 0 and maps.max() <= 1
+
+
+@pytest.mark.parametrize("method", sorted(m for m, spec in METHODS.items() if spec.stochastic))
+def test_stochastic_methods_are_bit_reproducible_and_leave_global_rngs_alone(method, tiny_model, tiny_inputs):
+    torch_state, np_state, py_state = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    a = explain(tiny_model, tiny_inputs, method, seed=3, **FAST.get(method, {}))
+    b = explain(tiny_model, tiny_inputs, method, seed=3, **FAST.get(method, {}))
+    c = explain(tiny_model, tiny_inputs, method, seed=4, **FAST.get(method, {}))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert random.getstate() == py_state
+
+
+def test_saliency_is_the_signed_gradient_of_the_predicted_logit(tiny_model, tiny_inputs):
+    x = tiny_inputs.clone().requires_grad_()
+    logits = tiny_model(x)
+    target = logits.argmax(1)
+    expected = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)[0]
+    got = explain(tiny_model, tiny_inputs, "saliency")
+    torch.testing.assert_close(got, expected)
+    assert (got < 0).any(), "saliency keeps the sign; abs is the preset's job"
+
+
+def test_targets_int_tensor_and_predicted(tiny_model, tiny_inputs):
+    predicted = tiny_model(tiny_inputs).argmax(1)
+    assert torch.equal(resolve_target(tiny_model, tiny_inputs, None), predicted)
+    assert resolve_target(tiny_model, tiny_inputs, 2).tolist() == [2] * 6
+    explicit = torch.tensor([0, 1, 2, 0, 1, 2])
+    by_tensor = explain(tiny_model, tiny_inputs, "saliency", target=explicit)
+    by_loop = torch.cat([explain(tiny_model, tiny_inputs[i:i + 1], "saliency", target=int(t)) for i, t in enumerate(explicit)])
+    torch.testing.assert_close(by_tensor, by_loop)
+    for bad in (1.5, torch.zeros(6), torch.zeros(4, dtype=torch.long), "cat"):
+        with pytest.raises(SaliencyUsageError, match="target must be"):
+            explain(tiny_model, tiny_inputs, "saliency", target=bad)
+
+
+def test_batch_size_splits_work_without_changing_deterministic_maps(tiny_model, tiny_inputs):
+    whole = explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8)
+    split = explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8, batch_size=4)
+    torch.testing.assert_close(whole, split)
+
+
+def test_a_user_callable_is_a_method(tiny_model, tiny_inputs):
+    seen = {}
+
+    def mine(model, inputs, target):
+        seen["target"] = target
+        return inputs * 2
+
+    out = explain(tiny_model, tiny_inputs, mine)
+    assert torch.equal(out, tiny_inputs * 2)
+    assert torch.equal(seen["target"], tiny_model(tiny_inputs).argmax(1))
+    with pytest.raises(SaliencyUsageError, match="functools.partial"):
+        explain(tiny_model, tiny_inputs, mine, n_steps=3)
+
+
+def test_layer_methods_use_the_last_conv_or_a_named_layer(tiny_model, tiny_inputs):
+    assert last_conv_layer(tiny_model)[0] == "conv2"
+    default = explain(tiny_model, tiny_inputs, "gradcam")
+    named = explain(tiny_model, tiny_inputs, "gradcam", layer="conv2")
+    other = explain(tiny_model, tiny_inputs, "gradcam", layer="conv1")
+    assert torch.equal(default, named) and not torch.equal(default, other)
+    with pytest.raises(SaliencyUsageError, match="conv1"):
+        explain(tiny_model, tiny_inputs, "gradcam", layer="conv9")
+    mlp = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(SaliencyUsageError, match="no nn.Conv2d"):
+        explain(mlp, torch.rand(2, 4), "gradcam")
+
+
+def test_unknown_method_and_option_name_the_valid_ones(tiny_model, tiny_inputs):
+    with pytest.raises(SaliencyUsageError, match="Did you mean 'integrated_gradients'"):
+        explain(tiny_model, tiny_inputs, "integrated_gradient")
+    with pytest.raises(SaliencyUsageError, match="valid options: .*n_steps"):
+        explain(tiny_model, tiny_inputs, "integrated_gradients", steps=10)
+    with pytest.raises(SaliencyUsageError, match="valid options: abs"):
+        explain(tiny_model, tiny_inputs, "saliency", n_steps=10)
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 16 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_relu_rule_methods_warn_when_the_model_has_no_relu_modules(tiny_inputs):
+    with pytest.warns(SaliencyWarning, match="no nn.ReLU module"):
+        explain(FunctionalReLU(), tiny_inputs, "guided_backprop")
+
+
+def test_explaining_restores_modes_and_gradient_flags(tiny_inputs):
+    model = make_tiny_cnn().train()
+    model.fc.weight.requires_grad_(False)
+    explain(model, tiny_inputs, "saliency")
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == [n != "fc.weight" for n, _ in model.named_parameters()]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eval_mode_is_used_unless_disabled():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.9), nn.Linear(8, 2)).train()
+    x = torch.rand(3, 4)
+    assert torch.equal(explain(model, x, "saliency", target=0), explain(model, x, "saliency", target=0))
+    with torch.random.fork_rng():
+        noisy = explain(model, x, "saliency", target=0, eval_mode=False, seed=1)
+    assert not torch.equal(noisy, explain(model, x, "saliency", target=0))
+
+
+def test_feature_vectors_are_supported():
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = tiny_images(4).flatten(1)[:, :10]
+    for method in ("saliency", "integrated_gradients", "occlusion", "feature_ablation", "lime"):
+        out = explain(model, x, method, **FAST.get(method, {}))
+        assert tuple(out.shape) == (4, 10)
