@@ -27,11 +27,13 @@ class SaliencyChecker:
         nodeid: str = "",
         record: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
+        cache: Any = None,
     ) -> None:
         self.config = config
         self.nodeid = nodeid
         self._record = record
         self._progress = progress
+        self.cache = cache
         self.results: list[Any] = []
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +45,8 @@ class SaliencyChecker:
             merged.setdefault("reproduce", f"pytest --saliency --saliency-seed={seed} {shlex.quote(self.nodeid)}")
         if self._progress is not None:
             merged.setdefault("progress", self._progress)
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
         return merged
 
     def _store(self, result: Any) -> None:

@@ -53,6 +53,8 @@ class RandomizationResult:
     require_every_layer: bool
     seconds: float
     reproduce: str = ""
+    images_available: int = 0
+    stopped_early: str = ""
     original_maps: Any = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
     randomized_maps: Any = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
 
@@ -92,6 +94,8 @@ class RandomizationResult:
             "device": self.device,
             "seed": self.seed,
             "seconds": self.seconds,
+            "images_available": self.images_available,
+            "stopped_early": self.stopped_early,
             "reproduce": self.reproduce,
         }
 
@@ -143,7 +147,8 @@ class RandomizationResult:
             f"  layers:      {len(s.layers)} ({len(s.insensitive_layers)} with mean SSIM >= {s.ssim_threshold:g})"
             + ("; every layer must be sensitive (require_every_layer=True)" if self.require_every_layer else ""),
             self.table(),
-            f"  images: {self.n_images}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s",
+            f"  images: {self.n_images}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s"
+            + (f"   ({self.stopped_early})" if self.stopped_early else ""),
         ]
         if self.reproduce:
             lines.append(f"  reproduce:   {self.reproduce}")
@@ -228,6 +233,39 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
     return keep
 
 
+IMAGE_MODES = ("all", "auto")
+
+
+def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: float, sensitivity_threshold: float,
+              require_every_layer: bool, clip_negative: bool, confidence: float, seed: int) -> str | None:
+    """"pass" / "fail" when the evidence so far is decisive at ``confidence``, else None.
+
+    Decisive means the bootstrap interval of S^I lies entirely on one side of its threshold
+    (and, with ``require_every_layer``, every layer's mean SSIM interval below the SSIM
+    threshold, or one layer's entirely at or above it).
+    """
+    from .statistics import bootstrap_interval
+
+    torch = require_torch()
+    ssim = torch.cat(ssim_columns, dim=1).double().cpu()
+    stats = sensitivity_statistics(
+        ssim, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,
+        clip_negative=clip_negative, confidence=confidence, n_bootstrap=1000, seed=seed,
+    )
+    if stats.ci_high < sensitivity_threshold:
+        return "fail"
+    layer_verdicts = []
+    if require_every_layer:
+        for index, row in enumerate(ssim):
+            low, high = bootstrap_interval(row, confidence, 1000, seed + index)
+            if low >= ssim_threshold:
+                return "fail"
+            layer_verdicts.append(high < ssim_threshold)
+    if stats.ci_low >= sensitivity_threshold and all(layer_verdicts):
+        return "pass"
+    return None
+
+
 def layer_randomization(
     model: Any,
     inputs: Any,
@@ -248,6 +286,11 @@ def layer_randomization(
     confidence: float = CONFIDENCE,
     n_bootstrap: int = N_BOOTSTRAP,
     batch_size: int | None = None,
+    images: str | int = "all",
+    image_batch: int = 16,
+    adaptive_confidence: float = 0.99,
+    early_exit: bool = False,
+    cache: Any = None,
     keep_maps: int = 4,
     constant_maps: str = "error",
     progress: Progress | None = None,
@@ -256,14 +299,24 @@ def layer_randomization(
 ) -> RandomizationResult:
     """Run IPR (``mode="independent"``) or CPR (``mode="cascading"``) and return the full result.
 
-    ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
-    ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
-
     The verdict (``result.passed``) is Definition 3: S^I >= ``sensitivity_threshold``; with
     ``require_every_layer=True`` every layer's mean SSIM must also be < ``ssim_threshold``.
     The model is bit-identical afterwards, whatever happens, and no global RNG state changes.
     See :mod:`pytest_saliency.statistics` for how the paper's ambiguities are settled and
     :mod:`pytest_saliency.randomization` for what each ``randomization`` strategy does.
+
+    Time to verdict:
+        ``images="all"`` (default) uses every input. ``images="auto"`` explains ``image_batch``
+        images at a time and stops as soon as the ``adaptive_confidence`` (99%) bootstrap
+        interval of S^I lies entirely on one side of its threshold (see :func:`_decision`);
+        an int caps the number of images used. ``early_exit=True`` stops at the first decisive
+        failure but needs all images to pass (a gate that fails fast). The stricter
+        confidence for stopping compensates for looking at the data repeatedly.
+    Memory: ``batch_size`` bounds how many images one explainer call sees.
+    Sharing: a :class:`pytest_saliency.cache.MapCache` passed as ``cache`` lets several checks
+        reuse the original model's attributions (named methods only).
+    ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
+        ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
     """
     torch = require_torch()
     start = time.perf_counter()
@@ -273,6 +326,12 @@ def layer_randomization(
         raise unknown_choice("mode", mode, MODES)
     if order not in ORDERS:
         raise unknown_choice("order", order, ORDERS)
+    if constant_maps not in ("error", "skip"):
+        raise unknown_choice("constant_maps option", constant_maps, ("error", "skip"))
+    if not (images in IMAGE_MODES or (isinstance(images, int) and not isinstance(images, bool) and images >= 1)):
+        raise SaliencyUsageError(f"images must be 'all', 'auto' or a positive int, got {images!r}.")
+    if image_batch < 1:
+        raise SaliencyUsageError(f"image_batch must be >= 1, got {image_batch}.")
     check_strategy(randomization)
     pipeline = get_pipeline(preset)
     resolved = resolve_method(method)
@@ -283,39 +342,67 @@ def layer_randomization(
             f"options {sorted(method_kwargs)} were given for the custom explainer {name!r}; bind them with "
             "functools.partial instead."
         )
+    if isinstance(images, int):
+        inputs = inputs[:images]
+    adaptive = images == "auto"
+    batched = adaptive or early_exit
+    step = image_batch if batched else inputs.shape[0]
 
-    def maps_now() -> Any:
-        raw = _attribute(model, inputs, resolved, fixed_target, seed, batch_size, True, options)
+    def maps_of(x: Any, t: Any, original: bool = False) -> Any:
+        key = None
+        if original and cache is not None and isinstance(resolved, MethodSpec):
+            key = cache.key(model, x, t, name, options, seed, batch_size)
+            raw = cache.get(key)
+            if raw is not None:
+                return apply_pipeline(raw, pipeline)
+        raw = _attribute(model, x, resolved, t, seed, batch_size, True, options)
+        if key is not None:
+            cache.put(key, raw)
         return apply_pipeline(raw, pipeline)
 
     with preserved(model):
         fixed_target = resolve_target(model, inputs, target, batch_size)
         selected = select_layers(model, inputs, layers, depth=depth)
-        if constant_maps not in ("error", "skip"):
-            raise unknown_choice("constant_maps option", constant_maps, ("error", "skip"))
-        original = maps_now()
-        used = _check_original_maps(original, pipeline, name, constant_maps)
-        if used.numel() < original.shape[0]:
-            inputs, fixed_target, original = inputs[used], fixed_target[used], original[used]
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
-        keep = min(keep_maps, inputs.shape[0])
-        ssim_rows, kept = [], []
-        with contextlib.ExitStack() as cascade:
-            for index, (layer_name, module) in enumerate(stages):
-                if progress is not None:
-                    progress(index, len(stages), layer_name)
-                if mode == "independent":
-                    with randomized([(layer_name, module)], randomization, seed):
-                        maps = maps_now()
-                else:
-                    cascade.enter_context(randomized([(layer_name, module)], randomization, seed))
-                    maps = maps_now()
-                ssim_rows.append(_ssim(original, maps, pipeline))
-                kept.append(maps[:keep])
+        names = [layer_name for layer_name, _ in stages]
+        columns, originals, kept, used_inputs = [], [], [], 0
+        stopped = ""
+        for first in range(0, inputs.shape[0], step):
+            x, t = inputs[first:first + step], fixed_target[first:first + step]
+            original = maps_of(x, t, original=True)
+            used = _check_original_maps(original, pipeline, name, constant_maps)
+            if used.numel() < original.shape[0]:
+                x, t, original = x[used], t[used], original[used]
+            keep = max(0, min(keep_maps - sum(o.shape[0] for o in originals), x.shape[0]))
+            rows, kept_batch = [], []
+            with contextlib.ExitStack() as cascade:
+                for index, (layer_name, module) in enumerate(stages):
+                    if progress is not None:
+                        progress(index, len(stages), f"{layer_name} (images {used_inputs + 1}-{used_inputs + x.shape[0]})")
+                    if mode == "independent":
+                        with randomized([(layer_name, module)], randomization, seed):
+                            maps = maps_of(x, t)
+                    else:
+                        cascade.enter_context(randomized([(layer_name, module)], randomization, seed))
+                        maps = maps_of(x, t)
+                    rows.append(_ssim(original, maps, pipeline))
+                    kept_batch.append(maps[:keep])
+            columns.append(torch.stack(rows))
+            originals.append(original[:keep])
+            kept.append(torch.stack(kept_batch))
+            used_inputs += x.shape[0]
+            if batched and first + step < inputs.shape[0]:
+                verdict = _decision(
+                    columns, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,
+                    require_every_layer=require_every_layer, clip_negative=clip_negative_ssim,
+                    confidence=adaptive_confidence, seed=seed,
+                )
+                if verdict == "fail" or (verdict == "pass" and adaptive):
+                    stopped = f"decisive {verdict} after {used_inputs} of {inputs.shape[0]} images"
+                    break
         if progress is not None:
             progress(len(stages), len(stages), "")
-    ssim = torch.stack(ssim_rows)
-    names = [layer_name for layer_name, _ in stages]
+    ssim = torch.cat(columns, dim=1)
     stats = sensitivity_statistics(
         ssim, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,
         clip_negative=clip_negative_ssim, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
@@ -323,14 +410,15 @@ def layer_randomization(
     if not reproduce:
         reproduce = (
             f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={mode!r}, "
-            f"preset={pipeline.name!r}, seed={seed})"
+            f"preset={pipeline.name!r}, seed={seed}, images={images!r})"
         )
     return RandomizationResult(
         mode=mode, method=name, method_options=options, pipeline=pipeline, layers=names,
-        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=int(inputs.shape[0]), device=str(inputs.device),
+        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=used_inputs, device=str(inputs.device),
         seed=seed, randomization=randomization, order=order if mode == "cascading" else "n/a",
         require_every_layer=require_every_layer, seconds=time.perf_counter() - start, reproduce=reproduce,
-        original_maps=original[:keep].detach().cpu(), randomized_maps=torch.stack(kept).detach().cpu(),
+        images_available=int(inputs.shape[0]), stopped_early=stopped,
+        original_maps=torch.cat(originals).detach().cpu(), randomized_maps=torch.cat(kept, dim=1).detach().cpu(),
     )
 
 

@@ -112,15 +112,26 @@ def saliency_config(pytestconfig: pytest.Config) -> SaliencyConfig:
 def saliency_device(saliency_config: SaliencyConfig) -> Any:
     """The ``torch.device`` saliency checks run on: move your model and inputs there.
 
-    ``auto`` picks CUDA when it is available, else the CPU.
+    ``auto`` picks CUDA when it is available (under pytest-xdist, worker gwN gets the N-th
+    visible GPU), else the CPU.
     """
     from .devices import resolve_device
 
-    return resolve_device(saliency_config.device)
+    return resolve_device(saliency_config.device)  # pytest-xdist worker gwN -> the N-th visible GPU
+
+
+@pytest.fixture(scope="session")
+def _saliency_map_cache() -> Any:
+    """The session's cache of original-model attributions, shared by all checks of this process."""
+    from .cache import MapCache
+
+    return MapCache()
 
 
 @pytest.fixture
-def saliency(request: pytest.FixtureRequest, saliency_config: SaliencyConfig) -> SaliencyChecker:
+def saliency(
+    request: pytest.FixtureRequest, saliency_config: SaliencyConfig, _saliency_map_cache: Any
+) -> SaliencyChecker:
     """The saliency assertions with this session's preset, thresholds and seed applied.
 
     Example::
@@ -133,6 +144,7 @@ def saliency(request: pytest.FixtureRequest, saliency_config: SaliencyConfig) ->
         saliency_config,
         nodeid=node.nodeid,
         record=lambda name, value: node.user_properties.append((name, value)),
+        cache=_saliency_map_cache,
     )
 
 

@@ -1,0 +1,100 @@
+"""Time to verdict (adaptive image count, early exit) and shared work (the session map cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_cnn, tiny_images
+from pytest_saliency import SaliencyUsageError, layer_randomization
+from pytest_saliency.cache import MapCache, model_fingerprint
+
+
+def ignore_model(model, inputs, target):
+    return inputs.abs()
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    model, x, _ = digits
+    return model, x[:96]
+
+
+def test_adaptive_mode_stops_early_with_the_full_verdict(trained):
+    model, x = trained
+    full = layer_randomization(model, x, "saliency")
+    auto = layer_randomization(model, x, "saliency", images="auto", image_batch=16)
+    assert auto.passed == full.passed is True
+    assert auto.n_images == 16 < full.n_images == 96  # S^I ~ 0.58 against 0.01: the first look decides
+    assert "decisive pass after 16 of 96 images" in auto.stopped_early
+    torch.testing.assert_close(torch.tensor(auto.ssim), torch.tensor(full.ssim)[:, :16])  # same images, same numbers
+
+
+def test_adaptive_mode_fails_a_control_after_one_batch(trained):
+    model, x = trained
+    result = layer_randomization(model, x, ignore_model, images="auto", image_batch=16)
+    assert not result.passed and result.n_images == 16
+    assert "decisive fail" in result.report()
+
+
+def test_early_exit_fails_fast_but_passes_only_on_all_images(trained):
+    model, x = trained
+    failing = layer_randomization(model, x, ignore_model, early_exit=True, image_batch=16)
+    assert failing.n_images == 16 and not failing.passed
+    passing = layer_randomization(model, x, "saliency", early_exit=True, image_batch=32)
+    assert passing.n_images == 96 and passing.passed and passing.stopped_early == ""
+
+
+def test_require_every_layer_decides_on_layers_too(trained):
+    model, x = trained
+    # bn2 sits near SSIM 0.99 on this model; with a strict SSIM threshold some layer is decisively insensitive.
+    result = layer_randomization(model, x, "saliency", images="auto", image_batch=16, require_every_layer=True,
+                                 ssim_threshold=0.5)
+    assert not result.passed and result.n_images < 96
+
+
+def test_an_int_caps_the_images(trained):
+    model, x = trained
+    assert layer_randomization(model, x, "saliency", images=10).n_images == 10
+    with pytest.raises(SaliencyUsageError, match="images must be"):
+        layer_randomization(model, x, "saliency", images="most")
+
+
+def test_the_cache_shares_the_original_maps_between_checks():
+    model, x = make_tiny_cnn(), tiny_images()
+    cache = MapCache()
+    ipr = layer_randomization(model, x, "integrated_gradients", n_steps=8, cache=cache)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+    cpr = layer_randomization(model, x, "integrated_gradients", n_steps=8, mode="cascading", cache=cache)
+    assert (cache.hits, cache.misses) == (1, 1)
+    uncached = layer_randomization(model, x, "integrated_gradients", n_steps=8, mode="cascading")
+    assert cpr.ssim == uncached.ssim and ipr.passed
+    layer_randomization(model, x, "integrated_gradients", n_steps=9, cache=cache)  # other options: a miss
+    assert cache.misses == 2
+    layer_randomization(model, x, lambda m, i, t: torch.autograd.grad(m(i.requires_grad_()).sum(), i)[0], cache=cache)
+    assert cache.misses == 2 and len(cache) == 2, "user callables are never cached"
+
+
+def test_the_fingerprint_sees_changed_and_permuted_weights():
+    model = make_tiny_cnn()
+    before = model_fingerprint(model)
+    assert model_fingerprint(make_tiny_cnn()) == before
+    with torch.no_grad():
+        w = model.fc.weight
+        flat = w.flatten().clone()
+        w.copy_(flat.flip(0).reshape(w.shape))
+    assert model_fingerprint(model) != before
+    with torch.no_grad():
+        model.fc.weight.copy_(flat.reshape(w.shape))
+        model.bn.running_mean.add_(1e-3)
+    assert model_fingerprint(model) != before
+
+
+def test_the_cache_is_bounded_in_bytes():
+    cache = MapCache(max_bytes=3 * 400)
+    for i in range(5):
+        cache.put(str(i), torch.zeros(100))  # 400 bytes each
+    assert len(cache) == 3 and cache.bytes == 1200
+    assert cache.get("0") is None and cache.get("4") is not None
+    cache.put("huge", torch.zeros(1000))
+    assert cache.get("huge") is None
