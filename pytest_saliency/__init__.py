@@ -29,6 +29,14 @@ _LAZY = {
     "select_layers": "layers",
     "assert_sensitive_to_layer_randomization": "assertions",
     "assert_sensitive_to_cascading_randomization": "assertions",
+    "assert_agreement_above": "assertions",
+    "agreement_matrix": "agreement",
+    "compare_maps": "agreement",
+    "AgreementResult": "agreement",
+    "METRICS": "metrics",
+    "compute_metric": "metrics",
+    "chance_level": "metrics",
+    "MapCache": "cache",
 }
 
 __all__ = ["SaliencyCheckFailed", "SaliencyUsageError", "SaliencyWarning", "__version__", *_LAZY]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .exceptions import SaliencyCheckFailed
+from ._torch import require_torch
+from .exceptions import SaliencyCheckFailed, SaliencyUsageError
 from .parameter_randomization import RandomizationResult, layer_randomization
 
 
@@ -38,3 +39,50 @@ def assert_sensitive_to_cascading_randomization(
     """Cascading parameter randomization (CPR), top-down by default (``order="bottom_up"`` for the reverse)."""
     __tracebackhide__ = True
     return _raise_if_failed(layer_randomization(model, inputs, method, mode="cascading", **options))
+
+
+def assert_agreement_above(
+    model: Any,
+    inputs: Any,
+    methods: Any = ("saliency", "integrated_gradients"),
+    metric: str = "feature_agreement",
+    k: float | int = 0.1,
+    threshold: float | None = None,
+    *,
+    statistic: str = "mean",
+    **options: Any,
+) -> Any:
+    """Every pair of ``methods`` must agree: the mean (or, with ``statistic="bound"``, the lower
+    confidence bound) of ``metric`` above ``threshold`` (below it for distances and angles).
+
+    ``threshold=None`` means "better than chance": the lower confidence bound must beat the
+    metric's chance level (k/D for feature agreement); metrics without a chance level (SSIM)
+    need an explicit threshold.
+
+    Precomputed maps work too: ``assert_agreement_above(maps_a, maps_b, metric="ssim",
+    threshold=0.5)`` compares two tensors of attributions directly (``names=("a", "b")`` labels them).
+    """
+    __tracebackhide__ = True
+    from .agreement import agreement_matrix, compare_maps
+    from .metrics import _lookup, chance_level
+
+    torch = require_torch()
+    info = _lookup(metric)
+    if threshold is None:
+        statistic = "bound"
+    if isinstance(model, torch.Tensor) and isinstance(inputs, torch.Tensor):
+        names = list(options.pop("names", ("maps_a", "maps_b")))
+        reproduce = options.pop("reproduce", "")
+        result = compare_maps(dict(zip(names, (model, inputs))), [metric], k=k, statistic=statistic, **options)
+        result.reproduce = reproduce
+    else:
+        result = agreement_matrix(model, inputs, list(methods), [metric], k=k, statistic=statistic, **options)
+    if threshold is None:
+        num_features = result.maps[result.methods[0]][0].numel()
+        threshold = chance_level(metric, k=k if info.takes_k else None, num_features=num_features)
+        if threshold is None:
+            raise SaliencyUsageError(
+                f"{metric} has no chance level to beat by default; pass threshold= (e.g. threshold=0.5 for ssim)."
+            )
+    result.threshold = threshold
+    return _raise_if_failed(result)

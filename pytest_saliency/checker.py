@@ -50,25 +50,18 @@ class SaliencyChecker:
         return merged
 
     def _store(self, result: Any) -> None:
+        """Keep the result and record its one-line summary for the terminal summary and JUnit."""
         self.results.append(result)
         if self._record is not None:
-            s = result.stats
+            data = result.to_dict()
             summary = {
                 "nodeid": self.nodeid,
                 "check": result.check,
-                "method": result.method,
-                "preset": result.pipeline.name,
                 "passed": result.passed,
-                "dataset_score": round(s.dataset_score, 6),
-                "ci": [round(s.ci_low, 6), round(s.ci_high, 6)],
-                "threshold": s.sensitivity_threshold,
-                "insensitive_layers": [layer.name for layer in s.insensitive_layers],
-                "n_layers": len(s.layers),
-                "n_images": result.n_images,
-                "seed": result.seed,
                 "summary": result.summary(),
+                **{key: data[key] for key in ("method", "seed", "n_images", "dataset_score", "threshold") if key in data},
             }
-            self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True))
+            self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True, default=str))
 
     def _run(self, mode: str, model: Any, inputs: Any, method: Any, options: dict[str, Any]) -> Any:
         __tracebackhide__ = True
@@ -110,3 +103,40 @@ class SaliencyChecker:
         if self.config.seed is not None:
             options["seed"] = self.config.seed
         return explain(model, inputs, method, **options)
+
+    def agreement_matrix(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
+                         metrics: Any = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim"),
+                         **options: Any) -> Any:
+        """:func:`pytest_saliency.agreement_matrix` with the session's preset and seed (recorded, not asserted)."""
+        from .agreement import agreement_matrix
+
+        result = agreement_matrix(model, inputs, methods, metrics, **self._common(options))
+        self._store(result)
+        return result
+
+    def assert_agreement_above(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
+                               metric: str = "feature_agreement", k: Any = 0.1, threshold: Any = None,
+                               **options: Any) -> Any:
+        """:func:`pytest_saliency.assert_agreement_above` with the session's preset and seed."""
+        __tracebackhide__ = True
+        from .assertions import assert_agreement_above
+        from .exceptions import SaliencyCheckFailed
+
+        try:
+            result = assert_agreement_above(model, inputs, methods, metric, k, threshold, **self._common(options))
+        except SaliencyCheckFailed as failure:
+            self._store(failure.result)
+            raise
+        self._store(result)
+        return result
+
+    def _common(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Preset, seed and reproduce line for checks other than the randomization tests."""
+        merged = {"preset": self.config.preset, **options}
+        if self.config.seed is not None:
+            merged["seed"] = self.config.seed
+        if self.nodeid:
+            merged.setdefault(
+                "reproduce", f"pytest --saliency --saliency-seed={merged.get('seed', 0)} {shlex.quote(self.nodeid)}"
+            )
+        return merged

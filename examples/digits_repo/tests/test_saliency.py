@@ -29,3 +29,8 @@ def test_an_edge_detector_is_caught(saliency, model, images):
     """The control: a model-independent map must fail the check, or the gate proves nothing."""
     with pytest.raises(SaliencyCheckFailed, match="NOT sensitive"):
         saliency.assert_sensitive_to_layer_randomization(model, images, method=sobel_edges)
+
+
+def test_gradient_methods_agree_beyond_chance(saliency, model, images):
+    """Agreement: the top 10% pixels of saliency and guided backprop overlap more than chance (k/N)."""
+    saliency.assert_agreement_above(model, images, methods=("saliency", "guided_backprop"), metric="feature_agreement")
