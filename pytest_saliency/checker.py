@@ -140,3 +140,38 @@ class SaliencyChecker:
                 "reproduce", f"pytest --saliency --saliency-seed={merged.get('seed', 0)} {shlex.quote(self.nodeid)}"
             )
         return merged
+
+
+class BaselineChecker:
+    """Behind the ``saliency_baseline`` fixture: one stored baseline per test and name."""
+
+    def __init__(self, checker: SaliencyChecker, directory: Any, update: bool,
+                 written: Callable[[str], None] | None = None) -> None:
+        self._checker = checker
+        self.directory = directory
+        self.update = update
+        self._written = written
+
+    def path(self, name: str | None = None) -> Any:
+        from .baseline import baseline_path
+
+        return baseline_path(self.directory, self._checker.nodeid, name)
+
+    def check(self, model: Any, inputs: Any, method: Any = "saliency", name: str | None = None,
+              metric: str = "ssim", threshold: float | None = None, **options: Any) -> Any:
+        """Compare with the stored baseline (written, and failing, when it is missing)."""
+        __tracebackhide__ = True
+        from .baseline import check_baseline
+        from .exceptions import SaliencyCheckFailed
+
+        path = self.path(name)
+        result = check_baseline(
+            model, inputs, path, method, metric=metric, threshold=threshold, update=self.update,
+            name=name or "", **self._checker._common(options),
+        )
+        if result.status in ("written", "updated") and self._written is not None:
+            self._written(str(path))
+        self._checker._store(result)
+        if not result.passed:
+            raise SaliencyCheckFailed(result.failure_message(), result)
+        return result

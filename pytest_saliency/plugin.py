@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from .checker import RESULT_PROPERTY, SaliencyChecker
+from .checker import RESULT_PROPERTY, BaselineChecker, SaliencyChecker
 from .config import (
     DEFAULT_PRESET, SaliencyConfig, parse_device, parse_preset, parse_seed, parse_unit_interval,
 )
 
 CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
-FIXTURES = ("saliency", "saliency_device", "saliency_config")
+FIXTURES = ("saliency", "saliency_device", "saliency_config", "saliency_baseline")
+WRITTEN_PROPERTY = "saliency_baseline_written"
 SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
 
 
@@ -40,6 +41,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--saliency-preset", dest="saliency_preset", metavar="NAME", type=parse_preset, default=None,
         help=f"map pipeline preset: adebayo2018, sam2020 or thesis2023. Default: {DEFAULT_PRESET}.",
     )
+    group.addoption(
+        "--saliency-baseline-dir", dest="saliency_baseline_dir", metavar="PATH", default=None,
+        help="root folder of stored saliency baselines (relative to the root dir). "
+        "Default: saliency_baselines/ next to each test module.",
+    )
+    group.addoption(
+        "--saliency-update-baselines", action="store_true", dest="saliency_update_baselines", default=False,
+        help="write or overwrite the baselines of the tests that run; they pass and the summary lists the files.",
+    )
+    parser.addini("saliency_baseline_dir", "root folder of stored saliency baselines (relative to the ini file)",
+                  default="")
     parser.addini("saliency_device", "default device for saliency checks (auto, cpu, cuda, cuda:N)", default="auto")
     parser.addini("saliency_seed", "seed forced for every saliency check (empty: per-check seed)", default="")
     parser.addini("saliency_preset", f"default map pipeline preset ({DEFAULT_PRESET})", default=DEFAULT_PRESET)
@@ -157,6 +169,7 @@ class SaliencyReporter:
 
     def __init__(self) -> None:
         self.results: list[dict[str, Any]] = []
+        self.written: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
@@ -164,8 +177,14 @@ class SaliencyReporter:
         for name, value in report.user_properties:
             if name == RESULT_PROPERTY:
                 self.results.append(json.loads(value))
+            elif name == WRITTEN_PROPERTY:
+                self.written.append(value)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.written:
+            terminalreporter.write_sep("-", "saliency baselines written")
+            for path in self.written:
+                terminalreporter.write_line(path)
         if not self.results:
             return
         terminalreporter.write_sep("-", "saliency checks")
@@ -173,3 +192,31 @@ class SaliencyReporter:
             terminalreporter.write_line(f"{entry['summary']}  ({entry['nodeid']})")
         failed = sum(not entry["passed"] for entry in self.results)
         terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
+
+
+@pytest.fixture
+def saliency_baseline(request: pytest.FixtureRequest, saliency: SaliencyChecker) -> BaselineChecker:
+    """Stored-baseline regression checks for this test.
+
+    Example::
+
+        def test_explanations_did_not_drift(saliency_baseline, model, images):
+            saliency_baseline.check(model, images, method="integrated_gradients")
+
+    The first run writes ``saliency_baselines/<module>/<test>.npz`` and fails (commit the file);
+    later runs compare with it. ``pytest --saliency --saliency-update-baselines`` rewrites them.
+    """
+    config = request.config
+    option = config.option.saliency_baseline_dir
+    ini = config.getini("saliency_baseline_dir")
+    if option:
+        directory = config.rootpath / option
+    elif ini:
+        directory = (config.inipath.parent if config.inipath else config.rootpath) / ini
+    else:
+        directory = request.path.parent / "saliency_baselines"
+    node = request.node
+    return BaselineChecker(
+        saliency, directory, bool(config.option.saliency_update_baselines),
+        written=lambda path: node.user_properties.append((WRITTEN_PROPERTY, path)),
+    )

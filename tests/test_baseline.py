@@ -1,0 +1,195 @@
+"""Regression baselines: storage, refusals, calibration, and the pytest workflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_cnn, tiny_images
+from pytest_saliency import SaliencyUsageError
+from pytest_saliency.baseline import baseline_path, check_baseline, read_baseline, write_baseline
+
+
+@pytest.fixture
+def model_and_inputs():
+    return make_tiny_cnn(), tiny_images()
+
+
+def test_missing_written_then_compared_then_drift(tmp_path, model_and_inputs):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    first = check_baseline(model, x, path)
+    assert first.status == "written" and not first.passed and path.exists() and path.with_suffix(".json").exists()
+    assert "Saliency baseline not found" in first.failure_message()
+    second = check_baseline(model, x, path)
+    assert second.status == "compared" and second.passed and second.values == [1.0] * 6
+    drifted = make_tiny_cnn(seed=5)
+    third = check_baseline(drifted, x, path, target=None)
+    assert not third.passed
+    message = third.failure_message()
+    assert "drifted from the stored baseline" in message and "worst images: #" in message
+    worst = third.worst(1)[0]
+    assert worst[1] == min(third.values)
+
+
+def test_update_overwrites_and_passes(tmp_path, model_and_inputs):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    check_baseline(model, x, path)
+    other = make_tiny_cnn(seed=3)
+    result = check_baseline(other, x, path, update=True)
+    assert result.status == "updated" and result.passed
+    assert check_baseline(other, x, path).values == [1.0] * 6
+
+
+def test_sidecar_records_what_the_baseline_was_made_from(tmp_path, model_and_inputs):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    check_baseline(model, x, path, "integrated_gradients", n_steps=8, preset="sam2020")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["method"] == "integrated_gradients" and meta["method_options"]["n_steps"] == 8
+    assert meta["preset"]["name"] == "sam2020" and len(meta["input_fingerprint"]) == 64
+    assert {"torch", "captum", "pytest_saliency"} <= set(meta["versions"]) and meta["created"]
+    maps, stored = read_baseline(path)
+    assert maps.dtype == np.float32 and maps.shape == (6, 16, 16) and stored == meta
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m, x: (m, x + 0.01, {}), "input_fingerprint"),
+        (lambda m, x: (m, x, {"method": "input_x_gradient"}), "method"),
+        (lambda m, x: (m, x, {"preset": "thesis2023"}), "preset"),
+    ],
+)
+def test_unlike_calls_are_an_error_not_a_comparison(tmp_path, model_and_inputs, change, field):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    check_baseline(model, x, path)
+    m, x2, options = change(model, x)
+    with pytest.raises(SaliencyUsageError, match=f"made from different {field}.*--saliency-update-baselines"):
+        check_baseline(m, x2, path, **options)
+
+
+def test_calibrated_threshold_from_reference_models(tmp_path, model_and_inputs):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    refs = [make_tiny_cnn(seed=s) for s in (1, 2)]
+    written = check_baseline(model, x, path, reference_models=refs)
+    assert written.threshold_source == "calibrated from 3 reference models"
+    compared = check_baseline(make_tiny_cnn(seed=1), x, path)
+    assert compared.threshold == written.threshold < 1.0
+    assert compared.passed, "a reference seed is within the recipe's own envelope"
+
+
+def test_corrupted_truncated_and_foreign_files(tmp_path, model_and_inputs):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    check_baseline(model, x, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SaliencyUsageError, match=f"{path}.*corrupted or truncated"):
+        check_baseline(model, x, path)
+    np.savez(path, other=np.zeros(3))
+    with pytest.raises(SaliencyUsageError, match="not a pytest-saliency baseline"):
+        read_baseline(path)
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > PWNED_FILE",))
+
+
+def test_a_pickle_payload_is_refused_and_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("maps.npy", pickle.dumps(np.array([Boom()], dtype=object)))
+        array = np.array([Boom()], dtype=object)
+        with archive.open("metadata.npy", "w") as handle:
+            np.lib.format.write_array(handle, array, allow_pickle=True)
+    with pytest.raises(SaliencyUsageError, match="pickled Python objects; it was refused"):
+        read_baseline(path)
+    assert not (tmp_path / "PWNED_FILE").exists()
+
+
+def test_an_interrupted_write_leaves_the_old_baseline(tmp_path, monkeypatch):
+    path = tmp_path / "b.npz"
+    write_baseline(path, np.ones((2, 8, 8), np.float32), {"format_version": 1, "v": "old"})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", lambda handle, **kw: (handle.write(b"partial"), crash()))
+    with pytest.raises(KeyboardInterrupt):
+        write_baseline(path, np.zeros((2, 8, 8), np.float32), {"format_version": 1, "v": "new"})
+    monkeypatch.undo()
+    maps, meta = read_baseline(path)
+    assert meta["v"] == "old" and maps.sum() == 128
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.npz"], "no temp files left behind"
+
+
+def test_paths_are_per_test_and_name(tmp_path):
+    p = baseline_path(tmp_path, "tests/test_model.py::TestX::test_y[cpu-1]", "ig maps")
+    assert p == tmp_path / "test_model" / "TestX.test_y[cpu-1]__ig_maps.npz"
+
+
+def test_unknown_metric(tmp_path, model_and_inputs):
+    with pytest.raises(SaliencyUsageError, match="unknown baseline metric"):
+        check_baseline(*model_and_inputs, tmp_path / "b.npz", metric="hog")
+
+
+WORKFLOW_TEST = """
+import torch
+from torch import nn
+
+SCALE = {scale}
+
+def make():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model[0].weight.mul_(SCALE)
+        if SCALE != 1.0:
+            model[0].weight.copy_(torch.randn(model[0].weight.shape, generator=torch.Generator().manual_seed(9)))
+    return model
+
+def test_maps(saliency_baseline):
+    x = torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    saliency_baseline.check(make(), x, method="saliency")
+"""
+
+
+def test_the_pytest_workflow(pytester):
+    pytester.makepyfile(test_flow=WORKFLOW_TEST.format(scale=1.0))
+    missing = pytester.runpytest("--saliency")
+    missing.assert_outcomes(failed=1)
+    missing.stdout.fnmatch_lines(["*Saliency baseline not found*test_maps.npz*", "*saliency baselines written*"])
+    target = pytester.path / "saliency_baselines" / "test_flow" / "test_maps.npz"
+    assert target.exists()
+    pytester.runpytest("--saliency").assert_outcomes(passed=1)
+    pytester.makepyfile(test_flow=WORKFLOW_TEST.format(scale=2.0))
+    drift = pytester.runpytest("--saliency")
+    drift.assert_outcomes(failed=1)
+    drift.stdout.fnmatch_lines(["*drifted from the stored baseline*", "*worst images: #*"])
+    update = pytester.runpytest("--saliency", "--saliency-update-baselines")
+    update.assert_outcomes(passed=1)
+    update.stdout.fnmatch_lines(["*saliency baselines written*", "*test_maps.npz"])
+    pytester.runpytest("--saliency").assert_outcomes(passed=1)
+    target.write_bytes(target.read_bytes()[:100])
+    broken = pytester.runpytest("--saliency")
+    broken.assert_outcomes(failed=1)
+    broken.stdout.fnmatch_lines(["*test_maps.npz is corrupted or truncated*"])
+
+
+def test_baseline_dir_option(pytester):
+    pytester.makepyfile(test_flow=WORKFLOW_TEST.format(scale=1.0))
+    pytester.runpytest("--saliency", "--saliency-baseline-dir=stored", "--saliency-update-baselines").assert_outcomes(passed=1)
+    assert (pytester.path / "stored" / "test_flow" / "test_maps.npz").exists()
