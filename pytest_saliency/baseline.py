@@ -36,6 +36,7 @@ from ._torch import require_torch
 from ._validation import check_inputs, check_model
 from .exceptions import SaliencyUsageError
 from .explainers import MethodSpec, _attribute, _method_options, method_name, resolve_method, resolve_target
+from .parameter_randomization import _DERIVED_OPTIONS
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 FORMAT_VERSION = 1
@@ -305,7 +306,8 @@ def check_baseline(
     metadata = {
         "format_version": FORMAT_VERSION,
         "method": label,
-        "method_options": _jsonable({k: v for k, v in options.items() if k not in ("input_min", "input_max")}),
+        # Only what changes the maps: batching and values derived from the inputs are left out.
+        "method_options": _jsonable({k: v for k, v in options.items() if k not in _DERIVED_OPTIONS and not k.startswith("_")}),
         "preset": pipeline.to_dict(),
         "input_fingerprint": input_fingerprint(inputs),
         "input_shape": list(inputs.shape),

@@ -78,21 +78,21 @@ METHODS: dict[str, MethodSpec] = {
             stochastic=True, note="baselines: zero plus n_baselines-1 uniform draws over the input range",
         ),
         MethodSpec(
-            "occlusion", "Occlusion", {"window": None, "stride": None, "baselines": 0.0, "perturbations_per_eval": 16},
+            "occlusion", "Occlusion", {"window": None, "stride": None, "baselines": 0.0, "perturbations_per_eval": None},
             signed=True, note="square window of 1/8 of the smaller side (at least 2 px), stride half the window",
         ),
         MethodSpec(
-            "lime", "Lime", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32, "alpha": 0.01},
+            "lime", "Lime", {"n_samples": 200, "grid": 8, "perturbations_per_eval": None, "alpha": 0.01},
             stochastic=True,
             note="features: a grid x grid superpixel grid; captum's default Lasso surrogate (alpha=0.01); "
             "a model whose outputs barely move under perturbation gets all-zero maps: lower alpha",
         ),
         MethodSpec(
-            "kernel_shap", "KernelShap", {"n_samples": 200, "grid": 8, "perturbations_per_eval": 32},
+            "kernel_shap", "KernelShap", {"n_samples": 200, "grid": 8, "perturbations_per_eval": None},
             stochastic=True, note="features: a grid x grid superpixel grid",
         ),
         MethodSpec(
-            "feature_ablation", "FeatureAblation", {"grid": 8, "baselines": 0.0, "perturbations_per_eval": 16},
+            "feature_ablation", "FeatureAblation", {"grid": 8, "baselines": 0.0, "perturbations_per_eval": None},
             note="features: a grid x grid superpixel grid, replaced by the baseline",
         ),
     ]
@@ -327,10 +327,12 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
 
 # Options accepted on top of the documented defaults (they have no default value).
 _EXTRA_OPTIONS = {
-    "smoothgrad": ("stdevs", "input_range"),
-    "lime": ("feature_mask",),
-    "kernel_shap": ("feature_mask",),
-    "feature_ablation": ("feature_mask",),
+    "integrated_gradients": ("memory_budget",),
+    "smoothgrad": ("stdevs", "input_range", "memory_budget"),
+    "occlusion": ("memory_budget",),
+    "lime": ("feature_mask", "memory_budget"),
+    "kernel_shap": ("feature_mask", "memory_budget"),
+    "feature_ablation": ("feature_mask", "memory_budget"),
 }
 
 
@@ -350,8 +352,81 @@ def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: Any) -> None:
         )
 
 
+# Methods whose cost multiplies the batch (steps, samples, perturbations) and the captum option
+# that bounds how many rows one forward pass sees.
+_ROW_OPTIONS = {
+    "integrated_gradients": "internal_batch_size",
+    "smoothgrad": "nt_samples_batch_size",
+    "occlusion": "perturbations_per_eval",
+    "feature_ablation": "perturbations_per_eval",
+    "lime": "perturbations_per_eval",
+    "kernel_shap": "perturbations_per_eval",
+}
+CPU_MEMORY_BUDGET = 1 * 2**30
+
+
+def memory_budget_bytes(budget: Any, device: Any) -> int:
+    """``"auto"``: half the free memory of a CUDA device, 1 GiB on the CPU; or an explicit byte count."""
+    torch = require_torch()
+    if budget == "auto":
+        if torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.5)
+        return CPU_MEMORY_BUDGET
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0:
+        return int(budget)
+    raise SaliencyUsageError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}.")
+
+
+def activation_bytes_per_input(model: Any, example: Any) -> int:
+    """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward."""
+    torch = require_torch()
+    total = 0
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad(), _eval_mode(model, True):
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total + example.numel() * example.element_size()
+
+
+def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> None:
+    """Size internal batches (IG steps, SmoothGrad samples, perturbations) to the memory budget.
+
+    One row (an input, an interpolation step, a noisy sample, a perturbation) costs about three
+    times its forward activations (kept for backward, plus gradients). Options the user set are
+    left alone; if even one image's rows exceed the budget, images are explained one chunk at a
+    time (``_image_batch``).
+    """
+    option = _ROW_OPTIONS.get(spec.name)
+    budget = options.pop("memory_budget", "auto")
+    if option is None or options.get(option) is not None:
+        return
+    row = 3 * activation_bytes_per_input(model, inputs[:1])
+    rows = max(1, memory_budget_bytes(budget, inputs.device) // max(row, 1))
+    n = inputs.shape[0]
+    images = min(n, rows)
+    if images < n:
+        options["_image_batch"] = images
+    if spec.name == "integrated_gradients":
+        options[option] = max(images, rows)
+    elif spec.name in ("lime", "kernel_shap"):
+        options[option] = max(1, min(rows, int(options.get("n_samples", spec.defaults["n_samples"]))))
+    else:
+        options[option] = max(1, rows // images)
+
+
 def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """Validate user options and add the input-range facts some methods scale by."""
+    """Validate user options, size internal batches, and add the input-range facts some methods scale by."""
     allowed = set(spec.defaults) | set(_EXTRA_OPTIONS.get(spec.name, ()))
     extra = sorted(set(options) - allowed)
     if extra:
@@ -359,6 +434,7 @@ def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str
         raise SaliencyUsageError(f"unknown option(s) {extra} for method {spec.name!r}; valid options: {valid}.")
     options = dict(options)
     _warn_if_relu_rules_cannot_apply(spec, model)
+    _auto_batching(spec, model, inputs, options)
     if spec.name == "smoothgrad" and "input_range" not in options:
         options["input_range"] = float(inputs.max() - inputs.min()) or 1.0
     if spec.name == "gradient_shap":
@@ -418,6 +494,7 @@ def _attribute(
     label = method.name if isinstance(method, MethodSpec) else method_name(method)
     outputs = []
     with _eval_mode(model, eval_mode), _inputs_only_gradients(model), seeded(seed, inputs.device), _quiet_captum():
+        batch_size = batch_size or options.get("_image_batch")
         for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
             if isinstance(method, MethodSpec):
                 out = _run_captum(method, model, chunk.detach(), chunk_target, options)

@@ -182,8 +182,13 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+# Filled in from the inputs and the memory budget, not chosen by the user: not worth printing.
+_DERIVED_OPTIONS = ("input_range", "input_min", "input_max", "internal_batch_size", "nt_samples_batch_size",
+                    "perturbations_per_eval")
+
+
 def _format_options(options: dict[str, Any]) -> str:
-    shown = {k: v for k, v in options.items() if k not in ("input_range", "input_min", "input_max")}
+    shown = {k: v for k, v in options.items() if k not in _DERIVED_OPTIONS and not k.startswith("_")}
     if not shown:
         return ""
     return " (" + ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) + ")"

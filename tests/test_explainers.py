@@ -146,3 +146,19 @@ def test_feature_vectors_are_supported():
     for method in ("saliency", "integrated_gradients", "occlusion", "feature_ablation", "lime"):
         out = explain(model, x, method, **FAST.get(method, {}))
         assert tuple(out.shape) == (4, 10)
+
+
+def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inputs):
+    from pytest_saliency.explainers import METHODS, _method_options, activation_bytes_per_input
+
+    row = 3 * activation_bytes_per_input(tiny_model, tiny_inputs[:1])
+    options = _method_options(METHODS["integrated_gradients"], tiny_model, tiny_inputs, {"memory_budget": 4 * row})
+    assert options["_image_batch"] == 4 and options["internal_batch_size"] == 4
+    options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row})
+    assert "_image_batch" not in options and options["nt_samples_batch_size"] == 2
+    options = _method_options(METHODS["occlusion"], tiny_model, tiny_inputs, {"perturbations_per_eval": 3})
+    assert options["perturbations_per_eval"] == 3, "what the user sets is kept"
+    small = explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8, memory_budget=2 * row)
+    torch.testing.assert_close(small, explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8))
+    with pytest.raises(SaliencyUsageError, match="memory_budget must be"):
+        explain(tiny_model, tiny_inputs, "occlusion", memory_budget=-1)
