@@ -42,12 +42,23 @@ class SaliencyChecker:
             merged["seed"] = self.config.seed
         seed = merged.setdefault("seed", 0)
         if self.nodeid:
-            merged.setdefault("reproduce", f"pytest --saliency --saliency-seed={seed} {shlex.quote(self.nodeid)}")
+            merged.setdefault("reproduce", self.reproduce_command(seed))
         if self._progress is not None:
             merged.setdefault("progress", self._progress)
         if self.cache is not None:
             merged.setdefault("cache", self.cache)
         return merged
+
+    def reproduce_command(self, seed: int) -> str:
+        """The command line that reruns this test with the same seed, preset and device."""
+        from .config import DEFAULT_PRESET
+
+        parts = ["pytest --saliency", f"--saliency-seed={seed}"]
+        if self.config.preset != DEFAULT_PRESET:
+            parts.append(f"--saliency-preset={self.config.preset}")
+        if self.config.device != "auto":
+            parts.append(f"--saliency-device={self.config.device}")
+        return " ".join(parts + [shlex.quote(self.nodeid)])
 
     def _store(self, result: Any) -> None:
         """Keep the result and record its one-line summary for the terminal summary and JUnit."""
@@ -136,9 +147,7 @@ class SaliencyChecker:
         if self.config.seed is not None:
             merged["seed"] = self.config.seed
         if self.nodeid:
-            merged.setdefault(
-                "reproduce", f"pytest --saliency --saliency-seed={merged.get('seed', 0)} {shlex.quote(self.nodeid)}"
-            )
+            merged.setdefault("reproduce", self.reproduce_command(merged.get("seed", 0)))
         return merged
 
 

@@ -40,7 +40,7 @@ class SaliencyConfig:
 def parse_device(value: str) -> str:
     """argparse ``type=``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
     text = str(value).strip().lower()
-    if text in ("auto", "cpu", "cuda", "mps"):
+    if text in ("auto", "cpu", "cuda"):
         return text
     if text.startswith("cuda:") and text[5:].isdigit():
         return text
@@ -64,6 +64,16 @@ def parse_unit_interval(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
     if not -1.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a value in [-1, 1], got {number}")
+    return number
+
+
+def parse_sensitivity(value: str) -> float:
+    """S^I is never negative, so a threshold <= 0 would pass every method: refuse it."""
+    number = parse_unit_interval(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(
+            f"the sensitivity threshold must be in (0, 1], got {number}: S^I >= {number} holds for every method"
+        )
     return number
 
 

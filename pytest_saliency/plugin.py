@@ -14,7 +14,7 @@ import pytest
 
 from .checker import RESULT_PROPERTY, BaselineChecker, SaliencyChecker
 from .config import (
-    DEFAULT_PRESET, SaliencyConfig, parse_device, parse_preset, parse_seed, parse_unit_interval,
+    DEFAULT_PRESET, SaliencyConfig, parse_device, parse_preset, parse_seed, parse_sensitivity, parse_unit_interval,
 )
 
 CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
@@ -82,7 +82,7 @@ def resolve_config(config: pytest.Config) -> SaliencyConfig:
         else (_ini(config, "saliency_seed", parse_seed) if str(ini_seed).strip() else None),
         preset=getattr(option, "saliency_preset", None) or _ini(config, "saliency_preset", parse_preset),
         ssim_threshold=_ini(config, "saliency_ssim_threshold", parse_unit_interval),
-        sensitivity_threshold=_ini(config, "saliency_sensitivity_threshold", parse_unit_interval),
+        sensitivity_threshold=_ini(config, "saliency_sensitivity_threshold", parse_sensitivity),
     )
 
 
@@ -203,7 +203,9 @@ class SaliencyReporter:
         self.written: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
+        # The teardown report carries every property recorded during setup, call and teardown,
+        # so checks run inside fixtures are counted too (and each check exactly once).
+        if report.when != "teardown":
             return
         for name, value in report.user_properties:
             if name == RESULT_PROPERTY:

@@ -1,0 +1,655 @@
+"""The pytest plugin end to end, through pytester: options, skipping, failures, summary, JUnit, xdist.
+
+Every scenario writes a tiny model repo (a 2-conv CNN on a few random 1x16x16 images, see
+``TINY_REPO_CONFTEST``) and runs pytest over it, in process where possible (fast) and in a
+subprocess where the behaviour is about a fresh interpreter (``--help``, lazy torch, xdist).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+# Load captum and the check machinery in the outer process: pytester drops the modules that an
+# in-process run imports first, so every run would import them again (seconds, for captum).
+import captum.attr  # noqa: F401
+import numpy.random  # noqa: F401
+import pytest_saliency.cache  # noqa: F401
+import pytest_saliency.devices  # noqa: F401
+import pytest_saliency.parameter_randomization  # noqa: F401
+import pytest_saliency.similarity  # noqa: F401
+
+SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
+HEADER = "saliency: device={device}, preset={preset}, seed={seed}, thresholds SSIM<0.99 / S^I>={threshold}"
+
+TINY_REPO_CONFTEST = '''
+import pytest
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(self.relu2(self.conv2(self.relu1(self.conv1(x)))).flatten(1))
+
+
+@pytest.fixture
+def model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TinyCNN().eval()
+
+
+@pytest.fixture
+def images():
+    return torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def absolute_input(model, inputs, target):
+    """A "saliency map" that never looks at the model."""
+    return inputs.abs()
+
+
+@pytest.fixture
+def control():
+    """The negative control for the randomization checks, which must catch it."""
+    return absolute_input
+'''
+
+GRADIENTS_PASS_IPR = """
+def test_gradients(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency")
+"""
+
+CONTROL_FAILS_IPR = """
+def test_control(saliency, model, images, control):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method=control)
+"""
+
+
+@pytest.fixture(autouse=True)
+def plain_environment(monkeypatch):
+    """Inner runs start from a plain environment, with one torch thread.
+
+    When this suite itself runs under pytest-xdist, the worker's ``PYTEST_XDIST_*`` variables
+    would make the inner runs believe they are xdist workers too (the plugin maps ``gwN`` to a
+    GPU; pytest-benchmark warns). Tiny models run fastest on one thread, in process and in
+    subprocesses alike: with several, each tiny convolution pays for thread synchronization,
+    which costs 10x more than the convolution itself on a busy 2-core machine.
+    """
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_repo(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester directory whose conftest provides the ``model``, ``images`` and ``control`` fixtures."""
+    pytester.makeconftest(TINY_REPO_CONFTEST)
+    return pytester
+
+
+def summary_lines(result: pytest.RunResult) -> list[str]:
+    """The lines of the "saliency checks" terminal summary section, without the separator."""
+    lines = result.outlines
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(r"-+ saliency checks -+", line))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("="))
+    return lines[start + 1:end]
+
+
+# 1. Without --saliency ------------------------------------------------------------------------
+
+DISABLED_TESTS = """
+import pytest
+
+
+def test_uses_the_fixture(saliency):
+    raise AssertionError("must not run without --saliency")
+
+
+@pytest.mark.saliency
+def test_is_marked():
+    raise AssertionError("must not run without --saliency")
+
+
+def test_plain():
+    pass
+"""
+
+
+def test_without_the_flag_saliency_tests_are_skipped_and_plain_tests_run(pytester):
+    pytester.makepyfile(DISABLED_TESTS)
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, skipped=2)
+
+
+def test_without_the_flag_the_skip_reason_says_how_to_enable_the_checks(pytester):
+    pytester.makepyfile(test_disabled=DISABLED_TESTS)
+    result = pytester.runpytest("-rs")
+    result.stdout.fnmatch_lines([
+        f"SKIPPED [[]1[]] test_disabled.py*: {SKIP_REASON}",
+        f"SKIPPED [[]1[]] test_disabled.py*: {SKIP_REASON}",
+    ])
+
+
+def test_the_marker_is_registered_so_strict_markers_accepts_it(pytester):
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.saliency
+        def test_is_marked():
+            pass
+    """)
+    result = pytester.runpytest("--strict-markers")
+    result.assert_outcomes(skipped=1)
+    assert result.ret == pytest.ExitCode.OK
+
+
+def test_the_marker_is_listed_by_markers(pytester):
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.saliency: a saliency sanity-check test; skipped unless *--saliency"])
+
+
+def test_fixture_users_get_the_marker_so_m_deselects_them(pytester):
+    pytester.makepyfile(DISABLED_TESTS)
+    result = pytester.runpytest("-m", "not saliency")
+    result.assert_outcomes(passed=1, deselected=2)
+
+
+def test_without_the_flag_there_is_no_header_and_no_summary(pytester):
+    pytester.makepyfile(DISABLED_TESTS)
+    result = pytester.runpytest()
+    result.stdout.no_fnmatch_line("saliency: device=*")
+    result.stdout.no_fnmatch_line("*- saliency checks -*")
+
+
+# 2. With --saliency: passing checks and controls that must fail ---------------------------------
+
+
+def test_a_gradient_method_passes_independent_randomization(tiny_repo):
+    tiny_repo.makepyfile(GRADIENTS_PASS_IPR)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_control_that_ignores_the_model_fails_independent_randomization(tiny_repo):
+    tiny_repo.makepyfile(test_control=CONTROL_FAILS_IPR)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "E *Saliency check failed: absolute_input maps are NOT sensitive to independent layer randomization*",
+        "E *preset:      adebayo2018*",
+        "E *S^I:*0.0000*NOT sensitive",
+        "E *layer*mean SSIM*std*min*max*sensitive images*verdict",
+        "E *conv1*1.0000*INSENSITIVE",
+        "E *reproduce:   pytest --saliency --saliency-seed=0 *test_control.py::test_control",
+    ])
+
+
+def test_the_failure_is_a_test_failure_not_an_error(tiny_repo):
+    tiny_repo.makepyfile(test_control=CONTROL_FAILS_IPR)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(failed=1, errors=0)
+    result.stdout.fnmatch_lines(["test_control.py:*: SaliencyCheckFailed"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_a_gradient_method_passes_cascading_randomization(tiny_repo):
+    tiny_repo.makepyfile("""
+        def test_gradients(saliency, model, images):
+            result = saliency.assert_sensitive_to_cascading_randomization(model, images, method="saliency")
+            assert result.mode == "cascading"
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_control_that_ignores_the_model_fails_cascading_randomization(tiny_repo):
+    tiny_repo.makepyfile(test_cascading_control="""
+        def test_control(saliency, model, images, control):
+            saliency.assert_sensitive_to_cascading_randomization(model, images, method=control)
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "E *Saliency check failed: absolute_input maps are NOT sensitive to cascading layer randomization*",
+        "E *check:*cascading_layer_randomization (cascading, top-down*",
+        "E *preset:*adebayo2018*",
+        "E *S^I:*NOT sensitive",
+        "E *layer*mean SSIM*verdict",
+        "E *reproduce:   pytest --saliency --saliency-seed=0 *test_cascading_control.py::test_control",
+    ])
+
+
+def test_the_reproduce_line_quotes_a_parametrized_nodeid(tiny_repo):
+    tiny_repo.makepyfile(test_param="""
+        import pytest
+        @pytest.mark.parametrize("n", [2])
+        def test_control(saliency, model, images, control, n):
+            saliency.assert_sensitive_to_layer_randomization(model, images[:n], method=control)
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.stdout.fnmatch_lines(["E *reproduce:   pytest --saliency --saliency-seed=0 *'test_param.py::test_control[[]2[]]'"])
+
+
+def test_the_reproduce_line_keeps_a_preset_given_on_the_command_line(tiny_repo):
+    tiny_repo.makepyfile(test_control=CONTROL_FAILS_IPR)
+    result = tiny_repo.runpytest("--saliency", "--saliency-preset=sam2020")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E *preset:      sam2020:*"])
+    result.stdout.fnmatch_lines(["E *reproduce:   pytest --saliency *--saliency-preset=sam2020 *test_control.py::test_control"])
+
+
+# 3. The terminal summary ----------------------------------------------------------------------
+
+
+def test_the_summary_lists_every_check_with_its_verdict_and_nodeid(tiny_repo):
+    tiny_repo.makepyfile(test_summary=GRADIENTS_PASS_IPR + CONTROL_FAILS_IPR)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*- saliency checks -*",
+        "PASS independent_layer_randomization [[]saliency, adebayo2018[]]: S^I = * (test_summary.py::test_gradients)",
+        "FAIL independent_layer_randomization [[]absolute_input, adebayo2018[]]: S^I = 0.0000 *"
+        " (test_summary.py::test_control)",
+        "1 saliency check(s) passed, 1 failed",
+    ])
+
+
+def test_the_summary_counts_several_checks_in_one_test(tiny_repo):
+    tiny_repo.makepyfile(test_two="""
+        def test_both_modes(saliency, model, images):
+            saliency.assert_sensitive_to_layer_randomization(model, images)
+            saliency.assert_sensitive_to_cascading_randomization(model, images)
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.stdout.fnmatch_lines([
+        "*- saliency checks -*",
+        "PASS independent_layer_randomization * (test_two.py::test_both_modes)",
+        "PASS cascading_layer_randomization * (test_two.py::test_both_modes)",
+        "2 saliency check(s) passed, 0 failed",
+    ])
+
+
+def test_a_check_that_fails_in_a_fixture_is_listed_in_the_summary(tiny_repo):
+    tiny_repo.makepyfile(test_fixture_check="""
+        import pytest
+        @pytest.fixture
+        def checked_model(saliency, model, images, control):
+            saliency.assert_sensitive_to_layer_randomization(model, images, method=control)
+            return model
+
+        def test_uses_a_checked_model(checked_model):
+            pass
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*- saliency checks -*",
+        "FAIL independent_layer_randomization * (test_fixture_check.py::test_uses_a_checked_model)",
+        "0 saliency check(s) passed, 1 failed",
+    ])
+
+
+def test_no_summary_section_when_no_check_ran(pytester):
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest("--saliency")
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("*- saliency checks -*")
+
+
+# 4. Options and ini keys ----------------------------------------------------------------------
+
+
+def test_the_header_shows_the_resolved_configuration(pytester):
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest("--saliency")
+    result.stdout.fnmatch_lines([HEADER.format(device="auto", preset="adebayo2018", seed="per check", threshold="0.01")])
+
+
+def test_saliency_seed_appears_in_the_header_the_result_and_the_reproduce_line(tiny_repo):
+    tiny_repo.makepyfile(test_seed="""
+        def test_gradients(saliency, saliency_config, model, images):
+            assert saliency_config.seed == 7
+            # --saliency-seed forces the seed, even over an explicit keyword
+            result = saliency.assert_sensitive_to_layer_randomization(model, images, seed=3)
+            assert result.seed == 7
+
+        def test_control(saliency, model, images, control):
+            saliency.assert_sensitive_to_layer_randomization(model, images, method=control)
+    """)
+    result = tiny_repo.runpytest("--saliency", "--saliency-seed=7")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        HEADER.format(device="auto", preset="adebayo2018", seed="7", threshold="0.01"),
+        "E *images: 4 *seed: 7 *",
+        "E *reproduce:   pytest --saliency --saliency-seed=7 *test_seed.py::test_control",
+    ])
+
+
+def test_without_saliency_seed_an_explicit_seed_is_used_and_reproduced(tiny_repo):
+    tiny_repo.makepyfile(test_seed="""
+        def test_control(saliency, model, images, control):
+            saliency.assert_sensitive_to_layer_randomization(model, images, method=control, seed=3)
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.stdout.fnmatch_lines(["E *reproduce:   pytest --saliency --saliency-seed=3 *test_seed.py::test_control"])
+
+
+@pytest.mark.parametrize(
+    "ini, cli, keyword, expected",
+    [
+        (None, None, None, "adebayo2018"),
+        ("thesis2023", None, None, "thesis2023"),
+        (None, "sam2020", None, "sam2020"),
+        ("thesis2023", "sam2020", None, "sam2020"),  # the command line wins over the ini file
+        ("thesis2023", "sam2020", "adebayo2018", "adebayo2018"),  # an explicit keyword wins over both
+    ],
+)
+def test_preset_precedence(tiny_repo, ini, cli, keyword, expected):
+    if ini is not None:
+        tiny_repo.makeini(f"[pytest]\nsaliency_preset = {ini}\n")
+    preset_keyword = "" if keyword is None else f", preset={keyword!r}"
+    tiny_repo.makepyfile(test_preset=f"""
+        def test_gradients(saliency, model, images):
+            result = saliency.assert_sensitive_to_layer_randomization(model, images{preset_keyword})
+            assert result.pipeline.name == {expected!r}
+    """)
+    args = ["--saliency"] + ([f"--saliency-preset={cli}"] if cli else [])
+    result = tiny_repo.runpytest(*args)
+    result.assert_outcomes(passed=1)
+    session_preset = cli or ini or "adebayo2018"
+    result.stdout.fnmatch_lines([
+        HEADER.format(device="auto", preset=session_preset, seed="per check", threshold="0.01"),
+        f"PASS independent_layer_randomization [[]saliency, {expected}[]]: *",
+    ])
+
+
+def test_ini_sensitivity_threshold_makes_a_normal_method_fail(tiny_repo):
+    tiny_repo.makeini("[pytest]\nsaliency_sensitivity_threshold = 0.99\n")
+    tiny_repo.makepyfile(GRADIENTS_PASS_IPR)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        HEADER.format(device="auto", preset="adebayo2018", seed="per check", threshold="0.99"),
+        "E *Saliency check failed: saliency maps are NOT sensitive to independent layer randomization (S^I = * < 0.99)",
+        "E *S^I:*vs >= 0.99  -> NOT sensitive",
+    ])
+
+
+def test_saliency_device_cpu_gives_a_cpu_torch_device(pytester):
+    pytester.makepyfile("""
+        import torch
+
+        def test_device(saliency_device, saliency_config):
+            assert saliency_config.device == "cpu"
+            assert saliency_device == torch.device("cpu")
+    """)
+    result = pytester.runpytest("--saliency", "--saliency-device=cpu")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([HEADER.format(device="cpu", preset="adebayo2018", seed="per check", threshold="0.01")])
+
+
+def test_saliency_device_auto_gives_a_torch_device(pytester):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    pytester.makepyfile(f"""
+        import torch
+
+        def test_device(saliency_device):
+            assert isinstance(saliency_device, torch.device)
+            assert saliency_device.type == {expected!r}
+    """)
+    result = pytester.runpytest("--saliency")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here, so this device is valid")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_cuda_device_without_cuda_errors_the_test(pytester, device):
+    pytester.makepyfile("""
+        def test_device(saliency_device):
+            pass
+    """)
+    result = pytester.runpytest("--saliency", f"--saliency-device={device}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"E *SaliencyUsageError: --saliency-device={device} but CUDA is not available*"])
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--saliency-device=tpu", "invalid saliency device 'tpu': use auto (CUDA when available), cpu, cuda or cuda:N"),
+        ("--saliency-preset=nope", "unknown saliency preset 'nope'; choose one of adebayo2018, sam2020, thesis2023"),
+        ("--saliency-seed=-1", "the seed must be >= 0, got -1"),
+        ("--saliency-seed=abc", "expected an integer seed, got 'abc'"),
+    ],
+    ids=["device", "preset", "negative-seed", "non-integer-seed"],
+)
+def test_an_invalid_option_is_a_usage_error(pytester, option, message):
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest("--saliency", option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    flag = option.split("=")[0]
+    result.stderr.fnmatch_lines([f"*error: argument {flag}: {message}"])
+
+
+@pytest.mark.parametrize(
+    "ini, message",
+    [
+        ("saliency_sensitivity_threshold = 2", "invalid ini value saliency_sensitivity_threshold = '2': "
+         "expected a value in [[]-1, 1[]], got 2.0"),
+        ("saliency_ssim_threshold = high", "invalid ini value saliency_ssim_threshold = 'high': "
+         "expected a number, got 'high'"),
+        ("saliency_preset = nope", "invalid ini value saliency_preset = 'nope': "
+         "unknown saliency preset 'nope'; choose one of adebayo2018, sam2020, thesis2023"),
+        ("saliency_device = tpu", "invalid ini value saliency_device = 'tpu': "
+         "invalid saliency device 'tpu': use auto (CUDA when available), cpu, cuda or cuda:N"),
+        ("saliency_seed = -3", "invalid ini value saliency_seed = '-3': the seed must be >= 0, got -3"),
+    ],
+    ids=["sensitivity-threshold", "ssim-threshold", "preset", "device", "seed"],
+)
+def test_an_invalid_ini_value_is_a_usage_error(pytester, ini, message):
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest("--saliency")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--saliency"],
+            dict(enabled=True, device="cpu", seed=11, preset="thesis2023", ssim_threshold=0.95,
+                 sensitivity_threshold=0.05),
+        ),
+        (
+            ["--saliency", "--saliency-device=auto", "--saliency-seed=5", "--saliency-preset=sam2020"],
+            dict(enabled=True, device="auto", seed=5, preset="sam2020", ssim_threshold=0.95,
+                 sensitivity_threshold=0.05),
+        ),
+    ],
+    ids=["ini", "command-line-over-ini"],
+)
+def test_saliency_config_returns_the_resolved_values(pytester, args, expected):
+    pytester.makeini("""
+        [pytest]
+        saliency_device = CPU
+        saliency_seed = 11
+        saliency_preset = thesis2023
+        saliency_ssim_threshold = 0.95
+        saliency_sensitivity_threshold = 0.05
+    """)
+    pytester.makepyfile(f"""
+        def test_config(saliency_config):
+            assert saliency_config.to_dict() == {expected!r}
+    """)
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(passed=1)
+
+
+# 5. --help ------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_option_in_the_saliency_group(pytester):
+    result = pytester.runpytest_subprocess("--help")
+    assert result.ret == pytest.ExitCode.OK
+    lines = result.outlines
+    start = lines.index("saliency map sanity checks:")
+    end = lines.index("", start)
+    in_group = [line.split()[0] for line in lines[start + 1:end] if line.startswith("  --")]
+    assert {"--saliency", "--saliency-device=DEVICE", "--saliency-seed=INT", "--saliency-preset=NAME"} <= set(in_group)
+    assert all(option.startswith("--saliency") for option in in_group)
+    elsewhere = [line for line in lines[:start] + lines[end:] if line.lstrip().startswith("--saliency")]
+    assert elsewhere == []  # every --saliency* option is in the group
+    for key in ("saliency_device", "saliency_seed", "saliency_preset", "saliency_ssim_threshold",
+                "saliency_sensitivity_threshold"):
+        result.stdout.fnmatch_lines([f"  {key} (string):*"])
+
+
+# 6. Importing the plugin does not import torch --------------------------------------------------
+
+
+def test_importing_the_plugin_does_not_import_torch():
+    code = (
+        "import sys, pytest_saliency.plugin; "
+        "print(sorted(name for name in ('torch', 'captum') if name in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_pytest_run_without_the_flag_does_not_import_torch(pytester):
+    pytester.makeconftest("""
+        import json
+        import sys
+
+        def pytest_sessionfinish(session):
+            with open("modules.json", "w") as f:
+                json.dump({
+                    "saliency_plugin_loaded": session.config.pluginmanager.hasplugin("saliency"),
+                    "torch": "torch" in sys.modules,
+                    "captum": "captum" in sys.modules,
+                }, f)
+    """)
+    pytester.makepyfile(DISABLED_TESTS)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, skipped=2)
+    recorded = json.loads((pytester.path / "modules.json").read_text())
+    assert recorded == {"saliency_plugin_loaded": True, "torch": False, "captum": False}
+
+
+# 7. JUnit XML ---------------------------------------------------------------------------------
+
+
+def test_junit_xml_records_each_check_as_a_property(tiny_repo):
+    tiny_repo.makepyfile(test_junit=GRADIENTS_PASS_IPR + CONTROL_FAILS_IPR + "\n\ndef test_plain():\n    pass\n")
+    tiny_repo.runpytest("--saliency", "--junitxml=report.xml").assert_outcomes(passed=2, failed=1)
+    testcases = {case.get("name"): case for case in ET.parse(tiny_repo.path / "report.xml").iter("testcase")}
+
+    def saliency_results(name):
+        return [json.loads(p.get("value")) for p in testcases[name].iter("property") if p.get("name") == "saliency_result"]
+
+    [passed] = saliency_results("test_gradients")
+    assert passed["nodeid"] == "test_junit.py::test_gradients"
+    assert (passed["check"], passed["method"], passed["seed"], passed["passed"]) == (
+        "independent_layer_randomization", "saliency", 0, True
+    )
+    assert passed["summary"].startswith("PASS independent_layer_randomization [saliency, adebayo2018]")
+    [failed] = saliency_results("test_control")
+    assert failed["nodeid"] == "test_junit.py::test_control"
+    assert (failed["method"], failed["passed"]) == ("absolute_input", False)
+    assert failed["summary"].startswith("FAIL ")
+    assert saliency_results("test_plain") == []
+
+
+# 8. pytest-xdist ------------------------------------------------------------------------------
+
+
+def test_under_xdist_the_controller_summary_lists_the_checks_of_every_worker(pytester):
+    # The model lives in the test module, not a conftest, so that only the workers import torch.
+    pytester.makepyfile(test_xdist=TINY_REPO_CONFTEST + """
+
+def test_independent(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+
+
+def test_cascading(saliency, model, images):
+    saliency.assert_sensitive_to_cascading_randomization(model, images)
+""")
+    result = pytester.runpytest_subprocess("--saliency", "-n", "2")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["created: 2/2 workers"])
+    # Workers report in any order: compare the summary lines sorted.
+    lines = summary_lines(result)
+    pytest.LineMatcher(sorted(lines)).fnmatch_lines([
+        "2 saliency check(s) passed, 0 failed",
+        "PASS cascading_layer_randomization [[]saliency, adebayo2018[]]: *  (test_xdist.py::test_cascading)",
+        "PASS independent_layer_randomization [[]saliency, adebayo2018[]]: *  (test_xdist.py::test_independent)",
+    ])
+    assert len(lines) == 3
+
+
+def test_without_xdist_the_plugin_still_works(tiny_repo):
+    tiny_repo.makepyfile(GRADIENTS_PASS_IPR)
+    result = tiny_repo.runpytest("--saliency", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["1 saliency check(s) passed, 0 failed"])
+    result.stdout.no_fnmatch_line("*PluginValidationError*")
+
+
+# 9. Usage errors inside a check -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            "saliency.assert_sensitive_to_layer_randomization(model, images[:, 0])",
+            "inputs must have shape (N, C, H, W) for images or (N, D) for feature vectors, got shape (4, 16, 16).*",
+        ),
+        (
+            "saliency.assert_sensitive_to_layer_randomization(torch.nn.Identity(), images)",
+            "model Identity has no parameters, so there is nothing to randomize or compare.*",
+        ),
+        (
+            "saliency.assert_sensitive_to_cascading_randomization(model, images, layers=['fc9'])",
+            "unknown layer 'fc9'.* Valid layers: conv1, conv2, fc.*",
+        ),
+        (
+            "saliency.assert_sensitive_to_layer_randomization(model, images, method='gradeint')",
+            "unknown method 'gradeint'. Did you mean *Valid methods: saliency, *",
+        ),
+    ],
+    ids=["NHW-inputs", "no-parameters", "unknown-layer", "unknown-method"],
+)
+def test_a_usage_error_inside_a_check_fails_the_test_with_its_message(tiny_repo, call, message):
+    tiny_repo.makepyfile(test_usage=f"""
+        import torch
+
+        def test_misuse(saliency, model, images):
+            {call}
+    """)
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"E *SaliencyUsageError: {message}"])
+    result.stdout.no_fnmatch_line("*- saliency checks -*")  # nothing ran, so nothing is recorded
