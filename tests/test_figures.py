@@ -1,0 +1,330 @@
+"""Report figures: real results from the library rendered to PNG, headless and without pyplot."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from conftest import make_tiny_cnn, tiny_images
+from pytest_saliency.agreement import agreement_matrix
+from pytest_saliency.figures import BAD, _sweep_series, _worst_images, figures_for, renderer_for
+from pytest_saliency.parameter_randomization import layer_randomization
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Check the PNG signature and decode it; returns an (H, W, 3|4) float image."""
+    assert data.startswith(PNG_MAGIC)
+    image = imread(io.BytesIO(data), format="png")
+    assert image.ndim == 3 and image.shape[0] >= 100 and image.shape[1] >= 100
+    assert image[..., :3].std() > 0.05, "the figure is blank"
+    return image
+
+
+def near(image: np.ndarray, hex_color: str, tol: float = 0.06) -> int:
+    rgb = np.array([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int((np.abs(image[..., :3] - rgb).max(axis=-1) < tol).sum())
+
+
+def blue_pixels(image: np.ndarray) -> int:
+    r, b = image[..., 0], image[..., 2]
+    return int(((b > 0.6) & (r < 0.45)).sum())
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    return make_tiny_cnn(), tiny_images(6)
+
+
+@pytest.fixture(scope="module")
+def ipr(model_and_inputs):
+    model, x = model_and_inputs
+    return layer_randomization(model, x, "saliency", n_bootstrap=100)
+
+
+@pytest.fixture(scope="module")
+def cpr(model_and_inputs):
+    model, x = model_and_inputs
+    return layer_randomization(model, x, "saliency", mode="cascading", n_bootstrap=100)
+
+
+@pytest.fixture(scope="module")
+def insensitive(model_and_inputs):
+    """An 'explainer' that ignores the model: every layer is insensitive (SSIM = 1)."""
+    model, x = model_and_inputs
+    return layer_randomization(model, x, lambda m, inputs, t: inputs.abs(), n_bootstrap=100)
+
+
+@pytest.fixture(scope="module")
+def agreement(model_and_inputs):
+    model, x = model_and_inputs
+    return agreement_matrix(
+        model, x, ["saliency", "integrated_gradients", "guided_backprop"], n_bootstrap=100,
+        method_options={"integrated_gradients": {"n_steps": 4}}, threshold=0.9, statistic="mean",
+    )
+
+
+def test_randomization_figures_are_png_and_small(ipr, cpr):
+    for result in (ipr, cpr):
+        figures = figures_for(result, strict=True)
+        assert set(figures) == {"randomization_strip", "ssim_curve"}
+        for data in figures.values():
+            decode(data)
+            assert len(data) < 400_000
+
+
+def test_strip_has_one_column_per_layer_in_result_order(ipr):
+    strip = decode(figures_for(ipr, strict=True)["randomization_strip"])
+    # 1 + 4 layers columns of ~1.05 in, 4 image rows: wider than tall, taller than 4 panels
+    assert strip.shape[1] > strip.shape[0] * 0.9
+    assert ipr.randomized_maps.shape[:2] == (len(ipr.layers), 4)
+
+
+def test_insensitive_layers_are_drawn_in_red(insensitive):
+    """Same maps, different SSIM: only the red frames and captions differ between the two."""
+    assert not insensitive.passed and all(not layer.sensitive for layer in insensitive.stats.layers)
+    failing = decode(figures_for(insensitive, strict=True)["randomization_strip"])
+    relabelled = SimpleNamespace(
+        check="independent_layer_randomization", original_maps=insensitive.original_maps,
+        randomized_maps=insensitive.randomized_maps, layers=insensitive.layers,
+        ssim=[[0.1] * len(row) for row in insensitive.ssim],
+        stats=SimpleNamespace(ssim_threshold=0.99, layers=[]), method="abs", mode="independent",
+    )
+    passing = decode(figures_for(relabelled, strict=True)["randomization_strip"])
+    assert near(failing, BAD) > near(passing, BAD) + 500
+    curve = decode(figures_for(insensitive, strict=True)["ssim_curve"])
+    assert near(curve, BAD) > 200  # threshold line, circled layers, red tick labels
+
+
+def test_signed_maps_use_a_diverging_colormap(model_and_inputs, ipr):
+    model, x = model_and_inputs
+    signed = layer_randomization(model, x, "input_x_gradient", preset="sam2020", n_bootstrap=50)
+    assert float(signed.original_maps.min()) < 0
+    assert blue_pixels(decode(figures_for(signed, strict=True)["randomization_strip"])) > 200
+    assert blue_pixels(decode(figures_for(ipr, strict=True)["randomization_strip"])) < 50  # inferno: no blue
+
+
+def test_agreement_figures(agreement):
+    figures = figures_for(agreement, strict=True)
+    assert set(figures) == {"agreement_matrices", "agreement_maps"}
+    matrices = decode(figures["agreement_matrices"])
+    decode(figures["agreement_maps"])
+    assert agreement.failing_pairs(), "threshold 0.9 should fail some pair"
+    assert near(matrices, BAD) > 100  # failing cells are framed in red
+
+
+def test_many_layers_are_subsampled_and_insensitive_ones_kept():
+    names = [f"block{i}.conv" for i in range(30)]
+    maps = np.random.default_rng(0).random((30, 2, 12, 12))
+    ssim = np.full((30, 2), 0.3)
+    ssim[17] = 1.0
+    result = SimpleNamespace(
+        check="cascading_layer_randomization", layers=names, ssim=ssim.tolist(), original_maps=maps[0],
+        randomized_maps=maps, mode="cascading", order="top_down", method="m",
+        stats=SimpleNamespace(ssim_threshold=0.99, layers=[SimpleNamespace(name=n, sensitive=n != names[17])
+                                                           for n in names]),
+    )
+    from pytest_saliency.figures import MAX_STRIP_LAYERS, _layer_columns
+
+    columns = _layer_columns(names, {names[17]}, MAX_STRIP_LAYERS)
+    assert len(columns) == MAX_STRIP_LAYERS and 17 in columns and columns == sorted(columns)
+    assert columns[0] == 0 and columns[-1] == 29
+    figures = figures_for(result, strict=True)
+    assert decode(figures["randomization_strip"]).shape[1] <= 11.8 * 90 + 2  # fits the report column
+
+
+def test_unknown_result_types_get_no_figures():
+    assert figures_for(SimpleNamespace(check="insertion_deletion", passed=True)) == {}
+    assert figures_for(object()) == {}
+    assert figures_for(SimpleNamespace(check=None)) == {}
+    assert renderer_for("my_new_check") is None
+
+
+@pytest.mark.parametrize("check", [
+    "independent_layer_randomization", "cascading_layer_randomization", "method_agreement",
+    "hyperparameter_sweep", "explanation_consistency", "baseline",
+])
+def test_missing_attributes_never_crash(check):
+    assert figures_for(SimpleNamespace(check=check), strict=True) == {}
+
+
+def test_a_broken_figure_is_left_out_and_explained(ipr):
+    broken = SimpleNamespace(
+        check="independent_layer_randomization", original_maps=torch.zeros(3), randomized_maps=torch.zeros(2),
+        layers=ipr.layers, ssim=ipr.ssim, stats=ipr.stats, mode="independent",
+    )
+    errors: list[str] = []
+    figures = figures_for(broken, errors=errors)
+    assert set(figures) == {"ssim_curve"}
+    assert len(errors) == 1 and errors[0].startswith("randomization_strip: ValueError")
+    with pytest.raises(ValueError):
+        figures_for(broken, strict=True)
+
+
+def test_baseline_figure_shows_the_worst_images():
+    g = torch.Generator().manual_seed(0)
+    baseline = torch.rand(6, 16, 16, generator=g)
+    current = baseline.clone()
+    current[4] = torch.rand(16, 16, generator=g)
+    values = [0.99, 0.98, float("nan"), 0.97, 0.2, 0.95]
+    result = SimpleNamespace(check="baseline", baseline_maps=baseline, current_maps=current, values=values,
+                             metric="ssim", threshold=0.9)
+    figures = figures_for(result, strict=True)
+    image = decode(figures["baseline_comparison"])
+    assert near(image, BAD) > 20  # the title of the failing image
+    assert _worst_images(values, 6, True, 4) == [2, 4, 5, 3]
+    assert _worst_images([0.1, 0.5, 0.3], 3, False, 2) == [1, 2]  # distances: highest is worst
+    assert _worst_images(None, 5, True, 3) == [0, 1, 2]
+
+
+class RowSweep:
+    check = "hyperparameter_sweep"
+    passed = True
+    method = "smoothgrad"
+    threshold = 0.5
+    reference = {"nt_samples": 50}
+
+    def summary(self) -> str:
+        return "PASS hyperparameter_sweep"
+
+    def to_dict(self) -> dict:
+        rows = [{"hyperparameter": "nt_samples", "value": v, "metric": m, "mean": mu, "std": 0.05}
+                for v, mu in [(100, 0.8), (200, 0.85), (800, 0.95)] for m in ("ssim", "spearman")]
+        rows += [{"hyperparameter": "baseline", "value": b, "metric": "ssim", "mean": 0.7, "std": 0.1}
+                 for b in ("zero", "uniform", "blurred")]
+        return {"check": self.check, "passed": True, "rows": rows}
+
+
+def test_sweep_series_reads_row_and_column_layouts():
+    rows = _sweep_series(RowSweep().to_dict())
+    assert set(rows) == {"nt_samples", "baseline"}
+    assert set(rows["nt_samples"]) == {"ssim", "spearman"}
+    assert rows["nt_samples"]["ssim"][0] == (100, 0.8, 0.05)
+    nested = _sweep_series({"sweeps": {"noise": {"ssim": [{"value": 0.1, "mean": 0.9, "std": 0.01}]}}})
+    assert nested == {"noise": {"ssim": [(0.1, 0.9, 0.01)]}}
+    columns = _sweep_series({"sweeps": {"n_steps": {"values": [8, 16],
+                                                    "ssim": {"mean": [0.7, 0.8], "std": [0.1, 0.1]}}}})
+    assert columns == {"n_steps": {"ssim": [(8, 0.7, 0.1), (16, 0.8, 0.1)]}}
+    assert _sweep_series({"nothing": [1, 2, 3]}) == {}
+
+
+def test_sweep_figure():
+    figures = figures_for(RowSweep(), strict=True)
+    assert set(figures) == {"sweep_curves"}
+    decode(figures["sweep_curves"])
+
+
+def test_consistency_figures_from_pairs_and_maps():
+    class Consistency:
+        check = "explanation_consistency"
+        passed = False
+        maps = {f"seed {i}": torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+
+        def to_dict(self) -> dict:
+            return {"n_inputs": 3, "pairs": [
+                {"a": a, "b": b, "lr_accuracy": 0.9, "separability": 0.8, "similarities": {"ssim": 0.4, "sign": None}}
+                for a, b in [("seed 0", "seed 1"), ("seed 0", "seed 2"), ("seed 1", "seed 2")]]}
+
+    from pytest_saliency.figures import _pair_grids
+
+    labels, grids = _pair_grids(Consistency().to_dict())
+    assert labels == ["seed 0", "seed 1", "seed 2"]
+    assert [title.split()[0] for title, _, _ in grids] == ["held-out", "separability", "ssim"]  # "sign": no numbers
+    assert grids[2][1][0, 1] == grids[2][1][1, 0] == 0.4 and np.isnan(grids[2][1][0, 0])
+    figures = figures_for(Consistency(), strict=True)
+    assert set(figures) == {"pair_matrices", "pair_maps"}
+    for data in figures.values():
+        decode(data)
+
+
+def test_figures_are_deterministic_and_thread_safe(ipr, agreement):
+    serial = [figures_for(r, strict=True) for r in (ipr, agreement)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parallel = list(pool.map(lambda r: figures_for(r, strict=True), (ipr, agreement)))
+    assert parallel == serial
+
+
+def test_rendering_is_fast_for_digits_sized_maps():
+    """Target: < 1 s per result (about 0.4 s here); the bound leaves room for a loaded CI machine."""
+    rng = np.random.default_rng(0)
+    names = ["conv1", "bn1", "conv2", "bn2", "fc1", "fc2"]
+    result = SimpleNamespace(
+        check="independent_layer_randomization", layers=names, ssim=rng.random((6, 64)).tolist(),
+        original_maps=rng.random((4, 32, 32)), randomized_maps=rng.random((6, 4, 32, 32)), method="saliency",
+        mode="independent", stats=SimpleNamespace(ssim_threshold=0.99, layers=[], dataset_score=0.5, ci_low=0.4,
+                                                  ci_high=0.6),
+    )
+    figures_for(result, strict=True)  # warm up imports and font caches
+    start = time.perf_counter()
+    figures = figures_for(result, strict=True)
+    assert time.perf_counter() - start < 2.5
+    assert sum(len(v) for v in figures.values()) < 600_000
+
+
+def test_pyplot_and_the_global_backend_are_left_alone():
+    script = textwrap.dedent("""
+        import sys
+        from types import SimpleNamespace
+        import numpy as np
+        import matplotlib
+        backend = matplotlib.rcParams._get_backend_or_none()
+        from pytest_saliency.figures import figures_for
+        r = SimpleNamespace(check="independent_layer_randomization", layers=["a", "b"],
+                            ssim=[[0.5, 0.4], [0.3, 0.2]], original_maps=np.random.rand(2, 8, 8),
+                            randomized_maps=np.random.rand(2, 2, 8, 8), mode="independent")
+        assert set(figures_for(r, strict=True)) == {"randomization_strip", "ssim_curve"}
+        assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+        assert "torch" not in sys.modules, "torch was imported"
+        assert matplotlib.rcParams._get_backend_or_none() == backend
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_figures_for_the_other_result_classes(model_and_inputs, tmp_path):
+    """SweepResult, ConsistencyResult, SeedStabilityResult and BaselineResult, run for real."""
+    from pytest_saliency.baseline import check_baseline
+    from pytest_saliency.sweeps import hyperparameter_sweep, input_noise_stability
+
+    model, x = model_and_inputs
+    other = make_tiny_cnn(seed=1)
+    sweep = hyperparameter_sweep(model, x, "integrated_gradients", sweep={"n_steps": [2, 4]},
+                                 reference={"n_steps": 8}, metrics=("ssim", "spearman"), threshold=0.999)
+    noise = input_noise_stability(model, x, "saliency", variance=[0.01, 0.1], metrics=("ssim",))
+    written = check_baseline(model, x, tmp_path / "b.npz", update=True)
+    compared = check_baseline(other, x, tmp_path / "b.npz", threshold=0.9)
+    expected = {
+        "hyperparameter_stability": (sweep, {"sweep_curves"}),
+        "input_noise_stability": (noise, {"sweep_curves"}),
+        "baseline (updated)": (written, {"baseline_written"}),
+        "baseline (compared)": (compared, {"baseline_comparison"}),
+    }
+    if importlib.util.find_spec("sklearn") is not None:
+        from pytest_saliency.consistency import explainer_seed_stability, explanation_consistency
+
+        consistency = explanation_consistency([model, other], tiny_images(12), "saliency", n_splits=2)
+        seeds = explainer_seed_stability(model, x, "smoothgrad", seeds=(0, 1), nt_samples=2)
+        expected["explanation_consistency"] = (consistency, {"pair_matrices"})
+        expected["explainer_seed_stability"] = (seeds, {"pair_matrices"})
+    for name, (result, figures) in expected.items():
+        rendered = figures_for(result, strict=True)
+        assert set(rendered) == figures, name
+        for data in rendered.values():
+            decode(data)
+    assert not sweep.passed
+    curves = decode(figures_for(sweep, strict=True)["sweep_curves"])
+    assert near(curves, BAD) > 100  # threshold line and the circled failing values
