@@ -1,14 +1,16 @@
-"""The object behind the ``saliency`` fixture: the assertions with the session's configuration.
+"""The object behind the ``saliency`` fixture: the library's checks with the session's configuration.
 
 Each method fills in the configured preset, thresholds and seed (an explicit keyword argument
 wins, except that ``--saliency-seed`` forces the seed for every check so that a failure can be
-reproduced from the command line), adds the command that reproduces the test, and records the
-result for the terminal summary and the JUnit XML.
+reproduced from the command line), adds the command that reproduces the test, records the result
+for the terminal summary and the JUnit XML, writes the report entry (figures included) when a
+report was asked for, and points the failure message at it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +18,8 @@ from typing import Any
 from .config import SaliencyConfig
 
 RESULT_PROPERTY = "saliency_result"
+# Numbers worth a JUnit property of their own, when a result's to_dict() has them.
+KEY_NUMBERS = ("passed", "dataset_score", "mean", "threshold", "sensitivity_threshold", "n_images", "seed", "method")
 
 
 class SaliencyChecker:
@@ -28,26 +32,17 @@ class SaliencyChecker:
         record: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
         cache: Any = None,
+        report: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.config = config
         self.nodeid = nodeid
         self._record = record
         self._progress = progress
+        self._report = report
         self.cache = cache
         self.results: list[Any] = []
 
-    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
-        merged = {**self.config.check_defaults(), **options}
-        if self.config.seed is not None:
-            merged["seed"] = self.config.seed
-        seed = merged.setdefault("seed", 0)
-        if self.nodeid:
-            merged.setdefault("reproduce", self.reproduce_command(seed))
-        if self._progress is not None:
-            merged.setdefault("progress", self._progress)
-        if self.cache is not None:
-            merged.setdefault("cache", self.cache)
-        return merged
+    # -- configuration -----------------------------------------------------------------------
 
     def reproduce_command(self, seed: int) -> str:
         """The command line that reruns this test with the same seed, preset and device."""
@@ -60,52 +55,92 @@ class SaliencyChecker:
             parts.append(f"--saliency-device={self.config.device}")
         return " ".join(parts + [shlex.quote(self.nodeid)])
 
-    def _store(self, result: Any) -> None:
-        """Keep the result and record its one-line summary for the terminal summary and JUnit."""
+    def _common(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Preset, seed and reproduce line: what every check takes from the session."""
+        merged = {"preset": self.config.preset, **options}
+        if self.config.seed is not None:
+            merged["seed"] = self.config.seed
+        if self.nodeid:
+            merged.setdefault("reproduce", self.reproduce_command(merged.get("seed", 0)))
+        return merged
+
+    def _randomization(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The randomization checks also take the thresholds, the progress line and the map cache."""
+        merged = self._common({"ssim_threshold": self.config.ssim_threshold,
+                               "sensitivity_threshold": self.config.sensitivity_threshold, **options})
+        merged.setdefault("seed", 0)
+        if self._progress is not None:
+            merged.setdefault("progress", self._progress)
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
+        return merged
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def _store(self, result: Any) -> str | None:
+        """Keep the result, record it for the summary and JUnit, write its report entry.
+
+        Returns the report link for a failure message, when a report is being written.
+        """
         self.results.append(result)
         if self._record is not None:
             data = result.to_dict()
-            summary = {
-                "nodeid": self.nodeid,
-                "check": result.check,
-                "passed": result.passed,
-                "summary": result.summary(),
-                **{key: data[key] for key in ("method", "seed", "n_images", "dataset_score", "threshold") if key in data},
-            }
+            summary = {"nodeid": self.nodeid, "check": result.check, "passed": result.passed,
+                       "summary": result.summary(), **{k: data[k] for k in ("method", "seed") if k in data}}
             self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True, default=str))
+            for key in KEY_NUMBERS:
+                value = data.get(key)
+                if isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and math.isnan(value)):
+                    self._record(f"saliency.{result.check}.{key}", str(value))
+        return self._report(result) if self._report is not None else None
 
-    def _run(self, mode: str, model: Any, inputs: Any, method: Any, options: dict[str, Any]) -> Any:
+    def _checked(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an asserting library call; record its result whether it passes or fails."""
         __tracebackhide__ = True
         from .exceptions import SaliencyCheckFailed
-        from .parameter_randomization import layer_randomization
 
-        result = layer_randomization(model, inputs, method, mode=mode, **self._options(options))
-        self._store(result)
-        if not result.passed:
-            raise SaliencyCheckFailed(result.failure_message(), result)
+        try:
+            result = run(*args, **kwargs)
+        except SaliencyCheckFailed as failure:
+            link = self._store(failure.result) if failure.result is not None else None
+            if link:
+                raise SaliencyCheckFailed(f"{failure}\n  pictures:    {link}", failure.result) from None
+            raise
+        link = self._store(result)
+        if not result.passed:  # results whose library call does not raise (e.g. a written baseline)
+            message = result.failure_message() + (f"\n  pictures:    {link}" if link else "")
+            raise SaliencyCheckFailed(message, result)
         return result
+
+    def _measured(self, result: Any) -> Any:
+        self._store(result)
+        return result
+
+    # -- the checks ------------------------------------------------------------------------------
 
     def layer_randomization(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
-        """Run the check and return the result without asserting (it is still recorded)."""
+        """Run a randomization check and return the result without asserting (it is still recorded)."""
         from .parameter_randomization import layer_randomization
 
-        result = layer_randomization(model, inputs, method, **self._options(options))
-        self._store(result)
-        return result
+        return self._measured(layer_randomization(model, inputs, method, **self._randomization(options)))
 
     def assert_sensitive_to_layer_randomization(
         self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
     ) -> Any:
         """IPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
-        return self._run("independent", model, inputs, method, options)
+        from .assertions import assert_sensitive_to_layer_randomization as check
+
+        return self._checked(check, model, inputs, method, **self._randomization(options))
 
     def assert_sensitive_to_cascading_randomization(
         self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
     ) -> Any:
         """CPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
-        return self._run("cascading", model, inputs, method, options)
+        from .assertions import assert_sensitive_to_cascading_randomization as check
+
+        return self._checked(check, model, inputs, method, **self._randomization(options))
 
     def explain(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
         """:func:`pytest_saliency.explain` with the session's seed (raw attributions unless preset=)."""
@@ -121,34 +156,16 @@ class SaliencyChecker:
         """:func:`pytest_saliency.agreement_matrix` with the session's preset and seed (recorded, not asserted)."""
         from .agreement import agreement_matrix
 
-        result = agreement_matrix(model, inputs, methods, metrics, **self._common(options))
-        self._store(result)
-        return result
+        return self._measured(agreement_matrix(model, inputs, methods, metrics, **self._common(options)))
 
     def assert_agreement_above(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
                                metric: str = "feature_agreement", k: Any = 0.1, threshold: Any = None,
                                **options: Any) -> Any:
         """:func:`pytest_saliency.assert_agreement_above` with the session's preset and seed."""
         __tracebackhide__ = True
-        from .assertions import assert_agreement_above
-        from .exceptions import SaliencyCheckFailed
+        from .assertions import assert_agreement_above as check
 
-        try:
-            result = assert_agreement_above(model, inputs, methods, metric, k, threshold, **self._common(options))
-        except SaliencyCheckFailed as failure:
-            self._store(failure.result)
-            raise
-        self._store(result)
-        return result
-
-    def _common(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Preset, seed and reproduce line for checks other than the randomization tests."""
-        merged = {"preset": self.config.preset, **options}
-        if self.config.seed is not None:
-            merged["seed"] = self.config.seed
-        if self.nodeid:
-            merged.setdefault("reproduce", self.reproduce_command(merged.get("seed", 0)))
-        return merged
+        return self._checked(check, model, inputs, methods, metric, k, threshold, **self._common(options))
 
 
 class BaselineChecker:
@@ -171,16 +188,15 @@ class BaselineChecker:
         """Compare with the stored baseline (written, and failing, when it is missing)."""
         __tracebackhide__ = True
         from .baseline import check_baseline
-        from .exceptions import SaliencyCheckFailed
 
         path = self.path(name)
-        result = check_baseline(
-            model, inputs, path, method, metric=metric, threshold=threshold, update=self.update,
-            name=name or "", **self._checker._common(options),
-        )
-        if result.status in ("written", "updated") and self._written is not None:
-            self._written(str(path))
-        self._checker._store(result)
-        if not result.passed:
-            raise SaliencyCheckFailed(result.failure_message(), result)
-        return result
+
+        def run() -> Any:
+            __tracebackhide__ = True
+            result = check_baseline(model, inputs, path, method, metric=metric, threshold=threshold,
+                                    update=self.update, name=name or "", **self._checker._common(options))
+            if result.status in ("written", "updated") and self._written is not None:
+                self._written(str(path))
+            return result
+
+        return self._checker._checked(run)

@@ -24,6 +24,8 @@ class SaliencyConfig:
     preset: str = DEFAULT_PRESET
     ssim_threshold: float = 0.99
     sensitivity_threshold: float = 0.01
+    report: tuple[str, ...] = ()  # "json", "html": written under results_dir at the end of the session
+    results_dir: str = ".saliency"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +53,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--saliency-update-baselines", action="store_true", dest="saliency_update_baselines", default=False,
         help="write or overwrite the baselines of the tests that run; they pass and the summary lists the files.",
     )
+    group.addoption(
+        "--saliency-report", dest="saliency_report", metavar="FORMATS", default=None,
+        help="write a report of every saliency check: json, html or json,html. Default: none.",
+    )
+    group.addoption(
+        "--saliency-results-dir", dest="saliency_results_dir", metavar="PATH", default=None,
+        help="folder for reports and figures, relative to the root dir. Default: .saliency",
+    )
+    parser.addini("saliency_report", "report formats to write (json, html or json,html)", default="")
+    parser.addini("saliency_results_dir", "folder for saliency reports (relative to the root dir)", default=".saliency")
     parser.addini("saliency_baseline_dir", "root folder of stored saliency baselines (relative to the ini file)",
                   default="")
     parser.addini("saliency_device", "default device for saliency checks (auto, cpu, cuda, cuda:N)", default="auto")
@@ -70,10 +82,21 @@ def _ini(config: pytest.Config, name: str, parse: Any) -> Any:
         raise pytest.UsageError(f"invalid ini value {name} = {raw!r}: {exc}") from None
 
 
+def _report_formats(config: pytest.Config) -> tuple[str, ...]:
+    from .report import parse_formats
+
+    raw = getattr(config.option, "saliency_report", None) or config.getini("saliency_report")
+    try:
+        return parse_formats(raw or "")
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def resolve_config(config: pytest.Config) -> SaliencyConfig:
     """Command line over ini file over defaults."""
     option = config.option
     ini_seed = config.getini("saliency_seed")
+    results_dir = getattr(option, "saliency_results_dir", None) or config.getini("saliency_results_dir")
     return SaliencyConfig(
         enabled=bool(getattr(option, "saliency_enabled", False)),
         device=getattr(option, "saliency_device", None) or _ini(config, "saliency_device", parse_device),
@@ -83,6 +106,8 @@ def resolve_config(config: pytest.Config) -> SaliencyConfig:
         preset=getattr(option, "saliency_preset", None) or _ini(config, "saliency_preset", parse_preset),
         ssim_threshold=_ini(config, "saliency_ssim_threshold", parse_unit_interval),
         sensitivity_threshold=_ini(config, "saliency_sensitivity_threshold", parse_sensitivity),
+        report=_report_formats(config),
+        results_dir=str((config.rootpath / results_dir).resolve()),
     )
 
 
@@ -90,8 +115,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "saliency: a saliency sanity-check test; skipped unless pytest runs with --saliency"
     )
-    config.stash[CONFIG_KEY] = resolve_config(config)
-    config.pluginmanager.register(SaliencyReporter(), "saliency-reporter")
+    resolved = config.stash[CONFIG_KEY] = resolve_config(config)
+    controller = not hasattr(config, "workerinput")
+    config.pluginmanager.register(SaliencyReporter(resolved, controller), "saliency-reporter")
+    if resolved.enabled and resolved.report and controller:
+        from .report import prepare_results_dir
+
+        prepare_results_dir(resolved.results_dir)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -188,19 +218,41 @@ def saliency(
         record=lambda name, value: node.user_properties.append((name, value)),
         cache=_saliency_map_cache,
         progress=ProgressLine(request.config),
+        report=_entry_writer(saliency_config, node.nodeid) if saliency_config.report else None,
     )
+
+
+def _entry_writer(config: SaliencyConfig, nodeid: str) -> Any:
+    """Write one check's report entry (with figures for HTML); return the link to its section."""
+
+    def write(result: Any) -> str | None:
+        from .report import html_link, write_entry
+
+        try:
+            path = write_entry(result, nodeid, config.results_dir, figures="html" in config.report)
+        except Exception as exc:  # a report problem must never fail the user's test
+            warnings.warn(f"saliency report entry for {nodeid} not written: {exc!r}", stacklevel=2)
+            return None
+        return html_link(path) if "html" in config.report else str(Path(config.results_dir) / "saliency-report.json")
+
+    return write
 
 
 class SaliencyReporter:
     """Collects every check's summary from test reports and prints them at the end.
 
     Results travel in ``report.user_properties``, so checks run in pytest-xdist workers reach
-    the controller's summary (and the JUnit XML) without any shared file.
+    the controller's summary (and the JUnit XML) without any shared file. Report entries (full
+    results and figures) are files each process writes under the results folder with unique
+    names; the controller merges them into one report when the session ends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, config: SaliencyConfig, controller: bool) -> None:
+        self.config = config
+        self.controller = controller
         self.results: list[dict[str, Any]] = []
         self.written: list[str] = []
+        self.reports: dict[str, Path] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # The teardown report carries every property recorded during setup, call and teardown,
@@ -213,18 +265,39 @@ class SaliencyReporter:
             elif name == WRITTEN_PROPERTY:
                 self.written.append(value)
 
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not (self.controller and self.config.enabled and self.config.report):
+            return
+        from .report import collect_entries, write_reports
+
+        errors: list[str] = []
+        entries = collect_entries(self.config.results_dir, errors)
+        for error in errors:
+            warnings.warn(f"saliency report: {error}", stacklevel=1)
+        self.reports = write_reports(
+            entries, self.config.results_dir, self.config.report, config=self.config.to_dict(),
+            environment={"device": self.config.device, "seed": self.config.seed},
+        )
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written:
             terminalreporter.write_sep("-", "saliency baselines written")
             for path in self.written:
                 terminalreporter.write_line(path)
-        if not self.results:
-            return
-        terminalreporter.write_sep("-", "saliency checks")
-        for entry in self.results:
-            terminalreporter.write_line(f"{entry['summary']}  ({entry['nodeid']})")
-        failed = sum(not entry["passed"] for entry in self.results)
-        terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
+        if self.results:
+            terminalreporter.write_sep("-", "saliency checks")
+            kinds: dict[str, list[dict[str, Any]]] = {}
+            for entry in self.results:
+                kinds.setdefault(entry["check"], []).append(entry)
+            for kind, entries in kinds.items():
+                passed = sum(entry["passed"] for entry in entries)
+                terminalreporter.write_line(f"{kind}: {passed} of {len(entries)} passed")
+                for entry in entries:
+                    terminalreporter.write_line(f"  {entry['summary']}  ({entry['nodeid']})")
+            failed = sum(not entry["passed"] for entry in self.results)
+            terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
+        for kind, path in self.reports.items():
+            terminalreporter.write_line(f"saliency {kind} report: {path}")
 
 
 @pytest.fixture

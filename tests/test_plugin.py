@@ -267,8 +267,8 @@ def test_the_summary_lists_every_check_with_its_verdict_and_nodeid(tiny_repo):
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         "*- saliency checks -*",
-        "PASS independent_layer_randomization [[]saliency, adebayo2018[]]: S^I = * (test_summary.py::test_gradients)",
-        "FAIL independent_layer_randomization [[]absolute_input, adebayo2018[]]: S^I = 0.0000 *"
+        "*PASS independent_layer_randomization [[]saliency, adebayo2018[]]: S^I = * (test_summary.py::test_gradients)",
+        "*FAIL independent_layer_randomization [[]absolute_input, adebayo2018[]]: S^I = 0.0000 *"
         " (test_summary.py::test_control)",
         "1 saliency check(s) passed, 1 failed",
     ])
@@ -283,8 +283,8 @@ def test_the_summary_counts_several_checks_in_one_test(tiny_repo):
     result = tiny_repo.runpytest("--saliency")
     result.stdout.fnmatch_lines([
         "*- saliency checks -*",
-        "PASS independent_layer_randomization * (test_two.py::test_both_modes)",
-        "PASS cascading_layer_randomization * (test_two.py::test_both_modes)",
+        "*PASS independent_layer_randomization * (test_two.py::test_both_modes)",
+        "*PASS cascading_layer_randomization * (test_two.py::test_both_modes)",
         "2 saliency check(s) passed, 0 failed",
     ])
 
@@ -304,7 +304,7 @@ def test_a_check_that_fails_in_a_fixture_is_listed_in_the_summary(tiny_repo):
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
         "*- saliency checks -*",
-        "FAIL independent_layer_randomization * (test_fixture_check.py::test_uses_a_checked_model)",
+        "*FAIL independent_layer_randomization * (test_fixture_check.py::test_uses_a_checked_model)",
         "0 saliency check(s) passed, 1 failed",
     ])
 
@@ -379,7 +379,7 @@ def test_preset_precedence(tiny_repo, ini, cli, keyword, expected):
     session_preset = cli or ini or "adebayo2018"
     result.stdout.fnmatch_lines([
         HEADER.format(device="auto", preset=session_preset, seed="per check", threshold="0.01"),
-        f"PASS independent_layer_randomization [[]saliency, {expected}[]]: *",
+        f"*PASS independent_layer_randomization [[]saliency, {expected}[]]: *",
     ])
 
 
@@ -501,7 +501,8 @@ def test_saliency_config_returns_the_resolved_values(pytester, args, expected):
     """)
     pytester.makepyfile(f"""
         def test_config(saliency_config):
-            assert saliency_config.to_dict() == {expected!r}
+            resolved = saliency_config.to_dict()
+            assert {{key: resolved[key] for key in {expected!r}}} == {expected!r}
     """)
     result = pytester.runpytest(*args)
     result.assert_outcomes(passed=1)
@@ -602,11 +603,13 @@ def test_cascading(saliency, model, images):
     # Workers report in any order: compare the summary lines sorted.
     lines = summary_lines(result)
     pytest.LineMatcher(sorted(lines)).fnmatch_lines([
+        "  PASS cascading_layer_randomization [[]saliency, adebayo2018[]]: *  (test_xdist.py::test_cascading)",
+        "  PASS independent_layer_randomization [[]saliency, adebayo2018[]]: *  (test_xdist.py::test_independent)",
         "2 saliency check(s) passed, 0 failed",
-        "PASS cascading_layer_randomization [[]saliency, adebayo2018[]]: *  (test_xdist.py::test_cascading)",
-        "PASS independent_layer_randomization [[]saliency, adebayo2018[]]: *  (test_xdist.py::test_independent)",
+        "cascading_layer_randomization: 1 of 1 passed",
+        "independent_layer_randomization: 1 of 1 passed",
     ])
-    assert len(lines) == 3
+    assert len(lines) == 5
 
 
 def test_without_xdist_the_plugin_still_works(tiny_repo):
@@ -653,3 +656,53 @@ def test_a_usage_error_inside_a_check_fails_the_test_with_its_message(tiny_repo,
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([f"E *SaliencyUsageError: {message}"])
     result.stdout.no_fnmatch_line("*- saliency checks -*")  # nothing ran, so nothing is recorded
+
+
+def test_junit_has_the_key_numbers_as_properties_of_their_own(tiny_repo):
+    tiny_repo.makepyfile(test_numbers=GRADIENTS_PASS_IPR)
+    tiny_repo.runpytest("--saliency", "--junitxml=report.xml").assert_outcomes(passed=1)
+    [case] = [c for c in ET.parse(tiny_repo.path / "report.xml").iter("testcase") if c.get("name") == "test_gradients"]
+    properties = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert properties["saliency.independent_layer_randomization.passed"] == "True"
+    assert float(properties["saliency.independent_layer_randomization.dataset_score"]) > 0.01
+    assert properties["saliency.independent_layer_randomization.sensitivity_threshold"] == "0.01"
+
+
+def test_reports_json_and_html_with_a_link_in_the_failure(tiny_repo):
+    tiny_repo.makepyfile(test_report=GRADIENTS_PASS_IPR + CONTROL_FAILS_IPR)
+    result = tiny_repo.runpytest("--saliency", "--saliency-report=json,html", "--saliency-results-dir=out")
+    result.assert_outcomes(passed=1, failed=1)
+    out = tiny_repo.path / "out"
+    result.stdout.fnmatch_lines([
+        "E *pictures:    *saliency-report.html#*",
+        f"saliency json report: {out / 'saliency-report.json'}",
+        f"saliency html report: {out / 'saliency-report.html'}",
+    ])
+    data = json.loads((out / "saliency-report.json").read_text())
+    assert [r["nodeid"] for r in data["results"]] == ["test_report.py::test_control", "test_report.py::test_gradients"]
+    assert data["summary"]["failed"] == 1
+    html = (out / "saliency-report.html").read_text()
+    assert "test_report.py::test_control" in html and "data:image/png;base64," in html
+    assert not (out / ".entries").exists()
+
+
+def test_an_unknown_report_format_is_a_usage_error(tiny_repo):
+    result = tiny_repo.runpytest("--saliency", "--saliency-report=pdf")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown saliency report format(s) pdf*json, html*"])
+
+
+def test_reports_from_xdist_workers_are_merged(pytester):
+    pytester.makepyfile(test_xdist=TINY_REPO_CONFTEST + """
+
+def test_independent(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+
+
+def test_cascading(saliency, model, images):
+    saliency.assert_sensitive_to_cascading_randomization(model, images)
+""")
+    result = pytester.runpytest_subprocess("--saliency", "-n", "2", "--saliency-report=json")
+    result.assert_outcomes(passed=2)
+    data = json.loads((pytester.path / ".saliency" / "saliency-report.json").read_text())
+    assert sorted(r["check"] for r in data["results"]) == ["cascading_layer_randomization", "independent_layer_randomization"]
