@@ -37,6 +37,21 @@ _LAZY = {
     "compute_metric": "metrics",
     "chance_level": "metrics",
     "MapCache": "cache",
+    "explanation_consistency": "consistency",
+    "seed_consistency": "consistency",
+    "assert_seed_consistency_above": "consistency",
+    "explainer_seed_stability": "consistency",
+    "assert_explainer_seed_stable": "consistency",
+    "ConsistencyResult": "consistency",
+    "SeedStabilityResult": "consistency",
+    "lr_separability": "consistency",
+    "ensemble": "ensembles",
+    "Ensemble": "ensembles",
+    "perturbed_ensemble": "ensembles",
+    "consistency_vs_ensemble_size": "ensembles",
+    "EnsembleSizeResult": "ensembles",
+    "ModelCache": "model_cache",
+    "check_baseline": "baseline",
 }
 
 __all__ = ["SaliencyCheckFailed", "SaliencyUsageError", "SaliencyWarning", "__version__", *_LAZY]

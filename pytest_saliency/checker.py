@@ -33,6 +33,7 @@ class SaliencyChecker:
         progress: Callable[[int, int, str], None] | None = None,
         cache: Any = None,
         report: Callable[[Any], str | None] | None = None,
+        model_cache: Any = None,
     ) -> None:
         self.config = config
         self.nodeid = nodeid
@@ -40,6 +41,7 @@ class SaliencyChecker:
         self._progress = progress
         self._report = report
         self.cache = cache
+        self.model_cache = model_cache
         self.results: list[Any] = []
 
     # -- configuration -----------------------------------------------------------------------
@@ -166,6 +168,36 @@ class SaliencyChecker:
         from .assertions import assert_agreement_above as check
 
         return self._checked(check, model, inputs, methods, metric, k, threshold, **self._common(options))
+
+
+    def explanation_consistency(self, models: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """:func:`pytest_saliency.explanation_consistency` with the session's preset and seed (recorded)."""
+        from .consistency import explanation_consistency
+
+        return self._measured(explanation_consistency(models, inputs, method, **self._common(options)))
+
+    def assert_seed_consistency_above(self, models_or_factory: Any, inputs: Any, threshold: Any = None,
+                                      metric: str = "lr_separability", **options: Any) -> Any:
+        """Retrained models must explain alike; models a factory trains come from ``saliency_model_cache``."""
+        __tracebackhide__ = True
+        from .consistency import assert_seed_consistency_above as check
+
+        options = self._common(options)
+        if self.model_cache is not None:
+            options.setdefault("cache", self.model_cache)
+        return self._checked(check, models_or_factory, inputs, threshold, metric, **options)
+
+    def assert_explainer_seed_stable(self, model: Any, inputs: Any, method: Any, seeds: Any = (0, 1, 2),
+                                     metric: str = "ssim", threshold: Any = None, **options: Any) -> Any:
+        """The method's own randomness: same seed, same maps; other seeds, similar maps."""
+        __tracebackhide__ = True
+        from .consistency import assert_explainer_seed_stable as check
+
+        # No session seed here: the seeds under test are the point of the check.
+        options = {"preset": self.config.preset, **options}
+        if self.nodeid:
+            options.setdefault("reproduce", self.reproduce_command(0))
+        return self._checked(check, model, inputs, method, seeds, metric, threshold, **options)
 
 
 class BaselineChecker:

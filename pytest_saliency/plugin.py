@@ -20,7 +20,7 @@ from .config import (
 )
 
 CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
-FIXTURES = ("saliency", "saliency_device", "saliency_config", "saliency_baseline")
+FIXTURES = ("saliency", "saliency_device", "saliency_config", "saliency_baseline", "saliency_model_cache")
 WRITTEN_PROPERTY = "saliency_baseline_written"
 SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
 
@@ -200,9 +200,22 @@ def _saliency_map_cache() -> Any:
     return MapCache()
 
 
+@pytest.fixture(scope="session")
+def saliency_model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Trained models on disk (``.pytest_cache/d/saliency_models``), keyed by the training function's
+    qualified name and the seed, so reruns in CI load instead of retraining; ``pytest --cache-clear``
+    empties it. Safe under pytest-xdist (atomic writes and a lock per model)."""
+    from .model_cache import ModelCache
+
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    directory = cache.mkdir("saliency_models") if cache is not None else tmp_path_factory.mktemp("saliency_models")
+    return ModelCache(directory)
+
+
 @pytest.fixture
 def saliency(
-    request: pytest.FixtureRequest, saliency_config: SaliencyConfig, _saliency_map_cache: Any
+    request: pytest.FixtureRequest, saliency_config: SaliencyConfig, _saliency_map_cache: Any,
+    saliency_model_cache: Any,
 ) -> SaliencyChecker:
     """The saliency assertions with this session's preset, thresholds and seed applied.
 
@@ -219,6 +232,7 @@ def saliency(
         cache=_saliency_map_cache,
         progress=ProgressLine(request.config),
         report=_entry_writer(saliency_config, node.nodeid) if saliency_config.report else None,
+        model_cache=saliency_model_cache,
     )
 
 

@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import sklearn.linear_model  # noqa: F401 - like torch, loaded before pytester snapshots sys.modules
+import sklearn.pipeline  # noqa: F401
+import sklearn.preprocessing  # noqa: F401
+import threadpoolctl  # noqa: F401
 import torch
 from hypothesis import settings
 from torch import nn

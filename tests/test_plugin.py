@@ -706,3 +706,37 @@ def test_cascading(saliency, model, images):
     result.assert_outcomes(passed=2)
     data = json.loads((pytester.path / ".saliency" / "saliency-report.json").read_text())
     assert sorted(r["check"] for r in data["results"]) == ["cascading_layer_randomization", "independent_layer_randomization"]
+
+
+def test_seed_consistency_through_the_fixture_trains_once_and_caches(tiny_repo):
+    tiny_repo.makepyfile(test_seeds="""
+        import torch
+        from torch import nn
+
+        CALLS = []
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(16, 3)
+
+            def forward(self, x):
+                return self.fc(x)
+
+        def train(seed):
+            CALLS.append(seed)
+            return Net()
+
+        def test_seeds(saliency, saliency_model_cache):
+            x = torch.rand(20, 16, generator=torch.Generator().manual_seed(0))
+            result = saliency.assert_seed_consistency_above(
+                train, x, seeds=[0, 1], build=Net, metric="sign_agreement", threshold=0.0)
+            assert result.passed
+            print("trained", CALLS, "hits", saliency_model_cache.hits)
+    """)
+    first = tiny_repo.runpytest("--saliency", "-s")
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["*trained [[]0, 1[]] hits 0*", "*seed_consistency*"])
+    second = tiny_repo.runpytest("--saliency", "-s")
+    second.assert_outcomes(passed=1)
+    second.stdout.fnmatch_lines(["*trained [[][]] hits 2*"])

@@ -34,3 +34,8 @@ def test_an_edge_detector_is_caught(saliency, model, images):
 def test_gradient_methods_agree_beyond_chance(saliency, model, images):
     """Agreement: the top 10% pixels of saliency and guided backprop overlap more than chance (k/N)."""
     saliency.assert_agreement_above(model, images, methods=("saliency", "guided_backprop"), metric="feature_agreement")
+
+
+def test_smoothgrad_is_stable_across_its_own_seeds(saliency, model, images):
+    """The method's own randomness: same seed, same maps; other noise draws, similar maps."""
+    saliency.assert_explainer_seed_stable(model, images[:16], "smoothgrad", seeds=(0, 1, 2), threshold=0.5)
