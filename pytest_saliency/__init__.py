@@ -52,6 +52,21 @@ _LAZY = {
     "EnsembleSizeResult": "ensembles",
     "ModelCache": "model_cache",
     "check_baseline": "baseline",
+    "hyperparameter_sweep": "sweeps",
+    "assert_stable_under_hyperparameters": "sweeps",
+    "input_noise_stability": "sweeps",
+    "assert_stable_under_input_noise": "sweeps",
+    "add_input_noise": "sweeps",
+    "sam_grid": "sweeps",
+    "GRIDS": "sweeps",
+    "SweepGrid": "sweeps",
+    "SweepResult": "sweeps",
+    "causal_curves": "faithfulness",
+    "deletion": "faithfulness",
+    "insertion": "faithfulness",
+    "CausalCurves": "faithfulness",
+    "accuracy_spread": "faithfulness",
+    "AccuracySpread": "faithfulness",
 }
 
 __all__ = ["SaliencyCheckFailed", "SaliencyUsageError", "SaliencyWarning", "__version__", *_LAZY]

@@ -200,6 +200,51 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, method, seeds, metric, threshold, **options)
 
 
+    def _sweeps(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = self._common(options)
+        if self._progress is not None:
+            merged.setdefault("progress", self._progress)
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
+        return merged
+
+    def hyperparameter_sweep(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
+                             reference: Any = None, **options: Any) -> Any:
+        """SAM's sweep protocol with the session's preset and seed (recorded, not asserted)."""
+        from .sweeps import hyperparameter_sweep
+
+        return self._measured(hyperparameter_sweep(model, inputs, method, sweep, reference, **self._sweeps(options)))
+
+    def assert_stable_under_hyperparameters(self, model: Any, inputs: Any, method: Any = "smoothgrad",
+                                            sweep: Any = None, reference: Any = None, **options: Any) -> Any:
+        """Every swept value's mean similarity to the reference must reach ``threshold``."""
+        __tracebackhide__ = True
+        from .sweeps import assert_stable_under_hyperparameters as check
+
+        return self._checked(check, model, inputs, method, sweep, reference, **self._sweeps(options))
+
+    def input_noise_stability(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """Maps of x against maps of x + noise (SAM 4.1), recorded, not asserted."""
+        from .sweeps import input_noise_stability
+
+        return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options)))
+
+    def assert_stable_under_input_noise(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """Maps of x and of noisy x must be similar (SAM's variance-0.1 convention by default)."""
+        __tracebackhide__ = True
+        from .sweeps import assert_stable_under_input_noise as check
+
+        return self._checked(check, model, inputs, method, **self._sweeps(options))
+
+    def accuracy_spread(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
+                        reference: Any = None, **options: Any) -> Any:
+        """How much insertion/deletion AUC moves across a sweep (SAM 4.5-4.6), recorded."""
+        from .faithfulness import accuracy_spread
+
+        merged = {k: v for k, v in self._common(options).items() if k not in ("preset", "reproduce")}
+        return self._measured(accuracy_spread(model, inputs, method, sweep, reference, **merged))
+
+
 class BaselineChecker:
     """Behind the ``saliency_baseline`` fixture: one stored baseline per test and name."""
 

@@ -56,7 +56,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("input_x_gradient", "InputXGradient"),
         MethodSpec(
             "integrated_gradients", "IntegratedGradients",
-            {"n_steps": 50, "baselines": "zero", "method": "gausslegendre", "internal_batch_size": None},
+            {"n_steps": 50, "baselines": "zero", "integration_method": "gausslegendre", "internal_batch_size": None},
             note="zero (black) baseline as in Sriram & Conati",
         ),
         MethodSpec(
@@ -238,9 +238,20 @@ def _grid_mask(inputs: Any, grid: int) -> Any:
 
 
 def _zero_or(value: Any, inputs: Any) -> Any:
+    """Baselines by name: ``"zero"`` (black), ``"uniform"`` (seeded noise over the input range) or
+    ``"blurred"`` (a Gaussian blur of the input); a tensor or number is used as given."""
     torch = require_torch()
-    if value == "zero" or value is None:
+    if value is None or (isinstance(value, str) and value == "zero"):
         return torch.zeros_like(inputs)
+    if isinstance(value, str) and value == "blurred":
+        from .sweeps import blurred_baseline
+
+        return blurred_baseline(inputs)
+    if isinstance(value, str) and value == "uniform":  # drawn inside _attribute's seeded() block
+        low, high = float(inputs.min()), float(inputs.max())
+        return low + (high - low) * torch.rand_like(inputs)
+    if isinstance(value, str):
+        raise SaliencyUsageError(f"unknown baseline {value!r}; use 'zero', 'uniform', 'blurred' or a tensor.")
     return value
 
 
@@ -258,7 +269,7 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
     if name == "integrated_gradients":
         return ca.IntegratedGradients(model).attribute(
             inputs, baselines=_zero_or(o["baselines"], inputs), target=target, n_steps=o["n_steps"],
-            method=o["method"], internal_batch_size=o["internal_batch_size"],
+            method=o["integration_method"], internal_batch_size=o["internal_batch_size"],
         )
     if name == "smoothgrad":
         stdev = o.get("stdevs")

@@ -669,7 +669,7 @@ def test_junit_has_the_key_numbers_as_properties_of_their_own(tiny_repo):
 
 
 def test_reports_json_and_html_with_a_link_in_the_failure(tiny_repo):
-    tiny_repo.makepyfile(test_report=GRADIENTS_PASS_IPR + CONTROL_FAILS_IPR)
+    tiny_repo.makepyfile(test_gate=GRADIENTS_PASS_IPR + CONTROL_FAILS_IPR)
     result = tiny_repo.runpytest("--saliency", "--saliency-report=json,html", "--saliency-results-dir=out")
     result.assert_outcomes(passed=1, failed=1)
     out = tiny_repo.path / "out"
@@ -679,10 +679,10 @@ def test_reports_json_and_html_with_a_link_in_the_failure(tiny_repo):
         f"saliency html report: {out / 'saliency-report.html'}",
     ])
     data = json.loads((out / "saliency-report.json").read_text())
-    assert [r["nodeid"] for r in data["results"]] == ["test_report.py::test_control", "test_report.py::test_gradients"]
+    assert [r["nodeid"] for r in data["results"]] == ["test_gate.py::test_control", "test_gate.py::test_gradients"]
     assert data["summary"]["failed"] == 1
     html = (out / "saliency-report.html").read_text()
-    assert "test_report.py::test_control" in html and "data:image/png;base64," in html
+    assert "test_gate.py::test_control" in html and "data:image/png;base64," in html
     assert not (out / ".entries").exists()
 
 
