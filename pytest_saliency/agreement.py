@@ -27,7 +27,7 @@ from typing import Any
 
 from ._validation import check_inputs, check_model
 from .exceptions import SaliencyUsageError
-from .explainers import MethodSpec, _attribute, _method_options, method_name, resolve_method, resolve_target
+from .explainers import _attribute, method_name, prepare_method, resolve_target
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 from .statistics import bootstrap_interval
 
@@ -327,12 +327,10 @@ def agreement_matrix(
     fixed_target = resolve_target(model, inputs, target, batch_size)
     maps: dict[str, Any] = {}
     for method in methods:
-        resolved = resolve_method(method)
-        name = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-        if name in maps:
-            raise SaliencyUsageError(f"method {name!r} is listed twice; list each method once.")
-        given = method_options.get(name, {})
-        options = _method_options(resolved, model, inputs, given) if isinstance(resolved, MethodSpec) else {}
+        label = method if isinstance(method, str) else method_name(method)
+        if label in maps:
+            raise SaliencyUsageError(f"method {label!r} is listed twice; list each method once.")
+        resolved, name, options = prepare_method(method, model, inputs, dict(method_options.get(label, {})))
         maps[name] = _attribute(model, inputs, resolved, fixed_target, seed, batch_size, True, options)
     unknown = sorted(set(method_options) - set(maps))
     if unknown:

@@ -35,7 +35,7 @@ from typing import Any
 from ._torch import require_torch
 from ._validation import check_inputs, check_model
 from .exceptions import SaliencyUsageError
-from .explainers import MethodSpec, _attribute, _method_options, method_name, resolve_method, resolve_target
+from .explainers import _attribute, prepare_method, resolve_target
 from .parameter_randomization import _DERIVED_OPTIONS
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
@@ -291,9 +291,7 @@ def check_baseline(
 
         raise unknown_choice("baseline metric", metric, BASELINE_METRICS)
     pipeline = get_pipeline(preset)
-    resolved = resolve_method(method)
-    label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-    options = _method_options(resolved, model, inputs, method_kwargs) if isinstance(resolved, MethodSpec) else {}
+    resolved, label, options = prepare_method(method, model, inputs, method_kwargs)
 
     fixed_target = resolve_target(model, inputs, target, batch_size)
 

@@ -453,6 +453,26 @@ def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str
     return options
 
 
+def prepare_method(
+    method: str | Explainer, model: Any, inputs: Any, method_kwargs: dict[str, Any]
+) -> tuple[MethodSpec | Explainer, str, dict[str, Any]]:
+    """Resolve a method once per check: ``(method, printable name, validated options)``.
+
+    Named methods get their options checked and their internal batches sized; a user callable
+    takes no options (they would be silently ignored), so passing some is an error.
+    """
+    resolved = resolve_method(method)
+    if isinstance(resolved, MethodSpec):
+        return resolved, resolved.name, _method_options(resolved, model, inputs, method_kwargs)
+    name = method_name(method)
+    if method_kwargs:
+        raise SaliencyUsageError(
+            f"options {sorted(method_kwargs)} were given for the custom explainer {name!r}, which takes only "
+            "(model, inputs, target); bind them with functools.partial instead."
+        )
+    return resolved, name, {}
+
+
 def explain(
     model: Any,
     inputs: Any,
@@ -481,17 +501,8 @@ def explain(
     """
     check_model(model)
     check_inputs(inputs, model)
-    resolved = resolve_method(method)
-    if isinstance(resolved, MethodSpec):
-        options = _method_options(resolved, model, inputs, method_kwargs)
-    elif method_kwargs:
-        raise SaliencyUsageError(
-            f"options {sorted(method_kwargs)} were given for the custom explainer {method_name(method)!r}, "
-            "which takes only (model, inputs, target); bind them with functools.partial instead."
-        )
+    resolved, _, options = prepare_method(method, model, inputs, method_kwargs)
     target = resolve_target(model, inputs, target, batch_size)
-    if not isinstance(resolved, MethodSpec):
-        options = {}
     attributions = _attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
     return attributions if preset is None else apply_pipeline(attributions, preset)
 

@@ -21,7 +21,7 @@ from typing import Any
 from ._torch import require_torch
 from ._validation import check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, SaliencyWarning
-from .explainers import Explainer, MethodSpec, _attribute, _method_options, method_name, resolve_method, resolve_target
+from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
 from .layers import select_layers
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 from .randomization import STRATEGIES, check_strategy, preserved, randomized
@@ -339,14 +339,7 @@ def layer_randomization(
         raise SaliencyUsageError(f"image_batch must be >= 1, got {image_batch}.")
     check_strategy(randomization)
     pipeline = get_pipeline(preset)
-    resolved = resolve_method(method)
-    name = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-    options = _method_options(resolved, model, inputs, method_kwargs) if isinstance(resolved, MethodSpec) else {}
-    if method_kwargs and not isinstance(resolved, MethodSpec):
-        raise SaliencyUsageError(
-            f"options {sorted(method_kwargs)} were given for the custom explainer {name!r}; bind them with "
-            "functools.partial instead."
-        )
+    resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     if isinstance(images, int):
         inputs = inputs[:images]
     adaptive = images == "auto"
