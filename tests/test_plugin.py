@@ -740,3 +740,30 @@ def test_seed_consistency_through_the_fixture_trains_once_and_caches(tiny_repo):
     second = tiny_repo.runpytest("--saliency", "-s")
     second.assert_outcomes(passed=1)
     second.stdout.fnmatch_lines(["*trained [[][]] hits 2*"])
+
+
+PROGRESS_CHECK = """
+import pytest
+import pytest_saliency.plugin as plugin
+
+
+@pytest.fixture(autouse=True)
+def immediate_progress(monkeypatch):
+    # Report every state at once (the defaults wait 2 s), and put the defaults back afterwards.
+    monkeypatch.setattr(plugin.ProgressLine.__init__, "__defaults__", (0.0, 0.0))
+
+
+def test_long(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+"""
+
+
+def test_long_checks_show_progress_past_capture_but_not_under_quiet(tiny_repo):
+    tiny_repo.makepyfile(test_long=PROGRESS_CHECK)
+    shown = tiny_repo.runpytest("--saliency")
+    shown.assert_outcomes(passed=1)
+    shown.stdout.fnmatch_lines(["    saliency: 1/3 randomized states done, next conv2 (images 1-4) (0 s)",
+                                "    saliency: 3/3 randomized states done (0 s)"])
+    quiet = tiny_repo.runpytest("--saliency", "-q")
+    quiet.assert_outcomes(passed=1)
+    assert "randomized states done" not in quiet.stdout.str()
