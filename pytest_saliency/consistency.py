@@ -110,8 +110,7 @@ from ._torch import require_torch
 from ._validation import check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
 from .explainers import (
-    Explainer, MethodSpec, _attribute, _eval_mode, _method_options, method_name, predicted_targets,
-    resolve_method, resolve_target,
+    Explainer, MethodSpec, _attribute, _eval_mode, predicted_targets, prepare_method, resolve_target,
 )
 from .parameter_randomization import _format_options, _jsonable
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
@@ -498,9 +497,7 @@ class ConsistencyResult:
             )
         lines.append(self.table())
         lines.append(f"  inputs: {self.n_inputs}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s")
-        if self.reproduce:
-            lines.append(f"  reproduce:   {self.reproduce}")
-        return "\n".join(lines)
+        return _report_text(lines, self.reproduce)
 
     def failure_message(self) -> str:
         if self.metric == LR_SEPARABILITY:
@@ -612,9 +609,7 @@ class SeedStabilityResult:
             "    " + "   ".join(f"{x} vs {y}: {_fmt(s)}" for x, y, s in self.pair_scores[:12]),
             f"  inputs: {self.n_inputs}   device: {self.device}   time: {self.seconds:.1f} s",
         ]
-        if self.reproduce:
-            lines.append(f"  reproduce:   {self.reproduce}")
-        return "\n".join(lines)
+        return _report_text(lines, self.reproduce)
 
     def failure_message(self) -> str:
         if not self.deterministic:
@@ -643,6 +638,13 @@ class SeedStabilityResult:
 # ============================================================================================
 # Helpers
 # ============================================================================================
+
+
+def _report_text(lines: list[str], reproduce: str) -> str:
+    """A result's report lines, ending with the reproduce line when there is one."""
+    if reproduce:
+        lines.append(f"  reproduce:   {reproduce}")
+    return "\n".join(lines)
 
 
 def _fmt(value: float) -> str:
@@ -953,17 +955,7 @@ def explanation_consistency(
 
         resolve_k(k, int(inputs[0].numel()))  # a bad k fails here, before any explanation runs
     pipeline = get_pipeline(preset)
-    resolved = resolve_method(method)
-    name = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-    if isinstance(resolved, MethodSpec):
-        options = _method_options(resolved, named[0][1], inputs, method_kwargs)
-    elif method_kwargs:
-        raise SaliencyUsageError(
-            f"options {sorted(method_kwargs)} were given for the custom explainer {name!r}; bind them with "
-            "functools.partial instead."
-        )
-    else:
-        options = {}
+    resolved, name, options = prepare_method(method, named[0][1], inputs, method_kwargs)
     _check_compatible(named, inputs)
 
     predictions = {label: predicted_targets(model, inputs, batch_size) for label, model in named}
@@ -1284,17 +1276,7 @@ def explainer_seed_stability(
 
         resolve_k(k, int(inputs[0].numel()))
     pipeline = get_pipeline(preset)
-    resolved = resolve_method(method)
-    name = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-    if isinstance(resolved, MethodSpec):
-        options = _method_options(resolved, model, inputs, method_kwargs)
-    elif method_kwargs:
-        raise SaliencyUsageError(
-            f"options {sorted(method_kwargs)} were given for the custom explainer {name!r}; bind them with "
-            "functools.partial instead."
-        )
-    else:
-        options = {}
+    resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     fixed = resolve_target(model, inputs, target, batch_size)
     raw = {s: _attribute(model, inputs, resolved, fixed, s, batch_size, True, options) for s in seed_list}
     again = _attribute(model, inputs, resolved, fixed, seed_list[0], batch_size, True, options)

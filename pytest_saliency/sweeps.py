@@ -861,6 +861,27 @@ def _check_metrics(metrics: Any, metric: str, threshold: Any) -> tuple[tuple[str
     return metrics, higher
 
 
+def _setup_check(
+    method: Any, preset: Any, metrics: Any, metric: str, threshold: Any
+) -> tuple[Any, str, MapPipeline, tuple[str, ...], str, bool]:
+    """``(resolved method, label, pipeline, metrics, summary metric, higher_is_better)`` of a sweep check."""
+    from .explainers import MethodSpec, method_name, resolve_method
+
+    resolved = resolve_method(method)
+    label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
+    pipeline = get_pipeline(preset)
+    metrics, higher = _check_metrics(metrics, metric, threshold)
+    if threshold is None and metric not in metrics and metrics:
+        metric = metrics[0]  # no verdict: summarize with the first metric asked for
+        higher = _higher_is_better(metric)
+    return resolved, label, pipeline, metrics, metric, higher
+
+
+def _check_seed(seed: Any) -> None:
+    if not (_is_int(seed) and seed >= 0):
+        raise SaliencyUsageError(f"seed must be an int >= 0, got {seed!r}.")
+
+
 def _higher_is_better(metric: str) -> bool:
     from .metrics import METRICS
 
@@ -1021,25 +1042,18 @@ def hyperparameter_sweep(
 
     The model is left exactly as it was and no global RNG state changes.
     """
-    from .explainers import MethodSpec, method_name, resolve_method, resolve_target
+    from .explainers import resolve_target
 
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
     method, sweep, reference, options = _resolve_grid(method, sweep, reference, dict(options), inputs)
-    resolved = resolve_method(method)
-    label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-    pipeline = get_pipeline(preset)
-    metrics, higher = _check_metrics(metrics, metric, threshold)
-    if threshold is None and metric not in metrics and metrics:
-        metric = metrics[0]  # no verdict: summarize with the first metric asked for
-        higher = _higher_is_better(metric)
+    resolved, label, pipeline, metrics, metric, higher = _setup_check(method, preset, metrics, metric, threshold)
     metric_options = dict(metric_options or {})
     for name in metric_options:
         if name not in metrics:
             raise SaliencyUsageError(f"metric_options has an entry for {name!r}, which is not among metrics {list(metrics)}.")
-    if not (_is_int(seed) and seed >= 0):
-        raise SaliencyUsageError(f"seed must be an int >= 0, got {seed!r}.")
+    _check_seed(seed)
     if not (_is_int(keep_maps) and keep_maps >= 0):
         raise SaliencyUsageError(f"keep_maps must be an int >= 0, got {keep_maps!r}.")
     reference = dict(reference or {})
@@ -1259,24 +1273,17 @@ def input_noise_stability(
     called as ``progress(done, total, label)``.
     """
     torch = require_torch()
-    from .explainers import MethodSpec, method_name, resolve_method, resolve_target
+    from .explainers import method_name, resolve_target
 
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
     variances = _check_noise_args(inputs, noise, variance, clip, n_draws)
-    resolved = resolve_method(method)
-    label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
-    pipeline = get_pipeline(preset)
-    metrics, higher = _check_metrics(metrics, metric, threshold)
+    resolved, label, pipeline, metrics, metric, higher = _setup_check(method, preset, metrics, metric, threshold)
     if not metrics:
         raise SaliencyUsageError("metrics is empty; pass e.g. metrics=('ssim', 'spearman', 'hog_pearson').")
-    if threshold is None and metric not in metrics:
-        metric = metrics[0]
-        higher = _higher_is_better(metric)
     metric_options = dict(metric_options or {})
-    if not (_is_int(seed) and seed >= 0):
-        raise SaliencyUsageError(f"seed must be an int >= 0, got {seed!r}.")
+    _check_seed(seed)
     _check_names(label, resolved, options, "options")
     if "seed" in options:
         raise SaliencyUsageError("pass the explainer seed as seed=..., not as a method option.")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_tiny_cnn, tiny_images
 
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
@@ -43,21 +42,24 @@ def trained(digits):
 
 
 def _train_with_input_noise(seed: int = 0, epochs: int = 3, variance: float = 0.1):
-    """The example CNN trained on inputs with SAM's Gaussian noise (var 0.1, clipped): a smoother model."""
-    from digits_model import SmallCNN, load_digits_32
+    """The example CNN trained on inputs with SAM's Gaussian noise (var 0.1, clipped): a smoother model.
 
-    x, y = load_digits_32("train")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = SmallCNN()
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(epochs):
-            model.train()
-            for index in torch.randperm(len(y)).split(64):
-                noisy = (x[index] + math.sqrt(variance) * torch.randn_like(x[index])).clamp(0, 1)
-                optimizer.zero_grad()
-                F.cross_entropy(model(noisy), y[index]).backward()
-                optimizer.step()
+    The example's own ``train`` loop runs, on a ``SmallCNN`` whose forward pass adds the noise while
+    training (drawn at the same point of the loop, so the training is the same draw for draw).
+    """
+    import digits_model
+
+    class NoisyInputCNN(digits_model.SmallCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                x = (x + math.sqrt(variance) * torch.randn_like(x)).clamp(0, 1)
+            return super().forward(x)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(digits_model, "SmallCNN", NoisyInputCNN)
+        trained = digits_model.train(seed, epochs)
+    model = digits_model.SmallCNN()
+    model.load_state_dict(trained.state_dict())
     return model.eval()
 
 
