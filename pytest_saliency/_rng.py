@@ -33,8 +33,9 @@ def seeded(seed: int, device: Any = None) -> Iterator[None]:
     try:
         with torch.random.fork_rng(devices=devices, enabled=True):
             torch.random.manual_seed(seed)
-            np.random.seed(seed % (2**32))
-            random.seed(seed)
+            # Install seeded states for the duration of the block; the saved ones come back below.
+            np.random.set_state(np.random.RandomState(seed % (2**32)).get_state())
+            random.setstate(random.Random(seed).getstate())
             yield
     finally:
         np.random.set_state(np_state)
