@@ -72,9 +72,26 @@ def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> Non
     check_finite(inputs, name)
 
 
+def all_finite(tensor: Any) -> bool:
+    """True when no value is NaN or inf, checked with one reduction instead of a mask.
+
+    NaN and inf propagate through a sum, so a finite sum proves every value finite; only a sum
+    that overflowed (or a real NaN/inf) takes the exact, slower path. Checks run on every map of
+    every randomized state, so this matters for speed.
+    """
+    torch = require_torch()
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return True
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def check_finite(tensor: Any, name: str) -> None:
     """NaN or inf anywhere makes every similarity meaningless: refuse it loudly."""
     torch = require_torch()
+    if all_finite(tensor):
+        return
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         count = int(bad.sum())

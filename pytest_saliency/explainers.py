@@ -515,7 +515,11 @@ def _attribute(
     torch = require_torch()
     label = method.name if isinstance(method, MethodSpec) else method_name(method)
     outputs = []
-    with _eval_mode(model, eval_mode), _inputs_only_gradients(model), seeded(seed, inputs.device), _quiet_captum():
+    # Deterministic named methods draw no random numbers: no need to fork and restore the RNGs.
+    rng = contextlib.nullcontext() if isinstance(method, MethodSpec) and not method.stochastic else (
+        seeded(seed, inputs.device)
+    )
+    with _eval_mode(model, eval_mode), _inputs_only_gradients(model), rng, _quiet_captum():
         batch_size = batch_size or options.get("_image_batch")
         for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
             if isinstance(method, MethodSpec):

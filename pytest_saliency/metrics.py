@@ -51,7 +51,7 @@ from typing import Any, Union
 
 import torch
 
-from ._validation import unknown_choice
+from ._validation import all_finite, unknown_choice
 from .exceptions import SaliencyUsageError, SaliencyWarning
 
 KValue = Union[int, float]
@@ -136,6 +136,8 @@ def _validate_pair(a: Any, b: Any, metric: str) -> tuple[torch.Tensor, torch.Ten
             f"b = b.to({str(a.device)!r})."
         )
     for name, x in (("a", a), ("b", b)):
+        if all_finite(x.detach()):
+            continue
         bad = ~torch.isfinite(x.detach())
         if bool(bad.any()):
             rows = torch.nonzero(bad.reshape(x.shape[0], -1).any(dim=1)).flatten().tolist()

@@ -165,11 +165,16 @@ def _normalize(m: Any, how: str, percentile: float) -> Any:
     if how == "max_abs":
         scale = flat.abs().amax(dim=1)
         return m / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None, None]
-    low = flat.amin(dim=1)
     if how == "min_max":
-        high = flat.amax(dim=1)
+        low, high = flat.amin(dim=1), flat.amax(dim=1)
     else:
-        high = torch.quantile(flat, percentile / 100.0, dim=1)
+        # numpy's default ("linear") percentile from one sort; torch.quantile is several times slower.
+        ordered = flat.sort(dim=1).values
+        position = (percentile / 100.0) * (ordered.shape[1] - 1)
+        below = int(position)
+        above = min(below + 1, ordered.shape[1] - 1)
+        low = ordered[:, 0]
+        high = ordered[:, below] + (position - below) * (ordered[:, above] - ordered[:, below])
     span = high - low
     scaled = (m - low[:, None, None]) / torch.where(span > 0, span, torch.ones_like(span))[:, None, None]
     return scaled.clamp(0.0, 1.0)
