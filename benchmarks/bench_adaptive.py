@@ -50,7 +50,7 @@ def settings(models: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
     rows.append({"model": "digits_cnn", "method": "input_x_gradient", "options": {}, "layers": ["bn2"], "extra": {}})
     rows.append({"model": "digits_cnn", "method": "saliency", "options": {}, "layers": ["bn1", "bn2"],
                  "extra": {"require_every_layer": True}})
-    for factor in (0.9, 1.1):
+    for factor in (0.9, 0.97, 1.03, 1.1):
         rows.append({"model": "digits_cnn", "method": "saliency", "options": {}, "layers": "leaf",
                      "extra": {"near": factor}})
     return rows
