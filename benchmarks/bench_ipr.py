@@ -242,8 +242,8 @@ def engine_kwargs(ctx: Context, defaults: bool = False) -> dict[str, Any]:
     if defaults or w.method == "saliency":
         return dict(w.options)
     if w.method == "integrated_gradients":
-        # IG's own "method" option (gausslegendre, the engine's default) cannot be passed: it clashes
-        # with layer_randomization's ``method`` parameter.
+        # IG's integration rule is left at the engine's default (gausslegendre, as above); the
+        # engine names that option ``integration_method`` (captum's ``method`` clashes with its own).
         return {
             "n_steps": o["n_steps"],
             "baselines": "zero",
