@@ -32,7 +32,12 @@ def seeded(seed: int, device: Any = None) -> Iterator[None]:
     np_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.random.manual_seed(seed)
+            # Seed exactly the generators the fork restores. torch.random.manual_seed would also
+            # (lazily) reseed every other CUDA device, a global change nothing here undoes, and it
+            # records a stack trace per call even on CPU-only builds.
+            torch.default_generator.manual_seed(seed)
+            for index in devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
             # Install seeded states for the duration of the block; the saved ones come back below.
             np.random.set_state(np.random.RandomState(seed % (2**32)).get_state())
             random.setstate(random.Random(seed).getstate())

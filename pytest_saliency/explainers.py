@@ -144,21 +144,31 @@ def predicted_targets(model: Any, inputs: Any, batch_size: int | None = None) ->
     torch = require_torch()
     with torch.no_grad(), _eval_mode(model, True):
         outputs = [model(chunk) for chunk in _chunks(inputs, batch_size)]
-    out = torch.cat(outputs)
-    if out.dim() != 2:
+    return targets_from_outputs(torch.cat(outputs))
+
+
+def targets_from_outputs(out: Any) -> Any:
+    """The predicted class of each row of (N, num_classes) scores (an error for other shapes)."""
+    torch = require_torch()
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise SaliencyUsageError(
-            f"the model's output has shape {tuple(out.shape)}; target=None needs (N, num_classes) "
+            f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; target=None needs (N, num_classes) "
             "scores to take the predicted class. Pass target= explicitly or return logits of shape (N, K)."
         )
     return out.argmax(dim=1)
 
 
-def resolve_target(model: Any, inputs: Any, target: Any, batch_size: int | None = None) -> Any:
-    """None -> predicted classes; an int or a per-input tensor is checked and returned as a tensor."""
+def resolve_target(
+    model: Any, inputs: Any, target: Any, batch_size: int | None = None, outputs: Any = None,
+) -> Any:
+    """None -> predicted classes; an int or a per-input tensor is checked and returned as a tensor.
+
+    ``outputs``: the model's outputs for ``inputs`` if the caller already has them.
+    """
     torch = require_torch()
     n = inputs.shape[0]
     if target is None:
-        return predicted_targets(model, inputs, batch_size)
+        return predicted_targets(model, inputs, batch_size) if outputs is None else targets_from_outputs(outputs)
     if isinstance(target, int) and not isinstance(target, bool):
         return torch.full((n,), target, dtype=torch.long, device=inputs.device)
     if isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point():
@@ -509,17 +519,25 @@ def explain(
 
 def _attribute(
     model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
-    batch_size: int | None, eval_mode: bool, options: dict[str, Any],
+    batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
 ) -> Any:
-    """The core loop, without argument checks: the randomization engine calls it once per layer."""
+    """The core loop, without argument checks: the randomization engine calls it once per layer.
+
+    ``prepared=True``: the caller has already put the model in eval mode with parameter
+    gradients off for a whole check (and restores the flags), so a named method skips doing it
+    again for every call. User callables are always guarded, since they may change the flags.
+    """
     torch = require_torch()
     label = method.name if isinstance(method, MethodSpec) else method_name(method)
     outputs = []
+    named = isinstance(method, MethodSpec)
     # Deterministic named methods draw no random numbers: no need to fork and restore the RNGs.
-    rng = contextlib.nullcontext() if isinstance(method, MethodSpec) and not method.stochastic else (
-        seeded(seed, inputs.device)
-    )
-    with _eval_mode(model, eval_mode), _inputs_only_gradients(model), rng, _quiet_captum():
+    rng = contextlib.nullcontext() if named and not method.stochastic else seeded(seed, inputs.device)
+    guard = contextlib.ExitStack()
+    if not (prepared and named):
+        guard.enter_context(_eval_mode(model, eval_mode))
+        guard.enter_context(_inputs_only_gradients(model))
+    with guard, rng, _quiet_captum():
         batch_size = batch_size or options.get("_image_batch")
         for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
             if isinstance(method, MethodSpec):

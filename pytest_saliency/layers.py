@@ -2,7 +2,8 @@
 
 Registration order (``named_modules``) is not execution order: a model may define its head before
 its backbone, or reuse a module. The layers are therefore ordered by one traced forward pass of a
-single input, with forward pre-hooks recording when each module is first entered.
+single input (or of the check's inputs, when the check traces them anyway), with forward pre-hooks
+recording when each module is first entered.
 
 Granularities:
 
@@ -22,6 +23,7 @@ cannot change any map. Naming one explicitly is an error.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._torch import require_torch
@@ -35,34 +37,101 @@ def _owns_parameters(module: Any, recurse: bool) -> bool:
     return next(module.parameters(recurse=recurse), None) is not None
 
 
-def execution_order(model: Any, example: Any) -> list[str]:
-    """Names of all modules in the order the forward pass first enters them."""
+@dataclass
+class ForwardTrace:
+    """What one forward pass of the model did, recorded by hooks on every module.
+
+    ``start[name]`` / ``end[name]`` are event numbers of a module's first entry and last exit
+    (entries and exits share one counter), so ``end[a] < start[b]`` means ``a`` finished before
+    ``b`` began: nothing ``b`` computes can have flowed into ``a``. ``replayable`` holds the
+    modules whose output :mod:`pytest_saliency.activation_reuse` may stand in for: called exactly
+    once, returning a tensor or a tuple of tensors. ``mutated`` holds those whose output was later
+    changed in place (e.g. by ``nn.ReLU(inplace=True)``), which must be copied to be reused.
+    """
+
+    order: list[str]
+    start: dict[str, int]
+    end: dict[str, int]
+    calls: dict[str, int]
+    replayable: set[str]
+    mutated: set[str]
+    output: Any = field(repr=False)
+
+
+def _output_tensors(output: Any) -> list[Any] | None:
     torch = require_torch()
-    order: list[str] = []
-    seen: set[int] = set()
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if type(output) is tuple and output and all(isinstance(o, torch.Tensor) for o in output):
+        return list(output)
+    return None
+
+
+def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> ForwardTrace:
+    """Run the model once in eval mode without gradients and record :class:`ForwardTrace`.
+
+    The hooks are on the first chunk of ``batch_size`` inputs only; the output covers all inputs
+    (it gives the predicted targets, so checks need no separate forward pass for them).
+    """
+    torch = require_torch()
+    events = 0
+    start: dict[str, int] = {}
+    end: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    outputs: dict[str, list[tuple[Any, int]]] = {}
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def pre_hook(module: Any, args: Any) -> None:
+        nonlocal events
+        name = names[id(module)]
+        start.setdefault(name, events)
+        calls[name] = calls.get(name, 0) + 1
+        events += 1
+
+    def post_hook(module: Any, args: Any, output: Any) -> None:
+        nonlocal events
+        name = names[id(module)]
+        end[name] = events
+        events += 1
+        tensors = _output_tensors(output)
+        if tensors is not None:
+            outputs[name] = [(t, t._version) for t in tensors]
+
     handles = []
-
-    def make_hook(name: str):
-        def hook(module: Any, args: Any) -> None:
-            if id(module) not in seen:
-                seen.add(id(module))
-                order.append(name)
-
-        return hook
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(make_hook(name)))
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
     flags = [(m, m.training) for m in model.modules()]
+    chunks = [inputs] if not batch_size or batch_size >= inputs.shape[0] else list(inputs.split(batch_size))
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            results = [model(chunks[0])]
+            for handle in handles:
+                handle.remove()
+            handles = []
+            results += [model(chunk) for chunk in chunks[1:]]
     finally:
         for handle in handles:
             handle.remove()
         for module, training in flags:
             module.training = training
-    return order
+    scripted = getattr(torch.jit, "ScriptModule", ())
+    modules = dict(model.named_modules())
+    replayable = {
+        name for name, saved in outputs.items()
+        if name and calls.get(name) == 1 and not isinstance(modules[name], scripted)
+    }
+    mutated = {name for name in replayable if any(t._version != version for t, version in outputs[name])}
+    output = torch.cat(results) if len(results) > 1 and isinstance(results[0], torch.Tensor) else results[0]
+    order = sorted(start, key=start.__getitem__)
+    return ForwardTrace(order=order, start=start, end=end, calls=calls, replayable=replayable, mutated=mutated,
+                        output=output)
+
+
+def execution_order(model: Any, example: Any) -> list[str]:
+    """Names of all modules in the order the forward pass first enters them."""
+    return trace_forward(model, example).order
 
 
 def select_layers(
@@ -71,10 +140,14 @@ def select_layers(
     layers: str | Sequence[str] = "leaf",
     *,
     depth: int = 1,
+    trace: ForwardTrace | None = None,
 ) -> list[tuple[str, Any]]:
-    """``(name, module)`` pairs to randomize, in forward-execution order (input side first)."""
+    """``(name, module)`` pairs to randomize, in forward-execution order (input side first).
+
+    ``trace``: a :func:`trace_forward` of these inputs, if the caller has one (saves a forward pass).
+    """
     modules = dict(model.named_modules())
-    executed = execution_order(model, inputs[:1])
+    executed = (trace or trace_forward(model, inputs[:1])).order
     rank = {name: i for i, name in enumerate(executed)}
     if isinstance(layers, str):
         if layers == "leaf":

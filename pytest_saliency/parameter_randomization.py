@@ -4,9 +4,12 @@ Independent (IPR): each layer is randomized on its own while the others keep the
 values. Cascading (CPR): layers are randomized cumulatively, from the output towards the input by
 default (Adebayo's order), or from the input upwards with ``order="bottom_up"``.
 
-Cost: the original model's maps are computed once; then one explanation of the whole batch per
-randomized state, with the layer randomized in place and restored (no model copies). SSIM runs
-batched on the maps' device.
+Cost: one traced forward pass gives the execution order and the predicted targets; the original
+model's maps are computed once; then one explanation of the whole batch per randomized state,
+with the layer randomized in place and restored (no model copies). For plain-gradient methods
+only the part of the forward pass after the randomized layer is recomputed
+(:mod:`pytest_saliency.activation_reuse`). SSIM runs batched on the maps' device, against
+filtered moments of the original maps computed once.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._torch import require_torch
-from ._validation import check_inputs, check_model, unknown_choice
+from ._validation import check_finite, check_inputs, check_model, unknown_choice
+from .activation_reuse import GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
-from .layers import select_layers
-from .postprocess import MapPipeline, apply_pipeline, get_pipeline
+from .layers import ForwardTrace, select_layers, trace_forward
+from .postprocess import MapPipeline, get_pipeline, pipeline_maps
 from .randomization import STRATEGIES, check_strategy, preserved, randomized
 from .statistics import (
     CONFIDENCE, N_BOOTSTRAP, SENSITIVITY_THRESHOLD, SSIM_THRESHOLD, SensitivityStatistics, sensitivity_statistics,
@@ -55,6 +59,7 @@ class RandomizationResult:
     reproduce: str = ""
     images_available: int = 0
     stopped_early: str = ""
+    reused_activations: bool = False
     original_maps: Any = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
     randomized_maps: Any = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
 
@@ -96,6 +101,7 @@ class RandomizationResult:
             "seconds": self.seconds,
             "images_available": self.images_available,
             "stopped_early": self.stopped_early,
+            "reused_activations": self.reused_activations,
             "reproduce": self.reproduce,
         }
 
@@ -194,14 +200,22 @@ def _format_options(options: dict[str, Any]) -> str:
     return " (" + ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) + ")"
 
 
-def _ssim(a: Any, b: Any, pipeline: MapPipeline) -> Any:
-    from .similarity import structural_similarity
+def _as_ssim_maps(maps: Any) -> Any:
+    """SSIM runs in float32 or float64; maps of half-precision models are compared in float32."""
+    torch = require_torch()
+    return maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
 
-    p = pipeline.ssim
-    return structural_similarity(
-        a, b, win_size=p.win_size, gaussian_weights=p.gaussian_weights, sigma=p.sigma, data_range=p.data_range,
-        K1=p.K1, K2=p.K2, use_sample_covariance=p.use_sample_covariance,
-    )
+
+def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
+    """Per state, the trace event at which the earliest randomized module starts.
+
+    Everything that ended before it is unchanged in that state. Independent: the state's own
+    layer. Cascading: the earliest of the layers randomized so far (``names`` in randomization order).
+    """
+    starts = [trace.start[n] for n in names]
+    if mode == "independent":
+        return starts
+    return [min(starts[: i + 1]) for i in range(len(starts))]
 
 
 def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant_maps: str) -> Any:
@@ -300,6 +314,7 @@ def layer_randomization(
     constant_maps: str = "error",
     progress: Progress | None = None,
     reproduce: str = "",
+    reuse_activations: bool = True,
     **method_kwargs: Any,
 ) -> RandomizationResult:
     """Run IPR (``mode="independent"``) or CPR (``mode="cascading"``) and return the full result.
@@ -322,8 +337,13 @@ def layer_randomization(
         reuse the original model's attributions (named methods only).
     ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
         ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
+    ``reuse_activations``: for ``saliency`` and ``input_x_gradient``, recompute only the part of
+        the forward pass from the randomized layer on (see :mod:`pytest_saliency.activation_reuse`);
+        ``False`` runs every state as a full captum call.
     """
     torch = require_torch()
+    from .similarity import ssim_reference_moments, ssim_setup, ssim_unchecked
+
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
@@ -339,6 +359,11 @@ def layer_randomization(
         raise SaliencyUsageError(f"image_batch must be >= 1, got {image_batch}.")
     check_strategy(randomization)
     pipeline = get_pipeline(preset)
+    p = pipeline.ssim
+    setup = ssim_setup(
+        win_size=p.win_size, gaussian_weights=p.gaussian_weights, sigma=p.sigma, data_range=p.data_range,
+        K1=p.K1, K2=p.K2, use_sample_covariance=p.use_sample_covariance,
+    )
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     if isinstance(images, int):
         inputs = inputs[:images]
@@ -347,46 +372,89 @@ def layer_randomization(
     step = image_batch if batched else inputs.shape[0]
 
     def maps_of(x: Any, t: Any, original: bool = False) -> Any:
+        """One state's maps, through captum (one batched call per state)."""
         key = None
         if original and cache is not None and isinstance(resolved, MethodSpec):
             key = cache.key(model, x, t, name, options, seed, batch_size)
             raw = cache.get(key)
             if raw is not None:
-                return apply_pipeline(raw, pipeline)
-        raw = _attribute(model, x, resolved, t, seed, batch_size, True, options)
+                return _as_ssim_maps(pipeline_maps(raw, pipeline))
+        raw = _attribute(model, x, resolved, t, seed, batch_size, True, options, prepared=True)
         if key is not None:
             cache.put(key, raw)
-        return apply_pipeline(raw, pipeline)
+        return _as_ssim_maps(pipeline_maps(raw, pipeline))
+
+    def replayed_original(replay: GradientReplay, x: Any, t: Any) -> Any:
+        raw = replay.original()
+        check_finite(raw, f"attribution maps from {name!r}")
+        if cache is not None:
+            cache.put(cache.key(model, x, t, name, options, seed, batch_size), raw)
+        return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
     with preserved(model):
-        fixed_target = resolve_target(model, inputs, target, batch_size)
-        selected = select_layers(model, inputs, layers, depth=depth)
+        trace = trace_forward(model, inputs, batch_size)
+        fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
+        selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
+        cuts = _cuts(trace, names, mode)
+        reuse = reuse_activations and reusable(model, trace, resolved, options, batch_size, step)
+        # Explaining never needs parameter gradients, and every state runs in eval mode: set both
+        # once for the whole check (preserved() restores the flags) instead of once per state.
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        # With reuse, independent states run from the last layer to the first (see activation_reuse).
+        state_order = sorted(range(len(stages)), key=lambda i: -cuts[i]) if reuse and mode == "independent" else (
+            list(range(len(stages)))
+        )
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
+        reused = False
         for first in range(0, inputs.shape[0], step):
             x, t = inputs[first:first + step], fixed_target[first:first + step]
-            original = maps_of(x, t, original=True)
+            replay = GradientReplay(model, trace, x, t, name, options) if reuse else None
+            original = replayed_original(replay, x, t) if replay is not None else maps_of(x, t, original=True)
             used = _check_original_maps(original, pipeline, name, constant_maps)
             if used.numel() < original.shape[0]:
                 x, t, original = x[used], t[used], original[used]
+                if replay is not None:  # the recorded graph covers the dropped images too: start afresh
+                    replay.close()
+                    replay = GradientReplay(model, trace, x, t, name, options)
+                    replay.original()
+            if replay is not None and not replay.verify(max(cuts)):
+                replay.close()
+                replay = None
+            reused = reused or replay is not None
+            moments = ssim_reference_moments(original, setup)
             keep = max(0, min(keep_maps - sum(o.shape[0] for o in originals), x.shape[0]))
-            rows, kept_batch = [], []
-            with contextlib.ExitStack() as cascade:
-                for index, (layer_name, module) in enumerate(stages):
-                    if progress is not None:
-                        progress(index, len(stages), f"{layer_name} (images {used_inputs + 1}-{used_inputs + x.shape[0]})")
-                    if mode == "independent":
-                        with randomized([(layer_name, module)], randomization, seed):
-                            maps = maps_of(x, t)
-                    else:
-                        cascade.enter_context(randomized([(layer_name, module)], randomization, seed))
-                        maps = maps_of(x, t)
-                    rows.append(_ssim(original, maps, pipeline))
-                    kept_batch.append(maps[:keep])
+            rows: list[Any] = [None] * len(stages)
+            kept_batch: list[Any] = [None] * len(stages)
+            try:
+                with contextlib.ExitStack() as cascade:
+                    for done, index in enumerate(state_order):
+                        layer_name, module = stages[index]
+                        if progress is not None:
+                            progress(done, len(stages),
+                                     f"{layer_name} (images {used_inputs + 1}-{used_inputs + x.shape[0]})")
+                        state = randomized([(layer_name, module)], randomization, seed)
+                        with state if mode == "independent" else contextlib.nullcontext():
+                            if mode == "cascading":
+                                cascade.enter_context(state)
+                            if replay is not None:
+                                raw = replay.maps(cuts[index])
+                                check_finite(raw, f"attribution maps from {name!r}")
+                                maps = _as_ssim_maps(pipeline_maps(raw, pipeline))
+                            else:
+                                maps = maps_of(x, t)
+                        rows[index] = ssim_unchecked(original, maps, setup, moments)
+                        # a copy, so that the kept images do not hold the whole batch of maps alive
+                        kept_batch[index] = maps[:keep].clone()
+            finally:
+                if replay is not None:
+                    replay.close()
             columns.append(torch.stack(rows))
-            originals.append(original[:keep])
+            originals.append(original[:keep].clone())
             kept.append(torch.stack(kept_batch))
             used_inputs += x.shape[0]
             if batched and first + step < inputs.shape[0]:
@@ -415,7 +483,7 @@ def layer_randomization(
         ssim=ssim.double().cpu().tolist(), stats=stats, n_images=used_inputs, device=str(inputs.device),
         seed=seed, randomization=randomization, order=order if mode == "cascading" else "n/a",
         require_every_layer=require_every_layer, seconds=time.perf_counter() - start, reproduce=reproduce,
-        images_available=int(inputs.shape[0]), stopped_early=stopped,
+        images_available=int(inputs.shape[0]), stopped_early=stopped, reused_activations=reused,
         original_maps=torch.cat(originals).detach().cpu(), randomized_maps=torch.cat(kept, dim=1).detach().cpu(),
     )
 

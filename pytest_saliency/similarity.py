@@ -26,6 +26,7 @@ This module imports torch at the top; it is only ever imported lazily, after tor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 from typing import cast
 
@@ -142,26 +143,146 @@ def _reflect_index(start: int, stop: int, size: int, device: torch.device) -> to
     return torch.where(idx >= size, 2 * size - 1 - idx, idx)
 
 
-def _valid_filter(stack: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
+def _valid_filter(stack: torch.Tensor, setup: "SSIMSetup") -> torch.Tensor:
     """Separable filter of (M, H, W) maps, evaluated only where skimage keeps the result.
 
     skimage filters the whole map (scipy ``mode='reflect'``) and then crops ``pad = (win_size -
     1) // 2`` pixels from every border before averaging. Each kept output pixel only needs input
     pixels within the kernel radius ``r``, so we gather rows/cols ``[pad - r, size - pad + r)``
     (reflected where that leaves the map, which happens only when ``r > pad``) and run a 'valid'
-    convolution: exactly the cropped region, without computing the border that is thrown away.
-    Axis order (rows, then columns) follows scipy's separable filters.
+    filter: exactly the cropped region, without computing the border that is thrown away.
+    The uniform window is a box filter, which ``avg_pool2d`` computes several times faster than two
+    single-channel convolutions (same result to float rounding). The gaussian one runs as two 1-D
+    convolutions, rows then columns, in scipy's axis order.
     """
-    radius = (kernel.numel() - 1) // 2
+    pad, radius = setup.pad, setup.radius
+    if setup.kernel is None:
+        return F.avg_pool2d(stack.unsqueeze(1), setup.win_size, stride=1).squeeze(1)
     height, width = stack.shape[-2:]
     if radius != pad:
         rows = _reflect_index(pad - radius, height - pad + radius, height, stack.device)
         cols = _reflect_index(pad - radius, width - pad + radius, width, stack.device)
         stack = stack.index_select(-2, rows).index_select(-1, cols)
-    k = kernel.to(dtype=stack.dtype, device=stack.device)
+    k = setup.kernel.to(dtype=stack.dtype, device=stack.device)
     out = F.conv2d(stack.unsqueeze(1), k.view(1, 1, -1, 1))
     out = F.conv2d(out, k.view(1, 1, 1, -1))
     return out.squeeze(1)
+
+
+@dataclass(frozen=True)
+class SSIMSetup:
+    """Validated SSIM parameters, resolved once for many comparisons (see :func:`ssim_setup`)."""
+
+    win_size: int
+    pad: int
+    radius: int
+    kernel: torch.Tensor | None  # float64 1-D gaussian taps; None for the uniform (box) window
+    cov_norm: float
+    c1: float
+    c2: float
+
+
+def ssim_setup(
+    *,
+    win_size: int | None = None,
+    gaussian_weights: bool = False,
+    sigma: float = 1.5,
+    data_range: float | None = None,
+    K1: float = 0.01,
+    K2: float = 0.03,
+    use_sample_covariance: bool = True,
+) -> SSIMSetup:
+    """Check the SSIM parameters once (same rules and messages as :func:`structural_similarity`)."""
+    radius = 0  # of the gaussian filter; the uniform one always matches win_size
+    if gaussian_weights:
+        sigma = _check_positive(sigma, "sigma", "Pass the gaussian window's standard deviation, e.g. sigma=1.5.")
+        radius = int(SKIMAGE_GAUSSIAN_TRUNCATE * sigma + 0.5)  # scipy.ndimage's radius rule
+    if win_size is None:
+        win_size = 2 * radius + 1 if gaussian_weights else 7
+    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 or win_size % 2 == 0:
+        raise SaliencyUsageError(
+            f"win_size must be an odd integer >= 3 (as scikit-image requires), got {win_size!r}. "
+            "Pass e.g. win_size=7 (scikit-image's default), 5 or 3 for small maps, or None for "
+            "scikit-image's default."
+        )
+    if data_range is None:
+        raise SaliencyUsageError(
+            "data_range is required for floating-point maps (as in scikit-image): it sets the "
+            "stability constants C1 and C2. Pass the range the maps can span, e.g. data_range=1.0 "
+            "for maps in [0, 1] or data_range=2.0 for maps in [-1, 1]."
+        )
+    data_range = _check_positive(
+        data_range, "data_range", "Pass e.g. 1.0 for maps in [0, 1] or 2.0 for maps in [-1, 1]."
+    )
+    K1 = _check_positive(K1, "K1", "The usual value is K1=0.01; 0 would make flat windows 0 / 0.")
+    K2 = _check_positive(K2, "K2", "The usual value is K2=0.03; 0 would make flat windows 0 / 0.")
+    num_px = win_size**2  # skimage: NP = win_size ** ndim, for either window
+    return SSIMSetup(
+        win_size=win_size,
+        pad=(win_size - 1) // 2,
+        radius=radius if gaussian_weights else (win_size - 1) // 2,
+        kernel=_gaussian_kernel1d(sigma, radius) if gaussian_weights else None,
+        cov_norm=num_px / (num_px - 1) if use_sample_covariance else 1.0,
+        c1=(K1 * data_range) ** 2,
+        c2=(K2 * data_range) ** 2,
+    )
+
+
+def _check_window_fits(height: int, width: int, win_size: int) -> None:
+    if height < win_size or width < win_size:
+        raise SaliencyUsageError(
+            f"maps of size {height}x{width} are smaller than the {win_size}x{win_size} SSIM window "
+            f"(win_size={win_size}). Resize the maps up to at least {win_size}x{win_size} (e.g. "
+            "with the map pipeline's resize step), or pass a smaller odd win_size "
+            f"(<= {min(height, width)}, >= 3)."
+        )
+
+
+ReferenceMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def ssim_reference_moments(a: torch.Tensor, setup: SSIMSetup) -> ReferenceMoments:
+    """The filtered moments of fixed maps ``a``, to compare them with many ``b`` batches.
+
+    A randomization check compares the same original maps with one batch of maps per layer;
+    computing their local mean and second moment once saves two of the five filters per layer.
+    """
+    shift = a[:, :1, :1]
+    da = a - shift
+    dx, dxx = _valid_filter(torch.cat([da, da * da]), setup).split(a.shape[0], dim=0)
+    return shift, dx, dxx
+
+
+def ssim_unchecked(
+    a: torch.Tensor, b: torch.Tensor, setup: SSIMSetup, a_moments: ReferenceMoments | None = None,
+) -> torch.Tensor:
+    """Per-map mean SSIM of (N, H, W) batches, without validating the maps.
+
+    For callers that have already checked shape, dtype, device, finiteness and size (the
+    randomization engine checks each batch of maps once, when it is made).
+    """
+    # skimage computes a variance as E[x^2] - E[x]^2, which cancels catastrophically for nearly
+    # flat maps far from 0 (float32 loses the whole variance of a map at 0.7 +- 1e-4). (Co)variances
+    # do not change when a map is shifted, so filter the maps minus their first pixel (a value in
+    # the map's own range; constant maps become exactly 0) and add the shift back to the means
+    # only. Same formula, far less rounding: the float32 result tracks the exact SSIM.
+    n = a.shape[0]
+    shift_a, dx, dxx = a_moments if a_moments is not None else ssim_reference_moments(a, setup)
+    shift_b = b[:, :1, :1]
+    da, db = a - shift_a, b - shift_b
+    dy, dyy, dxy = _valid_filter(torch.cat([db, db * db, da * db]), setup).split(n, dim=0)
+    cov_norm = setup.cov_norm
+    vx = cov_norm * (dxx - dx * dx)
+    vy = cov_norm * (dyy - dy * dy)
+    vxy = cov_norm * (dxy - dx * dy)
+    ux, uy = dx + shift_a, dy + shift_b
+
+    c1, c2 = setup.c1, setup.c2
+    a1 = 2 * ux * uy + c1
+    a2 = 2 * vxy + c2
+    b1 = ux**2 + uy**2 + c1
+    b2 = vx + vy + c2
+    return ((a1 * a2) / (b1 * b2)).mean(dim=(-2, -1))
 
 
 def structural_similarity(
@@ -231,71 +352,12 @@ def structural_similarity(
         a, b = a.unsqueeze(0), b.unsqueeze(0)
     if a.shape[0] == 0:
         raise SaliencyUsageError("a and b are an empty batch (N = 0); pass at least one pair of maps.")
-
-    radius = 0  # of the gaussian filter; the uniform one always matches win_size
-    if gaussian_weights:
-        sigma = _check_positive(sigma, "sigma", "Pass the gaussian window's standard deviation, e.g. sigma=1.5.")
-        radius = int(SKIMAGE_GAUSSIAN_TRUNCATE * sigma + 0.5)  # scipy.ndimage's radius rule
-    if win_size is None:
-        win_size = 2 * radius + 1 if gaussian_weights else 7
-    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 or win_size % 2 == 0:
-        raise SaliencyUsageError(
-            f"win_size must be an odd integer >= 3 (as scikit-image requires), got {win_size!r}. "
-            "Pass e.g. win_size=7 (scikit-image's default), 5 or 3 for small maps, or None for "
-            "scikit-image's default."
-        )
-    height, width = a.shape[-2:]
-    if height < win_size or width < win_size:
-        raise SaliencyUsageError(
-            f"maps of size {height}x{width} are smaller than the {win_size}x{win_size} SSIM window "
-            f"(win_size={win_size}). Resize the maps up to at least {win_size}x{win_size} (e.g. "
-            "with the map pipeline's resize step), or pass a smaller odd win_size "
-            f"(<= {min(height, width)}, >= 3)."
-        )
-    if data_range is None:
-        raise SaliencyUsageError(
-            "data_range is required for floating-point maps (as in scikit-image): it sets the "
-            "stability constants C1 and C2. Pass the range the maps can span, e.g. data_range=1.0 "
-            "for maps in [0, 1] or data_range=2.0 for maps in [-1, 1]."
-        )
-    data_range = _check_positive(
-        data_range, "data_range", "Pass e.g. 1.0 for maps in [0, 1] or 2.0 for maps in [-1, 1]."
+    setup = ssim_setup(
+        win_size=win_size, gaussian_weights=gaussian_weights, sigma=sigma, data_range=data_range, K1=K1, K2=K2,
+        use_sample_covariance=use_sample_covariance,
     )
-    K1 = _check_positive(K1, "K1", "The usual value is K1=0.01; 0 would make flat windows 0 / 0.")
-    K2 = _check_positive(K2, "K2", "The usual value is K2=0.03; 0 would make flat windows 0 / 0.")
-
-    pad = (win_size - 1) // 2
-    if gaussian_weights:
-        kernel = _gaussian_kernel1d(sigma, radius)
-    else:
-        kernel = torch.full((win_size,), 1.0 / win_size, dtype=torch.float64)
-
-    num_px = win_size**2  # skimage: NP = win_size ** ndim, for either window
-    cov_norm = num_px / (num_px - 1) if use_sample_covariance else 1.0
-
-    # skimage computes a variance as E[x^2] - E[x]^2, which cancels catastrophically for nearly
-    # flat maps far from 0 (float32 loses the whole variance of a map at 0.7 +- 1e-4). (Co)variances
-    # do not change when a map is shifted, so filter the maps minus their first pixel (a value in
-    # the map's own range; constant maps become exactly 0) and add the shift back to the means
-    # only. Same formula, far less rounding: the float32 result tracks the exact SSIM.
-    n = a.shape[0]
-    shift_a, shift_b = a[:, :1, :1], b[:, :1, :1]
-    da, db = a - shift_a, b - shift_b
-    stack = torch.cat([da, db, da * da, db * db, da * db], dim=0)  # one batched filter, five moments
-    dx, dy, dxx, dyy, dxy = _valid_filter(stack, kernel, pad).split(n, dim=0)
-    vx = cov_norm * (dxx - dx * dx)
-    vy = cov_norm * (dyy - dy * dy)
-    vxy = cov_norm * (dxy - dx * dy)
-    ux, uy = dx + shift_a, dy + shift_b
-
-    c1 = (K1 * data_range) ** 2
-    c2 = (K2 * data_range) ** 2
-    a1 = 2 * ux * uy + c1
-    a2 = 2 * vxy + c2
-    b1 = ux**2 + uy**2 + c1
-    b2 = vx + vy + c2
-    ssim_map = (a1 * a2) / (b1 * b2)
-    result = ssim_map.mean(dim=(-2, -1))
+    _check_window_fits(a.shape[-2], a.shape[-1], setup.win_size)
+    result = ssim_unchecked(a, b, setup)
     return result[0] if single else result
 
 

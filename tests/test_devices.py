@@ -13,6 +13,7 @@ from pytest_saliency.devices import resolve_device, worker_index
 def four_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # this suite may itself run under xdist
 
 
 def test_worker_index(monkeypatch):

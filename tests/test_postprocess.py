@@ -104,3 +104,17 @@ def test_bad_pipelines_and_maps():
         apply_pipeline(nan)
     with pytest.raises(SaliencyUsageError, match="torch.Tensor"):
         apply_pipeline(np.zeros((1, 1, 8, 8)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 40)),
+                elements=st.floats(-5, 5, allow_nan=False, width=64)),
+    percentile=st.one_of(st.sampled_from([0.0, 1.0, 50.0, 99.0, 100.0]), st.floats(0.0, 100.0)),
+)
+def test_percentile_equals_numpy_linear_percentile(rows: np.ndarray, percentile: float) -> None:
+    """The topk shortcut picks the same order statistics numpy interpolates between, ties included."""
+    from pytest_saliency.postprocess import _percentile
+
+    got = _percentile(torch.from_numpy(rows), percentile).numpy()
+    np.testing.assert_allclose(got, np.percentile(rows, percentile, axis=1), rtol=0, atol=1e-12)

@@ -1,0 +1,261 @@
+"""Reusing the unchanged forward prefix: same numbers as full captum passes, model untouched.
+
+Every check here compares the replay path with ``reuse_activations=False`` (a full captum call per
+state) on models built to break a careless implementation: skip connections, in-place ReLUs that
+overwrite a module's output, a module called twice, tuple outputs, functional code between
+modules, tied weights and a module that keeps state between calls.
+"""
+
+from __future__ import annotations
+
+import random
+
+import captum.attr as ca
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_cnn, tiny_images
+from pytest_saliency import layer_randomization
+from pytest_saliency.activation_reuse import GradientReplay, reusable
+from pytest_saliency.explainers import prepare_method
+from pytest_saliency.layers import trace_forward
+
+
+class Block(nn.Module):
+    """A residual block with an in-place ReLU on its own BatchNorm output and a shared ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)  # called twice: never replayed itself
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class Split(nn.Module):
+    """Returns a tuple of tensors."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, :2], x[:, 2:]
+
+
+class ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)  # overwrites stem_bn's output in place
+        self.layer1 = nn.Sequential(Block(4), Block(4))
+        self.split = Split()
+        self.head_a = nn.Conv2d(2, 2, 1)
+        self.head_b = nn.Conv2d(2, 2, 1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem_bn(self.stem(x)))
+        x = self.layer1(x)
+        a, b = self.split(x)
+        x = torch.cat([self.head_a(a), torch.tanh(self.head_b(b))], dim=1)
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.fc(x.flatten(1))
+
+
+def make_residual(seed: int = 0) -> ResidualNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ResidualNet()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
+class Tied(nn.Module):
+    """The first and the last layer share one weight matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(12, 12, bias=False)
+        self.mid = nn.Linear(12, 12)
+        self.decode = nn.Linear(12, 12)
+        self.decode.weight = self.encode.weight
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)[:, :12]
+        return self.out(torch.relu(self.decode(torch.relu(self.mid(torch.relu(self.encode(x)))))))
+
+
+class Remembers(nn.Module):
+    """Not a pure function: a hook on the first module counts calls, and the output reads the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 2, 3, padding=1)
+        self.second = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 16 * 16, 3)
+        self.first.register_forward_hook(self._remember)
+        self.seen = None
+
+    def _remember(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.seen = output.mean() * 0 + float(self.calls)
+        self.calls += 1
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.second(torch.relu(self.first(x)))
+        return self.fc(y.flatten(1)) + self.seen
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "patched": [name for name, m in model.named_modules() if "forward" in m.__dict__],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"] and after["requires_grad"] == before["requires_grad"]
+    assert after["patched"] == before["patched"] == [] and after["hooks"] == before["hooks"]
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+def both_ways(model: nn.Module, x: torch.Tensor, method: str, **kwargs):
+    fast = layer_randomization(model, x, method, **kwargs)
+    slow = layer_randomization(model, x, method, reuse_activations=False, **kwargs)
+    return fast, slow
+
+
+MODELS = {"tiny_cnn": (make_tiny_cnn, lambda: tiny_images(6)),
+          "residual": (make_residual, lambda: tiny_images(5, seed=3))}
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+@pytest.mark.parametrize("mode,order", [("independent", "top_down"), ("cascading", "top_down"),
+                                        ("cascading", "bottom_up")])
+def test_reuse_gives_the_same_ssim_as_full_captum_passes(model_name: str, method: str, mode: str, order: str) -> None:
+    make, images = MODELS[model_name]
+    model, x = make(), images()
+    for randomization in ("reinit", "permute"):
+        before = snapshot(model)
+        fast, slow = both_ways(model, x, method, mode=mode, order=order, randomization=randomization)
+        assert fast.reused_activations and not slow.reused_activations
+        assert fast.layers == slow.layers
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+        torch.testing.assert_close(fast.original_maps, slow.original_maps, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+        assert fast.passed == slow.passed
+        assert_unchanged(model, before)
+
+
+def test_reuse_covers_blocks_and_named_layers() -> None:
+    model, x = make_residual(), tiny_images(4, seed=1)
+    for layers in ("block", ["layer1.1.conv2", "stem", "fc"]):
+        fast, slow = both_ways(model, x, "saliency", layers=layers)
+        assert fast.reused_activations
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+
+
+def test_the_replayed_original_maps_equal_captum() -> None:
+    model, x = make_residual(), tiny_images(5, seed=2)
+    trace = trace_forward(model, x)
+    target = trace.output.argmax(1)
+    xr = x.clone().requires_grad_(True)
+    cases = [("saliency", {}, ca.Saliency(model).attribute(xr, target=target, abs=False)),
+             ("saliency", {"abs": True}, ca.Saliency(model).attribute(xr, target=target, abs=True)),
+             ("input_x_gradient", {}, ca.InputXGradient(model).attribute(xr, target=target))]
+    for method, extra, expected in cases:
+        spec, _, options = prepare_method(method, model, x, extra)
+        assert reusable(model, trace, spec, options, None, x.shape[0])
+        replay = GradientReplay(model, trace, x, target, method, options)
+        torch.testing.assert_close(replay.original(), expected, rtol=0, atol=1e-7)
+        replay.close()
+
+
+def test_replay_drops_recorded_outputs_as_the_cut_moves_towards_the_input() -> None:
+    model, x = make_residual(), tiny_images(3)
+    trace = trace_forward(model, x)
+    spec, _, options = prepare_method("saliency", model, x, {})
+    replay = GradientReplay(model, trace, x, trace.output.argmax(1), "saliency", options)
+    replay.original()
+    assert "layer1" in replay.recorded and "fc" in replay.recorded
+    assert replay.verify(trace.start["fc"])
+    replay.maps(trace.start["layer1.1"])
+    assert "layer1" not in replay.recorded and "layer1.0" in replay.recorded and "stem" in replay.recorded
+    replay.maps(trace.start["stem"])
+    assert replay.recorded == {}
+    replay.close()
+
+
+def test_tied_weights_turn_reuse_off() -> None:
+    model = Tied().eval()
+    x = torch.rand(6, 12, generator=torch.Generator().manual_seed(0)).reshape(6, 1, 3, 4)
+    trace = trace_forward(model, x)
+    spec, _, options = prepare_method("saliency", model, x, {})
+    assert not reusable(model, trace, spec, options, None, 6)
+
+
+def test_a_model_with_state_between_calls_falls_back_to_full_passes() -> None:
+    model = Remembers().eval()
+    x = tiny_images(4)
+    # The logits recomputed from the recorded outputs differ from the original ones: verify() notices.
+    result = layer_randomization(model, x, "saliency", preset="thesis2023")
+    assert not result.reused_activations
+
+
+def test_methods_models_and_options_that_do_not_reuse() -> None:
+    model, x = make_tiny_cnn(), tiny_images(6)
+    assert not layer_randomization(model, x, "guided_backprop").reused_activations
+    assert not layer_randomization(model, x, "saliency", batch_size=2).reused_activations
+    assert not layer_randomization(model, x, "saliency", reuse_activations=False).reused_activations
+    assert layer_randomization(model, x, "saliency", batch_size=6).reused_activations
+
+
+def test_an_error_in_the_middle_leaves_the_model_and_rngs_untouched() -> None:
+    model, x = make_residual(), tiny_images(4)
+    before = snapshot(model)
+    rng = torch.random.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
+    calls = []
+
+    def progress(done: int, total: int, label: str) -> None:
+        calls.append(label)
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        layer_randomization(model, x, "saliency", progress=progress)
+    assert len(calls) == 4
+    assert_unchanged(model, before)
+    assert torch.equal(torch.random.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
+    assert random.getstate() == rng[2]
+
+
+def test_adaptive_images_and_skipped_constant_maps_work_with_reuse() -> None:
+    model, x = make_tiny_cnn(), tiny_images(12)
+    fast, slow = both_ways(model, x, "saliency", images="auto", image_batch=4)
+    assert fast.reused_activations and fast.n_images == slow.n_images
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    x_zero = x.clone()
+    x_zero[1] = 0.0
+    # input_x_gradient of an all-zero image is a constant (zero) map
+    with pytest.warns(UserWarning, match="constant"):
+        fast, slow = both_ways(model, x_zero, "input_x_gradient", constant_maps="skip")
+    assert fast.reused_activations and fast.n_images == slow.n_images == 11
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
