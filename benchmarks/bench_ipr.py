@@ -8,6 +8,8 @@ The ways (each does the whole IPR of one workload: original maps + one map batch
 
 ``engine``     ``pytest_saliency.layer_randomization(model, x, method, mode="independent", layers="leaf",
                preset=PRESET, seed=SEED, **options)``, as a user calls it (statistics included).
+``engine_full`` the same call with ``reuse_activations=False``: every randomized state is a full captum
+               call (for methods other than plain gradients the two ways do the same work).
 ``reference``  a straightforward loop written here: for each Conv/Linear/BatchNorm layer,
                ``copy.deepcopy(model)``, randomize that layer of the copy, run the captum method on the
                batch for the original model's predicted targets, post-process with
@@ -74,7 +76,7 @@ PRESET = "adebayo2018"
 SEED = 0
 DATA_SEED = 1234
 SSIM_TOLERANCE = 1e-5
-WAYS = ("engine", "reference", "quantus", "floor", "floor_pgrad")
+WAYS = ("engine", "engine_full", "reference", "quantus", "floor", "floor_pgrad")
 
 # ----------------------------------------------------------------------------------------------
 # workloads
@@ -300,7 +302,7 @@ def _sync(device: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_engine(ctx: Context) -> dict[str, Any]:
+def run_engine(ctx: Context, reuse_activations: bool = True) -> dict[str, Any]:
     from pytest_saliency.parameter_randomization import layer_randomization
 
     w = ctx.workload
@@ -312,9 +314,15 @@ def run_engine(ctx: Context) -> dict[str, Any]:
         layers="leaf",
         preset=PRESET,
         seed=SEED,
+        reuse_activations=reuse_activations,
         **engine_kwargs(ctx, ENGINE_DEFAULTS),
     )
-    return {"layers": list(result.layers), "ssim": result.ssim}
+    return {"layers": list(result.layers), "ssim": result.ssim, "reused_activations": result.reused_activations}
+
+
+def run_engine_full(ctx: Context) -> dict[str, Any]:
+    """The engine with ``reuse_activations=False``: every state is a full captum call."""
+    return run_engine(ctx, reuse_activations=False)
 
 
 def run_reference(ctx: Context) -> dict[str, Any]:
@@ -510,6 +518,7 @@ def run_floor_pgrad(ctx: Context) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "engine": run_engine,
+    "engine_full": run_engine_full,
     "reference": run_reference,
     "quantus": run_quantus,
     "floor": run_floor,
@@ -672,6 +681,7 @@ def bench_workload(
 
     pairs = {
         "engine_over_floor": ("engine", "floor"),
+        "engine_full_over_floor": ("engine_full", "floor"),
         "reference_over_engine": ("reference", "engine"),
         "quantus_over_engine": ("quantus", "engine"),
         "floor_pgrad_over_floor": ("floor_pgrad", "floor"),
@@ -765,16 +775,18 @@ def print_tables(results: list[dict[str, Any]]) -> None:
     ):
         print(f"\n{label}: medians in seconds, ratios = median of per-round ratios")
         print(
-            "| workload | N | L | engine | reference | quantus | floor | floor, param grads on "
-            "| engine/floor | reference/engine | quantus/engine | reference/floor | quantus/floor |"
+            "| workload | N | L | engine | engine, no reuse | reference | quantus | floor | floor, param grads on "
+            "| engine/floor | no reuse/floor | reference/engine | quantus/engine | reference/floor | quantus/floor |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in results:
             m = s[med]
             print(
-                f"| {s['workload']} | {s['images']} | {s['layers']} | {_fmt(m.get('engine'), 3)} | {_fmt(m.get('reference'), 3)} "
+                f"| {s['workload']} | {s['images']} | {s['layers']} | {_fmt(m.get('engine'), 3)} "
+                f"| {_fmt(m.get('engine_full'), 3)} | {_fmt(m.get('reference'), 3)} "
                 f"| {_fmt(m.get('quantus'), 3)} | {_fmt(m.get('floor'), 3)} | {_fmt(m.get('floor_pgrad'), 3)} "
-                f"| {_fmt(s[pre + 'engine_over_floor'], 3)} | {_fmt(s[pre + 'reference_over_engine'])} "
+                f"| {_fmt(s[pre + 'engine_over_floor'], 3)} | {_fmt(s[pre + 'engine_full_over_floor'], 3)} "
+                f"| {_fmt(s[pre + 'reference_over_engine'])} "
                 f"| {_fmt(s[pre + 'quantus_over_engine'])} | {_fmt(s[pre + 'reference_over_floor'])} "
                 f"| {_fmt(s[pre + 'quantus_over_floor'])} |"
             )

@@ -19,29 +19,41 @@ from ._torch import require_torch
 
 
 @contextlib.contextmanager
-def seeded(seed: int, device: Any = None) -> Iterator[None]:
-    """Run the block with all global RNGs seeded from ``seed``, then restore them bit for bit."""
-    torch = require_torch()
-    import numpy as np
+def seeded(seed: int, device: Any = None, *, torch_only: bool = False) -> Iterator[None]:
+    """Run the block with all global RNGs seeded from ``seed``, then restore them bit for bit.
 
+    ``torch_only=True`` leaves numpy's and Python's generators alone, for blocks that only draw
+    from torch (``reset_parameters``); saving and restoring those costs more than the draws.
+    """
+    torch = require_torch()
     devices = []
     if device is not None and torch.device(device).type == "cuda":
         index = torch.device(device).index
         devices = [index if index is not None else torch.cuda.current_device()]
+    with contextlib.ExitStack() as stack:
+        if not torch_only:
+            stack.enter_context(_seeded_numpy_and_python(seed))
+        stack.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
+        # Seed exactly the generators the fork restores. torch.random.manual_seed would also
+        # (lazily) reseed every other CUDA device, a global change nothing here undoes, and it
+        # records a stack trace per call even on CPU-only builds.
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _seeded_numpy_and_python(seed: int) -> Iterator[None]:
+    """Install seeded numpy and Python global states for the block; the saved ones come back after."""
+    import numpy as np
+
     py_state = random.getstate()
     np_state = np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            # Seed exactly the generators the fork restores. torch.random.manual_seed would also
-            # (lazily) reseed every other CUDA device, a global change nothing here undoes, and it
-            # records a stack trace per call even on CPU-only builds.
-            torch.default_generator.manual_seed(seed)
-            for index in devices:
-                torch.cuda.default_generators[index].manual_seed(seed)
-            # Install seeded states for the duration of the block; the saved ones come back below.
-            np.random.set_state(np.random.RandomState(seed % (2**32)).get_state())
-            random.setstate(random.Random(seed).getstate())
-            yield
+        np.random.set_state(np.random.RandomState(seed % (2**32)).get_state())
+        random.setstate(random.Random(seed).getstate())
+        yield
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)

@@ -9,7 +9,8 @@ graph back to the inputs. Only the part of the forward pass from ``k`` on is rec
 IPR check over L layers costs less than (L + 1) full forward and backward passes: below the
 "floor" of the straightforward loop.
 
-Memory stays at about one graph: the states run from the last layer to the first, and before
+Memory stays at about one graph. Only outputs that the graph saves anyway are kept (a module
+whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead), and the states run from the last layer to the first, and before
 each state the recorded outputs of modules that end after the new cut are dropped, which frees
 the part of the original graph that only they kept alive. At every moment the kept prefix and the
 recomputed suffix together cover one forward pass.
@@ -18,9 +19,9 @@ Where it applies (:func:`reusable`): the named methods ``saliency`` and ``input_
 (whose maps are the input gradient, computed here exactly as captum computes them: the gradient
 of the selected logits with respect to the inputs), a model output of shape (N, num_classes), no
 parameter shared between modules, and a model whose modules do not keep state between calls. A
-module is reused only if it ran exactly once and returned a tensor or a tuple of tensors; one
-whose output a later in-place operation changes (``nn.ReLU(inplace=True)``) is recorded as a
-copy. Before trusting the recorded outputs, :meth:`GradientReplay.verify` recomputes the logits
+module is reused only if it ran exactly once and returned a tensor or a tuple of tensors that no
+later in-place operation changes (the BatchNorm before an ``nn.ReLU(inplace=True)`` runs again;
+its inputs are reused). Before trusting the recorded outputs, :meth:`GradientReplay.verify` recomputes the logits
 with the largest cut and compares them with the original ones; any difference switches the check
 back to full passes. ``layer_randomization(..., reuse_activations=False)`` turns it off.
 """
@@ -57,21 +58,20 @@ def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, An
 
 
 class _Replay:
-    """Stands in for a module's ``forward``: returns the recorded output (a copy if it gets mutated)."""
+    """Stands in for a module's ``forward``: returns the recorded output."""
 
-    def __init__(self, value: Any, copy: bool) -> None:
-        self.value, self.copy = value, copy
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.copy:
-            return self.value
-        if isinstance(self.value, tuple):
-            return tuple(v.clone() for v in self.value)
-        return self.value.clone()
+        return self.value
 
 
 class GradientReplay:
     """Input-gradient maps of one batch, for the original model and then for each randomized state.
+
+    ``target``: one class per input, or None for the original model's predicted classes (taken
+    from the original pass's logits, which saves the separate forward pass that finds them).
 
     Use :meth:`original` first, then :meth:`verify`, then :meth:`maps` once per state with the
     state's cut (the trace's start event of the earliest randomized module). Cuts should not
@@ -83,7 +83,7 @@ class GradientReplay:
         self.model = model
         self.trace = trace
         self.x = inputs.detach().requires_grad_(True)
-        self.target = target.reshape(-1, 1)
+        self.target = None if target is None else target.reshape(-1)
         self.times_input = method == "input_x_gradient"
         self.absolute = method == "saliency" and bool(options.get("abs", False))
         self.modules = dict(model.named_modules())
@@ -95,23 +95,39 @@ class GradientReplay:
         torch = require_torch()
         handles = []
 
-        def record(name: str, copy: bool) -> Any:
-            def hook(module: Any, args: Any, output: Any) -> Any:
+        def record(name: str) -> Any:
+            def hook(module: Any, args: Any, output: Any) -> None:
                 self.recorded[name] = output
-                return _Replay(output, copy)() if copy else None
 
             return hook
 
+        saved: set[int] = set()
+
+        def pack(tensor: Any) -> Any:
+            saved.add(tensor.untyped_storage().data_ptr())
+            # detached, as autograd itself stores saved outputs: the tensor would otherwise hold
+            # its own grad_fn and the graph would live until the garbage collector finds the cycle
+            return tensor.detach()
+
         try:
             for name in self.trace.replayable:
-                hook = record(name, name in self.trace.mutated)
-                handles.append(self.modules[name].register_forward_hook(hook))
-            with torch.enable_grad():
+                handles.append(self.modules[name].register_forward_hook(record(name)))
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 out = self.model(self.x)
         finally:
             for handle in handles:
                 handle.remove()
+        # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
+        # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to keep.
+        for name, output in list(self.recorded.items()):
+            tensors = output if isinstance(output, tuple) else (output,)
+            if not all(t.untyped_storage().data_ptr() in saved for t in tensors):
+                del self.recorded[name]
         self.logits = out.detach()
+        if self.target is None:
+            from .explainers import targets_from_outputs
+
+            self.target = targets_from_outputs(self.logits)
         return self._gradient(out)
 
     def verify(self, cut: int) -> bool:
@@ -148,7 +164,7 @@ class GradientReplay:
             for name in outermost:
                 module = self.modules[name]
                 patched.append((module, module.__dict__.get("forward")))
-                module.forward = _Replay(self.recorded[name], name in self.trace.mutated)
+                module.forward = _Replay(self.recorded[name])
             yield
         finally:
             for module, previous in patched:
@@ -160,7 +176,7 @@ class GradientReplay:
     def _gradient(self, out: Any) -> Any:
         """captum's Saliency / InputXGradient: d(selected logits)/d(inputs) (times the inputs)."""
         torch = require_torch()
-        selected = out.gather(1, self.target).sum()
+        selected = out.gather(1, self.target[:, None]).sum()
         grad = None
         if selected.requires_grad:
             (grad,) = torch.autograd.grad(selected, self.x, retain_graph=True, allow_unused=True)

@@ -45,8 +45,10 @@ class ForwardTrace:
     (entries and exits share one counter), so ``end[a] < start[b]`` means ``a`` finished before
     ``b`` began: nothing ``b`` computes can have flowed into ``a``. ``replayable`` holds the
     modules whose output :mod:`pytest_saliency.activation_reuse` may stand in for: called exactly
-    once, returning a tensor or a tuple of tensors. ``mutated`` holds those whose output was later
-    changed in place (e.g. by ``nn.ReLU(inplace=True)``), which must be copied to be reused.
+    once, returning a tensor or a tuple of tensors, and not changed in place later. ``mutated``
+    holds the modules whose output a later in-place operation changed (e.g. the BatchNorm before
+    an ``nn.ReLU(inplace=True)``): they are recomputed, which for such layers is cheaper than
+    keeping a copy of their output.
     """
 
     order: list[str]
@@ -123,6 +125,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
         if name and calls.get(name) == 1 and not isinstance(modules[name], scripted)
     }
     mutated = {name for name in replayable if any(t._version != version for t, version in outputs[name])}
+    replayable -= mutated
     output = torch.cat(results) if len(results) > 1 and isinstance(results[0], torch.Tensor) else results[0]
     order = sorted(start, key=start.__getitem__)
     return ForwardTrace(order=order, start=start, end=end, calls=calls, replayable=replayable, mutated=mutated,

@@ -23,7 +23,7 @@ from typing import Any
 
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .activation_reuse import GradientReplay, reusable
+from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
 from .layers import ForwardTrace, select_layers, trace_forward
@@ -206,6 +206,58 @@ def _as_ssim_maps(maps: Any) -> Any:
     return maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
 
 
+#: Maps of consecutive states are post-processed and compared in one batch up to this many bytes:
+#: for small maps the per-call overhead of a dozen tensor operations outweighs their work.
+SIMILARITY_BATCH_BYTES = 2**20
+
+
+class _Comparison:
+    """SSIM of each randomized state's maps against the original maps, batched over states.
+
+    Raw attributions are added state by state (in any order) and post-processed and compared
+    in groups of up to :data:`SIMILARITY_BATCH_BYTES` of maps; the filtered moments of the
+    original maps are computed once. The first ``keep`` maps of every state are kept as copies
+    for the report (a view would keep the whole batch alive).
+    """
+
+    def __init__(self, original: Any, pipeline: MapPipeline, setup: Any, states: int, keep: int) -> None:
+        from .similarity import ssim_reference_moments
+
+        self.original, self.pipeline, self.setup, self.keep = original, pipeline, setup, keep
+        self.moments = ssim_reference_moments(original, setup)
+        self.map_bytes = original.numel() * original.element_size()
+        self.rows: list[Any] = [None] * states
+        self.kept_maps: list[Any] = [None] * states
+        self.pending: list[tuple[int, Any]] = []
+
+    def add(self, index: int, raw: Any) -> None:
+        self.pending.append((index, raw))
+        if len(self.pending) * self.map_bytes >= SIMILARITY_BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from .similarity import ssim_unchecked
+
+        torch = require_torch()
+        if not self.pending:
+            return
+        raws = [raw for _, raw in self.pending]
+        raw = torch.cat(raws) if len(raws) > 1 else raws[0]
+        maps = _as_ssim_maps(pipeline_maps(raw, self.pipeline)).unflatten(0, (len(raws), -1))
+        scores = ssim_unchecked(self.original, maps, self.setup, self.moments)
+        for row, (index, _) in enumerate(self.pending):
+            self.rows[index] = scores[row]
+            self.kept_maps[index] = maps[row, : self.keep].clone()
+        self.pending.clear()
+
+    def ssim(self) -> Any:
+        """(states, images) SSIM of the states added so far (all of them, after :meth:`flush`)."""
+        return require_torch().stack(self.rows)
+
+    def kept(self) -> Any:
+        return require_torch().stack(self.kept_maps)
+
+
 def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
     """Per state, the trace event at which the earliest randomized module starts.
 
@@ -342,7 +394,7 @@ def layer_randomization(
         ``False`` runs every state as a full captum call.
     """
     torch = require_torch()
-    from .similarity import ssim_reference_moments, ssim_setup, ssim_unchecked
+    from .similarity import ssim_setup
 
     start = time.perf_counter()
     check_model(model)
@@ -371,10 +423,10 @@ def layer_randomization(
     batched = adaptive or early_exit
     step = image_batch if batched else inputs.shape[0]
 
-    def maps_of(x: Any, t: Any, original: bool = False) -> Any:
-        """One state's maps, through captum (one batched call per state)."""
+    def maps_of(x: Any, t: Any) -> Any:
+        """The original model's maps, through captum (or the cache)."""
         key = None
-        if original and cache is not None and isinstance(resolved, MethodSpec):
+        if cache is not None and isinstance(resolved, MethodSpec):
             key = cache.key(model, x, t, name, options, seed, batch_size)
             raw = cache.get(key)
             if raw is not None:
@@ -384,21 +436,27 @@ def layer_randomization(
             cache.put(key, raw)
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
-    def replayed_original(replay: GradientReplay, x: Any, t: Any) -> Any:
+    def replayed_original(replay: GradientReplay, x: Any) -> Any:
         raw = replay.original()
         check_finite(raw, f"attribution maps from {name!r}")
         if cache is not None:
-            cache.put(cache.key(model, x, t, name, options, seed, batch_size), raw)
+            cache.put(cache.key(model, x, replay.target, name, options, seed, batch_size), raw)
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
     with preserved(model):
-        trace = trace_forward(model, inputs, batch_size)
-        fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
+        # One traced forward pass gives the execution order and, for the captum path, the targets.
+        # The replay path gets its targets from each batch's original pass, so one image suffices.
+        might_reuse = reuse_activations and getattr(resolved, "name", None) in GRADIENT_METHODS
+        trace = trace_forward(model, inputs[:1] if might_reuse else inputs, batch_size)
+        reuse = might_reuse and reusable(model, trace, resolved, options, batch_size, step)
+        fixed_target = None
+        if not (reuse and target is None):
+            outputs = None if might_reuse else trace.output
+            fixed_target = resolve_target(model, inputs, target, batch_size, outputs=outputs)
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
         cuts = _cuts(trace, names, mode)
-        reuse = reuse_activations and reusable(model, trace, resolved, options, batch_size, step)
         # Explaining never needs parameter gradients, and every state runs in eval mode: set both
         # once for the whole check (preserved() restores the flags) instead of once per state.
         model.eval()
@@ -412,9 +470,14 @@ def layer_randomization(
         stopped = ""
         reused = False
         for first in range(0, inputs.shape[0], step):
-            x, t = inputs[first:first + step], fixed_target[first:first + step]
+            x = inputs[first:first + step]
+            t = None if fixed_target is None else fixed_target[first:first + step]
             replay = GradientReplay(model, trace, x, t, name, options) if reuse else None
-            original = replayed_original(replay, x, t) if replay is not None else maps_of(x, t, original=True)
+            if replay is not None:
+                original = replayed_original(replay, x)
+                t = replay.target
+            else:
+                original = maps_of(x, t)
             used = _check_original_maps(original, pipeline, name, constant_maps)
             if used.numel() < original.shape[0]:
                 x, t, original = x[used], t[used], original[used]
@@ -426,10 +489,8 @@ def layer_randomization(
                 replay.close()
                 replay = None
             reused = reused or replay is not None
-            moments = ssim_reference_moments(original, setup)
             keep = max(0, min(keep_maps - sum(o.shape[0] for o in originals), x.shape[0]))
-            rows: list[Any] = [None] * len(stages)
-            kept_batch: list[Any] = [None] * len(stages)
+            comparison = _Comparison(original, pipeline, setup, len(stages), keep)
             try:
                 with contextlib.ExitStack() as cascade:
                     for done, index in enumerate(state_order):
@@ -444,18 +505,17 @@ def layer_randomization(
                             if replay is not None:
                                 raw = replay.maps(cuts[index])
                                 check_finite(raw, f"attribution maps from {name!r}")
-                                maps = _as_ssim_maps(pipeline_maps(raw, pipeline))
                             else:
-                                maps = maps_of(x, t)
-                        rows[index] = ssim_unchecked(original, maps, setup, moments)
-                        # a copy, so that the kept images do not hold the whole batch of maps alive
-                        kept_batch[index] = maps[:keep].clone()
+                                raw = _attribute(model, x, resolved, t, seed, batch_size, True, options,
+                                                 prepared=True)
+                        comparison.add(index, raw)
+                comparison.flush()
             finally:
                 if replay is not None:
                     replay.close()
-            columns.append(torch.stack(rows))
+            columns.append(comparison.ssim())
             originals.append(original[:keep].clone())
-            kept.append(torch.stack(kept_batch))
+            kept.append(comparison.kept())
             used_inputs += x.shape[0]
             if batched and first + step < inputs.shape[0]:
                 verdict = _decision(

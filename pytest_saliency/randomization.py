@@ -64,7 +64,14 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str) -> None:
     torch = require_torch()
     params = _own_parameters(module)
     originals = [p.detach().clone() for p in params]
-    with seeded(derive_seed(seed, name), params[0].device if params else None), torch.no_grad():
+    # torch's own initializers draw only from torch's generator; a user-defined reset_parameters
+    # may use numpy or Python's random too, so those generators are seeded and restored as well.
+    torch_only = strategy != "reinit" or all(
+        getattr(type(sub).reset_parameters, "__module__", "").startswith("torch.")
+        for sub in module.modules() if callable(getattr(sub, "reset_parameters", None))
+    )
+    device = params[0].device if params else None
+    with seeded(derive_seed(seed, name), device, torch_only=torch_only), torch.no_grad():
         if strategy == "reinit":
             covered: set[int] = set()
             for sub in module.modules():

@@ -144,29 +144,32 @@ def _reflect_index(start: int, stop: int, size: int, device: torch.device) -> to
 
 
 def _valid_filter(stack: torch.Tensor, setup: "SSIMSetup") -> torch.Tensor:
-    """Separable filter of (M, H, W) maps, evaluated only where skimage keeps the result.
+    """Separable filter of (..., H, W) maps, evaluated only where skimage keeps the result.
 
     skimage filters the whole map (scipy ``mode='reflect'``) and then crops ``pad = (win_size -
     1) // 2`` pixels from every border before averaging. Each kept output pixel only needs input
     pixels within the kernel radius ``r``, so we gather rows/cols ``[pad - r, size - pad + r)``
     (reflected where that leaves the map, which happens only when ``r > pad``) and run a 'valid'
     filter: exactly the cropped region, without computing the border that is thrown away.
-    The uniform window is a box filter, which ``avg_pool2d`` computes several times faster than two
+    The uniform window is a box filter: sums over ``unfold`` windows, along columns then rows,
+    which on CPU is 4-7x faster than ``avg_pool2d`` on single-channel maps and 10x faster than two
     single-channel convolutions (same result to float rounding). The gaussian one runs as two 1-D
     convolutions, rows then columns, in scipy's axis order.
     """
     pad, radius = setup.pad, setup.radius
     if setup.kernel is None:
-        return F.avg_pool2d(stack.unsqueeze(1), setup.win_size, stride=1).squeeze(1)
+        k = setup.win_size
+        return stack.unfold(-1, k, 1).sum(-1).unfold(-2, k, 1).sum(-1) / (k * k)
     height, width = stack.shape[-2:]
     if radius != pad:
         rows = _reflect_index(pad - radius, height - pad + radius, height, stack.device)
         cols = _reflect_index(pad - radius, width - pad + radius, width, stack.device)
         stack = stack.index_select(-2, rows).index_select(-1, cols)
     k = setup.kernel.to(dtype=stack.dtype, device=stack.device)
-    out = F.conv2d(stack.unsqueeze(1), k.view(1, 1, -1, 1))
+    lead = stack.shape[:-2]
+    out = F.conv2d(stack.reshape(-1, 1, *stack.shape[-2:]), k.view(1, 1, -1, 1))
     out = F.conv2d(out, k.view(1, 1, 1, -1))
-    return out.squeeze(1)
+    return out.reshape(*lead, *out.shape[-2:])
 
 
 @dataclass(frozen=True)
@@ -247,30 +250,30 @@ def ssim_reference_moments(a: torch.Tensor, setup: SSIMSetup) -> ReferenceMoment
     A randomization check compares the same original maps with one batch of maps per layer;
     computing their local mean and second moment once saves two of the five filters per layer.
     """
-    shift = a[:, :1, :1]
+    shift = a[..., :1, :1]
     da = a - shift
-    dx, dxx = _valid_filter(torch.cat([da, da * da]), setup).split(a.shape[0], dim=0)
+    dx, dxx = _valid_filter(torch.stack([da, da * da]), setup).unbind(0)
     return shift, dx, dxx
 
 
 def ssim_unchecked(
     a: torch.Tensor, b: torch.Tensor, setup: SSIMSetup, a_moments: ReferenceMoments | None = None,
 ) -> torch.Tensor:
-    """Per-map mean SSIM of (N, H, W) batches, without validating the maps.
+    """Per-map mean SSIM of (N, H, W) maps ``a`` against ``b`` of shape (N, H, W) or (K, N, H, W).
 
-    For callers that have already checked shape, dtype, device, finiteness and size (the
-    randomization engine checks each batch of maps once, when it is made).
+    No validation: for callers that have already checked shape, dtype, device, finiteness and
+    size (the randomization engine checks each batch of maps once, when it is made). A leading
+    K dimension compares the same ``a`` with K batches at once (one result row per batch).
     """
     # skimage computes a variance as E[x^2] - E[x]^2, which cancels catastrophically for nearly
     # flat maps far from 0 (float32 loses the whole variance of a map at 0.7 +- 1e-4). (Co)variances
     # do not change when a map is shifted, so filter the maps minus their first pixel (a value in
     # the map's own range; constant maps become exactly 0) and add the shift back to the means
     # only. Same formula, far less rounding: the float32 result tracks the exact SSIM.
-    n = a.shape[0]
     shift_a, dx, dxx = a_moments if a_moments is not None else ssim_reference_moments(a, setup)
-    shift_b = b[:, :1, :1]
+    shift_b = b[..., :1, :1]
     da, db = a - shift_a, b - shift_b
-    dy, dyy, dxy = _valid_filter(torch.cat([db, db * db, da * db]), setup).split(n, dim=0)
+    dy, dyy, dxy = _valid_filter(torch.stack([db, db * db, da * db]), setup).unbind(0)
     cov_norm = setup.cov_norm
     vx = cov_norm * (dxx - dx * dx)
     vy = cov_norm * (dyy - dy * dy)

@@ -195,7 +195,10 @@ def test_replay_drops_recorded_outputs_as_the_cut_moves_towards_the_input() -> N
     spec, _, options = prepare_method("saliency", model, x, {})
     replay = GradientReplay(model, trace, x, trace.output.argmax(1), "saliency", options)
     replay.original()
-    assert "layer1" in replay.recorded and "fc" in replay.recorded
+    assert {"stem", "layer1", "layer1.0", "layer1.1.conv2", "split"} <= set(replay.recorded)
+    # Outputs the graph does not save are not kept: the logits, a BatchNorm feeding an addition, a
+    # conv feeding torch.cat. Those modules run again when needed.
+    assert not {"fc", "layer1.0.bn2", "head_a"} & set(replay.recorded)
     assert replay.verify(trace.start["fc"])
     replay.maps(trace.start["layer1.1"])
     assert "layer1" not in replay.recorded and "layer1.0" in replay.recorded and "stem" in replay.recorded
@@ -259,3 +262,18 @@ def test_adaptive_images_and_skipped_constant_maps_work_with_reuse() -> None:
         fast, slow = both_ways(model, x_zero, "input_x_gradient", constant_maps="skip")
     assert fast.reused_activations and fast.n_images == slow.n_images == 11
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["independent", "cascading"])
+def test_grouping_states_for_similarity_does_not_change_the_numbers(monkeypatch, mode: str) -> None:
+    import pytest_saliency.parameter_randomization as engine
+
+    model, x = make_residual(), tiny_images(5, seed=4)
+    results = []
+    for budget in (1, 3 * 5 * 16 * 16 * 4, 2**40):  # every state alone, groups of three, all at once
+        monkeypatch.setattr(engine, "SIMILARITY_BATCH_BYTES", budget)
+        for reuse in (True, False):
+            results.append(layer_randomization(model, x, "saliency", mode=mode, reuse_activations=reuse))
+    for other in results[1:]:
+        np.testing.assert_allclose(other.ssim, results[0].ssim, rtol=0, atol=2e-6)
+        torch.testing.assert_close(other.randomized_maps, results[0].randomized_maps, rtol=0, atol=1e-5)

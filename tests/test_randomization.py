@@ -164,3 +164,24 @@ def test_unknown_strategy_lists_valid_ones():
     model, x = make_tiny_cnn(), tiny_images()
     with pytest.raises(SaliencyUsageError, match="reinit, gaussian, permute"):
         layer_randomization(model, x, randomization="shuffle")
+
+
+def test_a_custom_reset_parameters_may_use_numpy_and_python_random_without_changing_them() -> None:
+    class NumpyInit(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(5))
+
+        def reset_parameters(self) -> None:
+            values = np.random.standard_normal(5) + random.random()
+            self.weight.copy_(torch.as_tensor(values, dtype=torch.float32))
+
+    module = NumpyInit()
+    np_state, py_state = np.random.get_state()[1].copy(), random.getstate()
+    drawn = []
+    for _ in range(2):
+        with randomized([("m", module)], "reinit", seed=3):
+            drawn.append(module.weight.detach().clone())
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], torch.ones(5))  # seeded draws
+    assert np.array_equal(np.random.get_state()[1], np_state) and random.getstate() == py_state
+    assert torch.equal(module.weight, torch.ones(5))

@@ -105,6 +105,23 @@ def test_ssim_float64_matches_skimage(case: dict) -> None:
     np.testing.assert_allclose(got.numpy(), skimage_reference(a, b, **kwargs), rtol=0, atol=1e-6)
 
 
+@settings(max_examples=60, deadline=None)
+@given(case=ssim_cases(), k=st.integers(1, 3))
+def test_ssim_against_several_batches_with_reference_moments_matches_skimage(case: dict, k: int) -> None:
+    """The engine's path: one (N, H, W) original against a (K, N, H, W) stack, moments computed once."""
+    from pytest_saliency.similarity import ssim_reference_moments, ssim_setup, ssim_unchecked
+
+    kwargs = case["kwargs"]
+    a, _ = make_maps(case["kind"], case["shape"], kwargs["data_range"], case["seed"])
+    others = [make_maps(case["kind"], case["shape"], kwargs["data_range"], case["seed"] + 1 + i)[1] for i in range(k)]
+    setup = ssim_setup(**kwargs)
+    ta = torch.from_numpy(a)
+    got = ssim_unchecked(ta, torch.from_numpy(np.stack(others)), setup, ssim_reference_moments(ta, setup))
+    assert got.shape == (k, case["shape"][0])
+    for row, b in zip(got, others):
+        np.testing.assert_allclose(row.numpy(), skimage_reference(a, b, **kwargs), rtol=0, atol=1e-6)
+
+
 @settings(max_examples=80, deadline=None)
 @given(case=ssim_cases())
 def test_ssim_float32_matches_skimage(case: dict) -> None:
