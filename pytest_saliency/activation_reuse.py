@@ -1,4 +1,4 @@
-"""Plain-gradient maps for many randomized states without recomputing the unchanged prefix.
+"""Gradient maps for many randomized states without recomputing the unchanged prefix.
 
 When a randomization check randomizes layer ``k`` (alone, or with the layers after it), every
 module that finished running before ``k`` started computes exactly what it computed for the
@@ -15,9 +15,11 @@ each state the recorded outputs of modules that end after the new cut are droppe
 the part of the original graph that only they kept alive. At every moment the kept prefix and the
 recomputed suffix together cover one forward pass.
 
-Where it applies (:func:`reusable`): the named methods ``saliency`` and ``input_x_gradient``
-(whose maps are the input gradient, computed here exactly as captum computes them: the gradient
-of the selected logits with respect to the inputs), a model output of shape (N, num_classes), no
+Where it applies (:func:`reusable`): the named methods ``saliency``, ``input_x_gradient``,
+``integrated_gradients`` and ``smoothgrad`` (whose maps are made of input gradients, computed
+here with captum's arithmetic, see :class:`_Recipe`; for the last two, all interpolation steps or
+noisy samples of the batch must fit in one internal batch of the memory budget), a model output
+of shape (N, num_classes), no
 parameter shared between modules, and a model whose modules do not keep state between calls. A
 module is reused only if it ran exactly once and returned a tensor or a tuple of tensors that no
 later in-place operation changes (the BatchNorm before an ``nn.ReLU(inplace=True)`` runs again;
@@ -35,7 +37,9 @@ from typing import Any
 from ._torch import require_torch
 from .layers import ForwardTrace
 
-GRADIENT_METHODS = ("saliency", "input_x_gradient")
+GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
+#: Methods whose model input is the images themselves, so the original pass also finds the targets.
+SELF_TARGET_METHODS = ("saliency", "input_x_gradient")
 
 
 def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, Any], batch_size: int | None,
@@ -51,6 +55,18 @@ def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, An
     chunk = batch_size or options.get("_image_batch")
     if chunk and chunk < images_per_call:  # the caller bounds the batch: keep captum's chunked path
         return False
+    if method.name == "integrated_gradients":
+        # All interpolation steps of all images in one graph: only within the memory budget, which
+        # sized internal_batch_size (captum's own path would split the steps otherwise).
+        o = {**method.defaults, **options}
+        rows = o["internal_batch_size"]
+        if rows is not None and rows < images_per_call * int(o["n_steps"]):
+            return False
+    if method.name == "smoothgrad":  # likewise: every noisy sample in one captum partition
+        o = {**method.defaults, **options}
+        per_image = o["nt_samples_batch_size"]
+        if per_image is not None and per_image < int(o["nt_samples"]):
+            return False
     if isinstance(model, torch.jit.ScriptModule):
         return False
     # A parameter shared by two modules would change inside the reused prefix too.
@@ -79,13 +95,14 @@ class GradientReplay:
     """
 
     def __init__(self, model: Any, trace: ForwardTrace, inputs: Any, target: Any, method: str,
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], seed: int = 0) -> None:
         self.model = model
         self.trace = trace
-        self.x = inputs.detach().requires_grad_(True)
+        self.recipe = _Recipe(method, options, inputs.detach(), seed)
+        self.x = self.recipe.fed.detach().requires_grad_(True)
+        if target is None and method not in SELF_TARGET_METHODS:
+            raise ValueError(f"{method} needs the targets up front: its model inputs are not the images")
         self.target = None if target is None else target.reshape(-1)
-        self.times_input = method == "input_x_gradient"
-        self.absolute = method == "saliency" and bool(options.get("abs", False))
         self.modules = dict(model.named_modules())
         self.recorded: dict[str, Any] = {}
         self.logits: Any = None
@@ -174,19 +191,84 @@ class GradientReplay:
                     module.forward = previous
 
     def _gradient(self, out: Any) -> Any:
-        """captum's Saliency / InputXGradient: d(selected logits)/d(inputs) (times the inputs)."""
+        """d(selected logits)/d(model inputs), turned into attributions by the method's recipe."""
         torch = require_torch()
-        selected = out.gather(1, self.target[:, None]).sum()
+        selected = out.gather(1, self.recipe.targets(self.target)[:, None]).sum()
         grad = None
         if selected.requires_grad:
             (grad,) = torch.autograd.grad(selected, self.x, retain_graph=True, allow_unused=True)
         if grad is None:  # the output does not depend on the inputs at all
             grad = torch.zeros_like(self.x)
-        if self.times_input:
-            grad = grad * self.x.detach()
-        if self.absolute:
-            grad = grad.abs()
-        return grad.detach()
+        return self.recipe.attributions(grad.detach())
+
+
+class _Recipe:
+    """What a gradient method feeds the model, and how it turns input gradients into attributions.
+
+    Written to match captum's arithmetic exactly (the tests compare with captum): ``saliency`` is
+    the gradient (``abs`` optional), ``input_x_gradient`` the gradient times the input, and
+    ``integrated_gradients`` feeds all interpolation steps as one batch, ``baseline + alpha *
+    (x - baseline)`` step by step, and sums the step-size-weighted gradients times ``x - baseline``
+    (captum's ``IntegratedGradients._attribute`` with every step in one internal batch);
+    ``smoothgrad`` feeds every noisy sample at once, with the noise drawn by the same call under
+    the same seed as captum's ``NoiseTunnel`` (one partition), and averages the gradients.
+    The noisy or interpolated inputs are the same in every randomized state, so their prefix
+    activations are reused like the images' own.
+    """
+
+    def __init__(self, method: str, options: dict[str, Any], x: Any, seed: int) -> None:
+        torch = require_torch()
+        from .explainers import METHODS
+
+        o = {**METHODS[method].defaults, **options}
+        self.method, self.x, self.steps = method, x, 1
+        self.absolute = method == "saliency" and bool(o.get("abs", False))
+        self.fed = x
+        if method == "integrated_gradients":
+            from captum.attr._utils.approximation_methods import approximation_parameters
+
+            from ._rng import seeded
+            from .explainers import _zero_or
+
+            step_sizes_func, alphas_func = approximation_parameters(o["integration_method"])
+            self.steps = int(o["n_steps"])
+            step_sizes, alphas = step_sizes_func(self.steps), alphas_func(self.steps)
+            # the captum path draws a "uniform" baseline first thing under seeded(seed): same draw here
+            with seeded(seed, x.device):
+                self.baseline = _zero_or(o["baselines"], x)
+            self.fed = torch.cat([self.baseline + alpha * (x - self.baseline) for alpha in alphas], dim=0)
+            self.step_sizes = torch.tensor(step_sizes).float().view(self.steps, 1).to(x.device)
+        if method == "smoothgrad":
+            from ._rng import seeded
+
+            self.steps = int(o["nt_samples"])
+            stdev = o.get("stdevs")
+            stdev = float(o["noise_level"]) * float(o["input_range"]) if stdev is None else float(stdev)
+            size = (x.shape[0] * self.steps,) + tuple(x.shape[1:])
+            # captum's NoiseTunnel._add_noise_to_input, drawn first thing under seeded(seed) as there
+            with seeded(seed, x.device):
+                noise = torch.normal(0, torch.tensor(stdev, device=x.device).repeat(size))
+            self.fed = x.repeat_interleave(self.steps, dim=0) + noise
+
+    def targets(self, target: Any) -> Any:
+        """One target per fed row: IG repeats the batch per step, SmoothGrad each image per sample."""
+        if self.steps == 1 or target.numel() == 1:
+            return target.expand(self.fed.shape[0])
+        if self.method == "integrated_gradients":
+            return target.repeat(self.steps)
+        return target.repeat_interleave(self.steps)
+
+    def attributions(self, grad: Any) -> Any:
+        if self.method == "saliency":
+            return grad.abs() if self.absolute else grad
+        if self.method == "input_x_gradient":
+            return grad * self.x
+        if self.method == "smoothgrad":  # NoiseTunnel: the sum over samples, times 1, over nt_samples
+            total = grad.view((self.x.shape[0], self.steps) + tuple(grad.shape[1:])).sum(dim=1)
+            return total * 1 / self.steps
+        scaled = grad.contiguous().view(self.steps, -1) * self.step_sizes
+        total = scaled.reshape((self.steps, self.x.shape[0]) + tuple(grad.shape[1:])).sum(dim=0)
+        return total * (self.x - self.baseline)
 
 
 def _ancestors(name: str) -> list[str]:

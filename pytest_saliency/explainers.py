@@ -247,6 +247,10 @@ def _grid_mask(inputs: Any, grid: int) -> Any:
     return (rows[:, None] * gx + cols[None, :])[None, None]
 
 
+def _is_name(value: Any, name: str) -> bool:
+    return isinstance(value, str) and value == name
+
+
 def _zero_or(value: Any, inputs: Any) -> Any:
     """Baselines by name: ``"zero"`` (black), ``"uniform"`` (seeded noise over the input range) or
     ``"blurred"`` (a Gaussian blur of the input); a tensor or number is used as given."""
@@ -532,7 +536,9 @@ def _attribute(
     outputs = []
     named = isinstance(method, MethodSpec)
     # Deterministic named methods draw no random numbers: no need to fork and restore the RNGs.
-    rng = contextlib.nullcontext() if named and not method.stochastic else seeded(seed, inputs.device)
+    # A "uniform" baseline is drawn at random, whatever the method.
+    draws = not named or method.stochastic or _is_name(options.get("baselines"), "uniform")
+    rng = seeded(seed, inputs.device) if draws else contextlib.nullcontext()
     guard = contextlib.ExitStack()
     if not (prepared and named):
         guard.enter_context(_eval_mode(model, eval_mode))

@@ -6,8 +6,8 @@ default (Adebayo's order), or from the input upwards with ``order="bottom_up"``.
 
 Cost: one traced forward pass gives the execution order and the predicted targets; the original
 model's maps are computed once; then one explanation of the whole batch per randomized state,
-with the layer randomized in place and restored (no model copies). For plain-gradient methods
-only the part of the forward pass after the randomized layer is recomputed
+with the layer randomized in place and restored (no model copies). For gradient methods
+(saliency, input x gradient, integrated gradients) only the part of the forward pass after the randomized layer is recomputed
 (:mod:`pytest_saliency.activation_reuse`). SSIM runs batched on the maps' device, against
 filtered moments of the original maps computed once.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
+from .activation_reuse import GRADIENT_METHODS, SELF_TARGET_METHODS, GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
 from .layers import ForwardTrace, select_layers, trace_forward
@@ -389,8 +389,8 @@ def layer_randomization(
         reuse the original model's attributions (named methods only).
     ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
         ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
-    ``reuse_activations``: for ``saliency`` and ``input_x_gradient``, recompute only the part of
-        the forward pass from the randomized layer on (see :mod:`pytest_saliency.activation_reuse`);
+    ``reuse_activations``: for ``saliency``, ``input_x_gradient`` and ``integrated_gradients``,
+        recompute only the part of the forward pass from the randomized layer on (see :mod:`pytest_saliency.activation_reuse`);
         ``False`` runs every state as a full captum call.
     """
     torch = require_torch()
@@ -437,10 +437,18 @@ def layer_randomization(
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
     def replayed_original(replay: GradientReplay, x: Any) -> Any:
+        """The original maps from the replay's recorded pass (which runs anyway: its graph is
+        reused); an earlier check's maps from the cache take precedence, so checks in a session
+        compare against identical originals."""
         raw = replay.original()
         check_finite(raw, f"attribution maps from {name!r}")
         if cache is not None:
-            cache.put(cache.key(model, x, replay.target, name, options, seed, batch_size), raw)
+            key = cache.key(model, x, replay.target, name, options, seed, batch_size)
+            cached = cache.get(key)
+            if cached is None:
+                cache.put(key, raw)
+            else:
+                raw = cached
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
     with preserved(model):
@@ -450,7 +458,7 @@ def layer_randomization(
         trace = trace_forward(model, inputs[:1] if might_reuse else inputs, batch_size)
         reuse = might_reuse and reusable(model, trace, resolved, options, batch_size, step)
         fixed_target = None
-        if not (reuse and target is None):
+        if not (reuse and target is None and name in SELF_TARGET_METHODS):
             outputs = None if might_reuse else trace.output
             fixed_target = resolve_target(model, inputs, target, batch_size, outputs=outputs)
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
@@ -472,7 +480,7 @@ def layer_randomization(
         for first in range(0, inputs.shape[0], step):
             x = inputs[first:first + step]
             t = None if fixed_target is None else fixed_target[first:first + step]
-            replay = GradientReplay(model, trace, x, t, name, options) if reuse else None
+            replay = GradientReplay(model, trace, x, t, name, options, seed) if reuse else None
             if replay is not None:
                 original = replayed_original(replay, x)
                 t = replay.target
@@ -483,7 +491,7 @@ def layer_randomization(
                 x, t, original = x[used], t[used], original[used]
                 if replay is not None:  # the recorded graph covers the dropped images too: start afresh
                     replay.close()
-                    replay = GradientReplay(model, trace, x, t, name, options)
+                    replay = GradientReplay(model, trace, x, t, name, options, seed)
                     replay.original()
             if replay is not None and not replay.verify(max(cuts)):
                 replay.close()

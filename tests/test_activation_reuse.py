@@ -146,8 +146,12 @@ MODELS = {"tiny_cnn": (make_tiny_cnn, lambda: tiny_images(6)),
           "residual": (make_residual, lambda: tiny_images(5, seed=3))}
 
 
+METHOD_OPTIONS = {"saliency": {}, "input_x_gradient": {}, "integrated_gradients": {"n_steps": 6},
+                  "smoothgrad": {"nt_samples": 5}}
+
+
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
 @pytest.mark.parametrize("mode,order", [("independent", "top_down"), ("cascading", "top_down"),
                                         ("cascading", "bottom_up")])
 def test_reuse_gives_the_same_ssim_as_full_captum_passes(model_name: str, method: str, mode: str, order: str) -> None:
@@ -155,7 +159,8 @@ def test_reuse_gives_the_same_ssim_as_full_captum_passes(model_name: str, method
     model, x = make(), images()
     for randomization in ("reinit", "permute"):
         before = snapshot(model)
-        fast, slow = both_ways(model, x, method, mode=mode, order=order, randomization=randomization)
+        fast, slow = both_ways(model, x, method, mode=mode, order=order, randomization=randomization,
+                               **METHOD_OPTIONS[method])
         assert fast.reused_activations and not slow.reused_activations
         assert fast.layers == slow.layers
         np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
@@ -187,6 +192,43 @@ def test_the_replayed_original_maps_equal_captum() -> None:
         replay = GradientReplay(model, trace, x, target, method, options)
         torch.testing.assert_close(replay.original(), expected, rtol=0, atol=1e-7)
         replay.close()
+
+
+@pytest.mark.parametrize("method, options", [
+    ("integrated_gradients", {"n_steps": 7}),
+    ("integrated_gradients", {"n_steps": 5, "integration_method": "riemann_trapezoid"}),
+    ("integrated_gradients", {"n_steps": 4, "baselines": "uniform"}),
+    ("integrated_gradients", {"n_steps": 4, "baselines": "blurred"}),
+    ("integrated_gradients", {"n_steps": 3, "baselines": 0.25, "integration_method": "riemann_left"}),
+    ("smoothgrad", {"nt_samples": 6}),
+    ("smoothgrad", {"nt_samples": 3, "stdevs": 0.3}),
+    ("smoothgrad", {"nt_samples": 4, "noise_level": 0.5, "nt_samples_batch_size": 4}),
+])
+def test_the_replayed_steps_and_samples_equal_captums(method: str, options: dict) -> None:
+    """Same interpolation / same seeded noise, same arithmetic: captum's maps, for a batch and one image."""
+    from pytest_saliency.explainers import _attribute
+
+    model, x = make_residual(), tiny_images(4, seed=5)
+    trace = trace_forward(model, x)
+    target = trace.output.argmax(1)
+    spec, _, prepared = prepare_method(method, model, x, dict(options))
+    assert reusable(model, trace, spec, prepared, None, x.shape[0])
+    for images in (x, x[:1]):
+        expected = _attribute(model, images, spec, target[: len(images)], 7, None, True, prepared)  # captum, seed 7
+        replay = GradientReplay(model, trace, images, target[: len(images)], method, prepared, seed=7)
+        torch.testing.assert_close(replay.original(), expected, rtol=1e-5, atol=1e-6)
+        replay.close()
+
+
+def test_integrated_gradients_reuse_only_within_one_internal_batch() -> None:
+    model, x = make_residual(), tiny_images(4)
+    trace = trace_forward(model, x[:1])
+    spec, _, prepared = prepare_method("integrated_gradients", model, x, {"n_steps": 10, "internal_batch_size": 39})
+    assert not reusable(model, trace, spec, prepared, None, 4)  # 4 images x 10 steps do not fit in 39 rows
+    spec, _, prepared = prepare_method("integrated_gradients", model, x, {"n_steps": 10, "internal_batch_size": 40})
+    assert reusable(model, trace, spec, prepared, None, 4)
+    result = layer_randomization(model, x, "integrated_gradients", n_steps=10, internal_batch_size=39)
+    assert not result.reused_activations
 
 
 def test_replay_drops_recorded_outputs_as_the_cut_moves_towards_the_input() -> None:
@@ -226,6 +268,7 @@ def test_a_model_with_state_between_calls_falls_back_to_full_passes() -> None:
 def test_methods_models_and_options_that_do_not_reuse() -> None:
     model, x = make_tiny_cnn(), tiny_images(6)
     assert not layer_randomization(model, x, "guided_backprop").reused_activations
+    assert not layer_randomization(model, x, "smoothgrad", nt_samples=4, nt_samples_batch_size=2).reused_activations
     assert not layer_randomization(model, x, "saliency", batch_size=2).reused_activations
     assert not layer_randomization(model, x, "saliency", reuse_activations=False).reused_activations
     assert layer_randomization(model, x, "saliency", batch_size=6).reused_activations

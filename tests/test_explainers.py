@@ -162,3 +162,17 @@ def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inp
     torch.testing.assert_close(small, explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8))
     with pytest.raises(SaliencyUsageError, match="memory_budget must be"):
         explain(tiny_model, tiny_inputs, "occlusion", memory_budget=-1)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "deeplift"])
+def test_a_uniform_baseline_is_seeded_and_leaves_the_global_rngs_alone(tiny_model, tiny_inputs, method):
+    state = torch.random.get_rng_state().clone()
+    first = explain(tiny_model, tiny_inputs, method, baselines="uniform", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(12345)  # whatever the global generator holds, the seed decides the baseline
+    try:
+        again = explain(tiny_model, tiny_inputs, method, baselines="uniform", seed=3)
+        other = explain(tiny_model, tiny_inputs, method, baselines="uniform", seed=4)
+    finally:
+        torch.random.set_rng_state(state)
+    assert torch.equal(first, again) and not torch.equal(first, other)
