@@ -9,7 +9,7 @@ The ways (each does the whole IPR of one workload: original maps + one map batch
 ``engine``     ``pytest_saliency.layer_randomization(model, x, method, mode="independent", layers="leaf",
                preset=PRESET, seed=SEED, **options)``, as a user calls it (statistics included).
 ``engine_full`` the same call with ``reuse_activations=False``: every randomized state is a full captum
-               call (for methods other than plain gradients the two ways do the same work).
+               call (run for the methods that reuse activations: plain gradient, IG, SmoothGrad).
 ``reference``  a straightforward loop written here: for each Conv/Linear/BatchNorm layer,
                ``copy.deepcopy(model)``, randomize that layer of the copy, run the captum method on the
                batch for the original model's predicted targets, post-process with
@@ -73,6 +73,7 @@ sys.path.insert(0, str(ROOT / "examples" / "digits_repo"))
 import models
 
 PRESET = "adebayo2018"
+REUSING_METHODS = ("saliency", "integrated_gradients", "smoothgrad")  # pytest_saliency.activation_reuse
 SEED = 0
 DATA_SEED = 1234
 SSIM_TOLERANCE = 1e-5
@@ -964,8 +965,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         w_ways = [
             x for x in ways
-            # the param-grad floor and the engine without reuse only differ for plain gradients
-            if not (x in ("floor_pgrad", "engine_full") and w.method != "saliency")
+            # the param-grad floor is for plain gradients; the engine without activation reuse
+            # differs from the engine only for the methods that reuse activations
+            if not (x == "floor_pgrad" and w.method != "saliency")
+            and not (x == "engine_full" and w.method not in REUSING_METHODS)
         ]
         if args.memory_only:
             mem = measure_memory(

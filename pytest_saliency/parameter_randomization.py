@@ -384,7 +384,8 @@ def layer_randomization(
         an int caps the number of images used. ``early_exit=True`` stops at the first decisive
         failure but needs all images to pass (a gate that fails fast). The stricter
         confidence for stopping compensates for looking at the data repeatedly.
-    Memory: ``batch_size`` bounds how many images one explainer call sees.
+    Memory: ``batch_size`` bounds how many images one explainer call sees; without it, the
+        method's ``memory_budget`` option (default ``"auto"``) sizes the chunks.
     Sharing: a :class:`pytest_saliency.cache.MapCache` passed as ``cache`` lets several checks
         reuse the original model's attributions (named methods only).
     ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
@@ -456,7 +457,13 @@ def layer_randomization(
         # The replay path gets its targets from each batch's original pass, so one image suffices.
         might_reuse = reuse_activations and getattr(resolved, "name", None) in GRADIENT_METHODS
         trace = trace_forward(model, inputs[:1] if might_reuse else inputs, batch_size)
-        reuse = might_reuse and reusable(model, trace, resolved, options, batch_size, step)
+        # The replay explains one chunk of images at a time (batch_size, or the memory budget's
+        # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
+        chunk = batch_size or options.get("_image_batch")
+        replay_step = min(step, chunk) if chunk and not batched else step
+        reuse = might_reuse and reusable(model, trace, resolved, options, batch_size, replay_step)
+        if reuse:
+            step = replay_step
         fixed_target = None
         if not (reuse and target is None and name in SELF_TARGET_METHODS):
             outputs = None if might_reuse else trace.output

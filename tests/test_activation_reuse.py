@@ -269,9 +269,21 @@ def test_methods_models_and_options_that_do_not_reuse() -> None:
     model, x = make_tiny_cnn(), tiny_images(6)
     assert not layer_randomization(model, x, "guided_backprop").reused_activations
     assert not layer_randomization(model, x, "smoothgrad", nt_samples=4, nt_samples_batch_size=2).reused_activations
-    assert not layer_randomization(model, x, "saliency", batch_size=2).reused_activations
     assert not layer_randomization(model, x, "saliency", reuse_activations=False).reused_activations
-    assert layer_randomization(model, x, "saliency", batch_size=6).reused_activations
+    # adaptive mode with a chunk smaller than image_batch: captum's chunked path
+    assert not layer_randomization(model, x, "saliency", images="auto", image_batch=4,
+                                   batch_size=2).reused_activations
+
+
+@pytest.mark.parametrize("chunking", [{"batch_size": 2}, {"memory_budget": 1}])
+def test_reuse_explains_chunks_of_images_when_the_batch_is_bounded(chunking: dict) -> None:
+    """batch_size, or a memory budget too small for the batch: the replay runs chunk by chunk."""
+    model, x = make_residual(), tiny_images(5, seed=8)
+    fast, slow = both_ways(model, x, "saliency", **chunking)
+    assert fast.reused_activations and fast.n_images == 5
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    unbounded = layer_randomization(model, x, "saliency")
+    np.testing.assert_allclose(fast.ssim, unbounded.ssim, rtol=0, atol=2e-6)
 
 
 def test_an_error_in_the_middle_leaves_the_model_and_rngs_untouched() -> None:

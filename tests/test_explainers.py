@@ -176,3 +176,16 @@ def test_a_uniform_baseline_is_seeded_and_leaves_the_global_rngs_alone(tiny_mode
     finally:
         torch.random.set_rng_state(state)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("method", ["saliency", "guided_backprop", "gradient_shap"])
+def test_every_method_explains_in_chunks_when_the_memory_budget_is_small(tiny_model, tiny_inputs, method):
+    from pytest_saliency.explainers import prepare_method
+
+    _, _, options = prepare_method(method, tiny_model, tiny_inputs, {"memory_budget": 1})
+    assert options["_image_batch"] == 1  # one image at a time: a byte of budget fits nothing more
+    _, _, roomy = prepare_method(method, tiny_model, tiny_inputs, {})
+    assert "_image_batch" not in roomy
+    if method != "gradient_shap":  # its random baselines are drawn per chunk
+        chunked = explain(tiny_model, tiny_inputs, method, memory_budget=1)
+        torch.testing.assert_close(chunked, explain(tiny_model, tiny_inputs, method), rtol=1e-5, atol=1e-6)
