@@ -461,7 +461,8 @@ def layer_randomization(
         # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
         chunk = batch_size or options.get("_image_batch")
         replay_step = min(step, chunk) if chunk and not batched else step
-        reuse = might_reuse and reusable(model, trace, resolved, options, batch_size, replay_step)
+        reuse = might_reuse and reusable(model, trace, resolved, options, batch_size,
+                                         min(replay_step, inputs.shape[0]))
         if reuse:
             step = replay_step
         fixed_target = None

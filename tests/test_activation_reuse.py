@@ -332,3 +332,11 @@ def test_grouping_states_for_similarity_does_not_change_the_numbers(monkeypatch,
     for other in results[1:]:
         np.testing.assert_allclose(other.ssim, results[0].ssim, rtol=0, atol=2e-6)
         torch.testing.assert_close(other.randomized_maps, results[0].randomized_maps, rtol=0, atol=1e-5)
+
+
+def test_adaptive_mode_reuses_when_the_steps_fit_the_images_actually_explained() -> None:
+    """image_batch larger than N: each call sees N images, and N x n_steps fits the internal batch."""
+    model, x = make_residual(), tiny_images(4)
+    result = layer_randomization(model, x, "integrated_gradients", n_steps=5, internal_batch_size=20,
+                                 images="auto", image_batch=32)
+    assert result.reused_activations and result.n_images == 4
