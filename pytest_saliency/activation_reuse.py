@@ -35,11 +35,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._torch import require_torch
-from .layers import ForwardTrace
+from .layers import ForwardTrace, _plain, patch_forward, restore_forwards
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
-#: Methods whose model input is the images themselves, so the original pass also finds the targets.
-SELF_TARGET_METHODS = ("saliency", "input_x_gradient")
 
 
 def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, Any], batch_size: int | None,
@@ -69,29 +67,47 @@ def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, An
             return False
     if isinstance(model, torch.jit.ScriptModule):
         return False
+    hooks = torch.nn.modules.module
+    if getattr(hooks, "_global_backward_hooks", None) or getattr(hooks, "_global_backward_pre_hooks", None):
+        return False  # global module backward hooks would not run on replayed modules
     # A parameter shared by two modules would change inside the reused prefix too.
     return len(list(model.named_parameters(remove_duplicate=False))) == len(list(model.parameters()))
 
 
 class _Replay:
-    """Stands in for a module's ``forward``: returns the recorded output."""
+    """Stands in for a module's ``forward`` for one pass: the recorded output, once.
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    A second call in the same pass (a module the trace saw once but that runs again, e.g.
+    through a path the trace did not take) runs the real ``forward``, so it is never wrong.
+    """
+
+    def __init__(self, value: Any, forward: Any) -> None:
+        self.value, self.forward, self.used = value, forward, False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.used:
+            return self.forward(*args, **kwargs)
+        self.used = True
         return self.value
+
+
+_INPLACE_ERROR = (
+    "one of the variables needed for gradient computation has been modified by an inplace operation "
+    "(found while reusing the original model's activations; pass reuse_activations=False to get "
+    "autograd's own report)"
+)
 
 
 class GradientReplay:
     """Input-gradient maps of one batch, for the original model and then for each randomized state.
 
-    ``target``: one class per input, or None for the original model's predicted classes (taken
-    from the original pass's logits, which saves the separate forward pass that finds them).
+    ``target``: one class per input (the original model's predictions by default, from the
+    check's traced forward pass).
 
     Use :meth:`original` first, then :meth:`verify`, then :meth:`maps` once per state with the
-    state's cut (the trace's start event of the earliest randomized module). Cuts should not
-    increase from one call to the next; if they do, the result stays correct but less is reused.
+    state's cut (:attr:`ForwardTrace.first_use` of the earliest randomized module). Cuts should
+    not increase from one call to the next; if they do, the result stays correct but less is
+    reused.
     """
 
     def __init__(self, model: Any, trace: ForwardTrace, inputs: Any, target: Any, method: str,
@@ -100,9 +116,7 @@ class GradientReplay:
         self.trace = trace
         self.recipe = _Recipe(method, options, inputs.detach(), seed)
         self.x = self.recipe.fed.detach().requires_grad_(True)
-        if target is None and method not in SELF_TARGET_METHODS:
-            raise ValueError(f"{method} needs the targets up front: its model inputs are not the images")
-        self.target = None if target is None else target.reshape(-1)
+        self.target = target.reshape(-1)
         self.modules = dict(model.named_modules())
         self.recorded: dict[str, Any] = {}
         self.logits: Any = None
@@ -110,41 +124,52 @@ class GradientReplay:
     def original(self) -> Any:
         """The original model's maps; records every reusable module's output and keeps the graph."""
         torch = require_torch()
-        handles = []
+        calls: dict[str, int] = {}
 
-        def record(name: str) -> Any:
-            def hook(module: Any, args: Any, output: Any) -> None:
+        def recording(name: str, inner: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                output = inner(*args, **kwargs)
+                calls[name] = calls.get(name, 0) + 1
                 self.recorded[name] = output
+                return output
 
-            return hook
+            return forward
 
         saved: set[int] = set()
 
         def pack(tensor: Any) -> Any:
-            saved.add(tensor.untyped_storage().data_ptr())
-            # detached, as autograd itself stores saved outputs: the tensor would otherwise hold
-            # its own grad_fn and the graph would live until the garbage collector finds the cycle
-            return tensor.detach()
+            if _plain(tensor):
+                saved.add(tensor.untyped_storage().data_ptr())
+            # Detached, as autograd stores saved outputs (the tensor would otherwise hold its own
+            # grad_fn, and the graph would live until the garbage collector found the cycle). The
+            # version is kept because autograd skips its in-place check for hooked tensors.
+            return tensor.detach(), tensor._version
 
+        def unpack(packed: Any) -> Any:
+            tensor, version = packed
+            if tensor._version != version:
+                raise RuntimeError(_INPLACE_ERROR)
+            return tensor
+
+        patched: list[tuple[Any, Any]] = []
         try:
             for name in self.trace.replayable:
-                handles.append(self.modules[name].register_forward_hook(record(name)))
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                module = self.modules[name]
+                patch_forward(module, recording(name, module.forward), patched)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 out = self.model(self.x)
         finally:
-            for handle in handles:
-                handle.remove()
+            restore_forwards(patched)
         # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
-        # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to keep.
+        # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
+        # keep. And only modules that ran exactly once on this batch.
         for name, output in list(self.recorded.items()):
             tensors = output if isinstance(output, tuple) else (output,)
-            if not all(t.untyped_storage().data_ptr() in saved for t in tensors):
+            if calls.get(name) != 1 or not all(
+                _plain(t) and t.untyped_storage().data_ptr() in saved for t in tensors
+            ):
                 del self.recorded[name]
         self.logits = out.detach()
-        if self.target is None:
-            from .explainers import targets_from_outputs
-
-            self.target = targets_from_outputs(self.logits)
         return self._gradient(out)
 
     def verify(self, cut: int) -> bool:
@@ -176,19 +201,14 @@ class GradientReplay:
         """Make the outermost recorded modules that ended before ``cut`` return their outputs."""
         done = {n for n in self.recorded if self.trace.end[n] < cut}
         outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
-        patched = []
+        patched: list[tuple[Any, Any]] = []
         try:
             for name in outermost:
                 module = self.modules[name]
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = _Replay(self.recorded[name])
+                patch_forward(module, _Replay(self.recorded[name], module.forward), patched)
             yield
         finally:
-            for module, previous in patched:
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+            restore_forwards(patched)
 
     def _gradient(self, out: Any) -> Any:
         """d(selected logits)/d(model inputs), turned into attributions by the method's recipe."""

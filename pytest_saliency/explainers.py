@@ -412,9 +412,11 @@ def activation_bytes_per_input(model: Any, example: Any) -> int:
         if isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()
 
-    leaves = [m for m in model.modules() if next(m.children(), None) is None]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    leaves = [m for m in model.modules() if next(m.children(), None) is None
+              and not isinstance(m, torch.jit.ScriptModule)]  # scripted modules take no hooks
+    handles = []
     try:
+        handles.extend(m.register_forward_hook(hook) for m in leaves)
         with torch.no_grad(), _eval_mode(model, True):
             model(example)
     finally:

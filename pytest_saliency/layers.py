@@ -39,97 +39,157 @@ def _owns_parameters(module: Any, recurse: bool) -> bool:
 
 @dataclass
 class ForwardTrace:
-    """What one forward pass of the model did, recorded by hooks on every module.
+    """What one forward pass of the model did, recorded for every module.
 
     ``start[name]`` / ``end[name]`` are event numbers of a module's first entry and last exit
     (entries and exits share one counter), so ``end[a] < start[b]`` means ``a`` finished before
-    ``b`` began: nothing ``b`` computes can have flowed into ``a``. ``replayable`` holds the
-    modules whose output :mod:`pytest_saliency.activation_reuse` may stand in for: called exactly
-    once, returning a tensor or a tuple of tensors, and not changed in place later. ``mutated``
-    holds the modules whose output a later in-place operation changed (e.g. the BatchNorm before
-    an ``nn.ReLU(inplace=True)``): they are recomputed, which for such layers is cheaper than
-    keeping a copy of their output.
+    ``b`` began. ``first_use[name]`` is the earliest event at which the module could have
+    influenced anything: its own start, a submodule's start (a child may be called from outside
+    its parent), or the first torch operation that read one of its parameters (code may use a
+    layer's weight before the layer runs). Every module that ended before ``first_use[k]`` computes
+    the same output whatever ``k``'s parameters are.
+
+    ``replayable`` holds the modules whose output :mod:`pytest_saliency.activation_reuse` may
+    stand in for: called exactly once (counted on ``forward`` itself, so direct ``.forward()``
+    calls count too), returning a plain tensor or a tuple of them that no later in-place
+    operation changed, without backward hooks and not scripted. ``mutated`` holds the modules
+    whose output was changed in place later (e.g. the BatchNorm before an
+    ``nn.ReLU(inplace=True)``): they are recomputed, which for such layers is cheaper than keeping
+    a copy of their output.
     """
 
     order: list[str]
     start: dict[str, int]
     end: dict[str, int]
     calls: dict[str, int]
+    first_use: dict[str, int]
     replayable: set[str]
     mutated: set[str]
     output: Any = field(repr=False)
 
 
+def _plain(tensor: Any) -> bool:
+    """A dense tensor with its own storage (not sparse, not a functorch wrapper)."""
+    torch = require_torch()
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        return False
+    try:
+        tensor.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def _output_tensors(output: Any) -> list[Any] | None:
     torch = require_torch()
     if isinstance(output, torch.Tensor):
-        return [output]
-    if type(output) is tuple and output and all(isinstance(o, torch.Tensor) for o in output):
-        return list(output)
-    return None
+        tensors = [output]
+    elif type(output) is tuple and output and all(isinstance(o, torch.Tensor) for o in output):
+        tensors = list(output)
+    else:
+        return None
+    return tensors if all(_plain(t) for t in tensors) else None
+
+
+def _scripted(module: Any) -> bool:
+    return isinstance(module, require_torch().jit.ScriptModule)
+
+
+def patch_forward(module: Any, replacement: Any, patched: list[tuple[Any, Any]]) -> None:
+    """Set ``module.forward`` (an instance attribute); ``patched`` collects what to restore."""
+    patched.append((module, module.__dict__.get("forward")))
+    module.forward = replacement
+
+
+def restore_forwards(patched: list[tuple[Any, Any]]) -> None:
+    """Undo :func:`patch_forward`, newest first, whatever happened in between."""
+    while patched:
+        module, previous = patched.pop()
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
 
 
 def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> ForwardTrace:
     """Run the model once in eval mode without gradients and record :class:`ForwardTrace`.
 
-    The hooks are on the first chunk of ``batch_size`` inputs only; the output covers all inputs
-    (it gives the predicted targets, so checks need no separate forward pass for them).
+    Each module's ``forward`` is wrapped for the first chunk of ``batch_size`` inputs (and
+    restored afterwards, whatever happens); the output covers all inputs (it gives the predicted
+    targets, so checks need no separate forward pass for them).
     """
     torch = require_torch()
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
     events = 0
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     calls: dict[str, int] = {}
     outputs: dict[str, list[tuple[Any, int]]] = {}
-    names = {id(module): name for name, module in model.named_modules()}
+    param_ids = {id(p) for p in model.parameters()}
+    first_param_use: dict[int, int] = {}
 
-    def pre_hook(module: Any, args: Any) -> None:
-        nonlocal events
-        name = names[id(module)]
-        start.setdefault(name, events)
-        calls[name] = calls.get(name, 0) + 1
-        events += 1
+    class ParameterUse(TorchFunctionMode):
+        """Notes the event at which each parameter is first read by a torch operation."""
 
-    def post_hook(module: Any, args: Any, output: Any) -> None:
-        nonlocal events
-        name = names[id(module)]
-        end[name] = events
-        events += 1
-        tensors = _output_tensors(output)
-        if tensors is not None:
-            outputs[name] = [(t, t._version) for t in tensors]
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            for value in tree_leaves((args, kwargs)):
+                if id(value) in param_ids and id(value) not in first_param_use:
+                    first_param_use[id(value)] = events
+            return func(*args, **kwargs)
 
-    handles = []
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook))
+    def counted(name: str, inner: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            nonlocal events
+            start.setdefault(name, events)
+            calls[name] = calls.get(name, 0) + 1
+            events += 1
+            output = inner(*args, **kwargs)
+            end[name] = events
+            events += 1
+            tensors = _output_tensors(output)
+            outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
+            return output
+
+        return forward
+
+    modules = dict(model.named_modules())
     flags = [(m, m.training) for m in model.modules()]
     chunks = [inputs] if not batch_size or batch_size >= inputs.shape[0] else list(inputs.split(batch_size))
+    patched: list[tuple[Any, Any]] = []
     try:
+        for name, module in modules.items():
+            if not _scripted(module):
+                patch_forward(module, counted(name, module.forward), patched)
         model.eval()
         with torch.no_grad():
-            results = [model(chunks[0])]
-            for handle in handles:
-                handle.remove()
-            handles = []
+            with ParameterUse():
+                results = [model(chunks[0])]
+            restore_forwards(patched)
             results += [model(chunk) for chunk in chunks[1:]]
     finally:
-        for handle in handles:
-            handle.remove()
+        restore_forwards(patched)
         for module, training in flags:
             module.training = training
-    scripted = getattr(torch.jit, "ScriptModule", ())
-    modules = dict(model.named_modules())
     replayable = {
         name for name, saved in outputs.items()
-        if name and calls.get(name) == 1 and not isinstance(modules[name], scripted)
+        if name and calls.get(name) == 1 and saved and not _scripted(modules[name])
+        and not modules[name]._backward_hooks and not modules[name]._backward_pre_hooks
     }
     mutated = {name for name in replayable if any(t._version != version for t, version in outputs[name])}
     replayable -= mutated
+    first_use = {}
+    for name, module in modules.items():
+        touched = [start[sub] for sub, _ in module.named_modules(prefix=name) if sub in start]
+        touched += [first_param_use[id(p)] for p in module.parameters() if id(p) in first_param_use]
+        if touched:
+            first_use[name] = min(touched)
     output = torch.cat(results) if len(results) > 1 and isinstance(results[0], torch.Tensor) else results[0]
     order = sorted(start, key=start.__getitem__)
-    return ForwardTrace(order=order, start=start, end=end, calls=calls, replayable=replayable, mutated=mutated,
-                        output=output)
+    return ForwardTrace(order=order, start=start, end=end, calls=calls, first_use=first_use,
+                        replayable=replayable, mutated=mutated, output=output)
 
 
 def execution_order(model: Any, example: Any) -> list[str]:

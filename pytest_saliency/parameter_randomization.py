@@ -23,7 +23,7 @@ from typing import Any
 
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .activation_reuse import GRADIENT_METHODS, SELF_TARGET_METHODS, GradientReplay, reusable
+from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
 from .layers import ForwardTrace, select_layers, trace_forward
@@ -259,12 +259,14 @@ class _Comparison:
 
 
 def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
-    """Per state, the trace event at which the earliest randomized module starts.
+    """Per state, the trace event from which the randomized parameters can change anything.
 
-    Everything that ended before it is unchanged in that state. Independent: the state's own
-    layer. Cascading: the earliest of the layers randomized so far (``names`` in randomization order).
+    That is :attr:`ForwardTrace.first_use` (a layer's start, or earlier if its parameters or
+    submodules are used before it runs); everything that ended before it is unchanged in that
+    state. Independent: the state's own layer. Cascading: the earliest of the layers randomized
+    so far (``names`` in randomization order).
     """
-    starts = [trace.start[n] for n in names]
+    starts = [trace.first_use[n] for n in names]
     if mode == "independent":
         return starts
     return [min(starts[: i + 1]) for i in range(len(starts))]
@@ -453,10 +455,10 @@ def layer_randomization(
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
     with preserved(model):
-        # One traced forward pass gives the execution order and, for the captum path, the targets.
-        # The replay path gets its targets from each batch's original pass, so one image suffices.
+        # One traced forward pass of the check's inputs gives the execution order, which layers
+        # run, what activation reuse may replay, and the predicted targets.
         might_reuse = reuse_activations and getattr(resolved, "name", None) in GRADIENT_METHODS
-        trace = trace_forward(model, inputs[:1] if might_reuse else inputs, batch_size)
+        trace = trace_forward(model, inputs, batch_size)
         # The replay explains one chunk of images at a time (batch_size, or the memory budget's
         # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
         chunk = batch_size or options.get("_image_batch")
@@ -465,10 +467,7 @@ def layer_randomization(
                                          min(replay_step, inputs.shape[0]))
         if reuse:
             step = replay_step
-        fixed_target = None
-        if not (reuse and target is None and name in SELF_TARGET_METHODS):
-            outputs = None if might_reuse else trace.output
-            fixed_target = resolve_target(model, inputs, target, batch_size, outputs=outputs)
+        fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
@@ -486,12 +485,10 @@ def layer_randomization(
         stopped = ""
         reused = False
         for first in range(0, inputs.shape[0], step):
-            x = inputs[first:first + step]
-            t = None if fixed_target is None else fixed_target[first:first + step]
+            x, t = inputs[first:first + step], fixed_target[first:first + step]
             replay = GradientReplay(model, trace, x, t, name, options, seed) if reuse else None
             if replay is not None:
                 original = replayed_original(replay, x)
-                t = replay.target
             else:
                 original = maps_of(x, t)
             used = _check_original_maps(original, pipeline, name, constant_maps)

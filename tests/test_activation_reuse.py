@@ -131,9 +131,12 @@ def snapshot(model: nn.Module) -> dict:
 def assert_unchanged(model: nn.Module, before: dict) -> None:
     after = snapshot(model)
     assert after["training"] == before["training"] and after["requires_grad"] == before["requires_grad"]
-    assert after["patched"] == before["patched"] == [] and after["hooks"] == before["hooks"]
+    assert after["patched"] == before["patched"] and after["hooks"] == before["hooks"]
     for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
+        now = after["state"][key]
+        if value.is_sparse:
+            now, value = now.to_dense(), value.to_dense()
+        assert torch.equal(now, value), key
 
 
 def both_ways(model: nn.Module, x: torch.Tensor, method: str, **kwargs):
@@ -340,3 +343,182 @@ def test_adaptive_mode_reuses_when_the_steps_fit_the_images_actually_explained()
     result = layer_randomization(model, x, "integrated_gradients", n_steps=5, internal_batch_size=20,
                                  images="auto", image_batch=32)
     assert result.reused_activations and result.n_images == 4
+
+
+# ------------------------------------------------------------------------------------------
+# Models found by an adversarial review: each gave wrong maps or errors with reuse at first.
+# ------------------------------------------------------------------------------------------
+
+
+class Gate(nn.Module):
+    """The root reads fc2's weight before fc2 runs: randomizing fc2 changes fc1's consumer early."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc1 = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(1024, 8)
+        self.act, self.fc2, self.out = nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(torch.relu(self.conv(x)).flatten(1)) * self.fc2.weight.sum(0))
+        return self.out(torch.relu(self.fc2(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, 4, 3, padding=1)  # called by the root, before the encoder runs
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4).reshape(4, 1, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.scale
+
+
+class ChildCalledFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.fc = Encoder(), nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.gelu(self.enc(nn.functional.gelu(self.enc.embed(x)))).flatten(1))
+
+
+class PerImage(nn.Module):
+    """``m`` runs once per image: a one-image trace would call it 'called once'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m, self.k = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k(torch.cat([nn.functional.gelu(self.m(xi[None])) for xi in x]))
+
+
+class DirectForward(nn.Module):
+    """``a`` runs twice, the second time through ``a.forward(...)``, which no hook sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.a, self.l = (nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                                  nn.Conv2d(4, 4, 3, padding=1))
+        self.fc = nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(nn.functional.gelu(self.c(x)))
+        return self.fc(nn.functional.gelu(self.a.forward(nn.functional.gelu(self.l(h)))).flatten(1))
+
+
+class Experts(nn.Module):
+    """Which expert runs depends on the image: layer selection must see the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(1024, 3)
+        self.experts = nn.ModuleList(nn.Linear(1024, 8) for _ in range(3))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.conv(x)).flatten(1)
+        pick = self.gate(h).argmax(1)
+        out = h.new_zeros(len(h), 8)
+        for i, expert in enumerate(self.experts):
+            if bool((pick == i).any()):
+                out = out.index_put((torch.nonzero(pick == i)[:, 0],), expert(h[pick == i]))
+        return self.fc(out)
+
+
+class BackwardHooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(1, 4, 3, padding=1), nn.GELU()
+        self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(1024, 3)
+        self.act1.register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0].clamp(min=0),))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.gelu(self.conv2(self.act1(self.conv1(x)))).flatten(1))
+
+
+class SparsePool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(256, 3)
+        index = torch.stack([torch.arange(64), torch.arange(64) * 4])
+        with torch.sparse.check_sparse_tensor_invariants():
+            pool = torch.sparse_coo_tensor(index, torch.ones(64), (64, 256)).coalesce()
+        self.register_buffer("pool", pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.conv(x)).flatten(2).reshape(-1, 256)
+        return self.fc(torch.sparse.mm(self.pool, h.T).T.reshape(len(x), -1))
+
+
+class Vmapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.lin, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(16, 16), nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.func.vmap(lambda row: torch.tanh(self.lin(row)))(nn.functional.gelu(self.c(x)))
+        return self.fc(nn.functional.gelu(h).flatten(1))
+
+
+def seeded_model(cls: type) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return cls().eval()
+
+
+@pytest.mark.parametrize("cls", [Gate, ChildCalledFirst, PerImage, DirectForward, Experts, BackwardHooked,
+                                 SparsePool, Vmapped])
+@pytest.mark.parametrize("layers", ["leaf", "block"])
+def test_reviewed_models_give_the_same_numbers_with_and_without_reuse(cls: type, layers: str) -> None:
+    model = seeded_model(cls)
+    if cls is PerImage:
+        model = nn.Sequential(model, nn.GELU(), nn.Flatten(), nn.Linear(1024, 3)).eval()
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    fast, slow = both_ways(model, x, "saliency", preset="thesis2023", layers=layers)
+    assert fast.layers == slow.layers
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+    assert_unchanged(model, before)
+
+
+def test_the_trace_sees_a_parameter_used_before_its_layer_and_a_child_called_before_its_parent() -> None:
+    gate = trace_forward(seeded_model(Gate), torch.rand(2, 1, 16, 16))
+    assert gate.first_use["fc2"] < gate.start["fc2"] and gate.first_use["fc1"] == gate.start["fc1"]
+    child = trace_forward(seeded_model(ChildCalledFirst), torch.rand(2, 1, 16, 16))
+    assert child.first_use["enc"] == child.start["enc.embed"] < child.start["enc"]
+
+
+def test_module_call_counts_include_direct_forward_calls_and_every_image() -> None:
+    direct = trace_forward(seeded_model(DirectForward), torch.rand(3, 1, 16, 16))
+    assert direct.calls["a"] == 2 and "a" not in direct.replayable and "c" in direct.replayable
+    per_image = trace_forward(seeded_model(PerImage), torch.rand(3, 1, 16, 16))
+    assert per_image.calls["m"] == 3 and "m" not in per_image.replayable
+
+
+def test_an_inplace_change_to_a_saved_tensor_is_an_error_with_reuse_as_without() -> None:
+    class Overwrites(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x * 1.0
+            y = nn.functional.gelu(h)
+            h.mul_(3)  # gelu saved h for its backward
+            return y + h
+
+    model = nn.Sequential(Overwrites(), nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(1024, 3)).eval()
+    x = tiny_images(4)
+    for reuse in (True, False):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            layer_randomization(model, x, "saliency", reuse_activations=reuse)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_a_scripted_submodule_is_not_replayed_and_no_hook_is_left_behind() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(),
+                          torch.jit.script(nn.Conv2d(4, 4, 3, padding=1)), nn.Flatten(), nn.Linear(1024, 3)).eval()
+    x = tiny_images(4)
+    before = snapshot(model)
+    fast, slow = both_ways(model, x, "saliency")
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    assert "2" not in trace_forward(model, x).replayable
+    assert_unchanged(model, before)
