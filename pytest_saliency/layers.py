@@ -135,10 +135,21 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
-            for value in tree_leaves((args, kwargs)):
-                if id(value) in param_ids and id(value) not in first_param_use:
-                    first_param_use[id(value)] = events
+            if len(first_param_use) < len(param_ids):
+                for value in args:
+                    if isinstance(value, (list, tuple)):  # torch.cat([weight, ...]) and the like
+                        for item in tree_leaves(value):
+                            note(item)
+                    else:
+                        note(value)
+                for value in kwargs.values():
+                    note(value)
             return func(*args, **kwargs)
+
+    def note(value: Any) -> None:
+        key = id(value)
+        if key in param_ids and key not in first_param_use:
+            first_param_use[key] = events
 
     def counted(name: str, inner: Any) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
