@@ -91,7 +91,7 @@ class _Replay:
         return self.value
 
 
-_INPLACE_ERROR = (
+INPLACE_ERROR = (
     "one of the variables needed for gradient computation has been modified by an inplace operation "
     "(found while reusing the original model's activations; pass reuse_activations=False to get "
     "autograd's own report)"
@@ -148,7 +148,7 @@ class GradientReplay:
         def unpack(packed: Any) -> Any:
             tensor, version = packed
             if tensor._version != version:
-                raise RuntimeError(_INPLACE_ERROR)
+                raise RuntimeError(INPLACE_ERROR)
             return tensor
 
         patched: list[tuple[Any, Any]] = []

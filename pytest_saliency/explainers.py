@@ -456,6 +456,18 @@ def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str,
         options[option] = max(1, rows // images)
 
 
+def _noise_std(value: Any) -> float:
+    """SmoothGrad's ``stdevs`` as the one float captum takes for a single input tensor."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise SaliencyUsageError(
+            f"smoothgrad's stdevs must be a number >= 0 (the noise standard deviation), got {value!r}. "
+            "Or leave it out and set noise_level, a fraction of the inputs' range."
+        )
+    return float(value)
+
+
 def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
     """Validate user options, size internal batches, and add the input-range facts some methods scale by."""
     allowed = set(spec.defaults) | set(_EXTRA_OPTIONS.get(spec.name, ())) | {"memory_budget"}
@@ -468,6 +480,8 @@ def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str
     _auto_batching(spec, model, inputs, options)
     if spec.name == "smoothgrad" and "input_range" not in options:
         options["input_range"] = float(inputs.max() - inputs.min()) or 1.0
+    if spec.name == "smoothgrad" and options.get("stdevs") is not None:
+        options["stdevs"] = _noise_std(options["stdevs"])
     if spec.name == "gradient_shap":
         options["input_min"], options["input_max"] = float(inputs.min()), float(inputs.max())
     return options

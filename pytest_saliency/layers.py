@@ -127,29 +127,25 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
     end: dict[str, int] = {}
     calls: dict[str, int] = {}
     outputs: dict[str, list[tuple[Any, int]]] = {}
-    param_ids = {id(p) for p in model.parameters()}
+    # Parameters are matched by storage, not identity: a view or .detach() of a weight reads it too.
+    storage_params: dict[int, list[int]] = {}
+    for p in model.parameters():
+        if _plain(p):
+            storage_params.setdefault(p.untyped_storage().data_ptr(), []).append(id(p))
     first_param_use: dict[int, int] = {}
 
     class ParameterUse(TorchFunctionMode):
-        """Notes the event at which each parameter is first read by a torch operation."""
+        """Notes the event at which each parameter's storage is first read by a torch operation."""
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
-            if len(first_param_use) < len(param_ids):
-                for value in args:
-                    if isinstance(value, (list, tuple)):  # torch.cat([weight, ...]) and the like
-                        for item in tree_leaves(value):
-                            note(item)
-                    else:
-                        note(value)
-                for value in kwargs.values():
-                    note(value)
+            if storage_params:
+                for value in tree_leaves((args, kwargs)):
+                    if isinstance(value, torch.Tensor) and _plain(value):
+                        ids = storage_params.pop(value.untyped_storage().data_ptr(), None)
+                        for key in ids or ():
+                            first_param_use[key] = events
             return func(*args, **kwargs)
-
-    def note(value: Any) -> None:
-        key = id(value)
-        if key in param_ids and key not in first_param_use:
-            first_param_use[key] = events
 
     def counted(name: str, inner: Any) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -166,14 +162,39 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
 
         return forward
 
+    def pre_hook(name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            nonlocal events
+            start.setdefault(name, events)
+            calls[name] = calls.get(name, 0) + 1
+            events += 1
+
+        return hook
+
+    def post_hook(name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            nonlocal events
+            end[name] = events
+            events += 1
+
+        return hook
+
     modules = dict(model.named_modules())
     flags = [(m, m.training) for m in model.modules()]
     chunks = [inputs] if not batch_size or batch_size >= inputs.shape[0] else list(inputs.split(batch_size))
     patched: list[tuple[Any, Any]] = []
+    hooked: set[str] = set()
+    handles: list[Any] = []
     try:
         for name, module in modules.items():
-            if not _scripted(module):
+            if _scripted(module):
+                continue
+            try:
                 patch_forward(module, counted(name, module.forward), patched)
+            except (AttributeError, TypeError):  # e.g. forward defined as a property: time it by hooks
+                hooked.add(name)
+                handles.append(module.register_forward_pre_hook(pre_hook(name)))
+                handles.append(module.register_forward_hook(post_hook(name)))
         model.eval()
         with torch.no_grad():
             with ParameterUse():
@@ -182,11 +203,13 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
             results += [model(chunk) for chunk in chunks[1:]]
     finally:
         restore_forwards(patched)
+        for handle in handles:
+            handle.remove()
         for module, training in flags:
             module.training = training
     replayable = {
         name for name, saved in outputs.items()
-        if name and calls.get(name) == 1 and saved and not _scripted(modules[name])
+        if name and calls.get(name) == 1 and saved and not _scripted(modules[name]) and name not in hooked
         and not modules[name]._backward_hooks and not modules[name]._backward_pre_hooks
     }
     mutated = {name for name in replayable if any(t._version != version for t, version in outputs[name])}

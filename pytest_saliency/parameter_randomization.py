@@ -23,7 +23,7 @@ from typing import Any
 
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
+from .activation_reuse import GRADIENT_METHODS, INPLACE_ERROR, GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
 from .layers import ForwardTrace, select_layers, trace_forward
@@ -258,6 +258,11 @@ class _Comparison:
         return require_torch().stack(self.kept_maps)
 
 
+def _draws_per_call(method: str, options: dict[str, Any]) -> bool:
+    """Whether the method's maps depend on random draws made once per explainer call."""
+    return method == "smoothgrad" or (method == "integrated_gradients" and options.get("baselines") == "uniform")
+
+
 def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
     """Per state, the trace event from which the randomized parameters can change anything.
 
@@ -266,7 +271,8 @@ def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
     state. Independent: the state's own layer. Cascading: the earliest of the layers randomized
     so far (``names`` in randomization order).
     """
-    starts = [trace.first_use[n] for n in names]
+    never = max(trace.end.values(), default=0) + 1  # a layer that did not run here changes nothing
+    starts = [trace.first_use.get(n, never) for n in names]
     if mode == "independent":
         return starts
     return [min(starts[: i + 1]) for i in range(len(starts))]
@@ -275,7 +281,8 @@ def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
 def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant_maps: str) -> Any:
     """Original maps must be big enough for the SSIM window and must not be constant.
 
-    Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``).
+    Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``; none
+    when every map of the batch is constant, and the check fails only if no batch has any left).
     """
     torch = require_torch()
     win = pipeline.ssim.win_size
@@ -295,7 +302,7 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
             f"the original model's {method} maps are constant for {len(index)} of {len(constant)} image(s) "
             f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}); SSIM against a constant map measures nothing."
         )
-        if constant_maps == "skip" and keep.numel() > 0:
+        if constant_maps == "skip":  # an empty keep: the caller skips this batch of images
             warnings.warn(f"{problem} Those images are left out of the check.", SaliencyWarning, stacklevel=3)
             return keep
         raise SaliencyUsageError(
@@ -465,43 +472,56 @@ def layer_randomization(
         replay_step = min(step, chunk) if chunk and not batched else step
         reuse = might_reuse and reusable(model, trace, resolved, options, batch_size,
                                          min(replay_step, inputs.shape[0]))
+        if reuse and replay_step < step and _draws_per_call(name, options):
+            # captum's path draws the noise (or a uniform baseline) for all chunks from one seeded
+            # stream; per-chunk replays would redraw it. Keep captum's path.
+            reuse = False
         if reuse:
             step = replay_step
         fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
-        cuts = _cuts(trace, names, mode)
+        # The trace covers the images one replay sees only if there is one step over all of them;
+        # otherwise each step is traced itself (its control flow may differ).
+        whole = step >= inputs.shape[0] and (not batch_size or batch_size >= inputs.shape[0])
         # Explaining never needs parameter gradients, and every state runs in eval mode: set both
         # once for the whole check (preserved() restores the flags) instead of once per state.
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        # With reuse, independent states run from the last layer to the first (see activation_reuse).
-        state_order = sorted(range(len(stages)), key=lambda i: -cuts[i]) if reuse and mode == "independent" else (
-            list(range(len(stages)))
-        )
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
         reused = False
         for first in range(0, inputs.shape[0], step):
             x, t = inputs[first:first + step], fixed_target[first:first + step]
-            replay = GradientReplay(model, trace, x, t, name, options, seed) if reuse else None
+            step_trace = trace if whole or not reuse else trace_forward(model, x)
+            replay = GradientReplay(model, step_trace, x, t, name, options, seed) if reuse else None
             if replay is not None:
                 original = replayed_original(replay, x)
             else:
                 original = maps_of(x, t)
             used = _check_original_maps(original, pipeline, name, constant_maps)
+            if used.numel() == 0:  # constant_maps="skip" and every map of this step is constant
+                if replay is not None:
+                    replay.close()
+                continue
             if used.numel() < original.shape[0]:
                 x, t, original = x[used], t[used], original[used]
                 if replay is not None:  # the recorded graph covers the dropped images too: start afresh
                     replay.close()
-                    replay = GradientReplay(model, trace, x, t, name, options, seed)
+                    step_trace = trace_forward(model, x)
+                    replay = GradientReplay(model, step_trace, x, t, name, options, seed)
                     replay.original()
+            cuts = _cuts(step_trace, names, mode)
             if replay is not None and not replay.verify(max(cuts)):
                 replay.close()
                 replay = None
             reused = reused or replay is not None
+            # With reuse, independent states run from the last layer to the first (see activation_reuse).
+            state_order = list(range(len(stages)))
+            if replay is not None and mode == "independent":
+                state_order.sort(key=lambda i: -cuts[i])
             keep = max(0, min(keep_maps - sum(o.shape[0] for o in originals), x.shape[0]))
             comparison = _Comparison(original, pipeline, setup, len(stages), keep)
             try:
@@ -515,8 +535,17 @@ def layer_randomization(
                         with state if mode == "independent" else contextlib.nullcontext():
                             if mode == "cascading":
                                 cascade.enter_context(state)
+                            raw = None
                             if replay is not None:
-                                raw = replay.maps(cuts[index])
+                                try:
+                                    raw = replay.maps(cuts[index])
+                                except RuntimeError as error:
+                                    if INPLACE_ERROR not in str(error):
+                                        raise
+                                    # a recorded tensor changed: the replay is stale, use full passes
+                                    replay.close()
+                                    replay = None
+                            if raw is not None:
                                 check_finite(raw, f"attribution maps from {name!r}")
                             else:
                                 raw = _attribute(model, x, resolved, t, seed, batch_size, True, options,
@@ -541,6 +570,11 @@ def layer_randomization(
                     break
         if progress is not None:
             progress(len(stages), len(stages), "")
+    if not columns:
+        raise SaliencyUsageError(
+            f"the original model's {name} maps are constant for every one of the {inputs.shape[0]} images; "
+            "SSIM against a constant map measures nothing. Pick other inputs or another method."
+        )
     ssim = torch.cat(columns, dim=1)
     stats = sensitivity_statistics(
         ssim, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,

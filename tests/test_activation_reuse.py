@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
-from pytest_saliency import layer_randomization
+from pytest_saliency import SaliencyUsageError, layer_randomization
 from pytest_saliency.activation_reuse import GradientReplay, reusable
 from pytest_saliency.explainers import prepare_method
 from pytest_saliency.layers import trace_forward
@@ -522,3 +522,124 @@ def test_a_scripted_submodule_is_not_replayed_and_no_hook_is_left_behind() -> No
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
     assert "2" not in trace_forward(model, x).replayable
     assert_unchanged(model, before)
+
+
+# Second review round.
+
+
+class KwargsList(nn.Module):
+    """fc2's bias is read through a list passed as a keyword argument, before fc2 runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.mid = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc1, self.fc2, self.out = nn.Linear(1024, 8), nn.Linear(8, 8), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.cat(tensors=[self.fc2.bias, self.fc2.bias])
+        h = nn.functional.gelu(self.mid(nn.functional.gelu(self.conv(x)) * g[:4, None, None]))
+        h = nn.functional.gelu(self.fc1(h.flatten(1)))
+        return self.out(torch.cat([h, nn.functional.gelu(self.fc2(h))], 1))
+
+
+class StorageAlias(nn.Module):
+    """A detached view of fc2's bias, kept as a plain attribute, is used before fc2 runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.mid = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc2, self.fc = nn.Linear(4, 4), nn.Linear(1024, 3)
+        self.gate = self.fc2.bias.detach()[:, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(nn.functional.gelu(self.conv(x)) + self.gate)
+        h = self.fc2(nn.functional.gelu(h).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(h.flatten(1))
+
+
+class BatchDependentOrder(nn.Module):
+    """Which block runs first depends on the whole batch's mean brightness."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(1024, 3)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.stem(x))
+        for block in (self.a, self.b) if bool(x.mean() > 0.5) else (self.b, self.a):
+            h = nn.functional.gelu(block(h))
+        return self.fc(h.flatten(1))
+
+
+class PropertyForward(nn.Module):
+    @property
+    def forward(self):  # type: ignore[override]
+        return nn.functional.gelu
+
+
+def test_parameters_read_through_keyword_lists_and_storage_aliases_are_seen() -> None:
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    for cls in (KwargsList, StorageAlias):
+        model = seeded_model(cls)
+        fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+        trace = trace_forward(model, x)
+        assert trace.first_use["fc2"] < trace.start["fc2"]
+
+
+def test_each_chunk_is_traced_when_control_flow_depends_on_the_batch() -> None:
+    model = seeded_model(BatchDependentOrder)
+    dark = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.4
+    x = torch.cat([dark + 0.55, dark])
+    for layers in (["stem", "b"], "leaf"):
+        fast, slow = both_ways(model, x, "saliency", preset="thesis2023", batch_size=2, layers=layers)
+        assert fast.reused_activations
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("method, options", [("smoothgrad", {"nt_samples": 4}),
+                                             ("integrated_gradients", {"n_steps": 4, "baselines": "uniform"})])
+def test_random_draws_over_chunks_match_captums_single_stream(method: str, options: dict) -> None:
+    model, x = make_residual(), tiny_images(5)
+    fast, slow = both_ways(model, x, method, batch_size=3, **options)
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.original_maps, slow.original_maps, rtol=0, atol=1e-6)
+
+
+def test_a_chunk_of_only_constant_maps_is_skipped_not_fatal() -> None:
+    class DarkIsZero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(1024, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bright = (x.flatten(1).mean(1) > 0.5).float()[:, None]
+            return self.fc(nn.functional.gelu(self.conv(x)).flatten(1)) * bright
+
+    model = seeded_model(DarkIsZero)
+    dim = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.4
+    x = torch.cat([dim[:3], dim[3:] + 0.5])  # three images whose maps are all zero, first
+    with pytest.warns(UserWarning, match="constant"):
+        fast, slow = both_ways(model, x, "saliency", constant_maps="skip", batch_size=3)
+    assert fast.n_images == slow.n_images == 5
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    with pytest.raises(SaliencyUsageError, match="constant"), pytest.warns(UserWarning):
+        layer_randomization(model, x[:3], "saliency", constant_maps="skip", batch_size=2)
+
+
+def test_smoothgrad_noise_std_is_checked_once_for_both_paths() -> None:
+    model, x = make_tiny_cnn(), tiny_images(4)
+    fast, slow = both_ways(model, x, "smoothgrad", nt_samples=3, stdevs=(0.2,))
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    with pytest.raises(SaliencyUsageError, match="stdevs"):
+        layer_randomization(model, x, "smoothgrad", stdevs=torch.tensor(0.2))
+
+
+def test_a_module_whose_forward_is_a_property_is_timed_by_hooks() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), PropertyForward(), nn.Flatten(), nn.Linear(1024, 3)).eval()
+    x = tiny_images(4)
+    trace = trace_forward(model, x)
+    assert "1" in trace.start and "1" not in trace.replayable
+    fast, slow = both_ways(model, x, "saliency")
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
