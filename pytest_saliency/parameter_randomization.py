@@ -23,7 +23,7 @@ from typing import Any
 
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .activation_reuse import GRADIENT_METHODS, INPLACE_ERROR, GradientReplay, reusable
+from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
 from .layers import ForwardTrace, select_layers, trace_forward
@@ -539,10 +539,10 @@ def layer_randomization(
                             if replay is not None:
                                 try:
                                     raw = replay.maps(cuts[index])
-                                except RuntimeError as error:
-                                    if INPLACE_ERROR not in str(error):
-                                        raise
-                                    # a recorded tensor changed: the replay is stale, use full passes
+                                except RuntimeError:
+                                    # A recorded tensor changed in place (the replay is stale) or the
+                                    # suffix wrote into a replayed one: use full passes from here on.
+                                    # A genuine error in the model comes back from captum's pass.
                                     replay.close()
                                     replay = None
                             if raw is not None:
