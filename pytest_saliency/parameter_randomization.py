@@ -399,9 +399,10 @@ def layer_randomization(
         reuse the original model's attributions (named methods only).
     ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
         ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
-    ``reuse_activations``: for ``saliency``, ``input_x_gradient`` and ``integrated_gradients``,
-        recompute only the part of the forward pass from the randomized layer on (see :mod:`pytest_saliency.activation_reuse`);
-        ``False`` runs every state as a full captum call.
+    ``reuse_activations``: for ``saliency``, ``input_x_gradient``, ``integrated_gradients`` and
+        ``smoothgrad``, recompute only the part of the forward pass that the randomized layer can
+        change (see :mod:`pytest_saliency.activation_reuse`); ``False`` runs every state as a full
+        captum call. ``result.reused_activations`` says whether it ran.
     """
     torch = require_torch()
     from .similarity import ssim_setup
@@ -572,8 +573,10 @@ def layer_randomization(
             progress(len(stages), len(stages), "")
     if not columns:
         raise SaliencyUsageError(
-            f"the original model's {name} maps are constant for every one of the {inputs.shape[0]} images; "
-            "SSIM against a constant map measures nothing. Pick other inputs or another method."
+            f"the original model's {name} maps are constant for every one of the {inputs.shape[0]} images "
+            "(constant_maps='skip' left none); SSIM against a constant map measures nothing. Typical causes: a "
+            "ReLU'd GradCAM that is zero everywhere, dead ReLUs, a saturated output, or a surrogate that zeroes "
+            "every feature (lime: raise n_samples). Pick other inputs or another method."
         )
     ssim = torch.cat(columns, dim=1)
     stats = sensitivity_statistics(
