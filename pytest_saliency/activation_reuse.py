@@ -1,31 +1,43 @@
 """Gradient maps for many randomized states without recomputing the unchanged prefix.
 
 When a randomization check randomizes layer ``k`` (alone, or with the layers after it), every
-module that finished running before ``k`` started computes exactly what it computed for the
-original model: its inputs and parameters are the same. The original model's forward pass is
-therefore run once with its autograd graph kept; in each randomized state those modules return
-their recorded outputs instead of running again, and the gradient flows through the recorded
-graph back to the inputs. Only the part of the forward pass from ``k`` on is recomputed, so an
-IPR check over L layers costs less than (L + 1) full forward and backward passes: below the
-"floor" of the straightforward loop.
+module that finished running before ``k`` could first influence anything computes exactly what it
+computed for the original model: its inputs and parameters are the same. "First influence" is
+:attr:`pytest_saliency.layers.ForwardTrace.first_use`: ``k``'s start, a submodule's start (a child
+may be called from outside its parent), or the first torch operation that reads one of ``k``'s
+parameters' storage (code may use a weight before its layer runs). The original forward pass
+therefore runs once with its autograd graph kept. In each randomized state the outermost finished
+modules return their recorded outputs (their ``forward`` is replaced for that pass, once per
+module), and only the rest of the forward pass runs again. The backward goes in two stages:
+through the recomputed part to the replayed outputs (which enter as detached leaves, so that part
+is freed as it goes), then from the recorded outputs through the kept graph to the inputs. An IPR
+check over L layers then costs less than (L + 1) full forward and backward passes, the "floor" of
+a straightforward loop.
 
-Memory stays at about one graph. Only outputs that the graph saves anyway are kept (a module
-whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead), and the states run from the last layer to the first, and before
-each state the recorded outputs of modules that end after the new cut are dropped, which frees
-the part of the original graph that only they kept alive. At every moment the kept prefix and the
-recomputed suffix together cover one forward pass.
+Memory stays at about one forward graph. Only outputs the graph saves anyway are kept (a module
+whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead). Independent
+states run from the last layer to the first, and before each state the recorded outputs that end
+after the new cut are dropped, which frees the part of the original graph only they kept alive.
 
-Where it applies (:func:`reusable`): the named methods ``saliency``, ``input_x_gradient``,
-``integrated_gradients`` and ``smoothgrad`` (whose maps are made of input gradients, computed
-here with captum's arithmetic, see :class:`_Recipe`; for the last two, all interpolation steps or
-noisy samples of the batch must fit in one internal batch of the memory budget), a model output
-of shape (N, num_classes), no
-parameter shared between modules, and a model whose modules do not keep state between calls. A
-module is reused only if it ran exactly once and returned a tensor or a tuple of tensors that no
-later in-place operation changes (the BatchNorm before an ``nn.ReLU(inplace=True)`` runs again;
-its inputs are reused). Before trusting the recorded outputs, :meth:`GradientReplay.verify` recomputes the logits
-with the largest cut and compares them with the original ones; any difference switches the check
-back to full passes. ``layer_randomization(..., reuse_activations=False)`` turns it off.
+Where it applies (:func:`reusable`):
+
+* the named methods ``saliency``, ``input_x_gradient``, ``integrated_gradients`` and ``smoothgrad``.
+  Their maps are made of input gradients, computed here with captum's arithmetic (see
+  :class:`_Recipe`). For the last two, all interpolation steps or noisy samples of a batch must
+  fit in one internal batch of the memory budget.
+* a model output of shape (N, num_classes), no parameter shared between modules, no global module
+  backward hooks, and modules that are pure functions of their inputs.
+
+A module is replayed only if it ran exactly once on the batch (counted on ``forward`` itself, so
+direct ``.forward()`` calls count), returned plain tensors that no later in-place operation
+changed, has no backward hooks, and is not scripted. The others run again. Safety nets:
+
+* :meth:`GradientReplay.verify` recomputes the logits from the recorded outputs at the largest cut
+  and falls back to full captum passes if they differ.
+* The saved-tensor hooks keep autograd's in-place check.
+* Any error in a replayed state also falls back to full passes.
+
+``layer_randomization(..., reuse_activations=False)`` turns it all off.
 """
 
 from __future__ import annotations
