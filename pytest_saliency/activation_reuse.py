@@ -138,11 +138,15 @@ class GradientReplay:
         torch = require_torch()
         calls: dict[str, int] = {}
 
+        sums: dict[str, list[Any]] = {}
+
         def recording(name: str, inner: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 output = inner(*args, **kwargs)
                 calls[name] = calls.get(name, 0) + 1
                 self.recorded[name] = output
+                tensors = output if isinstance(output, tuple) else (output,)
+                sums[name] = [t.detach().sum() for t in tensors if isinstance(t, torch.Tensor)]
                 return output
 
             return forward
@@ -175,14 +179,39 @@ class GradientReplay:
         # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
         # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
         # keep. And only modules that ran exactly once on this batch.
+        # And never an output that changed after its module returned without a version bump
+        # (a write through .data: the sums differ) or that carries a gradient hook registered
+        # outside the module (it would fire twice: on the replayed leaf and on the original).
+        changed = self._changed_since(sums)
         for name, output in list(self.recorded.items()):
             tensors = output if isinstance(output, tuple) else (output,)
-            if calls.get(name) != 1 or not all(
-                _plain(t) and t.untyped_storage().data_ptr() in saved for t in tensors
+            if calls.get(name) != 1 or name in changed or not all(
+                _plain(t) and t.untyped_storage().data_ptr() in saved and not t._backward_hooks for t in tensors
             ):
                 del self.recorded[name]
         self.logits = out.detach()
         return self._gradient(out)
+
+    def _changed_since(self, sums: dict[str, list[Any]]) -> set[str]:
+        """Recorded outputs whose values no longer have the sums taken when their module returned."""
+        torch = require_torch()
+        names = [n for n in self.recorded if sums.get(n)]
+        if not names:
+            return set()
+        before = torch.stack([s.to(torch.float64) for n in names for s in sums[n]])
+        now = []
+        for name in names:
+            output = self.recorded[name]
+            tensors = output if isinstance(output, tuple) else (output,)
+            now += [t.detach().sum().to(torch.float64) for t in tensors if isinstance(t, torch.Tensor)]
+        same = (torch.stack(now) == before).tolist()  # NaN != NaN: such outputs are not replayed
+        changed, position = set(), 0
+        for name in names:
+            count = len(sums[name])
+            if not all(same[position:position + count]):
+                changed.add(name)
+            position += count
+        return changed
 
     def verify(self, cut: int) -> bool:
         """Recompute the logits from the recorded outputs before ``cut``; True if they are the same."""
@@ -223,8 +252,8 @@ class GradientReplay:
                                        retain_graph=True, allow_unused=True)
                 if prefix is not None:
                     total = prefix if total is None else total + prefix
-        if total is None:  # the output does not depend on the inputs at all
-            total = torch.zeros_like(self.x)
+        if total is None:  # the output does not depend on the inputs: let captum's path report it
+            raise RuntimeError("the model's output does not depend on its inputs in this state")
         return self.recipe.attributions(total.detach())
 
     def close(self) -> None:
@@ -247,7 +276,9 @@ class GradientReplay:
             if leaves is None or not tensor.requires_grad:
                 return tensor
             if id(tensor) not in leaves:
-                leaves[id(tensor)] = (tensor, tensor.detach().requires_grad_(True))
+                leaf = tensor.detach().requires_grad_(True)
+                leaf.__dict__.update(tensor.__dict__)  # Python attributes a module set on its output
+                leaves[id(tensor)] = (tensor, leaf)
             return leaves[id(tensor)][1]
 
         try:
@@ -267,8 +298,8 @@ class GradientReplay:
         grad = None
         if selected.requires_grad:
             (grad,) = torch.autograd.grad(selected, self.x, retain_graph=True, allow_unused=True)
-        if grad is None:  # the output does not depend on the inputs at all
-            grad = torch.zeros_like(self.x)
+        if grad is None:  # the output does not depend on the inputs: let captum's path report it
+            raise RuntimeError("the model's output does not depend on its inputs")
         return self.recipe.attributions(grad.detach())
 
 

@@ -498,9 +498,14 @@ def layer_randomization(
             x, t = inputs[first:first + step], fixed_target[first:first + step]
             step_trace = trace if whole or not reuse else trace_forward(model, x)
             replay = GradientReplay(model, step_trace, x, t, name, options, seed) if reuse else None
+            original = None
             if replay is not None:
-                original = replayed_original(replay, x)
-            else:
+                try:
+                    original = replayed_original(replay, x)
+                except Exception:  # noqa: BLE001 - captum's pass below reports a real model error
+                    replay.close()
+                    replay = None
+            if original is None:
                 original = maps_of(x, t)
             used = _check_original_maps(original, pipeline, name, constant_maps)
             if used.numel() == 0:  # constant_maps="skip" and every map of this step is constant
@@ -540,10 +545,11 @@ def layer_randomization(
                             if replay is not None:
                                 try:
                                     raw = replay.maps(cuts[index])
-                                except RuntimeError:
-                                    # A recorded tensor changed in place (the replay is stale) or the
-                                    # suffix wrote into a replayed one: use full passes from here on.
-                                    # A genuine error in the model comes back from captum's pass.
+                                except Exception:  # noqa: BLE001
+                                    # A recorded tensor changed in place (the replay is stale), the
+                                    # suffix wrote into a replayed one, or the output stopped
+                                    # depending on the inputs: use full passes from here on. A
+                                    # genuine error in the model comes back from captum's pass.
                                     replay.close()
                                     replay = None
                             if raw is not None:

@@ -643,3 +643,96 @@ def test_a_module_whose_forward_is_a_property_is_timed_by_hooks() -> None:
     assert "1" in trace.start and "1" not in trace.replayable
     fast, slow = both_ways(model, x, "saliency")
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+
+
+# Third review round.
+
+
+class GatedByParameter(nn.Module):
+    """When 'gate' is randomized the output stops depending on x: captum raises, so must reuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(1, 1), nn.Linear(1024, 3)
+        with torch.no_grad():
+            self.gate.weight.fill_(1.0)
+            self.gate.bias.fill_(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.conv(x)).flatten(1)
+        return self.fc(h if float(self.gate(torch.ones(1, 1))) == 1.0 else h.detach())
+
+
+class DataWrite(nn.Module):
+    """Halves its child's output through .data (no version bump) after the child returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.l = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(x)
+        h.data.mul_(0.5)
+        return self.l(nn.functional.gelu(h))
+
+
+class Tagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(x)
+        y.scale = 2.0  # a Python attribute the parent reads
+        return y
+
+
+class ReadsTag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t, self.c2, self.fc = Tagged(), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.t(x)
+        return self.fc((nn.functional.gelu(self.c2(h)) * h.scale).flatten(1))
+
+
+class GradientHookOutside(nn.Module):
+    """The parent registers a gradient hook on a child's output: it must fire once per backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(1024 + 256, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 0.1)
+        return self.fc(torch.cat([nn.functional.gelu(self.conv2(nn.functional.gelu(h))).flatten(1),
+                                  x.flatten(1)], 1))
+
+
+def test_an_output_that_stops_depending_on_the_inputs_is_an_error_with_reuse_as_without() -> None:
+    model, x = seeded_model(GatedByParameter), tiny_images(4)
+    for reuse in (True, False):
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            layer_randomization(model, x, "saliency", reuse_activations=reuse)
+
+
+@pytest.mark.parametrize("cls", [ReadsTag, GradientHookOutside])
+def test_tensor_attributes_and_gradient_hooks_on_recorded_outputs(cls: type) -> None:
+    model = seeded_model(cls)
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
+    assert fast.reused_activations
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+
+
+def test_a_write_through_data_after_the_module_returned_is_not_replayed() -> None:
+    model = nn.Sequential(DataWrite(), nn.GELU(), nn.Flatten(), nn.Linear(1024, 3)).eval()
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
