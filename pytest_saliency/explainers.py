@@ -247,8 +247,11 @@ def _grid_mask(inputs: Any, grid: int) -> Any:
     return (rows[:, None] * gx + cols[None, :])[None, None]
 
 
-def _is_name(value: Any, name: str) -> bool:
-    return isinstance(value, str) and value == name
+def draws_random(spec: MethodSpec, options: dict[str, Any]) -> bool:
+    """Whether one call of this named method draws random numbers (its noise, sampled
+    perturbations, or a ``"uniform"`` baseline, whatever the method)."""
+    baselines = options.get("baselines")
+    return spec.stochastic or (isinstance(baselines, str) and baselines == "uniform")
 
 
 def _zero_or(value: Any, inputs: Any) -> Any:
@@ -556,9 +559,7 @@ def _attribute(
     outputs = []
     named = isinstance(method, MethodSpec)
     # Deterministic named methods draw no random numbers: no need to fork and restore the RNGs.
-    # A "uniform" baseline is drawn at random, whatever the method.
-    draws = not named or method.stochastic or _is_name(options.get("baselines"), "uniform")
-    rng = seeded(seed, inputs.device) if draws else contextlib.nullcontext()
+    rng = seeded(seed, inputs.device) if not named or draws_random(method, options) else contextlib.nullcontext()
     guard = contextlib.ExitStack()
     if not (prepared and named):
         guard.enter_context(_eval_mode(model, eval_mode))

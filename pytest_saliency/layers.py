@@ -226,11 +226,6 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
                         replayable=replayable, mutated=mutated, output=output)
 
 
-def execution_order(model: Any, example: Any) -> list[str]:
-    """Names of all modules in the order the forward pass first enters them."""
-    return trace_forward(model, example).order
-
-
 def select_layers(
     model: Any,
     inputs: Any,

@@ -25,7 +25,7 @@ from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
 from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
 from .exceptions import SaliencyUsageError, SaliencyWarning
-from .explainers import Explainer, MethodSpec, _attribute, prepare_method, resolve_target
+from .explainers import Explainer, MethodSpec, _attribute, draws_random, prepare_method, resolve_target
 from .layers import ForwardTrace, select_layers, trace_forward
 from .postprocess import MapPipeline, get_pipeline, pipeline_maps
 from .randomization import STRATEGIES, check_strategy, preserved, randomized
@@ -258,11 +258,6 @@ class _Comparison:
         return require_torch().stack(self.kept_maps)
 
 
-def _draws_per_call(method: str, options: dict[str, Any]) -> bool:
-    """Whether the method's maps depend on random draws made once per explainer call."""
-    return method == "smoothgrad" or (method == "integrated_gradients" and options.get("baselines") == "uniform")
-
-
 def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
     """Per state, the trace event from which the randomized parameters can change anything.
 
@@ -473,7 +468,7 @@ def layer_randomization(
         replay_step = min(step, chunk) if chunk and not batched else step
         reuse = might_reuse and reusable(model, trace, resolved, options, batch_size,
                                          min(replay_step, inputs.shape[0]))
-        if reuse and replay_step < step and _draws_per_call(name, options):
+        if reuse and replay_step < step and draws_random(resolved, options):
             # captum's path draws the noise (or a uniform baseline) for all chunks from one seeded
             # stream; per-chunk replays would redraw it. Keep captum's path.
             reuse = False
