@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._torch import require_torch
-from .layers import ForwardTrace, _plain, patch_forward, restore_forwards
+from .layers import ForwardTrace, _output_tensors, _plain, patch_forward, restore_forwards, trace_forward
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 
@@ -122,31 +122,53 @@ class GradientReplay:
     reused.
     """
 
-    def __init__(self, model: Any, trace: ForwardTrace, inputs: Any, target: Any, method: str,
+    def __init__(self, model: Any, trace: ForwardTrace | None, inputs: Any, target: Any, method: str,
                  options: dict[str, Any], seed: int = 0) -> None:
         self.model = model
-        self.trace = trace
+        self.trace: Any = trace  # None until trace_and_record()
         self.recipe = _Recipe(method, options, inputs.detach(), seed)
         self.x = self.recipe.fed.detach().requires_grad_(True)
-        self.target = target.reshape(-1)
+        self.target = None if target is None else target.reshape(-1)
         self.modules = dict(model.named_modules())
         self.recorded: dict[str, Any] = {}
         self.logits: Any = None
+        self._out: Any = None  # the recorded pass's logits, with their graph, until original()
+
+    def trace_and_record(self) -> ForwardTrace:
+        """Trace the model in the same forward pass that records the original activations.
+
+        For ``saliency`` and ``input_x_gradient``, which feed the images themselves, the check's
+        traced forward pass (:func:`pytest_saliency.layers.trace_forward`) and the recording pass
+        are one pass. Set :attr:`target` (from the returned trace's ``output``) before
+        :meth:`original`; :meth:`close` drops the graph if the replay is not used after all.
+        """
+        self._record(traced=True)
+        return self.trace
 
     def original(self) -> Any:
         """The original model's maps; records every reusable module's output and keeps the graph."""
+        if self._out is None:
+            self._record(traced=False)
+        out, self._out = self._out, None
+        return self._gradient(out)
+
+    def _record(self, traced: bool) -> None:
         torch = require_torch()
         calls: dict[str, int] = {}
-
         sums: dict[str, list[Any]] = {}
+
+        def note(name: str, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if traced and _output_tensors(output) is None:
+                return
+            self.recorded[name] = output
+            tensors = output if isinstance(output, tuple) else (output,)
+            sums[name] = [t.detach().sum() for t in tensors if isinstance(t, torch.Tensor)]
 
         def recording(name: str, inner: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 output = inner(*args, **kwargs)
-                calls[name] = calls.get(name, 0) + 1
-                self.recorded[name] = output
-                tensors = output if isinstance(output, tuple) else (output,)
-                sums[name] = [t.detach().sum() for t in tensors if isinstance(t, torch.Tensor)]
+                note(name, output)
                 return output
 
             return forward
@@ -167,15 +189,20 @@ class GradientReplay:
                 raise RuntimeError(INPLACE_ERROR)
             return tensor
 
-        patched: list[tuple[Any, Any]] = []
-        try:
-            for name in self.trace.replayable:
-                module = self.modules[name]
-                patch_forward(module, recording(name, module.forward), patched)
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                out = self.model(self.x)
-        finally:
-            restore_forwards(patched)
+        if traced:
+            self.trace = trace_forward(self.model, self.x, on_output=note, saved_tensors_hooks=(pack, unpack))
+            out = self.trace.output
+            self.trace.output = out.detach() if isinstance(out, torch.Tensor) else out
+        else:
+            patched: list[tuple[Any, Any]] = []
+            try:
+                for name in self.trace.replayable:
+                    module = self.modules[name]
+                    patch_forward(module, recording(name, module.forward), patched)
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                    out = self.model(self.x)
+            finally:
+                restore_forwards(patched)
         # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
         # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
         # keep. And only modules that ran exactly once on this batch.
@@ -185,12 +212,14 @@ class GradientReplay:
         changed = self._changed_since(sums)
         for name, output in list(self.recorded.items()):
             tensors = output if isinstance(output, tuple) else (output,)
-            if calls.get(name) != 1 or name in changed or not all(
+            if name not in self.trace.replayable or calls.get(name) != 1 or name in changed or not all(
                 _plain(t) and t.untyped_storage().data_ptr() in saved and not t._backward_hooks for t in tensors
             ):
                 del self.recorded[name]
+        if not isinstance(out, torch.Tensor):
+            raise RuntimeError("the model's output is not a tensor")
+        self._out = out
         self.logits = out.detach()
-        return self._gradient(out)
 
     def _changed_since(self, sums: dict[str, list[Any]]) -> set[str]:
         """Recorded outputs whose values no longer have the sums taken when their module returned."""
@@ -262,7 +291,7 @@ class GradientReplay:
     def close(self) -> None:
         """Drop the recorded outputs and with them the original graph."""
         self.recorded.clear()
-        self.logits = None
+        self.logits = self._out = None
 
     @contextlib.contextmanager
     def _replaying(self, cut: int, leaves: dict[int, tuple[Any, Any]] | None = None) -> Iterator[None]:

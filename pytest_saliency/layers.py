@@ -22,7 +22,7 @@ cannot change any map. Naming one explicitly is an error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,12 +111,20 @@ def restore_forwards(patched: list[tuple[Any, Any]]) -> None:
             module.forward = previous
 
 
-def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> ForwardTrace:
+def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
+                  on_output: Callable[[str, Any], None] | None = None,
+                  saved_tensors_hooks: tuple[Any, Any] | None = None) -> ForwardTrace:
     """Run the model once in eval mode without gradients and record :class:`ForwardTrace`.
 
     Each module's ``forward`` is wrapped for the first chunk of ``batch_size`` inputs (and
     restored afterwards, whatever happens); the output covers all inputs (it gives the predicted
     targets, so checks need no separate forward pass for them).
+
+    With ``saved_tensors_hooks`` (a ``(pack, unpack)`` pair) the pass runs with gradients
+    enabled under those hooks, over all inputs in one chunk, and ``output`` keeps its autograd
+    graph: :class:`pytest_saliency.activation_reuse.GradientReplay` records the original model's
+    activations in the same pass that traces it. ``on_output(name, output)`` is called whenever a
+    module's ``forward`` returns.
     """
     torch = require_torch()
     from torch.overrides import TorchFunctionMode
@@ -140,7 +148,8 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             if storage_params:
-                for value in tree_leaves((args, kwargs)):
+                flat = all(not isinstance(v, (list, tuple, dict)) for v in args) and not kwargs
+                for value in args if flat else tree_leaves((args, kwargs)):
                     if isinstance(value, torch.Tensor) and _plain(value):
                         ids = storage_params.pop(value.untyped_storage().data_ptr(), None)
                         for key in ids or ():
@@ -156,6 +165,8 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
             output = inner(*args, **kwargs)
             end[name] = events
             events += 1
+            if on_output is not None:
+                on_output(name, output)
             tensors = _output_tensors(output)
             outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
             return output
@@ -196,11 +207,15 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None) -> For
                 handles.append(module.register_forward_pre_hook(pre_hook(name)))
                 handles.append(module.register_forward_hook(post_hook(name)))
         model.eval()
-        with torch.no_grad():
-            with ParameterUse():
-                results = [model(chunks[0])]
-            restore_forwards(patched)
-            results += [model(chunk) for chunk in chunks[1:]]
+        if saved_tensors_hooks is not None:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*saved_tensors_hooks), ParameterUse():
+                results = [model(inputs)]
+        else:
+            with torch.no_grad():
+                with ParameterUse():
+                    results = [model(chunks[0])]
+                restore_forwards(patched)
+                results += [model(chunk) for chunk in chunks[1:]]
     finally:
         restore_forwards(patched)
         for handle in handles:

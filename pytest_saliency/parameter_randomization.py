@@ -309,6 +309,8 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
 
 
 IMAGE_MODES = ("all", "auto")
+#: Methods whose replay feeds the images themselves: their recording pass can be the traced pass.
+TRACED_RECORDING = ("saliency", "input_x_gradient")
 
 
 def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: float, sensitivity_threshold: float,
@@ -458,10 +460,27 @@ def layer_randomization(
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
     with preserved(model):
+        # Explaining never needs parameter gradients, and every state runs in eval mode: set both
+        # once for the whole check (preserved() restores the flags) instead of once per state.
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
         # One traced forward pass of the check's inputs gives the execution order, which layers
-        # run, what activation reuse may replay, and the predicted targets.
+        # run, what activation reuse may replay, and the predicted targets. For saliency and
+        # input x gradient over all images at once it is also the replay's recording pass.
         might_reuse = reuse_activations and getattr(resolved, "name", None) in GRADIENT_METHODS
-        trace = trace_forward(model, inputs, batch_size)
+        whole_batch = not batched and not options.get("_image_batch") and (
+            not batch_size or batch_size >= inputs.shape[0])
+        first_replay = None
+        if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
+            first_replay = GradientReplay(model, None, inputs, None, name, options, seed)
+            try:
+                trace = first_replay.trace_and_record()
+            except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
+                first_replay.close()
+                first_replay = None
+        if first_replay is None:
+            trace = trace_forward(model, inputs, batch_size)
         # The replay explains one chunk of images at a time (batch_size, or the memory budget's
         # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
         chunk = batch_size or options.get("_image_batch")
@@ -475,24 +494,26 @@ def layer_randomization(
         if reuse:
             step = replay_step
         fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
+        if first_replay is not None and not reuse:
+            first_replay.close()
+            first_replay = None
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
         # The trace covers the images one replay sees only if there is one step over all of them;
         # otherwise each step is traced itself (its control flow may differ).
         whole = step >= inputs.shape[0] and (not batch_size or batch_size >= inputs.shape[0])
-        # Explaining never needs parameter gradients, and every state runs in eval mode: set both
-        # once for the whole check (preserved() restores the flags) instead of once per state.
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
         reused = False
         for first in range(0, inputs.shape[0], step):
             x, t = inputs[first:first + step], fixed_target[first:first + step]
             step_trace = trace if whole or not reuse else trace_forward(model, x)
-            replay = GradientReplay(model, step_trace, x, t, name, options, seed) if reuse else None
+            if first_replay is not None:  # recorded by the traced pass (one step over all images)
+                replay, first_replay = first_replay, None
+                replay.target = t.reshape(-1)
+            else:
+                replay = GradientReplay(model, step_trace, x, t, name, options, seed) if reuse else None
             original = None
             if replay is not None:
                 try:

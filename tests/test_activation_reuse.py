@@ -736,3 +736,40 @@ def test_a_write_through_data_after_the_module_returned_is_not_replayed() -> Non
     fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
     torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+def test_the_traced_pass_is_the_recording_pass(method: str) -> None:
+    """One forward pass traces the model and records its activations (no separate trace).
+
+    The model's top-level forward runs once for the trace and the original maps, once to verify
+    the replay, and once per randomized layer; the maps equal full captum passes.
+    """
+    model, x = make_residual(), torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        fast = layer_randomization(model, x, method, seed=2)
+    finally:
+        handle.remove()
+    full = layer_randomization(model, x, method, seed=2, reuse_activations=False)
+    assert fast.reused_activations
+    # the memory probe (one image), then the traced pass, the verification and one pass per layer
+    assert calls == [1] + [4] * (len(fast.layers) + 2)
+    np.testing.assert_allclose(fast.ssim, full.ssim, atol=1e-5)
+
+
+def test_traced_recording_is_dropped_when_reuse_cannot_run() -> None:
+    """Tied weights turn reuse off after the speculative recording pass, which still gave the trace."""
+    model, x = seeded_model(Tied), torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        result = layer_randomization(model, x, "saliency", seed=1)
+    finally:
+        handle.remove()
+    full = layer_randomization(model, x, "saliency", seed=1, reuse_activations=False)
+    assert not result.reused_activations
+    # the memory probe, the traced pass, captum's original maps, one captum call per layer
+    assert calls == [1] + [3] * (len(result.layers) + 2)
+    np.testing.assert_allclose(result.ssim, full.ssim, atol=1e-6)
