@@ -47,7 +47,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._torch import require_torch
-from .layers import ForwardTrace, _output_tensors, _plain, patch_forward, restore_forwards, trace_forward
+from .layers import (
+    ForwardTrace, _flat_arguments, _output_tensors, _plain, patch_forward, restore_forwards, trace_forward,
+)
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 
@@ -91,16 +93,46 @@ class _Replay:
 
     A second call in the same pass (a module the trace saw once but that runs again, e.g.
     through a path the trace did not take) runs the real ``forward``, so it is never wrong.
+    ``replayed`` is called when the recorded output is returned (it keeps the op count in step).
     """
 
-    def __init__(self, value: Any, forward: Any) -> None:
-        self.value, self.forward, self.used = value, forward, False
+    def __init__(self, value: Any, forward: Any, replayed: Any = None) -> None:
+        self.value, self.forward, self.used, self.replayed = value, forward, False, replayed
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.used:
             return self.forward(*args, **kwargs)
         self.used = True
+        if self.replayed is not None:
+            self.replayed()
         return self.value
+
+
+def _op_replay_mode(values: dict[int, tuple[Any, Any]]) -> Any:
+    """A ``TorchFunctionMode`` that returns ``values[i] = (func, output)`` for the i-th torch call.
+
+    Calls are counted as :func:`pytest_saliency.layers.trace_forward` counted them in the recorded
+    pass; a replayed module's calls are skipped by setting :attr:`count` to the count at its end.
+    A call at a recorded position must be the same function, or the pass has left the recorded
+    path and the replay stops with an error (the caller falls back to full passes).
+    """
+    from torch.overrides import TorchFunctionMode
+
+    class OpReplay(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            index, self.count = self.count, self.count + 1
+            entry = values.get(index)
+            if entry is not None:
+                if entry[0] is not func:
+                    raise RuntimeError(f"the forward pass left the recorded path at torch call {index}")
+                return entry[1]
+            return func(*args, **(kwargs or {}))
+
+    return OpReplay()
 
 
 INPLACE_ERROR = (
@@ -113,67 +145,71 @@ INPLACE_ERROR = (
 class GradientReplay:
     """Input-gradient maps of one batch, for the original model and then for each randomized state.
 
-    ``target``: one class per input (the original model's predictions by default, from the
-    check's traced forward pass).
+    ``target``: one class per input (the original model's predictions by default); it may be set
+    after :meth:`record`, whose trace gives the predictions.
 
-    Use :meth:`original` first, then :meth:`verify`, then :meth:`maps` once per state with the
-    state's cut (:attr:`ForwardTrace.first_use` of the earliest randomized module). Cuts should
-    not increase from one call to the next; if they do, the result stays correct but less is
-    reused.
+    Use :meth:`original` first (it calls :meth:`record` if needed), then :meth:`verify`, then
+    :meth:`maps` once per state with the state's cut (:attr:`ForwardTrace.first_use`, in
+    :attr:`trace`, of the earliest randomized module). Cuts should not increase from one call to
+    the next; if they do, the result stays correct but less is reused.
     """
 
-    def __init__(self, model: Any, trace: ForwardTrace | None, inputs: Any, target: Any, method: str,
-                 options: dict[str, Any], seed: int = 0) -> None:
+    def __init__(self, model: Any, inputs: Any, target: Any, method: str, options: dict[str, Any],
+                 seed: int = 0) -> None:
         self.model = model
-        self.trace: Any = trace  # None until trace_and_record()
+        self.trace: Any = None  # the recorded pass's ForwardTrace, from record()
         self.recipe = _Recipe(method, options, inputs.detach(), seed)
         self.x = self.recipe.fed.detach().requires_grad_(True)
         self.target = None if target is None else target.reshape(-1)
         self.modules = dict(model.named_modules())
+        self.composite = {name for name, module in self.modules.items() if next(module.children(), None) is not None}
         self.recorded: dict[str, Any] = {}
+        self.ops: dict[int, tuple[int, Any, Any]] = {}  # op index -> (event, func, output)
         self.logits: Any = None
         self._out: Any = None  # the recorded pass's logits, with their graph, until original()
 
-    def trace_and_record(self) -> ForwardTrace:
-        """Trace the model in the same forward pass that records the original activations.
+    def record(self) -> ForwardTrace:
+        """The original forward pass: traced (:func:`pytest_saliency.layers.trace_forward`), with
+        its graph kept and the outputs worth replaying recorded.
 
-        For ``saliency`` and ``input_x_gradient``, which feed the images themselves, the check's
-        traced forward pass (:func:`pytest_saliency.layers.trace_forward`) and the recording pass
-        are one pass. Set :attr:`target` (from the returned trace's ``output``) before
-        :meth:`original`; :meth:`close` drops the graph if the replay is not used after all.
+        Recorded are the outputs of modules (for the replay of whole modules) and of torch calls
+        made directly in a composite module's own ``forward``, such as an ``F.max_pool2d``
+        between two layers (for the calls left when the modules around them are replayed).
+        For ``saliency`` and ``input_x_gradient``, which feed the images themselves, this is also
+        the check's traced forward pass.
         """
-        self._record(traced=True)
-        return self.trace
-
-    def original(self) -> Any:
-        """The original model's maps; records every reusable module's output and keeps the graph."""
-        if self._out is None:
-            self._record(traced=False)
-        out, self._out = self._out, None
-        return self._gradient(out)
-
-    def _record(self, traced: bool) -> None:
         torch = require_torch()
         calls: dict[str, int] = {}
-        sums: dict[str, list[Any]] = {}
+        sums: dict[Any, list[Any]] = {}
+        versions: dict[Any, list[int]] = {}
+
+        def checksum(key: Any, tensors: Any) -> None:
+            sums[key] = [t.detach().sum() for t in tensors]
+            versions[key] = [t._version for t in tensors]
 
         def note(name: str, output: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
-            if traced and _output_tensors(output) is None:
+            tensors = _output_tensors(output)
+            if tensors is not None:
+                self.recorded[name] = output
+                checksum(name, tensors)
+
+        def note_op(index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
+            if owner not in self.composite or not _plain(result):
                 return
-            self.recorded[name] = output
-            tensors = output if isinstance(output, tuple) else (output,)
-            sums[name] = [t.detach().sum() for t in tensors if isinstance(t, torch.Tensor)]
-
-        def recording(name: str, inner: Any) -> Any:
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                output = inner(*args, **kwargs)
-                note(name, output)
-                return output
-
-            return forward
+            storage, largest = result.untyped_storage().data_ptr(), 0
+            for value in _flat_arguments(args, kwargs):
+                if _plain(value):
+                    if value.untyped_storage().data_ptr() == storage:
+                        return  # a view or an in-place result: nothing to save by replaying it
+                    largest = max(largest, value.numel() * value.element_size())
+            self.ops[index] = (event, func, result)
+            checksum(index, [result])
+            if 2 * result.numel() * result.element_size() <= largest:
+                reducing.add(index)
 
         saved: set[int] = set()
+        reducing: set[int] = set()  # calls whose output is at most half their largest input
 
         def pack(tensor: Any) -> Any:
             if _plain(tensor):
@@ -189,56 +225,62 @@ class GradientReplay:
                 raise RuntimeError(INPLACE_ERROR)
             return tensor
 
-        if traced:
-            self.trace = trace_forward(self.model, self.x, on_output=note, saved_tensors_hooks=(pack, unpack))
-            out = self.trace.output
-            self.trace.output = out.detach() if isinstance(out, torch.Tensor) else out
-        else:
-            patched: list[tuple[Any, Any]] = []
-            try:
-                for name in self.trace.replayable:
-                    module = self.modules[name]
-                    patch_forward(module, recording(name, module.forward), patched)
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                    out = self.model(self.x)
-            finally:
-                restore_forwards(patched)
-        # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
-        # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
-        # keep. And only modules that ran exactly once on this batch.
-        # And never an output that changed after its module returned without a version bump
-        # (a write through .data: the sums differ) or that carries a gradient hook registered
-        # outside the module (it would fire twice: on the replayed leaf and on the original).
-        changed = self._changed_since(sums)
-        for name, output in list(self.recorded.items()):
-            tensors = output if isinstance(output, tuple) else (output,)
-            if name not in self.trace.replayable or calls.get(name) != 1 or name in changed or not all(
-                _plain(t) and t.untyped_storage().data_ptr() in saved and not t._backward_hooks for t in tensors
-            ):
-                del self.recorded[name]
+        self.trace = trace_forward(self.model, self.x, on_output=note, on_op=note_op,
+                                   saved_tensors_hooks=(pack, unpack))
+        out = self.trace.output
         if not isinstance(out, torch.Tensor):
             raise RuntimeError("the model's output is not a tensor")
+        self.trace.output = out.detach()
+        # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
+        # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
+        # keep. Calls that reduce their input (pooling: a quarter of it) are kept either way: the
+        # graph holds their larger input. And only modules that ran exactly once on this batch.
+        # And never an output that changed after it was returned (its version moved, or, for a
+        # write through .data, its sum) or that carries a gradient hook registered outside the
+        # module (it would fire twice: on the replayed leaf and on the original).
+        changed = self._changed_since(sums, versions)
+
+        def keep(key: Any, tensors: Any) -> bool:
+            return key not in changed and all(
+                (t.untyped_storage().data_ptr() in saved or key in reducing) and not t._backward_hooks
+                for t in tensors)
+
+        for name, output in list(self.recorded.items()):
+            tensors = output if isinstance(output, tuple) else (output,)
+            if name not in self.trace.replayable or calls.get(name) != 1 or not keep(name, tensors):
+                del self.recorded[name]
+        for index, (_, _, result) in list(self.ops.items()):
+            if not keep(index, [result]):
+                del self.ops[index]
         self._out = out
         self.logits = out.detach()
+        return self.trace
 
-    def _changed_since(self, sums: dict[str, list[Any]]) -> set[str]:
-        """Recorded outputs whose values no longer have the sums taken when their module returned."""
+    def original(self) -> Any:
+        """The original model's maps (after :meth:`record`, which this runs if it has not run)."""
+        if self._out is None:
+            self.record()
+        out, self._out = self._out, None
+        return self._gradient(out)
+
+    def _changed_since(self, sums: dict[Any, list[Any]], versions: dict[Any, list[int]]) -> set[Any]:
+        """Keys of recorded outputs whose versions or sums are no longer those taken when they were made."""
         torch = require_torch()
-        names = [n for n in self.recorded if sums.get(n)]
-        if not names:
+        outputs = {**self.recorded, **{index: result for index, (_, _, result) in self.ops.items()}}
+        keys = [key for key in outputs if sums.get(key)]
+        if not keys:
             return set()
-        before = torch.stack([s.to(torch.float64) for n in names for s in sums[n]])
-        now = []
-        for name in names:
-            output = self.recorded[name]
-            tensors = output if isinstance(output, tuple) else (output,)
-            now += [t.detach().sum().to(torch.float64) for t in tensors if isinstance(t, torch.Tensor)]
-        same = (torch.stack(now) == before).tolist()  # NaN != NaN: such outputs are not replayed
-        changed, position = set(), 0
-        for name in names:
-            count = len(sums[name])
+        current = {key: [t for t in (outputs[key] if isinstance(outputs[key], tuple) else (outputs[key],))]
+                   for key in keys}
+        changed = {key for key in keys if [t._version for t in current[key]] != versions[key]}
+        before = torch.stack([s.to(torch.float64) for key in keys for s in sums[key]])
+        now = torch.stack([t.detach().sum().to(torch.float64) for key in keys for t in current[key]])
+        same = (now == before).tolist()  # NaN != NaN: such outputs are not replayed
+        position = 0
+        for key in keys:
+            count = len(sums[key])
             if not all(same[position:position + count]):
-                changed.add(name)
+                changed.add(key)
             position += count
         return changed
 
@@ -265,6 +307,8 @@ class GradientReplay:
         torch = require_torch()
         for name in [n for n in self.recorded if self.trace.end[n] >= cut]:
             del self.recorded[name]  # frees the part of the original graph only it kept alive
+        for index in [i for i, (event, _, _) in self.ops.items() if event > cut]:
+            del self.ops[index]
         leaves: dict[int, tuple[Any, Any]] = {}  # id(recorded tensor) -> (recorded, leaf)
         with self._replaying(cut, leaves), torch.enable_grad():
             out = self.model(self.x)
@@ -291,14 +335,16 @@ class GradientReplay:
     def close(self) -> None:
         """Drop the recorded outputs and with them the original graph."""
         self.recorded.clear()
+        self.ops.clear()
         self.logits = self._out = None
 
     @contextlib.contextmanager
     def _replaying(self, cut: int, leaves: dict[int, tuple[Any, Any]] | None = None) -> Iterator[None]:
-        """Make the outermost recorded modules that ended before ``cut`` return their outputs.
+        """Make the outermost recorded modules that ended before ``cut`` return their outputs, and
+        the recorded torch calls made before ``cut`` outside them.
 
         With ``leaves``, each recorded tensor that carries a gradient is served as a detached leaf
-        (one per tensor, shared by every module that returns it) and noted there.
+        (one per tensor, shared by every module or call that returns it) and noted there.
         """
         done = {n for n in self.recorded if self.trace.end[n] < cut}
         outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
@@ -313,13 +359,27 @@ class GradientReplay:
                 leaves[id(tensor)] = (tensor, leaf)
             return leaves[id(tensor)][1]
 
+        values = {i: (func, served(result)) for i, (event, func, result) in self.ops.items() if event <= cut}
+        mode = _op_replay_mode(values) if values else None
+
+        def replayed(name: str) -> Any:
+            if mode is None:
+                return None
+            at_end = self.trace.ops_at_end[name]
+
+            def skip() -> None:
+                mode.count = at_end
+
+            return skip
+
         try:
             for name in outermost:
                 module = self.modules[name]
                 value = self.recorded[name]
                 value = tuple(served(v) for v in value) if isinstance(value, tuple) else served(value)
-                patch_forward(module, _Replay(value, module.forward), patched)
-            yield
+                patch_forward(module, _Replay(value, module.forward, replayed(name)), patched)
+            with mode if mode is not None else contextlib.nullcontext():
+                yield
         finally:
             restore_forwards(patched)
 

@@ -66,6 +66,7 @@ class ForwardTrace:
     replayable: set[str]
     mutated: set[str]
     output: Any = field(repr=False)
+    ops_at_end: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 def _plain(tensor: Any) -> bool:
@@ -111,8 +112,13 @@ def restore_forwards(patched: list[tuple[Any, Any]]) -> None:
             module.forward = previous
 
 
+#: ``on_op(index, event, owner, func, args, kwargs, result)``: see :func:`trace_forward`.
+OpCallback = Callable[[int, int, str, Any, Any, Any, Any], None]
+
+
 def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
                   on_output: Callable[[str, Any], None] | None = None,
+                  on_op: OpCallback | None = None,
                   saved_tensors_hooks: tuple[Any, Any] | None = None) -> ForwardTrace:
     """Run the model once in eval mode without gradients and record :class:`ForwardTrace`.
 
@@ -125,12 +131,24 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     graph: :class:`pytest_saliency.activation_reuse.GradientReplay` records the original model's
     activations in the same pass that traces it. ``on_output(name, output)`` is called whenever a
     module's ``forward`` returns.
+
+    Torch operations are numbered in the order they run (every call a ``TorchFunctionMode`` sees,
+    on the first chunk): ``ops_at_end[name]`` is the count when a module's ``forward`` returned,
+    and ``on_op(index, event, owner, func, args, kwargs, result)`` is called after each one, with
+    the innermost running module (``owner``) and the event counter when it started: the call ran
+    after event ``event - 1`` and before event ``event``, so it precedes a cut ``c`` if
+    ``event <= c``. (The first use of a parameter is an event of its own, numbered before the
+    call that reads it.) The trace's own
+    bookkeeping runs with torch functions disabled, so it is not counted: a later pass of the same
+    model that counts the same way sees the same numbers.
     """
     torch = require_torch()
     from torch.overrides import TorchFunctionMode
-    from torch.utils._pytree import tree_leaves
 
     events = 0
+    ops = 0
+    ops_at_end: dict[str, int] = {}
+    running: list[str] = []  # the module stack, innermost last
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     calls: dict[str, int] = {}
@@ -146,15 +164,24 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
         """Notes the event at which each parameter's storage is first read by a torch operation."""
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            nonlocal ops, events
             kwargs = kwargs or {}
+            index, ops = ops, ops + 1
             if storage_params:
-                flat = all(not isinstance(v, (list, tuple, dict)) for v in args) and not kwargs
-                for value in args if flat else tree_leaves((args, kwargs)):
+                first = False
+                for value in _flat_arguments(args, kwargs):
                     if isinstance(value, torch.Tensor) and _plain(value):
                         ids = storage_params.pop(value.untyped_storage().data_ptr(), None)
                         for key in ids or ():
                             first_param_use[key] = events
-            return func(*args, **kwargs)
+                            first = True
+                if first:  # a first use is an event: calls before it have a smaller count
+                    events += 1
+            event = events  # this call runs between events event - 1 and event
+            result = func(*args, **kwargs)
+            if on_op is not None and running:
+                on_op(index, event, running[-1], func, args, kwargs, result)
+            return result
 
     def counted(name: str, inner: Any) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -162,13 +189,19 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             start.setdefault(name, events)
             calls[name] = calls.get(name, 0) + 1
             events += 1
-            output = inner(*args, **kwargs)
+            running.append(name)
+            try:
+                output = inner(*args, **kwargs)
+            finally:
+                running.pop()
             end[name] = events
             events += 1
-            if on_output is not None:
-                on_output(name, output)
-            tensors = _output_tensors(output)
-            outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
+            ops_at_end[name] = ops
+            with torch._C.DisableTorchFunction():
+                if on_output is not None:
+                    on_output(name, output)
+                tensors = _output_tensors(output)
+                outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
             return output
 
         return forward
@@ -179,6 +212,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             start.setdefault(name, events)
             calls[name] = calls.get(name, 0) + 1
             events += 1
+            running.append(name)
 
         return hook
 
@@ -187,6 +221,9 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             nonlocal events
             end[name] = events
             events += 1
+            ops_at_end[name] = ops
+            if running and running[-1] == name:
+                running.pop()
 
         return hook
 
@@ -238,7 +275,16 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     output = torch.cat(results) if len(results) > 1 and isinstance(results[0], torch.Tensor) else results[0]
     order = sorted(start, key=start.__getitem__)
     return ForwardTrace(order=order, start=start, end=end, calls=calls, first_use=first_use,
-                        replayable=replayable, mutated=mutated, output=output)
+                        replayable=replayable, mutated=mutated, output=output, ops_at_end=ops_at_end)
+
+
+def _flat_arguments(args: Any, kwargs: Any) -> Any:
+    """The leaves of a torch call's arguments (most calls are flat: skip the pytree walk then)."""
+    from torch.utils._pytree import tree_leaves
+
+    if not kwargs and all(not isinstance(v, (list, tuple, dict)) for v in args):
+        return args
+    return tree_leaves((args, kwargs))
 
 
 def select_layers(

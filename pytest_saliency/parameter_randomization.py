@@ -473,9 +473,9 @@ def layer_randomization(
             not batch_size or batch_size >= inputs.shape[0])
         first_replay = None
         if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
-            first_replay = GradientReplay(model, None, inputs, None, name, options, seed)
+            first_replay = GradientReplay(model, inputs, None, name, options, seed)
             try:
-                trace = first_replay.trace_and_record()
+                trace = first_replay.record()
             except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
                 first_replay.close()
                 first_replay = None
@@ -500,20 +500,16 @@ def layer_randomization(
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
-        # The trace covers the images one replay sees only if there is one step over all of them;
-        # otherwise each step is traced itself (its control flow may differ).
-        whole = step >= inputs.shape[0] and (not batch_size or batch_size >= inputs.shape[0])
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
         reused = False
         for first in range(0, inputs.shape[0], step):
             x, t = inputs[first:first + step], fixed_target[first:first + step]
-            step_trace = trace if whole or not reuse else trace_forward(model, x)
             if first_replay is not None:  # recorded by the traced pass (one step over all images)
                 replay, first_replay = first_replay, None
                 replay.target = t.reshape(-1)
             else:
-                replay = GradientReplay(model, step_trace, x, t, name, options, seed) if reuse else None
+                replay = GradientReplay(model, x, t, name, options, seed) if reuse else None
             original = None
             if replay is not None:
                 try:
@@ -532,10 +528,15 @@ def layer_randomization(
                 x, t, original = x[used], t[used], original[used]
                 if replay is not None:  # the recorded graph covers the dropped images too: start afresh
                     replay.close()
-                    step_trace = trace_forward(model, x)
-                    replay = GradientReplay(model, step_trace, x, t, name, options, seed)
-                    replay.original()
-            cuts = _cuts(step_trace, names, mode)
+                    replay = GradientReplay(model, x, t, name, options, seed)
+                    try:
+                        replay.original()
+                    except Exception:  # noqa: BLE001 - the states' captum passes report a real error
+                        replay.close()
+                        replay = None
+            # Each replay's recorded pass traced the images it explains (per step: the control
+            # flow may depend on the batch), and its cuts come from that trace.
+            cuts = _cuts(replay.trace, names, mode) if replay is not None else []
             if replay is not None and not replay.verify(max(cuts)):
                 replay.close()
                 replay = None

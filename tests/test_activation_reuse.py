@@ -192,7 +192,7 @@ def test_the_replayed_original_maps_equal_captum() -> None:
     for method, extra, expected in cases:
         spec, _, options = prepare_method(method, model, x, extra)
         assert reusable(model, trace, spec, options, None, x.shape[0])
-        replay = GradientReplay(model, trace, x, target, method, options)
+        replay = GradientReplay(model, x, target, method, options)
         torch.testing.assert_close(replay.original(), expected, rtol=0, atol=1e-7)
         replay.close()
 
@@ -218,7 +218,7 @@ def test_the_replayed_steps_and_samples_equal_captums(method: str, options: dict
     assert reusable(model, trace, spec, prepared, None, x.shape[0])
     for images in (x, x[:1]):
         expected = _attribute(model, images, spec, target[: len(images)], 7, None, True, prepared)  # captum, seed 7
-        replay = GradientReplay(model, trace, images, target[: len(images)], method, prepared, seed=7)
+        replay = GradientReplay(model, images, target[: len(images)], method, prepared, seed=7)
         torch.testing.assert_close(replay.original(), expected, rtol=1e-5, atol=1e-6)
         replay.close()
 
@@ -238,7 +238,7 @@ def test_replay_drops_recorded_outputs_as_the_cut_moves_towards_the_input() -> N
     model, x = make_residual(), tiny_images(3)
     trace = trace_forward(model, x)
     spec, _, options = prepare_method("saliency", model, x, {})
-    replay = GradientReplay(model, trace, x, trace.output.argmax(1), "saliency", options)
+    replay = GradientReplay(model, x, trace.output.argmax(1), "saliency", options)
     replay.original()
     assert {"stem", "layer1", "layer1.0", "layer1.1.conv2", "split"} <= set(replay.recorded)
     # Outputs the graph does not save are not kept: the logits, a BatchNorm feeding an addition, a
@@ -773,3 +773,99 @@ def test_traced_recording_is_dropped_when_reuse_cannot_run() -> None:
     # the memory probe, the traced pass, captum's original maps, one captum call per layer
     assert calls == [1] + [3] * (len(result.layers) + 2)
     np.testing.assert_allclose(result.ssim, full.ssim, atol=1e-6)
+
+
+class PooledInForward(nn.Module):
+    """The digits CNN's layout: pooling as F.max_pool2d in the model's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 3)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(self.relu1(self.bn1(self.conv1(x))), 2)
+        x = nn.functional.max_pool2d(self.relu2(self.bn2(self.conv2(x))), 2)
+        return self.fc2(self.relu3(self.fc1(x.flatten(1))))
+
+
+class FunctionalTricks(nn.Module):
+    """Calls between modules that an op-level replay must not get wrong.
+
+    An op result changed in place afterwards, one changed through .data, a parameter of a later
+    layer read in the parent's code before that layer runs, and a branch on the values that
+    changes which calls run after the randomized layer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.max_pool2d(torch.tanh(self.conv1(x)), 2)  # 8x8
+        a.mul_(1.5)  # in place on a recorded call's output: it must run again
+        b = torch.sigmoid(self.conv2(a))
+        b.data.add_(0.25)  # no version bump: the checksum catches it
+        scale = self.fc.weight.abs().mean()  # fc's weight, read before fc runs
+        c = nn.functional.avg_pool2d(torch.tanh(self.conv3(b)) * scale, 2)  # 4x4
+        if bool(c.detach().mean() > 0):  # a branch on the values after conv3
+            c = torch.cos(c) * c
+        return self.fc(c.flatten(1))
+
+
+class Counting(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls whose name contains ``word`` (outside the engine's own modes)."""
+
+    def __init__(self, word: str) -> None:
+        super().__init__()
+        self.word, self.count = word, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.word in getattr(func, "__name__", ""):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_calls_between_modules_before_the_cut_are_replayed_not_recomputed() -> None:
+    model, x = seeded_model(PooledInForward), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with Counting("max_pool2d") as fast_count:
+        fast = layer_randomization(model, x, "saliency", seed=3)
+    with Counting("max_pool2d") as slow_count:
+        slow = layer_randomization(model, x, "saliency", seed=3, reuse_activations=False)
+    assert fast.reused_activations
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+    # Full passes: 2 pools x (memory probe + trace + original + 6 layers). With reuse: the probe
+    # and the traced recording pass, no pool for the verification at fc2 nor for fc2, fc1 and
+    # bn2's... second pool only; conv2 the second; bn1 and conv1 both.
+    assert slow_count.count == 2 * 9
+    assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "smoothgrad"])
+def test_functional_tricks_give_the_same_numbers_with_and_without_reuse(method: str) -> None:
+    model = seeded_model(FunctionalTricks)
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    options = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 3}}.get(method, {})
+    for mode in ("independent", "cascading"):
+        fast, slow = both_ways(model, x, method, preset="thesis2023", mode=mode, **options)
+        assert fast.reused_activations
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+        torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+    assert_unchanged(model, before)
+
+
+def test_recorded_calls_exclude_outputs_changed_afterwards_and_views() -> None:
+    model, x = seeded_model(FunctionalTricks), tiny_images(3)
+    replay = GradientReplay(model, x, None, "saliency", {})
+    replay.record()
+    names = sorted(getattr(func, "__name__", str(func)) for _, func, _ in replay.ops.values())
+    # max_pool2d's output was scaled in place and sigmoid's through .data; flatten is a view of
+    # avg_pool2d's output; the rest are the calls the graph keeps anyway.
+    assert "max_pool2d" not in " ".join(names) and "sigmoid" not in names and "flatten" not in names
+    assert "avg_pool2d" in names
+    replay.close()
