@@ -8,14 +8,22 @@ may be called from outside its parent), or the first torch operation that reads 
 parameters' storage (code may use a weight before its layer runs). The original forward pass
 therefore runs once with its autograd graph kept. In each randomized state the outermost finished
 modules return their recorded outputs (their ``forward`` is replaced for that pass, once per
-module), and only the rest of the forward pass runs again. The backward goes in two stages:
+module), and only the rest of the forward pass runs again. Torch calls made directly in a
+composite module's ``forward`` before the cut (say an ``F.max_pool2d`` between two layers) return
+their recorded outputs too: the calls are counted in the recorded pass and in each replay (a
+``TorchFunctionMode``), and a replayed module skips its calls' numbers. The backward goes in two stages:
 through the recomputed part to the replayed outputs (which enter as detached leaves, so that part
 is freed as it goes), then from the recorded outputs through the kept graph to the inputs. An IPR
 check over L layers then costs less than (L + 1) full forward and backward passes, the "floor" of
 a straightforward loop.
 
+The recorded pass is a :func:`pytest_saliency.layers.trace_forward` pass with gradients on, so the
+cuts come from the pass that is replayed; for ``saliency`` and ``input_x_gradient`` it is also
+the check's only traced pass.
+
 Memory stays at about one forward graph. Only outputs the graph saves anyway are kept (a module
-whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead). Independent
+whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead), plus the
+outputs of calls that reduce their input to at most half (pooling), whose input the graph saves. Independent
 states run from the last layer to the first, and before each state the recorded outputs that end
 after the new cut are dropped, which frees the part of the original graph only they kept alive.
 
@@ -30,11 +38,15 @@ Where it applies (:func:`reusable`):
 
 A module is replayed only if it ran exactly once on the batch (counted on ``forward`` itself, so
 direct ``.forward()`` calls count), returned plain tensors that no later in-place operation
-changed, has no backward hooks, and is not scripted. The others run again. Safety nets:
+changed, has no backward hooks, and is not scripted. The others run again. A call is replayed
+only if its output is a plain tensor that is not a view or an in-place result of its inputs and
+did not change afterwards. Safety nets:
 
 * :meth:`GradientReplay.verify` recomputes the logits from the recorded outputs at the largest cut
   and falls back to full captum passes if they differ.
 * The saved-tensor hooks keep autograd's in-place check.
+* A replayed pass that reaches a recorded call number with a different function has left the
+  recorded path: an error, and so a fallback.
 * Any error in a replayed state also falls back to full passes.
 
 ``layer_randomization(..., reuse_activations=False)`` turns it all off.

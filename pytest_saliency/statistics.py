@@ -118,17 +118,21 @@ def sensitivity_statistics(
     dataset_score = float(image_scores.mean())  # S^I, eq. 6
     low, high = bootstrap_interval(image_scores, confidence, n_bootstrap, seed)
     all_layers = sensitive.all(dim=0)  # Definition 2
+    # One reduction per statistic over all layers (then one conversion to Python numbers).
+    means = s.mean(dim=1)
+    stds = s.std(dim=1) if s.shape[1] > 1 else torch.zeros_like(means)
+    columns = torch.stack([means, stds, s.amin(dim=1), s.amax(dim=1), sensitive.double().mean(dim=1)], dim=1)
     layers = [
         LayerStatistics(
             name=name,
-            mean_ssim=float(row.mean()),
-            std_ssim=float(row.std()) if row.numel() > 1 else 0.0,
-            min_ssim=float(row.min()),
-            max_ssim=float(row.max()),
-            fraction_sensitive=float(flags.double().mean()),
-            sensitive=bool(row.mean() < ssim_threshold),
+            mean_ssim=mean,
+            std_ssim=std,
+            min_ssim=low_ssim,
+            max_ssim=high_ssim,
+            fraction_sensitive=fraction,
+            sensitive=mean < ssim_threshold,
         )
-        for name, row, flags in zip(layer_names, s, sensitive)
+        for name, (mean, std, low_ssim, high_ssim, fraction) in zip(layer_names, columns.tolist())
     ]
     return SensitivityStatistics(
         layers=layers,
