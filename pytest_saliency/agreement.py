@@ -221,10 +221,7 @@ def _metric_kwargs(metric: str, k: Any, pipeline: MapPipeline, metric_options: d
     if METRICS[metric].takes_k:
         kwargs.setdefault("k", k)
     if metric == "ssim":
-        p = pipeline.ssim
-        kwargs = {"win_size": p.win_size, "gaussian_weights": p.gaussian_weights, "sigma": p.sigma,
-                  "data_range": p.data_range, "K1": p.K1, "K2": p.K2,
-                  "use_sample_covariance": p.use_sample_covariance, **kwargs}
+        kwargs = {**pipeline.ssim.kwargs(), **kwargs}
     return kwargs
 
 

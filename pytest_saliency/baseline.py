@@ -158,10 +158,7 @@ def _similarity(metric: str, a: Any, b: Any, pipeline: MapPipeline) -> Any:
     from .similarity import pearson, spearman, structural_similarity
 
     if metric == "ssim":
-        p = pipeline.ssim
-        return structural_similarity(a, b, win_size=p.win_size, gaussian_weights=p.gaussian_weights, sigma=p.sigma,
-                                     data_range=p.data_range, K1=p.K1, K2=p.K2,
-                                     use_sample_covariance=p.use_sample_covariance)
+        return structural_similarity(a, b, **pipeline.ssim.kwargs())
     return (spearman if metric == "spearman" else pearson)(a, b)
 
 

@@ -419,11 +419,7 @@ def layer_randomization(
         raise SaliencyUsageError(f"image_batch must be >= 1, got {image_batch}.")
     check_strategy(randomization)
     pipeline = get_pipeline(preset)
-    p = pipeline.ssim
-    setup = ssim_setup(
-        win_size=p.win_size, gaussian_weights=p.gaussian_weights, sigma=p.sigma, data_range=p.data_range,
-        K1=p.K1, K2=p.K2, use_sample_covariance=p.use_sample_covariance,
-    )
+    setup = ssim_setup(**pipeline.ssim.kwargs())
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     if isinstance(images, int):
         inputs = inputs[:images]

@@ -54,6 +54,11 @@ class SSIMParams:
     K2: float = 0.03
     use_sample_covariance: bool = True
 
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pytest_saliency.similarity.structural_similarity`
+        (and of ``skimage.metrics.structural_similarity``) that these parameters set."""
+        return dataclasses.asdict(self)
+
     def describe(self) -> str:
         weights = f"gaussian sigma={self.sigma}" if self.gaussian_weights else "uniform"
         return f"win_size={self.win_size}, {weights} window, data_range={self.data_range:g}"

@@ -892,9 +892,7 @@ def _metric_kwargs(name: str, pipeline: MapPipeline, maps: Any, user: Mapping[st
     """Defaults that belong to the pipeline (SSIM) or to the map size (HOG), overridden by ``user``."""
     kwargs: dict[str, Any] = {}
     if name == "ssim":
-        p = pipeline.ssim
-        kwargs = dict(win_size=p.win_size, gaussian_weights=p.gaussian_weights, sigma=p.sigma, data_range=p.data_range,
-                      K1=p.K1, K2=p.K2, use_sample_covariance=p.use_sample_covariance)
+        kwargs = pipeline.ssim.kwargs()
     elif name == "hog_pearson" and maps.dim() == 3:
         cell = max(1, int(round(SAM_HOG_CELL * min(maps.shape[-2:]) / SAM_INPUT_SIZE)))
         kwargs = {"pixels_per_cell": (cell, cell)}
