@@ -3,6 +3,7 @@
     python benchmarks/bench_ipr.py [--workload NAME ...] [--rounds R] [--images N] [--device cpu|cuda]
                                    [--json out.json] [--quick] [--force] [--memory auto|all|none]
                                    [--memory-only] [--engine-defaults] [--threads T] [--profile NAME]
+                                   [--phases NAME]
 
 The ways (each does the whole IPR of one workload: original maps + one map batch per layer):
 
@@ -847,6 +848,87 @@ def profile_engine(workload: Workload, images: int, device: str, top: int) -> No
     stats.sort_stats("cumulative").print_stats(r"^(?!.*[/\\]torch[/\\]).*$", top)
 
 
+def time_phases(workload: Workload, images: int, device: str, rounds: int) -> None:
+    """Mean time of each engine phase per check, the floor timed alongside (``--phases``).
+
+    The functions the engine calls a few times per check are wrapped with a timer in place;
+    "rest" is the check's time outside them (validation, the SSIM setup, building the result).
+    """
+    import contextlib
+    import functools
+
+    from pytest_saliency import activation_reuse
+    from pytest_saliency import parameter_randomization as engine
+
+    ctx = make_context(workload, images, device)
+    phases = [
+        (engine, "prepare_method", "method preparation (memory-budget probe: a 1-image forward)"),
+        (engine, "trace_forward", "traced forward pass (when it is not the recording pass)"),
+        (activation_reuse.GradientReplay, "record", "recorded forward pass (traced, graph kept)"),
+        (activation_reuse.GradientReplay, "original", "original backward (graph kept)"),
+        (activation_reuse.GradientReplay, "verify", "verifying the replay (forward from the largest cut)"),
+        (activation_reuse.GradientReplay, "maps", "randomized states, replayed (forward + two-stage backward)"),
+        (engine, "_attribute", "captum calls (original and states without reuse)"),
+        (engine, "randomized", "randomizing and restoring the layers"),
+        (engine._Comparison, "flush", "post-processing + SSIM, batched over states"),
+        (engine, "check_finite", "finiteness checks"),
+        (engine, "sensitivity_statistics", "bootstrap statistics"),
+    ]
+    spent = {label: 0.0 for _, _, label in phases}
+    originals = []
+
+    def timer(inner: Any, label: str) -> Any:
+        if label.startswith("randomizing"):  # a context manager: time entering and leaving it
+            @contextlib.contextmanager
+            def managed(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                with inner(*args, **kwargs):
+                    spent[label] += time.perf_counter() - start
+                    yield
+                    start = time.perf_counter()
+                spent[label] += time.perf_counter() - start
+
+            return managed
+
+        @functools.wraps(inner)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _sync(ctx.device)
+                spent[label] += time.perf_counter() - start
+
+        return wrapper
+
+    for owner, name, label in phases:
+        originals.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, timer(getattr(owner, name), label))
+    try:
+        run_engine(ctx)
+        run_floor(ctx)  # warm-up
+        spent = dict.fromkeys(spent, 0.0)
+        engine_time = floor_time = 0.0
+        for _ in range(rounds):
+            start = time.perf_counter()
+            run_engine(ctx)
+            engine_time += time.perf_counter() - start
+            start = time.perf_counter()
+            run_floor(ctx)
+            floor_time += time.perf_counter() - start
+    finally:
+        for owner, name, inner in originals:
+            setattr(owner, name, inner)
+    ms = 1000.0 / rounds
+    print(f"{workload.name}: engine {engine_time * ms:.1f} ms, floor {floor_time * ms:.1f} ms per check "
+          f"(ratio of sums {engine_time / floor_time:.3f}), {rounds} rounds")
+    print("| phase | ms per check |\n|---|---|")
+    for label, seconds in sorted(spent.items(), key=lambda item: -item[1]):
+        if seconds:
+            print(f"| {label} | {seconds * ms:.1f} |")
+    print(f"| rest of the check | {(engine_time - sum(spent.values())) * ms:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -911,6 +993,11 @@ def main(argv: list[str] | None = None) -> int:
         help="cProfile the engine on one workload and exit",
     )
     parser.add_argument("--top", type=int, default=40, help="rows printed by --profile")
+    parser.add_argument(
+        "--phases",
+        choices=sorted(WORKLOADS),
+        help="time the engine's phases on one workload (with the floor alongside) and exit",
+    )
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -940,6 +1027,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         w = WORKLOADS[args.profile]
         profile_engine(w, images_for(w), args.device, args.top)
+        return 0
+    if args.phases:
+        w = WORKLOADS[args.phases]
+        time_phases(w, images_for(w), args.device, args.rounds or 30)
         return 0
 
     names = args.workload or [
