@@ -10,8 +10,10 @@ therefore runs once with its autograd graph kept. In each randomized state the o
 modules return their recorded outputs (their ``forward`` is replaced for that pass, once per
 module), and only the rest of the forward pass runs again. Torch calls made directly in a
 composite module's ``forward`` before the cut (say an ``F.max_pool2d`` between two layers) return
-their recorded outputs too: the calls are counted in the recorded pass and in each replay (a
-``TorchFunctionMode``), and a replayed module skips its calls' numbers. The backward goes in two stages:
+their recorded outputs too. A ``TorchFunctionMode`` recognises them by what they compute
+(:func:`call_key`: the function, where each tensor argument comes from, the other arguments),
+not by their position, so a forward pass that makes other calls in between (a cache filled on
+the first call, a hook) cannot be handed a neighbour's output. The backward goes in two stages:
 through the recomputed part to the replayed outputs (which enter as detached leaves, so that part
 is freed as it goes), then from the recorded outputs through the kept graph to the inputs. An IPR
 check over L layers then costs less than (L + 1) full forward and backward passes, the "floor" of
@@ -45,8 +47,9 @@ did not change afterwards. Safety nets:
 * :meth:`GradientReplay.verify` recomputes the logits from the recorded outputs at the largest cut
   and falls back to full captum passes if they differ.
 * The saved-tensor hooks keep autograd's in-place check.
-* A replayed pass that reaches a recorded call number with a different function has left the
-  recorded path: an error, and so a fallback.
+* A recorded output changed in place after it was recorded (for example by a forward pass that
+  works in place when gradients are off, during the verification) is an error, and so a fallback.
+* Calls that draw random numbers (:data:`RANDOM_CALLS`) are never replayed.
 * Any error in a replayed state also falls back to full passes.
 
 ``layer_randomization(..., reuse_activations=False)`` turns it all off.
@@ -105,44 +108,67 @@ class _Replay:
 
     A second call in the same pass (a module the trace saw once but that runs again, e.g.
     through a path the trace did not take) runs the real ``forward``, so it is never wrong.
-    ``replayed`` is called when the recorded output is returned (it keeps the op count in step).
     """
 
-    def __init__(self, value: Any, forward: Any, replayed: Any = None) -> None:
-        self.value, self.forward, self.used, self.replayed = value, forward, False, replayed
+    def __init__(self, value: Any, forward: Any) -> None:
+        self.value, self.forward, self.used = value, forward, False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.used:
             return self.forward(*args, **kwargs)
         self.used = True
-        if self.replayed is not None:
-            self.replayed()
         return self.value
 
 
-def _op_replay_mode(values: dict[int, tuple[Any, Any]]) -> Any:
-    """A ``TorchFunctionMode`` that returns ``values[i] = (func, output)`` for the i-th torch call.
+#: Torch calls that draw random numbers: never replayed (a full pass would draw again).
+RANDOM_CALLS = frozenset({
+    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "bernoulli",
+    "multinomial", "poisson", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "rrelu", "gumbel_softmax", "fractional_max_pool2d", "fractional_max_pool3d",
+})
 
-    Calls are counted as :func:`pytest_saliency.layers.trace_forward` counted them in the recorded
-    pass; a replayed module's calls are skipped by setting :attr:`count` to the count at its end.
-    A call at a recorded position must be the same function, or the pass has left the recorded
-    path and the replay stops with an error (the caller falls back to full passes).
+
+def call_key(func: Any, args: Any, kwargs: Any, origin: dict[int, Any]) -> Any:
+    """What a torch call computes, as a hashable key, or None if that cannot be told.
+
+    Tensor arguments are named by where they come from (``origin``: the model's input, a
+    parameter or buffer, a recorded module or call output), other arguments by value. Two calls
+    with the same key compute the same output (for a deterministic function), whatever else the
+    forward pass did in between; a call with a tensor of unknown origin, no tensor at all, or an
+    argument that is not a plain value gets no key and is never replayed.
     """
+    torch = require_torch()
+    if getattr(func, "__name__", "") in RANDOM_CALLS:
+        return None
+    parts: list[Any] = [func]
+    tensors = 0
+    for value in _flat_arguments(args, kwargs):
+        if isinstance(value, torch.Tensor):
+            token = origin.get(id(value))
+            if token is None:
+                return None
+            parts.append(token)
+            tensors += 1
+        elif value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.Size)):
+            parts.append((type(value), value))
+        else:
+            return None
+    if kwargs:
+        parts.append(tuple(sorted(kwargs)))
+    return tuple(parts) if tensors else None
+
+
+def _op_replay_mode(values: dict[Any, Any], origin: dict[int, Any]) -> Any:
+    """A ``TorchFunctionMode`` that returns ``values[key]`` for a call whose :func:`call_key` is ``key``."""
     from torch.overrides import TorchFunctionMode
 
     class OpReplay(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            index, self.count = self.count, self.count + 1
-            entry = values.get(index)
-            if entry is not None:
-                if entry[0] is not func:
-                    raise RuntimeError(f"the forward pass left the recorded path at torch call {index}")
-                return entry[1]
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            key = call_key(func, args, kwargs, origin)
+            if key is not None and key in values:
+                return values[key]
+            return func(*args, **kwargs)
 
     return OpReplay()
 
@@ -176,7 +202,8 @@ class GradientReplay:
         self.modules = dict(model.named_modules())
         self.composite = {name for name, module in self.modules.items() if next(module.children(), None) is not None}
         self.recorded: dict[str, Any] = {}
-        self.ops: dict[int, tuple[int, Any, Any]] = {}  # op index -> (event, func, output)
+        self.ops: dict[int, tuple[int, Any, Any]] = {}  # call number -> (event, call_key, output)
+        self.versions: dict[Any, list[int]] = {}  # recorded module / call -> its tensors' versions
         self.logits: Any = None
         self._out: Any = None  # the recorded pass's logits, with their graph, until original()
 
@@ -196,8 +223,13 @@ class GradientReplay:
         versions: dict[Any, list[int]] = {}
 
         def checksum(key: Any, tensors: Any) -> None:
-            sums[key] = [t.detach().sum() for t in tensors]
+            sums[key] = [_checksum(t) for t in tensors]
             versions[key] = [t._version for t in tensors]
+
+        # Where each tensor of this pass comes from (see call_key): the input, parameters and
+        # buffers, then every module output and recorded call output as it appears. The tensors
+        # stay alive until the filtering below, so their ids are not reused meanwhile.
+        origin = self._fixed_origins()
 
         def note(name: str, output: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
@@ -205,31 +237,44 @@ class GradientReplay:
             if tensors is not None:
                 self.recorded[name] = output
                 checksum(name, tensors)
+                for position, tensor in enumerate(tensors):
+                    origin[id(tensor)] = ("module", name, position)
 
         def note_op(index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
             if owner not in self.composite or not _plain(result):
                 return
+            key = call_key(func, args, kwargs, origin)
+            if key is None or key in keys:
+                return  # a second call computing the same thing: the first one's output serves it
             storage, largest = result.untyped_storage().data_ptr(), 0
             for value in _flat_arguments(args, kwargs):
                 if _plain(value):
                     if value.untyped_storage().data_ptr() == storage:
                         return  # a view or an in-place result: nothing to save by replaying it
                     largest = max(largest, value.numel() * value.element_size())
-            self.ops[index] = (event, func, result)
+            keys.add(key)
+            self.ops[index] = (event, key, result)
+            origin[id(result)] = ("call", index)
             checksum(index, [result])
             if 2 * result.numel() * result.element_size() <= largest:
                 reducing.add(index)
+
+        keys: set[Any] = set()
 
         saved: set[int] = set()
         reducing: set[int] = set()  # calls whose output is at most half their largest input
 
         def pack(tensor: Any) -> Any:
-            if _plain(tensor):
-                saved.add(tensor.untyped_storage().data_ptr())
-            # Detached, as autograd stores saved outputs (the tensor would otherwise hold its own
-            # grad_fn, and the graph would live until the garbage collector found the cycle). The
-            # version is kept because autograd skips its in-place check for hooked tensors.
-            return tensor.detach(), tensor._version
+            # Not seen by the trace's TorchFunctionMode (a custom autograd.Function packs outside
+            # any torch call it sees).
+            with torch._C.DisableTorchFunction():
+                if _plain(tensor):
+                    saved.add(tensor.untyped_storage().data_ptr())
+                # Detached, as autograd stores saved outputs (the tensor would otherwise hold its
+                # own grad_fn, and the graph would live until the garbage collector found the
+                # cycle). The version is kept because autograd skips its in-place check for
+                # hooked tensors.
+                return tensor.detach(), tensor._version
 
         def unpack(packed: Any) -> Any:
             tensor, version = packed
@@ -264,6 +309,7 @@ class GradientReplay:
         for index, (_, _, result) in list(self.ops.items()):
             if not keep(index, [result]):
                 del self.ops[index]
+        self.versions = {key: versions[key] for key in [*self.recorded, *self.ops]}
         self._out = out
         self.logits = out.detach()
         return self.trace
@@ -286,7 +332,7 @@ class GradientReplay:
                    for key in keys}
         changed = {key for key in keys if [t._version for t in current[key]] != versions[key]}
         before = torch.stack([s.to(torch.float64) for key in keys for s in sums[key]])
-        now = torch.stack([t.detach().sum().to(torch.float64) for key in keys for t in current[key]])
+        now = torch.stack([_checksum(t).to(torch.float64) for key in keys for t in current[key]])
         same = (now == before).tolist()  # NaN != NaN: such outputs are not replayed
         position = 0
         for key in keys:
@@ -297,10 +343,16 @@ class GradientReplay:
         return changed
 
     def verify(self, cut: int) -> bool:
-        """Recompute the logits from the recorded outputs before ``cut``; True if they are the same."""
+        """Recompute the logits from the recorded outputs before ``cut``; True if they are the same.
+
+        Any error in that pass (the model cannot be replayed) is a False: the caller falls back.
+        """
         torch = require_torch()
-        with torch.no_grad(), self._replaying(cut):
-            logits = self.model(self.x)
+        try:
+            with torch.no_grad(), self._replaying(cut):
+                logits = self.model(self.x)
+        except Exception:  # noqa: BLE001 - full captum passes report a real model error
+            return False
         if not isinstance(logits, torch.Tensor) or logits.shape != self.logits.shape:
             return False
         scale = float(self.logits.abs().max()) if self.logits.numel() else 0.0
@@ -322,7 +374,7 @@ class GradientReplay:
         for index in [i for i, (event, _, _) in self.ops.items() if event > cut]:
             del self.ops[index]
         leaves: dict[int, tuple[Any, Any]] = {}  # id(recorded tensor) -> (recorded, leaf)
-        with self._replaying(cut, leaves), torch.enable_grad():
+        with torch.enable_grad(), self._replaying(cut, leaves):
             out = self.model(self.x)
         torch_grad = torch.autograd.grad
         selected = out.gather(1, self.recipe.targets(self.target)[:, None]).sum()
@@ -350,46 +402,52 @@ class GradientReplay:
         self.ops.clear()
         self.logits = self._out = None
 
+    def _fixed_origins(self) -> dict[int, Any]:
+        """Names for the tensors every pass shares: the fed input, the parameters and the buffers."""
+        origin: dict[int, Any] = {id(self.x): ("input",)}
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            origin[id(tensor)] = ("state", name)
+        return origin
+
     @contextlib.contextmanager
     def _replaying(self, cut: int, leaves: dict[int, tuple[Any, Any]] | None = None) -> Iterator[None]:
         """Make the outermost recorded modules that ended before ``cut`` return their outputs, and
-        the recorded torch calls made before ``cut`` outside them.
+        the recorded torch calls made before ``cut`` outside them (see :func:`call_key`).
 
         With ``leaves``, each recorded tensor that carries a gradient is served as a detached leaf
-        (one per tensor, shared by every module or call that returns it) and noted there.
+        (one per tensor, shared by every module or call that returns it) and noted there. A
+        recorded tensor changed in place since it was recorded (say by a forward that works in
+        place when gradients are off, during :meth:`verify`) is an error: the replay is stale.
         """
         done = {n for n in self.recorded if self.trace.end[n] < cut}
         outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
         patched: list[tuple[Any, Any]] = []
+        origin = self._fixed_origins()
 
-        def served(tensor: Any) -> Any:
-            if leaves is None or not tensor.requires_grad:
-                return tensor
-            if id(tensor) not in leaves:
-                leaf = tensor.detach().requires_grad_(True)
-                leaf.__dict__.update(tensor.__dict__)  # Python attributes a module set on its output
-                leaves[id(tensor)] = (tensor, leaf)
-            return leaves[id(tensor)][1]
+        def served(tensor: Any, key: Any, position: int, token: Any) -> Any:
+            if tensor._version != self.versions[key][position]:
+                raise RuntimeError("a recorded output was changed in place after it was recorded")
+            if leaves is not None and tensor.requires_grad:
+                if id(tensor) not in leaves:
+                    leaf = tensor.detach().requires_grad_(True)
+                    leaf.__dict__.update(tensor.__dict__)  # Python attributes a module set on its output
+                    leaves[id(tensor)] = (tensor, leaf)
+                tensor = leaves[id(tensor)][1]
+            origin[id(tensor)] = token
+            return tensor
 
-        values = {i: (func, served(result)) for i, (event, func, result) in self.ops.items() if event <= cut}
-        mode = _op_replay_mode(values) if values else None
-
-        def replayed(name: str) -> Any:
-            if mode is None:
-                return None
-            at_end = self.trace.ops_at_end[name]
-
-            def skip() -> None:
-                mode.count = at_end
-
-            return skip
-
+        values = {key: served(result, index, 0, ("call", index))
+                  for index, (event, key, result) in self.ops.items() if event <= cut}
+        mode = _op_replay_mode(values, origin) if values else None
         try:
             for name in outermost:
                 module = self.modules[name]
                 value = self.recorded[name]
-                value = tuple(served(v) for v in value) if isinstance(value, tuple) else served(value)
-                patch_forward(module, _Replay(value, module.forward, replayed(name)), patched)
+                if isinstance(value, tuple):
+                    value = tuple(served(v, name, i, ("module", name, i)) for i, v in enumerate(value))
+                else:
+                    value = served(value, name, 0, ("module", name, 0))
+                patch_forward(module, _Replay(value, module.forward), patched)
             with mode if mode is not None else contextlib.nullcontext():
                 yield
         finally:
@@ -474,6 +532,17 @@ class _Recipe:
         scaled = grad.contiguous().view(self.steps, -1) * self.step_sizes
         total = scaled.reshape((self.steps, self.x.shape[0]) + tuple(grad.shape[1:])).sum(dim=0)
         return total * (self.x - self.baseline)
+
+
+def _checksum(tensor: Any) -> Any:
+    """A cheap fingerprint of a tensor's values: its sum and the sum of every seventh element.
+
+    Compared before and after the forward pass, it catches writes through ``.data`` (which do not
+    bump the version), including ones that keep the sum, such as a flip or a permutation.
+    """
+    torch = require_torch()
+    flat = tensor.detach().reshape(-1)
+    return torch.stack([flat.sum(), flat[::7].sum()]).sum() if flat.numel() > 1 else flat.sum()
 
 
 def _ancestors(name: str) -> list[str]:

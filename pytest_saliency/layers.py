@@ -66,7 +66,6 @@ class ForwardTrace:
     replayable: set[str]
     mutated: set[str]
     output: Any = field(repr=False)
-    ops_at_end: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 def _plain(tensor: Any) -> bool:
@@ -133,21 +132,18 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     module's ``forward`` returns.
 
     Torch operations are numbered in the order they run (every call a ``TorchFunctionMode`` sees,
-    on the first chunk): ``ops_at_end[name]`` is the count when a module's ``forward`` returned,
-    and ``on_op(index, event, owner, func, args, kwargs, result)`` is called after each one, with
-    the innermost running module (``owner``) and the event counter when it started: the call ran
+    on the first chunk), and ``on_op(index, event, owner, func, args, kwargs, result)`` is called
+    after each one, with the innermost running module (``owner``) and the event counter when it
+    started: the call ran
     after event ``event - 1`` and before event ``event``, so it precedes a cut ``c`` if
     ``event <= c``. (The first use of a parameter is an event of its own, numbered before the
-    call that reads it.) The trace's own
-    bookkeeping runs with torch functions disabled, so it is not counted: a later pass of the same
-    model that counts the same way sees the same numbers.
+    call that reads it.) The trace's own bookkeeping runs with torch functions disabled.
     """
     torch = require_torch()
     from torch.overrides import TorchFunctionMode
 
     events = 0
     ops = 0
-    ops_at_end: dict[str, int] = {}
     running: list[str] = []  # the module stack, innermost last
     start: dict[str, int] = {}
     end: dict[str, int] = {}
@@ -196,7 +192,6 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
                 running.pop()
             end[name] = events
             events += 1
-            ops_at_end[name] = ops
             with torch._C.DisableTorchFunction():
                 if on_output is not None:
                     on_output(name, output)
@@ -221,7 +216,6 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             nonlocal events
             end[name] = events
             events += 1
-            ops_at_end[name] = ops
             if running and running[-1] == name:
                 running.pop()
 
@@ -275,7 +269,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     output = torch.cat(results) if len(results) > 1 and isinstance(results[0], torch.Tensor) else results[0]
     order = sorted(start, key=start.__getitem__)
     return ForwardTrace(order=order, start=start, end=end, calls=calls, first_use=first_use,
-                        replayable=replayable, mutated=mutated, output=output, ops_at_end=ops_at_end)
+                        replayable=replayable, mutated=mutated, output=output)
 
 
 def _flat_arguments(args: Any, kwargs: Any) -> Any:

@@ -536,7 +536,6 @@ def layer_randomization(
             if replay is not None and not replay.verify(max(cuts)):
                 replay.close()
                 replay = None
-            reused = reused or replay is not None
             # With reuse, independent states run from the last layer to the first (see activation_reuse).
             state_order = list(range(len(stages)))
             if replay is not None and mode == "independent":
@@ -558,6 +557,7 @@ def layer_randomization(
                             if replay is not None:
                                 try:
                                     raw = replay.maps(cuts[index])
+                                    reused = True  # at least one state came from the replay
                                 except Exception:  # noqa: BLE001
                                     # A recorded tensor changed in place (the replay is stale), the
                                     # suffix wrote into a replayed one, or the output stopped

@@ -863,9 +863,89 @@ def test_recorded_calls_exclude_outputs_changed_afterwards_and_views() -> None:
     model, x = seeded_model(FunctionalTricks), tiny_images(3)
     replay = GradientReplay(model, x, None, "saliency", {})
     replay.record()
-    names = sorted(getattr(func, "__name__", str(func)) for _, func, _ in replay.ops.values())
+    names = sorted(getattr(key[0], "__name__", str(key[0])) for _, key, _ in replay.ops.values())
     # max_pool2d's output was scaled in place and sigmoid's through .data; flatten is a view of
     # avg_pool2d's output; the rest are the calls the graph keeps anyway.
     assert "max_pool2d" not in " ".join(names) and "sigmoid" not in names and "flatten" not in names
     assert "avg_pool2d" in names
     replay.close()
+
+
+class CachedOnFirstCall(nn.Module):
+    """A pure function that makes extra torch calls on its first call (a cache filled once).
+
+    Numbering calls by position would hand the smoothing pool the downsampling pool's output in
+    replayed passes; recognising calls by what they compute does not.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = None
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 1).view(1, 1, 1, 1))
+        self.conv1, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset is None or self.offset.shape[0] != x.shape[0]:
+            self.offset = torch.zeros(x.shape[0], 3)
+        h = nn.functional.avg_pool2d(x, 2)
+        h = nn.functional.avg_pool2d(h, 3, 1, 1)
+        h = self.conv1(h * self.gain)
+        return self.fc(torch.tanh(h).flatten(1)) + self.offset
+
+
+class Square(torch.autograd.Function):
+    """Saves a tensor outside any torch call a TorchFunctionMode sees."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class ReviewedCalls(nn.Module):
+    """Fourth review: a custom Function, a call scaled twice (mul, mul) before the first layer, a
+    .data flip that keeps the sum, and a call done in place only when gradients are off (so the
+    verification pass would write into the recorded output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("two", torch.full((1, 1, 1, 1), 2.0))
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = Square.apply(x * 0.5) * self.two
+        p = nn.functional.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        p.data.copy_(p.data.flip(-1))
+        h = p * 1.5 if torch.is_grad_enabled() else p.mul_(1.5)
+        return self.fc(torch.tanh(self.conv2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("cls", [CachedOnFirstCall, ReviewedCalls])
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_fourth_review_models_give_the_same_numbers_with_and_without_reuse(cls: type, method: str) -> None:
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    options = {"n_steps": 4} if method == "integrated_gradients" else {}
+    for mode in ("independent", "cascading"):
+        model = seeded_model(cls)
+        before = snapshot(model)
+        fast, slow = both_ways(model, x, method, preset="thesis2023", mode=mode, **options)
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+        torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+        assert_unchanged(model, before)
+
+
+def test_reused_activations_means_a_state_actually_came_from_the_replay(monkeypatch) -> None:
+    model, x = make_residual(), tiny_images(4)
+
+    def broken(self, cut):
+        raise RuntimeError("replay broke")
+
+    monkeypatch.setattr(GradientReplay, "maps", broken)
+    result = layer_randomization(model, x, "saliency")
+    assert not result.reused_activations
