@@ -132,7 +132,8 @@ def call_key(func: Any, args: Any, kwargs: Any, origin: dict[int, Any]) -> Any:
     """What a torch call computes, as a hashable key, or None if that cannot be told.
 
     Tensor arguments are named by where they come from (``origin``: the model's input, a
-    parameter or buffer, a recorded module or call output), other arguments by value. Two calls
+    parameter or buffer, a recorded module or call output) and their version (an in-place change
+    makes another value), other arguments by value. Two calls
     with the same key compute the same output (for a deterministic function), whatever else the
     forward pass did in between; a call with a tensor of unknown origin, no tensor at all, or an
     argument that is not a plain value gets no key and is never replayed.
@@ -147,7 +148,7 @@ def call_key(func: Any, args: Any, kwargs: Any, origin: dict[int, Any]) -> Any:
             token = origin.get(id(value))
             if token is None:
                 return None
-            parts.append(token)
+            parts.append((token, value._version))  # an in-place change in between makes it another value
             tensors += 1
         elif value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.Size)):
             parts.append((type(value), value))

@@ -949,3 +949,4 @@ def test_reused_activations_means_a_state_actually_came_from_the_replay(monkeypa
     monkeypatch.setattr(GradientReplay, "maps", broken)
     result = layer_randomization(model, x, "saliency")
     assert not result.reused_activations
+
