@@ -231,6 +231,8 @@ class GradientReplay:
         # buffers, then every module output and recorded call output as it appears. The tensors
         # stay alive until the filtering below, so their ids are not reused meanwhile.
         origin = self._fixed_origins()
+        keys: set[Any] = set()  # call_keys recorded so far
+        reducing: set[int] = set()  # calls whose output is at most half their largest input
 
         def note(name: str, output: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
@@ -260,10 +262,7 @@ class GradientReplay:
             if 2 * result.numel() * result.element_size() <= largest:
                 reducing.add(index)
 
-        keys: set[Any] = set()
-
         saved: set[int] = set()
-        reducing: set[int] = set()  # calls whose output is at most half their largest input
 
         def pack(tensor: Any) -> Any:
             # Not seen by the trace's TorchFunctionMode (a custom autograd.Function packs outside
@@ -424,6 +423,8 @@ class GradientReplay:
         outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
         patched: list[tuple[Any, Any]] = []
         origin = self._fixed_origins()
+        keys: set[Any] = set()  # call_keys recorded so far
+        reducing: set[int] = set()  # calls whose output is at most half their largest input
 
         def served(tensor: Any, key: Any, position: int, token: Any) -> Any:
             if tensor._version != self.versions[key][position]:
@@ -536,7 +537,7 @@ class _Recipe:
 
 
 def _checksum(tensor: Any) -> Any:
-    """A cheap fingerprint of a tensor's values: its sum and the sum of every seventh element.
+    """A cheap fingerprint of a tensor's values: its sum plus the sum of every seventh element.
 
     Compared before and after the forward pass, it catches writes through ``.data`` (which do not
     bump the version), including ones that keep the sum, such as a flip or a permutation.

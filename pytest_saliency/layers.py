@@ -119,7 +119,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
                   on_output: Callable[[str, Any], None] | None = None,
                   on_op: OpCallback | None = None,
                   saved_tensors_hooks: tuple[Any, Any] | None = None) -> ForwardTrace:
-    """Run the model once in eval mode without gradients and record :class:`ForwardTrace`.
+    """Run the model once in eval mode (without gradients, by default) and record :class:`ForwardTrace`.
 
     Each module's ``forward`` is wrapped for the first chunk of ``batch_size`` inputs (and
     restored afterwards, whatever happens); the output covers all inputs (it gives the predicted
@@ -134,9 +134,8 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     Torch operations are numbered in the order they run (every call a ``TorchFunctionMode`` sees,
     on the first chunk), and ``on_op(index, event, owner, func, args, kwargs, result)`` is called
     after each one, with the innermost running module (``owner``) and the event counter when it
-    started: the call ran
-    after event ``event - 1`` and before event ``event``, so it precedes a cut ``c`` if
-    ``event <= c``. (The first use of a parameter is an event of its own, numbered before the
+    started: the call ran after event ``event - 1`` and before event ``event``, so it precedes a
+    cut ``c`` if ``event <= c``. (The first use of a parameter is an event of its own, numbered before the
     call that reads it.) The trace's own bookkeeping runs with torch functions disabled.
     """
     torch = require_torch()

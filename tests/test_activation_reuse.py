@@ -838,9 +838,9 @@ def test_calls_between_modules_before_the_cut_are_replayed_not_recomputed() -> N
     assert fast.reused_activations
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
     torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
-    # Full passes: 2 pools x (memory probe + trace + original + 6 layers). With reuse: the probe
-    # and the traced recording pass, no pool for the verification at fc2 nor for fc2, fc1 and
-    # bn2's... second pool only; conv2 the second; bn1 and conv1 both.
+    # Full passes: 2 pools x (memory probe + trace + original + 6 layers). With reuse: 2 each for
+    # the probe and the traced recording pass, none for the verification at fc2 nor for the fc2
+    # and fc1 states, the second pool only for the bn2 and conv2 states, both for bn1 and conv1.
     assert slow_count.count == 2 * 9
     assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
 
