@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT / "examples" / "digits_repo"))
 import models
 
 PRESET = "adebayo2018"
-REUSING_METHODS = ("saliency", "integrated_gradients", "smoothgrad")  # pytest_saliency.activation_reuse
+REUSING_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion")  # activation_reuse, forward_reuse
 SEED = 0
 DATA_SEED = 1234
 SSIM_TOLERANCE = 1e-5

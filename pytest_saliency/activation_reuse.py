@@ -72,12 +72,9 @@ GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smo
 def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, Any], batch_size: int | None,
              images_per_call: int) -> bool:
     """Whether :class:`GradientReplay` can compute ``method``'s maps for this model and batch."""
-    torch = require_torch()
     from .explainers import MethodSpec
 
     if not isinstance(method, MethodSpec) or method.name not in GRADIENT_METHODS:
-        return False
-    if not isinstance(trace.output, torch.Tensor) or trace.output.dim() != 2 or not trace.replayable:
         return False
     chunk = batch_size or options.get("_image_batch")
     if chunk and chunk < images_per_call:  # the caller bounds the batch: keep captum's chunked path
@@ -94,13 +91,40 @@ def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, An
         per_image = o["nt_samples_batch_size"]
         if per_image is not None and per_image < int(o["nt_samples"]):
             return False
+    return replayable_model(model, trace)
+
+
+def replayable_model(model: Any, trace: ForwardTrace) -> bool:
+    """Whether a recorded pass of ``model`` (traced as ``trace``) can be replayed at all.
+
+    The output must be one (N, num_classes) tensor, the model not scripted, no global module
+    backward hook installed (it would not run on replayed modules), and no parameter shared by
+    two modules (it would change inside the reused prefix too).
+    """
+    torch = require_torch()
+    if not isinstance(trace.output, torch.Tensor) or trace.output.dim() != 2 or not trace.replayable:
+        return False
     if isinstance(model, torch.jit.ScriptModule):
         return False
     hooks = torch.nn.modules.module
     if getattr(hooks, "_global_backward_hooks", None) or getattr(hooks, "_global_backward_pre_hooks", None):
-        return False  # global module backward hooks would not run on replayed modules
-    # A parameter shared by two modules would change inside the reused prefix too.
+        return False
     return len(list(model.named_parameters(remove_duplicate=False))) == len(list(model.parameters()))
+
+
+def state_cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
+    """Per state, the trace event from which the randomized parameters can change anything.
+
+    That is :attr:`ForwardTrace.first_use` (a layer's start, or earlier if its parameters or
+    submodules are used before it runs); everything that ended before it is unchanged in that
+    state. Independent: the state's own layer. Cascading: the earliest of the layers randomized
+    so far (``names`` in randomization order).
+    """
+    never = max(trace.end.values(), default=0) + 1  # a layer that did not run here changes nothing
+    starts = [trace.first_use.get(n, never) for n in names]
+    if mode == "independent":
+        return starts
+    return [min(starts[: i + 1]) for i in range(len(starts))]
 
 
 class _Replay:
@@ -181,42 +205,33 @@ INPLACE_ERROR = (
 )
 
 
-class GradientReplay:
-    """Input-gradient maps of one batch, for the original model and then for each randomized state.
+class _RecordedPass:
+    """One recorded forward pass of ``model`` on ``x`` and the replays of it (see the module docstring).
 
-    ``target``: one class per input (the original model's predictions by default); it may be set
-    after :meth:`record`, whose trace gives the predictions.
-
-    Use :meth:`original` first (it calls :meth:`record` if needed), then :meth:`verify`, then
-    :meth:`maps` once per state with the state's cut (:attr:`ForwardTrace.first_use`, in
-    :attr:`trace`, of the earliest randomized module). Cuts should not increase from one call to
-    the next; if they do, the result stays correct but less is reused.
+    :class:`GradientReplay` keeps the pass's graph for input gradients; :class:`ForwardReplay`
+    only its outputs, for perturbation methods, which need logits alone.
     """
 
-    def __init__(self, model: Any, inputs: Any, target: Any, method: str, options: dict[str, Any],
-                 seed: int = 0) -> None:
+    def __init__(self, model: Any, x: Any) -> None:
         self.model = model
-        self.trace: Any = None  # the recorded pass's ForwardTrace, from record()
-        self.recipe = _Recipe(method, options, inputs.detach(), seed)
-        self.x = self.recipe.fed.detach().requires_grad_(True)
-        self.target = None if target is None else target.reshape(-1)
+        self.x = x
+        self.trace: Any = None  # the recorded pass's ForwardTrace
         self.modules = dict(model.named_modules())
         self.composite = {name for name, module in self.modules.items() if next(module.children(), None) is not None}
         self.recorded: dict[str, Any] = {}
         self.ops: dict[int, tuple[int, Any, Any]] = {}  # call number -> (event, call_key, output)
         self.versions: dict[Any, list[int]] = {}  # recorded module / call -> its tensors' versions
         self.logits: Any = None
-        self._out: Any = None  # the recorded pass's logits, with their graph, until original()
 
-    def record(self) -> ForwardTrace:
-        """The original forward pass: traced (:func:`pytest_saliency.layers.trace_forward`), with
-        its graph kept and the outputs worth replaying recorded.
+    def _record(self, keep_graph: bool) -> Any:
+        """The original forward pass, traced (:func:`pytest_saliency.layers.trace_forward`), with
+        the outputs worth replaying recorded; returns its output.
 
         Recorded are the outputs of modules (for the replay of whole modules) and of torch calls
         made directly in a composite module's own ``forward``, such as an ``F.max_pool2d``
         between two layers (for the calls left when the modules around them are replayed).
-        For ``saliency`` and ``input_x_gradient``, which feed the images themselves, this is also
-        the check's traced forward pass.
+        ``keep_graph``: the pass runs with gradients and keeps its graph, and only outputs the
+        graph saves anyway (or pooling outputs) are kept; without, every unchanged output is.
         """
         torch = require_torch()
         calls: dict[str, int] = {}
@@ -283,12 +298,12 @@ class GradientReplay:
             return tensor
 
         self.trace = trace_forward(self.model, self.x, on_output=note, on_op=note_op,
-                                   saved_tensors_hooks=(pack, unpack))
+                                   saved_tensors_hooks=(pack, unpack) if keep_graph else None)
         out = self.trace.output
         if not isinstance(out, torch.Tensor):
             raise RuntimeError("the model's output is not a tensor")
         self.trace.output = out.detach()
-        # Keep only outputs the graph holds anyway: a module whose output nothing saves (a
+        # With the graph kept, keep only outputs the graph holds anyway: a module whose output nothing saves (a
         # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
         # keep. Calls that reduce their input (pooling: a quarter of it) are kept either way: the
         # graph holds their larger input. And only modules that ran exactly once on this batch.
@@ -299,7 +314,8 @@ class GradientReplay:
 
         def keep(key: Any, tensors: Any) -> bool:
             return key not in changed and all(
-                (t.untyped_storage().data_ptr() in saved or key in reducing) and not t._backward_hooks
+                (not keep_graph or t.untyped_storage().data_ptr() in saved or key in reducing)
+                and not t._backward_hooks
                 for t in tensors)
 
         for name, output in list(self.recorded.items()):
@@ -310,16 +326,8 @@ class GradientReplay:
             if not keep(index, [result]):
                 del self.ops[index]
         self.versions = {key: versions[key] for key in [*self.recorded, *self.ops]}
-        self._out = out
         self.logits = out.detach()
-        return self.trace
-
-    def original(self) -> Any:
-        """The original model's maps (after :meth:`record`, which this runs if it has not run)."""
-        if self._out is None:
-            self.record()
-        out, self._out = self._out, None
-        return self._gradient(out)
+        return out
 
     def _changed_since(self, sums: dict[Any, list[Any]], versions: dict[Any, list[int]]) -> set[Any]:
         """Keys of recorded outputs whose versions or sums are no longer those taken when they were made."""
@@ -349,14 +357,110 @@ class GradientReplay:
         """
         torch = require_torch()
         try:
-            with torch.no_grad(), self._replaying(cut):
-                logits = self.model(self.x)
+            logits = self.replayed_logits(cut)
         except Exception:  # noqa: BLE001 - full captum passes report a real model error
             return False
         if not isinstance(logits, torch.Tensor) or logits.shape != self.logits.shape:
             return False
         scale = float(self.logits.abs().max()) if self.logits.numel() else 0.0
         return bool(torch.allclose(logits, self.logits, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+
+    def replayed_logits(self, cut: int) -> Any:
+        """The model's output as it is now (without gradients), with what ended before ``cut`` replayed."""
+        torch = require_torch()
+        with torch.no_grad(), self._replaying(cut):
+            return self.model(self.x)
+
+    def close(self) -> None:
+        """Drop the recorded outputs (and with them a kept graph)."""
+        self.recorded.clear()
+        self.ops.clear()
+        self.logits = None
+
+    def _fixed_origins(self) -> dict[int, Any]:
+        """Names for the tensors every pass shares: the fed input, the parameters and the buffers."""
+        origin: dict[int, Any] = {id(self.x): ("input",)}
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            origin[id(tensor)] = ("state", name)
+        return origin
+
+    @contextlib.contextmanager
+    def _replaying(self, cut: int, leaves: dict[int, tuple[Any, Any]] | None = None) -> Iterator[None]:
+        """Make the outermost recorded modules that ended before ``cut`` return their outputs, and
+        the recorded torch calls made before ``cut`` outside them (see :func:`call_key`).
+
+        With ``leaves``, each recorded tensor that carries a gradient is served as a detached leaf
+        (one per tensor, shared by every module or call that returns it) and noted there. A
+        recorded tensor changed in place since it was recorded (say by a forward that works in
+        place when gradients are off, during :meth:`verify`) is an error: the replay is stale.
+        """
+        done = {n for n in self.recorded if self.trace.end[n] < cut}
+        outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
+        patched: list[tuple[Any, Any]] = []
+        origin = self._fixed_origins()
+
+        def served(tensor: Any, key: Any, position: int, token: Any) -> Any:
+            if tensor._version != self.versions[key][position]:
+                raise RuntimeError("a recorded output was changed in place after it was recorded")
+            if leaves is not None and tensor.requires_grad:
+                if id(tensor) not in leaves:
+                    leaf = tensor.detach().requires_grad_(True)
+                    leaf.__dict__.update(tensor.__dict__)  # Python attributes a module set on its output
+                    leaves[id(tensor)] = (tensor, leaf)
+                tensor = leaves[id(tensor)][1]
+            origin[id(tensor)] = token
+            return tensor
+
+        values = {key: served(result, index, 0, ("call", index))
+                  for index, (event, key, result) in self.ops.items() if event <= cut}
+        mode = _op_replay_mode(values, origin) if values else None
+        try:
+            for name in outermost:
+                module = self.modules[name]
+                value = self.recorded[name]
+                if isinstance(value, tuple):
+                    value = tuple(served(v, name, i, ("module", name, i)) for i, v in enumerate(value))
+                else:
+                    value = served(value, name, 0, ("module", name, 0))
+                patch_forward(module, _Replay(value, module.forward), patched)
+            with mode if mode is not None else contextlib.nullcontext():
+                yield
+        finally:
+            restore_forwards(patched)
+
+
+class GradientReplay(_RecordedPass):
+    """Input-gradient maps of one batch, for the original model and then for each randomized state.
+
+    ``target``: one class per input (the original model's predictions by default); it may be set
+    after :meth:`record`, whose trace gives the predictions.
+
+    Use :meth:`original` first (it calls :meth:`record` if needed), then :meth:`verify`, then
+    :meth:`maps` once per state with the state's cut (:attr:`ForwardTrace.first_use`, in
+    :attr:`trace`, of the earliest randomized module). Cuts should not increase from one call to
+    the next; if they do, the result stays correct but less is reused.
+    """
+
+    def __init__(self, model: Any, inputs: Any, target: Any, method: str, options: dict[str, Any],
+                 seed: int = 0) -> None:
+        self.recipe = _Recipe(method, options, inputs.detach(), seed)
+        super().__init__(model, self.recipe.fed.detach().requires_grad_(True))
+        self.target = None if target is None else target.reshape(-1)
+        self._out: Any = None  # the recorded pass's logits, with their graph, until original()
+
+    def record(self) -> ForwardTrace:
+        """The original forward pass with its graph kept (:meth:`_record`). For ``saliency`` and
+        ``input_x_gradient``, which feed the images themselves, this is also the check's traced
+        forward pass."""
+        self._out = self._record(keep_graph=True)
+        return self.trace
+
+    def original(self) -> Any:
+        """The original model's maps (after :meth:`record`, which this runs if it has not run)."""
+        if self._out is None:
+            self.record()
+        out, self._out = self._out, None
+        return self._gradient(out)
 
     def maps(self, cut: int) -> Any:
         """Maps of the model as it is now, whose modules that ended before ``cut`` are unchanged.
@@ -397,63 +501,8 @@ class GradientReplay:
         return self.recipe.attributions(total.detach())
 
     def close(self) -> None:
-        """Drop the recorded outputs and with them the original graph."""
-        self.recorded.clear()
-        self.ops.clear()
-        self.logits = self._out = None
-
-    def _fixed_origins(self) -> dict[int, Any]:
-        """Names for the tensors every pass shares: the fed input, the parameters and the buffers."""
-        origin: dict[int, Any] = {id(self.x): ("input",)}
-        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            origin[id(tensor)] = ("state", name)
-        return origin
-
-    @contextlib.contextmanager
-    def _replaying(self, cut: int, leaves: dict[int, tuple[Any, Any]] | None = None) -> Iterator[None]:
-        """Make the outermost recorded modules that ended before ``cut`` return their outputs, and
-        the recorded torch calls made before ``cut`` outside them (see :func:`call_key`).
-
-        With ``leaves``, each recorded tensor that carries a gradient is served as a detached leaf
-        (one per tensor, shared by every module or call that returns it) and noted there. A
-        recorded tensor changed in place since it was recorded (say by a forward that works in
-        place when gradients are off, during :meth:`verify`) is an error: the replay is stale.
-        """
-        done = {n for n in self.recorded if self.trace.end[n] < cut}
-        outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
-        patched: list[tuple[Any, Any]] = []
-        origin = self._fixed_origins()
-        keys: set[Any] = set()  # call_keys recorded so far
-        reducing: set[int] = set()  # calls whose output is at most half their largest input
-
-        def served(tensor: Any, key: Any, position: int, token: Any) -> Any:
-            if tensor._version != self.versions[key][position]:
-                raise RuntimeError("a recorded output was changed in place after it was recorded")
-            if leaves is not None and tensor.requires_grad:
-                if id(tensor) not in leaves:
-                    leaf = tensor.detach().requires_grad_(True)
-                    leaf.__dict__.update(tensor.__dict__)  # Python attributes a module set on its output
-                    leaves[id(tensor)] = (tensor, leaf)
-                tensor = leaves[id(tensor)][1]
-            origin[id(tensor)] = token
-            return tensor
-
-        values = {key: served(result, index, 0, ("call", index))
-                  for index, (event, key, result) in self.ops.items() if event <= cut}
-        mode = _op_replay_mode(values, origin) if values else None
-        try:
-            for name in outermost:
-                module = self.modules[name]
-                value = self.recorded[name]
-                if isinstance(value, tuple):
-                    value = tuple(served(v, name, i, ("module", name, i)) for i, v in enumerate(value))
-                else:
-                    value = served(value, name, 0, ("module", name, 0))
-                patch_forward(module, _Replay(value, module.forward), patched)
-            with mode if mode is not None else contextlib.nullcontext():
-                yield
-        finally:
-            restore_forwards(patched)
+        super().close()
+        self._out = None
 
     def _gradient(self, out: Any) -> Any:
         """d(selected logits)/d(model inputs) of the original pass (which keeps its graph)."""
@@ -465,6 +514,22 @@ class GradientReplay:
         if grad is None:  # the output does not depend on the inputs: let captum's path report it
             raise RuntimeError("the model's output does not depend on its inputs")
         return self.recipe.attributions(grad.detach())
+
+
+class ForwardReplay(_RecordedPass):
+    """Logits of one batch for the original model and then for model states whose modules that
+    ended before a cut are unchanged: perturbation methods (occlusion) need nothing else.
+
+    :meth:`record` runs the original pass without gradients and keeps every module output (and
+    call output) that did not change afterwards; :meth:`replayed_logits` then runs only the rest.
+    """
+
+    def __init__(self, model: Any, x: Any) -> None:
+        super().__init__(model, x.detach())
+
+    def record(self) -> Any:
+        """The original pass's logits (its :class:`ForwardTrace` is :attr:`trace`)."""
+        return self._record(keep_graph=False)
 
 
 class _Recipe:
@@ -552,4 +617,4 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-__all__ = ["GRADIENT_METHODS", "GradientReplay", "reusable"]
+__all__ = ["GRADIENT_METHODS", "ForwardReplay", "GradientReplay", "replayable_model", "reusable", "state_cuts"]

@@ -272,6 +272,34 @@ def _zero_or(value: Any, inputs: Any) -> Any:
     return value
 
 
+def occlusion_windows(inputs: Any, options: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """captum's ``sliding_window_shapes`` and ``strides`` for the ``window`` and ``stride`` options.
+
+    Images: a square window of about an eighth of the smaller side over all channels, moved by
+    half a window; flat (N, D) inputs: an eighth of the features, likewise.
+    """
+    window, stride = options["window"], options["stride"]
+    if inputs.dim() == 4:
+        side = max(2, round(min(inputs.shape[-2:]) / 8))
+        window = window or side
+        stride = stride or max(1, window // 2)
+        shape = (inputs.shape[1], window, window) if isinstance(window, int) else tuple(window)
+        strides = (1, stride, stride) if isinstance(stride, int) else tuple(stride)
+    else:
+        shape = (window or max(1, inputs.shape[1] // 8),) if not isinstance(window, tuple) else window
+        strides = (stride or max(1, shape[0] // 2),) if not isinstance(stride, tuple) else stride
+    return shape, strides
+
+
+def occlusion_positions(inputs: Any, options: dict[str, Any]) -> int:
+    """How many windows captum's ``Occlusion`` slides over one input (one forward row each)."""
+    shape, strides = occlusion_windows(inputs, {**METHODS["occlusion"].defaults, **options})
+    count = 1
+    for size, window, stride in zip(inputs.shape[1:], shape, strides):
+        count *= -(-(size - window) // stride) + 1
+    return count
+
+
 def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any]) -> Any:
     """Build the captum object for ``spec`` and attribute one chunk of inputs."""
     import captum.attr as ca
@@ -319,16 +347,7 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
             inputs, baselines=baselines, n_samples=o["n_samples"], stdevs=o["stdevs"], target=target
         )
     if name == "occlusion":
-        window, stride = o["window"], o["stride"]
-        if inputs.dim() == 4:
-            side = max(2, round(min(inputs.shape[-2:]) / 8))
-            window = window or side
-            stride = stride or max(1, window // 2)
-            shape = (inputs.shape[1], window, window) if isinstance(window, int) else tuple(window)
-            strides = (1, stride, stride) if isinstance(stride, int) else tuple(stride)
-        else:
-            shape = (window or max(1, inputs.shape[1] // 8),) if not isinstance(window, tuple) else window
-            strides = (stride or max(1, shape[0] // 2),) if not isinstance(stride, tuple) else stride
+        shape, strides = occlusion_windows(inputs, o)
         return ca.Occlusion(model).attribute(
             inputs, sliding_window_shapes=shape, strides=strides, baselines=o["baselines"], target=target,
             perturbations_per_eval=o["perturbations_per_eval"],

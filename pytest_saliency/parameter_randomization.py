@@ -7,8 +7,10 @@ default (Adebayo's order), or from the input upwards with ``order="bottom_up"``.
 Cost: one traced forward pass gives the execution order and the predicted targets; the original
 model's maps are computed once; then one explanation of the whole batch per randomized state,
 with the layer randomized in place and restored (no model copies). For gradient methods
-(saliency, input x gradient, integrated gradients) only the part of the forward pass after the randomized layer is recomputed
-(:mod:`pytest_saliency.activation_reuse`). SSIM runs batched on the maps' device, against
+(saliency, input x gradient, integrated gradients, SmoothGrad) only the part of the forward pass after the
+randomized layer is recomputed (:mod:`pytest_saliency.activation_reuse`); occlusion explains all
+states in one captum call whose forward passes share the original model's prefix
+(:mod:`pytest_saliency.forward_reuse`). SSIM runs batched on the maps' device, against
 filtered moments of the original maps computed once.
 """
 
@@ -23,10 +25,13 @@ from typing import Any
 
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .activation_reuse import GRADIENT_METHODS, GradientReplay, reusable
+from .activation_reuse import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
 from .exceptions import SaliencyUsageError, SaliencyWarning
-from .explainers import Explainer, MethodSpec, _attribute, draws_random, prepare_method, resolve_target
-from .layers import ForwardTrace, select_layers, trace_forward
+from .explainers import (
+    Explainer, MethodSpec, _attribute, draws_random, memory_budget_bytes, prepare_method, resolve_target,
+)
+from .forward_reuse import FORWARD_METHODS, occlusion_states
+from .layers import select_layers, trace_forward
 from .postprocess import MapPipeline, get_pipeline, pipeline_maps
 from .randomization import STRATEGIES, check_strategy, preserved, randomized
 from .statistics import (
@@ -258,21 +263,6 @@ class _Comparison:
         return require_torch().stack(self.kept_maps)
 
 
-def _cuts(trace: ForwardTrace, names: list[str], mode: str) -> list[int]:
-    """Per state, the trace event from which the randomized parameters can change anything.
-
-    That is :attr:`ForwardTrace.first_use` (a layer's start, or earlier if its parameters or
-    submodules are used before it runs); everything that ended before it is unchanged in that
-    state. Independent: the state's own layer. Cascading: the earliest of the layers randomized
-    so far (``names`` in randomization order).
-    """
-    never = max(trace.end.values(), default=0) + 1  # a layer that did not run here changes nothing
-    starts = [trace.first_use.get(n, never) for n in names]
-    if mode == "independent":
-        return starts
-    return [min(starts[: i + 1]) for i in range(len(starts))]
-
-
 def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant_maps: str) -> Any:
     """Original maps must be big enough for the SSIM window and must not be constant.
 
@@ -396,10 +386,11 @@ def layer_randomization(
         reuse the original model's attributions (named methods only).
     ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
         ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
-    ``reuse_activations``: for ``saliency``, ``input_x_gradient``, ``integrated_gradients`` and
-        ``smoothgrad``, recompute only the part of the forward pass that the randomized layer can
-        change (see :mod:`pytest_saliency.activation_reuse`); ``False`` runs every state as a full
-        captum call. ``result.reused_activations`` says whether it ran.
+    ``reuse_activations``: for ``saliency``, ``input_x_gradient``, ``integrated_gradients``,
+        ``smoothgrad`` and ``occlusion``, recompute only the part of the forward pass that the
+        randomized layer can change (see :mod:`pytest_saliency.activation_reuse` and
+        :mod:`pytest_saliency.forward_reuse`); ``False`` runs every state as a full captum call.
+        ``result.reused_activations`` says whether it ran.
     """
     torch = require_torch()
     from .similarity import ssim_setup
@@ -440,14 +431,13 @@ def layer_randomization(
             cache.put(key, raw)
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
-    def replayed_original(replay: GradientReplay, x: Any) -> Any:
-        """The original maps from the replay's recorded pass (which runs anyway: its graph is
-        reused); an earlier check's maps from the cache take precedence, so checks in a session
-        compare against identical originals."""
-        raw = replay.original()
+    def reused_original(raw: Any, x: Any, t: Any) -> Any:
+        """The original maps from a pass that runs anyway (a replay's recorded pass, whose graph
+        is reused, or the state stack's column 0); an earlier check's maps from the cache take
+        precedence, so checks in a session compare against identical originals."""
         check_finite(raw, f"attribution maps from {name!r}")
         if cache is not None:
-            key = cache.key(model, x, replay.target, name, options, seed, batch_size)
+            key = cache.key(model, x, t, name, options, seed, batch_size)
             cached = cache.get(key)
             if cached is None:
                 cache.put(key, raw)
@@ -496,6 +486,14 @@ def layer_randomization(
         selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
         stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
         names = [layer_name for layer_name, _ in stages]
+        # Occlusion: every state's maps from one captum call per step, the forward passes sharing
+        # the original model's prefix (forward_reuse). It holds states x images maps at once.
+        stacked = (reuse_activations and isinstance(resolved, MethodSpec) and name in FORWARD_METHODS
+                   and replayable_model(model, trace))
+        if stacked:  # (and captum's totals and differences: about three times the maps)
+            held = 3 * (len(stages) + 1) * inputs[0].numel() * inputs.element_size()
+            budget = memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device)
+            step = max(1, min(step, budget // held))
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
         reused = False
@@ -506,10 +504,22 @@ def layer_randomization(
                 replay.target = t.reshape(-1)
             else:
                 replay = GradientReplay(model, x, t, name, options, seed) if reuse else None
-            original = None
+            original = stack_maps = None
+            if stacked:
+                label = f"all {len(stages)} layers at once (images {used_inputs + 1}-{used_inputs + x.shape[0]})"
+                try:
+                    stack_maps, from_replay = occlusion_states(
+                        model, x, t, stages, mode, randomization, seed, options, chunk=chunk, progress=progress,
+                        label=label)
+                except Exception:  # noqa: BLE001 - the loop over states below reports a real model error
+                    stacked = False
+                else:
+                    check_finite(stack_maps, f"attribution maps from {name!r}")
+                    reused = reused or from_replay
+                    original = reused_original(stack_maps[0], x, t)
             if replay is not None:
                 try:
-                    original = replayed_original(replay, x)
+                    original = reused_original(replay.original(), x, replay.target)
                 except Exception:  # noqa: BLE001 - captum's pass below reports a real model error
                     replay.close()
                     replay = None
@@ -522,6 +532,8 @@ def layer_randomization(
                 continue
             if used.numel() < original.shape[0]:
                 x, t, original = x[used], t[used], original[used]
+                if stack_maps is not None:  # occlusion explains each image on its own
+                    stack_maps = stack_maps[:, used]
                 if replay is not None:  # the recorded graph covers the dropped images too: start afresh
                     replay.close()
                     replay = GradientReplay(model, x, t, name, options, seed)
@@ -532,7 +544,7 @@ def layer_randomization(
                         replay = None
             # Each replay's recorded pass traced the images it explains (per step: the control
             # flow may depend on the batch), and its cuts come from that trace.
-            cuts = _cuts(replay.trace, names, mode) if replay is not None else []
+            cuts = state_cuts(replay.trace, names, mode) if replay is not None else []
             if replay is not None and not replay.verify(max(cuts)):
                 replay.close()
                 replay = None
@@ -544,7 +556,9 @@ def layer_randomization(
             comparison = _Comparison(original, pipeline, setup, len(stages), keep)
             try:
                 with contextlib.ExitStack() as cascade:
-                    for done, index in enumerate(state_order):
+                    for index in range(len(stages)) if stack_maps is not None else ():
+                        comparison.add(index, stack_maps[index + 1])
+                    for done, index in enumerate(state_order if stack_maps is None else ()):
                         layer_name, module = stages[index]
                         if progress is not None:
                             progress(done, len(stages),

@@ -1,0 +1,162 @@
+"""Occlusion maps of the original model and of every randomized state from one captum call.
+
+Occlusion runs forward passes only: for each batch of perturbed images, the model's target logit.
+In a randomization check the perturbed images are the same in every state, and so is the part
+of the forward pass before the randomized layer. A loop over the states runs the whole forward
+pass (L + 1) times per batch of perturbations; :class:`StateStack` runs it once, recorded
+(:class:`pytest_saliency.activation_reuse.ForwardReplay`), and then, per state, only what comes
+after the state's cut (the same cuts and safety nets as the gradient replay: see
+:mod:`pytest_saliency.activation_reuse`).
+
+captum never sees the states. :class:`StateStack` is the forward function handed to captum's
+``Occlusion``: it returns one column per state (the target logit), which captum treats as
+outputs of their own (its multi-output mode), so one ``attribute`` call returns one map per
+image and state. They equal the maps of separate calls bit for bit (the tests compare), with the
+same ``perturbations_per_eval``.
+
+Each layer's randomized values are drawn once per call by
+:func:`pytest_saliency.randomization.randomized` (the same draws as the loop over states, and
+one copy of the selected layers' parameters in memory) and swapped in and out by reference
+(``param.data``), so a state costs no copy of its parameters; the original tensors are put
+back in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ._torch import require_torch
+from .activation_reuse import ForwardReplay, state_cuts
+from .randomization import randomized
+
+FORWARD_METHODS = ("occlusion",)
+
+
+class StateStack:
+    """A forward function: per input row, the target logit of the original model (column 0)
+    and of each randomized state (column ``i + 1`` for ``stages[i]``).
+
+    ``mode="independent"``: state ``i`` randomizes ``stages[i]`` alone; ``"cascading"``:
+    ``stages[0]`` to ``stages[i]``. ``target`` holds one class per image; captum calls the
+    function on whole multiples of the images (one copy per perturbation), in order.
+    ``progress(done, total, label)`` hears of every call when ``calls`` (the number captum will
+    make) is given. :attr:`reused` says whether any state's logits came from a replay.
+    """
+
+    def __init__(self, model: Any, stages: Sequence[tuple[str, Any]], mode: str, strategy: str, seed: int,
+                 target: Any, *, progress: Callable[[int, int, str], None] | None = None, calls: int = 0,
+                 label: str = "", done: int = 0) -> None:
+        self.model, self.mode, self.target = model, mode, target.reshape(-1)
+        self.names = [name for name, _ in stages]
+        self.drawn: list[list[tuple[Any, Any]]] = []  # per stage: (parameter, its randomized values)
+        for name, module in stages:
+            with randomized([(name, module)], strategy, seed):
+                self.drawn.append([(p, p.detach().clone()) for p in module.parameters()])
+        self.progress, self.calls, self.label = progress, calls, label
+        self.done = done  # forward calls so far (of ``calls``: several stacks may share the count)
+        self.live = True  # False after a replay failed: full passes from then on
+        self.reused = False
+
+    @property
+    def size(self) -> int:
+        """Columns: the original model and one per state."""
+        return len(self.names) + 1
+
+    def __call__(self, batch: Any) -> Any:
+        torch = require_torch()
+        rows = batch.shape[0]
+        if rows % self.target.numel():
+            raise RuntimeError(f"{rows} rows are not whole copies of the {self.target.numel()} images")
+        target = self.target.repeat(rows // self.target.numel())[:, None]
+        replay = ForwardReplay(self.model, batch) if self.live else None
+        cuts: list[int] = []
+        try:
+            if replay is not None:
+                try:
+                    logits = replay.record()
+                    cuts = state_cuts(replay.trace, self.names, self.mode)
+                    self.live = bool(cuts) and replay.verify(max(cuts))
+                except Exception:  # noqa: BLE001 - the plain pass below reports a real model error
+                    self.live = False
+            if not self.live:
+                logits = self.model(batch)
+            columns = [logits.gather(1, target)[:, 0]]
+            with self._swapped() as swap:
+                for index in range(len(self.names)):
+                    if self.mode == "independent":
+                        swap.restore()
+                    swap.apply(self.drawn[index])
+                    logits = None
+                    if self.live:
+                        try:
+                            logits = replay.replayed_logits(cuts[index])
+                            self.reused = True
+                        except Exception:  # noqa: BLE001 - a stale recording: full passes from here on
+                            self.live = False
+                    if logits is None:
+                        logits = self.model(batch)
+                    columns.append(logits.gather(1, target)[:, 0])
+        finally:
+            if replay is not None:
+                replay.close()
+        self.done += 1
+        if self.progress is not None and self.calls:
+            self.progress(min(self.done, self.calls), self.calls, f"{self.label}, forward pass {self.done} of {self.calls}")
+        return torch.stack(columns, dim=1)
+
+    @contextlib.contextmanager
+    def _swapped(self) -> Iterator[_Swap]:
+        swap = _Swap()
+        try:
+            yield swap
+        finally:
+            swap.restore()
+
+
+class _Swap:
+    """Randomized parameter values put in by reference; :meth:`restore` puts the originals back."""
+
+    def __init__(self) -> None:
+        self.originals: list[tuple[Any, Any]] = []
+
+    def apply(self, pairs: list[tuple[Any, Any]]) -> None:
+        for parameter, value in pairs:
+            self.originals.append((parameter, parameter.data))
+            parameter.data = value
+
+    def restore(self) -> None:
+        for parameter, original in reversed(self.originals):
+            parameter.data = original
+        self.originals.clear()
+
+
+def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tuple[str, Any]], mode: str,
+                     strategy: str, seed: int, options: dict[str, Any], *, chunk: int | None = None,
+                     progress: Callable[[int, int, str], None] | None = None, label: str = "") -> tuple[Any, bool]:
+    """Occlusion maps of ``inputs`` for the original model and every state, as (states + 1, N, ...).
+
+    ``chunk`` images go to captum at a time (``batch_size`` or the memory budget's image chunk).
+    Returns the maps and whether any state reused the original pass. The model must be in eval
+    mode with parameter gradients off (the randomization engine sets both for a check).
+    """
+    torch = require_torch()
+    from .explainers import METHODS, _chunks, _quiet_captum, _run_captum, occlusion_positions
+
+    per_call = options.get("perturbations_per_eval") or 1
+    pieces = list(zip(_chunks(inputs, chunk), _chunks(target, chunk)))
+    calls = len(pieces) * (1 + -(-occlusion_positions(inputs, options) // per_call))
+    progress_of = {"progress": progress, "calls": calls, "label": label}
+    maps, reused = [], False
+    for x, t in pieces:
+        stack = StateStack(model, stages, mode, strategy, seed, t, **progress_of)
+        with _quiet_captum():
+            raw = _run_captum(METHODS["occlusion"], stack, x.detach(), None, options)
+        maps.append(raw.reshape((x.shape[0], stack.size) + tuple(x.shape[1:])).transpose(0, 1))
+        reused = reused or stack.reused
+        progress_of["done"] = stack.done
+    return (torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]), reused
+
+
+__all__ = ["FORWARD_METHODS", "StateStack", "occlusion_states"]
