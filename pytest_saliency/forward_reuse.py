@@ -47,13 +47,11 @@ class StateStack:
 
     def __init__(self, model: Any, stages: Sequence[tuple[str, Any]], mode: str, strategy: str, seed: int,
                  target: Any, *, progress: Callable[[int, int, str], None] | None = None, calls: int = 0,
-                 label: str = "", done: int = 0) -> None:
+                 label: str = "", done: int = 0, drawn: list[list[tuple[Any, Any]]] | None = None) -> None:
         self.model, self.mode, self.target = model, mode, target.reshape(-1)
         self.names = [name for name, _ in stages]
-        self.drawn: list[list[tuple[Any, Any]]] = []  # per stage: (parameter, its randomized values)
-        for name, module in stages:
-            with randomized([(name, module)], strategy, seed):
-                self.drawn.append([(p, p.detach().clone()) for p in module.parameters()])
+        # per stage: (parameter, its randomized values); several stacks of a check may share them
+        self.drawn = drawn if drawn is not None else randomized_values(stages, strategy, seed)
         self.progress, self.calls, self.label = progress, calls, label
         self.done = done  # forward calls so far (of ``calls``: several stacks may share the count)
         self.live = True  # False after a replay failed: full passes from then on
@@ -115,6 +113,15 @@ class StateStack:
             swap.restore()
 
 
+def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: int) -> list[list[tuple[Any, Any]]]:
+    """Per stage, each parameter with the values :func:`randomized` gives it (the model is restored)."""
+    drawn = []
+    for name, module in stages:
+        with randomized([(name, module)], strategy, seed):
+            drawn.append([(p, p.detach().clone()) for p in module.parameters()])
+    return drawn
+
+
 class _Swap:
     """Randomized parameter values put in by reference; :meth:`restore` puts the originals back."""
 
@@ -147,7 +154,8 @@ def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tupl
     per_call = options.get("perturbations_per_eval") or 1
     pieces = list(zip(_chunks(inputs, chunk), _chunks(target, chunk)))
     calls = len(pieces) * (1 + -(-occlusion_positions(inputs, options) // per_call))
-    progress_of = {"progress": progress, "calls": calls, "label": label}
+    progress_of = {"progress": progress, "calls": calls, "label": label,
+                   "drawn": randomized_values(stages, strategy, seed)}
     maps, reused = [], False
     for x, t in pieces:
         stack = StateStack(model, stages, mode, strategy, seed, t, **progress_of)
@@ -159,4 +167,4 @@ def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tupl
     return (torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]), reused
 
 
-__all__ = ["FORWARD_METHODS", "StateStack", "occlusion_states"]
+__all__ = ["FORWARD_METHODS", "StateStack", "occlusion_states", "randomized_values"]

@@ -75,6 +75,16 @@ def test_chunked_images_and_perturbations_give_the_same_numbers(chunking: dict) 
     assert fast.n_images == slow.n_images
 
 
+def test_layers_are_drawn_once_per_step_not_once_per_chunk(monkeypatch) -> None:
+    from pytest_saliency import forward_reuse
+
+    draws = []
+    real = forward_reuse.randomized_values
+    monkeypatch.setattr(forward_reuse, "randomized_values", lambda *a: draws.append(1) or real(*a))
+    result = layer_randomization(make_tiny_cnn(), tiny_images(5), "occlusion", batch_size=2, **OCCLUSION)
+    assert result.reused_activations and len(draws) == 1
+
+
 @pytest.mark.parametrize("cls", [Gate, Experts, Tied])
 def test_models_that_cannot_be_replayed_fall_back_and_agree(cls: type) -> None:
     """Value-dependent routing, tied weights."""
@@ -193,3 +203,4 @@ def test_a_layer_the_output_ignores_keeps_ssim_one_and_fails_the_check() -> None
     assert_same(fast, slow)
     assert min(min(row) for row in fast.ssim) == pytest.approx(1.0)
     assert not fast.passed
+
