@@ -14,11 +14,12 @@ outputs of their own (its multi-output mode), so one ``attribute`` call returns 
 image and state. They equal the maps of separate calls bit for bit (the tests compare), with the
 same ``perturbations_per_eval``.
 
-Each layer's randomized values are drawn once per call by
-:func:`pytest_saliency.randomization.randomized` (the same draws as the loop over states, and
-one copy of the selected layers' parameters in memory) and swapped in and out by reference
-(``param.data``), so a state costs no copy of its parameters; the original tensors are put
-back in a ``finally`` block.
+Each layer's randomized values are drawn once per image step by
+:func:`pytest_saliency.randomization.randomized` (the same draws as the loop over states) and
+kept with the original values (two copies of the selected layers' parameters in memory); a
+state writes them in place and the originals are written back, as the loop does, so tensors
+that share a parameter's storage see the change too. Cascading over stages that share
+parameters or storage keeps the loop (:func:`stackable`).
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ class StateStack:
     ``stages[0]`` to ``stages[i]``. ``target`` holds one class per image; captum calls the
     function on whole multiples of the images (one copy per perturbation), in order.
     ``progress(done, total, label)`` hears of every call when ``calls`` (the number captum will
-    make) is given. :attr:`reused` says whether any state's logits came from a replay.
+    make) is given, counted in states (all of them advance together: ``done`` is the share of
+    the calls made, times the number of states) as the loop over states counts. :attr:`reused`
+    says whether any state's logits came from a replay. A model that changes its input in
+    place is an error here (the same batch goes through every state); the engine then keeps
+    the loop.
     """
 
     def __init__(self, model: Any, stages: Sequence[tuple[str, Any]], mode: str, strategy: str, seed: int,
                  target: Any, *, progress: Callable[[int, int, str], None] | None = None, calls: int = 0,
-                 label: str = "", done: int = 0, drawn: list[list[tuple[Any, Any]]] | None = None) -> None:
+                 label: str = "", done: int = 0, drawn: list[list[tuple[Any, Any, Any]]] | None = None) -> None:
         self.model, self.mode, self.target = model, mode, target.reshape(-1)
         self.names = [name for name, _ in stages]
-        # per stage: (parameter, its randomized values); several stacks of a check may share them
+        # per stage: (parameter, randomized values, original values); a check's stacks share them
         self.drawn = drawn if drawn is not None else randomized_values(stages, strategy, seed)
         self.progress, self.calls, self.label = progress, calls, label
         self.done = done  # forward calls so far (of ``calls``: several stacks may share the count)
@@ -68,6 +73,7 @@ class StateStack:
         if rows % self.target.numel():
             raise RuntimeError(f"{rows} rows are not whole copies of the {self.target.numel()} images")
         target = self.target.repeat(rows // self.target.numel())[:, None]
+        version = batch._version
         replay = ForwardReplay(self.model, batch) if self.live else None
         cuts: list[int] = []
         try:
@@ -80,6 +86,8 @@ class StateStack:
                     self.live = False
             if not self.live:
                 logits = self.model(batch)
+            if batch._version != version:
+                raise RuntimeError("the model changed its input in place")
             columns = [logits.gather(1, target)[:, 0]]
             with self._swapped() as swap:
                 for index in range(len(self.names)):
@@ -95,13 +103,20 @@ class StateStack:
                             self.live = False
                     if logits is None:
                         logits = self.model(batch)
+                    if batch._version != version:
+                        raise RuntimeError("the model changed its input in place")
                     columns.append(logits.gather(1, target)[:, 0])
         finally:
             if replay is not None:
                 replay.close()
         self.done += 1
         if self.progress is not None and self.calls:
-            self.progress(min(self.done, self.calls), self.calls, f"{self.label}, forward pass {self.done} of {self.calls}")
+            states = len(self.names)
+            if self.done < self.calls:
+                self.progress(states * self.done // self.calls, states,
+                              f"forward pass {self.done + 1} of {self.calls}, all {states} states at once ({self.label})")
+            else:
+                self.progress(states, states, "")
         return torch.stack(columns, dim=1)
 
     @contextlib.contextmanager
@@ -113,30 +128,64 @@ class StateStack:
             swap.restore()
 
 
-def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: int) -> list[list[tuple[Any, Any]]]:
-    """Per stage, each parameter with the values :func:`randomized` gives it (the model is restored)."""
+def stackable(stages: Sequence[tuple[str, Any]], mode: str) -> bool:
+    """Whether each state is the stages' separate draws put together.
+
+    In cascading mode a stage that shares parameters or their storage with an earlier one (a
+    layer that owns parameters and has parameterized children, weights tied through ``.data``)
+    is randomized on top of the earlier stage's values, which separate draws from the original
+    values would not reproduce: such checks keep the loop.
+    """
+    if mode == "independent":
+        return True
+    seen: set[int] = set()
+    for _, module in stages:
+        storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        if storages & seen:
+            return False
+        seen |= storages
+    return True
+
+
+def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: int) -> list[list[tuple[Any, Any, Any]]]:
+    """Per stage: each parameter with the values :func:`randomized` gives it and its own values.
+
+    Paired by name, so a ``reset_parameters`` that assigns new ``nn.Parameter`` objects is
+    followed too (:func:`randomized` puts the old ones back).
+    """
     drawn = []
     for name, module in stages:
+        parameters = dict(module.named_parameters())
+        originals = {key: p.detach().clone() for key, p in parameters.items()}
         with randomized([(name, module)], strategy, seed):
-            drawn.append([(p, p.detach().clone()) for p in module.parameters()])
+            now = dict(module.named_parameters())
+            if now.keys() != parameters.keys():
+                raise RuntimeError(f"randomizing {name!r} changed which parameters it has")
+            values = {key: p.detach().clone() for key, p in now.items()}
+        drawn.append([(parameters[key], values[key], originals[key]) for key in parameters])
     return drawn
 
 
 class _Swap:
-    """Randomized parameter values put in by reference; :meth:`restore` puts the originals back."""
+    """Randomized values written into the parameters in place (as :func:`randomized` does, so
+    tensors sharing their storage see them too); :meth:`restore` writes the originals back."""
 
     def __init__(self) -> None:
-        self.originals: list[tuple[Any, Any]] = []
+        self.applied: list[tuple[Any, Any]] = []
 
-    def apply(self, pairs: list[tuple[Any, Any]]) -> None:
-        for parameter, value in pairs:
-            self.originals.append((parameter, parameter.data))
-            parameter.data = value
+    def apply(self, triples: list[tuple[Any, Any, Any]]) -> None:
+        torch = require_torch()
+        with torch.no_grad():
+            for parameter, value, original in triples:
+                self.applied.append((parameter, original))
+                parameter.copy_(value)
 
     def restore(self) -> None:
-        for parameter, original in reversed(self.originals):
-            parameter.data = original
-        self.originals.clear()
+        torch = require_torch()
+        with torch.no_grad():
+            for parameter, original in reversed(self.applied):
+                parameter.copy_(original)
+        self.applied.clear()
 
 
 def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tuple[str, Any]], mode: str,
@@ -167,4 +216,4 @@ def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tupl
     return (torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]), reused
 
 
-__all__ = ["FORWARD_METHODS", "StateStack", "occlusion_states", "randomized_values"]
+__all__ = ["FORWARD_METHODS", "StateStack", "occlusion_states", "randomized_values", "stackable"]

@@ -30,7 +30,7 @@ from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import (
     Explainer, MethodSpec, _attribute, draws_random, memory_budget_bytes, prepare_method, resolve_target,
 )
-from .forward_reuse import FORWARD_METHODS, occlusion_states
+from .forward_reuse import FORWARD_METHODS, occlusion_states, stackable
 from .layers import select_layers, trace_forward
 from .postprocess import MapPipeline, get_pipeline, pipeline_maps
 from .randomization import STRATEGIES, check_strategy, preserved, randomized
@@ -489,11 +489,14 @@ def layer_randomization(
         # Occlusion: every state's maps from one captum call per step, the forward passes sharing
         # the original model's prefix (forward_reuse). It holds states x images maps at once.
         stacked = (reuse_activations and isinstance(resolved, MethodSpec) and name in FORWARD_METHODS
-                   and replayable_model(model, trace))
+                   and stackable(stages, mode) and replayable_model(model, trace))
         if stacked:  # (and captum's totals and differences: about three times the maps)
             held = 3 * (len(stages) + 1) * inputs[0].numel() * inputs.element_size()
-            budget = memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device)
-            step = max(1, min(step, budget // held))
+            fits = memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device) // held
+            if batched:  # the adaptive modes decide after each image_batch: keep the loop if one does not fit
+                stacked = fits >= step
+            else:
+                step = max(1, min(step, fits))
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
         reused = False
@@ -506,7 +509,7 @@ def layer_randomization(
                 replay = GradientReplay(model, x, t, name, options, seed) if reuse else None
             original = stack_maps = None
             if stacked:
-                label = f"all {len(stages)} layers at once (images {used_inputs + 1}-{used_inputs + x.shape[0]})"
+                label = f"images {used_inputs + 1}-{used_inputs + x.shape[0]}"
                 try:
                     stack_maps, from_replay = occlusion_states(
                         model, x, t, stages, mode, randomization, seed, options, chunk=chunk, progress=progress,
@@ -514,7 +517,9 @@ def layer_randomization(
                 except Exception:  # noqa: BLE001 - the loop over states below reports a real model error
                     stacked = False
                 else:
-                    check_finite(stack_maps, f"attribution maps from {name!r}")
+                    for index in [] if bool(torch.isfinite(stack_maps).all()) else range(len(stages) + 1):
+                        state = f" with {names[index - 1]!r} randomized" if index else ""
+                        check_finite(stack_maps[index], f"attribution maps from {name!r}{state}")
                     reused = reused or from_replay
                     original = reused_original(stack_maps[0], x, t)
             if replay is not None:

@@ -114,6 +114,9 @@ def randomized(
         saved.append(
             [(t, t.detach().clone()) for t in list(module.parameters()) + list(module.buffers())]
         )
+    # A reset_parameters that assigns new nn.Parameter objects (instead of writing in place)
+    # would leave them in the model: the registrations are put back too.
+    registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for _, module in layers for sub in module.modules()]
     try:
         for name, module in layers:
             buffers = [(b, b.detach().clone()) for b in module.buffers()]
@@ -123,10 +126,21 @@ def randomized(
                     buffer.copy_(value)
         yield
     finally:
+        for sub, parameters, buffers in registered:
+            if not _same_objects(sub._parameters, parameters):
+                sub._parameters.clear()
+                sub._parameters.update(parameters)
+            if not _same_objects(sub._buffers, buffers):
+                sub._buffers.clear()
+                sub._buffers.update(buffers)
         with torch.no_grad():
             for pairs in saved:
                 for tensor, value in pairs:
                     tensor.copy_(value)
+
+
+def _same_objects(now: dict[str, Any], before: dict[str, Any]) -> bool:
+    return now.keys() == before.keys() and all(now[key] is value for key, value in before.items())
 
 
 @contextlib.contextmanager

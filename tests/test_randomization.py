@@ -185,3 +185,22 @@ def test_a_custom_reset_parameters_may_use_numpy_and_python_random_without_chang
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], torch.ones(5))  # seeded draws
     assert np.array_equal(np.random.get_state()[1], np_state) and random.getstate() == py_state
     assert torch.equal(module.weight, torch.ones(5))
+
+
+class _NewParameters(nn.Linear):
+    """A reset_parameters that assigns new nn.Parameter (and buffer) objects instead of writing in place."""
+
+    def reset_parameters(self) -> None:
+        self.weight = nn.Parameter(torch.randn_like(self.weight))
+        self.bias = nn.Parameter(torch.zeros_like(self.bias))
+        self.register_buffer("extra", torch.ones(1))
+
+
+def test_a_reset_parameters_that_assigns_new_parameter_objects_is_undone() -> None:
+    layer = _NewParameters(4, 3)
+    weight, bias, extra = layer.weight, layer.bias, layer.extra
+    values = weight.detach().clone()
+    with randomized([("layer", layer)], "reinit", seed=0):
+        assert layer.weight is not weight and not torch.equal(layer.weight, values)
+    assert layer.weight is weight and layer.bias is bias and torch.equal(layer.weight, values)
+    assert layer.extra is extra
