@@ -517,9 +517,10 @@ def layer_randomization(
                 except Exception:  # noqa: BLE001 - the loop over states below reports a real model error
                     stacked = False
                 else:
-                    for index in [] if bool(torch.isfinite(stack_maps).all()) else range(len(stages) + 1):
-                        state = f" with {names[index - 1]!r} randomized" if index else ""
-                        check_finite(stack_maps[index], f"attribution maps from {name!r}{state}")
+                    if not bool(torch.isfinite(stack_maps).all()):  # say which state's maps are not finite
+                        for index in range(len(stages) + 1):
+                            state = f" with {names[index - 1]!r} randomized" if index else ""
+                            check_finite(stack_maps[index], f"attribution maps from {name!r}{state}")
                     reused = reused or from_replay
                     original = reused_original(stack_maps[0], x, t)
             if replay is not None:
