@@ -24,8 +24,7 @@ parameters or storage keeps the loop (:func:`stackable`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._torch import require_torch
@@ -76,6 +75,7 @@ class StateStack:
         version = batch._version
         replay = ForwardReplay(self.model, batch) if self.live else None
         cuts: list[int] = []
+        swap = _Swap()
         try:
             if replay is not None:
                 try:
@@ -89,24 +89,24 @@ class StateStack:
             if batch._version != version:
                 raise RuntimeError("the model changed its input in place")
             columns = [logits.gather(1, target)[:, 0]]
-            with self._swapped() as swap:
-                for index in range(len(self.names)):
-                    if self.mode == "independent":
-                        swap.restore()
-                    swap.apply(self.drawn[index])
-                    logits = None
-                    if self.live:
-                        try:
-                            logits = replay.replayed_logits(cuts[index])
-                            self.reused = True
-                        except Exception:  # noqa: BLE001 - a stale recording: full passes from here on
-                            self.live = False
-                    if logits is None:
-                        logits = self.model(batch)
-                    if batch._version != version:
-                        raise RuntimeError("the model changed its input in place")
-                    columns.append(logits.gather(1, target)[:, 0])
+            for index in range(len(self.names)):
+                if self.mode == "independent":
+                    swap.restore()
+                swap.apply(self.drawn[index])
+                logits = None
+                if self.live:
+                    try:
+                        logits = replay.replayed_logits(cuts[index])
+                        self.reused = True
+                    except Exception:  # noqa: BLE001 - a stale recording: full passes from here on
+                        self.live = False
+                if logits is None:
+                    logits = self.model(batch)
+                if batch._version != version:
+                    raise RuntimeError("the model changed its input in place")
+                columns.append(logits.gather(1, target)[:, 0])
         finally:
+            swap.restore()
             if replay is not None:
                 replay.close()
         self.done += 1
@@ -118,14 +118,6 @@ class StateStack:
             else:
                 self.progress(states, states, "")
         return torch.stack(columns, dim=1)
-
-    @contextlib.contextmanager
-    def _swapped(self) -> Iterator[_Swap]:
-        swap = _Swap()
-        try:
-            yield swap
-        finally:
-            swap.restore()
 
 
 def stackable(stages: Sequence[tuple[str, Any]], mode: str) -> bool:
@@ -203,16 +195,15 @@ def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tupl
     per_call = options.get("perturbations_per_eval") or 1
     pieces = list(zip(_chunks(inputs, chunk), _chunks(target, chunk)))
     calls = len(pieces) * (1 + -(-occlusion_positions(inputs, options) // per_call))
-    progress_of = {"progress": progress, "calls": calls, "label": label,
-                   "drawn": randomized_values(stages, strategy, seed)}
-    maps, reused = [], False
+    drawn = randomized_values(stages, strategy, seed)  # once for all chunks
+    maps, reused, done = [], False, 0
     for x, t in pieces:
-        stack = StateStack(model, stages, mode, strategy, seed, t, **progress_of)
+        stack = StateStack(model, stages, mode, strategy, seed, t, progress=progress, calls=calls, label=label,
+                           done=done, drawn=drawn)
         with _quiet_captum():
             raw = _run_captum(METHODS["occlusion"], stack, x.detach(), None, options)
         maps.append(raw.reshape((x.shape[0], stack.size) + tuple(x.shape[1:])).transpose(0, 1))
-        reused = reused or stack.reused
-        progress_of["done"] = stack.done
+        reused, done = reused or stack.reused, stack.done
     return (torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]), reused
 
 
