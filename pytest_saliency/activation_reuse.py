@@ -247,9 +247,9 @@ class _RecordedPass:
         # stay alive until the filtering below, so their ids are not reused meanwhile.
         origin = self._fixed_origins()
         keys: set[Any] = set()  # call_keys recorded so far
-        reducing: set[int] = set()  # calls whose output is at most half their largest input
+        reducing: set[Any] = set()  # modules and calls whose output is at most half their largest input
 
-        def note(name: str, output: Any) -> None:
+        def note(name: str, output: Any, args: Any, kwargs: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
             tensors = _output_tensors(output)
             if tensors is not None:
@@ -257,6 +257,8 @@ class _RecordedPass:
                 checksum(name, tensors)
                 for position, tensor in enumerate(tensors):
                     origin[id(tensor)] = ("module", name, position)
+                if _reduces(tensors, args, kwargs):
+                    reducing.add(name)
 
         def note_op(index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
             if owner not in self.composite or not _plain(result):
@@ -264,17 +266,15 @@ class _RecordedPass:
             key = call_key(func, args, kwargs, origin)
             if key is None or key in keys:
                 return  # a second call computing the same thing: the first one's output serves it
-            storage, largest = result.untyped_storage().data_ptr(), 0
-            for value in _flat_arguments(args, kwargs):
-                if _plain(value):
-                    if value.untyped_storage().data_ptr() == storage:
-                        return  # a view or an in-place result: nothing to save by replaying it
-                    largest = max(largest, value.numel() * value.element_size())
+            storage = result.untyped_storage().data_ptr()
+            if any(_plain(value) and value.untyped_storage().data_ptr() == storage
+                   for value in _flat_arguments(args, kwargs)):
+                return  # a view or an in-place result: nothing to save by replaying it
             keys.add(key)
             self.ops[index] = (event, key, result)
             origin[id(result)] = ("call", index)
             checksum(index, [result])
-            if 2 * result.numel() * result.element_size() <= largest:
+            if _reduces([result], args, kwargs):
                 reducing.add(index)
 
         saved: set[int] = set()
@@ -305,8 +305,9 @@ class _RecordedPass:
         self.trace.output = out.detach()
         # With the graph kept, keep only outputs the graph holds anyway: a module whose output nothing saves (a
         # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
-        # keep. Calls that reduce their input (pooling: a quarter of it) are kept either way: the
-        # graph holds their larger input. And only modules that ran exactly once on this batch.
+        # keep. Modules and calls that reduce their input (pooling: a quarter of it; a Linear
+        # layer to a few features) are kept either way: they cost little next to their input,
+        # and running them again costs a pass over it. And only modules that ran exactly once on this batch.
         # And never an output that changed after it was returned (its version moved, or, for a
         # write through .data, its sum) or that carries a gradient hook registered outside the
         # module (it would fire twice: on the replayed leaf and on the original).
@@ -610,6 +611,15 @@ def _checksum(tensor: Any) -> Any:
     torch = require_torch()
     flat = tensor.detach().reshape(-1)
     return torch.stack([flat.sum(), flat[::7].sum()]).sum() if flat.numel() > 1 else flat.sum()
+
+
+def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:
+    """Whether ``outputs`` (plain tensors) take at most half the bytes of the largest tensor argument
+    that does not share their storage (pooling, a strided convolution, a Linear layer to fewer features)."""
+    storages = {t.untyped_storage().data_ptr() for t in outputs}
+    largest = max((value.numel() * value.element_size() for value in _flat_arguments(args, kwargs)
+                   if _plain(value) and value.untyped_storage().data_ptr() not in storages), default=0)
+    return 2 * sum(t.numel() * t.element_size() for t in outputs) <= largest
 
 
 def _ancestors(name: str) -> list[str]:

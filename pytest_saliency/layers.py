@@ -116,7 +116,7 @@ OpCallback = Callable[[int, int, str, Any, Any, Any, Any], None]
 
 
 def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
-                  on_output: Callable[[str, Any], None] | None = None,
+                  on_output: Callable[[str, Any, Any, Any], None] | None = None,
                   on_op: OpCallback | None = None,
                   saved_tensors_hooks: tuple[Any, Any] | None = None) -> ForwardTrace:
     """Run the model once in eval mode (without gradients, by default) and record :class:`ForwardTrace`.
@@ -128,8 +128,8 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     With ``saved_tensors_hooks`` (a ``(pack, unpack)`` pair) the pass runs with gradients
     enabled under those hooks, over all inputs in one chunk, and ``output`` keeps its autograd
     graph: :class:`pytest_saliency.activation_reuse.GradientReplay` records the original model's
-    activations in the same pass that traces it. ``on_output(name, output)`` is called whenever a
-    module's ``forward`` returns.
+    activations in the same pass that traces it. ``on_output(name, output, args, kwargs)`` is called
+    whenever a module's ``forward`` returns, with the arguments it was called with.
 
     Torch operations are numbered in the order they run (every call a ``TorchFunctionMode`` sees,
     on the first chunk), and ``on_op(index, event, owner, func, args, kwargs, result)`` is called
@@ -193,7 +193,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             events += 1
             with torch._C.DisableTorchFunction():
                 if on_output is not None:
-                    on_output(name, output)
+                    on_output(name, output, args, kwargs)
                 tensors = _output_tensors(output)
                 outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
             return output

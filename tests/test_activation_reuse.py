@@ -241,9 +241,11 @@ def test_replay_drops_recorded_outputs_as_the_cut_moves_towards_the_input() -> N
     replay = GradientReplay(model, x, trace.output.argmax(1), "saliency", options)
     replay.original()
     assert {"stem", "layer1", "layer1.0", "layer1.1.conv2", "split"} <= set(replay.recorded)
-    # Outputs the graph does not save are not kept: the logits, a BatchNorm feeding an addition, a
-    # conv feeding torch.cat. Those modules run again when needed.
-    assert not {"fc", "layer1.0.bn2", "head_a"} & set(replay.recorded)
+    # Outputs the graph does not save are not kept: a BatchNorm feeding an addition, a conv feeding
+    # torch.cat. Those modules run again when needed. A module that reduces its input (the Linear
+    # head: a few logits from many features) is kept although nothing saves its output.
+    assert not {"layer1.0.bn2", "head_a"} & set(replay.recorded)
+    assert "fc" in replay.recorded
     assert replay.verify(trace.start["fc"])
     replay.maps(trace.start["layer1.1"])
     assert "layer1" not in replay.recorded and "layer1.0" in replay.recorded and "stem" in replay.recorded
@@ -841,6 +843,39 @@ def test_calls_between_modules_before_the_cut_are_replayed_not_recomputed() -> N
     # Full passes: 2 pools x (memory probe + trace + original + 6 layers). With reuse: 2 each for
     # the probe and the traced recording pass, none for the verification at fc2 nor for the fc2
     # and fc1 states, the second pool only for the bn2 and conv2 states, both for bn1 and conv1.
+    assert slow_count.count == 2 * 9
+    assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
+
+
+class PooledInModules(nn.Module):
+    """The small CNN's layout: pooling modules, the second one feeding a Linear layer, which (its
+    weight frozen) does not save its input: only the pooling's size makes it worth keeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool1, self.pool2 = nn.MaxPool2d(2), nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 3)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(self.relu2(self.bn2(self.conv2(x))))
+        return self.fc2(self.relu3(self.fc1(x.flatten(1))))
+
+
+def test_modules_that_reduce_their_input_are_replayed_not_recomputed() -> None:
+    model, x = seeded_model(PooledInModules), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with Counting("max_pool2d") as fast_count:
+        fast = layer_randomization(model, x, "saliency", seed=3)
+    with Counting("max_pool2d") as slow_count:
+        slow = layer_randomization(model, x, "saliency", seed=3, reuse_activations=False)
+    assert fast.reused_activations
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+    # As for the calls above: pool2's output is kept (a quarter of its input) although fc1 does
+    # not save it, so neither the verification at fc2 nor the fc2 and fc1 states run a pool.
     assert slow_count.count == 2 * 9
     assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
 
