@@ -165,22 +165,31 @@ def call_key(func: Any, args: Any, kwargs: Any, origin: dict[int, Any]) -> Any:
     torch = require_torch()
     if getattr(func, "__name__", "") in RANDOM_CALLS:
         return None
-    parts: list[Any] = [func]
+    plain = (bool, int, float, str, torch.dtype, torch.device, torch.Size)
     tensors = 0
-    for value in _flat_arguments(args, kwargs):
+
+    def part(value: Any) -> Any:
+        """The key of one argument; nested sequences keep their structure (``(2, 2), 1`` is not
+        ``2, (2, 1)``). Raises LookupError for what cannot be named."""
+        nonlocal tensors
         if isinstance(value, torch.Tensor):
             token = origin.get(id(value))
             if token is None:
-                return None
-            parts.append((token, value._version))  # an in-place change in between makes it another value
+                raise LookupError
             tensors += 1
-        elif value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.Size)):
-            parts.append((type(value), value))
-        else:
-            return None
-    if kwargs:
-        parts.append(tuple(sorted(kwargs)))
-    return tuple(parts) if tensors else None
+            return token, value._version  # an in-place change in between makes it another value
+        if value is None or isinstance(value, plain):
+            return type(value), value
+        if type(value) in (tuple, list):
+            return type(value), tuple(part(item) for item in value)
+        raise LookupError
+
+    try:
+        key = (func, tuple(part(value) for value in args),
+               tuple((name, part(kwargs[name])) for name in sorted(kwargs)))
+    except LookupError:
+        return None
+    return key if tensors else None
 
 
 def _op_replay_mode(values: dict[Any, Any], origin: dict[int, Any]) -> Any:
@@ -251,7 +260,7 @@ class _RecordedPass:
 
         def note(name: str, output: Any, args: Any, kwargs: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
-            tensors = _output_tensors(output)
+            tensors = _output_tensors(output) if name else None  # the root's output is never replayed
             if tensors is not None:
                 self.recorded[name] = output
                 checksum(name, tensors)
@@ -308,16 +317,13 @@ class _RecordedPass:
         # keep. Modules and calls that reduce their input (pooling: a quarter of it; a Linear
         # layer to a few features) are kept either way: they cost little next to their input,
         # and running them again costs a pass over it. And only modules that ran exactly once on this batch.
-        # And never an output that changed after it was returned (its version moved, or, for a
-        # write through .data, its sum) or that carries a gradient hook registered outside the
-        # module (it would fire twice: on the replayed leaf and on the original).
-        changed = self._changed_since(sums, versions)
-
+        # And never an output that carries a gradient hook registered outside the module (it
+        # would fire twice: on the replayed leaf and on the original) or that changed after it was
+        # returned (its version moved, or, for a write through .data, its checksum; checked last,
+        # on the outputs left).
         def keep(key: Any, tensors: Any) -> bool:
-            return key not in changed and all(
-                (not keep_graph or t.untyped_storage().data_ptr() in saved or key in reducing)
-                and not t._backward_hooks
-                for t in tensors)
+            return all((not keep_graph or t.untyped_storage().data_ptr() in saved or key in reducing)
+                       and not t._backward_hooks for t in tensors)
 
         for name, output in list(self.recorded.items()):
             tensors = output if isinstance(output, tuple) else (output,)
@@ -326,6 +332,11 @@ class _RecordedPass:
         for index, (_, _, result) in list(self.ops.items()):
             if not keep(index, [result]):
                 del self.ops[index]
+        for key in self._changed_since(sums, versions):
+            if key in self.recorded:
+                del self.recorded[key]
+            else:
+                del self.ops[key]
         self.versions = {key: versions[key] for key in [*self.recorded, *self.ops]}
         self.logits = out.detach()
         return out

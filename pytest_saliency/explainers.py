@@ -566,12 +566,14 @@ def explain(
 def _attribute(
     model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
     batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
+    what: str = "",
 ) -> Any:
     """The core loop, without argument checks: the randomization engine calls it once per layer.
 
     ``prepared=True``: the caller has already put the model in eval mode with parameter
     gradients off for a whole check (and restores the flags), so a named method skips doing it
     again for every call. User callables are always guarded, since they may change the flags.
+    ``what``: how an error names the maps (default: "attribution maps from <method>").
     """
     torch = require_torch()
     label = method.name if isinstance(method, MethodSpec) else method_name(method)
@@ -598,5 +600,5 @@ def _attribute(
             f"{type(result).__name__} of shape {tuple(getattr(result, 'shape', ()))}; expected a tensor with "
             f"one map per input ({inputs.shape[0]})."
         )
-    check_finite(result, f"attribution maps from {label!r}")
+    check_finite(result, what or f"attribution maps from {label!r}")
     return result

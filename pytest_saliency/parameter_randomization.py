@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._torch import require_torch
-from ._validation import check_finite, check_inputs, check_model, unknown_choice
+from ._validation import all_finite, check_finite, check_inputs, check_model, unknown_choice
 from .activation_reuse import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .explainers import (
@@ -221,14 +221,17 @@ class _Comparison:
 
     Raw attributions are added state by state (in any order) and post-processed and compared
     in groups of up to :data:`SIMILARITY_BATCH_BYTES` of maps; the filtered moments of the
-    original maps are computed once. The first ``keep`` maps of every state are kept as copies
-    for the report (a view would keep the whole batch alive).
+    original maps are computed once. Each group is checked for NaN and inf in one reduction; a
+    non-finite state is reported as ``describe(index)``. The first ``keep`` maps of every state
+    are kept as copies for the report (a view would keep the whole batch alive).
     """
 
-    def __init__(self, original: Any, pipeline: MapPipeline, setup: Any, states: int, keep: int) -> None:
+    def __init__(self, original: Any, pipeline: MapPipeline, setup: Any, states: int, keep: int,
+                 describe: Callable[[int], str]) -> None:
         from .similarity import ssim_reference_moments
 
         self.original, self.pipeline, self.setup, self.keep = original, pipeline, setup, keep
+        self.describe = describe
         self.moments = ssim_reference_moments(original, setup)
         self.map_bytes = original.numel() * original.element_size()
         self.rows: list[Any] = [None] * states
@@ -248,6 +251,9 @@ class _Comparison:
             return
         raws = [raw for _, raw in self.pending]
         raw = torch.cat(raws) if len(raws) > 1 else raws[0]
+        if not all_finite(raw):  # say which state's maps are not finite
+            for index, state_raw in self.pending:
+                check_finite(state_raw, self.describe(index))
         maps = _as_ssim_maps(pipeline_maps(raw, self.pipeline)).unflatten(0, (len(raws), -1))
         scores = ssim_unchecked(self.original, maps, self.setup, self.moments)
         for row, (index, _) in enumerate(self.pending):
@@ -445,6 +451,9 @@ def layer_randomization(
                 raw = cached
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
+    def state_maps(index: int) -> str:
+        return f"attribution maps from {name!r} with {names[index]!r} randomized"
+
     with preserved(model):
         # Explaining never needs parameter gradients, and every state runs in eval mode: set both
         # once for the whole check (preserved() restores the flags) instead of once per state.
@@ -516,11 +525,7 @@ def layer_randomization(
                         label=label)
                 except Exception:  # noqa: BLE001 - the loop over states below reports a real model error
                     stacked = False
-                else:
-                    if not bool(torch.isfinite(stack_maps).all()):  # say which state's maps are not finite
-                        for index in range(len(stages) + 1):
-                            state = f" with {names[index - 1]!r} randomized" if index else ""
-                            check_finite(stack_maps[index], f"attribution maps from {name!r}{state}")
+                else:  # (reused_original checks the original maps for NaN and inf, _Comparison the states')
                     reused = reused or from_replay
                     original = reused_original(stack_maps[0], x, t)
             if replay is not None:
@@ -559,7 +564,7 @@ def layer_randomization(
             if replay is not None and mode == "independent":
                 state_order.sort(key=lambda i: -cuts[i])
             keep = max(0, min(keep_maps - sum(o.shape[0] for o in originals), x.shape[0]))
-            comparison = _Comparison(original, pipeline, setup, len(stages), keep)
+            comparison = _Comparison(original, pipeline, setup, len(stages), keep, state_maps)
             try:
                 with contextlib.ExitStack() as cascade:
                     for index in range(len(stages)) if stack_maps is not None else ():
@@ -585,11 +590,9 @@ def layer_randomization(
                                     # genuine error in the model comes back from captum's pass.
                                     replay.close()
                                     replay = None
-                            if raw is not None:
-                                check_finite(raw, f"attribution maps from {name!r}")
-                            else:
+                            if raw is None:  # (replayed maps are checked for NaN and inf with the others, in comparison)
                                 raw = _attribute(model, x, resolved, t, seed, batch_size, True, options,
-                                                 prepared=True)
+                                                 prepared=True, what=state_maps(index))
                         comparison.add(index, raw)
                 comparison.flush()
             finally:

@@ -880,6 +880,32 @@ def test_modules_that_reduce_their_input_are_replayed_not_recomputed() -> None:
     assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
 
 
+class NestedArguments(nn.Module):
+    """Two poolings of one activation whose arguments flatten to the same values: kernel (2, 4)
+    with stride 4, and kernel 2 with stride (4, 4); both give 2x2 maps from 8x8 ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Linear(3 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv(x))  # recorded (tanh saves its output): the poolings' input has a name
+        wide = nn.functional.avg_pool2d(a, (2, 4), 4)
+        square = nn.functional.avg_pool2d(a, 2, (4, 4))
+        return self.fc(wide.flatten(1) + square.flatten(1))
+
+
+def test_calls_are_told_apart_by_the_structure_of_their_arguments() -> None:
+    model, x = seeded_model(NestedArguments), torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    replay = GradientReplay(model, x, None, "saliency", {})
+    replay.record()
+    assert len(replay.ops) == 2  # both poolings recorded, each under its own key
+    replay.close()
+    fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
+    assert fast.reused_activations  # one key for both would serve the first to the second: verify() fails
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "smoothgrad"])
 def test_functional_tricks_give_the_same_numbers_with_and_without_reuse(method: str) -> None:
     model = seeded_model(FunctionalTricks)
@@ -985,3 +1011,30 @@ def test_reused_activations_means_a_state_actually_came_from_the_replay(monkeypa
     result = layer_randomization(model, x, "saliency")
     assert not result.reused_activations
 
+
+
+class GatedExploding(nn.Module):
+    """Finite maps as given; infinite logits once ``gate``'s weight (all zeros) is randomized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x) + self.gate(x)).flatten(1)
+        if bool(self.gate.weight.abs().max() > 0.5):  # (torch.where would give NaN gradients even unselected)
+            h = h * float("inf")
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_non_finite_maps_of_a_state_name_the_randomized_layer(reuse: bool) -> None:
+    model = seeded_model(GatedExploding)
+    with torch.no_grad():
+        model.gate.weight.zero_()
+    before = snapshot(model)
+    # a Gaussian draw for a weight of zero spread has scale 1 (randomization._scale): some entry exceeds 0.5
+    with pytest.raises(SaliencyUsageError, match=r"from 'saliency' with 'gate' randomized contain \d+ NaN or inf"):
+        layer_randomization(model, tiny_images(3), "saliency", randomization="gaussian", reuse_activations=reuse)
+    assert_unchanged(model, before)

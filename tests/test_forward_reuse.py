@@ -313,22 +313,27 @@ def test_adaptive_steps_keep_the_loop_when_the_budget_cannot_hold_an_image_batch
 
 
 class Exploding(nn.Module):
+    """Finite logits as given; infinite ones once ``gate``'s weight (all zeros) is randomized."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(512, 3)
+        self.conv, self.gate = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(512, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x).flatten(1)
-        return self.fc(torch.where(self.conv.weight.abs().max() > 0.5, h * float("inf"), h))
+        h = (self.conv(x) + self.gate(x)).flatten(1)
+        return self.fc(torch.where(self.gate.weight.abs().max() > 0.5, h * float("inf"), h))
 
 
-def test_non_finite_maps_name_the_randomized_layer() -> None:
+@pytest.mark.parametrize("reuse", [True, False])
+def test_non_finite_maps_name_the_randomized_layer(reuse: bool) -> None:
     model = seeded_model(Exploding)
     with torch.no_grad():
-        model.conv.weight.zero_()
+        model.gate.weight.zero_()
     # a Gaussian draw for a weight of zero spread has scale 1 (randomization._scale): some entry exceeds 0.5
-    with pytest.raises(ValueError, match=r"from 'occlusion' with 'conv' randomized contain .* out of 768\b"):
-        layer_randomization(model, tiny_images(3), "occlusion", randomization="gaussian", seed=0, **OCCLUSION)
+    with pytest.raises(ValueError, match=r"from 'occlusion' with 'gate' randomized contain .* out of 768\b"):
+        layer_randomization(model, tiny_images(3), "occlusion", randomization="gaussian", seed=0,
+                            reuse_activations=reuse, **OCCLUSION)
 
 
 class EditsInput(nn.Module):
