@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -241,19 +241,30 @@ def _check_window_fits(height: int, width: int, win_size: int) -> None:
         )
 
 
-ReferenceMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+class ReferenceMoments(NamedTuple):
+    """What SSIM needs of fixed maps ``a`` (see :func:`ssim_reference_moments`)."""
+
+    shift: torch.Tensor  # each map's first pixel (see ssim_unchecked)
+    centred: torch.Tensor  # a - shift
+    dx: torch.Tensor  # local mean of a - shift
+    twice_ux: torch.Tensor  # 2 * local mean of a
+    ux_squared: torch.Tensor  # (local mean of a) ** 2
+    vx: torch.Tensor  # local variance of a
 
 
 def ssim_reference_moments(a: torch.Tensor, setup: SSIMSetup) -> ReferenceMoments:
     """The filtered moments of fixed maps ``a``, to compare them with many ``b`` batches.
 
     A randomization check compares the same original maps with one batch of maps per layer;
-    computing their local mean and second moment once saves two of the five filters per layer.
+    computing their local mean and variance (and the terms of the SSIM formula made of them
+    alone) once saves two of the five filters per layer and a third of the arithmetic.
     """
     shift = a[..., :1, :1]
     da = a - shift
     dx, dxx = _valid_filter(torch.stack([da, da * da]), setup).unbind(0)
-    return shift, dx, dxx
+    ux = dx + shift
+    vx = setup.cov_norm * (dxx - dx * dx)
+    return ReferenceMoments(shift, da, dx, 2 * ux, ux**2, vx)
 
 
 def ssim_unchecked(
@@ -262,30 +273,32 @@ def ssim_unchecked(
     """Per-map mean SSIM of (N, H, W) maps ``a`` against ``b`` of shape (N, H, W) or (K, N, H, W).
 
     No validation: for callers that have already checked shape, dtype, device, finiteness and
-    size (the randomization engine checks each batch of maps once, when it is made). A leading
-    K dimension compares the same ``a`` with K batches at once (one result row per batch).
+    size (the randomization engine checks each batch of maps once, when it is made), and for
+    maps without gradients (the arithmetic runs in place). A leading K dimension compares the
+    same ``a`` with K batches at once (one result row per batch).
     """
     # skimage computes a variance as E[x^2] - E[x]^2, which cancels catastrophically for nearly
     # flat maps far from 0 (float32 loses the whole variance of a map at 0.7 +- 1e-4). (Co)variances
     # do not change when a map is shifted, so filter the maps minus their first pixel (a value in
     # the map's own range; constant maps become exactly 0) and add the shift back to the means
     # only. Same formula, far less rounding: the float32 result tracks the exact SSIM.
-    shift_a, dx, dxx = a_moments if a_moments is not None else ssim_reference_moments(a, setup)
+    ref = a_moments if a_moments is not None else ssim_reference_moments(a, setup)
     shift_b = b[..., :1, :1]
-    da, db = a - shift_a, b - shift_b
-    dy, dyy, dxy = _valid_filter(torch.stack([db, db * db, da * db]), setup).unbind(0)
-    cov_norm = setup.cov_norm
-    vx = cov_norm * (dxx - dx * dx)
-    vy = cov_norm * (dyy - dy * dy)
-    vxy = cov_norm * (dxy - dx * dy)
-    ux, uy = dx + shift_a, dy + shift_b
-
-    c1, c2 = setup.c1, setup.c2
-    a1 = 2 * ux * uy + c1
-    a2 = 2 * vxy + c2
-    b1 = ux**2 + uy**2 + c1
-    b2 = vx + vy + c2
-    return ((a1 * a2) / (b1 * b2)).mean(dim=(-2, -1))
+    products = torch.empty((3, *b.shape), dtype=b.dtype, device=b.device)
+    db = torch.sub(b, shift_b, out=products[0])
+    torch.mul(db, db, out=products[1])
+    torch.mul(ref.centred, db, out=products[2])
+    dy, dyy, dxy = _valid_filter(products, setup).unbind(0)
+    # In place from here on (each line names what the buffer now holds): the batch of K states
+    # makes these the largest temporaries of a check. The roundings are those of the textbook
+    # order (identical maps give exactly 1).
+    cov_norm, c1, c2 = setup.cov_norm, setup.c1, setup.c2
+    contrast_num = dxy.sub_(ref.dx * dy).mul_(2 * cov_norm).add_(c2)  # 2 cov(x, y) + C2
+    contrast_den = dyy.sub_(dy * dy).mul_(cov_norm).add_(ref.vx).add_(c2)  # var(y) + var(x) + C2
+    uy = dy.add_(shift_b)
+    luminance_num = (ref.twice_ux * uy).add_(c1)  # 2 ux uy + C1
+    luminance_den = uy.mul_(uy).add_(ref.ux_squared).add_(c1)  # uy^2 + ux^2 + C1
+    return luminance_num.mul_(contrast_num).div_(luminance_den.mul_(contrast_den)).mean(dim=(-2, -1))
 
 
 def structural_similarity(
@@ -322,7 +335,8 @@ def structural_similarity(
             ``NP = win_size**2`` (scikit-image's default; ``False`` matches Wang et al.).
 
     Returns:
-        ``(N,)`` per-map mean SSIM, or a 0-d tensor for ``(H, W)`` inputs, in the input dtype.
+        ``(N,)`` per-map mean SSIM, or a 0-d tensor for ``(H, W)`` inputs, in the input dtype; a
+        measurement, detached from autograd (the arithmetic runs in place to save memory).
 
     Raises:
         SaliencyUsageError: non-tensor input, shapes that differ or are not 2-D/3-D, dtype other
@@ -360,7 +374,7 @@ def structural_similarity(
         use_sample_covariance=use_sample_covariance,
     )
     _check_window_fits(a.shape[-2], a.shape[-1], setup.win_size)
-    result = ssim_unchecked(a, b, setup)
+    result = ssim_unchecked(a.detach(), b.detach(), setup)
     return result[0] if single else result
 
 

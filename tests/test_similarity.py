@@ -405,3 +405,11 @@ def test_cuda_results_stay_on_device_and_match_cpu(dtype: torch.dtype) -> None:
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), fn(ta, tb), rtol=0, atol=tol)
     assert rankdata(ta.cuda()).device.type == "cuda"
+
+
+def test_ssim_of_maps_that_require_gradients_is_a_detached_measurement() -> None:
+    a = torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    b = (a * 0.5 + 0.25).detach().requires_grad_(True)
+    got = structural_similarity(a, b, data_range=1.0)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, structural_similarity(a.detach(), b.detach(), data_range=1.0), rtol=0, atol=0)
