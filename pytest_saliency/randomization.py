@@ -59,11 +59,11 @@ def _gaussian_like(original: Any, mean: Any = 0.0) -> Any:
     return torch.randn_like(original) * _scale(original) + mean
 
 
-def _randomize_module(module: Any, strategy: str, seed: int, name: str) -> None:
-    """Overwrite ``module``'s parameters in place (buffers are restored by the caller)."""
+def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: list[Any],
+                      originals: list[Any]) -> None:
+    """Overwrite ``module``'s parameters ``params`` in place; ``originals`` are copies of their
+    values (the scale of Gaussian draws). Buffers are restored by the caller."""
     torch = require_torch()
-    params = _own_parameters(module)
-    originals = [p.detach().clone() for p in params]
     # torch's own initializers draw only from torch's generator; a user-defined reset_parameters
     # may use numpy or Python's random too, so those generators are seeded and restored as well.
     torch_only = strategy != "reinit" or all(
@@ -81,7 +81,7 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str) -> None:
             for p, original in zip(params, originals):
                 if id(p) not in covered:
                     p.copy_(_gaussian_like(original))
-                elif p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
+                elif _constant(p):
                     p.copy_(_gaussian_like(original, original.mean()))
         elif strategy == "gaussian":
             for p, original in zip(params, originals):
@@ -91,6 +91,18 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str) -> None:
                 flat = p.reshape(-1)
                 perm = torch.randperm(flat.numel(), device=p.device)
                 p.copy_(flat[perm].reshape(p.shape))
+
+
+def _constant(tensor: Any) -> bool:
+    """Whether every entry equals the first (an initializer that fills a constant, like BatchNorm's
+    ones and zeros). Drawn values already differ in their first two entries, which settles big
+    tensors without comparing them all."""
+    flat = tensor.reshape(-1)
+    if flat.numel() < 2:
+        return False
+    if flat.numel() > 256 and bool(flat[1] != flat[0]):
+        return False
+    return bool((flat == flat[0]).all())
 
 
 def check_strategy(strategy: str) -> None:
@@ -109,20 +121,18 @@ def randomized(
     """
     torch = require_torch()
     check_strategy(strategy)
-    saved = []
+    saved = []  # per layer: its parameters and buffers, and copies of their values
     for _, module in layers:
-        saved.append(
-            [(t, t.detach().clone()) for t in list(module.parameters()) + list(module.buffers())]
-        )
+        params, buffers = _own_parameters(module), list(module.buffers())
+        saved.append((params, [p.detach().clone() for p in params], buffers, [b.detach().clone() for b in buffers]))
     # A reset_parameters that assigns new nn.Parameter objects (instead of writing in place)
     # would leave them in the model: the registrations are put back too.
     registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for _, module in layers for sub in module.modules()]
     try:
-        for name, module in layers:
-            buffers = [(b, b.detach().clone()) for b in module.buffers()]
-            _randomize_module(module, strategy, seed, name)
+        for (name, module), (params, values, buffers, buffer_values) in zip(layers, saved):
+            _randomize_module(module, strategy, seed, name, params, values)
             with torch.no_grad():
-                for buffer, value in buffers:
+                for buffer, value in zip(buffers, buffer_values):
                     buffer.copy_(value)
         yield
     finally:
@@ -134,8 +144,8 @@ def randomized(
                 sub._buffers.clear()
                 sub._buffers.update(buffers)
         with torch.no_grad():
-            for pairs in saved:
-                for tensor, value in pairs:
+            for params, values, buffers, buffer_values in saved:
+                for tensor, value in zip(params + buffers, values + buffer_values):
                     tensor.copy_(value)
 
 
