@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
+from typing import Any
 
 
 def require_torch() -> ModuleType:
@@ -24,3 +25,25 @@ def require_torch() -> ModuleType:
             "`pip install torch` (CPU build: `pip install torch --index-url "
             "https://download.pytorch.org/whl/cpu`)."
         ) from exc
+
+
+def training_flags(model: Any) -> list[tuple[Any, bool]]:
+    """Every module of ``model`` with its ``training`` flag, for :func:`restore_training_flags`."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def restore_training_flags(flags: list[tuple[Any, bool]]) -> None:
+    """Put the ``training`` flags back, writing only those that changed.
+
+    ``object.__setattr__`` is what ``nn.Module.__setattr__`` ends in for a plain attribute; a
+    check restores flags several times, and the module-level checks cost microseconds each.
+    """
+    for module, training in flags:
+        if module.training is not training:
+            object.__setattr__(module, "training", training)
+
+
+def in_eval_mode(model: Any, flags: list[tuple[Any, bool]]) -> None:
+    """``model.eval()``, skipped when ``flags`` (taken just before) say every module is in eval mode already."""
+    if any(training for _, training in flags):
+        model.eval()

@@ -196,12 +196,15 @@ def _op_replay_mode(values: dict[Any, Any], origin: dict[int, Any]) -> Any:
     """A ``TorchFunctionMode`` that returns ``values[key]`` for a call whose :func:`call_key` is ``key``."""
     from torch.overrides import TorchFunctionMode
 
+    functions = {key[0] for key in values}  # most calls are of other functions: skip their keys
+
     class OpReplay(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
-            key = call_key(func, args, kwargs, origin)
-            if key is not None and key in values:
-                return values[key]
+            if func in functions:
+                key = call_key(func, args, kwargs, origin)
+                if key is not None and key in values:
+                    return values[key]
             return func(*args, **kwargs)
 
     return OpReplay()
@@ -231,6 +234,7 @@ class _RecordedPass:
         self.ops: dict[int, tuple[int, Any, Any]] = {}  # call number -> (event, call_key, output)
         self.versions: dict[Any, list[int]] = {}  # recorded module / call -> its tensors' versions
         self.logits: Any = None
+        self._state_origins: dict[int, Any] | None = None
 
     def _record(self, keep_graph: bool) -> Any:
         """The original forward pass, traced (:func:`pytest_saliency.layers.trace_forward`), with
@@ -390,11 +394,12 @@ class _RecordedPass:
         self.logits = None
 
     def _fixed_origins(self) -> dict[int, Any]:
-        """Names for the tensors every pass shares: the fed input, the parameters and the buffers."""
-        origin: dict[int, Any] = {id(self.x): ("input",)}
-        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            origin[id(tensor)] = ("state", name)
-        return origin
+        """Names for the tensors every pass shares: the fed input, the parameters and the buffers
+        (a fresh dict each time; the model's tensors are looked up once per recorded pass)."""
+        if self._state_origins is None:
+            self._state_origins = {id(tensor): ("state", name)
+                                   for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]}
+        return {**self._state_origins, id(self.x): ("input",)}
 
     @contextlib.contextmanager
     def _replaying(self, cut: int, leaves: dict[int, tuple[Any, Any]] | None = None) -> Iterator[None]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._rng import seeded
-from ._torch import require_torch
+from ._torch import in_eval_mode, require_torch, restore_training_flags, training_flags
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .postprocess import MapPipeline, apply_pipeline
@@ -185,14 +185,13 @@ def resolve_target(
 
 @contextlib.contextmanager
 def _eval_mode(model: Any, enabled: bool) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
+    flags = training_flags(model)
     if enabled:
-        model.eval()
+        in_eval_mode(model, flags)
     try:
         yield
     finally:
-        for module, training in flags:
-            module.training = training
+        restore_training_flags(flags)
 
 
 @contextlib.contextmanager

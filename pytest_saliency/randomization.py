@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ._rng import derive_seed, seeded
-from ._torch import require_torch
+from ._torch import require_torch, restore_training_flags, training_flags
 from ._validation import unknown_choice
 
 STRATEGIES = ("reinit", "gaussian", "permute")
@@ -161,13 +161,12 @@ def preserved(model: Any) -> Iterator[None]:
     it restores what it changed in its own ``finally``; a whole-model copy would double the
     memory a check needs.
     """
-    flags = [(m, m.training) for m in model.modules()]
+    flags = training_flags(model)
     params = list(model.parameters())
     grads = [p.requires_grad for p in params]
     try:
         yield
     finally:
-        for module, training in flags:
-            module.training = training
+        restore_training_flags(flags)
         for p, flag in zip(params, grads):
             p.requires_grad_(flag)
