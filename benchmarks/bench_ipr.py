@@ -17,7 +17,7 @@ The ways (each does the whole IPR of one workload: original maps + one map batch
                ``pytest_saliency.postprocess.apply_pipeline`` (same preset) and compare every map with
                ``skimage.metrics.structural_similarity`` (the preset's SSIM parameters, float64).
                The layer is randomized with ``pytest_saliency.randomization._randomize_module(copy_layer,
-               "reinit", SEED, name)`` (Conv/Linear: ``reset_parameters()`` under the per-layer seed
+               "reinit", SEED, name, params, copies)`` (Conv/Linear: ``reset_parameters()`` under the per-layer seed
                ``derive_seed(SEED, name)``; BatchNorm: gamma/beta drawn from N(mean, std) of the original),
                and the layer's buffers are put back afterwards, so the randomization is identical to
                the engine's and the per-layer SSIM can be compared to 1e-5.
@@ -355,14 +355,10 @@ def run_reference(ctx: Context) -> dict[str, Any]:
         net = copy.deepcopy(model)
         layer = net.get_submodule(name)
         buffers = [(b, b.detach().clone()) for b in layer.buffers()]
-        _randomize_module(layer, "reinit", SEED, name)
+        params = list(layer.parameters())
+        _randomize_module(layer, "reinit", SEED, name, params, [q.detach().clone() for q in params])
         with torch.no_grad():
-            for (
-                b,
-                value,
-            ) in (
-                buffers
-            ):  # reset_parameters() also resets BatchNorm's running statistics
+            for b, value in buffers:  # reset_parameters() also resets BatchNorm's running statistics
                 b.copy_(value)
         randomized = maps(net)
         rows[name] = [

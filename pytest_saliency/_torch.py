@@ -33,14 +33,25 @@ def training_flags(model: Any) -> list[tuple[Any, bool]]:
 
 
 def restore_training_flags(flags: list[tuple[Any, bool]]) -> None:
-    """Put the ``training`` flags back, writing only those that changed.
-
-    ``object.__setattr__`` is what ``nn.Module.__setattr__`` ends in for a plain attribute; a
-    check restores flags several times, and the module-level checks cost microseconds each.
-    """
+    """Put the ``training`` flags back, writing only those that changed."""
     for module, training in flags:
         if module.training is not training:
-            object.__setattr__(module, "training", training)
+            set_plain_attribute(module, "training", training)
+
+
+def set_plain_attribute(module: Any, name: str, value: Any) -> None:
+    """``setattr(module, name, value)`` for a value that is neither a parameter, a buffer nor a module.
+
+    For an ``nn.Module`` subclass that does not override ``__setattr__`` this is
+    ``object.__setattr__``, which is where ``nn.Module.__setattr__`` ends for such values, at a
+    fraction of the cost (checks write flags and patch forwards many times). A class with its own
+    ``__setattr__`` (a TorchScript module keeps ``training`` in its C++ object) gets it called.
+    """
+    torch = require_torch()
+    if type(module).__setattr__ is torch.nn.Module.__setattr__:
+        object.__setattr__(module, name, value)
+    else:
+        setattr(module, name, value)
 
 
 def in_eval_mode(model: Any, flags: list[tuple[Any, bool]]) -> None:

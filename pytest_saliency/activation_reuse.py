@@ -346,7 +346,7 @@ class _RecordedPass:
         return out
 
     def _changed_since(self, sums: dict[Any, list[Any]], versions: dict[Any, list[int]]) -> set[Any]:
-        """Keys of recorded outputs whose versions or sums are no longer those taken when they were made."""
+        """Keys of recorded outputs whose versions or checksums are no longer those taken when they were made."""
         torch = require_torch()
         outputs = {**self.recorded, **{index: result for index, (_, _, result) in self.ops.items()}}
         keys = [key for key in outputs if sums.get(key)]
@@ -355,15 +355,10 @@ class _RecordedPass:
         current = {key: [t for t in (outputs[key] if isinstance(outputs[key], tuple) else (outputs[key],))]
                    for key in keys}
         changed = {key for key in keys if [t._version for t in current[key]] != versions[key]}
-        before = torch.stack([s.to(torch.float64) for key in keys for s in sums[key]])
-        now = torch.stack([_checksum(t).to(torch.float64) for key in keys for t in current[key]])
-        same = (now == before).tolist()  # NaN != NaN: such outputs are not replayed
-        position = 0
-        for key in keys:
-            count = len(sums[key])
-            if not all(same[position:position + count]):
+        for key in keys:  # (torch.equal is False for NaN: such outputs are not replayed)
+            if key not in changed and not all(torch.equal(_checksum(t), before)
+                                              for t, before in zip(current[key], sums[key])):
                 changed.add(key)
-            position += count
         return changed
 
     def verify(self, cut: int) -> bool:
@@ -509,7 +504,8 @@ class GradientReplay(_RecordedPass):
                 # A scalar root, not the recorded tensors with grad_outputs: on a retained graph
                 # the latter leaves about one activation-sized buffer per node allocated for as long
                 # as the graph lives (+13 MB on the ResNet-18 layout, measured with torch 2.13).
-                root = sum((r * g).sum() for r, g in through)
+                # A dot product, not (r * g).sum(): no product tensor in the forward direction.
+                root = sum(torch.dot(r.reshape(-1), g.reshape(-1)) for r, g in through)
                 (prefix,) = torch_grad(root, self.x, retain_graph=True, allow_unused=True)
                 if prefix is not None:
                     total = prefix if total is None else total + prefix
@@ -618,15 +614,34 @@ class _Recipe:
         return total * (self.x - self.baseline)
 
 
-def _checksum(tensor: Any) -> Any:
-    """A cheap fingerprint of a tensor's values: its sum plus the sum of every seventh element.
+#: The period of :func:`_checksum`'s weights (a prime: strided layouts do not line up with it).
+CHECKSUM_PERIOD = 4099
 
-    Compared before and after the forward pass, it catches writes through ``.data`` (which do not
-    bump the version), including ones that keep the sum, such as a flip or a permutation.
+
+def _checksum(tensor: Any) -> Any:
+    """A fingerprint of a tensor's values that any write through ``.data`` (which does not bump
+    the version) changes, a swap or permutation of unequal values included.
+
+    The flattened values are weighted by a fixed pattern of :data:`CHECKSUM_PERIOD` distinct
+    weights and summed per period (one matrix-vector product, a single pass): two positions
+    share a weight only within different periods, whose sums then both move. A sum and the sum
+    of every seventh value, the first version, missed a swap of two neighbours.
     """
     torch = require_torch()
     flat = tensor.detach().reshape(-1)
-    return torch.stack([flat.sum(), flat[::7].sum()]).sum() if flat.numel() > 1 else flat.sum()
+    if not (flat.is_floating_point() or flat.is_complex()):
+        flat = flat.double()
+    n = flat.numel()
+    whole = n - n % CHECKSUM_PERIOD
+    # Distinct weights in [0.5, 1.5): the fractional parts of multiples of the golden ratio.
+    weights = (torch.arange(1, min(n, CHECKSUM_PERIOD) + 1, dtype=torch.float64) * 0.6180339887498949).frac_()
+    weights = (weights + 0.5).to(dtype=flat.dtype, device=flat.device)
+    parts = []
+    if whole:
+        parts.append(torch.mv(flat[:whole].view(-1, CHECKSUM_PERIOD), weights))
+    if n > whole:
+        parts.append(torch.dot(flat[whole:], weights[:n - whole]).reshape(1))
+    return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else flat)
 
 
 def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:

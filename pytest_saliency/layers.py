@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._torch import in_eval_mode, require_torch, restore_training_flags, training_flags
+from ._torch import in_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
 from ._validation import unknown_choice
 from .exceptions import SaliencyUsageError
 
@@ -98,12 +98,13 @@ def _scripted(module: Any) -> bool:
 def patch_forward(module: Any, replacement: Any, patched: list[tuple[Any, Any]]) -> None:
     """Set ``module.forward`` (an instance attribute); ``patched`` collects what to restore.
 
-    ``object.__setattr__`` is what ``nn.Module.__setattr__`` ends in for a value that is neither a
-    parameter, a buffer nor a module (and it still honours a ``forward`` property), at a fraction
-    of the cost: replays patch a few modules per randomized state.
+    A ``forward`` that is a property (or another data descriptor) cannot be patched and put back
+    exactly: TypeError, and the caller times or runs such a module otherwise.
     """
+    if hasattr(getattr(type(module), "forward", None), "__set__"):
+        raise TypeError(f"{type(module).__name__}.forward is a property")
     patched.append((module, module.__dict__.get("forward")))
-    object.__setattr__(module, "forward", replacement)
+    set_plain_attribute(module, "forward", replacement)
 
 
 def restore_forwards(patched: list[tuple[Any, Any]]) -> None:
@@ -113,7 +114,7 @@ def restore_forwards(patched: list[tuple[Any, Any]]) -> None:
         if previous is None:
             module.__dict__.pop("forward", None)
         else:
-            object.__setattr__(module, "forward", previous)
+            set_plain_attribute(module, "forward", previous)
 
 
 #: ``on_op(index, event, owner, func, args, kwargs, result)``: see :func:`trace_forward`.

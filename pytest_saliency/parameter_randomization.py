@@ -251,8 +251,8 @@ class _Comparison:
             return
         raws = [raw for _, raw in self.pending]
         raw = torch.cat(raws) if len(raws) > 1 else raws[0]
-        if not all_finite(raw):  # say which state's maps are not finite
-            for index, state_raw in self.pending:
+        if not all_finite(raw):  # say which state's maps are not finite (the first layer's, as the loop would)
+            for index, state_raw in sorted(self.pending, key=lambda pair: pair[0]):
                 check_finite(state_raw, self.describe(index))
         maps = _as_ssim_maps(pipeline_maps(raw, self.pipeline)).unflatten(0, (len(raws), -1))
         scores = ssim_unchecked(self.original, maps, self.setup, self.moments)

@@ -1038,3 +1038,140 @@ def test_non_finite_maps_of_a_state_name_the_randomized_layer(reuse: bool) -> No
     with pytest.raises(SaliencyUsageError, match=r"from 'saliency' with 'gate' randomized contain \d+ NaN or inf"):
         layer_randomization(model, tiny_images(3), "saliency", randomization="gaussian", reuse_activations=reuse)
     assert_unchanged(model, before)
+
+
+class PoolDataSwap(nn.Module):
+    """A pooling output nothing saves (it feeds a frozen Linear) is kept because it is small; the
+    parent then swaps two of its values through ``.data`` (no version bump, same sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2)
+        self.fc1, self.fc = nn.Linear(256, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool(nn.functional.gelu(self.conv1(x)))
+        flat = p.data.view(-1)
+        flat[[1, 2]] = flat[[2, 1]].clone()
+        return self.fc(torch.tanh(self.fc1(p.flatten(1))))
+
+
+def test_a_swap_through_data_keeps_the_output_out_of_the_replay() -> None:
+    model, x = seeded_model(PoolDataSwap), tiny_images(4)
+    replay = GradientReplay(model, x, None, "saliency", {})
+    replay.record()
+    assert "pool" not in replay.recorded  # the checksum saw the swap (a sum and every 7th value did not)
+    replay.close()
+    for method in ("saliency", "input_x_gradient"):
+        fast, slow = both_ways(model, x, method, preset="thesis2023")
+        np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-6)
+
+
+def test_the_checksum_sees_any_swap_of_unequal_values() -> None:
+    from pytest_saliency.activation_reuse import CHECKSUM_PERIOD, _checksum
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (2, 7, CHECKSUM_PERIOD, 3 * CHECKSUM_PERIOD + 5):
+        values = torch.rand(n, generator=generator)
+        before = _checksum(values)
+        for i, j in [(0, 1), (0, n - 1), (n // 2, n - 1), (0, min(CHECKSUM_PERIOD, n - 1))]:
+            if i == j:
+                continue
+            swapped = values.clone()
+            swapped[[i, j]] = values[[j, i]]
+            assert not torch.equal(_checksum(swapped), before), (n, i, j)
+        assert torch.equal(_checksum(values.clone()), before)
+
+
+class TwoNan(nn.Module):
+    """Two gates whose randomization both make the maps NaN (a square root of negative values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.gate1, self.gate2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4 * 16 * 16, 3)
+        with torch.no_grad():
+            for gate in (self.gate1, self.gate2):
+                gate.weight.abs_()
+                gate.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sqrt(self.gate1(torch.sigmoid(self.conv1(x))))
+        return self.fc(torch.sqrt(self.gate2(h)).flatten(1))
+
+
+def test_with_several_non_finite_states_both_paths_name_the_first_layer() -> None:
+    model = seeded_model(TwoNan)
+    for reuse in (True, False):
+        with pytest.raises(SaliencyUsageError, match=r"with 'gate1' randomized contain"):
+            layer_randomization(model, tiny_images(4), "saliency", reuse_activations=reuse)
+
+
+class ScriptedBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.drop = nn.Conv2d(1, 4, 3, padding=1), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.tanh(self.conv(x)))
+
+
+class WithScriptedBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = torch.jit.script(ScriptedBody()), nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_a_scripted_submodule_gets_its_training_flag_back() -> None:
+    from pytest_saliency import explain
+
+    x = tiny_images(4)
+    for check in (lambda m: layer_randomization(m, x, "saliency"), lambda m: explain(m, x, "saliency")):
+        model = seeded_model(WithScriptedBody).train()
+        check(model)
+        # The flag the compiled forward reads lives in the C++ module, not in the instance dict.
+        assert model.body._c.getattr("training") is True and "training" not in model.body.__dict__
+        model.eval()
+        assert model.body.training is False and model.body._c.getattr("training") is False
+
+
+class SettableForward(nn.Module):
+    """``forward`` is a property with a setter that stores into another attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self._impl = self._run
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x))
+
+    @property
+    def forward(self):  # type: ignore[override]
+        return self._impl
+
+    @forward.setter
+    def forward(self, value) -> None:
+        self._impl = value
+
+
+class WithSettableForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = SettableForward(), nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def test_a_forward_property_with_a_setter_is_left_as_it_was() -> None:
+    model, x = seeded_model(WithSettableForward), tiny_images(4)
+    implementation = model.body._impl
+    fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    assert model.body._impl == implementation  # the trace timed it with hooks instead of patching it
