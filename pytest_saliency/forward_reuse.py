@@ -16,10 +16,11 @@ same ``perturbations_per_eval``.
 
 Each layer's randomized values are drawn once per image step by
 :func:`pytest_saliency.randomization.randomized` (the same draws as the loop over states) and
-kept with the original values (two copies of the selected layers' parameters in memory); a
-state writes them in place and the originals are written back, as the loop does, so tensors
-that share a parameter's storage see the change too. Cascading over stages that share
-parameters or storage keeps the loop (:func:`stackable`).
+kept (one copy of the selected layers' parameters in memory); a state writes them in place,
+after copying the values it overwrites, and writes those back afterwards, as the loop does, so
+tensors that share a parameter's storage see the change too. Independent states hold one
+layer's copy at a time, cascading ones the copies of the layers randomized so far. Cascading
+over stages that share parameters or storage keeps the loop (:func:`stackable`).
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ class StateStack:
 
     def __init__(self, model: Any, stages: Sequence[tuple[str, Any]], mode: str, strategy: str, seed: int,
                  target: Any, *, progress: Callable[[int, int, str], None] | None = None, calls: int = 0,
-                 label: str = "", done: int = 0, drawn: list[list[tuple[Any, Any, Any]]] | None = None) -> None:
+                 label: str = "", done: int = 0, drawn: list[list[tuple[Any, Any]]] | None = None) -> None:
         self.model, self.mode, self.target = model, mode, target.reshape(-1)
         self.names = [name for name, _ in stages]
-        # per stage: (parameter, randomized values, original values); a check's stacks share them
+        # per stage: (parameter, randomized values); a check's stacks share them
         self.drawn = drawn if drawn is not None else randomized_values(stages, strategy, seed)
         self.progress, self.calls, self.label = progress, calls, label
         self.done = done  # forward calls so far (of ``calls``: several stacks may share the count)
@@ -139,8 +140,8 @@ def stackable(stages: Sequence[tuple[str, Any]], mode: str) -> bool:
     return True
 
 
-def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: int) -> list[list[tuple[Any, Any, Any]]]:
-    """Per stage: each parameter with the values :func:`randomized` gives it and its own values.
+def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: int) -> list[list[tuple[Any, Any]]]:
+    """Per stage: each parameter with the values :func:`randomized` gives it.
 
     Paired by name, so a ``reset_parameters`` that assigns new ``nn.Parameter`` objects is
     followed too (:func:`randomized` puts the old ones back).
@@ -148,28 +149,28 @@ def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: in
     drawn = []
     for name, module in stages:
         parameters = dict(module.named_parameters())
-        originals = {key: p.detach().clone() for key, p in parameters.items()}
         with randomized([(name, module)], strategy, seed):
             now = dict(module.named_parameters())
             if now.keys() != parameters.keys():
                 raise RuntimeError(f"randomizing {name!r} changed which parameters it has")
             values = {key: p.detach().clone() for key, p in now.items()}
-        drawn.append([(parameters[key], values[key], originals[key]) for key in parameters])
+        drawn.append([(parameters[key], values[key]) for key in parameters])
     return drawn
 
 
 class _Swap:
     """Randomized values written into the parameters in place (as :func:`randomized` does, so
-    tensors sharing their storage see them too); :meth:`restore` writes the originals back."""
+    tensors sharing their storage see them too); :meth:`restore` writes back the values they
+    overwrote, copied just before."""
 
     def __init__(self) -> None:
         self.applied: list[tuple[Any, Any]] = []
 
-    def apply(self, triples: list[tuple[Any, Any, Any]]) -> None:
+    def apply(self, pairs: list[tuple[Any, Any]]) -> None:
         torch = require_torch()
         with torch.no_grad():
-            for parameter, value, original in triples:
-                self.applied.append((parameter, original))
+            for parameter, value in pairs:
+                self.applied.append((parameter, parameter.detach().clone()))
                 parameter.copy_(value)
 
     def restore(self) -> None:
