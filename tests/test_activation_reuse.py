@@ -831,22 +831,6 @@ class Counting(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_calls_between_modules_before_the_cut_are_replayed_not_recomputed() -> None:
-    model, x = seeded_model(PooledInForward), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    with Counting("max_pool2d") as fast_count:
-        fast = layer_randomization(model, x, "saliency", seed=3)
-    with Counting("max_pool2d") as slow_count:
-        slow = layer_randomization(model, x, "saliency", seed=3, reuse_activations=False)
-    assert fast.reused_activations
-    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
-    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
-    # Full passes: 2 pools x (memory probe + trace + original + 6 layers). With reuse: 2 each for
-    # the probe and the traced recording pass, none for the verification at fc2 nor for the fc2
-    # and fc1 states, the second pool only for the bn2 and conv2 states, both for bn1 and conv1.
-    assert slow_count.count == 2 * 9
-    assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
-
-
 class PooledInModules(nn.Module):
     """The small CNN's layout: pooling modules, the second one feeding a Linear layer, which (its
     weight frozen) does not save its input: only the pooling's size makes it worth keeping."""
@@ -865,8 +849,12 @@ class PooledInModules(nn.Module):
         return self.fc2(self.relu3(self.fc1(x.flatten(1))))
 
 
-def test_modules_that_reduce_their_input_are_replayed_not_recomputed() -> None:
-    model, x = seeded_model(PooledInModules), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("cls", [PooledInForward, PooledInModules])
+def test_pooling_before_the_cut_is_replayed_not_recomputed(cls: type) -> None:
+    """Calls between modules (the digits CNN's F.max_pool2d), and modules that reduce their input
+    although the graph does not save their output (the small CNN's second nn.MaxPool2d, feeding
+    a frozen Linear layer)."""
+    model, x = seeded_model(cls), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     with Counting("max_pool2d") as fast_count:
         fast = layer_randomization(model, x, "saliency", seed=3)
     with Counting("max_pool2d") as slow_count:
@@ -874,8 +862,9 @@ def test_modules_that_reduce_their_input_are_replayed_not_recomputed() -> None:
     assert fast.reused_activations
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
     torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
-    # As for the calls above: pool2's output is kept (a quarter of its input) although fc1 does
-    # not save it, so neither the verification at fc2 nor the fc2 and fc1 states run a pool.
+    # Full passes: 2 pools x (memory probe + trace + original + 6 layers). With reuse: 2 each for
+    # the probe and the traced recording pass, none for the verification at fc2 nor for the fc2
+    # and fc1 states, the second pool only for the bn2 and conv2 states, both for bn1 and conv1.
     assert slow_count.count == 2 * 9
     assert fast_count.count == 2 + 2 + 0 + (0 + 0 + 1 + 1 + 2 + 2)
 
