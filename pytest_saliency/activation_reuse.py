@@ -58,6 +58,7 @@ did not change afterwards. Safety nets:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -633,15 +634,22 @@ def _checksum(tensor: Any) -> Any:
         flat = flat.double()
     n = flat.numel()
     whole = n - n % CHECKSUM_PERIOD
-    # Distinct weights in [0.5, 1.5): the fractional parts of multiples of the golden ratio.
-    weights = (torch.arange(1, min(n, CHECKSUM_PERIOD) + 1, dtype=torch.float64) * 0.6180339887498949).frac_()
-    weights = (weights + 0.5).to(dtype=flat.dtype, device=flat.device)
+    weights = _checksum_weights(flat.dtype, flat.device)
     parts = []
     if whole:
         parts.append(torch.mv(flat[:whole].view(-1, CHECKSUM_PERIOD), weights))
     if n > whole:
         parts.append(torch.dot(flat[whole:], weights[:n - whole]).reshape(1))
     return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else flat)
+
+
+@functools.lru_cache(maxsize=16)
+def _checksum_weights(dtype: Any, device: Any) -> Any:
+    """:data:`CHECKSUM_PERIOD` distinct weights in [0.5, 1.5) (the fractional parts of multiples
+    of the golden ratio), made once per dtype and device: constants, never written."""
+    torch = require_torch()
+    weights = (torch.arange(1, CHECKSUM_PERIOD + 1, dtype=torch.float64) * 0.6180339887498949).frac_()
+    return (weights + 0.5).to(dtype=dtype, device=device)
 
 
 def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:
