@@ -630,8 +630,8 @@ def _checksum(tensor: Any) -> Any:
     """
     torch = require_torch()
     flat = tensor.detach().reshape(-1)
-    if not (flat.is_floating_point() or flat.is_complex()):
-        flat = flat.double()
+    if flat.dtype in (torch.float16, torch.bfloat16) or not (flat.is_floating_point() or flat.is_complex()):
+        flat = flat.double()  # a half-precision sum would round small changes away
     n = flat.numel()
     whole = n - n % CHECKSUM_PERIOD
     weights = _checksum_weights(flat.dtype, flat.device)

@@ -1057,19 +1057,25 @@ def test_a_swap_through_data_keeps_the_output_out_of_the_replay() -> None:
         torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-6)
 
 
-def test_the_checksum_sees_any_swap_of_unequal_values() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_checksum_sees_any_swap_of_unequal_values(dtype: torch.dtype) -> None:
     from pytest_saliency.activation_reuse import CHECKSUM_PERIOD, _checksum
 
     generator = torch.Generator().manual_seed(0)
-    for n in (2, 7, CHECKSUM_PERIOD, 3 * CHECKSUM_PERIOD + 5):
-        values = torch.rand(n, generator=generator)
+    for n in (2, 7, 256, CHECKSUM_PERIOD, 3 * CHECKSUM_PERIOD + 5):
+        values = torch.rand(n, generator=generator).to(dtype)
         before = _checksum(values)
         for i, j in [(0, 1), (0, n - 1), (n // 2, n - 1), (0, min(CHECKSUM_PERIOD, n - 1))]:
             if i == j:
                 continue
+            if values[i] == values[j]:
+                continue
             swapped = values.clone()
             swapped[[i, j]] = values[[j, i]]
             assert not torch.equal(_checksum(swapped), before), (n, i, j)
+        raised = values.clone()
+        raised[n // 2] += 0.25
+        assert not torch.equal(_checksum(raised), before), n
         assert torch.equal(_checksum(values.clone()), before)
 
 
