@@ -533,13 +533,19 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
 def _timed(
     fn: Callable[[Context], dict[str, Any]], ctx: Context
 ) -> tuple[float, float, dict[str, Any]]:
-    """Wall seconds (perf_counter) and CPU seconds of this process, all threads (process_time)."""
+    """Wall seconds (perf_counter) and CPU seconds of this process, all threads (process_time).
+
+    The minor page faults of the call (``resource`` ``ru_minflt``) go into the output as
+    ``"minor_faults"``: on the small CNNs they decide how far apart two runs of the same code land.
+    """
     gc.collect()
     _sync(ctx.device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu = time.perf_counter(), time.process_time()
     out = fn(ctx)
     _sync(ctx.device)
     elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu
+    out["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return (
         float(out.pop("seconds", elapsed)),
         float(out.pop("cpu_seconds", cpu_elapsed)),
@@ -657,16 +663,19 @@ def bench_workload(
     )
     times: dict[str, list[float]] = {w: [] for w in ways}
     cpu_times: dict[str, list[float]] = {w: [] for w in ways}
+    faults: dict[str, list[int]] = {w: [] for w in ways}
     first: dict[str, dict[str, Any]] = {}
     for r in range(warmup + rounds):
         order = ways[r % len(ways) :] + ways[: r % len(ways)]
         line = []
         for way in order:
             seconds, cpu_seconds, out = _timed(RUNNERS[way], ctx)
+            minor_faults = out.pop("minor_faults")
             first.setdefault(way, out)
             if r >= warmup:
                 times[way].append(seconds)
                 cpu_times[way].append(cpu_seconds)
+                faults[way].append(minor_faults)
             line.append(f"{way} {seconds:.3f}s (cpu {cpu_seconds:.3f}s)")
         print(
             f"  round {r + 1 - warmup if r >= warmup else 'warm-up'}: "
@@ -707,6 +716,7 @@ def bench_workload(
         "times_s": times,
         "median_cpu_s": {w: statistics.median(t) for w, t in cpu_times.items()},
         "cpu_times_s": cpu_times,
+        "median_minor_faults": {w: statistics.median(f) for w, f in faults.items()},
         **{f"ratio_{k}": ratios(a, b) for k, (a, b) in pairs.items()},
         **{f"cpu_ratio_{k}": ratios(a, b, cpu_times) for k, (a, b) in pairs.items()},
     }
@@ -791,18 +801,20 @@ def print_tables(results: list[dict[str, Any]]) -> None:
                 f"| {_fmt(s[pre + 'quantus_over_floor'])} |"
             )
     print(
-        "\n| workload | SSIM check: engine vs reference | max abs diff of layer means | max abs diff per image | load average start/end |"
+        "\n| workload | SSIM check: engine vs reference | max abs diff of layer means | max abs diff per image "
+        "| load average start/end | minor page faults per run (median) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for s in results:
         chk = s.get("ssim_check")
         load = "/".join(f"{v:.1f}" for v in s["load_average_start_end"])
+        faults = ", ".join(f"{w} {f:.0f}" for w, f in s.get("median_minor_faults", {}).items())
         if chk is None:
-            print(f"| {s['workload']} | - | - | - | {load} |")
+            print(f"| {s['workload']} | - | - | - | {load} | {faults} |")
         else:
             print(
                 f"| {s['workload']} | {'pass' if chk['passed'] else 'FAIL'} (tol {chk['tolerance']:g}) "
-                f"| {chk['max_abs_diff_layer_mean']:.1e} | {chk['max_abs_diff_per_image']:.1e} | {load} |"
+                f"| {chk['max_abs_diff_layer_mean']:.1e} | {chk['max_abs_diff_per_image']:.1e} | {load} | {faults} |"
             )
     print_memory_table(results)
 
