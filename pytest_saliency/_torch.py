@@ -54,7 +54,7 @@ def set_plain_attribute(module: Any, name: str, value: Any) -> None:
         setattr(module, name, value)
 
 
-def in_eval_mode(model: Any, flags: list[tuple[Any, bool]]) -> None:
+def ensure_eval_mode(model: Any, flags: list[tuple[Any, bool]]) -> None:
     """``model.eval()``, skipped when ``flags`` (taken just before) say every module is in eval mode already."""
     if any(training for _, training in flags):
         model.eval()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._rng import seeded
-from ._torch import in_eval_mode, require_torch, restore_training_flags, training_flags
+from ._torch import ensure_eval_mode, require_torch, restore_training_flags, training_flags
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, SaliencyWarning
 from .postprocess import MapPipeline, apply_pipeline
@@ -187,7 +187,7 @@ def resolve_target(
 def _eval_mode(model: Any, enabled: bool) -> Iterator[None]:
     flags = training_flags(model)
     if enabled:
-        in_eval_mode(model, flags)
+        ensure_eval_mode(model, flags)
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._torch import in_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
+from ._torch import ensure_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
 from ._validation import unknown_choice
 from .exceptions import SaliencyUsageError
 
@@ -242,7 +242,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
                 hooked.add(name)
                 handles.append(module.register_forward_pre_hook(pre_hook(name)))
                 handles.append(module.register_forward_hook(post_hook(name)))
-        in_eval_mode(model, flags)
+        ensure_eval_mode(model, flags)
         if saved_tensors_hooks is not None:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*saved_tensors_hooks), ParameterUse():
                 results = [model(inputs)]
