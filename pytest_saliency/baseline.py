@@ -90,11 +90,23 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _checked_path(path: Path | str) -> Path:
+    """The baseline's path, refused when it would be overwritten by its own JSON sidecar."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        raise SaliencyUsageError(
+            f"saliency baseline path {path} ends in .json, the name of the baseline's metadata sidecar "
+            f"({path.with_suffix('.json').name}), which would overwrite the maps. Give the baseline an .npz "
+            f"name, e.g. {path.with_suffix('.npz')}; the sidecar is written beside it."
+        )
+    return path
+
+
 def write_baseline(path: Path, maps: Any, metadata: dict[str, Any]) -> None:
     """Write ``maps`` and ``metadata`` atomically: temp file in the same folder, fsync, rename."""
     import numpy as np
 
-    path = Path(path)
+    path = _checked_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metadata, sort_keys=True, indent=2)
     for target, writer in ((path, "npz"), (path.with_suffix(".json"), "json")):
@@ -281,6 +293,7 @@ def check_baseline(
     """
     start = time.perf_counter()
     torch = require_torch()
+    path = _checked_path(path)
     check_model(model)
     check_inputs(inputs, model)
     if metric not in BASELINE_METRICS:
@@ -297,7 +310,6 @@ def check_baseline(
         return apply_pipeline(raw, pipeline).float()
 
     current = maps_of(model)
-    path = Path(path)
     metadata = {
         "format_version": FORMAT_VERSION,
         "method": label,

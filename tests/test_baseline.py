@@ -139,6 +139,18 @@ def test_paths_are_per_test_and_name(tmp_path):
     assert p == tmp_path / "test_model" / "TestX.test_y[cpu-1]__ig_maps.npz"
 
 
+def test_a_json_path_is_refused_before_its_sidecar_could_overwrite_the_maps(tmp_path, model_and_inputs):
+    """The sidecar is path.with_suffix('.json'): for 'b.json' that is the baseline itself."""
+    for name in ("b.json", "b.JSON"):
+        with pytest.raises(SaliencyUsageError, match=r"ends in \.json, the name of the baseline's metadata sidecar .*b\.npz"):
+            check_baseline(*model_and_inputs, tmp_path / name, update=True)
+        with pytest.raises(SaliencyUsageError, match=r"ends in \.json"):
+            write_baseline(tmp_path / name, np.zeros((1, 2, 2)), {})
+    assert list(tmp_path.iterdir()) == []
+    written = check_baseline(*model_and_inputs, tmp_path / "b", update=True)  # no suffix: b and b.json
+    assert written.passed and check_baseline(*model_and_inputs, tmp_path / "b").passed
+
+
 def test_unknown_metric(tmp_path, model_and_inputs):
     with pytest.raises(SaliencyUsageError, match="unknown baseline metric"):
         check_baseline(*model_and_inputs, tmp_path / "b.npz", metric="hog")
