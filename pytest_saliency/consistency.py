@@ -122,6 +122,9 @@ CHANCE_MULTIPLE = 2.0
 _CHANCE_DEFAULT_METRICS = ("sign_agreement", "feature_agreement")
 # Gate defaults for assert_explainer_seed_stable (see its docstring).
 SEED_STABILITY_THRESHOLDS: dict[str, float] = {"ssim": 0.5, "sign_agreement": 0.5}
+#: Two explanations with one seed count as the same when they differ by at most this fraction of the
+#: map's largest magnitude: float32 sums in another order differ by about 1e-7 of it.
+REPRODUCIBLE_RTOL = 1e-4
 LR_SEPARABILITY = "lr_separability"
 TARGET_MODES = ("reference", "each")
 PAIR_MODES = ("all", "reference")
@@ -540,7 +543,7 @@ class SeedStabilityResult:
     threshold: float | None
     pair_scores: list[tuple[int, int, float]]  # (seed a, seed b, mean similarity over inputs)
     deterministic: bool
-    max_abs_difference: float  # between two runs with seeds[0]; 0.0 when deterministic
+    max_abs_difference: float  # between two runs with seeds[0]; 0.0 when bit-identical
     stochastic: bool | None  # whether the named method draws random numbers (None: custom callable)
     n_inputs: int
     device: str
@@ -605,7 +608,10 @@ class SeedStabilityResult:
             f"worst: seeds {a} vs {b} = {_fmt(worst)})"
             + (f"  vs >= {self.threshold:g}" if self.threshold is not None else ""),
             f"  determinism: seed {self.seeds[0]} twice -> "
-            + ("bit-identical maps" if self.deterministic else f"DIFFERENT maps (max |diff| = {self.max_abs_difference:.3g})"),
+            + ("bit-identical maps" if self.max_abs_difference == 0 else
+               f"the same maps up to rounding (max |diff| = {self.max_abs_difference:.3g}, within "
+               f"{REPRODUCIBLE_RTOL:g} of the largest |value|: kernels that sum in a varying order)"
+               if self.deterministic else f"DIFFERENT maps (max |diff| = {self.max_abs_difference:.3g})"),
             "    " + "   ".join(f"{x} vs {y}: {_fmt(s)}" for x, y, s in self.pair_scores[:12]),
             f"  inputs: {self.n_inputs}   device: {self.device}   time: {self.seconds:.1f} s",
         ]
@@ -615,12 +621,13 @@ class SeedStabilityResult:
         if not self.deterministic:
             headline = (
                 f"Saliency check failed: {self.method} is not deterministic: explaining twice with seed "
-                f"{self.seeds[0]} gave different maps (max |diff| = {self.max_abs_difference:.3g})"
+                f"{self.seeds[0]} gave different maps (max |diff| = {self.max_abs_difference:.3g}, more than "
+                f"{REPRODUCIBLE_RTOL:g} of the largest |value|)"
             )
             hint = (
-                "  what next:   a fixed seed must reproduce a map. Usual causes: non-deterministic GPU kernels "
-                "(torch.use_deterministic_algorithms(True)), a custom explainer drawing from its own unseeded "
-                "generator, or a model that is not in eval mode (dropout)."
+                "  what next:   a fixed seed must reproduce a map. Usual causes: a custom explainer drawing from "
+                "its own unseeded generator, a model that is not in eval mode (dropout), or a model whose forward "
+                "draws random numbers itself."
             )
         else:
             headline = (
@@ -1236,8 +1243,11 @@ def explainer_seed_stability(
 ) -> SeedStabilityResult:
     """Explain one model under several method seeds and compare every pair of seeds.
 
-    Also explains twice with ``seeds[0]``: the two runs must be bit-identical
-    (``result.deterministic``); if they are not, the check fails whatever the similarity. The
+    Also explains twice with ``seeds[0]``: the two runs must agree to within
+    :data:`REPRODUCIBLE_RTOL` of the maps' largest magnitude (``result.deterministic``); if they do
+    not, the check fails whatever the similarity. Bit-identical maps are not required: on a GPU,
+    kernels that sum in a varying order (cuDNN's backward passes) change the last bits from run to
+    run, while a seed that does not fix the draws changes the first digits. The
     target is the model's prediction (or ``target``), held fixed for all seeds. ``threshold=None``
     uses :data:`SEED_STABILITY_THRESHOLDS` for ``ssim`` and ``sign_agreement``; other metrics
     need an explicit threshold.
@@ -1280,8 +1290,12 @@ def explainer_seed_stability(
     fixed = resolve_target(model, inputs, target, batch_size)
     raw = {s: _attribute(model, inputs, resolved, fixed, s, batch_size, True, options) for s in seed_list}
     again = _attribute(model, inputs, resolved, fixed, seed_list[0], batch_size, True, options)
-    deterministic = bool(torch.equal(raw[seed_list[0]], again))
-    max_diff = 0.0 if deterministic else float((raw[seed_list[0]] - again).abs().max())
+    first = raw[seed_list[0]]
+    max_diff = 0.0 if torch.equal(first, again) else float((first - again).abs().max())
+    # Reproduced up to rounding: GPU kernels that sum in a varying order (atomic adds in cuDNN's
+    # backward passes) differ in the last bits; a seed that does not fix the draws differs in the
+    # first digits.
+    deterministic = max_diff <= REPRODUCIBLE_RTOL * float(first.abs().max())
     maps = {s: _to_maps(r, pipeline, shape) for s, r in raw.items()} if metric in _MAP_METRICS else {}
     if metric == "ssim":
         _check_ssim_size(maps[seed_list[0]], pipeline, name)
