@@ -562,6 +562,21 @@ def explain(
     return attributions if preset is None else apply_pipeline(attributions, preset)
 
 
+def _raise_reused_module_error(method: MethodSpec, exc: RuntimeError) -> None:
+    """captum's DeepLIFT refuses a module called more than once in a forward pass (a shared ReLU):
+    say which module and what to do, instead of captum's traceback from inside its hooks."""
+    text = str(exc)
+    if method.name != "deeplift" or "used more than once" not in text:
+        return
+    module = text.split("A Module ", 1)[-1].split(" was detected", 1)[0]
+    raise SaliencyUsageError(
+        f"deeplift cannot explain this model: the module {module} is called more than once in one "
+        "forward pass (a shared activation module, say), and captum's DeepLIFT keeps one input and "
+        "output per module. Give each call its own module (e.g. one nn.ReLU per activation), or use "
+        "another method (saliency, integrated_gradients, guided_backprop)."
+    ) from exc
+
+
 def _attribute(
     model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
     batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
@@ -588,7 +603,11 @@ def _attribute(
         batch_size = batch_size or options.get("_image_batch")
         for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
             if isinstance(method, MethodSpec):
-                out = _run_captum(method, model, chunk.detach(), chunk_target, options)
+                try:
+                    out = _run_captum(method, model, chunk.detach(), chunk_target, options)
+                except RuntimeError as exc:
+                    _raise_reused_module_error(method, exc)
+                    raise
             else:
                 out = method(model, chunk.detach(), chunk_target)
             outputs.append(out.detach())

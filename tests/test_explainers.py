@@ -189,3 +189,11 @@ def test_every_method_explains_in_chunks_when_the_memory_budget_is_small(tiny_mo
     if method != "gradient_shap":  # its random baselines are drawn per chunk
         chunked = explain(tiny_model, tiny_inputs, method, memory_budget=1)
         torch.testing.assert_close(chunked, explain(tiny_model, tiny_inputs, method), rtol=1e-5, atol=1e-6)
+
+
+def test_deeplift_on_a_module_called_twice_is_a_usage_error_that_names_it():
+    from test_activation_reuse import make_residual
+
+    with pytest.raises(SaliencyUsageError, match=r"deeplift cannot explain this model: the module ReLU\(inplace=True\) "
+                                                 r"is called more than once .* one nn.ReLU per activation"):
+        explain(make_residual(), tiny_images(2), "deeplift")
