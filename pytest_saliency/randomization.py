@@ -24,6 +24,10 @@ Strategies (``randomization=``):
     the entries of every parameter are shuffled: the weight distribution is kept exactly and
     only the structure is destroyed.
 
+Every draw comes from the CPU generator, whatever device the model is on (on a GPU the drawn
+values are copied over), so a seed randomizes a layer the same way on the CPU and on a GPU: a
+failure seen in GPU CI reproduces on a laptop, up to floating-point rounding of the maps.
+
 Buffers are never changed by any strategy. For a parameter whose standard deviation is zero
 (e.g. an untrained BatchNorm scale of all ones) the Gaussian uses ``max(|mean|, 1)`` as its scale
 so that randomizing it still changes it.
@@ -56,7 +60,60 @@ def _scale(original: Any) -> Any:
 
 def _gaussian_like(original: Any, mean: Any = 0.0) -> Any:
     torch = require_torch()
-    return torch.randn_like(original) * _scale(original) + mean
+    noise = torch.randn_like(original, device="cpu")  # the CPU generator, on any device
+    return noise.to(original.device) * _scale(original) + mean
+
+
+def _reset_on_cpu(sub: Any, originals: dict[int, Any]) -> None:
+    """``sub.reset_parameters()`` with its draws taken from the CPU generator.
+
+    It runs on CPU stand-ins of ``sub``'s own parameters, and each stand-in the reset wrote is
+    copied into the real parameter. torch's own initializers write in place on the parameter
+    (its version counter moves), so for torch's modules the stand-ins are left uninitialized. A
+    user's ``reset_parameters`` may write through ``.data``, which moves no counter, or only part
+    of a tensor: its stand-ins start as NaN, and entries still NaN keep their values. A reset that
+    wrote a real parameter itself (through a reference it kept) keeps what it wrote; one that
+    assigned a new parameter gives its values. A reset that cannot run on the stand-ins (one that
+    mixes in a tensor of the module's device, say), or parameters that are not floating point,
+    get the reset on the device, drawing from that device's generator. ``originals`` maps
+    ``id(parameter)`` to a copy of its value before the reset.
+    """
+    torch = require_torch()
+    own = {key: p for key, p in sub._parameters.items() if p is not None}
+    if not all(p.is_floating_point() for p in own.values()):
+        sub.reset_parameters()
+        return
+    by_torch = getattr(type(sub).reset_parameters, "__module__", "").startswith("torch.")
+    stand_ins = {key: torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype) if by_torch else
+                                         torch.full(p.shape, float("nan"), dtype=p.dtype), requires_grad=False)
+                 for key, p in own.items()}
+    registered = dict(sub._parameters)
+    sub._parameters.update(stand_ins)
+    try:
+        sub.reset_parameters()
+        drawn = {key: sub._parameters.get(key) for key in stand_ins}
+    except Exception:  # noqa: BLE001 - the device's own reset below reports a real error
+        drawn = None
+    finally:
+        sub._parameters.clear()
+        sub._parameters.update(registered)
+    if drawn is None:
+        sub.reset_parameters()
+        return
+    for key, real in own.items():
+        value, before = drawn[key], originals.get(id(real))
+        if value is None or (before is not None and not torch.equal(real, before)):
+            continue  # written directly, or its registration removed: as the plain reset would leave it
+        replaced = value is not stand_ins[key]
+        if by_torch:
+            if replaced or value._version > 0:
+                real.copy_(value.detach())
+            continue
+        unwritten = value.detach().isnan()
+        if not bool(unwritten.any()):
+            real.copy_(value.detach())
+        elif replaced or not bool(unwritten.all()):
+            real.copy_(torch.where(unwritten.to(real.device), real, value.detach().to(real.device)))
 
 
 def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: list[Any],
@@ -71,12 +128,16 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: 
         for sub in module.modules() if callable(getattr(sub, "reset_parameters", None))
     )
     device = params[0].device if params else None
+    on_cpu = device is None or device.type == "cpu"
     with seeded(derive_seed(seed, name), device, torch_only=torch_only), torch.no_grad():
         if strategy == "reinit":
             covered: set[int] = set()
             for sub in module.modules():
                 if callable(getattr(sub, "reset_parameters", None)):
-                    sub.reset_parameters()
+                    if on_cpu:
+                        sub.reset_parameters()
+                    else:
+                        _reset_on_cpu(sub, {id(p): v for p, v in zip(params, originals)})
                     covered.update(id(p) for p in sub.parameters(recurse=False))
             for p, original in zip(params, originals):
                 if id(p) not in covered:
@@ -89,7 +150,7 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: 
         else:
             for p in params:
                 flat = p.reshape(-1)
-                perm = torch.randperm(flat.numel(), device=p.device)
+                perm = torch.randperm(flat.numel()).to(p.device)  # the CPU generator, on any device
                 p.copy_(flat[perm].reshape(p.shape))
 
 

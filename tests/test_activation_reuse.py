@@ -1170,3 +1170,24 @@ def test_a_forward_property_with_a_setter_is_left_as_it_was() -> None:
     fast, slow = both_ways(model, x, "saliency", preset="thesis2023")
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
     assert model.body._impl == implementation  # the trace timed it with hooks instead of patching it
+
+
+def test_the_traced_pass_runs_in_memory_sized_chunks(monkeypatch) -> None:
+    """The traced chunk keeps every module's output: with no batch_size it must still be bounded by
+    the memory budget (900 ResNet-50 images at 224x224 in one traced chunk ran a GPU out of memory)."""
+    from pytest_saliency import parameter_randomization
+
+    sizes = []
+    real = parameter_randomization.trace_forward
+
+    def spy(model, inputs, batch_size=None, **kwargs):
+        sizes.append(batch_size)
+        return real(model, inputs, batch_size, **kwargs)
+
+    monkeypatch.setattr(parameter_randomization, "trace_forward", spy)
+    model, x = make_residual(), tiny_images(6, seed=4)
+    bounded = layer_randomization(model, x, "saliency", memory_budget=200_000)
+    assert sizes and all(size is not None and size < 6 for size in sizes)
+    sizes.clear()
+    whole = layer_randomization(model, x, "saliency", reuse_activations=False)
+    np.testing.assert_allclose(bounded.ssim, whole.ssim, rtol=0, atol=2e-6)

@@ -204,3 +204,70 @@ def test_a_reset_parameters_that_assigns_new_parameter_objects_is_undone() -> No
         assert layer.weight is not weight and not torch.equal(layer.weight, values)
     assert layer.weight is weight and layer.bias is bias and torch.equal(layer.weight, values)
     assert layer.extra is extra
+
+
+class _DataInit(nn.Module):
+    """Old-style initialization: writes through ``.data`` (no version bump) and only part of a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3, 4))
+        self.bias = nn.Parameter(torch.full((3,), 2.0))
+        self.unused = nn.Parameter(torch.full((2,), 5.0))
+
+    def reset_parameters(self) -> None:
+        self.weight.data.normal_(0, 0.01)
+        self.bias.data[:2].uniform_(-1, 1)  # the third entry keeps its value
+
+
+class _KeptReference(nn.Module):
+    """A reset that writes its parameter through a reference kept outside ``_parameters``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        object.__setattr__(self, "kept", [self.weight])
+
+    def reset_parameters(self) -> None:
+        self.kept[0].data.uniform_(-1, 1)
+
+
+class _NeedsItsDevice(nn.Module):
+    """A reset that fails on stand-ins (it checks the parameter is the one it registered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        object.__setattr__(self, "registered", self.weight)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not self.registered:
+            raise RuntimeError("not my parameter")
+        self.weight.uniform_(-1, 1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(3, 4, 3), lambda: nn.Linear(5, 3), lambda: nn.BatchNorm2d(4), lambda: _NewParameters(4, 3),
+    _DataInit, _KeptReference, _NeedsItsDevice,
+], ids=["conv", "linear", "batchnorm", "new_parameters", "data_writes", "kept_reference", "fails_on_stand_ins"])
+def test_a_reset_on_cpu_stand_ins_draws_what_the_plain_reset_draws(make) -> None:
+    """On a GPU, reset_parameters runs on CPU stand-ins so that the draws come from the CPU generator
+    (a seed randomizes a layer alike on every device). Here, on the CPU, the stand-in path must give
+    exactly the plain reset's values, in the model's own parameter objects."""
+    from pytest_saliency._rng import seeded
+    from pytest_saliency.randomization import _reset_on_cpu
+
+    plain, stand_in = make(), make()
+    stand_in.load_state_dict(plain.state_dict())
+    objects = dict(stand_in.named_parameters())
+    originals = {id(p): p.detach().clone() for p in stand_in.parameters()}
+    with seeded(11), torch.no_grad():
+        plain.reset_parameters()
+    with seeded(11), torch.no_grad():
+        _reset_on_cpu(stand_in, originals)
+    assert dict(stand_in.named_parameters()).keys() == objects.keys()
+    assert all(p is objects[name] for name, p in stand_in.named_parameters())
+    for (name, expected), actual in zip(plain.named_parameters(), stand_in.parameters()):
+        assert torch.equal(actual, expected), name
+    if isinstance(plain, _DataInit):
+        assert plain.bias[2] == 2.0 and torch.equal(plain.unused, torch.full((2,), 5.0))
