@@ -854,6 +854,8 @@ def profile_engine(workload: Workload, images: int, device: str, top: int) -> No
     stats.sort_stats("cumulative").print_stats(top)
     print("\n--- entries outside torch/ (cumulative) ---")
     stats.sort_stats("cumulative").print_stats(r"^(?!.*[/\\]torch[/\\]).*$", top)
+    print("\n--- own time (tottime; on a GPU, waits for the device land where results are read) ---")
+    stats.sort_stats("tottime").print_stats(top)
 
 
 def time_phases(workload: Workload, images: int, device: str, rounds: int) -> None:
