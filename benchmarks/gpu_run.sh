@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a session runs on a lent GPU machine (the workplace's `device` tool), in steps that fit its
 # 10-minute calls. The machine has torch and most dependencies but no registry, so the missing
-# wheels travel in .whl/ (see benchmarks/RESULTS.md, "GPU"); logs and JSON go to $OUT.
+# wheels travel in .whl/ (see benchmarks/RESULTS.md, "GPU") and are installed into .whl/site;
+# logs and JSON go to $OUT (the device tool's folder; gpu_out/ elsewhere).
 #
 #   bash benchmarks/gpu_run.sh cuda-tests verdict   # steps run in order; each has its own timeout
 #   cuda-tests: tests/test_cuda.py and the other CUDA tests     suite: the whole suite (-n 8)
@@ -9,14 +10,14 @@
 #   ipr: bench_ipr.py --device cuda (extra arguments in IPR_ARGS, e.g. "--workload resnet50_224")
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_out}
+OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 
+export PYTHONPATH=$PWD/.whl/site
 if ! python3 -c "import pytest_saliency.plugin, captum" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl || exit 1
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 fi
-export PYTHONPATH=/tmp/site
 
 for step in "${@:-cuda-tests}"; do
   case "$step" in
