@@ -216,6 +216,15 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
 
         return hook
 
+    def first_seen(name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            nonlocal events
+            if name not in start:
+                start[name], end[name] = events, events + 1
+                events += 2
+
+        return hook
+
     def post_hook(name: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             nonlocal events
@@ -251,6 +260,13 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
                 with ParameterUse():
                     results = [model(chunks[0])]
                 restore_forwards(patched)
+                if len(chunks) > 1:
+                    # A module that runs only for later images (control flow on the data) still
+                    # exists for layer selection; it gets a start (after every traced module) and
+                    # no call count, so nothing replays it.
+                    for name, module in modules.items():
+                        if name not in start and not _scripted(module):
+                            handles.append(module.register_forward_pre_hook(first_seen(name)))
                 results += [model(chunk) for chunk in chunks[1:]]
     finally:
         restore_forwards(patched)

@@ -24,9 +24,11 @@ Strategies (``randomization=``):
     the entries of every parameter are shuffled: the weight distribution is kept exactly and
     only the structure is destroyed.
 
-Every draw comes from the CPU generator, whatever device the model is on (on a GPU the drawn
-values are copied over), so a seed randomizes a layer the same way on the CPU and on a GPU: a
-failure seen in GPU CI reproduces on a laptop, up to floating-point rounding of the maps.
+Every draw of this module and of torch's own initializers comes from the CPU generator, whatever
+device the model is on (on a GPU the drawn values are copied over), so a seed randomizes a layer
+the same way on the CPU and on a GPU: a failure seen in GPU CI reproduces on a laptop, up to
+floating-point rounding of the maps. A user-defined ``reset_parameters`` runs as written, on the
+model's device (its draws on a GPU come from that GPU's generator).
 
 Buffers are never changed by any strategy. For a parameter whose standard deviation is zero
 (e.g. an untrained BatchNorm scale of all ones) the Gaussian uses ``max(|mean|, 1)`` as its scale
@@ -64,34 +66,37 @@ def _gaussian_like(original: Any, mean: Any = 0.0) -> Any:
     return noise.to(original.device) * _scale(original) + mean
 
 
-def _reset_on_cpu(sub: Any, originals: dict[int, Any]) -> None:
-    """``sub.reset_parameters()`` with its draws taken from the CPU generator.
+def _torch_reset(sub: Any) -> bool:
+    """Whether ``sub.reset_parameters`` is torch's own (not overridden by the class or the instance)."""
+    return "reset_parameters" not in vars(sub) and getattr(
+        type(sub).reset_parameters, "__module__", "").startswith("torch.")
 
-    It runs on CPU stand-ins of ``sub``'s own parameters, and each stand-in the reset wrote is
-    copied into the real parameter. torch's own initializers write in place on the parameter
-    (its version counter moves), so for torch's modules the stand-ins are left uninitialized. A
-    user's ``reset_parameters`` may write through ``.data``, which moves no counter, or only part
-    of a tensor: its stand-ins start as NaN, and entries still NaN keep their values. A reset that
-    wrote a real parameter itself (through a reference it kept) keeps what it wrote; one that
-    assigned a new parameter gives its values. A reset that cannot run on the stand-ins (one that
-    mixes in a tensor of the module's device, say), or parameters that are not floating point,
-    get the reset on the device, drawing from that device's generator. ``originals`` maps
-    ``id(parameter)`` to a copy of its value before the reset.
+
+def _reset_on_cpu(sub: Any) -> None:
+    """torch's ``sub.reset_parameters()`` with its draws taken from the CPU generator.
+
+    It runs on uninitialized CPU stand-ins of ``sub``'s own parameters (same shapes, strides and
+    dtypes), and each stand-in the reset wrote (torch's initializers write in place, which moves
+    the version counter) is copied into the real parameter. Only for torch's own resets: a
+    user's ``reset_parameters`` may read the current values, keep references to its parameters
+    or write through ``.data``, so it runs on the device as written (drawing from that device's
+    generator). A reset that fails on the stand-ins, or parameters that are not floating point,
+    get the reset on the device too.
     """
     torch = require_torch()
     own = {key: p for key, p in sub._parameters.items() if p is not None}
     if not all(p.is_floating_point() for p in own.values()):
         sub.reset_parameters()
         return
-    by_torch = getattr(type(sub).reset_parameters, "__module__", "").startswith("torch.")
-    stand_ins = {key: torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype) if by_torch else
-                                         torch.full(p.shape, float("nan"), dtype=p.dtype), requires_grad=False)
+    stand_ins = {key: torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype), requires_grad=False)
                  for key, p in own.items()}
     registered = dict(sub._parameters)
     sub._parameters.update(stand_ins)
     try:
         sub.reset_parameters()
         drawn = {key: sub._parameters.get(key) for key in stand_ins}
+        written = {key: value is not None and (value is not stand_ins[key] or value._version > 0)
+                   for key, value in drawn.items()}
     except Exception:  # noqa: BLE001 - the device's own reset below reports a real error
         drawn = None
     finally:
@@ -101,19 +106,8 @@ def _reset_on_cpu(sub: Any, originals: dict[int, Any]) -> None:
         sub.reset_parameters()
         return
     for key, real in own.items():
-        value, before = drawn[key], originals.get(id(real))
-        if value is None or (before is not None and not torch.equal(real, before)):
-            continue  # written directly, or its registration removed: as the plain reset would leave it
-        replaced = value is not stand_ins[key]
-        if by_torch:
-            if replaced or value._version > 0:
-                real.copy_(value.detach())
-            continue
-        unwritten = value.detach().isnan()
-        if not bool(unwritten.any()):
-            real.copy_(value.detach())
-        elif replaced or not bool(unwritten.all()):
-            real.copy_(torch.where(unwritten.to(real.device), real, value.detach().to(real.device)))
+        if written[key]:
+            real.copy_(drawn[key].detach())
 
 
 def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: list[Any],
@@ -134,10 +128,10 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: 
             covered: set[int] = set()
             for sub in module.modules():
                 if callable(getattr(sub, "reset_parameters", None)):
-                    if on_cpu:
+                    if on_cpu or not _torch_reset(sub):
                         sub.reset_parameters()
                     else:
-                        _reset_on_cpu(sub, {id(p): v for p, v in zip(params, originals)})
+                        _reset_on_cpu(sub)
                     covered.update(id(p) for p in sub.parameters(recurse=False))
             for p, original in zip(params, originals):
                 if id(p) not in covered:

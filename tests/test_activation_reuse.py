@@ -1191,3 +1191,29 @@ def test_the_traced_pass_runs_in_memory_sized_chunks(monkeypatch) -> None:
     sizes.clear()
     whole = layer_randomization(model, x, "saliency", reuse_activations=False)
     np.testing.assert_allclose(bounded.ssim, whole.ssim, rtol=0, atol=2e-6)
+
+
+class Branchy(nn.Module):
+    """Images whose first pixel is positive also run ``rare``: the first chunk never does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.rare = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        flag = x[:, 0, 0, 0] > 0.5
+        if bool(flag.any()):
+            h = torch.where(flag[:, None, None, None], torch.relu(self.rare(h)), h)
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_layer_that_runs_only_for_later_chunks_is_still_selected() -> None:
+    model, x = seeded_model(Branchy), tiny_images(6, seed=1)
+    x[:3, 0, 0, 0], x[3:, 0, 0, 0] = 0.0, 1.0
+    whole = layer_randomization(model, x, "saliency")
+    chunked = layer_randomization(model, x, "saliency", memory_budget=20_000)  # 1 image per chunk
+    assert set(chunked.layers) == set(whole.layers) == {"conv", "rare", "head"}
+    assert layer_randomization(model, x, "saliency", layers=["rare"], batch_size=2).layers == ["rare"]

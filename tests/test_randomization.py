@@ -207,67 +207,71 @@ def test_a_reset_parameters_that_assigns_new_parameter_objects_is_undone() -> No
 
 
 class _DataInit(nn.Module):
-    """Old-style initialization: writes through ``.data`` (no version bump) and only part of a tensor."""
+    """Old-style initialization through ``.data``: a user's reset, which runs as written."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(3, 4))
-        self.bias = nn.Parameter(torch.full((3,), 2.0))
-        self.unused = nn.Parameter(torch.full((2,), 5.0))
 
     def reset_parameters(self) -> None:
-        self.weight.data.normal_(0, 0.01)
-        self.bias.data[:2].uniform_(-1, 1)  # the third entry keeps its value
+        self.weight.data.mul_(0.5)
 
 
-class _KeptReference(nn.Module):
-    """A reset that writes its parameter through a reference kept outside ``_parameters``."""
-
+class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(4))
-        object.__setattr__(self, "kept", [self.weight])
-
-    def reset_parameters(self) -> None:
-        self.kept[0].data.uniform_(-1, 1)
+        self.emb = nn.Embedding(6, 4, padding_idx=0)
+        self.dec = nn.Linear(4, 6, bias=False)
+        self.dec.weight = self.emb.weight  # tied, as in language models
 
 
-class _NeedsItsDevice(nn.Module):
-    """A reset that fails on stand-ins (it checks the parameter is the one it registered)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(4))
-        object.__setattr__(self, "registered", self.weight)
-
-    def reset_parameters(self) -> None:
-        if self.weight is not self.registered:
-            raise RuntimeError("not my parameter")
-        self.weight.uniform_(-1, 1)
+def _transposed_linear() -> nn.Linear:
+    layer = nn.Linear(5, 3)
+    layer.weight = nn.Parameter(torch.randn(5, 3).t())  # a non-contiguous weight
+    return layer
 
 
 @pytest.mark.parametrize("make", [
-    lambda: nn.Conv2d(3, 4, 3), lambda: nn.Linear(5, 3), lambda: nn.BatchNorm2d(4), lambda: _NewParameters(4, 3),
-    _DataInit, _KeptReference, _NeedsItsDevice,
-], ids=["conv", "linear", "batchnorm", "new_parameters", "data_writes", "kept_reference", "fails_on_stand_ins"])
-def test_a_reset_on_cpu_stand_ins_draws_what_the_plain_reset_draws(make) -> None:
-    """On a GPU, reset_parameters runs on CPU stand-ins so that the draws come from the CPU generator
-    (a seed randomizes a layer alike on every device). Here, on the CPU, the stand-in path must give
-    exactly the plain reset's values, in the model's own parameter objects."""
+    lambda: nn.Conv2d(3, 4, 3), lambda: nn.Linear(5, 3), lambda: nn.BatchNorm2d(4),
+    lambda: nn.Embedding(7, 3, padding_idx=2), lambda: nn.LSTM(3, 4, proj_size=2), _transposed_linear, _Tied,
+], ids=["conv", "linear", "batchnorm", "embedding", "lstm", "non_contiguous", "tied"])
+def test_torch_resets_on_cpu_stand_ins_draw_what_the_plain_resets_draw(make) -> None:
+    """On a GPU, torch's reset_parameters runs on CPU stand-ins so that the draws come from the CPU
+    generator (a seed randomizes a layer alike on every device). Here, on the CPU, the stand-in path
+    must give exactly the plain resets' values, in the model's own parameter objects."""
     from pytest_saliency._rng import seeded
-    from pytest_saliency.randomization import _reset_on_cpu
+    from pytest_saliency.randomization import _reset_on_cpu, _torch_reset
 
     plain, stand_in = make(), make()
     stand_in.load_state_dict(plain.state_dict())
     objects = dict(stand_in.named_parameters())
-    originals = {id(p): p.detach().clone() for p in stand_in.parameters()}
+    resettable = [m for m in stand_in.modules() if callable(getattr(m, "reset_parameters", None))]
+    assert resettable and all(_torch_reset(m) for m in resettable)
     with seeded(11), torch.no_grad():
-        plain.reset_parameters()
+        for module in plain.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
     with seeded(11), torch.no_grad():
-        _reset_on_cpu(stand_in, originals)
-    assert dict(stand_in.named_parameters()).keys() == objects.keys()
+        for module in resettable:
+            _reset_on_cpu(module)
     assert all(p is objects[name] for name, p in stand_in.named_parameters())
     for (name, expected), actual in zip(plain.named_parameters(), stand_in.parameters()):
-        assert torch.equal(actual, expected), name
-    if isinstance(plain, _DataInit):
-        assert plain.bias[2] == 2.0 and torch.equal(plain.unused, torch.full((2,), 5.0))
+        assert torch.equal(actual, expected) and actual.stride() == expected.stride(), name
+
+
+def test_user_defined_resets_run_as_written_on_the_device() -> None:
+    from pytest_saliency.randomization import _torch_reset
+
+    assert not _torch_reset(_DataInit()) and not _torch_reset(_NewParameters(4, 3))
+    overridden = nn.Linear(3, 2)
+    overridden.reset_parameters = lambda: None  # an instance-level override
+    assert not _torch_reset(overridden)
+
+    class Subclass(nn.Linear):  # inherits torch's reset
+        pass
+
+    assert _torch_reset(Subclass(3, 2))
+    module = _DataInit()
+    with randomized([("m", module)], "reinit", seed=0):
+        assert torch.all(module.weight != 1.0)  # the reset read the current values (and a Gaussian follows)
+    assert torch.equal(module.weight, torch.ones(3, 4))
