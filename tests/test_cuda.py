@@ -1,5 +1,6 @@
-"""CUDA: a check on a GPU gives the CPU's numbers, keeps its tensors on the device, and leaves the
-model and every generator (the CPU's and each GPU's) exactly as they were.
+"""CUDA: a check on a GPU gives the CPU's numbers (same seed, same randomized weights), its replays
+give the full captum passes' numbers, and it leaves the model and every generator (the CPU's and
+each GPU's) exactly as they were.
 
 The whole module skips where CUDA is not available (CI has no GPU). On a GPU machine:
 ``pytest tests/test_cuda.py``. The comparisons with the CPU turn TF32 off for the duration of the
