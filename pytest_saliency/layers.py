@@ -216,12 +216,11 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
 
         return hook
 
-    def first_seen(name: str) -> Any:
+    later: list[str | None] = []  # module entries in the later chunks (None: a new chunk)
+
+    def entered(name: str) -> Any:
         def hook(module: Any, args: Any) -> None:
-            nonlocal events
-            if name not in start:
-                start[name], end[name] = events, events + 1
-                events += 2
+            later.append(name)
 
         return hook
 
@@ -260,19 +259,19 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
                 with ParameterUse():
                     results = [model(chunks[0])]
                 restore_forwards(patched)
-                if len(chunks) > 1:
-                    # A module that runs only for later images (control flow on the data) still
-                    # exists for layer selection; it gets a start (after every traced module) and
-                    # no call count, so nothing replays it.
+                if len(chunks) > 1:  # note the order of module calls: see _place_later_modules
                     for name, module in modules.items():
-                        if name not in start and not _scripted(module):
-                            handles.append(module.register_forward_pre_hook(first_seen(name)))
-                results += [model(chunk) for chunk in chunks[1:]]
+                        if name and not _scripted(module):
+                            handles.append(module.register_forward_pre_hook(entered(name)))
+                for chunk in chunks[1:]:
+                    later.append(None)
+                    results.append(model(chunk))
     finally:
         restore_forwards(patched)
         for handle in handles:
             handle.remove()
         restore_training_flags(flags)
+    _place_later_modules(later, start, end)
     replayable = {
         name for name, saved in outputs.items()
         if name and calls.get(name) == 1 and saved and not _scripted(modules[name]) and name not in hooked
@@ -290,6 +289,29 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     order = sorted(start, key=start.__getitem__)
     return ForwardTrace(order=order, start=start, end=end, calls=calls, first_use=first_use,
                         replayable=replayable, mutated=mutated, output=output)
+
+
+def _place_later_modules(later: list[str | None], start: dict[str, Any], end: dict[str, Any]) -> None:
+    """Give modules that ran only in later chunks (control flow on the data) a place in the order.
+
+    Each goes right after the traced module that ran last before it (fractional event numbers
+    between that module's start and the next event), so layer selection and the cascading order
+    are those of a pass over all images at once. They get no call count: nothing replays them.
+    """
+    groups: dict[float, list[str]] = {}
+    placed: set[str] = set()
+    anchor = -1.0
+    for name in later:
+        if name is None:  # a new chunk
+            anchor = -1.0
+        elif name in start:
+            anchor = start[name]
+        elif name not in placed:
+            placed.add(name)
+            groups.setdefault(anchor, []).append(name)
+    for anchor, names in groups.items():
+        for rank, name in enumerate(names, start=1):
+            start[name] = end[name] = anchor + rank / (len(names) + 1)
 
 
 def _flat_arguments(args: Any, kwargs: Any) -> Any:
