@@ -207,7 +207,8 @@ def test_a_reset_parameters_that_assigns_new_parameter_objects_is_undone() -> No
 
 
 class _DataInit(nn.Module):
-    """Old-style initialization through ``.data``: a user's reset, which runs as written."""
+    """Old-style initialization through ``.data``, reading the current values: a user's reset,
+    which cannot be replayed on stand-ins and so runs as written."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -271,7 +272,3 @@ def test_user_defined_resets_run_as_written_on_the_device() -> None:
         pass
 
     assert _torch_reset(Subclass(3, 2))
-    module = _DataInit()
-    with randomized([("m", module)], "reinit", seed=0):
-        assert torch.all(module.weight != 1.0)  # the reset read the current values (and a Gaussian follows)
-    assert torch.equal(module.weight, torch.ones(3, 4))
