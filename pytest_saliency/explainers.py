@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -423,8 +424,30 @@ def memory_budget_bytes(budget: Any, device: Any) -> int:
     raise SaliencyUsageError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}.")
 
 
+#: Per model, the probed :func:`activation_bytes_per_input` by what the probe depends on (the
+#: input's shape, dtype and device, and which module objects make up the model). Weak keys: a
+#: model's entries go when the model does. Only memory sizing reads it, never a result.
+_PROBED: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+
+
 def activation_bytes_per_input(model: Any, example: Any) -> int:
-    """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward."""
+    """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward.
+
+    Probed with a one-image forward pass the first time a model meets an input shape, dtype and
+    device, and remembered (per model object and its current set of modules): a test session runs
+    several checks on the same model, and on a small CNN the probe is about 2% of a check.
+    """
+    try:
+        key = (tuple(example.shape[1:]), example.dtype, example.device, tuple(map(id, model.modules())))
+        cached = _PROBED.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: probe every time
+        return _probe_activation_bytes(model, example)
+    if key not in cached:
+        cached[key] = _probe_activation_bytes(model, example)
+    return cached[key]
+
+
+def _probe_activation_bytes(model: Any, example: Any) -> int:
     torch = require_torch()
     total = 0
 

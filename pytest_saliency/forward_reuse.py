@@ -30,7 +30,7 @@ from typing import Any
 
 from ._torch import require_torch
 from .activation_reuse import ForwardReplay, state_cuts
-from .randomization import randomized
+from .randomization import drawn_values
 
 FORWARD_METHODS = ("occlusion",)
 
@@ -141,20 +141,13 @@ def stackable(stages: Sequence[tuple[str, Any]], mode: str) -> bool:
 
 
 def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: int) -> list[list[tuple[Any, Any]]]:
-    """Per stage: each parameter with the values :func:`randomized` gives it.
-
-    Paired by name, so a ``reset_parameters`` that assigns new ``nn.Parameter`` objects is
-    followed too (:func:`randomized` puts the old ones back).
-    """
+    """Per stage: each parameter with the values :func:`randomized` gives it (:func:`drawn_values`)."""
     drawn = []
     for name, module in stages:
-        parameters = dict(module.named_parameters())
-        with randomized([(name, module)], strategy, seed):
-            now = dict(module.named_parameters())
-            if now.keys() != parameters.keys():
-                raise RuntimeError(f"randomizing {name!r} changed which parameters it has")
-            values = {key: p.detach().clone() for key, p in now.items()}
-        drawn.append([(parameters[key], values[key]) for key in parameters])
+        pairs = drawn_values(name, module, strategy, seed)
+        if pairs is None:
+            raise RuntimeError(f"randomizing {name!r} changed which parameters it has")
+        drawn.append(pairs)
     return drawn
 
 

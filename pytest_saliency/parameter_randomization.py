@@ -33,7 +33,7 @@ from .explainers import (
 from .forward_reuse import FORWARD_METHODS, occlusion_states, stackable
 from .layers import select_layers, trace_forward
 from .postprocess import MapPipeline, get_pipeline, pipeline_maps
-from .randomization import STRATEGIES, check_strategy, preserved, randomized
+from .randomization import STRATEGIES, LayerDraws, check_strategy, preserved, randomized
 from .statistics import (
     CONFIDENCE, N_BOOTSTRAP, SENSITIVITY_THRESHOLD, SSIM_THRESHOLD, SensitivityStatistics, sensitivity_statistics,
 )
@@ -305,6 +305,9 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
 
 
 IMAGE_MODES = ("all", "auto")
+#: Up to this fraction (1 / DRAW_SHARE) of the memory budget holds drawn layer values (LayerDraws):
+#: 4 MiB on the CPU, all of a ResNet-50's layers on a GPU.
+DRAW_SHARE = 256
 #: Methods whose replay feeds the images themselves: their recording pass can be the traced pass.
 TRACED_RECORDING = ("saliency", "input_x_gradient")
 
@@ -508,6 +511,11 @@ def layer_randomization(
                 stacked = fits >= step
             else:
                 step = max(1, min(step, fits))
+        # Each layer's randomized values, drawn once up front for every state and image batch
+        # (within a small share of the memory budget; see LayerDraws).
+        draws = None if stacked else LayerDraws(
+            stages, randomization, seed, independent=mode == "independent",
+            limit_bytes=memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device) // DRAW_SHARE)
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""
         reused = False
@@ -576,7 +584,7 @@ def layer_randomization(
                         if progress is not None:
                             progress(done, len(stages),
                                      f"{layer_name} (images {used_inputs + 1}-{used_inputs + x.shape[0]})")
-                        state = randomized([(layer_name, module)], randomization, seed)
+                        state = randomized([(layer_name, module)], randomization, seed, draws)
                         with state if mode == "independent" else contextlib.nullcontext():
                             if mode == "cascading":
                                 cascade.enter_context(state)

@@ -165,14 +165,103 @@ def check_strategy(strategy: str) -> None:
         raise unknown_choice("randomization", strategy, STRATEGIES)
 
 
+class LayerDraws:
+    """The values :func:`randomized` gives each layer's parameters, drawn once and then reused.
+
+    A check randomizes every layer once per batch of images, and drawing is mostly Python and
+    generator work (seeding, ``reset_parameters``, the constant-initializer test): on a small CNN
+    it costs about as much as a forward pass, and interleaved with the passes it runs slower
+    still. Drawing every layer up front, in one tight loop, and writing the kept values in each
+    state costs a copy per parameter instead; with several image batches (``images="auto"``) the
+    draws are not repeated per batch.
+
+    The draws run on stand-ins (:func:`shadow_draw`), so the model's tensors are not written
+    (not even their version counters move: a recorded forward graph stays usable). A kept value
+    is exactly what a fresh draw would give, because a draw depends only on the seed, the
+    layer's name and its own original values. So only layers whose ``reset_parameters`` are
+    torch's own are kept with ``"reinit"`` (a user's reset could keep references to its
+    parameters, or read other layers' values), and with ``independent=False`` (cascading states)
+    only layers that share no parameter storage with an earlier layer (those are drawn on top of
+    that layer's randomized values). ``limit_bytes`` bounds the values kept; the other layers
+    are drawn in place, state by state, as without a ``LayerDraws``.
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, Any]], strategy: str, seed: int, *,
+                 limit_bytes: int | None = None, independent: bool = True) -> None:
+        check_strategy(strategy)
+        self.values: dict[str, list[tuple[Any, Any]]] = {}
+        used = 0
+        earlier: set[int] = set()
+        for name, module in layers:
+            params = _own_parameters(module)
+            storages = {p.untyped_storage().data_ptr() for p in params}
+            own_draw = independent or not storages & earlier
+            earlier |= storages
+            size = sum(p.numel() * p.element_size() for p in params)
+            if not own_draw or (strategy == "reinit" and not _torch_resets_only(module)) or (
+                    limit_bytes is not None and used + size > limit_bytes):
+                continue
+            self.values[name] = shadow_draw(name, module, strategy, seed)
+            used += size
+
+
+def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[Any, Any]]:
+    """Each parameter of ``module`` with the value :func:`randomized` would give it, drawn on
+    stand-ins: copies of its parameters and buffers are registered in their place for the draw
+    and the real ones are put back, untouched. Only for draws that reach parameters through the
+    module's registrations (torch's own ``reset_parameters``, the Gaussian and permute strategies).
+    """
+    torch = require_torch()
+    params = _own_parameters(module)
+    copies = {id(t): torch.nn.Parameter(t.detach().clone(), requires_grad=False) if isinstance(t, torch.nn.Parameter)
+              else t.detach().clone() for t in [*params, *module.buffers()]}
+    registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for sub in module.modules()]
+    try:
+        for sub, parameters, buffers in registered:
+            sub._parameters.update({key: copies[id(p)] for key, p in parameters.items() if p is not None})
+            sub._buffers.update({key: copies[id(b)] for key, b in buffers.items() if b is not None})
+        stand_ins = [copies[id(p)] for p in params]
+        _randomize_module(module, strategy, seed, name, stand_ins, [p.detach() for p in params])
+        return [(p, sub_in.detach()) for p, sub_in in zip(params, stand_ins)]
+    finally:
+        for sub, parameters, buffers in registered:
+            sub._parameters.clear()
+            sub._parameters.update(parameters)
+            sub._buffers.clear()
+            sub._buffers.update(buffers)
+
+
+def drawn_values(name: str, module: Any, strategy: str, seed: int) -> list[tuple[Any, Any]] | None:
+    """Each parameter of ``module`` with (a copy of) the value :func:`randomized` gives it, or
+    None if the draw changed which parameters the module has.
+
+    Drawn in place (any ``reset_parameters``), then restored. Paired by name, so a
+    ``reset_parameters`` that assigns new ``nn.Parameter`` objects is followed too
+    (:func:`randomized` puts the old ones back; writing the values into them gives the forward
+    pass the same numbers).
+    """
+    parameters = dict(module.named_parameters())
+    with randomized([(name, module)], strategy, seed):
+        now = dict(module.named_parameters())
+        if now.keys() != parameters.keys():
+            return None
+        return [(parameters[key], p.detach().clone()) for key, p in now.items()]
+
+
+def _torch_resets_only(module: Any) -> bool:
+    """Whether every ``reset_parameters`` in ``module`` is torch's own, not overridden."""
+    return all(_torch_reset(sub) for sub in module.modules() if callable(getattr(sub, "reset_parameters", None)))
+
+
 @contextlib.contextmanager
 def randomized(
-    layers: Sequence[tuple[str, Any]], strategy: str = "reinit", seed: int = 0
+    layers: Sequence[tuple[str, Any]], strategy: str = "reinit", seed: int = 0, draws: LayerDraws | None = None,
 ) -> Iterator[None]:
     """Randomize ``layers`` in place for the duration of the block, then restore them exactly.
 
     Each layer's draw depends only on ``seed`` and its name, so independent and cascading
-    randomization change a given layer identically.
+    randomization change a given layer identically. ``draws`` (made with the same strategy and
+    seed) supplies the values of the layers it kept instead of drawing them again.
     """
     torch = require_torch()
     check_strategy(strategy)
@@ -185,6 +274,12 @@ def randomized(
     registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for _, module in layers for sub in module.modules()]
     try:
         for (name, module), (params, values, buffers, buffer_values) in zip(layers, saved):
+            kept = draws.values.get(name) if draws is not None else None
+            if kept is not None:  # (buffers are untouched)
+                with torch.no_grad():
+                    for parameter, value in kept:
+                        parameter.copy_(value)
+                continue
             _randomize_module(module, strategy, seed, name, params, values)
             with torch.no_grad():
                 for buffer, value in zip(buffers, buffer_values):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
-from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explain
+from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explain, layer_randomization
 from pytest_saliency.explainers import last_conv_layer, resolve_target
 
 FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-4},
@@ -162,6 +162,39 @@ def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inp
     torch.testing.assert_close(small, explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8))
     with pytest.raises(SaliencyUsageError, match="memory_budget must be"):
         explain(tiny_model, tiny_inputs, "occlusion", memory_budget=-1)
+
+
+def test_the_memory_probe_runs_once_per_model_and_input_shape(monkeypatch, tiny_inputs):
+    """The one-image probe that sizes batches is remembered per model object, input shape, dtype
+    and device, and the module objects the model is made of; a model that changed any of these is
+    probed again, and a model's entries go with the model."""
+    import gc
+    import weakref
+
+    from pytest_saliency import explainers
+
+    probes = []
+    real = explainers._probe_activation_bytes
+    monkeypatch.setattr(explainers, "_probe_activation_bytes", lambda m, x: probes.append(1) or real(m, x))
+    model = make_tiny_cnn()
+    first = explainers.activation_bytes_per_input(model, tiny_inputs[:1])
+    assert explainers.activation_bytes_per_input(model, tiny_inputs[:2]) == first and len(probes) == 1
+    explain(model, tiny_inputs, "integrated_gradients", n_steps=4)
+    layer_randomization(model, tiny_inputs, "saliency")
+    assert len(probes) == 1
+    model.fc = nn.Linear(4 * 16 * 16, 30)  # another module object: probed again
+    assert explainers.activation_bytes_per_input(model, tiny_inputs[:1]) > first and len(probes) == 2
+    convolution = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())  # takes any input size
+    small = explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8))
+    assert explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 16)) > small
+    convolution.double()  # the same module objects, another dtype
+    assert explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8).double()) == 2 * small
+    assert len(probes) == 5
+    assert model in explainers._PROBED
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "the remembered probe must not keep a model alive"
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "deeplift"])

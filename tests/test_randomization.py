@@ -272,3 +272,82 @@ def test_user_defined_resets_run_as_written_on_the_device() -> None:
         pass
 
     assert _torch_reset(Subclass(3, 2))
+
+
+def _conv_bn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
+
+
+LAYER_MAKERS = [
+    lambda: nn.Conv2d(3, 4, 3), lambda: nn.Linear(5, 3), lambda: nn.BatchNorm2d(4),
+    lambda: nn.Embedding(7, 3, padding_idx=2), lambda: nn.LSTM(3, 4, proj_size=2), _transposed_linear, _Tied,
+    _conv_bn, lambda: nn.LayerNorm(6),
+]
+LAYER_IDS = ["conv", "linear", "batchnorm", "embedding", "lstm", "non_contiguous", "tied", "conv_bn", "layernorm"]
+
+
+@pytest.mark.parametrize("strategy", ["reinit", "gaussian", "permute"])
+@pytest.mark.parametrize("make", LAYER_MAKERS, ids=LAYER_IDS)
+def test_layer_draws_are_the_in_place_draws_and_never_touch_the_model(make, strategy) -> None:
+    """LayerDraws draws on stand-ins: the values it keeps are exactly what randomized() draws in
+    place, and the layer's tensors are not written at all (not even their version counters move,
+    which a recorded forward graph checks when its backward runs)."""
+    from pytest_saliency.randomization import LayerDraws, drawn_values
+
+    layer = make()
+    tensors = [*layer.parameters(), *layer.buffers()]
+    versions = [t._version for t in tensors]
+    before = snapshot(layer)
+    draws = LayerDraws([("layer", layer)], strategy, seed=5)
+    assert [t._version for t in tensors] == versions
+    assert_identical(before, layer)
+    expected = drawn_values("layer", layer, strategy, 5)
+    kept = draws.values["layer"]
+    assert [p for p, _ in kept] == [p for p, _ in expected]
+    for (_, value), (_, drawn) in zip(kept, expected):
+        assert torch.equal(value, drawn) and value.stride() == drawn.stride()
+    with randomized([("layer", layer)], strategy, 5, draws):
+        for parameter, drawn in expected:
+            assert torch.equal(parameter, drawn)
+    assert_identical(before, layer)
+
+
+def test_layer_draws_keep_only_draws_that_a_later_state_would_repeat() -> None:
+    """A user's reset_parameters may hold references to its parameters (stand-ins would miss its
+    writes): not kept for "reinit". In cascading states, a layer sharing parameter storage with an
+    earlier one is drawn on top of that layer's randomized values: not kept. And the byte limit."""
+    from pytest_saliency.randomization import LayerDraws
+
+    user = _DataInit()
+    assert "user" not in LayerDraws([("user", user)], "reinit", 0).values
+    assert "user" in LayerDraws([("user", user)], "gaussian", 0).values
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    layers = [("first", first), ("second", second)]
+    assert set(LayerDraws(layers, "reinit", 0).values) == {"first", "second"}
+    assert set(LayerDraws(layers, "reinit", 0, independent=False).values) == {"first"}
+    small, big = nn.Linear(2, 2), nn.Linear(64, 64)
+    kept = LayerDraws([("big", big), ("small", small)], "reinit", 0, limit_bytes=1024).values
+    assert set(kept) == {"small"}
+
+
+@pytest.mark.parametrize("mode", ["independent", "cascading"])
+def test_checks_with_kept_draws_equal_checks_that_draw_in_every_state(monkeypatch, mode) -> None:
+    """The engine keeps each layer's draw for every state and image batch (within 1/DRAW_SHARE of
+    the memory budget): the results are those of drawing again each time, and with several image
+    batches each layer is drawn once instead of once per batch."""
+    from pytest_saliency import parameter_randomization, randomization
+
+    model, x = make_tiny_cnn(), tiny_images(12)
+    draws = []
+    real = randomization._randomize_module
+    monkeypatch.setattr(randomization, "_randomize_module", lambda module, *a: draws.append(a[2]) or real(module, *a))
+    kwargs = dict(mode=mode, early_exit=True, image_batch=4, seed=4)  # batches of 4 images, all used if it passes
+    kept = layer_randomization(model, x, "saliency", **kwargs)
+    assert kept.n_images == 12 and sorted(draws) == sorted(kept.layers)  # each layer once, for 3 batches
+    draws.clear()
+    monkeypatch.setattr(parameter_randomization, "DRAW_SHARE", 2**62)  # a limit of 0 bytes: nothing kept
+    fresh = layer_randomization(model, x, "saliency", **kwargs)
+    assert len(draws) == 3 * len(fresh.layers)
+    assert kept.ssim == fresh.ssim and kept.reused_activations == fresh.reused_activations
+    torch.testing.assert_close(kept.randomized_maps, fresh.randomized_maps, rtol=0, atol=0)
