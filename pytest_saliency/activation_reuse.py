@@ -195,20 +195,29 @@ def call_key(func: Any, args: Any, kwargs: Any, origin: dict[int, Any]) -> Any:
 
 def _op_replay_mode(values: dict[Any, Any], origin: dict[int, Any]) -> Any:
     """A ``TorchFunctionMode`` that returns ``values[key]`` for a call whose :func:`call_key` is ``key``."""
+    return _op_replay_class()(values, origin)
+
+
+@functools.lru_cache(maxsize=1)
+def _op_replay_class() -> Any:
+    """The mode's class, made once (defining a class costs more than a small layer's forward)."""
     from torch.overrides import TorchFunctionMode
 
-    functions = {key[0] for key in values}  # most calls are of other functions: skip their keys
-
     class OpReplay(TorchFunctionMode):
+        def __init__(self, values: dict[Any, Any], origin: dict[int, Any]) -> None:
+            super().__init__()
+            self.values, self.origin = values, origin
+            self.functions = {key[0] for key in values}  # most calls are of other functions: skip their keys
+
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
-            if func in functions:
-                key = call_key(func, args, kwargs, origin)
-                if key is not None and key in values:
-                    return values[key]
+            if func in self.functions:
+                key = call_key(func, args, kwargs, self.origin)
+                if key is not None and key in self.values:
+                    return self.values[key]
             return func(*args, **kwargs)
 
-    return OpReplay()
+    return OpReplay
 
 
 INPLACE_ERROR = (
@@ -234,6 +243,10 @@ class _RecordedPass:
         self.recorded: dict[str, Any] = {}
         self.ops: dict[int, tuple[int, Any, Any]] = {}  # call number -> (event, call_key, output)
         self.versions: dict[Any, list[int]] = {}  # recorded module / call -> its tensors' versions
+        # Modules not recorded whose outputs only recorded modules consume: (outputs' shapes,
+        # dtypes, devices, tuple or not), and the modules whose torch calls read those outputs.
+        self.unread: dict[str, tuple[list[tuple[Any, Any, Any]], bool]] = {}
+        self.consumers: dict[str, set[str]] = {}
         self.logits: Any = None
         self._state_origins: dict[int, Any] | None = None
 
@@ -270,11 +283,20 @@ class _RecordedPass:
                 self.recorded[name] = output
                 checksum(name, tensors)
                 for position, tensor in enumerate(tensors):
+                    earlier = origin.get(id(tensor))
+                    if earlier is not None and earlier[0] != "call":  # another module's output, or the input
+                        aliased.add(name)
+                        if earlier[0] == "module":
+                            aliased.add(earlier[1])
                     origin[id(tensor)] = ("module", name, position)
                 if _reduces(tensors, args, kwargs):
                     reducing.add(name)
 
         def note_op(index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
+            for value in _flat_arguments(args, kwargs):  # which modules' outputs this call reads
+                token = origin.get(id(value)) if isinstance(value, torch.Tensor) else None
+                if token is not None and token[0] == "module":
+                    self.consumers.setdefault(token[1], set()).add(owner)
             if owner not in self.composite or not _plain(result):
                 return
             key = call_key(func, args, kwargs, origin)
@@ -292,6 +314,7 @@ class _RecordedPass:
                 reducing.add(index)
 
         saved: set[int] = set()
+        aliased: set[str] = set()  # modules whose outputs are also another module's, or the input's
 
         def pack(tensor: Any) -> Any:
             # Not seen by the trace's TorchFunctionMode (a custom autograd.Function packs outside
@@ -330,10 +353,17 @@ class _RecordedPass:
             return all((not keep_graph or t.untyped_storage().data_ptr() in saved or key in reducing)
                        and not t._backward_hooks for t in tensors)
 
+        hooks = torch.nn.modules.module
+        global_hooks = bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
         for name, output in list(self.recorded.items()):
             tensors = output if isinstance(output, tuple) else (output,)
             if name not in self.trace.replayable or calls.get(name) != 1 or not keep(name, tensors):
                 del self.recorded[name]
+                module = self.modules[name]
+                if (keep_graph and name in self.trace.replayable and calls.get(name) == 1 and name not in aliased
+                        and self.consumers.get(name) and not global_hooks
+                        and not module._forward_hooks and not module._forward_pre_hooks):
+                    self.unread[name] = ([(t.shape, t.dtype, t.device) for t in tensors], isinstance(output, tuple))
         for index, (_, _, result) in list(self.ops.items()):
             if not keep(index, [result]):
                 del self.ops[index]
@@ -410,6 +440,10 @@ class _RecordedPass:
         done = {n for n in self.recorded if self.trace.end[n] < cut}
         outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
         patched: list[tuple[Any, Any]] = []
+        replayed = set(outermost)
+
+        def inside_replayed(name: str) -> bool:
+            return name in replayed or any(a in replayed for a in _ancestors(name))
         origin = self._fixed_origins()
 
         def served(tensor: Any, key: Any, position: int, token: Any) -> Any:
@@ -436,6 +470,15 @@ class _RecordedPass:
                 else:
                     value = served(value, name, 0, ("module", name, 0))
                 patch_forward(module, _Replay(value, module.forward), patched)
+            # A module that finished before the cut and whose outputs only replayed modules read
+            # (a BatchNorm feeding a replayed ReLU) need not run: it returns stand-ins of the
+            # right shapes, which nothing reads.
+            for name, (specs, is_tuple) in self.unread.items():
+                if self.trace.end[name] < cut and not inside_replayed(name) and all(
+                        inside_replayed(owner) for owner in self.consumers[name]):
+                    stand_ins = tuple(_unread_stand_in(*spec) for spec in specs)
+                    module = self.modules[name]
+                    patch_forward(module, _Replay(stand_ins if is_tuple else stand_ins[0], module.forward), patched)
             with mode if mode is not None else contextlib.nullcontext():
                 yield
         finally:
@@ -650,6 +693,11 @@ def _checksum_weights(dtype: Any, device: Any) -> Any:
     torch = require_torch()
     weights = (torch.arange(1, CHECKSUM_PERIOD + 1, dtype=torch.float64) * 0.6180339887498949).frac_()
     return (weights + 0.5).to(dtype=dtype, device=device)
+
+
+def _unread_stand_in(shape: Any, dtype: Any, device: Any) -> Any:
+    """A tensor of the given shape that costs no memory (one zero, expanded) for an output nothing reads."""
+    return require_torch().zeros((), dtype=dtype, device=device).expand(shape)
 
 
 def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:

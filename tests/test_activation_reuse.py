@@ -9,6 +9,7 @@ modules, tied weights and a module that keeps state between calls.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import captum.attr as ca
 import numpy as np
@@ -1224,3 +1225,121 @@ def test_a_layer_that_runs_only_for_later_chunks_keeps_its_place(mode: str) -> N
         assert chunked.layers == whole.layers and chunked.reused_activations
         np.testing.assert_allclose(chunked.ssim, whole.ssim, rtol=0, atol=2e-6)
     assert layer_randomization(model, x, "saliency", layers=["rare"], batch_size=2).layers == ["rare"]
+
+
+class ReadTwice(nn.Module):
+    """bn1's output feeds a ReLU module and a residual sum in the parent's forward: the sum runs
+    again after the ReLU is replayed, so bn1 must run. bn2's output feeds only relu2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        z = self.relu1(y) + y
+        return self.fc(self.relu2(self.bn2(self.conv2(z))).flatten(1))
+
+
+class InplaceAfterNorm(nn.Module):
+    """ReLU(inplace=True) returns the BatchNorm's own tensor: the BatchNorm's output is the ReLU's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv2(self.relu(self.bn(self.conv(x))))).flatten(1))
+
+
+class TupleNorm(nn.Module):
+    """A module returning a tuple, both parts read only by a replayed module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.bn(self.conv(x))
+        return 2 * y, -y
+
+
+class Joins(nn.Module):
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.relu(pair[0]) * torch.sigmoid(pair[1])
+
+
+class TupleThenJoin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.split, self.join = TupleNorm(), Joins()
+        self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv2(self.join(self.split(x)))).flatten(1))
+
+
+def _norm_calls(model: nn.Module, x: torch.Tensor, **kwargs: Any) -> tuple[Any, Any, list[str]]:
+    """Both ways of a check, and the BatchNorm modules that ran in the check with reuse, in order."""
+    ran: list[str] = []
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for name, m in norms.items():  # counted in forward itself: a hook would make the module run anyway
+        m.forward = lambda *args, name=name, inner=m.forward: ran.append(name) or inner(*args)
+    try:
+        fast = layer_randomization(model, x, "saliency", seed=3, **kwargs)
+    finally:
+        for m in norms.values():
+            del m.forward
+    slow = layer_randomization(model, x, "saliency", seed=3, reuse_activations=False, **kwargs)
+    assert fast.reused_activations and fast.layers == slow.layers
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+    return fast, slow, ran
+
+
+@pytest.mark.parametrize("cls", [PooledInForward, PooledInModules])
+def test_a_module_read_only_by_replayed_modules_does_not_run(cls: type) -> None:
+    """A BatchNorm feeding a ReLU is not recorded (the graph does not save its output), but once the
+    ReLU is replayed nothing reads it: it returns a stand-in instead of running. In the states of
+    the layers after it, and in the verification pass at fc2, neither BatchNorm runs."""
+    model, x = seeded_model(cls), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    _, _, ran = _norm_calls(model, x)
+    # the memory probe and the recording pass: both; verification: none; states fc2, fc1: none;
+    # bn2: bn2 (randomized) only; conv2: bn2; bn1: both; conv1: both.
+    assert ran == ["bn1", "bn2"] * 2 + ["bn2", "bn2", "bn1", "bn2", "bn1", "bn2"]
+
+
+def test_a_module_whose_output_is_read_elsewhere_or_aliased_still_runs() -> None:
+    """bn1's output is also read by the parent's sum, so it runs in every state after it; bn2's
+    only by relu2. A BatchNorm whose tensor an in-place ReLU returns is not replaced either."""
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    _, _, ran = _norm_calls(seeded_model(ReadTwice), x)
+    # the probe and the recording pass: both; the verification and the fc state: bn1 only; the
+    # states bn2, conv2, bn1 and conv1: both.
+    assert ran == ["bn1", "bn2"] * 2 + ["bn1"] * 2 + ["bn1", "bn2"] * 4
+    _, _, ran = _norm_calls(seeded_model(InplaceAfterNorm), x)
+    assert ran == ["bn"] * (2 + 1 + 4), "the probe, the recording, the verification and every state run it"
+
+
+def test_a_module_returning_a_tuple_read_only_by_a_replayed_module_does_not_run() -> None:
+    model, x = seeded_model(TupleThenJoin), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    _, _, ran = _norm_calls(model, x)
+    # The probe, the recording pass, and the states of split.bn and split.conv: the whole of
+    # "split" returns stand-ins once "join" is replayed.
+    assert ran == ["split.bn"] * 4
+
+
+def test_a_module_with_forward_hooks_runs_for_its_hooks() -> None:
+    """A forward hook may keep the output (feature extraction): such a module always runs."""
+    model, x = seeded_model(PooledInModules), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+    handle = model.bn1.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        _, _, ran = _norm_calls(model, x)
+    finally:
+        handle.remove()
+    # the probe, the recording, the verification and the six states
+    assert ran.count("bn1") == 9 and all(t.stride()[0] != 0 for t in seen)
