@@ -24,7 +24,9 @@ cuts come from the pass that is replayed; for ``saliency`` and ``input_x_gradien
 the check's only traced pass.
 
 Memory stays at about one forward graph. Only outputs the graph saves anyway are kept (a module
-whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead), plus the
+whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead, or, in states
+where only replayed modules read its output, returns a zero-memory stand-in that nothing reads:
+the recording pass notes which modules' torch calls read each module's outputs), plus the
 outputs of calls that reduce their input to at most half (pooling), whose input the graph saves. Independent
 states run from the last layer to the first, and before each state the recorded outputs that end
 after the new cut are dropped, which frees the part of the original graph only they kept alive.
