@@ -28,6 +28,15 @@ def check_model(model: Any) -> None:
             f"model {type(model).__name__} has no parameters, so there is nothing to randomize "
             "or compare. Pass the trained network, not a parameter-free wrapper."
         )
+    lazy = torch.nn.parameter.UninitializedTensorMixin
+    uninitialized = [name for name, p in model.named_parameters() if isinstance(p, lazy)]
+    if uninitialized:
+        raise SaliencyUsageError(
+            f"model {type(model).__name__} has uninitialized lazy parameters {uninitialized[:5]}"
+            f"{' ...' if len(uninitialized) > 5 else ''}: they hold no values yet. Run the model once on a batch "
+            "(which initializes them) before the check; a lazy module that no forward pass reaches stays "
+            "uninitialized and should be removed."
+        )
 
 
 def model_device(model: Any) -> Any:

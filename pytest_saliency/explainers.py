@@ -424,27 +424,43 @@ def memory_budget_bytes(budget: Any, device: Any) -> int:
     raise SaliencyUsageError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}.")
 
 
-#: Per model, the probed :func:`activation_bytes_per_input` by what the probe depends on (the
-#: input's shape, dtype and device, and which module objects make up the model). Weak keys: a
-#: model's entries go when the model does. Only memory sizing reads it, never a result.
+#: Per model, the probed :func:`activation_bytes_per_input` by what the probe depends on (see
+#: :func:`_probe_key`). Weak keys: a model's entries go when the model does. Only memory sizing
+#: reads it, never a result.
 _PROBED: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+_SETTINGS = (bool, int, float, str, type(None))
 
 
 def activation_bytes_per_input(model: Any, example: Any) -> int:
     """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward.
 
-    Probed with a one-image forward pass the first time a model meets an input shape, dtype and
-    device, and remembered (per model object and its current set of modules): a test session runs
-    several checks on the same model, and on a small CNN the probe is about 2% of a check.
+    Probed with a one-image forward pass the first time a model meets an input, and remembered
+    while nothing the output sizes could depend on changes (:func:`_probe_key`): a test session
+    runs several checks on the same model, and on a small CNN the probe is about 2% of a check.
     """
     try:
-        key = (tuple(example.shape[1:]), example.dtype, example.device, tuple(map(id, model.modules())))
+        key = _probe_key(model, example)
         cached = _PROBED.setdefault(model, {})
     except TypeError:  # a model that cannot be weakly referenced: probe every time
         return _probe_activation_bytes(model, example)
     if key not in cached:
         cached[key] = _probe_activation_bytes(model, example)
     return cached[key]
+
+
+def _probe_key(model: Any, example: Any) -> Any:
+    """The input's shape, dtype and device, autocast, and per module its object, its parameters'
+    and buffers' shapes and its plain settings (``scale_factor``, ``kernel_size``, flags...)."""
+    torch = require_torch()
+    modules = []
+    for module in model.modules():
+        settings = tuple((key, value) for key, value in vars(module).items() if not key.startswith("_") and (
+            isinstance(value, _SETTINGS) or (type(value) is tuple and all(isinstance(v, _SETTINGS) for v in value))))
+        shapes = tuple(None if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) else t.shape
+                       for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
+        modules.append((id(module), settings, shapes))
+    autocast = torch.is_autocast_enabled(example.device.type)
+    return tuple(example.shape[1:]), example.dtype, example.device, autocast, tuple(modules)
 
 
 def _probe_activation_bytes(model: Any, example: Any) -> int:

@@ -514,7 +514,7 @@ def layer_randomization(
         # Each layer's randomized values, drawn once up front for every state and image batch
         # (within a small share of the memory budget; see LayerDraws).
         draws = None if stacked else LayerDraws(
-            stages, randomization, seed, independent=mode == "independent",
+            stages, randomization, seed,
             limit_bytes=memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device) // DRAW_SHARE)
         columns, originals, kept, used_inputs = [], [], [], 0
         stopped = ""

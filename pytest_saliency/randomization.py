@@ -44,6 +44,7 @@ from typing import Any
 from ._rng import derive_seed, seeded
 from ._torch import require_torch, restore_training_flags, training_flags
 from ._validation import unknown_choice
+from .exceptions import SaliencyUsageError
 
 STRATEGIES = ("reinit", "gaussian", "permute")
 
@@ -138,6 +139,8 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: 
                     p.copy_(_gaussian_like(original))
                 elif _constant(p):
                     p.copy_(_gaussian_like(original, original.mean()))
+                elif torch.equal(p, original):  # a reset that did not reach it: the weight_orig of
+                    p.copy_(_gaussian_like(original))  # torch.nn.utils.prune, hook-based weight_norm
         elif strategy == "gaussian":
             for p, original in zip(params, originals):
                 p.copy_(_gaussian_like(original))
@@ -176,33 +179,71 @@ class LayerDraws:
     draws are not repeated per batch.
 
     The draws run on stand-ins (:func:`shadow_draw`), so the model's tensors are not written
-    (not even their version counters move: a recorded forward graph stays usable). A kept value
-    is exactly what a fresh draw would give, because a draw depends only on the seed, the
-    layer's name and its own original values. So only layers whose ``reset_parameters`` are
-    torch's own are kept with ``"reinit"`` (a user's reset could keep references to its
-    parameters, or read other layers' values), and with ``independent=False`` (cascading states)
-    only layers that share no parameter storage with an earlier layer (those are drawn on top of
-    that layer's randomized values). ``limit_bytes`` bounds the values kept; the other layers
-    are drawn in place, state by state, as without a ``LayerDraws``.
+    (not even their version counters move: a recorded forward graph stays usable). A draw
+    depends on the seed, the layer's name and its own current values, so a kept draw is used
+    only while the layer holds the values it was drawn from (:meth:`values_for`; in cascading
+    states a layer sharing storage with an earlier one, or a model whose forward pass writes its
+    own weights, draws afresh). Kept are only layers whose draws stand-ins reproduce exactly:
+
+    * with ``"reinit"``, ``reset_parameters`` that are torch's own (a user's could keep
+      references to its parameters, or read other layers' values);
+    * dense parameters that share no storage with each other or with the layer's buffers (a draw
+      on one would change the other), in modules without plain tensor attributes (the weight that
+      ``torch.nn.utils.prune`` or hook-based ``weight_norm`` compute before each forward pass:
+      the reset writes into it, and the recorded graph holds it).
+
+    ``limit_bytes`` bounds the memory kept (values and originals); the other layers are drawn in
+    place, state by state, as without a ``LayerDraws``, and so is a layer whose draw fails.
     """
 
     def __init__(self, layers: Sequence[tuple[str, Any]], strategy: str, seed: int, *,
-                 limit_bytes: int | None = None, independent: bool = True) -> None:
+                 limit_bytes: int | None = None) -> None:
         check_strategy(strategy)
-        self.values: dict[str, list[tuple[Any, Any]]] = {}
+        self.kept: dict[str, tuple[list[Any], list[tuple[Any, Any]]]] = {}  # name -> (originals, drawn)
         used = 0
-        earlier: set[int] = set()
         for name, module in layers:
             params = _own_parameters(module)
-            storages = {p.untyped_storage().data_ptr() for p in params}
-            own_draw = independent or not storages & earlier
-            earlier |= storages
-            size = sum(p.numel() * p.element_size() for p in params)
-            if not own_draw or (strategy == "reinit" and not _torch_resets_only(module)) or (
-                    limit_bytes is not None and used + size > limit_bytes):
+            size = 2 * sum(p.numel() * p.element_size() for p in params)
+            if not _shadow_safe(module, params, strategy) or (limit_bytes is not None and used + size > limit_bytes):
                 continue
-            self.values[name] = shadow_draw(name, module, strategy, seed)
+            try:
+                drawn = shadow_draw(name, module, strategy, seed)
+            except Exception:  # noqa: BLE001 - drawn in place in its state, which reports the error
+                continue
+            self.kept[name] = ([p.detach().clone() for p in params], drawn)
             used += size
+
+    def values_for(self, name: str) -> list[tuple[Any, Any]] | None:
+        """The kept draw of layer ``name`` if its parameters still hold the values it was drawn from."""
+        kept = self.kept.get(name)
+        if kept is None:
+            return None
+        torch = require_torch()
+        originals, drawn = kept
+        if not all(torch.equal(p, original) for (p, _), original in zip(drawn, originals)):
+            return None
+        return drawn
+
+
+def _shadow_safe(module: Any, params: list[Any], strategy: str) -> bool:
+    """Whether :func:`shadow_draw` draws what :func:`randomized` would (see :class:`LayerDraws`)."""
+    torch = require_torch()
+    if strategy == "reinit" and not _torch_resets_only(module):
+        return False
+    tensors = [*params, *module.buffers()]
+    if len({t.untyped_storage().data_ptr() for t in tensors}) < len(tensors) or not all(map(_dense, params)):
+        return False
+    return not any(isinstance(value, torch.Tensor) for sub in module.modules() for value in vars(sub).values())
+
+
+def _dense(tensor: Any) -> bool:
+    """Non-overlapping and without gaps (contiguous in some order of its dimensions)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[Any, Any]]:
@@ -213,8 +254,8 @@ def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[
     """
     torch = require_torch()
     params = _own_parameters(module)
-    copies = {id(t): torch.nn.Parameter(t.detach().clone(), requires_grad=False) if isinstance(t, torch.nn.Parameter)
-              else t.detach().clone() for t in [*params, *module.buffers()]}
+    copies = {id(t): torch.nn.Parameter(_copy(t), requires_grad=False) if isinstance(t, torch.nn.Parameter)
+              else _copy(t) for t in [*params, *module.buffers()]}
     registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for sub in module.modules()]
     try:
         for sub, parameters, buffers in registered:
@@ -229,6 +270,12 @@ def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[
             sub._parameters.update(parameters)
             sub._buffers.clear()
             sub._buffers.update(buffers)
+
+
+def _copy(tensor: Any) -> Any:
+    """A copy with the same strides (CPU draws take another path for other layouts)."""
+    copy = require_torch().empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+    return copy.copy_(tensor.detach())
 
 
 def drawn_values(name: str, module: Any, strategy: str, seed: int) -> list[tuple[Any, Any]] | None:
@@ -274,13 +321,16 @@ def randomized(
     registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for _, module in layers for sub in module.modules()]
     try:
         for (name, module), (params, values, buffers, buffer_values) in zip(layers, saved):
-            kept = draws.values.get(name) if draws is not None else None
+            kept = draws.values_for(name) if draws is not None else None
             if kept is not None:  # (buffers are untouched)
                 with torch.no_grad():
                     for parameter, value in kept:
                         parameter.copy_(value)
                 continue
-            _randomize_module(module, strategy, seed, name, params, values)
+            try:
+                _randomize_module(module, strategy, seed, name, params, values)
+            except Exception as error:
+                raise _randomization_error(name, module, strategy, error) from error
             with torch.no_grad():
                 for buffer, value in zip(buffers, buffer_values):
                     buffer.copy_(value)
@@ -299,24 +349,50 @@ def randomized(
                     tensor.copy_(value)
 
 
+def _randomization_error(name: str, module: Any, strategy: str, error: Exception) -> SaliencyUsageError:
+    """What failed while randomizing a layer (the cause stays chained), and what to do about it."""
+    hint = "Leave the layer out (layers=[...] names the layers to randomize) or pick another randomization."
+    integer = [key for key, p in module.named_parameters() if not (p.is_floating_point() or p.is_complex())]
+    if integer and strategy != "permute":
+        hint = (f"Its parameters {integer} are not floating point, and randomization={strategy!r} draws floating-point "
+                "values: use randomization='permute', or leave the layer out (layers=[...]).")
+    elif strategy == "reinit":
+        hint = ("randomization='reinit' runs the layer's reset_parameters; if that is your own code, the traceback "
+                "above shows where it failed. Or pass randomization='gaussian' or 'permute'.")
+    return SaliencyUsageError(
+        f"randomizing layer {name!r} ({type(module).__name__}) with randomization={strategy!r} failed: "
+        f"{type(error).__name__}: {error}. {hint}")
+
+
 def _same_objects(now: dict[str, Any], before: dict[str, Any]) -> bool:
     return now.keys() == before.keys() and all(now[key] is value for key, value in before.items())
 
 
 @contextlib.contextmanager
 def preserved(model: Any) -> Iterator[None]:
-    """Restore the model's ``training`` and ``requires_grad`` flags when the block ends.
+    """Restore the model's ``training`` and ``requires_grad`` flags when the block ends, and its
+    modules' plain tensor attributes (objects and values).
 
     Parameter values need no copy here: :func:`randomized` is the only code that writes them and
     it restores what it changed in its own ``finally``; a whole-model copy would double the
-    memory a check needs.
+    memory a check needs. Plain tensor attributes are few and small: the weights that
+    ``torch.nn.utils.prune`` and hook-based ``weight_norm`` compute before each forward pass
+    (forward passes in randomized states replace them, and a layer's reset writes into them).
     """
+    torch = require_torch()
     flags = training_flags(model)
     params = list(model.parameters())
     grads = [p.requires_grad for p in params]
+    attributes = [(sub, key, value, value.detach().clone()) for sub in model.modules()
+                  for key, value in vars(sub).items() if isinstance(value, torch.Tensor)]
     try:
         yield
     finally:
         restore_training_flags(flags)
         for p, flag in zip(params, grads):
             p.requires_grad_(flag)
+        for sub, key, value, copy in attributes:
+            sub.__dict__[key] = value
+            if not torch.equal(value, copy):
+                with torch.no_grad():
+                    value.copy_(copy)

@@ -190,6 +190,13 @@ def test_the_memory_probe_runs_once_per_model_and_input_shape(monkeypatch, tiny_
     convolution.double()  # the same module objects, another dtype
     assert explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8).double()) == 2 * small
     assert len(probes) == 5
+    upsampling = nn.Sequential(nn.Upsample(scale_factor=1), nn.Conv2d(1, 2, 3))
+    one = explainers.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8))
+    upsampling[0].scale_factor = 4.0  # a setting that changes every output size after it
+    assert explainers.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8)) > 10 * one
+    upsampling[1].weight = nn.Parameter(torch.randn(2, 1, 5, 5))  # a parameter of another shape
+    explainers.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8))
+    assert len(probes) == 8
     assert model in explainers._PROBED
     alive = weakref.ref(model)
     del model

@@ -302,7 +302,7 @@ def test_layer_draws_are_the_in_place_draws_and_never_touch_the_model(make, stra
     assert [t._version for t in tensors] == versions
     assert_identical(before, layer)
     expected = drawn_values("layer", layer, strategy, 5)
-    kept = draws.values["layer"]
+    kept = draws.values_for("layer")
     assert [p for p, _ in kept] == [p for p, _ in expected]
     for (_, value), (_, drawn) in zip(kept, expected):
         assert torch.equal(value, drawn) and value.stride() == drawn.stride()
@@ -314,21 +314,56 @@ def test_layer_draws_are_the_in_place_draws_and_never_touch_the_model(make, stra
 
 def test_layer_draws_keep_only_draws_that_a_later_state_would_repeat() -> None:
     """A user's reset_parameters may hold references to its parameters (stand-ins would miss its
-    writes): not kept for "reinit". In cascading states, a layer sharing parameter storage with an
-    earlier one is drawn on top of that layer's randomized values: not kept. And the byte limit."""
+    writes): not kept for "reinit". Parameters sharing storage within a layer (a draw on one
+    changes the other), non-dense views (another draw path) and plain tensor attributes (pruning's
+    computed weight, which the reset writes) are not kept either. A kept draw is used only while
+    the layer holds the values it was drawn from. And the byte limit."""
+    from torch.nn.utils import prune
+
     from pytest_saliency.randomization import LayerDraws
 
-    user = _DataInit()
-    assert "user" not in LayerDraws([("user", user)], "reinit", 0).values
-    assert "user" in LayerDraws([("user", user)], "gaussian", 0).values
-    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
-    second.weight = first.weight
-    layers = [("first", first), ("second", second)]
-    assert set(LayerDraws(layers, "reinit", 0).values) == {"first", "second"}
-    assert set(LayerDraws(layers, "reinit", 0, independent=False).values) == {"first"}
-    small, big = nn.Linear(2, 2), nn.Linear(64, 64)
-    kept = LayerDraws([("big", big), ("small", small)], "reinit", 0, limit_bytes=1024).values
-    assert set(kept) == {"small"}
+    def kept(layer: nn.Module, strategy: str = "reinit", **kwargs) -> bool:
+        return LayerDraws([("layer", layer)], strategy, 0, **kwargs).values_for("layer") is not None
+
+    assert not kept(_DataInit()) and kept(_DataInit(), "gaussian")
+    shared = nn.Module()
+    storage = torch.randn(8)
+    shared.a, shared.b = nn.Parameter(storage[:4]), nn.Parameter(storage[4:])
+    assert not kept(shared, "permute")
+    gaps = nn.Embedding(6, 3)
+    gaps.weight = nn.Parameter(torch.randn(6, 8)[:, :3])
+    assert not kept(gaps) and kept(nn.Embedding(6, 3))
+    assert not kept(prune.l1_unstructured(nn.Linear(4, 3), "weight", amount=0.5))
+    assert kept(nn.Linear(2, 2), limit_bytes=1024) and not kept(nn.Linear(64, 64), limit_bytes=1024)
+    layer = nn.Linear(3, 3)
+    draws = LayerDraws([("layer", layer)], "gaussian", 0)
+    weight = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # say a forward pass that renormalizes its own weights
+    assert draws.values_for("layer") is None
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    assert draws.values_for("layer") is not None
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+def test_pruned_and_hook_reparametrized_weights_are_randomized_by_reinit() -> None:
+    """torch.nn.utils.prune and hook-based weight_norm keep the real weights in weight_orig /
+    weight_g and weight_v and compute ``weight`` before each forward pass; the layer's
+    reset_parameters writes into that computed tensor, not into them. They are drawn from a
+    Gaussian like parameters no initializer covers, so the layer is really randomized."""
+    from torch.nn.utils import prune, weight_norm
+
+    pruned = prune.l1_unstructured(nn.Linear(6, 4), "weight", amount=0.5)
+    normed = weight_norm(nn.Linear(6, 4))
+    for layer, names in [(pruned, ["weight_orig", "bias"]), (normed, ["weight_g", "weight_v", "bias"])]:
+        layer(torch.rand(2, 6))
+        before = {name: getattr(layer, name).detach().clone() for name in names}
+        with randomized([("layer", layer)], "reinit", seed=1):
+            for name in names:
+                assert not torch.equal(getattr(layer, name), before[name]), name
+        for name in names:
+            assert torch.equal(getattr(layer, name), before[name]), name
 
 
 @pytest.mark.parametrize("mode", ["independent", "cascading"])
@@ -351,3 +386,61 @@ def test_checks_with_kept_draws_equal_checks_that_draw_in_every_state(monkeypatc
     assert len(draws) == 3 * len(fresh.layers)
     assert kept.ssim == fresh.ssim and kept.reused_activations == fresh.reused_activations
     torch.testing.assert_close(kept.randomized_maps, fresh.randomized_maps, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["independent", "cascading"])
+def test_a_pruned_model_is_randomized_and_restored_with_its_computed_weights(mode) -> None:
+    """The weight prune computes before each forward pass is a plain tensor attribute: forward
+    passes in randomized states replace it and a reset writes into it. After the check it holds
+    the original values again (any forward pass makes a new object, as the user's own would), and
+    the pruned layer's randomized state was really randomized."""
+    from torch.nn.utils import prune
+
+    model = make_tiny_cnn()
+    prune.l1_unstructured(model.conv2, "weight", amount=0.5)
+    x = tiny_images()
+    model(x)
+    values = model.conv2.weight.detach().clone()
+    before = snapshot(model)
+    result = layer_randomization(model, x, "saliency", mode=mode)
+    assert torch.equal(model.conv2.weight, values)
+    assert_identical(before, model)
+    assert min(result.ssim[result.layers.index("conv2")]) < 0.99
+
+
+class _Counter(nn.Module):
+    """A layer with an integer parameter (a lookup table of counts), and a float one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = nn.Parameter(torch.arange(6), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(6))
+
+
+class _BrokenReset(nn.Linear):
+    def reset_parameters(self) -> None:
+        if hasattr(self, "weight") and getattr(self, "built", False):
+            raise KeyError("no initializer for this layer")
+        super().reset_parameters()
+
+
+@pytest.mark.parametrize("strategy", ["reinit", "gaussian"])
+def test_a_layer_that_cannot_be_randomized_is_a_usage_error_naming_it(strategy) -> None:
+    """Integer parameters cannot take floating-point draws, and a user's reset_parameters may raise:
+    a SaliencyUsageError names the layer and the strategy and says what to do, the cause chained;
+    the layer is restored. 'permute' randomizes integer parameters."""
+    layer = _Counter()
+    before = snapshot(layer)
+    with pytest.raises(SaliencyUsageError, match=r"randomizing layer 'counter' \(_Counter\).*'counts'.*permute") as info:
+        with randomized([("counter", layer)], strategy, seed=0):
+            pass
+    assert isinstance(info.value.__cause__, (RuntimeError, NotImplementedError))
+    assert_identical(before, layer)
+    with randomized([("counter", layer)], "permute", seed=0):
+        assert sorted(layer.counts.tolist()) == list(range(6)) and layer.counts.tolist() != list(range(6))
+    broken = _BrokenReset(3, 2)
+    broken.built = True
+    with pytest.raises(SaliencyUsageError, match="'broken' .*reset_parameters.*traceback") as info:
+        with randomized([("broken", broken)], "reinit", seed=0):
+            pass
+    assert isinstance(info.value.__cause__, KeyError)

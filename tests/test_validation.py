@@ -15,6 +15,8 @@ from pytest_saliency import SaliencyUsageError, explain, layer_randomization
     [
         (lambda x: x, tiny_images(), "must be a torch.nn.Module"),
         (nn.ReLU(), tiny_images(), "has no parameters"),
+        (nn.Sequential(nn.Flatten(), nn.LazyLinear(3)), tiny_images(),
+         r"uninitialized lazy parameters \['1.weight', '1.bias'\].*Run the model once"),
         (make_tiny_cnn(), tiny_images().numpy(), "must be a torch.Tensor"),
         (make_tiny_cnn(), (tiny_images() * 255).long(), "floating-point"),
         (make_tiny_cnn(), tiny_images()[:, 0], r"\(N, C, H, W\).*unsqueeze"),
