@@ -199,19 +199,41 @@ class LayerDraws:
     def __init__(self, layers: Sequence[tuple[str, Any]], strategy: str, seed: int, *,
                  limit_bytes: int | None = None) -> None:
         check_strategy(strategy)
+        torch = require_torch()
         self.kept: dict[str, tuple[list[Any], list[tuple[Any, Any]]]] = {}  # name -> (originals, drawn)
-        used = 0
+        chosen, used = [], 0
         for name, module in layers:
             params = _own_parameters(module)
-            size = 2 * sum(p.numel() * p.element_size() for p in params)
-            if not _shadow_safe(module, params, strategy) or (limit_bytes is not None and used + size > limit_bytes):
-                continue
+            size = 2 * sum(_aligned(p.numel() * p.element_size()) for p in params)
+            if params and _shadow_safe(module, params, strategy) and (limit_bytes is None or used + size <= limit_bytes):
+                chosen.append((name, module, params))
+                used += size
+        if not chosen:
+            return
+        # One block per device for everything kept: many small long-lived tensors allocated while
+        # the recorded graph is alive would pin scattered pieces of the heap (measured: +15 MB
+        # peak on the ResNet-18 layout for 4 MB kept).
+        blocks = {}
+        for device in {p.device for _, _, params in chosen for p in params}:
+            blocks[device] = torch.empty(sum(2 * _aligned(p.numel() * p.element_size()) for _, _, params in chosen
+                                             for p in params if p.device == device), dtype=torch.uint8, device=device)
+        offsets = dict.fromkeys(blocks, 0)
+
+        def place(tensor: Any) -> Any:
+            nbytes = tensor.numel() * tensor.element_size()
+            start = offsets[tensor.device]
+            offsets[tensor.device] = start + _aligned(nbytes)
+            view = blocks[tensor.device][start:start + nbytes].view(tensor.dtype).view(tensor.shape)
+            return view.copy_(tensor.detach())
+
+        for name, module, params in chosen:
             try:
                 drawn = shadow_draw(name, module, strategy, seed)
             except Exception:  # noqa: BLE001 - drawn in place in its state, which reports the error
+                for p in params:  # keep the offsets in step
+                    offsets[p.device] += 2 * _aligned(p.numel() * p.element_size())
                 continue
-            self.kept[name] = ([p.detach().clone() for p in params], drawn)
-            used += size
+            self.kept[name] = ([place(p) for p in params], [(p, place(value)) for p, value in drawn])
 
     def values_for(self, name: str) -> list[tuple[Any, Any]] | None:
         """The kept draw of layer ``name`` if its parameters still hold the values it was drawn from."""
@@ -223,6 +245,10 @@ class LayerDraws:
         if not all(torch.equal(p, original) for (p, _), original in zip(drawn, originals)):
             return None
         return drawn
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
 
 
 def _shadow_safe(module: Any, params: list[Any], strategy: str) -> bool:
