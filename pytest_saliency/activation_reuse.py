@@ -25,8 +25,10 @@ the check's only traced pass.
 
 Memory stays at about one forward graph. Only outputs the graph saves anyway are kept (a module
 whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead, or, in states
-where only replayed modules read its output, returns a zero-memory stand-in that nothing reads:
-the recording pass notes which modules' torch calls read each module's outputs), plus the
+where only replayed modules read its output, returns a zero-memory NaN stand-in: the recording
+pass notes which modules' torch calls read each module's outputs, and a read it did not see, on a
+path that control flow after the cut takes, turns the state's output NaN and the state into a
+full pass), plus the
 outputs of calls that reduce their input to at most half (pooling), whose input the graph saves. Independent
 states run from the last layer to the first, and before each state the recorded outputs that end
 after the new cut are dropped, which frees the part of the original graph only they kept alive.
@@ -251,6 +253,7 @@ class _RecordedPass:
         self.consumers: dict[str, set[str]] = {}
         self.logits: Any = None
         self._state_origins: dict[int, Any] | None = None
+        self.stood_in = False  # whether the last replay gave some module a stand-in (see _replaying)
 
     def _record(self, keep_graph: bool) -> Any:
         """The original forward pass, traced (:func:`pytest_saliency.layers.trace_forward`), with
@@ -364,7 +367,8 @@ class _RecordedPass:
                 module = self.modules[name]
                 if (keep_graph and name in self.trace.replayable and calls.get(name) == 1 and name not in aliased
                         and self.consumers.get(name) and not global_hooks
-                        and not module._forward_hooks and not module._forward_pre_hooks):
+                        and not module._forward_hooks and not module._forward_pre_hooks
+                        and all(t.is_floating_point() for t in tensors)):
                     self.unread[name] = ([(t.shape, t.dtype, t.device) for t in tensors], isinstance(output, tuple))
         for index, (_, _, result) in list(self.ops.items()):
             if not keep(index, [result]):
@@ -474,13 +478,17 @@ class _RecordedPass:
                 patch_forward(module, _Replay(value, module.forward), patched)
             # A module that finished before the cut and whose outputs only replayed modules read
             # (a BatchNorm feeding a replayed ReLU) need not run: it returns stand-ins of the
-            # right shapes, which nothing reads.
+            # right shapes, which nothing reads. They are NaN, so that a read the recording pass
+            # did not see (control flow after the cut taking another path) shows in the output,
+            # and the caller falls back to a full pass.
+            self.stood_in = False
             for name, (specs, is_tuple) in self.unread.items():
                 if self.trace.end[name] < cut and not inside_replayed(name) and all(
                         inside_replayed(owner) for owner in self.consumers[name]):
                     stand_ins = tuple(_unread_stand_in(*spec) for spec in specs)
                     module = self.modules[name]
                     patch_forward(module, _Replay(stand_ins if is_tuple else stand_ins[0], module.forward), patched)
+                    self.stood_in = True
             with mode if mode is not None else contextlib.nullcontext():
                 yield
         finally:
@@ -538,6 +546,8 @@ class GradientReplay(_RecordedPass):
         leaves: dict[int, tuple[Any, Any]] = {}  # id(recorded tensor) -> (recorded, leaf)
         with torch.enable_grad(), self._replaying(cut, leaves):
             out = self.model(self.x)
+        if self.stood_in and not bool(torch.isfinite(out).all()):
+            raise RuntimeError(UNREAD_ERROR)
         torch_grad = torch.autograd.grad
         selected = out.gather(1, self.recipe.targets(self.target)[:, None]).sum()
         pairs = list(leaves.values())
@@ -557,6 +567,8 @@ class GradientReplay(_RecordedPass):
                     total = prefix if total is None else total + prefix
         if total is None:  # the output does not depend on the inputs: let captum's path report it
             raise RuntimeError("the model's output does not depend on its inputs in this state")
+        if self.stood_in and not bool(torch.isfinite(total).all()):
+            raise RuntimeError(UNREAD_ERROR)
         return self.recipe.attributions(total.detach())
 
     def close(self) -> None:
@@ -697,9 +709,15 @@ def _checksum_weights(dtype: Any, device: Any) -> Any:
     return (weights + 0.5).to(dtype=dtype, device=device)
 
 
+#: Why a replayed state stopped: the caller runs the state as a full pass instead (where a
+#: non-finite result of the model itself is reported as such).
+UNREAD_ERROR = "a stand-in for a module output that nothing was seen to read was read, or the state is not finite"
+
+
 def _unread_stand_in(shape: Any, dtype: Any, device: Any) -> Any:
-    """A tensor of the given shape that costs no memory (one zero, expanded) for an output nothing reads."""
-    return require_torch().zeros((), dtype=dtype, device=device).expand(shape)
+    """A NaN tensor of the given shape that costs no memory (one value, expanded), for an output
+    nothing reads: a read nobody saw shows up as NaN in what it feeds."""
+    return require_torch().full((), float("nan"), dtype=dtype, device=device).expand(shape)
 
 
 def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:

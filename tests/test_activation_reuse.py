@@ -1343,3 +1343,32 @@ def test_a_module_with_forward_hooks_runs_for_its_hooks() -> None:
         handle.remove()
     # the probe, the recording, the verification and the six states
     assert ran.count("bn1") == 9 and all(t.stride()[0] != 0 for t in seen)
+
+
+class LateBranch(nn.Module):
+    """bn1's output feeds relu1 only, as far as the recording pass sees; once conv2 is randomized a
+    branch after it reads bn1's output again. Its stand-in (NaN) must not be what that reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 16 * 16, 3)
+        self.register_buffer("reference", self.conv2.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        h = self.conv2(self.relu1(y))
+        if not torch.equal(self.conv2.weight, self.reference):  # taken only in randomized states
+            h = h + y
+        return self.fc(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_a_read_the_recording_pass_did_not_see_falls_back_to_a_full_pass(method: str) -> None:
+    model, x = seeded_model(LateBranch), torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    options = {"n_steps": 4} if method == "integrated_gradients" else {}
+    fast = layer_randomization(model, x, method, seed=3, **options)
+    slow = layer_randomization(model, x, method, seed=3, reuse_activations=False, **options)
+    assert fast.reused_activations and fast.layers == slow.layers
+    np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
