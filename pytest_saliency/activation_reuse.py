@@ -26,7 +26,7 @@ the check's only traced pass.
 Memory stays at about one forward graph. Only outputs the graph saves anyway are kept (a module
 whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead, or, in states
 where only replayed modules read its output, returns a zero-memory NaN stand-in: the recording
-pass notes which modules' torch calls read each module's outputs, and a read it did not see, on a
+pass notes when each module's outputs are read, and a read it did not see, on a
 path that control flow after the cut takes, turns the state's output NaN and the state into a
 full pass), plus the
 outputs of calls that reduce their input to at most half (pooling), whose input the graph saves. Independent
@@ -250,7 +250,7 @@ class _RecordedPass:
         # Modules not recorded whose outputs only recorded modules consume: (outputs' shapes,
         # dtypes, devices, tuple or not), and the modules whose torch calls read those outputs.
         self.unread: dict[str, tuple[list[tuple[Any, Any, Any]], bool]] = {}
-        self.consumers: dict[str, set[str]] = {}
+        self.consumers: dict[str, set[int]] = {}  # module -> the trace events of the calls that read its outputs
         self.logits: Any = None
         self._state_origins: dict[int, Any] | None = None
         self.stood_in = False  # whether the last replay gave some module a stand-in (see _replaying)
@@ -301,7 +301,7 @@ class _RecordedPass:
             for value in _flat_arguments(args, kwargs):  # which modules' outputs this call reads
                 token = origin.get(id(value)) if isinstance(value, torch.Tensor) else None
                 if token is not None and token[0] == "module":
-                    self.consumers.setdefault(token[1], set()).add(owner)
+                    self.consumers.setdefault(token[1], set()).add(event)
             if owner not in self.composite or not _plain(result):
                 return
             key = call_key(func, args, kwargs, origin)
@@ -447,6 +447,10 @@ class _RecordedPass:
         outermost = [n for n in done if not any(a in done for a in _ancestors(n))]
         patched: list[tuple[Any, Any]] = []
         replayed = set(outermost)
+        # The replayed modules' calls, as spans of trace events: a read made during one of them
+        # does not happen in this state (a read by a submodule the parent calls directly, after
+        # or before, does).
+        spans = [(self.trace.start[n], self.trace.end[n]) for n in outermost]
 
         def inside_replayed(name: str) -> bool:
             return name in replayed or any(a in replayed for a in _ancestors(name))
@@ -484,7 +488,7 @@ class _RecordedPass:
             self.stood_in = False
             for name, (specs, is_tuple) in self.unread.items():
                 if self.trace.end[name] < cut and not inside_replayed(name) and all(
-                        inside_replayed(owner) for owner in self.consumers[name]):
+                        any(start < event <= end for start, end in spans) for event in self.consumers[name]):
                     stand_ins = tuple(_unread_stand_in(*spec) for spec in specs)
                     module = self.modules[name]
                     patch_forward(module, _Replay(stand_ins if is_tuple else stand_ins[0], module.forward), patched)

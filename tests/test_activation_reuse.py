@@ -1372,3 +1372,44 @@ def test_a_read_the_recording_pass_did_not_see_falls_back_to_a_full_pass(method:
     assert fast.reused_activations and fast.layers == slow.layers
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
     torch.testing.assert_close(fast.randomized_maps, slow.randomized_maps, rtol=0, atol=1e-5)
+
+
+class Thresholds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act, self.gate = nn.ReLU(), GateOf()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.act(a)
+
+
+class GateOf(nn.Module):
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return (a > 0).to(a.dtype)  # a comparison: a NaN stand-in would not show
+
+
+class GrandchildCalledDirectly(nn.Module):
+    """bn's output is read by ``r`` (replayed once the cut passes it) and by ``r.gate``, which the
+    parent calls itself, outside ``r``: it runs in every state, so bn must run too. A reviewer's
+    case: consumers were judged by name (``r.gate`` is under the replayed ``r``), not by when the
+    read happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn, self.r = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), Thresholds()
+        self.conv1, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(self.conv0(x))
+        h = self.conv1(self.r(a)) * self.r.gate(a)
+        return self.fc(torch.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["independent", "cascading"])
+def test_a_submodule_of_a_replayed_module_called_from_outside_it_still_reads_real_values(mode: str) -> None:
+    model = seeded_model(GrandchildCalledDirectly)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    _, _, ran = _norm_calls(model, x, mode=mode)
+    assert len(ran) == 2 + 1 + 4, "the probe, the recording, the verification and all four states run bn"
