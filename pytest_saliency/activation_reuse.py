@@ -247,8 +247,8 @@ class _RecordedPass:
         self.recorded: dict[str, Any] = {}
         self.ops: dict[int, tuple[int, Any, Any]] = {}  # call number -> (event, call_key, output)
         self.versions: dict[Any, list[int]] = {}  # recorded module / call -> its tensors' versions
-        # Modules not recorded whose outputs only recorded modules consume: (outputs' shapes,
-        # dtypes, devices, tuple or not), and the modules whose torch calls read those outputs.
+        # Modules not recorded whose outputs only recorded modules may read: (outputs' shapes,
+        # dtypes, devices, tuple or not), and when (trace events) torch calls read each module's outputs.
         self.unread: dict[str, tuple[list[tuple[Any, Any, Any]], bool]] = {}
         self.consumers: dict[str, set[int]] = {}  # module -> the trace events of the calls that read its outputs
         self.logits: Any = None
