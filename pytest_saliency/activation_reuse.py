@@ -25,10 +25,9 @@ the check's only traced pass.
 
 Memory stays at about one forward graph. Only outputs the graph saves anyway are kept (a module
 whose output nothing saves, such as a BatchNorm feeding a ReLU, runs again instead, or, in states
-where only replayed modules read its output, returns a zero-memory NaN stand-in: the recording
-pass notes when each module's outputs are read, and a read it did not see, on a
-path that control flow after the cut takes, turns the state's output NaN and the state into a
-full pass), plus the
+where only replayed modules read its output, returns a zero-memory stand-in: the recording
+pass notes when each module's outputs are read, and a read it did not see, on a path that control
+flow after the cut takes, raises and turns the state into a full pass), plus the
 outputs of calls that reduce their input to at most half (pooling), whose input the graph saves. Independent
 states run from the last layer to the first, and before each state the recorded outputs that end
 after the new cut are dropped, which frees the part of the original graph only they kept alive.
@@ -482,9 +481,9 @@ class _RecordedPass:
                 patch_forward(module, _Replay(value, module.forward), patched)
             # A module that finished before the cut and whose outputs only replayed modules read
             # (a BatchNorm feeding a replayed ReLU) need not run: it returns stand-ins of the
-            # right shapes, which nothing reads. They are NaN, so that a read the recording pass
-            # did not see (control flow after the cut taking another path) shows in the output,
-            # and the caller falls back to a full pass.
+            # right shapes, which nothing reads. A read the recording pass did not see (control
+            # flow after the cut taking another path) raises, and the caller falls back to a
+            # full pass (see _unread_stand_in).
             self.stood_in = False
             for name, (specs, is_tuple) in self.unread.items():
                 if self.trace.end[name] < cut and not inside_replayed(name) and all(
@@ -719,9 +718,24 @@ UNREAD_ERROR = "a stand-in for a module output that nothing was seen to read was
 
 
 def _unread_stand_in(shape: Any, dtype: Any, device: Any) -> Any:
-    """A NaN tensor of the given shape that costs no memory (one value, expanded), for an output
-    nothing reads: a read nobody saw shows up as NaN in what it feeds."""
-    return require_torch().full((), float("nan"), dtype=dtype, device=device).expand(shape)
+    """A tensor of the given shape for an output nothing reads, which costs no memory (one value,
+    expanded) and stops any read: every torch function on it raises (comparisons, ``where`` and
+    masks included), so the caller falls back to a full pass. Its value is NaN, for reads that
+    bypass torch functions (``torch._C.DisableTorchFunction``): those mostly show as NaN."""
+    torch = require_torch()
+    return torch.Tensor._make_subclass(_stand_in_class(), torch.full((), float("nan"), dtype=dtype, device=device).expand(shape))
+
+
+@functools.lru_cache(maxsize=1)
+def _stand_in_class() -> Any:
+    torch = require_torch()
+
+    class UnreadStandIn(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            raise RuntimeError(UNREAD_ERROR)
+
+    return UnreadStandIn
 
 
 def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:
