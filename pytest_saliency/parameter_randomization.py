@@ -305,8 +305,9 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
 
 
 IMAGE_MODES = ("all", "auto")
-#: Up to this fraction (1 / DRAW_SHARE) of the memory budget holds drawn layer values (LayerDraws):
-#: 4 MiB on the CPU, all of a ResNet-50's layers on a GPU.
+#: Up to this fraction (1 / DRAW_SHARE) of the memory budget holds drawn layer values and their
+#: originals (LayerDraws): 4 MiB on the CPU; on an idle 80 GB GPU about 150 MB, three quarters of
+#: what a ResNet-50's layers need.
 DRAW_SHARE = 256
 #: Methods whose replay feeds the images themselves: their recording pass can be the traced pass.
 TRACED_RECORDING = ("saliency", "input_x_gradient")
