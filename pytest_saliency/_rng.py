@@ -5,15 +5,26 @@ from numpy's global state (GradientShap) and ``reset_parameters`` draws from the
 generator too. A check that seeded those globals would silently change the randomness of the
 user's other tests, so every draw happens inside :func:`seeded`, which forks the torch CPU and
 CUDA generators and saves/restores numpy's and Python's global states.
+
+The model may draw too: dropout left on in eval mode (Monte Carlo dropout), noise layers, a
+sampling step. Every public function that runs a model is therefore wrapped in
+:func:`rng_isolated`: the global generators are saved on entry, seeded from the call's ``seed``
+(so a stochastic model gives reproducible results) and restored on the way out, whatever
+happens. Inside, each explanation pass starts from the same seed (:func:`pass_seeded`), so the
+original model's pass and every randomized state's pass see the same random numbers, and a
+comparison measures the change of the model, not a fresh dropout mask.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import random
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from ._torch import require_torch
 
@@ -50,9 +61,9 @@ def _seeded_numpy_and_python(seed: int) -> Iterator[None]:
 
     py_state = random.getstate()
     np_state = np.random.get_state()
-    try:
-        np.random.set_state(np.random.RandomState(seed % (2**32)).get_state())
-        random.setstate(random.Random(seed).getstate())
+    try:  # (np.random.seed(s) gives the state of RandomState(s), without building one)
+        np.random.seed(seed % (2**32))
+        random.seed(seed)
         yield
     finally:
         np.random.set_state(np_state)
@@ -68,3 +79,114 @@ def derive_seed(seed: int, *parts: int | str) -> int:
     text = "\x1f".join([str(int(seed))] + [str(p) for p in parts])
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**63 - 1)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ISOLATION = threading.local()  # .cuda: the CUDA devices whose generators the outermost isolation saved
+
+
+def _isolated() -> bool:
+    return getattr(_ISOLATION, "cuda", None) is not None
+
+
+def _seed_all(seed: int, cuda: list[int]) -> None:
+    """Seed torch's CPU generator, the given CUDA devices' generators, numpy's and Python's global
+    generators from ``seed``: the same numbers :func:`seeded` gives."""
+    import numpy as np
+
+    torch = require_torch()
+    torch.default_generator.manual_seed(seed)
+    for index in cuda:
+        torch.cuda.default_generators[index].manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def isolated_rngs(seed: int = 0) -> Iterator[None]:
+    """Save every global generator, seed them all from ``seed``, run the block, restore them.
+
+    The CUDA generators are those of devices initialized on entry (a model or inputs on a GPU
+    have initialized theirs; touching another would initialize CUDA, a global change). Nested
+    blocks only seed again; the outermost one restores.
+    """
+    torch = require_torch()
+    if _isolated():
+        _seed_all(seed, _ISOLATION.cuda)
+        yield
+        return
+    import numpy as np
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    saved = (torch.default_generator.get_state(), [torch.cuda.default_generators[i].get_state() for i in cuda],
+             np.random.get_state(), random.getstate())
+    _ISOLATION.cuda = cuda
+    try:
+        _seed_all(seed, cuda)
+        yield
+    finally:
+        _ISOLATION.cuda = None
+        torch.default_generator.set_state(saved[0])
+        for index, state in zip(cuda, saved[1]):
+            torch.cuda.default_generators[index].set_state(state)
+        np.random.set_state(saved[2])
+        random.setstate(saved[3])
+
+
+def rng_isolated(function: F) -> F:
+    """Run ``function`` (a public entry point that runs a model) inside :func:`isolated_rngs`,
+    seeded from its ``seed`` argument (0 if it has none)."""
+    signature = inspect.signature(function)
+    parameter = signature.parameters.get("seed")
+    default = parameter.default if parameter is not None and parameter.default is not inspect.Parameter.empty else 0
+    by_keyword_only = parameter is None or parameter.kind is inspect.Parameter.KEYWORD_ONLY
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # a failed check's traceback ends in the user's test
+        if "seed" in kwargs or by_keyword_only:
+            seed = kwargs.get("seed", default)
+        else:
+            seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
+        with isolated_rngs(seed if isinstance(seed, int) and not isinstance(seed, bool) else 0):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def pass_seeded(seed: int, device: Any = None) -> Iterator[None]:
+    """Seed the global generators for one explanation pass.
+
+    Inside :func:`isolated_rngs` (every public entry point) this only seeds: the isolation
+    restores the generators at the end, so forking them per pass would be wasted work. Outside,
+    it is :func:`seeded`.
+    """
+    if _isolated():
+        _seed_all(seed, _ISOLATION.cuda)
+        yield
+        return
+    with seeded(seed, device):
+        yield
+
+
+def generator_states(device: Any = None) -> tuple[Any, ...]:
+    """What a forward pass drawing random numbers would change: torch's CPU generator, the
+    ``device``'s CUDA generator, numpy's and Python's global states. Compare two with
+    :func:`same_generator_states`."""
+    import numpy as np
+
+    torch = require_torch()
+    cuda = None
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        cuda = torch.cuda.default_generators[index if index is not None else torch.cuda.current_device()].get_state()
+    return torch.default_generator.get_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def same_generator_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    torch = require_torch()
+    (cpu_a, cuda_a, np_a, py_a), (cpu_b, cuda_b, np_b, py_b) = a, b
+    return (torch.equal(cpu_a, cpu_b) and (cuda_a is None or torch.equal(cuda_a, cuda_b)) and py_a == py_b
+            and np_a[2:] == np_b[2:] and bool((np_a[1] == np_b[1]).all()))

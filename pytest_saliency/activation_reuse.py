@@ -39,7 +39,9 @@ Where it applies (:func:`reusable`):
   :class:`_Recipe`). For the last two, all interpolation steps or noisy samples of a batch must
   fit in one internal batch of the memory budget.
 * a model output of shape (N, num_classes), no parameter shared between modules, no global module
-  backward hooks, and modules that are pure functions of their inputs.
+  backward hooks, and modules that are pure functions of their inputs. A model that draws random
+  numbers (dropout left on in eval mode) is not replayed: the check sees its traced pass change a
+  global generator and runs full passes, each seeded alike (see :mod:`pytest_saliency._rng`).
 
 A module is replayed only if it ran exactly once on the batch (counted on ``forward`` itself, so
 direct ``.forward()`` calls count), returned plain tensors that no later in-place operation

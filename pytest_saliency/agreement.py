@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._rng import rng_isolated
 from ._validation import check_inputs, check_model
 from .exceptions import SaliencyUsageError
 from .explainers import _attribute, method_name, prepare_method, resolve_target
@@ -291,6 +292,7 @@ def compare_maps(
     )
 
 
+@rng_isolated
 def agreement_matrix(
     model: Any,
     inputs: Any,
@@ -321,7 +323,7 @@ def agreement_matrix(
     method_options = method_options or {}
     if len(methods) < 2:
         raise SaliencyUsageError(f"agreement needs at least two methods, got {list(methods)}.")
-    fixed_target = resolve_target(model, inputs, target, batch_size)
+    fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
     maps: dict[str, Any] = {}
     for method in methods:
         label = method if isinstance(method, str) else method_name(method)

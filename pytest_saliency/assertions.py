@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._rng import rng_isolated
 from ._torch import require_torch
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError
 from .parameter_randomization import RandomizationResult, layer_randomization
@@ -20,6 +21,7 @@ def _raise_if_failed(result: Any) -> Any:
     return result
 
 
+@rng_isolated
 def assert_sensitive_to_layer_randomization(
     model: Any, inputs: Any, method: Any = "saliency", **options: Any
 ) -> RandomizationResult:
@@ -33,6 +35,7 @@ def assert_sensitive_to_layer_randomization(
     return _raise_if_failed(layer_randomization(model, inputs, method, mode="independent", **options))
 
 
+@rng_isolated
 def assert_sensitive_to_cascading_randomization(
     model: Any, inputs: Any, method: Any = "saliency", **options: Any
 ) -> RandomizationResult:
@@ -41,6 +44,7 @@ def assert_sensitive_to_cascading_randomization(
     return _raise_if_failed(layer_randomization(model, inputs, method, mode="cascading", **options))
 
 
+@rng_isolated
 def assert_agreement_above(
     model: Any,
     inputs: Any,

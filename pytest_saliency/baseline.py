@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._rng import rng_isolated
 from ._torch import require_torch
 from ._validation import check_inputs, check_model
 from .exceptions import SaliencyUsageError
@@ -267,6 +268,7 @@ def _mean_pairwise(maps: list[Any], metric: str, pipeline: MapPipeline) -> float
     return min(values)
 
 
+@rng_isolated
 def check_baseline(
     model: Any,
     inputs: Any,
@@ -303,7 +305,7 @@ def check_baseline(
     pipeline = get_pipeline(preset)
     resolved, label, options = prepare_method(method, model, inputs, method_kwargs)
 
-    fixed_target = resolve_target(model, inputs, target, batch_size)
+    fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
 
     def maps_of(m: Any) -> Any:
         raw = _attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)

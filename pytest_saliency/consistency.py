@@ -106,6 +106,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._rng import rng_isolated
 from ._torch import require_torch
 from ._validation import check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
@@ -883,6 +884,7 @@ def _classifier_name(classifier: Any) -> str:
 # ============================================================================================
 
 
+@rng_isolated
 def explanation_consistency(
     models: Sequence[Any] | Mapping[str, Any],
     inputs: Any,
@@ -965,7 +967,7 @@ def explanation_consistency(
     resolved, name, options = prepare_method(method, named[0][1], inputs, method_kwargs)
     _check_compatible(named, inputs)
 
-    predictions = {label: predicted_targets(model, inputs, batch_size) for label, model in named}
+    predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
     if target is None or (isinstance(target, str) and target == "reference"):
         target_mode = "reference"
         targets = {label: predictions[label_list[0]] for label in label_list}
@@ -975,7 +977,7 @@ def explanation_consistency(
         target_mode = "each"
         targets = dict(predictions)
     else:
-        fixed = resolve_target(named[0][1], inputs, target, batch_size)
+        fixed = resolve_target(named[0][1], inputs, target, batch_size, seed=seed)
         target_mode = "given"
         targets = {label: fixed for label in label_list}
 
@@ -1093,6 +1095,7 @@ def models_from(
     return named, {label: "seed" for label in named}
 
 
+@rng_isolated
 def seed_consistency(
     models_or_factory: Any,
     inputs: Any,
@@ -1165,6 +1168,7 @@ def default_consistency_threshold(metric: str, k: Any = 0.1, num_features: int |
     raise SaliencyUsageError(f"metric {metric!r} has no default threshold; pass threshold=<value>.")
 
 
+@rng_isolated
 def assert_seed_consistency_above(
     models_or_factory: Any,
     inputs: Any,
@@ -1225,6 +1229,7 @@ def assert_seed_consistency_above(
 # ============================================================================================
 
 
+@rng_isolated
 def explainer_seed_stability(
     model: Any,
     inputs: Any,
@@ -1317,6 +1322,7 @@ def explainer_seed_stability(
     )
 
 
+@rng_isolated
 def assert_explainer_seed_stable(
     model: Any,
     inputs: Any,

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._rng import derive_seed
+from ._rng import derive_seed, rng_isolated
 from ._validation import check_model, unknown_choice
 from .exceptions import SaliencyUsageError
 
@@ -296,6 +296,7 @@ class EnsembleSizeResult:
         return "\n".join(lines)
 
 
+@rng_isolated
 def consistency_vs_ensemble_size(
     models_or_factory: Any,
     inputs: Any,

@@ -14,7 +14,8 @@ Every method is a captum attribution class with defaults written down in :data:`
   and its ``training`` flags are restored afterwards; pass ``eval_mode=False`` to keep its mode.
 * **Seeds.** Stochastic methods (smoothgrad, gradient_shap, lime, kernel_shap) draw from generators
   seeded with ``seed`` inside :func:`pytest_saliency._rng.seeded`: bit-reproducible on CPU for a
-  fixed seed and batch size, and no global RNG state changes.
+  fixed seed and batch size, and no global RNG state changes. Every explanation pass is seeded,
+  so a model that draws random numbers itself (dropout left on) draws the same ones in each.
 * **Signed gradients.** ``saliency`` returns the signed gradient (captum's ``abs=False``); taking
   the absolute value is the map pipeline's job, so signed and magnitude views stay available.
 """
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._rng import seeded
+from ._rng import pass_seeded, rng_isolated
 from ._torch import ensure_eval_mode, require_torch, restore_training_flags, training_flags
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, SaliencyWarning
@@ -140,10 +141,13 @@ def _find_module(model: Any, layer: Any) -> Any:
     return layer
 
 
-def predicted_targets(model: Any, inputs: Any, batch_size: int | None = None) -> Any:
-    """The class each input is predicted as: the default, fixed target of every check."""
+def predicted_targets(model: Any, inputs: Any, batch_size: int | None = None, seed: int = 0) -> Any:
+    """The class each input is predicted as: the default, fixed target of every check.
+
+    Seeded like an explanation pass (a model that draws random numbers predicts reproducibly).
+    """
     torch = require_torch()
-    with torch.no_grad(), _eval_mode(model, True):
+    with torch.no_grad(), _eval_mode(model, True), pass_seeded(seed, inputs.device):
         outputs = [model(chunk) for chunk in _chunks(inputs, batch_size)]
     return targets_from_outputs(torch.cat(outputs))
 
@@ -160,16 +164,19 @@ def targets_from_outputs(out: Any) -> Any:
 
 
 def resolve_target(
-    model: Any, inputs: Any, target: Any, batch_size: int | None = None, outputs: Any = None,
+    model: Any, inputs: Any, target: Any, batch_size: int | None = None, outputs: Any = None, seed: int = 0,
 ) -> Any:
     """None -> predicted classes; an int or a per-input tensor is checked and returned as a tensor.
 
-    ``outputs``: the model's outputs for ``inputs`` if the caller already has them.
+    ``outputs``: the model's outputs for ``inputs`` if the caller already has them; ``seed``: the
+    check's (see :func:`predicted_targets`).
     """
     torch = require_torch()
     n = inputs.shape[0]
     if target is None:
-        return predicted_targets(model, inputs, batch_size) if outputs is None else targets_from_outputs(outputs)
+        if outputs is None:
+            return predicted_targets(model, inputs, batch_size, seed)
+        return targets_from_outputs(outputs)
     if isinstance(target, int) and not isinstance(target, bool):
         return torch.full((n,), target, dtype=torch.long, device=inputs.device)
     if isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point():
@@ -567,6 +574,7 @@ def prepare_method(
     return resolved, name, {}
 
 
+@rng_isolated
 def explain(
     model: Any,
     inputs: Any,
@@ -596,7 +604,7 @@ def explain(
     check_model(model)
     check_inputs(inputs, model)
     resolved, _, options = prepare_method(method, model, inputs, method_kwargs)
-    target = resolve_target(model, inputs, target, batch_size)
+    target = resolve_target(model, inputs, target, batch_size, seed=seed)
     attributions = _attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
     return attributions if preset is None else apply_pipeline(attributions, preset)
 
@@ -632,8 +640,9 @@ def _attribute(
     label = method.name if isinstance(method, MethodSpec) else method_name(method)
     outputs = []
     named = isinstance(method, MethodSpec)
-    # Deterministic named methods draw no random numbers: no need to fork and restore the RNGs.
-    rng = seeded(seed, inputs.device) if not named or draws_random(method, options) else contextlib.nullcontext()
+    # Seeded for deterministic methods too: a model may draw random numbers in eval mode (dropout
+    # left on), and every pass of a check then sees the same ones (see pytest_saliency._rng).
+    rng = pass_seeded(seed, inputs.device)
     guard = contextlib.ExitStack()
     if not (prepared and named):
         guard.enter_context(_eval_mode(model, eval_mode))

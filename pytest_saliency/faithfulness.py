@@ -61,6 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._rng import rng_isolated
 from ._torch import require_torch
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError
@@ -282,6 +283,7 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     return value
 
 
+@rng_isolated
 def causal_curves(
     model: Any,
     inputs: Any,
@@ -354,7 +356,7 @@ def causal_curves(
     changed = torch.clamp(torch.arange(n_steps + 1, device=inputs.device) * step, max=pixels)
     fractions = changed.double() / pixels
     with _eval_mode(model, True), torch.no_grad():
-        fixed_target = resolve_target(model, inputs, target)
+        fixed_target = resolve_target(model, inputs, target, seed=seed)
         image_index = torch.arange(n, device=inputs.device).repeat_interleave(n_steps + 1)
         step_index = torch.arange(n_steps + 1, device=inputs.device).repeat(n)
         probabilities = torch.empty(n * (n_steps + 1), dtype=torch.float64, device=inputs.device)
@@ -380,11 +382,13 @@ def causal_curves(
     )
 
 
+@rng_isolated
 def deletion(model: Any, inputs: Any, attributions: Any, **options: Any) -> CausalCurves:
     """The deletion game (lower AUC is better). See :func:`causal_curves` for the options."""
     return causal_curves(model, inputs, attributions, "deletion", **options)
 
 
+@rng_isolated
 def insertion(model: Any, inputs: Any, attributions: Any, **options: Any) -> CausalCurves:
     """The insertion game (higher AUC is better). See :func:`causal_curves` for the options."""
     return causal_curves(model, inputs, attributions, "insertion", **options)
@@ -506,6 +510,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
+@rng_isolated
 def accuracy_spread(
     model: Any,
     inputs: Any,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._rng import rng_isolated
 from ._torch import ensure_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
 from ._validation import unknown_choice
 from .exceptions import SaliencyUsageError
@@ -343,6 +344,7 @@ def _collect(value: Any, leaves: list[Any]) -> None:
             leaves.append(item)
 
 
+@rng_isolated
 def select_layers(
     model: Any,
     inputs: Any,

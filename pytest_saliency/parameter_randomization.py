@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._rng import generator_states, pass_seeded, rng_isolated, same_generator_states
 from ._torch import require_torch
 from ._validation import all_finite, check_finite, check_inputs, check_model, unknown_choice
 from .activation_reuse import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
@@ -343,6 +344,7 @@ def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: floa
     return None
 
 
+@rng_isolated
 def layer_randomization(
     model: Any,
     inputs: Any,
@@ -471,23 +473,32 @@ def layer_randomization(
         whole_batch = not batched and not options.get("_image_batch") and (
             not batch_size or batch_size >= inputs.shape[0])
         first_replay = None
-        if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
-            first_replay = GradientReplay(model, inputs, None, name, options, seed)
-            try:
-                trace = first_replay.record()
-            except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
-                first_replay.close()
-                first_replay = None
-        if first_replay is None:
-            # In chunks of the memory budget's size at most: the traced chunk keeps every module's
-            # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB).
-            trace = trace_forward(model, inputs, batch_size or options.get("_image_batch"))
+        # Seeded like every explanation pass, so the predicted targets of a model that draws random
+        # numbers in eval mode (dropout left on) do not depend on reuse_activations.
+        with pass_seeded(seed, inputs.device):
+            generators = generator_states(inputs.device)
+            if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
+                first_replay = GradientReplay(model, inputs, None, name, options, seed)
+                try:
+                    trace = first_replay.record()
+                except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
+                    first_replay.close()
+                    first_replay = None
+            if first_replay is None:
+                # In chunks of the memory budget's size at most: the traced chunk keeps every module's
+                # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB). Seeded afresh
+                # (a failed recording may have drawn).
+                with pass_seeded(seed, inputs.device):
+                    trace = trace_forward(model, inputs, batch_size or options.get("_image_batch"))
+            # A model that draws random numbers gets the same ones in every state's full pass; a
+            # replay would skip the draws of the part it reuses and shift the rest.
+            model_draws = not same_generator_states(generators, generator_states(inputs.device))
         # The replay explains one chunk of images at a time (batch_size, or the memory budget's
         # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
         chunk = batch_size or options.get("_image_batch")
         replay_step = min(step, chunk) if chunk and not batched else step
-        reuse = might_reuse and reusable(model, trace, resolved, options, batch_size,
-                                         min(replay_step, inputs.shape[0]))
+        reuse = might_reuse and not model_draws and reusable(model, trace, resolved, options, batch_size,
+                                                       min(replay_step, inputs.shape[0]))
         if reuse and replay_step < step and draws_random(resolved, options):
             # captum's path draws the noise (or a uniform baseline) for all chunks from one seeded
             # stream; per-chunk replays would redraw it. Keep captum's path.
@@ -503,7 +514,7 @@ def layer_randomization(
         names = [layer_name for layer_name, _ in stages]
         # Occlusion: every state's maps from one captum call per step, the forward passes sharing
         # the original model's prefix (forward_reuse). It holds states x images maps at once.
-        stacked = (reuse_activations and isinstance(resolved, MethodSpec) and name in FORWARD_METHODS
+        stacked = (reuse_activations and not model_draws and isinstance(resolved, MethodSpec) and name in FORWARD_METHODS
                    and stackable(stages, mode) and replayable_model(model, trace))
         if stacked:  # (and captum's totals and differences: about three times the maps)
             held = 3 * (len(stages) + 1) * inputs[0].numel() * inputs.element_size()

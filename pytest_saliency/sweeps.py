@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._rng import derive_seed
+from ._rng import derive_seed, rng_isolated
 from ._torch import require_torch
 from ._validation import check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
@@ -990,6 +990,7 @@ def _resolve_grid(method: Any, sweep: Any, reference: Any, options: dict[str, An
     )
 
 
+@rng_isolated
 def hyperparameter_sweep(
     model: Any,
     inputs: Any,
@@ -1083,7 +1084,7 @@ def hyperparameter_sweep(
     total = 1 + sum(len(values) for _, values in tables_spec)
     if progress is not None:
         progress(0, total, "reference")
-    fixed_target = resolve_target(model, inputs, target, batch_size)
+    fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
     ref_raw = _explain_setting(model, inputs, resolved, base, fixed_target, reference_seed, batch_size, cache)
     ref_maps = apply_pipeline(ref_raw, pipeline) if metrics else None
     if ref_maps is not None:
@@ -1149,6 +1150,7 @@ def _require_threshold(threshold: Any, check: str) -> None:
         )
 
 
+@rng_isolated
 def assert_stable_under_hyperparameters(
     model: Any,
     inputs: Any,
@@ -1236,6 +1238,7 @@ def _check_noise_args(inputs: Any, noise: Any, variance: Any, clip: Any, n_draws
     return [float(v) for v in variances]
 
 
+@rng_isolated
 def input_noise_stability(
     model: Any,
     inputs: Any,
@@ -1285,7 +1288,7 @@ def input_noise_stability(
     _check_names(label, resolved, options, "options")
     if "seed" in options:
         raise SaliencyUsageError("pass the explainer seed as seed=..., not as a method option.")
-    fixed_target = resolve_target(model, inputs, target, batch_size)
+    fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
     total = 1 + len(variances) * n_draws
     if progress is not None:
         progress(0, total, "clean inputs")
@@ -1334,6 +1337,7 @@ def input_noise_stability(
     )
 
 
+@rng_isolated
 def assert_stable_under_input_noise(
     model: Any,
     inputs: Any,

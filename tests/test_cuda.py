@@ -133,6 +133,29 @@ def test_seeded_noise_on_cuda_is_reproducible_and_leaves_every_generator_alone()
             torch.cuda.set_rng_state_all(saved)
 
 
+@pytest.mark.parametrize("source", ["torch", "dropout"])
+def test_a_model_drawing_on_the_gpu_reproduces_and_leaves_the_gpus_generator_alone(source: str) -> None:
+    from test_model_randomness import LAYERS, images, noisy_model
+
+    model, x = noisy_model(source).to(CUDA), images().to(CUDA)
+    saved = rng_states()[1]
+    try:
+        if CUDA.type == "cuda":
+            torch.cuda.manual_seed(321)
+        before = rng_states()
+        reused = layer_randomization(model, x, "saliency", layers=LAYERS, seed=2)
+        assert_rngs_unchanged(before)
+        full = layer_randomization(model, x, "saliency", layers=LAYERS, seed=2, reuse_activations=False)
+        assert not reused.reused_activations
+        np.testing.assert_allclose(reused.ssim, full.ssim, rtol=0, atol=1e-5)
+        dead = layer_randomization(model, x, "saliency", layers=["dead"], seed=2)
+        assert np.min(dead.ssim) > 1 - 1e-5  # every pass drew the same noise on the GPU
+        assert_rngs_unchanged(before)
+    finally:
+        if saved:
+            torch.cuda.set_rng_state_all(saved)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_checksum_sees_a_swap_of_unequal_values_on_cuda(dtype: torch.dtype) -> None:
     values = torch.randn(3, 4099 * 2 + 5, generator=torch.Generator().manual_seed(0)).to(dtype).to(CUDA)
