@@ -37,6 +37,8 @@ def seeded(seed: int, device: Any = None, *, torch_only: bool = False) -> Iterat
     from torch (``reset_parameters``); saving and restoring those costs more than the draws.
     """
     torch = require_torch()
+    seed = as_seed(seed)
+    torch_seed = torch_seed_of(seed)
     devices = []
     if device is not None and torch.device(device).type == "cuda":
         index = torch.device(device).index
@@ -48,9 +50,9 @@ def seeded(seed: int, device: Any = None, *, torch_only: bool = False) -> Iterat
         # Seed exactly the generators the fork restores. torch.random.manual_seed would also
         # (lazily) reseed every other CUDA device, a global change nothing here undoes, and it
         # records a stack trace per call even on CPU-only builds.
-        torch.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(torch_seed)
         for index in devices:
-            torch.cuda.default_generators[index].manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(torch_seed)
         yield
 
 
@@ -83,6 +85,9 @@ def derive_seed(seed: int, *parts: int | str) -> int:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The generators are process-wide: an isolation holds this lock, so checks in several threads of
+# one process run one at a time instead of saving and restoring each other's states.
+_LOCK = threading.RLock()
 _ISOLATION = threading.local()  # .cuda: the CUDA devices whose generators the outermost isolation saved
 
 
@@ -90,48 +95,70 @@ def _isolated() -> bool:
     return getattr(_ISOLATION, "cuda", None) is not None
 
 
-def _seed_all(seed: int, cuda: list[int]) -> None:
+def as_seed(seed: Any) -> int:
+    """``seed`` as a Python int (numpy integers included), or a usage error."""
+    import operator
+
+    from .exceptions import SaliencyUsageError
+
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise SaliencyUsageError(
+            f"seed must be an integer (an int or a numpy integer), got {seed!r:.80}. Pass e.g. seed=0.") from None
+
+
+def torch_seed_of(seed: int) -> int:
+    """``seed`` within the range torch's generators accept (other ints are reduced modulo 2**64)."""
+    return seed if -(2**63) <= seed < 2**64 else seed % 2**64
+
+
+def _seed_all(seed: Any, cuda: list[int]) -> None:
     """Seed torch's CPU generator, the given CUDA devices' generators, numpy's and Python's global
     generators from ``seed``: the same numbers :func:`seeded` gives."""
     import numpy as np
 
     torch = require_torch()
-    torch.default_generator.manual_seed(seed)
+    seed = as_seed(seed)
+    torch_seed = torch_seed_of(seed)
+    torch.default_generator.manual_seed(torch_seed)
     for index in cuda:
-        torch.cuda.default_generators[index].manual_seed(seed)
+        torch.cuda.default_generators[index].manual_seed(torch_seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
 
 
 @contextlib.contextmanager
-def isolated_rngs(seed: int = 0) -> Iterator[None]:
+def isolated_rngs(seed: Any = 0) -> Iterator[None]:
     """Save every global generator, seed them all from ``seed``, run the block, restore them.
 
     The CUDA generators are those of devices initialized on entry (a model or inputs on a GPU
     have initialized theirs; touching another would initialize CUDA, a global change). Nested
-    blocks only seed again; the outermost one restores.
+    blocks only seed again; the outermost one restores. Blocks in other threads wait.
     """
     torch = require_torch()
+    seed = as_seed(seed)
     if _isolated():
         _seed_all(seed, _ISOLATION.cuda)
         yield
         return
     import numpy as np
 
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    saved = (torch.default_generator.get_state(), [torch.cuda.default_generators[i].get_state() for i in cuda],
-             np.random.get_state(), random.getstate())
-    _ISOLATION.cuda = cuda
-    try:
-        _seed_all(seed, cuda)
-        yield
-    finally:
-        _ISOLATION.cuda = None
-        torch.default_generator.set_state(saved[0])
-        for index, state in zip(cuda, saved[1]):
-            torch.cuda.default_generators[index].set_state(state)
-        np.random.set_state(saved[2])
-        random.setstate(saved[3])
+    with _LOCK:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        saved = (torch.default_generator.get_state(), [torch.cuda.default_generators[i].get_state() for i in cuda],
+                 np.random.get_state(), random.getstate())
+        _ISOLATION.cuda = cuda
+        try:
+            _seed_all(seed, cuda)
+            yield
+        finally:
+            _ISOLATION.cuda = None
+            torch.default_generator.set_state(saved[0])
+            for index, state in zip(cuda, saved[1]):
+                torch.cuda.default_generators[index].set_state(state)
+            np.random.set_state(saved[2])
+            random.setstate(saved[3])
 
 
 def rng_isolated(function: F) -> F:
@@ -149,14 +176,14 @@ def rng_isolated(function: F) -> F:
             seed = kwargs.get("seed", default)
         else:
             seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
-        with isolated_rngs(seed if isinstance(seed, int) and not isinstance(seed, bool) else 0):
+        with isolated_rngs(seed):
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
-def pass_seeded(seed: int, device: Any = None) -> Iterator[None]:
+def pass_seeded(seed: Any, device: Any = None) -> Iterator[None]:
     """Seed the global generators for one explanation pass.
 
     Inside :func:`isolated_rngs` (every public entry point) this only seeds: the isolation
@@ -167,26 +194,30 @@ def pass_seeded(seed: int, device: Any = None) -> Iterator[None]:
         _seed_all(seed, _ISOLATION.cuda)
         yield
         return
-    with seeded(seed, device):
+    with seeded(as_seed(seed), device):
         yield
 
 
 def generator_states(device: Any = None) -> tuple[Any, ...]:
-    """What a forward pass drawing random numbers would change: torch's CPU generator, the
-    ``device``'s CUDA generator, numpy's and Python's global states. Compare two with
-    :func:`same_generator_states`."""
+    """What a forward pass drawing random numbers would change: torch's CPU generator, the CUDA
+    generators (inside an isolation: of every device it saved; else of ``device``), numpy's and
+    Python's global states. Compare two with :func:`same_generator_states`."""
     import numpy as np
 
     torch = require_torch()
-    cuda = None
-    if device is not None and torch.device(device).type == "cuda":
+    if _isolated():
+        indices = _ISOLATION.cuda
+    elif device is not None and torch.device(device).type == "cuda":
         index = torch.device(device).index
-        cuda = torch.cuda.default_generators[index if index is not None else torch.cuda.current_device()].get_state()
+        indices = [index if index is not None else torch.cuda.current_device()]
+    else:
+        indices = []
+    cuda = [torch.cuda.default_generators[index].get_state() for index in indices]
     return torch.default_generator.get_state(), cuda, np.random.get_state(), random.getstate()
 
 
 def same_generator_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     torch = require_torch()
     (cpu_a, cuda_a, np_a, py_a), (cpu_b, cuda_b, np_b, py_b) = a, b
-    return (torch.equal(cpu_a, cpu_b) and (cuda_a is None or torch.equal(cuda_a, cuda_b)) and py_a == py_b
-            and np_a[2:] == np_b[2:] and bool((np_a[1] == np_b[1]).all()))
+    return (torch.equal(cpu_a, cpu_b) and len(cuda_a) == len(cuda_b) and all(map(torch.equal, cuda_a, cuda_b))
+            and py_a == py_b and np_a[2:] == np_b[2:] and bool((np_a[1] == np_b[1]).all()))

@@ -225,6 +225,8 @@ def _op_replay_class() -> Any:
     return OpReplay
 
 
+DRAWS_ERROR = "the model drew random numbers in a replayed pass (a replay cannot give the full pass's numbers)"
+
 INPLACE_ERROR = (
     "one of the variables needed for gradient computation has been modified by an inplace operation "
     "(found while reusing the original model's activations; pass reuse_activations=False to get "
@@ -239,9 +241,11 @@ class _RecordedPass:
     only its outputs, for perturbation methods, which need logits alone.
     """
 
-    def __init__(self, model: Any, x: Any) -> None:
+    def __init__(self, model: Any, x: Any, seed: int | None = None) -> None:
         self.model = model
         self.x = x
+        self.seed = seed  # each pass starts from it, as the full pass it stands for (None: not reseeded)
+        self._seeded_states: Any = None  # the generators' states right after seeding with seed
         self.trace: Any = None  # the recorded pass's ForwardTrace
         self.modules = dict(model.named_modules())
         self.composite = {name for name, module in self.modules.items() if next(module.children(), None) is not None}
@@ -255,6 +259,25 @@ class _RecordedPass:
         self.logits: Any = None
         self._state_origins: dict[int, Any] | None = None
         self.stood_in = False  # whether the last replay gave some module a stand-in (see _replaying)
+
+    @contextlib.contextmanager
+    def _pass(self) -> Iterator[None]:
+        """One pass of the replay, seeded like the full pass it stands for. A pass that draws random
+        numbers raises (:data:`DRAWS_ERROR`): the replay skips the draws of the part it reuses, so
+        the rest would draw other numbers than the full pass; the caller falls back to full passes."""
+        from ._rng import generator_states, pass_seeded, same_generator_states
+
+        device = self.x.device
+        with contextlib.nullcontext() if self.seed is None else pass_seeded(self.seed, device):
+            if self.seed is None:
+                before = generator_states(device)
+            else:
+                if self._seeded_states is None:
+                    self._seeded_states = generator_states(device)
+                before = self._seeded_states
+            yield
+            if not same_generator_states(before, generator_states(device)):
+                raise RuntimeError(DRAWS_ERROR)
 
     def _record(self, keep_graph: bool) -> Any:
         """The original forward pass, traced (:func:`pytest_saliency.layers.trace_forward`), with
@@ -340,8 +363,9 @@ class _RecordedPass:
                 raise RuntimeError(INPLACE_ERROR)
             return tensor
 
-        self.trace = trace_forward(self.model, self.x, on_output=note, on_op=note_op,
-                                   saved_tensors_hooks=(pack, unpack) if keep_graph else None)
+        with self._pass():
+            self.trace = trace_forward(self.model, self.x, on_output=note, on_op=note_op,
+                                       saved_tensors_hooks=(pack, unpack) if keep_graph else None)
         out = self.trace.output
         if not isinstance(out, torch.Tensor):
             raise RuntimeError("the model's output is not a tensor")
@@ -417,7 +441,7 @@ class _RecordedPass:
     def replayed_logits(self, cut: int) -> Any:
         """The model's output as it is now (without gradients), with what ended before ``cut`` replayed."""
         torch = require_torch()
-        with torch.no_grad(), self._replaying(cut):
+        with torch.no_grad(), self._pass(), self._replaying(cut):
             return self.model(self.x)
 
     def close(self) -> None:
@@ -515,7 +539,7 @@ class GradientReplay(_RecordedPass):
     def __init__(self, model: Any, inputs: Any, target: Any, method: str, options: dict[str, Any],
                  seed: int = 0) -> None:
         self.recipe = _Recipe(method, options, inputs.detach(), seed)
-        super().__init__(model, self.recipe.fed.detach().requires_grad_(True))
+        super().__init__(model, self.recipe.fed.detach().requires_grad_(True), seed)
         self.target = None if target is None else target.reshape(-1)
         self._out: Any = None  # the recorded pass's logits, with their graph, until original()
 
@@ -531,7 +555,8 @@ class GradientReplay(_RecordedPass):
         if self._out is None:
             self.record()
         out, self._out = self._out, None
-        return self._gradient(out)
+        with self._pass():
+            return self._gradient(out)
 
     def maps(self, cut: int) -> Any:
         """Maps of the model as it is now, whose modules that ended before ``cut`` are unchanged.
@@ -543,11 +568,15 @@ class GradientReplay(_RecordedPass):
         buffers alive during its backward and make it allocate fresh memory (about twice the page
         faults, slower than no reuse at all for many interpolation steps or noisy samples on a CPU).
         """
-        torch = require_torch()
         for name in [n for n in self.recorded if self.trace.end[n] >= cut]:
             del self.recorded[name]  # frees the part of the original graph only it kept alive
         for index in [i for i, (event, _, _) in self.ops.items() if event > cut]:
             del self.ops[index]
+        with self._pass():
+            return self._state_maps(cut)
+
+    def _state_maps(self, cut: int) -> Any:
+        torch = require_torch()
         leaves: dict[int, tuple[Any, Any]] = {}  # id(recorded tensor) -> (recorded, leaf)
         with torch.enable_grad(), self._replaying(cut, leaves):
             out = self.model(self.x)

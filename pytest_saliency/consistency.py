@@ -109,7 +109,7 @@ from typing import Any
 from ._rng import rng_isolated
 from ._torch import require_torch
 from ._validation import check_inputs, check_model, unknown_choice
-from .exceptions import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from .explainers import (
     Explainer, MethodSpec, _attribute, _eval_mode, predicted_targets, prepare_method, resolve_target,
 )
@@ -1018,12 +1018,10 @@ def explanation_consistency(
             relative_difference=_relative_difference(raw[a], raw[b]),
         ))
     if not converged:
-        warnings.warn(
+        warn_user(
             "the separability classifier did not converge in some folds, so M may be underestimated. Pass "
             "classifier=make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000)) or a stronger "
-            "regularization (smaller C).",
-            SaliencyWarning,
-            stacklevel=2,
+            "regularization (smaller C)."
         )
     per_factor = {
         factor: _consistency([p for p in rows if p.factor == factor])

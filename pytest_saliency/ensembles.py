@@ -365,7 +365,7 @@ def consistency_vs_ensemble_size(
     target_mode = "given"
     if target is None:
         target_mode = "ensemble"
-        target = predicted_targets(all_members, inputs, batch_size)
+        target = predicted_targets(all_members, inputs, batch_size, options.get("seed", 0))
     elif isinstance(target, str):
         if target not in ("each", "reference"):
             raise unknown_choice("target mode", target, ("each", "reference"), "Or pass an int or a tensor (N,).")

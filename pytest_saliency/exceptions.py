@@ -31,3 +31,18 @@ class SaliencyCheckFailed(AssertionError):
 
 class SaliencyWarning(UserWarning):
     """A check ran, but the numbers are likely to mislead (e.g. a sign metric on non-negative maps)."""
+
+
+def warn_user(message: str, category: type[Warning] = SaliencyWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside pytest-saliency (the user's test or
+    script), however deep in the library the warning is raised: a fixed ``stacklevel`` points into
+    the library when a public function is wrapped or called by another one."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -32,7 +32,7 @@ from typing import Any
 from ._rng import pass_seeded, rng_isolated
 from ._torch import ensure_eval_mode, require_torch, restore_training_flags, training_flags
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
-from .exceptions import SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyUsageError, warn_user
 from .postprocess import MapPipeline, apply_pipeline
 
 Explainer = Callable[[Any, Any, Any], Any]
@@ -396,12 +396,10 @@ def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: Any) -> None:
     """captum's ReLU-rule methods only hook ``nn.ReLU`` modules; ``F.relu`` gets the plain gradient."""
     torch = require_torch()
     if spec.name in _RELU_RULE_METHODS and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()):
-        warnings.warn(
+        warn_user(
             f"{spec.name}: {type(model).__name__} has no nn.ReLU module. captum applies this method's "
             "modified backward rule only to nn.ReLU modules, so with functional relu calls (F.relu, "
-            "torch.relu) the maps are just the plain gradient. Use one nn.ReLU module per activation.",
-            SaliencyWarning,
-            stacklevel=4,
+            "torch.relu) the maps are just the plain gradient. Use one nn.ReLU module per activation."
         )
 
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._rng import generator_states, same_generator_states
 from ._torch import require_torch
-from .activation_reuse import ForwardReplay, state_cuts
+from .activation_reuse import DRAWS_ERROR, ForwardReplay, state_cuts
 from .randomization import drawn_values
 
 FORWARD_METHODS = ("occlusion",)
@@ -74,6 +75,7 @@ class StateStack:
             raise RuntimeError(f"{rows} rows are not whole copies of the {self.target.numel()} images")
         target = self.target.repeat(rows // self.target.numel())[:, None]
         version = batch._version
+        generators = generator_states(batch.device)
         replay = ForwardReplay(self.model, batch) if self.live else None
         cuts: list[int] = []
         swap = _Swap()
@@ -110,6 +112,9 @@ class StateStack:
             swap.restore()
             if replay is not None:
                 replay.close()
+        if not same_generator_states(generators, generator_states(batch.device)):
+            # The states' passes interleave here; one captum call per state draws in another order.
+            raise RuntimeError(DRAWS_ERROR)
         self.done += 1
         if self.progress is not None and self.calls:
             states = len(self.names)

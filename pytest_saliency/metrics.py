@@ -44,7 +44,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -52,7 +51,7 @@ from typing import Any, Union
 import torch
 
 from ._validation import all_finite, unknown_choice
-from .exceptions import SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyUsageError, warn_user
 
 KValue = Union[int, float]
 
@@ -260,7 +259,7 @@ def _warn_if_unsigned(a: torch.Tensor, b: torch.Tensor, metric: str) -> None:
             problems.append(f"{name} has no positive values (max = {hi:g})")
     if not problems:
         return
-    warnings.warn(
+    warn_user(
         f"{metric} is a sign metric, but {' and '.join(problems)}. Such maps cannot carry a "
         "direction (e.g. captum Saliency with its default abs=True, occlusion, ReLU'd GradCAM, "
         "or maps post-processed with abs): if both batches are single-signed, sign agreement "
@@ -268,9 +267,7 @@ def _warn_if_unsigned(a: torch.Tensor, b: torch.Tensor, metric: str) -> None:
         "the other map's share of positive values, so SA ~ FA/2 for a sign-symmetric partner - "
         "the 'SA ~ FA/2' finding of the disagreement thesis is this artefact, not disagreement. "
         "Compare signed attributions (e.g. Saliency(abs=False), a signed preset such as "
-        "'sam2020') or use feature_agreement / rank_agreement instead.",
-        SaliencyWarning,
-        stacklevel=3,
+        "'sam2020') or use feature_agreement / rank_agreement instead."
     )
 
 

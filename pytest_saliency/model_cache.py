@@ -54,14 +54,13 @@ import os
 import re
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ._rng import seeded
 from ._torch import require_torch
-from .exceptions import SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyUsageError, warn_user
 
 FORMAT = 1
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -322,12 +321,10 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 
 
 def _warn_stale(path: Path, why: str) -> None:
-    warnings.warn(
+    warn_user(
         f"model cache entry {path.name} is ignored because {why}; the model is retrained and the entry "
         "replaced. If the training code or the architecture changed on purpose, pass version='...' to "
-        "get_or_train to keep old and new entries apart.",
-        SaliencyWarning,
-        stacklevel=4,
+        "get_or_train to keep old and new entries apart."
     )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ from ._rng import generator_states, pass_seeded, rng_isolated, same_generator_st
 from ._torch import require_torch
 from ._validation import all_finite, check_finite, check_inputs, check_model, unknown_choice
 from .activation_reuse import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
-from .exceptions import SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyUsageError, warn_user
 from .explainers import (
     Explainer, MethodSpec, _attribute, draws_random, memory_budget_bytes, prepare_method, resolve_target,
 )
@@ -295,7 +294,7 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
             f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}); SSIM against a constant map measures nothing."
         )
         if constant_maps == "skip":  # an empty keep: the caller skips this batch of images
-            warnings.warn(f"{problem} Those images are left out of the check.", SaliencyWarning, stacklevel=3)
+            warn_user(f"{problem} Those images are left out of the check.")
             return keep
         raise SaliencyUsageError(
             f"{problem} Typical causes: a ReLU'd GradCAM that is zero everywhere for those inputs, dead ReLUs, a "
@@ -473,26 +472,25 @@ def layer_randomization(
         whole_batch = not batched and not options.get("_image_batch") and (
             not batch_size or batch_size >= inputs.shape[0])
         first_replay = None
-        # Seeded like every explanation pass, so the predicted targets of a model that draws random
-        # numbers in eval mode (dropout left on) do not depend on reuse_activations.
-        with pass_seeded(seed, inputs.device):
-            generators = generator_states(inputs.device)
-            if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
-                first_replay = GradientReplay(model, inputs, None, name, options, seed)
-                try:
-                    trace = first_replay.record()
-                except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
-                    first_replay.close()
-                    first_replay = None
-            if first_replay is None:
-                # In chunks of the memory budget's size at most: the traced chunk keeps every module's
-                # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB). Seeded afresh
-                # (a failed recording may have drawn).
-                with pass_seeded(seed, inputs.device):
-                    trace = trace_forward(model, inputs, batch_size or options.get("_image_batch"))
-            # A model that draws random numbers gets the same ones in every state's full pass; a
-            # replay would skip the draws of the part it reuses and shift the rest.
-            model_draws = not same_generator_states(generators, generator_states(inputs.device))
+        # Seeded like every explanation pass (the recording too), so the predicted targets of a model
+        # that draws random numbers in eval mode (dropout left on) do not depend on reuse_activations.
+        model_draws = False  # (a recording that draws raises: see GradientReplay)
+        if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
+            first_replay = GradientReplay(model, inputs, None, name, options, seed)
+            try:
+                trace = first_replay.record()
+            except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
+                first_replay.close()
+                first_replay = None
+        if first_replay is None:
+            # In chunks of the memory budget's size at most: the traced chunk keeps every module's
+            # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB).
+            with pass_seeded(seed, inputs.device):
+                generators = generator_states(inputs.device)
+                trace = trace_forward(model, inputs, batch_size or options.get("_image_batch"))
+                # A model that draws random numbers gets the same ones in every state's full pass;
+                # a replay would skip the draws of the part it reuses and shift the rest.
+                model_draws = not same_generator_states(generators, generator_states(inputs.device))
         # The replay explains one chunk of images at a time (batch_size, or the memory budget's
         # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
         chunk = batch_size or options.get("_image_batch")
@@ -559,22 +557,40 @@ def layer_randomization(
             if original is None:
                 original = maps_of(x, t)
             used = _check_original_maps(original, pipeline, name, constant_maps)
+            while 0 < used.numel() < original.shape[0]:  # constant_maps="skip" dropped some images
+                x, t, original = x[used], t[used], original[used]
+                if stack_maps is not None:  # occlusion explains each image on its own, in one stack
+                    stack_maps = stack_maps[:, used]
+                    break
+                # The states explain the images left as one batch. With random draws (a stochastic
+                # method, a model that draws) the original model must explain that batch too, to
+                # draw the same numbers. (A replay's recorded graph covers the dropped images too:
+                # it starts afresh.)
+                if not (model_draws or (isinstance(resolved, MethodSpec) and draws_random(resolved, options))):
+                    if replay is not None:
+                        replay.close()
+                        replay = GradientReplay(model, x, t, name, options, seed)
+                        try:
+                            replay.original()
+                        except Exception:  # noqa: BLE001 - the states' captum passes report a real error
+                            replay.close()
+                            replay = None
+                    break
+                if replay is not None:
+                    replay.close()
+                    replay = GradientReplay(model, x, t, name, options, seed)
+                    try:
+                        original = reused_original(replay.original(), x, t)
+                    except Exception:  # noqa: BLE001 - captum's pass below reports a real model error
+                        replay.close()
+                        replay = None
+                if replay is None:
+                    original = maps_of(x, t)
+                used = _check_original_maps(original, pipeline, name, constant_maps)
             if used.numel() == 0:  # constant_maps="skip" and every map of this step is constant
                 if replay is not None:
                     replay.close()
                 continue
-            if used.numel() < original.shape[0]:
-                x, t, original = x[used], t[used], original[used]
-                if stack_maps is not None:  # occlusion explains each image on its own
-                    stack_maps = stack_maps[:, used]
-                if replay is not None:  # the recorded graph covers the dropped images too: start afresh
-                    replay.close()
-                    replay = GradientReplay(model, x, t, name, options, seed)
-                    try:
-                        replay.original()
-                    except Exception:  # noqa: BLE001 - the states' captum passes report a real error
-                        replay.close()
-                        replay = None
             # Each replay's recorded pass traced the images it explains (per step: the control
             # flow may depend on the batch), and its cuts come from that trace.
             cuts = state_cuts(replay.trace, names, mode) if replay is not None else []

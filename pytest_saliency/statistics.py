@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._rng import as_seed, torch_seed_of
 from ._torch import require_torch
 from .exceptions import SaliencyUsageError
 
@@ -78,7 +79,7 @@ def bootstrap_interval(values: Any, confidence: float, n_resamples: int, seed: i
     if n == 1:
         v = float(values[0])
         return v, v
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(torch_seed_of(as_seed(seed)))
     means = torch.empty(n_resamples, dtype=torch.float64)
     chunk = max(1, 2_000_000 // n)
     for start in range(0, n_resamples, chunk):

@@ -53,7 +53,6 @@ import inspect
 import math
 import numbers
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +60,7 @@ from typing import Any
 from ._rng import derive_seed, rng_isolated
 from ._torch import require_torch
 from ._validation import check_inputs, check_model, unknown_choice
-from .exceptions import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 DEFAULT_METRICS = ("ssim", "spearman", "hog_pearson")
@@ -917,13 +916,11 @@ def _warn_constant(maps: Any, label: str) -> None:
     constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
     if bool(constant.any()):
         index = constant.nonzero().flatten().tolist()
-        warnings.warn(
+        warn_user(
             f"{label}: the reference maps are constant for {len(index)} image(s) (indices {index[:10]}); "
             "similarity to a constant map measures nothing (correlations are NaN, SSIM depends only on the other "
             "map's flatness). Typical causes: a ReLU'd GradCAM that is zero, a surrogate that zeroes every feature "
-            "(lime: raise n_samples or lower alpha). Drop those inputs or change the reference setting.",
-            SaliencyWarning,
-            stacklevel=3,
+            "(lime: raise n_samples or lower alpha). Drop those inputs or change the reference setting."
         )
 
 

@@ -264,3 +264,137 @@ def test_generator_states_tell_whether_anything_was_drawn(draw):
     assert same_generator_states(a, generator_states())
     draw()
     assert not same_generator_states(a, generator_states())
+
+
+class DrawsWhenChanged(nn.Module):
+    """Monte Carlo dropout only where activations are large: the original model never draws, some
+    randomized states do (the recording pass cannot see it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+        self.limit = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        if h.abs().mean() > self.limit:
+            h = nn.functional.dropout(h, 0.5, training=True)
+        return self.fc(h.flatten(1))
+
+
+class DrawsWithGradients(NoisyCNN):
+    """Dropout only while gradients are taken (not in a plain no-grad traced pass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        if torch.is_grad_enabled():
+            x = nn.functional.dropout(x, 0.3, training=True)
+        x = torch.relu(self.conv2(x)) + 0.0 * self.dead(x)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("method, options", [
+    ("saliency", {}), ("integrated_gradients", {"n_steps": 3}), ("occlusion", {"window": 4, "stride": 4}),
+])
+def test_draws_only_in_randomized_states_give_what_full_passes_give(method, options):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = DrawsWhenChanged().eval()
+    x = images()
+    with torch.no_grad():
+        model.conv1.weight.mul_(0.1)
+        model.conv1.bias.mul_(0.1)
+        model.limit = 1.5 * float(torch.relu(model.conv2(torch.relu(model.conv1(x)))).abs().mean())
+    drawn = generator_states()
+    with torch.no_grad():
+        model(x)
+    assert same_generator_states(drawn, generator_states())  # the original model never draws
+    kwargs = dict(layers=LAYERS, seed=2, **options)
+    reused = ps.layer_randomization(model, x, method, **kwargs)
+    full = ps.layer_randomization(model, x, method, reuse_activations=False, **kwargs)
+    assert torch.equal(torch.as_tensor(reused.ssim), torch.as_tensor(full.ssim))
+
+
+@pytest.mark.parametrize("method, options", [("integrated_gradients", {"n_steps": 4}), ("smoothgrad", {"nt_samples": 3})])
+def test_draws_only_with_gradients_on_are_seen_by_the_replay(method, options):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = DrawsWithGradients("torch").eval()
+    x = images()
+    for reuse in (True, False):
+        result = ps.layer_randomization(model, x, method, layers=["dead"], seed=1, reuse_activations=reuse, **options)
+        assert torch.as_tensor(result.ssim).min() > 1 - 1e-6, reuse
+
+
+@pytest.mark.parametrize("source", ["dropout", None])
+def test_skipped_constant_maps_leave_the_other_images_draws_aligned(source):
+    """constant_maps="skip": the original maps of the images kept come from the same batch as the
+    states' (a stochastic method, or a model that draws, then draws the same numbers)."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.dead = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv1(x))
+            if source:
+                h = nn.functional.dropout(h, 0.3, training=True)
+            out = self.fc((h + 0.0 * self.dead(h)).flatten(1))
+            return out * (x.mean(dim=(1, 2, 3)) > 0.2).float()[:, None]  # a blank image: a constant map
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Masked().eval()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x[1] = 0
+    for method, options in [("saliency", {}), ("smoothgrad", {"nt_samples": 3})]:
+        with pytest.warns(ps.SaliencyWarning, match="left out") as caught:
+            result = ps.layer_randomization(model, x, method, layers=["dead"], target=0, constant_maps="skip",
+                                            seed=1, **options)
+        assert result.n_images == 5
+        assert torch.as_tensor(result.ssim).min() > 1 - 1e-6, method
+        assert caught[0].filename == __file__  # the warning points at the caller, not into the library
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), 2**64 + 3, -5, True])
+def test_seeds_of_any_integer_type_work(seed):
+    model, x = noisy_model("dropout"), images()
+    before = global_states()
+    a = ps.layer_randomization(model, x, "saliency", layers=LAYERS, seed=seed)
+    b = ps.layer_randomization(model, x, "saliency", layers=LAYERS, seed=int(seed))
+    assert a.ssim == b.ssim
+    assert torch.equal(ps.explain(model, x, "smoothgrad", seed=seed, nt_samples=2),
+                       ps.explain(model, x, "smoothgrad", seed=int(seed), nt_samples=2))
+    assert_same_global_states(before, global_states())
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "3"])
+def test_a_seed_that_is_not_an_integer_is_a_usage_error(seed):
+    with pytest.raises(SaliencyUsageError, match="seed must be an integer"):
+        ps.explain(noisy_model("torch"), images(), "saliency", seed=seed)
+
+
+def test_checks_in_threads_run_one_at_a_time_and_leave_the_generators_alone():
+    import threading
+
+    model, x = noisy_model("dropout"), images()
+    expected = {seed: ps.explain(model, x, "saliency", seed=seed) for seed in range(4)}
+    before = global_states()
+    got: dict[int, list[torch.Tensor]] = {seed: [] for seed in range(4)}
+
+    def work(seed: int) -> None:
+        for _ in range(5):
+            got[seed].append(ps.explain(model, x, "saliency", seed=seed))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert_same_global_states(before, global_states())
+    assert all(torch.equal(maps, expected[seed]) for seed in got for maps in got[seed])
