@@ -115,7 +115,8 @@ def torch_seed_of(seed: int) -> int:
 
 def _seed_all(seed: Any, cuda: list[int]) -> None:
     """Seed torch's CPU generator, the given CUDA devices' generators, numpy's and Python's global
-    generators from ``seed``: the same numbers :func:`seeded` gives."""
+    generators from ``seed``: the same numbers :func:`seeded` gives. Only for use inside
+    :func:`isolated_rngs`, which restores them all."""
     import numpy as np
 
     torch = require_torch()
@@ -124,6 +125,7 @@ def _seed_all(seed: Any, cuda: list[int]) -> None:
     torch.default_generator.manual_seed(torch_seed)
     for index in cuda:
         torch.cuda.default_generators[index].manual_seed(torch_seed)
+    # Global seeding on purpose: only inside isolated_rngs, which saved these states and restores them.
     np.random.seed(seed % (2**32))
     random.seed(seed)
 
