@@ -58,3 +58,14 @@ def ensure_eval_mode(model: Any, flags: list[tuple[Any, bool]]) -> None:
     """``model.eval()``, skipped when ``flags`` (taken just before) say every module is in eval mode already."""
     if any(training for _, training in flags):
         model.eval()
+
+
+_SETTINGS = (bool, int, float, str, type(None))
+
+
+def module_settings(module: Any) -> tuple[tuple[str, Any], ...]:
+    """A module's plain settings: its public attributes that are numbers, strings, flags or tuples
+    of them (``kernel_size``, ``scale_factor``, ``inplace``, a user's ``mc_dropout = True``). With
+    the module's type they tell two models apart whose parameters are equal."""
+    return tuple((key, value) for key, value in vars(module).items() if not key.startswith("_") and (
+        isinstance(value, _SETTINGS) or (type(value) is tuple and all(isinstance(v, _SETTINGS) for v in value))))

@@ -20,7 +20,7 @@ import hashlib
 from collections import OrderedDict
 from typing import Any
 
-from ._torch import require_torch
+from ._torch import module_settings, require_torch
 
 DEFAULT_MAX_BYTES = 512 * 2**20
 
@@ -43,7 +43,13 @@ def tensor_fingerprint(tensors: list[tuple[str, Any]]) -> str:
 
 
 def model_fingerprint(model: Any) -> str:
-    return tensor_fingerprint(list(model.named_parameters()) + list(model.named_buffers()))
+    """The parameters' and buffers' values, and each module's type and plain settings: a model and
+    a variant with equal weights but another activation, or a flag that changes its forward pass
+    (Monte Carlo dropout on), do not share maps."""
+    architecture = repr([(name, type(module).__module__, type(module).__qualname__,
+                          [setting for setting in module_settings(module) if setting[0] != "training"])
+                         for name, module in model.named_modules()])  # (checks run in eval mode anyway)
+    return tensor_fingerprint(list(model.named_parameters()) + list(model.named_buffers())) + architecture
 
 
 class MapCache:

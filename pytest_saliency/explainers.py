@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._rng import pass_seeded, rng_isolated
-from ._torch import ensure_eval_mode, require_torch, restore_training_flags, training_flags
+from ._torch import ensure_eval_mode, module_settings, require_torch, restore_training_flags, training_flags
 from ._validation import check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, warn_user
 from .postprocess import MapPipeline, apply_pipeline
@@ -433,9 +433,6 @@ def memory_budget_bytes(budget: Any, device: Any) -> int:
 #: :func:`_probe_key`). Weak keys: a model's entries go when the model does. Only memory sizing
 #: reads it, never a result.
 _PROBED: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
-_SETTINGS = (bool, int, float, str, type(None))
-
-
 def activation_bytes_per_input(model: Any, example: Any) -> int:
     """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward.
 
@@ -459,8 +456,7 @@ def _probe_key(model: Any, example: Any) -> Any:
     torch = require_torch()
     modules = []
     for module in model.modules():
-        settings = tuple((key, value) for key, value in vars(module).items() if not key.startswith("_") and (
-            isinstance(value, _SETTINGS) or (type(value) is tuple and all(isinstance(v, _SETTINGS) for v in value))))
+        settings = module_settings(module)
         shapes = tuple(None if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) else t.shape
                        for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
         modules.append((id(module), settings, shapes))

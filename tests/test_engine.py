@@ -90,6 +90,26 @@ def test_the_fingerprint_sees_changed_and_permuted_weights():
     assert model_fingerprint(model) != before
 
 
+def test_the_fingerprint_sees_the_architecture_not_only_the_weights():
+    """A variant with equal weights but another activation, or a flag that changes its forward
+    pass, must not get the original's cached maps; a copy (or the model in train mode) shares them."""
+    import copy
+
+    model = make_tiny_cnn()
+    before = model_fingerprint(model)
+    assert model_fingerprint(copy.deepcopy(model).train()) == before
+    other = copy.deepcopy(model)
+    other.relu1 = torch.nn.Tanh()
+    assert model_fingerprint(other) != before
+    flagged = copy.deepcopy(model)
+    flagged.mc_dropout = True
+    assert model_fingerprint(flagged) != before
+    x, cache = tiny_images(4), MapCache()
+    layer_randomization(model, x, "saliency", cache=cache)
+    shared = layer_randomization(other, x, "saliency", cache=cache)
+    assert shared.ssim == layer_randomization(other, x, "saliency").ssim and cache.hits == 0
+
+
 def test_the_cache_is_bounded_in_bytes():
     cache = MapCache(max_bytes=3 * 400)
     for i in range(5):
