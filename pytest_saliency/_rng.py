@@ -63,9 +63,9 @@ def _seeded_numpy_and_python(seed: int) -> Iterator[None]:
 
     py_state = random.getstate()
     np_state = np.random.get_state()
-    try:  # (np.random.seed(s) gives the state of RandomState(s), without building one)
-        np.random.seed(seed % (2**32))
-        random.seed(seed)
+    try:
+        np.random.set_state(np.random.RandomState(seed % (2**32)).get_state())
+        random.setstate(random.Random(seed).getstate())
         yield
     finally:
         np.random.set_state(np_state)
@@ -196,7 +196,7 @@ def pass_seeded(seed: Any, device: Any = None) -> Iterator[None]:
         _seed_all(seed, _ISOLATION.cuda)
         yield
         return
-    with seeded(as_seed(seed), device):
+    with seeded(seed, device):
         yield
 
 

@@ -472,8 +472,6 @@ def layer_randomization(
         whole_batch = not batched and not options.get("_image_batch") and (
             not batch_size or batch_size >= inputs.shape[0])
         first_replay = None
-        # Seeded like every explanation pass (the recording too), so the predicted targets of a model
-        # that draws random numbers in eval mode (dropout left on) do not depend on reuse_activations.
         model_draws = False  # (a recording that draws raises: see GradientReplay)
         if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
             first_replay = GradientReplay(model, inputs, None, name, options, seed)
@@ -484,7 +482,9 @@ def layer_randomization(
                 first_replay = None
         if first_replay is None:
             # In chunks of the memory budget's size at most: the traced chunk keeps every module's
-            # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB).
+            # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB). Seeded like every
+            # explanation pass (the recording too), so the predicted targets of a model that draws
+            # random numbers (dropout left on) do not depend on reuse_activations.
             with pass_seeded(seed, inputs.device):
                 generators = generator_states(inputs.device)
                 trace = trace_forward(model, inputs, batch_size or options.get("_image_batch"))
@@ -562,30 +562,21 @@ def layer_randomization(
                 if stack_maps is not None:  # occlusion explains each image on its own, in one stack
                     stack_maps = stack_maps[:, used]
                     break
-                # The states explain the images left as one batch. With random draws (a stochastic
-                # method, a model that draws) the original model must explain that batch too, to
-                # draw the same numbers. (A replay's recorded graph covers the dropped images too:
-                # it starts afresh.)
-                if not (model_draws or (isinstance(resolved, MethodSpec) and draws_random(resolved, options))):
-                    if replay is not None:
-                        replay.close()
-                        replay = GradientReplay(model, x, t, name, options, seed)
-                        try:
-                            replay.original()
-                        except Exception:  # noqa: BLE001 - the states' captum passes report a real error
-                            replay.close()
-                            replay = None
-                    break
-                if replay is not None:
+                fresh = None
+                if replay is not None:  # the recorded graph covers the dropped images too: start afresh
                     replay.close()
                     replay = GradientReplay(model, x, t, name, options, seed)
                     try:
-                        original = reused_original(replay.original(), x, t)
-                    except Exception:  # noqa: BLE001 - captum's pass below reports a real model error
+                        fresh = replay.original()
+                    except Exception:  # noqa: BLE001 - captum's passes report a real model error
                         replay.close()
                         replay = None
-                if replay is None:
-                    original = maps_of(x, t)
+                if not (model_draws or (isinstance(resolved, MethodSpec) and draws_random(resolved, options))):
+                    break
+                # The states explain the images left as one batch; with random draws (a stochastic
+                # method, a model that draws) the original model must explain that batch too, to
+                # draw the same numbers. Its maps may be constant elsewhere now: check again.
+                original = reused_original(fresh, x, t) if fresh is not None else maps_of(x, t)
                 used = _check_original_maps(original, pipeline, name, constant_maps)
             if used.numel() == 0:  # constant_maps="skip" and every map of this step is constant
                 if replay is not None:
