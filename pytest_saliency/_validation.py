@@ -119,3 +119,57 @@ def unknown_choice(kind: str, value: object, valid: Iterable[str], hint: str = "
     return SaliencyUsageError(
         f"unknown {kind} {value!r}.{suggestion} Valid {kind}s: {', '.join(valid)}.{(' ' + hint) if hint else ''}"
     )
+
+
+def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """A finite real number (not a bool) within ``[low, high]`` (ends open when asked), as a float.
+
+    For thresholds and tolerances: NaN would make every comparison fail and an infinity every
+    comparison pass, so neither is ever a valid gate.
+    """
+    import math
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    number = float(value) if ok else math.nan
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        left = "" if low is None else f"{low:g} {'<' if low_open else '<='} "
+        right = "" if high is None else f" {'<' if high_open else '<='} {high:g}"
+        raise SaliencyUsageError(
+            f"{name} must be a finite number with {left}{name}{right}, got {value!r:.80}."
+            f"{(' ' + hint) if hint else ''}"
+        )
+    return number
+
+
+def check_count(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False, hint: str = "") -> int | None:
+    """An integer (numpy integers included, bools not) of at least ``minimum``, as an int; ``None``
+    passes through when ``allow_none``."""
+    import operator
+
+    if value is None and allow_none:
+        return None
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise SaliencyUsageError(
+            f"{name} must be {expected}, got {value!r:.80}.{(' ' + hint) if hint else ''}"
+        )
+    return count
+
+
+def check_choice(value: Any, name: str, valid: Iterable[str], hint: str = "") -> str:
+    """One of the names in ``valid`` (exactly; no stripping or case folding), else a usage error
+    that lists them and the closest matches."""
+    valid = list(valid)
+    if not isinstance(value, str) or value not in valid:
+        raise unknown_choice(name, value, valid, hint)
+    return value
