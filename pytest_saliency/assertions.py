@@ -60,33 +60,46 @@ def assert_agreement_above(
     confidence bound) of ``metric`` above ``threshold`` (below it for distances and angles).
 
     ``threshold=None`` means "better than chance": the lower confidence bound must beat the
-    metric's chance level (k/D for feature agreement); metrics without a chance level (SSIM)
-    need an explicit threshold.
+    stricter of the metric's theoretical chance level (k/D for feature agreement) and the chance
+    level measured on maps of different inputs (each pair's ``chance``; see
+    :mod:`pytest_saliency.agreement`). Metrics without a theoretical chance level (SSIM) need an
+    explicit threshold. Images with a constant map are left out of the ranking metrics, and a
+    pair with none left fails the check.
 
     Precomputed maps work too: ``assert_agreement_above(maps_a, maps_b, metric="ssim",
     threshold=0.5)`` compares two tensors of attributions directly (``names=("a", "b")`` labels them).
     """
     __tracebackhide__ = True
+    from ._validation import check_choice
     from .agreement import agreement_matrix, compare_maps
-    from .metrics import _lookup, chance_level
+    from .metrics import _lookup
 
     torch = require_torch()
     info = _lookup(metric)
+    check_choice(statistic, "statistic", ("mean", "bound"),
+                 "'mean' gates on the mean over images, 'bound' on its confidence bound.")
     if threshold is None:
-        statistic = "bound"
-    if isinstance(model, torch.Tensor) and isinstance(inputs, torch.Tensor):
-        names = list(options.pop("names", ("maps_a", "maps_b")))
-        reproduce = options.pop("reproduce", "")
-        result = compare_maps(dict(zip(names, (model, inputs))), [metric], k=k, statistic=statistic, **options)
-        result.reproduce = reproduce
-    else:
-        result = agreement_matrix(model, inputs, list(methods), [metric], k=k, statistic=statistic, **options)
-    if threshold is None:
-        num_features = result.maps[result.methods[0]][0].numel()
-        threshold = chance_level(metric, k=k if info.takes_k else None, num_features=num_features)
-        if threshold is None:
+        if not info.takes_k and info.chance(None, None) is None:
             raise SaliencyUsageError(
                 f"{metric} has no chance level to beat by default; pass threshold= (e.g. threshold=0.5 for ssim)."
             )
-    result.threshold = threshold
+        statistic = "bound"
+    if isinstance(model, torch.Tensor) and isinstance(inputs, torch.Tensor):
+        names = options.pop("names", ("maps_a", "maps_b"))
+        if (isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) != 2
+                or not all(isinstance(n, str) for n in names) or names[0] == names[1]):
+            raise SaliencyUsageError(
+                f"names must be two different strings labelling the two batches of maps, e.g. "
+                f"names=('mine', 'theirs'), got {names!r:.80}."
+            )
+        reproduce = options.pop("reproduce", "")
+        result = compare_maps(dict(zip(names, (model, inputs))), [metric], k=k, statistic=statistic,
+                              threshold=threshold, **options)
+        result.reproduce = reproduce
+    else:
+        result = agreement_matrix(model, inputs, methods, [metric], k=k, statistic=statistic,
+                                  threshold=threshold, **options)
+    if threshold is None:
+        result.threshold = result.pairs[0].chance_theory  # the same for every pair of one metric
+        result.beat_chance = True
     return _raise_if_failed(result)

@@ -13,11 +13,30 @@ Top-k by magnitude
     disagreement thesis, eq. 4.6; Ley et al. 2023: "the k largest features according to
     absolute value").
 Ties
-    Features are ordered by ``|x|`` descending, and equal magnitudes by **lower flattened feature
-    index first** (a stable descending sort). So ``rank(f)`` is a strict total order and every
-    top-k metric is deterministic and reproducible by a plain sort with key ``(-|x_f|, f)``.
-    Without a rule, ``torch.topk`` may pick any of several tied features, and maps with large
-    zero (or saturated) regions would give run-to-run different agreement scores.
+    Features are ordered by ``|x|`` descending. Features with equal ``|x|`` form a **tie block**:
+    a map does not say which of them matters more, so the block's order is taken to be
+    uniformly random, independently in ``a`` and in ``b``, and every top-k metric reports its
+    **expected value over those random orders** (computed exactly, with no sampling). A block of
+    ``s`` features whose first position is ``p`` (``p`` features have a larger ``|x|``) puts each
+    of them at each position ``p .. p+s-1`` with probability ``1/s``, so a block that straddles
+    position ``k`` contributes each of its features to the top-k with probability
+    ``(k - p) / s``. FA, SA, RA and SRA sum these per-feature probabilities, PRA counts a pair tied
+    in either map as half an agreement, and SSA and CDC are the exact probabilities of their
+    events (a hypergeometric count over the straddling blocks). :func:`_tie_blocks` is the one
+    place that finds the blocks; every top-k metric derives its counts from it.
+
+    Why: maps with plateaus, zero regions or fewer non-zero features than ``k`` (LIME's Lasso,
+    ReLU'd GradCAM, thresholded or quantized maps) would otherwise fill their leftover top-k
+    slots by position, and two *unrelated* maps that both do so share those slots: with a
+    lower-index rule, independent maps with 10 of 256 non-zero pixels score FA = 0.64 at the
+    top 10%, against a chance level of 0.10. Under the expected-value rule every top-k metric
+    of two independent maps with exchangeable features equals its chance level
+    (:func:`chance_level`) whatever the ties, and a map whose ``|x|`` is constant (e.g. all zero)
+    scores exactly ``k/D`` (FA), ``1/D`` (RA) and ``1/2`` (PRA) against any map. Maps without
+    ties get the same values as a plain sort; the numbers are deterministic (no random
+    generator is involved). A consequence: a map compared with *itself* scores below the
+    maximum when it has ties that a metric depends on (e.g. FA of a map with 10 non-zero pixels
+    with itself at k = 26), because the tied features carry no ranking to agree on.
 ``k``
     An ``int`` is a count (``1 <= k <= D``); a ``float`` is a fraction of ``D`` (``0 < k <= 1``),
     turned into a count by :func:`resolve_k` (round half up, at least 1).
@@ -50,7 +69,7 @@ from typing import Any, Union
 
 import torch
 
-from ._validation import all_finite, unknown_choice
+from ._validation import all_finite, check_choice, check_count, unknown_choice
 from .exceptions import SaliencyUsageError, warn_user
 
 KValue = Union[int, float]
@@ -80,9 +99,9 @@ __all__ = [
     "ssim",
 ]
 
-# Largest number of elements in one temporary of the pairwise comparison (PRA); about 16 M
+# Largest number of elements in one temporary of the pairwise comparison (PRA); about 4 M
 # booleans, i.e. a few tens of MiB across the temporaries of one chunk.
-_PAIRWISE_CHUNK_ELEMENTS = 1 << 24
+_PAIRWISE_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,18 +248,77 @@ def resolve_k(k: KValue, num_features: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _rank_order(x: torch.Tensor) -> torch.Tensor:
-    """Feature indices of each row ordered by |x| descending, ties by lower index (stable sort)."""
-    return torch.sort(x.abs(), dim=1, descending=True, stable=True).indices
+def _tie_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tie rule, in one place: each feature's tie block in the order by ``|x|`` descending.
+
+    Returns ``(start, size)``, both ``(N, D)`` int64: ``start`` is how many features of the row
+    have a strictly larger ``|x|`` (the block's first position) and ``size`` how many share the
+    feature's ``|x|``, itself included. The block's features occupy positions
+    ``start .. start + size - 1`` in a uniformly random order (see "Ties" in the module
+    docstring); without ties ``start`` is the feature's position and ``size`` is 1.
+    """
+    magnitude = x.abs().contiguous()
+    ascending = torch.sort(magnitude, dim=1).values
+    at_most = torch.searchsorted(ascending, magnitude, right=True)
+    below = torch.searchsorted(ascending, magnitude, right=False)
+    return magnitude.shape[1] - at_most, at_most - below
 
 
-def _topk_order(x: torch.Tensor, k: int) -> torch.Tensor:
-    return _rank_order(x)[:, :k]
+@dataclass(frozen=True)
+class _TopK:
+    """Top-k membership of each feature of each row under the tie rule.
+
+    ``share``: probability that the feature is in the top-k (float64, in [0, 1]); ``certain``:
+    it always is (its whole block lies before position k); ``partial``: it is in the block that
+    straddles position k, of which ``pick`` of the ``pool`` features (per row) make the top-k.
+    Rows where no block straddles k have ``pool == pick == 0``.
+    """
+
+    start: torch.Tensor
+    size: torch.Tensor
+    share: torch.Tensor
+    certain: torch.Tensor
+    partial: torch.Tensor
+    pick: torch.Tensor
+    pool: torch.Tensor
 
 
-def _mask_from_order(order: torch.Tensor, num_features: int) -> torch.Tensor:
-    mask = torch.zeros(order.shape[0], num_features, dtype=torch.bool, device=order.device)
-    return mask.scatter_(1, order, True)
+def _top_k(x: torch.Tensor, k: int) -> _TopK:
+    start, size = _tie_blocks(x)
+    certain = start + size <= k
+    partial = (start < k) & ~certain
+    share = (k - start).clamp(min=0).minimum(size).double() / size.double()
+    return _TopK(
+        start=start, size=size, share=share, certain=certain, partial=partial,
+        pick=k - certain.sum(dim=1), pool=partial.sum(dim=1),
+    )
+
+
+def _same_rank_share(ta: _TopK, tb: _TopK, k: int) -> torch.Tensor:
+    """Expected number of the first k positions at which each feature stands in both maps.
+
+    Feature f is at each position of its block with probability ``1/size`` in each map,
+    independently, so the expectation is ``|block_a ∩ block_b ∩ [0, k)| / (size_a · size_b)``.
+    """
+    low = torch.maximum(ta.start, tb.start)
+    high = torch.minimum(ta.start + ta.size, tb.start + tb.size).clamp(max=k)
+    overlap = (high - low).clamp(min=0)
+    return overlap.double() / (ta.size * tb.size).double()
+
+
+def _log_comb_tensor(n: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log C(n, r)`` as float64 and whether ``0 <= r <= n`` (elsewhere ``C(n, r) = 0``)."""
+    valid = (r >= 0) & (r <= n)
+    n_ = torch.where(valid, n, torch.zeros_like(n)).double()
+    r_ = torch.where(valid, r, torch.zeros_like(r)).double()
+    return torch.lgamma(n_ + 1) - torch.lgamma(r_ + 1) - torch.lgamma(n_ - r_ + 1), valid
+
+
+def _comb_ratio(n: torch.Tensor, r: torch.Tensor, n0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+    """``C(n, r) / C(n0, r0)`` in float64 (``C(n0, r0) >= 1`` is assumed), 0 where ``C(n, r) = 0``."""
+    top, valid = _log_comb_tensor(n, r)
+    bottom, _ = _log_comb_tensor(n0, r0)
+    return torch.where(valid, torch.exp(top - bottom), torch.zeros_like(top))
 
 
 def _signs_agree(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -271,6 +349,14 @@ def _warn_if_unsigned(a: torch.Tensor, b: torch.Tensor, metric: str) -> None:
     )
 
 
+def _check_flag(value: Any, name: str, metric: str) -> None:
+    """A metric's on/off option must be a real bool: a string such as "no" would be truthy."""
+    if not isinstance(value, bool):
+        raise SaliencyUsageError(
+            f"{metric}: {name} must be True or False, got {value!r:.80}. Pass {name}=True or {name}=False."
+        )
+
+
 def _as_fraction(count: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return count.to(dtype) / k
 
@@ -286,13 +372,17 @@ def feature_agreement(a: torch.Tensor, b: torch.Tensor, k: KValue) -> torch.Tens
     ``FA_k(a, b) = |top_k(a) ∩ top_k(b)| / k`` with top-k by ``|value|`` (thesis eq. 4.6). It is
     the coarsest "do the maps highlight the same pixels" question: order and sign are ignored.
     Range [0, 1], 1 = same top-k set. Chance level for independent maps: ``k / D``.
+
+    Ties: the overlap is its expectation over random orders of the tie blocks,
+    ``Σ_f P(f ∈ top_k(a)) · P(f ∈ top_k(b))``, where a feature in the block that straddles
+    position k is in the top-k with probability ``(k - start) / size`` (see "Ties" in the module
+    docstring). So leftover top-k slots of sparse or constant maps are shared only as often as
+    chance would share them: a constant map scores exactly ``k / D``.
     """
     xa, xb = _validate_pair(a, b, "feature_agreement")
-    d = xa.shape[1]
-    kk = resolve_k(k, d)
-    ma = _mask_from_order(_topk_order(xa, kk), d)
-    mb = _mask_from_order(_topk_order(xb, kk), d)
-    return _as_fraction((ma & mb).sum(dim=1), kk, xa.dtype)
+    kk = resolve_k(k, xa.shape[1])
+    shared = (_top_k(xa, kk).share * _top_k(xb, kk).share).sum(dim=1)
+    return _as_fraction(shared, kk, xa.dtype)
 
 
 def sign_agreement(
@@ -305,28 +395,38 @@ def sign_agreement(
     shared feature has the same non-zero sign. Chance level ``k / (2D)`` for independent maps with
     symmetric signs. Warns (:class:`SaliencyWarning`) when a batch is single-signed; pass
     ``warn_unsigned=False`` when that is known and intended.
+
+    Ties: as in :func:`feature_agreement`, each sign-agreeing feature counts with the probability
+    that both maps' top-k hold it, ``P(f ∈ top_k(a)) · P(f ∈ top_k(b))``.
     """
     xa, xb = _validate_pair(a, b, "sign_agreement")
+    _check_flag(warn_unsigned, "warn_unsigned", "sign_agreement")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "sign_agreement")
-    d = xa.shape[1]
-    kk = resolve_k(k, d)
-    ma = _mask_from_order(_topk_order(xa, kk), d)
-    mb = _mask_from_order(_topk_order(xb, kk), d)
-    return _as_fraction((ma & mb & _signs_agree(xa, xb)).sum(dim=1), kk, xa.dtype)
+    kk = resolve_k(k, xa.shape[1])
+    both = _top_k(xa, kk).share * _top_k(xb, kk).share
+    shared = torch.where(_signs_agree(xa, xb), both, torch.zeros_like(both)).sum(dim=1)
+    return _as_fraction(shared, kk, xa.dtype)
 
 
 def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: KValue) -> torch.Tensor:
     """Rank agreement: the share of the first k ranks held by the same feature in both maps.
 
     ``RA_k(a, b) = |{i < k : order_a[i] = order_b[i]}| / k`` where ``order_x`` lists features by
-    ``|x|`` descending (ties: lower index first). Equivalent to Krishna et al.'s
+    ``|x|`` descending. Equivalent to Krishna et al.'s
     ``|{f ∈ top_k(a) ∩ top_k(b) : rank_a(f) = rank_b(f)}| / k``. Much stricter than FA: a swap of
     two neighbours costs two ranks. Chance level ``1 / D``.
+
+    Ties: the count is its expectation over random orders of the tie blocks; a feature whose
+    blocks cover positions ``[s_a, s_a + n_a)`` and ``[s_b, s_b + n_b)`` stands at the same rank
+    below k in both maps for ``|[s_a, s_a+n_a) ∩ [s_b, s_b+n_b) ∩ [0, k)| / (n_a n_b)`` ranks on
+    average. So tied features, even inside the top-k of a map compared with itself, agree on
+    their rank only as often as chance: RA of a map with itself is 1 only if its top-k has no
+    ties, and a constant map scores exactly ``1 / D``.
     """
     xa, xb = _validate_pair(a, b, "rank_agreement")
     kk = resolve_k(k, xa.shape[1])
-    same = _topk_order(xa, kk) == _topk_order(xb, kk)
+    same = _same_rank_share(_top_k(xa, kk), _top_k(xb, kk), kk)
     return _as_fraction(same.sum(dim=1), kk, xa.dtype)
 
 
@@ -338,42 +438,66 @@ def signed_rank_agreement(
     ``SRA_k(a, b) = |{i < k : order_a[i] = order_b[i] = f, sign(a_f) · sign(b_f) > 0}| / k``
     (Krishna et al.; zeros disagree as in SA). ``SRA_k <= min(RA_k, SA_k)``. Chance level
     ``1 / (2D)``. Warns when a batch is single-signed.
+
+    Ties: the expected count over random orders of the tie blocks, as in
+    :func:`rank_agreement`, restricted to sign-agreeing features.
     """
     xa, xb = _validate_pair(a, b, "signed_rank_agreement")
+    _check_flag(warn_unsigned, "warn_unsigned", "signed_rank_agreement")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "signed_rank_agreement")
     kk = resolve_k(k, xa.shape[1])
-    oa = _topk_order(xa, kk)
-    ob = _topk_order(xb, kk)
-    agree = _signs_agree(xa, xb).gather(1, oa)
-    return _as_fraction(((oa == ob) & agree).sum(dim=1), kk, xa.dtype)
+    same = _same_rank_share(_top_k(xa, kk), _top_k(xb, kk), kk)
+    same = torch.where(_signs_agree(xa, xb), same, torch.zeros_like(same))
+    return _as_fraction(same.sum(dim=1), kk, xa.dtype)
 
 
 def signed_set_agreement(
     a: torch.Tensor, b: torch.Tensor, k: KValue, *, warn_unsigned: bool = True
 ) -> torch.Tensor:
-    """Signed-set agreement (Ley et al. 2023, after Brunet et al.): a per-pair 0/1 indicator.
+    """Signed-set agreement (Ley et al. 2023, after Brunet et al.): 0/1 per pair (ties: a probability).
 
     ``SSA_k(a, b) = 1`` iff the two top-k sets are the same features with the same signs (order
     ignored), i.e. iff ``SA_k(a, b) = 1``; otherwise 0. Averaged over pairs it is the fraction of
     explanations whose top-k "story" (which features, which direction) is identical. Zeros
     disagree as in SA. Chance level ``1 / (C(D, k) · 2^k)``. Warns when a batch is single-signed.
+
+    Ties: when a tie block straddles position k in either map, the value is the probability
+    (over random orders of the tie blocks) that the two top-k sets are equal with agreeing
+    signs, so it lies in [0, 1] rather than being 0 or 1: with ``C_x`` the features certainly
+    in ``top_k(x)``, ``T_x`` the straddling block of which ``r_x`` make the top-k, and
+    ``U = C_a ∪ C_b``, it is ``C(|P|, k - |U|) / (C(|T_a|, r_a) · C(|T_b|, r_b))`` when ``U``
+    fits both maps' top-k and agrees in sign (else 0), where ``P`` is the sign-agreeing
+    features in both ``T_a`` and ``T_b``. Without such a block it is the plain 0/1 indicator.
+    ``SSA_k <= SA_k``, and ``SSA_k = 1`` exactly when ``SA_k = 1``.
     """
     xa, xb = _validate_pair(a, b, "signed_set_agreement")
+    _check_flag(warn_unsigned, "warn_unsigned", "signed_set_agreement")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "signed_set_agreement")
-    d = xa.shape[1]
-    kk = resolve_k(k, d)
-    ma = _mask_from_order(_topk_order(xa, kk), d)
-    mb = _mask_from_order(_topk_order(xb, kk), d)
-    count = (ma & mb & _signs_agree(xa, xb)).sum(dim=1)
-    return (count == kk).to(xa.dtype)
+    kk = resolve_k(k, xa.shape[1])
+    ta, tb = _top_k(xa, kk), _top_k(xb, kk)
+    agree = _signs_agree(xa, xb)
+    union = ta.certain | tb.certain
+    possible_a, possible_b = ta.certain | ta.partial, tb.certain | tb.partial
+    blocked = (ta.certain & ~possible_b) | (tb.certain & ~possible_a) | (union & ~agree)
+    feasible = ~blocked.any(dim=1)
+    need = kk - union.sum(dim=1)
+    pool = (ta.partial & tb.partial & agree).sum(dim=1)
+    ways, possible = _log_comb_tensor(pool, need)
+    ways_a, _ = _log_comb_tensor(ta.pool, ta.pick)
+    ways_b, _ = _log_comb_tensor(tb.pool, tb.pick)
+    probability = torch.exp(ways - ways_a - ways_b).clamp(0.0, 1.0)
+    probability = torch.where(feasible & possible, probability, torch.zeros_like(probability))
+    exact = feasible & (need == 0)  # the 0/1 value for rows without a straddling block
+    no_ties = (ta.pool == 0) & (tb.pool == 0)
+    return torch.where(no_ties, exact.double(), probability).to(xa.dtype)
 
 
 def consistent_direction(
     a: torch.Tensor, b: torch.Tensor, k: KValue | None = None, *, warn_unsigned: bool = True
 ) -> torch.Tensor:
-    """Consistent direction of contribution (Ley et al. 2023, after Brunet et al.): 0/1 per pair.
+    """Consistent direction of contribution (Ley et al. 2023, after Brunet et al.): 0/1 per pair (ties: a probability).
 
     ``CDC_k(a, b) = 1`` iff ``sign(a_f) = sign(b_f)`` for every ``f ∈ top_k(a) ∩ top_k(b)``
     (vacuously 1 when the top-k sets do not overlap). This is the paper's "any feature that appears
@@ -386,20 +510,46 @@ def consistent_direction(
     feature *reverses* direction; with the SA convention, top-d CDC of a map with itself would be 0
     as soon as the map had one zero pixel. ``SSA_k = 1`` still implies ``CDC_k = 1``.
 
-    Chance level ``E[2^-|top_k(a) ∩ top_k(b)|]`` (hypergeometric overlap), ``2^-D`` for top-d.
-    Warns when a batch is single-signed.
+    Chance level ``E[2^-|top_k(a) ∩ top_k(b)|]`` (hypergeometric overlap), ``2^-D`` for top-d,
+    for maps without zeros; zero against zero agrees here, so maps whose top-k sets reach into
+    zero regions can score above it (measure the chance on maps of different inputs, as
+    :func:`pytest_saliency.agreement_matrix` does). Warns when a batch is single-signed.
+
+    Ties: when a tie block straddles position k in either map, the value is the probability
+    (over random orders of the tie blocks) that no feature in both top-k sets flips sign, so it
+    lies in [0, 1]. A flipping feature certain in both top-k sets makes it 0; the flipping
+    features in a straddling block must be left out of that block's draw: with ``j`` of them
+    drawn by ``a`` from the features straddling in both maps, ``b`` must avoid those ``j`` and
+    the flips certain in ``a``, a hypergeometric sum over ``j``. Top-d CDC has no straddling
+    block, so ties never matter there.
     """
     xa, xb = _validate_pair(a, b, "consistent_direction")
+    _check_flag(warn_unsigned, "warn_unsigned", "consistent_direction")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "consistent_direction")
     d = xa.shape[1]
     kk = d if k is None else resolve_k(k, d)
     flips = torch.sign(xa) != torch.sign(xb)
-    if kk < d:
-        ma = _mask_from_order(_topk_order(xa, kk), d)
-        mb = _mask_from_order(_topk_order(xb, kk), d)
-        flips = flips & ma & mb
-    return (~flips.any(dim=1)).to(xa.dtype)
+    if kk == d:
+        return (~flips.any(dim=1)).to(xa.dtype)
+    ta, tb = _top_k(xa, kk), _top_k(xb, kk)
+    exact = ~(flips & ta.share.gt(0) & tb.share.gt(0)).any(dim=1)  # the 0/1 value without ties at k
+    dead = (flips & ta.certain & tb.certain).any(dim=1)
+    avoid_b = (flips & ta.certain & tb.partial).sum(dim=1, keepdim=True)  # b's draw must skip these
+    avoid_a = (flips & ta.partial & tb.certain).sum(dim=1, keepdim=True)  # a's draw must skip these
+    both = (flips & ta.partial & tb.partial).sum(dim=1, keepdim=True)  # no feature drawn by a and b
+    pool_a, pick_a = ta.pool[:, None], ta.pick[:, None]
+    pool_b, pick_b = tb.pool[:, None], tb.pick[:, None]
+    top_j = int(torch.minimum(both, pick_a).max()) if both.numel() else 0
+    j = torch.arange(top_j + 1, device=xa.device)[None, :]  # how many of `both` a draws
+    draw_a = _comb_ratio(both, j, torch.zeros_like(both), torch.zeros_like(both)) * _comb_ratio(
+        pool_a - avoid_a - both, pick_a - j, pool_a, pick_a
+    )
+    draw_b = _comb_ratio(pool_b - avoid_b - j, pick_b, pool_b, pick_b)
+    probability = (draw_a * draw_b).sum(dim=1).clamp(0.0, 1.0)
+    probability = torch.where(dead, torch.zeros_like(probability), probability)
+    no_ties = (ta.pool == 0) & (tb.pool == 0)
+    return torch.where(no_ties, exact.double(), probability).to(xa.dtype)
 
 
 def _feature_index(features: Any, a: torch.Tensor, d: int, metric: str) -> torch.Tensor:
@@ -464,34 +614,35 @@ def pairwise_rank_agreement(a: torch.Tensor, b: torch.Tensor, features: Any = No
     """Pairwise rank agreement (Krishna et al. 2022) over a feature set F.
 
     ``PRA(a, b, F) = Σ_{f<g ∈ F} 1[(f ≺_a g) = (f ≺_b g)] / C(|F|, 2)`` where ``f ≺_x g`` means f
-    is ranked before g in x: ``|x_f| > |x_g|``, or equal magnitudes and ``f < g`` (the module's tie
-    rule, so ties are never "unordered"). It asks whether the maps agree on *which of two features
-    matters more*, for every pair in F - e.g. the features inside an annotated region.
+    is ranked before g in x: ``|x_f| > |x_g|``. It asks whether the maps agree on *which of two
+    features matters more*, for every pair in F - e.g. the features inside an annotated region.
+    Ties: a pair with equal magnitudes in either map is ordered at random by the module's tie
+    rule, so it agrees with probability 1/2 and counts as half an agreement; a constant map
+    scores exactly 0.5 against any map, and a map with ties scores below 1 against itself.
 
     ``features``: ``None`` (all D features), a boolean mask of one map's shape (or ``(D,)``), or a
     1-D tensor/sequence of distinct flattened indices; shared by all N maps. Needs ``|F| >= 2``.
-    Cost is ``O(N · |F|²)`` comparisons, done in chunks of at most ~16 M elements, so keep F to a
+    Cost is ``O(N · |F|²)`` comparisons, done in chunks of at most ~4 M elements, so keep F to a
     few thousand features (a region, or a union of top-k sets). Chance level 0.5.
     """
     xa, xb = _validate_pair(a, b, "pairwise_rank_agreement")
     n, d = xa.shape
     index = _feature_index(features, a, d, "pairwise_rank_agreement")
     m = index.numel()
-    positions = torch.arange(d, device=xa.device).expand(n, d)
-    rank_a = torch.empty(n, d, dtype=torch.long, device=xa.device).scatter_(1, _rank_order(xa), positions)
-    rank_b = torch.empty(n, d, dtype=torch.long, device=xa.device).scatter_(1, _rank_order(xb), positions)
-    ra = rank_a[:, index]
-    rb = rank_b[:, index]
+    ra = _tie_blocks(xa)[0][:, index]  # the first position of each feature's tie block
+    rb = _tie_blocks(xb)[0][:, index]
     rows = max(1, _PAIRWISE_CHUNK_ELEMENTS // max(1, n * m))
     cols = torch.arange(m, device=xa.device)
-    agree = torch.zeros(n, dtype=torch.long, device=xa.device)
+    halves = torch.zeros(n, dtype=torch.long, device=xa.device)  # agreements count 2, ties 1
     for start in range(0, m - 1, rows):
         stop = min(m - 1, start + rows)
-        before_a = ra[:, start:stop, None] < ra[:, None, :]
-        before_b = rb[:, start:stop, None] < rb[:, None, :]
+        fa, ga = ra[:, start:stop, None], ra[:, None, :]
+        fb, gb = rb[:, start:stop, None], rb[:, None, :]
         upper = cols[None, :] > torch.arange(start, stop, device=xa.device)[:, None]
-        agree += ((before_a == before_b) & upper).sum(dim=(1, 2))
-    return agree.to(xa.dtype) / (m * (m - 1) // 2)
+        same = ((fa < ga) & (fb < gb)) | ((fa > ga) & (fb > gb))
+        tied = (fa == ga) | (fb == gb)
+        halves += 2 * (same & upper).sum(dim=(1, 2)) + (tied & upper).sum(dim=(1, 2))
+    return (halves.double() / 2).to(xa.dtype) / (m * (m - 1) // 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +690,7 @@ def rank_correlation(
     from pytest_saliency.similarity import spearman as _spearman
 
     xa, xb = _validate_pair(a, b, "rank_correlation")
+    _check_flag(absolute, "absolute", "rank_correlation")
     n, d = xa.shape
     if absolute:
         xa, xb = xa.abs(), xb.abs()
@@ -644,6 +796,9 @@ def hog_pearson(
             f"hog_pearson: pixels_per_cell and cells_per_block must be pairs of positive ints, got "
             f"{pixels_per_cell!r} and {cells_per_block!r}."
         )
+    check_count(orientations, "hog_pearson: orientations", minimum=1, hint="SAM uses 9 orientation bins.")
+    check_choice(block_norm, "block_norm", ("L1", "L1-sqrt", "L2", "L2-Hys"),
+                 "(hog_pearson: scikit-image's block normalisations; its default, and SAM's, is 'L2-Hys'.)")
     h, w = a.shape[1], a.shape[2]
     need_h, need_w = ppc[0] * cpb[0], ppc[1] * cpb[1]
     if h < need_h or w < need_w:
@@ -727,6 +882,7 @@ def angular_difference(a: torch.Tensor, b: torch.Tensor, *, degrees: bool = Fals
     either map is all zeros. Chance level π/2 for independent maps with symmetric values.
     """
     xa, xb = _validate_pair(a, b, "angular_difference")
+    _check_flag(degrees, "degrees", "angular_difference")
     ua, za = _unit_rows(xa)
     ub, zb = _unit_rows(xb)
     theta = 2.0 * torch.atan2(
@@ -814,7 +970,9 @@ class MetricInfo:
 
     ``chance(k, D)`` returns the expected value for two independent random maps (see
     :func:`chance_level`), or ``None`` when no distribution-free value exists; ``chance_note``
-    states the assumption or the reason.
+    states the assumption or the reason. ``bounds`` is the range the metric's values can take
+    (``(0, π)`` for angular_difference in radians); a threshold outside it would make a gate
+    that always passes or always fails.
     """
 
     name: str
@@ -825,10 +983,17 @@ class MetricInfo:
     chance: Callable[[int | None, int | None], float | None]
     chance_note: str
     summary: str
+    bounds: tuple[float, float] = (0.0, 1.0)
 
 
-_SYMMETRIC = "independent maps whose values have symmetric signs (P(+) = P(-) = 1/2, no zeros)"
-_UNIFORM = "independent maps with uniformly random top-k order (continuous values, no ties)"
+_SYMMETRIC = (
+    "independent maps whose values have symmetric signs (P(+) = P(-) = 1/2, no zeros; zeros disagree, "
+    "so they can only lower SA, SRA and SSA)"
+)
+_UNIFORM = (
+    "independent maps with exchangeable features, e.g. i.i.d. values; ties of any kind, zeros and "
+    "constant maps included, count by their expectation over random orders of the tie blocks"
+)
 
 METRICS: dict[str, MetricInfo] = {
     info.name: info
@@ -860,7 +1025,8 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(
             "pairwise_rank_agreement", pairwise_rank_agreement, False, True, False,
             lambda k, d: 0.5,
-            "0.5: for independent maps each pair is ordered the same way with probability 1/2.",
+            "0.5: for independent maps each pair is ordered the same way with probability 1/2 (a pair "
+            "tied in either map counts 1/2).",
             "pairs in F ordered the same way, / C(|F|, 2)",
         ),
         MetricInfo(
@@ -881,6 +1047,7 @@ METRICS: dict[str, MetricInfo] = {
             lambda k, d: 0.0,
             "0: Spearman's rho of independent maps has expectation 0.",
             "Spearman of |values| (or signed) within a mask",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "ssim", ssim, False, True, False,
@@ -888,22 +1055,26 @@ METRICS: dict[str, MetricInfo] = {
             "None: SSIM of random maps depends on the value distribution, data_range and window, "
             "i.e. on the map pipeline; estimate it with random maps through the same pipeline.",
             "mean structural similarity of (N, H, W) maps",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "spearman", spearman, False, True, False,
             lambda k, d: 0.0, "0: Spearman's rho of independent maps has expectation 0.",
             "Spearman of signed values",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "spearman_abs", spearman_abs, False, True, False,
             lambda k, d: 0.0, "0: Spearman's rho of independent maps has expectation 0.",
             "Spearman of |values|",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "pearson", pearson, False, True, False,
             lambda k, d: 0.0,
             "0: Pearson's r of independent maps with i.i.d. values has expectation 0.",
             "Pearson of signed values",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "hog_pearson", hog_pearson, False, True, False,
@@ -912,12 +1083,14 @@ METRICS: dict[str, MetricInfo] = {
             "correlate positively by an amount that depends on map size and texture; estimate it "
             "with random maps (as SAM did).",
             "Pearson of HOG descriptors",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "l1_distance", l1_distance, False, False, False,
             lambda k, d: None,
             "None: the mean |a - b| of random maps depends on their value distribution and scale.",
             "mean |a - b| per pixel",
+            (0.0, math.inf),
         ),
         MetricInfo(
             "cosine_similarity", cosine_similarity, False, True, False,
@@ -925,6 +1098,7 @@ METRICS: dict[str, MetricInfo] = {
             "0: for independent maps with symmetric (zero-mean) values the cosine is symmetric "
             "about 0.",
             "<a, b> / (|a| |b|)",
+            (-1.0, 1.0),
         ),
         MetricInfo(
             "angular_difference", angular_difference, False, False, False,
@@ -932,6 +1106,7 @@ METRICS: dict[str, MetricInfo] = {
             "pi/2 radians: for independent maps with symmetric values the cosine is symmetric about "
             "0 and arccos(-c) = pi - arccos(c).",
             "arccos of the cosine similarity (radians)",
+            (0.0, math.pi),
         ),
         MetricInfo(
             "jensen_shannon_divergence", jensen_shannon_divergence, False, False, False,
@@ -965,8 +1140,14 @@ def chance_level(metric_name: str, k: KValue | None = None, num_features: int | 
     * ssim, hog_pearson, l1_distance, jensen_shannon_divergence ``None``: they depend on the map
       distribution and pipeline, so estimate them with random maps through the same pipeline.
 
-    Assumptions: maps independent, continuous (no ties), signs symmetric (P(+) = P(-) = 1/2) for
-    the sign metrics; ``METRICS[name].chance_note`` states each one. Top-k metrics need
+    Assumptions: maps independent with exchangeable features (every feature equally likely to
+    be important, e.g. i.i.d. values), signs symmetric (P(+) = P(-) = 1/2, no zeros) for the sign
+    metrics; ``METRICS[name].chance_note`` states each one. Ties do not change these values: the
+    top-k metrics count tie blocks by their expectation over random orders (see "Ties" in the
+    module docstring), so sparse, quantized and constant maps score these levels too. Maps with
+    spatial structure shared by every input (e.g. all maps bright in the centre) agree above them
+    even when unrelated: :func:`pytest_saliency.agreement_matrix` therefore also *measures* the
+    chance level on maps of different inputs and gates against the stricter of the two. Top-k metrics need
     ``num_features`` and ``k`` (consistent_direction: ``k=None`` means all features).
     """
     info = _lookup(metric_name)

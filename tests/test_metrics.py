@@ -1,8 +1,10 @@
 """Tests for pytest_saliency.metrics.
 
-Every top-k metric is compared with a plain-Python reference that loops over pixels and orders
-them with the documented tie rule (key ``(-|x_f|, f)``), on hypothesis-generated maps full of ties
-and zeros. Correlations, HOG and the JSD are compared with scipy / scikit-image / numpy. Chance
+Every top-k metric is compared with a plain-Python reference that loops over pixels and applies
+the documented tie rule (each block of equal ``|x|`` in a uniformly random order, independently
+in the two maps; the metric is the expectation, in exact fractions), on hypothesis-generated maps
+full of ties and zeros; for maps without ties it must equal the plain sorted-order value exactly
+(``tests/test_topk_ties.py`` checks the rule itself by brute force over every tie order). Correlations, HOG and the JSD are compared with scipy / scikit-image / numpy. Chance
 levels are checked by simulation with a seeded generator (deterministic, so not flaky).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -56,40 +59,110 @@ def ref_k(k, d: int) -> int:
 
 
 def ref_order(row: list[float]) -> list[int]:
-    """Features by |value| descending, ties by lower index."""
+    """Features by |value| descending (a plain sort; the order within a tie block is arbitrary)."""
     return sorted(range(len(row)), key=lambda f: (-abs(row[f]), f))
+
+
+def has_ties(row: list[float]) -> bool:
+    return len({abs(v) for v in row}) < len(row)
 
 
 def sgn(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
-def ref_topk(name: str, a: list[float], b: list[float], k) -> float:
+def ref_blocks(row: list[float]) -> tuple[list[int], list[int]]:
+    """Per feature: how many features have a larger |x| (its block's first position), block size."""
+    start = [sum(1 for v in row if abs(v) > abs(x)) for x in row]
+    size = [sum(1 for v in row if abs(v) == abs(x)) for x in row]
+    return start, size
+
+
+def ref_comb(n: int, r: int) -> int:
+    return math.comb(n, r) if 0 <= r <= n else 0
+
+
+def ref_topk(name: str, a: list[float], b: list[float], k) -> Fraction:
+    """The tie rule as a plain loop: expectations over random orders of the tie blocks."""
+    d = len(a)
+    kk = d if (k is None and name == "consistent_direction") else ref_k(k, d)
+    sa, na = ref_blocks(a)
+    sb, nb = ref_blocks(b)
+    in_a = [Fraction(min(max(kk - sa[f], 0), na[f]), na[f]) for f in range(d)]  # P(f in top-k of a)
+    in_b = [Fraction(min(max(kk - sb[f], 0), nb[f]), nb[f]) for f in range(d)]
+    agree = [sgn(a[f]) * sgn(b[f]) > 0 for f in range(d)]
+    if name in ("feature_agreement", "sign_agreement"):
+        signed = name == "sign_agreement"
+        return sum((in_a[f] * in_b[f] for f in range(d) if agree[f] or not signed), Fraction(0)) / kk
+    if name in ("rank_agreement", "signed_rank_agreement"):
+        signed = name == "signed_rank_agreement"
+        total = Fraction(0)
+        for f in range(d):
+            if signed and not agree[f]:
+                continue
+            for i in range(kk):  # P(f at rank i in a) * P(f at rank i in b)
+                if sa[f] <= i < sa[f] + na[f] and sb[f] <= i < sb[f] + nb[f]:
+                    total += Fraction(1, na[f] * nb[f])
+        return total / kk
+    certain_a = {f for f in range(d) if in_a[f] == 1}
+    certain_b = {f for f in range(d) if in_b[f] == 1}
+    block_a = {f for f in range(d) if 0 < in_a[f] < 1}  # the block straddling rank k
+    block_b = {f for f in range(d) if 0 < in_b[f] < 1}
+    pick_a, pick_b = kk - len(certain_a), kk - len(certain_b)
+    draws = ref_comb(len(block_a), pick_a) * ref_comb(len(block_b), pick_b)
+    if name == "signed_set_agreement":
+        union = certain_a | certain_b
+        if not (certain_a <= certain_b | block_b and certain_b <= certain_a | block_a):
+            return Fraction(0)
+        if not all(agree[f] for f in union):
+            return Fraction(0)
+        pool = sum(1 for f in block_a & block_b if agree[f])
+        return Fraction(ref_comb(pool, kk - len(union)), draws)
+    if name == "consistent_direction":
+        flips = {f for f in range(d) if sgn(a[f]) != sgn(b[f])}
+        if flips & certain_a & certain_b:
+            return Fraction(0)
+        avoid_b = len(flips & certain_a & block_b)
+        avoid_a = len(flips & block_a & certain_b)
+        both = len(flips & block_a & block_b)
+        ways = sum(
+            ref_comb(both, j) * ref_comb(len(block_a) - avoid_a - both, pick_a - j)
+            * ref_comb(len(block_b) - avoid_b - j, pick_b)
+            for j in range(both + 1)
+        )
+        return Fraction(ways, draws)
+    raise AssertionError(name)
+
+
+def plain_topk(name: str, a: list[float], b: list[float], k) -> float:
+    """The metric for one fixed order of each map (a plain sort): the value for tie-free maps."""
     d = len(a)
     kk = d if (k is None and name == "consistent_direction") else ref_k(k, d)
     oa, ob = ref_order(a)[:kk], ref_order(b)[:kk]
     shared = set(oa) & set(ob)
-    if name == "feature_agreement":
-        return len(shared) / kk
-    if name == "sign_agreement":
-        return sum(1 for f in shared if sgn(a[f]) * sgn(b[f]) > 0) / kk
-    if name == "rank_agreement":
-        return sum(1 for i in range(kk) if oa[i] == ob[i]) / kk
-    if name == "signed_rank_agreement":
-        return sum(1 for i in range(kk) if oa[i] == ob[i] and sgn(a[oa[i]]) * sgn(b[oa[i]]) > 0) / kk
+    count = {
+        "feature_agreement": len(shared),
+        "sign_agreement": sum(1 for f in shared if sgn(a[f]) * sgn(b[f]) > 0),
+        "rank_agreement": sum(1 for i in range(kk) if oa[i] == ob[i]),
+        "signed_rank_agreement": sum(1 for i in range(kk) if oa[i] == ob[i] and sgn(a[oa[i]]) * sgn(b[oa[i]]) > 0),
+    }
+    if name in count:
+        return (torch.tensor(float(count[name]), dtype=torch.float32) / kk).item()
     if name == "signed_set_agreement":
         return float(set(oa) == set(ob) and all(sgn(a[f]) * sgn(b[f]) > 0 for f in oa))
-    if name == "consistent_direction":
-        return float(all(sgn(a[f]) == sgn(b[f]) for f in shared))
-    raise AssertionError(name)
+    return float(all(sgn(a[f]) == sgn(b[f]) for f in shared))
 
 
 def ref_pra(a: list[float], b: list[float], features: list[int]) -> float:
-    pos_a = {f: i for i, f in enumerate(ref_order(a))}
-    pos_b = {f: i for i, f in enumerate(ref_order(b))}
+    """Pairs ordered the same way count 1, pairs tied in either map 1/2 (a random order)."""
     pairs = list(itertools.combinations(features, 2))
-    agree = sum(1 for f, g in pairs if (pos_a[f] < pos_a[g]) == (pos_b[f] < pos_b[g]))
-    return agree / len(pairs)
+    total = Fraction(0)
+    for f, g in pairs:
+        if abs(a[f]) == abs(a[g]) or abs(b[f]) == abs(b[g]):
+            total += Fraction(1, 2)
+        elif (abs(a[f]) > abs(a[g])) == (abs(b[f]) > abs(b[g])):
+            total += 1
+    return float(total / len(pairs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +283,11 @@ def test_topk_metric_matches_loop_reference(name, data):
     got = _call(name, a, b, k=k)
     assert got.shape == (a.shape[0],)
     assert got.dtype == torch.float32
-    expected = [ref_topk(name, ra, rb, k) for ra, rb in zip(_rows(a), _rows(b))]
+    expected = [float(ref_topk(name, ra, rb, k)) for ra, rb in zip(_rows(a), _rows(b))]
     assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    for value, ra, rb in zip(got.tolist(), _rows(a), _rows(b)):
+        if not (has_ties(ra) or has_ties(rb)):  # no ties: exactly the plain sorted-order value
+            assert value == plain_topk(name, ra, rb, k)
 
 
 @given(data=map_pairs())
@@ -219,7 +295,7 @@ def test_topk_metric_matches_loop_reference(name, data):
 def test_consistent_direction_default_is_top_d(data):
     a, b, _ = data
     got = M.consistent_direction(a, b, warn_unsigned=False)
-    expected = [ref_topk("consistent_direction", ra, rb, None) for ra, rb in zip(_rows(a), _rows(b))]
+    expected = [float(ref_topk("consistent_direction", ra, rb, None)) for ra, rb in zip(_rows(a), _rows(b))]
     assert got.tolist() == expected
     d = a[0].numel()
     assert torch.equal(got, M.consistent_direction(a, b, k=d, warn_unsigned=False))
@@ -278,13 +354,14 @@ def test_pairwise_rank_agreement_feature_errors():
         M.pairwise_rank_agreement(a, a, torch.ones(3))
 
 
-def test_tie_rule_prefers_lower_index():
+def test_tie_rule_gives_tied_features_no_position_advantage():
     a = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
     b = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    # top-2 of a is {0, 1} (all tied, lowest indices); top-2 of b is {2, 3}.
-    assert M.feature_agreement(a, b, 2).item() == 0.0
-    assert M.feature_agreement(a, b, 3).item() == pytest.approx(2 / 3)  # a: {0,1,2}, b: {2,3,0}
-    assert M.rank_agreement(a, b, 4).item() == 0.0  # a: 0,1,2,3  b: 2,3,0,1
+    # a is one tie block: each feature is in its top-2 with probability 1/2; b's top-2 is {2, 3}.
+    assert M.feature_agreement(a, b, 2).item() == pytest.approx(0.5)
+    # The same maps mirrored: the tied features' indices make no difference.
+    assert torch.equal(M.feature_agreement(a.flip(1), b.flip(1), 2), M.feature_agreement(a, b, 2))
+    assert M.rank_agreement(a, b, 4).item() == pytest.approx(0.25)  # 1/D: a carries no ranking
     # zero against zero is a sign disagreement for SA but not a direction flip for CDC
     z = torch.zeros(1, 4)
     assert M.sign_agreement(z, z, 4, warn_unsigned=False).item() == 0.0
@@ -296,10 +373,22 @@ def test_tie_rule_prefers_lower_index():
 # --------------------------------------------------------------------------------------------
 
 
-@given(data=map_pairs(values=NONZERO))
+@st.composite
+def tie_free_maps(draw):
+    """Maps whose |values| are all distinct: every metric has a single, plain order to work with."""
+    n, d = draw(st.integers(1, 4)), draw(st.integers(1, 20))
+    rows = []
+    for _ in range(n):
+        magnitudes = draw(st.permutations(range(1, d + 1)))
+        signs = draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=d, max_size=d))
+        rows.append([s * m for s, m in zip(signs, magnitudes)])
+    return torch.tensor(rows), draw(st.one_of(st.integers(1, d), st.floats(0, 1, exclude_min=True)))
+
+
+@given(data=tie_free_maps())
 @HYP
 def test_self_agreement_is_maximal(data):
-    a, _, k = data
+    a, k = data
     for name in TOPK_FUNCS:
         assert torch.all(_call(name, a, a.clone(), k=k) == 1.0), name
     if a[0].numel() >= 2:
@@ -308,14 +397,24 @@ def test_self_agreement_is_maximal(data):
 
 @given(data=map_pairs())
 @HYP
-def test_self_agreement_with_zeros(data):
-    """With zeros, FA/RA/PRA/CDC stay 1 but SA counts zeros in the top-k as disagreements."""
+def test_self_agreement_with_ties_and_zeros(data):
+    """A map against itself: CDC stays 1; tied features carry no ranking, so FA/RA/PRA are 1 only
+    without ties at the top-k boundary (FA) or inside the top-k (RA) or anywhere (PRA); SA also
+    counts zeros in the top-k as disagreements."""
     a, _, k = data
-    for name in ("feature_agreement", "rank_agreement", "consistent_direction"):
-        assert torch.all(_call(name, a, a, k=k) == 1.0), name
+    assert torch.all(_call("consistent_direction", a, a, k=k) == 1.0)
     kk = M.resolve_k(k, a[0].numel())
-    expected = [sum(1 for f in ref_order(r)[:kk] if r[f] != 0) / kk for r in _rows(a)]
-    assert M.sign_agreement(a, a, k, warn_unsigned=False).tolist() == pytest.approx(expected)
+    rows = _rows(a)
+    for name in ("feature_agreement", "sign_agreement", "rank_agreement"):
+        expected = [float(ref_topk(name, r, r, k)) for r in rows]
+        assert _call(name, a, a, k=k).tolist() == pytest.approx(expected, abs=1e-6), name
+    # no tie block straddles rank k: the k-th and (k+1)-th largest |values| differ
+    boundary_free = [kk == len(r) or abs(r[ref_order(r)[kk - 1]]) != abs(r[ref_order(r)[kk]]) for r in rows]
+    fa = M.feature_agreement(a, a, k).tolist()
+    assert [v == 1.0 for v in fa] == boundary_free
+    nonzero_fa = [sum(1 for f in ref_order(r)[:kk] if r[f] != 0) / kk for r in rows]
+    sa = M.sign_agreement(a, a, k, warn_unsigned=False).tolist()
+    assert all(s <= n + 1e-6 for s, n in zip(sa, nonzero_fa))
 
 
 @given(data=map_pairs())
@@ -328,9 +427,11 @@ def test_metric_inequalities(data):
     sra = M.signed_rank_agreement(a, b, k, warn_unsigned=False)
     ssa = M.signed_set_agreement(a, b, k, warn_unsigned=False)
     cdc = M.consistent_direction(a, b, k, warn_unsigned=False)
-    assert torch.all(sa <= fa) and torch.all(ra <= fa) and torch.all(sra <= torch.minimum(sa, ra))
-    assert torch.equal(ssa, (sa == 1).float())
-    assert torch.all(ssa <= cdc)
+    eps = 1e-6  # SSA and CDC are probabilities computed by different formulas
+    assert torch.all(sa <= fa + eps) and torch.all(ra <= fa + eps)
+    assert torch.all(sra <= torch.minimum(sa, ra) + eps)
+    assert torch.all(ssa <= sa + eps) and torch.all(ssa[sa == 1] == 1)
+    assert torch.all(ssa <= cdc + eps)
 
 
 @given(data=map_pairs())
