@@ -1,8 +1,10 @@
 """Regression baselines: stored maps that a retrained model's explanations are compared with.
 
-One baseline per test and name: ``<dir>/<module>/<test>[__<name>].npz`` plus a human-readable
-JSON sidecar. The ``.npz`` holds the maps (float32, compressed: float16 would add errors of
-about 1e-3 to SSIM, the size of the tightest calibrated tolerances) and an authoritative copy of
+One baseline per test and name: ``<dir>/<module>/<test>[__<name>].npz`` (``~<hash>`` added when
+the test id had to be changed to make a file name, so that no two tests share a file; see
+:func:`baseline_path`) plus a human-readable JSON sidecar. The ``.npz`` holds the maps (float32,
+compressed: float16 would add errors of about 1e-3 to SSIM, the size of the tightest calibrated
+tolerances) and an authoritative copy of
 the metadata as a plain string array, so the one atomic ``os.replace`` of the ``.npz`` is what
 makes a new baseline visible: an interrupted run leaves the old file intact. Loading uses
 ``allow_pickle=False``; a file that needs unpickling is refused, never executed.
@@ -24,9 +26,10 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +37,8 @@ from typing import Any
 
 from ._rng import rng_isolated
 from ._torch import require_torch
-from ._validation import check_inputs, check_model
-from .exceptions import SaliencyUsageError
+from ._validation import check_inputs, check_model, model_device
+from .exceptions import SaliencyCheckFailed, SaliencyUsageError
 from .explainers import _attribute, prepare_method, resolve_target
 from .parameter_randomization import _DERIVED_OPTIONS
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
@@ -55,8 +58,79 @@ def input_fingerprint(inputs: Any) -> str:
     return digest.hexdigest()
 
 
-def baseline_path(directory: Path | str, nodeid: str, name: str | None = None) -> Path:
-    """``<dir>/<module stem>/<test name>[__<name>].npz`` with filesystem-safe names."""
+# Generated file names stay this many bytes below the usual 255-byte limit of one path component,
+# leaving room for ".json" and the affixes of the temporary file written next to a baseline.
+_STEM_BYTES = 200
+_HASH_CHARS = 12
+_SAFE_NAME = re.compile(r"[\w\-]+")  # a class or function name: no "." (the separator) in it
+_SAFE_PARAMS = re.compile(r"\[[\w.\-\[\]]*")  # a parametrized id, "[...]"
+_SAFE_LABEL = re.compile(r"[\w.\-]+")  # the ``name=`` of one of several baselines of a test
+
+
+def _bounded(text: str) -> tuple[str, bool]:
+    """``text`` cut to the generated-name budget (at a character boundary); True when it was cut."""
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) <= _STEM_BYTES:
+        return text, False
+    return data[: _STEM_BYTES - _HASH_CHARS - 1].decode("utf-8", "ignore"), True
+
+
+def _digest(identity: str) -> str:
+    return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:_HASH_CHARS]
+
+
+def baseline_path(directory: Path | str, nodeid: str, name: str | None = None, *, module_dirs: bool = False) -> Path:
+    """Where the baseline of test ``nodeid`` (and ``name``) lives: ``<dir>/<module stem>/<test>[__<name>].npz``.
+
+    ``module_dirs=True`` (one baseline folder shared by the whole suite) keeps the module's folders:
+    ``<dir>/tests/unit/test_model/...``, so same-named modules in different packages stay apart.
+
+    Names are readable and every distinct test id gets a file of its own: classes and functions
+    are joined with ``.``, and when making a file name changed or dropped anything (a character
+    outside ``[\\w.\\-\\[\\]]``, a ``::`` inside a parametrized id, a ``__`` that could be read as the
+    name separator, a name longer than a file name may be) the name ends in ``~`` and the first
+    12 hex digits of the SHA-256 of the exact module, test id and name. ``~`` never appears
+    otherwise, so a hashed name cannot equal an unhashed one. Ids that need none of this keep the
+    names of earlier versions (:func:`legacy_baseline_path`).
+    """
+    module, _, test = nodeid.partition("::")
+    parts = module.split("/")  # pytest writes node ids with "/" on every platform
+    if not module_dirs:
+        parts = parts[-1:]
+    lossy = False
+    folders = []
+    for part in parts[:-1]:  # real folder names, valid on this file system, except "..", "." and ""
+        if part in ("", ".", ".."):
+            part, lossy = "_" * max(len(part), 1), True
+        folders.append(part)
+    module_file = Path(parts[-1])
+    stem = module_file.stem or "baselines"
+    lossy |= module_file.suffix != ".py" or stem in (".", "..")
+    if stem in (".", ".."):
+        stem = "_" * len(stem)
+
+    bracket = test.find("[")
+    names, params = (test, "") if bracket < 0 else (test[:bracket], test[bracket:])
+    pieces = names.split("::")
+    readable = ".".join(re.sub(r"[^\w\-]", "_", piece) for piece in pieces) + re.sub(r"[^\w.\-\[\]]", "_", params)
+    lossy |= not all(_SAFE_NAME.fullmatch(piece) for piece in pieces)
+    lossy |= bool(params) and not (_SAFE_PARAMS.fullmatch(params) and params.endswith("]"))
+    # "__" separates the test from ``name``: a test that holds "__" or ends in "_" could be read
+    # as another test plus a name.
+    lossy |= "__" in readable + "_"
+    if name:
+        lossy |= not _SAFE_LABEL.fullmatch(name)
+        readable += "__" + re.sub(r"[^\w.\-]", "_", name)
+    identity = "\0".join([*parts, test, name or ""])
+    readable, cut = _bounded(readable or "test")
+    if lossy or cut:
+        readable += "~" + _digest(identity)
+    return Path(directory).joinpath(*folders, stem, f"{readable}.npz")
+
+
+def legacy_baseline_path(directory: Path | str, nodeid: str, name: str | None = None) -> Path:
+    """The name earlier versions gave the baseline: characters outside ``[\\w.\\-\\[\\]]`` replaced
+    by ``_``, ``::`` by ``.``, and no module folders, so that several tests could share one file."""
     module, _, test = nodeid.partition("::")
     stem = Path(module).stem or "baselines"
     safe = re.sub(r"[^\w.\-\[\]]", "_", test.replace("::", ".")) or "test"
@@ -91,56 +165,188 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _checked_path(path: Path | str) -> Path:
-    """The baseline's path, refused when it would be overwritten by its own JSON sidecar."""
-    path = Path(path)
+# "." + name + "." + pid + "." + 8 hex digits + ".tmp": the temporary file written next to a target.
+_TEMP_AFFIX_BYTES = 25
+_NAME_MAX_BYTES = 255  # one path component, on the common file systems
+# A temporary file is stale (its writer was killed) once it is this old, whoever wrote it: no
+# baseline takes an hour to write.
+_TEMP_STALE_SECONDS = 3600.0
+# ... or once its writer's process is gone and it is this old. The grace keeps the files of a
+# writer on another machine (a shared network folder, where a pid means nothing here).
+_TEMP_DEAD_WRITER_SECONDS = 30.0
+
+
+def _as_path(path: Any) -> Path:
+    """``path`` as a :class:`Path`, or a usage error for what cannot name a file."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise SaliencyUsageError(
+            f"saliency baseline path must be a file path (a str or os.PathLike), got {path!r:.80}. "
+            "Pass e.g. tmp_path / 'model.npz', or use the saliency_baseline fixture, which names the file itself."
+        )
+    if not text:
+        raise SaliencyUsageError(
+            "saliency baseline path is empty; pass the .npz file to compare with, e.g. 'baselines/model.npz'."
+        )
+    if "\0" in text:
+        raise SaliencyUsageError(
+            f"saliency baseline path {text!r:.120} contains a NUL byte, which no file name may hold. "
+            "Build the path from the intended folder and file name."
+        )
+    return Path(text)
+
+
+def _checked_path(path: Any) -> Path:
+    """The baseline's path for writing, refused when it cannot be one: not a path, a name too long
+    for the file system, a folder, or a name its own JSON sidecar would overwrite."""
+    path = _as_path(path)
+    if path.name in ("", ".", ".."):
+        raise SaliencyUsageError(
+            f"saliency baseline path {str(path)!r} names a folder, not a file. Pass the path of an .npz file, "
+            "e.g. baselines/model.npz."
+        )
     if path.suffix.lower() == ".json":
         raise SaliencyUsageError(
             f"saliency baseline path {path} ends in .json, the name of the baseline's metadata sidecar "
             f"({path.with_suffix('.json').name}), which would overwrite the maps. Give the baseline an .npz "
             f"name, e.g. {path.with_suffix('.npz')}; the sidecar is written beside it."
         )
+    longest = max(len(os.fsencode(name)) for name in (path.name, path.with_suffix(".json").name))
+    if longest + _TEMP_AFFIX_BYTES > _NAME_MAX_BYTES:
+        raise SaliencyUsageError(
+            f"the file name of saliency baseline {path} is {len(os.fsencode(path.name))} bytes long; file "
+            f"systems hold at most {_NAME_MAX_BYTES} bytes per name, and the temporary file written next to "
+            f"the baseline needs {_TEMP_AFFIX_BYTES} more. Pass a shorter name (at most "
+            f"{_NAME_MAX_BYTES - _TEMP_AFFIX_BYTES - 1} bytes)."
+        )
+    if path.is_dir():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is a folder, not a baseline file. Pass the path of an .npz file "
+            "(e.g. a file inside that folder)."
+        )
     return path
 
 
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine; True when that cannot be told."""
+    if os.name == "nt" or pid <= 0:  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove temporary files of ``target`` that killed writers left behind (see the ages above).
+
+    Ours are ``.<name>.<pid>.<8 hex>.tmp``; ``.<name>.<8 chars>.tmp`` are ``tempfile.mkstemp``'s, as
+    earlier versions named them, judged by age alone. A file a live writer is writing now, here or
+    (for the grace period) elsewhere, is left alone.
+    """
+    prefix = f".{target.name}."
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(\d{{1,10}})\.[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp")
+    now = time.time()
+    try:
+        entries = [entry for entry in os.scandir(target.parent) if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        pid = match.group(1)
+        if age > _TEMP_STALE_SECONDS or (
+            pid is not None and age > _TEMP_DEAD_WRITER_SECONDS and not _writer_alive(int(pid))
+        ):
+            try:
+                os.unlink(entry.path)
+            except OSError:  # removed by another writer meanwhile, or not ours to remove
+                pass
+
+
 def write_baseline(path: Path, maps: Any, metadata: dict[str, Any]) -> None:
-    """Write ``maps`` and ``metadata`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``maps`` and ``metadata`` atomically: temp file in the same folder, fsync, rename.
+
+    Files get the usual mode (0666 less the umask), like any other file a test writes. Temporary
+    files that killed writers left next to the targets are removed first.
+    """
     import numpy as np
 
     path = _checked_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metadata, sort_keys=True, indent=2)
-    for target, writer in ((path, "npz"), (path.with_suffix(".json"), "json")):
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                if writer == "npz":
-                    np.savez_compressed(handle, maps=maps, metadata=np.array(text))
-                else:
-                    handle.write(text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, writer in ((path, "npz"), (path.with_suffix(".json"), "json")):
+            _remove_stale_temps(target)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = os.open(tmp, flags, 0o666)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    if writer == "npz":
+                        np.savez_compressed(handle, maps=maps, metadata=np.array(text))
+                    else:
+                        handle.write(text.encode("utf-8"))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+    except OSError as exc:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} could not be written ({type(exc).__name__}: {exc}). Check that its folder "
+            f"{path.parent} can be created and is writable (not a file, not on a read-only or full disk), or "
+            "choose another place (--saliency-baseline-dir)."
+        ) from None
 
 
 def read_baseline(path: Path) -> tuple[Any, dict[str, Any]]:
-    """Load maps and metadata without unpickling anything; damaged files get a clear error."""
+    """Load maps and metadata without unpickling anything; damaged files get a clear error.
+
+    Everything the comparison uses is checked here (metadata that is a JSON object, finite
+    thresholds in [-1, 1], a well-formed envelope, finite float maps of shape (N, H, W)), so a
+    damaged or hand-edited file is reported by name instead of passing or crashing later. The maps
+    come back as float32.
+    """
     import numpy as np
 
-    path = Path(path)
+    from ._validation import check_count, check_number
+
+    path = _as_path(path)
     fix = "Delete it and rerun with --saliency-update-baselines to write a fresh one, or restore it from version control."
+
+    def bad(problem: str) -> SaliencyUsageError:
+        return SaliencyUsageError(f"saliency baseline {path} {problem}. {fix}")
+
+    if path.is_dir():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is a folder, not a baseline file. Pass the path of an .npz file."
+        )
     try:
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
-            if "maps" not in data.files or "metadata" not in data.files:
-                raise SaliencyUsageError(
-                    f"saliency baseline {path} is not a pytest-saliency baseline (it holds {sorted(data.files)}, "
-                    f"expected 'maps' and 'metadata'). {fix}"
-                )
-            maps = data["maps"]
-            metadata = json.loads(str(data["metadata"]))
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+            handle.seek(0)
+            if not magic:
+                raise bad("is empty (0 bytes): corrupted or truncated")
+            if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.savez writes a zip archive
+                raise bad(f"is not a valid .npz baseline (an .npz file is a zip archive; this file starts with {magic!r})")
+            with np.load(handle, allow_pickle=False) as data:
+                if "maps" not in data.files or "metadata" not in data.files:
+                    raise SaliencyUsageError(
+                        f"saliency baseline {path} is not a pytest-saliency baseline (it holds {sorted(data.files)}, "
+                        f"expected 'maps' and 'metadata'). {fix}"
+                    )
+                maps = data["maps"]
+                raw = data["metadata"]
     except SaliencyUsageError:
         raise
     except ValueError as exc:
@@ -150,20 +356,45 @@ def read_baseline(path: Path) -> tuple[Any, dict[str, Any]]:
                 f"executed (baselines are loaded with allow_pickle=False). {fix}"
             ) from None
         raise SaliencyUsageError(f"saliency baseline {path} could not be read ({exc}). {fix}") from None
-    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError, json errors: a damaged file
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError: a damaged file
         raise SaliencyUsageError(
             f"saliency baseline {path} is corrupted or truncated ({type(exc).__name__}: {exc}). {fix}"
         ) from None
-    if maps.dtype.kind != "f" or maps.ndim != 3:
-        raise SaliencyUsageError(
-            f"saliency baseline {path} holds maps of dtype {maps.dtype} and shape {maps.shape}; expected float "
-            f"maps of shape (N, H, W). {fix}"
-        )
+    if raw.dtype.kind != "U" or raw.ndim != 0:
+        raise bad(f"holds metadata of dtype {raw.dtype} and shape {raw.shape}; expected one JSON string")
+    try:
+        metadata = json.loads(str(raw))
+    except ValueError as exc:
+        raise bad(f"metadata is not valid JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise bad(f"metadata is not a JSON object (it is a {type(metadata).__name__})")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise SaliencyUsageError(
             f"saliency baseline {path} has format version {metadata.get('format_version')!r}; this pytest-saliency "
             f"reads version {FORMAT_VERSION}. {fix}"
         )
+    try:
+        if "threshold" in metadata:
+            check_number(metadata["threshold"], "threshold", low=-1.0, high=1.0)
+        if "envelope" in metadata:
+            envelope = metadata["envelope"]
+            if not isinstance(envelope, dict):
+                raise SaliencyUsageError(
+                    f"envelope must be a JSON object with min_mean_similarity and reference_models, got {envelope!r:.80}."
+                )
+            check_number(envelope.get("min_mean_similarity"), "envelope.min_mean_similarity", low=-1.0, high=1.0)
+            check_count(envelope.get("reference_models"), "envelope.reference_models", minimum=2)
+    except SaliencyUsageError as exc:
+        raise SaliencyUsageError(f"saliency baseline {path}: {exc} {fix}") from None
+    if maps.dtype.kind != "f" or maps.ndim != 3:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} holds maps of dtype {maps.dtype} and shape {maps.shape}; expected float "
+            f"maps of shape (N, H, W). {fix}"
+        )
+    maps = maps.astype(np.float32, copy=False)
+    finite = np.isfinite(maps)
+    if not finite.all():
+        raise bad(f"holds maps with {int((~finite).sum())} NaN or infinite value(s) out of {maps.size}")
     return maps, metadata
 
 
@@ -268,6 +499,42 @@ def _mean_pairwise(maps: list[Any], metric: str, pipeline: MapPipeline) -> float
     return min(values)
 
 
+def _checked_references(reference_models: Any, device: Any) -> list[Any]:
+    """``reference_models`` as a list of models on ``device`` (empty for None), or a usage error."""
+    torch = require_torch()
+    if reference_models is None:
+        return []
+    if isinstance(reference_models, (str, bytes, torch.Tensor)) or (
+        isinstance(reference_models, torch.nn.Module) and not isinstance(reference_models, torch.nn.ModuleList)
+    ) or not hasattr(reference_models, "__iter__"):
+        raise SaliencyUsageError(
+            f"reference_models must be a list of models, got {type(reference_models).__name__}. Pass the "
+            "models trained with the same recipe and other seeds, e.g. reference_models=[model_seed1, model_seed2]."
+        )
+    references = list(reference_models)
+    if not references:
+        raise SaliencyUsageError(
+            "reference_models is empty, so there is nothing to calibrate the threshold with. Pass at least one "
+            "model trained with the same recipe and another seed, or leave reference_models out."
+        )
+    for index, ref in enumerate(references):
+        if not isinstance(ref, torch.nn.Module):
+            raise SaliencyUsageError(
+                f"reference_models[{index}] must be a torch.nn.Module, got {type(ref).__name__}. Pass the "
+                "trained networks themselves."
+            )
+        check_model(ref)
+        ref_device = model_device(ref)
+        if ref_device != device:
+            raise SaliencyUsageError(
+                f"reference_models[{index}] is on {ref_device} but the model and inputs are on {device}. Move "
+                f"every reference model there first: reference_models[{index}].to({str(device)!r})"
+                + (" (a meta model holds no weights: materialize it and load them)." if ref_device.type == "meta"
+                   else ".")
+            )
+    return references
+
+
 @rng_isolated
 def check_baseline(
     model: Any,
@@ -293,11 +560,30 @@ def check_baseline(
     and the result fails (so a new test cannot pass by accident). ``reference_models`` calibrates
     the threshold from seed-to-seed variation when the baseline is written.
     """
+    from ._rng import as_seed
+    from ._validation import check_count, check_number
+
     start = time.perf_counter()
     torch = require_torch()
     path = _checked_path(path)
+    seed = as_seed(seed)
+    if threshold is not None:
+        threshold = check_number(threshold, "threshold", low=-1.0, high=1.0,
+                                 hint=f"It bounds the mean per-image {metric} to the baseline, which lies in [-1, 1].")
+    batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True)
+    if not isinstance(name, str):
+        raise SaliencyUsageError(f"baseline name must be a str, got {name!r:.80}. Pass e.g. name='integrated_gradients'.")
     check_model(model)
+    on_meta = [label for label, device in (("model", model_device(model)), ("inputs", getattr(inputs, "device", None)))
+               if device is not None and device.type == "meta"]
+    if on_meta:
+        raise SaliencyUsageError(
+            f"{' and '.join(on_meta)} {'is' if on_meta == ['model'] else 'are'} on the meta device, whose tensors "
+            "hold no values, so there are no maps to compare. Materialize the model (model.to_empty(device='cpu'), "
+            "then load its weights) and pass real inputs on the same device."
+        )
     check_inputs(inputs, model)
+    references = _checked_references(reference_models, inputs.device)
     if metric not in BASELINE_METRICS:
         from ._validation import unknown_choice
 
@@ -331,13 +617,19 @@ def check_baseline(
     if update or not path.exists():
         source = "given" if threshold is not None else "default"
         stored_threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-        if reference_models:
-            for ref in reference_models:
-                check_model(ref)
-            envelope = _mean_pairwise([current] + [maps_of(m) for m in reference_models], metric, pipeline)
+        if references:
+            envelope = _mean_pairwise([current] + [maps_of(m) for m in references], metric, pipeline)
+            if not math.isfinite(envelope):
+                raise SaliencyCheckFailed(
+                    f"saliency baseline {path} not written: the mean {metric} between the maps of the model and "
+                    f"its {len(references)} reference model(s) is {envelope}, so no threshold can be calibrated "
+                    f"from them ({metric} of constant maps is undefined: does a model's output ignore its "
+                    "input?). Check the models' maps (saliency.explain), or use metric='ssim', or pass "
+                    "threshold= instead of reference_models."
+                )
             metadata["envelope"] = {"metric": metric, "min_mean_similarity": envelope,
-                                    "reference_models": len(reference_models) + 1}
-            stored_threshold, source = envelope, f"calibrated from {len(reference_models) + 1} reference models"
+                                    "reference_models": len(references) + 1}
+            stored_threshold, source = envelope, f"calibrated from {len(references) + 1} reference models"
         metadata["threshold"] = stored_threshold
         write_baseline(path, current.detach().cpu().numpy(), metadata)
         return BaselineResult(status="updated" if update else "written", threshold=stored_threshold,
@@ -350,6 +642,13 @@ def check_baseline(
         raise SaliencyUsageError(
             f"saliency baseline {path} was made from different {', '.join(differences)} ({detail}). Comparing them "
             "would compare unlike things. If the change is intended, rewrite it with --saliency-update-baselines."
+        )
+    if tuple(stored_maps.shape) != tuple(current.shape):
+        raise SaliencyUsageError(
+            f"saliency baseline {path} holds maps of shape {tuple(stored_maps.shape)}, but this check's maps have "
+            f"shape {tuple(current.shape)} although its metadata matches these inputs: the file was changed after "
+            "it was written. Regenerate it with pytest --saliency --saliency-update-baselines (or restore it from "
+            "version control)."
         )
     baseline = torch.from_numpy(stored_maps).to(current.device)
     values = _similarity(metric, current, baseline, pipeline).double().cpu().tolist()

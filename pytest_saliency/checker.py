@@ -246,19 +246,51 @@ class SaliencyChecker:
 
 
 class BaselineChecker:
-    """Behind the ``saliency_baseline`` fixture: one stored baseline per test and name."""
+    """Behind the ``saliency_baseline`` fixture: one stored baseline per test and name.
+
+    ``module_dirs=True`` when the folder is shared by the whole suite (``--saliency-baseline-dir``):
+    the module's folders are then part of the path (see :func:`pytest_saliency.baseline.baseline_path`).
+    """
 
     def __init__(self, checker: SaliencyChecker, directory: Any, update: bool,
-                 written: Callable[[str], None] | None = None) -> None:
+                 written: Callable[[str], None] | None = None, *, module_dirs: bool = False) -> None:
         self._checker = checker
         self.directory = directory
         self.update = update
+        self.module_dirs = module_dirs
         self._written = written
 
     def path(self, name: str | None = None) -> Any:
         from .baseline import baseline_path
 
-        return baseline_path(self.directory, self._checker.nodeid, name)
+        return baseline_path(self.directory, self._checker.nodeid, _checked_name(name), module_dirs=self.module_dirs)
+
+    def _refuse_legacy_file(self, path: Any, name: str | None) -> None:
+        """A baseline missing under its name but present under the name earlier versions gave it.
+
+        That file is not read: an earlier version may have given one file to several tests (ids
+        that differ only in characters replaced in file names, same-named modules in different
+        folders of a shared baseline folder), so it may hold another test's maps, and a comparison
+        with it could pass or fail for the wrong reason. Whether it belongs to this test is for a
+        person to decide, once: the error names both files.
+        """
+        __tracebackhide__ = True
+        from .baseline import legacy_baseline_path
+        from .exceptions import SaliencyUsageError
+
+        legacy = legacy_baseline_path(self.directory, self._checker.nodeid, name)
+        if self.update or legacy == path or path.exists() or not legacy.exists():
+            return
+        label = f"{self._checker.nodeid}" + (f" (name {name!r})" if name else "")
+        raise SaliencyUsageError(
+            f"the saliency baseline of {label} belongs at {path}, which does not exist;\n"
+            f"  earlier versions stored it at {legacy}, a name that other tests could share, so that file is not "
+            "read (it may hold another test's maps).\n"
+            "  If it is this test's baseline, move it and its .json sidecar to the new name:\n"
+            f"    mkdir -p {shlex.quote(str(path.parent))} && mv {shlex.quote(str(legacy))} {shlex.quote(str(path))} "
+            f"&& mv {shlex.quote(str(legacy.with_suffix('.json')))} {shlex.quote(str(path.with_suffix('.json')))}\n"
+            "  otherwise write a fresh one with pytest --saliency --saliency-update-baselines, review it and commit it."
+        )
 
     def check(self, model: Any, inputs: Any, method: Any = "saliency", name: str | None = None,
               metric: str = "ssim", threshold: float | None = None, **options: Any) -> Any:
@@ -267,6 +299,7 @@ class BaselineChecker:
         from .baseline import check_baseline
 
         path = self.path(name)
+        self._refuse_legacy_file(path, name)
 
         def run() -> Any:
             __tracebackhide__ = True
@@ -277,3 +310,14 @@ class BaselineChecker:
             return result
 
         return self._checker._checked(run)
+
+
+def _checked_name(name: Any) -> str | None:
+    if name is None or isinstance(name, str):
+        return name
+    from .exceptions import SaliencyUsageError
+
+    raise SaliencyUsageError(
+        f"baseline name must be a str or None, got {name!r:.80}. It tells apart several baselines of one test, "
+        "e.g. name='integrated_gradients'."
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from .config import (
 CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
 FIXTURES = ("saliency", "saliency_device", "saliency_config", "saliency_baseline", "saliency_model_cache")
 WRITTEN_PROPERTY = "saliency_baseline_written"
+# A report entry a check could not write: travels to the controller like the results do.
+REPORT_ERROR_PROPERTY = "saliency_report_error"
 SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
 
 
@@ -117,11 +118,15 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     resolved = config.stash[CONFIG_KEY] = resolve_config(config)
     controller = not hasattr(config, "workerinput")
-    config.pluginmanager.register(SaliencyReporter(resolved, controller), "saliency-reporter")
+    reporter = SaliencyReporter(resolved, controller)
+    config.pluginmanager.register(reporter, "saliency-reporter")
     if resolved.enabled and resolved.report and controller:
-        from .report import prepare_results_dir
+        from .report import prepare_results_dir, results_dir_problem
 
-        prepare_results_dir(resolved.results_dir)
+        try:
+            prepare_results_dir(resolved.results_dir)
+        except OSError as exc:  # the checks still run; the summary says why there is no report
+            reporter.problems.append(f"saliency report not written: {results_dir_problem(resolved.results_dir, exc)}")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -231,23 +236,30 @@ def saliency(
         record=lambda name, value: node.user_properties.append((name, value)),
         cache=_saliency_map_cache,
         progress=ProgressLine(request.config),
-        report=_entry_writer(saliency_config, node.nodeid) if saliency_config.report else None,
+        report=_entry_writer(saliency_config, node.nodeid, node.user_properties.append)
+        if saliency_config.report else None,
         model_cache=saliency_model_cache,
     )
 
 
-def _entry_writer(config: SaliencyConfig, nodeid: str) -> Any:
-    """Write one check's report entry (with figures for HTML); return the link to its section."""
+def _entry_writer(config: SaliencyConfig, nodeid: str, record: Any) -> Any:
+    """Write one check's report entry (with figures for HTML); return the link to its section.
+
+    A report problem never fails the user's test, not even as a warning (suites that turn
+    warnings into errors would fail): it is recorded and listed in the terminal summary.
+    """
 
     def write(result: Any) -> str | None:
-        from .report import html_link, write_entry
+        from .report import html_link, results_dir_problem, write_entry
 
         try:
             path = write_entry(result, nodeid, config.results_dir, figures="html" in config.report)
-        except Exception as exc:  # a report problem must never fail the user's test
-            warnings.warn(f"saliency report entry for {nodeid} not written: {exc!r}", stacklevel=2)
-            return None
-        return html_link(path) if "html" in config.report else str(Path(config.results_dir) / "saliency-report.json")
+            return html_link(path) if "html" in config.report else str(Path(config.results_dir) / "saliency-report.json")
+        except OSError as exc:
+            record((REPORT_ERROR_PROPERTY, results_dir_problem(config.results_dir, exc)))
+        except Exception as exc:
+            record((REPORT_ERROR_PROPERTY, f"{type(exc).__name__}: {exc}"))
+        return None
 
     return write
 
@@ -267,6 +279,8 @@ class SaliencyReporter:
         self.results: list[dict[str, Any]] = []
         self.written: list[str] = []
         self.reports: dict[str, Path] = {}
+        self.entry_errors: list[str] = []  # report entries checks could not write (any process)
+        self.problems: list[str] = []  # why the report is missing or incomplete, for the summary
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # The teardown report carries every property recorded during setup, call and teardown,
@@ -278,20 +292,44 @@ class SaliencyReporter:
                 self.results.append(json.loads(value))
             elif name == WRITTEN_PROPERTY:
                 self.written.append(value)
+            elif name == REPORT_ERROR_PROPERTY:
+                self.entry_errors.append(value)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Merge the entries into the report. Nothing here may raise (pytest would print an
+        INTERNALERROR instead of the summary): problems go to the summary."""
         if not (self.controller and self.config.enabled and self.config.report):
             return
-        from .report import collect_entries, write_reports
+        from .report import ENTRIES_DIR, collect_entries, results_dir_problem, write_reports
 
+        root = self.config.results_dir
+        incomplete = [f"saliency report: {self.entry_errors.count(problem)} check result(s) left out, their entries "
+                      f"not written: {problem}" for problem in dict.fromkeys(self.entry_errors)]
         errors: list[str] = []
-        entries = collect_entries(self.config.results_dir, errors)
-        for error in errors:
-            warnings.warn(f"saliency report: {error}", stacklevel=1)
-        self.reports = write_reports(
-            entries, self.config.results_dir, self.config.report, config=self.config.to_dict(),
-            environment={"device": self.config.device, "seed": self.config.seed},
-        )
+        try:
+            entries = collect_entries(root, errors)
+        except OSError as exc:  # e.g. the folder's permissions were changed during the session
+            entries = []
+            errors.append(f"{Path(root) / ENTRIES_DIR}: {exc}")
+        incomplete.extend(f"saliency report: skipped an unreadable entry file {error}" for error in errors)
+        missing = len(self.results) - len(entries) - len(errors) - len(self.entry_errors)
+        if missing > 0:
+            incomplete.append(
+                f"saliency report: {missing} of {len(self.results)} check result(s) missing: their entry files under "
+                f"{Path(root) / ENTRIES_DIR} were removed during the session (by a test or another program); rerun "
+                "to get a complete report, and keep the results folder out of what tests delete."
+            )
+        try:
+            self.reports = write_reports(
+                entries, root, self.config.report, config=self.config.to_dict(),
+                environment={"device": self.config.device, "seed": self.config.seed},
+            )
+        except OSError as exc:
+            self.problems.append(f"saliency report not written: {results_dir_problem(root, exc)}")
+        except Exception as exc:
+            self.problems.append(f"saliency report not written: {type(exc).__name__}: {exc}")
+        else:
+            self.problems.extend(incomplete)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written:
@@ -310,6 +348,8 @@ class SaliencyReporter:
                     terminalreporter.write_line(f"  {entry['summary']}  ({entry['nodeid']})")
             failed = sum(not entry["passed"] for entry in self.results)
             terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
+        for problem in dict.fromkeys(self.problems):
+            terminalreporter.write_line(problem, red=True)
         for kind, path in self.reports.items():
             terminalreporter.write_line(f"saliency {kind} report: {path}")
 
@@ -325,6 +365,8 @@ def saliency_baseline(request: pytest.FixtureRequest, saliency: SaliencyChecker)
 
     The first run writes ``saliency_baselines/<module>/<test>.npz`` and fails (commit the file);
     later runs compare with it. ``pytest --saliency --saliency-update-baselines`` rewrites them.
+    Under ``--saliency-baseline-dir`` (or the ini key) the module's folders are kept:
+    ``<dir>/tests/unit/test_model/<test>.npz``.
     """
     config = request.config
     option = config.option.saliency_baseline_dir
@@ -339,4 +381,5 @@ def saliency_baseline(request: pytest.FixtureRequest, saliency: SaliencyChecker)
     return BaselineChecker(
         saliency, directory, bool(config.option.saliency_update_baselines),
         written=lambda path: node.user_properties.append((WRITTEN_PROPERTY, path)),
+        module_dirs=bool(option or ini),
     )

@@ -248,6 +248,27 @@ def prepare_results_dir(results_dir: str | os.PathLike[str]) -> Path:
     return root
 
 
+def results_dir_problem(results_dir: str | os.PathLike[str], exc: BaseException) -> str:
+    """What is wrong with ``results_dir``, given the error ``exc`` that using it raised, and what to do."""
+    root = Path(results_dir)
+    fix = "choose another --saliency-results-dir (or saliency_results_dir ini key)"
+
+    def is_file_like(path: Path) -> bool:  # exists and is not a folder; False when it cannot be told
+        try:
+            return path.exists() and not path.is_dir()
+        except OSError:
+            return False
+
+    blocker = next((p for p in (root, *root.parents) if is_file_like(p)), None)
+    if blocker == root:
+        return f"{root} is a file, not a folder; remove the file or {fix}"
+    if blocker is not None:
+        return f"{root} cannot be created: {blocker} is a file, not a folder; remove that file or {fix}"
+    if isinstance(exc, PermissionError):
+        return f"{root} cannot be created or written ({exc.strerror or exc}); make it writable or {fix}"
+    return f"{root} could not be used ({type(exc).__name__}: {exc}); check that folder or {fix}"
+
+
 # --------------------------------------------------------------------------------------------
 # controller side: merge and write
 
@@ -984,6 +1005,7 @@ def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *
 __all__ = [
     "HTML_NAME", "JSON_NAME", "REPORT_FORMATS", "ReportEntry", "ReportSchemaError", "SCHEMA_VERSION",
     "build_report", "collect_entries", "environment_info", "html_link", "load_schema", "make_entry", "parse_formats",
-    "prepare_results_dir", "read_entry", "render_html", "report_errors", "sanitize", "summarize", "validate_report",
+    "prepare_results_dir", "read_entry", "render_html", "report_errors", "results_dir_problem", "sanitize",
+    "summarize", "validate_report",
     "write_entry", "write_reports",
 ]

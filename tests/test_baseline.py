@@ -135,8 +135,10 @@ def test_an_interrupted_write_leaves_the_old_baseline(tmp_path, monkeypatch):
 
 
 def test_paths_are_per_test_and_name(tmp_path):
-    p = baseline_path(tmp_path, "tests/test_model.py::TestX::test_y[cpu-1]", "ig maps")
+    p = baseline_path(tmp_path, "tests/test_model.py::TestX::test_y[cpu-1]", "ig_maps")
     assert p == tmp_path / "test_model" / "TestX.test_y[cpu-1]__ig_maps.npz"
+    spaced = baseline_path(tmp_path, "tests/test_model.py::TestX::test_y[cpu-1]", "ig maps")
+    assert spaced.parent == p.parent and spaced.name.startswith("TestX.test_y[cpu-1]__ig_maps~")
 
 
 def test_a_json_path_is_refused_before_its_sidecar_could_overwrite_the_maps(tmp_path, model_and_inputs):
@@ -205,3 +207,69 @@ def test_baseline_dir_option(pytester):
     pytester.makepyfile(test_flow=WORKFLOW_TEST.format(scale=1.0))
     pytester.runpytest("--saliency", "--saliency-baseline-dir=stored", "--saliency-update-baselines").assert_outcomes(passed=1)
     assert (pytester.path / "stored" / "test_flow" / "test_maps.npz").exists()
+
+
+@pytest.mark.parametrize("seed", [np.int64(1), np.uint8(1), np.int64(-3)])
+def test_numpy_integer_seeds_negative_ones_included(tmp_path, model_and_inputs, seed):
+    written = check_baseline(*model_and_inputs, tmp_path / "b.npz", "smoothgrad", seed=seed, nt_samples=2)
+    assert written.seed == int(seed) and type(written.seed) is int
+    assert check_baseline(*model_and_inputs, tmp_path / "b.npz", "smoothgrad", seed=seed, nt_samples=2).passed
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("-inf"), 1.5, -2, "0.9", True])
+def test_thresholds_are_validated(tmp_path, model_and_inputs, threshold):
+    with pytest.raises(SaliencyUsageError, match=r"threshold must be a finite number with -1 <= threshold <= 1"):
+        check_baseline(*model_and_inputs, tmp_path / "b.npz", threshold=threshold)
+    assert not (tmp_path / "b.npz").exists()
+
+
+def test_the_fixture_validates_threshold_name_and_counts(tmp_path, model_and_inputs):
+    from pytest_saliency.checker import BaselineChecker, SaliencyChecker
+    from pytest_saliency.config import SaliencyConfig
+
+    fixture = BaselineChecker(SaliencyChecker(SaliencyConfig(), nodeid="t.py::test_x"), tmp_path, update=False)
+    with pytest.raises(SaliencyUsageError, match=r"threshold must be a finite number .* got inf"):
+        fixture.check(*model_and_inputs, threshold=float("inf"))
+    with pytest.raises(SaliencyUsageError, match=r"name must be a str or None, got 3"):
+        fixture.check(*model_and_inputs, name=3)
+    with pytest.raises(SaliencyUsageError, match=r"batch_size must be an int >= 1 or None, got 0"):
+        fixture.check(*model_and_inputs, batch_size=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("refs, message", [
+    ([], r"reference_models is empty"),
+    ("models", r"reference_models must be a list of models"),
+    (lambda: make_tiny_cnn(1), r"reference_models must be a list of models"),
+    (lambda: [make_tiny_cnn(1), "m"], r"reference_models\[1\] must be a torch.nn.Module, got str"),
+    (lambda: [make_tiny_cnn(1).to("meta")],
+     r"reference_models\[0\] is on meta but the model and inputs are on cpu.*reference_models\[0\].to\('cpu'\)"),
+])
+def test_reference_models_are_validated(tmp_path, model_and_inputs, refs, message):
+    refs = refs() if callable(refs) else refs
+    with pytest.raises(SaliencyUsageError, match=message):
+        check_baseline(*model_and_inputs, tmp_path / "b.npz", reference_models=refs)
+
+
+def test_a_model_on_the_meta_device_is_refused(tmp_path):
+    import torch
+
+    with pytest.raises(SaliencyUsageError, match=r"model and inputs are on the meta device.*hold no values.*to_empty"):
+        check_baseline(make_tiny_cnn().to("meta"), torch.empty(2, 1, 16, 16, device="meta"), tmp_path / "b.npz")
+
+
+def test_an_envelope_that_cannot_be_calibrated_is_not_stored(tmp_path):
+    import torch
+
+    from pytest_saliency import SaliencyCheckFailed
+
+    def blind():  # its output ignores the input: constant (all-zero) maps, whose Pearson r is undefined
+        model = make_tiny_cnn()
+        with torch.no_grad():
+            model.fc.weight.zero_()
+        return model
+
+    path = tmp_path / "b.npz"
+    with pytest.raises(SaliencyCheckFailed, match=r"b\.npz not written: the mean pearson .* is nan.*ignore its input"):
+        check_baseline(blind(), tiny_images(), path, metric="pearson", reference_models=[blind()])
+    assert not path.exists()

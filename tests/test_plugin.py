@@ -767,3 +767,67 @@ def test_long_checks_show_progress_past_capture_but_not_under_quiet(tiny_repo):
     quiet = tiny_repo.runpytest("--saliency", "-q")
     quiet.assert_outcomes(passed=1)
     assert "randomized states done" not in quiet.stdout.str()
+
+
+# 10. An unusable results folder -------------------------------------------------------------------
+
+
+def test_a_results_dir_that_is_a_file_is_reported_and_the_checks_still_run(tiny_repo):
+    tiny_repo.makepyfile(test_gate=GRADIENTS_PASS_IPR)
+    (tiny_repo.path / "out").write_text("not a folder")
+    result = tiny_repo.runpytest("--saliency", "--saliency-report=json", "--saliency-results-dir=out",
+                                 "-W", "error::UserWarning")
+    result.assert_outcomes(passed=1)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines([
+        "*- saliency checks -*",
+        "1 saliency check(s) passed, 0 failed",
+        f"saliency report not written: {tiny_repo.path / 'out'} is a file, not a folder*"
+        "remove the file or choose another --saliency-results-dir*",
+    ])
+
+
+REMOVES_THE_RESULTS_DIR = """
+import shutil
+
+
+def test_a(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+
+
+def test_b(saliency_config):
+    shutil.rmtree(saliency_config.results_dir)
+
+
+def test_c(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+"""
+
+
+def test_a_results_dir_removed_during_the_session_is_reported_and_the_report_keeps_the_rest(tiny_repo):
+    tiny_repo.makepyfile(test_removes=REMOVES_THE_RESULTS_DIR)
+    result = tiny_repo.runpytest("--saliency", "--saliency-report=json", "--saliency-results-dir=out")
+    result.assert_outcomes(passed=3)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines([
+        "2 saliency check(s) passed, 0 failed",
+        "saliency report: 1 of 2 check result(s) missing: their entry files under *out* were removed during the "
+        "session*",
+        f"saliency json report: {tiny_repo.path / 'out' / 'saliency-report.json'}",
+    ])
+    data = json.loads((tiny_repo.path / "out" / "saliency-report.json").read_text())
+    assert [r["nodeid"] for r in data["results"]] == ["test_removes.py::test_c"]
+
+
+def test_a_results_dir_replaced_by_a_file_during_the_session_is_reported(tiny_repo):
+    tiny_repo.makepyfile(test_replaces=REMOVES_THE_RESULTS_DIR.replace(
+        "shutil.rmtree(saliency_config.results_dir)",
+        "shutil.rmtree(saliency_config.results_dir)\n    open(saliency_config.results_dir, 'w').close()"))
+    result = tiny_repo.runpytest("--saliency", "--saliency-report=json,html", "--saliency-results-dir=out",
+                                 "-W", "error::UserWarning")
+    result.assert_outcomes(passed=3)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines([
+        "2 saliency check(s) passed, 0 failed",
+        f"saliency report not written: {tiny_repo.path / 'out'} is a file, not a folder*",
+    ])

@@ -362,3 +362,16 @@ def test_without_matplotlib_the_report_has_tables_and_says_why(tmp_path, results
     monkeypatch.undo()
     page = write_reports(collect_entries(tmp_path), tmp_path, formats="html")["html"].read_text()
     assert "figures need matplotlib" in page and "INSENSITIVE" not in page and "mean SSIM" in page
+
+
+def test_results_dir_problems_say_what_is_in_the_way_and_what_to_do(tmp_path):
+    from pytest_saliency.report import results_dir_problem
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for root in (blocker, blocker / "out" / "deeper"):
+        with pytest.raises(OSError) as info:
+            prepare_results_dir(root)
+        message = results_dir_problem(root, info.value)
+        assert f"{blocker} is a file, not a folder" in message
+        assert "choose another --saliency-results-dir" in message
