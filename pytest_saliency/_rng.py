@@ -164,8 +164,12 @@ def isolated_rngs(seed: Any = 0) -> Iterator[None]:
 
 
 def rng_isolated(function: F) -> F:
-    """Run ``function`` (a public entry point that runs a model) inside :func:`isolated_rngs`,
-    seeded from its ``seed`` argument (0 if it has none)."""
+    """Run ``function`` (a public entry point that runs a model) with the global generators
+    seeded from its ``seed`` argument (0 if it has none) and restored afterwards, as
+    :func:`isolated_rngs` does, and its model arguments, grad mode and torch's other modes put
+    back whatever ends the call, a Ctrl-C included (:func:`pytest_saliency.integrity.guarded_call`)."""
+    from .integrity import guarded_call
+
     signature = inspect.signature(function)
     parameter = signature.parameters.get("seed")
     default = parameter.default if parameter is not None and parameter.default is not inspect.Parameter.empty else 0
@@ -178,8 +182,7 @@ def rng_isolated(function: F) -> F:
             seed = kwargs.get("seed", default)
         else:
             seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
-        with isolated_rngs(seed):
-            return function(*args, **kwargs)
+        return guarded_call(function, args, kwargs, seed)
 
     return wrapper  # type: ignore[return-value]
 

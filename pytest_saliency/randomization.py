@@ -38,6 +38,7 @@ so that randomizing it still changes it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ from ._rng import derive_seed, seeded
 from ._torch import require_torch, restore_training_flags, training_flags
 from ._validation import unknown_choice
 from .exceptions import SaliencyUsageError
+from .integrity import Undo, library_writes
 
 STRATEGIES = ("reinit", "gaussian", "permute")
 
@@ -314,6 +316,7 @@ def drawn_values(name: str, module: Any, strategy: str, seed: int) -> list[tuple
     pass the same numbers).
     """
     parameters = dict(module.named_parameters())
+    library_writes(parameters.values())  # the caller writes the values in place and restores them
     with randomized([(name, module)], strategy, seed):
         now = dict(module.named_parameters())
         if now.keys() != parameters.keys():
@@ -345,6 +348,9 @@ def randomized(
     # A reset_parameters that assigns new nn.Parameter objects (instead of writing in place)
     # would leave them in the model: the registrations are put back too.
     registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for _, module in layers for sub in module.modules()]
+    # Registered before the first write: if an interrupt ends the block anywhere after this
+    # line, the guard of the check runs the restore (see pytest_saliency.integrity).
+    undo = Undo(functools.partial(_restore_layers, registered, saved), [p for params, *_ in saved for p in params])
     try:
         for (name, module), (params, values, buffers, buffer_values) in zip(layers, saved):
             kept = draws.values_for(name) if draws is not None else None
@@ -362,17 +368,24 @@ def randomized(
                     buffer.copy_(value)
         yield
     finally:
-        for sub, parameters, buffers in registered:
-            if not _same_objects(sub._parameters, parameters):
-                sub._parameters.clear()
-                sub._parameters.update(parameters)
-            if not _same_objects(sub._buffers, buffers):
-                sub._buffers.clear()
-                sub._buffers.update(buffers)
-        with torch.no_grad():
-            for params, values, buffers, buffer_values in saved:
-                for tensor, value in zip(params + buffers, values + buffer_values):
-                    tensor.copy_(value)
+        undo.run()
+
+
+def _restore_layers(registered: list[tuple[Any, dict[str, Any], dict[str, Any]]],
+                    saved: list[tuple[list[Any], list[Any], list[Any], list[Any]]]) -> None:
+    """Put back the registrations and the values :func:`randomized` saved."""
+    torch = require_torch()
+    for sub, parameters, buffers in registered:
+        if not _same_objects(sub._parameters, parameters):
+            sub._parameters.clear()
+            sub._parameters.update(parameters)
+        if not _same_objects(sub._buffers, buffers):
+            sub._buffers.clear()
+            sub._buffers.update(buffers)
+    with torch.no_grad():
+        for params, values, buffers, buffer_values in saved:
+            for tensor, value in zip(params + buffers, values + buffer_values):
+                tensor.copy_(value)
 
 
 def _randomization_error(name: str, module: Any, strategy: str, error: Exception) -> SaliencyUsageError:
@@ -411,14 +424,21 @@ def preserved(model: Any) -> Iterator[None]:
     grads = [p.requires_grad for p in params]
     attributes = [(sub, key, value, value.detach().clone()) for sub in model.modules()
                   for key, value in vars(sub).items() if isinstance(value, torch.Tensor)]
+    undo = Undo(functools.partial(_restore_preserved, flags, params, grads, attributes))
     try:
         yield
     finally:
-        restore_training_flags(flags)
-        for p, flag in zip(params, grads):
-            p.requires_grad_(flag)
-        for sub, key, value, copy in attributes:
-            sub.__dict__[key] = value
-            if not torch.equal(value, copy):
-                with torch.no_grad():
-                    value.copy_(copy)
+        undo.run()
+
+
+def _restore_preserved(flags: list[tuple[Any, bool]], params: list[Any], grads: list[bool],
+                       attributes: list[tuple[Any, str, Any, Any]]) -> None:
+    torch = require_torch()
+    restore_training_flags(flags)
+    for p, flag in zip(params, grads):
+        p.requires_grad_(flag)
+    for sub, key, value, copy in attributes:
+        sub.__dict__[key] = value
+        if not torch.equal(value, copy):
+            with torch.no_grad():
+                value.copy_(copy)
