@@ -528,7 +528,9 @@ class GradientReplay(_RecordedPass):
     """Input-gradient maps of one batch, for the original model and then for each randomized state.
 
     ``target``: one class per input (the original model's predictions by default); it may be set
-    after :meth:`record`, whose trace gives the predictions.
+    after :meth:`record`, whose trace gives the predictions. ``seed`` and ``index`` (where the
+    inputs sit in the user's inputs, as for :func:`pytest_saliency.explainers._attribute`) give
+    each image the random draws (noise, a uniform baseline) of the full captum pass.
 
     Use :meth:`original` first (it calls :meth:`record` if needed), then :meth:`verify`, then
     :meth:`maps` once per state with the state's cut (:attr:`ForwardTrace.first_use`, in
@@ -537,8 +539,8 @@ class GradientReplay(_RecordedPass):
     """
 
     def __init__(self, model: Any, inputs: Any, target: Any, method: str, options: dict[str, Any],
-                 seed: int = 0) -> None:
-        self.recipe = _Recipe(method, options, inputs.detach(), seed)
+                 seed: int = 0, index: Any = 0) -> None:
+        self.recipe = _Recipe(method, options, inputs.detach(), seed, index)
         super().__init__(model, self.recipe.fed.detach().requires_grad_(True), seed)
         self.target = None if target is None else target.reshape(-1)
         self._out: Any = None  # the recorded pass's logits, with their graph, until original()
@@ -645,15 +647,18 @@ class _Recipe:
     ``integrated_gradients`` feeds all interpolation steps as one batch, ``baseline + alpha *
     (x - baseline)`` step by step, and sums the step-size-weighted gradients times ``x - baseline``
     (captum's ``IntegratedGradients._attribute`` with every step in one internal batch);
-    ``smoothgrad`` feeds every noisy sample at once, with the noise drawn by the same call under
-    the same seed as captum's ``NoiseTunnel`` (one partition), and averages the gradients.
+    ``smoothgrad`` feeds every noisy sample of every image at once, each image's noise drawn by
+    the same call under the same seed (:func:`pytest_saliency.explainers.image_seed`) and with
+    the same standard deviation as captum's ``NoiseTunnel`` on that image alone (one partition),
+    and averages the gradients. A ``"uniform"`` IG baseline is likewise drawn image by image.
     The noisy or interpolated inputs are the same in every randomized state, so their prefix
     activations are reused like the images' own.
     """
 
-    def __init__(self, method: str, options: dict[str, Any], x: Any, seed: int) -> None:
+    def __init__(self, method: str, options: dict[str, Any], x: Any, seed: int, index: Any = 0) -> None:
         torch = require_torch()
-        from .explainers import METHODS
+        from ._rng import seeded
+        from .explainers import METHODS, _image_ids, image_seed, smoothgrad_stdev
 
         o = {**METHODS[method].defaults, **options}
         self.method, self.x, self.steps = method, x, 1
@@ -662,28 +667,34 @@ class _Recipe:
         if method == "integrated_gradients":
             from captum.attr._utils.approximation_methods import approximation_parameters
 
-            from ._rng import seeded
             from .explainers import _zero_or
 
             step_sizes_func, alphas_func = approximation_parameters(o["integration_method"])
             self.steps = int(o["n_steps"])
             step_sizes, alphas = step_sizes_func(self.steps), alphas_func(self.steps)
-            # the captum path draws a "uniform" baseline first thing under seeded(seed): same draw here
-            with seeded(seed, x.device):
+            if isinstance(o["baselines"], str) and o["baselines"] == "uniform":
+                # the captum path draws it first thing for each image under its image seed: same draws here
+                rows = []
+                for row, image in enumerate(_image_ids(index, x.shape[0])):
+                    with seeded(image_seed(seed, image, method, options), x.device):
+                        rows.append(_zero_or("uniform", x[row:row + 1]))
+                self.baseline = torch.cat(rows)
+            else:
                 self.baseline = _zero_or(o["baselines"], x)
             self.fed = torch.cat([self.baseline + alpha * (x - self.baseline) for alpha in alphas], dim=0)
             self.step_sizes = torch.tensor(step_sizes).float().view(self.steps, 1).to(x.device)
         if method == "smoothgrad":
-            from ._rng import seeded
-
             self.steps = int(o["nt_samples"])
-            stdev = o.get("stdevs")
-            stdev = float(o["noise_level"]) * float(o["input_range"]) if stdev is None else float(stdev)
-            size = (x.shape[0] * self.steps,) + tuple(x.shape[1:])
-            # captum's NoiseTunnel._add_noise_to_input, drawn first thing under seeded(seed) as there
-            with seeded(seed, x.device):
-                noise = torch.normal(0, torch.tensor(stdev, device=x.device).repeat(size))
-            self.fed = x.repeat_interleave(self.steps, dim=0) + noise
+            size = (self.steps,) + tuple(x.shape[1:])
+            noisy = []
+            for row, image in enumerate(_image_ids(index, x.shape[0])):
+                one = x[row:row + 1]
+                stdev = smoothgrad_stdev(o, one)
+                # captum's NoiseTunnel._add_noise_to_input on this image, drawn first thing under its seed as there
+                with seeded(image_seed(seed, image, method, options), x.device):
+                    noise = torch.normal(0, torch.tensor(stdev, device=x.device).repeat(size))
+                noisy.append(one.repeat_interleave(self.steps, dim=0) + noise)
+            self.fed = torch.cat(noisy)
 
     def targets(self, target: Any) -> Any:
         """One target per fed row: IG repeats the batch per step, SmoothGrad each image per sample."""

@@ -12,10 +12,14 @@ Every method is a captum attribution class with defaults written down in :data:`
   runs (and restored), so backward passes skip the weight gradients nobody reads.
 * **Evaluation mode.** The model runs in ``eval()`` (dropout off, BatchNorm on running statistics)
   and its ``training`` flags are restored afterwards; pass ``eval_mode=False`` to keep its mode.
-* **Seeds.** Stochastic methods (smoothgrad, gradient_shap, lime, kernel_shap) draw from generators
-  seeded with ``seed`` inside :func:`pytest_saliency._rng.seeded`: bit-reproducible on CPU for a
-  fixed seed and batch size, and no global RNG state changes. Every explanation pass is seeded,
-  so a model that draws random numbers itself (dropout left on) draws the same ones in each.
+* **Seeds, per image.** Methods that draw random numbers (smoothgrad, gradient_shap, lime,
+  kernel_shap, and any method with ``baselines="uniform"``: see :func:`draws_random`) explain one
+  image at a time, with every generator seeded from :func:`image_seed` (``seed``, the image's
+  index in the user's inputs and the method's sample counts) and noise scaled by that image's own range (as SAM's and Adebayo
+  et al.'s code do). An image's map therefore depends on the model, the image, its index, the
+  options and the seed, never on ``batch_size``, the memory budget's chunks or the other images
+  of its batch: bit for bit on the CPU. No global RNG state changes. Every explanation pass is
+  seeded, so a model that draws random numbers itself (dropout left on) draws the same ones in each.
 * **Signed gradients.** ``saliency`` returns the signed gradient (captum's ``abs=False``); taking
   the absolute value is the map pipeline's job, so signed and magnitude views stay available.
 """
@@ -29,10 +33,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._rng import pass_seeded, rng_isolated
+from ._rng import derive_seed, pass_seeded, rng_isolated
 from ._torch import ensure_eval_mode, module_settings, require_torch, restore_training_flags, training_flags
-from ._validation import check_finite, check_inputs, check_model, unknown_choice
+from ._validation import check_count, check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, warn_user
+from .method_options import _check_value
 from .postprocess import MapPipeline, apply_pipeline
 
 Explainer = Callable[[Any, Any, Any], Any]
@@ -65,7 +70,7 @@ METHODS: dict[str, MethodSpec] = {
             "smoothgrad", "NoiseTunnel(Saliency)",
             {"nt_samples": 50, "noise_level": 0.15, "nt_samples_batch_size": None},
             stochastic=True,
-            note="noise std = noise_level * (max - min) of the inputs, as in SAM and Adebayo et al.",
+            note="noise std = noise_level * (max - min) of each image, as in SAM and Adebayo et al.",
         ),
         MethodSpec("guided_backprop", "GuidedBackprop"),
         MethodSpec("deconvolution", "Deconvolution"),
@@ -77,7 +82,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("deeplift", "DeepLift", {"baselines": "zero"}),
         MethodSpec(
             "gradient_shap", "GradientShap", {"n_samples": 20, "n_baselines": 10, "stdevs": 0.0},
-            stochastic=True, note="baselines: zero plus n_baselines-1 uniform draws over the input range",
+            stochastic=True, note="baselines: zero plus n_baselines-1 uniform draws over each image's range",
         ),
         MethodSpec(
             "occlusion", "Occlusion", {"window": None, "stride": None, "baselines": 0.0, "perturbations_per_eval": None},
@@ -177,18 +182,30 @@ def resolve_target(
         if outputs is None:
             return predicted_targets(model, inputs, batch_size, seed)
         return targets_from_outputs(outputs)
+    resolved = None
     if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((n,), target, dtype=torch.long, device=inputs.device)
-    if isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point():
+        resolved = torch.full((n,), target, dtype=torch.long, device=inputs.device)
+    elif (isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point()
+          and not target.is_complex() and target.dtype != torch.bool and target.numel() in (1, n)):
         target = target.to(inputs.device).long().reshape(-1)
-        if target.numel() == 1:
-            return target.expand(n).clone()
-        if target.numel() == n:
-            return target
-    raise SaliencyUsageError(
-        f"target must be None (the predicted class), an int, or an integer tensor of shape ({n},), "
-        f"got {target!r:.80}."
-    )
+        resolved = target.expand(n).clone() if target.numel() == 1 else target
+    if resolved is None:
+        raise SaliencyUsageError(
+            f"target must be None (the predicted class), an int, or an integer tensor of shape ({n},), "
+            f"got {target!r:.80}."
+        )
+    classes = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else \
+        output_classes(model, inputs[:1])
+    if classes is not None:
+        low, high = int(resolved.min()), int(resolved.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise SaliencyUsageError(
+                f"target {bad} is out of range: the model has {classes} output classes, so a target must be an "
+                f"int from 0 to {classes - 1} (negative indices are not accepted: they would silently pick "
+                "another class). Pass the class index, or target=None for each input's predicted class."
+            )
+    return resolved
 
 
 @contextlib.contextmanager
@@ -235,7 +252,9 @@ def _quiet_captum() -> Iterator[None]:
 
 
 def _chunks(tensor: Any, size: int | None) -> list[Any]:
-    if not size or size >= tensor.shape[0]:
+    size = check_count(size, "batch_size", minimum=1, allow_none=True,
+                       hint="It is how many inputs one explainer call sees; None explains all at once.")
+    if size is None or size >= tensor.shape[0]:
         return [tensor]
     return list(tensor.split(size))
 
@@ -261,9 +280,31 @@ def draws_random(spec: MethodSpec, options: dict[str, Any]) -> bool:
     return spec.stochastic or (isinstance(baselines, str) and baselines == "uniform")
 
 
+#: Per method, the options that set how many random numbers it draws for an image. They are part
+#: of the image's seed: with the same seed, 100 noisy samples are a fresh draw rather than the 50
+#: of nt_samples=50 and 50 more, so a sweep over a sample count compares independent estimates.
+_DRAW_COUNTS = {"smoothgrad": ("nt_samples",), "gradient_shap": ("n_samples", "n_baselines"),
+                "lime": ("n_samples",), "kernel_shap": ("n_samples",)}
+
+
+def image_seed(seed: int, index: int, method: str, options: dict[str, Any]) -> int:
+    """The seed of every random draw ``method`` makes to explain the input at ``index`` of the
+    user's inputs (with ``options``, whose sample counts it includes: see :data:`_DRAW_COUNTS`)."""
+    o = {**METHODS[method].defaults, **options}
+    return derive_seed(seed, "image", index, *(int(o[name]) for name in _DRAW_COUNTS.get(method, ())))
+
+
+def _image_ranges(inputs: Any) -> tuple[Any, Any]:
+    """Each input's own minimum and maximum, shaped to broadcast over its values."""
+    flat = inputs.flatten(1)
+    shape = (-1,) + (1,) * (inputs.dim() - 1)
+    return flat.amin(1).view(shape), flat.amax(1).view(shape)
+
+
 def _zero_or(value: Any, inputs: Any) -> Any:
-    """Baselines by name: ``"zero"`` (black), ``"uniform"`` (seeded noise over the input range) or
-    ``"blurred"`` (a Gaussian blur of the input); a tensor or number is used as given."""
+    """Baselines by name: ``"zero"`` (black), ``"uniform"`` (noise over each input's own range, drawn
+    from the global generator, which :func:`_run_captum` seeds per image) or ``"blurred"`` (a
+    Gaussian blur of the input); a tensor or number is used as given."""
     torch = require_torch()
     if value is None or (isinstance(value, str) and value == "zero"):
         return torch.zeros_like(inputs)
@@ -271,8 +312,8 @@ def _zero_or(value: Any, inputs: Any) -> Any:
         from .sweeps import blurred_baseline
 
         return blurred_baseline(inputs)
-    if isinstance(value, str) and value == "uniform":  # drawn inside _attribute's seeded() block
-        low, high = float(inputs.min()), float(inputs.max())
+    if isinstance(value, str) and value == "uniform":
+        low, high = _image_ranges(inputs)
         return low + (high - low) * torch.rand_like(inputs)
     if isinstance(value, str):
         raise SaliencyUsageError(f"unknown baseline {value!r}; use 'zero', 'uniform', 'blurred' or a tensor.")
@@ -307,8 +348,80 @@ def occlusion_positions(inputs: Any, options: dict[str, Any]) -> int:
     return count
 
 
-def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any]) -> Any:
-    """Build the captum object for ``spec`` and attribute one chunk of inputs."""
+def _image_ids(index: Any, n: int) -> list[int]:
+    """The indices in the user's inputs of ``n`` inputs: ``index`` is the first one's (an int) or
+    one index per input (a sequence or an integer tensor)."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return list(range(index, index + n))
+    ids = [int(i) for i in (index.reshape(-1).tolist() if hasattr(index, "reshape") else index)]
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} image indices for {n} inputs")
+    return ids
+
+
+def _stream_seed() -> int:
+    """A seed from the global torch generator, for callers that give no seed (it is seeded for the pass)."""
+    torch = require_torch()
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any], *,
+                seed: int | None = None, index: Any = 0) -> Any:
+    """Build the captum object for ``spec`` and attribute one chunk of inputs.
+
+    A method that draws random numbers (:func:`draws_random`) explains the inputs one at a time,
+    every generator seeded with :func:`image_seed` of ``seed`` and the input's index in the user's
+    inputs (``index``: the first input's, or one per input; see :func:`_image_ids`), so that its
+    map does not depend on the other inputs of the chunk. ``seed=None``: taken from the global
+    torch generator (which the caller's pass seeded).
+    """
+    if not draws_random(spec, options):
+        return _run_captum_chunk(spec, model, inputs, target, options)
+    torch = require_torch()
+    if seed is None:
+        seed = _stream_seed()
+    ids = _image_ids(index, inputs.shape[0])
+    targets = target.reshape(-1).expand(inputs.shape[0]) if target is not None else None
+    maps = []
+    for row, image in enumerate(ids):
+        with pass_seeded(image_seed(seed, image, spec.name, options), inputs.device):
+            maps.append(_run_captum_chunk(spec, model, inputs[row:row + 1], None if targets is None
+                                          else targets[row:row + 1], options))
+    return torch.cat(maps) if len(maps) > 1 else maps[0]
+
+
+def smoothgrad_stdev(options: dict[str, Any], image: Any) -> float:
+    """SmoothGrad's noise standard deviation for one image: ``stdevs`` if set, else ``noise_level``
+    times ``input_range`` if set, else times the image's own range (1 for a constant image)."""
+    o = {**METHODS["smoothgrad"].defaults, **options}
+    if o.get("stdevs") is not None:
+        return float(o["stdevs"])
+    scale = o.get("input_range")
+    if scale is None:
+        scale = float(image.max() - image.min()) or 1.0
+    return float(o["noise_level"]) * float(scale)
+
+
+def _in_dtype_of(model: Any, inputs: Any) -> Any:
+    """``model``, or for half-precision inputs a forward function that casts its input to their dtype.
+
+    captum's NoiseTunnel (SmoothGrad, GradientSHAP) adds float32 noise, which turns float16 and
+    bfloat16 inputs into float32 ones that a half-precision model refuses; the cast feeds the
+    model the noisy inputs in its own dtype (the gradients come back in float32).
+    """
+    torch = require_torch()
+    if inputs.dtype not in (torch.float16, torch.bfloat16):
+        return model
+    dtype = inputs.dtype
+
+    def forward(batch: Any) -> Any:
+        return model(batch.to(dtype))
+
+    return forward
+
+
+def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any]) -> Any:
+    """One captum call on ``inputs`` (for methods that draw: one image, its generators seeded)."""
     import captum.attr as ca
 
     torch = require_torch()
@@ -324,10 +437,8 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
             method=o["integration_method"], internal_batch_size=o["internal_batch_size"],
         )
     if name == "smoothgrad":
-        stdev = o.get("stdevs")
-        if stdev is None:
-            stdev = float(o["noise_level"]) * float(o["input_range"])
-        return ca.NoiseTunnel(ca.Saliency(model)).attribute(
+        stdev = smoothgrad_stdev(o, inputs)  # one image: its own range
+        return ca.NoiseTunnel(ca.Saliency(_in_dtype_of(model, inputs))).attribute(
             inputs, nt_type="smoothgrad", nt_samples=o["nt_samples"], stdevs=stdev, target=target,
             nt_samples_batch_size=o["nt_samples_batch_size"], abs=False,
         )
@@ -346,17 +457,18 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
     if name == "deeplift":
         return ca.DeepLift(model).attribute(inputs, baselines=_zero_or(o["baselines"], inputs), target=target)
     if name == "gradient_shap":
-        low, high = o["input_min"], o["input_max"]
+        low, high = float(inputs.min()), float(inputs.max())  # one image: its own range
         n_random = max(int(o["n_baselines"]) - 1, 0)
         draws = torch.rand((n_random, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
         baselines = torch.cat([torch.zeros_like(inputs[:1]), low + (high - low) * draws])
-        return ca.GradientShap(model).attribute(
+        return ca.GradientShap(_in_dtype_of(model, inputs)).attribute(
             inputs, baselines=baselines, n_samples=o["n_samples"], stdevs=o["stdevs"], target=target
         )
     if name == "occlusion":
         shape, strides = occlusion_windows(inputs, o)
         return ca.Occlusion(model).attribute(
-            inputs, sliding_window_shapes=shape, strides=strides, baselines=o["baselines"], target=target,
+            inputs, sliding_window_shapes=shape, strides=strides, baselines=_zero_or(o["baselines"], inputs),
+            target=target,
             perturbations_per_eval=o["perturbations_per_eval"],
         )
     mask = o.get("feature_mask")
@@ -364,7 +476,7 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
         mask = _grid_mask(inputs, int(o["grid"]))
     if name == "feature_ablation":
         return ca.FeatureAblation(model).attribute(
-            inputs, baselines=o["baselines"], target=target, feature_mask=mask.expand_as(inputs),
+            inputs, baselines=_zero_or(o["baselines"], inputs), target=target, feature_mask=mask.expand_as(inputs),
             perturbations_per_eval=o["perturbations_per_eval"],
         )
     if name == "lime":
@@ -430,9 +542,10 @@ def memory_budget_bytes(budget: Any, device: Any) -> int:
 
 
 #: Per model, the probed :func:`activation_bytes_per_input` by what the probe depends on (see
-#: :func:`_probe_key`). Weak keys: a model's entries go when the model does. Only memory sizing
-#: reads it, never a result.
-_PROBED: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+#: :func:`_probe_key`), with the number of classes the model scores (:func:`output_classes`).
+#: Weak keys: a model's entries go when the model does. Memory sizing and the target's range
+#: check read it, never a result.
+_PROBED: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, int | None]]] = weakref.WeakKeyDictionary()
 def activation_bytes_per_input(model: Any, example: Any) -> int:
     """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward.
 
@@ -440,6 +553,20 @@ def activation_bytes_per_input(model: Any, example: Any) -> int:
     while nothing the output sizes could depend on changes (:func:`_probe_key`): a test session
     runs several checks on the same model, and on a small CNN the probe is about 2% of a check.
     """
+    return _probe(model, example)[0]
+
+
+def output_classes(model: Any, example: Any) -> int | None:
+    """How many classes the model scores: the width of its (1, K) output for one input, or None
+    for another output shape or a model the probe cannot run (the real pass reports why).
+    Read from the memory probe's remembered pass (:func:`activation_bytes_per_input`)."""
+    try:
+        return _probe(model, example)[1]
+    except Exception:  # noqa: BLE001 - only a check's convenience; the explanation pass reports errors
+        return None
+
+
+def _probe(model: Any, example: Any) -> tuple[int, int | None]:
     try:
         key = _probe_key(model, example)
         cached = _PROBED.setdefault(model, {})
@@ -464,7 +591,8 @@ def _probe_key(model: Any, example: Any) -> Any:
     return tuple(example.shape[1:]), example.dtype, example.device, autocast, tuple(modules)
 
 
-def _probe_activation_bytes(model: Any, example: Any) -> int:
+def _probe_activation_bytes(model: Any, example: Any) -> tuple[int, int | None]:
+    """The bytes of one input's module outputs, and the width of a (1, K) model output (else None)."""
     torch = require_torch()
     total = 0
 
@@ -479,11 +607,12 @@ def _probe_activation_bytes(model: Any, example: Any) -> int:
     try:
         handles.extend(m.register_forward_hook(hook) for m in leaves)
         with torch.no_grad(), _eval_mode(model, True):
-            model(example)
+            out = model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return total + example.numel() * example.element_size()
+    classes = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1 else None
+    return total + example.numel() * example.element_size(), classes
 
 
 def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> None:
@@ -502,9 +631,14 @@ def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str,
     row = 3 * activation_bytes_per_input(model, inputs[:1])
     rows = max(1, memory_budget_bytes(budget, inputs.device) // max(row, 1))
     n = inputs.shape[0]
-    # GradientShap runs every input n_samples times in one pass; the others one row per image
-    per_image = int(options.get("n_samples", spec.defaults["n_samples"])) if spec.name == "gradient_shap" else 1
-    images = min(n, max(1, rows // per_image) if option is None else rows)
+    # GradientShap runs every input n_samples times in one pass, SmoothGrad (up to) nt_samples
+    # times; the others one row per image
+    per_image = 1
+    if spec.name == "gradient_shap":
+        per_image = int(options.get("n_samples", spec.defaults["n_samples"]))
+    elif spec.name == "smoothgrad":
+        per_image = int(options.get("nt_samples", spec.defaults["nt_samples"]))
+    images = min(n, max(1, rows // per_image) if option is None or spec.name == "smoothgrad" else rows)
     if images < n:
         options["_image_batch"] = images
     if option is None:
@@ -513,6 +647,10 @@ def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str,
         options[option] = max(images, rows)
     elif spec.name in ("lime", "kernel_shap"):
         options[option] = max(1, min(rows, int(options.get("n_samples", spec.defaults["n_samples"]))))
+    elif spec.name == "smoothgrad":
+        # Samples per pass of one image, whatever the number of images: SmoothGrad explains one
+        # image at a time (see _run_captum), so its map never depends on the chunking.
+        options[option] = max(1, min(rows, per_image))
     else:
         options[option] = max(1, rows // images)
 
@@ -537,14 +675,13 @@ def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str
         valid = ", ".join(sorted(allowed)) or "none (this method has no hyperparameters)"
         raise SaliencyUsageError(f"unknown option(s) {extra} for method {spec.name!r}; valid options: {valid}.")
     options = dict(options)
-    _warn_if_relu_rules_cannot_apply(spec, model)
-    _auto_batching(spec, model, inputs, options)
-    if spec.name == "smoothgrad" and "input_range" not in options:
-        options["input_range"] = float(inputs.max() - inputs.min()) or 1.0
     if spec.name == "smoothgrad" and options.get("stdevs") is not None:
         options["stdevs"] = _noise_std(options["stdevs"])
-    if spec.name == "gradient_shap":
-        options["input_min"], options["input_max"] = float(inputs.min()), float(inputs.max())
+    for name, value in options.items():
+        if not (value is None and name in spec.defaults and spec.defaults[name] is None):  # the documented default
+            _check_value(spec.name, name, value, where="options")
+    _warn_if_relu_rules_cannot_apply(spec, model)
+    _auto_batching(spec, model, inputs, options)
     return options
 
 
@@ -597,6 +734,8 @@ def explain(
     """
     check_model(model)
     check_inputs(inputs, model)
+    check_count(batch_size, "batch_size", minimum=1, allow_none=True,
+                hint="It is how many inputs one explainer call sees; None explains all at once.")
     resolved, _, options = prepare_method(method, model, inputs, method_kwargs)
     target = resolve_target(model, inputs, target, batch_size, seed=seed)
     attributions = _attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
@@ -621,7 +760,7 @@ def _raise_reused_module_error(method: MethodSpec, exc: RuntimeError) -> None:
 def _attribute(
     model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
     batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
-    what: str = "",
+    what: str = "", index: Any = 0,
 ) -> Any:
     """The core loop, without argument checks: the randomization engine calls it once per layer.
 
@@ -629,6 +768,9 @@ def _attribute(
     gradients off for a whole check (and restores the flags), so a named method skips doing it
     again for every call. User callables are always guarded, since they may change the flags.
     ``what``: how an error names the maps (default: "attribution maps from <method>").
+    ``index``: where ``inputs`` sit in the user's inputs, which seeds each image's random draws
+    (:func:`_run_captum`): the first input's index (``inputs`` is a slice of them) or one index
+    per input (a selection).
     """
     torch = require_torch()
     label = method.name if isinstance(method, MethodSpec) else method_name(method)
@@ -642,11 +784,14 @@ def _attribute(
         guard.enter_context(_eval_mode(model, eval_mode))
         guard.enter_context(_inputs_only_gradients(model))
     with guard, rng, _quiet_captum():
-        batch_size = batch_size or options.get("_image_batch")
+        batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True) or options.get("_image_batch")
+        ids = _image_ids(index, inputs.shape[0])
+        first = 0
         for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
+            chunk_ids, first = ids[first:first + chunk.shape[0]], first + chunk.shape[0]
             if isinstance(method, MethodSpec):
                 try:
-                    out = _run_captum(method, model, chunk.detach(), chunk_target, options)
+                    out = _run_captum(method, model, chunk.detach(), chunk_target, options, seed=seed, index=chunk_ids)
                 except RuntimeError as exc:
                     _raise_reused_module_error(method, exc)
                     raise

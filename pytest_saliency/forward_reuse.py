@@ -181,26 +181,34 @@ class _Swap:
 
 def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tuple[str, Any]], mode: str,
                      strategy: str, seed: int, options: dict[str, Any], *, chunk: int | None = None,
-                     progress: Callable[[int, int, str], None] | None = None, label: str = "") -> tuple[Any, bool]:
+                     progress: Callable[[int, int, str], None] | None = None, label: str = "",
+                     index: Any = 0) -> tuple[Any, bool]:
     """Occlusion maps of ``inputs`` for the original model and every state, as (states + 1, N, ...).
 
-    ``chunk`` images go to captum at a time (``batch_size`` or the memory budget's image chunk).
+    ``chunk`` images go to captum at a time (``batch_size`` or the memory budget's image chunk);
+    with a ``"uniform"`` baseline one image at a time, drawn from its seed (``seed`` and its place
+    ``index`` in the user's inputs, as for :func:`pytest_saliency.explainers._attribute`).
     Returns the maps and whether any state reused the original pass. The model must be in eval
     mode with parameter gradients off (the randomization engine sets both for a check).
     """
     torch = require_torch()
-    from .explainers import METHODS, _chunks, _quiet_captum, _run_captum, occlusion_positions
+    from .explainers import METHODS, _chunks, _image_ids, _quiet_captum, _run_captum, draws_random, occlusion_positions
 
     per_call = options.get("perturbations_per_eval") or 1
+    if draws_random(METHODS["occlusion"], options):
+        chunk = 1  # _run_captum explains such a method image by image; the stack holds one image's target
+    ids = _image_ids(index, inputs.shape[0])
     pieces = list(zip(_chunks(inputs, chunk), _chunks(target, chunk)))
     calls = len(pieces) * (1 + -(-occlusion_positions(inputs, options) // per_call))
     drawn = randomized_values(stages, strategy, seed)  # once for all chunks
-    maps, reused, done = [], False, 0
+    maps, reused, done, first = [], False, 0, 0
     for x, t in pieces:
         stack = StateStack(model, stages, mode, strategy, seed, t, progress=progress, calls=calls, label=label,
                            done=done, drawn=drawn)
         with _quiet_captum():
-            raw = _run_captum(METHODS["occlusion"], stack, x.detach(), None, options)
+            raw = _run_captum(METHODS["occlusion"], stack, x.detach(), None, options, seed=seed,
+                              index=ids[first:first + x.shape[0]])
+        first += x.shape[0]
         maps.append(raw.reshape((x.shape[0], stack.size) + tuple(x.shape[1:])).transpose(0, 1))
         reused, done = reused or stack.reused, stack.done
     return (torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]), reused

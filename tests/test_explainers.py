@@ -14,7 +14,7 @@ from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explain, layer_randomization
 from pytest_saliency.explainers import last_conv_layer, resolve_target
 
-FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-4},
+FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-3},
         "kernel_shap": {"n_samples": 30}, "gradient_shap": {"n_samples": 4}}
 
 
@@ -154,8 +154,15 @@ def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inp
     row = 3 * activation_bytes_per_input(tiny_model, tiny_inputs[:1])
     options = _method_options(METHODS["integrated_gradients"], tiny_model, tiny_inputs, {"memory_budget": 4 * row})
     assert options["_image_batch"] == 4 and options["internal_batch_size"] == 4
+    # SmoothGrad explains one image at a time: the budget sizes its samples per pass, whatever the
+    # number of images, and the image chunk says how many images' samples fit in one pass (the replay)
     options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row})
-    assert "_image_batch" not in options and options["nt_samples_batch_size"] == 2
+    assert options["nt_samples_batch_size"] == 12 and options["_image_batch"] == 1
+    options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs[:2], {"memory_budget": 12 * row})
+    assert options["nt_samples_batch_size"] == 12
+    options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row,
+                                                                             "nt_samples": 4})
+    assert options["nt_samples_batch_size"] == 4 and options["_image_batch"] == 3
     options = _method_options(METHODS["occlusion"], tiny_model, tiny_inputs, {"perturbations_per_eval": 3})
     assert options["perturbations_per_eval"] == 3, "what the user sets is kept"
     small = explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8, memory_budget=2 * row)
@@ -226,9 +233,8 @@ def test_every_method_explains_in_chunks_when_the_memory_budget_is_small(tiny_mo
     assert options["_image_batch"] == 1  # one image at a time: a byte of budget fits nothing more
     _, _, roomy = prepare_method(method, tiny_model, tiny_inputs, {})
     assert "_image_batch" not in roomy
-    if method != "gradient_shap":  # its random baselines are drawn per chunk
-        chunked = explain(tiny_model, tiny_inputs, method, memory_budget=1)
-        torch.testing.assert_close(chunked, explain(tiny_model, tiny_inputs, method), rtol=1e-5, atol=1e-6)
+    chunked = explain(tiny_model, tiny_inputs, method, memory_budget=1)
+    torch.testing.assert_close(chunked, explain(tiny_model, tiny_inputs, method), rtol=1e-5, atol=1e-6)
 
 
 def test_deeplift_on_a_module_called_twice_is_a_usage_error_that_names_it():
@@ -237,3 +243,84 @@ def test_deeplift_on_a_module_called_twice_is_a_usage_error_that_names_it():
     with pytest.raises(SaliencyUsageError, match=r"deeplift cannot explain this model: the module ReLU\(inplace=True\) "
                                                  r"is called more than once .* one nn.ReLU per activation"):
         explain(make_residual(), tiny_images(2), "deeplift")
+
+
+def test_a_target_out_of_the_models_classes_is_a_usage_error(tiny_model, tiny_inputs):
+    """captum would index the logits with it: an IndexError for 5 of 3 classes, and a silent pick
+    of the last class for -1."""
+    for bad in (5, 3, -1, torch.tensor([0, 1, 2, 0, 1, 3]), torch.tensor([0, 1, -1, 0, 1, 2])):
+        with pytest.raises(SaliencyUsageError, match=r"out of range: the model has 3 output classes.*0 to 2"):
+            explain(tiny_model, tiny_inputs, "saliency", target=bad)
+    with pytest.raises(SaliencyUsageError, match="out of range"):
+        layer_randomization(tiny_model, tiny_inputs, "saliency", target=5)
+    for bad in (torch.zeros(5, dtype=torch.long), torch.zeros(6), torch.ones(6, dtype=torch.bool), 2.0):
+        with pytest.raises(SaliencyUsageError, match=r"target must be .* integer tensor of shape \(6,\)"):
+            explain(tiny_model, tiny_inputs, "saliency", target=bad)
+    assert explain(tiny_model, tiny_inputs, "saliency", target=torch.tensor([2])).shape == tiny_inputs.shape
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, "2", True])
+def test_a_batch_size_that_is_not_a_positive_int_is_a_usage_error(tiny_model, tiny_inputs, batch_size):
+    with pytest.raises(SaliencyUsageError, match=r"batch_size must be an int >= 1 or None"):
+        explain(tiny_model, tiny_inputs, "saliency", batch_size=batch_size)
+    with pytest.raises(SaliencyUsageError, match=r"batch_size must be an int >= 1 or None"):
+        explain(tiny_model, tiny_inputs, "smoothgrad", nt_samples=2, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("method, option, value", [
+    ("integrated_gradients", "n_steps", 0),
+    ("integrated_gradients", "n_steps", -3),
+    ("integrated_gradients", "internal_batch_size", 0),
+    ("integrated_gradients", "integration_method", "simpson"),
+    ("smoothgrad", "nt_samples", 0),
+    ("smoothgrad", "nt_samples_batch_size", -1),
+    ("smoothgrad", "noise_level", -0.1),
+    ("smoothgrad", "noise_level", float("nan")),
+    ("smoothgrad", "input_range", 0.0),
+    ("gradient_shap", "n_samples", 0),
+    ("gradient_shap", "n_baselines", 0),
+    ("lime", "n_samples", 0),
+    ("lime", "alpha", 0.0),
+    ("kernel_shap", "grid", 0),
+    ("occlusion", "window", 0),
+    ("occlusion", "perturbations_per_eval", 0),
+    ("feature_ablation", "baselines", "noise"),
+    ("gradcam", "relu_attributions", "yes"),
+])
+def test_method_options_are_checked_before_captum_runs(tiny_model, tiny_inputs, method, option, value):
+    """The rules the sweeps use (pytest_saliency.method_options), for every entry point."""
+    with pytest.raises(SaliencyUsageError, match=rf"options for {method}: hyperparameter '{option}' must be"):
+        explain(tiny_model, tiny_inputs, method, **{option: value})
+    with pytest.raises(SaliencyUsageError, match=rf"hyperparameter '{option}' must be"):
+        layer_randomization(tiny_model, tiny_inputs, method, **{option: value})
+
+
+def test_documented_none_defaults_may_be_passed_explicitly(tiny_model, tiny_inputs):
+    explain(tiny_model, tiny_inputs[:2], "occlusion", window=None, stride=None, perturbations_per_eval=None)
+    explain(tiny_model, tiny_inputs[:2], "integrated_gradients", n_steps=4, internal_batch_size=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_inputs_of_another_dtype_than_the_model_are_a_usage_error(tiny_model, tiny_inputs, dtype):
+    with pytest.raises(SaliencyUsageError, match=rf"inputs are {dtype} but the model's parameters are torch.float32"):
+        explain(tiny_model, tiny_inputs.to(dtype), "saliency")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["smoothgrad", "gradient_shap"])
+def test_half_precision_models_work_with_noise_methods(dtype, method):
+    """captum adds float32 noise; the model still sees its own dtype, and the maps are finite."""
+    model, x = make_tiny_cnn().to(dtype), tiny_images(3).to(dtype)
+    maps = explain(model, x, method, seed=2, **FAST[method])
+    assert maps.shape == x.shape and torch.isfinite(maps).all() and (maps != 0).any()
+    reference = explain(make_tiny_cnn(), tiny_images(3), method, seed=2, **FAST[method])
+    assert torch.nn.functional.cosine_similarity(maps.float().flatten(1), reference.flatten(1)).min() > 0.9
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_a_model_or_inputs_on_the_meta_device_are_a_usage_error(tiny_inputs):
+    meta_model = make_tiny_cnn().to("meta")
+    for model, inputs in ((meta_model, tiny_inputs.to("meta")), (meta_model, tiny_inputs),
+                          (make_tiny_cnn(), tiny_inputs.to("meta"))):
+        with pytest.raises(SaliencyUsageError, match="meta device"):
+            explain(model, inputs, "saliency")
