@@ -73,12 +73,55 @@ def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> Non
         raise SaliencyUsageError(f"{name} is an empty batch (N = 0); pass at least one example.")
     if model is not None:
         device = model_device(model)
+        if device.type == "meta":
+            raise SaliencyUsageError(
+                f"model {type(model).__name__} is on the meta device: its parameters have shapes but no values, "
+                "so there is nothing to explain. Materialize it first, e.g. model = model.to_empty(device='cpu') "
+                "followed by model.load_state_dict(state_dict)."
+            )
+    if inputs.device.type == "meta":
+        raise SaliencyUsageError(
+            f"{name} are on the meta device: they have a shape but no values. Pass real data, e.g. a batch "
+            "from the data loader, on the model's device."
+        )
+    if model is not None:
         if inputs.device != device:
             raise SaliencyUsageError(
                 f"model is on {device} but {name} are on {inputs.device}. Move them to one device, "
                 f"e.g. {name} = {name}.to({str(device)!r}) (or model.to({str(inputs.device)!r}))."
             )
+        _check_input_dtype(inputs, model, name)
     check_finite(inputs, name)
+
+
+def _check_input_dtype(inputs: Any, model: Any, name: str) -> None:
+    """Inputs of another floating dtype than the model's parameters must be ones the model accepts.
+
+    A model may convert its inputs itself (``x.float()`` in ``forward``), so a differing dtype is
+    refused only when one forward pass of the first input fails; that pass runs in eval mode,
+    without gradients and with the random generators restored afterwards, so it changes nothing.
+    """
+    from ._rng import seeded
+    from ._torch import ensure_eval_mode, restore_training_flags, training_flags
+
+    torch = require_torch()
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or inputs.dtype in dtypes:
+        return
+    (dtype,) = dtypes
+    flags = training_flags(model)
+    ensure_eval_mode(model, flags)
+    try:
+        with torch.no_grad(), seeded(0, inputs.device):
+            model(inputs[:1])
+    except Exception as exc:  # noqa: BLE001 - reported as the dtype mismatch it most likely is
+        raise SaliencyUsageError(
+            f"{name} are {inputs.dtype} but the model's parameters are {dtype}, and the model cannot run on "
+            f"them ({type(exc).__name__}: {str(exc)[:200]}). Convert one to the other's dtype, e.g. "
+            f"{name} = {name}.to({dtype}) or model.to({inputs.dtype})."
+        ) from exc
+    finally:
+        restore_training_flags(flags)
 
 
 def all_finite(tensor: Any) -> bool:
@@ -99,6 +142,11 @@ def all_finite(tensor: Any) -> bool:
 def check_finite(tensor: Any, name: str) -> None:
     """NaN or inf anywhere makes every similarity meaningless: refuse it loudly."""
     torch = require_torch()
+    if getattr(tensor, "is_meta", False):
+        raise SaliencyUsageError(
+            f"{name} are on the meta device, which holds shapes but no values. Pass real tensors "
+            "(materialize the model with model.to_empty(device=...) and load its weights first)."
+        )
     if all_finite(tensor):
         return
     bad = ~torch.isfinite(tensor)
@@ -170,6 +218,63 @@ def check_choice(value: Any, name: str, valid: Iterable[str], hint: str = "") ->
     """One of the names in ``valid`` (exactly; no stripping or case folding), else a usage error
     that lists them and the closest matches."""
     valid = list(valid)
-    if not isinstance(value, str) or value not in valid:
-        raise unknown_choice(name, value, valid, hint)
-    return value
+    if isinstance(value, str) and value in valid:
+        return value
+    close = difflib.get_close_matches(value, valid, n=3) if isinstance(value, str) else []
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise SaliencyUsageError(
+        f"unknown {name} {value!r:.80}.{suggestion} {name} must be one of: {', '.join(map(repr, valid))}."
+        f"{(' ' + hint) if hint else ''}"
+    )
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``True`` or ``False`` (numpy bools included): a string such as ``"no"`` would silently count as true."""
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise SaliencyUsageError(f"{name} must be True or False, got {value!r:.80}.")
+    return bool(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """Any integer (negative, larger than 64 bits, a numpy integer) as a Python int; every entry point
+    takes seeds this way (:func:`pytest_saliency._rng.as_seed`)."""
+    from ._rng import as_seed
+
+    try:
+        return as_seed(value)
+    except SaliencyUsageError:
+        raise SaliencyUsageError(
+            f"{name} must be an integer (an int or a numpy integer, of any sign and size), got {value!r:.80}. "
+            f"Pass e.g. {name}=0."
+        ) from None
+
+
+#: The values each metric (and the consistency C of ``lr_separability``) can take. A gate
+#: ``score >= threshold`` (``<=`` for a distance) with a threshold outside this range passes or
+#: fails whatever the maps are.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{name: (0.0, 1.0) for name in (
+        "feature_agreement", "sign_agreement", "rank_agreement", "signed_rank_agreement", "pairwise_rank_agreement",
+        "signed_set_agreement", "consistent_direction", "lr_separability",
+    )},
+    **{name: (-1.0, 1.0) for name in (
+        "ssim", "spearman", "spearman_abs", "pearson", "hog_pearson", "rank_correlation", "cosine_similarity",
+    )},
+    "l1_distance": (0.0, float("inf")),
+    "angular_difference": (0.0, 3.141592653589793),
+}
+
+
+def check_threshold(value: Any, metric: str, name: str = "threshold") -> float:
+    """A finite number within ``metric``'s range (:data:`METRIC_RANGES`), as a float.
+
+    The ends of the range are allowed (a threshold of 1.0 asks for identical maps); beyond them
+    the gate's verdict no longer depends on the maps.
+    """
+    low, high = METRIC_RANGES.get(metric, (None, None))
+    hint = (f"{metric} lies in [{low:g}, {high:g}], so a threshold outside that range decides the verdict "
+            "without looking at the maps; calibrate one inside it from a run without a threshold."
+            if low is not None else "Pass a finite number such as 0.5.")
+    return check_number(value, name, low=low, high=None if high == float("inf") else high, hint=hint)

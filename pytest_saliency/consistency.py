@@ -108,7 +108,7 @@ from typing import Any
 
 from ._rng import rng_isolated
 from ._torch import require_torch
-from ._validation import check_inputs, check_model, unknown_choice
+from ._validation import check_count, check_inputs, check_model, check_seed, check_threshold, unknown_choice
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from .explainers import (
     Explainer, MethodSpec, _attribute, _eval_mode, predicted_targets, prepare_method, resolve_target,
@@ -166,7 +166,8 @@ def _default_classifier(seed: int) -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=10_000, random_state=seed))
+    # scikit-learn's random_state must lie in [0, 2**32): other seeds are taken modulo 2**32.
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=10_000, random_state=seed % 2**32))
 
 
 def _require_sklearn() -> None:
@@ -193,11 +194,18 @@ def _to_numpy_rows(x: Any, name: str) -> Any:
     return x.reshape(x.shape[0], -1)
 
 
+def _numpy_seed(seed: int) -> int:
+    """numpy's generators take non-negative seeds: a negative one is taken modulo 2**64 (every other
+    seed is used as it is)."""
+    seed = check_seed(seed)
+    return seed if seed >= 0 else seed % 2**64
+
+
 def fold_assignment(n: int, n_splits: int, seed: int) -> Any:
     """Fold index of each of ``n`` inputs: a seeded permutation dealt round-robin into ``n_splits`` folds."""
     import numpy as np
 
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.random.default_rng(_numpy_seed(seed)).permutation(n)
     folds = np.empty(n, dtype=np.int64)
     folds[order] = np.arange(n) % n_splits
     return folds
@@ -216,6 +224,8 @@ def lr_separability(
     import numpy as np
 
     _require_sklearn()
+    seed = check_seed(seed)
+    n_splits = check_count(n_splits, "n_splits", minimum=2, hint="It is the number of cross-validation folds.")
     xa, xb = _to_numpy_rows(a, "maps a"), _to_numpy_rows(b, "maps b")
     if xa.shape != xb.shape:
         raise SaliencyUsageError(
@@ -223,8 +233,6 @@ def lr_separability(
             f"{xa.shape} and {xb.shape}."
         )
     n = xa.shape[0]
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 2:
-        raise SaliencyUsageError(f"n_splits must be an int >= 2 (the number of cross-validation folds), got {n_splits!r}.")
     if n < 2 * n_splits:
         raise SaliencyUsageError(
             f"{n} input(s) are too few for {n_splits}-fold cross-validation: held-out accuracy needs at least "
@@ -725,14 +733,15 @@ def _to_maps(raw: Any, pipeline: MapPipeline, map_shape: tuple[int, int] | None)
 
 
 def _check_ssim_size(maps: Any, pipeline: MapPipeline, method: str) -> None:
+    from .similarity import window_advice
+
     win = pipeline.ssim.win_size
     h, w = maps.shape[-2:]
     if min(h, w) < win:
         raise SaliencyUsageError(
             f"{method} maps are {h}x{w}, smaller than the SSIM window ({win}x{win}) of preset {pipeline.name!r}. "
-            "For feature vectors pass map_shape=(H, W); otherwise use a pipeline with a smaller odd window, e.g. "
-            "dataclasses.replace(PRESETS['adebayo2018'], ssim=SSIMParams(win_size=3, data_range=1.0)), or leave "
-            "'ssim' out of metrics."
+            f"{window_advice(h, w, win)} For feature vectors, map_shape=(H, W) sets the map size; or leave 'ssim' "
+            "out of metrics."
         )
 
 
@@ -941,8 +950,10 @@ def explanation_consistency(
     named = _named_models(models)
     check_inputs(inputs)
     _require_sklearn()
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 2:
-        raise SaliencyUsageError(f"n_splits must be an int >= 2 (cross-validation folds), got {n_splits!r}.")
+    seed = check_seed(seed)
+    n_splits = check_count(n_splits, "n_splits", minimum=2, hint="It is the number of cross-validation folds.")
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
     n = int(inputs.shape[0])
     if n < 2 * n_splits:
         raise SaliencyUsageError(
@@ -964,8 +975,8 @@ def explanation_consistency(
 
         resolve_k(k, int(inputs[0].numel()))  # a bad k fails here, before any explanation runs
     pipeline = get_pipeline(preset)
-    resolved, name, options = prepare_method(method, named[0][1], inputs, method_kwargs)
     _check_compatible(named, inputs)
+    resolved, name, options = prepare_method(method, named[0][1], inputs, method_kwargs)
 
     predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
     if target is None or (isinstance(target, str) and target == "reference"):
@@ -1077,15 +1088,14 @@ def models_from(
         raise SaliencyUsageError(
             "a model factory needs seeds=[...], the seeds to train it with, e.g. seeds=[0, 1, 2] (at least two)."
         )
-    seed_list = list(seeds)
+    seed_list = [check_seed(s, f"seeds[{index}]") for index, s in enumerate(seeds)]
     if len(seed_list) < 2 or len(set(seed_list)) != len(seed_list):
-        raise SaliencyUsageError(f"seeds must hold at least two distinct ints, got {seed_list!r}.")
+        raise SaliencyUsageError(f"seeds must hold at least two distinct ints, got {list(seeds)!r}.")
     if cache is not None and not isinstance(cache, ModelCache):
         cache = ModelCache(cache)
     named: dict[str, Any] = {}
-    for s in seed_list:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise SaliencyUsageError(f"seeds must be ints, got {type(s).__name__} {s!r}.")
+    for index, s in enumerate(seed_list):
+        s = check_seed(s, f"seeds[{index}]")
         model = cache.get_or_train(models_or_factory, s, build, version=version) if cache is not None else (
             _call_train(models_or_factory, s)
         )
@@ -1125,10 +1135,8 @@ def seed_consistency(
             "different-input baseline in result.report(), and set the threshold between them. Defaults exist for "
             f"{', '.join([*CONSISTENCY_THRESHOLDS, *_CHANCE_DEFAULT_METRICS])}."
         )
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
-    ):
-        raise SaliencyUsageError(f"threshold must be a number, got {threshold!r}.")
+    if threshold is not None:
+        threshold = check_threshold(threshold, metric)
     models, factors = models_from(models_or_factory, seeds, cache, build=build, version=version)
     if factors and "factors" not in options:
         options["factors"] = factors
@@ -1262,13 +1270,12 @@ def explainer_seed_stability(
     check_model(model)
     check_inputs(inputs, model)
     seed_list = list(seeds) if isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)) else None
-    if (
-        seed_list is None
-        or len(seed_list) < 2
-        or any(isinstance(s, bool) or not isinstance(s, int) for s in seed_list)
-        or len(set(seed_list)) != len(seed_list)
-    ):
+    if seed_list is not None:
+        seed_list = [check_seed(s, f"seeds[{index}]") for index, s in enumerate(seed_list)]
+    if seed_list is None or len(seed_list) < 2 or len(set(seed_list)) != len(seed_list):
         raise SaliencyUsageError(f"seeds must be at least two distinct ints, e.g. (0, 1, 2), got {seeds!r}.")
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
     if metric not in METRICS:
         raise unknown_choice("metric", metric, METRICS)
     if not METRICS[metric].higher_is_better:
@@ -1282,6 +1289,7 @@ def explainer_seed_stability(
                 f"metric {metric!r} has no default seed-stability threshold; pass threshold=<value>."
             )
         threshold = SEED_STABILITY_THRESHOLDS[metric]
+    threshold = check_threshold(threshold, metric)
     shape = _check_map_shape(map_shape, inputs)
     _resolve_metrics([metric], inputs.dim() == 2, shape)
     if METRICS[metric].takes_k:

@@ -52,11 +52,20 @@ import torch
 from torch import nn
 
 from ._rng import derive_seed, rng_isolated
-from ._validation import check_model, unknown_choice
+from ._validation import (
+    check_choice, check_count, check_flag, check_inputs, check_model, check_number, check_seed, unknown_choice,
+)
 from .exceptions import SaliencyUsageError
 
 HOWS = ("average", "logits")
 PARAMETERS = ("weight", "bias", "both")
+
+
+def _check_how(how: Any) -> str:
+    return check_choice(
+        how, "ensemble method", HOWS,
+        "Majority voting is not offered: it is piecewise constant, so its gradients are zero.",
+    )
 
 
 class Ensemble(nn.Module):
@@ -69,11 +78,7 @@ class Ensemble(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module], how: str = "average") -> None:
         super().__init__()
-        if how not in HOWS:
-            raise unknown_choice(
-                "ensemble method", how, HOWS,
-                "Majority voting is not offered: it is piecewise constant, so its gradients are zero.",
-            )
+        how = _check_how(how)
         members = list(members)
         if not members:
             raise SaliencyUsageError("an ensemble needs at least one member model, got none.")
@@ -179,12 +184,12 @@ def perturbed_ensemble(
     models = list(model) if isinstance(model, Sequence) and not isinstance(model, nn.Module) else [model]
     if not models:
         raise SaliencyUsageError("perturbed_ensemble needs a model (or a non-empty list of models).")
-    if parameter not in PARAMETERS:
-        raise unknown_choice("parameter", parameter, PARAMETERS)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SaliencyUsageError(f"n must be a positive int (copies per model), got {n!r}.")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise SaliencyUsageError(f"sigma must be a finite number >= 0 (the noise std), got {sigma!r}.")
+    parameter = check_choice(parameter, "parameter", PARAMETERS)
+    how = _check_how(how)
+    n = check_count(n, "n", hint="n must be a positive int: the perturbed copies per model, e.g. n=20.")
+    sigma = check_number(sigma, "sigma", low=0.0, hint="It is the std of the noise added to the weights, e.g. 0.1.")
+    seed = check_seed(seed)
+    check_flag(include_original, "include_original")
     members: list[nn.Module] = []
     for index, base in enumerate(models):
         check_model(base)
@@ -203,7 +208,7 @@ def perturbed_ensemble(
             members.append(base)
         for copy_index in range(n):
             member = copy.deepcopy(base)
-            _perturb(member, name, float(sigma), parameter, derive_seed(seed, index, copy_index))
+            _perturb(member, name, sigma, parameter, derive_seed(seed, index, copy_index))
             members.append(member)
     return Ensemble(members, how=how)
 
@@ -348,9 +353,11 @@ def consistency_vs_ensemble_size(
         raise SaliencyUsageError(
             "models_or_factory must be a list or dict of models, or a factory train(seed) -> model with seeds=[...]."
         )
-    size_list = list(sizes) if isinstance(sizes, Sequence) else None
-    if not size_list or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size_list):
-        raise SaliencyUsageError(f"sizes must be a non-empty list of positive ints, e.g. (1, 2, 4), got {sizes!r}.")
+    size_list = list(sizes) if isinstance(sizes, Sequence) and not isinstance(sizes, (str, bytes)) else None
+    size_hint = f"sizes must be a non-empty list of positive ints, e.g. (1, 2, 4), got {sizes!r:.80}."
+    if not size_list:
+        raise SaliencyUsageError(size_hint)
+    size_list = [check_count(s, f"sizes[{index}]", hint=size_hint) for index, s in enumerate(size_list)]
     if len(set(size_list)) != len(size_list):
         raise SaliencyUsageError(f"sizes must be distinct, got {size_list!r}.")
     size_list = sorted(size_list)
@@ -361,11 +368,21 @@ def consistency_vs_ensemble_size(
             f"ensemble size(s) {too_big} need at least {2 * max(too_big)} models (two disjoint ensembles to "
             f"compare), but {m} were given. Pass more models (or seeds), or smaller sizes."
         )
+    how = _check_how(how)
+    for label, model in labelled:
+        try:
+            check_model(model)
+            check_inputs(inputs, model)
+        except SaliencyUsageError as exc:
+            raise SaliencyUsageError(f"model {label!r}: {exc}") from None
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
+    seed = check_seed(options.get("seed", 0))
     all_members = Ensemble([model for _, model in labelled], how=how)
     target_mode = "given"
     if target is None:
         target_mode = "ensemble"
-        target = predicted_targets(all_members, inputs, batch_size, options.get("seed", 0))
+        target = predicted_targets(all_members, inputs, batch_size, seed)
     elif isinstance(target, str):
         if target not in ("each", "reference"):
             raise unknown_choice("target mode", target, ("each", "reference"), "Or pass an int or a tensor (N,).")

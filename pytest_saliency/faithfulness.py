@@ -63,7 +63,9 @@ from typing import Any
 
 from ._rng import rng_isolated
 from ._torch import require_torch
-from ._validation import check_finite, check_inputs, check_model, unknown_choice
+from ._validation import (
+    check_choice, check_count, check_finite, check_flag, check_inputs, check_model, check_seed, unknown_choice,
+)
 from .exceptions import SaliencyUsageError
 
 MODES = ("deletion", "insertion")
@@ -277,10 +279,14 @@ def _substrate(kind: Any, inputs: Any, blur_sigma: float | None) -> tuple[Any, s
     )
 
 
-def _positive_int(value: Any, name: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SaliencyUsageError(f"{name} must be a positive int, got {value!r}. {hint}")
-    return value
+def _check_curve_options(mode: Any, order: Any, output: Any, normalize: Any, batch_size: Any) -> int:
+    """The game's options, checked before anything runs; returns ``batch_size`` as an int."""
+    check_choice(mode, "mode", MODES)
+    check_choice(order, "pixel order", ORDERS, "order ranks pixels by their signed or their absolute attribution.")
+    check_choice(output, "output", OUTPUTS, "'softmax' applies a softmax to the model's logits.")
+    if normalize is not None and not (isinstance(normalize, str) and normalize in NORMALIZATIONS):
+        raise unknown_choice("AUC normalization", normalize, ["max", "None"])
+    return check_count(batch_size, "batch_size", hint="It bounds the perturbed inputs per forward pass.")
 
 
 @rng_isolated
@@ -314,15 +320,8 @@ def causal_curves(
     start_time = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
-    if mode not in MODES:
-        raise unknown_choice("mode", mode, MODES)
-    if order not in ORDERS:
-        raise unknown_choice("pixel order", order, ORDERS)
-    if output not in OUTPUTS:
-        raise unknown_choice("output", output, OUTPUTS, "'softmax' applies a softmax to the model's logits.")
-    if normalize not in NORMALIZATIONS:
-        raise unknown_choice("AUC normalization", normalize, ["max", "None"])
-    batch_size = _positive_int(batch_size, "batch_size", "It bounds the perturbed inputs per forward pass.")
+    batch_size = _check_curve_options(mode, order, output, normalize, batch_size)
+    seed = check_seed(seed)
     label = ""
     if isinstance(attributions, str) or (callable(attributions) and not isinstance(attributions, torch.Tensor)):
         label = method_name(attributions)
@@ -336,7 +335,7 @@ def causal_curves(
     n, pixels = scores.shape
     if step is None:
         step = inputs.shape[-1] if inputs.dim() == 4 else 1
-    step = _positive_int(step, "step", f"It is the number of pixels changed per step (1 to {pixels}).")
+    step = check_count(step, "step", hint=f"It is the number of pixels changed per step (1 to {pixels}).")
     if isinstance(substrate, str) and substrate == "blur" and inputs.dim() != 4:
         raise SaliencyUsageError(
             "substrate='blur' needs images (N, C, H, W); for (N, D) feature vectors use substrate='zero' or a constant."
@@ -548,11 +547,18 @@ def accuracy_spread(
     from .sweeps import SweepResult, hyperparameter_sweep
 
     start = time.perf_counter()
+    check_model(model)
+    check_inputs(inputs, model)
+    scores = (scores,) if isinstance(scores, str) else tuple(scores)
     for s in scores:
-        if s not in MODES:
-            raise unknown_choice("accuracy score", s, MODES)
+        check_choice(s, "accuracy score", MODES)
     if not scores:
         raise SaliencyUsageError("scores is empty; pass ('deletion', 'insertion') or one of them.")
+    check_flag(include_reference, "include_reference")
+    seed = check_seed(seed)
+    curve_batch_size = _check_curve_options(MODES[0], order, output, normalize, curve_batch_size)
+    if step is not None:
+        check_count(step, "step", hint="It is the number of pixels changed per step.")
     if isinstance(method, SweepResult):
         result = method
         if result.reference_attributions is None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ._rng import rng_isolated
 from ._torch import ensure_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
-from ._validation import unknown_choice
+from ._validation import check_count, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError
 
 GRANULARITIES = ("leaf", "block")
@@ -357,6 +357,10 @@ def select_layers(
 
     ``trace``: a :func:`trace_forward` of these inputs, if the caller has one (saves a forward pass).
     """
+    depth = check_count(depth, "depth", hint="depth=1 means the model's children (for layers='block').")
+    if trace is None:
+        check_model(model)
+        check_inputs(inputs, model)
     modules = dict(model.named_modules())
     executed = (trace or trace_forward(model, inputs[:1])).order
     rank = {name: i for i, name in enumerate(executed)}
@@ -364,8 +368,6 @@ def select_layers(
         if layers == "leaf":
             names = [n for n, m in modules.items() if _owns_parameters(m, recurse=False)]
         elif layers == "block":
-            if depth < 1:
-                raise SaliencyUsageError(f"depth must be >= 1 for granularity='block', got {depth}.")
             names = [
                 n for n, m in modules.items()
                 if n and n.count(".") == depth - 1 and _owns_parameters(m, recurse=True)
@@ -381,6 +383,10 @@ def select_layers(
             )
         names = [n for n in names if n in rank]
     else:
+        if not isinstance(layers, Sequence) or not all(isinstance(n, str) for n in layers):
+            raise SaliencyUsageError(
+                f"layers must be 'leaf', 'block' or a list of module names (strings), got {layers!r:.80}."
+            )
         names = list(layers)
         if not names:
             raise SaliencyUsageError(

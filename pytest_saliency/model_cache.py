@@ -60,6 +60,7 @@ from typing import Any
 
 from ._rng import seeded
 from ._torch import require_torch
+from ._validation import check_flag, check_number, check_seed
 from .exceptions import SaliencyUsageError, warn_user
 
 FORMAT = 1
@@ -82,19 +83,8 @@ def factory_name(train: Callable[..., Any]) -> str:
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        try:
-            import numpy as np
-
-            if isinstance(seed, np.integer):
-                return int(seed)
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            pass
-        raise SaliencyUsageError(
-            f"seed must be an int (it is part of the cache key and is passed to train(seed)), got "
-            f"{type(seed).__name__} {seed!r}."
-        )
-    return int(seed)
+    """The seed as a Python int: it is part of the cache key and is passed to ``train(seed)``."""
+    return check_seed(seed)
 
 
 class ModelCache:
@@ -122,12 +112,12 @@ class ModelCache:
             raise SaliencyUsageError(
                 f"ModelCache needs a directory path (str or pathlib.Path), got {type(directory).__name__}."
             )
-        if not lock_timeout > 0:
-            raise SaliencyUsageError(f"lock_timeout must be > 0 seconds, got {lock_timeout!r}.")
+        lock_timeout = check_number(lock_timeout, "lock_timeout", low=0.0, low_open=True,
+                                    hint="It is the age in seconds after which a lock file counts as stale.")
+        self.lock = check_flag(lock, "lock")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.lock = bool(lock)
-        self.lock_timeout = float(lock_timeout)
+        self.lock_timeout = lock_timeout
         self.hits = 0
         self.misses = 0
 

@@ -24,7 +24,10 @@ from typing import Any
 
 from ._rng import generator_states, pass_seeded, rng_isolated, same_generator_states
 from ._torch import require_torch
-from ._validation import all_finite, check_finite, check_inputs, check_model, unknown_choice
+from ._validation import (
+    all_finite, check_choice, check_count, check_finite, check_flag, check_inputs, check_model, check_number,
+    check_seed,
+)
 from .activation_reuse import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
 from .exceptions import SaliencyUsageError, warn_user
 from .explainers import (
@@ -35,7 +38,8 @@ from .layers import select_layers, trace_forward
 from .postprocess import MapPipeline, get_pipeline, pipeline_maps
 from .randomization import STRATEGIES, LayerDraws, check_strategy, preserved, randomized
 from .statistics import (
-    CONFIDENCE, N_BOOTSTRAP, SENSITIVITY_THRESHOLD, SSIM_THRESHOLD, SensitivityStatistics, sensitivity_statistics,
+    CONFIDENCE, N_BOOTSTRAP, SENSITIVITY_THRESHOLD, SSIM_THRESHOLD, SensitivityStatistics, check_sensitivity_options,
+    sensitivity_statistics,
 )
 
 MODES = ("independent", "cascading")
@@ -279,10 +283,11 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
     win = pipeline.ssim.win_size
     h, w = maps.shape[-2:]
     if min(h, w) < win:
+        from .similarity import window_advice
+
         raise SaliencyUsageError(
             f"{method} maps are {h}x{w}, smaller than the SSIM window ({win}x{win}) of preset "
-            f"{pipeline.name!r}. Upsample the inputs (e.g. to 32x32), resize the maps with "
-            f"MapPipeline(size=(32, 32)), or use a pipeline with a smaller odd win_size."
+            f"{pipeline.name!r}. {window_advice(h, w, win)}"
         )
     flat = maps.flatten(1)
     constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
@@ -409,16 +414,33 @@ def layer_randomization(
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
-    if mode not in MODES:
-        raise unknown_choice("mode", mode, MODES)
-    if order not in ORDERS:
-        raise unknown_choice("order", order, ORDERS)
-    if constant_maps not in ("error", "skip"):
-        raise unknown_choice("constant_maps option", constant_maps, ("error", "skip"))
-    if not (images in IMAGE_MODES or (isinstance(images, int) and not isinstance(images, bool) and images >= 1)):
-        raise SaliencyUsageError(f"images must be 'all', 'auto' or a positive int, got {images!r}.")
-    if image_batch < 1:
-        raise SaliencyUsageError(f"image_batch must be >= 1, got {image_batch}.")
+    mode = check_choice(mode, "mode", MODES)
+    order = check_choice(order, "order", ORDERS)
+    constant_maps = check_choice(constant_maps, "constant_maps", ("error", "skip"))
+    images_hint = "images is 'all' (every input), 'auto' (stop when decisive) or the most images to use, e.g. 32."
+    if isinstance(images, str):
+        images = check_choice(images, "images", IMAGE_MODES, images_hint)
+    else:
+        images = check_count(images, "images", hint=images_hint)
+    image_batch = check_count(image_batch, "image_batch", hint="It is the number of images explained between decisions.")
+    depth = check_count(depth, "depth", hint="depth=1 means the model's children (for layers='block').")
+    seed = check_seed(seed)
+    check_flag(clip_negative_ssim, "clip_negative_ssim")
+    check_sensitivity_options(
+        ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold, clip_negative=clip_negative_ssim,
+        confidence=confidence, n_bootstrap=n_bootstrap,
+    )
+    check_number(adaptive_confidence, "adaptive_confidence", low=0.0, high=1.0, low_open=True, high_open=True,
+                 hint="It is the confidence at which images='auto' or early_exit stop, e.g. 0.99.")
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the images one explainer call sees; None sizes the chunks from memory.")
+    keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
+    for flag, flag_name in ((require_every_layer, "require_every_layer"), (early_exit, "early_exit"),
+                            (reuse_activations, "reuse_activations")):
+        check_flag(flag, flag_name)
+    if progress is not None and not callable(progress):
+        raise SaliencyUsageError(
+            f"progress must be None or a callable progress(done, total, label), got {type(progress).__name__}.")
     check_strategy(randomization)
     pipeline = get_pipeline(preset)
     setup = ssim_setup(**pipeline.ssim.kwargs())

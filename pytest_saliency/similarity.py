@@ -231,13 +231,38 @@ def ssim_setup(
     )
 
 
+def window_advice(height: int, width: int, win_size: int, pipeline: bool = True) -> str:
+    """How to fit an SSIM window to ``height x width`` maps: advice that can always be followed.
+
+    SSIM windows are odd and at least 3 pixels wide, so maps under 3 pixels on a side can only be
+    resized; larger maps may also take a smaller window, up to the largest odd size that fits.
+    ``pipeline``: phrase the advice for a map pipeline (a preset) rather than for the
+    ``win_size`` argument of :func:`structural_similarity`.
+    """
+    how = (
+        "(MapPipeline(size=(32, 32)) in the map pipeline, or upsample the inputs)" if pipeline
+        else "first (e.g. with torch.nn.functional.interpolate)"
+    )
+    side = min(height, width)
+    if side < 3:
+        return (
+            f"No SSIM window fits {height}x{width} maps (windows are odd and at least 3x3): resize the maps to at "
+            f"least 3x3 pixels {how}, or compare them with a metric that needs no window (e.g. spearman)."
+        )
+    largest = side if side % 2 else side - 1
+    smaller = (
+        "use a pipeline whose SSIM window is smaller, e.g. dataclasses.replace(preset, "
+        f"ssim=dataclasses.replace(preset.ssim, win_size={largest}))" if pipeline
+        else f"pass a smaller odd win_size (3 to {largest})"
+    )
+    return f"Either resize the maps to at least {win_size}x{win_size} pixels {how}, or {smaller}."
+
+
 def _check_window_fits(height: int, width: int, win_size: int) -> None:
     if height < win_size or width < win_size:
         raise SaliencyUsageError(
             f"maps of size {height}x{width} are smaller than the {win_size}x{win_size} SSIM window "
-            f"(win_size={win_size}). Resize the maps up to at least {win_size}x{win_size} (e.g. "
-            "with the map pipeline's resize step), or pass a smaller odd win_size "
-            f"(<= {min(height, width)}, >= 3)."
+            f"(win_size={win_size}). {window_advice(height, width, win_size, pipeline=False)}"
         )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ._rng import as_seed, torch_seed_of
 from ._torch import require_torch
+from ._validation import check_count, check_flag, check_number, check_seed
 from .exceptions import SaliencyUsageError
 
 SSIM_THRESHOLD = 0.99
@@ -91,6 +92,24 @@ def bootstrap_interval(values: Any, confidence: float, n_resamples: int, seed: i
     return float(low), float(high)
 
 
+def check_sensitivity_options(*, ssim_threshold: Any, sensitivity_threshold: Any, clip_negative: Any,
+                              confidence: Any, n_bootstrap: Any) -> None:
+    """The thresholds and bootstrap options of the statistics, checked before any work is done.
+
+    S^i lies in [0, 1] (in [0, 2] without ``clip_negative``), so a sensitivity threshold of 0 or
+    less passes every method; SSIM lies in [-1, 1].
+    """
+    check_flag(clip_negative, "clip_negative")
+    check_number(ssim_threshold, "ssim_threshold", low=-1.0, high=1.0,
+                 hint="SSIM lies in [-1, 1]; a layer is sensitive when SSIM < ssim_threshold (default 0.99).")
+    check_number(sensitivity_threshold, "sensitivity_threshold", low=0.0, low_open=True,
+                 high=1.0 if clip_negative else 2.0,
+                 hint="S^I is never negative, so a threshold <= 0 would pass every method; the default is 0.01.")
+    check_number(confidence, "confidence", low=0.0, high=1.0, low_open=True, high_open=True,
+                 hint="E.g. confidence=0.9 for a 90% interval.")
+    check_count(n_bootstrap, "n_bootstrap", minimum=1, hint="E.g. n_bootstrap=2000 bootstrap resamples.")
+
+
 def sensitivity_statistics(
     ssim: Any,
     layer_names: list[str],
@@ -109,10 +128,11 @@ def sensitivity_statistics(
         raise SaliencyUsageError(
             f"ssim must have shape (layers, images) = ({len(layer_names)}, N >= 1), got {tuple(s.shape)}."
         )
-    if not 0.0 < confidence < 1.0:
-        raise SaliencyUsageError(f"confidence must be in (0, 1), e.g. 0.9 for a 90% interval; got {confidence}.")
-    if not -1.0 <= ssim_threshold <= 1.0:
-        raise SaliencyUsageError(f"ssim_threshold must lie in [-1, 1] (SSIM's range), got {ssim_threshold}.")
+    check_sensitivity_options(
+        ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold, clip_negative=clip_negative,
+        confidence=confidence, n_bootstrap=n_bootstrap,
+    )
+    seed = check_seed(seed)
     scores = 1.0 - (s.clamp(min=0.0) if clip_negative else s)  # S^i_l, eq. 2
     sensitive = s < ssim_threshold  # Definition 1
     image_scores = scores.mean(dim=0)  # S^i, eq. 4

@@ -59,8 +59,13 @@ from typing import Any
 
 from ._rng import derive_seed, rng_isolated
 from ._torch import require_torch
-from ._validation import check_inputs, check_model, unknown_choice
+from ._validation import (
+    check_choice, check_count, check_inputs, check_model, check_number, check_seed, check_threshold, unknown_choice,
+)
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from .method_options import (  # noqa: F401 - shared with explainers
+    _RULES, BASELINE_KINDS, IG_RULES, INTERPOLATE_MODES, _check_value, _is_int, _is_real, _tensor,
+)
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 DEFAULT_METRICS = ("ssim", "spearman", "hog_pearson")
@@ -81,92 +86,7 @@ Progress = Callable[[int, int, str], None]
 # value checks
 # --------------------------------------------------------------------------------------------
 
-IG_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-INTERPOLATE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
-BASELINE_KINDS = ("zero", "uniform", "blurred")
 SEGMENT_METHODS = ("lime", "kernel_shap", "feature_ablation")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value >= 1
-
-
-def _optional_positive_int(value: Any) -> bool:
-    return value is None or _positive_int(value)
-
-
-def _window(value: Any) -> bool:
-    if value is None or _positive_int(value):
-        return True
-    return isinstance(value, tuple) and len(value) > 0 and all(_positive_int(v) for v in value)
-
-
-def _tensor(value: Any) -> bool:
-    return type(value).__name__ == "Tensor" or (hasattr(value, "shape") and hasattr(value, "dtype"))
-
-
-def _baselines(value: Any) -> bool:
-    if value is None or _tensor(value):
-        return True
-    return (isinstance(value, str) and value in BASELINE_KINDS) or _is_real(value)
-
-
-# name -> (predicate, what is expected, an example)
-_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "nt_samples": (_positive_int, "a positive int (noisy samples averaged)", "nt_samples=100"),
-    "n_steps": (_positive_int, "a positive int (integration steps)", "n_steps=50"),
-    "n_samples": (_positive_int, "a positive int (perturbation samples)", "n_samples=200"),
-    "n_baselines": (_positive_int, "a positive int", "n_baselines=10"),
-    "grid": (_positive_int, "a positive int (grid x grid superpixels)", "grid=8"),
-    "n_segments": (lambda v: _is_int(v) and v >= 2, "an int >= 2 (SLIC superpixels per image)", "n_segments=50"),
-    "perturbations_per_eval": (_positive_int, "a positive int", "perturbations_per_eval=16"),
-    "nt_samples_batch_size": (_optional_positive_int, "a positive int or None", "nt_samples_batch_size=50"),
-    "internal_batch_size": (_optional_positive_int, "a positive int or None", "internal_batch_size=64"),
-    "noise_level": (lambda v: _is_real(v) and v >= 0, "a finite float >= 0 (noise std / input range)", "noise_level=0.15"),
-    "stdevs": (lambda v: v is None or (_is_real(v) and v >= 0), "a finite float >= 0", "stdevs=0.1"),
-    "input_range": (lambda v: _is_real(v) and v > 0, "a finite float > 0", "input_range=1.0"),
-    "alpha": (lambda v: _is_real(v) and v > 0, "a finite float > 0 (Lasso penalty)", "alpha=0.01"),
-    "abs": (lambda v: isinstance(v, bool), "True or False", "abs=False"),
-    "relu_attributions": (lambda v: isinstance(v, bool), "True or False", "relu_attributions=True"),
-    "method": (lambda v: isinstance(v, str) and v in IG_RULES, f"one of {', '.join(IG_RULES)}", "method='gausslegendre'"),
-    "integration_method": (
-        lambda v: isinstance(v, str) and v in IG_RULES, f"one of {', '.join(IG_RULES)}",
-        "integration_method='gausslegendre'",
-    ),
-    "interpolate_mode": (lambda v: isinstance(v, str) and v in INTERPOLATE_MODES, f"one of {', '.join(INTERPOLATE_MODES)}", "interpolate_mode='bilinear'"),
-    "window": (_window, "a positive int (square side in pixels), a tuple of positive ints, or None", "window=5"),
-    "stride": (_window, "a positive int, a tuple of positive ints, or None", "stride=2"),
-    "baselines": (
-        _baselines, f"one of {', '.join(map(repr, BASELINE_KINDS))}, a finite float, or a tensor", "baselines='zero'",
-    ),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an int >= 0", "seed=1"),
-    "layer": (lambda v: True, "a module name, a module or None", "layer='conv2'"),
-    "feature_mask": (lambda v: v is None or _tensor(v), "an integer tensor or None", "feature_mask=mask"),
-}
-
-
-def _check_value(method: str, name: str, value: Any, where: str = "sweep") -> None:
-    rule = _RULES.get(name)
-    if rule is None:
-        return
-    predicate, expected, example = rule
-    try:
-        ok = bool(predicate(value))
-    except Exception:  # a weird object that cannot even be compared
-        ok = False
-    if not ok:
-        raise SaliencyUsageError(
-            f"{where} for {method}: hyperparameter {name!r} must be {expected}, got {value!r} "
-            f"({type(value).__name__}). Fix the value, e.g. {example}."
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +173,10 @@ class SweepGrid:
 def _side(input_shape: Sequence[int] | None) -> int:
     if input_shape is None:
         return SAM_INPUT_SIZE
-    shape = tuple(int(s) for s in input_shape)
+    try:
+        shape = tuple(check_count(s, "input_shape entry", minimum=0) for s in input_shape)
+    except (SaliencyUsageError, TypeError):
+        shape = ()
     if len(shape) < 2 or min(shape[-2:]) < 1:
         raise SaliencyUsageError(
             f"input_shape must end in (H, W), e.g. inputs.shape = (N, C, H, W); got {tuple(input_shape)!r}."
@@ -363,8 +286,7 @@ def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
     ``input_shape`` is ``inputs.shape`` (only the last two sizes are used); ``None`` keeps SAM's
     224 px values. Pass the grid as the method: ``hyperparameter_sweep(model, x, sam_grid("occlusion", x.shape))``.
     """
-    if name not in _GRID_BUILDERS:
-        raise unknown_choice("grid", name, GRIDS)
+    check_choice(name, "grid", GRIDS)
     return _GRID_BUILDERS[name](_side(input_shape))
 
 
@@ -845,10 +767,9 @@ def _check_metrics(metrics: Any, metric: str, threshold: Any) -> tuple[tuple[str
         if name not in METRICS:
             raise unknown_choice("metric", name, METRICS)
     if threshold is not None:
-        if not _is_real(threshold):
-            raise SaliencyUsageError(f"threshold must be a finite number, got {threshold!r}.")
-        if metric not in METRICS:
+        if not isinstance(metric, str) or metric not in METRICS:
             raise unknown_choice("metric", metric, METRICS)
+        check_threshold(threshold, metric)
         if metric not in metrics:
             metrics = (*metrics, metric)
         if METRICS[metric].takes_k:
@@ -874,11 +795,6 @@ def _setup_check(
         metric = metrics[0]  # no verdict: summarize with the first metric asked for
         higher = _higher_is_better(metric)
     return resolved, label, pipeline, metrics, metric, higher
-
-
-def _check_seed(seed: Any) -> None:
-    if not (_is_int(seed) and seed >= 0):
-        raise SaliencyUsageError(f"seed must be an int >= 0, got {seed!r}.")
 
 
 def _higher_is_better(metric: str) -> bool:
@@ -1049,9 +965,10 @@ def hyperparameter_sweep(
     for name in metric_options:
         if name not in metrics:
             raise SaliencyUsageError(f"metric_options has an entry for {name!r}, which is not among metrics {list(metrics)}.")
-    _check_seed(seed)
-    if not (_is_int(keep_maps) and keep_maps >= 0):
-        raise SaliencyUsageError(f"keep_maps must be an int >= 0, got {keep_maps!r}.")
+    seed = check_seed(seed)
+    keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the images one explainer call sees; None explains all at once.")
     reference = dict(reference or {})
     if not isinstance(reference, dict):
         raise SaliencyUsageError(f"reference must be a dict of hyperparameters, got {type(reference).__name__}.")
@@ -1197,10 +1114,27 @@ def add_input_noise(
     variance (common random numbers, so a variance sweep compares like with like).
     """
     torch = require_torch()
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        raise SaliencyUsageError(
+            f"inputs must be a floating-point torch.Tensor, got {type(inputs).__name__} "
+            f"{getattr(inputs, 'dtype', '')}. Convert with torch.as_tensor(x, dtype=torch.float32)."
+        )
+    variance = check_number(variance, "variance", low=0.0,
+                            hint="It is the noise's variance, a squared std (SAM: 0.1 on [0, 1] images).")
+    if clip is not None:
+        clip = _check_clip(clip)
+    seed = check_seed(seed)
+    draw = check_count(draw, "draw", minimum=0, hint="It numbers the noisy copy: 0, 1, 2, ...")
     generator = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "input_noise", draw))
     z = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
     noisy = inputs + math.sqrt(variance) * z
     return noisy if clip is None else noisy.clamp(clip[0], clip[1])
+
+
+def _check_clip(clip: Any) -> tuple[float, float]:
+    if not (isinstance(clip, Sequence) and len(clip) == 2 and all(_is_real(c) for c in clip) and clip[0] < clip[1]):
+        raise SaliencyUsageError(f"clip must be (low, high) with low < high, or None; got {clip!r}.")
+    return float(clip[0]), float(clip[1])
 
 
 def _check_noise_args(inputs: Any, noise: Any, variance: Any, clip: Any, n_draws: Any) -> list[float]:
@@ -1223,8 +1157,7 @@ def _check_noise_args(inputs: Any, noise: Any, variance: Any, clip: Any, n_draws
     if not (_is_int(n_draws) and n_draws >= 1):
         raise SaliencyUsageError(f"n_draws must be a positive int (noisy copies per image), got {n_draws!r}.")
     if clip is not None:
-        if not (isinstance(clip, Sequence) and len(clip) == 2 and all(_is_real(c) for c in clip) and clip[0] < clip[1]):
-            raise SaliencyUsageError(f"clip must be (low, high) with low < high, or None; got {clip!r}.")
+        clip = _check_clip(clip)
         low, high = float(inputs.min()), float(inputs.max())
         if low < clip[0] or high > clip[1]:
             raise SaliencyUsageError(
@@ -1281,7 +1214,9 @@ def input_noise_stability(
     if not metrics:
         raise SaliencyUsageError("metrics is empty; pass e.g. metrics=('ssim', 'spearman', 'hog_pearson').")
     metric_options = dict(metric_options or {})
-    _check_seed(seed)
+    seed = check_seed(seed)
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the images one explainer call sees; None explains all at once.")
     _check_names(label, resolved, options, "options")
     if "seed" in options:
         raise SaliencyUsageError("pass the explainer seed as seed=..., not as a method option.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 import random
 import threading
@@ -502,7 +503,7 @@ def test_other_bad_options_say_how_to_fix_them():
         assert_seed_consistency_above(models, x, metric="ssim", map_shape=(8, 8))
     with pytest.raises(SaliencyUsageError, match="is a distance"):
         assert_seed_consistency_above(models, x, metric="l1_distance", threshold=0.1)
-    with pytest.raises(SaliencyUsageError, match="threshold must be a number"):
+    with pytest.raises(SaliencyUsageError, match="threshold must be a finite number .*got 'high'"):
         assert_seed_consistency_above(models, x, threshold="high")
 
 
@@ -747,3 +748,71 @@ def test_explainer_seed_stability_bad_input():
     with pytest.raises(SaliencyUsageError, match="needs 2-D maps"):
         explainer_seed_stability(mlp, x64, "smoothgrad")
     assert explainer_seed_stability(mlp, x64, "smoothgrad", map_shape=(8, 8), nt_samples=2).n_inputs == 4
+
+
+@pytest.mark.parametrize("seed", [-5, 2**70, np.int64(3)])
+def test_any_integer_seed_is_accepted(seed):
+    models, (x, _) = [make_tiny_cnn(0), make_tiny_cnn(1)], (tiny_images(4), None)
+    result = explanation_consistency(models, x, n_splits=2, seed=seed)
+    assert result.seed == int(seed) and type(result.seed) is int
+    json.dumps(result.to_dict())
+    a, b = np.arange(24.0).reshape(6, 4), -np.arange(24.0).reshape(6, 4)
+    assert lr_separability(a, b, n_splits=2, seed=seed).n_splits == 2
+    assert fold_assignment(6, 2, seed).tolist() == fold_assignment(6, 2, int(seed)).tolist()
+    stability = explainer_seed_stability(make_tiny_cnn(), x, "saliency", seeds=(seed, 7))
+    assert stability.seeds == [int(seed), 7]
+
+
+def test_consistency_thresholds_seeds_and_counts_are_checked():
+    models, x = [make_tiny_cnn(0), make_tiny_cnn(1)], tiny_images(4)
+    for threshold, message in [
+        (math.nan, r"threshold must be a finite number with 0 <= threshold <= 1, got nan"),
+        (-0.5, r"got -0.5. lr_separability lies in \[0, 1\]"),
+        (math.inf, r"got inf"),
+        (True, r"got True"),
+        ("0.5", r"got '0.5'"),
+    ]:
+        with pytest.raises(SaliencyUsageError, match=message):
+            seed_consistency(models, x, threshold=threshold, n_splits=2)
+    with pytest.raises(SaliencyUsageError, match=r"got -1.5. ssim lies in \[-1, 1\]"):
+        explainer_seed_stability(models[0], x, "saliency", seeds=(0, 1), threshold=-1.5)
+    with pytest.raises(SaliencyUsageError, match=r"seeds\[1\] must be an integer .*got '1'"):
+        explainer_seed_stability(models[0], x, "saliency", seeds=(0, "1"))
+    with pytest.raises(SaliencyUsageError, match=r"seeds\[1\] must be an integer .*got 1.5"):
+        assert_seed_consistency_above(make_tiny_cnn, x, seeds=[0, 1.5])
+    for options, message in [
+        ({"batch_size": 0}, r"batch_size must be an int >= 1 or None, got 0"),
+        ({"n_splits": 2.0}, r"n_splits must be an int >= 2, got 2.0"),
+        ({"seed": "1"}, r"seed must be an integer"),
+    ]:
+        with pytest.raises(SaliencyUsageError, match=message):
+            explanation_consistency(models, x, **{"n_splits": 2, **options})
+
+
+def test_a_model_on_the_meta_device_is_refused_before_anything_runs():
+    with torch.device("meta"):
+        meta = type(make_tiny_cnn())()
+    with pytest.raises(SaliencyUsageError, match=r"model 'model1': model TinyCNN is on the meta device"):
+        explanation_consistency([make_tiny_cnn(), meta], tiny_images(4), n_splits=2)
+
+
+def test_feature_maps_too_small_for_an_ssim_window_get_advice_that_can_be_followed():
+    models = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    with pytest.raises(SaliencyUsageError, match=r"maps are 2x2.*No SSIM window fits 2x2 maps") as info:
+        explanation_consistency(models, torch.rand(4, 4), n_splits=2, metrics=("ssim",), map_shape=(2, 2))
+    assert "win_size" not in str(info.value)
+
+
+def test_model_cache_options_and_seeds(tmp_path):
+    with pytest.raises(SaliencyUsageError, match=r"lock_timeout must be a finite number with 0 < lock_timeout, got '5'"):
+        ModelCache(tmp_path, lock_timeout="5")
+    with pytest.raises(SaliencyUsageError, match=r"lock_timeout .*got nan"):
+        ModelCache(tmp_path, lock_timeout=math.nan)
+    with pytest.raises(SaliencyUsageError, match=r"lock must be True or False, got 'no'"):
+        ModelCache(tmp_path, lock="no")
+    cache = ModelCache(tmp_path)
+    assert cache.key(train_mlp_uncached, np.int64(3)) == cache.key(train_mlp_uncached, 3)
+    assert cache.key(train_mlp_uncached, -5).endswith("#seed=-5")
+    assert cache.path(train_mlp_uncached, 2**70).name.startswith(f"test_consistency.train_mlp_uncached-seed{2**70}-")
+    with pytest.raises(SaliencyUsageError, match=r"seed must be an integer .*got 1.5"):
+        cache.key(train_mlp_uncached, 1.5)

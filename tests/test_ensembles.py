@@ -177,9 +177,9 @@ def test_perturbed_ensemble_bad_input():
         perturbed_ensemble(no_bias, parameter="bias")
     with pytest.raises(SaliencyUsageError, match="n must be a positive int"):
         perturbed_ensemble(model, n=0)
-    with pytest.raises(SaliencyUsageError, match="sigma must be a finite number >= 0"):
+    with pytest.raises(SaliencyUsageError, match="sigma must be a finite number with 0 <= sigma, got -0.1"):
         perturbed_ensemble(model, sigma=-0.1)
-    with pytest.raises(SaliencyUsageError, match="sigma must be a finite number >= 0"):
+    with pytest.raises(SaliencyUsageError, match="sigma must be a finite number with 0 <= sigma, got nan"):
         perturbed_ensemble(model, sigma=math.nan)
     with pytest.raises(SaliencyUsageError, match="unknown parameter 'weights'"):
         perturbed_ensemble(model, parameter="weights")
@@ -244,3 +244,41 @@ def test_perturbed_copies_do_not_share_storage_with_the_original():
     with torch.no_grad():
         ens.members[0].fc2.weight.zero_()
     assert model.fc2.weight.abs().sum() > 0
+
+
+def test_consistency_vs_ensemble_size_checks_inputs_and_options_before_running_a_model():
+    models, x = [make_tiny_cnn(0), make_tiny_cnn(1)], tiny_images(4)
+    nan_inputs = x.clone()
+    nan_inputs[0, 0, 0, 0] = math.nan
+    with torch.device("meta"):
+        meta = type(models[0])()
+    for inputs, ensemble_models, options, message in [
+        (nan_inputs, models, {}, r"model 'model0': inputs contain 1 NaN"),
+        (x.double(), models, {}, r"model 'model0': inputs are torch.float64 but the model's parameters are torch.float32"),
+        (x[:, 0], models, {}, r"model 'model0': inputs must have shape \(N, C, H, W\)"),
+        (x, [models[0], meta], {}, r"model 'model1': model TinyCNN is on the meta device"),
+        (x, models, {"sizes": (1.5,)}, r"sizes\[0\] must be an int >= 1, got 1.5"),
+        (x, models, {"batch_size": 0}, r"batch_size must be an int >= 1 or None, got 0"),
+        (x, models, {"seed": "0"}, r"seed must be an integer"),
+        (x, models, {"how": "majority"}, r"unknown ensemble method 'majority'"),
+    ]:
+        with pytest.raises(SaliencyUsageError, match=message):
+            consistency_vs_ensemble_size(ensemble_models, inputs, **{"sizes": (1,), "n_splits": 2, **options})
+
+
+def test_perturbed_ensemble_takes_any_integer_seed_and_checks_its_options():
+    import numpy as np
+
+    model = make_tiny_cnn()
+    for seed in (-5, 2**70, np.int64(3)):
+        a, b = perturbed_ensemble(model, n=2, seed=seed), perturbed_ensemble(model, n=2, seed=int(seed))
+        assert torch.equal(a.members[0].conv1.weight, b.members[0].conv1.weight)
+    for options, message in [
+        ({"n": 2.0}, r"n must be an int >= 1, got 2.0"),
+        ({"seed": 1.5}, r"seed must be an integer"),
+        ({"include_original": "yes"}, r"include_original must be True or False"),
+        ({"how": "vote"}, r"unknown ensemble method 'vote'"),
+        ({"sigma": "0.1"}, r"sigma must be a finite number with 0 <= sigma, got '0.1'"),
+    ]:
+        with pytest.raises(SaliencyUsageError, match=message):
+            perturbed_ensemble(model, **options)

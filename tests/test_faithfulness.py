@@ -209,15 +209,15 @@ def test_lime_accuracy_varies_more_with_the_superpixel_count_than_with_the_seed(
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(step=0), r"step must be a positive int, got 0"),
-        (dict(step=2.5), r"step must be a positive int, got 2.5"),
+        (dict(step=0), r"step must be an int >= 1, got 0"),
+        (dict(step=2.5), r"step must be an int >= 1, got 2.5"),
         (dict(order="random"), r"unknown pixel order 'random'"),
         (dict(mode="erase"), r"unknown mode 'erase'"),
         (dict(output="logits"), r"unknown output 'logits'"),
         (dict(normalize="sum"), r"unknown AUC normalization 'sum'"),
         (dict(substrate="noise"), r"unknown substrate 'noise'"),
         (dict(substrate=torch.zeros(2, 2)), r"cannot be broadcast"),
-        (dict(batch_size=0), r"batch_size must be a positive int"),
+        (dict(batch_size=0), r"batch_size must be an int >= 1, got 0"),
         (dict(attributions=torch.zeros(3, 1, 8, 8)), r"do not match inputs of shape"),
         (dict(attributions=torch.zeros(2, 1, 16, 16)), r"attributions hold 2 maps for 3 inputs"),
         (dict(attributions=torch.full((3, 1, 16, 16), float("nan"))), r"NaN or infinite"),
@@ -250,3 +250,30 @@ def test_bad_accuracy_spread_arguments():
     direct = accuracy_spread(model, x, "integrated_gradients", sweep={"n_steps": [4]})
     assert [r.to_dict() for r in reused.rows] == [r.to_dict() for r in direct.rows]
     assert math.isfinite(reused.rows[0].std_of_means) and len(reused.rows[0].values) == 2  # reference + 4 steps
+
+
+def test_accuracy_spread_checks_every_option_before_the_sweep_runs():
+    model, x = make_tiny_cnn(), tiny_images(2)
+    calls = []
+
+    def counting(model, inputs, target, scale=1.0):
+        calls.append(scale)
+        return inputs * scale
+
+    for options, message in [
+        ({"order": "sgned"}, r"unknown pixel order 'sgned'"),
+        ({"output": "probabilities"}, r"unknown output 'probabilities'"),
+        ({"normalize": ["max"]}, r"unknown AUC normalization \['max'\]"),
+        ({"curve_batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
+        ({"step": 0}, r"step must be an int >= 1, got 0"),
+        ({"include_reference": "yes"}, r"include_reference must be True or False"),
+        ({"seed": 1.5}, r"seed must be an integer"),
+        ({"scores": ("deletion", "pointing")}, r"unknown accuracy score 'pointing'"),
+    ]:
+        with pytest.raises(SaliencyUsageError, match=message):
+            accuracy_spread(model, x, counting, sweep={"scale": [2.0]}, **options)
+    assert calls == []
+    with pytest.raises(SaliencyUsageError, match=r"inputs must be a floating-point tensor"):
+        accuracy_spread(model, (x * 255).long(), counting, sweep={"scale": [2.0]})
+    spread = accuracy_spread(model, x, counting, sweep={"scale": [2.0]}, scores="deletion")
+    assert {row.score for row in spread.rows} == {"deletion"}

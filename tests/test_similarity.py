@@ -308,7 +308,11 @@ SSIM_ERRORS = [
     ((M, M), {"win_size": 1}, "odd integer >= 3"),
     ((M, M), {"win_size": 7.0}, "odd integer >= 3"),
     ((_maps(2, 5, 9), _maps(2, 5, 9)), {}, r"maps of size 5x9 are smaller than the 7x7 SSIM window"),
-    ((_maps(2, 9, 5), _maps(2, 9, 5)), {"win_size": 7}, r"smaller odd win_size \(<= 5"),
+    ((_maps(2, 9, 5), _maps(2, 9, 5)), {"win_size": 7}, r"smaller odd win_size \(3 to 5\)"),
+    ((_maps(2, 6, 6), _maps(2, 6, 6)), {"win_size": 7}, r"smaller odd win_size \(3 to 5\)"),
+    # no odd window >= 3 fits: the only advice is to resize (or use a metric without a window)
+    ((_maps(2, 2, 2), _maps(2, 2, 2)), {}, r"^maps of size 2x2 .*No SSIM window fits 2x2 maps.*3x3 pixels(?!.*win_size \()"),
+    ((_maps(2, 1, 9), _maps(2, 1, 9)), {"win_size": 3}, r"No SSIM window fits 1x9 maps"),
     ((M.long(), M.long()), {}, "float32 or float64"),
     ((M.half(), M.half()), {}, "float32 or float64"),
     ((M, M.float()), {}, "must match"),

@@ -72,7 +72,7 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
         )
     ),
     st.floats(0.5, 1.0),
-    st.floats(0.0, 0.2),
+    st.floats(0.0, 0.2, exclude_min=True),
     st.booleans(),
 )
 def test_matches_a_plain_loop(ssim, ssim_threshold, sensitivity_threshold, clip):
@@ -105,3 +105,33 @@ def test_bad_shapes_and_options():
         sensitivity_statistics([[0.5, 0.5]], ["a", "b"])
     with pytest.raises(SaliencyUsageError, match="confidence"):
         sensitivity_statistics([[0.5]], ["a"], confidence=90)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"sensitivity_threshold": math.nan}, r"sensitivity_threshold must be a finite number with 0 < "),
+        ({"sensitivity_threshold": -0.5}, r"sensitivity_threshold .*got -0.5.*would pass every method"),
+        ({"sensitivity_threshold": 0.0}, r"sensitivity_threshold .*got 0.0"),
+        ({"sensitivity_threshold": math.inf}, r"sensitivity_threshold .*got inf"),
+        ({"sensitivity_threshold": "0.01"}, r"sensitivity_threshold .*got '0.01'"),
+        ({"sensitivity_threshold": True}, r"sensitivity_threshold .*got True"),
+        ({"sensitivity_threshold": 1.5}, r"sensitivity_threshold .*<= 1, got 1.5"),
+        ({"ssim_threshold": math.nan}, r"ssim_threshold must be a finite number with -1 <= ssim_threshold <= 1"),
+        ({"ssim_threshold": "0.99"}, r"ssim_threshold .*got '0.99'"),
+        ({"confidence": 1.0}, r"confidence .*< 1, got 1.0"),
+        ({"n_bootstrap": 0}, r"n_bootstrap must be an int >= 1, got 0"),
+        ({"n_bootstrap": 2.5}, r"n_bootstrap must be an int >= 1, got 2.5"),
+        ({"clip_negative": "yes"}, r"clip_negative must be True or False"),
+    ],
+)
+def test_every_threshold_and_option_is_checked(options, message):
+    with pytest.raises(SaliencyUsageError, match=message):
+        sensitivity_statistics([[0.5, 0.7]], ["a"], **options)
+
+
+def test_unclipped_scores_reach_2_so_the_threshold_may_too():
+    stats = sensitivity_statistics([[-0.5, -1.0]], ["a"], clip_negative=False, sensitivity_threshold=1.5)
+    assert stats.dataset_score == 1.75 and stats.dataset_sensitive
+    with pytest.raises(SaliencyUsageError, match=r"<= 2, got 2.5"):
+        sensitivity_statistics([[0.5]], ["a"], clip_negative=False, sensitivity_threshold=2.5)

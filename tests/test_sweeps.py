@@ -394,3 +394,59 @@ def test_the_assertions_need_a_threshold():
         assert_stable_under_hyperparameters(model, x, "smoothgrad", sweep={"nt_samples": [4]})
     with pytest.raises(SaliencyUsageError, match="assert_stable_under_input_noise needs threshold"):
         assert_stable_under_input_noise(model, x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(threshold=math.nan), r"threshold must be a finite number with -1 <= threshold <= 1, got nan"),
+        (dict(threshold=-1.5), r"got -1.5. ssim lies in \[-1, 1\]"),
+        (dict(batch_size=0), r"batch_size must be an int >= 1 or None, got 0"),
+        (dict(batch_size=-1), r"batch_size must be an int >= 1 or None, got -1"),
+    ],
+)
+def test_sweep_thresholds_and_counts_are_checked(kwargs, message):
+    with pytest.raises(SaliencyUsageError, match=message):
+        _sweep(sweep={"nt_samples": [2]}, **kwargs)
+    with pytest.raises(SaliencyUsageError, match=message):
+        input_noise_stability(make_tiny_cnn(), tiny_images(2), "saliency", **kwargs)
+
+
+def test_any_integer_seed_is_accepted_like_everywhere_else():
+    for seed in (-5, 2**70, np.int64(3)):
+        _check_seed_accepted(seed)
+
+
+def _check_seed_accepted(seed):
+    result = _sweep(sweep={"nt_samples": [2]}, reference={"nt_samples": 1}, metrics=("ssim",), seed=seed)
+    assert result.seed == int(seed) and type(result.seed) is int
+    json.dumps(result.to_dict())
+    noisy = input_noise_stability(make_tiny_cnn(), tiny_images(2), "saliency", metrics=("ssim",), seed=seed)
+    assert noisy.seed == int(seed)
+    x = tiny_images(2)
+    assert torch.equal(add_input_noise(x, 0.1, seed=seed), add_input_noise(x, 0.1, seed=int(seed)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variance=-0.1), r"variance must be a finite number with 0 <= variance, got -0.1"),
+        (dict(variance=math.nan), r"variance .*got nan"),
+        (dict(clip=(1.0, 0.0)), r"clip must be \(low, high\) with low < high"),
+        (dict(seed=None), r"seed must be an integer"),
+        (dict(draw=-1), r"draw must be an int >= 0, got -1"),
+        (dict(inputs=(tiny_images(2) * 255).long()), r"inputs must be a floating-point torch.Tensor"),
+    ],
+)
+def test_add_input_noise_checks_its_arguments(kwargs, message):
+    inputs = kwargs.pop("inputs", tiny_images(2))
+    with pytest.raises(SaliencyUsageError, match=message):
+        add_input_noise(inputs, **kwargs)
+
+
+def test_sam_grid_checks_its_arguments():
+    with pytest.raises(SaliencyUsageError, match=r"unknown grid \['smoothgrad'\]"):
+        sam_grid(["smoothgrad"])
+    with pytest.raises(SaliencyUsageError, match=r"input_shape must end in \(H, W\)"):
+        sam_grid("occlusion", ("a", "b"))
+    assert sam_grid("occlusion", (np.int64(1), 1, np.int64(16), 16)) == sam_grid("occlusion", (1, 1, 16, 16))

@@ -22,7 +22,11 @@ from pytest_saliency import SaliencyUsageError, explain, layer_randomization
         (make_tiny_cnn(), tiny_images()[:, 0], r"\(N, C, H, W\).*unsqueeze"),
         (make_tiny_cnn(), tiny_images()[:0], "empty batch"),
         (make_tiny_cnn(), torch.full((2, 1, 16, 16), float("nan")), "NaN or infinite"),
-        (make_tiny_cnn(), tiny_images().to("meta"), "model is on cpu but inputs are on meta"),
+        (make_tiny_cnn(), tiny_images().to("meta"), "inputs are on the meta device: they have a shape but no values"),
+        (make_tiny_cnn().to("meta"), tiny_images(), r"model TinyCNN is on the meta device.*to_empty"),
+        (make_tiny_cnn().to("meta"), tiny_images().to("meta"), r"model TinyCNN is on the meta device"),
+        (make_tiny_cnn(), tiny_images().double(),
+         r"inputs are torch.float64 but the model's parameters are torch.float32.*inputs.to\(torch.float32\)"),
     ],
 )
 def test_bad_models_and_inputs(model, inputs, message):
@@ -33,8 +37,18 @@ def test_bad_models_and_inputs(model, inputs, message):
 
 def test_maps_smaller_than_the_ssim_window():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
-    with pytest.raises(SaliencyUsageError, match=r"4x4, smaller than the SSIM window \(5x5\).*Upsample"):
+    with pytest.raises(SaliencyUsageError,
+                       match=r"4x4, smaller than the SSIM window \(5x5\).*upsample the inputs.*win_size=3\)"):
         layer_randomization(model, torch.rand(3, 1, 4, 4))
+
+
+@pytest.mark.parametrize("side", [1, 2])
+def test_maps_too_small_for_any_ssim_window_get_advice_that_can_be_followed(side):
+    """No odd window >= 3 fits maps under 3 pixels: the advice is to resize, never a win_size."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(2 * side * side, 3))
+    with pytest.raises(SaliencyUsageError, match=rf"No SSIM window fits {side}x{side} maps") as info:
+        layer_randomization(model, torch.rand(3, 1, side, side))
+    assert "win_size" not in str(info.value)
 
 
 def test_nan_maps_from_a_custom_explainer():
@@ -75,6 +89,21 @@ def test_constant_maps_error_or_skip():
         ({"layers": []}, "empty"),
         ({"confidence": 1.5}, "confidence"),
         ({"constant_maps": "drop"}, "constant_maps"),
+        ({"sensitivity_threshold": float("nan")}, r"sensitivity_threshold must be a finite number"),
+        ({"sensitivity_threshold": -0.5}, r"sensitivity_threshold .*got -0.5.*would pass every method"),
+        ({"ssim_threshold": "0.99"}, r"ssim_threshold .*got '0.99'"),
+        ({"adaptive_confidence": 1.0}, r"adaptive_confidence .*got 1.0"),
+        ({"n_bootstrap": 0}, r"n_bootstrap must be an int >= 1, got 0"),
+        ({"batch_size": 0}, r"batch_size must be an int >= 1 or None, got 0"),
+        ({"batch_size": -1}, r"batch_size must be an int >= 1 or None, got -1"),
+        ({"keep_maps": -1}, r"keep_maps must be an int >= 0, got -1"),
+        ({"images": 0}, r"images must be an int >= 1, got 0"),
+        ({"images": "some"}, r"unknown images 'some'"),
+        ({"image_batch": 2.5}, r"image_batch must be an int >= 1, got 2.5"),
+        ({"depth": 0, "layers": "block"}, r"depth must be an int >= 1, got 0"),
+        ({"require_every_layer": "no"}, r"require_every_layer must be True or False, got 'no'"),
+        ({"early_exit": None}, r"early_exit must be True or False"),
+        ({"progress": "bar"}, r"progress must be None or a callable"),
     ],
 )
 def test_bad_options(options, message):
@@ -97,3 +126,15 @@ def test_model_output_must_be_scores_for_a_predicted_target():
 
     with pytest.raises(SaliencyUsageError, match=r"\(N, num_classes\)"):
         explain(Scalar(), torch.rand(3, 4))
+
+
+def test_numpy_counts_and_any_integer_seed_are_accepted():
+    import numpy as np
+
+    model, x = make_tiny_cnn(), tiny_images(4)
+    a = layer_randomization(model, x, layers=["conv2", "fc"], seed=np.int64(-5), n_bootstrap=np.int64(20),
+                            images=np.int64(3), batch_size=np.int64(2), keep_maps=np.int64(0))
+    b = layer_randomization(model, x, layers=["conv2", "fc"], seed=-5, n_bootstrap=20, images=3, batch_size=2,
+                            keep_maps=0)
+    assert a.ssim == b.ssim and a.n_images == 3 and type(a.seed) is int
+    assert layer_randomization(model, x, layers=["fc"], seed=2**70, n_bootstrap=20).seed == 2**70
