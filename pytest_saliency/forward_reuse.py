@@ -25,12 +25,14 @@ over stages that share parameters or storage keeps the loop (:func:`stackable`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._rng import generator_states, same_generator_states
 from ._torch import require_torch
 from .activation_reuse import DRAWS_ERROR, ForwardReplay, state_cuts
+from .integrity import Undo
 from .randomization import drawn_values
 
 FORWARD_METHODS = ("occlusion",)
@@ -159,24 +161,30 @@ def randomized_values(stages: Sequence[tuple[str, Any]], strategy: str, seed: in
 class _Swap:
     """Randomized values written into the parameters in place (as :func:`randomized` does, so
     tensors sharing their storage see them too); :meth:`restore` writes back the values they
-    overwrote, copied just before."""
+    overwrote, copied just before. Each write's restore is registered (an :class:`Undo`) before
+    the write, so an interrupt between the write and :meth:`restore` cannot leave it in place."""
 
     def __init__(self) -> None:
-        self.applied: list[tuple[Any, Any]] = []
+        self.undos: list[Undo] = []
 
     def apply(self, pairs: list[tuple[Any, Any]]) -> None:
         torch = require_torch()
+        saved = [(parameter, parameter.detach().clone()) for parameter, _ in pairs]
+        self.undos.append(Undo(functools.partial(_write_back, saved), [parameter for parameter, _ in saved]))
         with torch.no_grad():
             for parameter, value in pairs:
-                self.applied.append((parameter, parameter.detach().clone()))
                 parameter.copy_(value)
 
     def restore(self) -> None:
-        torch = require_torch()
-        with torch.no_grad():
-            for parameter, original in reversed(self.applied):
-                parameter.copy_(original)
-        self.applied.clear()
+        while self.undos:
+            self.undos.pop().run()
+
+
+def _write_back(saved: list[tuple[Any, Any]]) -> None:
+    torch = require_torch()
+    with torch.no_grad():
+        for parameter, original in reversed(saved):
+            parameter.copy_(original)
 
 
 def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tuple[str, Any]], mode: str,

@@ -130,13 +130,6 @@ class Undo:
                     guard.undos[:] = [undo for undo in guard.undos if undo is not self]
 
 
-def library_writes(params: Iterable[Any]) -> None:
-    """See :meth:`Guard.library_writes` (nothing outside a guarded call)."""
-    guard = getattr(_STATE, "guard", None)
-    if guard is not None:
-        guard.library_writes(params)
-
-
 def _deferred_outside_guard(function: Callable[[], None]) -> None:
     """Run ``function`` with a SIGINT-recording handler installed (library code used outside a
     guarded call, e.g. :func:`pytest_saliency.randomization.randomized` on its own)."""
@@ -209,7 +202,6 @@ class Guard:
         self.params: list[tuple[Any, str, Any]] = []  # (module, key, parameter) without a copy
         self.copies: list[tuple[Any, str, Any, Any]] = []  # (module, key, tensor, copy)
         self.written: list[tuple[Any, str, str]] = []  # (module, key, what) the model wrote
-        self.library: set[int] = set()  # ids of parameters library code writes and restores itself
 
     def protect(self, models: Iterable[Any]) -> None:
         torch = require_torch()
@@ -266,11 +258,6 @@ class Guard:
         for p in params:
             self.versions[id(p)] = p._version
 
-    def library_writes(self, params: Iterable[Any]) -> None:
-        """``params`` are written in place and restored by library code that does not use
-        :class:`Undo`; their version counters say nothing about the model."""
-        self.library.update(map(id, params))
-
     def restore(self) -> None:
         """Put everything back; report what the model wrote. Every step runs even if one fails."""
         torch = require_torch()
@@ -323,7 +310,7 @@ class Guard:
                         errors.append(error)
         versions = self.versions
         for sub, key, p in self.params:
-            if p._version != versions[id(p)] and id(p) not in self.library:
+            if p._version != versions[id(p)]:
                 self.written.append((sub, key, "parameter, not restored"))
                 _WRITERS.setdefault(sub, set()).add(key)
         if errors:
@@ -517,4 +504,4 @@ def _same_hooks(top: Any, saved: Any) -> bool:
     return top[0] is saved[0] and top[1] is saved[1]
 
 
-__all__ = ["Guard", "Undo", "guarded_call", "library_writes", "models_in"]
+__all__ = ["Guard", "Undo", "guarded_call", "models_in"]

@@ -46,7 +46,7 @@ from ._rng import derive_seed, seeded
 from ._torch import require_torch, restore_training_flags, training_flags
 from ._validation import unknown_choice
 from .exceptions import SaliencyUsageError
-from .integrity import Undo, library_writes
+from .integrity import Undo
 
 STRATEGIES = ("reinit", "gaussian", "permute")
 
@@ -316,7 +316,6 @@ def drawn_values(name: str, module: Any, strategy: str, seed: int) -> list[tuple
     pass the same numbers).
     """
     parameters = dict(module.named_parameters())
-    library_writes(parameters.values())  # the caller writes the values in place and restores them
     with randomized([(name, module)], strategy, seed):
         now = dict(module.named_parameters())
         if now.keys() != parameters.keys():
