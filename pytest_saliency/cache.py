@@ -62,6 +62,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ._torch import require_torch
+from ._validation import check_count
 
 DEFAULT_MAX_BYTES = 512 * 2**20
 
@@ -250,18 +251,59 @@ class _Walk:
                 token(function.__kwdefaults__), tuple(cells), tuple(loaded), token(vars(function)))
 
 
+# Elements per step of the content checksum: bounds its temporaries (a few int64 copies of one
+# step) for large inputs.
+_CHECKSUM_STEP = 1 << 22
+# Odd 64-bit multipliers (golden-ratio and splitmix constants as signed int64) for the weighted sums.
+_K1, _K2, _K3 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _bit_patterns(tensor: Any) -> Any:
+    """The tensor's values as their bit patterns, flattened to int64: every difference in value,
+    including infinities, NaN payloads, the sign of zero and imaginary parts, is a difference here."""
+    torch = require_torch()
+    flat = tensor.detach()
+    if flat.layout != torch.strided:
+        flat = flat.to_dense()
+    if flat.is_complex():
+        flat = torch.view_as_real(flat)
+    flat = flat.contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        return flat.to(torch.int64)
+    integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    return flat.view(integer).to(torch.int64)
+
+
+def _checksums(tensor: Any) -> Any:
+    """Three wrapping int64 sums of the bit patterns: plain, position-weighted, and mixed-and-weighted.
+
+    Integer sums are exact and order-free, so they are the same on every device and reduction
+    order, and no value can absorb another (as large floats do in a float sum). A change of one
+    element always changes the plain sum; a permutation changes the weighted ones. Not
+    cryptographic: two different models collide only if built to.
+    """
+    torch = require_torch()
+    bits = _bit_patterns(tensor)
+    total = torch.zeros(3, dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.numel(), _CHECKSUM_STEP):
+        part = bits[start:start + _CHECKSUM_STEP]
+        index = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.int64)
+        weights = index * _K1 + _K2
+        mixed = (part ^ (part >> 31)) * _K3
+        total += torch.stack([part.sum(), (part * weights).sum(), (mixed * (weights ^ (index >> 5))).sum()])
+    return total
+
+
 def tensor_fingerprint(tensors: list[tuple[str, Any]]) -> str:
     """A hex digest of names, shapes, dtypes and content checksums of ``(name, tensor)`` pairs."""
     torch = require_torch()
     digest = hashlib.blake2b(digest_size=16)
     sums = []
     for name, tensor in tensors:
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{tensor.device.type};".encode())
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{tensor.device.type}|{tensor.layout};".encode())
         if tensor.numel() == 0:
             continue
-        flat = tensor.detach().reshape(-1).to(torch.float64)
-        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).sin_()
-        sums.append(torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()]))
+        sums.append(_checksums(tensor).to(sums[0].device) if sums else _checksums(tensor))
     if sums:
         digest.update(torch.cat(sums).cpu().numpy().tobytes())
     return digest.hexdigest()
@@ -288,7 +330,8 @@ class MapCache:
     """LRU cache of attribution tensors, bounded in bytes; pass one to several checks to share work."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.max_bytes = int(max_bytes)
+        self.max_bytes = check_count(max_bytes, "max_bytes", minimum=0,
+                                     hint="It bounds the bytes of maps the cache holds (0 caches nothing).")
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # key: (tensor, bytes held)
         self.bytes = 0
         self.hits = 0

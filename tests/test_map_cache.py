@@ -12,7 +12,9 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import layer_randomization
-from pytest_saliency.cache import MapCache, model_fingerprint
+import pytest_saliency.cache as cache_module
+from pytest_saliency import SaliencyUsageError
+from pytest_saliency.cache import MapCache, model_fingerprint, tensor_fingerprint
 
 SCALE = 2.0
 
@@ -215,3 +217,67 @@ def test_ordinary_models_share_maps_and_a_global_hook_stops_it(build):
     finally:
         handle.remove()
     assert cache.hits == 1 and len(cache) == 2
+
+
+def _linear(weight: list[float], dtype: torch.dtype = torch.float32) -> nn.Module:
+    layer = nn.Linear(len(weight), 1, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weight], dtype=dtype))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ([1e20, 1.0, -1e20], [1e20, 1000.0, -1e20]),  # a large value absorbs a small one in a float sum
+        ([float("-inf"), 0.0, 0.0], [0.0, float("-inf"), 0.0]),  # where an infinity sits
+        ([float("nan"), 1.0, 2.0], [1.0, float("nan"), 2.0]),
+        ([0.0, 1.0, 2.0], [-0.0, 1.0, 2.0]),
+    ],
+    ids=["absorbed", "inf-position", "nan-position", "signed-zero"],
+)
+def test_models_whose_values_differ_never_share_a_key(first: list[float], second: list[float]) -> None:
+    assert model_fingerprint(_linear(first)) != model_fingerprint(_linear(second))
+    assert model_fingerprint(_linear(first)) == model_fingerprint(_linear(list(first)))
+
+
+def test_masks_with_infinities_in_other_places_do_not_share_maps() -> None:
+    class Masked(nn.Module):
+        def __init__(self, mask: torch.Tensor) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("mask", mask)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.softmax(x + self.mask, dim=1))
+
+    causal = torch.full((4, 4), float("-inf")).triu(1)[0]
+    other = torch.full((4, 4), float("-inf")).tril(-1)[-1]
+    a, b = Masked(causal), Masked(other)
+    b.load_state_dict({**a.state_dict(), "mask": other})
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_complex_parameters_differing_in_their_imaginary_part_do_not_share_a_key() -> None:
+    class Complex(nn.Module):
+        def __init__(self, value: complex) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([value, 1 + 0j]))
+
+    assert model_fingerprint(Complex(1 + 1j)) != model_fingerprint(Complex(1 + 2j))
+
+
+def test_the_content_checksum_is_exact_across_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    whole = tensor_fingerprint([("x", values)])
+    monkeypatch.setattr(cache_module, "_CHECKSUM_STEP", 7)
+    assert tensor_fingerprint([("x", values)]) == whole
+    swapped = values.clone()
+    swapped[[3, 900]] = swapped[[900, 3]]
+    assert tensor_fingerprint([("x", swapped)]) != whole
+
+
+@pytest.mark.parametrize("bad", ["a", float("nan"), -1, 1.5, True])
+def test_the_cache_size_is_validated(bad: object) -> None:
+    with pytest.raises(SaliencyUsageError, match="max_bytes"):
+        MapCache(bad)  # type: ignore[arg-type]
