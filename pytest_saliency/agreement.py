@@ -293,7 +293,12 @@ def _ranks_by_magnitude(metric: str, kwargs: dict[str, Any]) -> bool:
 
 def _no_ranking(maps: Any) -> Any:
     """(N,) bool on the CPU: the maps whose ``|values|`` are all equal (e.g. all zero)."""
-    flat = maps.detach().reshape(maps.shape[0], -1).abs()
+    return _constant(maps.detach().abs())
+
+
+def _constant(maps: Any) -> Any:
+    """(N,) bool on the CPU: the maps whose values are all equal (no pattern to compare)."""
+    flat = maps.detach().reshape(maps.shape[0], -1)
     return (flat == flat[:, :1]).all(dim=1).cpu()
 
 
@@ -486,6 +491,9 @@ def compare_maps(
     )
     processed = {name: apply_pipeline(m, pipeline) for name, m in maps.items()}
     no_ranking = {name: _no_ranking(m) for name, m in signed.items()}
+    # Every other metric leaves out constant maps as it sees them: two all-zero maps have SSIM 1
+    # and L1 0, an agreement made up by a method or model that ignores the input.
+    flat = {id(source): {name: _constant(m) for name, m in source.items()} for source in (processed, signed)}
     pairs = []
     for metric in metrics:
         info = METRICS[metric]
@@ -496,9 +504,9 @@ def compare_maps(
             chance_level(metric)
         )
         by_magnitude = _ranks_by_magnitude(metric, kwargs)
+        skip = no_ranking if by_magnitude else flat[id(source)]
         for a, b in itertools.combinations(maps, 2):
-            skip_a = no_ranking[a] if by_magnitude else torch.zeros(n, dtype=torch.bool)
-            skip_b = no_ranking[b] if by_magnitude else torch.zeros(n, dtype=torch.bool)
+            skip_a, skip_b = skip[a], skip[b]
             values = _metric_values(metric, source[a], source[b], skip_a | skip_b, kwargs)
             defined = values[~values.isnan()]
             if defined.numel() == 0:

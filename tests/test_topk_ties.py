@@ -250,6 +250,24 @@ def test_a_model_that_ignores_its_input_fails_assert_agreement_above():
         assert_agreement_above(model, x, ["saliency", "input_x_gradient"], "feature_agreement", k=0.2)
 
 
+@pytest.mark.parametrize("metric", ["ssim", "l1_distance", "pearson", "cosine_similarity"])
+def test_zero_maps_agree_under_no_metric(metric):
+    zeros = torch.zeros(6, 1, 8, 8)
+    with pytest.raises(SaliencyCheckFailed, match=r"all 6 maps of method 'a' are constant"):
+        compare_maps({"a": zeros, "b": zeros.clone()}, [metric])
+
+
+def test_a_model_that_ignores_its_input_fails_agreement_under_ssim_and_l1():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    x = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SaliencyCheckFailed, match="no image left to compare"):
+        assert_agreement_above(model, x, ["saliency", "integrated_gradients"], "ssim", threshold=0.5)
+    with pytest.raises(SaliencyCheckFailed, match="no image left to compare"):
+        assert_agreement_above(model, x, ["saliency", "integrated_gradients"], "l1_distance", threshold=0.5)
+
+
 def test_images_with_a_constant_map_are_left_out_and_counted():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(10, 1, 8, 8, generator=g)
