@@ -183,6 +183,12 @@ def resolve_target(
             return predicted_targets(model, inputs, batch_size, seed)
         return targets_from_outputs(outputs)
     resolved = None
+    if isinstance(target, torch.Tensor) and target.is_meta:
+        raise SaliencyUsageError(
+            "target is on the meta device, which holds shapes but no class indices. Pass target= as an int "
+            f"or an integer tensor of real values, on the inputs' device ({inputs.device}) or the CPU, or "
+            "target=None for each input's predicted class."
+        )
     if isinstance(target, int) and not isinstance(target, bool):
         resolved = torch.full((n,), target, dtype=torch.long, device=inputs.device)
     elif (isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point()
@@ -304,8 +310,18 @@ def _image_ranges(inputs: Any) -> tuple[Any, Any]:
 def _zero_or(value: Any, inputs: Any) -> Any:
     """Baselines by name: ``"zero"`` (black), ``"uniform"`` (noise over each input's own range, drawn
     from the global generator, which :func:`_run_captum` seeds per image) or ``"blurred"`` (a
-    Gaussian blur of the input); a tensor or number is used as given."""
+    Gaussian blur of the input); a number is used as given, and a tensor (checked by
+    :func:`_check_baselines`) is expanded to the inputs' shape (a baseline per input must have
+    as many rows as ``inputs``: :func:`_run_captum` takes the rows of the inputs it explains)."""
     torch = require_torch()
+    if isinstance(value, torch.Tensor):
+        if value.dim() == inputs.dim() and value.shape[0] not in (1, inputs.shape[0]):  # one per input
+            raise SaliencyUsageError(
+                f"baselines has one row per input ({value.shape[0]}) but these {inputs.shape[0]} inputs are "
+                "a part of them whose positions are not known here. Pass one baseline shared by all "
+                f"inputs, of shape {tuple(inputs.shape[1:])}, or explain all inputs at once."
+            )
+        return value.expand_as(inputs)
     if value is None or (isinstance(value, str) and value == "zero"):
         return torch.zeros_like(inputs)
     if isinstance(value, str) and value == "blurred":
@@ -320,6 +336,66 @@ def _zero_or(value: Any, inputs: Any) -> Any:
     return value
 
 
+def _check_baselines(method: str, inputs: Any, value: Any) -> None:
+    """A baseline tensor must broadcast to the inputs like captum expects, on their device and dtype."""
+    torch = require_torch()
+    if not isinstance(value, torch.Tensor):
+        if type(value).__name__ == "ndarray" or (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise SaliencyUsageError(
+                f"baselines for {method} must be a torch.Tensor, got {type(value).__name__}. Convert it with "
+                "torch.as_tensor(baselines, dtype=inputs.dtype, device=inputs.device)."
+            )
+        return
+    shape, one = tuple(value.shape), tuple(inputs.shape[1:])
+    if value.is_meta or value.device != inputs.device:
+        where = "on the meta device, which holds no values" if value.is_meta else f"on {value.device}"
+        raise SaliencyUsageError(
+            f"baselines for {method} are {where}, but the inputs are on {inputs.device}. Pass a baseline "
+            "tensor with real values on the inputs' device: baselines.to(inputs)."
+        )
+    if value.dtype != inputs.dtype:
+        raise SaliencyUsageError(
+            f"baselines for {method} are {value.dtype} but the inputs are {inputs.dtype}. Convert them "
+            "with baselines.to(inputs)."
+        )
+    if shape not in ((), one, (1, *one), tuple(inputs.shape)):
+        raise SaliencyUsageError(
+            f"baselines for {method} has shape {shape}, which does not broadcast to the inputs: expected the "
+            f"inputs' shape {tuple(inputs.shape)} (one baseline per input), one input's shape {one} or "
+            f"{(1, *one)} (shared by every input), or a scalar tensor. Reshape the baseline, or pass a "
+            "float or 'zero', 'uniform', 'blurred'."
+        )
+
+
+def _check_occlusion_windows(inputs: Any, options: dict[str, Any]) -> None:
+    """captum's Occlusion needs one window size and stride per input dimension after the batch, each
+    window at most the input's size and each stride at most the window."""
+    o = {**METHODS["occlusion"].defaults, **options}
+    shape, strides = occlusion_windows(inputs, o)
+    sizes = tuple(inputs.shape[1:])
+    images = inputs.dim() == 4
+    described = "x".join(map(str, sizes[1:])) + " inputs" if images else f"inputs of shape {sizes}"
+    for name, given, value in (("window", o["window"], shape), ("stride", o["stride"], strides)):
+        if len(value) != len(sizes):
+            raise SaliencyUsageError(
+                f"occlusion's {name}={given!r} has {len(value)} entries, but {described} need {len(sizes)} "
+                f"entries (one per dimension of {sizes}). Pass an int, or a tuple of {len(sizes)} ints."
+            )
+    if any(w > size for w, size in zip(shape, sizes)):
+        largest = min(sizes[1:]) if images and isinstance(o["window"], int) else sizes
+        raise SaliencyUsageError(
+            f"occlusion's window={o['window']!r} does not fit the {described} (of shape {sizes}): the "
+            f"largest allowed is {largest}. Pass a smaller window, or None for the default "
+            "(an eighth of the smaller side)."
+        )
+    if any(step > w for step, w in zip(strides, shape)):
+        largest = min(shape[1:]) if images and isinstance(o["stride"], int) else shape
+        raise SaliencyUsageError(
+            f"occlusion's stride={o['stride']!r} is larger than the window {shape} (captum would skip "
+            f"pixels): the largest allowed is {largest}. Pass a smaller stride, or a larger window."
+        )
+
+
 def occlusion_windows(inputs: Any, options: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """captum's ``sliding_window_shapes`` and ``strides`` for the ``window`` and ``stride`` options.
 
@@ -330,8 +406,8 @@ def occlusion_windows(inputs: Any, options: dict[str, Any]) -> tuple[tuple[int, 
     if inputs.dim() == 4:
         side = max(2, round(min(inputs.shape[-2:]) / 8))
         window = window or side
-        stride = stride or max(1, window // 2)
         shape = (inputs.shape[1], window, window) if isinstance(window, int) else tuple(window)
+        stride = stride or (max(1, window // 2) if isinstance(window, int) else tuple(max(1, w // 2) for w in shape))
         strides = (1, stride, stride) if isinstance(stride, int) else tuple(stride)
     else:
         shape = (window or max(1, inputs.shape[1] // 8),) if not isinstance(window, tuple) else window
@@ -375,9 +451,13 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
     map does not depend on the other inputs of the chunk. ``seed=None``: taken from the global
     torch generator (which the caller's pass seeded).
     """
+    torch = require_torch()
+    baselines = options.get("baselines")
+    if isinstance(baselines, torch.Tensor) and baselines.dim() == inputs.dim() and baselines.shape[0] > 1:
+        # one baseline per input of the check (see _check_baselines): these inputs' own
+        options = {**options, "baselines": baselines[_image_ids(index, inputs.shape[0])]}
     if not draws_random(spec, options):
         return _run_captum_chunk(spec, model, inputs, target, options)
-    torch = require_torch()
     if seed is None:
         seed = _stream_seed()
     ids = _image_ids(index, inputs.shape[0])
@@ -420,6 +500,37 @@ def _in_dtype_of(model: Any, inputs: Any) -> Any:
     return forward
 
 
+@contextlib.contextmanager
+def _spatial_layer_guard(method: str, model: Any, layer: Any, given: Any, inputs: Any) -> Iterator[None]:
+    """GradCAM upsamples the layer's (N, C, H, W) activations to images: a forward hook on the layer
+    refuses any other output during the method's own forward passes (no extra pass), before torch's
+    interpolation fails on it or captum's GuidedGradCam returns empty maps."""
+    torch = require_torch()
+    if inputs.dim() != 4:
+        yield
+        return
+    if given is None:
+        label = repr(next((n for n, m in model.named_modules() if m is layer), type(layer).__name__))
+    else:
+        label = repr(given)
+
+    def check(module: Any, args: Any, output: Any) -> None:
+        if not (isinstance(output, torch.Tensor) and output.dim() == 4):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise SaliencyUsageError(
+                f"{method}: the layer {label} gives an output of shape {shape}, but GradCAM weighs the "
+                "channels of a spatial activation and upsamples it to the image, so it needs a conv layer "
+                "whose output is (N, C, H, W). Pass layer='<name of a Conv2d or a block ending in one>', "
+                "or layer=None for the last Conv2d."
+            )
+
+    handle = layer.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any]) -> Any:
     """One captum call on ``inputs`` (for methods that draw: one image, its generators seeded)."""
     import captum.attr as ca
@@ -448,12 +559,15 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
         return ca.Deconvolution(model).attribute(inputs, target=target)
     if name == "gradcam":
         layer = _find_module(model, o["layer"])
-        cam = ca.LayerGradCam(model, layer).attribute(inputs, target=target, relu_attributions=o["relu_attributions"])
+        with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
+            cam = ca.LayerGradCam(model, layer).attribute(inputs, target=target, relu_attributions=o["relu_attributions"])
         if inputs.dim() == 4:
             cam = ca.LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), o["interpolate_mode"])
         return cam
     if name == "guided_gradcam":
-        return ca.GuidedGradCam(model, _find_module(model, o["layer"])).attribute(inputs, target=target)
+        layer = _find_module(model, o["layer"])
+        with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
+            return ca.GuidedGradCam(model, layer).attribute(inputs, target=target)
     if name == "deeplift":
         return ca.DeepLift(model).attribute(inputs, baselines=_zero_or(o["baselines"], inputs), target=target)
     if name == "gradient_shap":
@@ -680,6 +794,10 @@ def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str
     for name, value in options.items():
         if not (value is None and name in spec.defaults and spec.defaults[name] is None):  # the documented default
             _check_value(spec.name, name, value, where="options")
+    if options.get("baselines") is not None:
+        _check_baselines(spec.name, inputs, options["baselines"])
+    if spec.name == "occlusion":
+        _check_occlusion_windows(inputs, options)
     _warn_if_relu_rules_cannot_apply(spec, model)
     _auto_batching(spec, model, inputs, options)
     return options
@@ -757,6 +875,24 @@ def _raise_reused_module_error(method: MethodSpec, exc: RuntimeError) -> None:
     ) from exc
 
 
+def _raise_no_gradient_path_error(method: MethodSpec, exc: RuntimeError) -> None:
+    """A gradient taken of an output that autograd does not connect to the input (or to GradCAM's
+    layer): torch's "does not require grad" / "not have been used in the graph" become a usage error."""
+    text = str(exc)
+    layer = method.layer_based and "appears to not have been used in the graph" in text
+    if "does not require grad" not in text and not layer:
+        return
+    subject = "the input or the chosen layer's activations" if method.layer_based else "the input"
+    fix = " Or pass layer= naming a layer the output is computed from." if method.layer_based else ""
+    raise SaliencyUsageError(
+        f"{method.name} cannot explain this model: the model's output does not depend on {subject} through "
+        "autograd (a detach, no_grad, or an input or layer output that is not used in forward), so there is "
+        "no gradient to take, and gradient methods cannot explain it. Remove the .detach() / "
+        "torch.no_grad() / inference_mode from forward, or use a perturbation method (occlusion, "
+        f"feature_ablation, lime, kernel_shap).{fix}"
+    ) from exc
+
+
 def _attribute(
     model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
     batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
@@ -794,6 +930,7 @@ def _attribute(
                     out = _run_captum(method, model, chunk.detach(), chunk_target, options, seed=seed, index=chunk_ids)
                 except RuntimeError as exc:
                     _raise_reused_module_error(method, exc)
+                    _raise_no_gradient_path_error(method, exc)
                     raise
             else:
                 out = method(model, chunk.detach(), chunk_target)

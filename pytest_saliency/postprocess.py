@@ -211,8 +211,19 @@ def apply_pipeline(attributions: Any, pipeline: str | MapPipeline | None = None)
             f"attributions must be a torch.Tensor, got {type(attributions).__name__}; a custom "
             "explainer must return a tensor shaped like the inputs (or (N, 1, H, W))."
         )
+    _check_floating(attributions)
     check_finite(attributions, "attribution maps")
     return pipeline_maps(attributions, pipeline)
+
+
+def _check_floating(attributions: Any) -> None:
+    """Maps are scaled and compared as real numbers: bool, integer or complex ones are refused."""
+    if not attributions.is_floating_point():
+        raise SaliencyUsageError(
+            f"attribution maps must be a floating-point tensor, got {attributions.dtype}. The map pipeline "
+            "takes absolute values and scales them, which needs real numbers; convert the maps with "
+            ".float() (a complex map: take .abs() or .real first)."
+        )
 
 
 def pipeline_maps(attributions: Any, pipeline: MapPipeline) -> Any:
@@ -222,6 +233,7 @@ def pipeline_maps(attributions: Any, pipeline: MapPipeline) -> Any:
     saves checking it again for every randomized state.
     """
     torch = require_torch()
+    _check_floating(attributions)
     a = attributions
     if a.dim() == 2:
         a = a[:, None, None, :]

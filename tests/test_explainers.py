@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -324,3 +325,119 @@ def test_a_model_or_inputs_on_the_meta_device_are_a_usage_error(tiny_inputs):
                           (make_tiny_cnn(), tiny_inputs.to("meta"))):
         with pytest.raises(SaliencyUsageError, match="meta device"):
             explain(model, inputs, "saliency")
+
+
+class _IgnoresItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.ones(x.shape[0], 4))
+
+
+class _DetachesItsInput(nn.Module):
+    def __init__(self, no_grad: bool = False) -> None:
+        super().__init__()
+        self.no_grad = no_grad
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 14 * 14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.no_grad:
+            with torch.no_grad():
+                return self.fc(self.conv(x).flatten(1))
+        return self.fc(self.conv(x.detach()).flatten(1))
+
+
+@pytest.mark.parametrize("model", [_IgnoresItsInput(), _DetachesItsInput(), _DetachesItsInput(no_grad=True)],
+                         ids=["unused", "detach", "no_grad"])
+def test_a_model_whose_output_has_no_autograd_path_to_the_input_is_a_usage_error(model, tiny_inputs):
+    from pytest_saliency import agreement_matrix
+
+    message = r"the model's output does not depend on the input through autograd .*detach.*no_grad.*cannot explain it"
+    for method, options in (("saliency", {}), ("integrated_gradients", {"n_steps": 4}), ("smoothgrad", {"nt_samples": 2})):
+        with pytest.raises(SaliencyUsageError, match=message):
+            explain(model, tiny_inputs, method, **options)
+    with pytest.raises(SaliencyUsageError, match=message):
+        layer_randomization(model, tiny_inputs, "saliency")
+    with pytest.raises(SaliencyUsageError, match=message):
+        agreement_matrix(model, tiny_inputs, ["saliency", "input_x_gradient"])
+
+
+def test_a_target_on_the_meta_device_is_a_usage_error(tiny_model, tiny_inputs):
+    target = torch.zeros(tiny_inputs.shape[0], dtype=torch.long, device="meta")
+    with pytest.raises(SaliencyUsageError, match=r"target is on the meta device.*target=.*on the inputs' device"):
+        explain(tiny_model, tiny_inputs, "saliency", target=target)
+    with pytest.raises(SaliencyUsageError, match="target is on the meta device"):
+        layer_randomization(tiny_model, tiny_inputs, "saliency", target=target)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "deeplift", "occlusion", "feature_ablation"])
+def test_baselines_that_do_not_broadcast_to_the_inputs_are_a_usage_error(tiny_model, tiny_inputs, method):
+    options = FAST.get(method, {})
+    n = tiny_inputs.shape[0]
+    for bad in (torch.zeros(n - 1, 1, 16, 16), torch.zeros(1, 16), torch.zeros(2, 5), torch.zeros(1, 1, 8, 8)):
+        with pytest.raises(SaliencyUsageError, match=rf"baselines for {method} has shape {re.escape(str(tuple(bad.shape)))}.*"
+                                                     r"\(6, 1, 16, 16\).*\(1, 16, 16\).*scalar"):
+            explain(tiny_model, tiny_inputs, method, baselines=bad, **options)
+    with pytest.raises(SaliencyUsageError, match=r"baselines for .* are torch.float64 .* inputs are torch.float32"):
+        explain(tiny_model, tiny_inputs, method, baselines=torch.zeros(1, 16, 16, dtype=torch.float64), **options)
+    with pytest.raises(SaliencyUsageError, match=r"baselines for .* on the meta device"):
+        explain(tiny_model, tiny_inputs, method, baselines=torch.zeros(1, 16, 16, device="meta"), **options)
+    with pytest.raises(SaliencyUsageError, match="baselines"):
+        layer_randomization(tiny_model, tiny_inputs, method, baselines=torch.zeros(2, 5), **options)
+    # every shape that broadcasts gives the maps of the zero baseline, in chunks too
+    reference = explain(tiny_model, tiny_inputs, method, baselines="zero", **options)
+    for good in (torch.zeros(1, 16, 16), torch.zeros(1, 1, 16, 16), torch.zeros(n, 1, 16, 16), torch.tensor(0.0)):
+        for batch_size in (None, 4):
+            got = explain(tiny_model, tiny_inputs, method, baselines=good, batch_size=batch_size, **options)
+            torch.testing.assert_close(got, reference)
+    # a baseline per input is used for its own input, whatever the chunking
+    per_input = tiny_inputs.flip(0)
+    whole = explain(tiny_model, tiny_inputs, method, baselines=per_input, **options)
+    torch.testing.assert_close(explain(tiny_model, tiny_inputs, method, baselines=per_input, batch_size=4, **options),
+                               whole)
+    torch.testing.assert_close(explain(tiny_model, tiny_inputs[4:], method, baselines=per_input[4:], **options),
+                               whole[4:])
+
+
+def test_occlusion_windows_and_strides_larger_than_the_inputs_are_a_usage_error(tiny_model, tiny_inputs):
+    with pytest.raises(SaliencyUsageError, match=r"occlusion's window=100 .* 16x16 inputs.* largest allowed is 16"):
+        explain(tiny_model, tiny_inputs, "occlusion", window=100)
+    with pytest.raises(SaliencyUsageError, match=r"occlusion's stride=100 .* window .* largest allowed is 2"):
+        explain(tiny_model, tiny_inputs, "occlusion", stride=100)
+    with pytest.raises(SaliencyUsageError, match=r"occlusion's window=\(1, 100, 100\) .* \(1, 16, 16\)"):
+        explain(tiny_model, tiny_inputs, "occlusion", window=(1, 100, 100), stride=(1, 2, 2))
+    with pytest.raises(SaliencyUsageError, match=r"occlusion's window=\(1, 4\) .* 3 entries"):
+        explain(tiny_model, tiny_inputs, "occlusion", window=(1, 4))
+    with pytest.raises(SaliencyUsageError, match="occlusion's window=100"):
+        layer_randomization(tiny_model, tiny_inputs, "occlusion", window=100)
+    assert explain(tiny_model, tiny_inputs[:2], "occlusion", window=16, stride=16).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided_gradcam"])
+def test_gradcam_on_a_layer_without_spatial_output_is_a_usage_error(tiny_model, tiny_inputs, method):
+    message = rf"{method}: the layer 'fc' .*output of shape \(6, 3\).*conv layer whose output is \(N, C, H, W\)"
+    with pytest.raises(SaliencyUsageError, match=message):
+        explain(tiny_model, tiny_inputs, method, layer="fc")
+    with pytest.raises(SaliencyUsageError, match=r"the layer Linear\(.*\) .*output of shape"):
+        explain(tiny_model, tiny_inputs, method, layer=tiny_model.fc)
+    with pytest.raises(SaliencyUsageError, match=r"the layer 'fc'"):
+        layer_randomization(tiny_model, tiny_inputs, method, layer="fc")
+    assert not tiny_model.fc._forward_hooks
+
+
+def test_gradcam_on_a_layer_the_output_does_not_use_is_a_usage_error(tiny_inputs):
+    class SideBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.unused, self.fc = nn.Conv2d(1, 2, 3), nn.Conv2d(1, 2, 3), nn.Linear(2 * 14 * 14, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.unused(x)
+            return self.fc(self.conv(x).flatten(1))
+
+    with pytest.raises(SaliencyUsageError, match=r"gradcam cannot explain this model: the model's output does not "
+                                                 r"depend on the input or the chosen layer's activations.*layer="):
+        explain(SideBranch(), tiny_inputs, "gradcam", layer="unused")

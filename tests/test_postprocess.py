@@ -118,3 +118,15 @@ def test_percentile_equals_numpy_linear_percentile(rows: np.ndarray, percentile:
 
     got = _percentile(torch.from_numpy(rows), percentile).numpy()
     np.testing.assert_allclose(got, np.percentile(rows, percentile, axis=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.complex64])
+def test_maps_that_are_not_floating_point_are_a_usage_error(dtype):
+    from pytest_saliency import compare_maps
+
+    maps = (torch.rand(3, 1, 8, 8) > 0.5).to(dtype)
+    message = rf"attribution maps must be a floating-point tensor, got {dtype}.*\.float\(\)"
+    with pytest.raises(SaliencyUsageError, match=message):
+        apply_pipeline(maps)
+    with pytest.raises(SaliencyUsageError, match=message):
+        compare_maps({"a": maps, "b": maps})
