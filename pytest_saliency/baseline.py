@@ -2,7 +2,8 @@
 
 One baseline per test and name: ``<dir>/<module>/<test>[__<name>].npz`` (``~<hash>`` added when
 the test id had to be changed to make a file name, so that no two tests share a file; see
-:func:`baseline_path`) plus a human-readable JSON sidecar. The ``.npz`` holds the maps (float32,
+:func:`baseline_path`) plus a human-readable JSON sidecar (the file name less a final ``.npz``,
+plus ``.json``: :func:`sidecar_path`). The ``.npz`` holds the maps (float32,
 compressed: float16 would add errors of about 1e-3 to SSIM, the size of the tightest calibrated
 tolerances) and an authoritative copy of
 the metadata as a plain string array, so the one atomic ``os.replace`` of the ``.npz`` is what
@@ -10,8 +11,29 @@ makes a new baseline visible: an interrupted run leaves the old file intact. Loa
 ``allow_pickle=False``; a file that needs unpickling is refused, never executed.
 
 A baseline records what it was made from (method and options, preset, a SHA-256 of the inputs,
-targets, seed, library versions, time). Comparing it with a call that differs in inputs,
-method or preset is an error, not a silent comparison of unlike things.
+target and the classes it explained, seed, metric, library versions, time). Comparing it with a
+call that differs in what changes the maps or the threshold is an error, not a silent comparison
+of unlike things:
+
+* inputs, method and options, preset, always;
+* the target: both calls ask for given classes, the same ones (``2`` and ``tensor([2, 2, ...])``
+  are the same), or both for the predicted classes (``target=None``). With ``target=None`` the
+  baseline stores the classes it explained (``targets``), and a later model is explained for
+  *those* classes, not its own predictions: a retrained model that predicts another class for
+  an image is still compared on the same (image, class) maps, as the reference models of an
+  envelope are when it is calibrated; whether its predictions changed is a matter for an accuracy
+  test. Files of earlier versions lack ``targets``; they are compared on the current predictions,
+  as those versions did (refusing them would break every baseline written with the default
+  target, and for an unchanged model the classes are the same);
+* the seed, for methods whose maps depend on it: named methods that draw random numbers
+  (:func:`~pytest_saliency.explainers.draws_random`) and custom explainers, which run with seeded
+  generators and may draw from them;
+* the metric, when the threshold comes from the file: a calibrated envelope (or the threshold the
+  file was written with) holds for the metric it was computed with only. With ``threshold=`` the
+  stored maps may be compared by any metric.
+
+A field that every version has written (all but ``targets``) and that a file lacks is reported as
+"(not recorded)" and refused like a different value.
 
 Thresholds for retraining: a plain ``threshold`` on the mean per-image similarity, or
 ``reference_models=[...]`` (a few models trained with the same recipe and different seeds) when
@@ -39,7 +61,7 @@ from ._rng import rng_isolated
 from ._torch import require_torch
 from ._validation import check_inputs, check_model, model_device
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError
-from .explainers import _attribute, prepare_method, resolve_target
+from .explainers import MethodSpec, _attribute, draws_random, prepare_method, resolve_target
 from .parameter_randomization import _DERIVED_OPTIONS
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
@@ -47,6 +69,16 @@ FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.9
 BASELINE_METRICS = ("ssim", "spearman", "pearson")
 _MATCHED_FIELDS = ("input_fingerprint", "input_shape", "method", "method_options", "preset")
+
+
+class _NotRecorded:
+    """A field the baseline's metadata lacks: unequal to every value, shown as such in errors."""
+
+    def __repr__(self) -> str:
+        return "(not recorded)"
+
+
+_NOT_RECORDED = _NotRecorded()
 
 
 def input_fingerprint(inputs: Any) -> str:
@@ -196,6 +228,23 @@ def _as_path(path: Any) -> Path:
     return Path(text)
 
 
+def sidecar_path(path: Path | str) -> Path:
+    """The JSON sidecar of baseline ``path``: its file name less a final ``.npz`` (in any case), plus
+    ``.json``. ``model.npz`` -> ``model.json``, ``model.v1`` -> ``model.v1.json``, ``model`` ->
+    ``model.json``: every name :func:`baseline_path` makes ends in ``.npz``, so its sidecar is its
+    ``with_suffix(".json")``, and dotted names of several baselines keep sidecars of their own."""
+    path = Path(path)
+    name = path.name[:-4] if path.name.lower().endswith(".npz") else path.name
+    return path.with_name(name + ".json")
+
+
+def _sidecar_twin(path: Path) -> Path:
+    """The other baseline name with the same sidecar: ``model`` for ``model.npz`` and back."""
+    if path.name.lower().endswith(".npz"):
+        return path.with_name(path.name[:-4])
+    return path.with_name(path.name + ".npz")
+
+
 def _checked_path(path: Any) -> Path:
     """The baseline's path for writing, refused when it cannot be one: not a path, a name too long
     for the file system, a folder, or a name its own JSON sidecar would overwrite."""
@@ -205,13 +254,15 @@ def _checked_path(path: Any) -> Path:
             f"saliency baseline path {str(path)!r} names a folder, not a file. Pass the path of an .npz file, "
             "e.g. baselines/model.npz."
         )
-    if path.suffix.lower() == ".json":
+    if path.name.lower().endswith(".json"):
+        stem = path.name[:-5]
         raise SaliencyUsageError(
-            f"saliency baseline path {path} ends in .json, the name of the baseline's metadata sidecar "
-            f"({path.with_suffix('.json').name}), which would overwrite the maps. Give the baseline an .npz "
-            f"name, e.g. {path.with_suffix('.npz')}; the sidecar is written beside it."
+            f"saliency baseline path {path} ends in .json, the name of a baseline's metadata sidecar (the "
+            f"sidecar of {stem}.npz and of {stem or '.npz'}), so maps and metadata would overwrite each other. "
+            f"Give the baseline an .npz name, e.g. {path.with_name((stem or 'baseline') + '.npz')}; the sidecar "
+            "is written beside it."
         )
-    longest = max(len(os.fsencode(name)) for name in (path.name, path.with_suffix(".json").name))
+    longest = max(len(os.fsencode(name)) for name in (path.name, sidecar_path(path).name))
     if longest + _TEMP_AFFIX_BYTES > _NAME_MAX_BYTES:
         raise SaliencyUsageError(
             f"the file name of saliency baseline {path} is {len(os.fsencode(path.name))} bytes long; file "
@@ -281,10 +332,18 @@ def write_baseline(path: Path, maps: Any, metadata: dict[str, Any]) -> None:
     import numpy as np
 
     path = _checked_path(path)
+    sidecar, twin = sidecar_path(path), _sidecar_twin(path)
+    if twin.is_file():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} and the baseline {twin} would share the JSON sidecar {sidecar.name} "
+            f"(a sidecar is named after its baseline less a final .npz), and each write would replace the "
+            f"other's. Rename one of them, e.g. pass {sidecar.with_name(sidecar.name[:-5] + '_2.npz')}, "
+            "or delete the one no longer used (with its sidecar)."
+        )
     text = json.dumps(metadata, sort_keys=True, indent=2)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for target, writer in ((path, "npz"), (path.with_suffix(".json"), "json")):
+        for target, writer in ((path, "npz"), (sidecar, "json")):
             _remove_stale_temps(target)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -391,6 +450,13 @@ def read_baseline(path: Path) -> tuple[Any, dict[str, Any]]:
             f"saliency baseline {path} holds maps of dtype {maps.dtype} and shape {maps.shape}; expected float "
             f"maps of shape (N, H, W). {fix}"
         )
+    targets = metadata.get("targets")
+    if "targets" in metadata and not (
+        isinstance(targets, list) and len(targets) == maps.shape[0]
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in targets)
+    ):
+        raise bad(f"records targets {targets!r:.80}; expected a list of {maps.shape[0]} class indices (ints >= 0), "
+                  "one per stored map")
     maps = maps.astype(np.float32, copy=False)
     finite = np.isfinite(maps)
     if not finite.all():
@@ -494,6 +560,79 @@ class BaselineResult:
         ])
 
 
+def _class_list(target: Any, n: int) -> list[int] | None:
+    """The classes a stored ``target`` (an int, or a list of one or ``n`` ints) asks for, one per image."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        return [target] * n
+    if isinstance(target, list) and len(target) in (1, n) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in target):
+        return target * n if len(target) == 1 else list(target)
+    return None
+
+
+def _refuse_unlike(path: Path, stored: dict[str, Any], metadata: dict[str, Any], classes: list[int] | None,
+                   threshold: float | None, *, seeded: str | None) -> None:
+    """Refuse a comparison with a baseline made from something that changes the maps or the
+    threshold (see the module docstring): a :class:`SaliencyUsageError` naming every such field.
+
+    ``classes``: the classes a given target asks for (None for ``target=None``); ``seeded``: why
+    the method's maps depend on the seed, or None when they do not.
+    """
+    recorded = {key: stored.get(key, _NOT_RECORDED) for key in (*_MATCHED_FIELDS, "target", "seed", "metric")}
+    differences = [key for key in _MATCHED_FIELDS if recorded[key] != metadata[key]]
+    hints = []
+    given = recorded["target"]
+    if given is _NOT_RECORDED or (given is None) != (metadata["target"] is None) or (
+            classes is not None and stored.get("targets", _class_list(given, len(classes))) != classes):
+        differences.append("target")
+        hints.append("The target must ask for the same classes: target=None explains again the classes the "
+                     "baseline recorded (each image's predicted class when it was written), a given target the "
+                     "classes it names; pass the target the baseline was written with.")
+    if seeded and recorded["seed"] != metadata["seed"]:
+        differences.append("seed")
+        hints.append(f"{seeded}, so its maps depend on the seed: pass seed={recorded['seed']!r} "
+                     "(--saliency-seed, when given, sets the seed of every check).")
+    if threshold is None:
+        envelope = stored.get("envelope")
+        if isinstance(envelope, dict):
+            recorded["metric"] = envelope.get("metric", _NOT_RECORDED)
+        if recorded["metric"] != metadata["metric"]:
+            differences.append("metric")
+            source = ("the envelope of its reference models" if isinstance(envelope, dict)
+                      else "the one it was written with")
+            hints.append(f"Its threshold ({source}) holds for the metric {recorded['metric']!r} only: pass "
+                         f"threshold= to compare the stored maps by {metadata['metric']}.")
+    if differences:
+        detail = "; ".join(f"{key}: baseline {recorded[key]!r:.80} vs now {metadata[key]!r:.80}" for key in differences)
+        raise SaliencyUsageError(
+            f"saliency baseline {path} was made from different {', '.join(differences)} ({detail}). Comparing them "
+            f"would compare unlike things. {' '.join(hints) + ' ' if hints else ''}If the change is intended, "
+            "regenerate it with pytest --saliency --saliency-update-baselines."
+        )
+
+
+def _seed_dependence(method: Any, label: str, options: dict[str, Any]) -> str | None:
+    """Why ``method``'s maps depend on the seed, or None when they do not."""
+    if not isinstance(method, MethodSpec):
+        return f"the custom explainer {label} runs with generators seeded from the seed and may draw from them"
+    return f"{label} draws random numbers" if draws_random(method, options) else None
+
+
+def _recorded_classes(path: Path, model: Any, inputs: Any, classes: list[int], batch_size: int | None,
+                      seed: int) -> Any:
+    """The classes a ``target=None`` baseline explained, as a target tensor checked against ``model``."""
+    torch = require_torch()
+    try:
+        return resolve_target(model, inputs, torch.tensor(classes, dtype=torch.long, device=inputs.device),
+                              batch_size, seed=seed)
+    except SaliencyUsageError as exc:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} was written with target=None and explains the classes the images were "
+            f"predicted as then ({classes!r:.80}), which this model cannot be explained for: {exc} If the "
+            "model's classes changed on purpose, regenerate it with pytest --saliency --saliency-update-baselines."
+        ) from None
+
+
 def _mean_pairwise(maps: list[Any], metric: str, pipeline: MapPipeline) -> float:
     values = [float(_similarity(metric, a, b, pipeline).mean()) for a, b in itertools.combinations(maps, 2)]
     return min(values)
@@ -559,6 +698,15 @@ def check_baseline(
     ``update=True`` writes (or overwrites) the baseline and passes. A missing baseline is written
     and the result fails (so a new test cannot pass by accident). ``reference_models`` calibrates
     the threshold from seed-to-seed variation when the baseline is written.
+
+    A baseline made from other inputs, method, options, preset or target, from another seed (for a
+    method whose maps depend on it), or whose stored threshold belongs to another metric (when
+    ``threshold`` is not given) is refused with a :class:`SaliencyUsageError`, not compared.
+    ``target=None`` (each image's predicted class) pins the classes: the baseline records the
+    classes it explained, and a later model is explained for those, so a retrained model that
+    predicts another class for an image is still compared on that image's maps of the same class,
+    as reference models are when an envelope is calibrated. (Files written before the classes were
+    recorded are compared on the current predictions.)
     """
     from ._rng import as_seed
     from ._validation import check_count, check_number
@@ -590,14 +738,9 @@ def check_baseline(
         raise unknown_choice("baseline metric", metric, BASELINE_METRICS)
     pipeline = get_pipeline(preset)
     resolved, label, options = prepare_method(method, model, inputs, method_kwargs)
-
-    fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
-
-    def maps_of(m: Any) -> Any:
-        raw = _attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
-        return apply_pipeline(raw, pipeline).float()
-
-    current = maps_of(model)
+    writing = update or not path.exists()
+    stored_maps, stored = (None, {}) if writing else read_baseline(path)
+    fixed_target = None if target is None else resolve_target(model, inputs, target, batch_size, seed=seed)
     metadata = {
         "format_version": FORMAT_VERSION,
         "method": label,
@@ -612,9 +755,24 @@ def check_baseline(
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if not writing:
+        _refuse_unlike(path, stored, metadata, None if fixed_target is None else fixed_target.tolist(), threshold,
+                       seeded=_seed_dependence(resolved, label, options))
+        if fixed_target is None and "targets" in stored:
+            fixed_target = _recorded_classes(path, model, inputs, stored["targets"], batch_size, seed)
+    if fixed_target is None:  # predicted classes: a new baseline, or a file that does not record them
+        fixed_target = resolve_target(model, inputs, None, batch_size, seed=seed)
+    # The classes explained, one per image: what a later target=None comparison explains again.
+    metadata["targets"] = fixed_target.tolist()
+
+    def maps_of(m: Any) -> Any:
+        raw = _attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
+        return apply_pipeline(raw, pipeline).float()
+
+    current = maps_of(model)
     common = dict(name=name, path=str(path), method=label, metric=metric, pipeline=pipeline,
                   n_images=int(inputs.shape[0]), seed=seed, reproduce=reproduce)
-    if update or not path.exists():
+    if writing:
         source = "given" if threshold is not None else "default"
         stored_threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         if references:
@@ -635,14 +793,6 @@ def check_baseline(
         return BaselineResult(status="updated" if update else "written", threshold=stored_threshold,
                               threshold_source=source, values=[], seconds=time.perf_counter() - start,
                               current_maps=current.detach().cpu(), **common)
-    stored_maps, stored = read_baseline(path)
-    differences = [key for key in _MATCHED_FIELDS if stored.get(key) != metadata[key]]
-    if differences:
-        detail = "; ".join(f"{key}: baseline {stored.get(key)!r:.80} vs now {metadata[key]!r:.80}" for key in differences)
-        raise SaliencyUsageError(
-            f"saliency baseline {path} was made from different {', '.join(differences)} ({detail}). Comparing them "
-            "would compare unlike things. If the change is intended, rewrite it with --saliency-update-baselines."
-        )
     if tuple(stored_maps.shape) != tuple(current.shape):
         raise SaliencyUsageError(
             f"saliency baseline {path} holds maps of shape {tuple(stored_maps.shape)}, but this check's maps have "

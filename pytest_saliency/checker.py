@@ -275,7 +275,7 @@ class BaselineChecker:
         person to decide, once: the error names both files.
         """
         __tracebackhide__ = True
-        from .baseline import legacy_baseline_path
+        from .baseline import legacy_baseline_path, sidecar_path
         from .exceptions import SaliencyUsageError
 
         legacy = legacy_baseline_path(self.directory, self._checker.nodeid, name)
@@ -288,7 +288,7 @@ class BaselineChecker:
             "read (it may hold another test's maps).\n"
             "  If it is this test's baseline, move it and its .json sidecar to the new name:\n"
             f"    mkdir -p {shlex.quote(str(path.parent))} && mv {shlex.quote(str(legacy))} {shlex.quote(str(path))} "
-            f"&& mv {shlex.quote(str(legacy.with_suffix('.json')))} {shlex.quote(str(path.with_suffix('.json')))}\n"
+            f"&& mv {shlex.quote(str(sidecar_path(legacy)))} {shlex.quote(str(sidecar_path(path)))}\n"
             "  otherwise write a fresh one with pytest --saliency --saliency-update-baselines, review it and commit it."
         )
 

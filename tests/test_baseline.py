@@ -76,6 +76,69 @@ def test_unlike_calls_are_an_error_not_a_comparison(tmp_path, model_and_inputs, 
         check_baseline(m, x2, path, **options)
 
 
+@pytest.mark.parametrize(
+    "written, now, field",
+    [
+        ({"target": 0}, {"target": 2}, "target"),
+        ({"target": 0}, {"target": None}, "target"),
+        ({"target": None}, {"target": 1}, "target"),
+        ({"method": "smoothgrad", "nt_samples": 2, "seed": 0}, {"method": "smoothgrad", "nt_samples": 2, "seed": 1},
+         "seed"),
+        ({"metric": "pearson", "threshold": 0.5}, {"metric": "ssim"}, "metric"),
+    ],
+    ids=["other-class", "class-then-predicted", "predicted-then-class", "stochastic-seed", "stored-threshold-metric"],
+)
+def test_targets_seeds_and_threshold_metrics_must_match(tmp_path, model_and_inputs, written, now, field):
+    path = tmp_path / "b.npz"
+    check_baseline(*model_and_inputs, path, **written)
+    with pytest.raises(SaliencyUsageError, match=f"{path} was made from different {field}.*--saliency-update-baselines"
+                       ) as info:
+        check_baseline(*model_and_inputs, path, **now)
+    assert str(info.value).count("made from different") == 1
+
+
+def test_only_what_changes_the_comparison_is_matched(tmp_path, model_and_inputs):
+    """An envelope gates only the metric it was calibrated for; a given threshold may gate any metric;
+    the seed of a method that draws no random numbers and the spelling of a target do not matter."""
+    import torch
+
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    check_baseline(model, x, path, metric="pearson", reference_models=[make_tiny_cnn(seed=1)])
+    with pytest.raises(SaliencyUsageError, match=r"different metric \(metric: baseline 'pearson' vs now 'ssim'\)"
+                       r".*threshold=.*--saliency-update-baselines"):
+        check_baseline(model, x, path, metric="ssim")
+    assert check_baseline(model, x, path, metric="pearson").threshold_source == "calibrated from 2 reference models"
+    given = check_baseline(model, x, path, metric="ssim", threshold=0.95)
+    assert given.status == "compared" and given.threshold_source == "given" and given.values == [1.0] * 6
+    assert check_baseline(model, x, path, metric="pearson", seed=7).passed, "saliency draws no random numbers"
+    check_baseline(model, x, tmp_path / "c.npz", target=2)
+    assert check_baseline(model, x, tmp_path / "c.npz", target=torch.full((6,), 2)).values == [1.0] * 6
+
+
+def test_predicted_classes_are_pinned_by_the_baseline(tmp_path, model_and_inputs):
+    """target=None: a later model is explained for the classes the baseline explained, as the
+    reference models of an envelope are, so a changed prediction compares the same class's maps."""
+    import torch
+
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    check_baseline(model, x, path)
+    first = model(x).argmax(1)
+    assert json.loads(path.with_suffix(".json").read_text())["targets"] == first.tolist()
+    retrained = make_tiny_cnn(seed=5)
+    assert (retrained(x).argmax(1) != first).any(), "the retrained model predicts another class for some image"
+    compared = check_baseline(retrained, x, path)
+    expected = check_baseline(retrained, x, tmp_path / "pinned.npz", target=first, update=True)
+    assert torch.equal(compared.current_maps, expected.current_maps)
+    # Files of earlier versions record only target=None: the current predictions are explained.
+    maps, metadata = read_baseline(path)
+    del metadata["targets"]
+    write_baseline(path, maps, metadata)
+    own = check_baseline(retrained, x, tmp_path / "own.npz", target=retrained(x).argmax(1), update=True)
+    assert torch.equal(check_baseline(retrained, x, path).current_maps, own.current_maps)
+
+
 def test_calibrated_threshold_from_reference_models(tmp_path, model_and_inputs):
     model, x = model_and_inputs
     path = tmp_path / "b.npz"
@@ -142,12 +205,15 @@ def test_paths_are_per_test_and_name(tmp_path):
 
 
 def test_a_json_path_is_refused_before_its_sidecar_could_overwrite_the_maps(tmp_path, model_and_inputs):
-    """The sidecar is path.with_suffix('.json'): for 'b.json' that is the baseline itself."""
+    """'b.json' is the sidecar of the baselines 'b.npz' and 'b': maps and metadata would overwrite each other."""
     for name in ("b.json", "b.JSON"):
-        with pytest.raises(SaliencyUsageError, match=r"ends in \.json, the name of the baseline's metadata sidecar .*b\.npz"):
+        with pytest.raises(SaliencyUsageError, match=r"ends in \.json, the name of a baseline's metadata sidecar .*b\.npz"
+                           ):
             check_baseline(*model_and_inputs, tmp_path / name, update=True)
         with pytest.raises(SaliencyUsageError, match=r"ends in \.json"):
             write_baseline(tmp_path / name, np.zeros((1, 2, 2)), {})
+    with pytest.raises(SaliencyUsageError, match=r"ends in \.json"):  # the sidecar of the baseline '.npz'
+        check_baseline(*model_and_inputs, tmp_path / ".json", update=True)
     assert list(tmp_path.iterdir()) == []
     written = check_baseline(*model_and_inputs, tmp_path / "b", update=True)  # no suffix: b and b.json
     assert written.passed and check_baseline(*model_and_inputs, tmp_path / "b").passed

@@ -3,6 +3,7 @@ file modes, and clear errors for paths and files that are not usable baselines."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -69,6 +70,32 @@ def test_distinct_ids_never_share_a_file(text, name):
     assert len(paths) == len(ids)
     nodes = {baseline_path(directory, f"t.py::test_{i}", name, module_dirs=True) for i in ids}
     assert len(nodes) == len(ids)
+
+
+def test_each_baseline_has_a_sidecar_of_its_own(tmp_path, model_and_inputs):
+    """The sidecar is the file name less a final .npz, plus .json: dotted names keep their versions apart."""
+    model, x = model_and_inputs
+    for version in (1, 2):
+        check_baseline(model, x, tmp_path / f"model.v{version}", update=True, target=version)
+    for version in (1, 2):
+        sidecar = json.loads((tmp_path / f"model.v{version}.json").read_text())
+        assert sidecar == read_baseline(tmp_path / f"model.v{version}")[1] and sidecar["target"] == version
+    assert not (tmp_path / "model.json").exists()
+    from pytest_saliency.baseline import sidecar_path
+
+    assert sidecar_path(tmp_path / "model.v1.npz") == tmp_path / "model.v1.json"
+    assert sidecar_path("d/B.NPZ") == Path("d/B.json") and sidecar_path("d/b") == Path("d/b.json")
+    standard = baseline_path(tmp_path, "tests/test_m.py::TestX::test_y[cpu-1.5]", "ig")
+    assert sidecar_path(standard) == standard.with_suffix(".json"), "generated names keep their sidecars"
+
+
+@pytest.mark.parametrize("first, second", [("model", "model.npz"), ("model.npz", "model")])
+def test_a_baseline_and_its_npz_twin_would_share_a_sidecar_and_are_refused(tmp_path, model_and_inputs, first, second):
+    check_baseline(*model_and_inputs, tmp_path / first, update=True)
+    with pytest.raises(SaliencyUsageError, match=rf"{second} and the baseline {tmp_path / first} would share the "
+                       r"JSON sidecar model\.json.*Rename one"):
+        check_baseline(*model_and_inputs, tmp_path / second, update=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first, "model.json"])
 
 
 def test_test_ids_too_long_for_the_file_system_are_shortened_and_stay_distinct(tmp_path):
@@ -214,6 +241,25 @@ def test_stored_thresholds_are_validated(tmp_path, model_and_inputs, change, mes
     check_baseline(*model_and_inputs, path)
     _rewrite(path, **change)
     with pytest.raises(SaliencyUsageError, match=rf"saliency baseline {path}: {message}.*--saliency-update-baselines"):
+        check_baseline(*model_and_inputs, path)
+
+
+def test_stored_targets_are_validated(tmp_path, model_and_inputs):
+    """Recorded classes are checked against the maps and the model; a field every version writes is required."""
+    path = tmp_path / "b.npz"
+    check_baseline(*model_and_inputs, path)
+    maps, metadata = read_baseline(path)
+    write_baseline(path, maps, {**metadata, "targets": [0, -1, 2, 0, 0, 0]})
+    with pytest.raises(SaliencyUsageError, match=rf"{path} records targets \[0, -1, .*expected a list of 6 class "
+                       r"indices.*--saliency-update-baselines"):
+        check_baseline(*model_and_inputs, path)
+    write_baseline(path, maps, {**metadata, "targets": [9] * 6})
+    with pytest.raises(SaliencyUsageError, match=r"written with target=None and explains the classes .* target 9 is "
+                       r"out of range.*--saliency-update-baselines"):
+        check_baseline(*model_and_inputs, path)
+    del metadata["target"]
+    write_baseline(path, maps, metadata)
+    with pytest.raises(SaliencyUsageError, match=r"different target \(target: baseline \(not recorded\) vs now None\)"):
         check_baseline(*model_and_inputs, path)
 
 
