@@ -722,6 +722,15 @@ def _probe_activation_bytes(model: Any, example: Any) -> tuple[int, int | None]:
         handles.extend(m.register_forward_hook(hook) for m in leaves)
         with torch.no_grad(), _eval_mode(model, True):
             out = model(example)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        if isinstance(error, SaliencyUsageError):
+            raise
+        raise SaliencyUsageError(
+            f"the model ({type(model).__name__}) raised {type(error).__name__} on one input of shape "
+            f"{tuple(example.shape)} ({example.dtype}, {example.device}): {error} Check that the inputs have the "
+            "shape, channels, dtype and value range the model was trained on (the traceback above shows where "
+            "in the model it failed)."
+        ) from error
     finally:
         for handle in handles:
             handle.remove()

@@ -719,7 +719,7 @@ class GradientHookOutside(nn.Module):
 def test_an_output_that_stops_depending_on_the_inputs_is_an_error_with_reuse_as_without() -> None:
     model, x = seeded_model(GatedByParameter), tiny_images(4)
     for reuse in (True, False):
-        with pytest.raises(RuntimeError, match="does not require grad"):
+        with pytest.raises(SaliencyUsageError, match="does not depend on the input through autograd"):
             layer_randomization(model, x, "saliency", reuse_activations=reuse)
 
 

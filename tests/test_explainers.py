@@ -441,3 +441,11 @@ def test_gradcam_on_a_layer_the_output_does_not_use_is_a_usage_error(tiny_inputs
     with pytest.raises(SaliencyUsageError, match=r"gradcam cannot explain this model: the model's output does not "
                                                  r"depend on the input or the chosen layer's activations.*layer="):
         explain(SideBranch(), tiny_inputs, "gradcam", layer="unused")
+
+
+def test_inputs_the_model_cannot_take_are_a_usage_error_naming_the_shape():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(SaliencyUsageError, match=r"raised RuntimeError on one input of shape \(1, 1, 8, 8\)") as info:
+        explain(model, torch.rand(4, 1, 8, 8), "saliency")
+    assert isinstance(info.value.__cause__, RuntimeError)

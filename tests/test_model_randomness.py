@@ -201,7 +201,7 @@ def test_the_generators_come_back_when_a_check_fails_or_raises():
 
     exploding = Exploding()  # (its initialization draws)
     before = global_states()
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(SaliencyUsageError, match="raised RuntimeError.*boom"):
         ps.explain(exploding, x, "saliency")
     assert_same_global_states(before, global_states())
 
