@@ -451,26 +451,34 @@ def layer_randomization(
     batched = adaptive or early_exit
     step = image_batch if batched else inputs.shape[0]
 
-    def maps_of(x: Any, t: Any) -> Any:
-        """The original model's maps, through captum (or the cache)."""
+    def cache_key(x: Any, t: Any, ids: list[int]) -> str | None:
+        """The cache's key for the original maps of ``x``, the images at ``ids`` in the inputs. Their
+        indices seed a method's random draws: part of the key unless they are 0, 1, ... (the
+        images of a check over all its inputs, or of any other entry point)."""
+        drawn = isinstance(resolved, MethodSpec) and draws_random(resolved, options) and ids != list(range(len(ids)))
+        return cache.key(model, x, t, name, {**options, "_image_ids": tuple(ids)} if drawn else options, seed,
+                         batch_size)
+
+    def maps_of(x: Any, t: Any, ids: list[int]) -> Any:
+        """The original model's maps of the images at ``ids`` in the inputs, through captum (or the cache)."""
         key = None
         if cache is not None and isinstance(resolved, MethodSpec):
-            key = cache.key(model, x, t, name, options, seed, batch_size)
+            key = cache_key(x, t, ids)
             raw = cache.get(key)
             if raw is not None:
                 return _as_ssim_maps(pipeline_maps(raw, pipeline))
-        raw = _attribute(model, x, resolved, t, seed, batch_size, True, options, prepared=True)
+        raw = _attribute(model, x, resolved, t, seed, batch_size, True, options, prepared=True, index=ids)
         if key is not None:
             cache.put(key, raw)
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
 
-    def reused_original(raw: Any, x: Any, t: Any) -> Any:
+    def reused_original(raw: Any, x: Any, t: Any, ids: list[int]) -> Any:
         """The original maps from a pass that runs anyway (a replay's recorded pass, whose graph
         is reused, or the state stack's column 0); an earlier check's maps from the cache take
         precedence, so checks in a session compare against identical originals."""
         check_finite(raw, f"attribution maps from {name!r}")
         if cache is not None:
-            key = cache.key(model, x, t, name, options, seed, batch_size)
+            key = cache_key(x, t, ids)
             cached = cache.get(key)
             if cached is None:
                 cache.put(key, raw)
@@ -519,10 +527,6 @@ def layer_randomization(
         replay_step = min(step, chunk) if chunk and not batched else step
         reuse = might_reuse and not model_draws and reusable(model, trace, resolved, options, batch_size,
                                                        min(replay_step, inputs.shape[0]))
-        if reuse and replay_step < step and draws_random(resolved, options):
-            # captum's path draws the noise (or a uniform baseline) for all chunks from one seeded
-            # stream; per-chunk replays would redraw it. Keep captum's path.
-            reuse = False
         if reuse:
             step = replay_step
         fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
@@ -553,52 +557,56 @@ def layer_randomization(
         reused = False
         for first in range(0, inputs.shape[0], step):
             x, t = inputs[first:first + step], fixed_target[first:first + step]
+            # Each image's index in the inputs: it seeds the image's random draws (noise, a uniform
+            # baseline), so its maps do not depend on the image batch or the images skipped.
+            ids = list(range(first, first + x.shape[0]))
             if first_replay is not None:  # recorded by the traced pass (one step over all images)
                 replay, first_replay = first_replay, None
                 replay.target = t.reshape(-1)
             else:
-                replay = GradientReplay(model, x, t, name, options, seed) if reuse else None
+                replay = GradientReplay(model, x, t, name, options, seed, index=ids) if reuse else None
             original = stack_maps = None
             if stacked:
                 label = f"images {used_inputs + 1}-{used_inputs + x.shape[0]}"
                 try:
                     stack_maps, from_replay = occlusion_states(
                         model, x, t, stages, mode, randomization, seed, options, chunk=chunk, progress=progress,
-                        label=label)
+                        label=label, index=ids)
                 except Exception:  # noqa: BLE001 - the loop over states below reports a real model error
                     stacked = False
                 else:  # (reused_original checks the original maps for NaN and inf, _Comparison the states')
                     reused = reused or from_replay
-                    original = reused_original(stack_maps[0], x, t)
+                    original = reused_original(stack_maps[0], x, t, ids)
             if replay is not None:
                 try:
-                    original = reused_original(replay.original(), x, replay.target)
+                    original = reused_original(replay.original(), x, replay.target, ids)
                 except Exception:  # noqa: BLE001 - captum's pass below reports a real model error
                     replay.close()
                     replay = None
             if original is None:
-                original = maps_of(x, t)
+                original = maps_of(x, t, ids)
             used = _check_original_maps(original, pipeline, name, constant_maps)
             while 0 < used.numel() < original.shape[0]:  # constant_maps="skip" dropped some images
                 x, t, original = x[used], t[used], original[used]
+                ids = [ids[i] for i in used.tolist()]
                 if stack_maps is not None:  # occlusion explains each image on its own, in one stack
                     stack_maps = stack_maps[:, used]
                     break
-                fresh = None
                 if replay is not None:  # the recorded graph covers the dropped images too: start afresh
                     replay.close()
-                    replay = GradientReplay(model, x, t, name, options, seed)
+                    replay = GradientReplay(model, x, t, name, options, seed, index=ids)
                     try:
-                        fresh = replay.original()
+                        replay.original()  # (the images left keep their maps, drawn at their indices)
                     except Exception:  # noqa: BLE001 - captum's passes report a real model error
                         replay.close()
                         replay = None
-                if not (model_draws or (isinstance(resolved, MethodSpec) and draws_random(resolved, options))):
+                if not model_draws:
                     break
-                # The states explain the images left as one batch; with random draws (a stochastic
-                # method, a model that draws) the original model must explain that batch too, to
-                # draw the same numbers. Its maps may be constant elsewhere now: check again.
-                original = reused_original(fresh, x, t) if fresh is not None else maps_of(x, t)
+                # A model that draws random numbers itself draws them for the whole batch, and the
+                # states explain the images left as one batch: the original model must explain that
+                # batch too, to draw the same numbers (such a model is never replayed). Its maps may
+                # be constant elsewhere now: check again.
+                original = maps_of(x, t, ids)
                 used = _check_original_maps(original, pipeline, name, constant_maps)
             if used.numel() == 0:  # constant_maps="skip" and every map of this step is constant
                 if replay is not None:
@@ -643,7 +651,7 @@ def layer_randomization(
                                     replay = None
                             if raw is None:  # (replayed maps are checked for NaN and inf with the others, in comparison)
                                 raw = _attribute(model, x, resolved, t, seed, batch_size, True, options,
-                                                 prepared=True, what=state_maps(index))
+                                                 prepared=True, what=state_maps(index), index=ids)
                         comparison.add(index, raw)
                 comparison.flush()
             finally:

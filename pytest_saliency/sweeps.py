@@ -37,8 +37,8 @@ scaled from SAM's 224 px inputs to the inputs' smaller side.
 
 * ``baselines="uniform"`` / ``"blurred"`` for methods with a ``baselines`` option (integrated
   gradients, deeplift, occlusion, feature_ablation): :func:`uniform_baseline` (one draw per
-  image, uniform over the inputs' range, seeded) and :func:`blurred_baseline` (Gaussian blur,
-  sigma = 1/16 of the smaller side).
+  image, uniform over the image's own range: the draw ``explain`` makes for it) and
+  :func:`blurred_baseline` (Gaussian blur, sigma = 1/16 of the smaller side).
 * ``n_segments`` for lime, kernel_shap and feature_ablation: per-image SLIC superpixels
   (:func:`slic_feature_masks`, scikit-image) instead of the default square grid.
 * ``seed`` for every method (a no-op for deterministic ones: a useful control).
@@ -57,7 +57,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._rng import derive_seed, rng_isolated
+from ._rng import derive_seed, rng_isolated, seeded
 from ._torch import require_torch
 from ._validation import (
     check_choice, check_count, check_inputs, check_model, check_number, check_seed, check_threshold, unknown_choice,
@@ -94,13 +94,19 @@ SEGMENT_METHODS = ("lime", "kernel_shap", "feature_ablation")
 # --------------------------------------------------------------------------------------------
 
 
-def uniform_baseline(inputs: Any, seed: int = 0) -> Any:
-    """One baseline per input, uniform over ``[inputs.min(), inputs.max()]``, from a local seeded generator."""
+def uniform_baseline(inputs: Any, seed: int = 0, *, index: Any = 0, method: str = "integrated_gradients") -> Any:
+    """One baseline per input, uniform over that input's own ``[min, max]``: the draw that
+    ``explain(..., method, baselines="uniform", seed=seed)`` makes for the input at its index in
+    the user's inputs (``index``: the first input's, or one per input), so an input's baseline
+    does not depend on the other inputs. No global RNG state changes."""
     torch = require_torch()
-    generator = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "uniform_baseline"))
-    low, high = float(inputs.min()), float(inputs.max())
-    draws = torch.rand(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-    return low + (high - low) * draws
+    from .explainers import _image_ids, _zero_or, image_seed
+
+    rows = []
+    for row, image in enumerate(_image_ids(index, inputs.shape[0])):
+        with seeded(image_seed(seed, image, method, {}), inputs.device, torch_only=True):
+            rows.append(_zero_or("uniform", inputs[row:row + 1]))
+    return torch.cat(rows)
 
 
 def blurred_baseline(inputs: Any, sigma: float | None = None) -> Any:
@@ -660,7 +666,8 @@ def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: in
     kind = native.get("baselines")
     if isinstance(kind, str) and kind in ("uniform", "blurred"):
         native.pop("baselines")
-        per_image["baselines"] = uniform_baseline(inputs, seed) if kind == "uniform" else blurred_baseline(inputs)
+        per_image["baselines"] = (uniform_baseline(inputs, seed, method=resolved.name) if kind == "uniform"
+                                  else blurred_baseline(inputs))
     elif isinstance(kind, torch.Tensor) and kind.dim() == inputs.dim() and kind.shape[0] == inputs.shape[0] > 1:
         native.pop("baselines")
         per_image["baselines"] = kind.to(inputs.device)
@@ -684,8 +691,15 @@ def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: in
     return native, per_image
 
 
-def _per_image_explainer(spec: Any, options: dict[str, Any], per_image: dict[str, Any]) -> Callable[..., Any]:
-    """An explainer that slices per-image tensors to the chunk ``_attribute`` hands it (chunks come in order)."""
+def _per_image_explainer(
+    spec: Any, options: dict[str, Any], per_image: dict[str, Any], seed: int
+) -> Callable[..., Any]:
+    """An explainer that gives captum the per-image tensors of the chunk ``_attribute`` hands it.
+
+    Chunks come in order, so ``offset`` is the chunk's first index in the inputs: with ``seed`` it
+    seeds each image's random draws, and :func:`pytest_saliency.explainers._run_captum` takes the
+    rows of a per-input baseline by it; feature masks are sliced here.
+    """
     torch = require_torch()
     from .explainers import _run_captum
 
@@ -695,14 +709,16 @@ def _per_image_explainer(spec: Any, options: dict[str, Any], per_image: dict[str
     def run(model: Any, chunk: Any, target: Any) -> Any:
         nonlocal offset
         n = chunk.shape[0]
-        sliced = {k: v[offset:offset + n] for k, v in per_image.items()}
+        first = offset
+        sliced = {k: v if k == "baselines" else v[first:first + n] for k, v in per_image.items()}
         offset += n
         if not one_at_a_time:
-            return _run_captum(spec, model, chunk, target, {**options, **sliced})
+            return _run_captum(spec, model, chunk, target, {**options, **sliced}, seed=seed, index=first)
         # captum's Lime takes one feature mask per call: explain image by image (it loops anyway).
         return torch.cat([
             _run_captum(spec, model, chunk[i:i + 1], target[i:i + 1],
-                        {**options, **{k: v[i:i + 1] for k, v in sliced.items()}})
+                        {**options, **{k: v if k == "baselines" else v[i:i + 1] for k, v in sliced.items()}},
+                        seed=seed, index=first + i)
             for i in range(n)
         ])
 
@@ -742,9 +758,9 @@ def _compute_setting(
         if not per_image:
             return _attribute(model, inputs, resolved, target, seed, batch_size, True, options)
         # _attribute chunks the images (batch_size, or the memory-sized "_image_batch"); the wrapper
-        # slices the per-image tensors to each chunk.
+        # gives captum each chunk's per-image tensors.
         chunking = {k: v for k, v in options.items() if k == "_image_batch"}
-        return _attribute(model, inputs, _per_image_explainer(resolved, options, per_image), target, seed,
+        return _attribute(model, inputs, _per_image_explainer(resolved, options, per_image, seed), target, seed,
                           batch_size, True, chunking)
     explainer = functools.partial(resolved, **native) if native else resolved
     if native:

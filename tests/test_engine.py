@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_cnn, tiny_images
-from pytest_saliency import SaliencyUsageError, layer_randomization
+from pytest_saliency import SaliencyUsageError, SaliencyWarning, layer_randomization
 from pytest_saliency.cache import MapCache, model_fingerprint
 
 
@@ -118,3 +118,65 @@ def test_the_cache_is_bounded_in_bytes():
     assert cache.get("0") is None and cache.get("4") is not None
     cache.put("huge", torch.zeros(1000))
     assert cache.get("huge") is None
+
+
+SMOOTHGRAD = {"nt_samples": 3}
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_image_batches_draw_each_images_noise_at_its_index(reuse, monkeypatch):
+    """The adaptive modes explain image_batch images at a time and batch_size chunks them: image i
+    keeps the SmoothGrad noise of its index in the inputs, so its maps and SSIMs are those of one
+    pass over all images."""
+    import pytest_saliency.parameter_randomization as engine
+
+    monkeypatch.setattr(engine, "_decision", lambda *args, **kwargs: None)  # never decisive: every batch runs
+    model, x = make_tiny_cnn(), tiny_images(6, seed=3)
+    full = layer_randomization(model, x, "smoothgrad", reuse_activations=reuse, keep_maps=6, **SMOOTHGRAD)
+    chunked = layer_randomization(model, x, "smoothgrad", reuse_activations=reuse, keep_maps=6, batch_size=2,
+                                  **SMOOTHGRAD)
+    assert chunked.reused_activations == full.reused_activations == reuse  # per-chunk replays draw the same noise
+    runs = [chunked] + [layer_randomization(model, x, "smoothgrad", image_batch=2, reuse_activations=reuse,
+                                            keep_maps=6, **adaptive, **SMOOTHGRAD)
+                        for adaptive in ({"images": "auto"}, {"images": 5, "early_exit": True})]
+    for run in runs:
+        n = run.n_images
+        assert n >= 5
+        close(run.original_maps, full.original_maps[:n])
+        close(run.randomized_maps, full.randomized_maps[:, :n])
+        close(run.ssim, torch.tensor(full.ssim)[:, :n])
+
+
+class Gated(torch.nn.Module):
+    """The tiny CNN with its output zeroed for a dark image: a blank image's maps are constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_tiny_cnn()
+
+    def forward(self, x):
+        return self.net(x) * (x.mean(dim=(1, 2, 3)) > 0.2).float()[:, None]
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_skipping_a_constant_map_leaves_the_other_images_numbers_alone(reuse):
+    """constant_maps="skip" drops image 4 (blank); every other image keeps the maps and SSIMs it
+    has when image 4 is an ordinary image: its draws come from its own index, not from its place
+    among the images left."""
+    model, x = Gated().eval(), tiny_images(6, seed=3)
+    full = layer_randomization(model, x, "smoothgrad", reuse_activations=reuse, keep_maps=6, **SMOOTHGRAD)
+    blank = x.clone()
+    blank[4] = 0.0
+    kept = [0, 1, 2, 3, 5]
+    for batching in ({}, {"early_exit": True, "image_batch": 3}):  # image 4 in the only batch, or the second
+        with pytest.warns(SaliencyWarning, match="left out"):
+            skipped = layer_randomization(model, blank, "smoothgrad", constant_maps="skip", reuse_activations=reuse,
+                                          keep_maps=6, **batching, **SMOOTHGRAD)
+        assert skipped.n_images == 5
+        close(skipped.original_maps, full.original_maps[kept])
+        close(skipped.randomized_maps, full.randomized_maps[:, kept])
+        close(skipped.ssim, torch.tensor(full.ssim)[:, kept])

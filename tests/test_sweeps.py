@@ -450,3 +450,53 @@ def test_sam_grid_checks_its_arguments():
     with pytest.raises(SaliencyUsageError, match=r"input_shape must end in \(H, W\)"):
         sam_grid("occlusion", ("a", "b"))
     assert sam_grid("occlusion", (np.int64(1), 1, np.int64(16), 16)) == sam_grid("occlusion", (1, 1, 16, 16))
+
+
+def test_an_images_sweep_values_depend_on_its_index_not_on_the_batch():
+    """Images 0 to 2 keep their attributions and scores when the sweep runs on them alone, in
+    chunks of two, or next to images of another range: a uniform baseline is drawn over each
+    image's own range, from its index."""
+    model, x = make_tiny_cnn(), tiny_images(5, seed=9)
+
+    def run(inputs, **kwargs):
+        return hyperparameter_sweep(model, inputs, "integrated_gradients", sweep={"baselines": ["uniform"]},
+                                    reference={"n_steps": 4}, metrics="ssim", keep_attributions=True, **kwargs)
+
+    brighter = x.clone()
+    brighter[3:] *= 10
+    whole = run(x)
+    for other in (run(x[:3]), run(x, batch_size=2), run(brighter)):
+        for mine, theirs in ((other.reference_attributions, whole.reference_attributions),
+                             (other.tables[0].rows[0].attributions, whole.tables[0].rows[0].attributions)):
+            torch.testing.assert_close(mine[:3], theirs[:3], rtol=0, atol=1e-6)
+        mine, theirs = other.tables[0].rows[0].scores["ssim"], whole.tables[0].rows[0].scores["ssim"]
+        torch.testing.assert_close(mine[:3], theirs[:3], rtol=0, atol=1e-6)
+
+
+def test_a_swept_uniform_baseline_is_the_one_explain_draws():
+    """baselines="uniform" means the same draws in a sweep as in explain (and so in the randomization checks)."""
+    from pytest_saliency import explain
+
+    model, x = make_tiny_cnn(), tiny_images(4, seed=2)
+    swept = hyperparameter_sweep(model, x, "integrated_gradients", sweep={"baselines": ["uniform"]},
+                                 reference={"n_steps": 4}, metrics="ssim", seed=7, keep_attributions=True)
+    direct = explain(model, x, "integrated_gradients", n_steps=4, baselines="uniform", seed=7)
+    torch.testing.assert_close(swept.tables[0].rows[0].attributions, direct, rtol=0, atol=1e-6)
+
+
+def test_lime_on_superpixels_draws_each_images_samples_from_its_index():
+    """A swept n_segments explains image by image with per-image SLIC masks; image i's LIME samples
+    are those the shared attribution entry draws for index i, whatever the chunks."""
+    from pytest_saliency.explainers import _attribute, prepare_method
+
+    model, x = make_tiny_cnn(), tiny_images(4, seed=9)
+    options = {"n_samples": 24, "alpha": 1e-3}
+    masks = slic_feature_masks(x, 6)
+    for batch_size in (None, 3):
+        result = hyperparameter_sweep(model, x, "lime", sweep={"n_segments": [6]}, reference=options, metrics="ssim",
+                                      seed=5, batch_size=batch_size, keep_attributions=True)
+        swept = result.tables[0].rows[0].attributions
+        for i in range(4):
+            spec, _, prepared = prepare_method("lime", model, x[i:i + 1], {**options, "feature_mask": masks[i:i + 1]})
+            alone = _attribute(model, x[i:i + 1], spec, result.target_tensor[i:i + 1], 5, None, True, prepared, index=i)
+            torch.testing.assert_close(swept[i:i + 1], alone, rtol=0, atol=1e-6)
