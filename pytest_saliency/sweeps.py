@@ -126,10 +126,11 @@ def slic_feature_masks(
     """Per-image SLIC superpixels as an integer feature mask of shape (N, 1, H, W), labels 0..S-1.
 
     SAM's LIME used ``n_segments=50, compactness=30, sigma=3`` on 224 px images; sigma is scaled
-    to the input's smaller side here. Images are min-max scaled to [0, 1] over the whole batch;
-    single-channel images are then scaled to [0, 100], the L range of the Lab space that SLIC uses
-    for colour images, so that ``compactness`` means the same for grey and colour inputs. SLIC
-    returns about ``n_segments`` segments (fewer on small images); labels are made contiguous.
+    to the input's smaller side here. Images are min-max scaled over the whole batch (grey images
+    to [0, 100]), but scikit-image rescales each image to its own [0, 1] range before segmenting
+    (and before the Lab conversion of 3-channel images), so the masks depend on each image alone
+    and ``compactness`` means what scikit-image documents. SLIC returns about ``n_segments``
+    segments (fewer on small images); labels are made contiguous.
     Runs scikit-image on the CPU, one image at a time.
     """
     torch = require_torch()
