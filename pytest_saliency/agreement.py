@@ -110,6 +110,7 @@ class AgreementResult:
     constant_maps: dict[str, int] = field(default_factory=dict)  # method -> maps with constant |values|
 
     check = "method_agreement"
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     def pair(self, a: str, b: str, metric: str) -> PairAgreement:
         for p in self.pairs:
@@ -164,6 +165,7 @@ class AgreementResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check,
             "passed": self.passed,
             "methods": self.methods,

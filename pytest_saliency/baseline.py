@@ -493,6 +493,7 @@ class BaselineResult:
     current_maps: Any = field(default=None, repr=False)
 
     check = "baseline"
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     @property
     def mean(self) -> float:
@@ -511,6 +512,7 @@ class BaselineResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check, "passed": self.passed, "status": self.status, "name": self.name,
             "path": self.path, "method": self.method, "metric": self.metric, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "values": self.values,

@@ -361,6 +361,7 @@ class ConsistencyResult:
     converged: bool = True
     reproduce: str = ""
     check: str = "explanation_consistency"  # "seed_consistency" when gated by assert_seed_consistency_above
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     def value(self, metric: str | None = None) -> float:
         """The gated number: C for ``"lr_separability"``, else the mean pairwise similarity."""
@@ -394,6 +395,7 @@ class ConsistencyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check,
             "passed": self.passed,
             "metric": self.metric,
@@ -560,6 +562,7 @@ class SeedStabilityResult:
     reproduce: str = ""
 
     check = "explainer_seed_stability"
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     @property
     def score(self) -> float:
@@ -580,6 +583,7 @@ class SeedStabilityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check, "passed": self.passed, "method": self.method,
             "method_options": {k: _jsonable(v) for k, v in self.method_options.items()},
             "preset": self.pipeline.to_dict(), "seeds": list(self.seeds), "metric": self.metric,

@@ -253,6 +253,7 @@ class EnsembleSizeResult:
     results: dict[int, Any] = field(default_factory=dict, repr=False)  # size -> ConsistencyResult
 
     check = "consistency_vs_ensemble_size"
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     def series(self, metric: str = "lr_separability") -> list[float]:
         """The metric for each size, in the order of ``sizes`` (C for ``"lr_separability"``)."""
@@ -269,6 +270,7 @@ class EnsembleSizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check, "method": self.method, "metrics": list(self.metrics), "k": self.k,
             "how": self.how, "n_models": self.n_models, "rows": [row.to_dict() for row in self.rows],
             "target": self.target_mode, "n_inputs": self.n_inputs, "seconds": self.seconds,

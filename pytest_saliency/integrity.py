@@ -41,6 +41,7 @@ from typing import Any
 
 from . import _rng
 from ._torch import require_torch, set_plain_attribute
+from .exceptions import SaliencyCheckFailed, warn_user
 
 _MAIN = threading.main_thread().ident
 
@@ -439,7 +440,7 @@ def _outermost(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     torch = require_torch()
     deferred = signals  # whether SIGINT is deferred now (depth 1)
     locked = started = False
-    guard = enclosing = None
+    guard = enclosing = failure = None
     try:
         _rng._LOCK.acquire()
         locked = True
@@ -461,7 +462,11 @@ def _outermost(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
             deferred = False
             _SIGNALS.depth = 0
             _raise_pending()  # a SIGINT that came while the state was taken
-        result = function(*args, **kwargs)
+        try:
+            result = function(*args, **kwargs)
+        except SaliencyCheckFailed as error:
+            failure = error
+            raise
     finally:
         if signals and not deferred:
             _SIGNALS.depth = 1
@@ -485,17 +490,20 @@ def _outermost(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
         finally:
             if locked:
                 _rng._LOCK.release()
-    message = guard.report()
-    if message:
-        from .exceptions import warn_user
-
-        import dataclasses
-
-        if dataclasses.is_dataclass(result) and any(f.name == "model_writes" for f in dataclasses.fields(result)):
-            # A result type with this field records the names too.
-            result = dataclasses.replace(result, model_writes=tuple(guard.written_names()))
-        warn_user(message)
+        if failure is not None:
+            _report_writes(guard, getattr(failure, "result", None))
+    _report_writes(guard, result)
     return result
+
+
+def _report_writes(guard: Guard, result: Any) -> None:
+    """Warn about the state the model wrote, and record it in the result (``model_writes``)."""
+    message = guard.report()
+    if not message:
+        return
+    if result is not None and hasattr(result, "model_writes"):
+        object.__setattr__(result, "model_writes", tuple(guard.written_names()))
+    warn_user(message)
 
 
 def _same_hooks(top: Any, saved: Any) -> bool:

@@ -71,6 +71,7 @@ class RandomizationResult:
     reused_activations: bool = False
     original_maps: Any = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
     randomized_maps: Any = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     @property
     def check(self) -> str:
@@ -84,6 +85,7 @@ class RandomizationResult:
     def to_dict(self) -> dict[str, Any]:
         s = self.stats
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check,
             "passed": self.passed,
             "method": self.method,

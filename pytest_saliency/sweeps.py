@@ -430,6 +430,7 @@ class SweepResult:
     reference_maps: Any = field(default=None, repr=False)  # (k, H, W) first maps, for reports/plots
     reference_attributions: Any = field(default=None, repr=False)
     target_tensor: Any = field(default=None, repr=False)
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     @property
     def passed(self) -> bool:
@@ -561,6 +562,7 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         least = self.least_stable
         return {
+            "model_writes": list(self.model_writes),
             "check": self.check,
             "passed": self.passed,
             "method": self.method,

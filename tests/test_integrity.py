@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import (
-    SaliencyWarning, agreement_matrix, check_baseline, explain, explanation_consistency, hyperparameter_sweep,
+    SaliencyCheckFailed, SaliencyWarning, agreement_matrix, assert_sensitive_to_layer_randomization, check_baseline, explain, explanation_consistency, hyperparameter_sweep,
     layer_randomization,
 )
 
@@ -314,6 +314,23 @@ def test_state_a_forward_pass_writes_is_put_back_and_reported(check, make, writt
         CHECKS[check](model, x)
     assert any(written in str(w.message) for w in warned), [str(w.message) for w in warned]
     assert_same_state(before, model)
+
+
+@pytest.mark.parametrize("check", ["layer_randomization", "agreement_matrix", "hyperparameter_sweep"])
+def test_the_result_records_what_the_forward_pass_wrote(check):
+    with pytest.warns(SaliencyWarning, match=r"writes its own state"):
+        result = CHECKS[check](CallCounter(), tiny_images())
+    assert "calls (buffer)" in result.model_writes
+    assert "calls (buffer)" in result.to_dict()["model_writes"]
+    result = CHECKS[check](make_tiny_cnn(), tiny_images())
+    assert result.model_writes == () and result.to_dict()["model_writes"] == []
+
+
+def test_a_failed_check_records_and_reports_what_the_forward_pass_wrote():
+    model, x = CallCounter(), tiny_images()
+    with pytest.warns(SaliencyWarning, match=r"calls \(buffer\)"), pytest.raises(SaliencyCheckFailed) as failed:
+        assert_sensitive_to_layer_randomization(model, x, "saliency", sensitivity_threshold=1.0)
+    assert "calls (buffer)" in failed.value.result.model_writes
 
 
 def test_a_baseline_check_puts_back_what_the_forward_pass_wrote(tmp_path):
