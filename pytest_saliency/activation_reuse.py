@@ -658,7 +658,7 @@ class _Recipe:
     def __init__(self, method: str, options: dict[str, Any], x: Any, seed: int, index: Any = 0) -> None:
         torch = require_torch()
         from ._rng import seeded
-        from .explainers import METHODS, _image_ids, image_seed, smoothgrad_stdev
+        from .explainers import METHODS, image_ids, image_seed, smoothgrad_stdev
 
         o = {**METHODS[method].defaults, **options}
         self.method, self.x, self.steps = method, x, 1
@@ -667,7 +667,7 @@ class _Recipe:
         if method == "integrated_gradients":
             from captum.attr._utils.approximation_methods import approximation_parameters
 
-            from .explainers import _zero_or
+            from .explainers import zero_or
 
             step_sizes_func, alphas_func = approximation_parameters(o["integration_method"])
             self.steps = int(o["n_steps"])
@@ -675,19 +675,19 @@ class _Recipe:
             if isinstance(o["baselines"], str) and o["baselines"] == "uniform":
                 # the captum path draws it first thing for each image under its image seed: same draws here
                 rows = []
-                for row, image in enumerate(_image_ids(index, x.shape[0])):
+                for row, image in enumerate(image_ids(index, x.shape[0])):
                     with seeded(image_seed(seed, image, method, options), x.device):
-                        rows.append(_zero_or("uniform", x[row:row + 1]))
+                        rows.append(zero_or("uniform", x[row:row + 1]))
                 self.baseline = torch.cat(rows)
             else:
-                self.baseline = _zero_or(o["baselines"], x)
+                self.baseline = zero_or(o["baselines"], x)
             self.fed = torch.cat([self.baseline + alpha * (x - self.baseline) for alpha in alphas], dim=0)
             self.step_sizes = torch.tensor(step_sizes).float().view(self.steps, 1).to(x.device)
         if method == "smoothgrad":
             self.steps = int(o["nt_samples"])
             size = (self.steps,) + tuple(x.shape[1:])
             noisy = []
-            for row, image in enumerate(_image_ids(index, x.shape[0])):
+            for row, image in enumerate(image_ids(index, x.shape[0])):
                 one = x[row:row + 1]
                 stdev = smoothgrad_stdev(o, one)
                 # captum's NoiseTunnel._add_noise_to_input on this image, drawn first thing under its seed as there

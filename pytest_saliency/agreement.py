@@ -495,18 +495,20 @@ def compare_maps(
     no_ranking = {name: _no_ranking(m) for name, m in signed.items()}
     # Every other metric leaves out constant maps as it sees them: two all-zero maps have SSIM 1
     # and L1 0, an agreement made up by a method or model that ignores the input.
-    flat = {id(source): {name: _constant(m) for name, m in source.items()} for source in (processed, signed)}
+    constant_processed = {name: _constant(m) for name, m in processed.items()}
+    constant_signed = {name: _constant(m) for name, m in signed.items()}
     pairs = []
     for metric in metrics:
         info = METRICS[metric]
         kwargs = _metric_kwargs(metric, k, pipeline, metric_options)
         quiet = {**kwargs, "warn_unsigned": False} if info.sign_metric else kwargs  # warned once already
-        source = processed if metric in PRESET_METRICS else signed
+        preset_metric = metric in PRESET_METRICS
+        source = processed if preset_metric else signed
         theory = chance_level(metric, k=kwargs.get("k"), num_features=num_features) if info.takes_k else (
             chance_level(metric)
         )
         by_magnitude = _ranks_by_magnitude(metric, kwargs)
-        skip = no_ranking if by_magnitude else flat[id(source)]
+        skip = no_ranking if by_magnitude else constant_processed if preset_metric else constant_signed
         for a, b in itertools.combinations(maps, 2):
             skip_a, skip_b = skip[a], skip[b]
             values = _metric_values(metric, source[a], source[b], skip_a | skip_b, kwargs)

@@ -37,7 +37,7 @@ from ._rng import derive_seed, pass_seeded, rng_isolated
 from ._torch import ensure_eval_mode, module_settings, require_torch, restore_training_flags, training_flags
 from ._validation import check_count, check_finite, check_inputs, check_model, unknown_choice
 from .exceptions import SaliencyUsageError, warn_user
-from .method_options import _check_value
+from .method_options import check_option_value
 from .postprocess import MapPipeline, apply_pipeline
 
 Explainer = Callable[[Any, Any, Any], Any]
@@ -307,7 +307,7 @@ def _image_ranges(inputs: Any) -> tuple[Any, Any]:
     return flat.amin(1).view(shape), flat.amax(1).view(shape)
 
 
-def _zero_or(value: Any, inputs: Any) -> Any:
+def zero_or(value: Any, inputs: Any) -> Any:
     """Baselines by name: ``"zero"`` (black), ``"uniform"`` (noise over each input's own range, drawn
     from the global generator, which :func:`_run_captum` seeds per image) or ``"blurred"`` (a
     Gaussian blur of the input); a number is used as given, and a tensor (checked by
@@ -424,7 +424,7 @@ def occlusion_positions(inputs: Any, options: dict[str, Any]) -> int:
     return count
 
 
-def _image_ids(index: Any, n: int) -> list[int]:
+def image_ids(index: Any, n: int) -> list[int]:
     """The indices in the user's inputs of ``n`` inputs: ``index`` is the first one's (an int) or
     one index per input (a sequence or an integer tensor)."""
     if isinstance(index, int) and not isinstance(index, bool):
@@ -447,7 +447,7 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
 
     A method that draws random numbers (:func:`draws_random`) explains the inputs one at a time,
     every generator seeded with :func:`image_seed` of ``seed`` and the input's index in the user's
-    inputs (``index``: the first input's, or one per input; see :func:`_image_ids`), so that its
+    inputs (``index``: the first input's, or one per input; see :func:`image_ids`), so that its
     map does not depend on the other inputs of the chunk. ``seed=None``: taken from the global
     torch generator (which the caller's pass seeded).
     """
@@ -455,12 +455,12 @@ def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options:
     baselines = options.get("baselines")
     if isinstance(baselines, torch.Tensor) and baselines.dim() == inputs.dim() and baselines.shape[0] > 1:
         # one baseline per input of the check (see _check_baselines): these inputs' own
-        options = {**options, "baselines": baselines[_image_ids(index, inputs.shape[0])]}
+        options = {**options, "baselines": baselines[image_ids(index, inputs.shape[0])]}
     if not draws_random(spec, options):
         return _run_captum_chunk(spec, model, inputs, target, options)
     if seed is None:
         seed = _stream_seed()
-    ids = _image_ids(index, inputs.shape[0])
+    ids = image_ids(index, inputs.shape[0])
     targets = target.reshape(-1).expand(inputs.shape[0]) if target is not None else None
     maps = []
     for row, image in enumerate(ids):
@@ -544,7 +544,7 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
         return ca.InputXGradient(model).attribute(inputs, target=target)
     if name == "integrated_gradients":
         return ca.IntegratedGradients(model).attribute(
-            inputs, baselines=_zero_or(o["baselines"], inputs), target=target, n_steps=o["n_steps"],
+            inputs, baselines=zero_or(o["baselines"], inputs), target=target, n_steps=o["n_steps"],
             method=o["integration_method"], internal_batch_size=o["internal_batch_size"],
         )
     if name == "smoothgrad":
@@ -569,7 +569,7 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
         with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
             return ca.GuidedGradCam(model, layer).attribute(inputs, target=target)
     if name == "deeplift":
-        return ca.DeepLift(model).attribute(inputs, baselines=_zero_or(o["baselines"], inputs), target=target)
+        return ca.DeepLift(model).attribute(inputs, baselines=zero_or(o["baselines"], inputs), target=target)
     if name == "gradient_shap":
         low, high = float(inputs.min()), float(inputs.max())  # one image: its own range
         n_random = max(int(o["n_baselines"]) - 1, 0)
@@ -581,7 +581,7 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
     if name == "occlusion":
         shape, strides = occlusion_windows(inputs, o)
         return ca.Occlusion(model).attribute(
-            inputs, sliding_window_shapes=shape, strides=strides, baselines=_zero_or(o["baselines"], inputs),
+            inputs, sliding_window_shapes=shape, strides=strides, baselines=zero_or(o["baselines"], inputs),
             target=target,
             perturbations_per_eval=o["perturbations_per_eval"],
         )
@@ -590,7 +590,7 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
         mask = _grid_mask(inputs, int(o["grid"]))
     if name == "feature_ablation":
         return ca.FeatureAblation(model).attribute(
-            inputs, baselines=_zero_or(o["baselines"], inputs), target=target, feature_mask=mask.expand_as(inputs),
+            inputs, baselines=zero_or(o["baselines"], inputs), target=target, feature_mask=mask.expand_as(inputs),
             perturbations_per_eval=o["perturbations_per_eval"],
         )
     if name == "lime":
@@ -802,7 +802,7 @@ def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str
         options["stdevs"] = _noise_std(options["stdevs"])
     for name, value in options.items():
         if not (value is None and name in spec.defaults and spec.defaults[name] is None):  # the documented default
-            _check_value(spec.name, name, value, where="options")
+            check_option_value(spec.name, name, value, where="options")
     if options.get("baselines") is not None:
         _check_baselines(spec.name, inputs, options["baselines"])
     if spec.name == "occlusion":
@@ -930,7 +930,7 @@ def _attribute(
         guard.enter_context(_inputs_only_gradients(model))
     with guard, rng, _quiet_captum():
         batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True) or options.get("_image_batch")
-        ids = _image_ids(index, inputs.shape[0])
+        ids = image_ids(index, inputs.shape[0])
         first = 0
         for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
             chunk_ids, first = ids[first:first + chunk.shape[0]], first + chunk.shape[0]

@@ -200,12 +200,12 @@ def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tupl
     mode with parameter gradients off (the randomization engine sets both for a check).
     """
     torch = require_torch()
-    from .explainers import METHODS, _chunks, _image_ids, _quiet_captum, _run_captum, draws_random, occlusion_positions
+    from .explainers import METHODS, _chunks, image_ids, _quiet_captum, _run_captum, draws_random, occlusion_positions
 
     per_call = options.get("perturbations_per_eval") or 1
     if draws_random(METHODS["occlusion"], options):
         chunk = 1  # _run_captum explains such a method image by image; the stack holds one image's target
-    ids = _image_ids(index, inputs.shape[0])
+    ids = image_ids(index, inputs.shape[0])
     pieces = list(zip(_chunks(inputs, chunk), _chunks(target, chunk)))
     calls = len(pieces) * (1 + -(-occlusion_positions(inputs, options) // per_call))
     drawn = randomized_values(stages, strategy, seed)  # once for all chunks

@@ -87,7 +87,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
 }
 
 
-def _check_value(method: str, name: str, value: Any, where: str = "sweep") -> None:
+def check_option_value(method: str, name: str, value: Any, where: str = "sweep") -> None:
     rule = _RULES.get(name)
     if rule is None:
         return

@@ -458,7 +458,7 @@ def layer_randomization(
         indices seed a method's random draws: part of the key unless they are 0, 1, ... (the
         images of a check over all its inputs, or of any other entry point)."""
         drawn = isinstance(resolved, MethodSpec) and draws_random(resolved, options) and ids != list(range(len(ids)))
-        return cache.key(model, x, t, name, {**options, "_image_ids": tuple(ids)} if drawn else options, seed,
+        return cache.key(model, x, t, name, {**options, "image_ids": tuple(ids)} if drawn else options, seed,
                          batch_size)
 
     def maps_of(x: Any, t: Any, ids: list[int]) -> Any:

@@ -64,7 +64,7 @@ from ._validation import (
 )
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from .method_options import (  # noqa: F401 - shared with explainers
-    _RULES, BASELINE_KINDS, IG_RULES, INTERPOLATE_MODES, _check_value, _is_int, _is_real, _tensor,
+    _RULES, BASELINE_KINDS, IG_RULES, INTERPOLATE_MODES, check_option_value, _is_int, _is_real, _tensor,
 )
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
@@ -100,12 +100,12 @@ def uniform_baseline(inputs: Any, seed: int = 0, *, index: Any = 0, method: str 
     the user's inputs (``index``: the first input's, or one per input), so an input's baseline
     does not depend on the other inputs. No global RNG state changes."""
     torch = require_torch()
-    from .explainers import _image_ids, _zero_or, image_seed
+    from .explainers import image_ids, zero_or, image_seed
 
     rows = []
-    for row, image in enumerate(_image_ids(index, inputs.shape[0])):
+    for row, image in enumerate(image_ids(index, inputs.shape[0])):
         with seeded(image_seed(seed, image, method, {}), inputs.device, torch_only=True):
-            rows.append(_zero_or("uniform", inputs[row:row + 1]))
+            rows.append(zero_or("uniform", inputs[row:row + 1]))
     return torch.cat(rows)
 
 
@@ -654,7 +654,7 @@ def _check_names(label: str, resolved: Any, setting: Mapping[str, Any], where: s
                 f"{where}: unknown hyperparameter {name!r} for method {label!r}; valid hyperparameters: "
                 f"{', '.join(valid)}.{hint}"
             )
-        _check_value(label, name, setting[name], where)
+        check_option_value(label, name, setting[name], where)
 
 
 def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
