@@ -667,18 +667,13 @@ class _Recipe:
         if method == "integrated_gradients":
             from captum.attr._utils.approximation_methods import approximation_parameters
 
-            from .explainers import zero_or
+            from .explainers import uniform_baselines, zero_or
 
             step_sizes_func, alphas_func = approximation_parameters(o["integration_method"])
             self.steps = int(o["n_steps"])
             step_sizes, alphas = step_sizes_func(self.steps), alphas_func(self.steps)
             if isinstance(o["baselines"], str) and o["baselines"] == "uniform":
-                # the captum path draws it first thing for each image under its image seed: same draws here
-                rows = []
-                for row, image in enumerate(image_ids(index, x.shape[0])):
-                    with seeded(image_seed(seed, image, method, options), x.device):
-                        rows.append(zero_or("uniform", x[row:row + 1]))
-                self.baseline = torch.cat(rows)
+                self.baseline = uniform_baselines(x, seed, index, method, options)  # the captum path's draws
             else:
                 self.baseline = zero_or(o["baselines"], x)
             self.fed = torch.cat([self.baseline + alpha * (x - self.baseline) for alpha in alphas], dim=0)

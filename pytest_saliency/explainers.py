@@ -300,6 +300,20 @@ def image_seed(seed: int, index: int, method: str, options: dict[str, Any]) -> i
     return derive_seed(seed, "image", index, *(int(o[name]) for name in _DRAW_COUNTS.get(method, ())))
 
 
+def uniform_baselines(inputs: Any, seed: int, index: Any, method: str, options: dict[str, Any]) -> Any:
+    """One ``"uniform"`` baseline per input, drawn under that input's :func:`image_seed` (its place
+    in the user's inputs: ``index``, see :func:`image_ids`): the draws :func:`_run_captum` makes,
+    for code that builds the baselines itself. No global RNG state changes."""
+    torch = require_torch()
+    from ._rng import seeded
+
+    rows = []
+    for row, image in enumerate(image_ids(index, inputs.shape[0])):
+        with seeded(image_seed(seed, image, method, options), inputs.device, torch_only=True):
+            rows.append(zero_or("uniform", inputs[row:row + 1]))
+    return torch.cat(rows)
+
+
 def _image_ranges(inputs: Any) -> tuple[Any, Any]:
     """Each input's own minimum and maximum, shaped to broadcast over its values."""
     flat = inputs.flatten(1)

@@ -21,16 +21,16 @@ INTERPOLATE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 BASELINE_KINDS = ("zero", "uniform", "blurred")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _optional_positive_int(value: Any) -> bool:
@@ -43,14 +43,14 @@ def _window(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) > 0 and all(_positive_int(v) for v in value)
 
 
-def _tensor(value: Any) -> bool:
+def is_tensor_like(value: Any) -> bool:
     return type(value).__name__ == "Tensor" or (hasattr(value, "shape") and hasattr(value, "dtype"))
 
 
 def _baselines(value: Any) -> bool:
-    if value is None or _tensor(value):
+    if value is None or is_tensor_like(value):
         return True
-    return (isinstance(value, str) and value in BASELINE_KINDS) or _is_real(value)
+    return (isinstance(value, str) and value in BASELINE_KINDS) or is_real(value)
 
 
 # name -> (predicate, what is expected, an example)
@@ -60,14 +60,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "n_samples": (_positive_int, "a positive int (perturbation samples)", "n_samples=200"),
     "n_baselines": (_positive_int, "a positive int", "n_baselines=10"),
     "grid": (_positive_int, "a positive int (grid x grid superpixels)", "grid=8"),
-    "n_segments": (lambda v: _is_int(v) and v >= 2, "an int >= 2 (SLIC superpixels per image)", "n_segments=50"),
+    "n_segments": (lambda v: is_int(v) and v >= 2, "an int >= 2 (SLIC superpixels per image)", "n_segments=50"),
     "perturbations_per_eval": (_positive_int, "a positive int", "perturbations_per_eval=16"),
     "nt_samples_batch_size": (_optional_positive_int, "a positive int or None", "nt_samples_batch_size=50"),
     "internal_batch_size": (_optional_positive_int, "a positive int or None", "internal_batch_size=64"),
-    "noise_level": (lambda v: _is_real(v) and v >= 0, "a finite float >= 0 (noise std / input range)", "noise_level=0.15"),
-    "stdevs": (lambda v: v is None or (_is_real(v) and v >= 0), "a finite float >= 0", "stdevs=0.1"),
-    "input_range": (lambda v: _is_real(v) and v > 0, "a finite float > 0", "input_range=1.0"),
-    "alpha": (lambda v: _is_real(v) and v > 0, "a finite float > 0 (Lasso penalty)", "alpha=0.01"),
+    "noise_level": (lambda v: is_real(v) and v >= 0, "a finite float >= 0 (noise std / input range)", "noise_level=0.15"),
+    "stdevs": (lambda v: v is None or (is_real(v) and v >= 0), "a finite float >= 0", "stdevs=0.1"),
+    "input_range": (lambda v: is_real(v) and v > 0, "a finite float > 0", "input_range=1.0"),
+    "alpha": (lambda v: is_real(v) and v > 0, "a finite float > 0 (Lasso penalty)", "alpha=0.01"),
     "abs": (lambda v: isinstance(v, bool), "True or False", "abs=False"),
     "relu_attributions": (lambda v: isinstance(v, bool), "True or False", "relu_attributions=True"),
     "method": (lambda v: isinstance(v, str) and v in IG_RULES, f"one of {', '.join(IG_RULES)}", "method='gausslegendre'"),
@@ -81,9 +81,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "baselines": (
         _baselines, f"one of {', '.join(map(repr, BASELINE_KINDS))}, a finite float, or a tensor", "baselines='zero'",
     ),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an int >= 0", "seed=1"),
+    "seed": (lambda v: is_int(v) and v >= 0, "an int >= 0", "seed=1"),
     "layer": (lambda v: True, "a module name, a module or None", "layer='conv2'"),
-    "feature_mask": (lambda v: v is None or _tensor(v), "an integer tensor or None", "feature_mask=mask"),
+    "feature_mask": (lambda v: v is None or is_tensor_like(v), "an integer tensor or None", "feature_mask=mask"),
 }
 
 

@@ -57,15 +57,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._rng import derive_seed, rng_isolated, seeded
+from ._rng import derive_seed, rng_isolated
 from ._torch import require_torch
 from ._validation import (
     check_choice, check_count, check_inputs, check_model, check_number, check_seed, check_threshold, unknown_choice,
 )
 from .exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
-from .method_options import (  # noqa: F401 - shared with explainers
-    _RULES, BASELINE_KINDS, IG_RULES, INTERPOLATE_MODES, check_option_value, _is_int, _is_real, _tensor,
-)
+from .method_options import check_option_value, is_int, is_real, is_tensor_like
 from .postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 DEFAULT_METRICS = ("ssim", "spearman", "hog_pearson")
@@ -99,14 +97,9 @@ def uniform_baseline(inputs: Any, seed: int = 0, *, index: Any = 0, method: str 
     ``explain(..., method, baselines="uniform", seed=seed)`` makes for the input at its index in
     the user's inputs (``index``: the first input's, or one per input), so an input's baseline
     does not depend on the other inputs. No global RNG state changes."""
-    torch = require_torch()
-    from .explainers import image_ids, zero_or, image_seed
+    from .explainers import uniform_baselines
 
-    rows = []
-    for row, image in enumerate(image_ids(index, inputs.shape[0])):
-        with seeded(image_seed(seed, image, method, {}), inputs.device, torch_only=True):
-            rows.append(zero_or("uniform", inputs[row:row + 1]))
-    return torch.cat(rows)
+    return uniform_baselines(inputs, seed, index, method, {})
 
 
 def blurred_baseline(inputs: Any, sigma: float | None = None) -> Any:
@@ -305,7 +298,7 @@ def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
-    if _is_int(value):
+    if is_int(value):
         return int(value)
     if isinstance(value, numbers.Real):
         v = float(value)
@@ -314,7 +307,7 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if _tensor(value):
+    if is_tensor_like(value):
         return f"tensor{tuple(value.shape)}"
     return repr(value)
 
@@ -322,7 +315,7 @@ def _jsonable(value: Any) -> Any:
 def _format_value(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{k}={_format_value(v)}" for k, v in value.items()) + "}"
-    if _tensor(value):
+    if is_tensor_like(value):
         return f"tensor{tuple(value.shape)}"
     if isinstance(value, float):
         return f"{value:g}"
@@ -680,13 +673,13 @@ def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: in
     if isinstance(mask, torch.Tensor) and mask.dim() == inputs.dim() and mask.shape[0] == inputs.shape[0] > 1:
         per_image["feature_mask"] = native.pop("feature_mask").to(inputs.device)
     window, stride = native.get("window"), native.get("stride")
-    if _is_int(window) and inputs.dim() == 4:
+    if is_int(window) and inputs.dim() == 4:
         if window > min(inputs.shape[-2:]):
             raise SaliencyUsageError(
                 f"occlusion window {window} is larger than the {inputs.shape[-2]}x{inputs.shape[-1]} inputs; "
                 f"use a window of at most {min(inputs.shape[-2:])} px (sam_grid scales SAM's sizes to the input)."
             )
-        if _is_int(stride) and stride > window:
+        if is_int(stride) and stride > window:
             raise SaliencyUsageError(
                 f"occlusion stride {stride} is larger than the window {window}: captum's Occlusion would leave pixels "
                 f"unvisited and refuses it. Use stride <= {window}, e.g. reference={{'stride': 1}} when sweeping small windows."
@@ -737,7 +730,7 @@ def _explain_setting(
     from .explainers import MethodSpec
 
     key = None
-    cacheable = isinstance(resolved, MethodSpec) and not any(_tensor(v) for v in setting.values())
+    cacheable = isinstance(resolved, MethodSpec) and not any(is_tensor_like(v) for v in setting.values())
     if cache is not None and cacheable:
         key = cache.key(model, inputs, target, resolved.name, {k: v for k, v in setting.items() if k != "seed"},
                         seed, batch_size)
@@ -1151,7 +1144,7 @@ def add_input_noise(
 
 
 def _check_clip(clip: Any) -> tuple[float, float]:
-    if not (isinstance(clip, Sequence) and len(clip) == 2 and all(_is_real(c) for c in clip) and clip[0] < clip[1]):
+    if not (isinstance(clip, Sequence) and len(clip) == 2 and all(is_real(c) for c in clip) and clip[0] < clip[1]):
         raise SaliencyUsageError(f"clip must be (low, high) with low < high, or None; got {clip!r}.")
     return float(clip[0]), float(clip[1])
 
@@ -1163,7 +1156,7 @@ def _check_noise_args(inputs: Any, noise: Any, variance: Any, clip: Any, n_draws
     if not variances:
         raise SaliencyUsageError("variance is an empty list; pass a float such as 0.1 (SAM's value).")
     for v in variances:
-        if not _is_real(v):
+        if not is_real(v):
             raise SaliencyUsageError(
                 f"noise variance must be a finite float >= 0, got {v!r}. SAM's convention is variance=0.1 "
                 "(std ~0.316) on [0, 1] images."
@@ -1173,7 +1166,7 @@ def _check_noise_args(inputs: Any, noise: Any, variance: Any, clip: Any, n_draws
                 f"noise variance must be >= 0, got {v}; a variance is a squared std (SAM: 0.1, std ~0.316 on [0, 1] "
                 "images). Pass a non-negative value."
             )
-    if not (_is_int(n_draws) and n_draws >= 1):
+    if not (is_int(n_draws) and n_draws >= 1):
         raise SaliencyUsageError(f"n_draws must be a positive int (noisy copies per image), got {n_draws!r}.")
     if clip is not None:
         clip = _check_clip(clip)
