@@ -172,3 +172,23 @@ def test_occlusion_with_a_uniform_baseline_draws_per_image_in_the_state_stack() 
     maps, _ = occlusion_states(model, x[1:4], target[1:4], stages, "independent", "gaussian", 4, prepared, index=1)
     torch.testing.assert_close(maps[0], whole[1:4], rtol=0, atol=1e-6)
 
+
+
+DETERMINISTIC = [("saliency", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 4}),
+                 ("guided_backprop", {}), ("occlusion", {}), ("deeplift", {})]
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("method, options", DETERMINISTIC, ids=[m for m, _ in DETERMINISTIC])
+def test_deterministic_methods_agree_across_batch_sizes_to_float_rounding(model_name: str, method: str,
+                                                                          options: dict) -> None:
+    if model_name == "mlp" and method == "occlusion":
+        pytest.skip("occlusion's square windows need images")
+    model, x = MODELS[model_name](), tiny_images(5, seed=2)
+    if model_name == "mlp":
+        x = x.flatten(1)
+    whole = explain(model, x, method, **options)
+    scale = float(whole.abs().max())
+    for batch_size in (1, 3):
+        gap = float((explain(model, x, method, batch_size=batch_size, **options) - whole).abs().max())
+        assert gap <= 1e-7 + 1e-6 * scale, (batch_size, gap, scale)  # float32 rounding of outputs and maps
