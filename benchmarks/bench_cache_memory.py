@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from models import SmallCNN  # noqa: E402
 from pytest_saliency import layer_randomization  # noqa: E402
-from pytest_saliency.cache import MapCache  # noqa: E402
+from pytest_saliency.maps.cache import MapCache  # noqa: E402
 
 
 def old_put(self: MapCache, key: str | None, value: torch.Tensor) -> None:

@@ -14,9 +14,9 @@ The ways (each does the whole IPR of one workload: original maps + one map batch
 ``reference``  a straightforward loop written here: for each Conv/Linear/BatchNorm layer,
                ``copy.deepcopy(model)``, randomize that layer of the copy, run the captum method on the
                batch for the original model's predicted targets, post-process with
-               ``pytest_saliency.postprocess.apply_pipeline`` (same preset) and compare every map with
+               ``pytest_saliency.maps.postprocess.apply_pipeline`` (same preset) and compare every map with
                ``skimage.metrics.structural_similarity`` (the preset's SSIM parameters, float64).
-               The layer is randomized with ``pytest_saliency.randomization._randomize_module(copy_layer,
+               The layer is randomized with ``pytest_saliency.model.randomize._randomize_module(copy_layer,
                "reinit", SEED, name, params, copies)`` (Conv/Linear: ``reset_parameters()`` under the per-layer seed
                ``derive_seed(SEED, name)``; BatchNorm: gamma/beta drawn from N(mean, std) of the original),
                and the layer's buffers are put back afterwards, so the randomization is identical to
@@ -307,7 +307,7 @@ def _sync(device: Any) -> None:
 
 
 def run_engine(ctx: Context, reuse_activations: bool = True) -> dict[str, Any]:
-    from pytest_saliency.parameter_randomization import layer_randomization
+    from pytest_saliency.checks.randomization import layer_randomization
 
     w = ctx.workload
     result = layer_randomization(
@@ -332,9 +332,9 @@ def run_engine_full(ctx: Context) -> dict[str, Any]:
 def run_reference(ctx: Context) -> dict[str, Any]:
     from skimage.metrics import structural_similarity
 
-    from pytest_saliency._rng import seeded
-    from pytest_saliency.postprocess import apply_pipeline, get_pipeline
-    from pytest_saliency.randomization import _randomize_module
+    from pytest_saliency.core.rng import seeded
+    from pytest_saliency.maps.postprocess import apply_pipeline, get_pipeline
+    from pytest_saliency.model.randomize import _randomize_module
 
     pipeline = get_pipeline(PRESET)
     p = pipeline.ssim
@@ -482,7 +482,7 @@ def run_floor(ctx: Context) -> dict[str, Any]:
         p.requires_grad_(False)
     walls, cpus = [], []
     try:
-        from pytest_saliency._rng import seeded
+        from pytest_saliency.core.rng import seeded
 
         for _ in range(3):
             with seeded(SEED, ctx.x.device), warnings.catch_warnings():
@@ -867,8 +867,8 @@ def time_phases(workload: Workload, images: int, device: str, rounds: int) -> No
     import contextlib
     import functools
 
-    from pytest_saliency import activation_reuse
-    from pytest_saliency import parameter_randomization as engine
+    from pytest_saliency.engine import replay as activation_reuse
+    from pytest_saliency.checks import randomization as engine
 
     ctx = make_context(workload, images, device)
     phases = [

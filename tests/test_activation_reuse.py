@@ -19,9 +19,9 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError, layer_randomization
-from pytest_saliency.activation_reuse import GradientReplay, reusable
-from pytest_saliency.explainers import prepare_method
-from pytest_saliency.layers import trace_forward
+from pytest_saliency.engine.replay import GradientReplay, reusable
+from pytest_saliency.maps.explainers import prepare_method
+from pytest_saliency.model.layers import trace_forward
 
 
 class Block(nn.Module):
@@ -210,7 +210,7 @@ def test_the_replayed_original_maps_equal_captum() -> None:
 ])
 def test_the_replayed_steps_and_samples_equal_captums(method: str, options: dict) -> None:
     """Same interpolation / same seeded noise, same arithmetic: captum's maps, for a batch and one image."""
-    from pytest_saliency.explainers import _attribute
+    from pytest_saliency.maps.explainers import _attribute
 
     model, x = make_residual(), tiny_images(4, seed=5)
     trace = trace_forward(model, x)
@@ -327,7 +327,7 @@ def test_adaptive_images_and_skipped_constant_maps_work_with_reuse() -> None:
 
 @pytest.mark.parametrize("mode", ["independent", "cascading"])
 def test_grouping_states_for_similarity_does_not_change_the_numbers(monkeypatch, mode: str) -> None:
-    import pytest_saliency.parameter_randomization as engine
+    import pytest_saliency.checks.randomization as engine
 
     model, x = make_residual(), tiny_images(5, seed=4)
     results = []
@@ -1061,7 +1061,7 @@ def test_a_swap_through_data_keeps_the_output_out_of_the_replay() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_checksum_sees_any_swap_of_unequal_values(dtype: torch.dtype) -> None:
-    from pytest_saliency.activation_reuse import CHECKSUM_PERIOD, _checksum
+    from pytest_saliency.engine.replay import CHECKSUM_PERIOD, _checksum
 
     generator = torch.Generator().manual_seed(0)
     for n in (2, 7, 256, CHECKSUM_PERIOD, 3 * CHECKSUM_PERIOD + 5):
@@ -1177,7 +1177,7 @@ def test_a_forward_property_with_a_setter_is_left_as_it_was() -> None:
 def test_the_traced_pass_runs_in_memory_sized_chunks(monkeypatch) -> None:
     """The traced chunk keeps every module's output: with no batch_size it must still be bounded by
     the memory budget (900 ResNet-50 images at 224x224 in one traced chunk ran a GPU out of memory)."""
-    from pytest_saliency import parameter_randomization
+    from pytest_saliency.checks import randomization as parameter_randomization
 
     sizes = []
     real = parameter_randomization.trace_forward

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning, explain
-from pytest_saliency.agreement import agreement_matrix, compare_maps
-from pytest_saliency.assertions import assert_agreement_above
-from pytest_saliency.metrics import METRICS, feature_agreement, sign_agreement
+from pytest_saliency.checks.agreement import agreement_matrix, compare_maps
+from pytest_saliency.checks.assertions import assert_agreement_above
+from pytest_saliency.compare.metrics import METRICS, feature_agreement, sign_agreement
 
 
 @pytest.fixture(scope="module")

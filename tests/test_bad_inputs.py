@@ -21,7 +21,7 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError
-from pytest_saliency.consistency import seed_consistency
+from pytest_saliency.checks.consistency import seed_consistency
 
 ACCEPT = "accepted"
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError
-from pytest_saliency.baseline import baseline_path, check_baseline, read_baseline, write_baseline
+from pytest_saliency.checks.regression import baseline_path, check_baseline, read_baseline, write_baseline
 
 
 @pytest.fixture
@@ -290,8 +290,8 @@ def test_thresholds_are_validated(tmp_path, model_and_inputs, threshold):
 
 
 def test_the_fixture_validates_threshold_name_and_counts(tmp_path, model_and_inputs):
-    from pytest_saliency.checker import BaselineChecker, SaliencyChecker
-    from pytest_saliency.config import SaliencyConfig
+    from pytest_saliency.plugin.checker import BaselineChecker, SaliencyChecker
+    from pytest_saliency.plugin.config import SaliencyConfig
 
     fixture = BaselineChecker(SaliencyChecker(SaliencyConfig(), nodeid="t.py::test_x"), tmp_path, update=False)
     with pytest.raises(SaliencyUsageError, match=r"threshold must be a finite number .* got inf"):

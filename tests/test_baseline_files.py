@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError
-from pytest_saliency.baseline import baseline_path, check_baseline, legacy_baseline_path, read_baseline, write_baseline
+from pytest_saliency.checks.regression import baseline_path, check_baseline, legacy_baseline_path, read_baseline, write_baseline
 
 # -- one file per test id ------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ def test_each_baseline_has_a_sidecar_of_its_own(tmp_path, model_and_inputs):
         sidecar = json.loads((tmp_path / f"model.v{version}.json").read_text())
         assert sidecar == read_baseline(tmp_path / f"model.v{version}")[1] and sidecar["target"] == version
     assert not (tmp_path / "model.json").exists()
-    from pytest_saliency.baseline import sidecar_path
+    from pytest_saliency.checks.regression import sidecar_path
 
     assert sidecar_path(tmp_path / "model.v1.npz") == tmp_path / "model.v1.json"
     assert sidecar_path("d/B.NPZ") == Path("d/B.json") and sidecar_path("d/b") == Path("d/b.json")

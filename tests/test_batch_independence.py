@@ -23,8 +23,8 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import METHODS, explain
-from pytest_saliency.activation_reuse import GradientReplay
-from pytest_saliency.explainers import _attribute, draws_random, prepare_method, resolve_target
+from pytest_saliency.engine.replay import GradientReplay
+from pytest_saliency.maps.explainers import _attribute, draws_random, prepare_method, resolve_target
 
 # (4 x 4 superpixels: with fewer samples than features the KernelSHAP regression is underdetermined,
 # and the rounding of one forward pass could swing its coefficients)
@@ -160,8 +160,8 @@ def test_the_replay_draws_each_images_noise_at_its_index(method: str, options: d
 
 
 def test_occlusion_with_a_uniform_baseline_draws_per_image_in_the_state_stack() -> None:
-    from pytest_saliency.forward_reuse import occlusion_states
-    from pytest_saliency.layers import select_layers
+    from pytest_saliency.engine.stacks import occlusion_states
+    from pytest_saliency.model.layers import select_layers
 
     model, x = make_tiny_cnn(), tiny_images(5, seed=8)
     target = resolve_target(model, x, None)

@@ -28,7 +28,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
-from pytest_saliency.consistency import (
+from pytest_saliency.checks.consistency import (
     ConsistencyResult,
     SeedStabilityResult,
     assert_explainer_seed_stable,
@@ -40,8 +40,8 @@ from pytest_saliency.consistency import (
     lr_separability,
     seed_consistency,
 )
-from pytest_saliency.ensembles import ensemble
-from pytest_saliency.model_cache import ModelCache, factory_name
+from pytest_saliency.checks.ensembles import ensemble
+from pytest_saliency.model.cache import ModelCache, factory_name
 
 N_TEST = 200  # explained inputs: 40 per held-out fold
 

@@ -21,7 +21,7 @@ from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import (
     SaliencyUsageError, agreement_matrix, check_baseline, explainer_seed_stability, layer_randomization,
 )
-from pytest_saliency.activation_reuse import _checksum
+from pytest_saliency.engine.replay import _checksum
 from test_activation_reuse import FunctionalTricks, assert_unchanged, make_residual, snapshot
 
 #: ``SALIENCY_TEST_DEVICE=cpu`` runs this module on the CPU: a dry run of the tests themselves

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pytest_saliency import SaliencyUsageError
-from pytest_saliency.devices import resolve_device, worker_index
+from pytest_saliency.core.devices import resolve_device, worker_index
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError, SaliencyWarning, layer_randomization
-from pytest_saliency.cache import MapCache, model_fingerprint
+from pytest_saliency.maps.cache import MapCache, model_fingerprint
 
 
 def ignore_model(model, inputs, target):
@@ -132,7 +132,7 @@ def test_image_batches_draw_each_images_noise_at_its_index(reuse, monkeypatch):
     """The adaptive modes explain image_batch images at a time and batch_size chunks them: image i
     keeps the SmoothGrad noise of its index in the inputs, so its maps and SSIMs are those of one
     pass over all images."""
-    import pytest_saliency.parameter_randomization as engine
+    import pytest_saliency.checks.randomization as engine
 
     monkeypatch.setattr(engine, "_decision", lambda *args, **kwargs: None)  # never decisive: every batch runs
     model, x = make_tiny_cnn(), tiny_images(6, seed=3)

@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError, explain
-from pytest_saliency.consistency import explanation_consistency
-from pytest_saliency.ensembles import (
+from pytest_saliency.checks.consistency import explanation_consistency
+from pytest_saliency.checks.ensembles import (
     Ensemble,
     EnsembleSizeResult,
     consistency_vs_ensemble_size,

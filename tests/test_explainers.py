@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explain, layer_randomization
-from pytest_saliency.explainers import last_conv_layer, resolve_target
+from pytest_saliency.maps.explainers import last_conv_layer, resolve_target
 
 FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-3},
         "kernel_shap": {"n_samples": 30}, "gradient_shap": {"n_samples": 4}}
@@ -150,7 +150,7 @@ def test_feature_vectors_are_supported():
 
 
 def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inputs):
-    from pytest_saliency.explainers import METHODS, _method_options, activation_bytes_per_input
+    from pytest_saliency.maps.explainers import METHODS, _method_options, activation_bytes_per_input
 
     row = 3 * activation_bytes_per_input(tiny_model, tiny_inputs[:1])
     options = _method_options(METHODS["integrated_gradients"], tiny_model, tiny_inputs, {"memory_budget": 4 * row})
@@ -179,7 +179,7 @@ def test_the_memory_probe_runs_once_per_model_and_input_shape(monkeypatch, tiny_
     import gc
     import weakref
 
-    from pytest_saliency import explainers
+    from pytest_saliency.maps import explainers
 
     probes = []
     real = explainers._probe_activation_bytes
@@ -228,7 +228,7 @@ def test_a_uniform_baseline_is_seeded_and_leaves_the_global_rngs_alone(tiny_mode
 
 @pytest.mark.parametrize("method", ["saliency", "guided_backprop", "gradient_shap"])
 def test_every_method_explains_in_chunks_when_the_memory_budget_is_small(tiny_model, tiny_inputs, method):
-    from pytest_saliency.explainers import prepare_method
+    from pytest_saliency.maps.explainers import prepare_method
 
     _, _, options = prepare_method(method, tiny_model, tiny_inputs, {"memory_budget": 1})
     assert options["_image_batch"] == 1  # one image at a time: a byte of budget fits nothing more
@@ -289,7 +289,7 @@ def test_a_batch_size_that_is_not_a_positive_int_is_a_usage_error(tiny_model, ti
     ("gradcam", "relu_attributions", "yes"),
 ])
 def test_method_options_are_checked_before_captum_runs(tiny_model, tiny_inputs, method, option, value):
-    """The rules the sweeps use (pytest_saliency.method_options), for every entry point."""
+    """The rules the sweeps use (pytest_saliency.maps.options), for every entry point."""
     with pytest.raises(SaliencyUsageError, match=rf"options for {method}: hyperparameter '{option}' must be"):
         explain(tiny_model, tiny_inputs, method, **{option: value})
     with pytest.raises(SaliencyUsageError, match=rf"hyperparameter '{option}' must be"):

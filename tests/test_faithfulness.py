@@ -24,7 +24,7 @@ from torch import nn
 
 from pytest_saliency import explain
 from pytest_saliency.exceptions import SaliencyUsageError
-from pytest_saliency.faithfulness import (
+from pytest_saliency.checks.faithfulness import (
     accuracy_spread,
     area_under_curve,
     causal_curves,
@@ -33,7 +33,7 @@ from pytest_saliency.faithfulness import (
     gaussian_blur,
     insertion,
 )
-from pytest_saliency.sweeps import hyperparameter_sweep
+from pytest_saliency.checks.sweeps import hyperparameter_sweep
 
 HYP = settings(deadline=None, max_examples=40)
 

@@ -17,9 +17,9 @@ import torch
 from matplotlib.image import imread
 
 from conftest import make_tiny_cnn, tiny_images
-from pytest_saliency.agreement import agreement_matrix
-from pytest_saliency.figures import BAD, _sweep_series, _worst_images, figures_for, renderer_for
-from pytest_saliency.parameter_randomization import layer_randomization
+from pytest_saliency.checks.agreement import agreement_matrix
+from pytest_saliency.reporting.figures import BAD, _sweep_series, _worst_images, figures_for, renderer_for
+from pytest_saliency.checks.randomization import layer_randomization
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -136,7 +136,7 @@ def test_many_layers_are_subsampled_and_insensitive_ones_kept():
         stats=SimpleNamespace(ssim_threshold=0.99, layers=[SimpleNamespace(name=n, sensitive=n != names[17])
                                                            for n in names]),
     )
-    from pytest_saliency.figures import MAX_STRIP_LAYERS, _layer_columns
+    from pytest_saliency.reporting.figures import MAX_STRIP_LAYERS, _layer_columns
 
     columns = _layer_columns(names, {names[17]}, MAX_STRIP_LAYERS)
     assert len(columns) == MAX_STRIP_LAYERS and 17 in columns and columns == sorted(columns)
@@ -237,7 +237,7 @@ def test_consistency_figures_from_pairs_and_maps():
                 {"a": a, "b": b, "lr_accuracy": 0.9, "separability": 0.8, "similarities": {"ssim": 0.4, "sign": None}}
                 for a, b in [("seed 0", "seed 1"), ("seed 0", "seed 2"), ("seed 1", "seed 2")]]}
 
-    from pytest_saliency.figures import _pair_grids
+    from pytest_saliency.reporting.figures import _pair_grids
 
     labels, grids = _pair_grids(Consistency().to_dict())
     assert labels == ["seed 0", "seed 1", "seed 2"]
@@ -280,7 +280,7 @@ def test_pyplot_and_the_global_backend_are_left_alone():
         import numpy as np
         import matplotlib
         backend = matplotlib.rcParams._get_backend_or_none()
-        from pytest_saliency.figures import figures_for
+        from pytest_saliency.reporting.figures import figures_for
         r = SimpleNamespace(check="independent_layer_randomization", layers=["a", "b"],
                             ssim=[[0.5, 0.4], [0.3, 0.2]], original_maps=np.random.rand(2, 8, 8),
                             randomized_maps=np.random.rand(2, 2, 8, 8), mode="independent")
@@ -297,8 +297,8 @@ def test_pyplot_and_the_global_backend_are_left_alone():
 
 def test_figures_for_the_other_result_classes(model_and_inputs, tmp_path):
     """SweepResult, ConsistencyResult, SeedStabilityResult and BaselineResult, run for real."""
-    from pytest_saliency.baseline import check_baseline
-    from pytest_saliency.sweeps import hyperparameter_sweep, input_noise_stability
+    from pytest_saliency.checks.regression import check_baseline
+    from pytest_saliency.checks.sweeps import hyperparameter_sweep, input_noise_stability
 
     model, x = model_and_inputs
     other = make_tiny_cnn(seed=1)
@@ -314,7 +314,7 @@ def test_figures_for_the_other_result_classes(model_and_inputs, tmp_path):
         "baseline (compared)": (compared, {"baseline_comparison"}),
     }
     if importlib.util.find_spec("sklearn") is not None:
-        from pytest_saliency.consistency import explainer_seed_stability, explanation_consistency
+        from pytest_saliency.checks.consistency import explainer_seed_stability, explanation_consistency
 
         consistency = explanation_consistency([model, other], tiny_images(12), "saliency", n_splits=2)
         seeds = explainer_seed_stability(model, x, "smoothgrad", seeds=(0, 1), nt_samples=2)

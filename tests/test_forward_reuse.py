@@ -17,10 +17,10 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import layer_randomization
-from pytest_saliency.explainers import occlusion_positions
-from pytest_saliency.forward_reuse import StateStack, occlusion_states
-from pytest_saliency.layers import select_layers
-from pytest_saliency.randomization import randomized
+from pytest_saliency.maps.explainers import occlusion_positions
+from pytest_saliency.engine.stacks import StateStack, occlusion_states
+from pytest_saliency.model.layers import select_layers
+from pytest_saliency.model.randomize import randomized
 from test_activation_reuse import (
     Experts, FunctionalTricks, Gate, PooledInForward, Remembers, StorageAlias, Tied, assert_unchanged, make_residual,
     seeded_model, snapshot,
@@ -76,7 +76,7 @@ def test_chunked_images_and_perturbations_give_the_same_numbers(chunking: dict) 
 
 
 def test_layers_are_drawn_once_per_step_not_once_per_chunk(monkeypatch) -> None:
-    from pytest_saliency import forward_reuse
+    from pytest_saliency.engine import stacks as forward_reuse
 
     draws = []
     real = forward_reuse.randomized_values

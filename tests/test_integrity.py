@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import pytest_saliency as ps
-from pytest_saliency import randomization
+from pytest_saliency.model import randomize as randomization
 
 torch.set_num_threads(1)
 INTERRUPTS, SEED, BUDGET = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -162,7 +162,7 @@ while random_report["interrupted"] < INTERRUPTS and time.perf_counter() < deadli
 # generators back (its first call of a generator's set_state).
 randomized_code = randomization.randomized.__wrapped__.__code__
 no_grad_exit = torch.autograd.grad_mode.no_grad.__exit__.__code__
-package = os.path.dirname(ps.__file__)
+package = os.path.dirname(ps.__file__) + os.sep
 
 
 def restoring_layer(frame, event, arg, armed=[False], entered=set()):
@@ -184,7 +184,7 @@ def leaving_no_grad(frame, event, arg):
 
 def restoring_generators(frame, event, arg):
     return (event == "c_call" and getattr(arg, "__name__", "") == "set_state"
-            and os.path.dirname(frame.f_code.co_filename) == package)
+            and frame.f_code.co_filename.startswith(package))
 
 
 for label, moment, ks in (("restoring a randomized layer", restoring_layer, (1, 3)),

@@ -12,9 +12,9 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import layer_randomization
-import pytest_saliency.cache as cache_module
+import pytest_saliency.maps.cache as cache_module
 from pytest_saliency import SaliencyUsageError
-from pytest_saliency.cache import MapCache, model_fingerprint, tensor_fingerprint
+from pytest_saliency.maps.cache import MapCache, model_fingerprint, tensor_fingerprint
 
 SCALE = 2.0
 

@@ -1,4 +1,4 @@
-"""Tests for pytest_saliency.metrics.
+"""Tests for pytest_saliency.compare.metrics.
 
 Every top-k metric is compared with a plain-Python reference that loops over pixels and applies
 the documented tie rule (each block of equal ``|x|`` in a uniformly random order, independently
@@ -25,7 +25,7 @@ from scipy.spatial import distance
 from skimage.feature import hog
 from skimage.metrics import structural_similarity as sk_ssim
 
-from pytest_saliency import metrics as M
+from pytest_saliency.compare import metrics as M
 from pytest_saliency.exceptions import SaliencyUsageError, SaliencyWarning
 
 HYP = settings(deadline=None, max_examples=60)

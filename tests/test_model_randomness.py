@@ -19,7 +19,7 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError
-from pytest_saliency._rng import (
+from pytest_saliency.core.rng import (
     generator_states, isolated_rngs, pass_seeded, rng_isolated, same_generator_states, seeded,
 )
 

@@ -20,10 +20,10 @@ import torch
 # in-process run imports first, so every run would import them again (seconds, for captum).
 import captum.attr  # noqa: F401
 import numpy.random  # noqa: F401
-import pytest_saliency.cache  # noqa: F401
-import pytest_saliency.devices  # noqa: F401
-import pytest_saliency.parameter_randomization  # noqa: F401
-import pytest_saliency.similarity  # noqa: F401
+import pytest_saliency.maps.cache  # noqa: F401
+import pytest_saliency.core.devices  # noqa: F401
+import pytest_saliency.checks.randomization  # noqa: F401
+import pytest_saliency.compare.similarity  # noqa: F401
 
 SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
 HEADER = "saliency: device={device}, preset={preset}, seed={seed}, thresholds SSIM<0.99 / S^I>={threshold}"

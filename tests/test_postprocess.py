@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pytest_saliency import PRESETS, MapPipeline, SaliencyUsageError, apply_pipeline
-from pytest_saliency.config import DEFAULT_PRESET, PRESET_NAMES
-from pytest_saliency.postprocess import DEFAULT_PRESET as LIBRARY_DEFAULT
+from pytest_saliency.plugin.config import DEFAULT_PRESET, PRESET_NAMES
+from pytest_saliency.maps.postprocess import DEFAULT_PRESET as LIBRARY_DEFAULT
 
 
 def adebayo_grayscale(image_3d: np.ndarray, percentile: float = 99) -> np.ndarray:
@@ -114,7 +114,7 @@ def test_bad_pipelines_and_maps():
 )
 def test_percentile_equals_numpy_linear_percentile(rows: np.ndarray, percentile: float) -> None:
     """The topk shortcut picks the same order statistics numpy interpolates between, ties included."""
-    from pytest_saliency.postprocess import _percentile
+    from pytest_saliency.maps.postprocess import _percentile
 
     got = _percentile(torch.from_numpy(rows), percentile).numpy()
     np.testing.assert_allclose(got, np.percentile(rows, percentile, axis=1), rtol=0, atol=1e-12)

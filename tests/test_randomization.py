@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError, layer_randomization
-from pytest_saliency.randomization import randomized
+from pytest_saliency.model.randomize import randomized
 
 
 def snapshot(model: nn.Module):
@@ -240,8 +240,8 @@ def test_torch_resets_on_cpu_stand_ins_draw_what_the_plain_resets_draw(make) -> 
     """On a GPU, torch's reset_parameters runs on CPU stand-ins so that the draws come from the CPU
     generator (a seed randomizes a layer alike on every device). Here, on the CPU, the stand-in path
     must give exactly the plain resets' values, in the model's own parameter objects."""
-    from pytest_saliency._rng import seeded
-    from pytest_saliency.randomization import _reset_on_cpu, _torch_reset
+    from pytest_saliency.core.rng import seeded
+    from pytest_saliency.model.randomize import _reset_on_cpu, _torch_reset
 
     plain, stand_in = make(), make()
     stand_in.load_state_dict(plain.state_dict())
@@ -261,7 +261,7 @@ def test_torch_resets_on_cpu_stand_ins_draw_what_the_plain_resets_draw(make) -> 
 
 
 def test_user_defined_resets_run_as_written_on_the_device() -> None:
-    from pytest_saliency.randomization import _torch_reset
+    from pytest_saliency.model.randomize import _torch_reset
 
     assert not _torch_reset(_DataInit()) and not _torch_reset(_NewParameters(4, 3))
     overridden = nn.Linear(3, 2)
@@ -292,7 +292,7 @@ def test_layer_draws_are_the_in_place_draws_and_never_touch_the_model(make, stra
     """LayerDraws draws on stand-ins: the values it keeps are exactly what randomized() draws in
     place, and the layer's tensors are not written at all (not even their version counters move,
     which a recorded forward graph checks when its backward runs)."""
-    from pytest_saliency.randomization import LayerDraws, drawn_values
+    from pytest_saliency.model.randomize import LayerDraws, drawn_values
 
     layer = make()
     tensors = [*layer.parameters(), *layer.buffers()]
@@ -320,7 +320,7 @@ def test_layer_draws_keep_only_draws_that_a_later_state_would_repeat() -> None:
     the layer holds the values it was drawn from. And the byte limit."""
     from torch.nn.utils import prune
 
-    from pytest_saliency.randomization import LayerDraws
+    from pytest_saliency.model.randomize import LayerDraws
 
     def kept(layer: nn.Module, strategy: str = "reinit", **kwargs) -> bool:
         return LayerDraws([("layer", layer)], strategy, 0, **kwargs).values_for("layer") is not None
@@ -375,7 +375,8 @@ def test_checks_with_kept_draws_equal_checks_that_draw_in_every_state(monkeypatc
     """The engine keeps each layer's draw for every state and image batch (within 1/DRAW_SHARE of
     the memory budget): the results are those of drawing again each time, and with several image
     batches each layer is drawn once instead of once per batch."""
-    from pytest_saliency import parameter_randomization, randomization
+    from pytest_saliency.checks import randomization as parameter_randomization
+    from pytest_saliency.model import randomize as randomization
 
     model, x = make_tiny_cnn(), tiny_images(12)
     draws = []

@@ -19,10 +19,10 @@ import pytest
 from matplotlib.image import imread
 
 from conftest import make_tiny_cnn, tiny_images
-from pytest_saliency import report
-from pytest_saliency.agreement import agreement_matrix
-from pytest_saliency.parameter_randomization import layer_randomization
-from pytest_saliency.report import (
+from pytest_saliency.reporting import report
+from pytest_saliency.checks.agreement import agreement_matrix
+from pytest_saliency.checks.randomization import layer_randomization
+from pytest_saliency.reporting.report import (
     ReportSchemaError, collect_entries, html_link, make_entry, parse_formats, prepare_results_dir, read_entry,
     report_errors, validate_report, write_entry, write_reports,
 )
@@ -147,7 +147,7 @@ WORKER = textwrap.dedent("""
     import sys
     import numpy as np
     from types import SimpleNamespace
-    from pytest_saliency.report import write_entry
+    from pytest_saliency.reporting.report import write_entry
 
     class Result:
         check = "independent_layer_randomization"
@@ -353,7 +353,7 @@ def test_the_html_link_of_an_entry(tmp_path, results):
 def test_without_matplotlib_the_report_has_tables_and_says_why(tmp_path, results, monkeypatch):
     import importlib.util
 
-    from pytest_saliency.figures import MISSING_MATPLOTLIB
+    from pytest_saliency.reporting.figures import MISSING_MATPLOTLIB
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -365,7 +365,7 @@ def test_without_matplotlib_the_report_has_tables_and_says_why(tmp_path, results
 
 
 def test_results_dir_problems_say_what_is_in_the_way_and_what_to_do(tmp_path):
-    from pytest_saliency.report import results_dir_problem
+    from pytest_saliency.reporting.report import results_dir_problem
 
     blocker = tmp_path / "file"
     blocker.write_text("")

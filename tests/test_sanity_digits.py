@@ -10,7 +10,7 @@ from pytest_saliency import (
     SaliencyCheckFailed, assert_sensitive_to_cascading_randomization, assert_sensitive_to_layer_randomization,
     explain, structural_similarity,
 )
-from pytest_saliency.postprocess import PRESETS
+from pytest_saliency.maps.postprocess import PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Cross-checks of pytest_saliency.similarity against scikit-image and scipy.
+"""Cross-checks of pytest_saliency.compare.similarity against scikit-image and scipy.
 
 The torch implementations must be drop-in replacements for the references the papers used, so
 every test compares against the reference itself rather than against hand-computed numbers.
@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from skimage.metrics import structural_similarity as sk_ssim
 
 from pytest_saliency.exceptions import SaliencyUsageError
-from pytest_saliency.similarity import pearson, rankdata, spearman, structural_similarity
+from pytest_saliency.compare.similarity import pearson, rankdata, spearman, structural_similarity
 
 SKIMAGE_TRUNCATE = 3.5
 MAP_KINDS = ("random", "related", "anti", "const_equal", "const_diff", "mixed", "near_const")
@@ -109,7 +109,7 @@ def test_ssim_float64_matches_skimage(case: dict) -> None:
 @given(case=ssim_cases(), k=st.integers(1, 3))
 def test_ssim_against_several_batches_with_reference_moments_matches_skimage(case: dict, k: int) -> None:
     """The engine's path: one (N, H, W) original against a (K, N, H, W) stack, moments computed once."""
-    from pytest_saliency.similarity import ssim_reference_moments, ssim_setup, ssim_unchecked
+    from pytest_saliency.compare.similarity import ssim_reference_moments, ssim_setup, ssim_unchecked
 
     kwargs = case["kwargs"]
     a, _ = make_maps(case["kind"], case["shape"], kwargs["data_range"], case["seed"])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_saliency import SaliencyUsageError
-from pytest_saliency.statistics import bootstrap_interval, sensitivity_statistics
+from pytest_saliency.compare.statistics import bootstrap_interval, sensitivity_statistics
 
 
 def test_v2_three_layers_mean_below_threshold_and_definition_2_fails():

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_saliency import explain
-from pytest_saliency.cache import MapCache
+from pytest_saliency.maps.cache import MapCache
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
-from pytest_saliency.explainers import (
+from pytest_saliency.maps.explainers import (
     METHODS,
     _attribute,
     _method_options,
@@ -25,7 +25,7 @@ from pytest_saliency.strategies import (
     _ig_rule_option,
     saliency_hyperparameters,
 )
-from pytest_saliency.sweeps import _check_names, assert_stable_under_hyperparameters
+from pytest_saliency.checks.sweeps import _check_names, assert_stable_under_hyperparameters
 
 MODEL = make_tiny_cnn()
 IMAGES = tiny_images(2)
@@ -102,9 +102,9 @@ def test_pytest_reports_the_shrunk_setting(pytester):
             from hypothesis import given, settings
             from torch import nn
 
-            from pytest_saliency.cache import MapCache
+            from pytest_saliency.maps.cache import MapCache
             from pytest_saliency.strategies import saliency_hyperparameters
-            from pytest_saliency.sweeps import assert_stable_under_hyperparameters
+            from pytest_saliency.checks.sweeps import assert_stable_under_hyperparameters
 
             with torch.random.fork_rng():
                 torch.manual_seed(0)

@@ -19,7 +19,7 @@ from conftest import make_tiny_cnn, tiny_images
 
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
 from pytest_saliency.strategies import _ig_rule_option
-from pytest_saliency.sweeps import (
+from pytest_saliency.checks.sweeps import (
     GRIDS,
     STABILITY_NOTE,
     SweepGrid,
@@ -487,7 +487,7 @@ def test_a_swept_uniform_baseline_is_the_one_explain_draws():
 def test_lime_on_superpixels_draws_each_images_samples_from_its_index():
     """A swept n_segments explains image by image with per-image SLIC masks; image i's LIME samples
     are those the shared attribution entry draws for index i, whatever the chunks."""
-    from pytest_saliency.explainers import _attribute, prepare_method
+    from pytest_saliency.maps.explainers import _attribute, prepare_method
 
     model, x = make_tiny_cnn(), tiny_images(4, seed=9)
     options = {"n_samples": 24, "alpha": 1e-3}

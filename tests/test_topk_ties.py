@@ -1,6 +1,6 @@
 """Top-k metrics on maps with ties, constant maps in agreement, and the measured chance level.
 
-The tie rule (module docstring of :mod:`pytest_saliency.metrics`): each block of equal ``|x|`` is
+The tie rule (module docstring of :mod:`pytest_saliency.compare.metrics`): each block of equal ``|x|`` is
 ordered uniformly at random, independently in the two maps, and a metric reports its expected
 value over those orders. Checked three ways:
 
@@ -24,9 +24,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_saliency import metrics as M
-from pytest_saliency.agreement import agreement_matrix, compare_maps
-from pytest_saliency.assertions import assert_agreement_above
+from pytest_saliency.compare import metrics as M
+from pytest_saliency.checks.agreement import agreement_matrix, compare_maps
+from pytest_saliency.checks.assertions import assert_agreement_above
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
 
 TOPK = ("feature_agreement", "sign_agreement", "rank_agreement", "signed_rank_agreement",

@@ -1,0 +1,419 @@
+"""Ensembles as a remedy for explanatory multiplicity (Ley et al., "Consistent Explanations in the
+Face of Model Indeterminacy via Ensembling").
+
+Models that differ only in their training seed explain differently. Averaging several of them
+averages the seed-specific parts of their explanations away, so two ensembles built from
+*disjoint* sets of models agree more than two single models do. This module provides:
+
+* :func:`ensemble`: an ``nn.Module`` that averages its members' probabilities. Its maps go
+  through every check of this package like any other model's.
+* :func:`perturbed_ensemble`: Ley et al.'s local weight-perturbation ensemble. It holds n copies
+  of a trained model with Gaussian noise on one layer's weights or biases, and needs no extra
+  training.
+* :func:`consistency_vs_ensemble_size`: how consistency across disjoint ensembles grows with the
+  number of members. It shows whether ensembling removes a model's indeterminacy, and how many
+  members that takes.
+
+What the ensemble outputs, and why: ``log(mean_i softmax(f_i(x)))``, the **log of the averaged
+probabilities** (``how="average"``, computed stably with ``logsumexp``). Its exponential is
+exactly the probability average of Ley et al.'s "Average" ensemble, and its argmax is the
+ensemble's prediction, so ``target=None`` works as usual. For gradients it is the better output:
+
+* Per input, its gradient for class c is ``grad(mean_i p_ic) / mean_i p_ic``, the probability
+  average's gradient, which is the mean of the member gradients, times a positive factor. Every
+  map pipeline normalizes each map and every top-k or sign metric ignores scale, so the maps
+  and metrics are those of the probability average.
+* It does not saturate. When the members are confident (p close to 1) the gradient of the
+  probability itself shrinks towards 0, and maps of confident inputs become numerically tiny.
+  The log keeps them at the scale of a log-probability.
+* It is a proper log-probability (``exp`` sums to 1), so ``nll_loss`` and captum targets work
+  on it unchanged.
+
+``how="logits"`` averages logits instead (a different model, a geometric mean of the
+probabilities), for users who want that.
+
+The members are held by reference (no copies) in an ``nn.ModuleList``, so ``ensemble.to(...)``
+and ``ensemble.eval()`` apply to them, as for any ``nn.Module``; ``forward`` itself changes
+nothing. :func:`explain` and the checks restore every mode flag and ``requires_grad`` they
+touch. :func:`perturbed_ensemble` deep-copies the model it perturbs and never touches the
+original.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.rng import derive_seed, rng_isolated
+from ..core.validation import (
+    check_choice, check_count, check_flag, check_inputs, check_model, check_number, check_seed, unknown_choice,
+)
+from ..exceptions import SaliencyUsageError
+
+HOWS = ("average", "logits")
+PARAMETERS = ("weight", "bias", "both")
+
+
+def _check_how(how: Any) -> str:
+    return check_choice(
+        how, "ensemble method", HOWS,
+        "Majority voting is not offered: it is piecewise constant, so its gradients are zero.",
+    )
+
+
+class Ensemble(nn.Module):
+    """The mean of its members' probabilities, returned as a log-probability (see the module docstring).
+
+    ``forward(x)`` returns ``log(mean_i softmax(member_i(x)))`` of shape (N, K) for
+    ``how="average"``, or ``mean_i member_i(x)`` for ``how="logits"``. ``exp`` of the former is
+    the averaged probability.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], how: str = "average") -> None:
+        super().__init__()
+        how = _check_how(how)
+        members = list(members)
+        if not members:
+            raise SaliencyUsageError("an ensemble needs at least one member model, got none.")
+        for index, member in enumerate(members):
+            try:
+                check_model(member)
+            except SaliencyUsageError as exc:
+                raise SaliencyUsageError(f"ensemble member {index}: {exc}") from None
+        self.members = nn.ModuleList(members)
+        self.how = how
+
+    def extra_repr(self) -> str:
+        return f"how={self.how!r}, n={len(self.members)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for index, member in enumerate(self.members):
+            out = member(x)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise SaliencyUsageError(
+                    f"ensemble member {index} returned {type(out).__name__} of shape "
+                    f"{tuple(getattr(out, 'shape', ()))}; members must return (N, num_classes) logits."
+                )
+            if outputs and out.shape != outputs[0].shape:
+                raise SaliencyUsageError(
+                    f"ensemble member {index} returned shape {tuple(out.shape)} but member 0 returned "
+                    f"{tuple(outputs[0].shape)}; members must share the output shape (the same classes)."
+                )
+            outputs.append(out)
+        stacked = torch.stack(outputs)
+        if self.how == "logits":
+            return stacked.mean(dim=0)
+        return torch.logsumexp(torch.log_softmax(stacked, dim=-1), dim=0) - math.log(len(outputs))
+
+
+def ensemble(models: Sequence[nn.Module] | Mapping[Any, nn.Module], how: str = "average") -> Ensemble:
+    """An :class:`Ensemble` of ``models`` (a list, or the values of a dict), held by reference."""
+    if isinstance(models, nn.Module):
+        models = [models]
+    elif isinstance(models, Mapping):
+        models = list(models.values())
+    elif not isinstance(models, Sequence) or isinstance(models, (str, bytes)):
+        raise SaliencyUsageError(
+            f"models must be a list of nn.Modules (or a dict of them), got {type(models).__name__}."
+        )
+    return Ensemble(models, how=how)
+
+
+def first_parameterized_layer(model: nn.Module) -> str:
+    """The first module, in registration order, that owns a ``weight`` or ``bias`` itself."""
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if name and ("weight" in own or "bias" in own):
+            return name
+    raise SaliencyUsageError(
+        f"{type(model).__name__} has no layer with its own weight or bias to perturb; pass layer='<module name>'."
+    )
+
+
+def _perturb(copy_: nn.Module, layer: str, sigma: float, parameter: str, seed: int) -> None:
+    module = dict(copy_.named_modules())[layer]
+    names = ("weight", "bias") if parameter == "both" else (parameter,)
+    with torch.no_grad():
+        for pname in names:
+            p = getattr(module, pname, None)
+            if p is None:
+                continue
+            g = torch.Generator(device=p.device).manual_seed(derive_seed(seed, layer, pname))
+            noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).to(p.dtype)
+            p.add_(noise, alpha=sigma)
+
+
+def perturbed_ensemble(
+    model: nn.Module | Sequence[nn.Module],
+    layer: str | None = None,
+    sigma: float = 0.1,
+    n: int = 20,
+    *,
+    parameter: str = "weight",
+    seed: int = 0,
+    how: str = "average",
+    include_original: bool = False,
+) -> Ensemble:
+    """Ley et al.'s local weight-perturbation ensemble, with no extra training.
+
+    Each of ``n`` deep copies of ``model`` gets ``N(0, sigma^2)`` noise added to one layer's
+    ``weight``, ``bias`` or ``both``. The noise comes from a local generator seeded with
+    ``derive_seed(seed, model index, copy index, layer, parameter)``, so the ensemble is
+    reproducible and no global RNG state changes. ``model`` itself is never modified.
+
+    ``layer=None`` perturbs the first layer with parameters, because Ley et al. found that only
+    the first layer (input to first hidden) helps. Their settings were first-layer bias sigma =
+    0.05-0.5 or first-layer weight sigma = 0.2-0.3 on standardized tabular features, with 50
+    perturbations (100 for HELOC), and sigma chosen so that test accuracy drops by at most 1%.
+    Check the ensemble's accuracy when you choose sigma.
+
+    A list of models gives the ensemble of their perturbed versions (``n`` copies each), as in
+    the paper's "n perturbed models". ``include_original=True`` also adds the unperturbed
+    model(s).
+
+    Memory: the ensemble holds ``n`` full copies per model.
+    """
+    models = list(model) if isinstance(model, Sequence) and not isinstance(model, nn.Module) else [model]
+    if not models:
+        raise SaliencyUsageError("perturbed_ensemble needs a model (or a non-empty list of models).")
+    parameter = check_choice(parameter, "parameter", PARAMETERS)
+    how = _check_how(how)
+    n = check_count(n, "n", hint="n must be a positive int: the perturbed copies per model, e.g. n=20.")
+    sigma = check_number(sigma, "sigma", low=0.0, hint="It is the std of the noise added to the weights, e.g. 0.1.")
+    seed = check_seed(seed)
+    check_flag(include_original, "include_original")
+    members: list[nn.Module] = []
+    for index, base in enumerate(models):
+        check_model(base)
+        name = first_parameterized_layer(base) if layer is None else layer
+        modules = dict(base.named_modules())
+        if name not in modules or not name:
+            raise unknown_choice("layer", name, [m for m in modules if m])
+        own = dict(modules[name].named_parameters(recurse=False))
+        wanted = ("weight", "bias") if parameter == "both" else (parameter,)
+        if not any(w in own for w in wanted):
+            raise SaliencyUsageError(
+                f"layer {name!r} ({type(modules[name]).__name__}) has no {parameter} to perturb "
+                f"(its own parameters: {sorted(own) or 'none'}). Choose parameter='weight' or another layer."
+            )
+        if include_original:
+            members.append(base)
+        for copy_index in range(n):
+            member = copy.deepcopy(base)
+            _perturb(member, name, sigma, parameter, derive_seed(seed, index, copy_index))
+            members.append(member)
+    return Ensemble(members, how=how)
+
+
+# ============================================================================================
+# Consistency against ensemble size
+# ============================================================================================
+
+
+@dataclass
+class EnsembleSizeRow:
+    """Consistency between disjoint ensembles of one size."""
+
+    size: int
+    n_ensembles: int
+    n_pairs: int
+    consistency: float
+    mean_lr_accuracy: float
+    similarities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size, "n_ensembles": self.n_ensembles, "n_pairs": self.n_pairs,
+            "consistency": self.consistency, "mean_lr_accuracy": self.mean_lr_accuracy,
+            "similarities": {k: (v if math.isfinite(v) else None) for k, v in self.similarities.items()},
+        }
+
+
+@dataclass
+class EnsembleSizeResult:
+    """How explanation consistency grows with the number of ensemble members."""
+
+    method: str
+    metrics: list[str]
+    k: Any
+    how: str
+    n_models: int
+    rows: list[EnsembleSizeRow]
+    target_mode: str
+    n_inputs: int
+    seconds: float
+    results: dict[int, Any] = field(default_factory=dict, repr=False)  # size -> ConsistencyResult
+
+    check = "consistency_vs_ensemble_size"
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
+
+    def series(self, metric: str = "lr_separability") -> list[float]:
+        """The metric for each size, in the order of ``sizes`` (C for ``"lr_separability"``)."""
+        if metric == "lr_separability":
+            return [row.consistency for row in self.rows]
+        if metric not in self.metrics:
+            raise unknown_choice("metric", metric, ["lr_separability", *self.metrics])
+        return [row.similarities[metric] for row in self.rows]
+
+    def gain(self, metric: str = "lr_separability") -> float:
+        """Largest size's value minus the smallest size's: how much ensembling helped."""
+        values = self.series(metric)
+        return values[-1] - values[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_writes": list(self.model_writes),
+            "check": self.check, "method": self.method, "metrics": list(self.metrics), "k": self.k,
+            "how": self.how, "n_models": self.n_models, "rows": [row.to_dict() for row in self.rows],
+            "target": self.target_mode, "n_inputs": self.n_inputs, "seconds": self.seconds,
+        }
+
+    def summary(self) -> str:
+        parts = []
+        for row in self.rows:
+            sims = ", ".join(f"{m} {row.similarities[m]:.3f}" for m in self.metrics)
+            parts.append(f"size {row.size}: C {row.consistency:.3f}" + (f", {sims}" if sims else ""))
+        return f"{self.check} [{self.method}, {self.n_models} models]: " + " | ".join(parts)
+
+    def report(self) -> str:
+        sims = "".join(f"  {m[:14]:>14}" for m in self.metrics)
+        target = {
+            "ensemble": "the prediction of the ensemble of all models, fixed for every size",
+        }.get(self.target_mode, self.target_mode)
+        lines = [
+            f"  check:       {self.check} (disjoint ensembles of each size, all pairs between them)",
+            f"  method:      {self.method}   ensembles: {self.how} of probabilities   target: {target}",
+            f"     size  ensembles  pairs       C  M held-out{sims}",
+        ]
+        for row in self.rows:
+            values = "".join(f"  {row.similarities[m]:14.3f}" for m in self.metrics)
+            lines.append(
+                f"    {row.size:5d}  {row.n_ensembles:9d}  {row.n_pairs:5d}  {row.consistency:6.3f}"
+                f"  {row.mean_lr_accuracy:10.3f}{values}"
+            )
+        lines.append(f"  models: {self.n_models}   inputs: {self.n_inputs}   time: {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+@rng_isolated
+def consistency_vs_ensemble_size(
+    models_or_factory: Any,
+    inputs: Any,
+    sizes: Sequence[int] = (1, 2, 4),
+    method: Any = "saliency",
+    *,
+    seeds: Sequence[int] | None = None,
+    cache: Any = None,
+    build: Callable[[], nn.Module] | None = None,
+    version: str = "",
+    how: str = "average",
+    target: Any = None,
+    metrics: Sequence[str] | None = ("sign_agreement",),
+    batch_size: int | None = None,
+    **options: Any,
+) -> EnsembleSizeResult:
+    """Explanation consistency between disjoint ensembles, for each ensemble size.
+
+    For size s, the M models (in the given order, or in seed order for a factory) are split into
+    ``M // s`` disjoint ensembles of s consecutive models (``Ensemble``, ``how``), and
+    :func:`pytest_saliency.checks.consistency.explanation_consistency` compares every pair of them.
+    Every size therefore needs at least ``2 * s`` models. With disjoint members, agreement
+    between two ensembles cannot come from shared members, only from what the models have in
+    common. That is Ley et al.'s protocol (non-overlapping sets of models).
+
+    The target is fixed across sizes, so the sizes answer the same question. By default it is
+    the class that the ensemble of *all* models predicts, the most stable estimate available.
+    An int or tensor (e.g. the true labels) is used as given, and ``"each"`` explains each
+    ensemble's own prediction.
+
+    ``metrics`` are the pairwise similarities to report besides C (default top-k sign
+    agreement, as in Ley et al.). Every size, size 1 included, is explained through
+    :class:`Ensemble`, i.e. as log-probabilities, so the sizes are comparable. C on
+    log-probability maps is already high for single models (it lacks the logit-shift component,
+    see :mod:`pytest_saliency.checks.consistency`), so sign agreement is usually the informative
+    column. Other ``options`` go to ``explanation_consistency``
+    (``k``, ``n_splits``, ``preset``, ``map_shape``, ``seed``, ``lr_input``, method options).
+    """
+    from .consistency import explanation_consistency, models_from
+    from ..maps.explainers import predicted_targets
+
+    start = time.perf_counter()
+    named, _ = models_from(models_or_factory, seeds, cache, build=build, version=version)
+    if isinstance(named, Mapping):
+        labelled = [(str(label), model) for label, model in named.items()]
+    elif isinstance(named, Sequence) and not isinstance(named, (str, bytes, nn.Module)):
+        labelled = [(f"model{i}", model) for i, model in enumerate(named)]
+    else:
+        raise SaliencyUsageError(
+            "models_or_factory must be a list or dict of models, or a factory train(seed) -> model with seeds=[...]."
+        )
+    size_list = list(sizes) if isinstance(sizes, Sequence) and not isinstance(sizes, (str, bytes)) else None
+    size_hint = f"sizes must be a non-empty list of positive ints, e.g. (1, 2, 4), got {sizes!r:.80}."
+    if not size_list:
+        raise SaliencyUsageError(size_hint)
+    size_list = [check_count(s, f"sizes[{index}]", hint=size_hint) for index, s in enumerate(size_list)]
+    if len(set(size_list)) != len(size_list):
+        raise SaliencyUsageError(f"sizes must be distinct, got {size_list!r}.")
+    size_list = sorted(size_list)
+    m = len(labelled)
+    too_big = [s for s in size_list if m // s < 2]
+    if too_big:
+        raise SaliencyUsageError(
+            f"ensemble size(s) {too_big} need at least {2 * max(too_big)} models (two disjoint ensembles to "
+            f"compare), but {m} were given. Pass more models (or seeds), or smaller sizes."
+        )
+    how = _check_how(how)
+    for label, model in labelled:
+        try:
+            check_model(model)
+            check_inputs(inputs, model)
+        except SaliencyUsageError as exc:
+            raise SaliencyUsageError(f"model {label!r}: {exc}") from None
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
+    seed = check_seed(options.get("seed", 0))
+    all_members = Ensemble([model for _, model in labelled], how=how)
+    target_mode = "given"
+    if target is None:
+        target_mode = "ensemble"
+        target = predicted_targets(all_members, inputs, batch_size, seed)
+    elif isinstance(target, str):
+        if target not in ("each", "reference"):
+            raise unknown_choice("target mode", target, ("each", "reference"), "Or pass an int or a tensor (N,).")
+        target_mode = target
+    rows, results = [], {}
+    for size in size_list:
+        groups = [labelled[j * size:(j + 1) * size] for j in range(m // size)]
+        ensembles = {
+            ("+".join(label for label, _ in group) if size > 1 else group[0][0]): (
+                Ensemble([model for _, model in group], how=how)
+            )
+            for group in groups
+        }
+        result = explanation_consistency(
+            ensembles, inputs, method, target=target, metrics=metrics, batch_size=batch_size, **options
+        )
+        results[size] = result
+        rows.append(EnsembleSizeRow(
+            size=size, n_ensembles=len(ensembles), n_pairs=len(result.pairs), consistency=result.consistency,
+            mean_lr_accuracy=result.mean_lr_accuracy, similarities={mm: result.value(mm) for mm in result.metrics},
+        ))
+    first = results[size_list[0]]
+    return EnsembleSizeResult(
+        method=first.method, metrics=list(first.metrics), k=first.k, how=how, n_models=m, rows=rows,
+        target_mode=target_mode, n_inputs=first.n_inputs, seconds=time.perf_counter() - start, results=results,
+    )
+
+
+__all__ = [
+    "Ensemble", "EnsembleSizeResult", "EnsembleSizeRow", "HOWS", "consistency_vs_ensemble_size", "ensemble",
+    "first_parameterized_layer", "perturbed_ensemble",
+]

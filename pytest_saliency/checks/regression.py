@@ -1,0 +1,816 @@
+"""Regression baselines: stored maps that a retrained model's explanations are compared with.
+
+One baseline per test and name: ``<dir>/<module>/<test>[__<name>].npz`` (``~<hash>`` added when
+the test id had to be changed to make a file name, so that no two tests share a file; see
+:func:`baseline_path`) plus a human-readable JSON sidecar (the file name less a final ``.npz``,
+plus ``.json``: :func:`sidecar_path`). The ``.npz`` holds the maps (float32,
+compressed: float16 would add errors of about 1e-3 to SSIM, the size of the tightest calibrated
+tolerances) and an authoritative copy of
+the metadata as a plain string array, so the one atomic ``os.replace`` of the ``.npz`` is what
+makes a new baseline visible: an interrupted run leaves the old file intact. Loading uses
+``allow_pickle=False``; a file that needs unpickling is refused, never executed.
+
+A baseline records what it was made from (method and options, preset, a SHA-256 of the inputs,
+target and the classes it explained, seed, metric, library versions, time). Comparing it with a
+call that differs in what changes the maps or the threshold is an error, not a silent comparison
+of unlike things:
+
+* inputs, method and options, preset, always;
+* the target: both calls ask for given classes, the same ones (``2`` and ``tensor([2, 2, ...])``
+  are the same), or both for the predicted classes (``target=None``). With ``target=None`` the
+  baseline stores the classes it explained (``targets``), and a later model is explained for
+  *those* classes, not its own predictions: a retrained model that predicts another class for
+  an image is still compared on the same (image, class) maps, as the reference models of an
+  envelope are when it is calibrated; whether its predictions changed is a matter for an accuracy
+  test. Files of earlier versions lack ``targets``; they are compared on the current predictions,
+  as those versions did (refusing them would break every baseline written with the default
+  target, and for an unchanged model the classes are the same);
+* the seed, for methods whose maps depend on it: named methods that draw random numbers
+  (:func:`~pytest_saliency.maps.explainers.draws_random`) and custom explainers, which run with seeded
+  generators and may draw from them;
+* the metric, when the threshold comes from the file: a calibrated envelope (or the threshold the
+  file was written with) holds for the metric it was computed with only. With ``threshold=`` the
+  stored maps may be compared by any metric.
+
+A field that every version has written (all but ``targets``) and that a file lacks is reported as
+"(not recorded)" and refused like a different value.
+
+Thresholds for retraining: a plain ``threshold`` on the mean per-image similarity, or
+``reference_models=[...]`` (a few models trained with the same recipe and different seeds) when
+the baseline is written: the lowest mean similarity between any two of them is stored as the
+envelope, and a later model passes when it is at least as close to the baseline as the recipe's
+own seeds are to each other.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.rng import rng_isolated
+from ..core.torchtools import require_torch
+from ..core.validation import check_inputs, check_model, model_device
+from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
+from ..maps.explainers import MethodSpec, _attribute, draws_random, prepare_method, resolve_target
+from .randomization import _DERIVED_OPTIONS
+from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
+
+FORMAT_VERSION = 1
+DEFAULT_THRESHOLD = 0.9
+BASELINE_METRICS = ("ssim", "spearman", "pearson")
+_MATCHED_FIELDS = ("input_fingerprint", "input_shape", "method", "method_options", "preset")
+
+
+class _NotRecorded:
+    """A field the baseline's metadata lacks: unequal to every value, shown as such in errors."""
+
+    def __repr__(self) -> str:
+        return "(not recorded)"
+
+
+_NOT_RECORDED = _NotRecorded()
+
+
+def input_fingerprint(inputs: Any) -> str:
+    """SHA-256 of the inputs' float32 bytes and shape: the same data gives the same hash on any device."""
+    torch = require_torch()
+    data = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
+    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+# Generated file names stay this many bytes below the usual 255-byte limit of one path component,
+# leaving room for ".json" and the affixes of the temporary file written next to a baseline.
+_STEM_BYTES = 200
+_HASH_CHARS = 12
+_SAFE_NAME = re.compile(r"[\w\-]+")  # a class or function name: no "." (the separator) in it
+_SAFE_PARAMS = re.compile(r"\[[\w.\-\[\]]*")  # a parametrized id, "[...]"
+_SAFE_LABEL = re.compile(r"[\w.\-]+")  # the ``name=`` of one of several baselines of a test
+
+
+def _bounded(text: str) -> tuple[str, bool]:
+    """``text`` cut to the generated-name budget (at a character boundary); True when it was cut."""
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) <= _STEM_BYTES:
+        return text, False
+    return data[: _STEM_BYTES - _HASH_CHARS - 1].decode("utf-8", "ignore"), True
+
+
+def _digest(identity: str) -> str:
+    return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:_HASH_CHARS]
+
+
+def baseline_path(directory: Path | str, nodeid: str, name: str | None = None, *, module_dirs: bool = False) -> Path:
+    """Where the baseline of test ``nodeid`` (and ``name``) lives: ``<dir>/<module stem>/<test>[__<name>].npz``.
+
+    ``module_dirs=True`` (one baseline folder shared by the whole suite) keeps the module's folders:
+    ``<dir>/tests/unit/test_model/...``, so same-named modules in different packages stay apart.
+
+    Names are readable and every distinct test id gets a file of its own: classes and functions
+    are joined with ``.``, and when making a file name changed or dropped anything (a character
+    outside ``[\\w.\\-\\[\\]]``, a ``::`` inside a parametrized id, a ``__`` that could be read as the
+    name separator, a name longer than a file name may be) the name ends in ``~`` and the first
+    12 hex digits of the SHA-256 of the exact module, test id and name. ``~`` never appears
+    otherwise, so a hashed name cannot equal an unhashed one. Ids that need none of this keep the
+    names of earlier versions (:func:`legacy_baseline_path`).
+    """
+    module, _, test = nodeid.partition("::")
+    parts = module.split("/")  # pytest writes node ids with "/" on every platform
+    if not module_dirs:
+        parts = parts[-1:]
+    lossy = False
+    folders = []
+    for part in parts[:-1]:  # real folder names, valid on this file system, except "..", "." and ""
+        if part in ("", ".", ".."):
+            part, lossy = "_" * max(len(part), 1), True
+        folders.append(part)
+    module_file = Path(parts[-1])
+    stem = module_file.stem or "baselines"
+    lossy |= module_file.suffix != ".py" or stem in (".", "..")
+    if stem in (".", ".."):
+        stem = "_" * len(stem)
+
+    bracket = test.find("[")
+    names, params = (test, "") if bracket < 0 else (test[:bracket], test[bracket:])
+    pieces = names.split("::")
+    readable = ".".join(re.sub(r"[^\w\-]", "_", piece) for piece in pieces) + re.sub(r"[^\w.\-\[\]]", "_", params)
+    lossy |= not all(_SAFE_NAME.fullmatch(piece) for piece in pieces)
+    lossy |= bool(params) and not (_SAFE_PARAMS.fullmatch(params) and params.endswith("]"))
+    # "__" separates the test from ``name``: a test that holds "__" or ends in "_" could be read
+    # as another test plus a name.
+    lossy |= "__" in readable + "_"
+    if name:
+        lossy |= not _SAFE_LABEL.fullmatch(name)
+        readable += "__" + re.sub(r"[^\w.\-]", "_", name)
+    identity = "\0".join([*parts, test, name or ""])
+    readable, cut = _bounded(readable or "test")
+    if lossy or cut:
+        readable += "~" + _digest(identity)
+    return Path(directory).joinpath(*folders, stem, f"{readable}.npz")
+
+
+def legacy_baseline_path(directory: Path | str, nodeid: str, name: str | None = None) -> Path:
+    """The name earlier versions gave the baseline: characters outside ``[\\w.\\-\\[\\]]`` replaced
+    by ``_``, ``::`` by ``.``, and no module folders, so that several tests could share one file."""
+    module, _, test = nodeid.partition("::")
+    stem = Path(module).stem or "baselines"
+    safe = re.sub(r"[^\w.\-\[\]]", "_", test.replace("::", ".")) or "test"
+    if name:
+        safe += "__" + re.sub(r"[^\w.\-]", "_", name)
+    return Path(directory) / stem / f"{safe}.npz"
+
+
+def _versions() -> dict[str, str]:
+    import numpy as np
+
+    torch = require_torch()
+    from .. import __version__
+
+    try:
+        import captum
+
+        captum_version = captum.__version__
+    except Exception:  # pragma: no cover - captum is a dependency
+        captum_version = "unknown"
+    return {"pytest_saliency": __version__, "torch": torch.__version__, "captum": captum_version,
+            "numpy": np.__version__}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+# "." + name + "." + pid + "." + 8 hex digits + ".tmp": the temporary file written next to a target.
+_TEMP_AFFIX_BYTES = 25
+_NAME_MAX_BYTES = 255  # one path component, on the common file systems
+# A temporary file is stale (its writer was killed) once it is this old, whoever wrote it: no
+# baseline takes an hour to write.
+_TEMP_STALE_SECONDS = 3600.0
+# ... or once its writer's process is gone and it is this old. The grace keeps the files of a
+# writer on another machine (a shared network folder, where a pid means nothing here).
+_TEMP_DEAD_WRITER_SECONDS = 30.0
+
+
+def _as_path(path: Any) -> Path:
+    """``path`` as a :class:`Path`, or a usage error for what cannot name a file."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise SaliencyUsageError(
+            f"saliency baseline path must be a file path (a str or os.PathLike), got {path!r:.80}. "
+            "Pass e.g. tmp_path / 'model.npz', or use the saliency_baseline fixture, which names the file itself."
+        )
+    if not text:
+        raise SaliencyUsageError(
+            "saliency baseline path is empty; pass the .npz file to compare with, e.g. 'baselines/model.npz'."
+        )
+    if "\0" in text:
+        raise SaliencyUsageError(
+            f"saliency baseline path {text!r:.120} contains a NUL byte, which no file name may hold. "
+            "Build the path from the intended folder and file name."
+        )
+    return Path(text)
+
+
+def sidecar_path(path: Path | str) -> Path:
+    """The JSON sidecar of baseline ``path``: its file name less a final ``.npz`` (in any case), plus
+    ``.json``. ``model.npz`` -> ``model.json``, ``model.v1`` -> ``model.v1.json``, ``model`` ->
+    ``model.json``: every name :func:`baseline_path` makes ends in ``.npz``, so its sidecar is its
+    ``with_suffix(".json")``, and dotted names of several baselines keep sidecars of their own."""
+    path = Path(path)
+    name = path.name[:-4] if path.name.lower().endswith(".npz") else path.name
+    return path.with_name(name + ".json")
+
+
+def _sidecar_twin(path: Path) -> Path:
+    """The other baseline name with the same sidecar: ``model`` for ``model.npz`` and back."""
+    if path.name.lower().endswith(".npz"):
+        return path.with_name(path.name[:-4])
+    return path.with_name(path.name + ".npz")
+
+
+def _checked_path(path: Any) -> Path:
+    """The baseline's path for writing, refused when it cannot be one: not a path, a name too long
+    for the file system, a folder, or a name its own JSON sidecar would overwrite."""
+    path = _as_path(path)
+    if path.name in ("", ".", ".."):
+        raise SaliencyUsageError(
+            f"saliency baseline path {str(path)!r} names a folder, not a file. Pass the path of an .npz file, "
+            "e.g. baselines/model.npz."
+        )
+    if path.name.lower().endswith(".json"):
+        stem = path.name[:-5]
+        raise SaliencyUsageError(
+            f"saliency baseline path {path} ends in .json, the name of a baseline's metadata sidecar (the "
+            f"sidecar of {stem}.npz and of {stem or '.npz'}), so maps and metadata would overwrite each other. "
+            f"Give the baseline an .npz name, e.g. {path.with_name((stem or 'baseline') + '.npz')}; the sidecar "
+            "is written beside it."
+        )
+    longest = max(len(os.fsencode(name)) for name in (path.name, sidecar_path(path).name))
+    if longest + _TEMP_AFFIX_BYTES > _NAME_MAX_BYTES:
+        raise SaliencyUsageError(
+            f"the file name of saliency baseline {path} is {len(os.fsencode(path.name))} bytes long; file "
+            f"systems hold at most {_NAME_MAX_BYTES} bytes per name, and the temporary file written next to "
+            f"the baseline needs {_TEMP_AFFIX_BYTES} more. Pass a shorter name (at most "
+            f"{_NAME_MAX_BYTES - _TEMP_AFFIX_BYTES - 1} bytes)."
+        )
+    if path.is_dir():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is a folder, not a baseline file. Pass the path of an .npz file "
+            "(e.g. a file inside that folder)."
+        )
+    return path
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine; True when that cannot be told."""
+    if os.name == "nt" or pid <= 0:  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove temporary files of ``target`` that killed writers left behind (see the ages above).
+
+    Ours are ``.<name>.<pid>.<8 hex>.tmp``; ``.<name>.<8 chars>.tmp`` are ``tempfile.mkstemp``'s, as
+    earlier versions named them, judged by age alone. A file a live writer is writing now, here or
+    (for the grace period) elsewhere, is left alone.
+    """
+    prefix = f".{target.name}."
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(\d{{1,10}})\.[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp")
+    now = time.time()
+    try:
+        entries = [entry for entry in os.scandir(target.parent) if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        pid = match.group(1)
+        if age > _TEMP_STALE_SECONDS or (
+            pid is not None and age > _TEMP_DEAD_WRITER_SECONDS and not _writer_alive(int(pid))
+        ):
+            try:
+                os.unlink(entry.path)
+            except OSError:  # removed by another writer meanwhile, or not ours to remove
+                pass
+
+
+def write_baseline(path: Path, maps: Any, metadata: dict[str, Any]) -> None:
+    """Write ``maps`` and ``metadata`` atomically: temp file in the same folder, fsync, rename.
+
+    Files get the usual mode (0666 less the umask), like any other file a test writes. Temporary
+    files that killed writers left next to the targets are removed first.
+    """
+    import numpy as np
+
+    path = _checked_path(path)
+    sidecar, twin = sidecar_path(path), _sidecar_twin(path)
+    if twin.is_file():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} and the baseline {twin} would share the JSON sidecar {sidecar.name} "
+            f"(a sidecar is named after its baseline less a final .npz), and each write would replace the "
+            f"other's. Rename one of them, e.g. pass {sidecar.with_name(sidecar.name[:-5] + '_2.npz')}, "
+            "or delete the one no longer used (with its sidecar)."
+        )
+    text = json.dumps(metadata, sort_keys=True, indent=2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, writer in ((path, "npz"), (sidecar, "json")):
+            _remove_stale_temps(target)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = os.open(tmp, flags, 0o666)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    if writer == "npz":
+                        np.savez_compressed(handle, maps=maps, metadata=np.array(text))
+                    else:
+                        handle.write(text.encode("utf-8"))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+    except OSError as exc:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} could not be written ({type(exc).__name__}: {exc}). Check that its folder "
+            f"{path.parent} can be created and is writable (not a file, not on a read-only or full disk), or "
+            "choose another place (--saliency-baseline-dir)."
+        ) from None
+
+
+def read_baseline(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Load maps and metadata without unpickling anything; damaged files get a clear error.
+
+    Everything the comparison uses is checked here (metadata that is a JSON object, finite
+    thresholds in [-1, 1], a well-formed envelope, finite float maps of shape (N, H, W)), so a
+    damaged or hand-edited file is reported by name instead of passing or crashing later. The maps
+    come back as float32.
+    """
+    import numpy as np
+
+    from ..core.validation import check_count, check_number
+
+    path = _as_path(path)
+    fix = "Delete it and rerun with --saliency-update-baselines to write a fresh one, or restore it from version control."
+
+    def bad(problem: str) -> SaliencyUsageError:
+        return SaliencyUsageError(f"saliency baseline {path} {problem}. {fix}")
+
+    if path.is_dir():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is a folder, not a baseline file. Pass the path of an .npz file."
+        )
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+            handle.seek(0)
+            if not magic:
+                raise bad("is empty (0 bytes): corrupted or truncated")
+            if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.savez writes a zip archive
+                raise bad(f"is not a valid .npz baseline (an .npz file is a zip archive; this file starts with {magic!r})")
+            with np.load(handle, allow_pickle=False) as data:
+                if "maps" not in data.files or "metadata" not in data.files:
+                    raise SaliencyUsageError(
+                        f"saliency baseline {path} is not a pytest-saliency baseline (it holds {sorted(data.files)}, "
+                        f"expected 'maps' and 'metadata'). {fix}"
+                    )
+                maps = data["maps"]
+                raw = data["metadata"]
+    except SaliencyUsageError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise SaliencyUsageError(
+                f"saliency baseline {path} contains pickled Python objects; it was refused and nothing in it was "
+                f"executed (baselines are loaded with allow_pickle=False). {fix}"
+            ) from None
+        raise SaliencyUsageError(f"saliency baseline {path} could not be read ({exc}). {fix}") from None
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError: a damaged file
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is corrupted or truncated ({type(exc).__name__}: {exc}). {fix}"
+        ) from None
+    if raw.dtype.kind != "U" or raw.ndim != 0:
+        raise bad(f"holds metadata of dtype {raw.dtype} and shape {raw.shape}; expected one JSON string")
+    try:
+        metadata = json.loads(str(raw))
+    except ValueError as exc:
+        raise bad(f"metadata is not valid JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise bad(f"metadata is not a JSON object (it is a {type(metadata).__name__})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} has format version {metadata.get('format_version')!r}; this pytest-saliency "
+            f"reads version {FORMAT_VERSION}. {fix}"
+        )
+    try:
+        if "threshold" in metadata:
+            check_number(metadata["threshold"], "threshold", low=-1.0, high=1.0)
+        if "envelope" in metadata:
+            envelope = metadata["envelope"]
+            if not isinstance(envelope, dict):
+                raise SaliencyUsageError(
+                    f"envelope must be a JSON object with min_mean_similarity and reference_models, got {envelope!r:.80}."
+                )
+            check_number(envelope.get("min_mean_similarity"), "envelope.min_mean_similarity", low=-1.0, high=1.0)
+            check_count(envelope.get("reference_models"), "envelope.reference_models", minimum=2)
+    except SaliencyUsageError as exc:
+        raise SaliencyUsageError(f"saliency baseline {path}: {exc} {fix}") from None
+    if maps.dtype.kind != "f" or maps.ndim != 3:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} holds maps of dtype {maps.dtype} and shape {maps.shape}; expected float "
+            f"maps of shape (N, H, W). {fix}"
+        )
+    targets = metadata.get("targets")
+    if "targets" in metadata and not (
+        isinstance(targets, list) and len(targets) == maps.shape[0]
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in targets)
+    ):
+        raise bad(f"records targets {targets!r:.80}; expected a list of {maps.shape[0]} class indices (ints >= 0), "
+                  "one per stored map")
+    maps = maps.astype(np.float32, copy=False)
+    finite = np.isfinite(maps)
+    if not finite.all():
+        raise bad(f"holds maps with {int((~finite).sum())} NaN or infinite value(s) out of {maps.size}")
+    return maps, metadata
+
+
+def _similarity(metric: str, a: Any, b: Any, pipeline: MapPipeline) -> Any:
+    from ..compare.similarity import pearson, spearman, structural_similarity
+
+    if metric == "ssim":
+        return structural_similarity(a, b, **pipeline.ssim.kwargs())
+    return (spearman if metric == "spearman" else pearson)(a, b)
+
+
+@dataclass
+class BaselineResult:
+    """The comparison of current maps with a stored baseline (or the record that one was written)."""
+
+    name: str
+    path: str
+    status: str  # "compared", "written" (missing: written and failed), "updated" (written on request)
+    method: str
+    metric: str
+    threshold: float
+    threshold_source: str  # "given", "default", "calibrated from N reference models"
+    values: list[float]
+    pipeline: MapPipeline
+    n_images: int
+    seed: int
+    seconds: float
+    reproduce: str = ""
+    baseline_maps: Any = field(default=None, repr=False)
+    current_maps: Any = field(default=None, repr=False)
+
+    check = "baseline"
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+    @property
+    def passed(self) -> bool:
+        if self.status == "written":
+            return False
+        if self.status == "updated":
+            return True
+        return self.mean >= self.threshold
+
+    def worst(self, count: int = 5) -> list[tuple[int, float]]:
+        return sorted(enumerate(self.values), key=lambda item: item[1])[:count]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_writes": list(self.model_writes),
+            "check": self.check, "passed": self.passed, "status": self.status, "name": self.name,
+            "path": self.path, "method": self.method, "metric": self.metric, "threshold": self.threshold,
+            "threshold_source": self.threshold_source, "values": self.values,
+            "mean": self.mean if self.values else None,
+            "worst": [{"image": i, "value": v} for i, v in self.worst()], "preset": self.pipeline.to_dict(),
+            "n_images": self.n_images, "seed": self.seed, "seconds": self.seconds, "reproduce": self.reproduce,
+        }
+
+    def summary(self) -> str:
+        if self.status in ("written", "updated"):
+            return f"{'PASS' if self.passed else 'FAIL'} baseline [{self.method}]: {self.status} {self.path}"
+        return (
+            f"{'PASS' if self.passed else 'FAIL'} baseline [{self.method}, {self.metric}, {self.pipeline.name}]: "
+            f"mean {self.metric} to baseline = {self.mean:.4f} vs >= {self.threshold:.4g} "
+            f"({self.threshold_source}); N = {self.n_images}"
+        )
+
+    def report(self) -> str:
+        lines = [
+            f"  baseline:   {self.path}",
+            f"  method:     {self.method}   preset: {self.pipeline.describe()}",
+            f"  metric:     mean per-image {self.metric}(current, baseline) must be >= {self.threshold:.4g} "
+            f"({self.threshold_source})",
+        ]
+        if self.values:
+            lines.append(f"  observed:   mean {self.mean:.4f}, min {min(self.values):.4f} over {self.n_images} images")
+            lines.append("  worst images: " + ", ".join(f"#{i} {v:.4f}" for i, v in self.worst()))
+        if self.reproduce:
+            lines.append(f"  reproduce:  {self.reproduce}")
+        return "\n".join(lines)
+
+    def failure_message(self) -> str:
+        if self.status == "written":
+            return (
+                f"Saliency baseline not found: {self.path}\n"
+                f"  It has been written now from this run's {self.method} maps ({self.n_images} images); review "
+                "it, commit it, and rerun: the next run compares against it.\n"
+                "  To write or refresh baselines without failing: pytest --saliency --saliency-update-baselines"
+            )
+        return "\n".join([
+            f"Saliency check failed: {self.method} maps drifted from the stored baseline "
+            f"(mean {self.metric} {self.mean:.4f} < {self.threshold:.4g})",
+            self.report(),
+            "  what next:   if the new explanations are intended (a deliberate model change), refresh the baseline "
+            "with pytest --saliency --saliency-update-baselines and commit it; after a retraining with a new seed, "
+            "calibrate the threshold with reference_models=[...] (see the README).",
+        ])
+
+
+def _class_list(target: Any, n: int) -> list[int] | None:
+    """The classes a stored ``target`` (an int, or a list of one or ``n`` ints) asks for, one per image."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        return [target] * n
+    if isinstance(target, list) and len(target) in (1, n) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in target):
+        return target * n if len(target) == 1 else list(target)
+    return None
+
+
+def _refuse_unlike(path: Path, stored: dict[str, Any], metadata: dict[str, Any], classes: list[int] | None,
+                   threshold: float | None, *, seeded: str | None) -> None:
+    """Refuse a comparison with a baseline made from something that changes the maps or the
+    threshold (see the module docstring): a :class:`SaliencyUsageError` naming every such field.
+
+    ``classes``: the classes a given target asks for (None for ``target=None``); ``seeded``: why
+    the method's maps depend on the seed, or None when they do not.
+    """
+    recorded = {key: stored.get(key, _NOT_RECORDED) for key in (*_MATCHED_FIELDS, "target", "seed", "metric")}
+    differences = [key for key in _MATCHED_FIELDS if recorded[key] != metadata[key]]
+    hints = []
+    given = recorded["target"]
+    if given is _NOT_RECORDED or (given is None) != (metadata["target"] is None) or (
+            classes is not None and stored.get("targets", _class_list(given, len(classes))) != classes):
+        differences.append("target")
+        hints.append("The target must ask for the same classes: target=None explains again the classes the "
+                     "baseline recorded (each image's predicted class when it was written), a given target the "
+                     "classes it names; pass the target the baseline was written with.")
+    if seeded and recorded["seed"] != metadata["seed"]:
+        differences.append("seed")
+        hints.append(f"{seeded}, so its maps depend on the seed: pass seed={recorded['seed']!r} "
+                     "(--saliency-seed, when given, sets the seed of every check).")
+    if threshold is None:
+        envelope = stored.get("envelope")
+        if isinstance(envelope, dict):
+            recorded["metric"] = envelope.get("metric", _NOT_RECORDED)
+        if recorded["metric"] != metadata["metric"]:
+            differences.append("metric")
+            source = ("the envelope of its reference models" if isinstance(envelope, dict)
+                      else "the one it was written with")
+            hints.append(f"Its threshold ({source}) holds for the metric {recorded['metric']!r} only: pass "
+                         f"threshold= to compare the stored maps by {metadata['metric']}.")
+    if differences:
+        detail = "; ".join(f"{key}: baseline {recorded[key]!r:.80} vs now {metadata[key]!r:.80}" for key in differences)
+        raise SaliencyUsageError(
+            f"saliency baseline {path} was made from different {', '.join(differences)} ({detail}). Comparing them "
+            f"would compare unlike things. {' '.join(hints) + ' ' if hints else ''}If the change is intended, "
+            "regenerate it with pytest --saliency --saliency-update-baselines."
+        )
+
+
+def _seed_dependence(method: Any, label: str, options: dict[str, Any]) -> str | None:
+    """Why ``method``'s maps depend on the seed, or None when they do not."""
+    if not isinstance(method, MethodSpec):
+        return f"the custom explainer {label} runs with generators seeded from the seed and may draw from them"
+    return f"{label} draws random numbers" if draws_random(method, options) else None
+
+
+def _recorded_classes(path: Path, model: Any, inputs: Any, classes: list[int], batch_size: int | None,
+                      seed: int) -> Any:
+    """The classes a ``target=None`` baseline explained, as a target tensor checked against ``model``."""
+    torch = require_torch()
+    try:
+        return resolve_target(model, inputs, torch.tensor(classes, dtype=torch.long, device=inputs.device),
+                              batch_size, seed=seed)
+    except SaliencyUsageError as exc:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} was written with target=None and explains the classes the images were "
+            f"predicted as then ({classes!r:.80}), which this model cannot be explained for: {exc} If the "
+            "model's classes changed on purpose, regenerate it with pytest --saliency --saliency-update-baselines."
+        ) from None
+
+
+def _mean_pairwise(maps: list[Any], metric: str, pipeline: MapPipeline) -> float:
+    values = [float(_similarity(metric, a, b, pipeline).mean()) for a, b in itertools.combinations(maps, 2)]
+    return min(values)
+
+
+def _checked_references(reference_models: Any, device: Any) -> list[Any]:
+    """``reference_models`` as a list of models on ``device`` (empty for None), or a usage error."""
+    torch = require_torch()
+    if reference_models is None:
+        return []
+    if isinstance(reference_models, (str, bytes, torch.Tensor)) or (
+        isinstance(reference_models, torch.nn.Module) and not isinstance(reference_models, torch.nn.ModuleList)
+    ) or not hasattr(reference_models, "__iter__"):
+        raise SaliencyUsageError(
+            f"reference_models must be a list of models, got {type(reference_models).__name__}. Pass the "
+            "models trained with the same recipe and other seeds, e.g. reference_models=[model_seed1, model_seed2]."
+        )
+    references = list(reference_models)
+    if not references:
+        raise SaliencyUsageError(
+            "reference_models is empty, so there is nothing to calibrate the threshold with. Pass at least one "
+            "model trained with the same recipe and another seed, or leave reference_models out."
+        )
+    for index, ref in enumerate(references):
+        if not isinstance(ref, torch.nn.Module):
+            raise SaliencyUsageError(
+                f"reference_models[{index}] must be a torch.nn.Module, got {type(ref).__name__}. Pass the "
+                "trained networks themselves."
+            )
+        check_model(ref)
+        ref_device = model_device(ref)
+        if ref_device != device:
+            raise SaliencyUsageError(
+                f"reference_models[{index}] is on {ref_device} but the model and inputs are on {device}. Move "
+                f"every reference model there first: reference_models[{index}].to({str(device)!r})"
+                + (" (a meta model holds no weights: materialize it and load them)." if ref_device.type == "meta"
+                   else ".")
+            )
+    return references
+
+
+@rng_isolated
+def check_baseline(
+    model: Any,
+    inputs: Any,
+    path: Path | str,
+    method: Any = "saliency",
+    *,
+    metric: str = "ssim",
+    threshold: float | None = None,
+    reference_models: list[Any] | None = None,
+    update: bool = False,
+    preset: str | MapPipeline | None = None,
+    target: Any = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    name: str = "",
+    reproduce: str = "",
+    **method_kwargs: Any,
+) -> BaselineResult:
+    """Compare ``model``'s maps on ``inputs`` with the baseline at ``path``, writing it when missing.
+
+    ``update=True`` writes (or overwrites) the baseline and passes. A missing baseline is written
+    and the result fails (so a new test cannot pass by accident). ``reference_models`` calibrates
+    the threshold from seed-to-seed variation when the baseline is written.
+
+    A baseline made from other inputs, method, options, preset or target, from another seed (for a
+    method whose maps depend on it), or whose stored threshold belongs to another metric (when
+    ``threshold`` is not given) is refused with a :class:`SaliencyUsageError`, not compared.
+    ``target=None`` (each image's predicted class) pins the classes: the baseline records the
+    classes it explained, and a later model is explained for those, so a retrained model that
+    predicts another class for an image is still compared on that image's maps of the same class,
+    as reference models are when an envelope is calibrated. (Files written before the classes were
+    recorded are compared on the current predictions.)
+    """
+    from ..core.rng import as_seed
+    from ..core.validation import check_count, check_number
+
+    start = time.perf_counter()
+    torch = require_torch()
+    path = _checked_path(path)
+    seed = as_seed(seed)
+    if threshold is not None:
+        threshold = check_number(threshold, "threshold", low=-1.0, high=1.0,
+                                 hint=f"It bounds the mean per-image {metric} to the baseline, which lies in [-1, 1].")
+    batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True)
+    if not isinstance(name, str):
+        raise SaliencyUsageError(f"baseline name must be a str, got {name!r:.80}. Pass e.g. name='integrated_gradients'.")
+    check_model(model)
+    on_meta = [label for label, device in (("model", model_device(model)), ("inputs", getattr(inputs, "device", None)))
+               if device is not None and device.type == "meta"]
+    if on_meta:
+        raise SaliencyUsageError(
+            f"{' and '.join(on_meta)} {'is' if on_meta == ['model'] else 'are'} on the meta device, whose tensors "
+            "hold no values, so there are no maps to compare. Materialize the model (model.to_empty(device='cpu'), "
+            "then load its weights) and pass real inputs on the same device."
+        )
+    check_inputs(inputs, model)
+    references = _checked_references(reference_models, inputs.device)
+    if metric not in BASELINE_METRICS:
+        from ..core.validation import unknown_choice
+
+        raise unknown_choice("baseline metric", metric, BASELINE_METRICS)
+    pipeline = get_pipeline(preset)
+    resolved, label, options = prepare_method(method, model, inputs, method_kwargs)
+    writing = update or not path.exists()
+    stored_maps, stored = (None, {}) if writing else read_baseline(path)
+    fixed_target = None if target is None else resolve_target(model, inputs, target, batch_size, seed=seed)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "method": label,
+        # Only what changes the maps: batching and values derived from the inputs are left out.
+        "method_options": _jsonable({k: v for k, v in options.items() if k not in _DERIVED_OPTIONS and not k.startswith("_")}),
+        "preset": pipeline.to_dict(),
+        "input_fingerprint": input_fingerprint(inputs),
+        "input_shape": list(inputs.shape),
+        "target": _jsonable(target.tolist() if isinstance(target, torch.Tensor) else target),
+        "seed": seed,
+        "metric": metric,
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not writing:
+        _refuse_unlike(path, stored, metadata, None if fixed_target is None else fixed_target.tolist(), threshold,
+                       seeded=_seed_dependence(resolved, label, options))
+        if fixed_target is None and "targets" in stored:
+            fixed_target = _recorded_classes(path, model, inputs, stored["targets"], batch_size, seed)
+    if fixed_target is None:  # predicted classes: a new baseline, or a file that does not record them
+        fixed_target = resolve_target(model, inputs, None, batch_size, seed=seed)
+    # The classes explained, one per image: what a later target=None comparison explains again.
+    metadata["targets"] = fixed_target.tolist()
+
+    def maps_of(m: Any) -> Any:
+        raw = _attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
+        return apply_pipeline(raw, pipeline).float()
+
+    current = maps_of(model)
+    common = dict(name=name, path=str(path), method=label, metric=metric, pipeline=pipeline,
+                  n_images=int(inputs.shape[0]), seed=seed, reproduce=reproduce)
+    if writing:
+        source = "given" if threshold is not None else "default"
+        stored_threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        if references:
+            envelope = _mean_pairwise([current] + [maps_of(m) for m in references], metric, pipeline)
+            if not math.isfinite(envelope):
+                raise SaliencyCheckFailed(
+                    f"saliency baseline {path} not written: the mean {metric} between the maps of the model and "
+                    f"its {len(references)} reference model(s) is {envelope}, so no threshold can be calibrated "
+                    f"from them ({metric} of constant maps is undefined: does a model's output ignore its "
+                    "input?). Check the models' maps (saliency.explain), or use metric='ssim', or pass "
+                    "threshold= instead of reference_models."
+                )
+            metadata["envelope"] = {"metric": metric, "min_mean_similarity": envelope,
+                                    "reference_models": len(references) + 1}
+            stored_threshold, source = envelope, f"calibrated from {len(references) + 1} reference models"
+        metadata["threshold"] = stored_threshold
+        write_baseline(path, current.detach().cpu().numpy(), metadata)
+        return BaselineResult(status="updated" if update else "written", threshold=stored_threshold,
+                              threshold_source=source, values=[], seconds=time.perf_counter() - start,
+                              current_maps=current.detach().cpu(), **common)
+    if tuple(stored_maps.shape) != tuple(current.shape):
+        raise SaliencyUsageError(
+            f"saliency baseline {path} holds maps of shape {tuple(stored_maps.shape)}, but this check's maps have "
+            f"shape {tuple(current.shape)} although its metadata matches these inputs: the file was changed after "
+            "it was written. Regenerate it with pytest --saliency --saliency-update-baselines (or restore it from "
+            "version control)."
+        )
+    baseline = torch.from_numpy(stored_maps).to(current.device)
+    values = _similarity(metric, current, baseline, pipeline).double().cpu().tolist()
+    if threshold is not None:
+        used, source = threshold, "given"
+    elif "envelope" in stored:
+        used = float(stored["envelope"]["min_mean_similarity"])
+        source = f"calibrated from {stored['envelope']['reference_models']} reference models"
+    else:
+        used, source = float(stored.get("threshold", DEFAULT_THRESHOLD)), "default"
+    return BaselineResult(status="compared", threshold=used, threshold_source=source, values=values,
+                          seconds=time.perf_counter() - start, baseline_maps=baseline.cpu(),
+                          current_maps=current.detach().cpu(), **common)

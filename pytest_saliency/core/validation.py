@@ -1,0 +1,280 @@
+"""Input checks shared by every public function.
+
+Each check raises :class:`SaliencyUsageError` saying what was wrong, what was expected and how
+to fix it, so that a user never has to decode a traceback from deep inside torch or captum.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+from .torchtools import require_torch
+from ..exceptions import SaliencyUsageError
+
+
+def check_model(model: Any) -> None:
+    """The model must be an ``nn.Module`` that owns at least one parameter."""
+    torch = require_torch()
+    if not isinstance(model, torch.nn.Module):
+        raise SaliencyUsageError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. "
+            "Pass the network itself (not a function or a state_dict); wrap a plain callable "
+            "in an nn.Module whose forward calls it."
+        )
+    if next(model.parameters(), None) is None:
+        raise SaliencyUsageError(
+            f"model {type(model).__name__} has no parameters, so there is nothing to randomize "
+            "or compare. Pass the trained network, not a parameter-free wrapper."
+        )
+    lazy = torch.nn.parameter.UninitializedTensorMixin
+    uninitialized = [name for name, p in model.named_parameters() if isinstance(p, lazy)]
+    if uninitialized:
+        raise SaliencyUsageError(
+            f"model {type(model).__name__} has uninitialized lazy parameters {uninitialized[:5]}"
+            f"{' ...' if len(uninitialized) > 5 else ''}: they hold no values yet. Run the model once on a batch "
+            "(which initializes them) before the check; a lazy module that no forward pass reaches stays "
+            "uninitialized and should be removed."
+        )
+
+
+def model_device(model: Any) -> Any:
+    """The single device holding the model's parameters (an error if they are spread out)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise SaliencyUsageError(
+            f"model parameters live on several devices ({sorted(str(d) for d in devices)}). "
+            "Move the whole model to one device (model.to(device)) before running saliency checks."
+        )
+    return devices.pop()
+
+
+def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> None:
+    """Inputs must be a finite floating tensor of shape (N, C, H, W) or (N, D) on the model's device."""
+    torch = require_torch()
+    if not isinstance(inputs, torch.Tensor):
+        raise SaliencyUsageError(
+            f"{name} must be a torch.Tensor of shape (N, C, H, W) or (N, D), got "
+            f"{type(inputs).__name__}. Convert with torch.as_tensor(x, dtype=torch.float32)."
+        )
+    if not inputs.is_floating_point():
+        raise SaliencyUsageError(
+            f"{name} must be a floating-point tensor, got dtype {inputs.dtype}. "
+            f"Convert with {name}.float() (and scale images to the range the model was trained on)."
+        )
+    if inputs.dim() not in (2, 4):
+        raise SaliencyUsageError(
+            f"{name} must have shape (N, C, H, W) for images or (N, D) for feature vectors, got "
+            f"shape {tuple(inputs.shape)}. Add the batch dimension with {name}.unsqueeze(0) for a "
+            "single example, or a channel dimension with unsqueeze(1) for (N, H, W) images."
+        )
+    if inputs.shape[0] < 1:
+        raise SaliencyUsageError(f"{name} is an empty batch (N = 0); pass at least one example.")
+    if model is not None:
+        device = model_device(model)
+        if device.type == "meta":
+            raise SaliencyUsageError(
+                f"model {type(model).__name__} is on the meta device: its parameters have shapes but no values, "
+                "so there is nothing to explain. Materialize it first, e.g. model = model.to_empty(device='cpu') "
+                "followed by model.load_state_dict(state_dict)."
+            )
+    if inputs.device.type == "meta":
+        raise SaliencyUsageError(
+            f"{name} are on the meta device: they have a shape but no values. Pass real data, e.g. a batch "
+            "from the data loader, on the model's device."
+        )
+    if model is not None:
+        if inputs.device != device:
+            raise SaliencyUsageError(
+                f"model is on {device} but {name} are on {inputs.device}. Move them to one device, "
+                f"e.g. {name} = {name}.to({str(device)!r}) (or model.to({str(inputs.device)!r}))."
+            )
+        _check_input_dtype(inputs, model, name)
+    check_finite(inputs, name)
+
+
+def _check_input_dtype(inputs: Any, model: Any, name: str) -> None:
+    """Inputs of another floating dtype than the model's parameters must be ones the model accepts.
+
+    A model may convert its inputs itself (``x.float()`` in ``forward``), so a differing dtype is
+    refused only when one forward pass of the first input fails; that pass runs in eval mode,
+    without gradients and with the random generators restored afterwards, so it changes nothing.
+    """
+    from .rng import seeded
+    from .torchtools import ensure_eval_mode, restore_training_flags, training_flags
+
+    torch = require_torch()
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or inputs.dtype in dtypes:
+        return
+    (dtype,) = dtypes
+    flags = training_flags(model)
+    ensure_eval_mode(model, flags)
+    try:
+        with torch.no_grad(), seeded(0, inputs.device):
+            model(inputs[:1])
+    except Exception as exc:  # noqa: BLE001 - reported as the dtype mismatch it most likely is
+        raise SaliencyUsageError(
+            f"{name} are {inputs.dtype} but the model's parameters are {dtype}, and the model cannot run on "
+            f"them ({type(exc).__name__}: {str(exc)[:200]}). Convert one to the other's dtype, e.g. "
+            f"{name} = {name}.to({dtype}) or model.to({inputs.dtype})."
+        ) from exc
+    finally:
+        restore_training_flags(flags)
+
+
+def all_finite(tensor: Any) -> bool:
+    """True when no value is NaN or inf, checked with one reduction instead of a mask.
+
+    NaN and inf propagate through a sum, so a finite sum proves every value finite; only a sum
+    that overflowed (or a real NaN/inf) takes the exact, slower path. Checks run on every map of
+    every randomized state, so this matters for speed.
+    """
+    torch = require_torch()
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return True
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_finite(tensor: Any, name: str) -> None:
+    """NaN or inf anywhere makes every similarity meaningless: refuse it loudly."""
+    torch = require_torch()
+    if getattr(tensor, "is_meta", False):
+        raise SaliencyUsageError(
+            f"{name} are on the meta device, which holds shapes but no values. Pass real tensors "
+            "(materialize the model with model.to_empty(device=...) and load its weights first)."
+        )
+    if all_finite(tensor):
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        raise SaliencyUsageError(
+            f"{name} contain {count} NaN or infinite value(s) out of {tensor.numel()}. "
+            "Check the data pipeline and the model's numerics (e.g. a log of zero, an exploding "
+            "layer); saliency checks need finite values."
+        )
+
+
+def unknown_choice(kind: str, value: object, valid: Iterable[str], hint: str = "") -> SaliencyUsageError:
+    """An error for an unknown name that lists the valid ones and the closest matches."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(value), valid, n=3)
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return SaliencyUsageError(
+        f"unknown {kind} {value!r}.{suggestion} Valid {kind}s: {', '.join(valid)}.{(' ' + hint) if hint else ''}"
+    )
+
+
+def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """A finite real number (not a bool) within ``[low, high]`` (ends open when asked), as a float.
+
+    For thresholds and tolerances: NaN would make every comparison fail and an infinity every
+    comparison pass, so neither is ever a valid gate.
+    """
+    import math
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    number = float(value) if ok else math.nan
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        left = "" if low is None else f"{low:g} {'<' if low_open else '<='} "
+        right = "" if high is None else f" {'<' if high_open else '<='} {high:g}"
+        raise SaliencyUsageError(
+            f"{name} must be a finite number with {left}{name}{right}, got {value!r:.80}."
+            f"{(' ' + hint) if hint else ''}"
+        )
+    return number
+
+
+def check_count(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False, hint: str = "") -> int | None:
+    """An integer (numpy integers included, bools not) of at least ``minimum``, as an int; ``None``
+    passes through when ``allow_none``."""
+    import operator
+
+    if value is None and allow_none:
+        return None
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise SaliencyUsageError(
+            f"{name} must be {expected}, got {value!r:.80}.{(' ' + hint) if hint else ''}"
+        )
+    return count
+
+
+def check_choice(value: Any, name: str, valid: Iterable[str], hint: str = "") -> str:
+    """One of the names in ``valid`` (exactly; no stripping or case folding), else a usage error
+    that lists them and the closest matches."""
+    valid = list(valid)
+    if isinstance(value, str) and value in valid:
+        return value
+    close = difflib.get_close_matches(value, valid, n=3) if isinstance(value, str) else []
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise SaliencyUsageError(
+        f"unknown {name} {value!r:.80}.{suggestion} {name} must be one of: {', '.join(map(repr, valid))}."
+        f"{(' ' + hint) if hint else ''}"
+    )
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``True`` or ``False`` (numpy bools included): a string such as ``"no"`` would silently count as true."""
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise SaliencyUsageError(f"{name} must be True or False, got {value!r:.80}.")
+    return bool(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """Any integer (negative, larger than 64 bits, a numpy integer) as a Python int; every entry point
+    takes seeds this way (:func:`pytest_saliency.core.rng.as_seed`)."""
+    from .rng import as_seed
+
+    try:
+        return as_seed(value)
+    except SaliencyUsageError:
+        raise SaliencyUsageError(
+            f"{name} must be an integer (an int or a numpy integer, of any sign and size), got {value!r:.80}. "
+            f"Pass e.g. {name}=0."
+        ) from None
+
+
+#: The values each metric (and the consistency C of ``lr_separability``) can take. A gate
+#: ``score >= threshold`` (``<=`` for a distance) with a threshold outside this range passes or
+#: fails whatever the maps are.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{name: (0.0, 1.0) for name in (
+        "feature_agreement", "sign_agreement", "rank_agreement", "signed_rank_agreement", "pairwise_rank_agreement",
+        "signed_set_agreement", "consistent_direction", "lr_separability",
+    )},
+    **{name: (-1.0, 1.0) for name in (
+        "ssim", "spearman", "spearman_abs", "pearson", "hog_pearson", "rank_correlation", "cosine_similarity",
+    )},
+    "l1_distance": (0.0, float("inf")),
+    "angular_difference": (0.0, 3.141592653589793),
+}
+
+
+def check_threshold(value: Any, metric: str, name: str = "threshold") -> float:
+    """A finite number within ``metric``'s range (:data:`METRIC_RANGES`), as a float.
+
+    The ends of the range are allowed (a threshold of 1.0 asks for identical maps); beyond them
+    the gate's verdict no longer depends on the maps.
+    """
+    low, high = METRIC_RANGES.get(metric, (None, None))
+    hint = (f"{metric} lies in [{low:g}, {high:g}], so a threshold outside that range decides the verdict "
+            "without looking at the maps; calibrate one inside it from a run without a threshold."
+            if low is not None else "Pass a finite number such as 0.5.")
+    return check_number(value, name, low=low, high=None if high == float("inf") else high, hint=hint)

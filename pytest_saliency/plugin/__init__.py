@@ -1,0 +1,385 @@
+"""pytest hooks and fixtures for saliency checks: a thin layer over the pure library.
+
+Importing this module (pytest does so in every run where the plugin is installed) imports
+neither torch nor captum; they load when a saliency fixture or check first runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .checker import RESULT_PROPERTY, BaselineChecker, SaliencyChecker
+from .config import (
+    DEFAULT_PRESET, SaliencyConfig, parse_device, parse_preset, parse_seed, parse_sensitivity, parse_unit_interval,
+)
+
+CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
+FIXTURES = ("saliency", "saliency_device", "saliency_config", "saliency_baseline", "saliency_model_cache")
+WRITTEN_PROPERTY = "saliency_baseline_written"
+# A report entry a check could not write: travels to the controller like the results do.
+REPORT_ERROR_PROPERTY = "saliency_report_error"
+SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("saliency", "saliency map sanity checks")
+    group.addoption(
+        "--saliency", action="store_true", dest="saliency_enabled", default=False,
+        help="run saliency checks (tests marked 'saliency' or using saliency fixtures); "
+        "without it they are skipped.",
+    )
+    group.addoption(
+        "--saliency-device", dest="saliency_device", metavar="DEVICE", type=parse_device, default=None,
+        help="device for saliency checks: auto (CUDA when available), cpu, cuda or cuda:N. Default: auto.",
+    )
+    group.addoption(
+        "--saliency-seed", dest="saliency_seed", metavar="INT", type=parse_seed, default=None,
+        help="force this seed for every saliency check (printed in failures to reproduce them).",
+    )
+    group.addoption(
+        "--saliency-preset", dest="saliency_preset", metavar="NAME", type=parse_preset, default=None,
+        help=f"map pipeline preset: adebayo2018, sam2020 or thesis2023. Default: {DEFAULT_PRESET}.",
+    )
+    group.addoption(
+        "--saliency-baseline-dir", dest="saliency_baseline_dir", metavar="PATH", default=None,
+        help="root folder of stored saliency baselines (relative to the root dir). "
+        "Default: saliency_baselines/ next to each test module.",
+    )
+    group.addoption(
+        "--saliency-update-baselines", action="store_true", dest="saliency_update_baselines", default=False,
+        help="write or overwrite the baselines of the tests that run; they pass and the summary lists the files.",
+    )
+    group.addoption(
+        "--saliency-report", dest="saliency_report", metavar="FORMATS", default=None,
+        help="write a report of every saliency check: json, html or json,html. Default: none.",
+    )
+    group.addoption(
+        "--saliency-results-dir", dest="saliency_results_dir", metavar="PATH", default=None,
+        help="folder for reports and figures, relative to the root dir. Default: .saliency",
+    )
+    parser.addini("saliency_report", "report formats to write (json, html or json,html)", default="")
+    parser.addini("saliency_results_dir", "folder for saliency reports (relative to the root dir)", default=".saliency")
+    parser.addini("saliency_baseline_dir", "root folder of stored saliency baselines (relative to the ini file)",
+                  default="")
+    parser.addini("saliency_device", "default device for saliency checks (auto, cpu, cuda, cuda:N)", default="auto")
+    parser.addini("saliency_seed", "seed forced for every saliency check (empty: per-check seed)", default="")
+    parser.addini("saliency_preset", f"default map pipeline preset ({DEFAULT_PRESET})", default=DEFAULT_PRESET)
+    parser.addini("saliency_ssim_threshold", "SSIM below which a layer counts as sensitive (0.99)", default="0.99")
+    parser.addini(
+        "saliency_sensitivity_threshold", "S^I at or above which a method counts as sensitive (0.01)", default="0.01"
+    )
+
+
+def _ini(config: pytest.Config, name: str, parse: Any) -> Any:
+    raw = config.getini(name)
+    try:
+        return parse(raw)
+    except Exception as exc:  # argparse.ArgumentTypeError and friends
+        raise pytest.UsageError(f"invalid ini value {name} = {raw!r}: {exc}") from None
+
+
+def _report_formats(config: pytest.Config) -> tuple[str, ...]:
+    from ..reporting.report import parse_formats
+
+    raw = getattr(config.option, "saliency_report", None) or config.getini("saliency_report")
+    try:
+        return parse_formats(raw or "")
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def resolve_config(config: pytest.Config) -> SaliencyConfig:
+    """Command line over ini file over defaults."""
+    option = config.option
+    ini_seed = config.getini("saliency_seed")
+    results_dir = getattr(option, "saliency_results_dir", None) or config.getini("saliency_results_dir")
+    return SaliencyConfig(
+        enabled=bool(getattr(option, "saliency_enabled", False)),
+        device=getattr(option, "saliency_device", None) or _ini(config, "saliency_device", parse_device),
+        seed=getattr(option, "saliency_seed", None)
+        if getattr(option, "saliency_seed", None) is not None
+        else (_ini(config, "saliency_seed", parse_seed) if str(ini_seed).strip() else None),
+        preset=getattr(option, "saliency_preset", None) or _ini(config, "saliency_preset", parse_preset),
+        ssim_threshold=_ini(config, "saliency_ssim_threshold", parse_unit_interval),
+        sensitivity_threshold=_ini(config, "saliency_sensitivity_threshold", parse_sensitivity),
+        report=_report_formats(config),
+        results_dir=str((config.rootpath / results_dir).resolve()),
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "saliency: a saliency sanity-check test; skipped unless pytest runs with --saliency"
+    )
+    resolved = config.stash[CONFIG_KEY] = resolve_config(config)
+    controller = not hasattr(config, "workerinput")
+    reporter = SaliencyReporter(resolved, controller)
+    config.pluginmanager.register(reporter, "saliency-reporter")
+    if resolved.enabled and resolved.report and controller:
+        from ..reporting.report import prepare_results_dir, results_dir_problem
+
+        try:
+            prepare_results_dir(resolved.results_dir)
+        except OSError as exc:  # the checks still run; the summary says why there is no report
+            reporter.problems.append(f"saliency report not written: {results_dir_problem(resolved.results_dir, exc)}")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    cfg = config.stash.get(CONFIG_KEY, None)
+    if cfg is None or not cfg.enabled:
+        return None
+    seed = cfg.seed if cfg.seed is not None else "per check"
+    return (
+        f"saliency: device={cfg.device}, preset={cfg.preset}, seed={seed}, "
+        f"thresholds SSIM<{cfg.ssim_threshold:g} / S^I>={cfg.sensitivity_threshold:g}"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    enabled = config.stash[CONFIG_KEY].enabled
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if any(name in FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.saliency)
+        if not enabled and item.get_closest_marker("saliency") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def saliency_config(pytestconfig: pytest.Config) -> SaliencyConfig:
+    """The resolved saliency configuration (options > ini > defaults) for this session."""
+    return pytestconfig.stash[CONFIG_KEY]
+
+
+@pytest.fixture(scope="session")
+def saliency_device(saliency_config: SaliencyConfig) -> Any:
+    """The ``torch.device`` saliency checks run on: move your model and inputs there.
+
+    ``auto`` picks CUDA when it is available (under pytest-xdist, worker gwN gets the N-th
+    visible GPU), else the CPU.
+    """
+    from ..core.devices import resolve_device
+
+    return resolve_device(saliency_config.device)  # pytest-xdist worker gwN -> the N-th visible GPU
+
+
+class ProgressLine:
+    """Per-layer progress of long checks, written past pytest's output capture.
+
+    Quiet for checks that finish within ``delay`` seconds, under ``-q``, and in pytest-xdist
+    workers (they have no terminal); at most one line per ``interval`` seconds.
+    """
+
+    def __init__(self, config: pytest.Config, delay: float = 2.0, interval: float = 1.0) -> None:
+        self.terminal = config.pluginmanager.getplugin("terminalreporter")
+        self.capture = config.pluginmanager.getplugin("capturemanager")
+        self.enabled = (
+            self.terminal is not None and config.option.verbose >= 0 and not hasattr(config, "workerinput")
+        )
+        self.delay, self.interval = delay, interval
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, index: int, total: int, label: str) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.start < self.delay or (now - self.last < self.interval and index < total):
+            return
+        self.last = now
+        text = f"    saliency: {index}/{total} randomized states done" + (f", next {label}" if label else "")
+        if self.capture is not None:
+            with self.capture.global_and_fixture_disabled():
+                self.terminal.write_line(f"{text} ({now - self.start:.0f} s)")
+        else:
+            self.terminal.write_line(f"{text} ({now - self.start:.0f} s)")
+
+
+@pytest.fixture(scope="session")
+def _saliency_map_cache() -> Any:
+    """The session's cache of original-model attributions, shared by all checks of this process."""
+    from ..maps.cache import MapCache
+
+    return MapCache()
+
+
+@pytest.fixture(scope="session")
+def saliency_model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Trained models on disk (``.pytest_cache/d/saliency_models``), keyed by the training function's
+    qualified name and the seed, so reruns in CI load instead of retraining; ``pytest --cache-clear``
+    empties it. Safe under pytest-xdist (atomic writes and a lock per model)."""
+    from ..model.cache import ModelCache
+
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    directory = cache.mkdir("saliency_models") if cache is not None else tmp_path_factory.mktemp("saliency_models")
+    return ModelCache(directory)
+
+
+@pytest.fixture
+def saliency(
+    request: pytest.FixtureRequest, saliency_config: SaliencyConfig, _saliency_map_cache: Any,
+    saliency_model_cache: Any,
+) -> SaliencyChecker:
+    """The saliency assertions with this session's preset, thresholds and seed applied.
+
+    Example::
+
+        def test_gradients_depend_on_the_model(saliency, model, images):
+            saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency")
+    """
+    node = request.node
+    return SaliencyChecker(
+        saliency_config,
+        nodeid=node.nodeid,
+        record=lambda name, value: node.user_properties.append((name, value)),
+        cache=_saliency_map_cache,
+        progress=ProgressLine(request.config),
+        report=_entry_writer(saliency_config, node.nodeid, node.user_properties.append)
+        if saliency_config.report else None,
+        model_cache=saliency_model_cache,
+    )
+
+
+def _entry_writer(config: SaliencyConfig, nodeid: str, record: Any) -> Any:
+    """Write one check's report entry (with figures for HTML); return the link to its section.
+
+    A report problem never fails the user's test, not even as a warning (suites that turn
+    warnings into errors would fail): it is recorded and listed in the terminal summary.
+    """
+
+    def write(result: Any) -> str | None:
+        from ..reporting.report import html_link, results_dir_problem, write_entry
+
+        try:
+            path = write_entry(result, nodeid, config.results_dir, figures="html" in config.report)
+            return html_link(path) if "html" in config.report else str(Path(config.results_dir) / "saliency-report.json")
+        except OSError as exc:
+            record((REPORT_ERROR_PROPERTY, results_dir_problem(config.results_dir, exc)))
+        except Exception as exc:
+            record((REPORT_ERROR_PROPERTY, f"{type(exc).__name__}: {exc}"))
+        return None
+
+    return write
+
+
+class SaliencyReporter:
+    """Collects every check's summary from test reports and prints them at the end.
+
+    Results travel in ``report.user_properties``, so checks run in pytest-xdist workers reach
+    the controller's summary (and the JUnit XML) without any shared file. Report entries (full
+    results and figures) are files each process writes under the results folder with unique
+    names; the controller merges them into one report when the session ends.
+    """
+
+    def __init__(self, config: SaliencyConfig, controller: bool) -> None:
+        self.config = config
+        self.controller = controller
+        self.results: list[dict[str, Any]] = []
+        self.written: list[str] = []
+        self.reports: dict[str, Path] = {}
+        self.entry_errors: list[str] = []  # report entries checks could not write (any process)
+        self.problems: list[str] = []  # why the report is missing or incomplete, for the summary
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # The teardown report carries every property recorded during setup, call and teardown,
+        # so checks run inside fixtures are counted too (and each check exactly once).
+        if report.when != "teardown":
+            return
+        for name, value in report.user_properties:
+            if name == RESULT_PROPERTY:
+                self.results.append(json.loads(value))
+            elif name == WRITTEN_PROPERTY:
+                self.written.append(value)
+            elif name == REPORT_ERROR_PROPERTY:
+                self.entry_errors.append(value)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Merge the entries into the report. Nothing here may raise (pytest would print an
+        INTERNALERROR instead of the summary): problems go to the summary."""
+        if not (self.controller and self.config.enabled and self.config.report):
+            return
+        from ..reporting.report import ENTRIES_DIR, collect_entries, results_dir_problem, write_reports
+
+        root = self.config.results_dir
+        incomplete = [f"saliency report: {self.entry_errors.count(problem)} check result(s) left out, their entries "
+                      f"not written: {problem}" for problem in dict.fromkeys(self.entry_errors)]
+        errors: list[str] = []
+        try:
+            entries = collect_entries(root, errors)
+        except OSError as exc:  # e.g. the folder's permissions were changed during the session
+            entries = []
+            errors.append(f"{Path(root) / ENTRIES_DIR}: {exc}")
+        incomplete.extend(f"saliency report: skipped an unreadable entry file {error}" for error in errors)
+        missing = len(self.results) - len(entries) - len(errors) - len(self.entry_errors)
+        if missing > 0:
+            incomplete.append(
+                f"saliency report: {missing} of {len(self.results)} check result(s) missing: their entry files under "
+                f"{Path(root) / ENTRIES_DIR} were removed during the session (by a test or another program); rerun "
+                "to get a complete report, and keep the results folder out of what tests delete."
+            )
+        try:
+            self.reports = write_reports(
+                entries, root, self.config.report, config=self.config.to_dict(),
+                environment={"device": self.config.device, "seed": self.config.seed},
+            )
+        except OSError as exc:
+            self.problems.append(f"saliency report not written: {results_dir_problem(root, exc)}")
+        except Exception as exc:
+            self.problems.append(f"saliency report not written: {type(exc).__name__}: {exc}")
+        else:
+            self.problems.extend(incomplete)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.written:
+            terminalreporter.write_sep("-", "saliency baselines written")
+            for path in self.written:
+                terminalreporter.write_line(path)
+        if self.results:
+            terminalreporter.write_sep("-", "saliency checks")
+            kinds: dict[str, list[dict[str, Any]]] = {}
+            for entry in self.results:
+                kinds.setdefault(entry["check"], []).append(entry)
+            for kind, entries in kinds.items():
+                passed = sum(entry["passed"] for entry in entries)
+                terminalreporter.write_line(f"{kind}: {passed} of {len(entries)} passed")
+                for entry in entries:
+                    terminalreporter.write_line(f"  {entry['summary']}  ({entry['nodeid']})")
+            failed = sum(not entry["passed"] for entry in self.results)
+            terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
+        for problem in dict.fromkeys(self.problems):
+            terminalreporter.write_line(problem, red=True)
+        for kind, path in self.reports.items():
+            terminalreporter.write_line(f"saliency {kind} report: {path}")
+
+
+@pytest.fixture
+def saliency_baseline(request: pytest.FixtureRequest, saliency: SaliencyChecker) -> BaselineChecker:
+    """Stored-baseline regression checks for this test.
+
+    Example::
+
+        def test_explanations_did_not_drift(saliency_baseline, model, images):
+            saliency_baseline.check(model, images, method="integrated_gradients")
+
+    The first run writes ``saliency_baselines/<module>/<test>.npz`` and fails (commit the file);
+    later runs compare with it. ``pytest --saliency --saliency-update-baselines`` rewrites them.
+    Under ``--saliency-baseline-dir`` (or the ini key) the module's folders are kept:
+    ``<dir>/tests/unit/test_model/<test>.npz``.
+    """
+    config = request.config
+    option = config.option.saliency_baseline_dir
+    ini = config.getini("saliency_baseline_dir")
+    if option:
+        directory = config.rootpath / option
+    elif ini:
+        directory = (config.inipath.parent if config.inipath else config.rootpath) / ini
+    else:
+        directory = request.path.parent / "saliency_baselines"
+    node = request.node
+    return BaselineChecker(
+        saliency, directory, bool(config.option.saliency_update_baselines),
+        written=lambda path: node.user_properties.append((WRITTEN_PROPERTY, path)),
+        module_dirs=bool(option or ini),
+    )

@@ -1,0 +1,323 @@
+"""The object behind the ``saliency`` fixture: the library's checks with the session's configuration.
+
+Each method fills in the configured preset, thresholds and seed (an explicit keyword argument
+wins, except that ``--saliency-seed`` forces the seed for every check so that a failure can be
+reproduced from the command line), adds the command that reproduces the test, records the result
+for the terminal summary and the JUnit XML, writes the report entry (figures included) when a
+report was asked for, and points the failure message at it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+from .config import SaliencyConfig
+
+RESULT_PROPERTY = "saliency_result"
+# Numbers worth a JUnit property of their own, when a result's to_dict() has them.
+KEY_NUMBERS = ("passed", "dataset_score", "mean", "threshold", "sensitivity_threshold", "n_images", "seed", "method")
+
+
+class SaliencyChecker:
+    """Bound to one test: ``saliency.assert_sensitive_to_layer_randomization(model, inputs)``."""
+
+    def __init__(
+        self,
+        config: SaliencyConfig,
+        nodeid: str = "",
+        record: Callable[[str, str], None] | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+        cache: Any = None,
+        report: Callable[[Any], str | None] | None = None,
+        model_cache: Any = None,
+    ) -> None:
+        self.config = config
+        self.nodeid = nodeid
+        self._record = record
+        self._progress = progress
+        self._report = report
+        self.cache = cache
+        self.model_cache = model_cache
+        self.results: list[Any] = []
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def reproduce_command(self, seed: int) -> str:
+        """The command line that reruns this test with the same seed, preset and device."""
+        from .config import DEFAULT_PRESET
+
+        parts = ["pytest --saliency", f"--saliency-seed={seed}"]
+        if self.config.preset != DEFAULT_PRESET:
+            parts.append(f"--saliency-preset={self.config.preset}")
+        if self.config.device != "auto":
+            parts.append(f"--saliency-device={self.config.device}")
+        return " ".join(parts + [shlex.quote(self.nodeid)])
+
+    def _common(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Preset, seed and reproduce line: what every check takes from the session."""
+        merged = {"preset": self.config.preset, **options}
+        if self.config.seed is not None:
+            merged["seed"] = self.config.seed
+        if self.nodeid:
+            merged.setdefault("reproduce", self.reproduce_command(merged.get("seed", 0)))
+        return merged
+
+    def _randomization(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The randomization checks also take the thresholds, the progress line and the map cache."""
+        merged = self._common({"ssim_threshold": self.config.ssim_threshold,
+                               "sensitivity_threshold": self.config.sensitivity_threshold, **options})
+        merged.setdefault("seed", 0)
+        if self._progress is not None:
+            merged.setdefault("progress", self._progress)
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
+        return merged
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def _store(self, result: Any) -> str | None:
+        """Keep the result, record it for the summary and JUnit, write its report entry.
+
+        Returns the report link for a failure message, when a report is being written.
+        """
+        self.results.append(result)
+        if self._record is not None:
+            data = result.to_dict()
+            summary = {"nodeid": self.nodeid, "check": result.check, "passed": result.passed,
+                       "summary": result.summary(), **{k: data[k] for k in ("method", "seed") if k in data}}
+            self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True, default=str))
+            for key in KEY_NUMBERS:
+                value = data.get(key)
+                if isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and math.isnan(value)):
+                    self._record(f"saliency.{result.check}.{key}", str(value))
+        return self._report(result) if self._report is not None else None
+
+    def _checked(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an asserting library call; record its result whether it passes or fails."""
+        __tracebackhide__ = True
+        from ..exceptions import SaliencyCheckFailed
+
+        try:
+            result = run(*args, **kwargs)
+        except SaliencyCheckFailed as failure:
+            link = self._store(failure.result) if failure.result is not None else None
+            if link:
+                raise SaliencyCheckFailed(f"{failure}\n  pictures:    {link}", failure.result) from None
+            raise
+        link = self._store(result)
+        if not result.passed:  # results whose library call does not raise (e.g. a written baseline)
+            message = result.failure_message() + (f"\n  pictures:    {link}" if link else "")
+            raise SaliencyCheckFailed(message, result)
+        return result
+
+    def _measured(self, result: Any) -> Any:
+        self._store(result)
+        return result
+
+    # -- the checks ------------------------------------------------------------------------------
+
+    def layer_randomization(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """Run a randomization check and return the result without asserting (it is still recorded)."""
+        from ..checks.randomization import layer_randomization
+
+        return self._measured(layer_randomization(model, inputs, method, **self._randomization(options)))
+
+    def assert_sensitive_to_layer_randomization(
+        self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
+    ) -> Any:
+        """IPR with the session's preset, thresholds and seed; see the free function of the same name."""
+        __tracebackhide__ = True
+        from ..checks.assertions import assert_sensitive_to_layer_randomization as check
+
+        return self._checked(check, model, inputs, method, **self._randomization(options))
+
+    def assert_sensitive_to_cascading_randomization(
+        self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
+    ) -> Any:
+        """CPR with the session's preset, thresholds and seed; see the free function of the same name."""
+        __tracebackhide__ = True
+        from ..checks.assertions import assert_sensitive_to_cascading_randomization as check
+
+        return self._checked(check, model, inputs, method, **self._randomization(options))
+
+    def explain(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """:func:`pytest_saliency.explain` with the session's seed (raw attributions unless preset=)."""
+        from ..maps.explainers import explain
+
+        if self.config.seed is not None:
+            options["seed"] = self.config.seed
+        return explain(model, inputs, method, **options)
+
+    def agreement_matrix(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
+                         metrics: Any = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim"),
+                         **options: Any) -> Any:
+        """:func:`pytest_saliency.agreement_matrix` with the session's preset and seed (recorded, not asserted)."""
+        from ..checks.agreement import agreement_matrix
+
+        return self._measured(agreement_matrix(model, inputs, methods, metrics, **self._common(options)))
+
+    def assert_agreement_above(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
+                               metric: str = "feature_agreement", k: Any = 0.1, threshold: Any = None,
+                               **options: Any) -> Any:
+        """:func:`pytest_saliency.assert_agreement_above` with the session's preset and seed."""
+        __tracebackhide__ = True
+        from ..checks.assertions import assert_agreement_above as check
+
+        return self._checked(check, model, inputs, methods, metric, k, threshold, **self._common(options))
+
+
+    def explanation_consistency(self, models: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """:func:`pytest_saliency.explanation_consistency` with the session's preset and seed (recorded)."""
+        from ..checks.consistency import explanation_consistency
+
+        return self._measured(explanation_consistency(models, inputs, method, **self._common(options)))
+
+    def assert_seed_consistency_above(self, models_or_factory: Any, inputs: Any, threshold: Any = None,
+                                      metric: str = "lr_separability", **options: Any) -> Any:
+        """Retrained models must explain alike; models a factory trains come from ``saliency_model_cache``."""
+        __tracebackhide__ = True
+        from ..checks.consistency import assert_seed_consistency_above as check
+
+        options = self._common(options)
+        if self.model_cache is not None:
+            options.setdefault("cache", self.model_cache)
+        return self._checked(check, models_or_factory, inputs, threshold, metric, **options)
+
+    def assert_explainer_seed_stable(self, model: Any, inputs: Any, method: Any, seeds: Any = (0, 1, 2),
+                                     metric: str = "ssim", threshold: Any = None, **options: Any) -> Any:
+        """The method's own randomness: same seed, same maps; other seeds, similar maps."""
+        __tracebackhide__ = True
+        from ..checks.consistency import assert_explainer_seed_stable as check
+
+        # No session seed here: the seeds under test are the point of the check.
+        options = {"preset": self.config.preset, **options}
+        if self.nodeid:
+            options.setdefault("reproduce", self.reproduce_command(0))
+        return self._checked(check, model, inputs, method, seeds, metric, threshold, **options)
+
+
+    def _sweeps(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = self._common(options)
+        if self._progress is not None:
+            merged.setdefault("progress", self._progress)
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
+        return merged
+
+    def hyperparameter_sweep(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
+                             reference: Any = None, **options: Any) -> Any:
+        """SAM's sweep protocol with the session's preset and seed (recorded, not asserted)."""
+        from ..checks.sweeps import hyperparameter_sweep
+
+        return self._measured(hyperparameter_sweep(model, inputs, method, sweep, reference, **self._sweeps(options)))
+
+    def assert_stable_under_hyperparameters(self, model: Any, inputs: Any, method: Any = "smoothgrad",
+                                            sweep: Any = None, reference: Any = None, **options: Any) -> Any:
+        """Every swept value's mean similarity to the reference must reach ``threshold``."""
+        __tracebackhide__ = True
+        from ..checks.sweeps import assert_stable_under_hyperparameters as check
+
+        return self._checked(check, model, inputs, method, sweep, reference, **self._sweeps(options))
+
+    def input_noise_stability(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """Maps of x against maps of x + noise (SAM 4.1), recorded, not asserted."""
+        from ..checks.sweeps import input_noise_stability
+
+        return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options)))
+
+    def assert_stable_under_input_noise(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+        """Maps of x and of noisy x must be similar (SAM's variance-0.1 convention by default)."""
+        __tracebackhide__ = True
+        from ..checks.sweeps import assert_stable_under_input_noise as check
+
+        return self._checked(check, model, inputs, method, **self._sweeps(options))
+
+    def accuracy_spread(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
+                        reference: Any = None, **options: Any) -> Any:
+        """How much insertion/deletion AUC moves across a sweep (SAM 4.5-4.6), recorded."""
+        from ..checks.faithfulness import accuracy_spread
+
+        merged = {k: v for k, v in self._common(options).items() if k not in ("preset", "reproduce")}
+        return self._measured(accuracy_spread(model, inputs, method, sweep, reference, **merged))
+
+
+class BaselineChecker:
+    """Behind the ``saliency_baseline`` fixture: one stored baseline per test and name.
+
+    ``module_dirs=True`` when the folder is shared by the whole suite (``--saliency-baseline-dir``):
+    the module's folders are then part of the path (see :func:`pytest_saliency.checks.regression.baseline_path`).
+    """
+
+    def __init__(self, checker: SaliencyChecker, directory: Any, update: bool,
+                 written: Callable[[str], None] | None = None, *, module_dirs: bool = False) -> None:
+        self._checker = checker
+        self.directory = directory
+        self.update = update
+        self.module_dirs = module_dirs
+        self._written = written
+
+    def path(self, name: str | None = None) -> Any:
+        from ..checks.regression import baseline_path
+
+        return baseline_path(self.directory, self._checker.nodeid, _checked_name(name), module_dirs=self.module_dirs)
+
+    def _refuse_legacy_file(self, path: Any, name: str | None) -> None:
+        """A baseline missing under its name but present under the name earlier versions gave it.
+
+        That file is not read: an earlier version may have given one file to several tests (ids
+        that differ only in characters replaced in file names, same-named modules in different
+        folders of a shared baseline folder), so it may hold another test's maps, and a comparison
+        with it could pass or fail for the wrong reason. Whether it belongs to this test is for a
+        person to decide, once: the error names both files.
+        """
+        __tracebackhide__ = True
+        from ..checks.regression import legacy_baseline_path, sidecar_path
+        from ..exceptions import SaliencyUsageError
+
+        legacy = legacy_baseline_path(self.directory, self._checker.nodeid, name)
+        if self.update or legacy == path or path.exists() or not legacy.exists():
+            return
+        label = f"{self._checker.nodeid}" + (f" (name {name!r})" if name else "")
+        raise SaliencyUsageError(
+            f"the saliency baseline of {label} belongs at {path}, which does not exist;\n"
+            f"  earlier versions stored it at {legacy}, a name that other tests could share, so that file is not "
+            "read (it may hold another test's maps).\n"
+            "  If it is this test's baseline, move it and its .json sidecar to the new name:\n"
+            f"    mkdir -p {shlex.quote(str(path.parent))} && mv {shlex.quote(str(legacy))} {shlex.quote(str(path))} "
+            f"&& mv {shlex.quote(str(sidecar_path(legacy)))} {shlex.quote(str(sidecar_path(path)))}\n"
+            "  otherwise write a fresh one with pytest --saliency --saliency-update-baselines, review it and commit it."
+        )
+
+    def check(self, model: Any, inputs: Any, method: Any = "saliency", name: str | None = None,
+              metric: str = "ssim", threshold: float | None = None, **options: Any) -> Any:
+        """Compare with the stored baseline (written, and failing, when it is missing)."""
+        __tracebackhide__ = True
+        from ..checks.regression import check_baseline
+
+        path = self.path(name)
+        self._refuse_legacy_file(path, name)
+
+        def run() -> Any:
+            __tracebackhide__ = True
+            result = check_baseline(model, inputs, path, method, metric=metric, threshold=threshold,
+                                    update=self.update, name=name or "", **self._checker._common(options))
+            if result.status in ("written", "updated") and self._written is not None:
+                self._written(str(path))
+            return result
+
+        return self._checker._checked(run)
+
+
+def _checked_name(name: Any) -> str | None:
+    if name is None or isinstance(name, str):
+        return name
+    from ..exceptions import SaliencyUsageError
+
+    raise SaliencyUsageError(
+        f"baseline name must be a str or None, got {name!r:.80}. It tells apart several baselines of one test, "
+        "e.g. name='integrated_gradients'."
+    )

@@ -1,0 +1,1011 @@
+"""Saliency reports: one entry file per check (any process), merged into JSON and HTML at the end.
+
+The flow, and who calls what:
+
+* **Where the check runs** (the test's process: a pytest-xdist worker or the only process):
+  :func:`write_entry` renders the result's figures (PNG files in
+  ``<results_dir>/<sanitized nodeid>__<check>__<n>/``) and writes the entry as
+  ``<results_dir>/.entries/<worker>-<pid>-<counter>-<uuid>.json``, atomically (temporary file +
+  :func:`os.replace`), so workers never collide and an interrupted write leaves no half file.
+  Figures need the result object (maps are tensors); everything else needs only ``to_dict()``.
+* **At the end of the session** (the controller, or the only process):
+  :func:`collect_entries` reads the entry files and :func:`write_reports` writes
+  ``saliency-report.json`` (schema: ``report_schema.json``, checked by :func:`validate_report`) and
+  ``saliency-report.html`` (one self-contained page, images embedded), then removes ``.entries``.
+* **At the start** (the controller, before workers start): :func:`prepare_results_dir` removes
+  the entry files and figure folders a previous session left behind.
+
+Torch-free: this module imports only the standard library (matplotlib is imported by
+:mod:`pytest_saliency.reporting.figures` when a figure is drawn).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+REPORT_FORMATS = ("json", "html")
+JSON_NAME = "saliency-report.json"
+HTML_NAME = "saliency-report.html"
+ENTRIES_DIR = ".entries"
+SCHEMA_FILE = Path(__file__).with_name("report_schema.json")
+
+ReportEntry = dict  # {"nodeid", "check", "passed", "summary", "result", "figures", ...}; see report_schema.json
+
+_LOCK = threading.Lock()
+_COUNTER = itertools.count()
+_INDEX: dict[tuple[str, str, str], int] = {}
+_FOLDER = re.compile(r".+__[A-Za-z0-9_.-]+__\d+$")
+
+
+class ReportSchemaError(ValueError):
+    """A report document does not match ``report_schema.json``; the message lists every problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# worker side: one entry per check
+
+
+def sanitize(text: str, width: int = 80) -> str:
+    """A file-name-safe, collision-resistant stem for a node id: ``tests_test_x.py_test_a-1a2b3c4d``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._-")[:width] or "node"
+    return f"{stem}-{hashlib.sha1(str(text).encode('utf-8')).hexdigest()[:8]}"
+
+
+def _check_name(check: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", check).strip("._-") or "check"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def jsonable(value: Any) -> Any:
+    """A strict-JSON copy: NaN/inf -> None, tuples -> lists, tensors/arrays -> lists, other objects -> repr."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        try:
+            return jsonable(value.detach().cpu().tolist() if hasattr(value, "detach") else value.tolist())
+        except Exception:
+            pass
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        try:
+            return jsonable(value.to_dict())
+        except Exception:
+            pass
+    return repr(value)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a hidden temporary file next to ``path``, then rename it over ``path`` (atomic on POSIX
+    and Windows): a reader sees the old file or the whole new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _call(result: Any, name: str) -> Any:
+    method = getattr(result, name, None)
+    if not callable(method):
+        return None
+    try:
+        return method()
+    except Exception:
+        return None
+
+
+def _failing(result: Any) -> list[list[str]]:
+    """Rows the result itself flags as failing (agreement pairs), so the HTML need not recompute them."""
+    pairs = _call(result, "failing_pairs") or []
+    rows = []
+    for p in pairs:
+        names = [getattr(p, key, None) for key in ("method_a", "method_b", "metric")]
+        if all(isinstance(n, str) for n in names):
+            rows.append(names)
+    return rows
+
+
+def make_entry(result: Any, nodeid: str, *, worker_id: str | None = None) -> ReportEntry:
+    """The entry for ``result`` without figures (``figures`` is filled in by :func:`write_entry`)."""
+    check = getattr(result, "check", None)
+    check = check if isinstance(check, str) and check else type(result).__name__
+    data = result.to_dict() if callable(getattr(result, "to_dict", None)) else {}
+    summary = _call(result, "summary")
+    passed = getattr(result, "passed", None)
+    if passed is None and isinstance(data, dict):
+        passed = data.get("passed")
+    status = getattr(result, "status", None)
+    if passed is None or (isinstance(summary, str) and summary.startswith("REPORT")):
+        status = status or "report"  # a result with no verdict (no threshold): a report, not a gate
+        passed = True if passed is None else passed
+    entry: ReportEntry = {
+        "nodeid": str(nodeid),
+        "check": check,
+        "passed": bool(passed),
+        "summary": str(summary) if summary is not None else f"{'PASS' if passed else 'FAIL'} {check}",
+        "result": jsonable(data) if isinstance(data, dict) else {"value": jsonable(data)},
+        "figures": {},
+        "worker": worker_id,
+        "created": _now(),
+    }
+    if isinstance(status, str) and status:
+        entry["status"] = status
+    text = _call(result, "report")
+    if isinstance(text, str) and text:
+        entry["text"] = text
+    failing = _failing(result)
+    if failing:
+        entry["failing"] = failing
+    return entry
+
+
+def write_entry(
+    result: Any,
+    nodeid: str,
+    results_dir: str | os.PathLike[str],
+    worker_id: str | None = None,
+    *,
+    figures: bool = True,
+) -> Path:
+    """Render ``result``'s figures and write its entry; returns the entry file's path.
+
+    Call it in the process that ran the check, right after the check (the result object, with
+    its maps, is needed for the figures). ``worker_id`` defaults to ``$PYTEST_XDIST_WORKER``.
+    ``figures=False`` skips rendering (e.g. when only the JSON report is wanted). The entry's
+    ``anchor`` is the figure folder's name and the check's ``#fragment`` in the HTML report.
+    A figure that cannot be drawn is left out and its reason stored in ``figure_errors``.
+    """
+    root = Path(results_dir)
+    worker_id = worker_id if worker_id is not None else os.environ.get("PYTEST_XDIST_WORKER")
+    entry = make_entry(result, nodeid, worker_id=worker_id)
+    key = (str(root.resolve()), entry["nodeid"], entry["check"])
+    with _LOCK:
+        index = _INDEX.get(key, 0)
+        _INDEX[key] = index + 1
+        serial = next(_COUNTER)
+    anchor = f"{sanitize(entry['nodeid'])}__{_check_name(entry['check'])}__{index}"
+    entry["anchor"] = anchor
+    entry["index"] = index
+    if figures:
+        from .figures import figures_for
+
+        errors: list[str] = []
+        rendered = figures_for(result, errors=errors)
+        if errors:
+            entry["figure_errors"] = errors
+        if rendered:
+            folder = root / anchor
+            if folder.exists():  # a previous session's folder (prepare_results_dir was not called)
+                shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, png in rendered.items():
+                stem = _check_name(name)
+                _atomic_write(folder / f"{stem}.png", png)
+                entry["figures"][name] = f"{anchor}/{stem}.png"
+    entries = root / ENTRIES_DIR
+    entries.mkdir(parents=True, exist_ok=True)
+    path = entries / f"{_check_name(worker_id or 'main')}-{os.getpid()}-{serial}-{uuid.uuid4().hex[:8]}.json"
+    _atomic_write(path, json.dumps(entry, allow_nan=False).encode("utf-8"))
+    return path
+
+
+def read_entry(path: str | os.PathLike[str]) -> ReportEntry:
+    """The entry :func:`write_entry` wrote (e.g. to put its report link in a failure message)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def html_link(entry_path: str | os.PathLike[str]) -> str:
+    """``<results_dir>/saliency-report.html#<anchor>``: where the HTML report will show this entry."""
+    path = Path(entry_path)
+    return f"{path.parent.parent / HTML_NAME}#{read_entry(path)['anchor']}"
+
+
+def prepare_results_dir(results_dir: str | os.PathLike[str]) -> Path:
+    """Create ``results_dir`` and remove what an earlier session left: ``.entries`` and figure folders.
+
+    Only folders named like ours (``<name>__<check>__<n>``) holding nothing but PNG files are
+    removed; call it once, in the controller, before any worker starts (``pytest_configure``).
+    """
+    root = Path(results_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / ENTRIES_DIR, ignore_errors=True)
+    for child in root.iterdir():
+        if child.is_dir() and _FOLDER.match(child.name):
+            files = list(child.iterdir())
+            if all(f.is_file() and f.suffix == ".png" for f in files):
+                shutil.rmtree(child, ignore_errors=True)
+    with _LOCK:
+        for key in [k for k in _INDEX if k[0] == str(root.resolve())]:
+            del _INDEX[key]
+    return root
+
+
+def results_dir_problem(results_dir: str | os.PathLike[str], exc: BaseException) -> str:
+    """What is wrong with ``results_dir``, given the error ``exc`` that using it raised, and what to do."""
+    root = Path(results_dir)
+    fix = "choose another --saliency-results-dir (or saliency_results_dir ini key)"
+
+    def is_file_like(path: Path) -> bool:  # exists and is not a folder; False when it cannot be told
+        try:
+            return path.exists() and not path.is_dir()
+        except OSError:
+            return False
+
+    blocker = next((p for p in (root, *root.parents) if is_file_like(p)), None)
+    if blocker == root:
+        return f"{root} is a file, not a folder; remove the file or {fix}"
+    if blocker is not None:
+        return f"{root} cannot be created: {blocker} is a file, not a folder; remove that file or {fix}"
+    if isinstance(exc, PermissionError):
+        return f"{root} cannot be created or written ({exc.strerror or exc}); make it writable or {fix}"
+    return f"{root} could not be used ({type(exc).__name__}: {exc}); check that folder or {fix}"
+
+
+# --------------------------------------------------------------------------------------------
+# controller side: merge and write
+
+
+def _sort_key(entry: dict[str, Any]) -> tuple[str, str, int, str]:
+    index = entry.get("index")
+    return (str(entry.get("nodeid", "")), str(entry.get("check", "")), index if isinstance(index, int) else 0,
+            str(entry.get("created", "")))
+
+
+def collect_entries(results_dir: str | os.PathLike[str], errors: list[str] | None = None) -> list[ReportEntry]:
+    """Every entry written under ``results_dir`` (by any process), sorted by nodeid, check, order.
+
+    Unreadable or malformed entry files are skipped; their names and reasons go to ``errors``.
+    """
+    folder = Path(results_dir) / ENTRIES_DIR
+    entries: list[ReportEntry] = []
+    if not folder.is_dir():
+        return entries
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(entry, dict) or not {"nodeid", "check", "passed"} <= entry.keys():
+                raise ValueError("not a report entry")
+        except (OSError, ValueError) as exc:
+            if errors is not None:
+                errors.append(f"{path}: {exc}")
+            continue
+        entries.append(entry)
+    entries.sort(key=_sort_key)
+    return entries
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Python, platform and library versions (read from package metadata: nothing is imported)."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "pytest_saliency": _version("pytest-saliency"),
+        "pytest": _version("pytest"),
+        "torch": _version("torch"),
+        "captum": _version("captum"),
+        "numpy": _version("numpy"),
+        "matplotlib": _version("matplotlib"),
+        "scikit-image": _version("scikit-image"),
+    }
+    info.update(jsonable(extra or {}))
+    return info
+
+
+def summarize(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    by_check: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        counts = by_check.setdefault(str(entry.get("check")), {"checks": 0, "passed": 0, "failed": 0})
+        counts["checks"] += 1
+        counts["passed" if entry.get("passed") else "failed"] += 1
+    passed = sum(1 for e in entries if e.get("passed"))
+    return {"checks": len(entries), "passed": passed, "failed": len(entries) - passed, "by_check": by_check}
+
+
+def build_report(entries: Sequence[dict[str, Any]], *, config: dict[str, Any] | None = None,
+                 environment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON report document (see ``report_schema.json``)."""
+    entries = sorted(entries, key=_sort_key)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": _now(),
+        "environment": environment_info(environment),
+        "config": jsonable(config or {}),
+        "summary": summarize(entries),
+        "results": [jsonable(e) for e in entries],
+    }
+
+
+def parse_formats(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``"json,html"`` (or a list) -> ``("json", "html")``; unknown names raise ``ValueError``."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    formats = tuple(dict.fromkeys(item.strip().lower() for item in items if item and item.strip()))
+    unknown = [f for f in formats if f not in REPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown saliency report format(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(REPORT_FORMATS)} (comma-separated, e.g. json,html)")
+    return formats
+
+
+def write_reports(
+    entries: Sequence[dict[str, Any]],
+    results_dir: str | os.PathLike[str],
+    formats: Iterable[str] = REPORT_FORMATS,
+    *,
+    config: dict[str, Any] | None = None,
+    environment: dict[str, Any] | None = None,
+    remove_entries: bool = True,
+) -> dict[str, Path]:
+    """Write ``saliency-report.json`` / ``saliency-report.html`` and remove ``.entries``.
+
+    Returns ``{format: path}``. ``config`` is the resolved configuration, ``environment`` extra
+    machine facts (device, CUDA, GPU names, seeds) merged over :func:`environment_info`.
+    """
+    root = Path(results_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    formats = parse_formats(formats)
+    document = build_report(entries, config=config, environment=environment)
+    written: dict[str, Path] = {}
+    if "json" in formats:
+        path = root / JSON_NAME
+        _atomic_write(path, json.dumps(document, indent=1, allow_nan=False).encode("utf-8"))
+        written["json"] = path
+    if "html" in formats:
+        path = root / HTML_NAME
+        _atomic_write(path, render_html(document, root, with_json="json" in formats).encode("utf-8"))
+        written["html"] = path
+    if remove_entries:
+        shutil.rmtree(root / ENTRIES_DIR, ignore_errors=True)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# schema validation
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def _builtin_errors(value: Any, schema: dict[str, Any], root: dict[str, Any], where: str) -> list[str]:
+    """The subset of JSON Schema that report_schema.json uses: $ref, type, const, enum, required,
+    properties, additionalProperties, items, minimum."""
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return _builtin_errors(value, target, root, where)
+    errors: list[str] = []
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_TYPES[t](value) for t in types):
+            return [f"{where}: {value!r:.60} is not of type {' or '.join(types)}"]
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where}: {value!r:.60} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r:.60} is not one of {schema['enum']!r}")
+    if "minimum" in schema and _TYPES["number"](value) and value < schema["minimum"]:
+        errors.append(f"{where}: {value!r} is less than the minimum of {schema['minimum']}")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: {key!r} is a required property")
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in properties:
+                errors += _builtin_errors(item, properties[key], root, f"{where}.{key}")
+            elif extra is False:
+                errors.append(f"{where}: additional property {key!r} is not allowed")
+            elif isinstance(extra, dict):
+                errors += _builtin_errors(item, extra, root, f"{where}.{key}")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            errors += _builtin_errors(item, schema["items"], root, f"{where}[{i}]")
+    return errors
+
+
+def report_errors(data: Any, *, use_jsonschema: bool | None = None) -> list[str]:
+    """Every way ``data`` violates ``report_schema.json`` (empty when it is valid).
+
+    Uses the ``jsonschema`` package when it is installed (``use_jsonschema=None``), else a
+    built-in checker of the keywords the schema uses; ``True``/``False`` force one or the other.
+    """
+    schema = load_schema()
+    if use_jsonschema is not False:
+        try:
+            import jsonschema
+        except ModuleNotFoundError:
+            if use_jsonschema:
+                raise
+        else:
+            validator = jsonschema.Draft202012Validator(schema)
+            return [
+                f"$.{'.'.join(str(p) for p in error.absolute_path)}: {error.message}".replace("$.:", "$:")
+                for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+            ]
+    return _builtin_errors(data, schema, schema, "$")
+
+
+def validate_report(data: Any, *, use_jsonschema: bool | None = None) -> None:
+    """Raise :class:`ReportSchemaError` listing every problem when ``data`` is not a valid report."""
+    errors = report_errors(data, use_jsonschema=use_jsonschema)
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ReportSchemaError(f"the saliency report does not match report_schema.json:\n  {shown}{more}")
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+FIGURE_CAPTIONS = {
+    "randomization_strip": "The original model's map, then the map after each layer's randomization, with the "
+                           "SSIM to the original under each panel.",
+    "ssim_curve": "Mean SSIM per layer with its spread over images, against the SSIM threshold.",
+    "agreement_matrices": "Method \u00d7 method agreement, one matrix per metric.",
+    "agreement_maps": "Each method's map for the first images.",
+    "sweep_curves": "Mean similarity (\u00b11 std over images) per swept value, against the threshold.",
+    "ensemble_curve": "Consistency between disjoint ensembles, per ensemble size.",
+    "pair_matrices": "Pairwise values, one matrix per quantity.",
+    "pair_maps": "Each model's map for the first images.",
+    "baseline_comparison": "Baseline, current map and their difference for the worst images.",
+    "baseline_written": "The maps stored as the new baseline.",
+}
+
+KIND_TITLES = {  # also the order of the groups on the page
+    "independent_layer_randomization": "Independent layer randomization",
+    "cascading_layer_randomization": "Cascading layer randomization",
+    "method_agreement": "Method agreement",
+    "hyperparameter_sweep": "Hyperparameter sweeps",
+    "hyperparameter_stability": "Hyperparameter stability",
+    "input_noise_stability": "Input-noise stability",
+    "explanation_consistency": "Explanation consistency",
+    "explainer_seed_stability": "Explainer seed stability",
+    "consistency_vs_ensemble_size": "Consistency vs ensemble size",
+    "baseline": "Baselines",
+}
+
+CSS = """
+:root { --ink:#1f2328; --muted:#59636e; --line:#d1d9e0; --soft:#f6f8fa; --pass:#1a7f37; --pass-bg:#dafbe1;
+  --fail:#cf222e; --fail-bg:#ffebe9; --other:#9a6700; --other-bg:#fff8c5; --accent:#0969da; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fff; line-height: 1.45;
+  font: 14px/1.45 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial, sans-serif; }
+code, pre, .mono { font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace;
+  font-size: 12.5px; }
+.wrap { max-width: 1180px; margin: 0 auto; padding: 24px 28px 60px; }
+header.top { border-bottom: 1px solid var(--line); padding-bottom: 14px; margin-bottom: 18px; }
+h1 { font-size: 24px; margin: 0 0 4px; font-weight: 600; }
+h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line);
+  font-weight: 600; }
+h3 { font-size: 15px; margin: 0; font-weight: 600; word-break: break-all; }
+.sub { color: var(--muted); margin: 0; }
+.counts { display: flex; gap: 10px; margin: 14px 0 6px; flex-wrap: wrap; }
+.count { border: 1px solid var(--line); border-radius: 8px; padding: 8px 16px; min-width: 110px;
+  background: var(--soft); }
+.count b { display: block; font-size: 22px; line-height: 1.1; }
+.count span { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.count.fail b { color: var(--fail); } .count.pass b { color: var(--pass); }
+.badge { display: inline-block; min-width: 46px; text-align: center; padding: 1px 8px; border-radius: 12px;
+  font-size: 11.5px; font-weight: 700; letter-spacing: .04em; vertical-align: middle; }
+.badge.pass { color: var(--pass); background: var(--pass-bg); border: 1px solid #aceebb; }
+.badge.fail { color: var(--fail); background: var(--fail-bg); border: 1px solid #ffcecb; }
+.badge.other { color: var(--other); background: var(--other-bg); border: 1px solid #f5e0a0; }
+details.meta { margin: 8px 0; }
+details > summary { cursor: pointer; color: var(--accent); font-weight: 600; margin: 4px 0; }
+.metagrid { display: grid; grid-template-columns: 1fr 1fr; gap: 18px; }
+table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-size: 13px; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.bad td { background: #fff5f5; } tr.bad td.verdict { color: var(--fail); font-weight: 700; }
+table.kv th { width: 34%; background: none; font-weight: 500; color: var(--muted); white-space: normal; }
+nav.toc { background: var(--soft); border: 1px solid var(--line); border-radius: 8px; padding: 10px 18px 12px; }
+nav.toc h4 { margin: 10px 0 4px; font-size: 13.5px; }
+nav.toc ul { list-style: none; margin: 0; padding: 0; }
+nav.toc li { margin: 3px 0; }
+nav.toc a { color: var(--ink); text-decoration: none; }
+nav.toc a:hover { color: var(--accent); text-decoration: underline; }
+nav.toc .mono { font-size: 12px; }
+article.check { border: 1px solid var(--line); border-left: 5px solid var(--pass); border-radius: 8px;
+  padding: 14px 18px 10px; margin: 16px 0 22px; }
+article.check.failed { border-left-color: var(--fail); }
+article.check.other { border-left-color: var(--other); }
+.head { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; }
+.kind { color: var(--muted); font-size: 12.5px; }
+p.summary { background: var(--soft); border-radius: 6px; padding: 6px 10px; margin: 10px 0; overflow-x: auto;
+  white-space: pre-wrap; }
+.numbers { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 8px; margin: 10px 0; }
+.numbers div { border: 1px solid var(--line); border-radius: 6px; padding: 6px 10px; }
+.numbers dt { color: var(--muted); font-size: 11.5px; text-transform: uppercase; letter-spacing: .03em; }
+.numbers dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; word-break: break-word; }
+.numbers div.bad dd { color: var(--fail); }
+figure { margin: 14px 0; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+figcaption { color: var(--muted); font-size: 12.5px; margin-top: 4px; }
+pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px; overflow-x: auto;
+  white-space: pre; font-size: 12px; }
+.note { color: var(--muted); font-size: 12.5px; }
+.warn { color: var(--fail); font-size: 12.5px; }
+h4.section { font-size: 13.5px; margin: 16px 0 4px; }
+footer { color: var(--muted); font-size: 12px; margin-top: 40px; border-top: 1px solid var(--line); padding-top: 10px; }
+@media (max-width: 760px) { .metagrid { grid-template-columns: 1fr; } }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8:
+            return "[" + ", ".join(_fmt(v, digits) for v in value[:6]) + f", \u2026 ({len(value)} values)]"
+        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v, digits)}" for k, v in value.items())
+    return str(value)
+
+
+_PLAIN_STATUSES = {"", "passed", "failed", "pass", "fail", "compared", "ok"}
+
+
+def _verdict(entry: dict[str, Any]) -> tuple[str, str]:
+    """(badge text, css class): PASS / FAIL, or REPORT for a check with no verdict."""
+    if str(entry.get("status") or "").lower() == "report":
+        return "REPORT", "other"
+    return ("PASS", "pass") if entry.get("passed") else ("FAIL", "fail")
+
+
+def _badge(entry: dict[str, Any]) -> str:
+    text, css = _verdict(entry)
+    badge = f'<span class="badge {css}">{_e(text)}</span>'
+    status = str(entry.get("status") or "")
+    if status.lower() not in _PLAIN_STATUSES | {"report"}:  # e.g. a baseline "written" or "updated"
+        badge += f' <span class="badge other">{_e(status.upper())}</span>'
+    return badge
+
+
+def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td class=\"mono\">{_e(_fmt(v))}</td></tr>" for k, v in items)
+    return f'<table class="kv">{rows}</table>' if rows else '<p class="note">none</p>'
+
+
+def _table(headers: Sequence[str], rows: Iterable[tuple[Sequence[Any], bool]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    num = ' class="num"'
+    head = "".join(f"<th{num if i in numeric else ''}>{_e(h)}</th>" for i, h in enumerate(headers))
+    body = []
+    for cells, bad in rows:
+        tds = []
+        for i, cell in enumerate(cells):
+            css = []
+            if i in numeric:
+                css.append("num")
+            if i == len(cells) - 1 and headers and headers[-1] == "verdict":
+                css.append("verdict")
+            attr = f' class="{" ".join(css)}"' if css else ""
+            tds.append(f"<td{attr}>{_e(cell)}</td>")
+        row_class = ' class="bad"' if bad else ""
+        body.append(f"<tr{row_class}>{''.join(tds)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _numbers(items: Iterable[tuple[str, Any, bool]]) -> str:
+    bad_class = ' class="bad"'
+    cells = "".join(
+        f"<div{bad_class if bad else ''}><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v, bad in items
+    )
+    return f'<dl class="numbers">{cells}</dl>' if cells else ""
+
+
+def _preset_name(data: dict[str, Any]) -> Any:
+    preset = data.get("preset")
+    return preset.get("name") if isinstance(preset, dict) else preset
+
+
+# per-kind: key numbers and tables from to_dict() data only
+
+
+def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    layers = data.get("layers") if isinstance(data.get("layers"), list) else []
+    insensitive = [layer for layer in layers if isinstance(layer, dict) and not layer.get("sensitive", True)]
+    score, threshold = data.get("dataset_score"), data.get("sensitivity_threshold")
+    ci = data.get("dataset_score_ci") or [None, None]
+    below = isinstance(score, (int, float)) and isinstance(threshold, (int, float)) and score < threshold
+    mode = str(data.get("mode", ""))
+    if data.get("order") not in (None, "n/a"):
+        mode += f", {str(data.get('order')).replace('_', '-')}"
+    confidence = data.get("confidence")
+    conf = f"{confidence:.0%} " if isinstance(confidence, (int, float)) else ""
+    return [
+        ("S^I (dataset sensitivity)", f"{_fmt(score)}  (\u2265 {_fmt(threshold, 3)} needed)", below),
+        (f"{conf}CI of S^I", f"{_fmt(ci[0])} \u2013 {_fmt(ci[1])}" if len(ci) == 2 else _fmt(ci), False),
+        ("insensitive layers",
+         f"{len(insensitive)} of {len(layers)} (mean SSIM \u2265 {_fmt(data.get('ssim_threshold'), 3)})",
+         bool(insensitive)),
+        ("images sensitive to every layer", _pct(data.get("fraction_images_sensitive_to_all_layers")), False),
+        ("method", data.get("method", "n/a"), False),
+        ("preset", _preset_name(data) or "n/a", False),
+        ("mode", mode or "n/a", False),
+        ("randomization", data.get("randomization", "n/a"), False),
+        ("images", _fmt(data.get("n_images")), False),
+        ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
+        ("time", _seconds(data.get("seconds")), False),
+    ]
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.2f} s" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _randomization_table(data: dict[str, Any]) -> str:
+    layers = [layer for layer in data.get("layers") or [] if isinstance(layer, dict)]
+    if not layers:
+        return ""
+    rows = []
+    for layer in layers:
+        sensitive = bool(layer.get("sensitive", True))
+        cells = [layer.get("name", "?"), _fmt(layer.get("mean_ssim")), _fmt(layer.get("std_ssim"), 3),
+                 _fmt(layer.get("min_ssim"), 3), _fmt(layer.get("max_ssim"), 3),
+                 _pct(layer.get("fraction_sensitive")), "sensitive" if sensitive else "INSENSITIVE"]
+        rows.append((cells, not sensitive))
+    order = "in randomization order" if data.get("mode") == "cascading" else "in the model's order"
+    return (f'<h4 class="section">Per layer ({_e(order)})</h4>'
+            + _table(["layer", "mean SSIM", "std", "min", "max", "images sensitive", "verdict"], rows,
+                     numeric={1, 2, 3, 4, 5}))
+
+
+def _agreement_numbers(data: dict[str, Any], entry: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    pairs = [p for p in data.get("pairs") or [] if isinstance(p, dict)]
+    failing = entry.get("failing") or []
+    defined = [p for p in pairs if isinstance(p.get("mean"), (int, float))]
+    lowest = min(defined, key=lambda p: p["mean"], default=None)
+    return [
+        ("failing pairs", f"{len(failing)} of {len(pairs)}" if data.get("threshold") is not None else "no threshold",
+         bool(failing)),
+        ("threshold", f"{_fmt(data.get('threshold'), 4)} on the {data.get('statistic', 'mean')}", False),
+        ("lowest mean", "n/a" if lowest is None else
+         f"{lowest.get('metric')}({lowest.get('method_a')}, {lowest.get('method_b')}) = {_fmt(lowest['mean'], 3)}",
+         False),
+        ("methods", ", ".join(map(str, data.get("methods") or [])) or "n/a", False),
+        ("metrics", ", ".join(map(str, data.get("metrics") or [])) or "n/a", False),
+        ("k (top-k)", _fmt(data.get("k")), False),
+        ("preset", _preset_name(data) or "n/a", False),
+        ("images", _fmt(data.get("n_images")), False),
+        ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
+        ("time", _seconds(data.get("seconds")), False),
+    ]
+
+
+def _agreement_table(data: dict[str, Any], entry: dict[str, Any]) -> str:
+    pairs = [p for p in data.get("pairs") or [] if isinstance(p, dict)]
+    if not pairs:
+        return ""
+    failing = {tuple(f) for f in entry.get("failing") or [] if isinstance(f, list) and len(f) == 3}
+    confidence = data.get("confidence")
+    conf = f"{confidence:.0%} CI" if isinstance(confidence, (int, float)) else "CI"
+    has_threshold = data.get("threshold") is not None
+
+    def bad(p: dict[str, Any]) -> bool:
+        return (p.get("method_a"), p.get("method_b"), p.get("metric")) in failing
+
+    rows = []
+    for p in sorted(pairs, key=lambda p: not bad(p)):
+        verdict = ("BELOW THRESHOLD" if bad(p) else "ok") if has_threshold else "\u2013"
+        rows.append(([f"{p.get('method_a')} vs {p.get('method_b')}", p.get("metric", "?"), _fmt(p.get("mean"), 4),
+                      _fmt(p.get("std"), 3), f"{_fmt(p.get('ci_low'), 3)} .. {_fmt(p.get('ci_high'), 3)}",
+                      _fmt(p.get("chance"), 3), str(p.get("undefined", 0)), verdict], bad(p)))
+    return ('<h4 class="section">Pairs (failing first)</h4>'
+            + _table(["pair", "metric", "mean", "std", conf, "chance", "undefined", "verdict"], rows,
+                     numeric={2, 3, 4, 5, 6}))
+
+
+def _sweep_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    least = data.get("least_stable") if isinstance(data.get("least_stable"), dict) else None
+    failures = data.get("failures") if isinstance(data.get("failures"), list) else []
+    threshold = data.get("threshold")
+    op = ">=" if data.get("higher_is_better", True) else "<="
+    reference = data.get("reference")
+    return [
+        ("failing values", f"{len(failures)}" if threshold is not None else "no threshold (report only)",
+         bool(failures)),
+        ("threshold", "n/a" if threshold is None else f"mean {data.get('metric')} {op} {_fmt(threshold, 4)}", False),
+        ("least stable", "n/a" if least is None else
+         f"{least.get('hyperparameter')}={_fmt(least.get('value'))}: {_fmt(least.get('mean'), 4)}", bool(failures)),
+        ("method", data.get("method", "n/a"), False),
+        ("reference", _fmt(reference) if reference else "n/a", False),
+        ("metrics", ", ".join(map(str, data.get("metrics") or [])) or "n/a", False),
+        ("preset", _preset_name(data) or "n/a", False),
+        ("images", _fmt(data.get("n_images")), False),
+        ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
+        ("time", _seconds(data.get("seconds")), False),
+    ]
+
+
+def _sweep_tables(data: dict[str, Any]) -> str:
+    """One table per swept hyperparameter: value, mean +- std per metric, verdict."""
+    tables = [t for t in data.get("tables") or [] if isinstance(t, dict) and isinstance(t.get("rows"), list)]
+    metrics = [str(m) for m in data.get("metrics") or []]
+    failing = {(str(f.get("hyperparameter")), repr(f.get("value"))) for f in data.get("failures") or []
+               if isinstance(f, dict)}
+    has_threshold = data.get("threshold") is not None
+    parts = []
+    for table in tables:
+        name = str(table.get("hyperparameter", "?"))
+        rows = []
+        for row in table["rows"]:
+            if not isinstance(row, dict):
+                continue
+            means = row.get("mean") if isinstance(row.get("mean"), dict) else {}
+            stds = row.get("std") if isinstance(row.get("std"), dict) else {}
+            bad = (name, repr(row.get("value"))) in failing
+            cells = [_fmt(row.get("value"))]
+            cells += [f"{_fmt(means.get(m), 4)} \u00b1 {_fmt(stds.get(m), 3)}" for m in metrics]
+            cells.append(("UNSTABLE" if bad else "ok") if has_threshold else "\u2013")
+            rows.append((cells, bad))
+        means = table.get("dataset_mean") if isinstance(table.get("dataset_mean"), dict) else {}
+        dataset = ", ".join(f"{m} {_fmt(means.get(m), 4)}" for m in metrics)
+        parts.append(
+            f'<h4 class="section">{_e(name)} <span class="note">(reference {_e(_fmt(table.get("reference_value")))}; '
+            f"dataset mean over values: {_e(dataset)})</span></h4>"
+            + _table(["value"] + [f"{m} mean \u00b1 std" for m in metrics] + ["verdict"], rows,
+                     numeric=set(range(1, len(metrics) + 1)))
+        )
+    note = data.get("note")
+    if isinstance(note, str) and note:
+        parts.append(f'<p class="note">{_e(note)}</p>')
+    return "".join(parts)
+
+
+_SKIP_KEYS = {"check", "passed", "reproduce", "preset"}
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _generic_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    items = []
+    for key, value in data.items():
+        if key in _SKIP_KEYS or not _is_scalar(value) or (isinstance(value, str) and not 0 < len(value) <= 80):
+            continue
+        items.append((key.replace("_", " "), _fmt(value), False))
+    name = _preset_name(data)
+    if name:
+        items.append(("preset", name, False))
+    return items[:16]
+
+
+def _generic_tables(data: dict[str, Any], depth: int = 0, prefix: str = "") -> str:
+    """Lists of records as tables, nested dicts as key/value tables; long number lists abridged."""
+    parts = []
+    for key, value in data.items():
+        title = f"{prefix}{key}"
+        if key in _SKIP_KEYS and not prefix:
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            headers = list(dict.fromkeys(k for v in value[:200] for k in v))
+            rows = [([_fmt(v.get(h), 4) for h in headers], v.get("passed") is False or v.get("sensitive") is False)
+                    for v in value[:200]]
+            more = f'<p class="note">{len(value) - 200} more rows in the JSON report.</p>' if len(value) > 200 else ""
+            parts.append(f'<h4 class="section">{_e(title)}</h4>' + _table(headers, rows) + more)
+        elif isinstance(value, dict) and value:
+            scalars = [(k, v) for k, v in value.items() if _is_scalar(v) or (isinstance(v, list) and all(
+                _is_scalar(x) for x in v))]
+            if scalars:
+                parts.append(f'<h4 class="section">{_e(title)}</h4>' + _kv_table(scalars))
+            nested = {k: v for k, v in value.items() if (k, v) not in scalars}
+            if nested and depth < 2:
+                parts.append(_generic_tables(nested, depth + 1, f"{title}."))
+        elif isinstance(value, list) and value and all(_is_scalar(v) for v in value) and not prefix:
+            parts.append(f'<p class="note"><b>{_e(title)}</b>: {_e(_fmt(value))}</p>')
+    return "".join(parts)
+
+
+def _image(root: Path, relative: str) -> str | None:
+    path = (root / relative)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _entry_html(entry: dict[str, Any], root: Path) -> str:
+    data = entry.get("result") if isinstance(entry.get("result"), dict) else {}
+    check = str(entry.get("check", ""))
+    _, css = _verdict(entry)
+    state = {"pass": "", "fail": " failed", "other": " other"}[css]
+    anchor = entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{check}")
+    if check.endswith("_randomization") and isinstance(data.get("layers"), list):
+        numbers, table = _randomization_numbers(data), _randomization_table(data)
+    elif check == "method_agreement" or ("pairs" in data and "methods" in data and "matrices" in data):
+        numbers, table = _agreement_numbers(data, entry), _agreement_table(data, entry)
+    elif isinstance(data.get("tables"), list) and data["tables"] and all(
+            isinstance(t, dict) and "rows" in t for t in data["tables"]):
+        numbers, table = _sweep_numbers(data), _sweep_tables(data)
+    else:
+        numbers, table = _generic_numbers(data), _generic_tables(data)
+    figures = []
+    for name, relative in (entry.get("figures") or {}).items():
+        uri = _image(root, str(relative))
+        caption = FIGURE_CAPTIONS.get(name, name.replace("_", " "))
+        if uri is None:
+            figures.append(f'<p class="warn">figure {_e(name)} is missing ({_e(relative)}).</p>')
+            continue
+        figures.append(f'<figure><img src="{uri}" alt="{_e(name)}"><figcaption>{_e(caption)}</figcaption></figure>')
+    for error in entry.get("figure_errors") or []:
+        figures.append(f'<p class="warn">figure not drawn: {_e(error)}</p>')
+    reproduce = data.get("reproduce")
+    worker = f" \u00b7 worker {_e(entry['worker'])}" if entry.get("worker") else ""
+    parts = [
+        f'<article class="check{state}" id="{_e(anchor)}">',
+        f'<div class="head">{_badge(entry)}<h3 class="mono">{_e(entry.get("nodeid", ""))}</h3>'
+        f'<span class="kind">{_e(check)}{worker}</span></div>',
+        f'<p class="summary mono">{_e(entry.get("summary", ""))}</p>',
+        _numbers(numbers),
+        "".join(figures),
+        table,
+    ]
+    if reproduce:
+        parts.append(f'<p class="note">reproduce: <code>{_e(reproduce)}</code></p>')
+    if entry.get("text"):
+        parts.append("<details><summary>Text report (as in the failure message)</summary>"
+                     f"<pre>{_e(entry['text'])}</pre></details>")
+    raw = json.dumps(data, indent=1)
+    if len(raw) <= 60_000:
+        parts.append(f"<details><summary>Full result (JSON)</summary><pre>{_e(raw)}</pre></details>")
+    else:
+        parts.append('<p class="note">The full result is in saliency-report.json.</p>')
+    parts.append("</article>")
+    return "\n".join(p for p in parts if p)
+
+
+def _kind_title(kind: str) -> str:
+    return KIND_TITLES.get(kind, kind.replace("_", " ").capitalize())
+
+
+def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *, with_json: bool = True) -> str:
+    """The self-contained HTML page for a report document; figures are read from ``results_dir``.
+
+    Everything is inline (CSS, PNGs as ``data:`` URIs); the page makes no request and needs no
+    JavaScript. ``with_json`` says whether the footer may point to ``saliency-report.json``.
+    """
+    root = Path(results_dir)
+    entries = [e for e in document.get("results", []) if isinstance(e, dict)]
+    summary = document.get("summary") or summarize(entries)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(str(entry.get("check", "")), []).append(entry)
+    known = list(KIND_TITLES)
+    kinds = sorted(groups, key=lambda k: (known.index(k) if k in known else len(known), k))
+    for kind in kinds:  # failed first within a group, then by nodeid (stable)
+        groups[kind].sort(key=lambda e: (bool(e.get("passed")), _sort_key(e)))
+    failed, passed = summary.get("failed", 0), summary.get("passed", 0)
+    head = [
+        '<header class="top"><h1>Saliency checks</h1>',
+        f'<p class="sub">pytest-saliency report \u00b7 created {_e(document.get("created", ""))} \u00b7 '
+        f'schema version {_e(document.get("schema_version", ""))}</p>',
+        '<div class="counts">',
+        f'<div class="count"><b>{_e(summary.get("checks", len(entries)))}</b><span>checks</span></div>',
+        f'<div class="count pass"><b>{_e(passed)}</b><span>passed</span></div>',
+        f'<div class="count{" fail" if failed else ""}"><b>{_e(failed)}</b><span>failed</span></div>',
+        f'<div class="count"><b>{len(groups)}</b><span>check kinds</span></div>',
+        "</div>",
+        '<details class="meta" open><summary>Configuration and environment</summary><div class="metagrid">',
+        f'<div><h4 class="section">Configuration</h4>{_kv_table((document.get("config") or {}).items())}</div>',
+        f'<div><h4 class="section">Environment</h4>{_kv_table((document.get("environment") or {}).items())}</div>',
+        "</div></details></header>",
+    ]
+    toc = ['<nav class="toc"><h4 style="margin-top:4px">Contents</h4>']
+    body = []
+    if not entries:
+        toc.append('<p class="note">No saliency checks were recorded in this session.</p>')
+    for kind in kinds:
+        members = groups[kind]
+        bad = sum(1 for e in members if not e.get("passed"))
+        group_id = "kind-" + re.sub(r"[^A-Za-z0-9_-]+", "-", kind)
+        count = f"{len(members)} check{'s' if len(members) != 1 else ''}" + (f", {bad} failed" if bad else "")
+        toc.append(f'<h4><a href="#{_e(group_id)}">{_e(_kind_title(kind))}</a> '
+                   f'<span class="note">({_e(count)})</span></h4><ul>')
+        for entry in members:
+            anchor = entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{kind}")
+            toc.append(f'<li>{_badge(entry)} <a class="mono" href="#{_e(anchor)}">'
+                       f'{_e(entry.get("nodeid", ""))}</a></li>')
+        toc.append("</ul>")
+        body.append(f'<section id="{_e(group_id)}"><h2>{_e(_kind_title(kind))} '
+                    f'<span class="note">{_e(count)}</span></h2>')
+        body.extend(_entry_html(entry, root) for entry in members)
+        body.append("</section>")
+    toc.append("</nav>")
+    title = f"Saliency checks: {failed} failed, {passed} passed"
+    footer = f". Every number is also in {_e(JSON_NAME)}, next to this page." if with_json else "."
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{CSS}</style></head>",
+        '<body><div class="wrap">',
+        *head,
+        *toc,
+        *body,
+        f"<footer>Written by pytest-saliency{footer}</footer>",
+        "</div></body></html>",
+    ])
+
+
+__all__ = [
+    "HTML_NAME", "JSON_NAME", "REPORT_FORMATS", "ReportEntry", "ReportSchemaError", "SCHEMA_VERSION",
+    "build_report", "collect_entries", "environment_info", "html_link", "load_schema", "make_entry", "parse_formats",
+    "prepare_results_dir", "read_entry", "render_html", "report_errors", "results_dir_problem", "sanitize",
+    "summarize", "validate_report",
+    "write_entry", "write_reports",
+]
