@@ -878,7 +878,7 @@ def time_phases(workload: Workload, images: int, device: str, rounds: int) -> No
         (activation_reuse.GradientReplay, "original", "original backward (graph kept)"),
         (activation_reuse.GradientReplay, "verify", "verifying the replay (forward from the largest cut)"),
         (activation_reuse.GradientReplay, "maps", "randomized states, replayed (forward + two-stage backward)"),
-        (engine, "_attribute", "captum calls (original and states without reuse)"),
+        (engine, "attribute", "captum calls (original and states without reuse)"),
         (engine, "randomized", "randomizing and restoring the layers"),
         (engine._Comparison, "flush", "post-processing + SSIM, batched over states"),
         (engine, "check_finite", "finiteness checks"),

@@ -210,7 +210,7 @@ def test_the_replayed_original_maps_equal_captum() -> None:
 ])
 def test_the_replayed_steps_and_samples_equal_captums(method: str, options: dict) -> None:
     """Same interpolation / same seeded noise, same arithmetic: captum's maps, for a batch and one image."""
-    from pytest_saliency.maps.explainers import _attribute
+    from pytest_saliency.maps.explainers import attribute
 
     model, x = make_residual(), tiny_images(4, seed=5)
     trace = trace_forward(model, x)
@@ -218,7 +218,7 @@ def test_the_replayed_steps_and_samples_equal_captums(method: str, options: dict
     spec, _, prepared = prepare_method(method, model, x, dict(options))
     assert reusable(model, trace, spec, prepared, None, x.shape[0])
     for images in (x, x[:1]):
-        expected = _attribute(model, images, spec, target[: len(images)], 7, None, True, prepared)  # captum, seed 7
+        expected = attribute(model, images, spec, target[: len(images)], 7, None, True, prepared)  # captum, seed 7
         replay = GradientReplay(model, images, target[: len(images)], method, prepared, seed=7)
         torch.testing.assert_close(replay.original(), expected, rtol=1e-5, atol=1e-6)
         replay.close()

@@ -24,7 +24,7 @@ from torch import nn
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import METHODS, explain
 from pytest_saliency.engine.replay import GradientReplay
-from pytest_saliency.maps.explainers import _attribute, draws_random, prepare_method, resolve_target
+from pytest_saliency.maps.explainers import attribute, draws_random, prepare_method, resolve_target
 
 # (4 x 4 superpixels: with fewer samples than features the KernelSHAP regression is underdetermined,
 # and the rounding of one forward pass could swing its coefficients)
@@ -95,12 +95,12 @@ def test_a_slice_explained_at_its_index_gives_the_whole_batchs_maps(method: str,
     model, x = make_tiny_cnn(), tiny_images(5, seed=6)
     target = resolve_target(model, x, None)
     spec, _, prepared = prepare_method(method, model, x, dict(options))
-    whole = _attribute(model, x, spec, target, 3, None, True, prepared)
-    part = _attribute(model, x[2:5], spec, target[2:5], 3, None, True, prepared, index=2)
+    whole = attribute(model, x, spec, target, 3, None, True, prepared)
+    part = attribute(model, x[2:5], spec, target[2:5], 3, None, True, prepared, index=2)
     assert torch.equal(part, whole[2:5])
-    picked = _attribute(model, x[[4, 0]], spec, target[[4, 0]], 3, None, True, prepared, index=[4, 0])
+    picked = attribute(model, x[[4, 0]], spec, target[[4, 0]], 3, None, True, prepared, index=[4, 0])
     assert torch.equal(picked, whole[[4, 0]])
-    assert not torch.equal(_attribute(model, x[2:5], spec, target[2:5], 3, None, True, prepared), whole[2:5])
+    assert not torch.equal(attribute(model, x[2:5], spec, target[2:5], 3, None, True, prepared), whole[2:5])
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,7 +151,7 @@ def test_the_replay_draws_each_images_noise_at_its_index(method: str, options: d
     model, x = make_tiny_cnn(), tiny_images(6, seed=7)
     target = resolve_target(model, x, None)
     spec, _, prepared = prepare_method(method, model, x, dict(options))
-    whole = _attribute(model, x, spec, target, 2, None, True, prepared)
+    whole = attribute(model, x, spec, target, 2, None, True, prepared)
     replay = GradientReplay(model, x[2:5], target[2:5], method, prepared, seed=2, index=2)
     try:
         torch.testing.assert_close(replay.original(), whole[2:5], rtol=1e-5, atol=1e-6)
@@ -167,7 +167,7 @@ def test_occlusion_with_a_uniform_baseline_draws_per_image_in_the_state_stack() 
     target = resolve_target(model, x, None)
     options = {"window": 4, "stride": 4, "baselines": "uniform"}
     spec, _, prepared = prepare_method("occlusion", model, x, dict(options))
-    whole = _attribute(model, x, spec, target, 4, None, True, prepared)
+    whole = attribute(model, x, spec, target, 4, None, True, prepared)
     stages = select_layers(model, x, "leaf")[:2]
     maps, _ = occlusion_states(model, x[1:4], target[1:4], stages, "independent", "gaussian", 4, prepared, index=1)
     torch.testing.assert_close(maps[0], whole[1:4], rtol=0, atol=1e-6)

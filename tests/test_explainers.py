@@ -150,21 +150,21 @@ def test_feature_vectors_are_supported():
 
 
 def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inputs):
-    from pytest_saliency.maps.explainers import METHODS, _method_options, activation_bytes_per_input
+    from pytest_saliency.maps.explainers import METHODS, resolved_options, activation_bytes_per_input
 
     row = 3 * activation_bytes_per_input(tiny_model, tiny_inputs[:1])
-    options = _method_options(METHODS["integrated_gradients"], tiny_model, tiny_inputs, {"memory_budget": 4 * row})
+    options = resolved_options(METHODS["integrated_gradients"], tiny_model, tiny_inputs, {"memory_budget": 4 * row})
     assert options["_image_batch"] == 4 and options["internal_batch_size"] == 4
     # SmoothGrad explains one image at a time: the budget sizes its samples per pass, whatever the
     # number of images, and the image chunk says how many images' samples fit in one pass (the replay)
-    options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row})
+    options = resolved_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row})
     assert options["nt_samples_batch_size"] == 12 and options["_image_batch"] == 1
-    options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs[:2], {"memory_budget": 12 * row})
+    options = resolved_options(METHODS["smoothgrad"], tiny_model, tiny_inputs[:2], {"memory_budget": 12 * row})
     assert options["nt_samples_batch_size"] == 12
-    options = _method_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row,
+    options = resolved_options(METHODS["smoothgrad"], tiny_model, tiny_inputs, {"memory_budget": 12 * row,
                                                                              "nt_samples": 4})
     assert options["nt_samples_batch_size"] == 4 and options["_image_batch"] == 3
-    options = _method_options(METHODS["occlusion"], tiny_model, tiny_inputs, {"perturbations_per_eval": 3})
+    options = resolved_options(METHODS["occlusion"], tiny_model, tiny_inputs, {"perturbations_per_eval": 3})
     assert options["perturbations_per_eval"] == 3, "what the user sets is kept"
     small = explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8, memory_budget=2 * row)
     torch.testing.assert_close(small, explain(tiny_model, tiny_inputs, "integrated_gradients", n_steps=8))

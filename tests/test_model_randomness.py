@@ -19,9 +19,8 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError
-from pytest_saliency.core.rng import (
-    generator_states, isolated_rngs, pass_seeded, rng_isolated, same_generator_states, seeded,
-)
+from pytest_saliency.core.integrity import rng_isolated
+from pytest_saliency.core.rng import generator_states, isolated_rngs, pass_seeded, same_generator_states, seeded
 
 
 class Noise(nn.Module):

@@ -16,8 +16,8 @@ from pytest_saliency.maps.cache import MapCache
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
 from pytest_saliency.maps.explainers import (
     METHODS,
-    _attribute,
-    _method_options,
+    attribute,
+    resolved_options,
     resolve_target,
 )
 from pytest_saliency.strategies import (
@@ -42,8 +42,8 @@ def test_every_drawn_setting_is_accepted_by_explain(method, include_seed, data):
         # captum's name for IG's integration rule collides with explain's own `method` parameter, so
         # explain(..., method=...) cannot be spelled; run what explain runs after parsing its arguments.
         spec = METHODS[method]
-        options = _method_options(spec, MODEL, IMAGES, {k: v for k, v in params.items() if k != "seed"})
-        maps = _attribute(MODEL, IMAGES, spec, resolve_target(MODEL, IMAGES, None), 0, None, True, options)
+        options = resolved_options(spec, MODEL, IMAGES, {k: v for k, v in params.items() if k != "seed"})
+        maps = attribute(MODEL, IMAGES, spec, resolve_target(MODEL, IMAGES, None), 0, None, True, options)
     else:
         maps = explain(MODEL, IMAGES, method, **params)
     assert maps.shape[0] == 2 and torch.isfinite(maps).all()

@@ -487,7 +487,7 @@ def test_a_swept_uniform_baseline_is_the_one_explain_draws():
 def test_lime_on_superpixels_draws_each_images_samples_from_its_index():
     """A swept n_segments explains image by image with per-image SLIC masks; image i's LIME samples
     are those the shared attribution entry draws for index i, whatever the chunks."""
-    from pytest_saliency.maps.explainers import _attribute, prepare_method
+    from pytest_saliency.maps.explainers import attribute, prepare_method
 
     model, x = make_tiny_cnn(), tiny_images(4, seed=9)
     options = {"n_samples": 24, "alpha": 1e-3}
@@ -498,5 +498,5 @@ def test_lime_on_superpixels_draws_each_images_samples_from_its_index():
         swept = result.tables[0].rows[0].attributions
         for i in range(4):
             spec, _, prepared = prepare_method("lime", model, x[i:i + 1], {**options, "feature_mask": masks[i:i + 1]})
-            alone = _attribute(model, x[i:i + 1], spec, result.target_tensor[i:i + 1], 5, None, True, prepared, index=i)
+            alone = attribute(model, x[i:i + 1], spec, result.target_tensor[i:i + 1], 5, None, True, prepared, index=i)
             torch.testing.assert_close(swept[i:i + 1], alone, rtol=0, atol=1e-6)

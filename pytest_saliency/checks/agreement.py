@@ -42,10 +42,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import as_seed, rng_isolated
+from ..core.rng import as_seed
+
+from ..core.integrity import rng_isolated
 from ..core.validation import check_choice, check_count, check_inputs, check_model, check_number
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
-from ..maps.explainers import _attribute, method_name, prepare_method, resolve_target
+from ..maps.explainers import attribute, method_name, prepare_method, resolve_target
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..compare.statistics import bootstrap_interval
 
@@ -397,7 +399,7 @@ def _check_options(
     statistic: Any, metric_options: Any,
 ) -> tuple[list[str], dict[str, dict[str, Any]], float | None]:
     """Every option of compare_maps / agreement_matrix, checked before any work is done."""
-    from ..compare.metrics import METRICS, _lookup, resolve_k
+    from ..compare.metrics import METRICS, metric_info, resolve_k
 
     if isinstance(metrics, str) or not isinstance(metrics, Sequence):
         raise SaliencyUsageError(
@@ -407,7 +409,7 @@ def _check_options(
     if not metrics:
         raise SaliencyUsageError(f"metrics is empty; pass at least one of {', '.join(METRICS)}.")
     for metric in metrics:
-        _lookup(metric)
+        metric_info(metric)
     if len(set(metrics)) != len(metrics):
         raise SaliencyUsageError(f"metrics lists a metric twice: {metrics}; list each metric once.")
     check_choice(statistic, "statistic", ("mean", "bound"),
@@ -599,7 +601,7 @@ def agreement_matrix(
         if label in maps:
             raise SaliencyUsageError(f"method {label!r} is listed twice; list each method once.")
         resolved, name, options = prepare_method(method, model, inputs, dict(method_options.get(label, {})))
-        maps[name] = _attribute(model, inputs, resolved, fixed_target, seed, batch_size, True, options)
+        maps[name] = attribute(model, inputs, resolved, fixed_target, seed, batch_size, True, options)
     unknown = sorted(set(method_options) - set(maps))
     if unknown:
         raise SaliencyUsageError(f"method_options names {unknown}, which are not among the methods {list(maps)}.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.rng import rng_isolated
+from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from .randomization import RandomizationResult, layer_randomization
@@ -72,10 +72,10 @@ def assert_agreement_above(
     __tracebackhide__ = True
     from ..core.validation import check_choice
     from .agreement import agreement_matrix, compare_maps
-    from ..compare.metrics import _lookup
+    from ..compare.metrics import metric_info
 
     torch = require_torch()
-    info = _lookup(metric)
+    info = metric_info(metric)
     check_choice(statistic, "statistic", ("mean", "bound"),
                  "'mean' gates on the mean over images, 'bound' on its confidence bound.")
     if threshold is None:

@@ -97,23 +97,23 @@ left exactly as they were (mode flags and ``requires_grad`` restored).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import rng_isolated
+from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..core.validation import check_count, check_inputs, check_model, check_seed, check_threshold, unknown_choice
+from ..compare.separability import Separability, fold_assignment, lr_separability, require_sklearn
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.explainers import (
-    Explainer, MethodSpec, _attribute, _eval_mode, predicted_targets, prepare_method, resolve_target,
+    Explainer, MethodSpec, attribute, model_in_eval_mode, predicted_targets, prepare_method, resolve_target,
 )
-from .randomization import _format_options, _jsonable
+from ..core.jsonable import jsonable
+from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 # Gate defaults for assert_seed_consistency_above (see its docstring for the reasoning). The top-k
@@ -137,158 +137,6 @@ DEFAULT_METRICS = ("ssim", "sign_agreement")
 # ============================================================================================
 # The separability classifier
 # ============================================================================================
-
-
-@dataclass
-class Separability:
-    """Held-out accuracy of a classifier telling maps ``a`` (class 0) from maps ``b`` (class 1)."""
-
-    accuracy: float  # M: held-out accuracy over all 2N maps (each predicted exactly once)
-    train_accuracy: float  # mean training-fold accuracy: what an in-sample evaluation would report
-    fold_accuracies: list[float]
-    n_splits: int
-    converged: bool = True
-
-    @property
-    def separability(self) -> float:
-        """S = 2|M - 0.5|: 0 when the maps cannot be told apart, 1 when they always can."""
-        return 2.0 * abs(self.accuracy - 0.5)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "accuracy": self.accuracy, "train_accuracy": self.train_accuracy, "separability": self.separability,
-            "fold_accuracies": self.fold_accuracies, "n_splits": self.n_splits, "converged": self.converged,
-        }
-
-
-def _default_classifier(seed: int) -> Any:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    # scikit-learn's random_state must lie in [0, 2**32): other seeds are taken modulo 2**32.
-    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=10_000, random_state=seed % 2**32))
-
-
-def _require_sklearn() -> None:
-    try:
-        import sklearn  # noqa: F401
-    except ModuleNotFoundError as exc:  # pragma: no cover - installed in the test environment
-        raise ModuleNotFoundError(
-            "explanation consistency trains a logistic-regression classifier with scikit-learn: "
-            "pip install scikit-learn"
-        ) from exc
-
-
-def _to_numpy_rows(x: Any, name: str) -> Any:
-    import numpy as np
-
-    torch = require_torch()
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float64).numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim < 2:
-        raise SaliencyUsageError(f"{name} must be a batch of maps of shape (N, ...), got shape {x.shape}.")
-    if not np.isfinite(x).all():
-        raise SaliencyUsageError(f"{name} contain NaN or infinite values; the classifier needs finite maps.")
-    return x.reshape(x.shape[0], -1)
-
-
-def _numpy_seed(seed: int) -> int:
-    """numpy's generators take non-negative seeds: a negative one is taken modulo 2**64 (every other
-    seed is used as it is)."""
-    seed = check_seed(seed)
-    return seed if seed >= 0 else seed % 2**64
-
-
-def fold_assignment(n: int, n_splits: int, seed: int) -> Any:
-    """Fold index of each of ``n`` inputs: a seeded permutation dealt round-robin into ``n_splits`` folds."""
-    import numpy as np
-
-    order = np.random.default_rng(_numpy_seed(seed)).permutation(n)
-    folds = np.empty(n, dtype=np.int64)
-    folds[order] = np.arange(n) % n_splits
-    return folds
-
-
-def lr_separability(
-    a: Any, b: Any, *, n_splits: int = 5, seed: int = 0, classifier: Any = None
-) -> Separability:
-    """How well a classifier tells maps ``a[i]`` from ``b[i]``, on held-out inputs.
-
-    ``a`` and ``b`` hold the two models' maps of the **same** N inputs (tensors or arrays of
-    shape (N, ...)). Input i's two maps are always in the same fold, so the classifier is never
-    tested on a map whose twin it was trained on (see the module docstring). Returns
-    :class:`Separability`; ``.accuracy`` is M and ``.separability`` is S = 2|M - 0.5|.
-    """
-    import numpy as np
-
-    _require_sklearn()
-    seed = check_seed(seed)
-    n_splits = check_count(n_splits, "n_splits", minimum=2, hint="It is the number of cross-validation folds.")
-    xa, xb = _to_numpy_rows(a, "maps a"), _to_numpy_rows(b, "maps b")
-    if xa.shape != xb.shape:
-        raise SaliencyUsageError(
-            f"maps a and b must have the same shape (the two models' maps of the same inputs), got "
-            f"{xa.shape} and {xb.shape}."
-        )
-    n = xa.shape[0]
-    if n < 2 * n_splits:
-        raise SaliencyUsageError(
-            f"{n} input(s) are too few for {n_splits}-fold cross-validation: held-out accuracy needs at least "
-            f"2 * n_splits = {2 * n_splits} inputs (two per test fold). Pass more inputs, or a smaller n_splits "
-            "(n_splits >= 2)."
-        )
-    template = classifier if classifier is not None else _default_classifier(seed)
-    folds = fold_assignment(n, n_splits, seed)
-    correct = 0
-    fold_acc: list[float] = []
-    train_acc: list[float] = []
-    converged = True
-    with _single_threaded_blas():
-        for fold in range(n_splits):
-            hits, train_hits, fold_converged = _fit_fold(template, xa, xb, folds, fold)
-            converged &= fold_converged
-            correct += int(hits.sum())
-            fold_acc.append(float(hits.mean()))
-            train_acc.append(float(train_hits.mean()))
-    return Separability(
-        accuracy=correct / (2 * n), train_accuracy=float(np.mean(train_acc)), fold_accuracies=fold_acc,
-        n_splits=n_splits, converged=converged,
-    )
-
-
-def _single_threaded_blas() -> Any:
-    """One BLAS thread while the classifier fits (restored afterwards).
-
-    The problems are tiny (a few hundred rows), so BLAS threads bring no speed, only
-    synchronization. Under CPU contention (pytest-xdist workers, other jobs) that synchronization
-    made each fit about 10x slower in our measurements.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ModuleNotFoundError:  # pragma: no cover - a scikit-learn dependency
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _fit_fold(template: Any, xa: Any, xb: Any, folds: Any, fold: int) -> tuple[Any, Any, bool]:
-    """Fit a fresh clone on the other folds; return (test hits, training hits, converged)."""
-    import numpy as np
-    from sklearn.base import clone
-    from sklearn.exceptions import ConvergenceWarning
-
-    test, train = folds == fold, folds != fold
-    x_train = np.concatenate([xa[train], xb[train]])
-    y_train = np.concatenate([np.zeros(int(train.sum())), np.ones(int(train.sum()))])
-    x_test = np.concatenate([xa[test], xb[test]])
-    y_test = np.concatenate([np.zeros(int(test.sum())), np.ones(int(test.sum()))])
-    model = clone(template)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(x_train, y_train)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return model.predict(x_test) == y_test, model.predict(x_train) == y_train, converged
 
 
 # ============================================================================================
@@ -407,14 +255,14 @@ class ConsistencyResult:
             "similarities": {m: _finite_or_none(self.value(m)) for m in self.metrics},
             "baselines": {m: _finite_or_none(self.baseline(m)) for m in self.metrics},
             "method": self.method,
-            "method_options": {k: _jsonable(v) for k, v in self.method_options.items()},
+            "method_options": {k: jsonable(v) for k, v in self.method_options.items()},
             "preset": self.pipeline.to_dict(),
             "models": list(self.models),
             "factors": dict(self.factors),
             "pairs": [p.to_dict() for p in self.pairs],
             "accuracies": None if self.accuracies is None else dict(self.accuracies),
             "metrics": list(self.metrics),
-            "k": _jsonable(self.k),
+            "k": jsonable(self.k),
             "target": self.target_mode,
             "pair_mode": self.pair_mode,
             "lr_input": self.lr_input,
@@ -472,7 +320,7 @@ class ConsistencyResult:
         lines = [
             f"  check:       {self.check} (C = 1 - mean 2|M - 0.5| over {len(self.pairs)} pair(s), "
             f"pairs={self.pair_mode})",
-            f"  method:      {self.method}{_format_options(self.method_options)}   target: {target}",
+            f"  method:      {self.method}{format_options(self.method_options)}   target: {target}",
             f"  preset:      {self.pipeline.describe()}",
             f"  classifier:  {self.classifier} on {self.lr_input}, {self.n_splits}-fold CV grouped by input "
             f"(held-out M; chance = 0.5)" + ("" if self.converged else "  [did NOT converge in some folds]"),
@@ -585,9 +433,9 @@ class SeedStabilityResult:
         return {
             "model_writes": list(self.model_writes),
             "check": self.check, "passed": self.passed, "method": self.method,
-            "method_options": {k: _jsonable(v) for k, v in self.method_options.items()},
+            "method_options": {k: jsonable(v) for k, v in self.method_options.items()},
             "preset": self.pipeline.to_dict(), "seeds": list(self.seeds), "metric": self.metric,
-            "k": _jsonable(self.k), "threshold": self.threshold, "score": _finite_or_none(self.score),
+            "k": jsonable(self.k), "threshold": self.threshold, "score": _finite_or_none(self.score),
             "pairs": [{"seed_a": a, "seed_b": b, "similarity": _finite_or_none(s)} for a, b, s in self.pair_scores],
             "deterministic": self.deterministic, "max_abs_difference": self.max_abs_difference,
             "stochastic": self.stochastic, "n_inputs": self.n_inputs, "device": self.device,
@@ -614,7 +462,7 @@ class SeedStabilityResult:
         ]
         lines = [
             f"  check:       {self.check} (the same model and inputs explained under seeds {self.seeds})",
-            f"  method:      {self.method}{_format_options(self.method_options)} ({kind})   target: the model's "
+            f"  method:      {self.method}{format_options(self.method_options)} ({kind})   target: the model's "
             "prediction, fixed",
             f"  preset:      {self.pipeline.describe()}",
             f"  similarity:  {self._label()} = {self.score:.4f} (mean over {len(self.pair_scores)} seed pairs; "
@@ -817,7 +665,7 @@ def _check_compatible(named: list[tuple[str, Any]], inputs: Any) -> None:
         except SaliencyUsageError as exc:
             raise SaliencyUsageError(f"model {label!r}: {exc}") from None
         try:
-            with torch.no_grad(), _eval_mode(model, True):
+            with torch.no_grad(), model_in_eval_mode(model, True):
                 out = model(probe)
         except Exception as exc:
             raise SaliencyUsageError(
@@ -953,7 +801,7 @@ def explanation_consistency(
     start = time.perf_counter()
     named = _named_models(models)
     check_inputs(inputs)
-    _require_sklearn()
+    require_sklearn()
     seed = check_seed(seed)
     n_splits = check_count(n_splits, "n_splits", minimum=2, hint="It is the number of cross-validation folds.")
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
@@ -997,7 +845,7 @@ def explanation_consistency(
         targets = {label: fixed for label in label_list}
 
     raw = {
-        label: _attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options)
+        label: attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options)
         for label, model in named
     }
     need_maps = lr_input == "maps" or any(m in _MAP_METRICS for m in metric_names)
@@ -1078,7 +926,7 @@ def models_from(
     becomes a :class:`SaliencyUsageError` naming the seed.
     """
     torch = require_torch()
-    from ..model.cache import ModelCache, _call_train
+    from ..model.cache import ModelCache, call_train
 
     is_factory = callable(models_or_factory) and not isinstance(models_or_factory, torch.nn.Module)
     if not is_factory:
@@ -1101,7 +949,7 @@ def models_from(
     for index, s in enumerate(seed_list):
         s = check_seed(s, f"seeds[{index}]")
         model = cache.get_or_train(models_or_factory, s, build, version=version) if cache is not None else (
-            _call_train(models_or_factory, s)
+            call_train(models_or_factory, s)
         )
         named[f"seed={s}"] = model
     return named, {label: "seed" for label in named}
@@ -1303,8 +1151,8 @@ def explainer_seed_stability(
     pipeline = get_pipeline(preset)
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     fixed = resolve_target(model, inputs, target, batch_size)
-    raw = {s: _attribute(model, inputs, resolved, fixed, s, batch_size, True, options) for s in seed_list}
-    again = _attribute(model, inputs, resolved, fixed, seed_list[0], batch_size, True, options)
+    raw = {s: attribute(model, inputs, resolved, fixed, s, batch_size, True, options) for s in seed_list}
+    again = attribute(model, inputs, resolved, fixed, seed_list[0], batch_size, True, options)
     first = raw[seed_list[0]]
     max_diff = 0.0 if torch.equal(first, again) else float((first - again).abs().max())
     # Reproduced up to rounding: GPU kernels that sum in a varying order (atomic adds in cuDNN's

@@ -51,7 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.rng import derive_seed, rng_isolated
+from ..core.rng import derive_seed
+
+from ..core.integrity import rng_isolated
 from ..core.validation import (
     check_choice, check_count, check_flag, check_inputs, check_model, check_number, check_seed, unknown_choice,
 )

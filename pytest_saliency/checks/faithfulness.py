@@ -61,66 +61,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import rng_isolated
+from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..core.validation import (
     check_choice, check_count, check_finite, check_flag, check_inputs, check_model, check_seed, unknown_choice,
 )
+from ..core.jsonable import jsonable
 from ..exceptions import SaliencyUsageError
+from ..maps.baselines import default_blur_sigma, gaussian_blur
 
 MODES = ("deletion", "insertion")
 ORDERS = ("signed", "absolute")
 OUTPUTS = ("softmax", "raw")
 NORMALIZATIONS = ("max", None)
 SUBSTRATES = ("zero", "blur")
-#: RISE's insertion blur: sigma 5 px on 224 x 224 images; scaled to the input size here.
-RISE_BLUR_SIGMA_224 = 5.0
 DEFAULT_BATCH_SIZE = 256
 
 
 # --------------------------------------------------------------------------------------------
 # blur
 # --------------------------------------------------------------------------------------------
-
-
-def default_blur_sigma(height: int, width: int) -> float:
-    """RISE's 5 px blur on 224 px images, scaled to ``min(height, width)``, at least 1 px."""
-    return max(1.0, RISE_BLUR_SIGMA_224 * min(height, width) / 224.0)
-
-
-def gaussian_blur(images: Any, sigma: float | None = None, radius: int | None = None) -> Any:
-    """Blur (N, C, H, W) images channel by channel with a separable Gaussian, in torch.
-
-    ``sigma`` in pixels (default :func:`default_blur_sigma`), ``radius`` defaults to
-    ``int(3 sigma + 0.5)``; the kernel is normalized to sum 1 and edges are padded by replication
-    (scipy's ``gaussian_filter(mode="nearest", truncate=3.0)``), so a constant image stays
-    constant. Runs on the images' device and dtype.
-    """
-    torch = require_torch()
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise SaliencyUsageError(
-            f"gaussian_blur needs a floating tensor of shape (N, C, H, W), got "
-            f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}. Blurring is only defined for images; "
-            "use substrate='zero' or a constant for (N, D) feature vectors."
-        )
-    h, w = images.shape[-2:]
-    sigma = default_blur_sigma(h, w) if sigma is None else sigma
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
-        raise SaliencyUsageError(f"blur sigma must be a positive number of pixels, got {sigma!r}.")
-    radius = int(3.0 * float(sigma) + 0.5) if radius is None else radius
-    if isinstance(radius, bool) or not isinstance(radius, int):
-        raise SaliencyUsageError(f"blur radius must be an int >= 0, got {radius!r}.")
-    if radius < 0:
-        raise SaliencyUsageError(f"blur radius must be >= 0, got {radius}.")
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (offsets / float(sigma)) ** 2)
-    kernel = kernel / kernel.sum()
-    n, c = images.shape[:2]
-    x = images.reshape(n * c, 1, h, w)
-    x = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
-    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.reshape(n, c, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +275,7 @@ def causal_curves(
     docstring defines every option. Returns :class:`CausalCurves` with the curves for plotting.
     """
     torch = require_torch()
-    from ..maps.explainers import _eval_mode, explain, method_name, resolve_target
+    from ..maps.explainers import model_in_eval_mode, explain, method_name, resolve_target
 
     start_time = time.perf_counter()
     check_model(model)
@@ -354,7 +314,7 @@ def causal_curves(
     n_steps = (pixels + step - 1) // step
     changed = torch.clamp(torch.arange(n_steps + 1, device=inputs.device) * step, max=pixels)
     fractions = changed.double() / pixels
-    with _eval_mode(model, True), torch.no_grad():
+    with model_in_eval_mode(model, True), torch.no_grad():
         fixed_target = resolve_target(model, inputs, target, seed=seed)
         image_index = torch.arange(n, device=inputs.device).repeat_interleave(n_steps + 1)
         step_index = torch.arange(n_steps + 1, device=inputs.device).repeat(n)
@@ -411,12 +371,11 @@ class SpreadRow:
     std_of_means: float  # SAM 4.6: std across values of the dataset means
 
     def to_dict(self) -> dict[str, Any]:
-        from .sweeps import _jsonable
 
         return {
             "hyperparameter": self.hyperparameter,
             "score": self.score,
-            "values": [_jsonable(v) for v in self.values],
+            "values": [jsonable(v) for v in self.values],
             "value_means": self.value_means,
             "per_image": self.per_image,
             "mean_image_std": self.mean_image_std,
@@ -490,16 +449,15 @@ class AccuracySpread:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        from .sweeps import _jsonable
 
         return {
             "check": "accuracy_spread",
             "passed": True,
             "method": self.method,
-            "reference": {k: _jsonable(v) for k, v in self.reference.items()},
+            "reference": {k: jsonable(v) for k, v in self.reference.items()},
             "rows": [r.to_dict() for r in self.rows],
             "n_images": self.n_images,
-            "options": {k: _jsonable(v) for k, v in self.options.items()},
+            "options": {k: jsonable(v) for k, v in self.options.items()},
             "seconds": self.seconds,
         }
 

@@ -22,7 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import generator_states, pass_seeded, rng_isolated, same_generator_states
+from ..core.jsonable import jsonable
+from ..maps.options import format_options
+from ..core.rng import generator_states, pass_seeded, same_generator_states
+from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..core.validation import (
     all_finite, check_choice, check_count, check_finite, check_flag, check_inputs, check_model, check_number,
@@ -31,7 +34,7 @@ from ..core.validation import (
 from ..engine.replay import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
 from ..exceptions import SaliencyUsageError, warn_user
 from ..maps.explainers import (
-    Explainer, MethodSpec, _attribute, draws_random, memory_budget_bytes, prepare_method, resolve_target,
+    Explainer, MethodSpec, attribute, draws_random, memory_budget_bytes, prepare_method, resolve_target,
 )
 from ..engine.stacks import FORWARD_METHODS, occlusion_states, stackable
 from ..model.layers import select_layers, trace_forward
@@ -89,7 +92,7 @@ class RandomizationResult:
             "check": self.check,
             "passed": self.passed,
             "method": self.method,
-            "method_options": {k: _jsonable(v) for k, v in self.method_options.items()},
+            "method_options": {k: jsonable(v) for k, v in self.method_options.items()},
             "preset": self.pipeline.to_dict(),
             "mode": self.mode,
             "order": self.order,
@@ -154,7 +157,7 @@ class RandomizationResult:
         order = f", {self.order.replace('_', '-')}" if self.mode == "cascading" else ""
         lines = [
             f"  check:       {self.check} ({self.mode}{order}, randomization={self.randomization})",
-            f"  method:      {self.method}{_format_options(self.method_options)}   target: original model's prediction",
+            f"  method:      {self.method}{format_options(self.method_options)}   target: original model's prediction",
             f"  preset:      {self.pipeline.describe()}",
             f"  thresholds:  layer sensitive if SSIM < {s.ssim_threshold:g}; dataset sensitive if "
             f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
@@ -189,26 +192,6 @@ class RandomizationResult:
             "trained one, or, for a known-irrelevant layer, leave it out with layers=[...]."
         )
         return "\n".join([headline, self.report(), hint])
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return repr(value)
-
-
-# Filled in from the inputs and the memory budget, not chosen by the user: not worth printing.
-_DERIVED_OPTIONS = ("input_range", "input_min", "input_max", "internal_batch_size", "nt_samples_batch_size",
-                    "perturbations_per_eval")
-
-
-def _format_options(options: dict[str, Any]) -> str:
-    shown = {k: v for k, v in options.items() if k not in _DERIVED_OPTIONS and not k.startswith("_")}
-    if not shown:
-        return ""
-    return " (" + ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) + ")"
 
 
 def _as_ssim_maps(maps: Any) -> Any:
@@ -469,7 +452,7 @@ def layer_randomization(
             raw = cache.get(key)
             if raw is not None:
                 return _as_ssim_maps(pipeline_maps(raw, pipeline))
-        raw = _attribute(model, x, resolved, t, seed, batch_size, True, options, prepared=True, index=ids)
+        raw = attribute(model, x, resolved, t, seed, batch_size, True, options, prepared=True, index=ids)
         if key is not None:
             cache.put(key, raw)
         return _as_ssim_maps(pipeline_maps(raw, pipeline))
@@ -652,7 +635,7 @@ def layer_randomization(
                                     replay.close()
                                     replay = None
                             if raw is None:  # (replayed maps are checked for NaN and inf with the others, in comparison)
-                                raw = _attribute(model, x, resolved, t, seed, batch_size, True, options,
+                                raw = attribute(model, x, resolved, t, seed, batch_size, True, options,
                                                  prepared=True, what=state_maps(index), index=ids)
                         comparison.add(index, raw)
                 comparison.flush()

@@ -57,12 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.rng import rng_isolated
+from ..core.jsonable import jsonable
+from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..core.validation import check_inputs, check_model, model_device
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
-from ..maps.explainers import MethodSpec, _attribute, draws_random, prepare_method, resolve_target
-from .randomization import _DERIVED_OPTIONS
+from ..maps.explainers import MethodSpec, attribute, draws_random, prepare_method, resolve_target
+from ..maps.options import DERIVED_OPTIONS
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 FORMAT_VERSION = 1
@@ -185,16 +186,6 @@ def _versions() -> dict[str, str]:
         captum_version = "unknown"
     return {"pytest_saliency": __version__, "torch": torch.__version__, "captum": captum_version,
             "numpy": np.__version__}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
 
 
 # "." + name + "." + pid + "." + 8 hex digits + ".tmp": the temporary file written next to a target.
@@ -747,11 +738,12 @@ def check_baseline(
         "format_version": FORMAT_VERSION,
         "method": label,
         # Only what changes the maps: batching and values derived from the inputs are left out.
-        "method_options": _jsonable({k: v for k, v in options.items() if k not in _DERIVED_OPTIONS and not k.startswith("_")}),
+        "method_options": jsonable({k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")},
+                                   tensors="digest"),
         "preset": pipeline.to_dict(),
         "input_fingerprint": input_fingerprint(inputs),
         "input_shape": list(inputs.shape),
-        "target": _jsonable(target.tolist() if isinstance(target, torch.Tensor) else target),
+        "target": jsonable(target.tolist() if isinstance(target, torch.Tensor) else target),
         "seed": seed,
         "metric": metric,
         "versions": _versions(),
@@ -768,7 +760,7 @@ def check_baseline(
     metadata["targets"] = fixed_target.tolist()
 
     def maps_of(m: Any) -> Any:
-        raw = _attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
+        raw = attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
         return apply_pipeline(raw, pipeline).float()
 
     current = maps_of(model)

@@ -51,24 +51,26 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import derive_seed, rng_isolated
+from ..core.jsonable import jsonable
+from ..core.rng import derive_seed
+from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..core.validation import (
     check_choice, check_count, check_inputs, check_model, check_number, check_seed, check_threshold, unknown_choice,
 )
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks
+from ..maps.explainers import uniform_baseline
 from ..maps.options import check_option_value, is_int, is_real, is_tensor_like
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 
 DEFAULT_METRICS = ("ssim", "spearman", "hog_pearson")
 DEFAULT_PRESET = "sam2020"
-SAM_INPUT_SIZE = 224
 #: SAM code: skimage.feature.hog(h, pixels_per_cell=(16, 16)) on 224 px maps.
 SAM_HOG_CELL = 16
 #: SAM code: skimage.util.random_noise(img, "gaussian", mean=0, var=0.1) on [0, 1] images (clipped).
@@ -90,63 +92,6 @@ SEGMENT_METHODS = ("lime", "kernel_shap", "feature_ablation")
 # --------------------------------------------------------------------------------------------
 # materialized hyperparameters: baselines and SLIC superpixels
 # --------------------------------------------------------------------------------------------
-
-
-def uniform_baseline(inputs: Any, seed: int = 0, *, index: Any = 0, method: str = "integrated_gradients") -> Any:
-    """One baseline per input, uniform over that input's own ``[min, max]``: the draw that
-    ``explain(..., method, baselines="uniform", seed=seed)`` makes for the input at its index in
-    the user's inputs (``index``: the first input's, or one per input), so an input's baseline
-    does not depend on the other inputs. No global RNG state changes."""
-    from ..maps.explainers import uniform_baselines
-
-    return uniform_baselines(inputs, seed, index, method, {})
-
-
-def blurred_baseline(inputs: Any, sigma: float | None = None) -> Any:
-    """A Gaussian-blurred copy of each input (IG's "blurred" baseline); sigma = min(H, W) / 16 by default."""
-    from .faithfulness import gaussian_blur
-
-    if inputs.dim() != 4:
-        raise SaliencyUsageError(
-            "baselines='blurred' needs images (N, C, H, W); for (N, D) feature vectors use 'zero' or 'uniform'."
-        )
-    return gaussian_blur(inputs, sigma if sigma is not None else max(1.0, min(inputs.shape[-2:]) / 16.0))
-
-
-def slic_feature_masks(
-    inputs: Any, n_segments: int, compactness: float = 30.0, sigma: float | None = None
-) -> Any:
-    """Per-image SLIC superpixels as an integer feature mask of shape (N, 1, H, W), labels 0..S-1.
-
-    SAM's LIME used ``n_segments=50, compactness=30, sigma=3`` on 224 px images; sigma is scaled
-    to the input's smaller side here. Images are min-max scaled over the whole batch (grey images
-    to [0, 100]), but scikit-image rescales each image to its own [0, 1] range before segmenting
-    (and before the Lab conversion of 3-channel images), so the masks depend on each image alone
-    and ``compactness`` means what scikit-image documents. SLIC returns about ``n_segments``
-    segments (fewer on small images); labels are made contiguous.
-    Runs scikit-image on the CPU, one image at a time.
-    """
-    torch = require_torch()
-    from skimage.segmentation import slic
-
-    if inputs.dim() != 4:
-        raise SaliencyUsageError("SLIC superpixels need images (N, C, H, W).")
-    c, h, w = inputs.shape[1:]
-    if sigma is None:
-        sigma = 3.0 * min(h, w) / SAM_INPUT_SIZE
-    low, high = float(inputs.min()), float(inputs.max())
-    scaled = ((inputs.detach() - low) / ((high - low) or 1.0)).permute(0, 2, 3, 1).cpu().double().numpy()
-    masks = []
-    for image in scaled:
-        if c == 1:
-            labels = slic(image[..., 0] * 100.0, n_segments=n_segments, compactness=compactness, sigma=sigma,
-                          channel_axis=None, start_label=0)
-        else:
-            labels = slic(image, n_segments=n_segments, compactness=compactness, sigma=sigma, channel_axis=-1,
-                          convert2lab=(c == 3), start_label=0)
-        labels = torch.as_tensor(labels.astype("int64"))
-        masks.append(torch.unique(labels, return_inverse=True)[1])
-    return torch.stack(masks)[:, None].to(inputs.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,23 +240,6 @@ def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if is_int(value):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if is_tensor_like(value):
-        return f"tensor{tuple(value.shape)}"
-    return repr(value)
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{k}={_format_value(v)}" for k, v in value.items()) + "}"
@@ -356,12 +284,12 @@ class SweepRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "value": _jsonable(self.value),
+            "value": jsonable(self.value),
             "seed": self.seed,
-            "mean": {m: _jsonable(self.mean(m)) for m in self.scores},
-            "std": {m: _jsonable(self.std(m)) for m in self.scores},
+            "mean": {m: jsonable(self.mean(m)) for m in self.scores},
+            "std": {m: jsonable(self.std(m)) for m in self.scores},
             "nan_count": {m: self.nan_count(m) for m in self.scores},
-            "per_image": {m: [_jsonable(v) for v in s] for m, s in self.scores.items()},
+            "per_image": {m: [jsonable(v) for v in s] for m, s in self.scores.items()},
         }
 
 
@@ -391,10 +319,10 @@ class SweepTable:
         metrics = list(self.rows[0].scores) if self.rows else []
         return {
             "hyperparameter": self.hyperparameter,
-            "reference_value": _jsonable(self.reference_value),
+            "reference_value": jsonable(self.reference_value),
             "rows": [row.to_dict() for row in self.rows],
-            "dataset_mean": {m: _jsonable(self.dataset_mean(m)) for m in metrics},
-            "dataset_std": {m: _jsonable(self.dataset_std(m)) for m in metrics},
+            "dataset_mean": {m: jsonable(self.dataset_mean(m)) for m in metrics},
+            "dataset_std": {m: jsonable(self.dataset_std(m)) for m in metrics},
         }
 
 
@@ -559,8 +487,8 @@ class SweepResult:
             "check": self.check,
             "passed": self.passed,
             "method": self.method,
-            "reference": _jsonable(self.reference),
-            "method_options": _jsonable({k: v for k, v in self.method_options.items()
+            "reference": jsonable(self.reference),
+            "method_options": jsonable({k: v for k, v in self.method_options.items()
                                          if k not in ("input_range", "input_min", "input_max")}),
             "preset": self.pipeline.to_dict(),
             "metrics": list(self.metrics),
@@ -569,14 +497,14 @@ class SweepResult:
             "higher_is_better": self.higher_is_better,
             "tables": [t.to_dict() for t in self.tables],
             "least_stable": None if least is None else {
-                "hyperparameter": least[0].hyperparameter, "value": _jsonable(least[1].value),
-                "mean": _jsonable(least[1].mean(self.metric)),
+                "hyperparameter": least[0].hyperparameter, "value": jsonable(least[1].value),
+                "mean": jsonable(least[1].mean(self.metric)),
             },
             "failures": [
-                {"hyperparameter": t.hyperparameter, "value": _jsonable(r.value), "mean": _jsonable(r.mean(self.metric))}
+                {"hyperparameter": t.hyperparameter, "value": jsonable(r.value), "mean": jsonable(r.mean(self.metric))}
                 for t, r in self.failures
             ],
-            "noise": _jsonable(self.noise),
+            "noise": jsonable(self.noise),
             "note": STABILITY_NOTE,
             "n_images": self.n_images,
             "device": self.device,
@@ -598,7 +526,7 @@ class SweepResult:
             "metric": self.metric,
             "threshold": self.threshold,
             "least_stable": None if least is None else self._label(*least),
-            "least_stable_mean": None if least is None else _jsonable(least[1].mean(self.metric)),
+            "least_stable_mean": None if least is None else jsonable(least[1].mean(self.metric)),
             "n_images": self.n_images,
             "seed": self.seed,
             "summary": self.summary(),
@@ -621,10 +549,10 @@ def _callable_parameters(fn: Callable[..., Any]) -> tuple[set[str], bool]:
 
 
 def _valid_names(resolved: Any) -> tuple[list[str], bool]:
-    from ..maps.explainers import _EXTRA_OPTIONS, MethodSpec
+    from ..maps.explainers import EXTRA_OPTIONS, MethodSpec
 
     if isinstance(resolved, MethodSpec):
-        names = set(resolved.defaults) | set(_EXTRA_OPTIONS.get(resolved.name, ())) | {"seed"}
+        names = set(resolved.defaults) | set(EXTRA_OPTIONS.get(resolved.name, ())) | {"seed"}
         if resolved.name in SEGMENT_METHODS:
             names.add("n_segments")
         return sorted(names), False
@@ -690,14 +618,14 @@ def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: in
 def _per_image_explainer(
     spec: Any, options: dict[str, Any], per_image: dict[str, Any], seed: int
 ) -> Callable[..., Any]:
-    """An explainer that gives captum the per-image tensors of the chunk ``_attribute`` hands it.
+    """An explainer that gives captum the per-image tensors of the chunk ``attribute`` hands it.
 
     Chunks come in order, so ``offset`` is the chunk's first index in the inputs: with ``seed`` it
-    seeds each image's random draws, and :func:`pytest_saliency.maps.explainers._run_captum` takes the
+    seeds each image's random draws, and :func:`pytest_saliency.maps.explainers.run_captum` takes the
     rows of a per-input baseline by it; feature masks are sliced here.
     """
     torch = require_torch()
-    from ..maps.explainers import _run_captum
+    from ..maps.explainers import run_captum
 
     offset = 0
     one_at_a_time = spec.name in ("lime", "kernel_shap") and "feature_mask" in per_image
@@ -709,10 +637,10 @@ def _per_image_explainer(
         sliced = {k: v if k == "baselines" else v[first:first + n] for k, v in per_image.items()}
         offset += n
         if not one_at_a_time:
-            return _run_captum(spec, model, chunk, target, {**options, **sliced}, seed=seed, index=first)
+            return run_captum(spec, model, chunk, target, {**options, **sliced}, seed=seed, index=first)
         # captum's Lime takes one feature mask per call: explain image by image (it loops anyway).
         return torch.cat([
-            _run_captum(spec, model, chunk[i:i + 1], target[i:i + 1],
+            run_captum(spec, model, chunk[i:i + 1], target[i:i + 1],
                         {**options, **{k: v if k == "baselines" else v[i:i + 1] for k, v in sliced.items()}},
                         seed=seed, index=first + i)
             for i in range(n)
@@ -746,22 +674,22 @@ def _explain_setting(
 def _compute_setting(
     model: Any, inputs: Any, resolved: Any, setting: dict[str, Any], target: Any, seed: int, batch_size: int | None
 ) -> Any:
-    from ..maps.explainers import MethodSpec, _attribute, _method_options, method_name
+    from ..maps.explainers import MethodSpec, attribute, resolved_options, method_name
 
     native, per_image = _split_setting(resolved, setting, inputs, seed)
     if isinstance(resolved, MethodSpec):
-        options = _method_options(resolved, model, inputs, native)
+        options = resolved_options(resolved, model, inputs, native)
         if not per_image:
-            return _attribute(model, inputs, resolved, target, seed, batch_size, True, options)
-        # _attribute chunks the images (batch_size, or the memory-sized "_image_batch"); the wrapper
+            return attribute(model, inputs, resolved, target, seed, batch_size, True, options)
+        # attribute chunks the images (batch_size, or the memory-sized "_image_batch"); the wrapper
         # gives captum each chunk's per-image tensors.
         chunking = {k: v for k, v in options.items() if k == "_image_batch"}
-        return _attribute(model, inputs, _per_image_explainer(resolved, options, per_image, seed), target, seed,
+        return attribute(model, inputs, _per_image_explainer(resolved, options, per_image, seed), target, seed,
                           batch_size, True, chunking)
     explainer = functools.partial(resolved, **native) if native else resolved
     if native:
         explainer.__name__ = method_name(resolved)  # type: ignore[attr-defined]
-    return _attribute(model, inputs, explainer, target, seed, batch_size, True, {})
+    return attribute(model, inputs, explainer, target, seed, batch_size, True, {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -1036,8 +964,8 @@ def hyperparameter_sweep(
         progress(total, total, "")
     if not reproduce:
         reproduce = (
-            f"pytest_saliency.hyperparameter_sweep(model, inputs, {label!r}, sweep={_jsonable(sweep)!r}, "
-            f"reference={_jsonable(reference)!r}, preset={pipeline.name!r}, seed={seed})"
+            f"pytest_saliency.hyperparameter_sweep(model, inputs, {label!r}, sweep={jsonable(sweep)!r}, "
+            f"reference={jsonable(reference)!r}, preset={pipeline.name!r}, seed={seed})"
         )
     return SweepResult(
         check="hyperparameter_stability", method=label, reference=reference, method_options=options,

@@ -1118,7 +1118,7 @@ METRICS: dict[str, MetricInfo] = {
 }
 
 
-def _lookup(name: Any) -> MetricInfo:
+def metric_info(name: Any) -> MetricInfo:
     if not isinstance(name, str) or name not in METRICS:
         raise unknown_choice("metric", name, METRICS)
     return METRICS[name]
@@ -1150,7 +1150,7 @@ def chance_level(metric_name: str, k: KValue | None = None, num_features: int | 
     chance level on maps of different inputs and gates against the stricter of the two. Top-k metrics need
     ``num_features`` and ``k`` (consistent_direction: ``k=None`` means all features).
     """
-    info = _lookup(metric_name)
+    info = metric_info(metric_name)
     if not info.takes_k:
         return info.chance(None, num_features)
     if num_features is None:
@@ -1177,7 +1177,7 @@ def compute_metric(name: str, a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -
     rank_correlation, ``data_range=`` for ssim). Unknown names and arguments that the metric does
     not take raise :class:`SaliencyUsageError`.
     """
-    info = _lookup(name)
+    info = metric_info(name)
     signature = inspect.signature(info.function)
     try:
         signature.bind(a, b, **kwargs)

@@ -36,12 +36,16 @@ import operator
 import signal
 import threading
 import weakref
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from . import rng as _rng
 from .torchtools import require_torch, set_plain_attribute
 from ..exceptions import SaliencyCheckFailed, warn_user
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _MAIN = threading.main_thread().ident
 
@@ -388,6 +392,28 @@ def _same_bits(a: Any, b: Any) -> bool:
         if integer is not None:
             return torch.equal(a.view(integer), b.view(integer))
     return torch.equal(a, b)
+
+
+def rng_isolated(function: F) -> F:
+    """Run ``function`` (a public entry point that runs a model) with the global generators
+    seeded from its ``seed`` argument (0 if it has none) and restored afterwards, as
+    :func:`pytest_saliency.core.rng.isolated_rngs` does, and its model arguments, grad mode and torch's other modes put
+    back whatever ends the call, a Ctrl-C included (:func:`guarded_call`)."""
+    signature = inspect.signature(function)
+    parameter = signature.parameters.get("seed")
+    default = parameter.default if parameter is not None and parameter.default is not inspect.Parameter.empty else 0
+    by_keyword_only = parameter is None or parameter.kind is inspect.Parameter.KEYWORD_ONLY
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # a failed check's traceback ends in the user's test
+        if "seed" in kwargs or by_keyword_only:
+            seed = kwargs.get("seed", default)
+        else:
+            seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
+        return guarded_call(function, args, kwargs, seed)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def guarded_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], seed: Any) -> Any:

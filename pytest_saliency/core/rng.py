@@ -18,13 +18,11 @@ comparison measures the change of the model, not a fresh dropout mask.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import random
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from .torchtools import require_torch
 
@@ -83,7 +81,6 @@ def derive_seed(seed: int, *parts: int | str) -> int:
     return int.from_bytes(digest, "little") % (2**63 - 1)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 # The generators are process-wide: an isolation holds this lock, so checks in several threads of
 # one process run one at a time instead of saving and restoring each other's states.
@@ -161,30 +158,6 @@ def isolated_rngs(seed: Any = 0) -> Iterator[None]:
                 torch.cuda.default_generators[index].set_state(state)
             np.random.set_state(saved[2])
             random.setstate(saved[3])
-
-
-def rng_isolated(function: F) -> F:
-    """Run ``function`` (a public entry point that runs a model) with the global generators
-    seeded from its ``seed`` argument (0 if it has none) and restored afterwards, as
-    :func:`isolated_rngs` does, and its model arguments, grad mode and torch's other modes put
-    back whatever ends the call, a Ctrl-C included (:func:`pytest_saliency.core.integrity.guarded_call`)."""
-    from .integrity import guarded_call
-
-    signature = inspect.signature(function)
-    parameter = signature.parameters.get("seed")
-    default = parameter.default if parameter is not None and parameter.default is not inspect.Parameter.empty else 0
-    by_keyword_only = parameter is None or parameter.kind is inspect.Parameter.KEYWORD_ONLY
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        __tracebackhide__ = True  # a failed check's traceback ends in the user's test
-        if "seed" in kwargs or by_keyword_only:
-            seed = kwargs.get("seed", default)
-        else:
-            seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
-        return guarded_call(function, args, kwargs, seed)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ from typing import Any
 
 from ..core.torchtools import require_torch
 from ..model.layers import (
-    ForwardTrace, _flat_arguments, _output_tensors, _plain, patch_forward, restore_forwards, trace_forward,
+    ForwardTrace, flat_arguments, output_tensors, plain_tensor, patch_forward, restore_forwards, trace_forward,
 )
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
@@ -307,7 +307,7 @@ class _RecordedPass:
 
         def note(name: str, output: Any, args: Any, kwargs: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
-            tensors = _output_tensors(output) if name else None  # the root's output is never replayed
+            tensors = output_tensors(output) if name else None  # the root's output is never replayed
             if tensors is not None:
                 self.recorded[name] = output
                 checksum(name, tensors)
@@ -322,18 +322,18 @@ class _RecordedPass:
                     reducing.add(name)
 
         def note_op(index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
-            for value in _flat_arguments(args, kwargs):  # which modules' outputs this call reads
+            for value in flat_arguments(args, kwargs):  # which modules' outputs this call reads
                 token = origin.get(id(value)) if isinstance(value, torch.Tensor) else None
                 if token is not None and token[0] == "module":
                     self.consumers.setdefault(token[1], set()).add(event)
-            if owner not in self.composite or not _plain(result):
+            if owner not in self.composite or not plain_tensor(result):
                 return
             key = call_key(func, args, kwargs, origin)
             if key is None or key in keys:
                 return  # a second call computing the same thing: the first one's output serves it
             storage = result.untyped_storage().data_ptr()
-            if any(_plain(value) and value.untyped_storage().data_ptr() == storage
-                   for value in _flat_arguments(args, kwargs)):
+            if any(plain_tensor(value) and value.untyped_storage().data_ptr() == storage
+                   for value in flat_arguments(args, kwargs)):
                 return  # a view or an in-place result: nothing to save by replaying it
             keys.add(key)
             self.ops[index] = (event, key, result)
@@ -349,7 +349,7 @@ class _RecordedPass:
             # Not seen by the trace's TorchFunctionMode (a custom autograd.Function packs outside
             # any torch call it sees).
             with torch._C.DisableTorchFunction():
-                if _plain(tensor):
+                if plain_tensor(tensor):
                     saved.add(tensor.untyped_storage().data_ptr())
                 # Detached, as autograd stores saved outputs (the tensor would otherwise hold its
                 # own grad_fn, and the graph would live until the garbage collector found the
@@ -529,7 +529,7 @@ class GradientReplay(_RecordedPass):
 
     ``target``: one class per input (the original model's predictions by default); it may be set
     after :meth:`record`, whose trace gives the predictions. ``seed`` and ``index`` (where the
-    inputs sit in the user's inputs, as for :func:`pytest_saliency.maps.explainers._attribute`) give
+    inputs sit in the user's inputs, as for :func:`pytest_saliency.maps.explainers.attribute`) give
     each image the random draws (noise, a uniform baseline) of the full captum pass.
 
     Use :meth:`original` first (it calls :meth:`record` if needed), then :meth:`verify`, then
@@ -646,7 +646,7 @@ class _Recipe:
     the gradient (``abs`` optional), ``input_x_gradient`` the gradient times the input, and
     ``integrated_gradients`` feeds all interpolation steps as one batch, ``baseline + alpha *
     (x - baseline)`` step by step, and sums the step-size-weighted gradients times ``x - baseline``
-    (captum's ``IntegratedGradients._attribute`` with every step in one internal batch);
+    (captum's ``IntegratedGradients.attribute`` with every step in one internal batch);
     ``smoothgrad`` feeds every noisy sample of every image at once, each image's noise drawn by
     the same call under the same seed (:func:`pytest_saliency.maps.explainers.image_seed`) and with
     the same standard deviation as captum's ``NoiseTunnel`` on that image alone (one partition),
@@ -667,7 +667,8 @@ class _Recipe:
         if method == "integrated_gradients":
             from captum.attr._utils.approximation_methods import approximation_parameters
 
-            from ..maps.explainers import uniform_baselines, zero_or
+            from ..maps.baselines import zero_or
+            from ..maps.explainers import uniform_baselines
 
             step_sizes_func, alphas_func = approximation_parameters(o["integration_method"])
             self.steps = int(o["n_steps"])
@@ -779,8 +780,8 @@ def _reduces(outputs: list[Any], args: Any, kwargs: Any) -> bool:
     """Whether ``outputs`` (plain tensors) take at most half the bytes of the largest tensor argument
     that does not share their storage (pooling, a strided convolution, a Linear layer to fewer features)."""
     storages = {t.untyped_storage().data_ptr() for t in outputs}
-    largest = max((value.numel() * value.element_size() for value in _flat_arguments(args, kwargs)
-                   if _plain(value) and value.untyped_storage().data_ptr() not in storages), default=0)
+    largest = max((value.numel() * value.element_size() for value in flat_arguments(args, kwargs)
+                   if plain_tensor(value) and value.untyped_storage().data_ptr() not in storages), default=0)
     return 2 * sum(t.numel() * t.element_size() for t in outputs) <= largest
 
 

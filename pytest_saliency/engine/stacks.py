@@ -195,26 +195,26 @@ def occlusion_states(model: Any, inputs: Any, target: Any, stages: Sequence[tupl
 
     ``chunk`` images go to captum at a time (``batch_size`` or the memory budget's image chunk);
     with a ``"uniform"`` baseline one image at a time, drawn from its seed (``seed`` and its place
-    ``index`` in the user's inputs, as for :func:`pytest_saliency.maps.explainers._attribute`).
+    ``index`` in the user's inputs, as for :func:`pytest_saliency.maps.explainers.attribute`).
     Returns the maps and whether any state reused the original pass. The model must be in eval
     mode with parameter gradients off (the randomization engine sets both for a check).
     """
     torch = require_torch()
-    from ..maps.explainers import METHODS, _chunks, image_ids, _quiet_captum, _run_captum, draws_random, occlusion_positions
+    from ..maps.explainers import METHODS, chunks, image_ids, quiet_captum, run_captum, draws_random, occlusion_positions
 
     per_call = options.get("perturbations_per_eval") or 1
     if draws_random(METHODS["occlusion"], options):
-        chunk = 1  # _run_captum explains such a method image by image; the stack holds one image's target
+        chunk = 1  # run_captum explains such a method image by image; the stack holds one image's target
     ids = image_ids(index, inputs.shape[0])
-    pieces = list(zip(_chunks(inputs, chunk), _chunks(target, chunk)))
+    pieces = list(zip(chunks(inputs, chunk), chunks(target, chunk)))
     calls = len(pieces) * (1 + -(-occlusion_positions(inputs, options) // per_call))
     drawn = randomized_values(stages, strategy, seed)  # once for all chunks
     maps, reused, done, first = [], False, 0, 0
     for x, t in pieces:
         stack = StateStack(model, stages, mode, strategy, seed, t, progress=progress, calls=calls, label=label,
                            done=done, drawn=drawn)
-        with _quiet_captum():
-            raw = _run_captum(METHODS["occlusion"], stack, x.detach(), None, options, seed=seed,
+        with quiet_captum():
+            raw = run_captum(METHODS["occlusion"], stack, x.detach(), None, options, seed=seed,
                               index=ids[first:first + x.shape[0]])
         first += x.shape[0]
         maps.append(raw.reshape((x.shape[0], stack.size) + tuple(x.shape[1:])).transpose(0, 1))

@@ -33,9 +33,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import derive_seed, pass_seeded, rng_isolated
+from ..core.rng import derive_seed, pass_seeded
+
+from ..core.integrity import rng_isolated
 from ..core.torchtools import ensure_eval_mode, module_settings, require_torch, restore_training_flags, training_flags
 from ..core.validation import check_count, check_finite, check_inputs, check_model, unknown_choice
+from .baselines import zero_or
 from ..exceptions import SaliencyUsageError, warn_user
 from .options import check_option_value
 from .postprocess import MapPipeline, apply_pipeline
@@ -152,8 +155,8 @@ def predicted_targets(model: Any, inputs: Any, batch_size: int | None = None, se
     Seeded like an explanation pass (a model that draws random numbers predicts reproducibly).
     """
     torch = require_torch()
-    with torch.no_grad(), _eval_mode(model, True), pass_seeded(seed, inputs.device):
-        outputs = [model(chunk) for chunk in _chunks(inputs, batch_size)]
+    with torch.no_grad(), model_in_eval_mode(model, True), pass_seeded(seed, inputs.device):
+        outputs = [model(chunk) for chunk in chunks(inputs, batch_size)]
     return targets_from_outputs(torch.cat(outputs))
 
 
@@ -215,7 +218,7 @@ def resolve_target(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: Any, enabled: bool) -> Iterator[None]:
+def model_in_eval_mode(model: Any, enabled: bool) -> Iterator[None]:
     flags = training_flags(model)
     if enabled:
         ensure_eval_mode(model, flags)
@@ -250,14 +253,14 @@ _CAPTUM_NOTICES = (
 
 
 @contextlib.contextmanager
-def _quiet_captum() -> Iterator[None]:
+def quiet_captum() -> Iterator[None]:
     with warnings.catch_warnings():
         for pattern in _CAPTUM_NOTICES:
             warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
         yield
 
 
-def _chunks(tensor: Any, size: int | None) -> list[Any]:
+def chunks(tensor: Any, size: int | None) -> list[Any]:
     size = check_count(size, "batch_size", minimum=1, allow_none=True,
                        hint="It is how many inputs one explainer call sees; None explains all at once.")
     if size is None or size >= tensor.shape[0]:
@@ -302,7 +305,7 @@ def image_seed(seed: int, index: int, method: str, options: dict[str, Any]) -> i
 
 def uniform_baselines(inputs: Any, seed: int, index: Any, method: str, options: dict[str, Any]) -> Any:
     """One ``"uniform"`` baseline per input, drawn under that input's :func:`image_seed` (its place
-    in the user's inputs: ``index``, see :func:`image_ids`): the draws :func:`_run_captum` makes,
+    in the user's inputs: ``index``, see :func:`image_ids`): the draws :func:`run_captum` makes,
     for code that builds the baselines itself. No global RNG state changes."""
     torch = require_torch()
     from ..core.rng import seeded
@@ -312,42 +315,6 @@ def uniform_baselines(inputs: Any, seed: int, index: Any, method: str, options: 
         with seeded(image_seed(seed, image, method, options), inputs.device, torch_only=True):
             rows.append(zero_or("uniform", inputs[row:row + 1]))
     return torch.cat(rows)
-
-
-def _image_ranges(inputs: Any) -> tuple[Any, Any]:
-    """Each input's own minimum and maximum, shaped to broadcast over its values."""
-    flat = inputs.flatten(1)
-    shape = (-1,) + (1,) * (inputs.dim() - 1)
-    return flat.amin(1).view(shape), flat.amax(1).view(shape)
-
-
-def zero_or(value: Any, inputs: Any) -> Any:
-    """Baselines by name: ``"zero"`` (black), ``"uniform"`` (noise over each input's own range, drawn
-    from the global generator, which :func:`_run_captum` seeds per image) or ``"blurred"`` (a
-    Gaussian blur of the input); a number is used as given, and a tensor (checked by
-    :func:`_check_baselines`) is expanded to the inputs' shape (a baseline per input must have
-    as many rows as ``inputs``: :func:`_run_captum` takes the rows of the inputs it explains)."""
-    torch = require_torch()
-    if isinstance(value, torch.Tensor):
-        if value.dim() == inputs.dim() and value.shape[0] not in (1, inputs.shape[0]):  # one per input
-            raise SaliencyUsageError(
-                f"baselines has one row per input ({value.shape[0]}) but these {inputs.shape[0]} inputs are "
-                "a part of them whose positions are not known here. Pass one baseline shared by all "
-                f"inputs, of shape {tuple(inputs.shape[1:])}, or explain all inputs at once."
-            )
-        return value.expand_as(inputs)
-    if value is None or (isinstance(value, str) and value == "zero"):
-        return torch.zeros_like(inputs)
-    if isinstance(value, str) and value == "blurred":
-        from ..checks.sweeps import blurred_baseline
-
-        return blurred_baseline(inputs)
-    if isinstance(value, str) and value == "uniform":
-        low, high = _image_ranges(inputs)
-        return low + (high - low) * torch.rand_like(inputs)
-    if isinstance(value, str):
-        raise SaliencyUsageError(f"unknown baseline {value!r}; use 'zero', 'uniform', 'blurred' or a tensor.")
-    return value
 
 
 def _check_baselines(method: str, inputs: Any, value: Any) -> None:
@@ -438,6 +405,14 @@ def occlusion_positions(inputs: Any, options: dict[str, Any]) -> int:
     return count
 
 
+def uniform_baseline(inputs: Any, seed: int = 0, *, index: Any = 0, method: str = "integrated_gradients") -> Any:
+    """One baseline per input, uniform over that input's own ``[min, max]``: the draw that
+    ``explain(..., method, baselines="uniform", seed=seed)`` makes for the input at its index in
+    the user's inputs (``index``: the first input's, or one per input), so an input's baseline
+    does not depend on the other inputs. No global RNG state changes."""
+    return uniform_baselines(inputs, seed, index, method, {})
+
+
 def image_ids(index: Any, n: int) -> list[int]:
     """The indices in the user's inputs of ``n`` inputs: ``index`` is the first one's (an int) or
     one index per input (a sequence or an integer tensor)."""
@@ -455,7 +430,7 @@ def _stream_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)))
 
 
-def _run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any], *,
+def run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any], *,
                 seed: int | None = None, index: Any = 0) -> Any:
     """Build the captum object for ``spec`` and attribute one chunk of inputs.
 
@@ -621,7 +596,7 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
 
 # Options accepted on top of the documented defaults (they have no default value); every named
 # method also accepts memory_budget (see _auto_batching).
-_EXTRA_OPTIONS = {
+EXTRA_OPTIONS = {
     "smoothgrad": ("stdevs", "input_range"),
     "lime": ("feature_mask",),
     "kernel_shap": ("feature_mask",),
@@ -734,7 +709,7 @@ def _probe_activation_bytes(model: Any, example: Any) -> tuple[int, int | None]:
     handles = []
     try:
         handles.extend(m.register_forward_hook(hook) for m in leaves)
-        with torch.no_grad(), _eval_mode(model, True):
+        with torch.no_grad(), model_in_eval_mode(model, True):
             out = model(example)
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         if isinstance(error, SaliencyUsageError):
@@ -786,7 +761,7 @@ def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str,
         options[option] = max(1, min(rows, int(options.get("n_samples", spec.defaults["n_samples"]))))
     elif spec.name == "smoothgrad":
         # Samples per pass of one image, whatever the number of images: SmoothGrad explains one
-        # image at a time (see _run_captum), so its map never depends on the chunking.
+        # image at a time (see run_captum), so its map never depends on the chunking.
         options[option] = max(1, min(rows, per_image))
     else:
         options[option] = max(1, rows // images)
@@ -804,9 +779,9 @@ def _noise_std(value: Any) -> float:
     return float(value)
 
 
-def _method_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+def resolved_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
     """Validate user options, size internal batches, and add the input-range facts some methods scale by."""
-    allowed = set(spec.defaults) | set(_EXTRA_OPTIONS.get(spec.name, ())) | {"memory_budget"}
+    allowed = set(spec.defaults) | set(EXTRA_OPTIONS.get(spec.name, ())) | {"memory_budget"}
     extra = sorted(set(options) - allowed)
     if extra:
         valid = ", ".join(sorted(allowed)) or "none (this method has no hyperparameters)"
@@ -836,7 +811,7 @@ def prepare_method(
     """
     resolved = resolve_method(method)
     if isinstance(resolved, MethodSpec):
-        return resolved, resolved.name, _method_options(resolved, model, inputs, method_kwargs)
+        return resolved, resolved.name, resolved_options(resolved, model, inputs, method_kwargs)
     name = method_name(method)
     if method_kwargs:
         raise SaliencyUsageError(
@@ -879,7 +854,7 @@ def explain(
                 hint="It is how many inputs one explainer call sees; None explains all at once.")
     resolved, _, options = prepare_method(method, model, inputs, method_kwargs)
     target = resolve_target(model, inputs, target, batch_size, seed=seed)
-    attributions = _attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
+    attributions = attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
     return attributions if preset is None else apply_pipeline(attributions, preset)
 
 
@@ -916,7 +891,7 @@ def _raise_no_gradient_path_error(method: MethodSpec, exc: RuntimeError) -> None
     ) from exc
 
 
-def _attribute(
+def attribute(
     model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
     batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
     what: str = "", index: Any = 0,
@@ -928,7 +903,7 @@ def _attribute(
     again for every call. User callables are always guarded, since they may change the flags.
     ``what``: how an error names the maps (default: "attribution maps from <method>").
     ``index``: where ``inputs`` sit in the user's inputs, which seeds each image's random draws
-    (:func:`_run_captum`): the first input's index (``inputs`` is a slice of them) or one index
+    (:func:`run_captum`): the first input's index (``inputs`` is a slice of them) or one index
     per input (a selection).
     """
     torch = require_torch()
@@ -940,17 +915,17 @@ def _attribute(
     rng = pass_seeded(seed, inputs.device)
     guard = contextlib.ExitStack()
     if not (prepared and named):
-        guard.enter_context(_eval_mode(model, eval_mode))
+        guard.enter_context(model_in_eval_mode(model, eval_mode))
         guard.enter_context(_inputs_only_gradients(model))
-    with guard, rng, _quiet_captum():
+    with guard, rng, quiet_captum():
         batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True) or options.get("_image_batch")
         ids = image_ids(index, inputs.shape[0])
         first = 0
-        for chunk, chunk_target in zip(_chunks(inputs, batch_size), _chunks(target, batch_size)):
+        for chunk, chunk_target in zip(chunks(inputs, batch_size), chunks(target, batch_size)):
             chunk_ids, first = ids[first:first + chunk.shape[0]], first + chunk.shape[0]
             if isinstance(method, MethodSpec):
                 try:
-                    out = _run_captum(method, model, chunk.detach(), chunk_target, options, seed=seed, index=chunk_ids)
+                    out = run_captum(method, model, chunk.detach(), chunk_target, options, seed=seed, index=chunk_ids)
                 except RuntimeError as exc:
                     _raise_reused_module_error(method, exc)
                     _raise_no_gradient_path_error(method, exc)

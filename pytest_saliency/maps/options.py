@@ -101,3 +101,16 @@ def check_option_value(method: str, name: str, value: Any, where: str = "sweep")
             f"{where} for {method}: hyperparameter {name!r} must be {expected}, got {value!r} "
             f"({type(value).__name__}). Fix the value, e.g. {example}."
         )
+
+
+# Filled in from the inputs and the memory budget, not chosen by the user: not worth printing.
+DERIVED_OPTIONS = ("input_range", "input_min", "input_max", "internal_batch_size", "nt_samples_batch_size",
+                    "perturbations_per_eval")
+
+
+def format_options(options: dict[str, Any]) -> str:
+    shown = {k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")}
+    if not shown:
+        return ""
+    return " (" + ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) + ")"
+

@@ -197,7 +197,7 @@ class ModelCache:
             if model is not None:
                 self.hits += 1
                 return model
-            model = _call_train(train, seed)
+            model = call_train(train, seed)
             self._save(path, model, key, seed)
             self.misses += 1
             return model
@@ -284,7 +284,7 @@ class ModelCache:
                 lock_path.unlink()
 
 
-def _call_train(train: Callable[[int], Any], seed: int) -> Any:
+def call_train(train: Callable[[int], Any], seed: int) -> Any:
     """Run ``train(seed)`` with the global RNGs seeded and restored; wrap its errors with the seed."""
     torch = require_torch()
     try:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.rng import rng_isolated
+from ..core.integrity import rng_isolated
 from ..core.torchtools import ensure_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
 from ..core.validation import check_count, check_inputs, check_model, unknown_choice
 from ..exceptions import SaliencyUsageError
@@ -69,7 +69,7 @@ class ForwardTrace:
     output: Any = field(repr=False)
 
 
-def _plain(tensor: Any) -> bool:
+def plain_tensor(tensor: Any) -> bool:
     """A dense tensor with its own storage (not sparse, not a functorch wrapper)."""
     torch = require_torch()
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
@@ -81,7 +81,7 @@ def _plain(tensor: Any) -> bool:
     return True
 
 
-def _output_tensors(output: Any) -> list[Any] | None:
+def output_tensors(output: Any) -> list[Any] | None:
     torch = require_torch()
     if isinstance(output, torch.Tensor):
         tensors = [output]
@@ -89,7 +89,7 @@ def _output_tensors(output: Any) -> list[Any] | None:
         tensors = list(output)
     else:
         return None
-    return tensors if all(_plain(t) for t in tensors) else None
+    return tensors if all(plain_tensor(t) for t in tensors) else None
 
 
 def _scripted(module: Any) -> bool:
@@ -158,7 +158,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     # Parameters are matched by storage, not identity: a view or .detach() of a weight reads it too.
     storage_params: dict[int, list[int]] = {}
     for p in model.parameters():
-        if _plain(p):
+        if plain_tensor(p):
             storage_params.setdefault(p.untyped_storage().data_ptr(), []).append(id(p))
     first_param_use: dict[int, int] = {}
 
@@ -171,8 +171,8 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             index, ops = ops, ops + 1
             if storage_params:
                 first = False
-                for value in _flat_arguments(args, kwargs):
-                    if isinstance(value, torch.Tensor) and _plain(value):
+                for value in flat_arguments(args, kwargs):
+                    if isinstance(value, torch.Tensor) and plain_tensor(value):
                         ids = storage_params.pop(value.untyped_storage().data_ptr(), None)
                         for key in ids or ():
                             first_param_use[key] = events
@@ -201,7 +201,7 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
             with torch._C.DisableTorchFunction():
                 if on_output is not None:
                     on_output(name, output, args, kwargs)
-                tensors = _output_tensors(output)
+                tensors = output_tensors(output)
                 outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
             return output
 
@@ -315,7 +315,7 @@ def _place_later_modules(later: list[str | None], start: dict[str, Any], end: di
             start[name] = end[name] = anchor + rank / (len(names) + 1)
 
 
-def _flat_arguments(args: Any, kwargs: Any) -> Any:
+def flat_arguments(args: Any, kwargs: Any) -> Any:
     """The leaves of a torch call's arguments: tensors and values inside (nested) tuples, lists
     and dicts, which is every container torch functions take. Written out instead of torch's
     pytree walk, which costs a few microseconds per call on every call the trace sees (a

@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..core.jsonable import jsonable
+
 SCHEMA_VERSION = 1
 REPORT_FORMATS = ("json", "html")
 JSON_NAME = "saliency-report.json"
@@ -73,31 +75,6 @@ def _check_name(check: str) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def jsonable(value: Any) -> Any:
-    """A strict-JSON copy: NaN/inf -> None, tuples -> lists, tensors/arrays -> lists, other objects -> repr."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        try:
-            return jsonable(value.detach().cpu().tolist() if hasattr(value, "detach") else value.tolist())
-        except Exception:
-            pass
-    if hasattr(value, "to_dict") and callable(value.to_dict):
-        try:
-            return jsonable(value.to_dict())
-        except Exception:
-            pass
-    return repr(value)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -151,7 +128,7 @@ def make_entry(result: Any, nodeid: str, *, worker_id: str | None = None) -> Rep
         "check": check,
         "passed": bool(passed),
         "summary": str(summary) if summary is not None else f"{'PASS' if passed else 'FAIL'} {check}",
-        "result": jsonable(data) if isinstance(data, dict) else {"value": jsonable(data)},
+        "result": jsonable(data, tensors="values") if isinstance(data, dict) else {"value": jsonable(data, tensors="values")},
         "figures": {},
         "worker": worker_id,
         "created": _now(),
@@ -328,7 +305,7 @@ def environment_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "matplotlib": _version("matplotlib"),
         "scikit-image": _version("scikit-image"),
     }
-    info.update(jsonable(extra or {}))
+    info.update(jsonable(extra or {}, tensors="values"))
     return info
 
 
@@ -350,9 +327,9 @@ def build_report(entries: Sequence[dict[str, Any]], *, config: dict[str, Any] | 
         "schema_version": SCHEMA_VERSION,
         "created": _now(),
         "environment": environment_info(environment),
-        "config": jsonable(config or {}),
+        "config": jsonable(config or {}, tensors="values"),
         "summary": summarize(entries),
-        "results": [jsonable(e) for e in entries],
+        "results": [jsonable(e, tensors="values") for e in entries],
     }
 
 
