@@ -867,19 +867,21 @@ def time_phases(workload: Workload, images: int, device: str, rounds: int) -> No
     import contextlib
     import functools
 
-    from pytest_saliency.engine import replay as activation_reuse
     from pytest_saliency.checks import randomization as engine
+    from pytest_saliency.engine import base as engine_base
+    from pytest_saliency.engine import replay as activation_reuse
+    from pytest_saliency.engine import select as engine_select
 
     ctx = make_context(workload, images, device)
     phases = [
         (engine, "prepare_method", "method preparation (memory-budget probe: a 1-image forward)"),
-        (engine, "trace_forward", "traced forward pass (when it is not the recording pass)"),
+        (engine_select, "trace_forward", "traced forward pass (when it is not the recording pass)"),
         (activation_reuse.GradientReplay, "record", "recorded forward pass (traced, graph kept)"),
         (activation_reuse.GradientReplay, "original", "original backward (graph kept)"),
         (activation_reuse.GradientReplay, "verify", "verifying the replay (forward from the largest cut)"),
         (activation_reuse.GradientReplay, "maps", "randomized states, replayed (forward + two-stage backward)"),
-        (engine, "attribute", "captum calls (original and states without reuse)"),
-        (engine, "randomized", "randomizing and restoring the layers"),
+        (engine_base, "attribute", "captum calls (original and states without reuse)"),
+        (engine_base, "randomized", "randomizing and restoring the layers"),
         (engine._Comparison, "flush", "post-processing + SSIM, batched over states"),
         (engine, "check_finite", "finiteness checks"),
         (engine, "sensitivity_statistics", "bootstrap statistics"),

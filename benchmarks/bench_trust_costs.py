@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from models import SmallCNN, resnet18  # noqa: E402
 from pytest_saliency import explain, layer_randomization  # noqa: E402
-from pytest_saliency.maps.cache import model_fingerprint  # noqa: E402
+from pytest_saliency.core.fingerprint import model_fingerprint
 
 
 def best_of(work: Callable[[], Any], rounds: int = 5) -> float:

@@ -5,6 +5,7 @@ Kept free of torch so the pytest plugin can import them at collection time.
 
 from __future__ import annotations
 
+from types import FrameType
 from typing import Any
 
 
@@ -42,7 +43,8 @@ def warn_user(message: str, category: type[Warning] = SaliencyWarning) -> None:
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(1), 2
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

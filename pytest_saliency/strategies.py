@@ -69,7 +69,7 @@ def saliency_hyperparameters(
     """A hypothesis strategy of dicts of valid hyperparameters for the named ``method``.
 
     Args:
-        method: a name from :data:`pytest_saliency.maps.explainers.METHODS`.
+        method: a name from :data:`pytest_saliency.maps.methods.METHODS`.
         input_shape: ``inputs.shape``; window and grid sizes are bounded by the image size
             (occlusion windows up to a quarter of the smaller side, superpixel grids up to 16 or
             the side). ``None`` assumes 32x32.
@@ -85,7 +85,7 @@ def saliency_hyperparameters(
     upsampling mode; saliency ``abs``. Methods without hyperparameters (input_x_gradient,
     guided_backprop, deconvolution, guided_gradcam, deeplift) give ``{}``.
     """
-    from .maps.explainers import METHODS
+    from .maps.methods import METHODS
 
     st = _hypothesis()
     if not isinstance(method, str) or method not in METHODS:
@@ -139,7 +139,7 @@ def _ig_rule_option() -> str:
     parameter; where the option is renamed ``integration_method`` the strategy follows the rename.
     ``hyperparameter_sweep(..., sweep=[params])`` accepts either spelling.
     """
-    from .maps.explainers import METHODS
+    from .maps.methods import METHODS
 
     defaults = METHODS["integrated_gradients"].defaults
     return "integration_method" if "integration_method" in defaults else "method"

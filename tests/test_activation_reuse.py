@@ -19,6 +19,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError, layer_randomization
+from pytest_saliency.engine import CannotReplay
 from pytest_saliency.engine.replay import GradientReplay, reusable
 from pytest_saliency.maps.explainers import prepare_method
 from pytest_saliency.model.layers import trace_forward
@@ -349,7 +350,7 @@ def test_adaptive_mode_reuses_when_the_steps_fit_the_images_actually_explained()
 
 
 # ------------------------------------------------------------------------------------------
-# Models found by an adversarial review: each gave wrong maps or errors with reuse at first.
+# Models built to break a replay: routing on values, children called first, per-image loops...
 # ------------------------------------------------------------------------------------------
 
 
@@ -527,7 +528,7 @@ def test_a_scripted_submodule_is_not_replayed_and_no_hook_is_left_behind() -> No
     assert_unchanged(model, before)
 
 
-# Second review round.
+# Parameters read through keyword lists and storage aliases, control flow on the batch.
 
 
 class KwargsList(nn.Module):
@@ -648,7 +649,7 @@ def test_a_module_whose_forward_is_a_property_is_timed_by_hooks() -> None:
     np.testing.assert_allclose(fast.ssim, slow.ssim, rtol=0, atol=2e-6)
 
 
-# Third review round.
+# Parameters that gate the output, writes through .data, attributes and hooks on outputs.
 
 
 class GatedByParameter(nn.Module):
@@ -960,7 +961,7 @@ class Square(torch.autograd.Function):
 
 
 class ReviewedCalls(nn.Module):
-    """Fourth review: a custom Function, a call scaled twice (mul, mul) before the first layer, a
+    """A custom Function, a call scaled twice (mul, mul) before the first layer, a
     .data flip that keeps the sum, and a call done in place only when gradients are off (so the
     verification pass would write into the recorded output)."""
 
@@ -995,10 +996,10 @@ def test_fourth_review_models_give_the_same_numbers_with_and_without_reuse(cls: 
 def test_reused_activations_means_a_state_actually_came_from_the_replay(monkeypatch) -> None:
     model, x = make_residual(), tiny_images(4)
 
-    def broken(self, cut):
-        raise RuntimeError("replay broke")
+    def stopped(self, cut):
+        raise CannotReplay("the replay stops in every state")
 
-    monkeypatch.setattr(GradientReplay, "maps", broken)
+    monkeypatch.setattr(GradientReplay, "maps", stopped)
     result = layer_randomization(model, x, "saliency")
     assert not result.reused_activations
 
@@ -1061,12 +1062,12 @@ def test_a_swap_through_data_keeps_the_output_out_of_the_replay() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_checksum_sees_any_swap_of_unequal_values(dtype: torch.dtype) -> None:
-    from pytest_saliency.engine.replay import CHECKSUM_PERIOD, _checksum
+    from pytest_saliency.core.fingerprint import CHECKSUM_PERIOD, weighted_checksum
 
     generator = torch.Generator().manual_seed(0)
     for n in (2, 7, 256, CHECKSUM_PERIOD, 3 * CHECKSUM_PERIOD + 5):
         values = torch.rand(n, generator=generator).to(dtype)
-        before = _checksum(values)
+        before = weighted_checksum(values)
         for i, j in [(0, 1), (0, n - 1), (n // 2, n - 1), (0, min(CHECKSUM_PERIOD, n - 1))]:
             if i == j:
                 continue
@@ -1074,11 +1075,11 @@ def test_the_checksum_sees_any_swap_of_unequal_values(dtype: torch.dtype) -> Non
                 continue
             swapped = values.clone()
             swapped[[i, j]] = values[[j, i]]
-            assert not torch.equal(_checksum(swapped), before), (n, i, j)
+            assert not torch.equal(weighted_checksum(swapped), before), (n, i, j)
         raised = values.clone()
         raised[n // 2] += 0.25
-        assert not torch.equal(_checksum(raised), before), n
-        assert torch.equal(_checksum(values.clone()), before)
+        assert not torch.equal(weighted_checksum(raised), before), n
+        assert torch.equal(weighted_checksum(values.clone()), before)
 
 
 class TwoNan(nn.Module):
@@ -1177,16 +1178,16 @@ def test_a_forward_property_with_a_setter_is_left_as_it_was() -> None:
 def test_the_traced_pass_runs_in_memory_sized_chunks(monkeypatch) -> None:
     """The traced chunk keeps every module's output: with no batch_size it must still be bounded by
     the memory budget (900 ResNet-50 images at 224x224 in one traced chunk ran a GPU out of memory)."""
-    from pytest_saliency.checks import randomization as parameter_randomization
+    from pytest_saliency.engine import select
 
     sizes = []
-    real = parameter_randomization.trace_forward
+    real = select.trace_forward
 
     def spy(model, inputs, batch_size=None, **kwargs):
         sizes.append(batch_size)
         return real(model, inputs, batch_size, **kwargs)
 
-    monkeypatch.setattr(parameter_randomization, "trace_forward", spy)
+    monkeypatch.setattr(select, "trace_forward", spy)
     model, x = make_residual(), tiny_images(6, seed=4)
     bounded = layer_randomization(model, x, "saliency", memory_budget=200_000)
     assert sizes and all(size is not None and size < 6 for size in sizes)

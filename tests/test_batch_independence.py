@@ -24,7 +24,9 @@ from torch import nn
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import METHODS, explain
 from pytest_saliency.engine.replay import GradientReplay
-from pytest_saliency.maps.explainers import attribute, draws_random, prepare_method, resolve_target
+from pytest_saliency.maps.explainers import attribute, prepare_method
+from pytest_saliency.maps.methods import draws_random
+from pytest_saliency.maps.targets import resolve_target
 
 # (4 x 4 superpixels: with fewer samples than features the KernelSHAP regression is underdetermined,
 # and the rounding of one forward pass could swing its coefficients)

@@ -21,7 +21,7 @@ from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import (
     SaliencyUsageError, agreement_matrix, check_baseline, explainer_seed_stability, layer_randomization,
 )
-from pytest_saliency.engine.replay import _checksum
+from pytest_saliency.core.fingerprint import weighted_checksum
 from test_activation_reuse import FunctionalTricks, assert_unchanged, make_residual, snapshot
 
 #: ``SALIENCY_TEST_DEVICE=cpu`` runs this module on the CPU: a dry run of the tests themselves
@@ -159,12 +159,12 @@ def test_a_model_drawing_on_the_gpu_reproduces_and_leaves_the_gpus_generator_alo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_checksum_sees_a_swap_of_unequal_values_on_cuda(dtype: torch.dtype) -> None:
     values = torch.randn(3, 4099 * 2 + 5, generator=torch.Generator().manual_seed(0)).to(dtype).to(CUDA)
-    base = _checksum(values)
+    base = weighted_checksum(values)
     assert base.device == CUDA
     swapped = values.clone()
     swapped[1, 10], swapped[1, 11] = values[1, 11], values[1, 10]
-    assert not torch.equal(_checksum(swapped), base)
-    assert torch.equal(_checksum(values.clone()), base)
+    assert not torch.equal(weighted_checksum(swapped), base)
+    assert torch.equal(weighted_checksum(values.clone()), base)
 
 
 def test_chunks_sized_by_a_tiny_memory_budget_give_the_same_numbers() -> None:

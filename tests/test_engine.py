@@ -1,13 +1,24 @@
-"""Time to verdict (adaptive image count, early exit) and shared work (the session map cache)."""
+"""Time to verdict (adaptive image count, early exit), shared work (the session map cache), and the
+engine's interface: one place that chooses it, one exception that makes it fall back."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyUsageError, SaliencyWarning, layer_randomization
-from pytest_saliency.maps.cache import MapCache, model_fingerprint
+from pytest_saliency.engine import CannotReplay, EngineError, Explanation, States, engine_for
+from pytest_saliency.engine import replay as replay_module
+from pytest_saliency.engine import stacks as stacks_module
+from pytest_saliency.engine.replay import ForwardReplay, GradientReplay, ReplayEngine
+from pytest_saliency.engine.stacks import StackEngine, StateStack
+from pytest_saliency.core.fingerprint import model_fingerprint
+from pytest_saliency.maps.cache import MapCache
+from pytest_saliency.maps.explainers import prepare_method
+from pytest_saliency.model.layers import select_layers
 
 
 def ignore_model(model, inputs, target):
@@ -180,3 +191,143 @@ def test_skipping_a_constant_map_leaves_the_other_images_numbers_alone(reuse):
         close(skipped.original_maps, full.original_maps[kept])
         close(skipped.randomized_maps, full.randomized_maps[:, kept])
         close(skipped.ssim, torch.tensor(full.ssim)[:, kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's interface: chosen in one place; CannotReplay, and nothing else, means "plain path".
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS = {"saliency": {}, "input_x_gradient": {}, "integrated_gradients": {"n_steps": 4},
+           "occlusion": {"window": 4, "stride": 4}, "gradient_shap": {"n_samples": 3}}
+
+
+def _stop(*args, **kwargs):
+    raise CannotReplay("stopped by the test")
+
+
+class EngineBug(Exception):
+    """Stands for a bug in the engine's code."""
+
+
+def _bug(*args, **kwargs):
+    raise EngineBug("a bug in the engine")
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("reuse_activations=False must not construct this")
+
+
+def _state(model):
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _same_state(model, before):
+    return all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method, where", [
+    ("saliency", (GradientReplay, "record")),  # the recording, which is also the traced pass
+    ("integrated_gradients", (GradientReplay, "original")),
+    ("saliency", (GradientReplay, "replayed_logits")),  # the verification
+    ("input_x_gradient", (GradientReplay, "maps")),  # every state
+    ("occlusion", (stacks_module, "occlusion_states")),  # the stack: the loop over states runs
+    ("occlusion", (ForwardReplay, "replayed_logits")),  # inside the stack: its full passes serve
+], ids=["record", "original", "verify", "maps", "stack", "stack-replay"])
+def test_cannot_replay_falls_back_to_the_plain_path_with_its_numbers(monkeypatch, method, where):
+    model, x = make_tiny_cnn(), tiny_images(4)
+    plain = layer_randomization(model, x, method, reuse_activations=False, **OPTIONS[method])
+    monkeypatch.setattr(*where, _stop)
+    result = layer_randomization(model, x, method, **OPTIONS[method])
+    assert not result.reused_activations
+    np.testing.assert_allclose(result.ssim, plain.ssim, rtol=0, atol=2e-6)
+    torch.testing.assert_close(result.randomized_maps, plain.randomized_maps, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, where", [
+    ("saliency", (GradientReplay, "maps")),
+    ("integrated_gradients", (GradientReplay, "original")),
+    ("saliency", (replay_module, "state_cuts")),
+    ("saliency", (replay_module, "weighted_checksum")),  # runs inside the model's forward pass (a callback)
+    ("integrated_gradients", (replay_module, "weighted_checksum")),
+    ("occlusion", (stacks_module, "occlusion_states")),
+    ("occlusion", (StateStack, "_columns")),  # runs inside captum's call
+], ids=["maps", "original", "cuts", "callback-traced", "callback", "stack", "stack-columns"])
+def test_an_unexpected_error_in_the_engine_propagates_instead_of_falling_back(monkeypatch, method, where):
+    model, x = make_tiny_cnn(), tiny_images(4)
+    before = _state(model)
+    monkeypatch.setattr(*where, _bug)
+    with pytest.raises((EngineBug, EngineError)) as info:
+        layer_randomization(model, x, method, **OPTIONS[method])
+    cause = info.value if isinstance(info.value, EngineBug) else info.value.__cause__
+    assert isinstance(cause, EngineBug)
+    assert _same_state(model, before) and not any("forward" in m.__dict__ for m in model.modules())
+
+
+class FailsOnceChanged(nn.Module):
+    """The tiny CNN, with a bug of its own: it raises once conv2 differs from its trained weights
+    (``always``: in every pass over more than one image, which the check's input validation,
+    with one image, does not see)."""
+
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.net, self.always = make_tiny_cnn(), always
+        self.register_buffer("trained", self.net.conv2.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.always and x.shape[0] > 1) or not torch.equal(self.net.conv2.weight, self.trained):
+            raise ValueError("conv2 is not the trained layer")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("always", [False, True], ids=["in-a-state", "every-pass"])
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "occlusion"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_model_error_is_reported_as_the_models_own_with_reuse_as_without(method, reuse, always):
+    """Under a replay the model's error stops the replay; the plain path meets it again and the
+    user gets the model's own exception, not the engine's."""
+    model = FailsOnceChanged(always).eval()
+    with pytest.raises(ValueError, match="conv2 is not the trained layer") as info:
+        layer_randomization(model, tiny_images(3), method, reuse_activations=reuse, **OPTIONS[method])
+    assert type(info.value) is ValueError
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "occlusion"])
+def test_reuse_activations_false_never_constructs_a_replay_or_a_stack(monkeypatch, method):
+    for cls in (GradientReplay, ForwardReplay, ReplayEngine, StackEngine, StateStack):
+        monkeypatch.setattr(cls, "__init__", _forbidden)
+    result = layer_randomization(make_tiny_cnn(), tiny_images(3), method, reuse_activations=False, **OPTIONS[method])
+    assert not result.reused_activations
+
+
+def _explanation(model, x, method):
+    resolved, name, options = prepare_method(method, model, x, dict(OPTIONS[method]))
+    return Explanation(model, resolved, name, options, seed=0)
+
+
+@pytest.mark.parametrize("method, kind", [("saliency", "replay"), ("integrated_gradients", "replay"),
+                                          ("occlusion", "stack"), ("gradient_shap", "plain")])
+def test_engine_for_is_the_one_place_that_chooses(method, kind):
+    model, x = make_tiny_cnn(), tiny_images(3)
+    for reuse in (True, False):
+        engines = engine_for(model, x, _explanation(model, x, method), reuse_activations=reuse, step=3, batched=False)
+        assert engines.kind == (kind if reuse else "plain")
+        assert engines.trace.output.shape == (3, 3)
+        if engines.recording is not None:
+            engines.recording.close()
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_batch_left_in_a_cascading_state_puts_the_model_back_when_it_closes(reuse):
+    model, x = make_tiny_cnn(), tiny_images(3)
+    before = _state(model)
+    engines = engine_for(model, x, _explanation(model, x, "saliency"), reuse_activations=reuse, step=3, batched=False)
+    states = States(select_layers(model, x, trace=engines.trace), "cascading", "reinit", 0)
+    for batch in engines.batches(states, engines.trace.output.argmax(1)):
+        with batch:
+            assert batch.original().shape == x.shape
+            for index, raw in batch.state_maps():
+                assert raw.shape == x.shape
+                if index == 1:
+                    break  # two layers randomized, and still entered
+            assert not _same_state(model, before)
+        assert _same_state(model, before)

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explain, layer_randomization
-from pytest_saliency.maps.explainers import last_conv_layer, resolve_target
+from pytest_saliency.maps.targets import last_conv_layer, resolve_target
 
 FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-3},
         "kernel_shap": {"n_samples": 30}, "gradient_shap": {"n_samples": 4}}
@@ -150,7 +150,9 @@ def test_feature_vectors_are_supported():
 
 
 def test_expensive_methods_are_batched_to_the_memory_budget(tiny_model, tiny_inputs):
-    from pytest_saliency.maps.explainers import METHODS, resolved_options, activation_bytes_per_input
+    from pytest_saliency.maps.batching import activation_bytes_per_input
+    from pytest_saliency.maps.explainers import resolved_options
+    from pytest_saliency.maps.methods import METHODS
 
     row = 3 * activation_bytes_per_input(tiny_model, tiny_inputs[:1])
     options = resolved_options(METHODS["integrated_gradients"], tiny_model, tiny_inputs, {"memory_budget": 4 * row})
@@ -179,33 +181,33 @@ def test_the_memory_probe_runs_once_per_model_and_input_shape(monkeypatch, tiny_
     import gc
     import weakref
 
-    from pytest_saliency.maps import explainers
+    from pytest_saliency.maps import batching
 
     probes = []
-    real = explainers._probe_activation_bytes
-    monkeypatch.setattr(explainers, "_probe_activation_bytes", lambda m, x: probes.append(1) or real(m, x))
+    real = batching._probe_activation_bytes
+    monkeypatch.setattr(batching, "_probe_activation_bytes", lambda m, x: probes.append(1) or real(m, x))
     model = make_tiny_cnn()
-    first = explainers.activation_bytes_per_input(model, tiny_inputs[:1])
-    assert explainers.activation_bytes_per_input(model, tiny_inputs[:2]) == first and len(probes) == 1
+    first = batching.activation_bytes_per_input(model, tiny_inputs[:1])
+    assert batching.activation_bytes_per_input(model, tiny_inputs[:2]) == first and len(probes) == 1
     explain(model, tiny_inputs, "integrated_gradients", n_steps=4)
     layer_randomization(model, tiny_inputs, "saliency")
     assert len(probes) == 1
     model.fc = nn.Linear(4 * 16 * 16, 30)  # another module object: probed again
-    assert explainers.activation_bytes_per_input(model, tiny_inputs[:1]) > first and len(probes) == 2
+    assert batching.activation_bytes_per_input(model, tiny_inputs[:1]) > first and len(probes) == 2
     convolution = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())  # takes any input size
-    small = explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8))
-    assert explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 16)) > small
+    small = batching.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8))
+    assert batching.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 16)) > small
     convolution.double()  # the same module objects, another dtype
-    assert explainers.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8).double()) == 2 * small
+    assert batching.activation_bytes_per_input(convolution, torch.rand(1, 1, 8, 8).double()) == 2 * small
     assert len(probes) == 5
     upsampling = nn.Sequential(nn.Upsample(scale_factor=1), nn.Conv2d(1, 2, 3))
-    one = explainers.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8))
+    one = batching.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8))
     upsampling[0].scale_factor = 4.0  # a setting that changes every output size after it
-    assert explainers.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8)) > 10 * one
+    assert batching.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8)) > 10 * one
     upsampling[1].weight = nn.Parameter(torch.randn(2, 1, 5, 5))  # a parameter of another shape
-    explainers.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8))
+    batching.activation_bytes_per_input(upsampling, torch.rand(1, 1, 8, 8))
     assert len(probes) == 8
-    assert model in explainers._PROBED
+    assert model in batching._PROBED
     alive = weakref.ref(model)
     del model
     gc.collect()

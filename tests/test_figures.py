@@ -1,4 +1,5 @@
-"""Report figures: real results from the library rendered to PNG, headless and without pyplot."""
+"""Report figures: real results from the library, and the drawing functions fed explicit data, rendered
+to PNG, headless and without pyplot."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -18,8 +17,12 @@ from matplotlib.image import imread
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency.checks.agreement import agreement_matrix
-from pytest_saliency.reporting.figures import BAD, _sweep_series, _worst_images, figures_for, renderer_for
 from pytest_saliency.checks.randomization import layer_randomization
+from pytest_saliency.reporting import figures as figures_module
+from pytest_saliency.reporting.figures import (
+    BAD, MAX_STRIP_LAYERS, SweepSeries, _layer_columns, _worst_images, agreement_figures, baseline_figures,
+    ensemble_figures, figures_for, pair_figures, randomization_figures, render, sweep_figures,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -96,13 +99,12 @@ def test_insensitive_layers_are_drawn_in_red(insensitive):
     """Same maps, different SSIM: only the red frames and captions differ between the two."""
     assert not insensitive.passed and all(not layer.sensitive for layer in insensitive.stats.layers)
     failing = decode(figures_for(insensitive, strict=True)["randomization_strip"])
-    relabelled = SimpleNamespace(
-        check="independent_layer_randomization", original_maps=insensitive.original_maps,
-        randomized_maps=insensitive.randomized_maps, layers=insensitive.layers,
-        ssim=[[0.1] * len(row) for row in insensitive.ssim],
-        stats=SimpleNamespace(ssim_threshold=0.99, layers=[]), method="abs", mode="independent",
+    relabelled = randomization_figures(
+        original_maps=insensitive.original_maps, randomized_maps=insensitive.randomized_maps,
+        layers=insensitive.layers, ssim=[[0.1] * len(row) for row in insensitive.ssim], ssim_threshold=0.99,
+        method="abs", mode="independent",
     )
-    passing = decode(figures_for(relabelled, strict=True)["randomization_strip"])
+    passing = decode(render(relabelled, strict=True)["randomization_strip"])
     assert near(failing, BAD) > near(passing, BAD) + 500
     curve = decode(figures_for(insensitive, strict=True)["ssim_curve"])
     assert near(curve, BAD) > 200  # threshold line, circled layers, red tick labels
@@ -130,47 +132,38 @@ def test_many_layers_are_subsampled_and_insensitive_ones_kept():
     maps = np.random.default_rng(0).random((30, 2, 12, 12))
     ssim = np.full((30, 2), 0.3)
     ssim[17] = 1.0
-    result = SimpleNamespace(
-        check="cascading_layer_randomization", layers=names, ssim=ssim.tolist(), original_maps=maps[0],
-        randomized_maps=maps, mode="cascading", order="top_down", method="m",
-        stats=SimpleNamespace(ssim_threshold=0.99, layers=[SimpleNamespace(name=n, sensitive=n != names[17])
-                                                           for n in names]),
-    )
-    from pytest_saliency.reporting.figures import MAX_STRIP_LAYERS, _layer_columns
-
     columns = _layer_columns(names, {names[17]}, MAX_STRIP_LAYERS)
     assert len(columns) == MAX_STRIP_LAYERS and 17 in columns and columns == sorted(columns)
     assert columns[0] == 0 and columns[-1] == 29
-    figures = figures_for(result, strict=True)
+    figures = render(randomization_figures(
+        layers=names, ssim=ssim.tolist(), ssim_threshold=0.99, insensitive_layers=[names[17]], original_maps=maps[0],
+        randomized_maps=maps, mode="cascading", order="top_down", method="m", check="cascading_layer_randomization",
+    ), strict=True)
     assert decode(figures["randomization_strip"]).shape[1] <= 11.8 * 90 + 2  # fits the report column
 
 
-def test_unknown_result_types_get_no_figures():
-    assert figures_for(SimpleNamespace(check="insertion_deletion", passed=True)) == {}
-    assert figures_for(object()) == {}
-    assert figures_for(SimpleNamespace(check=None)) == {}
-    assert renderer_for("my_new_check") is None
-
-
-@pytest.mark.parametrize("check", [
-    "independent_layer_randomization", "cascading_layer_randomization", "method_agreement",
-    "hyperparameter_sweep", "explanation_consistency", "baseline",
-])
-def test_missing_attributes_never_crash(check):
-    assert figures_for(SimpleNamespace(check=check), strict=True) == {}
+def test_without_their_data_the_drawing_functions_list_no_figure():
+    assert randomization_figures(layers=[], ssim=None, ssim_threshold=0.99) == []
+    assert agreement_figures(methods=[], metrics=["ssim"], matrices={}, n_images=3) == []
+    assert sweep_figures(series=[], metric="ssim") == []
+    assert sweep_figures(series=[SweepSeries("n_steps", [], {}, {})], metric="ssim") == []
+    assert ensemble_figures(sizes=[], consistency=[]) == []
+    assert pair_figures(pairs=[("a", "b")], values={"ssim": [None]}, n_inputs=3) == []
+    assert baseline_figures(current_maps=None) == []
+    assert render([]) == {}
 
 
 def test_a_broken_figure_is_left_out_and_explained(ipr):
-    broken = SimpleNamespace(
-        check="independent_layer_randomization", original_maps=torch.zeros(3), randomized_maps=torch.zeros(2),
-        layers=ipr.layers, ssim=ipr.ssim, stats=ipr.stats, mode="independent",
+    broken = randomization_figures(
+        original_maps=torch.zeros(3), randomized_maps=torch.zeros(2), layers=ipr.layers, ssim=ipr.ssim,
+        ssim_threshold=ipr.stats.ssim_threshold, mode="independent",
     )
     errors: list[str] = []
-    figures = figures_for(broken, errors=errors)
+    figures = render(broken, errors=errors)
     assert set(figures) == {"ssim_curve"}
     assert len(errors) == 1 and errors[0].startswith("randomization_strip: ValueError")
     with pytest.raises(ValueError):
-        figures_for(broken, strict=True)
+        render(broken, strict=True)
 
 
 def test_baseline_figure_shows_the_worst_images():
@@ -179,9 +172,8 @@ def test_baseline_figure_shows_the_worst_images():
     current = baseline.clone()
     current[4] = torch.rand(16, 16, generator=g)
     values = [0.99, 0.98, float("nan"), 0.97, 0.2, 0.95]
-    result = SimpleNamespace(check="baseline", baseline_maps=baseline, current_maps=current, values=values,
-                             metric="ssim", threshold=0.9)
-    figures = figures_for(result, strict=True)
+    figures = render(baseline_figures(baseline_maps=baseline, current_maps=current, values=values, metric="ssim",
+                                      threshold=0.9), strict=True)
     image = decode(figures["baseline_comparison"])
     assert near(image, BAD) > 20  # the title of the failing image
     assert _worst_images(values, 6, True, 4) == [2, 4, 5, 3]
@@ -189,64 +181,50 @@ def test_baseline_figure_shows_the_worst_images():
     assert _worst_images(None, 5, True, 3) == [0, 1, 2]
 
 
-class RowSweep:
-    check = "hyperparameter_sweep"
-    passed = True
-    method = "smoothgrad"
-    threshold = 0.5
-    reference = {"nt_samples": 50}
-
-    def summary(self) -> str:
-        return "PASS hyperparameter_sweep"
-
-    def to_dict(self) -> dict:
-        rows = [{"hyperparameter": "nt_samples", "value": v, "metric": m, "mean": mu, "std": 0.05}
-                for v, mu in [(100, 0.8), (200, 0.85), (800, 0.95)] for m in ("ssim", "spearman")]
-        rows += [{"hyperparameter": "baseline", "value": b, "metric": "ssim", "mean": 0.7, "std": 0.1}
-                 for b in ("zero", "uniform", "blurred")]
-        return {"check": self.check, "passed": True, "rows": rows}
-
-
-def test_sweep_series_reads_row_and_column_layouts():
-    rows = _sweep_series(RowSweep().to_dict())
-    assert set(rows) == {"nt_samples", "baseline"}
-    assert set(rows["nt_samples"]) == {"ssim", "spearman"}
-    assert rows["nt_samples"]["ssim"][0] == (100, 0.8, 0.05)
-    nested = _sweep_series({"sweeps": {"noise": {"ssim": [{"value": 0.1, "mean": 0.9, "std": 0.01}]}}})
-    assert nested == {"noise": {"ssim": [(0.1, 0.9, 0.01)]}}
-    columns = _sweep_series({"sweeps": {"n_steps": {"values": [8, 16],
-                                                    "ssim": {"mean": [0.7, 0.8], "std": [0.1, 0.1]}}}})
-    assert columns == {"n_steps": {"ssim": [(8, 0.7, 0.1), (16, 0.8, 0.1)]}}
-    assert _sweep_series({"nothing": [1, 2, 3]}) == {}
+def test_sweep_figure_with_numeric_and_categorical_values():
+    """Two hyperparameters (one numeric, one categorical), two metrics; the failing value circled in red."""
+    series = [
+        SweepSeries("nt_samples", [100, 200, 800], {"ssim": [0.8, 0.85, 0.95], "spearman": [0.8, 0.85, 0.95]},
+                    {"ssim": [0.05] * 3, "spearman": [0.05] * 3}, failing=[False, False, False], reference=50),
+        SweepSeries("baseline", ["zero", "uniform", "blurred"], {"ssim": [0.7, 0.7, 0.3]}, {"ssim": [0.1] * 3},
+                    failing=[False, False, True], reference="zero"),
+    ]
+    assert series[0].curves()["ssim"][0] == (100, 0.8, 0.05, False)
+    plain = sweep_figures(series=series, metric="ssim", method="smoothgrad")
+    gated = sweep_figures(series=series, metric="ssim", threshold=0.5, method="smoothgrad")
+    assert [name for name, _ in gated] == ["sweep_curves"]
+    plain_image = decode(render(plain, strict=True)["sweep_curves"])
+    gated_image = decode(render(gated, strict=True)["sweep_curves"])
+    assert near(gated_image, BAD) > near(plain_image, BAD) + 100  # threshold lines and the circled value
 
 
-def test_sweep_figure():
-    figures = figures_for(RowSweep(), strict=True)
-    assert set(figures) == {"sweep_curves"}
-    decode(figures["sweep_curves"])
+def test_pair_matrices_from_explicit_pairs(monkeypatch):
+    drawn = {}
+
+    def heatmaps(grids, labels, title):
+        drawn.update(grids=grids, labels=labels, title=title)
+        return b""
+
+    monkeypatch.setattr(figures_module, "_heatmaps", heatmaps)
+    pairs = [("seed 0", "seed 1"), ("seed 0", "seed 2"), ("seed 1", "seed 2")]
+    planned = pair_figures(pairs=pairs, values={"lr_accuracy": [0.9] * 3, "separability": [0.8] * 3,
+                                                "ssim": [0.4, 0.5, 0.6], "sign": [None] * 3},
+                           n_inputs=3, check="explanation_consistency", what="seed")
+    assert [name for name, _ in planned] == ["pair_matrices"]
+    planned[0][1]()
+    assert drawn["labels"] == ["seed 0", "seed 1", "seed 2"]
+    assert [title.split()[0] for title, *_ in drawn["grids"]] == ["held-out", "separability", "ssim"]  # "sign": no numbers
+    grid = drawn["grids"][2][1]
+    assert grid[0, 1] == grid[1, 0] == 0.4 and np.isnan(grid[0, 0])
+    assert drawn["title"] == "explanation_consistency: seed \u00d7 seed values (mean over 3 inputs)"
+    monkeypatch.undo()
+    decode(render(planned, strict=True)["pair_matrices"])
 
 
-def test_consistency_figures_from_pairs_and_maps():
-    class Consistency:
-        check = "explanation_consistency"
-        passed = False
-        maps = {f"seed {i}": torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)}
-
-        def to_dict(self) -> dict:
-            return {"n_inputs": 3, "pairs": [
-                {"a": a, "b": b, "lr_accuracy": 0.9, "separability": 0.8, "similarities": {"ssim": 0.4, "sign": None}}
-                for a, b in [("seed 0", "seed 1"), ("seed 0", "seed 2"), ("seed 1", "seed 2")]]}
-
-    from pytest_saliency.reporting.figures import _pair_grids
-
-    labels, grids = _pair_grids(Consistency().to_dict())
-    assert labels == ["seed 0", "seed 1", "seed 2"]
-    assert [title.split()[0] for title, _, _ in grids] == ["held-out", "separability", "ssim"]  # "sign": no numbers
-    assert grids[2][1][0, 1] == grids[2][1][1, 0] == 0.4 and np.isnan(grids[2][1][0, 0])
-    figures = figures_for(Consistency(), strict=True)
-    assert set(figures) == {"pair_matrices", "pair_maps"}
-    for data in figures.values():
-        decode(data)
+def test_ensemble_curve_from_explicit_sizes():
+    planned = ensemble_figures(sizes=[1, 2, 4], consistency=[0.3, 0.5, 0.7],
+                               similarities={"sign_agreement": [0.2, float("nan"), 0.6]}, method="saliency")
+    decode(render(planned, strict=True)["ensemble_curve"])
 
 
 def test_figures_are_deterministic_and_thread_safe(ipr, agreement):
@@ -257,18 +235,17 @@ def test_figures_are_deterministic_and_thread_safe(ipr, agreement):
 
 
 def test_rendering_is_fast_for_digits_sized_maps():
-    """Target: < 1 s per result (about 0.4 s here); the bound leaves room for a loaded CI machine."""
+    """Target: < 1 s per result; the bound leaves room for a loaded CI machine."""
     rng = np.random.default_rng(0)
     names = ["conv1", "bn1", "conv2", "bn2", "fc1", "fc2"]
-    result = SimpleNamespace(
-        check="independent_layer_randomization", layers=names, ssim=rng.random((6, 64)).tolist(),
+    planned = randomization_figures(
+        check="independent_layer_randomization", layers=names, ssim=rng.random((6, 64)).tolist(), ssim_threshold=0.99,
         original_maps=rng.random((4, 32, 32)), randomized_maps=rng.random((6, 4, 32, 32)), method="saliency",
-        mode="independent", stats=SimpleNamespace(ssim_threshold=0.99, layers=[], dataset_score=0.5, ci_low=0.4,
-                                                  ci_high=0.6),
+        mode="independent", dataset_score=0.5, ci=(0.4, 0.6),
     )
-    figures_for(result, strict=True)  # warm up imports and font caches
+    render(planned, strict=True)  # warm up imports and font caches
     start = time.perf_counter()
-    figures = figures_for(result, strict=True)
+    figures = render(planned, strict=True)
     assert time.perf_counter() - start < 2.5
     assert sum(len(v) for v in figures.values()) < 600_000
 
@@ -276,15 +253,14 @@ def test_rendering_is_fast_for_digits_sized_maps():
 def test_pyplot_and_the_global_backend_are_left_alone():
     script = textwrap.dedent("""
         import sys
-        from types import SimpleNamespace
         import numpy as np
         import matplotlib
         backend = matplotlib.rcParams._get_backend_or_none()
-        from pytest_saliency.reporting.figures import figures_for
-        r = SimpleNamespace(check="independent_layer_randomization", layers=["a", "b"],
-                            ssim=[[0.5, 0.4], [0.3, 0.2]], original_maps=np.random.rand(2, 8, 8),
-                            randomized_maps=np.random.rand(2, 2, 8, 8), mode="independent")
-        assert set(figures_for(r, strict=True)) == {"randomization_strip", "ssim_curve"}
+        from pytest_saliency.reporting.figures import randomization_figures, render
+        planned = randomization_figures(layers=["a", "b"], ssim=[[0.5, 0.4], [0.3, 0.2]], ssim_threshold=0.99,
+                                        original_maps=np.random.rand(2, 8, 8),
+                                        randomized_maps=np.random.rand(2, 2, 8, 8), mode="independent")
+        assert set(render(planned, strict=True)) == {"randomization_strip", "ssim_curve"}
         assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
         assert "torch" not in sys.modules, "torch was imported"
         assert matplotlib.rcParams._get_backend_or_none() == backend
@@ -296,9 +272,11 @@ def test_pyplot_and_the_global_backend_are_left_alone():
 
 
 def test_figures_for_the_other_result_classes(model_and_inputs, tmp_path):
-    """SweepResult, ConsistencyResult, SeedStabilityResult and BaselineResult, run for real."""
+    """SweepResult, ConsistencyResult, SeedStabilityResult and BaselineResult, run for real: each passes
+    its own fields to the drawing functions."""
     from pytest_saliency.checks.regression import check_baseline
-    from pytest_saliency.checks.sweeps import hyperparameter_sweep, input_noise_stability
+    from pytest_saliency.checks.input_noise import input_noise_stability
+    from pytest_saliency.checks.sweeps import hyperparameter_sweep
 
     model, x = model_and_inputs
     other = make_tiny_cnn(seed=1)

@@ -17,7 +17,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import layer_randomization
-from pytest_saliency.maps.explainers import occlusion_positions
+from pytest_saliency.maps.methods import occlusion_positions
 from pytest_saliency.engine.stacks import StateStack, occlusion_states
 from pytest_saliency.model.layers import select_layers
 from pytest_saliency.model.randomize import randomized
@@ -207,8 +207,9 @@ def test_a_layer_the_output_ignores_keeps_ssim_one_and_fails_the_check() -> None
 
 
 
-# Models from the fifth adversarial review (the first version of the stack swapped parameter
-# tensors by reference and drew every stage from the original values).
+# Models whose parameters share storage, nest, cache a derived tensor or are replaced by their reset:
+# a stack must write randomized values in place and draw each cascading stage on top of the
+# stages before it, as the loop over states does.
 
 
 class TiedByData(nn.Module):

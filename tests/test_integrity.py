@@ -408,3 +408,20 @@ def test_grad_mode_modes_and_hooks_an_explainer_leaves_behind_are_undone():
     assert not model.fc._forward_hooks and "forward" not in vars(model.conv1)
 
 
+def test_an_isolation_marks_its_thread_and_puts_every_generator_back():
+    """The public interface the guard uses: inside an isolation its devices are known (none on the
+    CPU), the generators are seeded as ``seeded`` seeds them, and they come back on the way out."""
+    from pytest_saliency.core.rng import isolated_devices, isolated_rngs, seeded
+
+    before = (torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with seeded(5):
+        expected = torch.rand(3)
+    assert isolated_devices() is None
+    with isolated_rngs(5):
+        assert isolated_devices() == []
+        assert torch.equal(torch.rand(3), expected)
+        np.random.rand(2), random.random()
+    assert isolated_devices() is None
+    assert torch.equal(torch.random.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
+

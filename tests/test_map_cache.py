@@ -12,9 +12,10 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import layer_randomization
-import pytest_saliency.maps.cache as cache_module
+import pytest_saliency.core.fingerprint as fingerprint_module
 from pytest_saliency import SaliencyUsageError
-from pytest_saliency.maps.cache import MapCache, model_fingerprint, tensor_fingerprint
+from pytest_saliency.core.fingerprint import input_fingerprint, model_fingerprint, tensor_fingerprint
+from pytest_saliency.maps.cache import MapCache
 
 SCALE = 2.0
 
@@ -270,7 +271,7 @@ def test_complex_parameters_differing_in_their_imaginary_part_do_not_share_a_key
 def test_the_content_checksum_is_exact_across_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     whole = tensor_fingerprint([("x", values)])
-    monkeypatch.setattr(cache_module, "_CHECKSUM_STEP", 7)
+    monkeypatch.setattr(fingerprint_module, "_CHECKSUM_STEP", 7)
     assert tensor_fingerprint([("x", values)]) == whole
     swapped = values.clone()
     swapped[[3, 900]] = swapped[[900, 3]]
@@ -281,3 +282,13 @@ def test_the_content_checksum_is_exact_across_steps(monkeypatch: pytest.MonkeyPa
 def test_the_cache_size_is_validated(bad: object) -> None:
     with pytest.raises(SaliencyUsageError, match="max_bytes"):
         MapCache(bad)  # type: ignore[arg-type]
+
+
+def test_the_input_fingerprint_is_a_sha256_of_the_float32_values_and_the_shape() -> None:
+    """Stored baselines match their inputs by this hash: the same values give the same hash
+    whatever the dtype they are held in, another shape or value another hash."""
+    x = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
+    assert len(input_fingerprint(x)) == 64 and input_fingerprint(x) == input_fingerprint(x.double())
+    assert input_fingerprint(x.reshape(3, 2)) != input_fingerprint(x)
+    assert input_fingerprint(x + 1e-3) != input_fingerprint(x)
+

@@ -666,6 +666,11 @@ def test_junit_has_the_key_numbers_as_properties_of_their_own(tiny_repo):
     assert properties["saliency.independent_layer_randomization.passed"] == "True"
     assert float(properties["saliency.independent_layer_randomization.dataset_score"]) > 0.01
     assert properties["saliency.independent_layer_randomization.sensitivity_threshold"] == "0.01"
+    # one property per number of the result's numbers() (the CheckResult protocol)
+    assert properties["saliency.independent_layer_randomization.method"] == "saliency"
+    assert properties["saliency.independent_layer_randomization.preset"] == "adebayo2018"
+    assert properties["saliency.independent_layer_randomization.insensitive_layers"] == "0"
+    assert int(properties["saliency.independent_layer_randomization.n_images"]) > 0
 
 
 def test_reports_json_and_html_with_a_link_in_the_failure(tiny_repo):

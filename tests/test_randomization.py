@@ -375,7 +375,7 @@ def test_checks_with_kept_draws_equal_checks_that_draw_in_every_state(monkeypatc
     """The engine keeps each layer's draw for every state and image batch (within 1/DRAW_SHARE of
     the memory budget): the results are those of drawing again each time, and with several image
     batches each layer is drawn once instead of once per batch."""
-    from pytest_saliency.checks import randomization as parameter_randomization
+    from pytest_saliency.engine import select
     from pytest_saliency.model import randomize as randomization
 
     model, x = make_tiny_cnn(), tiny_images(12)
@@ -386,7 +386,7 @@ def test_checks_with_kept_draws_equal_checks_that_draw_in_every_state(monkeypatc
     kept = layer_randomization(model, x, "saliency", **kwargs)
     assert kept.n_images == 12 and sorted(draws) == sorted(kept.layers)  # each layer once, for 3 batches
     draws.clear()
-    monkeypatch.setattr(parameter_randomization, "DRAW_SHARE", 2**62)  # a limit of 0 bytes: nothing kept
+    monkeypatch.setattr(select, "DRAW_SHARE", 2**62)  # a limit of 0 bytes: nothing kept
     fresh = layer_randomization(model, x, "saliency", **kwargs)
     assert len(draws) == 3 * len(fresh.layers)
     assert kept.ssim == fresh.ssim and kept.reused_activations == fresh.reused_activations

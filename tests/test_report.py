@@ -30,11 +30,38 @@ from pytest_saliency.reporting.report import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class Custom:
-    """A result kind the report knows nothing about: a table, no figures."""
+class Result:
+    """The CheckResult protocol with nothing to say: subclasses fill in what they test."""
+
+    check = "result"
+    passed = True
+
+    def numbers(self) -> dict:
+        return {}
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "passed": self.passed}
+
+    def summary(self) -> str:
+        return f"PASS {self.check}"
+
+    def report(self) -> str:
+        return ""
+
+    def failure_message(self) -> str:
+        return self.summary()
+
+    def figures(self) -> list:
+        return []
+
+
+class Custom(Result):
+    """A result kind the report knows nothing about: its numbers and a table, no figures."""
 
     check = "insertion_deletion"
-    passed = True
+
+    def numbers(self) -> dict:
+        return {"deletion_auc": 0.21, "random_auc": math.nan, "n_images": 3}
 
     def summary(self) -> str:
         return "PASS insertion_deletion: deletion AUC 0.21 < random 0.45"
@@ -45,7 +72,7 @@ class Custom:
                 "note": "<b>escaped</b>"}
 
 
-class NoVerdict:
+class NoVerdict(Result):
     check = "hyperparameter_stability"
 
     def summary(self) -> str:
@@ -55,9 +82,8 @@ class NoVerdict:
         return {"check": self.check, "passed": True, "threshold": None}
 
 
-class WrittenBaseline:
+class WrittenBaseline(Result):
     check = "baseline"
-    status = "written"
     passed = False
     current_maps = np.random.default_rng(0).random((3, 16, 16))
 
@@ -66,6 +92,11 @@ class WrittenBaseline:
 
     def to_dict(self) -> dict:
         return {"check": "baseline", "passed": False, "status": "written", "path": "tests/baselines/x.npz"}
+
+    def figures(self) -> list:
+        from pytest_saliency.reporting.figures import baseline_figures
+
+        return baseline_figures(current_maps=self.current_maps, status="written", path="tests/baselines/x.npz")
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +146,13 @@ def test_write_entry_renders_figures_and_an_entry_file(tmp_path, results):
 def test_write_entry_without_figures(tmp_path, results):
     entry = json.loads(write_entry(results["tests/test_b.py::test_agree"], "t::a", tmp_path, figures=False).read_text())
     assert entry["figures"] == {} and not (tmp_path / entry["anchor"]).exists()
-    assert entry["failing"], "the failing agreement pairs are recorded for the HTML"
+    assert any(p["failing"] for p in entry["result"]["pairs"]), "the failing agreement pairs are marked for the HTML"
 
 
 def test_entries_of_unknown_and_verdict_less_results(tmp_path):
     custom = make_entry(Custom(), "t::custom")
     assert custom["result"]["random_auc"] is None  # strict JSON: NaN -> null
+    assert custom["numbers"] == {"deletion_auc": 0.21, "random_auc": None, "n_images": 3}
     json.dumps(custom, allow_nan=False)
     entry = json.loads(write_entry(Custom(), "t::custom", tmp_path).read_text())
     assert entry["figures"] == {} and not (tmp_path / entry["anchor"]).exists()
@@ -146,7 +178,7 @@ def test_collect_sorts_and_skips_broken_files(tmp_path, results):
 WORKER = textwrap.dedent("""
     import sys
     import numpy as np
-    from types import SimpleNamespace
+    from pytest_saliency.reporting.figures import randomization_figures
     from pytest_saliency.reporting.report import write_entry
 
     class Result:
@@ -158,12 +190,19 @@ WORKER = textwrap.dedent("""
             self.original_maps = rng.random((2, 16, 16))
             self.randomized_maps = rng.random((3, 2, 16, 16))
             self.passed = seed % 2 == 0
-            self.mode = "independent"
-            self.stats = SimpleNamespace(ssim_threshold=0.99, layers=[])
+        def numbers(self):
+            return {"n_images": 5}
         def summary(self):
             return ("PASS" if self.passed else "FAIL") + " independent_layer_randomization"
+        def report(self):
+            return ""
+        def failure_message(self):
+            return self.summary()
         def to_dict(self):
             return {"check": self.check, "passed": self.passed, "ssim": self.ssim}
+        def figures(self):
+            return randomization_figures(layers=self.layers, ssim=self.ssim, ssim_threshold=0.99,
+                                         original_maps=self.original_maps, randomized_maps=self.randomized_maps)
 
     root, worker = sys.argv[1], sys.argv[2]
     for i in range(4):

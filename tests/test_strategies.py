@@ -14,18 +14,15 @@ from hypothesis import strategies as st
 from pytest_saliency import explain
 from pytest_saliency.maps.cache import MapCache
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
-from pytest_saliency.maps.explainers import (
-    METHODS,
-    attribute,
-    resolved_options,
-    resolve_target,
-)
+from pytest_saliency.maps.explainers import attribute, resolved_options
+from pytest_saliency.maps.methods import METHODS
+from pytest_saliency.maps.targets import resolve_target
 from pytest_saliency.strategies import (
     STOCHASTIC,
     _ig_rule_option,
     saliency_hyperparameters,
 )
-from pytest_saliency.checks.sweeps import _check_names, assert_stable_under_hyperparameters
+from pytest_saliency.checks.sweeps import assert_stable_under_hyperparameters, check_hyperparameters
 
 MODEL = make_tiny_cnn()
 IMAGES = tiny_images(2)
@@ -37,7 +34,7 @@ def test_every_drawn_setting_is_accepted_by_explain(method, include_seed, data):
     params = data.draw(saliency_hyperparameters(method, IMAGES.shape, include_seed=include_seed), label="params")
     assert isinstance(params, dict)
     assert ("seed" in params) == (include_seed and method in STOCHASTIC)
-    _check_names(method, METHODS[method], params, "strategy")  # the sweep's own validation agrees
+    check_hyperparameters(method, METHODS[method], params, "strategy")  # the sweep's own validation agrees
     if "method" in params:
         # captum's name for IG's integration rule collides with explain's own `method` parameter, so
         # explain(..., method=...) cannot be spelled; run what explain runs after parsing its arguments.

@@ -19,17 +19,13 @@ from conftest import make_tiny_cnn, tiny_images
 
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
 from pytest_saliency.strategies import _ig_rule_option
+from pytest_saliency.checks.input_noise import add_input_noise, assert_stable_under_input_noise, input_noise_stability
+from pytest_saliency.checks.sam_grids import GRIDS, SweepGrid, sam_grid
 from pytest_saliency.checks.sweeps import (
-    GRIDS,
     STABILITY_NOTE,
-    SweepGrid,
-    add_input_noise,
     assert_stable_under_hyperparameters,
-    assert_stable_under_input_noise,
     blurred_baseline,
     hyperparameter_sweep,
-    input_noise_stability,
-    sam_grid,
     slic_feature_masks,
     uniform_baseline,
 )
@@ -442,6 +438,17 @@ def test_add_input_noise_checks_its_arguments(kwargs, message):
     inputs = kwargs.pop("inputs", tiny_images(2))
     with pytest.raises(SaliencyUsageError, match=message):
         add_input_noise(inputs, **kwargs)
+
+
+def test_the_public_api_serves_the_input_noise_and_grid_names():
+    import pytest_saliency
+    from pytest_saliency.checks import input_noise, sam_grids, sweeps
+
+    assert all(getattr(sweeps, name) is not None for name in sweeps.__all__)
+    assert all(getattr(input_noise, name) is not None for name in input_noise.__all__)
+    assert pytest_saliency.input_noise_stability is input_noise.input_noise_stability
+    assert pytest_saliency.add_input_noise is input_noise.add_input_noise
+    assert sweeps.sam_grid is sam_grids.sam_grid is pytest_saliency.sam_grid
 
 
 def test_sam_grid_checks_its_arguments():

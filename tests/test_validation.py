@@ -138,3 +138,23 @@ def test_numpy_counts_and_any_integer_seed_are_accepted():
                             keep_maps=0)
     assert a.ssim == b.ssim and a.n_images == 3 and type(a.seed) is int
     assert layer_randomization(model, x, layers=["fc"], seed=2**70, n_bootstrap=20).seed == 2**70
+
+
+def test_predicates_answer_and_checkers_return_the_canonical_value():
+    """``is_*`` say yes or no and never raise; ``check_*`` return an int, float or bool, or raise."""
+    import numpy as np
+
+    from pytest_saliency.core.validation import check_count, check_flag, check_number, is_count, is_int, is_real
+
+    assert is_int(3) and is_int(np.int64(3)) and not is_int(True) and not is_int(3.0)
+    assert is_real(0.5) and is_real(np.float32(2)) and not is_real(float("inf")) and not is_real(False)
+    assert is_count(1) and not is_count(0) and is_count(0, minimum=0) and not is_count(2, minimum=3)
+    assert not is_count("3") and not is_count(None)
+    count = check_count(np.int64(4), "n")
+    assert count == 4 and type(count) is int
+    assert check_count(None, "n", allow_none=True) is None
+    assert check_number(np.float32(0.5), "x", low=0, high=1) == 0.5
+    assert check_flag(np.True_, "flag") is True
+    with pytest.raises(SaliencyUsageError, match=r"rank_correlation: absolute must be True or False, got 'no'\. "
+                                                 r"Pass absolute=True or absolute=False\."):
+        check_flag("no", "absolute", where="rank_correlation: ")

@@ -40,16 +40,24 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.rng import as_seed
-
+from ..compare.statistics import bootstrap_interval
 from ..core.integrity import rng_isolated
+from ..core.rng import as_seed
 from ..core.validation import check_choice, check_count, check_inputs, check_model, check_number
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
-from ..maps.explainers import attribute, method_name, prepare_method, resolve_target
+from ..maps.explainers import attribute, prepare_method
+from ..maps.methods import method_name
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
-from ..compare.statistics import bootstrap_interval
+from ..maps.targets import resolve_target
+from ..reporting.protocol import Figure, Number
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..compare.metrics import KValue
+    from ..maps.methods import Explainer
 
 PRESET_METRICS = ("ssim", "hog_pearson", "l1_distance", "jensen_shannon_divergence")
 DEFAULT_METRICS = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim")
@@ -156,7 +164,8 @@ class AgreementResult:
         failing = []
         for p in self.pairs:
             value, required = self._value(p), self.required(p)
-            ok = value > required if METRICS[p.metric].higher_is_better else value < required
+            higher = METRICS[p.metric].higher_is_better
+            ok = required is not None and (value > required if higher else value < required)
             if not ok or math.isnan(value):
                 failing.append(p)
         return failing
@@ -166,6 +175,7 @@ class AgreementResult:
         return not self.failing_pairs()
 
     def to_dict(self) -> dict[str, Any]:
+        failing = {id(p) for p in self.failing_pairs()}
         return {
             "model_writes": list(self.model_writes),
             "check": self.check,
@@ -174,7 +184,7 @@ class AgreementResult:
             "metrics": self.metrics,
             "k": self.k,
             "preset": self.pipeline.to_dict(),
-            "pairs": [{**p.to_dict(), "required": self.required(p)} for p in self.pairs],
+            "pairs": [{**p.to_dict(), "required": self.required(p), "failing": id(p) in failing} for p in self.pairs],
             "matrices": {m: self.matrix(m) for m in self.metrics},
             "constant_maps": dict(self.constant_maps),
             "beat_chance": self.beat_chance,
@@ -206,6 +216,30 @@ class AgreementResult:
                 f"   {p.ci_low:6.3f} .. {p.ci_high:6.3f}  {chance}{flag}"
             )
         return "\n".join(lines)
+
+    def numbers(self) -> dict[str, Number]:
+        """The lowest pair against the threshold, the failing pairs, the run's size and settings."""
+        worst = min(self.pairs, key=lambda p: -math.inf if math.isnan(self._value(p)) else self._value(p))
+        return {
+            "lowest": self._value(worst), "lowest_pair": f"{worst.metric}({worst.method_a}, {worst.method_b})",
+            "threshold": self.threshold, "statistic": self.statistic, "failing_pairs": len(self.failing_pairs()),
+            "pairs": len(self.pairs), "methods": ", ".join(self.methods), "metrics": ", ".join(self.metrics),
+            "k": self.k, "n_images": self.n_images, "seed": self.seed, "preset": self.pipeline.name,
+        }
+
+    def figures(self) -> list[Figure]:
+        """Method x method matrices per metric (failing pairs framed in red) and each method's maps."""
+        from ..compare.metrics import METRICS
+        from ..reporting.figures import agreement_figures
+
+        return agreement_figures(
+            methods=self.methods, metrics=self.metrics, matrices={m: self.matrix(m) for m in self.metrics},
+            n_images=self.n_images, chance={m: next((p.chance for p in self.pairs if p.metric == m), None)
+                                            for m in self.metrics},
+            failing=[(p.method_a, p.method_b, p.metric) for p in self.failing_pairs()], threshold=self.threshold,
+            statistic=self.statistic, higher_is_better={m: METRICS[m].higher_is_better for m in self.metrics},
+            maps=self.maps, preset=self.pipeline.name,
+        )
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
@@ -265,7 +299,7 @@ class AgreementResult:
         )
 
 
-def _signed_maps(attributions: Any) -> Any:
+def _signed_maps(attributions: torch.Tensor) -> torch.Tensor:
     """Channel sum with the sign kept: (N, C, H, W) -> (N, H, W); (N, D) -> (N, 1, D)."""
     a = attributions
     if a.dim() == 2:
@@ -275,7 +309,9 @@ def _signed_maps(attributions: Any) -> Any:
     return a.sum(dim=1)
 
 
-def _metric_kwargs(metric: str, k: Any, pipeline: MapPipeline, metric_options: dict[str, Any]) -> dict[str, Any]:
+def _metric_kwargs(
+    metric: str, k: KValue, pipeline: MapPipeline, metric_options: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     from ..compare.metrics import METRICS
 
     kwargs = dict(metric_options.get(metric, {}))
@@ -295,12 +331,12 @@ def _ranks_by_magnitude(metric: str, kwargs: dict[str, Any]) -> bool:
     return metric == "rank_correlation" and kwargs.get("absolute", True) is True
 
 
-def _no_ranking(maps: Any) -> Any:
+def _no_ranking(maps: torch.Tensor) -> torch.Tensor:
     """(N,) bool on the CPU: the maps whose ``|values|`` are all equal (e.g. all zero)."""
     return _constant(maps.detach().abs())
 
 
-def _constant(maps: Any) -> Any:
+def _constant(maps: torch.Tensor) -> torch.Tensor:
     """(N,) bool on the CPU: the maps whose values are all equal (no pattern to compare)."""
     flat = maps.detach().reshape(maps.shape[0], -1)
     return (flat == flat[:, :1]).all(dim=1).cpu()
@@ -313,7 +349,9 @@ def _stricter(theory: float | None, measured: float | None, higher_is_better: bo
     return max(known) if higher_is_better else min(known)
 
 
-def _metric_values(metric: str, a: Any, b: Any, skip: Any, kwargs: dict[str, Any]) -> Any:
+def _metric_values(
+    metric: str, a: torch.Tensor, b: torch.Tensor, skip: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
     """The metric per image as float64 on the CPU, NaN for the images in ``skip`` (not computed)."""
     import torch
 
@@ -444,31 +482,10 @@ def _refusal(result: AgreementResult, empty: list[PairAgreement]) -> str:
     return "\n".join(lines)
 
 
-def compare_maps(
-    maps: dict[str, Any],
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    *,
-    k: float | int = 0.1,
-    preset: str | MapPipeline | None = None,
-    metric_options: dict[str, dict[str, Any]] | None = None,
-    confidence: float = 0.9,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    threshold: float | None = None,
-    statistic: str = "mean",
-) -> AgreementResult:
-    """Compare precomputed attributions ``{name: (N, C, H, W) or (N, H, W) tensor}`` pairwise.
-
-    Images where either map is constant are left out of the ranking metrics and counted; a pair
-    with no image left raises :class:`SaliencyCheckFailed` (see the module docstring). Each pair
-    also gets its chance level measured on maps of different inputs.
-    """
+def _checked_maps(maps: object) -> dict[str, torch.Tensor]:
+    """``maps``, refused unless a dict of at least two tensors of one shape (N >= 1 maps each)."""
     import torch
 
-    from ..compare.metrics import METRICS, chance_level
-
-    start = time.perf_counter()
-    pipeline = get_pipeline(preset)
     if not isinstance(maps, dict):
         raise SaliencyUsageError(
             f"maps must be a dict {{method name: (N, ...) tensor of attributions}}, got {type(maps).__name__}."
@@ -487,6 +504,55 @@ def compare_maps(
             f"maps of different shapes cannot be compared: {shapes}. Explain the same inputs with every method "
             "(GradCAM-style maps must be upsampled to the input size first)."
         )
+    return maps
+
+
+def _statistics(values: torch.Tensor, confidence: float, n_bootstrap: int,
+                seed: int) -> tuple[float, float, float, float]:
+    """Mean, std and bootstrap interval of the values that are defined (not NaN); NaN without any."""
+    defined = values[~values.isnan()]
+    if defined.numel() == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = float(defined.mean())
+    std = float(defined.std()) if defined.numel() > 1 else 0.0
+    low, high = bootstrap_interval(defined, confidence, n_bootstrap, seed)
+    return mean, std, low, high
+
+
+def _measured_chance(metric: str, a: torch.Tensor, b: torch.Tensor, skip_a: torch.Tensor, skip_b: torch.Tensor,
+                     kwargs: dict[str, Any]) -> float | None:
+    """The metric between a's map of input i and b's map of input i-1, averaged; None for one input."""
+    if a.shape[0] < 2:
+        return None
+    shifted = _metric_values(metric, a, b.roll(1, dims=0), skip_a | skip_b.roll(1, dims=0), kwargs)
+    shifted = shifted[~shifted.isnan()]
+    return float(shifted.mean()) if shifted.numel() else None
+
+
+def compare_maps(
+    maps: dict[str, torch.Tensor],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    k: KValue = 0.1,
+    preset: str | MapPipeline | None = None,
+    metric_options: dict[str, dict[str, Any]] | None = None,
+    confidence: float = 0.9,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    threshold: float | None = None,
+    statistic: str = "mean",
+) -> AgreementResult:
+    """Compare precomputed attributions ``{name: (N, C, H, W) or (N, H, W) tensor}`` pairwise.
+
+    Images where either map is constant are left out of the ranking metrics and counted; a pair
+    with no image left raises :class:`SaliencyCheckFailed` (see the module docstring). Each pair
+    also gets its chance level measured on maps of different inputs.
+    """
+    from ..compare.metrics import METRICS, chance_level
+
+    start = time.perf_counter()
+    pipeline = get_pipeline(preset)
+    maps = _checked_maps(maps)
     signed = {name: _signed_maps(m) for name, m in maps.items()}
     n = next(iter(signed.values())).shape[0]
     num_features = next(iter(signed.values()))[0].numel()
@@ -512,25 +578,13 @@ def compare_maps(
         by_magnitude = _ranks_by_magnitude(metric, kwargs)
         skip = no_ranking if by_magnitude else constant_processed if preset_metric else constant_signed
         for a, b in itertools.combinations(maps, 2):
-            skip_a, skip_b = skip[a], skip[b]
-            values = _metric_values(metric, source[a], source[b], skip_a | skip_b, kwargs)
-            defined = values[~values.isnan()]
-            if defined.numel() == 0:
-                mean = std = low = high = math.nan
-            else:
-                mean = float(defined.mean())
-                std = float(defined.std()) if defined.numel() > 1 else 0.0
-                low, high = bootstrap_interval(defined, confidence, n_bootstrap, seed)
-            measured = None
-            if n > 1:  # a's map of input i against b's map of input i-1
-                shifted = _metric_values(metric, source[a], source[b].roll(1, dims=0),
-                                         skip_a | skip_b.roll(1, dims=0), quiet)
-                shifted = shifted[~shifted.isnan()]
-                measured = float(shifted.mean()) if shifted.numel() else None
+            values = _metric_values(metric, source[a], source[b], skip[a] | skip[b], kwargs)
+            mean, std, low, high = _statistics(values, confidence, n_bootstrap, seed)
+            measured = _measured_chance(metric, source[a], source[b], skip[a], skip[b], quiet)
             pairs.append(PairAgreement(
                 method_a=a, method_b=b, metric=metric, values=values.tolist(), mean=mean, std=std,
                 ci_low=low, ci_high=high, chance=_stricter(theory, measured, info.higher_is_better),
-                undefined=int(values.numel() - defined.numel()), chance_theory=theory, chance_measured=measured,
+                undefined=int(values.isnan().sum()), chance_theory=theory, chance_measured=measured,
             ))
     result = AgreementResult(
         methods=list(maps), metrics=metrics, pairs=pairs, k=k, pipeline=pipeline, n_images=n,
@@ -547,14 +601,14 @@ def compare_maps(
 
 @rng_isolated
 def agreement_matrix(
-    model: Any,
-    inputs: Any,
-    methods: Sequence[Any] = ("saliency", "integrated_gradients", "guided_backprop"),
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    methods: Sequence[str | Explainer] = ("saliency", "integrated_gradients", "guided_backprop"),
     metrics: Sequence[str] = DEFAULT_METRICS,
     *,
-    k: float | int = 0.1,
+    k: KValue = 0.1,
     preset: str | MapPipeline | None = None,
-    target: Any = None,
+    target: int | torch.Tensor | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,

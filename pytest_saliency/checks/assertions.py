@@ -6,15 +6,26 @@ pytest's traceback end at the user's call line rather than inside this package.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
+from ..maps.methods import Explainer
+from ..reporting.protocol import CheckResult
 from .randomization import RandomizationResult, layer_randomization
 
+if TYPE_CHECKING:
+    import torch
+    from torch.nn import Module
 
-def _raise_if_failed(result: Any) -> Any:
+    from .agreement import AgreementResult
+
+R = TypeVar("R", bound=CheckResult)
+
+
+def _raise_if_failed(result: R) -> R:
     __tracebackhide__ = True
     if not result.passed:
         raise SaliencyCheckFailed(result.failure_message(), result)
@@ -23,7 +34,7 @@ def _raise_if_failed(result: Any) -> Any:
 
 @rng_isolated
 def assert_sensitive_to_layer_randomization(
-    model: Any, inputs: Any, method: Any = "saliency", **options: Any
+    model: torch.nn.Module, inputs: torch.Tensor, method: str | Explainer = "saliency", **options: Any
 ) -> RandomizationResult:
     """Independent parameter randomization (IPR): the maps must change when any layer is randomized.
 
@@ -37,7 +48,7 @@ def assert_sensitive_to_layer_randomization(
 
 @rng_isolated
 def assert_sensitive_to_cascading_randomization(
-    model: Any, inputs: Any, method: Any = "saliency", **options: Any
+    model: torch.nn.Module, inputs: torch.Tensor, method: str | Explainer = "saliency", **options: Any
 ) -> RandomizationResult:
     """Cascading parameter randomization (CPR), top-down by default (``order="bottom_up"`` for the reverse)."""
     __tracebackhide__ = True
@@ -46,16 +57,16 @@ def assert_sensitive_to_cascading_randomization(
 
 @rng_isolated
 def assert_agreement_above(
-    model: Any,
-    inputs: Any,
-    methods: Any = ("saliency", "integrated_gradients"),
+    model: torch.nn.Module | torch.Tensor,
+    inputs: torch.Tensor,
+    methods: Sequence[str | Explainer] = ("saliency", "integrated_gradients"),
     metric: str = "feature_agreement",
     k: float | int = 0.1,
     threshold: float | None = None,
     *,
     statistic: str = "mean",
     **options: Any,
-) -> Any:
+) -> AgreementResult:
     """Every pair of ``methods`` must agree: the mean (or, with ``statistic="bound"``, the lower
     confidence bound) of ``metric`` above ``threshold`` (below it for distances and angles).
 
@@ -70,9 +81,9 @@ def assert_agreement_above(
     threshold=0.5)`` compares two tensors of attributions directly (``names=("a", "b")`` labels them).
     """
     __tracebackhide__ = True
+    from ..compare.metrics import metric_info
     from ..core.validation import check_choice
     from .agreement import agreement_matrix, compare_maps
-    from ..compare.metrics import metric_info
 
     torch = require_torch()
     info = metric_info(metric)
@@ -96,8 +107,8 @@ def assert_agreement_above(
         result = compare_maps(dict(zip(names, (model, inputs))), [metric], k=k, statistic=statistic,
                               threshold=threshold, **options)
         result.reproduce = reproduce
-    else:
-        result = agreement_matrix(model, inputs, methods, [metric], k=k, statistic=statistic,
+    else:  # (a model that is not a module is refused there, with a message that says so)
+        result = agreement_matrix(cast("Module", model), inputs, methods, [metric], k=k, statistic=statistic,
                                   threshold=threshold, **options)
     if threshold is None:
         result.threshold = result.pairs[0].chance_theory  # the same for every pair of one metric

@@ -102,19 +102,31 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.integrity import rng_isolated
-from ..core.torchtools import require_torch
-from ..core.validation import check_count, check_inputs, check_model, check_seed, check_threshold, unknown_choice
 from ..compare.separability import Separability, fold_assignment, lr_separability, require_sklearn
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
-from ..maps.explainers import (
-    Explainer, MethodSpec, attribute, model_in_eval_mode, predicted_targets, prepare_method, resolve_target,
-)
+from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
+from ..core.torchtools import model_in_eval_mode, require_torch
+from ..core.validation import check_count, check_inputs, check_model, check_seed, check_threshold, unknown_choice
+from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from ..maps.explainers import attribute, prepare_method
+from ..maps.methods import Explainer, MethodSpec
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
+from ..maps.targets import predicted_targets, resolve_target
+from ..reporting.protocol import Figure, Number
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from ..compare.metrics import KValue, MetricInfo
+    from ..model.cache import ModelCache
+
+    #: Trained models (a list, or a dict by label), or a factory ``train(seed) -> model``.
+    ModelsOrFactory = Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module] | Callable[[int], torch.nn.Module]
 
 # Gate defaults for assert_seed_consistency_above (see its docstring for the reasoning). The top-k
 # agreement metrics default to CHANCE_MULTIPLE times their chance level for the k and map size used.
@@ -132,11 +144,6 @@ PAIR_MODES = ("all", "reference")
 LR_INPUTS = ("attributions", "maps")
 _MAP_METRICS = ("ssim", "hog_pearson")  # metrics with a spatial window: computed on the preset's maps
 DEFAULT_METRICS = ("ssim", "sign_agreement")
-
-
-# ============================================================================================
-# The separability classifier
-# ============================================================================================
 
 
 # ============================================================================================
@@ -192,7 +199,7 @@ class ConsistencyResult:
     consistency: float
     per_factor: dict[str, float]
     metrics: list[str]
-    k: Any
+    k: KValue
     target_mode: str
     pair_mode: str
     lr_input: str
@@ -283,6 +290,27 @@ class ConsistencyResult:
         info = _metric_info(metric)
         return f"{metric}@{self.k}" if info is not None and info.takes_k else f"mean {metric}"
 
+    def numbers(self) -> dict[str, Number]:
+        """The gated score against its threshold, C and the mean LR accuracy, the run's size and settings."""
+        return {
+            "metric": self.metric, "score": self.score, "threshold": self.threshold, "consistency": self.consistency,
+            "mean_lr_accuracy": self.mean_lr_accuracy, "models": len(self.models), "pairs": len(self.pairs),
+            "n_inputs": self.n_inputs, "seed": self.seed, "method": self.method, "preset": self.pipeline.name,
+        }
+
+    def figures(self) -> list[Figure]:
+        """Model x model matrices: held-out LR accuracy, separability and each similarity metric."""
+        from ..reporting.figures import pair_figures
+
+        values = {"lr_accuracy": [p.lr_accuracy for p in self.pairs],
+                  "separability": [p.separability for p in self.pairs]}
+        values.update({m: [p.similarities[m] for p in self.pairs] for m in self.metrics})
+        infos = {m: _metric_info(m) for m in self.metrics}
+        return pair_figures(
+            pairs=[(p.a, p.b) for p in self.pairs], values=values, n_inputs=self.n_inputs, check=self.check,
+            what="model", higher_is_better={m: info.higher_is_better for m, info in infos.items() if info is not None},
+        )
+
     def summary(self) -> str:
         """One line: the gated number, the threshold and the verdict."""
         parts = [f"C = {self.consistency:.4f} (mean held-out LR accuracy {self.mean_lr_accuracy:.3f})"]
@@ -362,6 +390,8 @@ class ConsistencyResult:
         return _report_text(lines, self.reproduce)
 
     def failure_message(self) -> str:
+        if self.threshold is None:  # no gate, so nothing failed: the summary and the report
+            return "\n".join([self.summary(), self.report()])
         if self.metric == LR_SEPARABILITY:
             headline = (
                 f"Saliency check failed: {self.method} explanations are not consistent across the models "
@@ -398,7 +428,7 @@ class SeedStabilityResult:
     pipeline: MapPipeline
     seeds: list[int]
     metric: str
-    k: Any
+    k: KValue
     threshold: float | None
     pair_scores: list[tuple[int, int, float]]  # (seed a, seed b, mean similarity over inputs)
     deterministic: bool
@@ -446,6 +476,26 @@ class SeedStabilityResult:
         info = _metric_info(self.metric)
         return f"{self.metric}@{self.k}" if info is not None and info.takes_k else f"mean {self.metric}"
 
+    def numbers(self) -> dict[str, Number]:
+        """The mean similarity over seed pairs against its threshold, determinism, the run's size and settings."""
+        return {
+            "metric": self.metric, "score": self.score, "threshold": self.threshold,
+            "deterministic": self.deterministic, "max_abs_difference": self.max_abs_difference,
+            "seeds": ", ".join(str(s) for s in self.seeds), "n_inputs": self.n_inputs, "method": self.method,
+            "preset": self.pipeline.name,
+        }
+
+    def figures(self) -> list[Figure]:
+        """The seed x seed matrix of mean similarities."""
+        from ..reporting.figures import pair_figures
+
+        info = _metric_info(self.metric)
+        return pair_figures(
+            pairs=[(f"seed {a}", f"seed {b}") for a, b, _ in self.pair_scores],
+            values={self.metric: [s for _, _, s in self.pair_scores]}, n_inputs=self.n_inputs, check=self.check,
+            what="seed", higher_is_better={} if info is None else {self.metric: info.higher_is_better},
+        )
+
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         threshold = f" vs >= {self.threshold:g}" if self.threshold is not None else ""
@@ -479,6 +529,8 @@ class SeedStabilityResult:
         return _report_text(lines, self.reproduce)
 
     def failure_message(self) -> str:
+        if self.deterministic and self.threshold is None:  # nothing failed: the summary and the report
+            return "\n".join([self.summary(), self.report()])
         if not self.deterministic:
             headline = (
                 f"Saliency check failed: {self.method} is not deterministic: explaining twice with seed "
@@ -528,13 +580,16 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _metric_info(name: str) -> Any:
+def _metric_info(name: str) -> MetricInfo | None:
+    """A map metric's description; None for ``"lr_separability"``, which is not one."""
     from ..compare.metrics import METRICS
 
     return METRICS.get(name)
 
 
-def _resolve_metrics(metrics: Sequence[str] | None, vector_inputs: bool, map_shape: Any) -> list[str]:
+def _resolve_metrics(
+    metrics: str | Sequence[str] | None, vector_inputs: bool, map_shape: tuple[int, int] | None
+) -> list[str]:
     from ..compare.metrics import METRICS
 
     if metrics is None:
@@ -558,7 +613,7 @@ def _resolve_metrics(metrics: Sequence[str] | None, vector_inputs: bool, map_sha
     return out
 
 
-def _check_map_shape(map_shape: Any, inputs: Any) -> tuple[int, int] | None:
+def _check_map_shape(map_shape: Any, inputs: torch.Tensor) -> tuple[int, int] | None:
     if map_shape is None:
         return None
     if inputs.dim() != 2:
@@ -578,13 +633,13 @@ def _check_map_shape(map_shape: Any, inputs: Any) -> tuple[int, int] | None:
     return h, w
 
 
-def _to_maps(raw: Any, pipeline: MapPipeline, map_shape: tuple[int, int] | None) -> Any:
+def _to_maps(raw: torch.Tensor, pipeline: MapPipeline, map_shape: tuple[int, int] | None) -> torch.Tensor:
     if map_shape is not None:
         raw = raw.reshape(raw.shape[0], 1, *map_shape)
     return apply_pipeline(raw, pipeline)
 
 
-def _check_ssim_size(maps: Any, pipeline: MapPipeline, method: str) -> None:
+def _check_ssim_size(maps: torch.Tensor, pipeline: MapPipeline, method: str) -> None:
     from ..compare.similarity import window_advice
 
     win = pipeline.ssim.win_size
@@ -597,14 +652,18 @@ def _check_ssim_size(maps: Any, pipeline: MapPipeline, method: str) -> None:
         )
 
 
-def _similarity(name: str, raw_a: Any, raw_b: Any, maps_a: Any, maps_b: Any, pipeline: MapPipeline, k: Any) -> Any:
+def _similarity(
+    name: str, raw_a: torch.Tensor, raw_b: torch.Tensor, maps_a: torch.Tensor | None, maps_b: torch.Tensor | None,
+    pipeline: MapPipeline, k: KValue,
+) -> torch.Tensor:
     """Per-input similarity: spatial metrics on the preset's maps, all others on raw attributions."""
-    from ..compare.metrics import compute_metric
+    from ..compare.metrics import compute_metric, metric_info
 
-    info = _metric_info(name)
-    if name == "ssim":
-        return compute_metric("ssim", maps_a, maps_b, **dataclasses.asdict(pipeline.ssim))
+    info = metric_info(name)
     if name in _MAP_METRICS:
+        assert maps_a is not None and maps_b is not None  # made whenever a spatial metric is asked for
+        if name == "ssim":
+            return compute_metric("ssim", maps_a, maps_b, **dataclasses.asdict(pipeline.ssim))
         return compute_metric(name, maps_a, maps_b)
     a, b = raw_a.flatten(1), raw_b.flatten(1)
     if info.takes_k:
@@ -612,19 +671,19 @@ def _similarity(name: str, raw_a: Any, raw_b: Any, maps_a: Any, maps_b: Any, pip
     return compute_metric(name, a, b)
 
 
-def _relative_difference(a: Any, b: Any) -> float:
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = max(float(a.double().norm()), float(b.double().norm()))
     return float((a.double() - b.double()).norm()) / scale if scale > 0 else 0.0
 
 
-def _mean(values: Any) -> float:
+def _mean(values: torch.Tensor) -> float:
     torch = require_torch()
     values = values.double()
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if finite.numel() else math.nan
 
 
-def _named_models(models: Any) -> list[tuple[str, Any]]:
+def _named_models(models: object) -> list[tuple[str, torch.nn.Module]]:
     torch = require_torch()
     if isinstance(models, torch.nn.Module):
         raise SaliencyUsageError(
@@ -654,7 +713,7 @@ def _named_models(models: Any) -> list[tuple[str, Any]]:
     return named
 
 
-def _check_compatible(named: list[tuple[str, Any]], inputs: Any) -> None:
+def _check_compatible(named: list[tuple[str, torch.nn.Module]], inputs: torch.Tensor) -> None:
     """Every model must accept the inputs and give (N, K) outputs of one shape (one forward on inputs[:1])."""
     torch = require_torch()
     shapes: list[tuple[str, tuple[int, ...]]] = []
@@ -688,7 +747,7 @@ def _check_compatible(named: list[tuple[str, Any]], inputs: Any) -> None:
             )
 
 
-def _check_labels(labels: Any, inputs: Any) -> Any:
+def _check_labels(labels: object, inputs: torch.Tensor) -> torch.Tensor | None:
     torch = require_torch()
     if labels is None:
         return None
@@ -740,6 +799,78 @@ def _classifier_name(classifier: Any) -> str:
     return type(classifier).__name__
 
 
+def _check_folds(n: int, n_splits: int) -> None:
+    """Held-out accuracy needs two inputs per test fold."""
+    if n < 2 * n_splits:
+        raise SaliencyUsageError(
+            f"{n} input(s) are too few for {n_splits}-fold cross-validation: held-out accuracy needs at least "
+            f"2 * n_splits = {2 * n_splits} inputs (two per test fold); with the default n_splits=5 pass at least "
+            "10, and preferably 100 or more for a stable C. Or lower n_splits (>= 2)."
+        )
+
+
+def _targets(
+    named: list[tuple[str, torch.nn.Module]], inputs: torch.Tensor, target: str | int | torch.Tensor | None,
+    predictions: dict[str, torch.Tensor], batch_size: int | None, seed: int,
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(target mode, {label: target})``: the reference model's predictions, each model's own, or the given target."""
+    labels = [label for label, _ in named]
+    if target is None or (isinstance(target, str) and target == "reference"):
+        return "reference", {label: predictions[labels[0]] for label in labels}
+    if isinstance(target, str):
+        if target != "each":
+            raise unknown_choice("target mode", target, TARGET_MODES, "Or pass an int or an integer tensor (N,).")
+        return "each", dict(predictions)
+    fixed = resolve_target(named[0][1], inputs, target, batch_size, seed=seed)
+    return "given", {label: fixed for label in labels}
+
+
+def _model_pairs(labels: list[str], pairs: str) -> list[tuple[str, str]]:
+    """Every pair of models (``"all"``), or the reference model with each other one."""
+    if pairs == "all":
+        return [(labels[i], labels[j]) for i in range(len(labels)) for j in range(i + 1, len(labels))]
+    return [(labels[0], other) for other in labels[1:]]
+
+
+def _pair_similarities(
+    raw: dict[str, torch.Tensor], maps: dict[str, torch.Tensor], a: str, b: str, metrics: list[str],
+    pipeline: MapPipeline, k: KValue,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each metric's mean over inputs for the pair, and its different-input baseline: a's map of
+    input i against b's map of input i+1."""
+    similarities = {m: _mean(_similarity(m, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k)) for m in metrics}
+    shifted_raw = raw[b].roll(1, dims=0)
+    shifted_maps = maps[b].roll(1, dims=0) if b in maps else None
+    baselines = {
+        m: _mean(_similarity(m, raw[a], shifted_raw, maps.get(a), shifted_maps, pipeline, k)) for m in metrics
+    }
+    return similarities, baselines
+
+
+def _warn_unconverged() -> None:
+    warn_user(
+        "the separability classifier did not converge in some folds, so M may be underestimated. Pass "
+        "classifier=make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000)) or a stronger "
+        "regularization (smaller C)."
+    )
+
+
+def _per_factor(rows: list[PairConsistency], factors: dict[str, str]) -> dict[str, float]:
+    """C over the pairs that differ in each training factor alone."""
+    return {
+        factor: _consistency([p for p in rows if p.factor == factor])
+        for factor in sorted(set(factors.values()))
+        if any(p.factor == factor for p in rows)
+    }
+
+
+def _accuracies(predictions: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, float] | None:
+    """Each model's accuracy on the true labels, when given."""
+    if labels is None:
+        return None
+    return {label: float((predicted == labels).double().mean()) for label, predicted in predictions.items()}
+
+
 # ============================================================================================
 # Across retrained models
 # ============================================================================================
@@ -747,18 +878,18 @@ def _classifier_name(classifier: Any) -> str:
 
 @rng_isolated
 def explanation_consistency(
-    models: Sequence[Any] | Mapping[str, Any],
-    inputs: Any,
+    models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
+    inputs: torch.Tensor,
     method: str | Explainer = "saliency",
     *,
     factors: Mapping[str, str] | None = None,
-    labels: Any = None,
-    target: Any = None,
+    labels: torch.Tensor | None = None,
+    target: str | int | torch.Tensor | None = None,
     preset: str | MapPipeline | None = None,
     seed: int = 0,
     n_splits: int = 5,
     metrics: Sequence[str] | None = None,
-    k: int | float = 0.1,
+    k: KValue = 0.1,
     map_shape: tuple[int, int] | None = None,
     pairs: str = "all",
     lr_input: str = "attributions",
@@ -798,6 +929,8 @@ def explanation_consistency(
     Returns a :class:`ConsistencyResult`. Cost: one explanation of the inputs per model, and
     ``n_splits`` classifier fits per pair (there are M(M-1)/2 pairs for M models).
     """
+    from ..compare.metrics import metric_info
+
     start = time.perf_counter()
     named = _named_models(models)
     check_inputs(inputs)
@@ -807,12 +940,7 @@ def explanation_consistency(
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
                              hint="It bounds the inputs one explainer call sees; None explains all at once.")
     n = int(inputs.shape[0])
-    if n < 2 * n_splits:
-        raise SaliencyUsageError(
-            f"{n} input(s) are too few for {n_splits}-fold cross-validation: held-out accuracy needs at least "
-            f"2 * n_splits = {2 * n_splits} inputs (two per test fold); with the default n_splits=5 pass at least "
-            "10, and preferably 100 or more for a stable C. Or lower n_splits (>= 2)."
-        )
+    _check_folds(n, n_splits)
     if pairs not in PAIR_MODES:
         raise unknown_choice("pairs option", pairs, PAIR_MODES)
     if lr_input not in LR_INPUTS:
@@ -822,7 +950,7 @@ def explanation_consistency(
     true_labels = _check_labels(labels, inputs)
     shape = _check_map_shape(map_shape, inputs)
     metric_names = _resolve_metrics(metrics, inputs.dim() == 2, shape)
-    if any(_metric_info(m).takes_k for m in metric_names):
+    if any(metric_info(m).takes_k for m in metric_names):
         from ..compare.metrics import resolve_k
 
         resolve_k(k, int(inputs[0].numel()))  # a bad k fails here, before any explanation runs
@@ -830,20 +958,10 @@ def explanation_consistency(
     _check_compatible(named, inputs)
     resolved, name, options = prepare_method(method, named[0][1], inputs, method_kwargs)
 
+    # Every model explains the same targets; then, per pair of models, a classifier tries to tell
+    # their maps apart (held out) and the similarities say how alike the maps are.
     predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
-    if target is None or (isinstance(target, str) and target == "reference"):
-        target_mode = "reference"
-        targets = {label: predictions[label_list[0]] for label in label_list}
-    elif isinstance(target, str):
-        if target != "each":
-            raise unknown_choice("target mode", target, TARGET_MODES, "Or pass an int or an integer tensor (N,).")
-        target_mode = "each"
-        targets = dict(predictions)
-    else:
-        fixed = resolve_target(named[0][1], inputs, target, batch_size, seed=seed)
-        target_mode = "given"
-        targets = {label: fixed for label in label_list}
-
+    target_mode, targets = _targets(named, inputs, target, predictions, batch_size, seed)
     raw = {
         label: attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options)
         for label, model in named
@@ -852,48 +970,22 @@ def explanation_consistency(
     maps = {label: _to_maps(raw[label], pipeline, shape) for label in label_list} if need_maps else {}
     if "ssim" in metric_names:
         _check_ssim_size(next(iter(maps.values())), pipeline, name)
-
-    if pairs == "all":
-        pair_list = [(label_list[i], label_list[j]) for i in range(len(label_list)) for j in range(i + 1, len(label_list))]
-    else:
-        pair_list = [(label_list[0], other) for other in label_list[1:]]
+    features = maps if lr_input == "maps" else raw
     rows: list[PairConsistency] = []
     converged = True
-    for a, b in pair_list:
-        features_a = maps[a] if lr_input == "maps" else raw[a]
-        features_b = maps[b] if lr_input == "maps" else raw[b]
-        sep = lr_separability(features_a, features_b, n_splits=n_splits, seed=seed, classifier=classifier)
+    for a, b in _model_pairs(label_list, pairs):
+        sep = lr_separability(features[a], features[b], n_splits=n_splits, seed=seed, classifier=classifier)
         converged &= sep.converged
-        sims = {
-            m: _mean(_similarity(m, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k)) for m in metric_names
-        }
-        # Different-input baseline: a's map of input i against b's map of input i+1.
-        shifted_raw = raw[b].roll(1, dims=0)
-        shifted_maps = maps[b].roll(1, dims=0) if b in maps else None
-        baselines = {
-            m: _mean(_similarity(m, raw[a], shifted_raw, maps.get(a), shifted_maps, pipeline, k)) for m in metric_names
-        }
+        similarities, baselines = _pair_similarities(raw, maps, a, b, metric_names, pipeline, k)
         rows.append(PairConsistency(
             a=a, b=b, factor=_pair_factor(a, b, factor_map), lr_accuracy=sep.accuracy,
-            train_accuracy=sep.train_accuracy, similarities=sims,
+            train_accuracy=sep.train_accuracy, similarities=similarities,
             prediction_agreement=float((predictions[a] == predictions[b]).double().mean()),
             fold_accuracies=sep.fold_accuracies, baselines=baselines,
             relative_difference=_relative_difference(raw[a], raw[b]),
         ))
     if not converged:
-        warn_user(
-            "the separability classifier did not converge in some folds, so M may be underestimated. Pass "
-            "classifier=make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000)) or a stronger "
-            "regularization (smaller C)."
-        )
-    per_factor = {
-        factor: _consistency([p for p in rows if p.factor == factor])
-        for factor in sorted(set(factor_map.values()))
-        if any(p.factor == factor for p in rows)
-    }
-    accuracies = None
-    if true_labels is not None:
-        accuracies = {label: float((predictions[label] == true_labels).double().mean()) for label in label_list}
+        _warn_unconverged()
     if not reproduce:
         reproduce = (
             f"pytest_saliency.explanation_consistency(models, inputs, method={name!r}, preset={pipeline.name!r}, "
@@ -901,22 +993,22 @@ def explanation_consistency(
         )
     return ConsistencyResult(
         method=name, method_options=options, pipeline=pipeline, models=label_list, factors=factor_map, pairs=rows,
-        consistency=_consistency(rows), per_factor=per_factor, metrics=metric_names, k=k, target_mode=target_mode,
-        pair_mode=pairs, lr_input=lr_input, classifier=_classifier_name(classifier), n_splits=n_splits,
-        n_inputs=n, seed=seed, device=str(inputs.device), seconds=time.perf_counter() - start,
-        accuracies=accuracies, num_features=int(raw[label_list[0]][0].numel()), converged=converged,
-        reproduce=reproduce,
+        consistency=_consistency(rows), per_factor=_per_factor(rows, factor_map), metrics=metric_names, k=k,
+        target_mode=target_mode, pair_mode=pairs, lr_input=lr_input, classifier=_classifier_name(classifier),
+        n_splits=n_splits, n_inputs=n, seed=seed, device=str(inputs.device), seconds=time.perf_counter() - start,
+        accuracies=_accuracies(predictions, true_labels), num_features=int(raw[label_list[0]][0].numel()),
+        converged=converged, reproduce=reproduce,
     )
 
 
 def models_from(
-    models_or_factory: Any,
+    models_or_factory: ModelsOrFactory,
     seeds: Sequence[int] | None = None,
-    cache: Any = None,
+    cache: ModelCache | str | os.PathLike[str] | None = None,
     *,
-    build: Callable[[], Any] | None = None,
+    build: Callable[[], torch.nn.Module] | None = None,
     version: str = "",
-) -> tuple[Any, dict[str, str]]:
+) -> tuple[Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module], dict[str, str]]:
     """Turn ``models_or_factory`` into ``({label: model}, factors)``.
 
     A list or dict passes through (no factors). A callable ``train(seed) -> model`` is called
@@ -925,11 +1017,9 @@ def models_from(
     given. The factory runs with the global RNGs seeded and restored, and a factory that raises
     becomes a :class:`SaliencyUsageError` naming the seed.
     """
-    torch = require_torch()
     from ..model.cache import ModelCache, call_train
 
-    is_factory = callable(models_or_factory) and not isinstance(models_or_factory, torch.nn.Module)
-    if not is_factory:
+    if not callable(models_or_factory) or isinstance(models_or_factory, require_torch().nn.Module):
         if seeds is not None:
             raise SaliencyUsageError(
                 "seeds= is for a model factory train(seed) -> model; with a list or dict of trained models "
@@ -945,7 +1035,7 @@ def models_from(
         raise SaliencyUsageError(f"seeds must hold at least two distinct ints, got {list(seeds)!r}.")
     if cache is not None and not isinstance(cache, ModelCache):
         cache = ModelCache(cache)
-    named: dict[str, Any] = {}
+    named: dict[str, torch.nn.Module] = {}
     for index, s in enumerate(seed_list):
         s = check_seed(s, f"seeds[{index}]")
         model = cache.get_or_train(models_or_factory, s, build, version=version) if cache is not None else (
@@ -957,14 +1047,14 @@ def models_from(
 
 @rng_isolated
 def seed_consistency(
-    models_or_factory: Any,
-    inputs: Any,
+    models_or_factory: ModelsOrFactory,
+    inputs: torch.Tensor,
     threshold: float | None = None,
     metric: str = LR_SEPARABILITY,
     seeds: Sequence[int] | None = None,
-    cache: Any = None,
+    cache: ModelCache | str | os.PathLike[str] | None = None,
     *,
-    build: Callable[[], Any] | None = None,
+    build: Callable[[], torch.nn.Module] | None = None,
     version: str = "",
     **options: Any,
 ) -> ConsistencyResult:
@@ -1007,7 +1097,7 @@ def seed_consistency(
     return dataclasses.replace(result, metric=metric, threshold=float(threshold), check="seed_consistency")
 
 
-def default_consistency_threshold(metric: str, k: Any = 0.1, num_features: int | None = None) -> float:
+def default_consistency_threshold(metric: str, k: KValue = 0.1, num_features: int | None = None) -> float:
     """The default gate of :func:`assert_seed_consistency_above` for ``metric``.
 
     ``lr_separability``: 0.5. ``sign_agreement`` and ``feature_agreement``: ``CHANCE_MULTIPLE``
@@ -1022,18 +1112,19 @@ def default_consistency_threshold(metric: str, k: Any = 0.1, num_features: int |
         if num_features is None:
             raise SaliencyUsageError(f"the default threshold of {metric!r} needs num_features (features per map).")
         chance = chance_level(metric, k, num_features)
-        return min(CHANCE_MULTIPLE * chance, (1.0 + chance) / 2.0)
+        if chance is not None:
+            return min(CHANCE_MULTIPLE * chance, (1.0 + chance) / 2.0)
     raise SaliencyUsageError(f"metric {metric!r} has no default threshold; pass threshold=<value>.")
 
 
 @rng_isolated
 def assert_seed_consistency_above(
-    models_or_factory: Any,
-    inputs: Any,
+    models_or_factory: ModelsOrFactory,
+    inputs: torch.Tensor,
     threshold: float | None = None,
     metric: str = LR_SEPARABILITY,
     seeds: Sequence[int] | None = None,
-    cache: Any = None,
+    cache: ModelCache | str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> ConsistencyResult:
     """Models that differ only in training randomness must explain alike.
@@ -1089,16 +1180,16 @@ def assert_seed_consistency_above(
 
 @rng_isolated
 def explainer_seed_stability(
-    model: Any,
-    inputs: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
     method: str | Explainer,
     seeds: Sequence[int] = (0, 1, 2),
     *,
     metric: str = "ssim",
     threshold: float | None = None,
-    k: int | float = 0.1,
+    k: KValue = 0.1,
     preset: str | MapPipeline | None = None,
-    target: Any = None,
+    target: int | torch.Tensor | None = None,
     map_shape: tuple[int, int] | None = None,
     batch_size: int | None = None,
     reproduce: str = "",
@@ -1116,7 +1207,7 @@ def explainer_seed_stability(
     need an explicit threshold.
     """
     torch = require_torch()
-    from ..compare.metrics import METRICS
+    from ..compare.metrics import METRICS, resolve_k
 
     start = time.perf_counter()
     check_model(model)
@@ -1145,8 +1236,6 @@ def explainer_seed_stability(
     shape = _check_map_shape(map_shape, inputs)
     _resolve_metrics([metric], inputs.dim() == 2, shape)
     if METRICS[metric].takes_k:
-        from ..compare.metrics import resolve_k
-
         resolve_k(k, int(inputs[0].numel()))
     pipeline = get_pipeline(preset)
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
@@ -1182,8 +1271,8 @@ def explainer_seed_stability(
 
 @rng_isolated
 def assert_explainer_seed_stable(
-    model: Any,
-    inputs: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
     method: str | Explainer,
     seeds: Sequence[int] = (0, 1, 2),
     metric: str = "ssim",

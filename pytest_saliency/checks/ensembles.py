@@ -46,18 +46,33 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..core.rng import derive_seed
-
 from ..core.integrity import rng_isolated
+from ..core.rng import derive_seed
 from ..core.validation import (
-    check_choice, check_count, check_flag, check_inputs, check_model, check_number, check_seed, unknown_choice,
+    check_choice,
+    check_count,
+    check_flag,
+    check_inputs,
+    check_model,
+    check_number,
+    check_seed,
+    unknown_choice,
 )
 from ..exceptions import SaliencyUsageError
+from ..reporting.protocol import Figure, Number
+
+if TYPE_CHECKING:
+    import os
+
+    from ..compare.metrics import KValue
+    from ..maps.methods import Explainer
+    from ..model.cache import ModelCache
+    from .consistency import ConsistencyResult, ModelsOrFactory
 
 HOWS = ("average", "logits")
 PARAMETERS = ("weight", "bias", "both")
@@ -96,7 +111,7 @@ class Ensemble(nn.Module):
         return f"how={self.how!r}, n={len(self.members)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = []
+        outputs: list[torch.Tensor] = []
         for index, member in enumerate(self.members):
             out = member(x)
             if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -245,14 +260,14 @@ class EnsembleSizeResult:
 
     method: str
     metrics: list[str]
-    k: Any
+    k: KValue
     how: str
     n_models: int
     rows: list[EnsembleSizeRow]
     target_mode: str
     n_inputs: int
     seconds: float
-    results: dict[int, Any] = field(default_factory=dict, repr=False)  # size -> ConsistencyResult
+    results: dict[int, ConsistencyResult] = field(default_factory=dict, repr=False)  # by ensemble size
 
     check = "consistency_vs_ensemble_size"
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
@@ -278,12 +293,41 @@ class EnsembleSizeResult:
             "target": self.target_mode, "n_inputs": self.n_inputs, "seconds": self.seconds,
         }
 
+    @property
+    def passed(self) -> bool:
+        """A measurement, not a gate: always True (the summary begins with REPORT)."""
+        return True
+
+    def numbers(self) -> dict[str, Number]:
+        """C at the smallest and the largest ensemble size and the gain between them."""
+        numbers: dict[str, float | int | str | bool | None] = {
+            "method": self.method, "how": self.how, "models": self.n_models, "n_inputs": self.n_inputs,
+        }
+        if self.rows:
+            first, last = self.rows[0], self.rows[-1]
+            numbers.update(smallest_size=first.size, largest_size=last.size, consistency_smallest=first.consistency,
+                           consistency_largest=last.consistency, gain=last.consistency - first.consistency)
+        return numbers
+
+    def failure_message(self) -> str:
+        """A measurement cannot fail: its summary and report."""
+        return "\n".join([self.summary(), self.report()])
+
+    def figures(self) -> list[Figure]:
+        """Consistency C and the similarities between disjoint ensembles against the ensemble size."""
+        from ..reporting.figures import ensemble_figures
+
+        return ensemble_figures(
+            sizes=[row.size for row in self.rows], consistency=[row.consistency for row in self.rows],
+            similarities={m: [row.similarities[m] for row in self.rows] for m in self.metrics}, method=self.method,
+        )
+
     def summary(self) -> str:
         parts = []
         for row in self.rows:
             sims = ", ".join(f"{m} {row.similarities[m]:.3f}" for m in self.metrics)
             parts.append(f"size {row.size}: C {row.consistency:.3f}" + (f", {sims}" if sims else ""))
-        return f"{self.check} [{self.method}, {self.n_models} models]: " + " | ".join(parts)
+        return f"REPORT {self.check} [{self.method}, {self.n_models} models]: " + " | ".join(parts)
 
     def report(self) -> str:
         sims = "".join(f"  {m[:14]:>14}" for m in self.metrics)
@@ -305,19 +349,49 @@ class EnsembleSizeResult:
         return "\n".join(lines)
 
 
+def _labelled(models: Sequence[nn.Module] | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """The models with their labels: a dict's keys, or ``model0``, ``model1``, ... for a list."""
+    if isinstance(models, Mapping):
+        return [(str(label), model) for label, model in models.items()]
+    if isinstance(models, Sequence) and not isinstance(models, (str, bytes, nn.Module)):
+        return [(f"model{i}", model) for i, model in enumerate(models)]
+    raise SaliencyUsageError(
+        "models_or_factory must be a list or dict of models, or a factory train(seed) -> model with seeds=[...]."
+    )
+
+
+def _checked_sizes(sizes: object, n_models: int) -> list[int]:
+    """The ensemble sizes, sorted: distinct positive ints, each small enough for two disjoint ensembles."""
+    size_list = list(sizes) if isinstance(sizes, Sequence) and not isinstance(sizes, (str, bytes)) else None
+    size_hint = f"sizes must be a non-empty list of positive ints, e.g. (1, 2, 4), got {sizes!r:.80}."
+    if not size_list:
+        raise SaliencyUsageError(size_hint)
+    size_list = [check_count(s, f"sizes[{index}]", hint=size_hint) for index, s in enumerate(size_list)]
+    if len(set(size_list)) != len(size_list):
+        raise SaliencyUsageError(f"sizes must be distinct, got {size_list!r}.")
+    size_list = sorted(size_list)
+    too_big = [s for s in size_list if n_models // s < 2]
+    if too_big:
+        raise SaliencyUsageError(
+            f"ensemble size(s) {too_big} need at least {2 * max(too_big)} models (two disjoint ensembles to "
+            f"compare), but {n_models} were given. Pass more models (or seeds), or smaller sizes."
+        )
+    return size_list
+
+
 @rng_isolated
 def consistency_vs_ensemble_size(
-    models_or_factory: Any,
-    inputs: Any,
+    models_or_factory: ModelsOrFactory,
+    inputs: torch.Tensor,
     sizes: Sequence[int] = (1, 2, 4),
-    method: Any = "saliency",
+    method: str | Explainer = "saliency",
     *,
     seeds: Sequence[int] | None = None,
-    cache: Any = None,
+    cache: ModelCache | str | os.PathLike[str] | None = None,
     build: Callable[[], nn.Module] | None = None,
     version: str = "",
     how: str = "average",
-    target: Any = None,
+    target: str | int | torch.Tensor | None = None,
     metrics: Sequence[str] | None = ("sign_agreement",),
     batch_size: int | None = None,
     **options: Any,
@@ -344,34 +418,14 @@ def consistency_vs_ensemble_size(
     column. Other ``options`` go to ``explanation_consistency``
     (``k``, ``n_splits``, ``preset``, ``map_shape``, ``seed``, ``lr_input``, method options).
     """
+    from ..maps.targets import predicted_targets
     from .consistency import explanation_consistency, models_from
-    from ..maps.explainers import predicted_targets
 
     start = time.perf_counter()
     named, _ = models_from(models_or_factory, seeds, cache, build=build, version=version)
-    if isinstance(named, Mapping):
-        labelled = [(str(label), model) for label, model in named.items()]
-    elif isinstance(named, Sequence) and not isinstance(named, (str, bytes, nn.Module)):
-        labelled = [(f"model{i}", model) for i, model in enumerate(named)]
-    else:
-        raise SaliencyUsageError(
-            "models_or_factory must be a list or dict of models, or a factory train(seed) -> model with seeds=[...]."
-        )
-    size_list = list(sizes) if isinstance(sizes, Sequence) and not isinstance(sizes, (str, bytes)) else None
-    size_hint = f"sizes must be a non-empty list of positive ints, e.g. (1, 2, 4), got {sizes!r:.80}."
-    if not size_list:
-        raise SaliencyUsageError(size_hint)
-    size_list = [check_count(s, f"sizes[{index}]", hint=size_hint) for index, s in enumerate(size_list)]
-    if len(set(size_list)) != len(size_list):
-        raise SaliencyUsageError(f"sizes must be distinct, got {size_list!r}.")
-    size_list = sorted(size_list)
+    labelled = _labelled(named)
     m = len(labelled)
-    too_big = [s for s in size_list if m // s < 2]
-    if too_big:
-        raise SaliencyUsageError(
-            f"ensemble size(s) {too_big} need at least {2 * max(too_big)} models (two disjoint ensembles to "
-            f"compare), but {m} were given. Pass more models (or seeds), or smaller sizes."
-        )
+    size_list = _checked_sizes(sizes, m)
     how = _check_how(how)
     for label, model in labelled:
         try:

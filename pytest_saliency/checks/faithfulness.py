@@ -57,18 +57,37 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from ..core.integrity import rng_isolated
+from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
 from ..core.validation import (
-    check_choice, check_count, check_finite, check_flag, check_inputs, check_model, check_seed, unknown_choice,
+    check_choice,
+    check_count,
+    check_finite,
+    check_flag,
+    check_inputs,
+    check_model,
+    check_seed,
+    unknown_choice,
 )
-from ..core.jsonable import jsonable
 from ..exceptions import SaliencyUsageError
 from ..maps.baselines import default_blur_sigma, gaussian_blur
+from ..reporting.protocol import Figure, Number
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..maps.methods import Explainer
+    from .sam_grids import SweepGrid
+    from .sweeps import SweepResult, SweepSpec
+
+#: What deleted pixels become: "zero", "blur", a constant, a tensor broadcastable to the inputs,
+#: or a callable ``inputs -> tensor``.
+Substrate = Union[str, float, "torch.Tensor", Callable[["torch.Tensor"], "torch.Tensor"]]
 
 MODES = ("deletion", "insertion")
 ORDERS = ("signed", "absolute")
@@ -76,11 +95,6 @@ OUTPUTS = ("softmax", "raw")
 NORMALIZATIONS = ("max", None)
 SUBSTRATES = ("zero", "blur")
 DEFAULT_BATCH_SIZE = 256
-
-
-# --------------------------------------------------------------------------------------------
-# blur
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,9 +112,9 @@ class CausalCurves:
     """
 
     mode: str
-    curves: Any
-    fractions: Any
-    auc: Any
+    curves: torch.Tensor
+    fractions: torch.Tensor
+    auc: torch.Tensor
     targets: list[int]
     order: str
     step: int
@@ -153,7 +167,7 @@ class CausalCurves:
 # --------------------------------------------------------------------------------------------
 
 
-def area_under_curve(curves: Any, fractions: Any, normalize: str | None = "max") -> Any:
+def area_under_curve(curves: torch.Tensor, fractions: torch.Tensor, normalize: str | None = "max") -> torch.Tensor:
     """Trapezoidal AUC of (N, S) curves over the x values ``fractions`` (S,).
 
     ``normalize="max"`` divides each AUC by its curve's maximum (SAM); a curve whose maximum is
@@ -170,7 +184,7 @@ def area_under_curve(curves: Any, fractions: Any, normalize: str | None = "max")
     return area
 
 
-def _pixel_scores(attributions: Any, inputs: Any, order: str) -> Any:
+def _pixel_scores(attributions: object, inputs: torch.Tensor, order: str) -> torch.Tensor:
     """(N, P) per-pixel scores whose descending order is the deletion/insertion order."""
     torch = require_torch()
     if not isinstance(attributions, torch.Tensor) or not attributions.is_floating_point():
@@ -202,7 +216,8 @@ def _pixel_scores(attributions: Any, inputs: Any, order: str) -> Any:
     return a.reshape(n, -1)
 
 
-def _substrate(kind: Any, inputs: Any, blur_sigma: float | None) -> tuple[Any, str]:
+def _substrate(kind: Substrate, inputs: torch.Tensor, blur_sigma: float | None) -> tuple[torch.Tensor, str]:
+    """The substrate as a tensor shaped like the inputs, and its name for the report."""
     torch = require_torch()
     if isinstance(kind, str):
         if kind == "zero":
@@ -251,15 +266,15 @@ def _check_curve_options(mode: Any, order: Any, output: Any, normalize: Any, bat
 
 @rng_isolated
 def causal_curves(
-    model: Any,
-    inputs: Any,
-    attributions: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    attributions: torch.Tensor | str | Explainer,
     mode: str = "deletion",
     *,
-    target: Any = None,
+    target: int | torch.Tensor | None = None,
     order: str = "signed",
     step: int | None = None,
-    substrate: Any = "zero",
+    substrate: Substrate = "zero",
     blur_sigma: float | None = None,
     normalize: str | None = "max",
     output: str = "softmax",
@@ -275,7 +290,10 @@ def causal_curves(
     docstring defines every option. Returns :class:`CausalCurves` with the curves for plotting.
     """
     torch = require_torch()
-    from ..maps.explainers import model_in_eval_mode, explain, method_name, resolve_target
+    from ..core.torchtools import model_in_eval_mode
+    from ..maps.explainers import explain
+    from ..maps.methods import method_name
+    from ..maps.targets import resolve_target
 
     start_time = time.perf_counter()
     check_model(model)
@@ -342,13 +360,17 @@ def causal_curves(
 
 
 @rng_isolated
-def deletion(model: Any, inputs: Any, attributions: Any, **options: Any) -> CausalCurves:
+def deletion(
+    model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor | str | Explainer, **options: Any
+) -> CausalCurves:
     """The deletion game (lower AUC is better). See :func:`causal_curves` for the options."""
     return causal_curves(model, inputs, attributions, "deletion", **options)
 
 
 @rng_isolated
-def insertion(model: Any, inputs: Any, attributions: Any, **options: Any) -> CausalCurves:
+def insertion(
+    model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor | str | Explainer, **options: Any
+) -> CausalCurves:
     """The insertion game (higher AUC is better). See :func:`causal_curves` for the options."""
     return causal_curves(model, inputs, attributions, "insertion", **options)
 
@@ -438,6 +460,24 @@ class AccuracySpread:
                 lines.append(f"      {r.hyperparameter:<{width}}  {r.std_of_means:12.4f}  {r.mean_image_std:14.4f}  {means}")
         return "\n".join(lines)
 
+    def numbers(self) -> dict[str, Number]:
+        """The hyperparameter that moves the AUC most, by how much, and the run's size."""
+        top = self.ranking()
+        return {
+            "method": self.method, "n_images": self.n_images,
+            "hyperparameters": len({r.hyperparameter for r in self.rows}),
+            "most_spread": top[0].hyperparameter if top else None, "most_spread_score": top[0].score if top else None,
+            "std_of_means": top[0].std_of_means if top else None,
+        }
+
+    def failure_message(self) -> str:
+        """A measurement cannot fail: its summary and report."""
+        return "\n".join([self.summary(), self.report()])
+
+    def figures(self) -> list[Figure]:
+        """No figure: the report's table ranks the hyperparameters."""
+        return []
+
     def summary(self) -> str:
         top = self.ranking()
         if not top:
@@ -462,6 +502,37 @@ class AccuracySpread:
         }
 
 
+def _check_reusable(result: SweepResult, inputs: torch.Tensor, sweep: object, reference: object,
+                    options: dict[str, Any]) -> None:
+    """A SweepResult whose maps can be scored: attributions kept, nothing given again, the same inputs."""
+    if result.reference_attributions is None:
+        raise SaliencyUsageError(
+            "this SweepResult has no attributions; run hyperparameter_sweep(..., keep_attributions=True) "
+            "to reuse its maps, or pass the method name and sweep instead."
+        )
+    if sweep is not None or reference is not None or options:
+        raise SaliencyUsageError(
+            "sweep, reference and method options come from the SweepResult; do not pass them again."
+        )
+    if result.n_images != inputs.shape[0]:
+        raise SaliencyUsageError(
+            f"the SweepResult explained {result.n_images} images but {inputs.shape[0]} inputs were given; "
+            "pass the same inputs."
+        )
+
+
+def _spread_row(hyperparameter: str, score: str, values: list[Any], aucs: list[torch.Tensor]) -> SpreadRow:
+    """SAM's two spreads of one hyperparameter's AUCs (one (N,) tensor per value)."""
+    matrix = require_torch().stack(aucs)  # (values, images)
+    means = matrix.mean(dim=1)
+    return SpreadRow(
+        hyperparameter=hyperparameter, score=score, values=values,
+        value_means=[float(m) for m in means], per_image=matrix.tolist(),
+        mean_image_std=float(matrix.std(dim=0, unbiased=False).mean()),
+        std_of_means=float(means.std(unbiased=False)),
+    )
+
+
 def _short(value: Any) -> str:
     text = repr(value) if not hasattr(value, "shape") else f"tensor{tuple(value.shape)}"
     return text if len(text) <= 24 else text[:21] + "..."
@@ -469,19 +540,19 @@ def _short(value: Any) -> str:
 
 @rng_isolated
 def accuracy_spread(
-    model: Any,
-    inputs: Any,
-    method: Any = "smoothgrad",
-    sweep: Any = None,
-    reference: dict[str, Any] | None = None,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    method: str | Explainer | SweepGrid | SweepResult = "smoothgrad",
+    sweep: SweepSpec | None = None,
+    reference: Mapping[str, Any] | None = None,
     *,
     scores: Sequence[str] = MODES,
     include_reference: bool = True,
-    target: Any = None,
+    target: int | torch.Tensor | None = None,
     seed: int = 0,
     order: str = "signed",
     step: int | None = None,
-    substrate: Any = "zero",
+    substrate: Substrate = "zero",
     blur_sigma: float | None = None,
     normalize: str | None = "max",
     output: str = "softmax",
@@ -501,7 +572,6 @@ def accuracy_spread(
     averaged over images; SAM 4.5) and ``std_of_means`` (the std of the N dataset-mean scores;
     SAM 4.6). Standard deviations are population std (``ddof=0``, numpy's default, as SAM).
     """
-    torch = require_torch()
     from .sweeps import SweepResult, hyperparameter_sweep
 
     start = time.perf_counter()
@@ -519,20 +589,7 @@ def accuracy_spread(
         check_count(step, "step", hint="It is the number of pixels changed per step.")
     if isinstance(method, SweepResult):
         result = method
-        if result.reference_attributions is None:
-            raise SaliencyUsageError(
-                "this SweepResult has no attributions; run hyperparameter_sweep(..., keep_attributions=True) "
-                "to reuse its maps, or pass the method name and sweep instead."
-            )
-        if sweep is not None or reference is not None or options:
-            raise SaliencyUsageError(
-                "sweep, reference and method options come from the SweepResult; do not pass them again."
-            )
-        if result.n_images != inputs.shape[0]:
-            raise SaliencyUsageError(
-                f"the SweepResult explained {result.n_images} images but {inputs.shape[0]} inputs were given; "
-                "pass the same inputs."
-            )
+        _check_reusable(result, inputs, sweep, reference, options)
         target = result.target_tensor if target is None else target
     else:
         result = hyperparameter_sweep(
@@ -540,14 +597,15 @@ def accuracy_spread(
             batch_size=batch_size, keep_attributions=True, **options,
         )
         target = result.target_tensor
-    curve_options = dict(
+    curve_options: dict[str, Any] = dict(
         target=target, order=order, step=step, substrate=substrate, blur_sigma=blur_sigma, normalize=normalize,
         output=output, batch_size=curve_batch_size,
     )
 
-    cache: dict[tuple[str, int], Any] = {}
+    cache: dict[tuple[str, int], torch.Tensor] = {}
 
-    def auc_of(kind: str, key: int, attributions: Any) -> Any:
+    def auc_of(kind: str, key: int, attributions: torch.Tensor) -> torch.Tensor:
+        """Per-image AUCs of one set of maps, scored once (the reference's serve every table)."""
         if (kind, key) not in cache:
             cache[(kind, key)] = causal_curves(model, inputs, attributions, kind, **curve_options).auc.double()
         return cache[(kind, key)]
@@ -559,17 +617,10 @@ def accuracy_spread(
             if include_reference:
                 values.append(table.reference_value)
                 per_value.append(auc_of(kind, -1, result.reference_attributions))
-            for index, row in enumerate(table.rows):
+            for row in table.rows:
                 values.append(row.value)
                 per_value.append(auc_of(kind, id(row), row.attributions))
-            matrix = torch.stack(per_value)  # (values, images)
-            means = matrix.mean(dim=1)
-            rows.append(SpreadRow(
-                hyperparameter=table.hyperparameter, score=kind, values=values,
-                value_means=[float(m) for m in means], per_image=matrix.tolist(),
-                mean_image_std=float(matrix.std(dim=0, unbiased=False).mean()),
-                std_of_means=float(means.std(unbiased=False)),
-            ))
+            rows.append(_spread_row(table.hyperparameter, kind, values, per_value))
     return AccuracySpread(
         method=result.method, reference=dict(result.reference), rows=rows, n_images=int(inputs.shape[0]),
         options={**{k: v for k, v in curve_options.items() if k != "target"}, "include_reference": include_reference},

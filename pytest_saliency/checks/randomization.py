@@ -4,50 +4,71 @@ Independent (IPR): each layer is randomized on its own while the others keep the
 values. Cascading (CPR): layers are randomized cumulatively, from the output towards the input by
 default (Adebayo's order), or from the input upwards with ``order="bottom_up"``.
 
+The method, as :func:`layer_randomization` runs it: select the layers, compute the original
+model's maps, compute each randomized state's maps and compare them with the originals (SSIM),
+then the statistics over layers and images, and the verdict.
+
 Cost: one traced forward pass gives the execution order and the predicted targets; the original
-model's maps are computed once; then one explanation of the whole batch per randomized state,
-with the layer randomized in place and restored (no model copies). For gradient methods
-(saliency, input x gradient, integrated gradients, SmoothGrad) only the part of the forward pass after the
-randomized layer is recomputed (:mod:`pytest_saliency.engine.replay`); occlusion explains all
+model's maps are computed once; then the maps of every randomized state, with the layers
+randomized in place and restored (no model copies). How those maps are computed is the engine's
+business (:mod:`pytest_saliency.engine`): one captum call per state, or, for gradient methods
+(saliency, input x gradient, integrated gradients, SmoothGrad), only the part of the forward
+pass after the randomized layer (:mod:`pytest_saliency.engine.replay`), or, for occlusion, all
 states in one captum call whose forward passes share the original model's prefix
-(:mod:`pytest_saliency.engine.stacks`). SSIM runs batched on the maps' device, against
-filtered moments of the original maps computed once.
+(:mod:`pytest_saliency.engine.stacks`). SSIM runs batched on the maps' device, against filtered
+moments of the original maps computed once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.jsonable import jsonable
-from ..maps.options import format_options
-from ..core.rng import generator_states, pass_seeded, same_generator_states
-from ..core.integrity import rng_isolated
-from ..core.torchtools import require_torch
-from ..core.validation import (
-    all_finite, check_choice, check_count, check_finite, check_flag, check_inputs, check_model, check_number,
-    check_seed,
-)
-from ..engine.replay import GRADIENT_METHODS, GradientReplay, replayable_model, reusable, state_cuts
-from ..exceptions import SaliencyUsageError, warn_user
-from ..maps.explainers import (
-    Explainer, MethodSpec, attribute, draws_random, memory_budget_bytes, prepare_method, resolve_target,
-)
-from ..engine.stacks import FORWARD_METHODS, occlusion_states, stackable
-from ..model.layers import select_layers, trace_forward
-from ..maps.postprocess import MapPipeline, get_pipeline, pipeline_maps
-from ..model.randomize import STRATEGIES, LayerDraws, check_strategy, preserved, randomized
 from ..compare.statistics import (
-    CONFIDENCE, N_BOOTSTRAP, SENSITIVITY_THRESHOLD, SSIM_THRESHOLD, SensitivityStatistics, check_sensitivity_options,
+    CONFIDENCE,
+    N_BOOTSTRAP,
+    SENSITIVITY_THRESHOLD,
+    SSIM_THRESHOLD,
+    SensitivityStatistics,
+    check_sensitivity_options,
     sensitivity_statistics,
 )
+from ..core.integrity import rng_isolated
+from ..core.jsonable import jsonable
+from ..core.torchtools import require_torch
+from ..core.validation import (
+    all_finite,
+    check_choice,
+    check_count,
+    check_finite,
+    check_flag,
+    check_inputs,
+    check_model,
+    check_number,
+    check_seed,
+)
+from ..engine.base import Explanation, MapEngine, Progress, States
+from ..engine.select import engine_for
+from ..exceptions import SaliencyUsageError, warn_user
+from ..maps.explainers import prepare_method
+from ..maps.methods import Explainer
+from ..maps.options import format_options
+from ..maps.postprocess import MapPipeline, get_pipeline, pipeline_maps
+from ..maps.targets import resolve_target
+from ..model.layers import select_layers
+from ..model.randomize import STRATEGIES, check_strategy, preserved
+from ..reporting.protocol import Figure, Number
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from ..maps.cache import MapCache
 
 MODES = ("independent", "cascading")
 ORDERS = ("top_down", "bottom_up")
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -118,6 +139,28 @@ class RandomizationResult:
             "reused_activations": self.reused_activations,
             "reproduce": self.reproduce,
         }
+
+    def numbers(self) -> dict[str, Number]:
+        """S^I against its threshold, the insensitive layers, the run's size and settings."""
+        s = self.stats
+        return {
+            "dataset_score": s.dataset_score, "ci_low": s.ci_low, "ci_high": s.ci_high,
+            "sensitivity_threshold": s.sensitivity_threshold, "insensitive_layers": len(s.insensitive_layers),
+            "layers": len(s.layers), "ssim_threshold": s.ssim_threshold, "n_images": self.n_images,
+            "seed": self.seed, "method": self.method, "preset": self.pipeline.name, "mode": self.mode,
+        }
+
+    def figures(self) -> list[Figure]:
+        """The strip of maps after each layer's randomization and the per-layer SSIM curve."""
+        from ..reporting.figures import randomization_figures
+
+        s = self.stats
+        return randomization_figures(
+            layers=self.layers, ssim=self.ssim, ssim_threshold=s.ssim_threshold,
+            insensitive_layers=[layer.name for layer in s.insensitive_layers], original_maps=self.original_maps,
+            randomized_maps=self.randomized_maps, method=self.method, preset=self.pipeline.name, mode=self.mode,
+            order=self.order, check=self.check, dataset_score=s.dataset_score, ci=(s.ci_low, s.ci_high),
+        )
 
     def summary(self) -> str:
         """One line: the key number, the threshold and the verdict."""
@@ -194,9 +237,11 @@ class RandomizationResult:
         return "\n".join([headline, self.report(), hint])
 
 
-def _as_ssim_maps(maps: Any) -> Any:
-    """SSIM runs in float32 or float64; maps of half-precision models are compared in float32."""
+def _for_ssim(raw: torch.Tensor, pipeline: MapPipeline) -> torch.Tensor:
+    """Raw attributions post-processed into the maps SSIM compares. SSIM runs in float32 or
+    float64; maps of half-precision models are compared in float32."""
     torch = require_torch()
+    maps = pipeline_maps(raw, pipeline)
     return maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
 
 
@@ -215,7 +260,7 @@ class _Comparison:
     are kept as copies for the report (a view would keep the whole batch alive).
     """
 
-    def __init__(self, original: Any, pipeline: MapPipeline, setup: Any, states: int, keep: int,
+    def __init__(self, original: torch.Tensor, pipeline: MapPipeline, setup: Any, states: int, keep: int,
                  describe: Callable[[int], str]) -> None:
         from ..compare.similarity import ssim_reference_moments
 
@@ -227,7 +272,7 @@ class _Comparison:
         self.kept_maps: list[Any] = [None] * states
         self.pending: list[tuple[int, Any]] = []
 
-    def add(self, index: int, raw: Any) -> None:
+    def add(self, index: int, raw: torch.Tensor) -> None:
         self.pending.append((index, raw))
         if len(self.pending) * self.map_bytes >= SIMILARITY_BATCH_BYTES:
             self.flush()
@@ -243,22 +288,22 @@ class _Comparison:
         if not all_finite(raw):  # say which state's maps are not finite (the first layer's, as the loop would)
             for index, state_raw in sorted(self.pending, key=lambda pair: pair[0]):
                 check_finite(state_raw, self.describe(index))
-        maps = _as_ssim_maps(pipeline_maps(raw, self.pipeline)).unflatten(0, (len(raws), -1))
+        maps = _for_ssim(raw, self.pipeline).unflatten(0, (len(raws), -1))
         scores = ssim_unchecked(self.original, maps, self.setup, self.moments)
         for row, (index, _) in enumerate(self.pending):
             self.rows[index] = scores[row]
             self.kept_maps[index] = maps[row, : self.keep].clone()
         self.pending.clear()
 
-    def ssim(self) -> Any:
+    def ssim(self) -> torch.Tensor:
         """(states, images) SSIM of the states added so far (all of them, after :meth:`flush`)."""
         return require_torch().stack(self.rows)
 
-    def kept(self) -> Any:
+    def kept(self) -> torch.Tensor:
         return require_torch().stack(self.kept_maps)
 
 
-def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant_maps: str) -> Any:
+def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str, constant_maps: str) -> torch.Tensor:
     """Original maps must be big enough for the SSIM window and must not be constant.
 
     Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``; none
@@ -294,13 +339,140 @@ def _check_original_maps(maps: Any, pipeline: MapPipeline, method: str, constant
     return keep
 
 
+def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str) -> torch.Tensor | None:
+    """The original model's maps of the batch, post-processed for SSIM. Images whose map is
+    constant are refused (``constant_maps="error"``) or left out of the batch (``"skip"``); None
+    when no image is left (the batch is skipped, and the check fails only if none has any left)."""
+    name = batch.explanation.name
+    original = _for_ssim(batch.original(), pipeline)
+    used = _check_original_maps(original, pipeline, name, constant_maps)
+    while 0 < used.numel() < original.shape[0]:  # constant_maps="skip" dropped some images
+        original = original[used]
+        batch.keep_images(used)
+        if not batch.model_draws:
+            break
+        # A model that draws random numbers itself draws them for the whole batch, and the
+        # states explain the images left as one batch: the original model must explain that
+        # batch too, to draw the same numbers (such a model is never replayed). Its maps may be
+        # constant elsewhere now: check again.
+        original = _for_ssim(batch.original(), pipeline)
+        used = _check_original_maps(original, pipeline, name, constant_maps)
+    return original if used.numel() else None
+
+
+def _no_image_left(method: str, images: int) -> SaliencyUsageError:
+    return SaliencyUsageError(
+        f"the original model's {method} maps are constant for every one of the {images} images "
+        "(constant_maps='skip' left none); SSIM against a constant map measures nothing. Typical causes: a "
+        "ReLU'd GradCAM that is zero everywhere, dead ReLUs, a saturated output, or a surrogate that zeroes "
+        "every feature (lime: raise n_samples). Pick other inputs or another method."
+    )
+
+
+def _explain_only(model: torch.nn.Module) -> None:
+    """Explaining never needs parameter gradients, and every state runs in eval mode: both are set
+    once for the whole check (:func:`preserved` restores the flags) instead of once per state."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
 IMAGE_MODES = ("all", "auto")
-#: Up to this fraction (1 / DRAW_SHARE) of the memory budget holds drawn layer values and their
-#: originals (LayerDraws): 4 MiB on the CPU; on an idle 80 GB GPU about 150 MB, three quarters of
-#: what a ResNet-50's layers need.
-DRAW_SHARE = 256
-#: Methods whose replay feeds the images themselves: their recording pass can be the traced pass.
-TRACED_RECORDING = ("saliency", "input_x_gradient")
+IMAGES_HINT = "images is 'all' (every input), 'auto' (stop when decisive) or the most images to use, e.g. 32."
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The check's arguments as validation normalizes them (see :func:`_settings`)."""
+
+    mode: str
+    order: str
+    constant_maps: str
+    images: str | int
+    image_batch: int
+    depth: int
+    seed: int
+    batch_size: int | None
+    keep_maps: int
+    early_exit: bool
+    ssim_threshold: float
+    sensitivity_threshold: float
+    require_every_layer: bool
+    clip_negative_ssim: bool
+    confidence: float
+    n_bootstrap: int
+    adaptive_confidence: float
+
+    @property
+    def adaptive(self) -> bool:
+        """``images="auto"``: stop as soon as the verdict is decisive."""
+        return self.images == "auto"
+
+    @property
+    def batched(self) -> bool:
+        """The images are explained ``image_batch`` at a time, with a decision after each batch."""
+        return self.adaptive or self.early_exit
+
+    def ordered(self, layers: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.nn.Module]]:
+        """The layers (in execution order) in the order they are randomized: cascading top-down
+        (Adebayo's order) starts at the output."""
+        return layers if self.mode == "independent" or self.order == "bottom_up" else layers[::-1]
+
+    def decision(self, columns: list[torch.Tensor], names: list[str]) -> str | None:
+        """:func:`_decision` on the SSIM columns of the image batches explained so far."""
+        return _decision(columns, names, ssim_threshold=self.ssim_threshold,
+                         sensitivity_threshold=self.sensitivity_threshold,
+                         require_every_layer=self.require_every_layer, clip_negative=self.clip_negative_ssim,
+                         confidence=self.adaptive_confidence, seed=self.seed)
+
+    def statistics(self, ssim: torch.Tensor, names: list[str]) -> SensitivityStatistics:
+        """Per-layer and dataset-level sensitivity of the (layers, images) SSIM."""
+        return sensitivity_statistics(
+            ssim, names, ssim_threshold=self.ssim_threshold, sensitivity_threshold=self.sensitivity_threshold,
+            clip_negative=self.clip_negative_ssim, confidence=self.confidence, n_bootstrap=self.n_bootstrap,
+            seed=self.seed,
+        )
+
+
+def _settings(model: torch.nn.Module, inputs: torch.Tensor, *, mode: str, order: str, constant_maps: str,
+              images: str | int, image_batch: int, depth: int, seed: int, batch_size: int | None, keep_maps: int,
+              early_exit: bool, require_every_layer: bool, reuse_activations: bool, clip_negative_ssim: bool,
+              ssim_threshold: float, sensitivity_threshold: float, confidence: float, n_bootstrap: int,
+              adaptive_confidence: float, progress: Progress | None, randomization: str) -> _Settings:
+    """Every argument of :func:`layer_randomization` but the method's checked, with an error that
+    says what to pass for each bad one."""
+    check_model(model)
+    check_inputs(inputs, model)
+    mode = check_choice(mode, "mode", MODES)
+    order = check_choice(order, "order", ORDERS)
+    constant_maps = check_choice(constant_maps, "constant_maps", ("error", "skip"))
+    if isinstance(images, str):
+        images = check_choice(images, "images", IMAGE_MODES, IMAGES_HINT)
+    else:
+        images = check_count(images, "images", hint=IMAGES_HINT)
+    image_batch = check_count(image_batch, "image_batch", hint="It is the number of images explained between decisions.")
+    depth = check_count(depth, "depth", hint="depth=1 means the model's children (for layers='block').")
+    seed = check_seed(seed)
+    check_flag(clip_negative_ssim, "clip_negative_ssim")
+    check_sensitivity_options(
+        ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold, clip_negative=clip_negative_ssim,
+        confidence=confidence, n_bootstrap=n_bootstrap,
+    )
+    check_number(adaptive_confidence, "adaptive_confidence", low=0.0, high=1.0, low_open=True, high_open=True,
+                 hint="It is the confidence at which images='auto' or early_exit stop, e.g. 0.99.")
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the images one explainer call sees; None sizes the chunks from memory.")
+    keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
+    for flag, flag_name in ((require_every_layer, "require_every_layer"), (early_exit, "early_exit"),
+                            (reuse_activations, "reuse_activations")):
+        check_flag(flag, flag_name)
+    if progress is not None and not callable(progress):
+        raise SaliencyUsageError(
+            f"progress must be None or a callable progress(done, total, label), got {type(progress).__name__}.")
+    check_strategy(randomization)
+    return _Settings(mode, order, constant_maps, images, image_batch, depth, seed, batch_size, keep_maps, early_exit,
+                     ssim_threshold, sensitivity_threshold, require_every_layer, clip_negative_ssim, confidence,
+                     n_bootstrap, adaptive_confidence)
 
 
 def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: float, sensitivity_threshold: float,
@@ -335,8 +507,8 @@ def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: floa
 
 @rng_isolated
 def layer_randomization(
-    model: Any,
-    inputs: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
     method: str | Explainer = "saliency",
     *,
     mode: str = "independent",
@@ -345,7 +517,7 @@ def layer_randomization(
     depth: int = 1,
     randomization: str = "reinit",
     preset: str | MapPipeline | None = None,
-    target: Any = None,
+    target: int | Sequence[int] | torch.Tensor | None = None,
     seed: int = 0,
     ssim_threshold: float = SSIM_THRESHOLD,
     sensitivity_threshold: float = SENSITIVITY_THRESHOLD,
@@ -358,7 +530,7 @@ def layer_randomization(
     image_batch: int = 16,
     adaptive_confidence: float = 0.99,
     early_exit: bool = False,
-    cache: Any = None,
+    cache: MapCache | None = None,
     keep_maps: int = 4,
     constant_maps: str = "error",
     progress: Progress | None = None,
@@ -397,289 +569,71 @@ def layer_randomization(
     from ..compare.similarity import ssim_setup
 
     start = time.perf_counter()
-    check_model(model)
-    check_inputs(inputs, model)
-    mode = check_choice(mode, "mode", MODES)
-    order = check_choice(order, "order", ORDERS)
-    constant_maps = check_choice(constant_maps, "constant_maps", ("error", "skip"))
-    images_hint = "images is 'all' (every input), 'auto' (stop when decisive) or the most images to use, e.g. 32."
-    if isinstance(images, str):
-        images = check_choice(images, "images", IMAGE_MODES, images_hint)
-    else:
-        images = check_count(images, "images", hint=images_hint)
-    image_batch = check_count(image_batch, "image_batch", hint="It is the number of images explained between decisions.")
-    depth = check_count(depth, "depth", hint="depth=1 means the model's children (for layers='block').")
-    seed = check_seed(seed)
-    check_flag(clip_negative_ssim, "clip_negative_ssim")
-    check_sensitivity_options(
-        ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold, clip_negative=clip_negative_ssim,
-        confidence=confidence, n_bootstrap=n_bootstrap,
-    )
-    check_number(adaptive_confidence, "adaptive_confidence", low=0.0, high=1.0, low_open=True, high_open=True,
-                 hint="It is the confidence at which images='auto' or early_exit stop, e.g. 0.99.")
-    batch_size = check_count(batch_size, "batch_size", allow_none=True,
-                             hint="It bounds the images one explainer call sees; None sizes the chunks from memory.")
-    keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
-    for flag, flag_name in ((require_every_layer, "require_every_layer"), (early_exit, "early_exit"),
-                            (reuse_activations, "reuse_activations")):
-        check_flag(flag, flag_name)
-    if progress is not None and not callable(progress):
-        raise SaliencyUsageError(
-            f"progress must be None or a callable progress(done, total, label), got {type(progress).__name__}.")
-    check_strategy(randomization)
+    s = _settings(model, inputs, mode=mode, order=order, constant_maps=constant_maps, images=images,
+                  image_batch=image_batch, depth=depth, seed=seed, batch_size=batch_size, keep_maps=keep_maps,
+                  early_exit=early_exit, require_every_layer=require_every_layer, reuse_activations=reuse_activations,
+                  clip_negative_ssim=clip_negative_ssim, ssim_threshold=ssim_threshold,
+                  sensitivity_threshold=sensitivity_threshold, confidence=confidence, n_bootstrap=n_bootstrap,
+                  adaptive_confidence=adaptive_confidence, progress=progress, randomization=randomization)
     pipeline = get_pipeline(preset)
     setup = ssim_setup(**pipeline.ssim.kwargs())
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
-    if isinstance(images, int):
-        inputs = inputs[:images]
-    adaptive = images == "auto"
-    batched = adaptive or early_exit
-    step = image_batch if batched else inputs.shape[0]
-
-    def cache_key(x: Any, t: Any, ids: list[int]) -> str | None:
-        """The cache's key for the original maps of ``x``, the images at ``ids`` in the inputs. Their
-        indices seed a method's random draws: part of the key unless they are 0, 1, ... (the
-        images of a check over all its inputs, or of any other entry point)."""
-        drawn = isinstance(resolved, MethodSpec) and draws_random(resolved, options) and ids != list(range(len(ids)))
-        return cache.key(model, x, t, name, {**options, "image_ids": tuple(ids)} if drawn else options, seed,
-                         batch_size)
-
-    def maps_of(x: Any, t: Any, ids: list[int]) -> Any:
-        """The original model's maps of the images at ``ids`` in the inputs, through captum (or the cache)."""
-        key = None
-        if cache is not None and isinstance(resolved, MethodSpec):
-            key = cache_key(x, t, ids)
-            raw = cache.get(key)
-            if raw is not None:
-                return _as_ssim_maps(pipeline_maps(raw, pipeline))
-        raw = attribute(model, x, resolved, t, seed, batch_size, True, options, prepared=True, index=ids)
-        if key is not None:
-            cache.put(key, raw)
-        return _as_ssim_maps(pipeline_maps(raw, pipeline))
-
-    def reused_original(raw: Any, x: Any, t: Any, ids: list[int]) -> Any:
-        """The original maps from a pass that runs anyway (a replay's recorded pass, whose graph
-        is reused, or the state stack's column 0); an earlier check's maps from the cache take
-        precedence, so checks in a session compare against identical originals."""
-        check_finite(raw, f"attribution maps from {name!r}")
-        if cache is not None:
-            key = cache_key(x, t, ids)
-            cached = cache.get(key)
-            if cached is None:
-                cache.put(key, raw)
-            else:
-                raw = cached
-        return _as_ssim_maps(pipeline_maps(raw, pipeline))
-
-    def state_maps(index: int) -> str:
-        return f"attribution maps from {name!r} with {names[index]!r} randomized"
-
+    if isinstance(s.images, int):
+        inputs = inputs[:s.images]
+    explanation = Explanation(model, resolved, name, options, s.seed, s.batch_size, cache)
     with preserved(model):
-        # Explaining never needs parameter gradients, and every state runs in eval mode: set both
-        # once for the whole check (preserved() restores the flags) instead of once per state.
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        # One traced forward pass of the check's inputs gives the execution order, which layers
-        # run, what activation reuse may replay, and the predicted targets. For saliency and
-        # input x gradient over all images at once it is also the replay's recording pass.
-        might_reuse = reuse_activations and getattr(resolved, "name", None) in GRADIENT_METHODS
-        whole_batch = not batched and not options.get("_image_batch") and (
-            not batch_size or batch_size >= inputs.shape[0])
-        first_replay = None
-        model_draws = False  # (a recording that draws raises: see GradientReplay)
-        if might_reuse and whole_batch and name in TRACED_RECORDING and isinstance(resolved, MethodSpec):
-            first_replay = GradientReplay(model, inputs, None, name, options, seed)
-            try:
-                trace = first_replay.record()
-            except Exception:  # noqa: BLE001 - the plain traced pass below reports a real model error
-                first_replay.close()
-                first_replay = None
-        if first_replay is None:
-            # In chunks of the memory budget's size at most: the traced chunk keeps every module's
-            # output (900 ResNet-50 images at 224x224 in one chunk: over 80 GB). Seeded like every
-            # explanation pass (the recording too), so the predicted targets of a model that draws
-            # random numbers (dropout left on) do not depend on reuse_activations.
-            with pass_seeded(seed, inputs.device):
-                generators = generator_states(inputs.device)
-                trace = trace_forward(model, inputs, batch_size or options.get("_image_batch"))
-                # A model that draws random numbers gets the same ones in every state's full pass;
-                # a replay would skip the draws of the part it reuses and shift the rest.
-                model_draws = not same_generator_states(generators, generator_states(inputs.device))
-        # The replay explains one chunk of images at a time (batch_size, or the memory budget's
-        # chunk); in the adaptive modes only if a chunk holds a whole image_batch.
-        chunk = batch_size or options.get("_image_batch")
-        replay_step = min(step, chunk) if chunk and not batched else step
-        reuse = might_reuse and not model_draws and reusable(model, trace, resolved, options, batch_size,
-                                                       min(replay_step, inputs.shape[0]))
-        if reuse:
-            step = replay_step
-        fixed_target = resolve_target(model, inputs, target, batch_size, outputs=trace.output)
-        if first_replay is not None and not reuse:
-            first_replay.close()
-            first_replay = None
-        selected = select_layers(model, inputs, layers, depth=depth, trace=trace)
-        stages = selected if mode == "independent" or order == "bottom_up" else selected[::-1]
-        names = [layer_name for layer_name, _ in stages]
-        # Occlusion: every state's maps from one captum call per step, the forward passes sharing
-        # the original model's prefix (forward_reuse). It holds states x images maps at once.
-        stacked = (reuse_activations and not model_draws and isinstance(resolved, MethodSpec) and name in FORWARD_METHODS
-                   and stackable(stages, mode) and replayable_model(model, trace))
-        if stacked:  # (and captum's totals and differences: about three times the maps)
-            held = 3 * (len(stages) + 1) * inputs[0].numel() * inputs.element_size()
-            fits = memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device) // held
-            if batched:  # the adaptive modes decide after each image_batch: keep the loop if one does not fit
-                stacked = fits >= step
-            else:
-                step = max(1, min(step, fits))
-        # Each layer's randomized values, drawn once up front for every state and image batch
-        # (within a small share of the memory budget; see LayerDraws).
-        draws = None if stacked else LayerDraws(
-            stages, randomization, seed,
-            limit_bytes=memory_budget_bytes(method_kwargs.get("memory_budget", "auto"), inputs.device) // DRAW_SHARE)
-        columns, originals, kept, used_inputs = [], [], [], 0
-        stopped = ""
-        reused = False
-        for first in range(0, inputs.shape[0], step):
-            x, t = inputs[first:first + step], fixed_target[first:first + step]
-            # Each image's index in the inputs: it seeds the image's random draws (noise, a uniform
-            # baseline), so its maps do not depend on the image batch or the images skipped.
-            ids = list(range(first, first + x.shape[0]))
-            if first_replay is not None:  # recorded by the traced pass (one step over all images)
-                replay, first_replay = first_replay, None
-                replay.target = t.reshape(-1)
-            else:
-                replay = GradientReplay(model, x, t, name, options, seed, index=ids) if reuse else None
-            original = stack_maps = None
-            if stacked:
-                label = f"images {used_inputs + 1}-{used_inputs + x.shape[0]}"
-                try:
-                    stack_maps, from_replay = occlusion_states(
-                        model, x, t, stages, mode, randomization, seed, options, chunk=chunk, progress=progress,
-                        label=label, index=ids)
-                except Exception:  # noqa: BLE001 - the loop over states below reports a real model error
-                    stacked = False
-                else:  # (reused_original checks the original maps for NaN and inf, _Comparison the states')
-                    reused = reused or from_replay
-                    original = reused_original(stack_maps[0], x, t, ids)
-            if replay is not None:
-                try:
-                    original = reused_original(replay.original(), x, replay.target, ids)
-                except Exception:  # noqa: BLE001 - captum's pass below reports a real model error
-                    replay.close()
-                    replay = None
-            if original is None:
-                original = maps_of(x, t, ids)
-            used = _check_original_maps(original, pipeline, name, constant_maps)
-            while 0 < used.numel() < original.shape[0]:  # constant_maps="skip" dropped some images
-                x, t, original = x[used], t[used], original[used]
-                ids = [ids[i] for i in used.tolist()]
-                if stack_maps is not None:  # occlusion explains each image on its own, in one stack
-                    stack_maps = stack_maps[:, used]
-                    break
-                if replay is not None:  # the recorded graph covers the dropped images too: start afresh
-                    replay.close()
-                    replay = GradientReplay(model, x, t, name, options, seed, index=ids)
-                    try:
-                        replay.original()  # (the images left keep their maps, drawn at their indices)
-                    except Exception:  # noqa: BLE001 - captum's passes report a real model error
-                        replay.close()
-                        replay = None
-                if not model_draws:
-                    break
-                # A model that draws random numbers itself draws them for the whole batch, and the
-                # states explain the images left as one batch: the original model must explain that
-                # batch too, to draw the same numbers (such a model is never replayed). Its maps may
-                # be constant elsewhere now: check again.
-                original = maps_of(x, t, ids)
-                used = _check_original_maps(original, pipeline, name, constant_maps)
-            if used.numel() == 0:  # constant_maps="skip" and every map of this step is constant
-                if replay is not None:
-                    replay.close()
-                continue
-            # Each replay's recorded pass traced the images it explains (per step: the control
-            # flow may depend on the batch), and its cuts come from that trace.
-            cuts = state_cuts(replay.trace, names, mode) if replay is not None else []
-            if replay is not None and not replay.verify(max(cuts)):
-                replay.close()
-                replay = None
-            # With reuse, independent states run from the last layer to the first (see activation_reuse).
-            state_order = list(range(len(stages)))
-            if replay is not None and mode == "independent":
-                state_order.sort(key=lambda i: -cuts[i])
-            keep = max(0, min(keep_maps - sum(o.shape[0] for o in originals), x.shape[0]))
-            comparison = _Comparison(original, pipeline, setup, len(stages), keep, state_maps)
-            try:
-                with contextlib.ExitStack() as cascade:
-                    for index in range(len(stages)) if stack_maps is not None else ():
-                        comparison.add(index, stack_maps[index + 1])
-                    for done, index in enumerate(state_order if stack_maps is None else ()):
-                        layer_name, module = stages[index]
-                        if progress is not None:
-                            progress(done, len(stages),
-                                     f"{layer_name} (images {used_inputs + 1}-{used_inputs + x.shape[0]})")
-                        state = randomized([(layer_name, module)], randomization, seed, draws)
-                        with state if mode == "independent" else contextlib.nullcontext():
-                            if mode == "cascading":
-                                cascade.enter_context(state)
-                            raw = None
-                            if replay is not None:
-                                try:
-                                    raw = replay.maps(cuts[index])
-                                    reused = True  # at least one state came from the replay
-                                except Exception:  # noqa: BLE001
-                                    # A recorded tensor changed in place (the replay is stale), the
-                                    # suffix wrote into a replayed one, or the output stopped
-                                    # depending on the inputs: use full passes from here on. A
-                                    # genuine error in the model comes back from captum's pass.
-                                    replay.close()
-                                    replay = None
-                            if raw is None:  # (replayed maps are checked for NaN and inf with the others, in comparison)
-                                raw = attribute(model, x, resolved, t, seed, batch_size, True, options,
-                                                 prepared=True, what=state_maps(index), index=ids)
-                        comparison.add(index, raw)
+        _explain_only(model)
+        # The engine, and the check's traced forward pass: the execution order and the predictions.
+        engine = engine_for(model, inputs, explanation, reuse_activations=reuse_activations, batched=s.batched,
+                            step=s.image_batch if s.batched else inputs.shape[0],
+                            memory_budget=method_kwargs.get("memory_budget", "auto"))
+        fixed_target = resolve_target(model, inputs, target, s.batch_size, outputs=engine.trace.output)
+        # 1. The layers to randomize, in the order they are randomized.
+        selected = select_layers(model, inputs, layers, depth=s.depth, trace=engine.trace)
+        states = States(s.ordered(selected), s.mode, randomization, s.seed)
+        columns: list[Tensor] = []
+        originals: list[Tensor] = []
+        kept: list[Tensor] = []
+        explained, stopped = 0, ""
+        for batch in engine.batches(states, fixed_target, progress):
+            with batch:
+                # 2. The original model's maps (images with a constant map refused, or left out).
+                original = _usable_original(batch, pipeline, s.constant_maps)
+                if original is None:
+                    continue
+                # 3. Each randomized state's maps, compared with the original maps (SSIM).
+                keep = max(0, min(s.keep_maps - sum(o.shape[0] for o in originals), original.shape[0]))
+                comparison = _Comparison(original, pipeline, setup, len(states), keep,
+                                         lambda index: explanation.describe(states.names[index]))
+                for index, raw in batch.state_maps():
+                    comparison.add(index, raw)
                 comparison.flush()
-            finally:
-                if replay is not None:
-                    replay.close()
             columns.append(comparison.ssim())
             originals.append(original[:keep].clone())
             kept.append(comparison.kept())
-            used_inputs += x.shape[0]
-            if batched and first + step < inputs.shape[0]:
-                verdict = _decision(
-                    columns, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,
-                    require_every_layer=require_every_layer, clip_negative=clip_negative_ssim,
-                    confidence=adaptive_confidence, seed=seed,
-                )
-                if verdict == "fail" or (verdict == "pass" and adaptive):
-                    stopped = f"decisive {verdict} after {used_inputs} of {inputs.shape[0]} images"
-                    break
+            explained += original.shape[0]
+            # images="auto" and early_exit: stop once the evidence so far is decisive.
+            verdict = s.decision(columns, states.names) if s.batched and not batch.last else None
+            if verdict == "fail" or (verdict == "pass" and s.adaptive):
+                stopped = f"decisive {verdict} after {explained} of {inputs.shape[0]} images"
+                break
         if progress is not None:
-            progress(len(stages), len(stages), "")
+            progress(len(states), len(states), "")
     if not columns:
-        raise SaliencyUsageError(
-            f"the original model's {name} maps are constant for every one of the {inputs.shape[0]} images "
-            "(constant_maps='skip' left none); SSIM against a constant map measures nothing. Typical causes: a "
-            "ReLU'd GradCAM that is zero everywhere, dead ReLUs, a saturated output, or a surrogate that zeroes "
-            "every feature (lime: raise n_samples). Pick other inputs or another method."
-        )
+        raise _no_image_left(name, inputs.shape[0])
+    # 4. The statistics over layers and images, and with them the verdict (result.passed).
     ssim = torch.cat(columns, dim=1)
-    stats = sensitivity_statistics(
-        ssim, names, ssim_threshold=ssim_threshold, sensitivity_threshold=sensitivity_threshold,
-        clip_negative=clip_negative_ssim, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
+    stats = s.statistics(ssim, states.names)
+    reproduce = reproduce or (
+        f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={s.mode!r}, "
+        f"preset={pipeline.name!r}, seed={s.seed}, images={s.images!r})"
     )
-    if not reproduce:
-        reproduce = (
-            f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={mode!r}, "
-            f"preset={pipeline.name!r}, seed={seed}, images={images!r})"
-        )
     return RandomizationResult(
-        mode=mode, method=name, method_options=options, pipeline=pipeline, layers=names,
-        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=used_inputs, device=str(inputs.device),
-        seed=seed, randomization=randomization, order=order if mode == "cascading" else "n/a",
+        mode=s.mode, method=name, method_options=options, pipeline=pipeline, layers=states.names,
+        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=explained, device=str(inputs.device),
+        seed=s.seed, randomization=randomization, order=s.order if s.mode == "cascading" else "n/a",
         require_every_layer=require_every_layer, seconds=time.perf_counter() - start, reproduce=reproduce,
-        images_available=int(inputs.shape[0]), stopped_early=stopped, reused_activations=reused,
+        images_available=int(inputs.shape[0]), stopped_early=stopped, reused_activations=engine.reused,
         original_maps=torch.cat(originals).detach().cpu(), randomized_maps=torch.cat(kept, dim=1).detach().cpu(),
     )
 

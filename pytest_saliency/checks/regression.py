@@ -53,18 +53,29 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.jsonable import jsonable
+from ..core.fingerprint import input_fingerprint
 from ..core.integrity import rng_isolated
+from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
 from ..core.validation import check_inputs, check_model, model_device
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
-from ..maps.explainers import MethodSpec, attribute, draws_random, prepare_method, resolve_target
+from ..maps.explainers import attribute, prepare_method
+from ..maps.methods import MethodSpec, draws_random
 from ..maps.options import DERIVED_OPTIONS
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
+from ..maps.targets import resolve_target
+from ..reporting.protocol import Figure, Number
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..maps.methods import Explainer
 
 FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.9
@@ -80,15 +91,6 @@ class _NotRecorded:
 
 
 _NOT_RECORDED = _NotRecorded()
-
-
-def input_fingerprint(inputs: Any) -> str:
-    """SHA-256 of the inputs' float32 bytes and shape: the same data gives the same hash on any device."""
-    torch = require_torch()
-    data = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
-    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
-    digest.update(data.tobytes())
-    return digest.hexdigest()
 
 
 # Generated file names stay this many bytes below the usual 255-byte limit of one path component,
@@ -314,7 +316,7 @@ def _remove_stale_temps(target: Path) -> None:
                 pass
 
 
-def write_baseline(path: Path, maps: Any, metadata: dict[str, Any]) -> None:
+def write_baseline(path: Path | str, maps: np.ndarray, metadata: dict[str, Any]) -> None:
     """Write ``maps`` and ``metadata`` atomically: temp file in the same folder, fsync, rename.
 
     Files get the usual mode (0666 less the umask), like any other file a test writes. Temporary
@@ -359,69 +361,64 @@ def write_baseline(path: Path, maps: Any, metadata: dict[str, Any]) -> None:
         ) from None
 
 
-def read_baseline(path: Path) -> tuple[Any, dict[str, Any]]:
-    """Load maps and metadata without unpickling anything; damaged files get a clear error.
+_FIX = "Delete it and rerun with --saliency-update-baselines to write a fresh one, or restore it from version control."
 
-    Everything the comparison uses is checked here (metadata that is a JSON object, finite
-    thresholds in [-1, 1], a well-formed envelope, finite float maps of shape (N, H, W)), so a
-    damaged or hand-edited file is reported by name instead of passing or crashing later. The maps
-    come back as float32.
-    """
+
+def _damaged(path: Path, problem: str) -> SaliencyUsageError:
+    return SaliencyUsageError(f"saliency baseline {path} {problem}. {_FIX}")
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The ``maps`` and ``metadata`` arrays of the .npz at ``path``, loaded without unpickling."""
     import numpy as np
 
-    from ..core.validation import check_count, check_number
-
-    path = _as_path(path)
-    fix = "Delete it and rerun with --saliency-update-baselines to write a fresh one, or restore it from version control."
-
-    def bad(problem: str) -> SaliencyUsageError:
-        return SaliencyUsageError(f"saliency baseline {path} {problem}. {fix}")
-
-    if path.is_dir():
-        raise SaliencyUsageError(
-            f"saliency baseline {path} is a folder, not a baseline file. Pass the path of an .npz file."
-        )
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
             handle.seek(0)
             if not magic:
-                raise bad("is empty (0 bytes): corrupted or truncated")
+                raise _damaged(path, "is empty (0 bytes): corrupted or truncated")
             if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.savez writes a zip archive
-                raise bad(f"is not a valid .npz baseline (an .npz file is a zip archive; this file starts with {magic!r})")
+                raise _damaged(path, f"is not a valid .npz baseline (an .npz file is a zip archive; this file starts "
+                                     f"with {magic!r})")
             with np.load(handle, allow_pickle=False) as data:
                 if "maps" not in data.files or "metadata" not in data.files:
                     raise SaliencyUsageError(
                         f"saliency baseline {path} is not a pytest-saliency baseline (it holds {sorted(data.files)}, "
-                        f"expected 'maps' and 'metadata'). {fix}"
+                        f"expected 'maps' and 'metadata'). {_FIX}"
                     )
-                maps = data["maps"]
-                raw = data["metadata"]
+                return data["maps"], data["metadata"]
     except SaliencyUsageError:
         raise
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise SaliencyUsageError(
                 f"saliency baseline {path} contains pickled Python objects; it was refused and nothing in it was "
-                f"executed (baselines are loaded with allow_pickle=False). {fix}"
+                f"executed (baselines are loaded with allow_pickle=False). {_FIX}"
             ) from None
-        raise SaliencyUsageError(f"saliency baseline {path} could not be read ({exc}). {fix}") from None
+        raise SaliencyUsageError(f"saliency baseline {path} could not be read ({exc}). {_FIX}") from None
     except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError: a damaged file
         raise SaliencyUsageError(
-            f"saliency baseline {path} is corrupted or truncated ({type(exc).__name__}: {exc}). {fix}"
+            f"saliency baseline {path} is corrupted or truncated ({type(exc).__name__}: {exc}). {_FIX}"
         ) from None
+
+
+def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
+    """The metadata: one JSON object of this format version, with thresholds and envelope in range."""
+    from ..core.validation import check_count, check_number
+
     if raw.dtype.kind != "U" or raw.ndim != 0:
-        raise bad(f"holds metadata of dtype {raw.dtype} and shape {raw.shape}; expected one JSON string")
+        raise _damaged(path, f"holds metadata of dtype {raw.dtype} and shape {raw.shape}; expected one JSON string")
     try:
         metadata = json.loads(str(raw))
     except ValueError as exc:
-        raise bad(f"metadata is not valid JSON ({exc})") from None
+        raise _damaged(path, f"metadata is not valid JSON ({exc})") from None
     if not isinstance(metadata, dict):
-        raise bad(f"metadata is not a JSON object (it is a {type(metadata).__name__})")
+        raise _damaged(path, f"metadata is not a JSON object (it is a {type(metadata).__name__})")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise SaliencyUsageError(
             f"saliency baseline {path} has format version {metadata.get('format_version')!r}; this pytest-saliency "
-            f"reads version {FORMAT_VERSION}. {fix}"
+            f"reads version {FORMAT_VERSION}. {_FIX}"
         )
     try:
         if "threshold" in metadata:
@@ -435,27 +432,52 @@ def read_baseline(path: Path) -> tuple[Any, dict[str, Any]]:
             check_number(envelope.get("min_mean_similarity"), "envelope.min_mean_similarity", low=-1.0, high=1.0)
             check_count(envelope.get("reference_models"), "envelope.reference_models", minimum=2)
     except SaliencyUsageError as exc:
-        raise SaliencyUsageError(f"saliency baseline {path}: {exc} {fix}") from None
+        raise SaliencyUsageError(f"saliency baseline {path}: {exc} {_FIX}") from None
+    return metadata
+
+
+def _checked_maps(path: Path, maps: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
+    """The stored maps as float32, refused unless finite, of shape (N, H, W), one per recorded target."""
+    import numpy as np
+
     if maps.dtype.kind != "f" or maps.ndim != 3:
         raise SaliencyUsageError(
             f"saliency baseline {path} holds maps of dtype {maps.dtype} and shape {maps.shape}; expected float "
-            f"maps of shape (N, H, W). {fix}"
+            f"maps of shape (N, H, W). {_FIX}"
         )
     targets = metadata.get("targets")
     if "targets" in metadata and not (
         isinstance(targets, list) and len(targets) == maps.shape[0]
         and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in targets)
     ):
-        raise bad(f"records targets {targets!r:.80}; expected a list of {maps.shape[0]} class indices (ints >= 0), "
-                  "one per stored map")
+        raise _damaged(path, f"records targets {targets!r:.80}; expected a list of {maps.shape[0]} class indices "
+                             "(ints >= 0), one per stored map")
     maps = maps.astype(np.float32, copy=False)
     finite = np.isfinite(maps)
     if not finite.all():
-        raise bad(f"holds maps with {int((~finite).sum())} NaN or infinite value(s) out of {maps.size}")
-    return maps, metadata
+        raise _damaged(path, f"holds maps with {int((~finite).sum())} NaN or infinite value(s) out of {maps.size}")
+    return maps
 
 
-def _similarity(metric: str, a: Any, b: Any, pipeline: MapPipeline) -> Any:
+def read_baseline(path: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Load maps and metadata without unpickling anything; damaged files get a clear error.
+
+    Everything the comparison uses is checked here (metadata that is a JSON object, finite
+    thresholds in [-1, 1], a well-formed envelope, finite float maps of shape (N, H, W)), so a
+    damaged or hand-edited file is reported by name instead of passing or crashing later. The maps
+    come back as float32.
+    """
+    path = _as_path(path)
+    if path.is_dir():
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is a folder, not a baseline file. Pass the path of an .npz file."
+        )
+    maps, raw = _load_npz(path)
+    metadata = _parse_metadata(path, raw)
+    return _checked_maps(path, maps, metadata), metadata
+
+
+def _similarity(metric: str, a: torch.Tensor, b: torch.Tensor, pipeline: MapPipeline) -> torch.Tensor:
     from ..compare.similarity import pearson, spearman, structural_similarity
 
     if metric == "ssim":
@@ -511,6 +533,24 @@ class BaselineResult:
             "worst": [{"image": i, "value": v} for i, v in self.worst()], "preset": self.pipeline.to_dict(),
             "n_images": self.n_images, "seed": self.seed, "seconds": self.seconds, "reproduce": self.reproduce,
         }
+
+    def numbers(self) -> dict[str, Number]:
+        """The mean similarity to the baseline against the threshold (None when a baseline was written)."""
+        return {
+            "status": self.status, "metric": self.metric, "mean": self.mean if self.values else None,
+            "min": min(self.values) if self.values else None, "threshold": self.threshold,
+            "threshold_source": self.threshold_source, "n_images": self.n_images, "seed": self.seed,
+            "method": self.method, "preset": self.pipeline.name, "path": self.path,
+        }
+
+    def figures(self) -> list[Figure]:
+        """Baseline, current map and their difference for the worst images; the stored maps when written."""
+        from ..reporting.figures import baseline_figures
+
+        return baseline_figures(
+            current_maps=self.current_maps, baseline_maps=self.baseline_maps, values=self.values or None,
+            metric=self.metric, threshold=self.threshold, higher_is_better=True, status=self.status, path=self.path,
+        )
 
     def summary(self) -> str:
         if self.status in ("written", "updated"):
@@ -604,15 +644,15 @@ def _refuse_unlike(path: Path, stored: dict[str, Any], metadata: dict[str, Any],
         )
 
 
-def _seed_dependence(method: Any, label: str, options: dict[str, Any]) -> str | None:
+def _seed_dependence(method: MethodSpec | Explainer, label: str, options: dict[str, Any]) -> str | None:
     """Why ``method``'s maps depend on the seed, or None when they do not."""
     if not isinstance(method, MethodSpec):
         return f"the custom explainer {label} runs with generators seeded from the seed and may draw from them"
     return f"{label} draws random numbers" if draws_random(method, options) else None
 
 
-def _recorded_classes(path: Path, model: Any, inputs: Any, classes: list[int], batch_size: int | None,
-                      seed: int) -> Any:
+def _recorded_classes(path: Path, model: torch.nn.Module, inputs: torch.Tensor, classes: list[int],
+                      batch_size: int | None, seed: int) -> torch.Tensor:
     """The classes a ``target=None`` baseline explained, as a target tensor checked against ``model``."""
     torch = require_torch()
     try:
@@ -626,12 +666,13 @@ def _recorded_classes(path: Path, model: Any, inputs: Any, classes: list[int], b
         ) from None
 
 
-def _mean_pairwise(maps: list[Any], metric: str, pipeline: MapPipeline) -> float:
+def _mean_pairwise(maps: list[torch.Tensor], metric: str, pipeline: MapPipeline) -> float:
+    """The lowest mean similarity between any two of ``maps``."""
     values = [float(_similarity(metric, a, b, pipeline).mean()) for a, b in itertools.combinations(maps, 2)]
     return min(values)
 
 
-def _checked_references(reference_models: Any, device: Any) -> list[Any]:
+def _checked_references(reference_models: object, device: torch.device) -> list[torch.nn.Module]:
     """``reference_models`` as a list of models on ``device`` (empty for None), or a usage error."""
     torch = require_torch()
     if reference_models is None:
@@ -667,19 +708,97 @@ def _checked_references(reference_models: Any, device: Any) -> list[Any]:
     return references
 
 
+def _check_not_on_meta(model: torch.nn.Module, inputs: torch.Tensor) -> None:
+    """Refuse a model or inputs on the meta device: their tensors hold no values to explain."""
+    on_meta = [label for label, device in (("model", model_device(model)), ("inputs", getattr(inputs, "device", None)))
+               if device is not None and device.type == "meta"]
+    if on_meta:
+        raise SaliencyUsageError(
+            f"{' and '.join(on_meta)} {'is' if on_meta == ['model'] else 'are'} on the meta device, whose tensors "
+            "hold no values, so there are no maps to compare. Materialize the model (model.to_empty(device='cpu'), "
+            "then load its weights) and pass real inputs on the same device."
+        )
+
+
+def _metadata(label: str, options: dict[str, Any], pipeline: MapPipeline, inputs: torch.Tensor,
+              target: int | torch.Tensor | None, seed: int, metric: str) -> dict[str, Any]:
+    """What a baseline records about the call that made it (see the module docstring)."""
+    torch = require_torch()
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": label,
+        # Only what changes the maps: batching and values derived from the inputs are left out.
+        "method_options": jsonable({k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")},
+                                   tensors="digest"),
+        "preset": pipeline.to_dict(),
+        "input_fingerprint": input_fingerprint(inputs),
+        "input_shape": list(inputs.shape),
+        "target": jsonable(target.tolist() if isinstance(target, torch.Tensor) else target),
+        "seed": seed,
+        "metric": metric,
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _threshold_to_write(path: Path, threshold: float | None, current: torch.Tensor, references: list[torch.Tensor],
+                        metric: str, pipeline: MapPipeline, metadata: dict[str, Any]) -> tuple[float, str]:
+    """The new baseline's threshold and where it comes from, recorded in ``metadata``: the given one, the
+    default, or the envelope of the reference models' maps (the lowest mean similarity of any two)."""
+    if not references:
+        stored = DEFAULT_THRESHOLD if threshold is None else threshold
+        metadata["threshold"] = stored
+        return stored, "given" if threshold is not None else "default"
+    envelope = _mean_pairwise([current, *references], metric, pipeline)
+    if not math.isfinite(envelope):
+        raise SaliencyCheckFailed(
+            f"saliency baseline {path} not written: the mean {metric} between the maps of the model and "
+            f"its {len(references)} reference model(s) is {envelope}, so no threshold can be calibrated "
+            f"from them ({metric} of constant maps is undefined: does a model's output ignore its "
+            "input?). Check the models' maps (saliency.explain), or use metric='ssim', or pass "
+            "threshold= instead of reference_models."
+        )
+    metadata["envelope"] = {"metric": metric, "min_mean_similarity": envelope, "reference_models": len(references) + 1}
+    metadata["threshold"] = envelope
+    return envelope, f"calibrated from {len(references) + 1} reference models"
+
+
+def _threshold_in_use(threshold: float | None, stored: dict[str, Any]) -> tuple[float, str]:
+    """The threshold a comparison uses and where it comes from: given, the stored envelope, or stored."""
+    if threshold is not None:
+        return threshold, "given"
+    if "envelope" in stored:
+        return (float(stored["envelope"]["min_mean_similarity"]),
+                f"calibrated from {stored['envelope']['reference_models']} reference models")
+    return float(stored.get("threshold", DEFAULT_THRESHOLD)), "default"
+
+
+def _stored_maps(path: Path, stored: np.ndarray, current: torch.Tensor) -> torch.Tensor:
+    """The baseline's maps as a tensor beside ``current``, refused when their shapes differ."""
+    torch = require_torch()
+    if tuple(stored.shape) != tuple(current.shape):
+        raise SaliencyUsageError(
+            f"saliency baseline {path} holds maps of shape {tuple(stored.shape)}, but this check's maps have "
+            f"shape {tuple(current.shape)} although its metadata matches these inputs: the file was changed after "
+            "it was written. Regenerate it with pytest --saliency --saliency-update-baselines (or restore it from "
+            "version control)."
+        )
+    return torch.from_numpy(stored).to(current.device)
+
+
 @rng_isolated
 def check_baseline(
-    model: Any,
-    inputs: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
     path: Path | str,
-    method: Any = "saliency",
+    method: str | Explainer = "saliency",
     *,
     metric: str = "ssim",
     threshold: float | None = None,
-    reference_models: list[Any] | None = None,
+    reference_models: Sequence[torch.nn.Module] | None = None,
     update: bool = False,
     preset: str | MapPipeline | None = None,
-    target: Any = None,
+    target: int | torch.Tensor | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     name: str = "",
@@ -702,10 +821,9 @@ def check_baseline(
     recorded are compared on the current predictions.)
     """
     from ..core.rng import as_seed
-    from ..core.validation import check_count, check_number
+    from ..core.validation import check_count, check_number, unknown_choice
 
     start = time.perf_counter()
-    torch = require_torch()
     path = _checked_path(path)
     seed = as_seed(seed)
     if threshold is not None:
@@ -715,40 +833,17 @@ def check_baseline(
     if not isinstance(name, str):
         raise SaliencyUsageError(f"baseline name must be a str, got {name!r:.80}. Pass e.g. name='integrated_gradients'.")
     check_model(model)
-    on_meta = [label for label, device in (("model", model_device(model)), ("inputs", getattr(inputs, "device", None)))
-               if device is not None and device.type == "meta"]
-    if on_meta:
-        raise SaliencyUsageError(
-            f"{' and '.join(on_meta)} {'is' if on_meta == ['model'] else 'are'} on the meta device, whose tensors "
-            "hold no values, so there are no maps to compare. Materialize the model (model.to_empty(device='cpu'), "
-            "then load its weights) and pass real inputs on the same device."
-        )
+    _check_not_on_meta(model, inputs)
     check_inputs(inputs, model)
     references = _checked_references(reference_models, inputs.device)
     if metric not in BASELINE_METRICS:
-        from ..core.validation import unknown_choice
-
         raise unknown_choice("baseline metric", metric, BASELINE_METRICS)
     pipeline = get_pipeline(preset)
     resolved, label, options = prepare_method(method, model, inputs, method_kwargs)
     writing = update or not path.exists()
     stored_maps, stored = (None, {}) if writing else read_baseline(path)
     fixed_target = None if target is None else resolve_target(model, inputs, target, batch_size, seed=seed)
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "method": label,
-        # Only what changes the maps: batching and values derived from the inputs are left out.
-        "method_options": jsonable({k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")},
-                                   tensors="digest"),
-        "preset": pipeline.to_dict(),
-        "input_fingerprint": input_fingerprint(inputs),
-        "input_shape": list(inputs.shape),
-        "target": jsonable(target.tolist() if isinstance(target, torch.Tensor) else target),
-        "seed": seed,
-        "metric": metric,
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    metadata = _metadata(label, options, pipeline, inputs, target, seed, metric)
     if not writing:
         _refuse_unlike(path, stored, metadata, None if fixed_target is None else fixed_target.tolist(), threshold,
                        seeded=_seed_dependence(resolved, label, options))
@@ -759,50 +854,26 @@ def check_baseline(
     # The classes explained, one per image: what a later target=None comparison explains again.
     metadata["targets"] = fixed_target.tolist()
 
-    def maps_of(m: Any) -> Any:
+    def maps_of(m: torch.nn.Module) -> torch.Tensor:
         raw = attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
         return apply_pipeline(raw, pipeline).float()
 
     current = maps_of(model)
-    common = dict(name=name, path=str(path), method=label, metric=metric, pipeline=pipeline,
-                  n_images=int(inputs.shape[0]), seed=seed, reproduce=reproduce)
-    if writing:
-        source = "given" if threshold is not None else "default"
-        stored_threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-        if references:
-            envelope = _mean_pairwise([current] + [maps_of(m) for m in references], metric, pipeline)
-            if not math.isfinite(envelope):
-                raise SaliencyCheckFailed(
-                    f"saliency baseline {path} not written: the mean {metric} between the maps of the model and "
-                    f"its {len(references)} reference model(s) is {envelope}, so no threshold can be calibrated "
-                    f"from them ({metric} of constant maps is undefined: does a model's output ignore its "
-                    "input?). Check the models' maps (saliency.explain), or use metric='ssim', or pass "
-                    "threshold= instead of reference_models."
-                )
-            metadata["envelope"] = {"metric": metric, "min_mean_similarity": envelope,
-                                    "reference_models": len(references) + 1}
-            stored_threshold, source = envelope, f"calibrated from {len(references) + 1} reference models"
-        metadata["threshold"] = stored_threshold
+    baseline = None
+    if stored_maps is None:  # writing
+        status = "updated" if update else "written"
+        used, source = _threshold_to_write(path, threshold, current, [maps_of(m) for m in references], metric,
+                                           pipeline, metadata)
         write_baseline(path, current.detach().cpu().numpy(), metadata)
-        return BaselineResult(status="updated" if update else "written", threshold=stored_threshold,
-                              threshold_source=source, values=[], seconds=time.perf_counter() - start,
-                              current_maps=current.detach().cpu(), **common)
-    if tuple(stored_maps.shape) != tuple(current.shape):
-        raise SaliencyUsageError(
-            f"saliency baseline {path} holds maps of shape {tuple(stored_maps.shape)}, but this check's maps have "
-            f"shape {tuple(current.shape)} although its metadata matches these inputs: the file was changed after "
-            "it was written. Regenerate it with pytest --saliency --saliency-update-baselines (or restore it from "
-            "version control)."
-        )
-    baseline = torch.from_numpy(stored_maps).to(current.device)
-    values = _similarity(metric, current, baseline, pipeline).double().cpu().tolist()
-    if threshold is not None:
-        used, source = threshold, "given"
-    elif "envelope" in stored:
-        used = float(stored["envelope"]["min_mean_similarity"])
-        source = f"calibrated from {stored['envelope']['reference_models']} reference models"
+        values: list[float] = []
     else:
-        used, source = float(stored.get("threshold", DEFAULT_THRESHOLD)), "default"
-    return BaselineResult(status="compared", threshold=used, threshold_source=source, values=values,
-                          seconds=time.perf_counter() - start, baseline_maps=baseline.cpu(),
-                          current_maps=current.detach().cpu(), **common)
+        status = "compared"
+        baseline = _stored_maps(path, stored_maps, current)
+        values = _similarity(metric, current, baseline, pipeline).double().cpu().tolist()
+        used, source = _threshold_in_use(threshold, stored)
+    return BaselineResult(
+        name=name, path=str(path), status=status, method=label, metric=metric, threshold=used,
+        threshold_source=source, values=values, pipeline=pipeline, n_images=int(inputs.shape[0]), seed=seed,
+        seconds=time.perf_counter() - start, reproduce=reproduce,
+        baseline_maps=None if baseline is None else baseline.cpu(), current_maps=current.detach().cpu(),
+    )

@@ -1,4 +1,5 @@
-"""Hyperparameter sweeps and input-noise invariance: the SAM protocol (Bansal, Agarwal & Nguyen, CVPR 2020).
+"""Hyperparameter sweeps: the SAM protocol (Bansal, Agarwal & Nguyen, CVPR 2020), and the sweep
+machinery and results that the input-noise check (:mod:`pytest_saliency.checks.input_noise`) shares.
 
 **Protocol.** The inputs are explained once at a *reference* setting (the method's documented
 default, or the one given) and once per swept value, changing **one hyperparameter at a time**
@@ -30,8 +31,8 @@ detector) is perfectly stable under any hyperparameter and any input noise. Ever
 so next to its verdict; pair these checks with the randomization checks and with a faithfulness
 score (:mod:`pytest_saliency.checks.faithfulness`).
 
-**Built-in grids** (:func:`sam_grid`, :data:`GRIDS`) reproduce SAM's sweeps, with pixel sizes
-scaled from SAM's 224 px inputs to the inputs' smaller side.
+**Built-in grids** (:func:`sam_grid`, :data:`GRIDS`, in :mod:`pytest_saliency.checks.sam_grids`)
+reproduce SAM's sweeps, with pixel sizes scaled from SAM's 224 px inputs to the inputs' smaller side.
 
 **Hyperparameters beyond the method's own options** (materialized here, then passed to captum):
 
@@ -54,185 +55,54 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-from ..core.jsonable import jsonable
-from ..core.rng import derive_seed
 from ..core.integrity import rng_isolated
+from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
 from ..core.validation import (
-    check_choice, check_count, check_inputs, check_model, check_number, check_seed, check_threshold, unknown_choice,
+    check_count,
+    check_inputs,
+    check_model,
+    check_seed,
+    check_threshold,
+    is_int,
+    is_tensor_like,
+    unknown_choice,
 )
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
-from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks
-from ..maps.explainers import uniform_baseline
-from ..maps.options import check_option_value, is_int, is_real, is_tensor_like
+from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks, uniform_baseline
+from ..maps.explainers import attribute, resolved_options, run_captum
+from ..maps.methods import EXTRA_OPTIONS, Explainer, MethodSpec, method_name, resolve_method
+from ..maps.options import check_option_value
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
+from ..maps.targets import resolve_target
+from ..reporting.protocol import Figure, Number
+from .sam_grids import GRIDS, SweepGrid, sam_grid
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..maps.cache import MapCache
 
 DEFAULT_METRICS = ("ssim", "spearman", "hog_pearson")
-DEFAULT_PRESET = "sam2020"
+#: The sweeps' default map pipeline: SAM's own (see the module docstring). The other checks default
+#: to :data:`pytest_saliency.maps.postprocess.DEFAULT_PRESET`.
+SWEEP_PRESET = "sam2020"
 #: SAM code: skimage.feature.hog(h, pixels_per_cell=(16, 16)) on 224 px maps.
 SAM_HOG_CELL = 16
-#: SAM code: skimage.util.random_noise(img, "gaussian", mean=0, var=0.1) on [0, 1] images (clipped).
-SAM_INPUT_NOISE_VARIANCE = 0.1
 STABILITY_NOTE = (
     "stability alone is not quality: an explainer that ignores the model (e.g. |input| or an edge "
     "detector) is perfectly stable. Pair this check with the randomization checks "
     "(assert_sensitive_to_layer_randomization) and a faithfulness score (deletion / insertion AUC)."
 )
+#: ``progress(done, total, label)``: called before each setting is explained, and once at the end.
 Progress = Callable[[int, int, str], None]
+#: ``{hyperparameter: [values]}`` (one at a time) or ``[{hyperparameter: value, ...}, ...]`` (joint settings).
+SweepSpec = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
 
-# --------------------------------------------------------------------------------------------
-# value checks
-# --------------------------------------------------------------------------------------------
-
+#: Methods that can be swept over ``n_segments`` (per-image SLIC superpixels instead of a square grid).
 SEGMENT_METHODS = ("lime", "kernel_shap", "feature_ablation")
-
-
-# --------------------------------------------------------------------------------------------
-# materialized hyperparameters: baselines and SLIC superpixels
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# built-in grids
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SweepGrid:
-    """A named sweep: the method, its reference setting, the swept values and fixed options."""
-
-    name: str
-    method: str
-    reference: dict[str, Any]
-    sweep: dict[str, list[Any]]
-    options: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "reference": dict(self.reference),
-                "sweep": {k: list(v) for k, v in self.sweep.items()}, "options": dict(self.options), "note": self.note}
-
-
-def _side(input_shape: Sequence[int] | None) -> int:
-    if input_shape is None:
-        return SAM_INPUT_SIZE
-    try:
-        shape = tuple(check_count(s, "input_shape entry", minimum=0) for s in input_shape)
-    except (SaliencyUsageError, TypeError):
-        shape = ()
-    if len(shape) < 2 or min(shape[-2:]) < 1:
-        raise SaliencyUsageError(
-            f"input_shape must end in (H, W), e.g. inputs.shape = (N, C, H, W); got {tuple(input_shape)!r}."
-        )
-    return min(shape[-2:])
-
-
-def _scaled(pixels: float, side: int) -> int:
-    """SAM's pixel size on 224 px inputs, scaled to ``side`` px, at least 1."""
-    return max(1, int(round(pixels * side / SAM_INPUT_SIZE)))
-
-
-def _unique(values: list[int], exclude: int) -> list[int]:
-    out: list[int] = []
-    for v in values:
-        if v != exclude and v not in out:
-            out.append(v)
-    return out
-
-
-def _grid_smoothgrad(side: int) -> SweepGrid:
-    return SweepGrid(
-        "smoothgrad", "smoothgrad", {"nt_samples": 50, "noise_level": 0.15},
-        {"nt_samples": [100, 200, 500, 800], "noise_level": [0.05, 0.10, 0.20, 0.30]},
-        {"nt_samples_batch_size": 50},
-        "SAM 4.3.1: N_SG reference 50 vs {100, 200, 500, 800} at sigma = 0.15 (noise std relative to the input "
-        "range). The sigma values are ours (SAM's supplement S4.1 grid is not available). nt_samples_batch_size=50 "
-        "bounds memory and does not change what is averaged.",
-    )
-
-
-def _grid_integrated_gradients(side: int) -> SweepGrid:
-    return SweepGrid(
-        "integrated_gradients", "integrated_gradients", {"n_steps": 50, "baselines": "zero"},
-        {"n_steps": [10, 20, 100, 200], "baselines": ["uniform", "blurred"]}, {},
-        "SAM: IG's hyperparameter is N_IG on a zero baseline; the step values and the uniform / blurred baselines "
-        "are ours (captum's default 50 steps is the reference).",
-    )
-
-
-def _grid_occlusion(side: int) -> SweepGrid:
-    ref = _scaled(29, side)
-    stride = _scaled(3, side)
-    return SweepGrid(
-        "occlusion", "occlusion", {"window": ref, "stride": stride},
-        {"window": _unique([_scaled(p, side) for p in (5, 17, 41, 53)], ref),
-         "stride": _unique([2 * stride, 3 * stride], stride)}, {},
-        f"SAM 4.4.1 SP-L: patch 29 vs {{5, 17, 41, 53}} at stride 3 on 224 px, scaled to {side} px "
-        f"(patch {ref}, stride {stride}). The stride values (2x, 3x the reference) are ours.",
-    )
-
-
-def _grid_occlusion_small(side: int) -> SweepGrid:
-    ref = _scaled(53, side)
-    return SweepGrid(
-        "occlusion_small", "occlusion", {"window": ref, "stride": _scaled(3, side)},
-        {"window": _unique([ref - 1, ref + 1], ref) if ref > 1 else [2]}, {},
-        f"SAM 4.4.1 SP-S: patch 53 vs 52 and 54 (+-1 px) on 224 px; the reference is scaled to {side} px "
-        f"({ref}), the +-1 px is not scaled.",
-    )
-
-
-def _grid_lime(side: int) -> SweepGrid:
-    grids = [g for g in (4, 5, 10, 14) if g <= side]
-    return SweepGrid(
-        "lime", "lime", {"seed": 0, "n_samples": 1000, "grid": min(7, side)},
-        {"seed": [1, 2, 3, 4], "n_samples": [250, 500, 2000], "grid": _unique(grids, min(7, side))}, {},
-        "SAM 4.4.2 and S4.2: LIME seed, N_LIME and number of superpixels; reference = SAM's LIME defaults "
-        "(seed 0, 1000 samples, 50 superpixels ~ a 7x7 grid). Swept sample counts and grids are ours. "
-        "For SLIC superpixels use the 'lime_slic' grid.",
-    )
-
-
-def _grid_lime_slic(side: int) -> SweepGrid:
-    return SweepGrid(
-        "lime_slic", "lime", {"seed": 0, "n_samples": 1000, "n_segments": 50},
-        {"seed": [1, 2, 3, 4], "n_segments": [25, 100, 150]}, {},
-        "SAM's LIME: 50 SLIC superpixels (compactness 30, sigma 3 px on 224 px), 1000 samples, seed 0; "
-        "swept superpixel counts are ours.",
-    )
-
-
-def _grid_kernel_shap(side: int) -> SweepGrid:
-    return SweepGrid(
-        "kernel_shap", "kernel_shap", {"seed": 0, "n_samples": 200},
-        {"seed": [1, 2, 3, 4], "n_samples": [50, 100, 500, 1000]}, {},
-        "Not in SAM; the same design as LIME: seed and sample count around the package default (200).",
-    )
-
-
-_GRID_BUILDERS: dict[str, Callable[[int], SweepGrid]] = {
-    "smoothgrad": _grid_smoothgrad,
-    "integrated_gradients": _grid_integrated_gradients,
-    "occlusion": _grid_occlusion,
-    "occlusion_small": _grid_occlusion_small,
-    "lime": _grid_lime,
-    "lime_slic": _grid_lime_slic,
-    "kernel_shap": _grid_kernel_shap,
-}
-#: The names :func:`sam_grid` knows.
-GRIDS: tuple[str, ...] = tuple(_GRID_BUILDERS)
-
-
-def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
-    """SAM's sweep ``name`` (one of :data:`GRIDS`), with pixel sizes scaled to ``input_shape``.
-
-    ``input_shape`` is ``inputs.shape`` (only the last two sizes are used); ``None`` keeps SAM's
-    224 px values. Pass the grid as the method: ``hyperparameter_sweep(model, x, sam_grid("occlusion", x.shape))``.
-    """
-    check_choice(name, "grid", GRIDS)
-    return _GRID_BUILDERS[name](_side(input_shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +120,8 @@ def _format_value(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _nanmean(values: list[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN; NaN when there are none."""
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
@@ -273,7 +144,7 @@ class SweepRow:
     attributions: Any = field(default=None, repr=False)  # raw maps, kept with keep_attributions=True
 
     def mean(self, metric: str) -> float:
-        return _nanmean(self.scores[metric])
+        return nanmean(self.scores[metric])
 
     def std(self, metric: str) -> float:
         """Std over images (population, ``ddof=0``)."""
@@ -303,17 +174,17 @@ class SweepTable:
 
     def _per_image_means(self, metric: str) -> list[float]:
         n = len(self.rows[0].scores[metric]) if self.rows else 0
-        return [_nanmean([row.scores[metric][i] for row in self.rows]) for i in range(n)]
+        return [nanmean([row.scores[metric][i] for row in self.rows]) for i in range(n)]
 
     def dataset_mean(self, metric: str) -> float:
         """SAM's number: per image, the mean over swept values; then the mean over images."""
-        return _nanmean(self._per_image_means(metric))
+        return nanmean(self._per_image_means(metric))
 
     def dataset_std(self, metric: str) -> float:
         """SAM's spread: sqrt of the mean over images of each image's variance across swept values."""
         n = len(self.rows[0].scores[metric]) if self.rows else 0
         variances = [_nanstd([row.scores[metric][i] for row in self.rows]) ** 2 for i in range(n)]
-        return math.sqrt(_nanmean(variances)) if variances else math.nan
+        return math.sqrt(nanmean(variances)) if variances else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         metrics = list(self.rows[0].scores) if self.rows else []
@@ -392,6 +263,32 @@ class SweepResult:
             return "the clean inputs"
         shown = {k: v for k, v in self.reference.items()}
         return ", ".join(f"{k}={_format_value(v)}" for k, v in shown.items()) or "the method's defaults"
+
+    def numbers(self) -> dict[str, Number]:
+        """The least stable value against the threshold, the failing values, the run's size and settings."""
+        least = self.least_stable
+        return {
+            "metric": self.metric, "threshold": self.threshold, "higher_is_better": self.higher_is_better,
+            "least_stable": None if least is None else self._label(*least),
+            "least_stable_mean": None if least is None else least[1].mean(self.metric),
+            "failing_values": len(self.failures), "n_images": self.n_images, "seed": self.seed,
+            "method": self.method, "preset": self.pipeline.name,
+        }
+
+    def figures(self) -> list[Figure]:
+        """Mean similarity (std over images) per swept value, one plot per hyperparameter."""
+        from ..reporting.figures import SweepSeries, sweep_figures
+
+        failing = {id(row) for _, row in self.failures}
+        series = [
+            SweepSeries(name=t.hyperparameter, values=[r.value for r in t.rows],
+                        means={m: [r.mean(m) for r in t.rows] for m in self.metrics},
+                        stds={m: [r.std(m) for r in t.rows] for m in self.metrics},
+                        failing=[id(r) in failing for r in t.rows], reference=t.reference_value)
+            for t in self.tables
+        ]
+        return sweep_figures(series=series, metric=self.metric, threshold=self.threshold, method=self.method,
+                             noise=self.check == "input_noise_stability")
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
@@ -548,9 +445,8 @@ def _callable_parameters(fn: Callable[..., Any]) -> tuple[set[str], bool]:
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _valid_names(resolved: Any) -> tuple[list[str], bool]:
-    from ..maps.explainers import EXTRA_OPTIONS, MethodSpec
-
+def _valid_names(resolved: MethodSpec | Explainer) -> tuple[list[str], bool]:
+    """The hyperparameters ``resolved`` can be swept over, and whether it takes any (``**kwargs``)."""
     if isinstance(resolved, MethodSpec):
         names = set(resolved.defaults) | set(EXTRA_OPTIONS.get(resolved.name, ())) | {"seed"}
         if resolved.name in SEGMENT_METHODS:
@@ -560,14 +456,16 @@ def _valid_names(resolved: Any) -> tuple[list[str], bool]:
     return sorted(names | {"seed"}), var_kw
 
 
-def _check_names(label: str, resolved: Any, setting: Mapping[str, Any], where: str) -> None:
+def check_hyperparameters(label: str, resolved: MethodSpec | Explainer, setting: Mapping[str, Any], where: str) -> None:
+    """Refuse a hyperparameter that method ``label`` does not take, or a value its option rules refuse.
+
+    ``where`` names the argument in the message: ``"reference"``, ``"options"``, ``"sweep"``.
+    """
     valid, open_ended = _valid_names(resolved)
     for name in setting:
         if not isinstance(name, str):
             raise SaliencyUsageError(f"{where}: hyperparameter names must be strings, got {name!r}.")
         if name not in valid and not open_ended:
-            from ..maps.explainers import MethodSpec
-
             hint = "" if isinstance(resolved, MethodSpec) else (
                 " A custom explainer can be swept over 'seed' and over its own keyword parameters."
             )
@@ -578,13 +476,37 @@ def _check_names(label: str, resolved: Any, setting: Mapping[str, Any], where: s
         check_option_value(label, name, setting[name], where)
 
 
-def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Native options for captum, and per-image tensors (materialized baselines, SLIC masks)."""
+def _per_input(value: object, inputs: torch.Tensor) -> TypeGuard[torch.Tensor]:
+    """Whether ``value`` is a tensor with one entry per input (of several)."""
     torch = require_torch()
-    from ..maps.explainers import MethodSpec
+    return (isinstance(value, torch.Tensor) and value.dim() == inputs.dim()
+            and value.shape[0] == inputs.shape[0] > 1)
 
+
+def _check_occlusion_window(native: Mapping[str, Any], inputs: torch.Tensor) -> None:
+    """Refuse an occlusion window larger than the images, or a stride larger than the window."""
+    window: Any = native.get("window")
+    stride: Any = native.get("stride")
+    if not (is_int(window) and inputs.dim() == 4):
+        return
+    if window > min(inputs.shape[-2:]):
+        raise SaliencyUsageError(
+            f"occlusion window {window} is larger than the {inputs.shape[-2]}x{inputs.shape[-1]} inputs; "
+            f"use a window of at most {min(inputs.shape[-2:])} px (sam_grid scales SAM's sizes to the input)."
+        )
+    if is_int(stride) and stride > window:
+        raise SaliencyUsageError(
+            f"occlusion stride {stride} is larger than the window {window}: captum's Occlusion would leave pixels "
+            f"unvisited and refuses it. Use stride <= {window}, e.g. reference={{'stride': 1}} when sweeping small windows."
+        )
+
+
+def _split_setting(
+    resolved: MethodSpec | Explainer, setting: dict[str, Any], inputs: torch.Tensor, seed: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Native options for captum, and per-image tensors (materialized baselines, SLIC masks)."""
     native = {k: v for k, v in setting.items() if k != "seed"}
-    per_image: dict[str, Any] = {}
+    per_image: dict[str, torch.Tensor] = {}
     if not isinstance(resolved, MethodSpec):
         return native, per_image
     kind = native.get("baselines")
@@ -592,45 +514,30 @@ def _split_setting(resolved: Any, setting: dict[str, Any], inputs: Any, seed: in
         native.pop("baselines")
         per_image["baselines"] = (uniform_baseline(inputs, seed, method=resolved.name) if kind == "uniform"
                                   else blurred_baseline(inputs))
-    elif isinstance(kind, torch.Tensor) and kind.dim() == inputs.dim() and kind.shape[0] == inputs.shape[0] > 1:
+    elif _per_input(kind, inputs):
         native.pop("baselines")
         per_image["baselines"] = kind.to(inputs.device)
     if "n_segments" in native:
         per_image["feature_mask"] = slic_feature_masks(inputs, int(native.pop("n_segments")))
-    mask = native.get("feature_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == inputs.dim() and mask.shape[0] == inputs.shape[0] > 1:
+    if _per_input(native.get("feature_mask"), inputs):
         per_image["feature_mask"] = native.pop("feature_mask").to(inputs.device)
-    window, stride = native.get("window"), native.get("stride")
-    if is_int(window) and inputs.dim() == 4:
-        if window > min(inputs.shape[-2:]):
-            raise SaliencyUsageError(
-                f"occlusion window {window} is larger than the {inputs.shape[-2]}x{inputs.shape[-1]} inputs; "
-                f"use a window of at most {min(inputs.shape[-2:])} px (sam_grid scales SAM's sizes to the input)."
-            )
-        if is_int(stride) and stride > window:
-            raise SaliencyUsageError(
-                f"occlusion stride {stride} is larger than the window {window}: captum's Occlusion would leave pixels "
-                f"unvisited and refuses it. Use stride <= {window}, e.g. reference={{'stride': 1}} when sweeping small windows."
-            )
+    _check_occlusion_window(native, inputs)
     return native, per_image
 
 
 def _per_image_explainer(
-    spec: Any, options: dict[str, Any], per_image: dict[str, Any], seed: int
-) -> Callable[..., Any]:
+    spec: MethodSpec, options: dict[str, Any], per_image: dict[str, torch.Tensor], seed: int
+) -> Explainer:
     """An explainer that gives captum the per-image tensors of the chunk ``attribute`` hands it.
 
     Chunks come in order, so ``offset`` is the chunk's first index in the inputs: with ``seed`` it
     seeds each image's random draws, and :func:`pytest_saliency.maps.explainers.run_captum` takes the
     rows of a per-input baseline by it; feature masks are sliced here.
     """
-    torch = require_torch()
-    from ..maps.explainers import run_captum
-
     offset = 0
     one_at_a_time = spec.name in ("lime", "kernel_shap") and "feature_mask" in per_image
 
-    def run(model: Any, chunk: Any, target: Any) -> Any:
+    def run(model: torch.nn.Module, chunk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         nonlocal offset
         n = chunk.shape[0]
         first = offset
@@ -639,7 +546,7 @@ def _per_image_explainer(
         if not one_at_a_time:
             return run_captum(spec, model, chunk, target, {**options, **sliced}, seed=seed, index=first)
         # captum's Lime takes one feature mask per call: explain image by image (it loops anyway).
-        return torch.cat([
+        return require_torch().cat([
             run_captum(spec, model, chunk[i:i + 1], target[i:i + 1],
                         {**options, **{k: v if k == "baselines" else v[i:i + 1] for k, v in sliced.items()}},
                         seed=seed, index=first + i)
@@ -651,31 +558,27 @@ def _per_image_explainer(
 
 
 def _explain_setting(
-    model: Any, inputs: Any, resolved: Any, setting: dict[str, Any], target: Any, seed: int, batch_size: int | None,
-    cache: Any = None,
-) -> Any:
-    """Raw attributions at one setting; reused from ``cache`` (a MapCache) when it holds them."""
-    from ..maps.explainers import MethodSpec
-
+    model: torch.nn.Module, inputs: torch.Tensor, resolved: MethodSpec | Explainer, setting: dict[str, Any],
+    target: torch.Tensor, seed: int, batch_size: int | None, cache: MapCache | None = None,
+) -> torch.Tensor:
+    """Raw attributions at one setting; reused from ``cache`` when it holds them."""
     key = None
-    cacheable = isinstance(resolved, MethodSpec) and not any(is_tensor_like(v) for v in setting.values())
-    if cache is not None and cacheable:
+    if cache is not None and isinstance(resolved, MethodSpec) and not any(is_tensor_like(v) for v in setting.values()):
         key = cache.key(model, inputs, target, resolved.name, {k: v for k, v in setting.items() if k != "seed"},
                         seed, batch_size)
         hit = cache.get(key)
         if hit is not None:
             return hit
     raw = _compute_setting(model, inputs, resolved, setting, target, seed, batch_size)
-    if key is not None:
+    if cache is not None and key is not None:
         cache.put(key, raw)
     return raw
 
 
 def _compute_setting(
-    model: Any, inputs: Any, resolved: Any, setting: dict[str, Any], target: Any, seed: int, batch_size: int | None
-) -> Any:
-    from ..maps.explainers import MethodSpec, attribute, resolved_options, method_name
-
+    model: torch.nn.Module, inputs: torch.Tensor, resolved: MethodSpec | Explainer, setting: dict[str, Any],
+    target: torch.Tensor, seed: int, batch_size: int | None,
+) -> torch.Tensor:
     native, per_image = _split_setting(resolved, setting, inputs, seed)
     if isinstance(resolved, MethodSpec):
         options = resolved_options(resolved, model, inputs, native)
@@ -686,9 +589,10 @@ def _compute_setting(
         chunking = {k: v for k, v in options.items() if k == "_image_batch"}
         return attribute(model, inputs, _per_image_explainer(resolved, options, per_image, seed), target, seed,
                           batch_size, True, chunking)
-    explainer = functools.partial(resolved, **native) if native else resolved
-    if native:
-        explainer.__name__ = method_name(resolved)  # type: ignore[attr-defined]
+    if not native:
+        return attribute(model, inputs, resolved, target, seed, batch_size, True, {})
+    explainer = functools.partial(resolved, **native)
+    explainer.__name__ = method_name(resolved)  # type: ignore[attr-defined]  # the name the report shows
     return attribute(model, inputs, explainer, target, seed, batch_size, True, {})
 
 
@@ -697,12 +601,12 @@ def _compute_setting(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_metrics(metrics: Any, metric: str, threshold: Any) -> tuple[tuple[str, ...], bool]:
+def _check_metrics(
+    metrics: str | Sequence[str], metric: str, threshold: float | None
+) -> tuple[tuple[str, ...], bool]:
     from ..compare.metrics import METRICS
 
-    if isinstance(metrics, str):
-        metrics = (metrics,)
-    metrics = tuple(metrics)
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     for name in metrics:
         if name not in METRICS:
             raise unknown_choice("metric", name, METRICS)
@@ -721,20 +625,19 @@ def _check_metrics(metrics: Any, metric: str, threshold: Any) -> tuple[tuple[str
     return metrics, higher
 
 
-def _setup_check(
-    method: Any, preset: Any, metrics: Any, metric: str, threshold: Any
-) -> tuple[Any, str, MapPipeline, tuple[str, ...], str, bool]:
+def setup_check(
+    method: str | Explainer, preset: str | MapPipeline | None, metrics: str | Sequence[str], metric: str,
+    threshold: float | None,
+) -> tuple[MethodSpec | Explainer, str, MapPipeline, tuple[str, ...], str, bool]:
     """``(resolved method, label, pipeline, metrics, summary metric, higher_is_better)`` of a sweep check."""
-    from ..maps.explainers import MethodSpec, method_name, resolve_method
-
     resolved = resolve_method(method)
     label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
     pipeline = get_pipeline(preset)
-    metrics, higher = _check_metrics(metrics, metric, threshold)
-    if threshold is None and metric not in metrics and metrics:
-        metric = metrics[0]  # no verdict: summarize with the first metric asked for
+    metric_names, higher = _check_metrics(metrics, metric, threshold)
+    if threshold is None and metric not in metric_names and metric_names:
+        metric = metric_names[0]  # no verdict: summarize with the first metric asked for
         higher = _higher_is_better(metric)
-    return resolved, label, pipeline, metrics, metric, higher
+    return resolved, label, pipeline, metric_names, metric, higher
 
 
 def _higher_is_better(metric: str) -> bool:
@@ -743,7 +646,7 @@ def _higher_is_better(metric: str) -> bool:
     return METRICS[metric].higher_is_better
 
 
-def _metric_kwargs(name: str, pipeline: MapPipeline, maps: Any, user: Mapping[str, Any]) -> dict[str, Any]:
+def _metric_kwargs(name: str, pipeline: MapPipeline, maps: torch.Tensor, user: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults that belong to the pipeline (SSIM) or to the map size (HOG), overridden by ``user``."""
     kwargs: dict[str, Any] = {}
     if name == "ssim":
@@ -756,7 +659,8 @@ def _metric_kwargs(name: str, pipeline: MapPipeline, maps: Any, user: Mapping[st
 
 
 def _similarities(
-    metrics: Sequence[str], reference: Any, maps: Any, pipeline: MapPipeline, metric_options: Mapping[str, Any]
+    metrics: Sequence[str], reference: torch.Tensor, maps: torch.Tensor, pipeline: MapPipeline,
+    metric_options: Mapping[str, Any],
 ) -> dict[str, list[float]]:
     from ..compare.metrics import compute_metric
 
@@ -767,7 +671,7 @@ def _similarities(
     return out
 
 
-def _warn_constant(maps: Any, label: str) -> None:
+def _warn_constant(maps: torch.Tensor, label: str) -> None:
     flat = maps.flatten(1)
     constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
     if bool(constant.any()):
@@ -777,6 +681,57 @@ def _warn_constant(maps: Any, label: str) -> None:
             "similarity to a constant map measures nothing (correlations are NaN, SSIM depends only on the other "
             "map's flatness). Typical causes: a ReLU'd GradCAM that is zero, a surrogate that zeroes every feature "
             "(lime: raise n_samples or lower alpha). Drop those inputs or change the reference setting."
+        )
+
+
+@dataclass
+class SettingRunner:
+    """What stays fixed for every setting of a sweep: the model, the method, the targets, the
+    batch size, the map pipeline and the similarity measures. :meth:`attributions` explains inputs
+    at one setting; :meth:`scores` compares a setting's maps with the reference maps, per image."""
+
+    model: torch.nn.Module
+    resolved: MethodSpec | Explainer
+    label: str
+    target: torch.Tensor
+    batch_size: int | None
+    pipeline: MapPipeline
+    metrics: tuple[str, ...]
+    metric_options: Mapping[str, Mapping[str, Any]]
+    cache: MapCache | None = None
+
+    def attributions(self, inputs: torch.Tensor, setting: dict[str, Any], seed: int, *,
+                     cached: bool = True) -> torch.Tensor:
+        """Raw attributions of ``inputs`` at ``setting``; from the map cache when ``cached`` and it holds them."""
+        return _explain_setting(self.model, inputs, self.resolved, setting, self.target, seed, self.batch_size,
+                                self.cache if cached else None)
+
+    def reference_maps(self, raw: torch.Tensor) -> torch.Tensor:
+        """The reference's maps, with a warning for constant ones (no similarity to them means anything)."""
+        maps = apply_pipeline(raw, self.pipeline)
+        _warn_constant(maps, self.label)
+        return maps
+
+    def scores(self, reference_maps: torch.Tensor | None, raw: torch.Tensor) -> dict[str, list[float]]:
+        """Per metric, each image's similarity between its reference map and its map in ``raw``."""
+        if reference_maps is None or not self.metrics:
+            return {}
+        maps = apply_pipeline(raw, self.pipeline)
+        return _similarities(self.metrics, reference_maps, maps, self.pipeline, self.metric_options)
+
+
+def no_progress(done: int, total: int, label: str) -> None:
+    """A :data:`Progress` callback that shows nothing."""
+
+
+def require_threshold(threshold: float | None, check: str) -> None:
+    """Refuse an assertion without a threshold: SAM gives none, and the right one depends on the setup."""
+    if threshold is None:
+        raise SaliencyUsageError(
+            f"{check} needs threshold=... (the lowest acceptable mean similarity). SAM reports no pass/fail level and "
+            "the right one depends on the metric and the map preset: run the sweep once without asserting "
+            "(hyperparameter_sweep / input_noise_stability), read result.report(), and set the floor below the "
+            "values you accept, e.g. threshold=0.8 for SSIM under sam2020."
         )
 
 
@@ -821,14 +776,16 @@ def _normalize_sweep(sweep: Any, label: str) -> list[tuple[str, list[Any]]]:
     )
 
 
-def _resolve_grid(method: Any, sweep: Any, reference: Any, options: dict[str, Any], inputs: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+def _resolve_grid(
+    method: str | Explainer | SweepGrid, sweep: SweepSpec | None, reference: Mapping[str, Any] | None,
+    options: dict[str, Any], inputs: torch.Tensor,
+) -> tuple[str | Explainer, Any, Mapping[str, Any] | None, dict[str, Any]]:
+    """``(method, sweep, reference, options)``, taken from a grid (or a grid's name) where not given."""
     if isinstance(method, SweepGrid):
         grid = method
-    elif sweep is None and isinstance(method, str) and method in _GRID_BUILDERS:
+    elif sweep is None and isinstance(method, str) and method in GRIDS:
         grid = sam_grid(method, tuple(inputs.shape))
     elif sweep is None:
-        from ..maps.explainers import method_name
-
         raise SaliencyUsageError(
             f"no sweep given for method {method_name(method)!r} and there is no built-in grid for it; pass "
             f"sweep={{'<hyperparameter>': [values]}}. Built-in SAM grids: {', '.join(GRIDS)}."
@@ -843,17 +800,80 @@ def _resolve_grid(method: Any, sweep: Any, reference: Any, options: dict[str, An
     )
 
 
+def _check_metric_options(
+    metric_options: Mapping[str, Mapping[str, Any]] | None, metrics: Sequence[str]
+) -> dict[str, Mapping[str, Any]]:
+    """Per-metric keyword arguments, for metrics that are computed only."""
+    checked = dict(metric_options or {})
+    for name in checked:
+        if name not in metrics:
+            raise SaliencyUsageError(f"metric_options has an entry for {name!r}, which is not among metrics {list(metrics)}.")
+    return checked
+
+
+def _check_sweep_names(
+    label: str, resolved: MethodSpec | Explainer, reference: dict[str, Any], options: dict[str, Any],
+    tables: list[tuple[str, list[Any]]],
+) -> None:
+    """Every hyperparameter is one the method takes, and each is either swept from the reference or fixed."""
+    check_hyperparameters(label, resolved, reference, "reference")
+    check_hyperparameters(label, resolved, options, "options")
+    if "seed" in options:
+        raise SaliencyUsageError("pass the seed as seed=... or inside reference, not as a method option.")
+    both = sorted(set(reference) & set(options))
+    if both:
+        raise SaliencyUsageError(
+            f"{both} given both in reference and as fixed options; name each hyperparameter once "
+            "(reference values are the ones the sweep changes)."
+        )
+    for name, values in tables:
+        settings = values if name == "setting" else [{name: v} for v in values]
+        for setting in settings:
+            check_hyperparameters(label, resolved, setting, "sweep")
+            fixed = sorted(set(setting) & set(options))
+            if fixed:
+                raise SaliencyUsageError(
+                    f"{fixed} are swept but also given as fixed options; move the fixed value into reference={{...}}."
+                )
+
+
+def _swept_setting(base: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
+    """The reference setting with one hyperparameter changed (or, for ``"setting"``, a joint setting)."""
+    return {**base, **value} if name == "setting" else {**base, name: value}
+
+
+def _sweep_row(
+    runner: SettingRunner, inputs: torch.Tensor, setting: dict[str, Any], value: Any, reference_seed: int,
+    reference_maps: torch.Tensor | None, keep_attributions: bool,
+) -> SweepRow:
+    """One swept value, explained with the reference's seed (unless ``seed`` is what is swept) and
+    compared with the reference maps."""
+    seed = int(setting.get("seed", reference_seed))
+    raw = runner.attributions(inputs, setting, seed)
+    return SweepRow(value=value, seed=seed, scores=runner.scores(reference_maps, raw),
+                    attributions=raw.cpu() if keep_attributions else None)
+
+
+def _reference_value(
+    resolved: MethodSpec | Explainer, reference: Mapping[str, Any], name: str, values: list[Any], seed: int
+) -> Any:
+    """A table's reference value: the swept hyperparameter's (the joint setting's) value at the reference."""
+    if name == "setting":
+        return {k: reference.get(k, _default(resolved, k, seed)) for k in values[0]}
+    return reference.get(name, _default(resolved, name, seed))
+
+
 @rng_isolated
 def hyperparameter_sweep(
-    model: Any,
-    inputs: Any,
-    method: Any = "smoothgrad",
-    sweep: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]] | None = None,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    method: str | Explainer | SweepGrid = "smoothgrad",
+    sweep: SweepSpec | None = None,
     reference: Mapping[str, Any] | None = None,
     metrics: Sequence[str] | str = DEFAULT_METRICS,
     *,
-    preset: str | MapPipeline | None = DEFAULT_PRESET,
-    target: Any = None,
+    preset: str | MapPipeline | None = SWEEP_PRESET,
+    target: int | torch.Tensor | None = None,
     seed: int = 0,
     threshold: float | None = None,
     metric: str = "ssim",
@@ -861,7 +881,7 @@ def hyperparameter_sweep(
     batch_size: int | None = None,
     keep_attributions: bool = False,
     keep_maps: int = 4,
-    cache: Any = None,
+    cache: MapCache | None = None,
     reproduce: str = "",
     progress: Progress | None = None,
     **options: Any,
@@ -894,74 +914,43 @@ def hyperparameter_sweep(
 
     The model is left exactly as it was and no global RNG state changes.
     """
-    from ..maps.explainers import resolve_target
-
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
     method, sweep, reference, options = _resolve_grid(method, sweep, reference, dict(options), inputs)
-    resolved, label, pipeline, metrics, metric, higher = _setup_check(method, preset, metrics, metric, threshold)
-    metric_options = dict(metric_options or {})
-    for name in metric_options:
-        if name not in metrics:
-            raise SaliencyUsageError(f"metric_options has an entry for {name!r}, which is not among metrics {list(metrics)}.")
+    resolved, label, pipeline, metric_names, metric, higher = setup_check(method, preset, metrics, metric, threshold)
+    checked_options = _check_metric_options(metric_options, metric_names)
     seed = check_seed(seed)
     keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
                              hint="It bounds the images one explainer call sees; None explains all at once.")
     reference = dict(reference or {})
-    if not isinstance(reference, dict):
-        raise SaliencyUsageError(f"reference must be a dict of hyperparameters, got {type(reference).__name__}.")
     tables_spec = _normalize_sweep(sweep, label)
-    _check_names(label, resolved, reference, "reference")
-    _check_names(label, resolved, options, "options")
-    if "seed" in options:
-        raise SaliencyUsageError("pass the seed as seed=... or inside reference, not as a method option.")
-    both = sorted(set(reference) & set(options))
-    if both:
-        raise SaliencyUsageError(
-            f"{both} given both in reference and as fixed options; name each hyperparameter once "
-            "(reference values are the ones the sweep changes)."
-        )
-    for name, values in tables_spec:
-        settings = values if name == "setting" else [{name: v} for v in values]
-        for setting in settings:
-            _check_names(label, resolved, setting, "sweep")
-            fixed = sorted(set(setting) & set(options))
-            if fixed:
-                raise SaliencyUsageError(
-                    f"{fixed} are swept but also given as fixed options; move the fixed value into reference={{...}}."
-                )
+    _check_sweep_names(label, resolved, reference, options, tables_spec)
     reference_seed = int(reference.get("seed", seed))
-    base = {**options, **{k: v for k, v in reference.items()}}
-
+    base = {**options, **reference}
+    progress = progress or no_progress
     total = 1 + sum(len(values) for _, values in tables_spec)
-    if progress is not None:
-        progress(0, total, "reference")
+    progress(0, total, "reference")
+    # SAM's protocol: the targets and the seed stay fixed; each swept value is compared with the
+    # reference's maps, one hyperparameter at a time.
     fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
-    ref_raw = _explain_setting(model, inputs, resolved, base, fixed_target, reference_seed, batch_size, cache)
-    ref_maps = apply_pipeline(ref_raw, pipeline) if metrics else None
-    if ref_maps is not None:
-        _warn_constant(ref_maps, label)
+    runner = SettingRunner(model, resolved, label, fixed_target, batch_size, pipeline, metric_names, checked_options,
+                           cache)
+    ref_raw = runner.attributions(inputs, base, reference_seed)
+    ref_maps = runner.reference_maps(ref_raw) if metric_names else None
     tables = []
     done = 1
     for name, values in tables_spec:
         rows = []
         for value in values:
-            setting = {**base, **value} if name == "setting" else {**base, name: value}
-            setting_seed = int(setting.get("seed", reference_seed))
-            if progress is not None:
-                progress(done, total, f"{name}={_format_value(value)}")
-            raw = _explain_setting(model, inputs, resolved, setting, fixed_target, setting_seed, batch_size, cache)
-            scores = _similarities(metrics, ref_maps, apply_pipeline(raw, pipeline), pipeline, metric_options) if metrics else {}
-            rows.append(SweepRow(value=value, seed=setting_seed, scores=scores,
-                                 attributions=raw.cpu() if keep_attributions else None))
+            progress(done, total, f"{name}={_format_value(value)}")
+            rows.append(_sweep_row(runner, inputs, _swept_setting(base, name, value), value, reference_seed, ref_maps,
+                                   keep_attributions))
             done += 1
-        ref_value = {k: reference.get(k, _default(resolved, k, reference_seed)) for k in values[0]} if name == "setting" \
-            else reference.get(name, _default(resolved, name, reference_seed))
+        ref_value = _reference_value(resolved, reference, name, values, reference_seed)
         tables.append(SweepTable(hyperparameter=name, reference_value=ref_value, rows=rows))
-    if progress is not None:
-        progress(total, total, "")
+    progress(total, total, "")
     if not reproduce:
         reproduce = (
             f"pytest_saliency.hyperparameter_sweep(model, inputs, {label!r}, sweep={jsonable(sweep)!r}, "
@@ -969,9 +958,10 @@ def hyperparameter_sweep(
         )
     return SweepResult(
         check="hyperparameter_stability", method=label, reference=reference, method_options=options,
-        pipeline=pipeline, metrics=metrics, metric=metric, threshold=None if threshold is None else float(threshold),
-        higher_is_better=higher, tables=tables, n_images=int(inputs.shape[0]), device=str(inputs.device),
-        seed=reference_seed, targets=[int(t) for t in fixed_target.cpu()],
+        pipeline=pipeline, metrics=metric_names, metric=metric,
+        threshold=None if threshold is None else float(threshold), higher_is_better=higher, tables=tables,
+        n_images=int(inputs.shape[0]), device=str(inputs.device), seed=reference_seed,
+        targets=[int(t) for t in fixed_target.cpu()],
         target_policy="predicted class on the inputs (fixed)" if target is None else "given (fixed)",
         seconds=time.perf_counter() - start, reproduce=reproduce,
         reference_maps=None if ref_maps is None else ref_maps[:keep_maps].detach().cpu(),
@@ -980,9 +970,8 @@ def hyperparameter_sweep(
     )
 
 
-def _default(resolved: Any, name: str, seed: int) -> Any:
-    from ..maps.explainers import MethodSpec
-
+def _default(resolved: MethodSpec | Explainer, name: str, seed: int) -> Any:
+    """The value hyperparameter ``name`` has when not set: the method's default, or ``"default"``."""
     if name == "seed":
         return seed
     if isinstance(resolved, MethodSpec):
@@ -994,22 +983,12 @@ def _default(resolved: Any, name: str, seed: int) -> Any:
     return "default" if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
-def _require_threshold(threshold: Any, check: str) -> None:
-    if threshold is None:
-        raise SaliencyUsageError(
-            f"{check} needs threshold=... (the lowest acceptable mean similarity). SAM reports no pass/fail level and "
-            "the right one depends on the metric and the map preset: run the sweep once without asserting "
-            "(hyperparameter_sweep / input_noise_stability), read result.report(), and set the floor below the "
-            "values you accept, e.g. threshold=0.8 for SSIM under sam2020."
-        )
-
-
 @rng_isolated
 def assert_stable_under_hyperparameters(
-    model: Any,
-    inputs: Any,
-    method: Any = "smoothgrad",
-    sweep: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]] | None = None,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    method: str | Explainer | SweepGrid = "smoothgrad",
+    sweep: SweepSpec | None = None,
     reference: Mapping[str, Any] | None = None,
     *,
     threshold: float | None = None,
@@ -1026,7 +1005,7 @@ def assert_stable_under_hyperparameters(
     are those of :func:`hyperparameter_sweep`.
     """
     __tracebackhide__ = True
-    _require_threshold(threshold, "assert_stable_under_hyperparameters")
+    require_threshold(threshold, "assert_stable_under_hyperparameters")
     result = hyperparameter_sweep(
         model, inputs, method, sweep, reference, metrics=(metric,) if metrics is None else metrics,
         threshold=threshold, metric=metric, **kwargs,
@@ -1036,214 +1015,8 @@ def assert_stable_under_hyperparameters(
     return result
 
 
-# --------------------------------------------------------------------------------------------
-# input noise (SAM 4.1)
-# --------------------------------------------------------------------------------------------
-
-NOISES = ("gaussian",)
-
-
-def add_input_noise(
-    inputs: Any, variance: float = SAM_INPUT_NOISE_VARIANCE, clip: tuple[float, float] | None = (0.0, 1.0),
-    seed: int = 0, draw: int = 0,
-) -> Any:
-    """``clip(x + N(0, variance))``: scikit-image's ``random_noise(x, "gaussian", var=variance)`` in torch.
-
-    The noise comes from a local ``torch.Generator`` seeded by ``(seed, draw)``: no global RNG
-    changes, and the same ``(seed, draw)`` gives the same standard-normal draw for every
-    variance (common random numbers, so a variance sweep compares like with like).
-    """
-    torch = require_torch()
-    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise SaliencyUsageError(
-            f"inputs must be a floating-point torch.Tensor, got {type(inputs).__name__} "
-            f"{getattr(inputs, 'dtype', '')}. Convert with torch.as_tensor(x, dtype=torch.float32)."
-        )
-    variance = check_number(variance, "variance", low=0.0,
-                            hint="It is the noise's variance, a squared std (SAM: 0.1 on [0, 1] images).")
-    if clip is not None:
-        clip = _check_clip(clip)
-    seed = check_seed(seed)
-    draw = check_count(draw, "draw", minimum=0, hint="It numbers the noisy copy: 0, 1, 2, ...")
-    generator = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "input_noise", draw))
-    z = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-    noisy = inputs + math.sqrt(variance) * z
-    return noisy if clip is None else noisy.clamp(clip[0], clip[1])
-
-
-def _check_clip(clip: Any) -> tuple[float, float]:
-    if not (isinstance(clip, Sequence) and len(clip) == 2 and all(is_real(c) for c in clip) and clip[0] < clip[1]):
-        raise SaliencyUsageError(f"clip must be (low, high) with low < high, or None; got {clip!r}.")
-    return float(clip[0]), float(clip[1])
-
-
-def _check_noise_args(inputs: Any, noise: Any, variance: Any, clip: Any, n_draws: Any) -> list[float]:
-    if not (noise in NOISES or callable(noise)):
-        raise unknown_choice("noise", noise, NOISES, "Or pass a callable (inputs, seed, draw) -> noisy inputs.")
-    variances = list(variance) if isinstance(variance, Sequence) and not isinstance(variance, str) else [variance]
-    if not variances:
-        raise SaliencyUsageError("variance is an empty list; pass a float such as 0.1 (SAM's value).")
-    for v in variances:
-        if not is_real(v):
-            raise SaliencyUsageError(
-                f"noise variance must be a finite float >= 0, got {v!r}. SAM's convention is variance=0.1 "
-                "(std ~0.316) on [0, 1] images."
-            )
-        if v < 0:
-            raise SaliencyUsageError(
-                f"noise variance must be >= 0, got {v}; a variance is a squared std (SAM: 0.1, std ~0.316 on [0, 1] "
-                "images). Pass a non-negative value."
-            )
-    if not (is_int(n_draws) and n_draws >= 1):
-        raise SaliencyUsageError(f"n_draws must be a positive int (noisy copies per image), got {n_draws!r}.")
-    if clip is not None:
-        clip = _check_clip(clip)
-        low, high = float(inputs.min()), float(inputs.max())
-        if low < clip[0] or high > clip[1]:
-            raise SaliencyUsageError(
-                f"the inputs range over [{low:.4g}, {high:.4g}], outside clip={tuple(clip)}: clipping would change the "
-                "clean inputs' range. SAM's convention is [0, 1] images; pass clip=(low, high) for your input scale, or "
-                "clip=None (and scale variance to your inputs' units)."
-            )
-    return [float(v) for v in variances]
-
-
-@rng_isolated
-def input_noise_stability(
-    model: Any,
-    inputs: Any,
-    method: Any = "saliency",
-    *,
-    noise: Any = "gaussian",
-    variance: float | Sequence[float] = SAM_INPUT_NOISE_VARIANCE,
-    clip: tuple[float, float] | None = (0.0, 1.0),
-    n_draws: int = 1,
-    metrics: Sequence[str] | str = DEFAULT_METRICS,
-    preset: str | MapPipeline | None = DEFAULT_PRESET,
-    target: Any = None,
-    seed: int = 0,
-    threshold: float | None = None,
-    metric: str = "ssim",
-    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
-    batch_size: int | None = None,
-    cache: Any = None,
-    reproduce: str = "",
-    progress: Progress | None = None,
-    **options: Any,
-) -> SweepResult:
-    """SAM 4.1: maps of x against maps of noisy x (``clip(x + N(0, variance))``), per image.
-
-    Defaults are the SAM code's: ``skimage.util.random_noise(img, "gaussian", mean=0, var=0.1)``
-    on [0, 1] images, which clips to [0, 1]: **variance** 0.1, i.e. std ~0.316 (the paper's
-    "N(0, 0.1)"). The noise is seeded (``seed``; one local generator per draw). The target is the
-    class predicted for the *clean* input, kept for the noisy copies; the explainer's own seed is
-    the same for both. Per image, the similarity is averaged over ``n_draws`` noisy copies (SAM:
-    one). ``variance`` may be a list (one row each). ``noise`` may be a callable
-    ``(inputs, seed, draw) -> noisy inputs``. A robust model's maps should score higher.
-    ``cache`` (a MapCache) lets the clean maps be shared with other checks; ``progress`` is
-    called as ``progress(done, total, label)``.
-    """
-    torch = require_torch()
-    from ..maps.explainers import method_name, resolve_target
-
-    start = time.perf_counter()
-    check_model(model)
-    check_inputs(inputs, model)
-    variances = _check_noise_args(inputs, noise, variance, clip, n_draws)
-    resolved, label, pipeline, metrics, metric, higher = _setup_check(method, preset, metrics, metric, threshold)
-    if not metrics:
-        raise SaliencyUsageError("metrics is empty; pass e.g. metrics=('ssim', 'spearman', 'hog_pearson').")
-    metric_options = dict(metric_options or {})
-    seed = check_seed(seed)
-    batch_size = check_count(batch_size, "batch_size", allow_none=True,
-                             hint="It bounds the images one explainer call sees; None explains all at once.")
-    _check_names(label, resolved, options, "options")
-    if "seed" in options:
-        raise SaliencyUsageError("pass the explainer seed as seed=..., not as a method option.")
-    fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
-    total = 1 + len(variances) * n_draws
-    if progress is not None:
-        progress(0, total, "clean inputs")
-    clean_raw = _explain_setting(model, inputs, resolved, dict(options), fixed_target, seed, batch_size, cache)
-    clean = apply_pipeline(clean_raw, pipeline)
-    _warn_constant(clean, label)
-    rows = []
-    for index, v in enumerate(variances):
-        per_draw: dict[str, list[list[float]]] = {m: [] for m in metrics}
-        for draw in range(n_draws):
-            if progress is not None:
-                progress(1 + index * n_draws + draw, total, f"variance={v:g} draw {draw + 1}/{n_draws}")
-            if callable(noise):
-                noisy = noise(inputs, seed, draw)
-                if not isinstance(noisy, torch.Tensor) or noisy.shape != inputs.shape:
-                    raise SaliencyUsageError(
-                        f"the noise callable returned {type(noisy).__name__} of shape "
-                        f"{tuple(getattr(noisy, 'shape', ()))}; it must return a tensor shaped like the inputs."
-                    )
-            else:
-                noisy = add_input_noise(inputs, v, None if clip is None else (float(clip[0]), float(clip[1])), seed, draw)
-            raw = _explain_setting(model, noisy.detach(), resolved, dict(options), fixed_target, seed, batch_size)
-            scores = _similarities(metrics, clean, apply_pipeline(raw, pipeline), pipeline, metric_options)
-            for m in metrics:
-                per_draw[m].append(scores[m])
-        averaged = {m: [_nanmean([d[i] for d in per_draw[m]]) for i in range(inputs.shape[0])] for m in metrics}
-        rows.append(SweepRow(value=v, seed=seed, scores=averaged))
-    if progress is not None:
-        progress(total, total, "")
-    if not reproduce:
-        reproduce = (
-            f"pytest_saliency.input_noise_stability(model, inputs, {label!r}, variance={variance!r}, clip={clip!r}, "
-            f"n_draws={n_draws}, preset={pipeline.name!r}, seed={seed})"
-        )
-    return SweepResult(
-        check="input_noise_stability", method=label, reference={}, method_options=options, pipeline=pipeline,
-        metrics=metrics, metric=metric, threshold=None if threshold is None else float(threshold),
-        higher_is_better=higher, tables=[SweepTable("input_noise_variance", 0.0, rows)],
-        n_images=int(inputs.shape[0]), device=str(inputs.device), seed=seed,
-        targets=[int(t) for t in fixed_target.cpu()],
-        target_policy="predicted class on the clean inputs (fixed)" if target is None else "given (fixed)",
-        seconds=time.perf_counter() - start, reproduce=reproduce,
-        noise={"kind": noise if isinstance(noise, str) else method_name(noise), "variance": variances,
-               "std": [math.sqrt(v) for v in variances], "clip": None if clip is None else list(clip), "n_draws": n_draws},
-        reference_maps=clean[:4].detach().cpu(), target_tensor=fixed_target,
-    )
-
-
-@rng_isolated
-def assert_stable_under_input_noise(
-    model: Any,
-    inputs: Any,
-    method: Any = "saliency",
-    noise: Any = "gaussian",
-    variance: float | Sequence[float] = SAM_INPUT_NOISE_VARIANCE,
-    clip: tuple[float, float] | None = (0.0, 1.0),
-    n_draws: int = 1,
-    threshold: float | None = None,
-    metric: str = "ssim",
-    seed: int = 0,
-    *,
-    metrics: Sequence[str] | str | None = None,
-    **kwargs: Any,
-) -> SweepResult:
-    """Fail when the mean similarity between maps of x and of noisy x is below ``threshold``.
-
-    See :func:`input_noise_stability` for the noise convention (SAM: variance 0.1 on [0, 1]
-    images, clipped). ``metrics`` defaults to just ``metric``.
-    """
-    __tracebackhide__ = True
-    _require_threshold(threshold, "assert_stable_under_input_noise")
-    result = input_noise_stability(
-        model, inputs, method, noise=noise, variance=variance, clip=clip, n_draws=n_draws,
-        metrics=(metric,) if metrics is None else metrics, threshold=threshold, metric=metric, seed=seed, **kwargs,
-    )
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
-
-
 __all__ = [
-    "DEFAULT_METRICS", "DEFAULT_PRESET", "GRIDS", "STABILITY_NOTE", "SweepGrid", "SweepResult", "SweepRow",
-    "SweepTable", "add_input_noise", "assert_stable_under_hyperparameters", "assert_stable_under_input_noise",
-    "blurred_baseline", "hyperparameter_sweep", "input_noise_stability", "sam_grid", "slic_feature_masks",
+    "DEFAULT_METRICS", "GRIDS", "STABILITY_NOTE", "SWEEP_PRESET", "SweepGrid", "SweepResult", "SweepRow", "SweepTable",
+    "assert_stable_under_hyperparameters", "blurred_baseline", "hyperparameter_sweep", "sam_grid", "slic_feature_masks",
     "uniform_baseline",
 ]

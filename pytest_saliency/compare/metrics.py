@@ -69,7 +69,7 @@ from typing import Any, Union
 
 import torch
 
-from ..core.validation import all_finite, check_choice, check_count, unknown_choice
+from ..core.validation import check_choice, check_count, check_flag, is_count, nonfinite_values, unknown_choice
 from ..exceptions import SaliencyUsageError, warn_user
 
 KValue = Union[int, float]
@@ -154,10 +154,8 @@ def _validate_pair(a: Any, b: Any, metric: str) -> tuple[torch.Tensor, torch.Ten
             f"b = b.to({str(a.device)!r})."
         )
     for name, x in (("a", a), ("b", b)):
-        if all_finite(x.detach()):
-            continue
-        bad = ~torch.isfinite(x.detach())
-        if bool(bad.any()):
+        bad = nonfinite_values(x.detach())
+        if bad is not None:
             rows = torch.nonzero(bad.reshape(x.shape[0], -1).any(dim=1)).flatten().tolist()
             raise SaliencyUsageError(
                 f"{metric}: argument {name} contains {int(bad.sum())} NaN or infinite value(s) "
@@ -203,7 +201,7 @@ def resolve_k(k: KValue, num_features: int) -> int:
 
     Raises :class:`SaliencyUsageError` for anything out of range.
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+    if not is_count(num_features):
         raise SaliencyUsageError(
             f"num_features must be a positive int (the number of features D of one map), got "
             f"{num_features!r}."
@@ -349,14 +347,6 @@ def _warn_if_unsigned(a: torch.Tensor, b: torch.Tensor, metric: str) -> None:
     )
 
 
-def _check_flag(value: Any, name: str, metric: str) -> None:
-    """A metric's on/off option must be a real bool: a string such as "no" would be truthy."""
-    if not isinstance(value, bool):
-        raise SaliencyUsageError(
-            f"{metric}: {name} must be True or False, got {value!r:.80}. Pass {name}=True or {name}=False."
-        )
-
-
 def _as_fraction(count: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return count.to(dtype) / k
 
@@ -400,7 +390,7 @@ def sign_agreement(
     that both maps' top-k hold it, ``P(f ∈ top_k(a)) · P(f ∈ top_k(b))``.
     """
     xa, xb = _validate_pair(a, b, "sign_agreement")
-    _check_flag(warn_unsigned, "warn_unsigned", "sign_agreement")
+    check_flag(warn_unsigned, "warn_unsigned", where="sign_agreement: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "sign_agreement")
     kk = resolve_k(k, xa.shape[1])
@@ -443,7 +433,7 @@ def signed_rank_agreement(
     :func:`rank_agreement`, restricted to sign-agreeing features.
     """
     xa, xb = _validate_pair(a, b, "signed_rank_agreement")
-    _check_flag(warn_unsigned, "warn_unsigned", "signed_rank_agreement")
+    check_flag(warn_unsigned, "warn_unsigned", where="signed_rank_agreement: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "signed_rank_agreement")
     kk = resolve_k(k, xa.shape[1])
@@ -472,7 +462,7 @@ def signed_set_agreement(
     ``SSA_k <= SA_k``, and ``SSA_k = 1`` exactly when ``SA_k = 1``.
     """
     xa, xb = _validate_pair(a, b, "signed_set_agreement")
-    _check_flag(warn_unsigned, "warn_unsigned", "signed_set_agreement")
+    check_flag(warn_unsigned, "warn_unsigned", where="signed_set_agreement: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "signed_set_agreement")
     kk = resolve_k(k, xa.shape[1])
@@ -524,7 +514,7 @@ def consistent_direction(
     block, so ties never matter there.
     """
     xa, xb = _validate_pair(a, b, "consistent_direction")
-    _check_flag(warn_unsigned, "warn_unsigned", "consistent_direction")
+    check_flag(warn_unsigned, "warn_unsigned", where="consistent_direction: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "consistent_direction")
     d = xa.shape[1]
@@ -690,7 +680,7 @@ def rank_correlation(
     from .similarity import spearman as _spearman
 
     xa, xb = _validate_pair(a, b, "rank_correlation")
-    _check_flag(absolute, "absolute", "rank_correlation")
+    check_flag(absolute, "absolute", where="rank_correlation: ")
     n, d = xa.shape
     if absolute:
         xa, xb = xa.abs(), xb.abs()
@@ -882,7 +872,7 @@ def angular_difference(a: torch.Tensor, b: torch.Tensor, *, degrees: bool = Fals
     either map is all zeros. Chance level π/2 for independent maps with symmetric values.
     """
     xa, xb = _validate_pair(a, b, "angular_difference")
-    _check_flag(degrees, "degrees", "angular_difference")
+    check_flag(degrees, "degrees", where="angular_difference: ")
     ua, za = _unit_rows(xa)
     ub, zb = _unit_rows(xb)
     theta = 2.0 * torch.atan2(

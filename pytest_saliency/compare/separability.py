@@ -6,6 +6,7 @@ apart, 1 when they always can. scikit-learn does the fitting; the folds are a se
 from __future__ import annotations
 
 import contextlib
+import importlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ def _default_classifier(seed: int) -> Any:
 
 def require_sklearn() -> None:
     try:
-        import sklearn  # noqa: F401
+        importlib.import_module("sklearn")
     except ModuleNotFoundError as exc:  # pragma: no cover - installed in the test environment
         raise ModuleNotFoundError(
             "explanation consistency trains a logistic-regression classifier with scikit-learn: "
@@ -138,8 +139,7 @@ def _single_threaded_blas() -> Any:
     """One BLAS thread while the classifier fits (restored afterwards).
 
     The problems are tiny (a few hundred rows), so BLAS threads bring no speed, only
-    synchronization. Under CPU contention (pytest-xdist workers, other jobs) that synchronization
-    made each fit about 10x slower in our measurements.
+    synchronization, which under CPU contention (pytest-xdist workers, other jobs) dominates a fit.
     """
     try:
         from threadpoolctl import threadpool_limits

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .torchtools import require_torch
 from ..exceptions import SaliencyUsageError
+from .torchtools import require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def worker_index(worker_id: str | None = None) -> int | None:
@@ -25,7 +28,7 @@ def worker_index(worker_id: str | None = None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def resolve_device(name: str, worker_id: str | None = None) -> Any:
+def resolve_device(name: str, worker_id: str | None = None) -> torch.device:
     """``auto`` -> this worker's CUDA device when CUDA is available, else the CPU.
 
     ``cuda`` without an index is spread over workers the same way; ``cuda:N`` is taken
@@ -36,22 +39,23 @@ def resolve_device(name: str, worker_id: str | None = None) -> Any:
         return torch.device("cpu")
     if name in ("auto", "cuda"):
         if not torch.cuda.is_available():
-            raise SaliencyUsageError(
-                f"--saliency-device={name} but CUDA is not available on this machine. Use "
-                "--saliency-device=auto (CUDA when present, else CPU) or --saliency-device=cpu."
-            )
+            raise _cuda_unavailable(name)
         index = (worker_index(worker_id) or 0) % max(torch.cuda.device_count(), 1)
         return torch.device("cuda", index)
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SaliencyUsageError(
-                f"--saliency-device={name} but CUDA is not available on this machine. Use "
-                "--saliency-device=auto (CUDA when present, else CPU) or --saliency-device=cpu."
-            )
+            raise _cuda_unavailable(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SaliencyUsageError(
                 f"--saliency-device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible "
                 "(CUDA_VISIBLE_DEVICES applies). Pick an index below that, or use auto."
             )
     return device
+
+
+def _cuda_unavailable(name: str) -> SaliencyUsageError:
+    return SaliencyUsageError(
+        f"--saliency-device={name} but CUDA is not available on this machine. Use "
+        "--saliency-device=auto (CUDA when present, else CPU) or --saliency-device=cpu."
+    )

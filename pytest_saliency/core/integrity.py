@@ -1,7 +1,7 @@
 """The guard around every public entry point: models, global generators and torch's modes come
 back exactly as they were, whatever ends the call (a return, an exception, a Ctrl-C).
 
-:func:`guarded_call` (through :func:`pytest_saliency.core.rng.rng_isolated`) protects every
+:func:`guarded_call` (through :func:`rng_isolated`) protects every
 ``nn.Module`` among a call's arguments, directly or inside a list, tuple or dict. On entry it
 takes, per module: its attribute dictionary (the ``training`` flag, a patched ``forward``, plain
 tensor attributes) and the contents of torch's registries in it (parameters, buffers,
@@ -32,18 +32,31 @@ the guard runs it if an interrupt lands before or inside the code that would hav
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import signal
 import threading
 import weakref
-import functools
-import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import rng as _rng
-from .torchtools import require_torch, set_plain_attribute
 from ..exceptions import SaliencyCheckFailed, warn_user
+from .rng import (
+    ISOLATION_LOCK,
+    as_seed,
+    initialized_cuda_devices,
+    isolated_devices,
+    restore_generators,
+    save_generators,
+    seed_all,
+    seed_isolated,
+    set_isolated_devices,
+)
+from .torchtools import require_torch, set_plain_attribute
+
+if TYPE_CHECKING:
+    import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,7 +110,7 @@ class Undo:
 
     __slots__ = ("restore", "guard", "fresh", "done")
 
-    def __init__(self, restore: Callable[[], None], written: Iterable[Any] = ()) -> None:
+    def __init__(self, restore: Callable[[], None], written: Iterable[torch.nn.Parameter] = ()) -> None:
         self.restore, self.done = restore, False
         guard = getattr(_STATE, "guard", None)
         self.guard = guard
@@ -161,7 +174,7 @@ def _main_thread() -> bool:
 _STATE = threading.local()  # .guard: the outermost guard of this thread's current call
 
 # Parameters seen written by a forward pass: module -> names (in its _parameters) to copy first.
-_WRITERS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_WRITERS: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 _REGISTRIES: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
 
@@ -178,7 +191,7 @@ def _registries() -> Callable[[dict[str, Any]], tuple[Any, ...]]:
     return _REGISTRIES
 
 
-def models_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
+def models_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[torch.nn.Module]:
     """The ``nn.Module`` arguments of a call: given directly, or as items of a list, tuple or dict."""
     torch = require_torch()
     module = torch.nn.Module
@@ -198,17 +211,20 @@ class Guard:
 
     def __init__(self) -> None:
         self.undos: list[Undo] = []
-        self.roots: list[Any] = []
+        self.roots: list[torch.nn.Module] = []
         self.covered: set[int] = set()
-        self.modules: list[tuple[Any, dict[str, Any], list[tuple[Any, Any]]]] = []
-        self.scripted: list[tuple[Any, bool]] = []
-        self.grads: list[tuple[Any, bool]] = []
+        # (module, its __dict__, its registries, their sizes, copies of the non-empty ones)
+        self.modules: list[tuple[torch.nn.Module, dict[str, Any], tuple[Any, ...], tuple[int, ...],
+                                 list[tuple[Any, Any]]]] = []
+        self.scripted: list[tuple[torch.nn.Module, bool]] = []
+        self.grads: list[tuple[torch.nn.Parameter, bool]] = []
         self.versions: dict[int, int] = {}  # parameter id -> version when it held its original value
-        self.params: list[tuple[Any, str, Any]] = []  # (module, key, parameter) without a copy
-        self.copies: list[tuple[Any, str, Any, Any]] = []  # (module, key, tensor, copy)
-        self.written: list[tuple[Any, str, str]] = []  # (module, key, what) the model wrote
+        # (module, key, parameter) of the parameters not copied
+        self.params: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self.copies: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []  # (module, key, tensor, copy)
+        self.written: list[tuple[torch.nn.Module, str, str]] = []  # (module, key, what) the model wrote
 
-    def protect(self, models: Iterable[Any]) -> None:
+    def protect(self, models: Iterable[torch.nn.Module]) -> None:
         torch = require_torch()
         registries = _registries()
         seen = self.covered
@@ -253,12 +269,12 @@ class Guard:
                     seen.add(id(b))
                     self.copies.append((sub, key, b, b.detach().clone()))
 
-    def unwritten(self, params: Iterable[Any]) -> list[Any]:
+    def unwritten(self, params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         """Those of ``params`` whose version counter has not moved since they were saved."""
         versions = self.versions
         return [p for p in params if versions.get(id(p), -1) == p._version]
 
-    def rebase(self, params: list[Any]) -> None:
+    def rebase(self, params: list[torch.nn.Parameter]) -> None:
         """``params`` hold their original values again (a library write was undone)."""
         for p in params:
             self.versions[id(p)] = p._version
@@ -325,7 +341,7 @@ class Guard:
         """The tensors the model wrote, named from the models passed (``name (kind)``)."""
         if not self.written:
             return []
-        names = {}
+        names: dict[int, str] = {}
         for index, root in enumerate(self.roots):
             prefix = f"models[{index}]" if len(self.roots) > 1 else ""
             for name, sub in root.named_modules():
@@ -368,7 +384,8 @@ def _same_contents(registry: Any, items: Any) -> bool:
     return all(map(operator.is_, registry.values(), items.values())) and all(map(operator.eq, registry, items))
 
 
-def _changed_keys(registry: dict[str, Any], items: dict[str, Any]) -> list[str]:
+def _changed_keys(registry: Any, items: dict[str, Any]) -> list[str]:
+    """The keys of a parameter or buffer registry that name another object than in ``items``."""
     keys = [key for key, value in items.items() if registry.get(key, _MISSING) is not value]
     return keys + [key for key in registry if key not in items]
 
@@ -376,7 +393,7 @@ def _changed_keys(registry: dict[str, Any], items: dict[str, Any]) -> list[str]:
 _INTEGER_OF_SIZE: dict[int, Any] = {}
 
 
-def _same_bits(a: Any, b: Any) -> bool:
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors of one dtype and shape hold the same bits (NaN payloads and -0.0 count)."""
     torch = require_torch()
     if a.is_meta:  # no values to compare (a model built on the meta device)
@@ -425,9 +442,9 @@ def guarded_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     guard = getattr(_STATE, "guard", None)
     if guard is not None:
         guard.protect(models_in(args, kwargs))
-        _rng._seed_all(seed, _rng._ISOLATION.cuda)
+        seed_isolated(seed)
         return function(*args, **kwargs)
-    seed = _rng.as_seed(seed)
+    seed = as_seed(seed)
     models = models_in(args, kwargs)
     if not _main_thread():
         return _outermost(function, args, kwargs, seed, models)
@@ -456,34 +473,29 @@ def guarded_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: di
 
 
 def _outermost(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], seed: int,
-               models: list[Any], *, signals: bool = False) -> Any:
+               models: list[torch.nn.Module], *, signals: bool = False) -> Any:
     """The outermost guarded call (with ``signals``: in the main thread, SIGINT recorded, depth 1)."""
     __tracebackhide__ = True
-    import random
-
-    import numpy as np
-
     torch = require_torch()
     deferred = signals  # whether SIGINT is deferred now (depth 1)
     locked = started = False
-    guard = enclosing = failure = None
+    guard = Guard()
+    enclosing: list[int] | None = None
+    failure: SaliencyCheckFailed | None = None
     try:
-        _rng._LOCK.acquire()
+        ISOLATION_LOCK.acquire()
         locked = True
-        enclosing = getattr(_rng._ISOLATION, "cuda", None)  # inside a plain isolated_rngs block: its devices
-        cuda = enclosing if enclosing is not None else (
-            list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else [])
-        saved = (torch.default_generator.get_state(), [torch.cuda.default_generators[i].get_state() for i in cuda],
-                 np.random.get_state(), random.getstate())
+        enclosing = isolated_devices()  # inside a plain isolated_rngs block: its devices
+        cuda = enclosing if enclosing is not None else initialized_cuda_devices()
+        saved = save_generators(cuda)
         grad = torch.is_grad_enabled()
         modes = torch._C._len_torch_function_stack()
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-        guard = Guard()
         guard.protect(models)
-        _rng._ISOLATION.cuda = cuda
+        set_isolated_devices(cuda)
         _STATE.guard = guard
         started = True
-        _rng._seed_all(seed, cuda)
+        seed_all(seed, cuda)
         if signals:
             deferred = False
             _SIGNALS.depth = 0
@@ -499,7 +511,7 @@ def _outermost(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
         try:
             if started:
                 _STATE.guard = None
-                _rng._ISOLATION.cuda = enclosing
+                set_isolated_devices(enclosing)
                 try:
                     guard.restore()
                 finally:
@@ -508,14 +520,10 @@ def _outermost(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
                         torch._C._pop_torch_function_stack()
                     while not _same_hooks(torch._C._autograd._top_saved_tensors_default_hooks(True), hooks):
                         torch._C._autograd._pop_saved_tensors_default_hooks()
-                    torch.default_generator.set_state(saved[0])
-                    for index, state in zip(cuda, saved[1]):
-                        torch.cuda.default_generators[index].set_state(state)
-                    np.random.set_state(saved[2])
-                    random.setstate(saved[3])
+                    restore_generators(cuda, saved)
         finally:
             if locked:
-                _rng._LOCK.release()
+                ISOLATION_LOCK.release()
         if failure is not None:
             _report_writes(guard, getattr(failure, "result", None))
     _report_writes(guard, result)

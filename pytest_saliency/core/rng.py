@@ -8,9 +8,10 @@ CUDA generators and saves/restores numpy's and Python's global states.
 
 The model may draw too: dropout left on in eval mode (Monte Carlo dropout), noise layers, a
 sampling step. Every public function that runs a model is therefore wrapped in
-:func:`rng_isolated`: the global generators are saved on entry, seeded from the call's ``seed``
-(so a stochastic model gives reproducible results) and restored on the way out, whatever
-happens. Inside, each explanation pass starts from the same seed (:func:`pass_seeded`), so the
+:func:`pytest_saliency.core.integrity.rng_isolated`: the global generators are saved on entry,
+seeded from the call's ``seed`` (so a stochastic model gives reproducible results) and restored
+on the way out, whatever happens (with the public interface below: :data:`ISOLATION_LOCK`,
+:func:`isolated_devices`, :func:`save_generators`, :func:`seed_all`, :func:`restore_generators`). Inside, each explanation pass starts from the same seed (:func:`pass_seeded`), so the
 original model's pass and every randomized state's pass see the same random numbers, and a
 comparison measures the change of the model, not a fresh dropout mask.
 """
@@ -21,14 +22,17 @@ import contextlib
 import hashlib
 import random
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .torchtools import require_torch
 
+if TYPE_CHECKING:
+    import torch
+
 
 @contextlib.contextmanager
-def seeded(seed: int, device: Any = None, *, torch_only: bool = False) -> Iterator[None]:
+def seeded(seed: int, device: torch.device | str | None = None, *, torch_only: bool = False) -> Iterator[None]:
     """Run the block with all global RNGs seeded from ``seed``, then restore them bit for bit.
 
     ``torch_only=True`` leaves numpy's and Python's generators alone, for blocks that only draw
@@ -81,19 +85,65 @@ def derive_seed(seed: int, *parts: int | str) -> int:
     return int.from_bytes(digest, "little") % (2**63 - 1)
 
 
-
-# The generators are process-wide: an isolation holds this lock, so checks in several threads of
-# one process run one at a time instead of saving and restoring each other's states.
-_LOCK = threading.RLock()
+#: The generators are process-wide: an isolation (:func:`isolated_rngs`, or the entry-point guard of
+#: :mod:`pytest_saliency.core.integrity`) holds this lock, so checks in several threads of one
+#: process run one at a time instead of saving and restoring each other's states.
+ISOLATION_LOCK = threading.RLock()
 _ISOLATION = threading.local()  # .cuda: the CUDA devices whose generators the outermost isolation saved
 
 
+def isolated_devices() -> list[int] | None:
+    """The CUDA devices whose generators the outermost isolation of this thread saved (an empty
+    list on the CPU), or None outside any isolation."""
+    return getattr(_ISOLATION, "cuda", None)
+
+
+def set_isolated_devices(devices: list[int] | None) -> None:
+    """Mark this thread as inside an isolation that saved ``devices``' generators (None: outside).
+    Only for an isolation that holds :data:`ISOLATION_LOCK` and restores the generators itself."""
+    _ISOLATION.cuda = devices
+
+
 def _isolated() -> bool:
-    return getattr(_ISOLATION, "cuda", None) is not None
+    return isolated_devices() is not None
 
 
-def as_seed(seed: Any) -> int:
-    """``seed`` as a Python int (numpy integers included), or a usage error."""
+def initialized_cuda_devices() -> list[int]:
+    """Every CUDA device when CUDA is initialized, else none: the generators an isolation saves
+    (touching a device's generator would initialize CUDA, a global change)."""
+    torch = require_torch()
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+#: What :func:`save_generators` returns: torch's CPU state, the CUDA states, numpy's and Python's.
+GeneratorStates = tuple[Any, list[Any], Any, Any]
+
+
+def save_generators(cuda: list[int]) -> GeneratorStates:
+    """The states of torch's CPU generator, of the ``cuda`` devices' generators, and of numpy's and
+    Python's global generators, for :func:`restore_generators`."""
+    import numpy as np
+
+    torch = require_torch()
+    return (torch.default_generator.get_state(), [torch.cuda.default_generators[i].get_state() for i in cuda],
+            np.random.get_state(), random.getstate())
+
+
+def restore_generators(cuda: list[int], saved: GeneratorStates) -> None:
+    """Put back the states :func:`save_generators` took for the same ``cuda`` devices."""
+    import numpy as np
+
+    torch = require_torch()
+    torch.default_generator.set_state(saved[0])
+    for index, state in zip(cuda, saved[1]):
+        torch.cuda.default_generators[index].set_state(state)
+    np.random.set_state(saved[2])
+    random.setstate(saved[3])
+
+
+def as_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as a Python int (numpy integers included, of any sign and size), or a usage error
+    naming it ``name`` (:func:`pytest_saliency.core.validation.check_seed`)."""
     import operator
 
     from ..exceptions import SaliencyUsageError
@@ -102,7 +152,8 @@ def as_seed(seed: Any) -> int:
         return operator.index(seed)
     except TypeError:
         raise SaliencyUsageError(
-            f"seed must be an integer (an int or a numpy integer), got {seed!r:.80}. Pass e.g. seed=0.") from None
+            f"{name} must be an integer (an int or a numpy integer, of any sign and size), got {seed!r:.80}. "
+            f"Pass e.g. {name}=0.") from None
 
 
 def torch_seed_of(seed: int) -> int:
@@ -110,10 +161,10 @@ def torch_seed_of(seed: int) -> int:
     return seed if -(2**63) <= seed < 2**64 else seed % 2**64
 
 
-def _seed_all(seed: Any, cuda: list[int]) -> None:
+def seed_all(seed: Any, cuda: list[int]) -> None:
     """Seed torch's CPU generator, the given CUDA devices' generators, numpy's and Python's global
-    generators from ``seed``: the same numbers :func:`seeded` gives. Only for use inside
-    :func:`isolated_rngs`, which restores them all."""
+    generators from ``seed``: the same numbers :func:`seeded` gives. Only for use inside an
+    isolation (:func:`isolated_rngs`, the entry-point guard), which restores them all."""
     import numpy as np
 
     torch = require_torch()
@@ -122,9 +173,17 @@ def _seed_all(seed: Any, cuda: list[int]) -> None:
     torch.default_generator.manual_seed(torch_seed)
     for index in cuda:
         torch.cuda.default_generators[index].manual_seed(torch_seed)
-    # Global seeding on purpose: only inside isolated_rngs, which saved these states and restores them.
+    # Global seeding on purpose: only inside an isolation, which saved these states and restores them.
     np.random.seed(seed % (2**32))
     random.seed(seed)
+
+
+def seed_isolated(seed: Any) -> None:
+    """Seed every generator the enclosing isolation saved (see :func:`seed_all`); an error outside one."""
+    devices = isolated_devices()
+    if devices is None:
+        raise RuntimeError("seed_isolated is only for use inside an isolation of the global generators")
+    seed_all(seed, devices)
 
 
 @contextlib.contextmanager
@@ -135,33 +194,25 @@ def isolated_rngs(seed: Any = 0) -> Iterator[None]:
     have initialized theirs; touching another would initialize CUDA, a global change). Nested
     blocks only seed again; the outermost one restores. Blocks in other threads wait.
     """
-    torch = require_torch()
     seed = as_seed(seed)
     if _isolated():
-        _seed_all(seed, _ISOLATION.cuda)
+        seed_isolated(seed)
         yield
         return
-    import numpy as np
-
-    with _LOCK:
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        saved = (torch.default_generator.get_state(), [torch.cuda.default_generators[i].get_state() for i in cuda],
-                 np.random.get_state(), random.getstate())
-        _ISOLATION.cuda = cuda
+    with ISOLATION_LOCK:
+        cuda = initialized_cuda_devices()
+        saved = save_generators(cuda)
+        set_isolated_devices(cuda)
         try:
-            _seed_all(seed, cuda)
+            seed_all(seed, cuda)
             yield
         finally:
-            _ISOLATION.cuda = None
-            torch.default_generator.set_state(saved[0])
-            for index, state in zip(cuda, saved[1]):
-                torch.cuda.default_generators[index].set_state(state)
-            np.random.set_state(saved[2])
-            random.setstate(saved[3])
+            set_isolated_devices(None)
+            restore_generators(cuda, saved)
 
 
 @contextlib.contextmanager
-def pass_seeded(seed: Any, device: Any = None) -> Iterator[None]:
+def pass_seeded(seed: Any, device: torch.device | str | None = None) -> Iterator[None]:
     """Seed the global generators for one explanation pass.
 
     Inside :func:`isolated_rngs` (every public entry point) this only seeds: the isolation
@@ -169,32 +220,28 @@ def pass_seeded(seed: Any, device: Any = None) -> Iterator[None]:
     it is :func:`seeded`.
     """
     if _isolated():
-        _seed_all(seed, _ISOLATION.cuda)
+        seed_isolated(seed)
         yield
         return
     with seeded(seed, device):
         yield
 
 
-def generator_states(device: Any = None) -> tuple[Any, ...]:
+def generator_states(device: torch.device | str | None = None) -> GeneratorStates:
     """What a forward pass drawing random numbers would change: torch's CPU generator, the CUDA
     generators (inside an isolation: of every device it saved; else of ``device``), numpy's and
     Python's global states. Compare two with :func:`same_generator_states`."""
-    import numpy as np
-
     torch = require_torch()
-    if _isolated():
-        indices = _ISOLATION.cuda
-    elif device is not None and torch.device(device).type == "cuda":
-        index = torch.device(device).index
-        indices = [index if index is not None else torch.cuda.current_device()]
-    else:
+    indices = isolated_devices()
+    if indices is None:
         indices = []
-    cuda = [torch.cuda.default_generators[index].get_state() for index in indices]
-    return torch.default_generator.get_state(), cuda, np.random.get_state(), random.getstate()
+        if device is not None and torch.device(device).type == "cuda":
+            index = torch.device(device).index
+            indices = [index if index is not None else torch.cuda.current_device()]
+    return save_generators(indices)
 
 
-def same_generator_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+def same_generator_states(a: GeneratorStates, b: GeneratorStates) -> bool:
     torch = require_torch()
     (cpu_a, cuda_a, np_a, py_a), (cpu_b, cuda_b, np_b, py_b) = a, b
     return (torch.equal(cpu_a, cpu_b) and len(cuda_a) == len(cuda_b) and all(map(torch.equal, cuda_a, cuda_b))

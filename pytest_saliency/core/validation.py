@@ -1,17 +1,59 @@
-"""Input checks shared by every public function.
+"""Argument validation shared by every public function.
 
-Each check raises :class:`SaliencyUsageError` saying what was wrong, what was expected and how
-to fix it, so that a user never has to decode a traceback from deep inside torch or captum.
+Two kinds of helpers, named so that a reader knows which one a call is:
+
+* **predicates** (``is_*``) answer True or False and never raise: :func:`is_int`, :func:`is_real`,
+  :func:`is_count`, :func:`is_tensor_like` (the per-method option rules of
+  :mod:`pytest_saliency.maps.options` are built from them);
+* **checkers** (``check_*``) return the value in its canonical type (an int, a float, a bool) or
+  raise a :class:`SaliencyUsageError` saying what was wrong, what was expected and how to fix it,
+  so that a user never has to decode a traceback from deep inside torch or captum.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import operator
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
-from .torchtools import require_torch
 from ..exceptions import SaliencyUsageError
+from .torchtools import require_torch
+
+if TYPE_CHECKING:
+    import torch
+
+
+# --------------------------------------------------------------------------------------------
+# Predicates
+# --------------------------------------------------------------------------------------------
+
+
+def is_int(value: Any) -> bool:
+    """An integer (numpy integers included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number (ints, floats, numpy scalars), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """An integer (:func:`is_int`) of at least ``minimum``."""
+    return is_int(value) and value >= minimum
+
+
+def is_tensor_like(value: Any) -> bool:
+    """A tensor or an array (anything with a shape and a dtype), without importing torch."""
+    return type(value).__name__ == "Tensor" or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkers
+# --------------------------------------------------------------------------------------------
 
 
 def check_model(model: Any) -> None:
@@ -39,7 +81,7 @@ def check_model(model: Any) -> None:
         )
 
 
-def model_device(model: Any) -> Any:
+def model_device(model: torch.nn.Module) -> torch.device:
     """The single device holding the model's parameters (an error if they are spread out)."""
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1:
@@ -50,7 +92,7 @@ def model_device(model: Any) -> Any:
     return devices.pop()
 
 
-def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> None:
+def check_inputs(inputs: Any, model: torch.nn.Module | None = None, *, name: str = "inputs") -> None:
     """Inputs must be a finite floating tensor of shape (N, C, H, W) or (N, D) on the model's device."""
     torch = require_torch()
     if not isinstance(inputs, torch.Tensor):
@@ -94,7 +136,7 @@ def check_inputs(inputs: Any, model: Any = None, *, name: str = "inputs") -> Non
     check_finite(inputs, name)
 
 
-def _check_input_dtype(inputs: Any, model: Any, name: str) -> None:
+def _check_input_dtype(inputs: torch.Tensor, model: torch.nn.Module, name: str) -> None:
     """Inputs of another floating dtype than the model's parameters must be ones the model accepts.
 
     A model may convert its inputs itself (``x.float()`` in ``forward``), so a differing dtype is
@@ -102,17 +144,15 @@ def _check_input_dtype(inputs: Any, model: Any, name: str) -> None:
     without gradients and with the random generators restored afterwards, so it changes nothing.
     """
     from .rng import seeded
-    from .torchtools import ensure_eval_mode, restore_training_flags, training_flags
+    from .torchtools import model_in_eval_mode
 
     torch = require_torch()
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) != 1 or inputs.dtype in dtypes:
         return
     (dtype,) = dtypes
-    flags = training_flags(model)
-    ensure_eval_mode(model, flags)
     try:
-        with torch.no_grad(), seeded(0, inputs.device):
+        with model_in_eval_mode(model, True), torch.no_grad(), seeded(0, inputs.device):
             model(inputs[:1])
     except Exception as exc:  # noqa: BLE001 - reported as the dtype mismatch it most likely is
         raise SaliencyUsageError(
@@ -120,11 +160,9 @@ def _check_input_dtype(inputs: Any, model: Any, name: str) -> None:
             f"them ({type(exc).__name__}: {str(exc)[:200]}). Convert one to the other's dtype, e.g. "
             f"{name} = {name}.to({dtype}) or model.to({inputs.dtype})."
         ) from exc
-    finally:
-        restore_training_flags(flags)
 
 
-def all_finite(tensor: Any) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """True when no value is NaN or inf, checked with one reduction instead of a mask.
 
     NaN and inf propagate through a sum, so a finite sum proves every value finite; only a sum
@@ -139,18 +177,24 @@ def all_finite(tensor: Any) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def check_finite(tensor: Any, name: str) -> None:
+def nonfinite_values(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The mask of ``tensor``'s NaN and infinite values, or None when every value is finite (one
+    reduction in the usual case, see :func:`all_finite`)."""
+    if all_finite(tensor):
+        return None
+    bad = ~require_torch().isfinite(tensor)
+    return bad if bool(bad.any()) else None
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
     """NaN or inf anywhere makes every similarity meaningless: refuse it loudly."""
-    torch = require_torch()
     if getattr(tensor, "is_meta", False):
         raise SaliencyUsageError(
             f"{name} are on the meta device, which holds shapes but no values. Pass real tensors "
             "(materialize the model with model.to_empty(device=...) and load its weights first)."
         )
-    if all_finite(tensor):
-        return
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
+    bad = nonfinite_values(tensor)
+    if bad is not None:
         count = int(bad.sum())
         raise SaliencyUsageError(
             f"{name} contain {count} NaN or infinite value(s) out of {tensor.numel()}. "
@@ -159,11 +203,16 @@ def check_finite(tensor: Any, name: str) -> None:
         )
 
 
+def _suggestion(value: str, valid: list[str]) -> str:
+    """" Did you mean ...?" naming the valid names closest to ``value``, or ""."""
+    close = difflib.get_close_matches(value, valid, n=3)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def unknown_choice(kind: str, value: object, valid: Iterable[str], hint: str = "") -> SaliencyUsageError:
     """An error for an unknown name that lists the valid ones and the closest matches."""
     valid = list(valid)
-    close = difflib.get_close_matches(str(value), valid, n=3)
-    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    suggestion = _suggestion(str(value), valid)
     return SaliencyUsageError(
         f"unknown {kind} {value!r}.{suggestion} Valid {kind}s: {', '.join(valid)}.{(' ' + hint) if hint else ''}"
     )
@@ -176,10 +225,7 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
     For thresholds and tolerances: NaN would make every comparison fail and an infinity every
     comparison pass, so neither is ever a valid gate.
     """
-    import math
-    import numbers
-
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = is_real(value)
     number = float(value) if ok else math.nan
     if ok and low is not None:
         ok = number > low if low_open else number >= low
@@ -195,11 +241,20 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
     return number
 
 
-def check_count(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False, hint: str = "") -> int | None:
-    """An integer (numpy integers included, bools not) of at least ``minimum``, as an int; ``None``
-    passes through when ``allow_none``."""
-    import operator
+@overload
+def check_count(value: Any, name: str, *, minimum: int = ..., allow_none: Literal[False] = ...,
+                hint: str = ...) -> int: ...
 
+
+@overload
+def check_count(value: Any, name: str, *, minimum: int = ..., allow_none: bool, hint: str = ...) -> int | None: ...
+
+
+def check_count(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False, hint: str = "") -> int | None:
+    """An integer of at least ``minimum``, as an int; ``None`` passes through when ``allow_none``.
+
+    Anything with ``__index__`` counts (numpy integers, a one-element integer tensor), bools do not.
+    """
     if value is None and allow_none:
         return None
     try:
@@ -220,35 +275,30 @@ def check_choice(value: Any, name: str, valid: Iterable[str], hint: str = "") ->
     valid = list(valid)
     if isinstance(value, str) and value in valid:
         return value
-    close = difflib.get_close_matches(value, valid, n=3) if isinstance(value, str) else []
-    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    suggestion = _suggestion(value, valid) if isinstance(value, str) else ""
     raise SaliencyUsageError(
         f"unknown {name} {value!r:.80}.{suggestion} {name} must be one of: {', '.join(map(repr, valid))}."
         f"{(' ' + hint) if hint else ''}"
     )
 
 
-def check_flag(value: Any, name: str) -> bool:
-    """``True`` or ``False`` (numpy bools included): a string such as ``"no"`` would silently count as true."""
+def check_flag(value: Any, name: str, *, where: str = "") -> bool:
+    """``True`` or ``False`` (numpy bools included): a string such as ``"no"`` would silently count as true.
+    ``where``: what the error names first (e.g. ``"sign_agreement: "``)."""
     import numpy as np
 
     if not isinstance(value, (bool, np.bool_)):
-        raise SaliencyUsageError(f"{name} must be True or False, got {value!r:.80}.")
+        raise SaliencyUsageError(
+            f"{where}{name} must be True or False, got {value!r:.80}. Pass {name}=True or {name}=False.")
     return bool(value)
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
     """Any integer (negative, larger than 64 bits, a numpy integer) as a Python int; every entry point
-    takes seeds this way (:func:`pytest_saliency.core.rng.as_seed`)."""
+    takes seeds this way (:func:`pytest_saliency.core.rng.as_seed` is this check)."""
     from .rng import as_seed
 
-    try:
-        return as_seed(value)
-    except SaliencyUsageError:
-        raise SaliencyUsageError(
-            f"{name} must be an integer (an int or a numpy integer, of any sign and size), got {value!r:.80}. "
-            f"Pass e.g. {name}=0."
-        ) from None
+    return as_seed(value, name)
 
 
 #: The values each metric (and the consistency C of ``lr_separability``) can take. A gate

@@ -53,9 +53,14 @@ did not change afterwards. Safety nets:
   and falls back to full captum passes if they differ.
 * The saved-tensor hooks keep autograd's in-place check.
 * A recorded output changed in place after it was recorded (for example by a forward pass that
-  works in place when gradients are off, during the verification) is an error, and so a fallback.
+  works in place when gradients are off, during the verification) stops the replay.
 * Calls that draw random numbers (:data:`RANDOM_CALLS`) are never replayed.
-* Any error in a replayed state also falls back to full passes.
+
+Whatever stops a replay raises :class:`pytest_saliency.engine.base.CannotReplay`, and
+:class:`ReplayEngine` then runs that state and the ones after it as full captum passes. An
+exception raised by the model's own code in a replayed pass becomes one too (see
+:func:`pytest_saliency.engine.base.model_code`): the full pass reports it if it is the model's
+error. Any other exception is an error of the engine and propagates.
 
 ``layer_randomization(..., reuse_activations=False)`` turns it all off.
 """
@@ -64,21 +69,35 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any
 
+from ..core.fingerprint import weighted_checksum
 from ..core.torchtools import require_torch
+from ..core.validation import all_finite
 from ..model.layers import (
-    ForwardTrace, flat_arguments, output_tensors, plain_tensor, patch_forward, restore_forwards, trace_forward,
+    ForwardTrace,
+    flat_arguments,
+    output_tensors,
+    patch_forward,
+    plain_tensor,
+    restore_forwards,
+    trace_forward,
 )
+from .base import CannotReplay, Explanation, PlainEngine, States, engine_callback, model_code
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..maps.methods import Explainer, MethodSpec
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 
 
-def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, Any], batch_size: int | None,
-             images_per_call: int) -> bool:
+def reusable(model: torch.nn.Module, trace: ForwardTrace, method: MethodSpec | Explainer, options: dict[str, Any],
+             batch_size: int | None, images_per_call: int) -> bool:
     """Whether :class:`GradientReplay` can compute ``method``'s maps for this model and batch."""
-    from ..maps.explainers import MethodSpec
+    from ..maps.methods import MethodSpec
 
     if not isinstance(method, MethodSpec) or method.name not in GRADIENT_METHODS:
         return False
@@ -100,7 +119,7 @@ def reusable(model: Any, trace: ForwardTrace, method: Any, options: dict[str, An
     return replayable_model(model, trace)
 
 
-def replayable_model(model: Any, trace: ForwardTrace) -> bool:
+def replayable_model(model: torch.nn.Module, trace: ForwardTrace) -> bool:
     """Whether a recorded pass of ``model`` (traced as ``trace``) can be replayed at all.
 
     The output must be one (N, num_classes) tensor, the model not scripted, no global module
@@ -198,6 +217,10 @@ def call_key(func: Any, args: Any, kwargs: Any, origin: dict[int, Any]) -> Any:
     return key if tensors else None
 
 
+#: :func:`call_key` as the replay's torch-function mode runs it, inside the model's code.
+_guarded_call_key = engine_callback(call_key)
+
+
 def _op_replay_mode(values: dict[Any, Any], origin: dict[int, Any]) -> Any:
     """A ``TorchFunctionMode`` that returns ``values[key]`` for a call whose :func:`call_key` is ``key``."""
     return _op_replay_class()(values, origin)
@@ -217,7 +240,7 @@ def _op_replay_class() -> Any:
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             if func in self.functions:
-                key = call_key(func, args, kwargs, self.origin)
+                key = _guarded_call_key(func, args, kwargs, self.origin)
                 if key is not None and key in self.values:
                     return self.values[key]
             return func(*args, **kwargs)
@@ -234,6 +257,97 @@ INPLACE_ERROR = (
 )
 
 
+class _Recorder:
+    """The bookkeeping of one recording pass (:meth:`_RecordedPass._record`): its callbacks note every
+    module output and every torch call made directly in a composite module's ``forward``, where
+    each tensor comes from, which outputs autograd saves, and which ones are read by whom.
+
+    The recorded outputs, calls and readers go to ``owner`` (``recorded``, ``ops``, ``consumers``);
+    what only the filtering after the pass needs stays here.
+    """
+
+    def __init__(self, owner: _RecordedPass) -> None:
+        self.owner = owner
+        self.calls: dict[str, int] = {}
+        self.sums: dict[Any, list[Any]] = {}
+        self.versions: dict[Any, list[int]] = {}
+        # Where each tensor of this pass comes from (see call_key): the input, parameters and
+        # buffers, then every module output and recorded call output as it appears. The tensors
+        # stay alive until the filtering after the pass, so their ids are not reused meanwhile.
+        self.origin = owner._fixed_origins()
+        self.keys: set[Any] = set()  # call_keys recorded so far
+        self.reducing: set[Any] = set()  # modules and calls whose output is at most half their largest input
+        self.saved: set[int] = set()  # storages of the tensors autograd saved
+        self.aliased: set[str] = set()  # modules whose outputs are also another module's, or the input's
+
+    def fingerprint(self, key: Any, tensors: Any) -> None:
+        """Note the versions and checksums of an output, to see later whether it changed."""
+        self.sums[key] = [weighted_checksum(t) for t in tensors]
+        self.versions[key] = [t._version for t in tensors]
+
+    def note(self, name: str, output: Any, args: Any, kwargs: Any) -> None:
+        """A module returned ``output`` (``on_output`` of :func:`trace_forward`)."""
+        self.calls[name] = self.calls.get(name, 0) + 1
+        tensors = output_tensors(output) if name else None  # the root's output is never replayed
+        if tensors is None:
+            return
+        self.owner.recorded[name] = output
+        self.fingerprint(name, tensors)
+        for position, tensor in enumerate(tensors):
+            earlier = self.origin.get(id(tensor))
+            if earlier is not None and earlier[0] != "call":  # another module's output, or the input
+                self.aliased.add(name)
+                if earlier[0] == "module":
+                    self.aliased.add(earlier[1])
+            self.origin[id(tensor)] = ("module", name, position)
+        if _reduces(tensors, args, kwargs):
+            self.reducing.add(name)
+
+    def note_op(self, index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
+        """A torch call returned ``result`` (``on_op`` of :func:`trace_forward`)."""
+        torch = require_torch()
+        for value in flat_arguments(args, kwargs):  # which modules' outputs this call reads
+            token = self.origin.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if token is not None and token[0] == "module":
+                self.owner.consumers.setdefault(token[1], set()).add(event)
+        if owner not in self.owner.composite or not plain_tensor(result):
+            return
+        key = call_key(func, args, kwargs, self.origin)
+        if key is None or key in self.keys:
+            return  # a second call computing the same thing: the first one's output serves it
+        storage = result.untyped_storage().data_ptr()
+        if any(plain_tensor(value) and value.untyped_storage().data_ptr() == storage
+               for value in flat_arguments(args, kwargs)):
+            return  # a view or an in-place result: nothing to save by replaying it
+        self.keys.add(key)
+        self.owner.ops[index] = (event, key, result)
+        self.origin[id(result)] = ("call", index)
+        self.fingerprint(index, [result])
+        if _reduces([result], args, kwargs):
+            self.reducing.add(index)
+
+    def pack(self, tensor: Any) -> Any:
+        """The saved-tensor hook's pack: notes what autograd saves."""
+        torch = require_torch()
+        # Not seen by the trace's TorchFunctionMode (a custom autograd.Function packs outside any
+        # torch call it sees).
+        with torch._C.DisableTorchFunction():
+            if plain_tensor(tensor):
+                self.saved.add(tensor.untyped_storage().data_ptr())
+            # Detached, as autograd stores saved outputs (the tensor would otherwise hold its own
+            # grad_fn, and the graph would live until the garbage collector found the cycle). The
+            # version is kept because autograd skips its in-place check for hooked tensors.
+            return tensor.detach(), tensor._version
+
+    @staticmethod
+    def unpack(packed: Any) -> Any:
+        """The saved-tensor hook's unpack: autograd's in-place check, which hooked tensors skip."""
+        tensor, version = packed
+        if tensor._version != version:
+            raise CannotReplay(INPLACE_ERROR)
+        return tensor
+
+
 class _RecordedPass:
     """One recorded forward pass of ``model`` on ``x`` and the replays of it (see the module docstring).
 
@@ -241,7 +355,7 @@ class _RecordedPass:
     only its outputs, for perturbation methods, which need logits alone.
     """
 
-    def __init__(self, model: Any, x: Any, seed: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, seed: int | None = None) -> None:
         self.model = model
         self.x = x
         self.seed = seed  # each pass starts from it, as the full pass it stands for (None: not reseeded)
@@ -277,9 +391,9 @@ class _RecordedPass:
                 before = self._seeded_states
             yield
             if not same_generator_states(before, generator_states(device)):
-                raise RuntimeError(DRAWS_ERROR)
+                raise CannotReplay(DRAWS_ERROR)
 
-    def _record(self, keep_graph: bool) -> Any:
+    def _record(self, keep_graph: bool) -> torch.Tensor:
         """The original forward pass, traced (:func:`pytest_saliency.model.layers.trace_forward`), with
         the outputs worth replaying recorded; returns its output.
 
@@ -290,107 +404,48 @@ class _RecordedPass:
         graph saves anyway (or pooling outputs) are kept; without, every unchanged output is.
         """
         torch = require_torch()
-        calls: dict[str, int] = {}
-        sums: dict[Any, list[Any]] = {}
-        versions: dict[Any, list[int]] = {}
-
-        def checksum(key: Any, tensors: Any) -> None:
-            sums[key] = [_checksum(t) for t in tensors]
-            versions[key] = [t._version for t in tensors]
-
-        # Where each tensor of this pass comes from (see call_key): the input, parameters and
-        # buffers, then every module output and recorded call output as it appears. The tensors
-        # stay alive until the filtering below, so their ids are not reused meanwhile.
-        origin = self._fixed_origins()
-        keys: set[Any] = set()  # call_keys recorded so far
-        reducing: set[Any] = set()  # modules and calls whose output is at most half their largest input
-
-        def note(name: str, output: Any, args: Any, kwargs: Any) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            tensors = output_tensors(output) if name else None  # the root's output is never replayed
-            if tensors is not None:
-                self.recorded[name] = output
-                checksum(name, tensors)
-                for position, tensor in enumerate(tensors):
-                    earlier = origin.get(id(tensor))
-                    if earlier is not None and earlier[0] != "call":  # another module's output, or the input
-                        aliased.add(name)
-                        if earlier[0] == "module":
-                            aliased.add(earlier[1])
-                    origin[id(tensor)] = ("module", name, position)
-                if _reduces(tensors, args, kwargs):
-                    reducing.add(name)
-
-        def note_op(index: int, event: int, owner: str, func: Any, args: Any, kwargs: Any, result: Any) -> None:
-            for value in flat_arguments(args, kwargs):  # which modules' outputs this call reads
-                token = origin.get(id(value)) if isinstance(value, torch.Tensor) else None
-                if token is not None and token[0] == "module":
-                    self.consumers.setdefault(token[1], set()).add(event)
-            if owner not in self.composite or not plain_tensor(result):
-                return
-            key = call_key(func, args, kwargs, origin)
-            if key is None or key in keys:
-                return  # a second call computing the same thing: the first one's output serves it
-            storage = result.untyped_storage().data_ptr()
-            if any(plain_tensor(value) and value.untyped_storage().data_ptr() == storage
-                   for value in flat_arguments(args, kwargs)):
-                return  # a view or an in-place result: nothing to save by replaying it
-            keys.add(key)
-            self.ops[index] = (event, key, result)
-            origin[id(result)] = ("call", index)
-            checksum(index, [result])
-            if _reduces([result], args, kwargs):
-                reducing.add(index)
-
-        saved: set[int] = set()
-        aliased: set[str] = set()  # modules whose outputs are also another module's, or the input's
-
-        def pack(tensor: Any) -> Any:
-            # Not seen by the trace's TorchFunctionMode (a custom autograd.Function packs outside
-            # any torch call it sees).
-            with torch._C.DisableTorchFunction():
-                if plain_tensor(tensor):
-                    saved.add(tensor.untyped_storage().data_ptr())
-                # Detached, as autograd stores saved outputs (the tensor would otherwise hold its
-                # own grad_fn, and the graph would live until the garbage collector found the
-                # cycle). The version is kept because autograd skips its in-place check for
-                # hooked tensors.
-                return tensor.detach(), tensor._version
-
-        def unpack(packed: Any) -> Any:
-            tensor, version = packed
-            if tensor._version != version:
-                raise RuntimeError(INPLACE_ERROR)
-            return tensor
-
-        with self._pass():
-            self.trace = trace_forward(self.model, self.x, on_output=note, on_op=note_op,
-                                       saved_tensors_hooks=(pack, unpack) if keep_graph else None)
+        recorder = _Recorder(self)
+        hooks = (engine_callback(recorder.pack), engine_callback(recorder.unpack)) if keep_graph else None
+        with self._pass(), model_code("the model's recorded forward pass"):
+            self.trace = trace_forward(self.model, self.x, on_output=engine_callback(recorder.note),
+                                       on_op=engine_callback(recorder.note_op), saved_tensors_hooks=hooks)
         out = self.trace.output
         if not isinstance(out, torch.Tensor):
-            raise RuntimeError("the model's output is not a tensor")
+            raise CannotReplay("the model's output is not a tensor")
         self.trace.output = out.detach()
-        # With the graph kept, keep only outputs the graph holds anyway: a module whose output nothing saves (a
-        # BatchNorm feeding a ReLU, which saves its own output) is cheaper to run again than to
-        # keep. Modules and calls that reduce their input (pooling: a quarter of it; a Linear
-        # layer to a few features) are kept either way: they cost little next to their input,
-        # and running them again costs a pass over it. And only modules that ran exactly once on this batch.
-        # And never an output that carries a gradient hook registered outside the module (it
-        # would fire twice: on the replayed leaf and on the original) or that changed after it was
-        # returned (its version moved, or, for a write through .data, its checksum; checked last,
-        # on the outputs left).
+        self._keep_worth_replaying(recorder, keep_graph)
+        self.logits = out.detach()
+        return out
+
+    def _keep_worth_replaying(self, recorder: _Recorder, keep_graph: bool) -> None:
+        """Drop the recorded outputs that are not worth replaying, or not safe to.
+
+        With the graph kept, only outputs the graph holds anyway stay: a module whose output
+        nothing saves (a BatchNorm feeding a ReLU, which saves its own output) is cheaper to run
+        again than to keep. Modules and calls that reduce their input (pooling: a quarter of it; a
+        Linear layer to a few features) stay either way: they cost little next to their input,
+        and running them again costs a pass over it. Only modules that ran exactly once on this
+        batch stay, and never an output that carries a gradient hook registered outside the
+        module (it would fire twice: on the replayed leaf and on the original) or that changed
+        after it was returned (its version moved, or, for a write through ``.data``, its
+        checksum; checked last, on the outputs left). Modules dropped that nothing but replayed
+        modules may read are noted in :attr:`unread`.
+        """
+        torch = require_torch()
+
         def keep(key: Any, tensors: Any) -> bool:
-            return all((not keep_graph or t.untyped_storage().data_ptr() in saved or key in reducing)
+            return all((not keep_graph or t.untyped_storage().data_ptr() in recorder.saved or key in recorder.reducing)
                        and not t._backward_hooks for t in tensors)
 
         hooks = torch.nn.modules.module
         global_hooks = bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
         for name, output in list(self.recorded.items()):
             tensors = output if isinstance(output, tuple) else (output,)
-            if name not in self.trace.replayable or calls.get(name) != 1 or not keep(name, tensors):
+            once = name in self.trace.replayable and recorder.calls.get(name) == 1
+            if not once or not keep(name, tensors):
                 del self.recorded[name]
                 module = self.modules[name]
-                if (keep_graph and name in self.trace.replayable and calls.get(name) == 1 and name not in aliased
+                if (keep_graph and once and name not in recorder.aliased
                         and self.consumers.get(name) and not global_hooks
                         and not module._forward_hooks and not module._forward_pre_hooks
                         and all(t.is_floating_point() for t in tensors)):
@@ -398,19 +453,17 @@ class _RecordedPass:
         for index, (_, _, result) in list(self.ops.items()):
             if not keep(index, [result]):
                 del self.ops[index]
-        for key in self._changed_since(sums, versions):
+        for key in self._changed_since(recorder.sums, recorder.versions):
             if key in self.recorded:
                 del self.recorded[key]
             else:
                 del self.ops[key]
-        self.versions = {key: versions[key] for key in [*self.recorded, *self.ops]}
-        self.logits = out.detach()
-        return out
+        self.versions = {key: recorder.versions[key] for key in [*self.recorded, *self.ops]}
 
     def _changed_since(self, sums: dict[Any, list[Any]], versions: dict[Any, list[int]]) -> set[Any]:
         """Keys of recorded outputs whose versions or checksums are no longer those taken when they were made."""
         torch = require_torch()
-        outputs = {**self.recorded, **{index: result for index, (_, _, result) in self.ops.items()}}
+        outputs: dict[Any, Any] = {**self.recorded, **{index: result for index, (_, _, result) in self.ops.items()}}
         keys = [key for key in outputs if sums.get(key)]
         if not keys:
             return set()
@@ -418,7 +471,7 @@ class _RecordedPass:
                    for key in keys}
         changed = {key for key in keys if [t._version for t in current[key]] != versions[key]}
         for key in keys:  # (torch.equal is False for NaN: such outputs are not replayed)
-            if key not in changed and not all(torch.equal(_checksum(t), before)
+            if key not in changed and not all(torch.equal(weighted_checksum(t), before)
                                               for t, before in zip(current[key], sums[key])):
                 changed.add(key)
         return changed
@@ -426,22 +479,22 @@ class _RecordedPass:
     def verify(self, cut: int) -> bool:
         """Recompute the logits from the recorded outputs before ``cut``; True if they are the same.
 
-        Any error in that pass (the model cannot be replayed) is a False: the caller falls back.
+        A replay that stops (:class:`CannotReplay`) is a False: the caller falls back.
         """
         torch = require_torch()
         try:
             logits = self.replayed_logits(cut)
-        except Exception:  # noqa: BLE001 - full captum passes report a real model error
+        except CannotReplay:
             return False
         if not isinstance(logits, torch.Tensor) or logits.shape != self.logits.shape:
             return False
         scale = float(self.logits.abs().max()) if self.logits.numel() else 0.0
         return bool(torch.allclose(logits, self.logits, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
-    def replayed_logits(self, cut: int) -> Any:
+    def replayed_logits(self, cut: int) -> torch.Tensor:
         """The model's output as it is now (without gradients), with what ended before ``cut`` replayed."""
         torch = require_torch()
-        with torch.no_grad(), self._pass(), self._replaying(cut):
+        with torch.no_grad(), self._pass(), self._replaying(cut), model_code("the model's replayed forward pass"):
             return self.model(self.x)
 
     def close(self) -> None:
@@ -483,7 +536,7 @@ class _RecordedPass:
 
         def served(tensor: Any, key: Any, position: int, token: Any) -> Any:
             if tensor._version != self.versions[key][position]:
-                raise RuntimeError("a recorded output was changed in place after it was recorded")
+                raise CannotReplay("a recorded output was changed in place after it was recorded")
             if leaves is not None and tensor.requires_grad:
                 if id(tensor) not in leaves:
                     leaf = tensor.detach().requires_grad_(True)
@@ -538,8 +591,8 @@ class GradientReplay(_RecordedPass):
     the next; if they do, the result stays correct but less is reused.
     """
 
-    def __init__(self, model: Any, inputs: Any, target: Any, method: str, options: dict[str, Any],
-                 seed: int = 0, index: Any = 0) -> None:
+    def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor | None, method: str,
+                 options: dict[str, Any], seed: int = 0, index: Any = 0) -> None:
         self.recipe = _Recipe(method, options, inputs.detach(), seed, index)
         super().__init__(model, self.recipe.fed.detach().requires_grad_(True), seed)
         self.target = None if target is None else target.reshape(-1)
@@ -552,7 +605,7 @@ class GradientReplay(_RecordedPass):
         self._out = self._record(keep_graph=True)
         return self.trace
 
-    def original(self) -> Any:
+    def original(self) -> torch.Tensor:
         """The original model's maps (after :meth:`record`, which this runs if it has not run)."""
         if self._out is None:
             self.record()
@@ -560,15 +613,14 @@ class GradientReplay(_RecordedPass):
         with self._pass():
             return self._gradient(out)
 
-    def maps(self, cut: int) -> Any:
+    def maps(self, cut: int) -> torch.Tensor:
         """Maps of the model as it is now, whose modules that ended before ``cut`` are unchanged.
 
         The replayed outputs enter this pass as detached leaves, so the backward runs in two
         stages: through the recomputed suffix to those leaves (and to the inputs directly),
         freeing the suffix's buffers as it goes, then from the recorded outputs through the kept
         original graph to the inputs. Retaining the whole graph instead would keep every suffix's
-        buffers alive during its backward and make it allocate fresh memory (about twice the page
-        faults, slower than no reuse at all for many interpolation steps or noisy samples on a CPU).
+        buffers alive during its backward and make it allocate fresh memory for each state.
         """
         for name in [n for n in self.recorded if self.trace.end[n] >= cut]:
             del self.recorded[name]  # frees the part of the original graph only it kept alive
@@ -577,49 +629,56 @@ class GradientReplay(_RecordedPass):
         with self._pass():
             return self._state_maps(cut)
 
-    def _state_maps(self, cut: int) -> Any:
+    def _state_maps(self, cut: int) -> torch.Tensor:
         torch = require_torch()
         leaves: dict[int, tuple[Any, Any]] = {}  # id(recorded tensor) -> (recorded, leaf)
-        with torch.enable_grad(), self._replaying(cut, leaves):
+        with torch.enable_grad(), self._replaying(cut, leaves), model_code("the model's replayed forward pass"):
             out = self.model(self.x)
         if self.stood_in and not bool(torch.isfinite(out).all()):
-            raise RuntimeError(UNREAD_ERROR)
-        torch_grad = torch.autograd.grad
+            raise CannotReplay(UNREAD_ERROR)
         selected = out.gather(1, self.recipe.targets(self.target)[:, None]).sum()
-        pairs = list(leaves.values())
-        total = None
-        if selected.requires_grad:
-            grads = torch_grad(selected, [self.x] + [leaf for _, leaf in pairs], allow_unused=True)
-            total = grads[0]
-            through = [(recorded, g) for (recorded, _), g in zip(pairs, grads[1:]) if g is not None]
-            if through:
-                # A scalar root, not the recorded tensors with grad_outputs: on a retained graph
-                # the latter leaves about one activation-sized buffer per node allocated for as long
-                # as the graph lives (+13 MB on the ResNet-18 layout, measured with torch 2.13).
-                # A dot product, not (r * g).sum(): no product tensor in the forward direction.
-                root = sum(torch.dot(r.reshape(-1), g.reshape(-1)) for r, g in through)
-                (prefix,) = torch_grad(root, self.x, retain_graph=True, allow_unused=True)
-                if prefix is not None:
-                    total = prefix if total is None else total + prefix
+        total = self._two_stage_gradient(selected, list(leaves.values())) if selected.requires_grad else None
         if total is None:  # the output does not depend on the inputs: let captum's path report it
-            raise RuntimeError("the model's output does not depend on its inputs in this state")
+            raise CannotReplay("the model's output does not depend on its inputs in this state")
         if self.stood_in and not bool(torch.isfinite(total).all()):
-            raise RuntimeError(UNREAD_ERROR)
+            raise CannotReplay(UNREAD_ERROR)
         return self.recipe.attributions(total.detach())
+
+    def _two_stage_gradient(self, selected: torch.Tensor, pairs: list[tuple[Any, Any]]) -> torch.Tensor | None:
+        """d(selected)/d(inputs): through the recomputed suffix to the inputs and to the replayed
+        leaves of ``pairs`` (recorded tensor, leaf), then from the recorded tensors, weighted by
+        their leaves' gradients, through the kept original graph to the inputs."""
+        torch = require_torch()
+        with model_code("the backward pass through the replayed state"):
+            grads = torch.autograd.grad(selected, [self.x] + [leaf for _, leaf in pairs], allow_unused=True)
+        total = grads[0]
+        through = [(recorded, g) for (recorded, _), g in zip(pairs, grads[1:]) if g is not None]
+        if through:
+            # A scalar root, not the recorded tensors with grad_outputs: on a retained graph the
+            # latter leaves about one activation-sized buffer per node allocated for as long as
+            # the graph lives. A dot product, not (r * g).sum(): no product tensor in the forward
+            # direction.
+            root = sum(torch.dot(r.reshape(-1), g.reshape(-1)) for r, g in through)
+            with model_code("the backward pass through the original model"):
+                (prefix,) = torch.autograd.grad(root, self.x, retain_graph=True, allow_unused=True)
+            if prefix is not None:
+                total = prefix if total is None else total + prefix
+        return total
 
     def close(self) -> None:
         super().close()
         self._out = None
 
-    def _gradient(self, out: Any) -> Any:
+    def _gradient(self, out: torch.Tensor) -> torch.Tensor:
         """d(selected logits)/d(model inputs) of the original pass (which keeps its graph)."""
         torch = require_torch()
         selected = out.gather(1, self.recipe.targets(self.target)[:, None]).sum()
         grad = None
         if selected.requires_grad:
-            (grad,) = torch.autograd.grad(selected, self.x, retain_graph=True, allow_unused=True)
+            with model_code("the backward pass through the original model"):
+                (grad,) = torch.autograd.grad(selected, self.x, retain_graph=True, allow_unused=True)
         if grad is None:  # the output does not depend on the inputs: let captum's path report it
-            raise RuntimeError("the model's output does not depend on its inputs")
+            raise CannotReplay("the model's output does not depend on its inputs")
         return self.recipe.attributions(grad.detach())
 
 
@@ -631,10 +690,10 @@ class ForwardReplay(_RecordedPass):
     call output) that did not change afterwards; :meth:`replayed_logits` then runs only the rest.
     """
 
-    def __init__(self, model: Any, x: Any) -> None:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
         super().__init__(model, x.detach())
 
-    def record(self) -> Any:
+    def record(self) -> torch.Tensor:
         """The original pass's logits (its :class:`ForwardTrace` is :attr:`trace`)."""
         return self._record(keep_graph=False)
 
@@ -658,7 +717,7 @@ class _Recipe:
     def __init__(self, method: str, options: dict[str, Any], x: Any, seed: int, index: Any = 0) -> None:
         torch = require_torch()
         from ..core.rng import seeded
-        from ..maps.explainers import METHODS, image_ids, image_seed, smoothgrad_stdev
+        from ..maps.methods import METHODS, image_ids, image_seed, smoothgrad_stdev
 
         o = {**METHODS[method].defaults, **options}
         self.method, self.x, self.steps = method, x, 1
@@ -667,8 +726,7 @@ class _Recipe:
         if method == "integrated_gradients":
             from captum.attr._utils.approximation_methods import approximation_parameters
 
-            from ..maps.baselines import zero_or
-            from ..maps.explainers import uniform_baselines
+            from ..maps.baselines import uniform_baselines, zero_or
 
             step_sizes_func, alphas_func = approximation_parameters(o["integration_method"])
             self.steps = int(o["n_steps"])
@@ -713,43 +771,6 @@ class _Recipe:
         return total * (self.x - self.baseline)
 
 
-#: The period of :func:`_checksum`'s weights (a prime: strided layouts do not line up with it).
-CHECKSUM_PERIOD = 4099
-
-
-def _checksum(tensor: Any) -> Any:
-    """A fingerprint of a tensor's values that any write through ``.data`` (which does not bump
-    the version) changes, a swap or permutation of unequal values included.
-
-    The flattened values are weighted by a fixed pattern of :data:`CHECKSUM_PERIOD` distinct
-    weights and summed per period (one matrix-vector product, a single pass): two positions
-    share a weight only within different periods, whose sums then both move. A sum and the sum
-    of every seventh value, the first version, missed a swap of two neighbours.
-    """
-    torch = require_torch()
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype in (torch.float16, torch.bfloat16) or not (flat.is_floating_point() or flat.is_complex()):
-        flat = flat.double()  # a half-precision sum would round small changes away
-    n = flat.numel()
-    whole = n - n % CHECKSUM_PERIOD
-    weights = _checksum_weights(flat.dtype, flat.device)
-    parts = []
-    if whole:
-        parts.append(torch.mv(flat[:whole].view(-1, CHECKSUM_PERIOD), weights))
-    if n > whole:
-        parts.append(torch.dot(flat[whole:], weights[:n - whole]).reshape(1))
-    return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else flat)
-
-
-@functools.lru_cache(maxsize=16)
-def _checksum_weights(dtype: Any, device: Any) -> Any:
-    """:data:`CHECKSUM_PERIOD` distinct weights in [0.5, 1.5) (the fractional parts of multiples
-    of the golden ratio), made once per dtype and device: constants, never written."""
-    torch = require_torch()
-    weights = (torch.arange(1, CHECKSUM_PERIOD + 1, dtype=torch.float64) * 0.6180339887498949).frac_()
-    return (weights + 0.5).to(dtype=dtype, device=device)
-
-
 #: Why a replayed state stopped: the caller runs the state as a full pass instead (where a
 #: non-finite result of the model itself is reported as such).
 UNREAD_ERROR = "a stand-in for a module output that nothing was seen to read was read, or the state is not finite"
@@ -766,12 +787,12 @@ def _unread_stand_in(shape: Any, dtype: Any, device: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _stand_in_class() -> Any:
-    torch = require_torch()
+    tensor: Any = require_torch().Tensor
 
-    class UnreadStandIn(torch.Tensor):
+    class UnreadStandIn(tensor):
         @classmethod
         def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            raise RuntimeError(UNREAD_ERROR)
+            raise CannotReplay(UNREAD_ERROR)
 
     return UnreadStandIn
 
@@ -790,4 +811,89 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-__all__ = ["GRADIENT_METHODS", "ForwardReplay", "GradientReplay", "replayable_model", "reusable", "state_cuts"]
+class ReplayEngine(PlainEngine):
+    """Gradient maps of one batch of images by activation replay (:class:`GradientReplay`): the
+    original maps from the recorded pass, each state's from a replay of what follows its cut.
+
+    ``recording``: the check's traced pass, when it recorded the batch already (its targets are
+    set here). Whatever stops the replay (:class:`CannotReplay`) sends the rest of the batch
+    down the plain path: a failed recording or verification all of it, a failed state that
+    state and the ones after it.
+    """
+
+    def __init__(self, explanation: Explanation, states: States, x: torch.Tensor, target: torch.Tensor,
+                 ids: list[int], *, recording: GradientReplay | None = None, **batch: Any) -> None:
+        super().__init__(explanation, states, x, target, ids, **batch)
+        if recording is None:
+            recording = self._recording()
+        else:
+            recording.target = target.reshape(-1)
+        self.replay: GradientReplay | None = recording
+        self.cuts: list[int] = []
+
+    def _recording(self) -> GradientReplay:
+        e = self.explanation
+        return GradientReplay(e.model, self.x, self.target, e.name, e.options, e.seed, index=self.ids)
+
+    def original(self) -> torch.Tensor:
+        if self.replay is not None:
+            try:
+                raw = self.replay.original()
+            except CannotReplay:
+                self._stop_replay()
+            else:
+                if all_finite(raw):
+                    return self.explanation.shared(raw, self.x, self.target, self.ids)
+                self._stop_replay()  # captum's pass reports non-finite maps in the plain path's words
+        return super().original()
+
+    def keep_images(self, keep: torch.Tensor) -> None:
+        super().keep_images(keep)
+        if self.replay is not None:  # the recorded graph covers the dropped images too: start afresh
+            self.replay.close()
+            self.replay = self._recording()
+            try:
+                self.replay.original()  # (the images left keep their maps, drawn at their indices)
+            except CannotReplay:
+                self._stop_replay()
+
+    def _each_state(self) -> Generator[tuple[int, torch.Tensor], None, None]:
+        if self.replay is not None:
+            # The recorded pass traced the images it explains (the control flow may depend on
+            # the batch), and the cuts come from that trace.
+            self.cuts = state_cuts(self.replay.trace, self.states.names, self.states.mode)
+            if not self.replay.verify(max(self.cuts)):
+                self._stop_replay()
+        return super()._each_state()
+
+    def order(self) -> list[int]:
+        """Independent states run from the last cut to the first: each state drops the recorded
+        outputs after its cut, which frees the part of the original graph only they kept alive."""
+        order = super().order()
+        if self.replay is not None and self.states.mode == "independent":
+            order.sort(key=lambda i: -self.cuts[i])
+        return order
+
+    def state_raw(self, index: int) -> torch.Tensor:
+        if self.replay is not None:
+            try:
+                raw = self.replay.maps(self.cuts[index])
+            except CannotReplay:
+                self._stop_replay()  # full captum passes from this state on
+            else:
+                self.reused = True
+                return raw  # (checked for NaN and inf with the other states' maps, by the caller)
+        return super().state_raw(index)
+
+    def close(self) -> None:
+        super().close()
+        self._stop_replay()
+
+    def _stop_replay(self) -> None:
+        if self.replay is not None:
+            self.replay.close()
+            self.replay = None
+
+
+__all__ = ["GRADIENT_METHODS", "ForwardReplay", "GradientReplay", "ReplayEngine", "replayable_model", "reusable",
+           "state_cuts"]

@@ -2,16 +2,22 @@
 blur substrate of the causal curves, and SLIC superpixels as feature masks for LIME and KernelSHAP.
 
 Each is one draw per input, on the inputs' device; the uniform draw depends on the input's index in
-the user's inputs and the seed only (see :func:`pytest_saliency.maps.explainers.uniform_baselines`).
+the user's inputs and the seed only (see :func:`uniform_baselines`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from ..core.rng import seeded
 from ..core.torchtools import require_torch
+from ..core.validation import check_count, is_real
 from ..exceptions import SaliencyUsageError
+from .methods import image_ids, image_seed
+
+if TYPE_CHECKING:
+    import torch
 
 #: The side of SAM's 224 x 224 inputs, against which its pixel-sized settings are scaled.
 SAM_INPUT_SIZE = 224
@@ -26,7 +32,7 @@ def default_blur_sigma(height: int, width: int) -> float:
     return max(1.0, RISE_BLUR_SIGMA_224 * min(height, width) / 224.0)
 
 
-def gaussian_blur(images: Any, sigma: float | None = None, radius: int | None = None) -> Any:
+def gaussian_blur(images: torch.Tensor, sigma: float | None = None, radius: int | None = None) -> torch.Tensor:
     """Blur (N, C, H, W) images channel by channel with a separable Gaussian, in torch.
 
     ``sigma`` in pixels (default :func:`default_blur_sigma`), ``radius`` defaults to
@@ -43,13 +49,9 @@ def gaussian_blur(images: Any, sigma: float | None = None, radius: int | None = 
         )
     h, w = images.shape[-2:]
     sigma = default_blur_sigma(h, w) if sigma is None else sigma
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
+    if not (is_real(sigma) and sigma > 0):
         raise SaliencyUsageError(f"blur sigma must be a positive number of pixels, got {sigma!r}.")
-    radius = int(3.0 * float(sigma) + 0.5) if radius is None else radius
-    if isinstance(radius, bool) or not isinstance(radius, int):
-        raise SaliencyUsageError(f"blur radius must be an int >= 0, got {radius!r}.")
-    if radius < 0:
-        raise SaliencyUsageError(f"blur radius must be >= 0, got {radius}.")
+    radius = int(3.0 * float(sigma) + 0.5) if radius is None else check_count(radius, "blur radius", minimum=0)
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-0.5 * (offsets / float(sigma)) ** 2)
     kernel = kernel / kernel.sum()
@@ -61,7 +63,7 @@ def gaussian_blur(images: Any, sigma: float | None = None, radius: int | None = 
     return x.reshape(n, c, h, w)
 
 
-def blurred_baseline(inputs: Any, sigma: float | None = None) -> Any:
+def blurred_baseline(inputs: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
     """A Gaussian-blurred copy of each input (IG's "blurred" baseline); sigma = min(H, W) / 16 by default."""
     if inputs.dim() != 4:
         raise SaliencyUsageError(
@@ -71,8 +73,8 @@ def blurred_baseline(inputs: Any, sigma: float | None = None) -> Any:
 
 
 def slic_feature_masks(
-    inputs: Any, n_segments: int, compactness: float = 30.0, sigma: float | None = None
-) -> Any:
+    inputs: torch.Tensor, n_segments: int, compactness: float = 30.0, sigma: float | None = None
+) -> torch.Tensor:
     """Per-image SLIC superpixels as an integer feature mask of shape (N, 1, H, W), labels 0..S-1.
 
     SAM's LIME used ``n_segments=50, compactness=30, sigma=3`` on 224 px images; sigma is scaled
@@ -106,19 +108,20 @@ def slic_feature_masks(
     return torch.stack(masks)[:, None].to(inputs.device)
 
 
-def _image_ranges(inputs: Any) -> tuple[Any, Any]:
+def _image_ranges(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each input's own minimum and maximum, shaped to broadcast over its values."""
     flat = inputs.flatten(1)
     shape = (-1,) + (1,) * (inputs.dim() - 1)
     return flat.amin(1).view(shape), flat.amax(1).view(shape)
 
 
-def zero_or(value: Any, inputs: Any) -> Any:
+def zero_or(value: Any, inputs: torch.Tensor) -> Any:
     """Baselines by name: ``"zero"`` (black), ``"uniform"`` (noise over each input's own range, drawn
-    from the global generator, which :func:`run_captum` seeds per image) or ``"blurred"`` (a
-    Gaussian blur of the input); a number is used as given, and a tensor (checked by
-    :func:`_check_baselines`) is expanded to the inputs' shape (a baseline per input must have
-    as many rows as ``inputs``: :func:`run_captum` takes the rows of the inputs it explains)."""
+    from the global generator, which :func:`pytest_saliency.maps.explainers.run_captum` seeds per
+    image) or ``"blurred"`` (a Gaussian blur of the input); a number is used as given, and a tensor
+    (checked by :func:`pytest_saliency.maps.options.check_baselines`) is expanded to the inputs'
+    shape (a baseline per input must have as many rows as ``inputs``: ``run_captum`` takes the
+    rows of the inputs it explains)."""
     torch = require_torch()
     if isinstance(value, torch.Tensor):
         if value.dim() == inputs.dim() and value.shape[0] not in (1, inputs.shape[0]):  # one per input
@@ -139,3 +142,25 @@ def zero_or(value: Any, inputs: Any) -> Any:
         raise SaliencyUsageError(f"unknown baseline {value!r}; use 'zero', 'uniform', 'blurred' or a tensor.")
     return value
 
+
+def uniform_baselines(inputs: torch.Tensor, seed: int, index: int | Sequence[int] | torch.Tensor, method: str,
+                      options: dict[str, Any]) -> torch.Tensor:
+    """One ``"uniform"`` baseline per input, drawn under that input's :func:`~pytest_saliency.maps.methods.image_seed`
+    (its place in the user's inputs: ``index``, see :func:`~pytest_saliency.maps.methods.image_ids`): the
+    draws :func:`pytest_saliency.maps.explainers.run_captum` makes, for code that builds the baselines
+    itself. No global RNG state changes."""
+    torch = require_torch()
+    rows = []
+    for row, image in enumerate(image_ids(index, inputs.shape[0])):
+        with seeded(image_seed(seed, image, method, options), inputs.device, torch_only=True):
+            rows.append(zero_or("uniform", inputs[row:row + 1]))
+    return torch.cat(rows)
+
+
+def uniform_baseline(inputs: torch.Tensor, seed: int = 0, *, index: int | Sequence[int] | torch.Tensor = 0,
+                     method: str = "integrated_gradients") -> torch.Tensor:
+    """One baseline per input, uniform over that input's own ``[min, max]``: the draw that
+    ``explain(..., method, baselines="uniform", seed=seed)`` makes for the input at its index in
+    the user's inputs (``index``: the first input's, or one per input), so an input's baseline
+    does not depend on the other inputs. No global RNG state changes."""
+    return uniform_baselines(inputs, seed, index, method, {})

@@ -1,11 +1,11 @@
-"""Attribution methods by name: one function, :func:`explain`, over captum.
+"""Attribution over captum: :func:`explain` (the public function) and :func:`attribute` (the loop the
+checks call), with :func:`run_captum`, one captum call per chunk of inputs.
 
-Every method is a captum attribution class with defaults written down in :data:`METHODS`
-(and in the README). Conventions that hold for all of them:
+Every method is a captum attribution class with defaults written down in
+:data:`pytest_saliency.maps.methods.METHODS` (and in the README). Conventions that hold for all of them:
 
-* **Target.** ``target=None`` means the class the model predicts for each input. The randomization
-  checks resolve it once on the *original* model and hold it fixed for every randomized variant
-  (Sriram & Conati: explanations are computed "for the original prediction").
+* **Target.** ``target=None`` means the class the model predicts for each input
+  (:mod:`pytest_saliency.maps.targets`).
 * **Raw output.** ``explain`` returns attributions shaped like the inputs (GradCAM: ``(N, 1, H, W)``,
   upsampled to the input size). Pass ``preset=`` to get post-processed 2-D maps instead.
 * **Gradients of the inputs only.** Parameters' ``requires_grad`` is switched off while a method
@@ -13,13 +13,15 @@ Every method is a captum attribution class with defaults written down in :data:`
 * **Evaluation mode.** The model runs in ``eval()`` (dropout off, BatchNorm on running statistics)
   and its ``training`` flags are restored afterwards; pass ``eval_mode=False`` to keep its mode.
 * **Seeds, per image.** Methods that draw random numbers (smoothgrad, gradient_shap, lime,
-  kernel_shap, and any method with ``baselines="uniform"``: see :func:`draws_random`) explain one
-  image at a time, with every generator seeded from :func:`image_seed` (``seed``, the image's
-  index in the user's inputs and the method's sample counts) and noise scaled by that image's own range (as SAM's and Adebayo
-  et al.'s code do). An image's map therefore depends on the model, the image, its index, the
-  options and the seed, never on ``batch_size``, the memory budget's chunks or the other images
-  of its batch: bit for bit on the CPU. No global RNG state changes. Every explanation pass is
-  seeded, so a model that draws random numbers itself (dropout left on) draws the same ones in each.
+  kernel_shap, and any method with ``baselines="uniform"``: see
+  :func:`~pytest_saliency.maps.methods.draws_random`) explain one image at a time, with every
+  generator seeded from :func:`~pytest_saliency.maps.methods.image_seed` (``seed``, the image's
+  index in the user's inputs and the method's sample counts) and noise scaled by that image's own
+  range (as SAM's and Adebayo et al.'s code do). An image's map therefore depends on the model, the
+  image, its index, the options and the seed, never on ``batch_size``, the memory budget's chunks or
+  the other images of its batch: bit for bit on the CPU. No global RNG state changes. Every
+  explanation pass is seeded, so a model that draws random numbers itself (dropout left on) draws
+  the same ones in each.
 * **Signed gradients.** ``saliency`` returns the signed gradient (captum's ``abs=False``); taking
   the absolute value is the map pipeline's job, so signed and magnitude views stay available.
 """
@@ -28,208 +30,41 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
-from ..core.rng import derive_seed, pass_seeded
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..core.integrity import rng_isolated
-from ..core.torchtools import ensure_eval_mode, module_settings, require_torch, restore_training_flags, training_flags
-from ..core.validation import check_count, check_finite, check_inputs, check_model, unknown_choice
-from .baselines import zero_or
+from ..core.rng import pass_seeded
+from ..core.torchtools import model_in_eval_mode, require_torch
+from ..core.validation import check_count, check_finite, check_inputs, check_model
 from ..exceptions import SaliencyUsageError, warn_user
-from .options import check_option_value
+from .baselines import zero_or
+from .batching import BATCH_SIZE_HINT, auto_batching, chunks
+from .methods import (
+    Explainer,
+    MethodSpec,
+    draws_random,
+    image_ids,
+    image_seed,
+    method_name,
+    occlusion_windows,
+    resolve_method,
+    smoothgrad_stdev,
+)
+from .options import check_method_options
 from .postprocess import MapPipeline, apply_pipeline
+from .targets import find_layer, resolve_target
 
-Explainer = Callable[[Any, Any, Any], Any]
+if TYPE_CHECKING:
+    import torch
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a named method is and which defaults it runs with."""
-
-    name: str
-    captum: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    stochastic: bool = False
-    layer_based: bool = False
-    signed: bool = True
-    note: str = ""
-
-
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in [
-        MethodSpec("saliency", "Saliency", {"abs": False}, note="plain (signed) gradient of the target logit"),
-        MethodSpec("input_x_gradient", "InputXGradient"),
-        MethodSpec(
-            "integrated_gradients", "IntegratedGradients",
-            {"n_steps": 50, "baselines": "zero", "integration_method": "gausslegendre", "internal_batch_size": None},
-            note="zero (black) baseline as in Sriram & Conati",
-        ),
-        MethodSpec(
-            "smoothgrad", "NoiseTunnel(Saliency)",
-            {"nt_samples": 50, "noise_level": 0.15, "nt_samples_batch_size": None},
-            stochastic=True,
-            note="noise std = noise_level * (max - min) of each image, as in SAM and Adebayo et al.",
-        ),
-        MethodSpec("guided_backprop", "GuidedBackprop"),
-        MethodSpec("deconvolution", "Deconvolution"),
-        MethodSpec(
-            "gradcam", "LayerGradCam", {"layer": None, "relu_attributions": True, "interpolate_mode": "bilinear"},
-            layer_based=True, signed=False, note="last Conv2d unless layer= is given; upsampled to the input",
-        ),
-        MethodSpec("guided_gradcam", "GuidedGradCam", {"layer": None}, layer_based=True),
-        MethodSpec("deeplift", "DeepLift", {"baselines": "zero"}),
-        MethodSpec(
-            "gradient_shap", "GradientShap", {"n_samples": 20, "n_baselines": 10, "stdevs": 0.0},
-            stochastic=True, note="baselines: zero plus n_baselines-1 uniform draws over each image's range",
-        ),
-        MethodSpec(
-            "occlusion", "Occlusion", {"window": None, "stride": None, "baselines": 0.0, "perturbations_per_eval": None},
-            signed=True, note="square window of 1/8 of the smaller side (at least 2 px), stride half the window",
-        ),
-        MethodSpec(
-            "lime", "Lime", {"n_samples": 200, "grid": 8, "perturbations_per_eval": None, "alpha": 0.01},
-            stochastic=True,
-            note="features: a grid x grid superpixel grid; captum's default Lasso surrogate (alpha=0.01); "
-            "a model whose outputs barely move under perturbation gets all-zero maps: lower alpha",
-        ),
-        MethodSpec(
-            "kernel_shap", "KernelShap", {"n_samples": 200, "grid": 8, "perturbations_per_eval": None},
-            stochastic=True, note="features: a grid x grid superpixel grid",
-        ),
-        MethodSpec(
-            "feature_ablation", "FeatureAblation", {"grid": 8, "baselines": 0.0, "perturbations_per_eval": None},
-            note="features: a grid x grid superpixel grid, replaced by the baseline",
-        ),
-    ]
-}
-
-
-def method_name(method: str | Explainer) -> str:
-    """A printable name for a method name or a user callable."""
-    if isinstance(method, str):
-        return method
-    return getattr(method, "__name__", None) or type(method).__name__
-
-
-def resolve_method(method: str | Explainer) -> MethodSpec | Explainer:
-    if callable(method) and not isinstance(method, str):
-        return method
-    if isinstance(method, str) and method in METHODS:
-        return METHODS[method]
-    raise unknown_choice(
-        "method", method, METHODS, "Or pass a callable (model, inputs, target) -> attributions."
-    )
-
-
-def last_conv_layer(model: Any) -> tuple[str, Any]:
-    """The last ``Conv2d`` in registration order, the usual GradCAM layer."""
-    torch = require_torch()
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    if not convs:
-        raise SaliencyUsageError(
-            f"{type(model).__name__} has no nn.Conv2d layer for GradCAM. Pass layer='<module name>' "
-            "naming the layer whose activations GradCAM should use, or choose a non-layer method."
-        )
-    return convs[-1]
-
-
-def _find_module(model: Any, layer: Any) -> Any:
-    if layer is None:
-        return last_conv_layer(model)[1]
-    if isinstance(layer, str):
-        modules = dict(model.named_modules())
-        if layer not in modules:
-            raise unknown_choice("layer", layer, [n for n in modules if n])
-        return modules[layer]
-    return layer
-
-
-def predicted_targets(model: Any, inputs: Any, batch_size: int | None = None, seed: int = 0) -> Any:
-    """The class each input is predicted as: the default, fixed target of every check.
-
-    Seeded like an explanation pass (a model that draws random numbers predicts reproducibly).
-    """
-    torch = require_torch()
-    with torch.no_grad(), model_in_eval_mode(model, True), pass_seeded(seed, inputs.device):
-        outputs = [model(chunk) for chunk in chunks(inputs, batch_size)]
-    return targets_from_outputs(torch.cat(outputs))
-
-
-def targets_from_outputs(out: Any) -> Any:
-    """The predicted class of each row of (N, num_classes) scores (an error for other shapes)."""
-    torch = require_torch()
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise SaliencyUsageError(
-            f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; target=None needs (N, num_classes) "
-            "scores to take the predicted class. Pass target= explicitly or return logits of shape (N, K)."
-        )
-    return out.argmax(dim=1)
-
-
-def resolve_target(
-    model: Any, inputs: Any, target: Any, batch_size: int | None = None, outputs: Any = None, seed: int = 0,
-) -> Any:
-    """None -> predicted classes; an int or a per-input tensor is checked and returned as a tensor.
-
-    ``outputs``: the model's outputs for ``inputs`` if the caller already has them; ``seed``: the
-    check's (see :func:`predicted_targets`).
-    """
-    torch = require_torch()
-    n = inputs.shape[0]
-    if target is None:
-        if outputs is None:
-            return predicted_targets(model, inputs, batch_size, seed)
-        return targets_from_outputs(outputs)
-    resolved = None
-    if isinstance(target, torch.Tensor) and target.is_meta:
-        raise SaliencyUsageError(
-            "target is on the meta device, which holds shapes but no class indices. Pass target= as an int "
-            f"or an integer tensor of real values, on the inputs' device ({inputs.device}) or the CPU, or "
-            "target=None for each input's predicted class."
-        )
-    if isinstance(target, int) and not isinstance(target, bool):
-        resolved = torch.full((n,), target, dtype=torch.long, device=inputs.device)
-    elif (isinstance(target, torch.Tensor) and target.dim() <= 1 and not target.is_floating_point()
-          and not target.is_complex() and target.dtype != torch.bool and target.numel() in (1, n)):
-        target = target.to(inputs.device).long().reshape(-1)
-        resolved = target.expand(n).clone() if target.numel() == 1 else target
-    if resolved is None:
-        raise SaliencyUsageError(
-            f"target must be None (the predicted class), an int, or an integer tensor of shape ({n},), "
-            f"got {target!r:.80}."
-        )
-    classes = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else \
-        output_classes(model, inputs[:1])
-    if classes is not None:
-        low, high = int(resolved.min()), int(resolved.max())
-        if low < 0 or high >= classes:
-            bad = low if low < 0 else high
-            raise SaliencyUsageError(
-                f"target {bad} is out of range: the model has {classes} output classes, so a target must be an "
-                f"int from 0 to {classes - 1} (negative indices are not accepted: they would silently pick "
-                "another class). Pass the class index, or target=None for each input's predicted class."
-            )
-    return resolved
+__all__ = [
+    "attribute", "explain", "prepare_method", "quiet_captum", "resolved_options", "run_captum",
+]
 
 
 @contextlib.contextmanager
-def model_in_eval_mode(model: Any, enabled: bool) -> Iterator[None]:
-    flags = training_flags(model)
-    if enabled:
-        ensure_eval_mode(model, flags)
-    try:
-        yield
-    finally:
-        restore_training_flags(flags)
-
-
-@contextlib.contextmanager
-def _inputs_only_gradients(model: Any) -> Iterator[None]:
+def _inputs_only_gradients(model: torch.nn.Module) -> Iterator[None]:
     """Turn off parameter gradients while explaining; the flags are restored exactly."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -254,21 +89,14 @@ _CAPTUM_NOTICES = (
 
 @contextlib.contextmanager
 def quiet_captum() -> Iterator[None]:
+    """Run the block with captum's notices about its own hooks and inputs silenced."""
     with warnings.catch_warnings():
         for pattern in _CAPTUM_NOTICES:
             warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
         yield
 
 
-def chunks(tensor: Any, size: int | None) -> list[Any]:
-    size = check_count(size, "batch_size", minimum=1, allow_none=True,
-                       hint="It is how many inputs one explainer call sees; None explains all at once.")
-    if size is None or size >= tensor.shape[0]:
-        return [tensor]
-    return list(tensor.split(size))
-
-
-def _grid_mask(inputs: Any, grid: int) -> Any:
+def _grid_mask(inputs: torch.Tensor, grid: int) -> torch.Tensor:
     """A (1, 1, H, W) (or (1, D)) feature mask of grid x grid superpixels shared by channels."""
     torch = require_torch()
     if inputs.dim() == 2:
@@ -282,156 +110,15 @@ def _grid_mask(inputs: Any, grid: int) -> Any:
     return (rows[:, None] * gx + cols[None, :])[None, None]
 
 
-def draws_random(spec: MethodSpec, options: dict[str, Any]) -> bool:
-    """Whether one call of this named method draws random numbers (its noise, sampled
-    perturbations, or a ``"uniform"`` baseline, whatever the method)."""
-    baselines = options.get("baselines")
-    return spec.stochastic or (isinstance(baselines, str) and baselines == "uniform")
-
-
-#: Per method, the options that set how many random numbers it draws for an image. They are part
-#: of the image's seed: with the same seed, 100 noisy samples are a fresh draw rather than the 50
-#: of nt_samples=50 and 50 more, so a sweep over a sample count compares independent estimates.
-_DRAW_COUNTS = {"smoothgrad": ("nt_samples",), "gradient_shap": ("n_samples", "n_baselines"),
-                "lime": ("n_samples",), "kernel_shap": ("n_samples",)}
-
-
-def image_seed(seed: int, index: int, method: str, options: dict[str, Any]) -> int:
-    """The seed of every random draw ``method`` makes to explain the input at ``index`` of the
-    user's inputs (with ``options``, whose sample counts it includes: see :data:`_DRAW_COUNTS`)."""
-    o = {**METHODS[method].defaults, **options}
-    return derive_seed(seed, "image", index, *(int(o[name]) for name in _DRAW_COUNTS.get(method, ())))
-
-
-def uniform_baselines(inputs: Any, seed: int, index: Any, method: str, options: dict[str, Any]) -> Any:
-    """One ``"uniform"`` baseline per input, drawn under that input's :func:`image_seed` (its place
-    in the user's inputs: ``index``, see :func:`image_ids`): the draws :func:`run_captum` makes,
-    for code that builds the baselines itself. No global RNG state changes."""
-    torch = require_torch()
-    from ..core.rng import seeded
-
-    rows = []
-    for row, image in enumerate(image_ids(index, inputs.shape[0])):
-        with seeded(image_seed(seed, image, method, options), inputs.device, torch_only=True):
-            rows.append(zero_or("uniform", inputs[row:row + 1]))
-    return torch.cat(rows)
-
-
-def _check_baselines(method: str, inputs: Any, value: Any) -> None:
-    """A baseline tensor must broadcast to the inputs like captum expects, on their device and dtype."""
-    torch = require_torch()
-    if not isinstance(value, torch.Tensor):
-        if type(value).__name__ == "ndarray" or (hasattr(value, "shape") and hasattr(value, "dtype")):
-            raise SaliencyUsageError(
-                f"baselines for {method} must be a torch.Tensor, got {type(value).__name__}. Convert it with "
-                "torch.as_tensor(baselines, dtype=inputs.dtype, device=inputs.device)."
-            )
-        return
-    shape, one = tuple(value.shape), tuple(inputs.shape[1:])
-    if value.is_meta or value.device != inputs.device:
-        where = "on the meta device, which holds no values" if value.is_meta else f"on {value.device}"
-        raise SaliencyUsageError(
-            f"baselines for {method} are {where}, but the inputs are on {inputs.device}. Pass a baseline "
-            "tensor with real values on the inputs' device: baselines.to(inputs)."
-        )
-    if value.dtype != inputs.dtype:
-        raise SaliencyUsageError(
-            f"baselines for {method} are {value.dtype} but the inputs are {inputs.dtype}. Convert them "
-            "with baselines.to(inputs)."
-        )
-    if shape not in ((), one, (1, *one), tuple(inputs.shape)):
-        raise SaliencyUsageError(
-            f"baselines for {method} has shape {shape}, which does not broadcast to the inputs: expected the "
-            f"inputs' shape {tuple(inputs.shape)} (one baseline per input), one input's shape {one} or "
-            f"{(1, *one)} (shared by every input), or a scalar tensor. Reshape the baseline, or pass a "
-            "float or 'zero', 'uniform', 'blurred'."
-        )
-
-
-def _check_occlusion_windows(inputs: Any, options: dict[str, Any]) -> None:
-    """captum's Occlusion needs one window size and stride per input dimension after the batch, each
-    window at most the input's size and each stride at most the window."""
-    o = {**METHODS["occlusion"].defaults, **options}
-    shape, strides = occlusion_windows(inputs, o)
-    sizes = tuple(inputs.shape[1:])
-    images = inputs.dim() == 4
-    described = "x".join(map(str, sizes[1:])) + " inputs" if images else f"inputs of shape {sizes}"
-    for name, given, value in (("window", o["window"], shape), ("stride", o["stride"], strides)):
-        if len(value) != len(sizes):
-            raise SaliencyUsageError(
-                f"occlusion's {name}={given!r} has {len(value)} entries, but {described} need {len(sizes)} "
-                f"entries (one per dimension of {sizes}). Pass an int, or a tuple of {len(sizes)} ints."
-            )
-    if any(w > size for w, size in zip(shape, sizes)):
-        largest = min(sizes[1:]) if images and isinstance(o["window"], int) else sizes
-        raise SaliencyUsageError(
-            f"occlusion's window={o['window']!r} does not fit the {described} (of shape {sizes}): the "
-            f"largest allowed is {largest}. Pass a smaller window, or None for the default "
-            "(an eighth of the smaller side)."
-        )
-    if any(step > w for step, w in zip(strides, shape)):
-        largest = min(shape[1:]) if images and isinstance(o["stride"], int) else shape
-        raise SaliencyUsageError(
-            f"occlusion's stride={o['stride']!r} is larger than the window {shape} (captum would skip "
-            f"pixels): the largest allowed is {largest}. Pass a smaller stride, or a larger window."
-        )
-
-
-def occlusion_windows(inputs: Any, options: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """captum's ``sliding_window_shapes`` and ``strides`` for the ``window`` and ``stride`` options.
-
-    Images: a square window of about an eighth of the smaller side over all channels, moved by
-    half a window; flat (N, D) inputs: an eighth of the features, likewise.
-    """
-    window, stride = options["window"], options["stride"]
-    if inputs.dim() == 4:
-        side = max(2, round(min(inputs.shape[-2:]) / 8))
-        window = window or side
-        shape = (inputs.shape[1], window, window) if isinstance(window, int) else tuple(window)
-        stride = stride or (max(1, window // 2) if isinstance(window, int) else tuple(max(1, w // 2) for w in shape))
-        strides = (1, stride, stride) if isinstance(stride, int) else tuple(stride)
-    else:
-        shape = (window or max(1, inputs.shape[1] // 8),) if not isinstance(window, tuple) else window
-        strides = (stride or max(1, shape[0] // 2),) if not isinstance(stride, tuple) else stride
-    return shape, strides
-
-
-def occlusion_positions(inputs: Any, options: dict[str, Any]) -> int:
-    """How many windows captum's ``Occlusion`` slides over one input (one forward row each)."""
-    shape, strides = occlusion_windows(inputs, {**METHODS["occlusion"].defaults, **options})
-    count = 1
-    for size, window, stride in zip(inputs.shape[1:], shape, strides):
-        count *= -(-(size - window) // stride) + 1
-    return count
-
-
-def uniform_baseline(inputs: Any, seed: int = 0, *, index: Any = 0, method: str = "integrated_gradients") -> Any:
-    """One baseline per input, uniform over that input's own ``[min, max]``: the draw that
-    ``explain(..., method, baselines="uniform", seed=seed)`` makes for the input at its index in
-    the user's inputs (``index``: the first input's, or one per input), so an input's baseline
-    does not depend on the other inputs. No global RNG state changes."""
-    return uniform_baselines(inputs, seed, index, method, {})
-
-
-def image_ids(index: Any, n: int) -> list[int]:
-    """The indices in the user's inputs of ``n`` inputs: ``index`` is the first one's (an int) or
-    one index per input (a sequence or an integer tensor)."""
-    if isinstance(index, int) and not isinstance(index, bool):
-        return list(range(index, index + n))
-    ids = [int(i) for i in (index.reshape(-1).tolist() if hasattr(index, "reshape") else index)]
-    if len(ids) != n:
-        raise ValueError(f"{len(ids)} image indices for {n} inputs")
-    return ids
-
-
 def _stream_seed() -> int:
     """A seed from the global torch generator, for callers that give no seed (it is seeded for the pass)."""
     torch = require_torch()
     return int(torch.randint(0, 2**62, (1,)))
 
 
-def run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any], *,
-                seed: int | None = None, index: Any = 0) -> Any:
+def run_captum(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor | None,
+               options: dict[str, Any], *, seed: int | None = None,
+               index: int | Sequence[int] | torch.Tensor = 0) -> torch.Tensor:
     """Build the captum object for ``spec`` and attribute one chunk of inputs.
 
     A method that draws random numbers (:func:`draws_random`) explains the inputs one at a time,
@@ -443,7 +130,7 @@ def run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: 
     torch = require_torch()
     baselines = options.get("baselines")
     if isinstance(baselines, torch.Tensor) and baselines.dim() == inputs.dim() and baselines.shape[0] > 1:
-        # one baseline per input of the check (see _check_baselines): these inputs' own
+        # one baseline per input of the check (see maps.options.check_baselines): these inputs' own
         options = {**options, "baselines": baselines[image_ids(index, inputs.shape[0])]}
     if not draws_random(spec, options):
         return _run_captum_chunk(spec, model, inputs, target, options)
@@ -459,19 +146,7 @@ def run_captum(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: 
     return torch.cat(maps) if len(maps) > 1 else maps[0]
 
 
-def smoothgrad_stdev(options: dict[str, Any], image: Any) -> float:
-    """SmoothGrad's noise standard deviation for one image: ``stdevs`` if set, else ``noise_level``
-    times ``input_range`` if set, else times the image's own range (1 for a constant image)."""
-    o = {**METHODS["smoothgrad"].defaults, **options}
-    if o.get("stdevs") is not None:
-        return float(o["stdevs"])
-    scale = o.get("input_range")
-    if scale is None:
-        scale = float(image.max() - image.min()) or 1.0
-    return float(o["noise_level"]) * float(scale)
-
-
-def _in_dtype_of(model: Any, inputs: Any) -> Any:
+def _in_dtype_of(model: torch.nn.Module, inputs: torch.Tensor) -> Callable[[torch.Tensor], Any]:
     """``model``, or for half-precision inputs a forward function that casts its input to their dtype.
 
     captum's NoiseTunnel (SmoothGrad, GradientSHAP) adds float32 noise, which turns float16 and
@@ -490,7 +165,8 @@ def _in_dtype_of(model: Any, inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _spatial_layer_guard(method: str, model: Any, layer: Any, given: Any, inputs: Any) -> Iterator[None]:
+def _spatial_layer_guard(method: str, model: torch.nn.Module, layer: torch.nn.Module, given: Any,
+                         inputs: torch.Tensor) -> Iterator[None]:
     """GradCAM upsamples the layer's (N, C, H, W) activations to images: a forward hook on the layer
     refuses any other output during the method's own forward passes (no extra pass), before torch's
     interpolation fails on it or captum's GuidedGradCam returns empty maps."""
@@ -520,7 +196,8 @@ def _spatial_layer_guard(method: str, model: Any, layer: Any, given: Any, inputs
         handle.remove()
 
 
-def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, options: dict[str, Any]) -> Any:
+def _run_captum_chunk(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor | None,
+                      options: dict[str, Any]) -> torch.Tensor:
     """One captum call on ``inputs`` (for methods that draw: one image, its generators seeded)."""
     import captum.attr as ca
 
@@ -547,14 +224,14 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
     if name == "deconvolution":
         return ca.Deconvolution(model).attribute(inputs, target=target)
     if name == "gradcam":
-        layer = _find_module(model, o["layer"])
+        layer = find_layer(model, o["layer"])
         with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
             cam = ca.LayerGradCam(model, layer).attribute(inputs, target=target, relu_attributions=o["relu_attributions"])
         if inputs.dim() == 4:
             cam = ca.LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), o["interpolate_mode"])
         return cam
     if name == "guided_gradcam":
-        layer = _find_module(model, o["layer"])
+        layer = find_layer(model, o["layer"])
         with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
             return ca.GuidedGradCam(model, layer).attribute(inputs, target=target)
     if name == "deeplift":
@@ -594,20 +271,10 @@ def _run_captum_chunk(spec: MethodSpec, model: Any, inputs: Any, target: Any, op
     )
 
 
-# Options accepted on top of the documented defaults (they have no default value); every named
-# method also accepts memory_budget (see _auto_batching).
-EXTRA_OPTIONS = {
-    "smoothgrad": ("stdevs", "input_range"),
-    "lime": ("feature_mask",),
-    "kernel_shap": ("feature_mask",),
-    "feature_ablation": ("feature_mask",),
-}
-
-
 _RELU_RULE_METHODS = ("guided_backprop", "deconvolution", "guided_gradcam", "deeplift")
 
 
-def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: Any) -> None:
+def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: torch.nn.Module) -> None:
     """captum's ReLU-rule methods only hook ``nn.ReLU`` modules; ``F.relu`` gets the plain gradient."""
     torch = require_torch()
     if spec.name in _RELU_RULE_METHODS and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()):
@@ -618,191 +285,17 @@ def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: Any) -> None:
         )
 
 
-# Methods whose cost multiplies the batch (steps, samples, perturbations) and the captum option
-# that bounds how many rows one forward pass sees.
-_ROW_OPTIONS = {
-    "integrated_gradients": "internal_batch_size",
-    "smoothgrad": "nt_samples_batch_size",
-    "occlusion": "perturbations_per_eval",
-    "feature_ablation": "perturbations_per_eval",
-    "lime": "perturbations_per_eval",
-    "kernel_shap": "perturbations_per_eval",
-}
-CPU_MEMORY_BUDGET = 1 * 2**30
-
-
-def memory_budget_bytes(budget: Any, device: Any) -> int:
-    """``"auto"``: half the free memory of a CUDA device, 1 GiB on the CPU; or an explicit byte count."""
-    torch = require_torch()
-    if budget == "auto":
-        if torch.device(device).type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * 0.5)
-        return CPU_MEMORY_BUDGET
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0:
-        return int(budget)
-    raise SaliencyUsageError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}.")
-
-
-#: Per model, the probed :func:`activation_bytes_per_input` by what the probe depends on (see
-#: :func:`_probe_key`), with the number of classes the model scores (:func:`output_classes`).
-#: Weak keys: a model's entries go when the model does. Memory sizing and the target's range
-#: check read it, never a result.
-_PROBED: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, int | None]]] = weakref.WeakKeyDictionary()
-def activation_bytes_per_input(model: Any, example: Any) -> int:
-    """Bytes of all module outputs for one input: what one row of a batch costs to keep for backward.
-
-    Probed with a one-image forward pass the first time a model meets an input, and remembered
-    while nothing the output sizes could depend on changes (:func:`_probe_key`): a test session
-    runs several checks on the same model, and on a small CNN the probe is about 2% of a check.
-    """
-    return _probe(model, example)[0]
-
-
-def output_classes(model: Any, example: Any) -> int | None:
-    """How many classes the model scores: the width of its (1, K) output for one input, or None
-    for another output shape or a model the probe cannot run (the real pass reports why).
-    Read from the memory probe's remembered pass (:func:`activation_bytes_per_input`)."""
-    try:
-        return _probe(model, example)[1]
-    except Exception:  # noqa: BLE001 - only a check's convenience; the explanation pass reports errors
-        return None
-
-
-def _probe(model: Any, example: Any) -> tuple[int, int | None]:
-    try:
-        key = _probe_key(model, example)
-        cached = _PROBED.setdefault(model, {})
-    except TypeError:  # a model that cannot be weakly referenced: probe every time
-        return _probe_activation_bytes(model, example)
-    if key not in cached:
-        cached[key] = _probe_activation_bytes(model, example)
-    return cached[key]
-
-
-def _probe_key(model: Any, example: Any) -> Any:
-    """The input's shape, dtype and device, autocast, and per module its object, its parameters'
-    and buffers' shapes and its plain settings (``scale_factor``, ``kernel_size``, flags...)."""
-    torch = require_torch()
-    modules = []
-    for module in model.modules():
-        settings = module_settings(module)
-        shapes = tuple(None if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) else t.shape
-                       for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
-        modules.append((id(module), settings, shapes))
-    autocast = torch.is_autocast_enabled(example.device.type)
-    return tuple(example.shape[1:]), example.dtype, example.device, autocast, tuple(modules)
-
-
-def _probe_activation_bytes(model: Any, example: Any) -> tuple[int, int | None]:
-    """The bytes of one input's module outputs, and the width of a (1, K) model output (else None)."""
-    torch = require_torch()
-    total = 0
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
-
-    leaves = [m for m in model.modules() if next(m.children(), None) is None
-              and not isinstance(m, torch.jit.ScriptModule)]  # scripted modules take no hooks
-    handles = []
-    try:
-        handles.extend(m.register_forward_hook(hook) for m in leaves)
-        with torch.no_grad(), model_in_eval_mode(model, True):
-            out = model(example)
-    except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        if isinstance(error, SaliencyUsageError):
-            raise
-        raise SaliencyUsageError(
-            f"the model ({type(model).__name__}) raised {type(error).__name__} on one input of shape "
-            f"{tuple(example.shape)} ({example.dtype}, {example.device}): {error} Check that the inputs have the "
-            "shape, channels, dtype and value range the model was trained on (the traceback above shows where "
-            "in the model it failed)."
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    classes = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1 else None
-    return total + example.numel() * example.element_size(), classes
-
-
-def _auto_batching(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> None:
-    """Size internal batches (IG steps, SmoothGrad samples, perturbations) and image chunks to the memory budget.
-
-    One row (an input, an interpolation step, a noisy sample, a perturbation) costs about three
-    times its forward activations (kept for backward, plus gradients). Options the user set are
-    left alone. Images are explained one chunk at a time (``_image_batch``) when all of them at
-    once would exceed the budget: for gradient methods that is one row per image (900 ResNet-50
-    images at 224x224 need about 90 GB), for the others when even one image's rows do not fit.
-    """
-    option = _ROW_OPTIONS.get(spec.name)
-    budget = options.pop("memory_budget", "auto")
-    if option is not None and options.get(option) is not None:
-        return
-    row = 3 * activation_bytes_per_input(model, inputs[:1])
-    rows = max(1, memory_budget_bytes(budget, inputs.device) // max(row, 1))
-    n = inputs.shape[0]
-    # GradientShap runs every input n_samples times in one pass, SmoothGrad (up to) nt_samples
-    # times; the others one row per image
-    per_image = 1
-    if spec.name == "gradient_shap":
-        per_image = int(options.get("n_samples", spec.defaults["n_samples"]))
-    elif spec.name == "smoothgrad":
-        per_image = int(options.get("nt_samples", spec.defaults["nt_samples"]))
-    images = min(n, max(1, rows // per_image) if option is None or spec.name == "smoothgrad" else rows)
-    if images < n:
-        options["_image_batch"] = images
-    if option is None:
-        return
-    if spec.name == "integrated_gradients":
-        options[option] = max(images, rows)
-    elif spec.name in ("lime", "kernel_shap"):
-        options[option] = max(1, min(rows, int(options.get("n_samples", spec.defaults["n_samples"]))))
-    elif spec.name == "smoothgrad":
-        # Samples per pass of one image, whatever the number of images: SmoothGrad explains one
-        # image at a time (see run_captum), so its map never depends on the chunking.
-        options[option] = max(1, min(rows, per_image))
-    else:
-        options[option] = max(1, rows // images)
-
-
-def _noise_std(value: Any) -> float:
-    """SmoothGrad's ``stdevs`` as the one float captum takes for a single input tensor."""
-    if isinstance(value, (tuple, list)) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise SaliencyUsageError(
-            f"smoothgrad's stdevs must be a number >= 0 (the noise standard deviation), got {value!r}. "
-            "Or leave it out and set noise_level, a fraction of the inputs' range."
-        )
-    return float(value)
-
-
-def resolved_options(spec: MethodSpec, model: Any, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+def resolved_options(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor,
+                     options: dict[str, Any]) -> dict[str, Any]:
     """Validate user options, size internal batches, and add the input-range facts some methods scale by."""
-    allowed = set(spec.defaults) | set(EXTRA_OPTIONS.get(spec.name, ())) | {"memory_budget"}
-    extra = sorted(set(options) - allowed)
-    if extra:
-        valid = ", ".join(sorted(allowed)) or "none (this method has no hyperparameters)"
-        raise SaliencyUsageError(f"unknown option(s) {extra} for method {spec.name!r}; valid options: {valid}.")
-    options = dict(options)
-    if spec.name == "smoothgrad" and options.get("stdevs") is not None:
-        options["stdevs"] = _noise_std(options["stdevs"])
-    for name, value in options.items():
-        if not (value is None and name in spec.defaults and spec.defaults[name] is None):  # the documented default
-            check_option_value(spec.name, name, value, where="options")
-    if options.get("baselines") is not None:
-        _check_baselines(spec.name, inputs, options["baselines"])
-    if spec.name == "occlusion":
-        _check_occlusion_windows(inputs, options)
+    options = check_method_options(spec, inputs, options)
     _warn_if_relu_rules_cannot_apply(spec, model)
-    _auto_batching(spec, model, inputs, options)
+    auto_batching(spec, model, inputs, options)
     return options
 
 
 def prepare_method(
-    method: str | Explainer, model: Any, inputs: Any, method_kwargs: dict[str, Any]
+    method: str | Explainer, model: torch.nn.Module, inputs: torch.Tensor, method_kwargs: dict[str, Any]
 ) -> tuple[MethodSpec | Explainer, str, dict[str, Any]]:
     """Resolve a method once per check: ``(method, printable name, validated options)``.
 
@@ -823,17 +316,17 @@ def prepare_method(
 
 @rng_isolated
 def explain(
-    model: Any,
-    inputs: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
     method: str | Explainer = "saliency",
-    target: Any = None,
+    target: int | torch.Tensor | None = None,
     seed: int = 0,
     preset: str | MapPipeline | None = None,
     *,
     batch_size: int | None = None,
     eval_mode: bool = True,
     **method_kwargs: Any,
-) -> Any:
+) -> torch.Tensor:
     """Compute a batch of attribution maps with a named captum method or a user callable.
 
     Args:
@@ -850,8 +343,7 @@ def explain(
     """
     check_model(model)
     check_inputs(inputs, model)
-    check_count(batch_size, "batch_size", minimum=1, allow_none=True,
-                hint="It is how many inputs one explainer call sees; None explains all at once.")
+    check_count(batch_size, "batch_size", minimum=1, allow_none=True, hint=BATCH_SIZE_HINT)
     resolved, _, options = prepare_method(method, model, inputs, method_kwargs)
     target = resolve_target(model, inputs, target, batch_size, seed=seed)
     attributions = attribute(model, inputs, resolved, target, seed, batch_size, eval_mode, options)
@@ -892,10 +384,10 @@ def _raise_no_gradient_path_error(method: MethodSpec, exc: RuntimeError) -> None
 
 
 def attribute(
-    model: Any, inputs: Any, method: MethodSpec | Explainer, target: Any, seed: int,
+    model: torch.nn.Module, inputs: torch.Tensor, method: MethodSpec | Explainer, target: torch.Tensor, seed: int,
     batch_size: int | None, eval_mode: bool, options: dict[str, Any], *, prepared: bool = False,
-    what: str = "", index: Any = 0,
-) -> Any:
+    what: str = "", index: int | Sequence[int] | torch.Tensor = 0,
+) -> torch.Tensor:
     """The core loop, without argument checks: the randomization engine calls it once per layer.
 
     ``prepared=True``: the caller has already put the model in eval mode with parameter

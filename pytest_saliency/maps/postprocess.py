@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.torchtools import require_torch
-from ..core.validation import check_finite, unknown_choice
+from ..core.validation import check_finite, check_number, unknown_choice
 from ..exceptions import SaliencyUsageError
 
 REDUCTIONS = ("sum", "mean", "max_abs", "l2", "none")
 NORMALIZATIONS = ("none", "max_abs", "min_max", "percentile")
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,8 @@ class MapPipeline:
             raise unknown_choice("channel reduction", self.reduce, REDUCTIONS)
         if self.normalize not in NORMALIZATIONS:
             raise unknown_choice("normalization", self.normalize, NORMALIZATIONS)
-        if not 0.0 < self.percentile <= 100.0:
-            raise SaliencyUsageError(
-                f"percentile must be in (0, 100], got {self.percentile}; 99 clips the top 1% of pixels."
-            )
+        check_number(self.percentile, "percentile", low=0.0, low_open=True, high=100.0,
+                     hint="99 clips the top 1% of pixels.")
 
     def describe(self) -> str:
         sign = "|a|" if self.absolute else "signed"
@@ -108,7 +109,7 @@ class MapPipeline:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def __call__(self, attributions: Any) -> Any:
+    def __call__(self, attributions: torch.Tensor) -> torch.Tensor:
         return apply_pipeline(attributions, self)
 
 
@@ -142,7 +143,7 @@ def get_pipeline(preset: str | MapPipeline | None) -> MapPipeline:
     )
 
 
-def _reduce_channels(a: Any, how: str) -> Any:
+def _reduce_channels(a: torch.Tensor, how: str) -> torch.Tensor:
     torch = require_torch()
     if how == "sum":
         return a.sum(dim=1)
@@ -161,7 +162,7 @@ def _reduce_channels(a: Any, how: str) -> Any:
     return a[:, 0]
 
 
-def _percentile(flat: Any, percentile: float) -> Any:
+def _percentile(flat: torch.Tensor, percentile: float) -> torch.Tensor:
     """numpy's default ("linear") percentile of each row, from the two order statistics it needs.
 
     ``topk`` of the few values above the percentile is far cheaper than sorting every map (and
@@ -180,7 +181,7 @@ def _percentile(flat: Any, percentile: float) -> Any:
     return at_below + (position - below) * (at_above - at_below)
 
 
-def _normalize(m: Any, how: str, percentile: float) -> Any:
+def _normalize(m: torch.Tensor, how: str, percentile: float) -> torch.Tensor:
     """Per-map scaling; a map that is all zeros stays all zeros instead of becoming NaN."""
     torch = require_torch()
     flat = m.flatten(1)
@@ -198,7 +199,7 @@ def _normalize(m: Any, how: str, percentile: float) -> Any:
     return scaled.clamp(0.0, 1.0)
 
 
-def apply_pipeline(attributions: Any, pipeline: str | MapPipeline | None = None) -> Any:
+def apply_pipeline(attributions: torch.Tensor, pipeline: str | MapPipeline | None = None) -> torch.Tensor:
     """Raw attributions of shape (N, C, H, W), (N, H, W) or (N, D) to maps of shape (N, H, W).
 
     Feature vectors (N, D) become (N, 1, D) "maps" so the same similarity code applies; SSIM on
@@ -226,7 +227,7 @@ def _check_floating(attributions: Any) -> None:
         )
 
 
-def pipeline_maps(attributions: Any, pipeline: MapPipeline) -> Any:
+def pipeline_maps(attributions: torch.Tensor, pipeline: MapPipeline) -> torch.Tensor:
     """:func:`apply_pipeline` for a resolved pipeline and attributions already checked finite.
 
     The randomization engine checks each batch of attributions once, when it is made; this

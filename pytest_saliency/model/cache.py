@@ -56,12 +56,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.rng import seeded
 from ..core.torchtools import require_torch
 from ..core.validation import check_flag, check_number, check_seed
 from ..exceptions import SaliencyUsageError, warn_user
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 1
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -80,11 +83,6 @@ def factory_name(train: Callable[..., Any]) -> str:
     if qualname is None:  # a callable instance: its class names the code
         return f"{type(train).__module__}.{type(train).__qualname__}"
     return f"{getattr(train, '__module__', None) or '<unknown>'}.{qualname}"
-
-
-def _check_seed(seed: Any) -> int:
-    """The seed as a Python int: it is part of the cache key and is passed to ``train(seed)``."""
-    return check_seed(seed)
 
 
 class ModelCache:
@@ -128,7 +126,7 @@ class ModelCache:
 
     def key(self, train: Callable[..., Any], seed: int, version: str = "") -> str:
         """The readable key: ``module.qualname``, the version and the seed."""
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         suffix = f"@{version}" if version else ""
         return f"{factory_name(train)}{suffix}#seed={seed}"
 
@@ -141,7 +139,7 @@ class ModelCache:
         key = self.key(train, seed, version)
         readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", factory_name(train))[-80:].strip("._") or "model"
         digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).hexdigest()
-        return self.directory / f"{readable}-seed{_check_seed(seed)}-{digest}.pt"
+        return self.directory / f"{readable}-seed{check_seed(seed)}-{digest}.pt"
 
     def __contains__(self, item: tuple[Callable[..., Any], int]) -> bool:
         train, seed = item
@@ -161,12 +159,12 @@ class ModelCache:
 
     def get_or_train(
         self,
-        train: Callable[[int], Any],
+        train: Callable[[int], torch.nn.Module],
         seed: int,
-        build: Callable[[], Any] | None = None,
+        build: Callable[[], torch.nn.Module] | None = None,
         *,
         version: str = "",
-    ) -> Any:
+    ) -> torch.nn.Module:
         """The model ``train(seed)`` returns, from disk when an entry exists, else trained and stored.
 
         ``build`` (or ``train.build``) makes an untrained instance to load a stored
@@ -177,7 +175,7 @@ class ModelCache:
             raise SaliencyUsageError(
                 f"train must be a callable train(seed) -> nn.Module, got {type(train).__name__}."
             )
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         builder = build if build is not None else getattr(train, "build", None)
         if builder is None or not callable(builder):
             raise SaliencyUsageError(
@@ -204,7 +202,9 @@ class ModelCache:
 
     # ---------------------------------------------------------------- storage
 
-    def _load(self, path: Path, build: Callable[[], Any], key: str, quiet: bool = False) -> Any:
+    def _load(self, path: Path, build: Callable[[], torch.nn.Module], key: str,
+              quiet: bool = False) -> torch.nn.Module | None:
+        """The stored model, or None (with a warning unless ``quiet``) when the entry is missing or unusable."""
         torch = require_torch()
         if not path.exists():
             return None
@@ -234,7 +234,8 @@ class ModelCache:
         model.train(bool(payload.get("training", False)))
         return model
 
-    def _save(self, path: Path, model: Any, key: str, seed: int) -> None:
+    def _save(self, path: Path, model: torch.nn.Module, key: str, seed: int) -> None:
+        """Store the model's weights atomically (temporary file, fsync, rename)."""
         torch = require_torch()
         state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
         payload = {"format": FORMAT, "key": key, "seed": seed, "training": bool(model.training), "state_dict": state}
@@ -284,7 +285,7 @@ class ModelCache:
                 lock_path.unlink()
 
 
-def call_train(train: Callable[[int], Any], seed: int) -> Any:
+def call_train(train: Callable[[int], torch.nn.Module], seed: int) -> torch.nn.Module:
     """Run ``train(seed)`` with the global RNGs seeded and restored; wrap its errors with the seed."""
     torch = require_torch()
     try:

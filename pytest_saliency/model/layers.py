@@ -22,19 +22,29 @@ cannot change any map. Naming one explicitly is an error.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.integrity import rng_isolated
-from ..core.torchtools import ensure_eval_mode, require_torch, restore_training_flags, set_plain_attribute, training_flags
+from ..core.torchtools import (
+    ensure_eval_mode,
+    require_torch,
+    restore_training_flags,
+    set_plain_attribute,
+    training_flags,
+)
 from ..core.validation import check_count, check_inputs, check_model, unknown_choice
 from ..exceptions import SaliencyUsageError
+
+if TYPE_CHECKING:
+    import torch
 
 GRANULARITIES = ("leaf", "block")
 
 
-def _owns_parameters(module: Any, recurse: bool) -> bool:
+def _owns_parameters(module: torch.nn.Module, recurse: bool) -> bool:
     return next(module.parameters(recurse=recurse), None) is not None
 
 
@@ -92,11 +102,11 @@ def output_tensors(output: Any) -> list[Any] | None:
     return tensors if all(plain_tensor(t) for t in tensors) else None
 
 
-def _scripted(module: Any) -> bool:
+def _scripted(module: torch.nn.Module) -> bool:
     return isinstance(module, require_torch().jit.ScriptModule)
 
 
-def patch_forward(module: Any, replacement: Any, patched: list[tuple[Any, Any]]) -> None:
+def patch_forward(module: torch.nn.Module, replacement: Any, patched: list[tuple[Any, Any]]) -> None:
     """Set ``module.forward`` (an instance attribute); ``patched`` collects what to restore.
 
     A ``forward`` that is a property (or another data descriptor) cannot be patched and put back
@@ -122,7 +132,7 @@ def restore_forwards(patched: list[tuple[Any, Any]]) -> None:
 OpCallback = Callable[[int, int, str, Any, Any, Any, Any], None]
 
 
-def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
+def trace_forward(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int | None = None, *,
                   on_output: Callable[[str, Any, Any, Any], None] | None = None,
                   on_op: OpCallback | None = None,
                   saved_tensors_hooks: tuple[Any, Any] | None = None) -> ForwardTrace:
@@ -146,150 +156,189 @@ def trace_forward(model: Any, inputs: Any, batch_size: int | None = None, *,
     call that reads it.) The trace's own bookkeeping runs with torch functions disabled.
     """
     torch = require_torch()
-    from torch.overrides import TorchFunctionMode
-
-    events = 0
-    ops = 0
-    running: list[str] = []  # the module stack, innermost last
-    start: dict[str, int] = {}
-    end: dict[str, int] = {}
-    calls: dict[str, int] = {}
-    outputs: dict[str, list[tuple[Any, int]]] = {}
-    # Parameters are matched by storage, not identity: a view or .detach() of a weight reads it too.
-    storage_params: dict[int, list[int]] = {}
-    for p in model.parameters():
-        if plain_tensor(p):
-            storage_params.setdefault(p.untyped_storage().data_ptr(), []).append(id(p))
-    first_param_use: dict[int, int] = {}
-
-    class ParameterUse(TorchFunctionMode):
-        """Notes the event at which each parameter's storage is first read by a torch operation."""
-
-        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            nonlocal ops, events
-            kwargs = kwargs or {}
-            index, ops = ops, ops + 1
-            if storage_params:
-                first = False
-                for value in flat_arguments(args, kwargs):
-                    if isinstance(value, torch.Tensor) and plain_tensor(value):
-                        ids = storage_params.pop(value.untyped_storage().data_ptr(), None)
-                        for key in ids or ():
-                            first_param_use[key] = events
-                            first = True
-                if first:  # a first use is an event: calls before it have a smaller count
-                    events += 1
-            event = events  # this call runs between events event - 1 and event
-            result = func(*args, **kwargs)
-            if on_op is not None and running:
-                on_op(index, event, running[-1], func, args, kwargs, result)
-            return result
-
-    def counted(name: str, inner: Any) -> Any:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            nonlocal events
-            start.setdefault(name, events)
-            calls[name] = calls.get(name, 0) + 1
-            events += 1
-            running.append(name)
-            try:
-                output = inner(*args, **kwargs)
-            finally:
-                running.pop()
-            end[name] = events
-            events += 1
-            with torch._C.DisableTorchFunction():
-                if on_output is not None:
-                    on_output(name, output, args, kwargs)
-                tensors = output_tensors(output)
-                outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
-            return output
-
-        return forward
-
-    def pre_hook(name: str) -> Any:
-        def hook(module: Any, args: Any) -> None:
-            nonlocal events
-            start.setdefault(name, events)
-            calls[name] = calls.get(name, 0) + 1
-            events += 1
-            running.append(name)
-
-        return hook
-
-    later: list[str | None] = []  # module entries in the later chunks (None: a new chunk)
-
-    def entered(name: str) -> Any:
-        def hook(module: Any, args: Any) -> None:
-            later.append(name)
-
-        return hook
-
-    def post_hook(name: str) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            nonlocal events
-            end[name] = events
-            events += 1
-            if running and running[-1] == name:
-                running.pop()
-
-        return hook
-
+    tracer = _Tracer(model, on_output, on_op)
     modules = dict(model.named_modules())
     flags = training_flags(model)
     chunks = [inputs] if not batch_size or batch_size >= inputs.shape[0] else list(inputs.split(batch_size))
     patched: list[tuple[Any, Any]] = []
-    hooked: set[str] = set()
     handles: list[Any] = []
     try:
-        for name, module in modules.items():
-            if _scripted(module):
-                continue
-            try:
-                patch_forward(module, counted(name, module.forward), patched)
-            except (AttributeError, TypeError):  # e.g. forward defined as a property: time it by hooks
-                hooked.add(name)
-                handles.append(module.register_forward_pre_hook(pre_hook(name)))
-                handles.append(module.register_forward_hook(post_hook(name)))
+        tracer.instrument(modules, patched, handles)
         ensure_eval_mode(model, flags)
         if saved_tensors_hooks is not None:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*saved_tensors_hooks), ParameterUse():
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*saved_tensors_hooks), tracer.mode():
                 results = [model(inputs)]
         else:
             with torch.no_grad():
-                with ParameterUse():
+                with tracer.mode():
                     results = [model(chunks[0])]
                 restore_forwards(patched)
                 if len(chunks) > 1:  # note the order of module calls: see _place_later_modules
-                    for name, module in modules.items():
-                        if name and not _scripted(module):
-                            handles.append(module.register_forward_pre_hook(entered(name)))
+                    tracer.watch_entries(modules, handles)
                 for chunk in chunks[1:]:
-                    later.append(None)
+                    tracer.later.append(None)
                     results.append(model(chunk))
     finally:
         restore_forwards(patched)
         for handle in handles:
             handle.remove()
         restore_training_flags(flags)
-    _place_later_modules(later, start, end)
-    replayable = {
-        name for name, saved in outputs.items()
-        if name and calls.get(name) == 1 and saved and not _scripted(modules[name]) and name not in hooked
-        and not modules[name]._backward_hooks and not modules[name]._backward_pre_hooks
-    }
-    mutated = {name for name in replayable if any(t._version != version for t, version in outputs[name])}
-    replayable -= mutated
-    first_use = {}
-    for name, module in modules.items():
-        touched = [start[sub] for sub, _ in module.named_modules(prefix=name) if sub in start]
-        touched += [first_param_use[id(p)] for p in module.parameters() if id(p) in first_param_use]
-        if touched:
-            first_use[name] = min(touched)
+    _place_later_modules(tracer.later, tracer.start, tracer.end)
     output = torch.cat(results) if len(results) > 1 and isinstance(results[0], torch.Tensor) else results[0]
-    order = sorted(start, key=start.__getitem__)
-    return ForwardTrace(order=order, start=start, end=end, calls=calls, first_use=first_use,
-                        replayable=replayable, mutated=mutated, output=output)
+    return tracer.trace(modules, output)
+
+
+class _Tracer:
+    """The bookkeeping of one :func:`trace_forward` pass: module entries and exits and first
+    parameter uses are events, numbered on one counter as they happen; torch calls are numbered
+    on their own."""
+
+    def __init__(self, model: torch.nn.Module, on_output: Callable[[str, Any, Any, Any], None] | None,
+                 on_op: OpCallback | None) -> None:
+        self.on_output, self.on_op = on_output, on_op
+        self.torch = require_torch()
+        self.events = 0
+        self.ops = 0
+        self.running: list[str] = []  # the module stack, innermost last
+        self.start: dict[str, Any] = {}
+        self.end: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
+        self.outputs: dict[str, list[tuple[Any, int]]] = {}
+        # Parameters are matched by storage, not identity: a view or .detach() of a weight reads it too.
+        self.storage_params: dict[int, list[int]] = {}
+        for p in model.parameters():
+            if plain_tensor(p):
+                self.storage_params.setdefault(p.untyped_storage().data_ptr(), []).append(id(p))
+        self.first_param_use: dict[int, int] = {}
+        self.hooked: set[str] = set()  # modules timed by hooks (their forward cannot be patched)
+        self.later: list[str | None] = []  # module entries in the later chunks (None: a new chunk)
+
+    def mode(self) -> Any:
+        """The ``TorchFunctionMode`` that sees every torch call of the first chunk."""
+        return _parameter_use_class()(self)
+
+    def torch_call(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """Run one torch call, noting the event at which each parameter's storage is first read."""
+        kwargs = kwargs or {}
+        index, self.ops = self.ops, self.ops + 1
+        if self.storage_params:
+            first = False
+            for value in flat_arguments(args, kwargs):
+                if isinstance(value, self.torch.Tensor) and plain_tensor(value):
+                    ids = self.storage_params.pop(value.untyped_storage().data_ptr(), None)
+                    for key in ids or ():
+                        self.first_param_use[key] = self.events
+                        first = True
+            if first:  # a first use is an event: calls before it have a smaller count
+                self.events += 1
+        event = self.events  # this call runs between events event - 1 and event
+        result = func(*args, **kwargs)
+        if self.on_op is not None and self.running:
+            self.on_op(index, event, self.running[-1], func, args, kwargs, result)
+        return result
+
+    def enter(self, name: str) -> None:
+        self.start.setdefault(name, self.events)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.events += 1
+        self.running.append(name)
+
+    def counted(self, name: str, inner: Any) -> Any:
+        """``inner`` (a module's ``forward``) with its entry, exit and output noted."""
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self.enter(name)
+            try:
+                output = inner(*args, **kwargs)
+            finally:
+                self.running.pop()
+            self.end[name] = self.events
+            self.events += 1
+            with self.torch._C.DisableTorchFunction():
+                if self.on_output is not None:
+                    self.on_output(name, output, args, kwargs)
+                tensors = output_tensors(output)
+                self.outputs[name] = [(t, t._version) for t in tensors] if tensors is not None else []
+            return output
+
+        return forward
+
+    def instrument(self, modules: dict[str, torch.nn.Module], patched: list[tuple[Any, Any]],
+                   handles: list[Any]) -> None:
+        """Wrap every module's ``forward`` (:meth:`counted`), or time it by hooks where it cannot be
+        patched (a ``forward`` defined as a property); scripted modules are left alone."""
+        for name, module in modules.items():
+            if _scripted(module):
+                continue
+            try:
+                patch_forward(module, self.counted(name, module.forward), patched)
+            except (AttributeError, TypeError):
+                self.hooked.add(name)
+                handles.append(module.register_forward_pre_hook(self.pre_hook(name)))
+                handles.append(module.register_forward_hook(self.post_hook(name)))
+
+    def pre_hook(self, name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            self.enter(name)
+
+        return hook
+
+    def post_hook(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.end[name] = self.events
+            self.events += 1
+            if self.running and self.running[-1] == name:
+                self.running.pop()
+
+        return hook
+
+    def watch_entries(self, modules: dict[str, torch.nn.Module], handles: list[Any]) -> None:
+        """Note the modules entered in the later chunks, in order (see :func:`_place_later_modules`)."""
+        for name, module in modules.items():
+            if name and not _scripted(module):
+                handles.append(module.register_forward_pre_hook(self.entered(name)))
+
+    def entered(self, name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            self.later.append(name)
+
+        return hook
+
+    def trace(self, modules: dict[str, torch.nn.Module], output: Any) -> ForwardTrace:
+        """The :class:`ForwardTrace` of what was noted."""
+        replayable = {
+            name for name, saved in self.outputs.items()
+            if name and self.calls.get(name) == 1 and saved and not _scripted(modules[name]) and name not in self.hooked
+            and not modules[name]._backward_hooks and not modules[name]._backward_pre_hooks
+        }
+        mutated = {name for name in replayable if any(t._version != version for t, version in self.outputs[name])}
+        replayable -= mutated
+        first_use = {}
+        for name, module in modules.items():
+            touched = [self.start[sub] for sub, _ in module.named_modules(prefix=name) if sub in self.start]
+            touched += [self.first_param_use[id(p)] for p in module.parameters() if id(p) in self.first_param_use]
+            if touched:
+                first_use[name] = min(touched)
+        order = sorted(self.start, key=self.start.__getitem__)
+        return ForwardTrace(order=order, start=self.start, end=self.end, calls=self.calls, first_use=first_use,
+                            replayable=replayable, mutated=mutated, output=output)
+
+
+@functools.lru_cache(maxsize=1)
+def _parameter_use_class() -> Any:
+    """The trace's ``TorchFunctionMode`` class, made once; each pass makes an instance of it."""
+    from torch.overrides import TorchFunctionMode
+
+    class ParameterUse(TorchFunctionMode):
+        """Hands every torch call to the :class:`_Tracer`."""
+
+        def __init__(self, tracer: _Tracer) -> None:
+            super().__init__()
+            self.tracer = tracer
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            return self.tracer.torch_call(func, args, kwargs)
+
+    return ParameterUse
 
 
 def _place_later_modules(later: list[str | None], start: dict[str, Any], end: dict[str, Any]) -> None:
@@ -346,13 +395,13 @@ def _collect(value: Any, leaves: list[Any]) -> None:
 
 @rng_isolated
 def select_layers(
-    model: Any,
-    inputs: Any,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
     layers: str | Sequence[str] = "leaf",
     *,
     depth: int = 1,
     trace: ForwardTrace | None = None,
-) -> list[tuple[str, Any]]:
+) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` pairs to randomize, in forward-execution order (input side first).
 
     ``trace``: a :func:`trace_forward` of these inputs, if the caller has one (saves a forward pass).

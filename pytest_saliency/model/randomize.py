@@ -40,22 +40,31 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..core.integrity import Undo
 from ..core.rng import derive_seed, seeded
 from ..core.torchtools import require_torch, restore_training_flags, training_flags
 from ..core.validation import unknown_choice
 from ..exceptions import SaliencyUsageError
-from ..core.integrity import Undo
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+#: A layer to randomize: its name in ``model.named_modules()`` and the module.
+Layer = tuple[str, "torch.nn.Module"]
+#: A parameter and the values it gets.
+Draw = tuple["torch.nn.Parameter", "torch.Tensor"]
 
 STRATEGIES = ("reinit", "gaussian", "permute")
 
 
-def _own_parameters(module: Any) -> list[Any]:
+def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list(module.parameters(recurse=True))
 
 
-def _scale(original: Any) -> Any:
+def _scale(original: torch.Tensor) -> torch.Tensor:
     torch = require_torch()
     std = original.float().std() if original.numel() > 1 else torch.zeros((), device=original.device)
     if float(std) > 0:
@@ -63,7 +72,7 @@ def _scale(original: Any) -> Any:
     return torch.clamp(original.float().mean().abs(), min=1.0).to(original.dtype)
 
 
-def _gaussian_like(original: Any, mean: Any = 0.0) -> Any:
+def _gaussian_like(original: torch.Tensor, mean: float | torch.Tensor = 0.0) -> torch.Tensor:
     torch = require_torch()
     noise = torch.randn_like(original, device="cpu")  # the CPU generator, on any device
     return noise.to(original.device) * _scale(original) + mean
@@ -114,9 +123,10 @@ def _reset_on_cpu(sub: Any) -> None:
 
 
 def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: list[Any],
-                      originals: list[Any]) -> None:
+                      originals: list[torch.Tensor]) -> None:
     """Overwrite ``module``'s parameters ``params`` in place; ``originals`` are copies of their
-    values (the scale of Gaussian draws). Buffers are restored by the caller."""
+    values (the scale of Gaussian draws). Buffers are restored by the caller. (``module`` and its
+    submodules are typed loosely: their ``reset_parameters`` are found at run time.)"""
     torch = require_torch()
     # torch's own initializers draw only from torch's generator; a user-defined reset_parameters
     # may use numpy or Python's random too, so those generators are seeded and restored as well.
@@ -153,7 +163,7 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: 
                 p.copy_(flat[perm].reshape(p.shape))
 
 
-def _constant(tensor: Any) -> bool:
+def _constant(tensor: torch.Tensor) -> bool:
     """Whether every entry equals the first (an initializer that fills a constant, like BatchNorm's
     ones and zeros). Drawn values already differ in their first two entries, which settles big
     tensors without comparing them all."""
@@ -174,9 +184,9 @@ class LayerDraws:
     """The values :func:`randomized` gives each layer's parameters, drawn once and then reused.
 
     A check randomizes every layer once per batch of images, and drawing is mostly Python and
-    generator work (seeding, ``reset_parameters``, the constant-initializer test): on a small CNN
-    it costs about as much as a forward pass, and interleaved with the passes it runs slower
-    still. Drawing every layer up front, in one tight loop, and writing the kept values in each
+    generator work (seeding, ``reset_parameters``, the constant-initializer test), which for a
+    small model weighs as much as its forward pass. Drawing every layer up front, in one tight
+    loop, and writing the kept values in each
     state costs a copy per parameter instead; with several image batches (``images="auto"``) the
     draws are not repeated per batch.
 
@@ -198,11 +208,11 @@ class LayerDraws:
     place, state by state, as without a ``LayerDraws``, and so is a layer whose draw fails.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, Any]], strategy: str, seed: int, *,
+    def __init__(self, layers: Sequence[Layer], strategy: str, seed: int, *,
                  limit_bytes: int | None = None) -> None:
         check_strategy(strategy)
         torch = require_torch()
-        self.kept: dict[str, tuple[list[Any], list[tuple[Any, Any]]]] = {}  # name -> (originals, drawn)
+        self.kept: dict[str, tuple[list[Tensor], list[Draw]]] = {}  # name -> (originals, drawn)
         chosen, used = [], 0
         for name, module in layers:
             params = _own_parameters(module)
@@ -213,8 +223,8 @@ class LayerDraws:
         if not chosen:
             return
         # One block per device for everything kept: many small long-lived tensors allocated while
-        # the recorded graph is alive would pin scattered pieces of the heap (measured: +15 MB
-        # peak on the ResNet-18 layout for 4 MB kept).
+        # the recorded graph is alive would pin scattered pieces of the heap, raising the peak
+        # memory by more than they hold.
         blocks = {}
         for device in {p.device for _, _, params in chosen for p in params}:
             blocks[device] = torch.empty(sum(2 * _aligned(p.numel() * p.element_size()) for _, _, params in chosen
@@ -237,7 +247,7 @@ class LayerDraws:
                 continue
             self.kept[name] = ([place(p) for p in params], [(p, place(value)) for p, value in drawn])
 
-    def values_for(self, name: str) -> list[tuple[Any, Any]] | None:
+    def values_for(self, name: str) -> list[Draw] | None:
         """The kept draw of layer ``name`` if its parameters still hold the values it was drawn from."""
         kept = self.kept.get(name)
         if kept is None:
@@ -253,7 +263,7 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
 
-def _shadow_safe(module: Any, params: list[Any], strategy: str) -> bool:
+def _shadow_safe(module: torch.nn.Module, params: list[torch.nn.Parameter], strategy: str) -> bool:
     """Whether :func:`shadow_draw` draws what :func:`randomized` would (see :class:`LayerDraws`)."""
     torch = require_torch()
     if strategy == "reinit" and not _torch_resets_only(module):
@@ -264,7 +274,7 @@ def _shadow_safe(module: Any, params: list[Any], strategy: str) -> bool:
     return not any(isinstance(value, torch.Tensor) for sub in module.modules() for value in vars(sub).values())
 
 
-def _dense(tensor: Any) -> bool:
+def _dense(tensor: torch.Tensor) -> bool:
     """Non-overlapping and without gaps (contiguous in some order of its dimensions)."""
     expected = 1
     for stride, size in sorted((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size != 1):
@@ -274,7 +284,7 @@ def _dense(tensor: Any) -> bool:
     return True
 
 
-def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[Any, Any]]:
+def shadow_draw(name: str, module: torch.nn.Module, strategy: str, seed: int) -> list[Draw]:
     """Each parameter of ``module`` with the value :func:`randomized` would give it, drawn on
     stand-ins: copies of its parameters and buffers are registered in their place for the draw
     and the real ones are put back, untouched. Only for draws that reach parameters through the
@@ -282,8 +292,8 @@ def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[
     """
     torch = require_torch()
     params = _own_parameters(module)
-    copies = {id(t): torch.nn.Parameter(_copy(t), requires_grad=False) if isinstance(t, torch.nn.Parameter)
-              else _copy(t) for t in [*params, *module.buffers()]}
+    copies: dict[int, Any] = {id(t): torch.nn.Parameter(_copy(t), requires_grad=False)
+                              if isinstance(t, torch.nn.Parameter) else _copy(t) for t in [*params, *module.buffers()]}
     registered = [(sub, dict(sub._parameters), dict(sub._buffers)) for sub in module.modules()]
     try:
         for sub, parameters, buffers in registered:
@@ -300,13 +310,13 @@ def shadow_draw(name: str, module: Any, strategy: str, seed: int) -> list[tuple[
             sub._buffers.update(buffers)
 
 
-def _copy(tensor: Any) -> Any:
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
     """A copy with the same strides (CPU draws take another path for other layouts)."""
     copy = require_torch().empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
     return copy.copy_(tensor.detach())
 
 
-def drawn_values(name: str, module: Any, strategy: str, seed: int) -> list[tuple[Any, Any]] | None:
+def drawn_values(name: str, module: torch.nn.Module, strategy: str, seed: int) -> list[Draw] | None:
     """Each parameter of ``module`` with (a copy of) the value :func:`randomized` gives it, or
     None if the draw changed which parameters the module has.
 
@@ -323,14 +333,14 @@ def drawn_values(name: str, module: Any, strategy: str, seed: int) -> list[tuple
         return [(parameters[key], p.detach().clone()) for key, p in now.items()]
 
 
-def _torch_resets_only(module: Any) -> bool:
+def _torch_resets_only(module: torch.nn.Module) -> bool:
     """Whether every ``reset_parameters`` in ``module`` is torch's own, not overridden."""
     return all(_torch_reset(sub) for sub in module.modules() if callable(getattr(sub, "reset_parameters", None)))
 
 
 @contextlib.contextmanager
 def randomized(
-    layers: Sequence[tuple[str, Any]], strategy: str = "reinit", seed: int = 0, draws: LayerDraws | None = None,
+    layers: Sequence[Layer], strategy: str = "reinit", seed: int = 0, draws: LayerDraws | None = None,
 ) -> Iterator[None]:
     """Randomize ``layers`` in place for the duration of the block, then restore them exactly.
 
@@ -382,12 +392,12 @@ def _restore_layers(registered: list[tuple[Any, dict[str, Any], dict[str, Any]]]
             sub._buffers.clear()
             sub._buffers.update(buffers)
     with torch.no_grad():
-        for params, values, buffers, buffer_values in saved:
-            for tensor, value in zip(params + buffers, values + buffer_values):
+        for params, values, layer_buffers, buffer_values in saved:
+            for tensor, value in zip(params + layer_buffers, values + buffer_values):
                 tensor.copy_(value)
 
 
-def _randomization_error(name: str, module: Any, strategy: str, error: Exception) -> SaliencyUsageError:
+def _randomization_error(name: str, module: torch.nn.Module, strategy: str, error: Exception) -> SaliencyUsageError:
     """What failed while randomizing a layer (the cause stays chained), and what to do about it."""
     hint = "Leave the layer out (layers=[...] names the layers to randomize) or pick another randomization."
     integer = [key for key, p in module.named_parameters() if not (p.is_floating_point() or p.is_complex())]
@@ -407,7 +417,7 @@ def _same_objects(now: dict[str, Any], before: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def preserved(model: Any) -> Iterator[None]:
+def preserved(model: torch.nn.Module) -> Iterator[None]:
     """Restore the model's ``training`` and ``requires_grad`` flags when the block ends, and its
     modules' plain tensor attributes (objects and values).
 

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..reporting.protocol import CheckResult
 from .checker import RESULT_PROPERTY, BaselineChecker, SaliencyChecker
 from .config import (
-    DEFAULT_PRESET, SaliencyConfig, parse_device, parse_preset, parse_seed, parse_sensitivity, parse_unit_interval,
+    DEFAULT_PRESET,
+    SaliencyConfig,
+    parse_device,
+    parse_preset,
+    parse_seed,
+    parse_sensitivity,
+    parse_unit_interval,
 )
 
 CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
@@ -242,14 +250,15 @@ def saliency(
     )
 
 
-def _entry_writer(config: SaliencyConfig, nodeid: str, record: Any) -> Any:
+def _entry_writer(config: SaliencyConfig, nodeid: str,
+                  record: Callable[[tuple[str, object]], None]) -> Callable[[CheckResult], str | None]:
     """Write one check's report entry (with figures for HTML); return the link to its section.
 
     A report problem never fails the user's test, not even as a warning (suites that turn
     warnings into errors would fail): it is recorded and listed in the terminal summary.
     """
 
-    def write(result: Any) -> str | None:
+    def write(result: CheckResult) -> str | None:
         from ..reporting.report import html_link, results_dir_problem, write_entry
 
         try:
@@ -287,13 +296,13 @@ class SaliencyReporter:
         # so checks run inside fixtures are counted too (and each check exactly once).
         if report.when != "teardown":
             return
-        for name, value in report.user_properties:
+        for name, value in report.user_properties:  # the values this plugin recorded are strings
             if name == RESULT_PROPERTY:
-                self.results.append(json.loads(value))
+                self.results.append(json.loads(str(value)))
             elif name == WRITTEN_PROPERTY:
-                self.written.append(value)
+                self.written.append(str(value))
             elif name == REPORT_ERROR_PROPERTY:
-                self.entry_errors.append(value)
+                self.entry_errors.append(str(value))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Merge the entries into the report. Nothing here may raise (pytest would print an
@@ -350,8 +359,8 @@ class SaliencyReporter:
             terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
         for problem in dict.fromkeys(self.problems):
             terminalreporter.write_line(problem, red=True)
-        for kind, path in self.reports.items():
-            terminalreporter.write_line(f"saliency {kind} report: {path}")
+        for kind, report_path in self.reports.items():
+            terminalreporter.write_line(f"saliency {kind} report: {report_path}")
 
 
 @pytest.fixture

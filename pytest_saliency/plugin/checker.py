@@ -4,7 +4,10 @@ Each method fills in the configured preset, thresholds and seed (an explicit key
 wins, except that ``--saliency-seed`` forces the seed for every check so that a failure can be
 reproduced from the command line), adds the command that reproduces the test, records the result
 for the terminal summary and the JUnit XML, writes the report entry (figures included) when a
-report was asked for, and points the failure message at it.
+report was asked for, and points the failure message at it. Results are read through the
+:class:`~pytest_saliency.reporting.protocol.CheckResult` protocol only.
+
+Torch-free at import: the checks are imported when a method runs.
 """
 
 from __future__ import annotations
@@ -13,13 +16,21 @@ import json
 import math
 import shlex
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..reporting.protocol import CheckResult
 from .config import SaliencyConfig
 
+if TYPE_CHECKING:
+    from ..checks.agreement import AgreementResult
+    from ..checks.consistency import ConsistencyResult, SeedStabilityResult
+    from ..checks.faithfulness import AccuracySpread
+    from ..checks.randomization import RandomizationResult
+    from ..checks.regression import BaselineResult
+    from ..checks.sweeps import SweepResult
+
 RESULT_PROPERTY = "saliency_result"
-# Numbers worth a JUnit property of their own, when a result's to_dict() has them.
-KEY_NUMBERS = ("passed", "dataset_score", "mean", "threshold", "sensitivity_threshold", "n_images", "seed", "method")
+R = TypeVar("R", bound=CheckResult)
 
 
 class SaliencyChecker:
@@ -32,7 +43,7 @@ class SaliencyChecker:
         record: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
         cache: Any = None,
-        report: Callable[[Any], str | None] | None = None,
+        report: Callable[[CheckResult], str | None] | None = None,
         model_cache: Any = None,
     ) -> None:
         self.config = config
@@ -42,7 +53,7 @@ class SaliencyChecker:
         self._report = report
         self.cache = cache
         self.model_cache = model_cache
-        self.results: list[Any] = []
+        self.results: list[CheckResult] = []
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -79,24 +90,27 @@ class SaliencyChecker:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def _store(self, result: Any) -> str | None:
+    def _store(self, result: CheckResult) -> str | None:
         """Keep the result, record it for the summary and JUnit, write its report entry.
 
-        Returns the report link for a failure message, when a report is being written.
+        The terminal summary gets the check, its verdict and ``summary()`` line (with the method
+        and seed of ``numbers()``); the JUnit XML gets ``saliency.<check>.passed`` and one
+        property per defined number of ``numbers()``. Returns the report link for a failure
+        message, when a report is being written.
         """
         self.results.append(result)
         if self._record is not None:
-            data = result.to_dict()
-            summary = {"nodeid": self.nodeid, "check": result.check, "passed": result.passed,
-                       "summary": result.summary(), **{k: data[k] for k in ("method", "seed") if k in data}}
+            numbers = result.numbers()
+            summary: dict[str, Any] = {"nodeid": self.nodeid, "check": result.check, "passed": result.passed,
+                       "summary": result.summary(), **{k: numbers[k] for k in ("method", "seed") if k in numbers}}
             self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True, default=str))
-            for key in KEY_NUMBERS:
-                value = data.get(key)
-                if isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and math.isnan(value)):
+            self._record(f"saliency.{result.check}.passed", str(bool(result.passed)))
+            for key, value in numbers.items():
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
                     self._record(f"saliency.{result.check}.{key}", str(value))
         return self._report(result) if self._report is not None else None
 
-    def _checked(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _checked(self, run: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run an asserting library call; record its result whether it passes or fails."""
         __tracebackhide__ = True
         from ..exceptions import SaliencyCheckFailed
@@ -114,13 +128,13 @@ class SaliencyChecker:
             raise SaliencyCheckFailed(message, result)
         return result
 
-    def _measured(self, result: Any) -> Any:
+    def _measured(self, result: R) -> R:
         self._store(result)
         return result
 
     # -- the checks ------------------------------------------------------------------------------
 
-    def layer_randomization(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+    def layer_randomization(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> RandomizationResult:
         """Run a randomization check and return the result without asserting (it is still recorded)."""
         from ..checks.randomization import layer_randomization
 
@@ -128,7 +142,7 @@ class SaliencyChecker:
 
     def assert_sensitive_to_layer_randomization(
         self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
-    ) -> Any:
+    ) -> RandomizationResult:
         """IPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
         from ..checks.assertions import assert_sensitive_to_layer_randomization as check
@@ -137,7 +151,7 @@ class SaliencyChecker:
 
     def assert_sensitive_to_cascading_randomization(
         self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
-    ) -> Any:
+    ) -> RandomizationResult:
         """CPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
         from ..checks.assertions import assert_sensitive_to_cascading_randomization as check
@@ -154,7 +168,7 @@ class SaliencyChecker:
 
     def agreement_matrix(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
                          metrics: Any = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim"),
-                         **options: Any) -> Any:
+                         **options: Any) -> AgreementResult:
         """:func:`pytest_saliency.agreement_matrix` with the session's preset and seed (recorded, not asserted)."""
         from ..checks.agreement import agreement_matrix
 
@@ -162,7 +176,7 @@ class SaliencyChecker:
 
     def assert_agreement_above(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
                                metric: str = "feature_agreement", k: Any = 0.1, threshold: Any = None,
-                               **options: Any) -> Any:
+                               **options: Any) -> AgreementResult:
         """:func:`pytest_saliency.assert_agreement_above` with the session's preset and seed."""
         __tracebackhide__ = True
         from ..checks.assertions import assert_agreement_above as check
@@ -170,14 +184,14 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, methods, metric, k, threshold, **self._common(options))
 
 
-    def explanation_consistency(self, models: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+    def explanation_consistency(self, models: Any, inputs: Any, method: Any = "saliency", **options: Any) -> ConsistencyResult:
         """:func:`pytest_saliency.explanation_consistency` with the session's preset and seed (recorded)."""
         from ..checks.consistency import explanation_consistency
 
         return self._measured(explanation_consistency(models, inputs, method, **self._common(options)))
 
     def assert_seed_consistency_above(self, models_or_factory: Any, inputs: Any, threshold: Any = None,
-                                      metric: str = "lr_separability", **options: Any) -> Any:
+                                      metric: str = "lr_separability", **options: Any) -> ConsistencyResult:
         """Retrained models must explain alike; models a factory trains come from ``saliency_model_cache``."""
         __tracebackhide__ = True
         from ..checks.consistency import assert_seed_consistency_above as check
@@ -188,7 +202,8 @@ class SaliencyChecker:
         return self._checked(check, models_or_factory, inputs, threshold, metric, **options)
 
     def assert_explainer_seed_stable(self, model: Any, inputs: Any, method: Any, seeds: Any = (0, 1, 2),
-                                     metric: str = "ssim", threshold: Any = None, **options: Any) -> Any:
+                                     metric: str = "ssim", threshold: Any = None,
+                                     **options: Any) -> SeedStabilityResult:
         """The method's own randomness: same seed, same maps; other seeds, similar maps."""
         __tracebackhide__ = True
         from ..checks.consistency import assert_explainer_seed_stable as check
@@ -209,35 +224,36 @@ class SaliencyChecker:
         return merged
 
     def hyperparameter_sweep(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
-                             reference: Any = None, **options: Any) -> Any:
+                             reference: Any = None, **options: Any) -> SweepResult:
         """SAM's sweep protocol with the session's preset and seed (recorded, not asserted)."""
         from ..checks.sweeps import hyperparameter_sweep
 
         return self._measured(hyperparameter_sweep(model, inputs, method, sweep, reference, **self._sweeps(options)))
 
     def assert_stable_under_hyperparameters(self, model: Any, inputs: Any, method: Any = "smoothgrad",
-                                            sweep: Any = None, reference: Any = None, **options: Any) -> Any:
+                                            sweep: Any = None, reference: Any = None,
+                                            **options: Any) -> SweepResult:
         """Every swept value's mean similarity to the reference must reach ``threshold``."""
         __tracebackhide__ = True
         from ..checks.sweeps import assert_stable_under_hyperparameters as check
 
         return self._checked(check, model, inputs, method, sweep, reference, **self._sweeps(options))
 
-    def input_noise_stability(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+    def input_noise_stability(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x against maps of x + noise (SAM 4.1), recorded, not asserted."""
-        from ..checks.sweeps import input_noise_stability
+        from ..checks.input_noise import input_noise_stability
 
         return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options)))
 
-    def assert_stable_under_input_noise(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+    def assert_stable_under_input_noise(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x and of noisy x must be similar (SAM's variance-0.1 convention by default)."""
         __tracebackhide__ = True
-        from ..checks.sweeps import assert_stable_under_input_noise as check
+        from ..checks.input_noise import assert_stable_under_input_noise as check
 
         return self._checked(check, model, inputs, method, **self._sweeps(options))
 
     def accuracy_spread(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
-                        reference: Any = None, **options: Any) -> Any:
+                        reference: Any = None, **options: Any) -> AccuracySpread:
         """How much insertion/deletion AUC moves across a sweep (SAM 4.5-4.6), recorded."""
         from ..checks.faithfulness import accuracy_spread
 
@@ -293,7 +309,7 @@ class BaselineChecker:
         )
 
     def check(self, model: Any, inputs: Any, method: Any = "saliency", name: str | None = None,
-              metric: str = "ssim", threshold: float | None = None, **options: Any) -> Any:
+              metric: str = "ssim", threshold: float | None = None, **options: Any) -> BaselineResult:
         """Compare with the stored baseline (written, and failing, when it is missing)."""
         __tracebackhide__ = True
         from ..checks.regression import check_baseline
@@ -301,7 +317,7 @@ class BaselineChecker:
         path = self.path(name)
         self._refuse_legacy_file(path, name)
 
-        def run() -> Any:
+        def run() -> BaselineResult:
             __tracebackhide__ = True
             result = check_baseline(model, inputs, path, method, metric=metric, threshold=threshold,
                                     update=self.update, name=name or "", **self._checker._common(options))

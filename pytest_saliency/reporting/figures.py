@@ -1,15 +1,21 @@
-"""Figures for saliency reports: PNG bytes from check results, rendered headless.
+"""Figures for saliency reports: PNG bytes drawn from explicit data, headless.
 
-:func:`figures_for` takes a result object (``RandomizationResult``, ``AgreementResult``, a sweep,
-consistency or baseline result, or anything with a ``check`` string) and returns
-``{name: png_bytes}``. The figures are looked up by ``result.check``; a check with no figure
-renderer gets none (the report still shows its table), and every attribute a renderer reads is
-read with ``getattr``, so a result that lacks one loses that figure, not the report.
+Each check kind has one entry point that takes the numbers and maps to draw, as plain typed
+arguments, and returns the figures as lazy ``(name, render)`` pairs
+(:data:`~pytest_saliency.reporting.protocol.Figure`): :func:`randomization_figures`,
+:func:`agreement_figures`, :func:`sweep_figures`, :func:`ensemble_figures`,
+:func:`pair_figures` and :func:`baseline_figures`. A result's ``figures()`` method (the
+:class:`~pytest_saliency.reporting.protocol.CheckResult` protocol) passes its own fields to one of
+them; this module never sees a result object, so reporting does not depend on the checks. A
+user's own result provides pictures the same way: its ``figures()`` returns ``(name, render)``
+pairs, drawn with these functions or with anything that returns PNG bytes.
+:func:`figures_for` renders what a result lists, leaving out (and explaining) a figure that
+cannot be drawn.
 
 Headless and process/thread safe: figures are built from :class:`matplotlib.figure.Figure` with an
 explicit :class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`; ``pyplot`` is never imported,
 so the global backend, pyplot's figure registry and a user's open figures are left alone.
-matplotlib is imported only when a figure is drawn.
+matplotlib is imported only when a figure is drawn, torch never.
 
 Conventions in every map figure: maps with no negative value use ``inferno`` on ``[0, max]``
 (``[0, 1]`` for the presets' normalized maps); signed maps use ``coolwarm`` with symmetric limits,
@@ -24,9 +30,11 @@ import io
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
+
+from .protocol import CheckResult, Figure
 
 DPI = 90
 MAX_STRIP_IMAGES = 4
@@ -34,6 +42,7 @@ MAX_STRIP_LAYERS = 8
 MAX_WIDTH = 11.8  # inches: ~1060 px at 90 dpi, shown 1:1 in the HTML report's column
 MAX_AGREEMENT_IMAGES = 3
 MAX_BASELINE_IMAGES = 4
+MAX_PAIR_MATRICES = 6
 
 BAD = "#c62828"
 INK = "#222222"
@@ -43,8 +52,6 @@ ACCENT = "#1f5fa8"
 MISSING_MATPLOTLIB = (
     "figures need matplotlib, which is not installed: pip install matplotlib (the report shows the tables only)"
 )
-
-Renderer = Callable[[Any], list[tuple[str, Callable[[], bytes]]]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,17 +83,6 @@ def _short(name: Any, width: int = 16) -> str:
     """Keep the tail of long dotted names (``layer4.1.conv2`` says more than ``features.``)."""
     text = str(name)
     return text if len(text) <= width else "\u2026" + text[-(width - 1):]
-
-
-def _to_dict(result: Any) -> dict[str, Any]:
-    to_dict = getattr(result, "to_dict", None)
-    if callable(to_dict):
-        try:
-            data = to_dict()
-        except Exception:  # a broken to_dict must not cost the other figures
-            return {}
-        return data if isinstance(data, dict) else {}
-    return result if isinstance(result, dict) else {}
 
 
 def _new_figure(width: float, height: float, dpi: int = DPI) -> Any:
@@ -271,38 +267,75 @@ def _scale_label(cmap: str) -> str:
     return "signed value" if cmap == "coolwarm" else "map value"
 
 
-def _metric_higher_is_better(metric: Any) -> bool:
-    try:
-        from ..compare.metrics import METRICS
-
-        return bool(METRICS[str(metric)].higher_is_better)
-    except Exception:
-        return not any(word in str(metric) for word in ("distance", "divergence", "angle", "error"))
-
 
 # --------------------------------------------------------------------------------------------
 # parameter randomization
 
 
-def _randomization(result: Any) -> list[tuple[str, Callable[[], bytes]]]:
-    figures: list[tuple[str, Callable[[], bytes]]] = []
-    if getattr(result, "original_maps", None) is not None and getattr(result, "randomized_maps", None) is not None:
-        figures.append(("randomization_strip", lambda: _randomization_strip(result)))
-    if getattr(result, "ssim", None) is not None and getattr(result, "layers", None):
-        figures.append(("ssim_curve", lambda: _ssim_curve(result)))
+@dataclass(frozen=True)
+class _Randomization:
+    """What the strip and the curve of a randomization check draw (see :func:`randomization_figures`)."""
+
+    layers: list[str]
+    ssim: Any
+    threshold: float
+    insensitive: frozenset[str]
+    original_maps: Any
+    randomized_maps: Any
+    method: str
+    preset: str
+    mode: str
+    order: str
+    check: str
+    dataset_score: float | None
+    ci: tuple[float, float] | None
+
+    def randomized_what(self) -> str:
+        order = self.order.replace("_", "-")
+        return f"cumulatively randomized ({order}) down to" if self.mode == "cascading" else "after randomizing"
+
+
+def randomization_figures(
+    *,
+    layers: Sequence[str],
+    ssim: Any,
+    ssim_threshold: float,
+    insensitive_layers: Collection[str] = (),
+    original_maps: Any = None,
+    randomized_maps: Any = None,
+    method: str = "",
+    preset: str = "",
+    mode: str = "independent",
+    order: str = "",
+    check: str = "layer randomization",
+    dataset_score: float | None = None,
+    ci: tuple[float, float] | None = None,
+) -> list[Figure]:
+    """The figures of a parameter-randomization check: ``randomization_strip`` and ``ssim_curve``.
+
+    ``layers`` names the randomized layers in the order of ``ssim``, the (layers, images) matrix
+    of SSIM(original map, randomized map), compared with ``ssim_threshold``. The strip shows
+    ``original_maps`` (k, H, W) and ``randomized_maps`` (layers, k, H, W) of the first k images,
+    with the ``insensitive_layers`` framed in red; it is left out without maps. ``mode`` and
+    ``order`` word the axis and the titles (cascading randomization is cumulative); ``method``,
+    ``preset`` and ``check`` name what was checked; ``dataset_score`` (S^I) and ``ci``, its
+    confidence interval, go into the curve's title when given.
+    """
+    data = _Randomization(
+        layers=[str(name) for name in layers], ssim=_np(ssim), threshold=float(ssim_threshold),
+        insensitive=frozenset(str(name) for name in insensitive_layers), original_maps=original_maps,
+        randomized_maps=randomized_maps, method=method, preset=preset, mode=mode, order=order, check=check,
+        dataset_score=dataset_score, ci=ci,
+    )
+    figures: list[Figure] = []
+    if original_maps is not None and randomized_maps is not None:
+        figures.append(("randomization_strip", lambda: _randomization_strip(data)))
+    if data.ssim is not None and data.layers:
+        figures.append(("ssim_curve", lambda: _ssim_curve(data)))
     return figures
 
 
-def _threshold(result: Any) -> float:
-    return _float(getattr(getattr(result, "stats", None), "ssim_threshold", None), 0.99)
-
-
-def _insensitive_layers(result: Any) -> set[str]:
-    layers = getattr(getattr(result, "stats", None), "layers", None) or []
-    return {str(getattr(layer, "name", "")) for layer in layers if not getattr(layer, "sensitive", True)}
-
-
-def _layer_columns(names: list[str], insensitive: set[str], limit: int) -> list[int]:
+def _layer_columns(names: list[str], insensitive: Collection[str], limit: int) -> list[int]:
     """Which layers get a column: all when few, else the insensitive ones and an even spread."""
     n = len(names)
     if n <= limit:
@@ -321,21 +354,19 @@ def _layer_columns(names: list[str], insensitive: set[str], limit: int) -> list[
     return sorted(chosen)
 
 
-def _randomization_strip(result: Any) -> bytes:
-    original = _np(result.original_maps)
-    randomized = _np(result.randomized_maps)
+def _randomization_strip(data: _Randomization) -> bytes:
+    original = _np(data.original_maps)
+    randomized = _np(data.randomized_maps)
     if original is None or randomized is None or randomized.ndim < 3 or original.ndim < 2:
         raise ValueError("original_maps must be (k, H, W) and randomized_maps (layers, k, H, W)")
-    names = [str(n) for n in (getattr(result, "layers", None) or [])]
+    names = data.layers
     if len(names) != randomized.shape[0]:
         names = [f"layer {i}" for i in range(randomized.shape[0])]
     rows = min(MAX_STRIP_IMAGES, original.shape[0], randomized.shape[1])
     if rows == 0 or randomized.shape[0] == 0:
         raise ValueError("no kept maps to draw")
-    ssim = _np(getattr(result, "ssim", None))
-    threshold = _threshold(result)
-    insensitive = _insensitive_layers(result)
-    columns = _layer_columns(names, insensitive, MAX_STRIP_LAYERS)
+    ssim, threshold = data.ssim, data.threshold
+    columns = _layer_columns(names, data.insensitive, MAX_STRIP_LAYERS)
     cmap, vmin, vmax = _map_scale([original[:rows], randomized[columns, :rows]])
     grid: list[list[_Cell | None]] = []
     for r in range(rows):
@@ -348,28 +379,23 @@ def _randomization_strip(result: Any) -> bytes:
             row.append(_Cell(randomized[layer, r], caption=f"SSIM {value:.3f}", caption_color=BAD if bad else INK,
                              bold=bad, frame=BAD if bad else None))
         grid.append(row)
-    mode = str(getattr(result, "mode", ""))
-    order = str(getattr(result, "order", "")).replace("_", "-")
-    what = f"cumulatively randomized ({order}) down to" if mode == "cascading" else "after randomizing"
     shown = "" if len(columns) == len(names) else f" ({len(columns)} of {len(names)} layers shown)"
-    preset = getattr(getattr(result, "pipeline", None), "name", "")
-    title = (f"{getattr(result, 'method', '')} maps{' (' + preset + ')' if preset else ''}: the original model's, "
-             f"then {what} each layer{shown}. Red frame: SSIM \u2265 {threshold:g}, the map did not change.")
+    preset = f" ({data.preset})" if data.preset else ""
+    title = (f"{data.method} maps{preset}: the original model's, then {data.randomized_what()} each layer"
+             f"{shown}. Red frame: SSIM \u2265 {threshold:g}, the map did not change.")
     col_titles = [("original", INK)] + [
-        (_short(names[i], 15), BAD if names[i] in insensitive else INK) for i in columns
+        (_short(names[i], 15), BAD if names[i] in data.insensitive else INK) for i in columns
     ]
     return _map_grid(grid, scales={"map": (cmap, vmin, vmax, _scale_label(cmap))}, title=title,
                      col_titles=col_titles, row_labels=[f"image {r}" for r in range(rows)])
 
 
-def _ssim_curve(result: Any) -> bytes:
+def _ssim_curve(data: _Randomization) -> bytes:
     import numpy as np
 
-    names = [str(n) for n in result.layers]
-    ssim = _np(result.ssim)
+    names, ssim, threshold = data.layers, data.ssim, data.threshold
     if ssim is None or ssim.ndim != 2 or ssim.shape[0] != len(names) or ssim.shape[1] == 0:
         raise ValueError("ssim is not a (layers, images) matrix")
-    threshold = _threshold(result)
     x = np.arange(len(names))
     with np.errstate(all="ignore"):
         mean = np.nanmean(ssim, axis=1)
@@ -406,88 +432,97 @@ def _ssim_curve(result: Any) -> bytes:
     finite_low = low[np.isfinite(low)]
     ax.set_ylim(min(0.0, float(finite_low.min()) - 0.05) if finite_low.size else 0.0, 1.05)
     ax.set_xlim(-0.6, len(names) - 0.4)
-    mode = getattr(result, "mode", "")
-    order = str(getattr(result, "order", "")).replace("_", "-")
-    ax.set_xlabel(f"layers, cumulatively randomized ({order})" if mode == "cascading" else "randomized layer",
+    order = data.order.replace("_", "-")
+    ax.set_xlabel(f"layers, cumulatively randomized ({order})" if data.mode == "cascading" else "randomized layer",
                   fontsize=8)
     ax.set_ylabel("SSIM(original, randomized)", fontsize=8)
     ax.tick_params(axis="both", labelsize=7.5)
     ax.grid(axis="y", color="#e5e7eb", linewidth=0.6)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, borderaxespad=0)
-    stats = getattr(result, "stats", None)
-    score = _float(getattr(stats, "dataset_score", None))
-    title = f"{getattr(result, 'check', 'layer randomization')}: mean SSIM per layer over N = {ssim.shape[1]} images"
-    if not math.isnan(score):
-        ci_low, ci_high = _float(getattr(stats, "ci_low", None)), _float(getattr(stats, "ci_high", None))
-        title += (f"\n$S^I$ = {score:.4f} (CI {ci_low:.4f}\u2013{ci_high:.4f}); "
-                  f"{int(insensitive.sum())} of {len(names)} layers with mean SSIM \u2265 {threshold:g}")
-    ax.set_title(title, fontsize=8.5, color=INK, loc="left", linespacing=1.3)
+    ax.set_title(_ssim_curve_title(data, ssim.shape[1], int(insensitive.sum())), fontsize=8.5, color=INK, loc="left",
+                 linespacing=1.3)
     return _png(fig)
+
+
+def _ssim_curve_title(data: _Randomization, n_images: int, n_insensitive: int) -> str:
+    title = f"{data.check}: mean SSIM per layer over N = {n_images} images"
+    score = _float(data.dataset_score)
+    if not math.isnan(score):
+        ci_low, ci_high = (_float(v) for v in (data.ci or (math.nan, math.nan)))
+        title += (f"\n$S^I$ = {score:.4f} (CI {ci_low:.4f}\u2013{ci_high:.4f}); "
+                  f"{n_insensitive} of {len(data.layers)} layers with mean SSIM \u2265 {data.threshold:g}")
+    return title
 
 
 # --------------------------------------------------------------------------------------------
 # method agreement
 
 
-def _agreement(result: Any) -> list[tuple[str, Callable[[], bytes]]]:
-    figures: list[tuple[str, Callable[[], bytes]]] = []
-    if getattr(result, "methods", None) and getattr(result, "metrics", None):
-        figures.append(("agreement_matrices", lambda: _agreement_matrices(result)))
-    maps = getattr(result, "maps", None)
-    if isinstance(maps, dict) and maps:
-        figures.append(("agreement_maps", lambda: _maps_strip(
-            maps, f"Maps of each method for the first images (preset "
-                  f"{getattr(getattr(result, 'pipeline', None), 'name', '?')}, as compared by SSIM)",
-            MAX_AGREEMENT_IMAGES)))
+def agreement_figures(
+    *,
+    methods: Sequence[str],
+    metrics: Sequence[str],
+    matrices: Mapping[str, Sequence[Sequence[float | None]]],
+    n_images: int,
+    chance: Mapping[str, float | None] | None = None,
+    failing: Collection[tuple[str, str, str]] = (),
+    threshold: float | None = None,
+    statistic: str = "mean",
+    higher_is_better: Mapping[str, bool] | None = None,
+    maps: Mapping[str, Any] | None = None,
+    preset: str = "",
+) -> list[Figure]:
+    """The figures of a method-agreement check: ``agreement_matrices`` and ``agreement_maps``.
+
+    ``matrices[metric]`` is the method x method matrix of mean values over ``n_images`` images
+    (rows and columns in the order of ``methods``; ``None`` where not computed, e.g. the
+    diagonal). ``chance[metric]`` is printed in the metric's title; the ``failing``
+    ``(method_a, method_b, metric)`` pairs are framed in red; ``threshold`` and ``statistic``
+    (``"mean"`` or a confidence bound) word the title. ``higher_is_better[metric]`` (default
+    True) picks the colour scale: a reversed one for distances. ``maps`` (method -> (N, H, W)
+    maps, as compared under ``preset``) gives the strip of each method's maps.
+    """
+    figures: list[Figure] = []
+    if methods and metrics:
+        figures.append(("agreement_matrices", lambda: _agreement_matrices(
+            [str(m) for m in methods], [str(m) for m in metrics], matrices, chance or {}, failing, threshold,
+            statistic, higher_is_better or {}, n_images)))
+    if maps:
+        title = f"Maps of each method for the first images (preset {preset or '?'}, as compared by SSIM)"
+        figures.append(("agreement_maps", lambda: _maps_strip(maps, title, MAX_AGREEMENT_IMAGES)))
     return figures
 
 
-def _matrix_of(result: Any, metric: str, labels: list[str]) -> Any:
+def _square(rows: Sequence[Sequence[float | None]] | None, n: int) -> Any:
+    """An (n, n) float matrix from nested lists, NaN where a value is missing or None."""
     import numpy as np
 
-    grid = None
-    matrix = getattr(result, "matrix", None)
-    if callable(matrix):
-        try:
-            grid = matrix(metric)
-        except Exception:
-            grid = None
-    if grid is None:
-        grid = (_to_dict(result).get("matrices") or {}).get(metric)
-    out = np.full((len(labels), len(labels)), np.nan)
-    for i, row in enumerate(grid or []):
+    out = np.full((n, n), np.nan)
+    for i, row in enumerate(rows or []):
         for j, value in enumerate(row or []):
-            if i < len(labels) and j < len(labels) and value is not None:
+            if i < n and j < n and value is not None:
                 out[i, j] = _float(value)
     return out
 
 
-def _failing_cells(result: Any, labels: list[str], metric: str) -> set[tuple[int, int]]:
-    failing = getattr(result, "failing_pairs", None)
-    if not callable(failing):
-        return set()
-    try:
-        pairs = failing()
-    except Exception:
-        return set()
+def _failing_cells(failing: Collection[tuple[str, str, str]], labels: list[str], metric: str) -> set[tuple[int, int]]:
     index = {m: i for i, m in enumerate(labels)}
     cells: set[tuple[int, int]] = set()
-    for p in pairs:
-        a, b = str(getattr(p, "method_a", "")), str(getattr(p, "method_b", ""))
-        if getattr(p, "metric", None) == metric and a in index and b in index:
+    for a, b, name in failing:
+        if name == metric and a in index and b in index:
             cells.update({(index[a], index[b]), (index[b], index[a])})
     return cells
 
 
-def _metric_scale(metric: str, grid: Any) -> tuple[str, float, float]:
+def _metric_scale(metric: str, grid: Any, higher_is_better: bool = True) -> tuple[str, float, float]:
     """Colour scale of a metric: fixed ranges where the metric has one, so matrices compare."""
     import numpy as np
 
     finite = grid[np.isfinite(grid)]
     peak = float(np.abs(finite).max()) if finite.size else 1.0
     name = metric.lower()
-    if not _metric_higher_is_better(metric):  # distances, divergences, angles: low is good
+    if not higher_is_better:  # distances, divergences, angles: low is good
         return "viridis_r", 0.0, max(peak, 1e-12)
     if any(word in name for word in ("correlation", "spearman", "pearson", "cosine", "ssim")) or (
         finite.size and finite.min() < 0
@@ -551,26 +586,25 @@ def _heatmaps(titled_grids: list[tuple[str, Any, tuple[str, float, float], set[t
     return _png(fig)
 
 
-def _agreement_matrices(result: Any) -> bytes:
-    labels = [str(m) for m in result.methods]
-    metrics = [str(m) for m in result.metrics]
-    pairs = list(getattr(result, "pairs", None) or [])
+def _agreement_matrices(labels: list[str], metrics: list[str], matrices: Mapping[str, Sequence[Sequence[float | None]]],
+                        chance: Mapping[str, float | None], failing: Collection[tuple[str, str, str]],
+                        threshold: float | None, statistic: str, higher_is_better: Mapping[str, bool],
+                        n_images: int) -> bytes:
     grids = []
     for metric in metrics:
-        grid = _matrix_of(result, metric, labels)
-        chance = next((getattr(p, "chance", None) for p in pairs if getattr(p, "metric", None) == metric), None)
-        title = metric + ("" if chance is None else f" (chance {_float(chance):.2f})")
-        grids.append((title, grid, _metric_scale(metric, grid), _failing_cells(result, labels, metric)))
-    threshold = getattr(result, "threshold", None)
-    statistic = getattr(result, "statistic", "mean")
+        grid = _square(matrices.get(metric), len(labels))
+        level = chance.get(metric)
+        title = metric + ("" if level is None else f" (chance {_float(level):.2f})")
+        scale = _metric_scale(metric, grid, higher_is_better.get(metric, True))
+        grids.append((title, grid, scale, _failing_cells(failing, labels, metric)))
     extra = "" if threshold is None else (
         f"; threshold {_float(threshold):.3g} on the {'mean' if statistic == 'mean' else 'confidence bound'}, "
         "red frame: failing pair"
     )
-    return _heatmaps(grids, labels, f"Method agreement: mean over {getattr(result, 'n_images', '?')} images{extra}")
+    return _heatmaps(grids, labels, f"Method agreement: mean over {n_images} images{extra}")
 
 
-def _maps_strip(maps: dict[str, Any], title: str, max_images: int, transpose: bool = False) -> bytes:
+def _maps_strip(maps: Mapping[str, Any], title: str, max_images: int, transpose: bool = False) -> bytes:
     """Rows: images; columns: the labels of ``maps`` (``transpose``: one row, images as columns)."""
     arrays = {str(label): _np(value) for label, value in maps.items()}
     arrays = {k: v for k, v in arrays.items() if v is not None and v.ndim >= 2 and v.shape[0] > 0}
@@ -580,194 +614,90 @@ def _maps_strip(maps: dict[str, Any], title: str, max_images: int, transpose: bo
     rows = min(max_images, min(arrays[k].shape[0] for k in labels))
     cmap, vmin, vmax = _map_scale([arrays[k][:rows] for k in labels])
     scales = {"map": (cmap, vmin, vmax, _scale_label(cmap))}
+    grid: list[list[_Cell | None]]
     if transpose:
         grid = [[_Cell(arrays[k][r]) for r in range(rows)] for k in labels]
         return _map_grid(grid, scales=scales, title=title, col_titles=[(f"image {r}", INK) for r in range(rows)],
                          row_labels=[_short(k, 18) for k in labels])
-    grid: list[list[_Cell | None]] = [[_Cell(arrays[k][r]) for k in labels] for r in range(rows)]
+    grid = [[_Cell(arrays[k][r]) for k in labels] for r in range(rows)]
     return _map_grid(grid, scales=scales, title=title, col_titles=[(_short(k, 18), INK) for k in labels],
                      row_labels=[f"image {r}" for r in range(rows)])
 
 
 # --------------------------------------------------------------------------------------------
-# hyperparameter sweeps and input noise (SweepResult), ensemble-size curves
-
-_MEAN_KEYS = ("mean", "mean_similarity", "similarity", "dataset_mean", "value_mean", "score")
-_STD_KEYS = ("std", "std_similarity", "sd")
-_X_KEYS = ("value", "setting", "x")
-_NAME_KEYS = ("hyperparameter", "parameter", "param", "name")
-_GENERIC_KEYS = {"rows", "values", "results", "table", "tables", "points", "sweep", "sweeps", "curves", "series",
-                 "data", "entries", "items"}
-_SUMMARY_KEYS = {"least_stable", "failures", "failing", "worst", "best"}
-
-Point = tuple[Any, float, float]  # (swept value, mean, std)
-
-
-@dataclass
-class _Series:
-    """One hyperparameter: a curve per metric, the reference value and the failing values."""
-
-    name: str
-    curves: dict[str, list[Point]]
-    reference: Any = None
-    failing: set[str] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.failing = set(self.failing or ())
-
-
-def _first(record: dict[str, Any], keys: Iterable[str]) -> Any:
-    for key in keys:
-        if key in record:
-            return record[key]
-    return None
-
-
-def _known_metric(name: str) -> bool:
-    try:
-        from ..compare.metrics import METRICS
-
-        if name in METRICS:
-            return True
-    except Exception:
-        pass
-    return name in {"ssim", "spearman", "pearson", "hog_pearson", "similarity", "rank_correlation"}
-
-
-def _sweep_series(data: Any, default_metric: str = "similarity") -> dict[str, dict[str, list[Point]]]:
-    """``{hyperparameter: {metric: [(value, mean, std), ...]}}`` found anywhere in a ``to_dict()``.
-
-    Reads row records (``{"hyperparameter", "value", "metric", "mean", "std"}``; the hyperparameter
-    and the metric may instead be enclosing keys or an enclosing record's ``hyperparameter``),
-    records whose ``mean``/``std`` are ``{metric: number}`` dicts (``SweepResult.to_dict()``), and
-    column records (``{"values": [...], "<metric>": {"mean": [...], "std": [...]}}``). Summary
-    records (``least_stable``, ``failures``) are skipped.
-    """
-    series: dict[str, dict[str, list[Point]]] = {}
-
-    def add(name: Any, metric: Any, x: Any, mean: Any, std: Any) -> None:
-        if isinstance(mean, numbers.Real) and not isinstance(mean, bool):
-            series.setdefault(str(name), {}).setdefault(str(metric), []).append((x, float(mean), _float(std, 0.0)))
-
-    def names_from(obj: dict[str, Any], context: list[str], inherited: Any) -> tuple[Any, Any]:
-        named = [c for c in context if c not in _GENERIC_KEYS and not c.isdigit()]
-        name, metric = _first(obj, _NAME_KEYS), obj.get("metric")
-        if metric is None and named and _known_metric(named[-1]):
-            metric = named.pop()
-        if name is None:
-            name = inherited if inherited is not None else (named[-1] if named else "hyperparameter")
-        return name, metric if metric is not None else default_metric
-
-    def walk(obj: Any, context: list[str], inherited: Any) -> None:
-        if isinstance(obj, list):
-            for i, value in enumerate(obj):
-                if isinstance(value, (dict, list)):
-                    walk(value, context + [str(i)], inherited)
-            return
-        if not isinstance(obj, dict):
-            return
-        x, mean = _first(obj, _X_KEYS), _first(obj, _MEAN_KEYS)
-        if x is not None and not isinstance(x, (list, dict)) and mean is not None:
-            name, metric = names_from(obj, context, inherited)
-            if isinstance(mean, dict):
-                std = obj.get("std") if isinstance(obj.get("std"), dict) else {}
-                for m, value in mean.items():
-                    add(name, m, x, value, std.get(m))
-            else:
-                add(name, metric, x, mean, _first(obj, _STD_KEYS))
-            return
-        own = _first(obj, _NAME_KEYS)
-        inherited = own if isinstance(own, str) else inherited
-        values = obj.get("values")
-        if isinstance(values, list) and values and not isinstance(values[0], (dict, list)):
-            name, metric = names_from(obj, context, inherited)
-            columns = {k: v for k, v in obj.items() if isinstance(v, dict) and isinstance(v.get("mean"), list)}
-            if isinstance(obj.get("mean"), list):
-                columns[metric] = obj
-            for m, column in columns.items():
-                stds = column.get("std") if isinstance(column.get("std"), list) else [0.0] * len(values)
-                for x, value, s in zip(values, column["mean"], stds):
-                    add(name, m, x, value, s)
-            if columns:
-                return
-        for key, value in obj.items():
-            if isinstance(value, (dict, list)) and key not in _SUMMARY_KEYS:
-                walk(value, context + [str(key)], inherited)
-
-    walk(data, [], None)
-    return series
-
-
-def _sweep_data(result: Any) -> list[_Series]:
-    """The curves of a sweep: from ``result.tables`` (SweepResult) if present, else from ``to_dict()``."""
-    metrics = [str(m) for m in (getattr(result, "metrics", None) or [])]
-    tables = getattr(result, "tables", None)
-    out: list[_Series] = []
-    if isinstance(tables, (list, tuple)) and tables and all(hasattr(t, "rows") for t in tables):
-        failing: set[tuple[str, str]] = set()
-        try:
-            failing = {(str(t.hyperparameter), repr(r.value)) for t, r in (getattr(result, "failures", None) or [])}
-        except Exception:
-            failing = set()
-        for table in tables:
-            name = str(getattr(table, "hyperparameter", "hyperparameter"))
-            curves: dict[str, list[Point]] = {}
-            for row in table.rows:
-                for metric in metrics or list(getattr(row, "scores", {}) or {}):
-                    try:
-                        curves.setdefault(metric, []).append((row.value, float(row.mean(metric)),
-                                                              _float(row.std(metric), 0.0)))
-                    except Exception:
-                        continue
-            if curves:
-                out.append(_Series(name, curves, getattr(table, "reference_value", None),
-                                   {v for n, v in failing if n == name}))
-        if out:
-            return out
-    data = _to_dict(result)
-    failing_rows = data.get("failures") if isinstance(data.get("failures"), list) else []
-    references = {}
-    for table in data.get("tables") or []:
-        if isinstance(table, dict) and "hyperparameter" in table:
-            references[str(table["hyperparameter"])] = table.get("reference_value")
-    for name, curves in _sweep_series(data, str(getattr(result, "metric", None) or "similarity")).items():
-        bad = {repr(f.get("value")) for f in failing_rows
-               if isinstance(f, dict) and str(f.get("hyperparameter")) == name}
-        out.append(_Series(name, curves, references.get(name), bad))
-    return out
-
-
-def _sweep(result: Any) -> list[tuple[str, Callable[[], bytes]]]:
-    series = _sweep_data(result)
-    if not series:
-        return []
-    return [("sweep_curves", lambda: _sweep_curves(result, series))]
-
+# hyperparameter sweeps and input noise, ensemble-size curves
 
 _COLORS = ["#1f5fa8", "#e07b00", "#2e7d32", "#7b1fa2", "#00838f", "#6d4c41"]
+MAX_SWEEP_PLOTS = 9
+
+Point = tuple[Any, float, float, bool]  # (swept value, mean, std, fails the threshold)
 
 
-def _is_number(x: Any) -> bool:
+@dataclass(frozen=True)
+class SweepSeries:
+    """One swept hyperparameter, as :func:`sweep_figures` draws it (one plot, a curve per metric).
+
+    ``values`` are the swept values in the order they ran; ``means[metric]`` and
+    ``stds[metric]`` hold, for each value, the mean and the std over images of the similarity of
+    its maps to the reference maps; ``failing`` flags the values whose mean fails the threshold
+    (circled in red on the verdict metric's curve); ``reference`` is the reference value (a
+    dotted line when it is a number, else named in the plot's title).
+    """
+
+    name: str
+    values: Sequence[Any]
+    means: Mapping[str, Sequence[float]]
+    stds: Mapping[str, Sequence[float]]
+    failing: Sequence[bool] = ()
+    reference: Any = None
+
+    def curves(self) -> dict[str, list[Point]]:
+        flags = list(self.failing) + [False] * (len(self.values) - len(self.failing))
+        return {
+            metric: [(x, float(mean), _float(std, 0.0), bad)
+                     for x, mean, std, bad in zip(self.values, means, self.stds.get(metric, [0.0] * len(means)), flags)]
+            for metric, means in self.means.items()
+        }
+
+
+def sweep_figures(
+    *,
+    series: Sequence[SweepSeries],
+    metric: str,
+    threshold: float | None = None,
+    method: str = "",
+    noise: bool = False,
+) -> list[Figure]:
+    """The figure of a sweep or input-noise check: ``sweep_curves``, one plot per swept hyperparameter.
+
+    Each plot shows the mean (error bars: std over images) similarity to the reference per
+    swept value, one curve per metric, against ``threshold`` on the verdict ``metric``. ``noise``
+    words it as similarity to the maps of the clean inputs (the input-noise check). Up to
+    :data:`MAX_SWEEP_PLOTS` plots; no figure when no series has a value.
+    """
+    drawn = [s for s in series if s.values and s.means][:MAX_SWEEP_PLOTS]
+    if not drawn:
+        return []
+    return [("sweep_curves", lambda: _sweep_curves(drawn, metric, threshold, method, noise))]
+
+
+def _is_number(x: Any) -> TypeGuard[float]:
+    """A real number (bool excluded): what can be plotted."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _sweep_curves(result: Any, series: list[_Series]) -> bytes:
-    series = series[:9]
+def _sweep_curves(series: list[SweepSeries], metric: str, threshold: float | None, method: str,
+                  noise: bool) -> bytes:
     ncols = min(3, len(series))
     nrows = math.ceil(len(series) / ncols)
     plot_w, plot_h, left, gap_x, gap_y = 3.1, 2.2, 0.62, 0.75, 1.45
-    check = str(getattr(result, "check", ""))
-    metric = str(getattr(result, "metric", "") or "")
-    threshold = getattr(result, "threshold", None)
-    threshold = _float(threshold) if _is_number(threshold) else None
-    if check == "input_noise_stability":
+    if noise:
         what = "similarity of the maps of noisy inputs to those of the clean inputs"
     else:
         what = "similarity to the reference setting, one hyperparameter at a time"
     limit = "" if threshold is None else f"; dashed: threshold {threshold:g} on mean {metric}, red: failing value"
     width = left + ncols * plot_w + (ncols - 1) * gap_x + 0.25
-    title = _wrap(f"{getattr(result, 'method', '') or 'explanation'}: {what} (mean \u00b1 std over images){limit}",
-                  width - 0.2, 9)
+    title = _wrap(f"{method or 'explanation'}: {what} (mean \u00b1 std over images){limit}", width - 0.2, 9)
     top = 0.35 + 0.17 * (title.count("\n") + 1)
     height = top + nrows * (plot_h + gap_y)
     fig = _new_figure(width, height)
@@ -775,167 +705,176 @@ def _sweep_curves(result: Any, series: list[_Series]) -> bytes:
     for index, s in enumerate(series):
         ax = _axes_at(fig, left + (index % ncols) * (plot_w + gap_x), top + (index // ncols) * (plot_h + gap_y),
                       plot_w, plot_h)
-        xs_all = [x for points in s.curves.values() for x, _, _ in points]
-        numeric = all(_is_number(x) for x in xs_all)
-        categories = list(dict.fromkeys(_short(x, 14) for x in xs_all))
-        for color, (name, points) in zip(_COLORS * 4, s.curves.items()):
-            points = sorted(points, key=lambda p: p[0]) if numeric else points
-            xs = [p[0] for p in points] if numeric else [categories.index(_short(p[0], 14)) for p in points]
-            ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", markersize=4,
-                        capsize=3, linewidth=1.5, color=color, label=name, zorder=3)
-            if name == metric or len(s.curves) == 1:
-                bad = [(x, p[1]) for x, p in zip(xs, points) if repr(p[0]) in s.failing]
-                if bad:
-                    ax.scatter([b[0] for b in bad], [b[1] for b in bad], s=80, facecolors="none", edgecolors=BAD,
-                               linewidths=1.8, zorder=4, label="below threshold")
-        if numeric:
-            positive = [x for x in xs_all if x > 0]
-            if positive and len(positive) == len(xs_all) and max(positive) / min(positive) >= 20:
-                ax.set_xscale("log")
-            if _is_number(s.reference):
-                ax.axvline(float(s.reference), color=MUTED, linestyle=":", linewidth=1.1,
-                           label=f"reference {s.reference:g}")
-        else:
-            ax.set_xticks(range(len(categories)))
-            ax.set_xticklabels(categories, rotation=30, ha="right", fontsize=7.5, rotation_mode="anchor")
-        if threshold is not None:
-            ax.axhline(threshold, color=BAD, linestyle="--", linewidth=1.1, label=f"threshold {threshold:g}")
-        ref = "" if s.reference is None or _is_number(s.reference) else f" (reference {_short(s.reference, 20)})"
-        ax.set_title(f"{s.name}{ref}", fontsize=8.5, color=INK, loc="left")
-        ax.set_xlabel(s.name.replace("_", " "), fontsize=8)
-        ax.set_ylabel("similarity to reference" if check != "input_noise_stability" else "similarity to clean",
-                      fontsize=8)
-        ax.tick_params(labelsize=7.5)
-        ax.grid(color="#e5e7eb", linewidth=0.6)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3,
-                  columnspacing=1.0, handlelength=1.6)
+        _sweep_plot(ax, s, metric, threshold)
+        ax.set_ylabel("similarity to clean" if noise else "similarity to reference", fontsize=8)
     return _png(fig)
 
 
-def _ensemble(result: Any) -> list[tuple[str, Callable[[], bytes]]]:
-    rows = [r for r in _to_dict(result).get("rows") or [] if isinstance(r, dict) and _is_number(r.get("size"))]
-    if not rows:
+def _sweep_plot(ax: Any, s: SweepSeries, metric: str, threshold: float | None) -> None:
+    """One hyperparameter's curves on ``ax``: numeric values on a (log when wide) axis, others as categories."""
+    curves = s.curves()
+    xs_all = [p[0] for points in curves.values() for p in points]
+    numeric = all(_is_number(x) for x in xs_all)
+    categories = list(dict.fromkeys(_short(x, 14) for x in xs_all))
+    for color, (name, points) in zip(_COLORS * 4, curves.items()):
+        points = sorted(points, key=lambda p: p[0]) if numeric else points
+        xs = [p[0] for p in points] if numeric else [categories.index(_short(p[0], 14)) for p in points]
+        ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", markersize=4,
+                    capsize=3, linewidth=1.5, color=color, label=name, zorder=3)
+        if name == metric or len(curves) == 1:
+            bad = [(x, p[1]) for x, p in zip(xs, points) if p[3]]
+            if bad:
+                ax.scatter([b[0] for b in bad], [b[1] for b in bad], s=80, facecolors="none", edgecolors=BAD,
+                           linewidths=1.8, zorder=4, label="below threshold")
+    if numeric:
+        positive = [x for x in xs_all if x > 0]
+        if positive and len(positive) == len(xs_all) and max(positive) / min(positive) >= 20:
+            ax.set_xscale("log")
+        if _is_number(s.reference):
+            ax.axvline(float(s.reference), color=MUTED, linestyle=":", linewidth=1.1,
+                       label=f"reference {s.reference:g}")
+    else:
+        ax.set_xticks(range(len(categories)))
+        ax.set_xticklabels(categories, rotation=30, ha="right", fontsize=7.5, rotation_mode="anchor")
+    if threshold is not None:
+        ax.axhline(threshold, color=BAD, linestyle="--", linewidth=1.1, label=f"threshold {threshold:g}")
+    ref = "" if s.reference is None or _is_number(s.reference) else f" (reference {_short(s.reference, 20)})"
+    ax.set_title(f"{s.name}{ref}", fontsize=8.5, color=INK, loc="left")
+    ax.set_xlabel(s.name.replace("_", " "), fontsize=8)
+    ax.tick_params(labelsize=7.5)
+    ax.grid(color="#e5e7eb", linewidth=0.6)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3,
+              columnspacing=1.0, handlelength=1.6)
+
+
+def ensemble_figures(
+    *, sizes: Sequence[int], consistency: Sequence[float], similarities: Mapping[str, Sequence[float]] | None = None,
+    method: str = "",
+) -> list[Figure]:
+    """The figure of a consistency-vs-ensemble-size measurement: ``ensemble_curve``.
+
+    ``consistency`` is C between disjoint ensembles of each of ``sizes`` members;
+    ``similarities[metric]`` the mean similarity between them, per size. Points that are not
+    finite are left out. No figure without sizes.
+    """
+    if not sizes:
         return []
-    return [("ensemble_curve", lambda: _ensemble_curve(result, rows))]
-
-
-def _ensemble_curve(result: Any, rows: list[dict[str, Any]]) -> bytes:
-    """Consistency C and the pairwise similarities against the number of ensemble members."""
     curves: dict[str, list[tuple[float, float]]] = {}
-    for row in sorted(rows, key=lambda r: r["size"]):
-        if _is_number(row.get("consistency")):
-            curves.setdefault("consistency C", []).append((row["size"], float(row["consistency"])))
-        for metric, value in (row.get("similarities") or {}).items():
-            if _is_number(value):
-                curves.setdefault(str(metric), []).append((row["size"], float(value)))
+    for name, values in [("consistency C", consistency), *(similarities or {}).items()]:
+        points = [(float(size), float(v)) for size, v in zip(sizes, values) if _is_number(v) and math.isfinite(v)]
+        if points:
+            curves[str(name)] = sorted(points)
+    return [("ensemble_curve", lambda: _ensemble_curve(sorted(set(sizes)), curves, method))]
+
+
+def _ensemble_curve(sizes: list[int], curves: dict[str, list[tuple[float, float]]], method: str) -> bytes:
+    """Consistency C and the pairwise similarities against the number of ensemble members."""
     fig = _new_figure(6.6, 3.5)
     ax = _axes_at(fig, 0.72, 0.5, 4.0, 2.5)
     for color, (name, points) in zip(_COLORS * 4, curves.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, linewidth=1.6,
                 color=color, label=name)
-    ax.set_xticks(sorted({r["size"] for r in rows}))
+    ax.set_xticks(sizes)
     ax.set_xlabel("ensemble size (members)", fontsize=8)
     ax.set_ylabel("between disjoint ensembles", fontsize=8)
     ax.tick_params(labelsize=7.5)
     ax.grid(color="#e5e7eb", linewidth=0.6)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    ax.set_title(f"{getattr(result, 'method', '')}: explanation consistency against ensemble size", fontsize=8.5,
-                 color=INK, loc="left")
+    ax.set_title(f"{method}: explanation consistency against ensemble size", fontsize=8.5, color=INK, loc="left")
     return _png(fig)
 
 
 # --------------------------------------------------------------------------------------------
-# pairwise checks between models or seeds (ConsistencyResult, SeedStabilityResult)
+# pairwise checks between models or seeds
 
-_PAIR_LABELS = (("method_a", "method_b"), ("model_a", "model_b"), ("a", "b"), ("seed_a", "seed_b"),
-                ("left", "right"), ("first", "second"))
-_PAIR_FIELDS = ("lr_accuracy", "separability", "similarity", "similarities", "mean", "consistency", "accuracy")
+# Quantities of the LR separability test: fixed titles and a fixed [0, 1] scale (low is better).
 _PAIR_TITLES = {
-    "lr_accuracy": ("held-out LR accuracy M (0.5: indistinguishable)", False),
-    "separability": ("separability S = 2|M \u2212 0.5|", False),
+    "lr_accuracy": "held-out LR accuracy M (0.5: indistinguishable)",
+    "separability": "separability S = 2|M \u2212 0.5|",
 }
 
 
-def _pair_grids(data: dict[str, Any]) -> tuple[list[str], list[tuple[str, Any, tuple[str, float, float]]]]:
-    """Labels and (title, matrix, colour scale) for the numeric fields of ``to_dict()["pairs"]``.
+def pair_figures(
+    *,
+    pairs: Sequence[tuple[str, str]],
+    values: Mapping[str, Sequence[float | None]],
+    n_inputs: int,
+    check: str = "pairwise",
+    what: str = "model",
+    higher_is_better: Mapping[str, bool] | None = None,
+) -> list[Figure]:
+    """The figure of a pairwise check (models or seeds): ``pair_matrices``, one symmetric matrix per quantity.
 
-    Nested ``{metric: value}`` fields (``similarities``) give one matrix per metric.
+    ``pairs`` are the compared ``(a, b)`` labels; ``values[name]`` holds one mean over
+    ``n_inputs`` inputs per pair (``None`` or NaN: undefined). ``lr_accuracy`` and
+    ``separability`` are the LR test's quantities (scale [0, 1]); any other name is a similarity
+    metric, on a scale reversed when ``higher_is_better[name]`` is False (default True).
+    ``what`` names the compared things in the title (``model``, ``seed``). Quantities with no
+    finite value are left out; at most :data:`MAX_PAIR_MATRICES`.
     """
+    named = [(str(a), str(b)) for a, b in pairs]
+    labels = list(dict.fromkeys(label for pair in named for label in pair))
+    kept = {str(name): list(column) for name, column in values.items()
+            if any(_is_number(v) and math.isfinite(v) for v in column)}
+    if not labels or not kept:
+        return []
+    names = list(kept)[:MAX_PAIR_MATRICES]
+    title = f"{check}: {what} \u00d7 {what} values (mean over {n_inputs} inputs)"
+    higher = higher_is_better or {}
+    return [("pair_matrices", lambda: _pair_matrices(named, labels, {n: kept[n] for n in names}, higher,
+                                                     title))]
+
+
+def _pair_matrices(pairs: list[tuple[str, str]], labels: list[str], values: dict[str, list[float | None]],
+                   higher_is_better: Mapping[str, bool], title: str) -> bytes:
     import numpy as np
 
-    pairs = data.get("pairs")
-    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, dict) for p in pairs):
-        return [], []
-    keys = next((k for k in _PAIR_LABELS if all(k[0] in p and k[1] in p for p in pairs)), None)
-    if keys is None:
-        return [], []
-    prefix = "seed " if keys == ("seed_a", "seed_b") else ""
-    labels: list[str] = []
-    for p in pairs:
-        for key in keys:
-            if prefix + str(p[key]) not in labels:
-                labels.append(prefix + str(p[key]))
     index = {label: i for i, label in enumerate(labels)}
-    fields: list[tuple[str, Callable[[dict[str, Any]], Any]]] = []
-    for field in _PAIR_FIELDS:
-        sample = pairs[0].get(field)
-        if isinstance(sample, dict):
-            for sub in sample:
-                fields.append((str(sub), lambda p, f=field, s=sub: (p.get(f) or {}).get(s)))
-        elif field in pairs[0]:
-            fields.append((field, lambda p, f=field: p.get(f)))
-    grids = []
-    for name, get in fields:
-        values = [get(p) for p in pairs]
-        if not any(_is_number(v) for v in values):
-            continue
+    grids: list[tuple[str, Any, tuple[str, float, float], set[tuple[int, int]]]] = []
+    for name, column in values.items():
         grid = np.full((len(labels), len(labels)), np.nan)
-        for p, value in zip(pairs, values):
+        for (a, b), value in zip(pairs, column):
             if _is_number(value):
-                i, j = index[prefix + str(p[keys[0]])], index[prefix + str(p[keys[1]])]
-                grid[i, j] = grid[j, i] = float(value)
+                grid[index[a], index[b]] = grid[index[b], index[a]] = float(value)
         if name in _PAIR_TITLES:
-            title, _ = _PAIR_TITLES[name]
-            grids.append((title, grid, ("viridis_r", 0.0, 1.0)))
+            grids.append((_PAIR_TITLES[name], grid, ("viridis_r", 0.0, 1.0), set()))
         else:
-            metric = str(data.get("metric") or name) if name in ("similarity", "mean") else name
-            grids.append((metric, grid, _metric_scale(metric, grid)))
-    return labels, grids[:6]
-
-
-def _consistency(result: Any) -> list[tuple[str, Callable[[], bytes]]]:
-    figures: list[tuple[str, Callable[[], bytes]]] = []
-    data = _to_dict(result)
-    labels, grids = _pair_grids(data)
-    if grids:
-        check = str(getattr(result, "check", "pairwise"))
-        what = "seed \u00d7 seed" if labels and labels[0].startswith("seed ") else "model \u00d7 model"
-        figures.append(("pair_matrices", lambda: _heatmaps(
-            [(title, grid, scale, set()) for title, grid, scale in grids], labels,
-            f"{check}: {what} values (mean over {data.get('n_inputs', data.get('n_images', '?'))} inputs)")))
-    maps = getattr(result, "maps", None)
-    if isinstance(maps, dict) and maps:
-        figures.append(("pair_maps", lambda: _maps_strip(maps, "Maps of each model for the first images",
-                                                         MAX_AGREEMENT_IMAGES)))
-    return figures
+            grids.append((name, grid, _metric_scale(name, grid, higher_is_better.get(name, True)), set()))
+    return _heatmaps(grids, labels, title)
 
 
 # --------------------------------------------------------------------------------------------
 # baselines
 
 
-def _baseline(result: Any) -> list[tuple[str, Callable[[], bytes]]]:
-    current = getattr(result, "current_maps", None)
-    if current is None:
+def baseline_figures(
+    *,
+    current_maps: Any,
+    baseline_maps: Any = None,
+    values: Sequence[float] | None = None,
+    metric: str = "similarity",
+    threshold: float | None = None,
+    higher_is_better: bool = True,
+    status: str = "written",
+    path: str = "the baseline file",
+) -> list[Figure]:
+    """The figure of a baseline check: ``baseline_comparison``, or ``baseline_written``.
+
+    With ``baseline_maps`` (N, H, W): the stored map, the current map and their difference for
+    the worst images by the per-image ``values`` of ``metric`` (titles in red where a value fails
+    ``threshold``). Without (a baseline was just written, ``status`` ``written`` or ``updated``,
+    to ``path``): the first of the ``current_maps`` that were stored. No figure without current maps.
+    """
+    if current_maps is None:
         return []
-    if getattr(result, "baseline_maps", None) is None:  # a baseline was written: show what was stored
-        status = str(getattr(result, "status", "") or "written")
-        return [("baseline_written", lambda: _maps_strip(
-            {"current (stored)": current}, f"Baseline {status}: the first maps now stored in "
-            f"{getattr(result, 'path', 'the baseline file')}", MAX_BASELINE_IMAGES, transpose=True))]
-    return [("baseline_comparison", lambda: _baseline_comparison(result))]
+    if baseline_maps is None:
+        title = f"Baseline {status}: the first maps now stored in {path}"
+        return [("baseline_written", lambda: _maps_strip({"current (stored)": current_maps}, title,
+                                                         MAX_BASELINE_IMAGES, transpose=True))]
+    return [("baseline_comparison", lambda: _baseline_comparison(
+        baseline_maps, current_maps, values, metric, threshold, higher_is_better))]
 
 
 def _worst_images(values: Any, n: int, higher_is_better: bool, limit: int) -> list[int]:
@@ -950,20 +889,16 @@ def _worst_images(values: Any, n: int, higher_is_better: bool, limit: int) -> li
     return [int(i) for i in np.argsort(key, kind="stable")[:limit]]
 
 
-def _baseline_comparison(result: Any) -> bytes:
+def _baseline_comparison(baseline_maps: Any, current_maps: Any, per_image: Sequence[float] | None, metric: str,
+                         threshold: float | None, higher: bool) -> bytes:
     import numpy as np
 
-    baseline = _np(result.baseline_maps)
-    current = _np(result.current_maps)
+    baseline = _np(baseline_maps)
+    current = _np(current_maps)
     if baseline is None or current is None or baseline.shape != current.shape or baseline.ndim < 2:
         raise ValueError("baseline_maps and current_maps must be arrays of one shape (N, H, W)")
     n = baseline.shape[0]
-    values = _np(getattr(result, "values", None))
-    metric = str(getattr(result, "metric", None) or "similarity")
-    threshold = getattr(result, "threshold", None)
-    threshold = None if isinstance(threshold, (dict, list)) else threshold
-    higher = getattr(result, "higher_is_better", None)
-    higher = _metric_higher_is_better(metric) if higher is None else bool(higher)
+    values = _np(per_image) if per_image is not None else None
     if values is None or values.ndim != 1 or values.shape[0] != n:
         values = None
     rows = _worst_images(values, n, higher, MAX_BASELINE_IMAGES)
@@ -978,7 +913,7 @@ def _baseline_comparison(result: Any) -> bytes:
             value = float(values[i])
             label += f": {metric} = {value:.3f}"
             if threshold is not None:
-                ok = value >= _float(threshold) if higher else value <= _float(threshold)
+                ok = value >= threshold if higher else value <= threshold
                 color = INK if ok else BAD
         grid.append([
             _Cell(baseline[i], caption="baseline", caption_color=MUTED),
@@ -986,7 +921,7 @@ def _baseline_comparison(result: Any) -> bytes:
                   frame=BAD if color == BAD else None),
             _Cell(diff[r], scale="diff", caption="|current \u2212 baseline|", caption_color=MUTED),
         ])
-    limit = "" if threshold is None else f"; threshold {_float(threshold):g}"
+    limit = "" if threshold is None else f"; threshold {threshold:g}"
     worst = f"the {len(rows)} worst of {n} images by {metric}" if values is not None else f"{len(rows)} of {n} images"
     return _map_grid(
         grid,
@@ -997,57 +932,20 @@ def _baseline_comparison(result: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# dispatch
-
-RENDERERS: dict[str, Renderer] = {
-    "independent_layer_randomization": _randomization,
-    "cascading_layer_randomization": _randomization,
-    "method_agreement": _agreement,
-    "hyperparameter_sweep": _sweep,
-    "hyperparameter_stability": _sweep,
-    "input_noise_stability": _sweep,
-    "explanation_consistency": _consistency,
-    "explainer_seed_stability": _consistency,
-    "consistency_vs_ensemble_size": _ensemble,
-    "baseline": _baseline,
-}
+# rendering
 
 
-def renderer_for(check: str) -> Renderer | None:
-    """The figure renderer of a check kind (exact name first, then its family), or None."""
-    if check in RENDERERS:
-        return RENDERERS[check]
-    if check.endswith("_layer_randomization"):
-        return _randomization
-    if check.startswith("baseline"):
-        return _baseline
-    if "sweep" in check:
-        return _sweep
-    if "agreement" in check:
-        return _agreement
-    return None
+def render(figures: Iterable[Figure], *, strict: bool = False, errors: list[str] | None = None) -> dict[str, bytes]:
+    """Draw ``figures`` (``(name, render)`` pairs) as ``{name: PNG bytes}``.
 
-
-def register_figures(check: str, renderer: Renderer) -> None:
-    """Add figures for a check kind: ``renderer(result) -> [(name, () -> png_bytes), ...]``."""
-    RENDERERS[check] = renderer
-
-
-def figures_for(result: Any, *, strict: bool = False, errors: list[str] | None = None) -> dict[str, bytes]:
-    """Render every figure a reviewer wants for ``result`` as ``{name: PNG bytes}``.
-
-    ``name`` is a file-name-safe stem (``randomization_strip``, ``ssim_curve``,
-    ``agreement_matrices``, ``agreement_maps``, ``sweep_curves``, ``ensemble_curve``,
-    ``pair_matrices``, ``pair_maps``, ``baseline_comparison``, ``baseline_written``). A check
-    kind with no renderer gives ``{}``. A figure that cannot be drawn is left out and its error
-    appended to ``errors`` (when given); ``strict=True`` raises instead (for tests). matplotlib
-    warnings are silenced unless ``strict``. Without matplotlib installed: ``{}`` and an error.
+    A figure that cannot be drawn is left out and its error appended to ``errors`` (when
+    given); ``strict=True`` raises instead (for tests). matplotlib warnings are silenced unless
+    ``strict``. Without matplotlib installed: ``{}`` and one error saying so.
     """
-    check = getattr(result, "check", None)
-    renderer = renderer_for(check) if isinstance(check, str) else None
-    if renderer is None:
-        return {}
+    planned = list(figures)
     out: dict[str, bytes] = {}
+    if not planned:
+        return out
     if importlib.util.find_spec("matplotlib") is None:
         if strict:
             raise ModuleNotFoundError(MISSING_MATPLOTLIB)
@@ -1057,14 +955,6 @@ def figures_for(result: Any, *, strict: bool = False, errors: list[str] | None =
     with warnings.catch_warnings():
         if not strict:
             warnings.simplefilter("ignore")
-        try:
-            planned = renderer(result)
-        except Exception as exc:
-            if strict:
-                raise
-            if errors is not None:
-                errors.append(f"{check}: {type(exc).__name__}: {exc}")
-            return out
         for name, draw in planned:
             try:
                 out[name] = draw()
@@ -1076,4 +966,27 @@ def figures_for(result: Any, *, strict: bool = False, errors: list[str] | None =
     return out
 
 
-__all__ = ["DPI", "MISSING_MATPLOTLIB", "RENDERERS", "figures_for", "register_figures", "renderer_for"]
+def figures_for(result: CheckResult, *, strict: bool = False, errors: list[str] | None = None) -> dict[str, bytes]:
+    """Render every figure ``result.figures()`` lists as ``{name: PNG bytes}`` (see :func:`render`).
+
+    The names are file-name-safe stems: ``randomization_strip``, ``ssim_curve``,
+    ``agreement_matrices``, ``agreement_maps``, ``sweep_curves``, ``ensemble_curve``,
+    ``pair_matrices``, ``baseline_comparison``, ``baseline_written`` for the library's checks,
+    whatever a user's own result names its figures. A ``figures()`` that raises costs the
+    result its figures, not the report: the error goes to ``errors`` (``strict`` raises it).
+    """
+    try:
+        planned = result.figures()
+    except Exception as exc:
+        if strict:
+            raise
+        if errors is not None:
+            errors.append(f"{result.check}: {type(exc).__name__}: {exc}")
+        return {}
+    return render(planned, strict=strict, errors=errors)
+
+
+__all__ = [
+    "DPI", "MISSING_MATPLOTLIB", "SweepSeries", "agreement_figures", "baseline_figures", "ensemble_figures",
+    "figures_for", "pair_figures", "randomization_figures", "render", "sweep_figures",
+]

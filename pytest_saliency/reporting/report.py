@@ -3,11 +3,12 @@
 The flow, and who calls what:
 
 * **Where the check runs** (the test's process: a pytest-xdist worker or the only process):
-  :func:`write_entry` renders the result's figures (PNG files in
-  ``<results_dir>/<sanitized nodeid>__<check>__<n>/``) and writes the entry as
+  :func:`write_entry` reads the result through the
+  :class:`~pytest_saliency.reporting.protocol.CheckResult` protocol, renders its ``figures()``
+  (PNG files in ``<results_dir>/<sanitized nodeid>__<check>__<n>/``) and writes the entry as
   ``<results_dir>/.entries/<worker>-<pid>-<counter>-<uuid>.json``, atomically (temporary file +
   :func:`os.replace`), so workers never collide and an interrupted write leaves no half file.
-  Figures need the result object (maps are tensors); everything else needs only ``to_dict()``.
+  Only figures need the result object (they draw its maps); the rest of the flow reads entries.
 * **At the end of the session** (the controller, or the only process):
   :func:`collect_entries` reads the entry files and :func:`write_reports` writes
   ``saliency-report.json`` (schema: ``report_schema.json``, checked by :func:`validate_report`) and
@@ -15,7 +16,8 @@ The flow, and who calls what:
 * **At the start** (the controller, before workers start): :func:`prepare_results_dir` removes
   the entry files and figure folders a previous session left behind.
 
-Torch-free: this module imports only the standard library (matplotlib is imported by
+Torch-free: this module imports only the standard library and the package's torch-free
+``core.jsonable`` and ``reporting`` modules (matplotlib is imported by
 :mod:`pytest_saliency.reporting.figures` when a figure is drawn).
 """
 
@@ -33,12 +35,13 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..core.jsonable import jsonable
+from .protocol import CheckResult, missing_members
 
 SCHEMA_VERSION = 1
 REPORT_FORMATS = ("json", "html")
@@ -47,7 +50,8 @@ HTML_NAME = "saliency-report.html"
 ENTRIES_DIR = ".entries"
 SCHEMA_FILE = Path(__file__).with_name("report_schema.json")
 
-ReportEntry = dict  # {"nodeid", "check", "passed", "summary", "result", "figures", ...}; see report_schema.json
+# {"nodeid", "check", "passed", "summary", "numbers", "result", "figures", ...}; see report_schema.json
+ReportEntry = dict[str, Any]
 
 _LOCK = threading.Lock()
 _COUNTER = itertools.count()
@@ -89,63 +93,51 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def _call(result: Any, name: str) -> Any:
-    method = getattr(result, name, None)
-    if not callable(method):
-        return None
-    try:
-        return method()
-    except Exception:
-        return None
+def _checked_result(result: object) -> CheckResult:
+    """``result`` itself when it implements :class:`CheckResult`, else a ``TypeError`` naming what it lacks."""
+    if isinstance(result, CheckResult):
+        return result
+    raise TypeError(
+        f"a saliency report entry needs a CheckResult (pytest_saliency.reporting.protocol); "
+        f"{type(result).__name__} lacks {', '.join(missing_members(result))}"
+    )
 
 
-def _failing(result: Any) -> list[list[str]]:
-    """Rows the result itself flags as failing (agreement pairs), so the HTML need not recompute them."""
-    pairs = _call(result, "failing_pairs") or []
-    rows = []
-    for p in pairs:
-        names = [getattr(p, key, None) for key in ("method_a", "method_b", "metric")]
-        if all(isinstance(n, str) for n in names):
-            rows.append(names)
-    return rows
+def make_entry(result: CheckResult, nodeid: str, *, worker_id: str | None = None) -> ReportEntry:
+    """The entry for ``result`` without figures (``figures`` is filled in by :func:`write_entry`).
 
-
-def make_entry(result: Any, nodeid: str, *, worker_id: str | None = None) -> ReportEntry:
-    """The entry for ``result`` without figures (``figures`` is filled in by :func:`write_entry`)."""
-    check = getattr(result, "check", None)
-    check = check if isinstance(check, str) and check else type(result).__name__
-    data = result.to_dict() if callable(getattr(result, "to_dict", None)) else {}
-    summary = _call(result, "summary")
-    passed = getattr(result, "passed", None)
-    if passed is None and isinstance(data, dict):
-        passed = data.get("passed")
-    status = getattr(result, "status", None)
-    if passed is None or (isinstance(summary, str) and summary.startswith("REPORT")):
-        status = status or "report"  # a result with no verdict (no threshold): a report, not a gate
-        passed = True if passed is None else passed
+    Everything comes from the :class:`CheckResult` protocol: ``check``, ``passed``,
+    ``summary()``, ``numbers()``, ``to_dict()`` (the entry's ``result``; its ``status``, if any,
+    becomes the entry's) and ``report()`` (its ``text``). A summary that begins with ``REPORT``
+    marks a measurement with no gate: status ``report``.
+    """
+    result = _checked_result(result)
+    data = result.to_dict()
+    summary = result.summary()
+    status = data.get("status")
+    if not isinstance(status, str) or not status:
+        status = "report" if summary.startswith("REPORT") else None
     entry: ReportEntry = {
         "nodeid": str(nodeid),
-        "check": check,
-        "passed": bool(passed),
-        "summary": str(summary) if summary is not None else f"{'PASS' if passed else 'FAIL'} {check}",
-        "result": jsonable(data, tensors="values") if isinstance(data, dict) else {"value": jsonable(data, tensors="values")},
+        "check": result.check or type(result).__name__,
+        "passed": bool(result.passed),
+        "summary": summary,
+        "numbers": jsonable(result.numbers(), tensors="values"),
+        "result": jsonable(data, tensors="values"),
         "figures": {},
         "worker": worker_id,
         "created": _now(),
     }
-    if isinstance(status, str) and status:
+    if status is not None:
         entry["status"] = status
-    text = _call(result, "report")
-    if isinstance(text, str) and text:
+    text = result.report()
+    if text:
         entry["text"] = text
-    failing = _failing(result)
-    if failing:
-        entry["failing"] = failing
     return entry
 
 
 def write_entry(
-    result: Any,
+    result: CheckResult,
     nodeid: str,
     results_dir: str | os.PathLike[str],
     worker_id: str | None = None,
@@ -476,7 +468,6 @@ FIGURE_CAPTIONS = {
     "sweep_curves": "Mean similarity (\u00b11 std over images) per swept value, against the threshold.",
     "ensemble_curve": "Consistency between disjoint ensembles, per ensemble size.",
     "pair_matrices": "Pairwise values, one matrix per quantity.",
-    "pair_maps": "Each model's map for the first images.",
     "baseline_comparison": "Baseline, current map and their difference for the worst images.",
     "baseline_written": "The maps stored as the new baseline.",
 }
@@ -485,12 +476,13 @@ KIND_TITLES = {  # also the order of the groups on the page
     "independent_layer_randomization": "Independent layer randomization",
     "cascading_layer_randomization": "Cascading layer randomization",
     "method_agreement": "Method agreement",
-    "hyperparameter_sweep": "Hyperparameter sweeps",
     "hyperparameter_stability": "Hyperparameter stability",
     "input_noise_stability": "Input-noise stability",
     "explanation_consistency": "Explanation consistency",
+    "seed_consistency": "Seed consistency",
     "explainer_seed_stability": "Explainer seed stability",
     "consistency_vs_ensemble_size": "Consistency vs ensemble size",
+    "accuracy_spread": "Explanation accuracy spread",
     "baseline": "Baselines",
 }
 
@@ -644,8 +636,18 @@ def _preset_name(data: dict[str, Any]) -> Any:
 # per-kind: key numbers and tables from to_dict() data only
 
 
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _dict(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    layers = data.get("layers") if isinstance(data.get("layers"), list) else []
+    layers = _list(data, "layers")
     insensitive = [layer for layer in layers if isinstance(layer, dict) and not layer.get("sensitive", True)]
     score, threshold = data.get("dataset_score"), data.get("sensitivity_threshold")
     ci = data.get("dataset_score_ci") or [None, None]
@@ -681,7 +683,7 @@ def _seconds(value: Any) -> str:
 
 
 def _randomization_table(data: dict[str, Any]) -> str:
-    layers = [layer for layer in data.get("layers") or [] if isinstance(layer, dict)]
+    layers = [layer for layer in _list(data, "layers") if isinstance(layer, dict)]
     if not layers:
         return ""
     rows = []
@@ -697,9 +699,9 @@ def _randomization_table(data: dict[str, Any]) -> str:
                      numeric={1, 2, 3, 4, 5}))
 
 
-def _agreement_numbers(data: dict[str, Any], entry: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    pairs = [p for p in data.get("pairs") or [] if isinstance(p, dict)]
-    failing = entry.get("failing") or []
+def _agreement_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    pairs = [p for p in _list(data, "pairs") if isinstance(p, dict)]
+    failing = [p for p in pairs if p.get("failing")]
     defined = [p for p in pairs if isinstance(p.get("mean"), (int, float))]
     lowest = min(defined, key=lambda p: p["mean"], default=None)
     return [
@@ -719,17 +721,16 @@ def _agreement_numbers(data: dict[str, Any], entry: dict[str, Any]) -> list[tupl
     ]
 
 
-def _agreement_table(data: dict[str, Any], entry: dict[str, Any]) -> str:
-    pairs = [p for p in data.get("pairs") or [] if isinstance(p, dict)]
+def _agreement_table(data: dict[str, Any]) -> str:
+    pairs = [p for p in _list(data, "pairs") if isinstance(p, dict)]
     if not pairs:
         return ""
-    failing = {tuple(f) for f in entry.get("failing") or [] if isinstance(f, list) and len(f) == 3}
     confidence = data.get("confidence")
     conf = f"{confidence:.0%} CI" if isinstance(confidence, (int, float)) else "CI"
     has_threshold = data.get("threshold") is not None
 
     def bad(p: dict[str, Any]) -> bool:
-        return (p.get("method_a"), p.get("method_b"), p.get("metric")) in failing
+        return p.get("failing") is True
 
     rows = []
     for p in sorted(pairs, key=lambda p: not bad(p)):
@@ -743,8 +744,8 @@ def _agreement_table(data: dict[str, Any], entry: dict[str, Any]) -> str:
 
 
 def _sweep_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    least = data.get("least_stable") if isinstance(data.get("least_stable"), dict) else None
-    failures = data.get("failures") if isinstance(data.get("failures"), list) else []
+    least = _dict(data, "least_stable") or None
+    failures = _list(data, "failures")
     threshold = data.get("threshold")
     op = ">=" if data.get("higher_is_better", True) else "<="
     reference = data.get("reference")
@@ -766,9 +767,9 @@ def _sweep_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
 
 def _sweep_tables(data: dict[str, Any]) -> str:
     """One table per swept hyperparameter: value, mean +- std per metric, verdict."""
-    tables = [t for t in data.get("tables") or [] if isinstance(t, dict) and isinstance(t.get("rows"), list)]
-    metrics = [str(m) for m in data.get("metrics") or []]
-    failing = {(str(f.get("hyperparameter")), repr(f.get("value"))) for f in data.get("failures") or []
+    tables = [t for t in _list(data, "tables") if isinstance(t, dict) and isinstance(t.get("rows"), list)]
+    metrics = [str(m) for m in _list(data, "metrics")]
+    failing = {(str(f.get("hyperparameter")), repr(f.get("value"))) for f in _list(data, "failures")
                if isinstance(f, dict)}
     has_threshold = data.get("threshold") is not None
     parts = []
@@ -778,14 +779,13 @@ def _sweep_tables(data: dict[str, Any]) -> str:
         for row in table["rows"]:
             if not isinstance(row, dict):
                 continue
-            means = row.get("mean") if isinstance(row.get("mean"), dict) else {}
-            stds = row.get("std") if isinstance(row.get("std"), dict) else {}
+            means, stds = _dict(row, "mean"), _dict(row, "std")
             bad = (name, repr(row.get("value"))) in failing
             cells = [_fmt(row.get("value"))]
             cells += [f"{_fmt(means.get(m), 4)} \u00b1 {_fmt(stds.get(m), 3)}" for m in metrics]
             cells.append(("UNSTABLE" if bad else "ok") if has_threshold else "\u2013")
             rows.append((cells, bad))
-        means = table.get("dataset_mean") if isinstance(table.get("dataset_mean"), dict) else {}
+        means = _dict(table, "dataset_mean")
         dataset = ", ".join(f"{m} {_fmt(means.get(m), 4)}" for m in metrics)
         parts.append(
             f'<h4 class="section">{_e(name)} <span class="note">(reference {_e(_fmt(table.get("reference_value")))}; '
@@ -806,16 +806,9 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _generic_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    items = []
-    for key, value in data.items():
-        if key in _SKIP_KEYS or not _is_scalar(value) or (isinstance(value, str) and not 0 < len(value) <= 80):
-            continue
-        items.append((key.replace("_", " "), _fmt(value), False))
-    name = _preset_name(data)
-    if name:
-        items.append(("preset", name, False))
-    return items[:16]
+def _entry_numbers(entry: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    """The result's headline numbers (``CheckResult.numbers()``), for kinds with no panel of their own."""
+    return [(str(key).replace("_", " "), _fmt(value), False) for key, value in _dict(entry, "numbers").items()]
 
 
 def _generic_tables(data: dict[str, Any], depth: int = 0, prefix: str = "") -> str:
@@ -855,21 +848,30 @@ def _image(root: Path, relative: str) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+Panel = tuple[Callable[[dict[str, Any]], list[tuple[str, Any, bool]]], Callable[[dict[str, Any]], str]]
+
+# Check kinds with a numbers panel and tables of their own, read from the entry's ``result``
+# (the result's to_dict()). Other kinds show their numbers() and their to_dict() as tables.
+PANELS: dict[str, Panel] = {
+    "independent_layer_randomization": (_randomization_numbers, _randomization_table),
+    "cascading_layer_randomization": (_randomization_numbers, _randomization_table),
+    "method_agreement": (_agreement_numbers, _agreement_table),
+    "hyperparameter_stability": (_sweep_numbers, _sweep_tables),
+    "input_noise_stability": (_sweep_numbers, _sweep_tables),
+}
+
+
 def _entry_html(entry: dict[str, Any], root: Path) -> str:
-    data = entry.get("result") if isinstance(entry.get("result"), dict) else {}
+    data = _dict(entry, "result")
     check = str(entry.get("check", ""))
     _, css = _verdict(entry)
     state = {"pass": "", "fail": " failed", "other": " other"}[css]
     anchor = entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{check}")
-    if check.endswith("_randomization") and isinstance(data.get("layers"), list):
-        numbers, table = _randomization_numbers(data), _randomization_table(data)
-    elif check == "method_agreement" or ("pairs" in data and "methods" in data and "matrices" in data):
-        numbers, table = _agreement_numbers(data, entry), _agreement_table(data, entry)
-    elif isinstance(data.get("tables"), list) and data["tables"] and all(
-            isinstance(t, dict) and "rows" in t for t in data["tables"]):
-        numbers, table = _sweep_numbers(data), _sweep_tables(data)
+    if check in PANELS:
+        numbers_of, table_of = PANELS[check]
+        numbers, table = numbers_of(data), table_of(data)
     else:
-        numbers, table = _generic_numbers(data), _generic_tables(data)
+        numbers, table = _entry_numbers(entry), _generic_tables(data)
     figures = []
     for name, relative in (entry.get("figures") or {}).items():
         uri = _image(root, str(relative))

@@ -1,0 +1,157 @@
+"""SAM's built-in sweeps (Bansal, Agarwal & Nguyen, CVPR 2020), as :class:`SweepGrid` values.
+
+:func:`sam_grid` gives the sweep of one method by name (:data:`GRIDS`), with SAM's pixel sizes
+(patch sizes, strides) scaled from SAM's 224 px inputs to the inputs' smaller side. Pass a grid,
+or its name, as the method of :func:`pytest_saliency.checks.sweeps.hyperparameter_sweep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.validation import check_choice, check_count
+from ..exceptions import SaliencyUsageError
+from ..maps.baselines import SAM_INPUT_SIZE
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """A named sweep: the method, its reference setting, the swept values and fixed options."""
+
+    name: str
+    method: str
+    reference: dict[str, Any]
+    sweep: dict[str, list[Any]]
+    options: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "reference": dict(self.reference),
+                "sweep": {k: list(v) for k, v in self.sweep.items()}, "options": dict(self.options), "note": self.note}
+
+
+def _side(input_shape: Sequence[int] | None) -> int:
+    """The smaller of the last two sizes of ``input_shape`` (SAM's 224 px for None)."""
+    if input_shape is None:
+        return SAM_INPUT_SIZE
+    try:
+        shape = tuple(check_count(s, "input_shape entry", minimum=0) for s in input_shape)
+    except (SaliencyUsageError, TypeError):
+        shape = ()
+    if len(shape) < 2 or min(shape[-2:]) < 1:
+        raise SaliencyUsageError(
+            f"input_shape must end in (H, W), e.g. inputs.shape = (N, C, H, W); got {tuple(input_shape)!r}."
+        )
+    return min(shape[-2:])
+
+
+def _scaled(pixels: float, side: int) -> int:
+    """SAM's pixel size on 224 px inputs, scaled to ``side`` px, at least 1."""
+    return max(1, int(round(pixels * side / SAM_INPUT_SIZE)))
+
+
+def _unique(values: list[int], exclude: int) -> list[int]:
+    """``values`` in order, without repeats and without ``exclude`` (the reference value)."""
+    out: list[int] = []
+    for v in values:
+        if v != exclude and v not in out:
+            out.append(v)
+    return out
+
+
+def _grid_smoothgrad(side: int) -> SweepGrid:
+    return SweepGrid(
+        "smoothgrad", "smoothgrad", {"nt_samples": 50, "noise_level": 0.15},
+        {"nt_samples": [100, 200, 500, 800], "noise_level": [0.05, 0.10, 0.20, 0.30]},
+        {"nt_samples_batch_size": 50},
+        "SAM 4.3.1: N_SG reference 50 vs {100, 200, 500, 800} at sigma = 0.15 (noise std relative to the input "
+        "range). The sigma values are ours (SAM's supplement S4.1 grid is not available). nt_samples_batch_size=50 "
+        "bounds memory and does not change what is averaged.",
+    )
+
+
+def _grid_integrated_gradients(side: int) -> SweepGrid:
+    return SweepGrid(
+        "integrated_gradients", "integrated_gradients", {"n_steps": 50, "baselines": "zero"},
+        {"n_steps": [10, 20, 100, 200], "baselines": ["uniform", "blurred"]}, {},
+        "SAM: IG's hyperparameter is N_IG on a zero baseline; the step values and the uniform / blurred baselines "
+        "are ours (captum's default 50 steps is the reference).",
+    )
+
+
+def _grid_occlusion(side: int) -> SweepGrid:
+    ref = _scaled(29, side)
+    stride = _scaled(3, side)
+    return SweepGrid(
+        "occlusion", "occlusion", {"window": ref, "stride": stride},
+        {"window": _unique([_scaled(p, side) for p in (5, 17, 41, 53)], ref),
+         "stride": _unique([2 * stride, 3 * stride], stride)}, {},
+        f"SAM 4.4.1 SP-L: patch 29 vs {{5, 17, 41, 53}} at stride 3 on 224 px, scaled to {side} px "
+        f"(patch {ref}, stride {stride}). The stride values (2x, 3x the reference) are ours.",
+    )
+
+
+def _grid_occlusion_small(side: int) -> SweepGrid:
+    ref = _scaled(53, side)
+    return SweepGrid(
+        "occlusion_small", "occlusion", {"window": ref, "stride": _scaled(3, side)},
+        {"window": _unique([ref - 1, ref + 1], ref) if ref > 1 else [2]}, {},
+        f"SAM 4.4.1 SP-S: patch 53 vs 52 and 54 (+-1 px) on 224 px; the reference is scaled to {side} px "
+        f"({ref}), the +-1 px is not scaled.",
+    )
+
+
+def _grid_lime(side: int) -> SweepGrid:
+    grids = [g for g in (4, 5, 10, 14) if g <= side]
+    return SweepGrid(
+        "lime", "lime", {"seed": 0, "n_samples": 1000, "grid": min(7, side)},
+        {"seed": [1, 2, 3, 4], "n_samples": [250, 500, 2000], "grid": _unique(grids, min(7, side))}, {},
+        "SAM 4.4.2 and S4.2: LIME seed, N_LIME and number of superpixels; reference = SAM's LIME defaults "
+        "(seed 0, 1000 samples, 50 superpixels ~ a 7x7 grid). Swept sample counts and grids are ours. "
+        "For SLIC superpixels use the 'lime_slic' grid.",
+    )
+
+
+def _grid_lime_slic(side: int) -> SweepGrid:
+    return SweepGrid(
+        "lime_slic", "lime", {"seed": 0, "n_samples": 1000, "n_segments": 50},
+        {"seed": [1, 2, 3, 4], "n_segments": [25, 100, 150]}, {},
+        "SAM's LIME: 50 SLIC superpixels (compactness 30, sigma 3 px on 224 px), 1000 samples, seed 0; "
+        "swept superpixel counts are ours.",
+    )
+
+
+def _grid_kernel_shap(side: int) -> SweepGrid:
+    return SweepGrid(
+        "kernel_shap", "kernel_shap", {"seed": 0, "n_samples": 200},
+        {"seed": [1, 2, 3, 4], "n_samples": [50, 100, 500, 1000]}, {},
+        "Not in SAM; the same design as LIME: seed and sample count around the package default (200).",
+    )
+
+
+_GRID_BUILDERS: dict[str, Callable[[int], SweepGrid]] = {
+    "smoothgrad": _grid_smoothgrad,
+    "integrated_gradients": _grid_integrated_gradients,
+    "occlusion": _grid_occlusion,
+    "occlusion_small": _grid_occlusion_small,
+    "lime": _grid_lime,
+    "lime_slic": _grid_lime_slic,
+    "kernel_shap": _grid_kernel_shap,
+}
+#: The names :func:`sam_grid` knows.
+GRIDS: tuple[str, ...] = tuple(_GRID_BUILDERS)
+
+
+def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
+    """SAM's sweep ``name`` (one of :data:`GRIDS`), with pixel sizes scaled to ``input_shape``.
+
+    ``input_shape`` is ``inputs.shape`` (only the last two sizes are used); ``None`` keeps SAM's
+    224 px values. Pass the grid as the method: ``hyperparameter_sweep(model, x, sam_grid("occlusion", x.shape))``.
+    """
+    check_choice(name, "grid", GRIDS)
+    return _GRID_BUILDERS[name](_side(input_shape))
+
+
+__all__ = ["GRIDS", "SweepGrid", "sam_grid"]
