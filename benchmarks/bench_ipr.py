@@ -16,11 +16,11 @@ The ways (each does the whole IPR of one workload: original maps + one map batch
                batch for the original model's predicted targets, post-process with
                ``pytest_saliency.maps.postprocess.apply_pipeline`` (same preset) and compare every map with
                ``skimage.metrics.structural_similarity`` (the preset's SSIM parameters, float64).
-               The layer is randomized with ``pytest_saliency.model.randomize._randomize_module(copy_layer,
-               "reinit", SEED, name, params, copies)`` (Conv/Linear: ``reset_parameters()`` under the per-layer seed
-               ``derive_seed(SEED, name)``; BatchNorm: gamma/beta drawn from N(mean, std) of the original),
-               and the layer's buffers are put back afterwards, so the randomization is identical to
-               the engine's and the per-layer SSIM can be compared to 1e-5.
+               The layer is randomized with the public ``pytest_saliency.model.randomize.randomized([(name,
+               copy_layer)], "reinit", SEED)`` (Conv/Linear: ``reset_parameters()`` under the per-layer seed
+               ``derive_seed(SEED, name)``; BatchNorm: gamma/beta drawn from N(mean, std) of the original;
+               the layer's buffers are put back), so the randomization is identical to the engine's and
+               the per-layer SSIM can be compared to 1e-5.
 ``quantus``    ``quantus.MPRT(layer_order="independent", similarity_func=<quantus.similarity_func.ssim,
                results wrapped in an array>)`` with an ``explain_func`` that calls the same captum
                method (only when quantus is installed; otherwise skipped with the reason printed).
@@ -334,7 +334,7 @@ def run_reference(ctx: Context) -> dict[str, Any]:
 
     from pytest_saliency.core.rng import seeded
     from pytest_saliency.maps.postprocess import apply_pipeline, get_pipeline
-    from pytest_saliency.model.randomize import _randomize_module
+    from pytest_saliency.model.randomize import randomized as randomized_layers
 
     pipeline = get_pipeline(PRESET)
     p = pipeline.ssim
@@ -353,14 +353,10 @@ def run_reference(ctx: Context) -> dict[str, Any]:
     rows = {}
     for name in ctx.layers:
         net = copy.deepcopy(model)
-        layer = net.get_submodule(name)
-        buffers = [(b, b.detach().clone()) for b in layer.buffers()]
-        params = list(layer.parameters())
-        _randomize_module(layer, "reinit", SEED, name, params, [q.detach().clone() for q in params])
-        with torch.no_grad():
-            for b, value in buffers:  # reset_parameters() also resets BatchNorm's running statistics
-                b.copy_(value)
-        randomized = maps(net)
+        # Randomizes the layer in the copy and puts its buffers back (reset_parameters() also resets
+        # BatchNorm's running statistics), as the engine's states have it.
+        with randomized_layers([(name, net.get_submodule(name))], "reinit", SEED):
+            randomized = maps(net)
         rows[name] = [
             float(
                 structural_similarity(

@@ -339,3 +339,61 @@ def test_an_envelope_that_cannot_be_calibrated_is_not_stored(tmp_path):
     with pytest.raises(SaliencyCheckFailed, match=r"b\.npz not written: the mean pearson .* is nan.*ignore its input"):
         check_baseline(blind(), tiny_images(), path, metric="pearson", reference_models=[blind()])
     assert not path.exists()
+
+
+def _previous_jsonable(value):
+    """How earlier versions wrote ``method_options``: JSON values as they are, anything else as its repr."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_previous_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _previous_jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def test_a_baseline_with_a_tensor_option_in_the_previous_encoding_is_compared(tmp_path, model_and_inputs):
+    """Earlier versions stored a tensor option as its repr: such a file is compared (the same tensor)
+    or refused (another tensor), never refused because the encoding changed."""
+    import torch
+
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    baseline = torch.full((1, 1, 16, 16), 0.25)
+    check_baseline(model, x, path, "integrated_gradients", n_steps=8, baselines=baseline)
+    maps, meta = read_baseline(path)
+    assert meta["method_options"]["baselines"].startswith("tensor(1, 1, 16, 16) float32 sha256:")
+    options = {**meta["method_options"], "baselines": baseline}
+    meta["method_options"] = json.loads(json.dumps(_previous_jsonable(options)))
+    assert meta["method_options"]["baselines"].startswith("tensor([[[[0.2500")
+    write_baseline(path, maps, meta)
+    result = check_baseline(model, x, path, "integrated_gradients", n_steps=8, baselines=baseline.clone())
+    assert result.status == "compared" and result.passed and result.values == [1.0] * 6
+    with pytest.raises(SaliencyUsageError, match=r"different method_options \(method_options: baseline .*tensor\(\[\[\[\["):
+        check_baseline(model, x, path, "integrated_gradients", n_steps=8, baselines=torch.full((1, 1, 16, 16), 0.5))
+    with pytest.raises(SaliencyUsageError, match="different method_options"):
+        check_baseline(model, x, path, "integrated_gradients", n_steps=9, baselines=baseline)
+
+
+def test_tensor_options_are_told_apart_by_dtype_and_values_whatever_their_layout(tmp_path):
+    """A bfloat16 model's tensor baseline is recorded (numpy has no bfloat16), a strided view of the
+    same values matches it, and other values or dtypes are refused."""
+    import torch
+
+    model, x = make_tiny_cnn().to(torch.bfloat16), tiny_images().to(torch.bfloat16)
+    path = tmp_path / "b.npz"
+    baseline = torch.full((1, 1, 16, 16), 0.25, dtype=torch.bfloat16)
+    check_baseline(model, x, path, "integrated_gradients", n_steps=4, baselines=baseline, threshold=0.5)
+    assert read_baseline(path)[1]["method_options"]["baselines"].startswith("tensor(1, 1, 16, 16) bfloat16 sha256:")
+    strided = torch.full((1, 1, 1, 1), 0.25, dtype=torch.bfloat16).expand(1, 1, 16, 16)
+    same = check_baseline(model, x, path, "integrated_gradients", n_steps=4, baselines=strided, threshold=0.5)
+    assert same.status == "compared" and same.passed
+    with pytest.raises(SaliencyUsageError, match="different method_options"):
+        check_baseline(model, x, path, "integrated_gradients", n_steps=4, baselines=baseline + 0.25, threshold=0.5)
+    model32, x32 = make_tiny_cnn(), tiny_images()
+    check_baseline(model32, x32, tmp_path / "f.npz", "integrated_gradients", n_steps=4,
+                   baselines=torch.zeros(1, 1, 16, 16))
+    # The inputs' fingerprint is of their float32 values, the same in float64: the option's dtype tells.
+    with pytest.raises(SaliencyUsageError, match=r"different method_options \(.*float32 sha256:.*float64 sha256:"):
+        check_baseline(model32.double(), x32.double(), tmp_path / "f.npz", "integrated_gradients", n_steps=4,
+                       baselines=torch.zeros(1, 1, 16, 16, dtype=torch.float64))

@@ -312,8 +312,29 @@ def test_engine_for_is_the_one_place_that_chooses(method, kind):
         engines = engine_for(model, x, _explanation(model, x, method), reuse_activations=reuse, step=3, batched=False)
         assert engines.kind == (kind if reuse else "plain")
         assert engines.trace.output.shape == (3, 3)
-        if engines.recording is not None:
-            engines.recording.close()
+        engines.close()
+        assert engines.recording is None
+
+
+def test_a_check_refused_before_its_first_batch_releases_the_traced_recording(monkeypatch):
+    # saliency over one batch: the traced pass is the replay's recording, which keeps its autograd
+    # graph until a batch engine takes it; an unknown layer stops the check before any batch.
+    from pytest_saliency.checks import randomization
+
+    made = []
+
+    def spy(*args, **kwargs):
+        engines = engine_for(*args, **kwargs)
+        made.append((engines, engines.recording))
+        return engines
+
+    monkeypatch.setattr(randomization, "engine_for", spy)
+    with pytest.raises(SaliencyUsageError, match="unknown layer 'nope'"):
+        layer_randomization(make_tiny_cnn(), tiny_images(3), "saliency", layers=["nope"])
+    [(engines, recording)] = made
+    assert isinstance(recording, GradientReplay)
+    assert engines.recording is None
+    assert recording._out is None and not recording.recorded  # the graph and the outputs are dropped
 
 
 @pytest.mark.parametrize("reuse", [True, False])

@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import (
-    SaliencyCheckFailed, SaliencyWarning, agreement_matrix, assert_sensitive_to_layer_randomization, check_baseline, explain, explanation_consistency, hyperparameter_sweep,
+    SaliencyCheckFailed, SaliencyWarning, accuracy_spread, agreement_matrix, assert_sensitive_to_layer_randomization, check_baseline, explain, explanation_consistency, hyperparameter_sweep,
     layer_randomization,
 )
 
@@ -302,6 +302,8 @@ CHECKS = {
                                                       n_bootstrap=20),
     "hyperparameter_sweep": lambda m, x: hyperparameter_sweep(m, x, "smoothgrad", sweep={"nt_samples": [2]},
                                                               reference={"nt_samples": 2}),
+    "accuracy_spread": lambda m, x: accuracy_spread(m, x, "smoothgrad", sweep={"nt_samples": [2]},
+                                                    reference={"nt_samples": 2}),
 }
 
 
@@ -316,7 +318,7 @@ def test_state_a_forward_pass_writes_is_put_back_and_reported(check, make, writt
     assert_same_state(before, model)
 
 
-@pytest.mark.parametrize("check", ["layer_randomization", "agreement_matrix", "hyperparameter_sweep"])
+@pytest.mark.parametrize("check", ["layer_randomization", "agreement_matrix", "hyperparameter_sweep", "accuracy_spread"])
 def test_the_result_records_what_the_forward_pass_wrote(check):
     with pytest.warns(SaliencyWarning, match=r"writes its own state"):
         result = CHECKS[check](CallCounter(), tiny_images())

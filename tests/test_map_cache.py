@@ -292,3 +292,30 @@ def test_the_input_fingerprint_is_a_sha256_of_the_float32_values_and_the_shape()
     assert input_fingerprint(x.reshape(3, 2)) != input_fingerprint(x)
     assert input_fingerprint(x + 1e-3) != input_fingerprint(x)
 
+
+
+def test_the_array_digest_covers_dtype_shape_and_bytes_for_every_dtype_and_layout() -> None:
+    """A stored baseline's tensor options are told apart by this digest (via ``jsonable(tensors="digest")``):
+    bfloat16 and other dtypes numpy lacks work, strided views and expanded tensors give the digest of
+    their values, and equal bytes of another dtype give another digest."""
+    from pytest_saliency.core.fingerprint import array_digest
+    from pytest_saliency.core.jsonable import jsonable
+
+    assert array_digest(torch.zeros(2, 3)) != array_digest(torch.zeros(2, 3, dtype=torch.int32))
+    assert array_digest(torch.zeros(2, 3)) != array_digest(torch.zeros(3, 2))
+    x = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))
+    assert array_digest(x.t()) == array_digest(x.t().contiguous()) != array_digest(x)
+    assert array_digest(x[:, ::2]) == array_digest(x[:, ::2].contiguous())
+    shared = torch.full((1, 1, 1, 1), 0.25).expand(1, 1, 16, 16)
+    assert array_digest(shared) == array_digest(torch.full((1, 1, 16, 16), 0.25))
+    assert array_digest(x.numpy().T) == array_digest(x.numpy().T.copy())
+    half = torch.full((1, 1, 4, 4), 0.25, dtype=torch.bfloat16)
+    assert len(array_digest(half)) == 64 and array_digest(half) != array_digest(half.float())
+    assert array_digest(torch.zeros(())) != array_digest(torch.zeros(1))
+    assert array_digest(torch.tensor([1 + 2j]).conj()) == array_digest(torch.tensor([1 - 2j]))
+
+    options = jsonable({"baselines": half, "other": x.t()}, tensors="digest")
+    assert options["baselines"].startswith("tensor(1, 1, 4, 4) bfloat16 sha256:")
+    assert options["other"] == jsonable({"other": x.t().contiguous()}, tensors="digest")["other"]
+    zeros = jsonable([torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int32)], tensors="digest")
+    assert zeros[0] != zeros[1] and zeros[0].split()[-1] != zeros[1].split()[-1]

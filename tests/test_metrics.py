@@ -804,6 +804,9 @@ def test_shared_input_validation(name, kwargs):
         M.compute_metric(name, a, (a * 10).long(), **kwargs)
     with pytest.raises(SaliencyUsageError, match="is on cpu but b is on meta"):
         M.compute_metric(name, a, torch.empty(2, 48, 48, device="meta"), **kwargs)
+    meta = torch.empty(2, 48, 48, device="meta")
+    with pytest.raises(SaliencyUsageError, match=rf"^{name}: argument a is on the meta device, which holds shapes but no"):
+        M.compute_metric(name, meta, meta, **kwargs)
     with pytest.raises(SaliencyUsageError, match="empty"):
         M.compute_metric(name, a[:0], a[:0], **kwargs)
 

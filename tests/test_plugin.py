@@ -697,6 +697,82 @@ def test_an_unknown_report_format_is_a_usage_error(tiny_repo):
     result.stderr.fnmatch_lines(["*unknown saliency report format(s) pdf*json, html*"])
 
 
+# A user's own check: a hand-written class implementing the CheckResult protocol, no base class.
+RECORDED_RESULTS = """
+import pytest
+from pytest_saliency.exceptions import SaliencyUsageError
+
+class Brightness:
+    check = "brightness_gate"
+
+    def __init__(self, value, threshold=0.5):
+        self.value, self.threshold = value, threshold
+
+    @property
+    def passed(self):
+        return self.value >= self.threshold
+
+    def numbers(self):
+        return {"value": self.value, "threshold": self.threshold}
+
+    def to_dict(self):
+        return {"value": self.value, "threshold": self.threshold}
+
+    def summary(self):
+        return f"{'PASS' if self.passed else 'FAIL'} brightness_gate: value = {self.value} (>= {self.threshold})"
+
+    def report(self):
+        return self.summary()
+
+    def failure_message(self):
+        return f"the maps are too dim: brightness {self.value} < {self.threshold}"
+
+    def figures(self):
+        return []
+
+def test_bright(saliency):
+    assert saliency.record(Brightness(0.9)).passed
+
+def test_dim_asserted(saliency):
+    result = saliency.record(Brightness(0.1))
+    assert result.passed, result.failure_message()
+
+def test_dim_recorded_only(saliency):
+    saliency.record(Brightness(0.2))
+
+def test_not_a_result(saliency):
+    with pytest.raises(SaliencyUsageError, match="lacks check, passed, numbers"):
+        saliency.record(object())
+"""
+
+
+def test_record_sends_a_users_own_result_to_the_summary_junit_and_reports(pytester):
+    pytester.makepyfile(test_record=RECORDED_RESULTS)
+    result = pytester.runpytest("--saliency", "--junitxml=report.xml", "--saliency-report=json,html",
+                                "--saliency-results-dir=out")
+    # Recording does not assert (as the fixture's measuring methods): only the test that asserts fails.
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines([
+        "E *the maps are too dim: brightness 0.1 < 0.5",
+        "*- saliency checks -*",
+        "brightness_gate: 1 of 3 passed",
+        "  PASS brightness_gate: value = 0.9 (>= 0.5)  (test_record.py::test_bright)",
+        "  FAIL brightness_gate: value = 0.1 (>= 0.5)  (test_record.py::test_dim_asserted)",
+        "  FAIL brightness_gate: value = 0.2 (>= 0.5)  (test_record.py::test_dim_recorded_only)",
+        "1 saliency check(s) passed, 2 failed",
+    ])
+    [case] = [c for c in ET.parse(pytester.path / "report.xml").iter("testcase") if c.get("name") == "test_bright"]
+    properties = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert properties["saliency.brightness_gate.passed"] == "True"
+    assert properties["saliency.brightness_gate.value"] == "0.9"
+    data = json.loads((pytester.path / "out" / "saliency-report.json").read_text())
+    recorded = {r["nodeid"]: r for r in data["results"]}
+    assert set(recorded) == {f"test_record.py::test_{name}" for name in ("bright", "dim_asserted", "dim_recorded_only")}
+    assert recorded["test_record.py::test_bright"]["check"] == "brightness_gate"
+    html = (pytester.path / "out" / "saliency-report.html").read_text()
+    assert "brightness_gate" in html and "test_record.py::test_dim_recorded_only" in html
+
+
 def test_reports_from_xdist_workers_are_merged(pytester):
     pytester.makepyfile(test_xdist=TINY_REPO_CONFTEST + """
 

@@ -449,3 +449,21 @@ def test_a_layer_that_cannot_be_randomized_is_a_usage_error_naming_it(strategy) 
         with randomized([("broken", broken)], "reinit", seed=0):
             pass
     assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_tensor_option_shows_as_its_shape_in_the_report() -> None:
+    """Option values are written for people by maps.options: an IG baseline tensor is its shape,
+    not its values, in the report (as in the sweeps' tables and the faithfulness rankings)."""
+    from pytest_saliency.maps.options import format_options, format_value
+
+    model, x = make_tiny_cnn(), tiny_images(2)
+    baseline = torch.full((1, 1, 16, 16), 0.25)
+    result = layer_randomization(model, x, "integrated_gradients", n_steps=4, baselines=baseline)
+    method_line = next(line for line in result.report().splitlines() if line.strip().startswith("method:"))
+    assert "baselines=tensor(1, 1, 16, 16)" in method_line and "n_steps=4" in method_line
+    assert "0.2500" not in result.report()
+    assert format_options({"baselines": baseline, "method": "riemann_left", "window": (3,)}) == (
+        " (baselines=tensor(1, 1, 16, 16), method='riemann_left', window=(3,))")
+    assert format_value({"stdevs": 0.15, "mask": np.zeros((2, 3))}) == "{stdevs=0.15, mask=tensor(2, 3)}"
+    assert format_value(torch.tensor(0.5)) == "0.5" and format_value("x" * 40, width=24) == "'" + "x" * 20 + "..."
+    assert format_value(nn.Sequential(nn.Linear(2, 2))) == "Sequential(...)"

@@ -251,7 +251,7 @@ def test_json_report(written, results):
     data = json.loads(paths["json"].read_text())
     validate_report(data)
     assert report_errors(data, use_jsonschema=False) == []
-    assert data["schema_version"] == 1 and data["created"].endswith("Z")
+    assert data["schema_version"] == report.SCHEMA_VERSION == 2 and data["created"].endswith("Z")
     assert data["config"] == {"device": "cpu", "seed": None, "preset": "adebayo2018"}
     env = data["environment"]
     assert env["device"] == "cpu" and env["python"] and env["torch"] and "numpy" in env and "captum" in env
@@ -273,7 +273,8 @@ def test_the_schema_itself_is_valid_draft_2020_12():
 
 BREAKAGES = {
     "no results": lambda d: d.pop("results"),
-    "schema version 2": lambda d: d.update(schema_version=2),
+    "schema version 1": lambda d: d.update(schema_version=1),
+    "schema version 3": lambda d: d.update(schema_version=3),
     "passed is a string": lambda d: d["results"][0].update(passed="yes"),
     "entry without nodeid": lambda d: d["results"][0].pop("nodeid"),
     "figure path is a number": lambda d: d["results"][0]["figures"].update(x=3),

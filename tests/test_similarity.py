@@ -307,11 +307,11 @@ SSIM_ERRORS = [
     ((M, M), {"win_size": 4}, "odd integer >= 3"),
     ((M, M), {"win_size": 1}, "odd integer >= 3"),
     ((M, M), {"win_size": 7.0}, "odd integer >= 3"),
-    ((_maps(2, 5, 9), _maps(2, 5, 9)), {}, r"maps of size 5x9 are smaller than the 7x7 SSIM window"),
+    ((_maps(2, 5, 9), _maps(2, 5, 9)), {}, r"^maps are 5x9, smaller than the 7x7 SSIM window \(win_size=7\)"),
     ((_maps(2, 9, 5), _maps(2, 9, 5)), {"win_size": 7}, r"smaller odd win_size \(3 to 5\)"),
     ((_maps(2, 6, 6), _maps(2, 6, 6)), {"win_size": 7}, r"smaller odd win_size \(3 to 5\)"),
     # no odd window >= 3 fits: the only advice is to resize (or use a metric without a window)
-    ((_maps(2, 2, 2), _maps(2, 2, 2)), {}, r"^maps of size 2x2 .*No SSIM window fits 2x2 maps.*3x3 pixels(?!.*win_size \()"),
+    ((_maps(2, 2, 2), _maps(2, 2, 2)), {}, r"^maps are 2x2, .*No SSIM window fits 2x2 maps.*3x3 pixels(?!.*win_size \()"),
     ((_maps(2, 1, 9), _maps(2, 1, 9)), {"win_size": 3}, r"No SSIM window fits 1x9 maps"),
     ((M.long(), M.long()), {}, "float32 or float64"),
     ((M.half(), M.half()), {}, "float32 or float64"),
@@ -374,6 +374,21 @@ def test_rankdata_errors(x: object, match: str) -> None:
 def test_errors_are_value_errors() -> None:
     with pytest.raises(ValueError):
         structural_similarity(M, M)
+
+
+def test_check_ssim_window_names_the_method_and_the_preset_and_appends_the_hint() -> None:
+    """The one SSIM size check: structural_similarity's argument wording, or a check's (method, preset, hint)."""
+    from pytest_saliency.compare.similarity import check_ssim_window
+
+    check_ssim_window(7, 9, 7)
+    check_ssim_window(3, 3, 3, method="saliency", preset="sam2020")
+    with pytest.raises(SaliencyUsageError, match=r"^maps are 6x9, smaller than the 7x7 SSIM window \(win_size=7\)\. "
+                                                 r"Either resize .*pass a smaller odd win_size \(3 to 5\)\.$"):
+        check_ssim_window(6, 9, 7)
+    with pytest.raises(SaliencyUsageError,
+                       match=r"^saliency maps are 4x4, smaller than the SSIM window \(5x5\) of preset 'sam2020'\. "
+                             r"Either resize .*win_size=3\)\)\. Or use spearman\.$"):
+        check_ssim_window(4, 4, 5, method="saliency", preset="sam2020", hint="Or use spearman.")
 
 
 # ------------------------------------------------------------------------------------------

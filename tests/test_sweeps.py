@@ -355,6 +355,16 @@ def _sweep(**kwargs):
         (dict(sweep=None, method="saliency"), r"no sweep given for method 'saliency' .*Built-in SAM grids: smoothgrad"),
         (dict(sweep="nt_samples"), r"sweep must be a dict"),
         (dict(sweep={"nt_samples": [4]}, metrics=("ssim", "sim")), r"unknown metric 'sim'"),
+        (dict(sweep={"nt_samples": [4]}, metric_options={"ssim": 3}),
+         r"^metric_options\['ssim'\] must be a dict of keyword arguments for ssim, .*got int 3\.$"),
+        (dict(sweep={"nt_samples": [4]}, metric_options=[("ssim", {})]), r"metric_options must be a dict .*got list"),
+        (dict(sweep={"nt_samples": [4]}, metrics=("ssim",), metric_options={"pearson": {}}),
+         r"metric_options names \['pearson'\], which are not among the metrics \['ssim'\]"),
+        (dict(sweep={"nt_samples": [4]}, metric_options={"hog_pearson": {"cells": 2}}),
+         r"metric_options\['hog_pearson'\] = \{'cells': 2\} does not fit the metric: .*'cells'"),
+        (dict(sweep={"nt_samples": [4]}, metrics=("ssim", "feature_agreement")),
+         r"metric 'feature_agreement' without metric_options does not fit the metric: missing a required argument: "
+         r"'k'.*metric_options=\{'feature_agreement': \{'k': 0.1\}\}"),
         (dict(sweep={"nt_samples": [4]}, threshold="high"), r"threshold must be a finite number"),
         (dict(sweep={"scales": [2]}, method=absolute_input), r"valid hyperparameters: scale, seed\. A custom explainer"),
     ],
@@ -377,6 +387,8 @@ def test_bad_sweeps_raise_usage_errors_that_say_how_to_fix_them(kwargs, message)
         (dict(clip=(1.0, 0.0)), r"clip must be \(low, high\) with low < high"),
         (dict(clip=(0.0, 0.5)), r"outside clip=\(0.0, 0.5\)"),
         (dict(nt_samples=4), r"unknown hyperparameter 'nt_samples' for method 'saliency'"),
+        (dict(metric_options={"ssim": 3}), r"metric_options\['ssim'\] must be a dict of keyword arguments for ssim"),
+        (dict(metrics=("ssim",), metric_options={"pearson": {}}), r"metric_options names \['pearson'\]"),
     ],
 )
 def test_bad_noise_arguments_raise_usage_errors(kwargs, message):

@@ -158,3 +158,29 @@ def test_predicates_answer_and_checkers_return_the_canonical_value():
     with pytest.raises(SaliencyUsageError, match=r"rank_correlation: absolute must be True or False, got 'no'\. "
                                                  r"Pass absolute=True or absolute=False\."):
         check_flag("no", "absolute", where="rank_correlation: ")
+
+
+def test_check_finite_is_the_one_finiteness_check_and_its_options():
+    """Plural and singular names, meta tensors refused or passed, bad maps named, the caller's hint."""
+    from pytest_saliency.core.validation import check_finite
+
+    maps = torch.zeros(12, 2, 2)
+    check_finite(maps, "maps")
+    check_finite(torch.arange(4), "ints")  # integers cannot hold NaN or inf
+    maps[[1, 11], 0, 1] = float("nan")
+    maps[1, 1, 1] = float("inf")
+    with pytest.raises(SaliencyUsageError, match=r"^maps contain 3 NaN or infinite value\(s\) out of 48\. Check the data"):
+        check_finite(maps, "maps")
+    with pytest.raises(SaliencyUsageError,
+                       match=r"^argument a contains 3 NaN or infinite value\(s\) out of 48 \(in map\(s\) \[1, 11\]\)\. "
+                             r"Drop them\.$"):
+        check_finite(maps, "argument a", plural=False, per_map=True, hint="Drop them.")
+    maps[:] = float("nan")
+    with pytest.raises(SaliencyUsageError, match=r"\(in map\(s\) \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]\.\.\.\)"):
+        check_finite(maps, "maps", per_map=True)
+    meta = torch.empty(2, 3, device="meta")
+    check_finite(meta, "a", plural=False, allow_meta=True)
+    with pytest.raises(SaliencyUsageError, match=r"^a is on the meta device, which holds shapes but no values"):
+        check_finite(meta, "a", plural=False)
+    with pytest.raises(SaliencyUsageError, match=r"^inputs are on the meta device"):
+        check_finite(meta, "inputs")

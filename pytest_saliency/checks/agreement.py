@@ -1,4 +1,5 @@
-"""Agreement between explanation methods: a method-by-method matrix and ``assert_agreement_above``.
+"""Agreement between explanation methods: a method-by-method matrix and its gate,
+:func:`pytest_saliency.checks.assertions.assert_agreement_above`.
 
 Every method explains the same inputs for the same targets (the model's predictions, resolved
 once). Which maps a metric sees depends on what it measures:
@@ -29,8 +30,9 @@ Chance level
     metric between method a's map of input i and method b's map of input i-1 (as the
     seed-consistency report does), which picks up what every map of the data set shares (e.g. a
     bright centre). The pair's ``chance`` is the stricter of the two (the higher, or the lower
-    for distances and angles), and the default gate of :func:`assert_agreement_above` must beat
-    it. With one image nothing can be measured and the theoretical value stands.
+    for distances and angles), and the default gate of
+    :func:`pytest_saliency.checks.assertions.assert_agreement_above` must beat it. With one image
+    nothing can be measured and the theoretical value stands.
 """
 
 from __future__ import annotations
@@ -374,41 +376,6 @@ def _metric_values(
     return values
 
 
-def _check_metric_options(metric_options: Any, metrics: list[str]) -> dict[str, dict[str, Any]]:
-    import inspect
-
-    from ..compare.metrics import METRICS
-
-    if metric_options is None:
-        return {}
-    if not isinstance(metric_options, dict):
-        raise SaliencyUsageError(
-            f"metric_options must be a dict mapping a metric name to its options, e.g. "
-            f"{{'ssim': {{'win_size': 7}}}}, got {type(metric_options).__name__}."
-        )
-    unknown = sorted(map(str, set(metric_options) - set(metrics)))
-    if unknown:
-        raise SaliencyUsageError(
-            f"metric_options names {unknown}, which are not among the metrics {metrics}; options of a "
-            "metric that is not computed would be silently ignored. Add the metric or remove its options."
-        )
-    for name, options in metric_options.items():
-        if not isinstance(options, dict):
-            raise SaliencyUsageError(
-                f"metric_options[{name!r}] must be a dict of keyword arguments for {name}, got "
-                f"{type(options).__name__}."
-            )
-        signature = inspect.signature(METRICS[name].function)
-        try:
-            signature.bind(None, None, **({"k": None} if METRICS[name].takes_k else {}), **options)
-        except TypeError as exc:
-            raise SaliencyUsageError(
-                f"metric_options[{name!r}] = {options!r:.120} does not fit the metric: {exc}. Its signature "
-                f"is {name}{signature}."
-            ) from None
-    return metric_options
-
-
 def _check_threshold(threshold: Any, metrics: list[str], metric_options: dict[str, dict[str, Any]]) -> float | None:
     """A finite threshold inside each metric's range, where a gate can both pass and fail."""
     from ..compare.metrics import METRICS
@@ -437,7 +404,7 @@ def _check_options(
     statistic: Any, metric_options: Any,
 ) -> tuple[list[str], dict[str, dict[str, Any]], float | None]:
     """Every option of compare_maps / agreement_matrix, checked before any work is done."""
-    from ..compare.metrics import METRICS, metric_info, resolve_k
+    from ..compare.metrics import METRICS, check_metric_options, metric_info, resolve_k
 
     if isinstance(metrics, str) or not isinstance(metrics, Sequence):
         raise SaliencyUsageError(
@@ -457,7 +424,7 @@ def _check_options(
                  hint="It is the level of the bootstrap interval, e.g. confidence=0.9.")
     check_count(n_bootstrap, "n_bootstrap", minimum=1, hint="It is the number of bootstrap resamples, e.g. 1000.")
     as_seed(seed)
-    metric_options = _check_metric_options(metric_options, metrics)
+    metric_options = check_metric_options(metric_options, metrics, caller_sets_k=True)
     return metrics, metric_options, _check_threshold(threshold, metrics, metric_options)
 
 

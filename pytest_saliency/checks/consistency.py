@@ -79,10 +79,11 @@ Two things to know when reading C:
   loss unchanged, so training never constrains g, and its gradient comes from the
   initialization. Logit maps (captum's default target, since models return logits) therefore
   carry a seed-specific component that is invisible in the predictions, and the classifier
-  finds it easily. On digits we measured saliency C = 0.11 for the logit maps of four MLPs
-  against 0.98 for their log-probability maps (three CNNs on 32x32 digits: 0.05 against 0.77),
-  while SSIM and sign agreement hardly changed. Both numbers are correct; they answer different questions. Wrap
-  each model as ``pytest_saliency.ensemble([model])`` to explain log-probabilities.
+  finds it easily: C of logit maps can be far lower than C of log-probability maps of the same
+  models, while SSIM and sign agreement hardly change (figures in ``benchmarks/RESULTS.md``,
+  "Where the seed-consistency defaults come from"). Both numbers are correct; they answer
+  different questions. Wrap each model as ``pytest_saliency.ensemble([model])`` to explain
+  log-probabilities.
 * **M detects any systematic difference, however small.** The classifier predicts by sign,
   not by size. When maps do not vary between inputs (the saliency of a linear model is its
   weight row), weights that agree to 1e-6 still give maps that are separable. The pair's
@@ -640,16 +641,12 @@ def _to_maps(raw: torch.Tensor, pipeline: MapPipeline, map_shape: tuple[int, int
 
 
 def _check_ssim_size(maps: torch.Tensor, pipeline: MapPipeline, method: str) -> None:
-    from ..compare.similarity import window_advice
+    from ..compare.similarity import check_ssim_window
 
-    win = pipeline.ssim.win_size
-    h, w = maps.shape[-2:]
-    if min(h, w) < win:
-        raise SaliencyUsageError(
-            f"{method} maps are {h}x{w}, smaller than the SSIM window ({win}x{win}) of preset {pipeline.name!r}. "
-            f"{window_advice(h, w, win)} For feature vectors, map_shape=(H, W) sets the map size; or leave 'ssim' "
-            "out of metrics."
-        )
+    check_ssim_window(
+        maps.shape[-2], maps.shape[-1], pipeline.ssim.win_size, method=method, preset=pipeline.name,
+        hint="For feature vectors, map_shape=(H, W) sets the map size; or leave 'ssim' out of metrics.",
+    )
 
 
 def _similarity(
@@ -1143,25 +1140,25 @@ def assert_seed_consistency_above(
         0 and 0.34 (MLP 0.07, CNN 0.065, DenseNet 0.33), the SVM had 0.94, and a model compared
         with itself has 1. The gate passes convex and kernel models and models that really are
         consistent. It is **expected to fail for ordinary neural networks**, whose seed alone
-        makes the maps separable (we measured C = 0.11 for digits MLPs and 0.05 for digits
-        CNNs on logit saliency). That is the paper's finding, not a bug.
+        makes the maps separable. That is the paper's finding, not a bug.
     ``"sign_agreement"``: mean top-k sign agreement >= **2 x its chance level**, i.e. >= k for
         a fractional k (**0.1** at the default top 10%, where chance is 0.05).
         This is the realistic gate for a neural network. It does not ask that no classifier
         can find any difference; it asks that the retrained models' most important features
         overlap, with the same sign, clearly more than unrelated maps would. Single networks
         agree far from perfectly: Ley et al. report top-5 SA of 0.49-0.91 on 6-90 tabular
-        features and signed-set agreement near 0 in high dimensions, and we measured 0.19
-        (digits CNN, 1024 pixels) to 0.31-0.47 (digits MLPs, 64 pixels) at the top 10%. A
-        fixed absolute bar would fail healthy image models, so the default catches explanations
-        that are no better than chance across retrainings. To guard against regressions,
+        features and signed-set agreement near 0 in high dimensions. A fixed absolute bar would
+        fail healthy image models, so the default catches explanations that are no better than
+        chance across retrainings. To guard against regressions,
         calibrate a tighter threshold from your own baseline (e.g. 80% of the measured value).
         ``feature_agreement`` gets the same rule (2k for a fractional k).
     ``"ssim"`` and the other similarities: no default; pass ``threshold=``. SSIM between seeds
-        depends on the pipeline, the data and the architecture (digits CNN about 0.12, digits
-        MLPs 0.4-0.6), and SSIM has no closed-form chance level. The report shows each
-        similarity next to its different-input baseline, so that a threshold can be set
-        between them.
+        depends on the pipeline, the data and the architecture, and SSIM has no closed-form
+        chance level. The report shows each similarity next to its different-input baseline,
+        so that a threshold can be set between them.
+
+    Where digits MLPs and CNNs fall against these defaults: ``benchmarks/RESULTS.md``, "Where
+    the seed-consistency defaults come from".
 
     Any higher-is-better metric of :data:`pytest_saliency.compare.metrics.METRICS` can gate.
     Returns the :class:`ConsistencyResult`, or raises :class:`SaliencyCheckFailed`.
@@ -1285,11 +1282,10 @@ def assert_explainer_seed_stable(
     agreement >= **0.5**. The maps compared share the model, the inputs and the target, and
     differ only in the method's random draws. So at least half of their structure, or of their
     top features with the same sign, should survive a change of seed; otherwise the map is
-    mostly sampling noise. Measured on the digits CNN (3 seeds, 50 images): SmoothGrad with the
-    default 50 samples gives SSIM 0.65 and SA 0.66 (it passes). With 20 samples it gives
-    0.45/0.52, with 5 samples 0.20/0.29, and GradientSHAP with its default 20 samples gives
-    SSIM 0.21: those fail and need more samples. With 200 samples SmoothGrad reaches 0.87/0.82.
-    Deterministic methods give exactly 1. SAM reports the same picture: SmoothGrad maps of
+    mostly sampling noise. Deterministic methods give exactly 1; a sampling method passes once
+    it draws enough samples, and fails with too few (more samples is the fix; the figures for
+    SmoothGrad and GradientSHAP on the digits CNN are in ``benchmarks/RESULTS.md``, "Where the
+    seed-consistency defaults come from"). SAM reports the same picture: SmoothGrad maps of
     regular models keep changing as the sample count grows, while robust models stay near 1.
     Options are those of :func:`explainer_seed_stability`. Returns the result, or raises
     :class:`SaliencyCheckFailed`.

@@ -34,7 +34,7 @@ probabilities), for users who want that.
 
 The members are held by reference (no copies) in an ``nn.ModuleList``, so ``ensemble.to(...)``
 and ``ensemble.eval()`` apply to them, as for any ``nn.Module``; ``forward`` itself changes
-nothing. :func:`explain` and the checks restore every mode flag and ``requires_grad`` they
+nothing. :func:`pytest_saliency.maps.explainers.explain` and the checks restore every mode flag and ``requires_grad`` they
 touch. :func:`perturbed_ensemble` deep-copies the model it perturbs and never touches the
 original.
 """

@@ -76,6 +76,7 @@ from ..core.validation import (
 )
 from ..exceptions import SaliencyUsageError
 from ..maps.baselines import default_blur_sigma, gaussian_blur
+from ..maps.options import format_value
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -109,6 +110,12 @@ class CausalCurves:
     ``curves`` is (N, steps + 1): the target-class probability after 0, 1, ... steps;
     ``fractions`` (steps + 1,) the fraction of pixels changed at each point (the x axis for a
     plot: ``plt.plot(r.fractions, r.curves[i])``); ``auc`` (N,) per image.
+
+    A data object, what :func:`causal_curves`, :func:`deletion` and :func:`insertion` return: not
+    a check result, so it does not implement
+    :class:`~pytest_saliency.reporting.protocol.CheckResult` (it has no verdict) and the
+    ``saliency`` fixture does not record it. The check built on these curves is
+    :func:`accuracy_spread`, whose :class:`AccuracySpread` is a result.
     """
 
     mode: str
@@ -415,6 +422,7 @@ class AccuracySpread:
     n_images: int
     options: dict[str, Any]
     seconds: float
+    model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     @property
     def check(self) -> str:
@@ -456,7 +464,7 @@ class AccuracySpread:
             lines.append(f"    {score} ({better} AUC is better)")
             lines.append(f"      {'hyperparameter':<{width}}  std_of_means  mean_image_std  mean AUC per value")
             for r in rows:
-                means = ", ".join(f"{_short(v)}: {m:.3f}" for v, m in zip(r.values, r.value_means))
+                means = ", ".join(f"{format_value(v, width=24)}: {m:.3f}" for v, m in zip(r.values, r.value_means))
                 lines.append(f"      {r.hyperparameter:<{width}}  {r.std_of_means:12.4f}  {r.mean_image_std:14.4f}  {means}")
         return "\n".join(lines)
 
@@ -499,6 +507,7 @@ class AccuracySpread:
             "n_images": self.n_images,
             "options": {k: jsonable(v) for k, v in self.options.items()},
             "seconds": self.seconds,
+            "model_writes": list(self.model_writes),
         }
 
 
@@ -531,11 +540,6 @@ def _spread_row(hyperparameter: str, score: str, values: list[Any], aucs: list[t
         mean_image_std=float(matrix.std(dim=0, unbiased=False).mean()),
         std_of_means=float(means.std(unbiased=False)),
     )
-
-
-def _short(value: Any) -> str:
-    text = repr(value) if not hasattr(value, "shape") else f"tensor{tuple(value.shape)}"
-    return text if len(text) <= 24 else text[:21] + "..."
 
 
 @rng_isolated
@@ -604,8 +608,10 @@ def accuracy_spread(
 
     cache: dict[tuple[str, int], torch.Tensor] = {}
 
-    def auc_of(kind: str, key: int, attributions: torch.Tensor) -> torch.Tensor:
+    def auc_of(kind: str, key: int, attributions: torch.Tensor | None) -> torch.Tensor:
         """Per-image AUCs of one set of maps, scored once (the reference's serve every table)."""
+        # Kept by keep_attributions=True above, or checked by _check_reusable for a given SweepResult.
+        assert attributions is not None, "the sweep kept no attributions"
         if (kind, key) not in cache:
             cache[(kind, key)] = causal_curves(model, inputs, attributions, kind, **curve_options).auc.double()
         return cache[(kind, key)]

@@ -203,6 +203,8 @@ def input_noise_stability(
     ``cache`` (a MapCache) lets the clean maps be shared with other checks; ``progress`` is
     called as ``progress(done, total, label)``.
     """
+    from ..compare.metrics import check_metric_options
+
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
@@ -210,6 +212,7 @@ def input_noise_stability(
     resolved, label, pipeline, metric_names, metric, higher = setup_check(method, preset, metrics, metric, threshold)
     if not metric_names:
         raise SaliencyUsageError("metrics is empty; pass e.g. metrics=('ssim', 'spearman', 'hog_pearson').")
+    checked_options = check_metric_options(metric_options, metric_names)
     seed = check_seed(seed)
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
                              hint="It bounds the images one explainer call sees; None explains all at once.")
@@ -220,7 +223,7 @@ def input_noise_stability(
     # classes with the same explainer seed, so only the input changes.
     fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
     runner = SettingRunner(model, resolved, label, fixed_target, batch_size, pipeline, metric_names,
-                           dict(metric_options or {}), cache)
+                           checked_options, cache)
     progress = progress or no_progress
     progress(0, 1 + len(variances) * n_draws, "clean inputs")
     clean = runner.reference_maps(runner.attributions(inputs, dict(options), seed))

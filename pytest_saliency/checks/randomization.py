@@ -93,8 +93,8 @@ class RandomizationResult:
     images_available: int = 0
     stopped_early: str = ""
     reused_activations: bool = False
-    original_maps: Any = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
-    randomized_maps: Any = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
+    original_maps: torch.Tensor | None = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
+    randomized_maps: torch.Tensor | None = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
     @property
@@ -309,16 +309,10 @@ def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str,
     Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``; none
     when every map of the batch is constant, and the check fails only if no batch has any left).
     """
-    torch = require_torch()
-    win = pipeline.ssim.win_size
-    h, w = maps.shape[-2:]
-    if min(h, w) < win:
-        from ..compare.similarity import window_advice
+    from ..compare.similarity import check_ssim_window
 
-        raise SaliencyUsageError(
-            f"{method} maps are {h}x{w}, smaller than the SSIM window ({win}x{win}) of preset "
-            f"{pipeline.name!r}. {window_advice(h, w, win)}"
-        )
+    torch = require_torch()
+    check_ssim_window(maps.shape[-2], maps.shape[-1], pipeline.ssim.win_size, method=method, preset=pipeline.name)
     flat = maps.flatten(1)
     constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
     keep = torch.nonzero(~constant).flatten()
@@ -584,41 +578,43 @@ def layer_randomization(
     with preserved(model):
         _explain_only(model)
         # The engine, and the check's traced forward pass: the execution order and the predictions.
-        engine = engine_for(model, inputs, explanation, reuse_activations=reuse_activations, batched=s.batched,
-                            step=s.image_batch if s.batched else inputs.shape[0],
-                            memory_budget=method_kwargs.get("memory_budget", "auto"))
-        fixed_target = resolve_target(model, inputs, target, s.batch_size, outputs=engine.trace.output)
-        # 1. The layers to randomize, in the order they are randomized.
-        selected = select_layers(model, inputs, layers, depth=s.depth, trace=engine.trace)
-        states = States(s.ordered(selected), s.mode, randomization, s.seed)
-        columns: list[Tensor] = []
-        originals: list[Tensor] = []
-        kept: list[Tensor] = []
-        explained, stopped = 0, ""
-        for batch in engine.batches(states, fixed_target, progress):
-            with batch:
-                # 2. The original model's maps (images with a constant map refused, or left out).
-                original = _usable_original(batch, pipeline, s.constant_maps)
-                if original is None:
-                    continue
-                # 3. Each randomized state's maps, compared with the original maps (SSIM).
-                keep = max(0, min(s.keep_maps - sum(o.shape[0] for o in originals), original.shape[0]))
-                comparison = _Comparison(original, pipeline, setup, len(states), keep,
-                                         lambda index: explanation.describe(states.names[index]))
-                for index, raw in batch.state_maps():
-                    comparison.add(index, raw)
-                comparison.flush()
-            columns.append(comparison.ssim())
-            originals.append(original[:keep].clone())
-            kept.append(comparison.kept())
-            explained += original.shape[0]
-            # images="auto" and early_exit: stop once the evidence so far is decisive.
-            verdict = s.decision(columns, states.names) if s.batched and not batch.last else None
-            if verdict == "fail" or (verdict == "pass" and s.adaptive):
-                stopped = f"decisive {verdict} after {explained} of {inputs.shape[0]} images"
-                break
-        if progress is not None:
-            progress(len(states), len(states), "")
+        # Leaving the block drops the traced pass's recording (an autograd graph) if no batch took
+        # it, e.g. when the target or the layers are refused below.
+        with engine_for(model, inputs, explanation, reuse_activations=reuse_activations, batched=s.batched,
+                        step=s.image_batch if s.batched else inputs.shape[0],
+                        memory_budget=method_kwargs.get("memory_budget", "auto")) as engine:
+            fixed_target = resolve_target(model, inputs, target, s.batch_size, outputs=engine.trace.output)
+            # 1. The layers to randomize, in the order they are randomized.
+            selected = select_layers(model, inputs, layers, depth=s.depth, trace=engine.trace)
+            states = States(s.ordered(selected), s.mode, randomization, s.seed)
+            columns: list[Tensor] = []
+            originals: list[Tensor] = []
+            kept: list[Tensor] = []
+            explained, stopped = 0, ""
+            for batch in engine.batches(states, fixed_target, progress):
+                with batch:
+                    # 2. The original model's maps (images with a constant map refused, or left out).
+                    original = _usable_original(batch, pipeline, s.constant_maps)
+                    if original is None:
+                        continue
+                    # 3. Each randomized state's maps, compared with the original maps (SSIM).
+                    keep = max(0, min(s.keep_maps - sum(o.shape[0] for o in originals), original.shape[0]))
+                    comparison = _Comparison(original, pipeline, setup, len(states), keep,
+                                             lambda index: explanation.describe(states.names[index]))
+                    for index, raw in batch.state_maps():
+                        comparison.add(index, raw)
+                    comparison.flush()
+                columns.append(comparison.ssim())
+                originals.append(original[:keep].clone())
+                kept.append(comparison.kept())
+                explained += original.shape[0]
+                # images="auto" and early_exit: stop once the evidence so far is decisive.
+                verdict = s.decision(columns, states.names) if s.batched and not batch.last else None
+                if verdict == "fail" or (verdict == "pass" and s.adaptive):
+                    stopped = f"decisive {verdict} after {explained} of {inputs.shape[0]} images"
+                    break
+            if progress is not None:
+                progress(len(states), len(states), "")
     if not columns:
         raise _no_image_left(name, inputs.shape[0])
     # 4. The statistics over layers and images, and with them the verdict (result.passed).

@@ -15,7 +15,10 @@ target and the classes it explained, seed, metric, library versions, time). Comp
 call that differs in what changes the maps or the threshold is an error, not a silent comparison
 of unlike things:
 
-* inputs, method and options, preset, always;
+* inputs, method and options, preset, always. A tensor option is recorded as its shape, dtype
+  and a SHA-256 of its values; files of earlier versions record it (and any other value that is
+  not a JSON string, number, list or object) as its ``repr``, and are matched against that
+  encoding of the current options (:func:`previous_option_encoding`);
 * the target: both calls ask for given classes, the same ones (``2`` and ``tensor([2, 2, ...])``
   are the same), or both for the predicted classes (``target=None``). With ``target=None`` the
   baseline stores the classes it explained (``targets``), and a later model is explained for
@@ -502,8 +505,8 @@ class BaselineResult:
     seed: int
     seconds: float
     reproduce: str = ""
-    baseline_maps: Any = field(default=None, repr=False)
-    current_maps: Any = field(default=None, repr=False)
+    baseline_maps: torch.Tensor | None = field(default=None, repr=False)
+    current_maps: torch.Tensor | None = field(default=None, repr=False)
 
     check = "baseline"
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
@@ -604,15 +607,18 @@ def _class_list(target: Any, n: int) -> list[int] | None:
 
 
 def _refuse_unlike(path: Path, stored: dict[str, Any], metadata: dict[str, Any], classes: list[int] | None,
-                   threshold: float | None, *, seeded: str | None) -> None:
+                   threshold: float | None, *, seeded: str | None, previous_options: dict[str, Any] | None = None) -> None:
     """Refuse a comparison with a baseline made from something that changes the maps or the
     threshold (see the module docstring): a :class:`SaliencyUsageError` naming every such field.
 
     ``classes``: the classes a given target asks for (None for ``target=None``); ``seeded``: why
-    the method's maps depend on the seed, or None when they do not.
+    the method's maps depend on the seed, or None when they do not; ``previous_options``: the
+    current options in :func:`previous_option_encoding`, which stored ``method_options`` may equal
+    instead of ``metadata``'s.
     """
     recorded = {key: stored.get(key, _NOT_RECORDED) for key in (*_MATCHED_FIELDS, "target", "seed", "metric")}
-    differences = [key for key in _MATCHED_FIELDS if recorded[key] != metadata[key]]
+    differences = [key for key in _MATCHED_FIELDS if recorded[key] != metadata[key] and not (
+        key == "method_options" and previous_options is not None and recorded[key] == previous_options)]
     hints = []
     given = recorded["target"]
     if given is _NOT_RECORDED or (given is None) != (metadata["target"] is None) or (
@@ -720,6 +726,30 @@ def _check_not_on_meta(model: torch.nn.Module, inputs: torch.Tensor) -> None:
         )
 
 
+def _recorded_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a baseline records: only what changes the maps (batching and values derived
+    from the inputs are left out)."""
+    return {k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")}
+
+
+def previous_option_encoding(options: Any) -> Any:
+    """``options`` as the ``method_options`` of baselines written before tensors were recorded by
+    digest: strings, numbers, booleans and None as they are, tuples and lists as lists, dicts with
+    their keys as strings, and every other value (a tensor, a numpy scalar) as its ``repr``.
+
+    A file holding this encoding of the current options is compared, not refused. A large
+    tensor's ``repr`` summarizes its values, so such a file tells fewer tensors apart than the
+    digest does.
+    """
+    if isinstance(options, (str, int, float, bool)) or options is None:
+        return options
+    if isinstance(options, (list, tuple)):
+        return [previous_option_encoding(v) for v in options]
+    if isinstance(options, dict):
+        return {str(k): previous_option_encoding(v) for k, v in options.items()}
+    return repr(options)
+
+
 def _metadata(label: str, options: dict[str, Any], pipeline: MapPipeline, inputs: torch.Tensor,
               target: int | torch.Tensor | None, seed: int, metric: str) -> dict[str, Any]:
     """What a baseline records about the call that made it (see the module docstring)."""
@@ -727,9 +757,7 @@ def _metadata(label: str, options: dict[str, Any], pipeline: MapPipeline, inputs
     return {
         "format_version": FORMAT_VERSION,
         "method": label,
-        # Only what changes the maps: batching and values derived from the inputs are left out.
-        "method_options": jsonable({k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")},
-                                   tensors="digest"),
+        "method_options": jsonable(_recorded_options(options), tensors="digest"),
         "preset": pipeline.to_dict(),
         "input_fingerprint": input_fingerprint(inputs),
         "input_shape": list(inputs.shape),
@@ -846,7 +874,8 @@ def check_baseline(
     metadata = _metadata(label, options, pipeline, inputs, target, seed, metric)
     if not writing:
         _refuse_unlike(path, stored, metadata, None if fixed_target is None else fixed_target.tolist(), threshold,
-                       seeded=_seed_dependence(resolved, label, options))
+                       seeded=_seed_dependence(resolved, label, options),
+                       previous_options=previous_option_encoding(_recorded_options(options)))
         if fixed_target is None and "targets" in stored:
             fixed_target = _recorded_classes(path, model, inputs, stored["targets"], batch_size, seed)
     if fixed_target is None:  # predicted classes: a new baseline, or a file that does not record them

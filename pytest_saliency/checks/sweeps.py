@@ -74,7 +74,7 @@ from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks, uniform_baseline
 from ..maps.explainers import attribute, resolved_options, run_captum
 from ..maps.methods import EXTRA_OPTIONS, Explainer, MethodSpec, method_name, resolve_method
-from ..maps.options import check_option_value
+from ..maps.options import check_option_value, format_value
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
 from ..reporting.protocol import Figure, Number
@@ -110,16 +110,6 @@ SEGMENT_METHODS = ("lime", "kernel_shap", "feature_ablation")
 # --------------------------------------------------------------------------------------------
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}={_format_value(v)}" for k, v in value.items()) + "}"
-    if is_tensor_like(value):
-        return f"tensor{tuple(value.shape)}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def nanmean(values: Sequence[float]) -> float:
     """The mean of the values that are not NaN; NaN when there are none."""
     finite = [v for v in values if not math.isnan(v)]
@@ -141,7 +131,7 @@ class SweepRow:
     value: Any
     seed: int
     scores: dict[str, list[float]]  # metric -> per image (NaN where undefined, e.g. a constant map)
-    attributions: Any = field(default=None, repr=False)  # raw maps, kept with keep_attributions=True
+    attributions: torch.Tensor | None = field(default=None, repr=False)  # raw maps, kept with keep_attributions=True
 
     def mean(self, metric: str) -> float:
         return nanmean(self.scores[metric])
@@ -219,8 +209,8 @@ class SweepResult:
     seconds: float
     reproduce: str = ""
     noise: dict[str, Any] = field(default_factory=dict)
-    reference_maps: Any = field(default=None, repr=False)  # (k, H, W) first maps, for reports/plots
-    reference_attributions: Any = field(default=None, repr=False)
+    reference_maps: torch.Tensor | None = field(default=None, repr=False)  # (k, H, W) first maps, for reports/plots
+    reference_attributions: torch.Tensor | None = field(default=None, repr=False)
     target_tensor: Any = field(default=None, repr=False)
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
 
@@ -253,16 +243,16 @@ class SweepResult:
 
     def _label(self, table: SweepTable, row: SweepRow) -> str:
         if self.check == "input_noise_stability":
-            return f"input noise {self.noise.get('kind', 'gaussian')} variance={_format_value(row.value)}"
+            return f"input noise {self.noise.get('kind', 'gaussian')} variance={format_value(row.value)}"
         if table.hyperparameter == "setting":
-            return f"setting {_format_value(row.value)}"
-        return f"{table.hyperparameter}={_format_value(row.value)}"
+            return f"setting {format_value(row.value)}"
+        return f"{table.hyperparameter}={format_value(row.value)}"
 
     def _reference_label(self) -> str:
         if self.check == "input_noise_stability":
             return "the clean inputs"
         shown = {k: v for k, v in self.reference.items()}
-        return ", ".join(f"{k}={_format_value(v)}" for k, v in shown.items()) or "the method's defaults"
+        return ", ".join(f"{k}={format_value(v)}" for k, v in shown.items()) or "the method's defaults"
 
     def numbers(self) -> dict[str, Number]:
         """The least stable value against the threshold, the failing values, the run's size and settings."""
@@ -308,10 +298,10 @@ class SweepResult:
         lines = []
         for table in self.tables:
             head = "input noise (vs the clean inputs)" if self.check == "input_noise_stability" else (
-                f"{table.hyperparameter} (reference {_format_value(table.reference_value)})"
+                f"{table.hyperparameter} (reference {format_value(table.reference_value)})"
             )
             lines.append(f"    {head}")
-            labels = [_format_value(r.value) for r in table.rows]
+            labels = [format_value(r.value) for r in table.rows]
             width = max([len("value")] + [len(x) for x in labels])
             cols = "  ".join(f"{m + ' mean +- std':>24}" for m in self.metrics)
             lines.append(f"      {'value':<{width}}  {cols}" + ("  verdict" if self.threshold is not None else ""))
@@ -337,7 +327,7 @@ class SweepResult:
             )
         else:
             what = "  check:       hyperparameter_stability (SAM protocol: each value vs the reference, one at a time)"
-        options = ", ".join(f"{k}={_format_value(v)}" for k, v in sorted(self.method_options.items())
+        options = ", ".join(f"{k}={format_value(v)}" for k, v in sorted(self.method_options.items())
                             if k not in ("input_range", "input_min", "input_max"))
         lines = [
             what,
@@ -751,9 +741,10 @@ def _normalize_sweep(sweep: Any, label: str) -> list[tuple[str, list[Any]]]:
         out = []
         for name, values in sweep.items():
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                shown = format_value(values) if is_tensor_like(values) else repr(values)  # a tensor: its shape
                 raise SaliencyUsageError(
-                    f"sweep[{name!r}] must be a list of values, got {values!r}. Wrap a single value: "
-                    f"sweep={{{name!r}: [{values!r}]}}."
+                    f"sweep[{name!r}] must be a list of values, got {shown}. Wrap a single value: "
+                    f"sweep={{{name!r}: [{shown}]}}."
                 )
             if len(values) == 0:
                 raise SaliencyUsageError(
@@ -798,17 +789,6 @@ def _resolve_grid(
         grid.reference if reference is None else reference,
         {**grid.options, **options},
     )
-
-
-def _check_metric_options(
-    metric_options: Mapping[str, Mapping[str, Any]] | None, metrics: Sequence[str]
-) -> dict[str, Mapping[str, Any]]:
-    """Per-metric keyword arguments, for metrics that are computed only."""
-    checked = dict(metric_options or {})
-    for name in checked:
-        if name not in metrics:
-            raise SaliencyUsageError(f"metric_options has an entry for {name!r}, which is not among metrics {list(metrics)}.")
-    return checked
 
 
 def _check_sweep_names(
@@ -905,7 +885,8 @@ def hyperparameter_sweep(
             ``metric`` must be >= threshold (<= for distances such as ``l1_distance``).
         metric_options: per-metric keyword arguments, e.g. ``{"hog_pearson": {"pixels_per_cell": (4, 4)}}``.
         batch_size: images per explainer call (memory bound).
-        keep_attributions: keep every setting's raw attributions (for :func:`accuracy_spread`).
+        keep_attributions: keep every setting's raw attributions (for
+            :func:`pytest_saliency.checks.faithfulness.accuracy_spread`).
         cache: a :class:`pytest_saliency.maps.cache.MapCache`: settings already explained for the same
             model (fingerprint), inputs, targets, options and seed are reused (named methods,
             no tensor-valued options). Pass one to a hypothesis test so that the reference is
@@ -914,12 +895,14 @@ def hyperparameter_sweep(
 
     The model is left exactly as it was and no global RNG state changes.
     """
+    from ..compare.metrics import check_metric_options
+
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
     method, sweep, reference, options = _resolve_grid(method, sweep, reference, dict(options), inputs)
     resolved, label, pipeline, metric_names, metric, higher = setup_check(method, preset, metrics, metric, threshold)
-    checked_options = _check_metric_options(metric_options, metric_names)
+    checked_options = check_metric_options(metric_options, metric_names)
     seed = check_seed(seed)
     keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
@@ -944,7 +927,7 @@ def hyperparameter_sweep(
     for name, values in tables_spec:
         rows = []
         for value in values:
-            progress(done, total, f"{name}={_format_value(value)}")
+            progress(done, total, f"{name}={format_value(value)}")
             rows.append(_sweep_row(runner, inputs, _swept_setting(base, name, value), value, reference_seed, ref_maps,
                                    keep_attributions))
             done += 1

@@ -63,13 +63,13 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 
-from ..core.validation import check_choice, check_count, check_flag, is_count, nonfinite_values, unknown_choice
+from ..core.validation import check_choice, check_count, check_finite, check_flag, is_count, unknown_choice
 from ..exceptions import SaliencyUsageError, warn_user
 
 KValue = Union[int, float]
@@ -117,8 +117,14 @@ def _work_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _validate_pair(a: Any, b: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the shared contract and return ``(N, D)`` detached views in the working dtype."""
+def _validate_map_batches(a: Any, b: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the shared contract and return ``(N, D)`` detached views in the working dtype.
+
+    The contract of the registry's metrics, stricter than the one of the scipy/scikit-image
+    counterparts in :mod:`.similarity` (its ``_validate_array_pair``): batches of ``N >= 1``
+    floating-point maps with the batch dimension first, never a single 1-D pair, integer data or
+    meta tensors, and every message starts with the metric's name, as checks call metrics by name.
+    """
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, torch.Tensor):
             raise SaliencyUsageError(
@@ -154,15 +160,11 @@ def _validate_pair(a: Any, b: Any, metric: str) -> tuple[torch.Tensor, torch.Ten
             f"b = b.to({str(a.device)!r})."
         )
     for name, x in (("a", a), ("b", b)):
-        bad = nonfinite_values(x.detach())
-        if bad is not None:
-            rows = torch.nonzero(bad.reshape(x.shape[0], -1).any(dim=1)).flatten().tolist()
-            raise SaliencyUsageError(
-                f"{metric}: argument {name} contains {int(bad.sum())} NaN or infinite value(s) "
-                f"(in map(s) {rows[:10]}{'...' if len(rows) > 10 else ''}). Metrics need finite "
-                "maps: check the explainer's numerics (e.g. a division by a zero norm) or drop "
-                "those maps."
-            )
+        check_finite(
+            x, f"{metric}: argument {name}", plural=False, per_map=True,
+            hint="Metrics need finite maps: check the explainer's numerics (e.g. a division by a zero norm) or "
+                 "drop those maps.",
+        )
     dtype = _work_dtype(a, b)
     n = a.shape[0]
     return a.detach().reshape(n, -1).to(dtype), b.detach().reshape(n, -1).to(dtype)
@@ -170,7 +172,7 @@ def _validate_pair(a: Any, b: Any, metric: str) -> tuple[torch.Tensor, torch.Ten
 
 def _validate_images(a: Any, b: Any, metric: str) -> None:
     """Metrics with a spatial window (SSIM, HOG) need single-channel maps (N, H, W)."""
-    _validate_pair(a, b, metric)
+    _validate_map_batches(a, b, metric)
     if a.dim() != 3:
         raise SaliencyUsageError(
             f"{metric}: needs single-channel 2-D maps of shape (N, H, W), got shape "
@@ -369,7 +371,7 @@ def feature_agreement(a: torch.Tensor, b: torch.Tensor, k: KValue) -> torch.Tens
     docstring). So leftover top-k slots of sparse or constant maps are shared only as often as
     chance would share them: a constant map scores exactly ``k / D``.
     """
-    xa, xb = _validate_pair(a, b, "feature_agreement")
+    xa, xb = _validate_map_batches(a, b, "feature_agreement")
     kk = resolve_k(k, xa.shape[1])
     shared = (_top_k(xa, kk).share * _top_k(xb, kk).share).sum(dim=1)
     return _as_fraction(shared, kk, xa.dtype)
@@ -389,7 +391,7 @@ def sign_agreement(
     Ties: as in :func:`feature_agreement`, each sign-agreeing feature counts with the probability
     that both maps' top-k hold it, ``P(f ∈ top_k(a)) · P(f ∈ top_k(b))``.
     """
-    xa, xb = _validate_pair(a, b, "sign_agreement")
+    xa, xb = _validate_map_batches(a, b, "sign_agreement")
     check_flag(warn_unsigned, "warn_unsigned", where="sign_agreement: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "sign_agreement")
@@ -414,7 +416,7 @@ def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: KValue) -> torch.Tensor:
     their rank only as often as chance: RA of a map with itself is 1 only if its top-k has no
     ties, and a constant map scores exactly ``1 / D``.
     """
-    xa, xb = _validate_pair(a, b, "rank_agreement")
+    xa, xb = _validate_map_batches(a, b, "rank_agreement")
     kk = resolve_k(k, xa.shape[1])
     same = _same_rank_share(_top_k(xa, kk), _top_k(xb, kk), kk)
     return _as_fraction(same.sum(dim=1), kk, xa.dtype)
@@ -432,7 +434,7 @@ def signed_rank_agreement(
     Ties: the expected count over random orders of the tie blocks, as in
     :func:`rank_agreement`, restricted to sign-agreeing features.
     """
-    xa, xb = _validate_pair(a, b, "signed_rank_agreement")
+    xa, xb = _validate_map_batches(a, b, "signed_rank_agreement")
     check_flag(warn_unsigned, "warn_unsigned", where="signed_rank_agreement: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "signed_rank_agreement")
@@ -461,7 +463,7 @@ def signed_set_agreement(
     features in both ``T_a`` and ``T_b``. Without such a block it is the plain 0/1 indicator.
     ``SSA_k <= SA_k``, and ``SSA_k = 1`` exactly when ``SA_k = 1``.
     """
-    xa, xb = _validate_pair(a, b, "signed_set_agreement")
+    xa, xb = _validate_map_batches(a, b, "signed_set_agreement")
     check_flag(warn_unsigned, "warn_unsigned", where="signed_set_agreement: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "signed_set_agreement")
@@ -513,7 +515,7 @@ def consistent_direction(
     the flips certain in ``a``, a hypergeometric sum over ``j``. Top-d CDC has no straddling
     block, so ties never matter there.
     """
-    xa, xb = _validate_pair(a, b, "consistent_direction")
+    xa, xb = _validate_map_batches(a, b, "consistent_direction")
     check_flag(warn_unsigned, "warn_unsigned", where="consistent_direction: ")
     if warn_unsigned:
         _warn_if_unsigned(xa, xb, "consistent_direction")
@@ -615,7 +617,7 @@ def pairwise_rank_agreement(a: torch.Tensor, b: torch.Tensor, features: Any = No
     Cost is ``O(N · |F|²)`` comparisons, done in chunks of at most ~4 M elements, so keep F to a
     few thousand features (a region, or a union of top-k sets). Chance level 0.5.
     """
-    xa, xb = _validate_pair(a, b, "pairwise_rank_agreement")
+    xa, xb = _validate_map_batches(a, b, "pairwise_rank_agreement")
     n, d = xa.shape
     index = _feature_index(features, a, d, "pairwise_rank_agreement")
     m = index.numel()
@@ -679,7 +681,7 @@ def rank_correlation(
     """
     from .similarity import spearman as _spearman
 
-    xa, xb = _validate_pair(a, b, "rank_correlation")
+    xa, xb = _validate_map_batches(a, b, "rank_correlation")
     check_flag(absolute, "absolute", where="rank_correlation: ")
     n, d = xa.shape
     if absolute:
@@ -713,7 +715,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     from .similarity import spearman as _spearman
 
-    xa, xb = _validate_pair(a, b, "spearman")
+    xa, xb = _validate_map_batches(a, b, "spearman")
     return _spearman(xa, xb)
 
 
@@ -725,7 +727,7 @@ def spearman_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     from .similarity import spearman as _spearman
 
-    xa, xb = _validate_pair(a, b, "spearman_abs")
+    xa, xb = _validate_map_batches(a, b, "spearman_abs")
     return _spearman(xa.abs(), xb.abs())
 
 
@@ -733,7 +735,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of the flattened maps; NaN for a constant map. Chance level 0."""
     from .similarity import pearson as _pearson
 
-    xa, xb = _validate_pair(a, b, "pearson")
+    xa, xb = _validate_map_batches(a, b, "pearson")
     return _pearson(xa, xb)
 
 
@@ -830,7 +832,7 @@ def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     models (">5x larger"), which is the same under either convention. Lower is better; 0 for
     identical maps. Scale-dependent: compare maps from the same normalisation.
     """
-    xa, xb = _validate_pair(a, b, "l1_distance")
+    xa, xb = _validate_map_batches(a, b, "l1_distance")
     return (xa - xb).abs().mean(dim=1)
 
 
@@ -854,7 +856,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     matters). NaN when either map is all zeros (no direction). Chance level 0 for independent
     maps with symmetric (zero-mean) values.
     """
-    xa, xb = _validate_pair(a, b, "cosine_similarity")
+    xa, xb = _validate_map_batches(a, b, "cosine_similarity")
     ua, za = _unit_rows(xa)
     ub, zb = _unit_rows(xb)
     cos = (ua * ub).sum(dim=1).clamp(-1.0, 1.0)
@@ -871,7 +873,7 @@ def angular_difference(a: torch.Tensor, b: torch.Tensor, *, degrees: bool = Fals
     ``arccos(0.99999994)`` in float32 would give 3e-4). Range [0, π]; lower is better. NaN when
     either map is all zeros. Chance level π/2 for independent maps with symmetric values.
     """
-    xa, xb = _validate_pair(a, b, "angular_difference")
+    xa, xb = _validate_map_batches(a, b, "angular_difference")
     check_flag(degrees, "degrees", where="angular_difference: ")
     ua, za = _unit_rows(xa)
     ub, zb = _unit_rows(xb)
@@ -893,7 +895,7 @@ def jensen_shannon_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Lower is better. Maps must be non-negative (take ``|a|`` first for signed attributions) and not
     all zero.
     """
-    xa, xb = _validate_pair(a, b, "jensen_shannon_divergence")
+    xa, xb = _validate_map_batches(a, b, "jensen_shannon_divergence")
     for name, x in (("a", xa), ("b", xb)):
         if bool((x < 0).any()):
             rows = torch.nonzero((x < 0).any(dim=1)).flatten().tolist()
@@ -1177,3 +1179,60 @@ def compute_metric(name: str, a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -
             f"signature is {name}{signature}."
         ) from None
     return info.function(a, b, **kwargs)
+
+
+def check_metric_options(
+    metric_options: Any, metrics: Sequence[str], *, caller_sets_k: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Per-metric keyword arguments (``{"ssim": {"win_size": 7}}``) checked against ``metrics``,
+    the metrics a check computes, before any work is done; returned as a dict of dicts.
+
+    ``None`` is no options. Every name must be among ``metrics`` (options of a metric that is
+    not computed would be ignored without a word), every entry a mapping of keyword arguments
+    the metric takes (:data:`METRICS`' functions; their values are checked when the metric runs),
+    and every metric in ``metrics`` must get its required arguments. ``caller_sets_k``: the check
+    passes ``k`` to the top-k metrics itself (from its own ``k`` argument), so the options may not
+    set it; otherwise a top-k metric that requires ``k`` must get it from its options.
+    """
+    if metric_options is None:
+        metric_options = {}
+    if not isinstance(metric_options, Mapping):
+        raise SaliencyUsageError(
+            f"metric_options must be a dict mapping a metric name to its options, e.g. "
+            f"{{'ssim': {{'win_size': 7}}}}, got {type(metric_options).__name__}."
+        )
+    metrics = list(metrics)
+    unknown = sorted(map(str, set(metric_options) - set(metrics)))
+    if unknown:
+        raise SaliencyUsageError(
+            f"metric_options names {unknown}, which are not among the metrics {metrics}; options of a "
+            "metric that is not computed would be silently ignored. Add the metric or remove its options."
+        )
+    checked = {}
+    for name in metrics:  # every metric, so that one missing a required argument (k) is named too
+        options = metric_options.get(name, {})
+        if not isinstance(options, Mapping):
+            raise SaliencyUsageError(
+                f"metric_options[{name!r}] must be a dict of keyword arguments for {name}, e.g. "
+                f"{{{name!r}: {{...}}}}, got {type(options).__name__} {options!r:.80}."
+            )
+        info = metric_info(name)
+        if caller_sets_k and info.takes_k and "k" in options:
+            raise SaliencyUsageError(
+                f"metric_options[{name!r}] sets k, which this check passes to every top-k metric from its own "
+                "k argument; pass k=... to the check instead."
+            )
+        signature = inspect.signature(info.function)
+        try:
+            signature.bind(None, None, **({"k": None} if caller_sets_k and info.takes_k else {}), **options)
+        except TypeError as exc:
+            given = (f"metric_options[{name!r}] = {dict(options)!r:.120}" if name in metric_options
+                     else f"metric {name!r} without metric_options")
+            raise SaliencyUsageError(
+                f"{given} does not fit the metric: {exc}. Its signature is {name}{signature}."
+                + (f" Pass e.g. metric_options={{{name!r}: {{'k': 0.1}}}}." if info.takes_k and not caller_sets_k
+                   and "k" not in options else "")
+            ) from None
+        if name in metric_options:
+            checked[name] = dict(options)
+    return checked

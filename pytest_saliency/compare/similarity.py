@@ -32,7 +32,7 @@ from typing import NamedTuple, cast
 import torch
 import torch.nn.functional as F
 
-from ..core.validation import check_number, is_count, nonfinite_values
+from ..core.validation import check_finite, check_number, is_count
 from ..exceptions import SaliencyUsageError
 
 __all__ = ["pearson", "rankdata", "spearman", "structural_similarity"]
@@ -50,23 +50,17 @@ _SSIM_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
-    """Refuse NaN / inf: say which argument and how many values.
-
-    Meta tensors carry no data, so there is nothing to check (and ``bool()`` on them fails).
-    """
-    if x.device.type == "meta" or not (x.is_floating_point() or x.is_complex()):
-        return
-    bad = nonfinite_values(x)
-    if bad is not None:
-        raise SaliencyUsageError(
-            f"{name} contains {int(bad.sum())} NaN or infinite value(s) out of {x.numel()}. "
-            "Similarity of a map with missing values is undefined; fix the map pipeline (e.g. a "
-            "division by a zero maximum during normalization) or replace them explicitly with "
-            f"torch.nan_to_num({name}) if that is really intended."
-        )
+    """Refuse NaN / inf, naming the argument and how many values. Meta tensors pass: they carry
+    no data, and every function here propagates their shapes."""
+    check_finite(
+        x, name, plural=False, allow_meta=True,
+        hint="Similarity of a map with missing values is undefined; fix the map pipeline (e.g. a "
+             "division by a zero maximum during normalization) or replace them explicitly with "
+             f"torch.nan_to_num({name}) if that is really intended.",
+    )
 
 
-def _validate_pair(
+def _validate_array_pair(
     a: object,
     b: object,
     *,
@@ -77,6 +71,9 @@ def _validate_pair(
 
     ``expected`` describes the accepted shapes in the error messages (e.g. "(N, H, W) or (H, W)").
     Dtype and ndim policies differ between SSIM and correlation, so the callers check those.
+    Looser than the metric registry's ``_validate_map_batches`` (:mod:`.metrics`) because these
+    functions follow their scipy/scikit-image counterparts: a single unbatched pair, integer data
+    (correlations) and meta tensors (shapes propagate) are accepted, and nothing is flattened.
     """
     na, nb = names
     for value, name in ((a, na), (b, nb)):
@@ -251,12 +248,24 @@ def window_advice(height: int, width: int, win_size: int, pipeline: bool = True)
     return f"Either resize the maps to at least {win_size}x{win_size} pixels {how}, or {smaller}."
 
 
-def _check_window_fits(height: int, width: int, win_size: int) -> None:
-    if height < win_size or width < win_size:
-        raise SaliencyUsageError(
-            f"maps of size {height}x{width} are smaller than the {win_size}x{win_size} SSIM window "
-            f"(win_size={win_size}). {window_advice(height, width, win_size, pipeline=False)}"
-        )
+def check_ssim_window(height: int, width: int, win_size: int, *, method: str | None = None,
+                      preset: str | None = None, hint: str = "") -> None:
+    """Refuse ``height x width`` maps smaller than the ``win_size`` SSIM window, with advice that fits.
+
+    The one SSIM size check, for :func:`structural_similarity` and for every check that compares
+    maps with SSIM. ``method`` names the method whose maps they are; ``preset`` the map pipeline
+    whose window it is (the advice is then about the pipeline, else about the ``win_size``
+    argument); ``hint`` is appended (what else the caller's check allows, e.g. another metric).
+    """
+    if height >= win_size and width >= win_size:
+        return
+    maps = f"{method} maps" if method else "maps"
+    window = (f"the SSIM window ({win_size}x{win_size}) of preset {preset!r}" if preset is not None
+              else f"the {win_size}x{win_size} SSIM window (win_size={win_size})")
+    raise SaliencyUsageError(
+        f"{maps} are {height}x{width}, smaller than {window}. "
+        f"{window_advice(height, width, win_size, pipeline=preset is not None)}{(' ' + hint) if hint else ''}"
+    )
 
 
 class ReferenceMoments(NamedTuple):
@@ -363,7 +372,7 @@ def structural_similarity(
             window, or a missing / non-positive ``data_range``, ``K1``, ``K2`` or ``sigma``.
     """
     expected = "(N, H, W) or (H, W)"
-    a, b = _validate_pair(a, b, expected=expected)
+    a, b = _validate_array_pair(a, b, expected=expected)
     if a.dim() not in (2, 3):
         raise SaliencyUsageError(
             f"SSIM compares 2-D single-channel maps: a and b must have shape {expected}, got "
@@ -391,7 +400,7 @@ def structural_similarity(
         win_size=win_size, gaussian_weights=gaussian_weights, sigma=sigma, data_range=data_range, K1=K1, K2=K2,
         use_sample_covariance=use_sample_covariance,
     )
-    _check_window_fits(a.shape[-2], a.shape[-1], setup.win_size)
+    check_ssim_window(a.shape[-2], a.shape[-1], setup.win_size)
     result = ssim_unchecked(a.detach(), b.detach(), setup)
     return result[0] if single else result
 
@@ -406,7 +415,7 @@ def _correlation_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Validate a pair for correlation and flatten it to (N, D) rows; also report "single pair"."""
     expected = "(N, ...) or (D,)"
-    a, b = _validate_pair(a, b, expected=expected)
+    a, b = _validate_array_pair(a, b, expected=expected)
     if a.dim() == 0:
         raise SaliencyUsageError(
             f"{what} needs at least two values per row, got 0-d tensors. Pass 1-D tensors for one "

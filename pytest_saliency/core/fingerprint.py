@@ -39,9 +39,10 @@ wrapping integer sums of their bit patterns, two of them position-weighted so th
 changes them) and only a few scalars cross to the host. It is not cryptographic; it
 distinguishes models that differ, including by a permutation of their weights, which is all a
 cache needs. :func:`input_fingerprint` is a SHA-256 of the inputs' values, the same on every
-device, for baselines stored in files. :func:`weighted_checksum` is the cheapest of the three, one
-matrix-vector product on the device: activation replay uses it to see that nothing it recorded
-was written in place.
+device, for baselines stored in files; :func:`array_digest` is a SHA-256 of one tensor's dtype,
+shape and bytes, for tensors in a stored baseline's options. :func:`weighted_checksum` is the
+cheapest, one matrix-vector product on the device: activation replay uses it to see that nothing
+it recorded was written in place.
 """
 
 from __future__ import annotations
@@ -339,7 +340,26 @@ def input_fingerprint(inputs: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-#: The period of :func:`_checksum`'s weights (a prime: strided layouts do not line up with it).
+def array_digest(value: Any) -> str:
+    """SHA-256 (hex) of a tensor's or numpy array's dtype, shape and bytes: every dtype (bfloat16,
+    bool, complex...), any layout, strides or device give the digest of the values themselves, so
+    equal values of one dtype and shape share it and a change of dtype changes it."""
+    torch = require_torch()
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        tensor = tensor.resolve_conj().resolve_neg().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    else:  # a numpy array: an object array has no bytes of its own, its items' reprs stand in
+        numpy = sys.modules["numpy"]
+        data = repr(value.tolist()).encode() if value.dtype.hasobject else numpy.ascontiguousarray(value).tobytes()
+    digest = hashlib.sha256(f"{value.dtype}|{tuple(int(s) for s in value.shape)};".encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+#: The period of :func:`weighted_checksum`'s weights (a prime: strided layouts do not line up with it).
 CHECKSUM_PERIOD = 4099
 
 
@@ -378,4 +398,4 @@ def _period_weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 
-__all__ = ["input_fingerprint", "model_fingerprint", "tensor_fingerprint", "value_fingerprint", "weighted_checksum"]
+__all__ = ["array_digest", "input_fingerprint", "model_fingerprint", "tensor_fingerprint", "value_fingerprint", "weighted_checksum"]

@@ -8,17 +8,19 @@ tensors depend on what the JSON is for (``tensors=``):
 * ``"shape"`` -- ``"tensor(N, C, H, W)"``: an option value in a result (a baseline tensor passed to
   IG), where the values would bloat the report and say nothing to a reader;
 * ``"values"`` -- nested lists: numbers a report shows (per-image scores kept as arrays);
-* ``"digest"`` -- the shape and a SHA-256 of the bytes: metadata that must tell two tensors apart
-  without storing them (a stored baseline's method options).
+* ``"digest"`` -- the shape, the dtype and a SHA-256 of dtype, shape and bytes
+  (:func:`~pytest_saliency.core.fingerprint.array_digest`): metadata that must tell two tensors
+  apart without storing them (a stored baseline's method options).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
+
+from .fingerprint import array_digest
 
 TensorPolicy = Literal["shape", "values", "digest"]
 
@@ -34,8 +36,7 @@ def _array(value: Any, tensors: TensorPolicy) -> Any:
     if tensors == "shape":
         return shape
     if tensors == "digest":
-        data = value.contiguous().numpy() if hasattr(value, "numpy") else value
-        return f"{shape} sha256:{hashlib.sha256(bytes(memoryview(data).cast('B'))).hexdigest()[:16]}"
+        return f"{shape} {str(value.dtype).removeprefix('torch.')} sha256:{array_digest(value)[:16]}"
     return jsonable(value.tolist(), tensors=tensors)
 
 

@@ -215,9 +215,10 @@ def isolated_rngs(seed: Any = 0) -> Iterator[None]:
 def pass_seeded(seed: Any, device: torch.device | str | None = None) -> Iterator[None]:
     """Seed the global generators for one explanation pass.
 
-    Inside :func:`isolated_rngs` (every public entry point) this only seeds: the isolation
-    restores the generators at the end, so forking them per pass would be wasted work. Outside,
-    it is :func:`seeded`.
+    Inside an isolation (:func:`isolated_rngs`, or :func:`pytest_saliency.core.integrity.guarded_call`,
+    which every public entry point goes through) this only seeds: the isolation restores the
+    generators at the end, so forking them per pass would be wasted work. Outside, it is
+    :func:`seeded`.
     """
     if _isolated():
         seed_isolated(seed)

@@ -186,20 +186,38 @@ def nonfinite_values(tensor: torch.Tensor) -> torch.Tensor | None:
     return bad if bool(bad.any()) else None
 
 
-def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """NaN or inf anywhere makes every similarity meaningless: refuse it loudly."""
+def check_finite(tensor: torch.Tensor, name: str, *, plural: bool = True, allow_meta: bool = False,
+                 per_map: bool = False, hint: str = "") -> None:
+    """NaN or inf anywhere makes every similarity meaningless: refuse it loudly.
+
+    The one finiteness check of the package; the message says what ``name`` holds, how many
+    values are not finite and ``hint`` (what to do about it; a default that points at the data
+    pipeline and the model's numerics).
+
+    Args:
+        plural: ``name`` is a plural noun ("inputs contain ..."); False for one argument ("a contains ...").
+        allow_meta: meta tensors pass unchecked (they carry no values, only shapes: the similarity
+            functions propagate them); by default they are refused, as a check cannot run on them.
+        per_map: also name the maps (rows of the first dimension) that hold the bad values.
+    """
+    verb, be = ("contain", "are") if plural else ("contains", "is")
     if getattr(tensor, "is_meta", False):
+        if allow_meta:
+            return
         raise SaliencyUsageError(
-            f"{name} are on the meta device, which holds shapes but no values. Pass real tensors "
+            f"{name} {be} on the meta device, which holds shapes but no values. Pass real tensors "
             "(materialize the model with model.to_empty(device=...) and load its weights first)."
         )
-    bad = nonfinite_values(tensor)
+    bad = nonfinite_values(tensor.detach())
     if bad is not None:
-        count = int(bad.sum())
+        where = ""
+        if per_map and bad.dim() >= 1:
+            rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            where = f" (in map(s) {rows[:10]}{'...' if len(rows) > 10 else ''})"
         raise SaliencyUsageError(
-            f"{name} contain {count} NaN or infinite value(s) out of {tensor.numel()}. "
-            "Check the data pipeline and the model's numerics (e.g. a log of zero, an exploding "
-            "layer); saliency checks need finite values."
+            f"{name} {verb} {int(bad.sum())} NaN or infinite value(s) out of {tensor.numel()}{where}. "
+            + (hint or "Check the data pipeline and the model's numerics (e.g. a log of zero, an exploding "
+                       "layer); saliency checks need finite values.")
         )
 
 

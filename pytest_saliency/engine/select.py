@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 DRAW_SHARE = 256
 #: Methods whose replay feeds the images themselves: their recording pass can be the traced pass.
 TRACED_RECORDING = ("saliency", "input_x_gradient")
-KINDS = ("plain", "replay", "stack")
 
 
 def engine_for(model: torch.nn.Module, inputs: torch.Tensor, explanation: Explanation, *, reuse_activations: bool,
@@ -106,8 +105,14 @@ def _traced(model: torch.nn.Module, inputs: torch.Tensor, explanation: Explanati
 
 
 class Engines:
-    """The engine :func:`engine_for` chose for a check (``kind``, one of :data:`KINDS`), and the
-    check's traced forward pass (``trace``: the execution order and the predicted targets)."""
+    """The engine :func:`engine_for` chose for a check (``kind``: ``"plain"``, ``"replay"`` or
+    ``"stack"``), and the check's traced forward pass (``trace``: the execution order and the
+    predicted targets).
+
+    When the traced pass was the replay's recording, it is held (with its autograd graph) until
+    the first batch's engine takes it; :meth:`close`, or leaving a ``with`` block, drops it if no
+    engine did (a check that stops before its first batch, e.g. on an unknown layer name).
+    """
 
     def __init__(self, inputs: torch.Tensor, explanation: Explanation, trace: ForwardTrace, *, kind: str, step: int,
                  batched: bool, memory_budget: object, model_draws: bool,
@@ -118,6 +123,18 @@ class Engines:
         self.recording = recording  # the first batch's replay, recorded by the traced pass
         self._reused = False
         self._current: MapEngine | None = None
+
+    def close(self) -> None:
+        """Drop the recording no batch engine took (the engines that took it close it themselves)."""
+        if self.recording is not None:
+            self.recording.close()
+            self.recording = None
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def reused(self) -> bool:
@@ -171,4 +188,4 @@ class Engines:
         return "stack", max(1, min(self.step, fits))
 
 
-__all__ = ["DRAW_SHARE", "Engines", "KINDS", "TRACED_RECORDING", "engine_for"]
+__all__ = ["DRAW_SHARE", "Engines", "TRACED_RECORDING", "engine_for"]

@@ -177,7 +177,9 @@ def stackable(stages: Sequence[tuple[str, Any]], mode: str) -> bool:
 
 def randomized_values(stages: Sequence[tuple[str, torch.nn.Module]], strategy: str,
                       seed: int) -> list[list[tuple[Any, Any]]]:
-    """Per stage: each parameter with the values :func:`randomized` gives it (:func:`drawn_values`)."""
+    """Per stage: each parameter with the values
+    :func:`pytest_saliency.model.randomize.randomized` gives it
+    (:func:`pytest_saliency.model.randomize.drawn_values`)."""
     drawn = []
     for name, module in stages:
         pairs = drawn_values(name, module, strategy, seed)
@@ -188,10 +190,11 @@ def randomized_values(stages: Sequence[tuple[str, torch.nn.Module]], strategy: s
 
 
 class _Swap:
-    """Randomized values written into the parameters in place (as :func:`randomized` does, so
-    tensors sharing their storage see them too); :meth:`restore` writes back the values they
-    overwrote, copied just before. Each write's restore is registered (an :class:`Undo`) before
-    the write, so an interrupt between the write and :meth:`restore` cannot leave it in place."""
+    """Randomized values written into the parameters in place (as
+    :func:`pytest_saliency.model.randomize.randomized` does, so tensors sharing their storage see
+    them too); :meth:`restore` writes back the values they overwrote, copied just before. Each
+    write's restore is registered (an :class:`~pytest_saliency.core.integrity.Undo`) before the
+    write, so an interrupt between the write and :meth:`restore` cannot leave it in place."""
 
     def __init__(self) -> None:
         self.undos: list[Undo] = []

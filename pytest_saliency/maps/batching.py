@@ -20,6 +20,7 @@ from .methods import MethodSpec
 
 if TYPE_CHECKING:
     import torch
+    from torch.nn import Module  # for functions whose local ``torch`` is require_torch()'s
 
 #: How a ``batch_size`` error explains the argument.
 BATCH_SIZE_HINT = "It is how many inputs one explainer call sees; None explains all at once."
@@ -117,7 +118,7 @@ def _probe_activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> tu
     torch = require_torch()
     total = 0
 
-    def hook(module: Any, args: Any, output: Any) -> None:
+    def hook(module: Module, args: Any, output: Any) -> None:
         nonlocal total
         if isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()

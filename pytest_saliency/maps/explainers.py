@@ -57,6 +57,7 @@ from .targets import find_layer, resolve_target
 
 if TYPE_CHECKING:
     import torch
+    from torch.nn import Module  # for functions whose local ``torch`` is require_torch()'s
 
 __all__ = [
     "attribute", "explain", "prepare_method", "quiet_captum", "resolved_options", "run_captum",
@@ -179,7 +180,7 @@ def _spatial_layer_guard(method: str, model: torch.nn.Module, layer: torch.nn.Mo
     else:
         label = repr(given)
 
-    def check(module: Any, args: Any, output: Any) -> None:
+    def check(module: Module, args: Any, output: Any) -> None:
         if not (isinstance(output, torch.Tensor) and output.dim() == 4):
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise SaliencyUsageError(
@@ -332,14 +333,14 @@ def explain(
     Args:
         model: the ``nn.Module`` to explain; its state is left exactly as it was.
         inputs: a floating tensor (N, C, H, W) or (N, D) on the model's device.
-        method: a name from :data:`METHODS` or a callable ``(model, inputs, target) -> attributions``.
+        method: a name from :data:`pytest_saliency.maps.methods.METHODS` or a callable ``(model, inputs, target) -> attributions``.
         target: ``None`` (each input's predicted class), an int, or an integer tensor of shape (N,).
         seed: seeds the method's own randomness without touching global RNG state.
         preset: ``None`` returns raw attributions; a preset name or :class:`MapPipeline` returns
             post-processed maps of shape (N, H, W).
         batch_size: explain at most this many inputs per call (memory bound); ``None`` = all at once.
         eval_mode: run the model in ``eval()`` mode (restored afterwards).
-        **method_kwargs: the method's hyperparameters (see :data:`METHODS` for names and defaults).
+        **method_kwargs: the method's hyperparameters (see :data:`pytest_saliency.maps.methods.METHODS` for names and defaults).
     """
     check_model(model)
     check_inputs(inputs, model)

@@ -6,13 +6,18 @@ value is refused with the same message wherever it is given: ``n_steps=0`` or ``
 get a :class:`SaliencyUsageError` naming the option, what it must be, and an example, instead of
 a traceback from inside captum. :func:`check_method_options` applies them, with the checks that
 need the inputs (a baseline tensor's shape, occlusion's windows), to a named method's options.
+
+It is also the one place that writes option values for people (:func:`format_value`,
+:func:`format_options`): results' reports, the sweeps' tables and the faithfulness rankings show
+a tensor option as its shape, never as its values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
 from ..core.validation import is_count, is_real, is_tensor_like
 from ..exceptions import SaliencyUsageError
@@ -191,11 +196,39 @@ DERIVED_OPTIONS = ("input_range", "input_min", "input_max", "internal_batch_size
                     "perturbations_per_eval")
 
 
+def format_value(value: Any, width: int | None = None) -> str:
+    """An option value as people read it in messages and reports: a tensor or array as its shape,
+    ``tensor(1, 3, 16, 16)`` (as ``jsonable(tensors="shape")`` writes it; a 0-d one as its number),
+    a float by ``:g``, a string quoted, a mapping as ``{k=v, ...}``, tuples and lists item by item,
+    an object whose ``repr`` spans lines (a module holding submodules) as ``Name(...)``, anything
+    else by ``str``. ``width``: cut to this many characters, ``...`` included."""
+    if is_tensor_like(value):
+        value = jsonable(value, tensors="shape")
+        text = value if isinstance(value, str) else format_value(value)
+    elif isinstance(value, Mapping):
+        text = "{" + ", ".join(f"{k}={format_value(v)}" for k, v in value.items()) + "}"
+    elif isinstance(value, tuple):
+        text = "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    elif isinstance(value, list):
+        text = "[" + ", ".join(format_value(v) for v in value) + "]"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = str(value)
+        if "\n" in text:
+            text = f"{type(value).__name__}(...)"
+    return text if width is None or len(text) <= width else text[:max(width - 3, 0)] + "..."
+
+
 def format_options(options: dict[str, Any]) -> str:
+    """`` (name=value, ...)`` of the options a user chose (derived and private ones left out), by
+    :func:`format_value`; empty when there are none."""
     shown = {k: v for k, v in options.items() if k not in DERIVED_OPTIONS and not k.startswith("_")}
     if not shown:
         return ""
-    return " (" + ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) + ")"
+    return " (" + ", ".join(f"{k}={format_value(v)}" for k, v in sorted(shown.items())) + ")"
 
 
 
@@ -203,5 +236,5 @@ def format_options(options: dict[str, Any]) -> str:
 # with the rules for code that checks option values.
 __all__ = [
     "BASELINE_KINDS", "DERIVED_OPTIONS", "IG_RULES", "INTERPOLATE_MODES", "check_baselines", "check_method_options",
-    "check_occlusion_windows", "check_option_value", "format_options",
+    "check_occlusion_windows", "check_option_value", "format_options", "format_value",
 ]

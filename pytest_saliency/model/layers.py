@@ -277,13 +277,13 @@ class _Tracer:
                 handles.append(module.register_forward_hook(self.post_hook(name)))
 
     def pre_hook(self, name: str) -> Any:
-        def hook(module: Any, args: Any) -> None:
+        def hook(module: torch.nn.Module, args: Any) -> None:
             self.enter(name)
 
         return hook
 
     def post_hook(self, name: str) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             self.end[name] = self.events
             self.events += 1
             if self.running and self.running[-1] == name:
@@ -298,7 +298,7 @@ class _Tracer:
                 handles.append(module.register_forward_pre_hook(self.entered(name)))
 
     def entered(self, name: str) -> Any:
-        def hook(module: Any, args: Any) -> None:
+        def hook(module: torch.nn.Module, args: Any) -> None:
             self.later.append(name)
 
         return hook

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.integrity import Undo
@@ -78,13 +78,24 @@ def _gaussian_like(original: torch.Tensor, mean: float | torch.Tensor = 0.0) -> 
     return noise.to(original.device) * _scale(original) + mean
 
 
-def _torch_reset(sub: Any) -> bool:
+def _reset(sub: torch.nn.Module) -> None:
+    """``sub.reset_parameters()``: a method of most torch layers but not of ``torch.nn.Module``,
+    so it is looked up at run time (callers check that ``sub`` has one)."""
+    reset: Callable[[], None] = getattr(sub, "reset_parameters")
+    reset()
+
+
+def _class_reset_module(sub: torch.nn.Module) -> str:
+    """The module that defines the ``reset_parameters`` of ``sub``'s class ("" when it has none)."""
+    return str(getattr(getattr(type(sub), "reset_parameters", None), "__module__", "") or "")
+
+
+def _torch_reset(sub: torch.nn.Module) -> bool:
     """Whether ``sub.reset_parameters`` is torch's own (not overridden by the class or the instance)."""
-    return "reset_parameters" not in vars(sub) and getattr(
-        type(sub).reset_parameters, "__module__", "").startswith("torch.")
+    return "reset_parameters" not in vars(sub) and _class_reset_module(sub).startswith("torch.")
 
 
-def _reset_on_cpu(sub: Any) -> None:
+def _reset_on_cpu(sub: torch.nn.Module) -> None:
     """torch's ``sub.reset_parameters()`` with its draws taken from the CPU generator.
 
     It runs on uninitialized CPU stand-ins of ``sub``'s own parameters (same shapes, strides and
@@ -98,14 +109,14 @@ def _reset_on_cpu(sub: Any) -> None:
     torch = require_torch()
     own = {key: p for key, p in sub._parameters.items() if p is not None}
     if not all(p.is_floating_point() for p in own.values()):
-        sub.reset_parameters()
+        _reset(sub)
         return
     stand_ins = {key: torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype), requires_grad=False)
                  for key, p in own.items()}
     registered = dict(sub._parameters)
     sub._parameters.update(stand_ins)
     try:
-        sub.reset_parameters()
+        _reset(sub)
         drawn = {key: sub._parameters.get(key) for key in stand_ins}
         written = {key: value is not None and (value is not stand_ins[key] or value._version > 0)
                    for key, value in drawn.items()}
@@ -115,23 +126,24 @@ def _reset_on_cpu(sub: Any) -> None:
         sub._parameters.clear()
         sub._parameters.update(registered)
     if drawn is None:
-        sub.reset_parameters()
+        _reset(sub)
         return
     for key, real in own.items():
-        if written[key]:
-            real.copy_(drawn[key].detach())
+        value = drawn[key]
+        if value is not None and written[key]:
+            real.copy_(value.detach())
 
 
-def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: list[Any],
+def _randomize_module(module: torch.nn.Module, strategy: str, seed: int, name: str, params: list[Any],
                       originals: list[torch.Tensor]) -> None:
     """Overwrite ``module``'s parameters ``params`` in place; ``originals`` are copies of their
-    values (the scale of Gaussian draws). Buffers are restored by the caller. (``module`` and its
-    submodules are typed loosely: their ``reset_parameters`` are found at run time.)"""
+    values (the scale of Gaussian draws). Buffers are restored by the caller. The submodules'
+    ``reset_parameters`` are found at run time (:func:`_reset`)."""
     torch = require_torch()
     # torch's own initializers draw only from torch's generator; a user-defined reset_parameters
     # may use numpy or Python's random too, so those generators are seeded and restored as well.
     torch_only = strategy != "reinit" or all(
-        getattr(type(sub).reset_parameters, "__module__", "").startswith("torch.")
+        _class_reset_module(sub).startswith("torch.")
         for sub in module.modules() if callable(getattr(sub, "reset_parameters", None))
     )
     device = params[0].device if params else None
@@ -142,7 +154,7 @@ def _randomize_module(module: Any, strategy: str, seed: int, name: str, params: 
             for sub in module.modules():
                 if callable(getattr(sub, "reset_parameters", None)):
                     if on_cpu or not _torch_reset(sub):
-                        sub.reset_parameters()
+                        _reset(sub)
                     else:
                         _reset_on_cpu(sub)
                     covered.update(id(p) for p in sub.parameters(recurse=False))

@@ -4,8 +4,9 @@ Each method fills in the configured preset, thresholds and seed (an explicit key
 wins, except that ``--saliency-seed`` forces the seed for every check so that a failure can be
 reproduced from the command line), adds the command that reproduces the test, records the result
 for the terminal summary and the JUnit XML, writes the report entry (figures included) when a
-report was asked for, and points the failure message at it. Results are read through the
-:class:`~pytest_saliency.reporting.protocol.CheckResult` protocol only.
+report was asked for, and points the failure message at it. :meth:`SaliencyChecker.record`
+does the recording for a result computed elsewhere (a user's own check). Results are read
+through the :class:`~pytest_saliency.reporting.protocol.CheckResult` protocol only.
 
 Torch-free at import: the checks are imported when a method runs.
 """
@@ -22,6 +23,8 @@ from ..reporting.protocol import CheckResult
 from .config import SaliencyConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from ..checks.agreement import AgreementResult
     from ..checks.consistency import ConsistencyResult, SeedStabilityResult
     from ..checks.faithfulness import AccuracySpread
@@ -132,16 +135,43 @@ class SaliencyChecker:
         self._store(result)
         return result
 
+    def record(self, result: R) -> R:
+        """Record a result computed outside this fixture, as its own methods record theirs.
+
+        ``result`` is any object implementing
+        :class:`~pytest_saliency.reporting.protocol.CheckResult` (no base class needed): a result
+        of your own check, or of a library function this fixture has no method for. It reaches
+        the terminal summary, the JUnit XML properties and, when a report is asked for, the JSON
+        and HTML report (figures included). Recording is not asserting: a failing result is
+        reported as failed, and the test fails only if it asserts, e.g.
+        ``assert result.passed, result.failure_message()``. Returns ``result``.
+
+        Raises :class:`~pytest_saliency.exceptions.SaliencyUsageError` when ``result`` lacks a
+        member of the protocol.
+        """
+        from ..reporting.protocol import missing_members
+
+        missing = missing_members(result)
+        if missing:
+            from ..exceptions import SaliencyUsageError
+
+            raise SaliencyUsageError(
+                f"saliency.record() takes a result implementing pytest_saliency.reporting.protocol.CheckResult; "
+                f"{type(result).__name__} lacks {', '.join(missing)}."
+            )
+        return self._measured(result)
+
     # -- the checks ------------------------------------------------------------------------------
 
-    def layer_randomization(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> RandomizationResult:
+    def layer_randomization(self, model: torch.nn.Module, inputs: torch.Tensor,
+                            method: Any = "saliency", **options: Any) -> RandomizationResult:
         """Run a randomization check and return the result without asserting (it is still recorded)."""
         from ..checks.randomization import layer_randomization
 
         return self._measured(layer_randomization(model, inputs, method, **self._randomization(options)))
 
     def assert_sensitive_to_layer_randomization(
-        self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
+        self, model: torch.nn.Module, inputs: torch.Tensor, method: Any = "saliency", **options: Any
     ) -> RandomizationResult:
         """IPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
@@ -150,7 +180,7 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, method, **self._randomization(options))
 
     def assert_sensitive_to_cascading_randomization(
-        self, model: Any, inputs: Any, method: Any = "saliency", **options: Any
+        self, model: torch.nn.Module, inputs: torch.Tensor, method: Any = "saliency", **options: Any
     ) -> RandomizationResult:
         """CPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
@@ -158,7 +188,8 @@ class SaliencyChecker:
 
         return self._checked(check, model, inputs, method, **self._randomization(options))
 
-    def explain(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> Any:
+    def explain(self, model: torch.nn.Module, inputs: torch.Tensor,
+                method: Any = "saliency", **options: Any) -> torch.Tensor:
         """:func:`pytest_saliency.explain` with the session's seed (raw attributions unless preset=)."""
         from ..maps.explainers import explain
 
@@ -166,7 +197,8 @@ class SaliencyChecker:
             options["seed"] = self.config.seed
         return explain(model, inputs, method, **options)
 
-    def agreement_matrix(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
+    def agreement_matrix(self, model: torch.nn.Module, inputs: torch.Tensor,
+                         methods: Any = ("saliency", "integrated_gradients"),
                          metrics: Any = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim"),
                          **options: Any) -> AgreementResult:
         """:func:`pytest_saliency.agreement_matrix` with the session's preset and seed (recorded, not asserted)."""
@@ -174,7 +206,8 @@ class SaliencyChecker:
 
         return self._measured(agreement_matrix(model, inputs, methods, metrics, **self._common(options)))
 
-    def assert_agreement_above(self, model: Any, inputs: Any, methods: Any = ("saliency", "integrated_gradients"),
+    def assert_agreement_above(self, model: torch.nn.Module, inputs: torch.Tensor,
+                               methods: Any = ("saliency", "integrated_gradients"),
                                metric: str = "feature_agreement", k: Any = 0.1, threshold: Any = None,
                                **options: Any) -> AgreementResult:
         """:func:`pytest_saliency.assert_agreement_above` with the session's preset and seed."""
@@ -184,13 +217,14 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, methods, metric, k, threshold, **self._common(options))
 
 
-    def explanation_consistency(self, models: Any, inputs: Any, method: Any = "saliency", **options: Any) -> ConsistencyResult:
+    def explanation_consistency(self, models: Any, inputs: torch.Tensor,
+                                method: Any = "saliency", **options: Any) -> ConsistencyResult:
         """:func:`pytest_saliency.explanation_consistency` with the session's preset and seed (recorded)."""
         from ..checks.consistency import explanation_consistency
 
         return self._measured(explanation_consistency(models, inputs, method, **self._common(options)))
 
-    def assert_seed_consistency_above(self, models_or_factory: Any, inputs: Any, threshold: Any = None,
+    def assert_seed_consistency_above(self, models_or_factory: Any, inputs: torch.Tensor, threshold: Any = None,
                                       metric: str = "lr_separability", **options: Any) -> ConsistencyResult:
         """Retrained models must explain alike; models a factory trains come from ``saliency_model_cache``."""
         __tracebackhide__ = True
@@ -201,7 +235,8 @@ class SaliencyChecker:
             options.setdefault("cache", self.model_cache)
         return self._checked(check, models_or_factory, inputs, threshold, metric, **options)
 
-    def assert_explainer_seed_stable(self, model: Any, inputs: Any, method: Any, seeds: Any = (0, 1, 2),
+    def assert_explainer_seed_stable(self, model: torch.nn.Module, inputs: torch.Tensor,
+                                     method: Any, seeds: Any = (0, 1, 2),
                                      metric: str = "ssim", threshold: Any = None,
                                      **options: Any) -> SeedStabilityResult:
         """The method's own randomness: same seed, same maps; other seeds, similar maps."""
@@ -223,14 +258,16 @@ class SaliencyChecker:
             merged.setdefault("cache", self.cache)
         return merged
 
-    def hyperparameter_sweep(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
+    def hyperparameter_sweep(self, model: torch.nn.Module, inputs: torch.Tensor,
+                             method: Any = "smoothgrad", sweep: Any = None,
                              reference: Any = None, **options: Any) -> SweepResult:
         """SAM's sweep protocol with the session's preset and seed (recorded, not asserted)."""
         from ..checks.sweeps import hyperparameter_sweep
 
         return self._measured(hyperparameter_sweep(model, inputs, method, sweep, reference, **self._sweeps(options)))
 
-    def assert_stable_under_hyperparameters(self, model: Any, inputs: Any, method: Any = "smoothgrad",
+    def assert_stable_under_hyperparameters(self, model: torch.nn.Module, inputs: torch.Tensor,
+                                            method: Any = "smoothgrad",
                                             sweep: Any = None, reference: Any = None,
                                             **options: Any) -> SweepResult:
         """Every swept value's mean similarity to the reference must reach ``threshold``."""
@@ -239,20 +276,23 @@ class SaliencyChecker:
 
         return self._checked(check, model, inputs, method, sweep, reference, **self._sweeps(options))
 
-    def input_noise_stability(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> SweepResult:
+    def input_noise_stability(self, model: torch.nn.Module, inputs: torch.Tensor,
+                              method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x against maps of x + noise (SAM 4.1), recorded, not asserted."""
         from ..checks.input_noise import input_noise_stability
 
         return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options)))
 
-    def assert_stable_under_input_noise(self, model: Any, inputs: Any, method: Any = "saliency", **options: Any) -> SweepResult:
+    def assert_stable_under_input_noise(self, model: torch.nn.Module, inputs: torch.Tensor,
+                                        method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x and of noisy x must be similar (SAM's variance-0.1 convention by default)."""
         __tracebackhide__ = True
         from ..checks.input_noise import assert_stable_under_input_noise as check
 
         return self._checked(check, model, inputs, method, **self._sweeps(options))
 
-    def accuracy_spread(self, model: Any, inputs: Any, method: Any = "smoothgrad", sweep: Any = None,
+    def accuracy_spread(self, model: torch.nn.Module, inputs: torch.Tensor,
+                        method: Any = "smoothgrad", sweep: Any = None,
                         reference: Any = None, **options: Any) -> AccuracySpread:
         """How much insertion/deletion AUC moves across a sweep (SAM 4.5-4.6), recorded."""
         from ..checks.faithfulness import accuracy_spread
@@ -308,7 +348,7 @@ class BaselineChecker:
             "  otherwise write a fresh one with pytest --saliency --saliency-update-baselines, review it and commit it."
         )
 
-    def check(self, model: Any, inputs: Any, method: Any = "saliency", name: str | None = None,
+    def check(self, model: torch.nn.Module, inputs: torch.Tensor, method: Any = "saliency", name: str | None = None,
               metric: str = "ssim", threshold: float | None = None, **options: Any) -> BaselineResult:
         """Compare with the stored baseline (written, and failing, when it is missing)."""
         __tracebackhide__ = True

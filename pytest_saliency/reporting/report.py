@@ -43,7 +43,7 @@ from typing import Any
 from ..core.jsonable import jsonable
 from .protocol import CheckResult, missing_members
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPORT_FORMATS = ("json", "html")
 JSON_NAME = "saliency-report.json"
 HTML_NAME = "saliency-report.html"
