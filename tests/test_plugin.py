@@ -111,7 +111,8 @@ def summary_lines(result: pytest.RunResult) -> list[str]:
     """The lines of the "saliency checks" terminal summary section, without the separator."""
     lines = result.outlines
     start = next(i for i, line in enumerate(lines) if re.fullmatch(r"-+ saliency checks -+", line))
-    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("="))
+    end = next(i for i in range(start + 1, len(lines))
+               if lines[i].startswith("=") or re.fullmatch(r"-+ saliency tests -+", lines[i]))
     return lines[start + 1:end]
 
 
@@ -912,3 +913,127 @@ def test_a_results_dir_replaced_by_a_file_during_the_session_is_reported(tiny_re
         "2 saliency check(s) passed, 0 failed",
         f"saliency report not written: {tiny_repo.path / 'out'} is a file, not a folder*",
     ])
+
+
+# 10. Every saliency test with pytest's own outcome ---------------------------------------------
+
+# One saliency test per outcome pytest knows, plus a caught control. The model lives in the test
+# module (not a conftest) so that under -n 2 only the workers import torch.
+EVERY_OUTCOME = TINY_REPO_CONFTEST + '''
+from pytest_saliency.exceptions import SaliencyCheckFailed
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        raise RuntimeError("the model broke")
+
+
+@pytest.fixture
+def checked_in_setup(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method="no_such_method")
+
+
+def test_pass(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+
+
+def test_fail(saliency, model, images, control):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method=control)
+
+
+def test_usage_error(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method="no_such_method")
+
+
+def test_crash(saliency, images):
+    saliency.assert_sensitive_to_layer_randomization(Broken(), images)
+
+
+def test_setup_error(checked_in_setup):
+    pass
+
+
+@pytest.mark.saliency
+def test_skip():
+    pytest.skip("no GPU here")
+
+
+@pytest.mark.xfail(reason="the control is known to fail")
+def test_xfail(saliency, model, images, control):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method=control)
+
+
+@pytest.mark.xfail(reason="maybe")
+def test_xpass(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images)
+
+
+def test_control_caught(saliency, model, images, control):
+    with pytest.raises(SaliencyCheckFailed):
+        saliency.assert_sensitive_to_layer_randomization(model, images, method=control)
+'''
+
+EXPECTED_OUTCOMES = {"passed": 2, "failed": 3, "error": 1, "skipped": 1, "xfailed": 1, "xpassed": 1}
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["serial", "xdist"])
+def test_every_output_counts_the_saliency_tests_as_pytest_does(pytester, xdist):
+    pytester.makepyfile(test_outcomes=EVERY_OUTCOME)
+    args = ["--saliency", "--saliency-report=json,html", "--saliency-results-dir=out", "--junitxml=junit.xml", "-rA"]
+    result = (pytester.runpytest_subprocess(*args, "-n", "2") if xdist
+              else pytester.runpytest(*args, "-p", "no:xdist"))
+    parsed = result.parseoutcomes()
+    pytest_counts = {name: parsed.get("errors" if name == "error" else name, 0) for name in EXPECTED_OUTCOMES}
+    assert pytest_counts == EXPECTED_OUTCOMES, result.stdout.str()
+
+    # Terminal: the saliency tests' counts, the tests that did not pass with their message, the caught control.
+    counts = ", ".join(f"{n} {name}" for name, n in pytest_counts.items())
+    result.stdout.fnmatch_lines([f"saliency tests: {counts}"])
+    result.stdout.fnmatch_lines_random([
+        "FAILED test_outcomes.py::test_usage_error: *SaliencyUsageError*no_such_method*",
+        "FAILED test_outcomes.py::test_crash: *RuntimeError*the model broke*",
+        "ERROR test_outcomes.py::test_setup_error: *SaliencyUsageError*no_such_method*",
+        "SKIPPED test_outcomes.py::test_skip: no GPU here",
+        "XFAILED test_outcomes.py::test_xfail: the control is known to fail",
+        "XPASSED test_outcomes.py::test_xpass: maybe",
+        "  FAILED AS EXPECTED (control caught): FAIL independent_layer_randomization *(test_outcomes.py::test_control_caught)",
+        "2 saliency check(s) passed, 2 failed, 1 failed as expected (control caught)",
+    ])
+
+    # JSON: the tests with pytest's outcomes, and each check's outcome.
+    data = json.loads((pytester.path / "out" / "saliency-report.json").read_text())
+    from pytest_saliency.reporting.report import validate_report
+
+    validate_report(data)
+    assert data["summary"]["tests"] == pytest_counts
+    assert {t["nodeid"].split("::")[1]: t["outcome"] for t in data["tests"]} == {
+        "test_pass": "passed", "test_fail": "failed", "test_usage_error": "failed", "test_crash": "failed",
+        "test_setup_error": "error", "test_skip": "skipped", "test_xfail": "xfailed", "test_xpass": "xpassed",
+        "test_control_caught": "passed"}
+    messages = {t["nodeid"].split("::")[1]: t["message"] for t in data["tests"]}
+    assert "SaliencyUsageError" in messages["test_usage_error"] and "no_such_method" in messages["test_usage_error"]
+    assert "RuntimeError" in messages["test_crash"] and "the model broke" in messages["test_crash"]
+    checks = {r["nodeid"].split("::")[1]: r["outcome"] for r in data["results"]}
+    assert checks == {"test_pass": "passed", "test_fail": "failed", "test_xfail": "xfailed",
+                      "test_xpass": "passed", "test_control_caught": "control_caught"}
+    assert (data["summary"]["checks"], data["summary"]["passed"], data["summary"]["failed"],
+            data["summary"]["controls_caught"]) == (5, 2, 2, 1)  # the xfailed check counts as failed
+
+    # HTML: the same test counts, the caught control's own badge.
+    html = (pytester.path / "out" / "saliency-report.html").read_text()
+    shown = dict((name, int(n)) for name, n in re.findall(r'data-outcome="(\w+)"><b>(\d+)</b>', html))
+    assert shown == pytest_counts
+    assert 'class="badge expected">FAILED AS EXPECTED (control caught)' in html
+    assert "the model broke" in html and "no GPU here" in html
+
+    # JUnit: pytest's counts (it counts xfailed as skipped, xpassed as passed).
+    suite = ET.parse(pytester.path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert int(suite.get("failures", -1)) == pytest_counts["failed"]
+    assert int(suite.get("errors", -1)) == pytest_counts["error"]
+    assert int(suite.get("skipped", -1)) == pytest_counts["skipped"] + pytest_counts["xfailed"]
+    assert int(suite.get("tests", -1)) == 9

@@ -232,8 +232,8 @@ def test_two_workers_write_concurrently_and_the_controller_merges(tmp_path):
     assert not (root / ".entries").exists()
     data = json.loads(paths["json"].read_text())
     validate_report(data)
-    assert data["summary"] == {"checks": 8, "passed": 4, "failed": 4, "by_check": {
-        "independent_layer_randomization": {"checks": 8, "passed": 4, "failed": 4}}}
+    assert data["summary"] == {"checks": 8, "passed": 4, "failed": 4, "controls_caught": 0, "by_check": {
+        "independent_layer_randomization": {"checks": 8, "passed": 4, "failed": 4, "controls_caught": 0}}}
     page = paths["html"].read_text()
     assert page.count('<img src="data:image/png;base64,') == 16
 
@@ -415,3 +415,28 @@ def test_results_dir_problems_say_what_is_in_the_way_and_what_to_do(tmp_path):
         message = results_dir_problem(root, info.value)
         assert f"{blocker} is a file, not a folder" in message
         assert "choose another --saliency-results-dir" in message
+
+
+def test_a_check_that_raised_in_a_passed_test_is_a_control_caught_not_a_failure(tmp_path):
+    from pytest_saliency.reporting.report import apply_outcomes, render_html, summarize
+
+    def entry(nodeid, passed, raised=False):
+        return {"nodeid": nodeid, "check": "brightness_gate", "passed": passed, "summary": "x", "result": {},
+                "figures": {}, **({"raised": True} if raised else {})}
+
+    entries = [entry("t::ok", True), entry("t::control", False, raised=True), entry("t::recorded", False),
+               entry("t::fails", False, raised=True), entry("t::xfail", False, raised=True)]
+    tests = [{"nodeid": "t::ok", "outcome": "passed", "message": ""},
+             {"nodeid": "t::control", "outcome": "passed", "message": ""},
+             {"nodeid": "t::recorded", "outcome": "passed", "message": ""},
+             {"nodeid": "t::fails", "outcome": "failed", "message": "SaliencyCheckFailed: dim"},
+             {"nodeid": "t::xfail", "outcome": "xfailed", "message": "known"},
+             {"nodeid": "t::skip", "outcome": "skipped", "message": "no GPU"}]
+    apply_outcomes(entries, tests)
+    assert [e["outcome"] for e in entries] == ["passed", "control_caught", "failed", "failed", "xfailed"]
+    summary = summarize(entries, tests)
+    assert (summary["passed"], summary["failed"], summary["controls_caught"]) == (1, 3, 1)
+    assert summary["tests"] == {"passed": 3, "failed": 1, "error": 0, "skipped": 1, "xfailed": 1, "xpassed": 0}
+    page = render_html({"summary": summary, "results": entries, "tests": tests}, tmp_path)
+    assert page.count("FAILED AS EXPECTED (control caught)") == 2  # its badge in the contents and its card
+    assert 'data-outcome="skipped"><b>1</b>' in page and "no GPU" in page

@@ -32,6 +32,28 @@ WRITTEN_PROPERTY = "saliency_baseline_written"
 # A report entry a check could not write: travels to the controller like the results do.
 REPORT_ERROR_PROPERTY = "saliency_report_error"
 SKIP_REASON = "saliency checks are off: run pytest with --saliency to enable them"
+# pytest's outcomes as its terminal summary counts them; mirrors reporting.report.TEST_OUTCOMES
+# (this module does not import the report module at import time).
+TEST_OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+CONTROL_CAUGHT_LABEL = "FAILED AS EXPECTED (control caught)"
+
+
+def outcome_message(report: pytest.TestReport) -> str:
+    """One line saying why a test did not pass: the exception's message, the skip reason or the
+    xfail reason; empty for a pass."""
+    wasxfail = getattr(report, "wasxfail", None)
+    if wasxfail is not None:
+        return str(wasxfail)
+    longrepr = report.longrepr
+    if longrepr is None or report.passed:
+        return ""
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # a skip: (path, line, reason)
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None and getattr(crash, "message", None):  # "module.Error: first line of the message"
+        return str(crash.message).strip().splitlines()[0]
+    lines = [line for line in str(longrepr).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -126,7 +148,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     resolved = config.stash[CONFIG_KEY] = resolve_config(config)
     controller = not hasattr(config, "workerinput")
-    reporter = SaliencyReporter(resolved, controller)
+    reporter = SaliencyReporter(resolved, controller, config)
     config.pluginmanager.register(reporter, "saliency-reporter")
     if resolved.enabled and resolved.report and controller:
         from ..reporting.report import prepare_results_dir, results_dir_problem
@@ -251,18 +273,18 @@ def saliency(
 
 
 def _entry_writer(config: SaliencyConfig, nodeid: str,
-                  record: Callable[[tuple[str, object]], None]) -> Callable[[CheckResult], str | None]:
+                  record: Callable[[tuple[str, object]], None]) -> Callable[..., str | None]:
     """Write one check's report entry (with figures for HTML); return the link to its section.
 
     A report problem never fails the user's test, not even as a warning (suites that turn
     warnings into errors would fail): it is recorded and listed in the terminal summary.
     """
 
-    def write(result: CheckResult) -> str | None:
+    def write(result: CheckResult, raised: bool = False) -> str | None:
         from ..reporting.report import html_link, results_dir_problem, write_entry
 
         try:
-            path = write_entry(result, nodeid, config.results_dir, figures="html" in config.report)
+            path = write_entry(result, nodeid, config.results_dir, figures="html" in config.report, raised=raised)
             return html_link(path) if "html" in config.report else str(Path(config.results_dir) / "saliency-report.json")
         except OSError as exc:
             record((REPORT_ERROR_PROPERTY, results_dir_problem(config.results_dir, exc)))
@@ -280,18 +302,41 @@ class SaliencyReporter:
     the controller's summary (and the JUnit XML) without any shared file. Report entries (full
     results and figures) are files each process writes under the results folder with unique
     names; the controller merges them into one report when the session ends.
+
+    It also keeps pytest's own outcome of every saliency test: a test with the ``saliency``
+    marker (set by hand, or added at collection to every test using a saliency fixture) or one
+    that recorded a check result. Outcomes are categorized by pytest's
+    ``pytest_report_teststatus`` hook, so the summary, the reports and pytest count alike.
     """
 
-    def __init__(self, config: SaliencyConfig, controller: bool) -> None:
+    def __init__(self, config: SaliencyConfig, controller: bool, pytest_config: pytest.Config | None = None) -> None:
         self.config = config
         self.controller = controller
+        self.pytest_config = pytest_config
         self.results: list[dict[str, Any]] = []
+        # The saliency tests with pytest's outcome, one row per outcome pytest counts:
+        # {"nodeid", "outcome", "message", "when"}.
+        self.tests: list[dict[str, str]] = []
         self.written: list[str] = []
         self.reports: dict[str, Path] = {}
         self.entry_errors: list[str] = []  # report entries checks could not write (any process)
         self.problems: list[str] = []  # why the report is missing or incomplete, for the summary
 
+    def _record_outcome(self, report: pytest.TestReport) -> None:
+        """Keep pytest's own outcome of a saliency test's phase, categorized by pytest's
+        ``pytest_report_teststatus`` hook (as its terminal summary counts it)."""
+        is_saliency = "saliency" in report.keywords or any(name == RESULT_PROPERTY for name, _ in report.user_properties)
+        if self.pytest_config is None or not is_saliency:
+            return
+        status = self.pytest_config.hook.pytest_report_teststatus(report=report, config=self.pytest_config)
+        category = status[0] if isinstance(status, tuple) else ""
+        if category not in TEST_OUTCOMES:
+            return  # a setup or teardown that passed
+        self.tests.append({"nodeid": report.nodeid, "outcome": category, "message": outcome_message(report),
+                           "when": report.when})
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._record_outcome(report)
         # The teardown report carries every property recorded during setup, call and teardown,
         # so checks run inside fixtures are counted too (and each check exactly once).
         if report.when != "teardown":
@@ -331,7 +376,7 @@ class SaliencyReporter:
         try:
             self.reports = write_reports(
                 entries, root, self.config.report, config=self.config.to_dict(),
-                environment={"device": self.config.device, "seed": self.config.seed},
+                environment={"device": self.config.device, "seed": self.config.seed}, tests=self.tests,
             )
         except OSError as exc:
             self.problems.append(f"saliency report not written: {results_dir_problem(root, exc)}")
@@ -345,6 +390,13 @@ class SaliencyReporter:
             terminalreporter.write_sep("-", "saliency baselines written")
             for path in self.written:
                 terminalreporter.write_line(path)
+        outcomes: dict[str, str] = {}
+        for test in self.tests:
+            outcomes.setdefault(test["nodeid"], test["outcome"])
+
+        def caught(entry: dict[str, Any]) -> bool:  # a check that raised, in a test pytest passed
+            return bool(entry.get("raised")) and not entry["passed"] and outcomes.get(entry["nodeid"]) == "passed"
+
         if self.results:
             terminalreporter.write_sep("-", "saliency checks")
             kinds: dict[str, list[dict[str, Any]]] = {}
@@ -352,11 +404,24 @@ class SaliencyReporter:
                 kinds.setdefault(entry["check"], []).append(entry)
             for kind, entries in kinds.items():
                 passed = sum(entry["passed"] for entry in entries)
-                terminalreporter.write_line(f"{kind}: {passed} of {len(entries)} passed")
+                controls = sum(caught(entry) for entry in entries)
+                terminalreporter.write_line(f"{kind}: {passed} of {len(entries)} passed"
+                                            + (f", {controls} failed as expected (control caught)" if controls else ""))
                 for entry in entries:
-                    terminalreporter.write_line(f"  {entry['summary']}  ({entry['nodeid']})")
-            failed = sum(not entry["passed"] for entry in self.results)
-            terminalreporter.write_line(f"{len(self.results) - failed} saliency check(s) passed, {failed} failed")
+                    prefix = f"{CONTROL_CAUGHT_LABEL}: " if caught(entry) else ""
+                    terminalreporter.write_line(f"  {prefix}{entry['summary']}  ({entry['nodeid']})")
+            controls = sum(caught(entry) for entry in self.results)
+            failed = sum(not entry["passed"] for entry in self.results) - controls
+            terminalreporter.write_line(f"{len(self.results) - failed - controls} saliency check(s) passed, {failed} failed"
+                                        + (f", {controls} failed as expected (control caught)" if controls else ""))
+        if self.config.enabled and self.tests:
+            terminalreporter.write_sep("-", "saliency tests")
+            for test in self.tests:
+                if test["outcome"] != "passed":
+                    message = f": {test['message']}" if test["message"] else ""
+                    terminalreporter.write_line(f"{test['outcome'].upper()} {test['nodeid']}{message}")
+            counts = ", ".join(f"{sum(t['outcome'] == name for t in self.tests)} {name}" for name in TEST_OUTCOMES)
+            terminalreporter.write_line(f"saliency tests: {counts}")
         for problem in dict.fromkeys(self.problems):
             terminalreporter.write_line(problem, red=True)
         for kind, report_path in self.reports.items():

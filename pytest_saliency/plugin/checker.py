@@ -46,7 +46,7 @@ class SaliencyChecker:
         record: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
         cache: Any = None,
-        report: Callable[[CheckResult], str | None] | None = None,
+        report: Callable[..., str | None] | None = None,
         model_cache: Any = None,
     ) -> None:
         self.config = config
@@ -93,25 +93,30 @@ class SaliencyChecker:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def _store(self, result: CheckResult) -> str | None:
+    def _store(self, result: CheckResult, raised: bool = False) -> str | None:
         """Keep the result, record it for the summary and JUnit, write its report entry.
 
         The terminal summary gets the check, its verdict and ``summary()`` line (with the method
         and seed of ``numbers()``); the JUnit XML gets ``saliency.<check>.passed`` and one
-        property per defined number of ``numbers()``. Returns the report link for a failure
-        message, when a report is being written.
+        property per defined number of ``numbers()``. ``raised`` says that the check raises
+        ``SaliencyCheckFailed`` (a test that passes anyway caught it: a control). Returns the
+        report link for a failure message, when a report is being written.
         """
         self.results.append(result)
         if self._record is not None:
             numbers = result.numbers()
             summary: dict[str, Any] = {"nodeid": self.nodeid, "check": result.check, "passed": result.passed,
                        "summary": result.summary(), **{k: numbers[k] for k in ("method", "seed") if k in numbers}}
+            if raised:
+                summary["raised"] = True
             self._record(RESULT_PROPERTY, json.dumps(summary, sort_keys=True, default=str))
             self._record(f"saliency.{result.check}.passed", str(bool(result.passed)))
             for key, value in numbers.items():
                 if value is not None and not (isinstance(value, float) and math.isnan(value)):
                     self._record(f"saliency.{result.check}.{key}", str(value))
-        return self._report(result) if self._report is not None else None
+        if self._report is None:
+            return None
+        return self._report(result, raised=True) if raised else self._report(result)
 
     def _checked(self, run: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run an asserting library call; record its result whether it passes or fails."""
@@ -121,11 +126,11 @@ class SaliencyChecker:
         try:
             result = run(*args, **kwargs)
         except SaliencyCheckFailed as failure:
-            link = self._store(failure.result) if failure.result is not None else None
+            link = self._store(failure.result, raised=True) if failure.result is not None else None
             if link:
                 raise SaliencyCheckFailed(f"{failure}\n  pictures:    {link}", failure.result) from None
             raise
-        link = self._store(result)
+        link = self._store(result, raised=not result.passed)
         if not result.passed:  # results whose library call does not raise (e.g. a written baseline)
             message = result.failure_message() + (f"\n  pictures:    {link}" if link else "")
             raise SaliencyCheckFailed(message, result)

@@ -143,6 +143,7 @@ def write_entry(
     worker_id: str | None = None,
     *,
     figures: bool = True,
+    raised: bool = False,
 ) -> Path:
     """Render ``result``'s figures and write its entry; returns the entry file's path.
 
@@ -151,6 +152,9 @@ def write_entry(
     ``figures=False`` skips rendering (e.g. when only the JSON report is wanted). The entry's
     ``anchor`` is the figure folder's name and the check's ``#fragment`` in the HTML report.
     A figure that cannot be drawn is left out and its reason stored in ``figure_errors``.
+    ``raised=True`` marks a failed check that raised ``SaliencyCheckFailed`` (entry key
+    ``raised``): when its test passes anyway, the test caught it, and the report shows it as a
+    control caught (see :func:`apply_outcomes`).
     """
     root = Path(results_dir)
     worker_id = worker_id if worker_id is not None else os.environ.get("PYTEST_XDIST_WORKER")
@@ -163,6 +167,8 @@ def write_entry(
     anchor = f"{sanitize(entry['nodeid'])}__{_check_name(entry['check'])}__{index}"
     entry["anchor"] = anchor
     entry["index"] = index
+    if raised:
+        entry["raised"] = True
     if figures:
         from .figures import figures_for
 
@@ -301,28 +307,87 @@ def environment_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return info
 
 
-def summarize(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+#: pytest's outcomes of a test, as its terminal summary counts them (one per test phase that
+#: pytest counts: a test whose call failed and whose teardown errored counts once in each).
+TEST_OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+#: A check's ``outcome`` when it failed inside a test that pytest passed: the test expected the
+#: failure (``pytest.raises(SaliencyCheckFailed)`` around a control that proves the gate works).
+CONTROL_CAUGHT = "control_caught"
+
+
+def test_outcome_of(tests: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """``{nodeid: outcome}``: the first outcome pytest gave each test (its setup's or call's)."""
+    outcomes: dict[str, str] = {}
+    for test in tests:
+        outcomes.setdefault(str(test.get("nodeid")), str(test.get("outcome")))
+    return outcomes
+
+
+def apply_outcomes(entries: Sequence[dict[str, Any]], tests: Sequence[dict[str, Any]]) -> None:
+    """Set each entry's ``outcome`` from its test's pytest outcome (in place).
+
+    A passed check is ``passed``. A failed check that raised (entry key ``raised``) in a test
+    pytest passed is :data:`CONTROL_CAUGHT`: the test caught the failure. A failed check that was
+    only recorded (not asserted) in a passed test stays ``failed``; any other failed check takes
+    its test's outcome (``failed``, ``error``, ``xfailed``...). Entries of tests without a known
+    outcome are left as they are.
+    """
+    outcomes = test_outcome_of(tests)
+    for entry in entries:
+        test = outcomes.get(str(entry.get("nodeid")))
+        if test is None:
+            continue
+        if entry.get("passed"):
+            entry["outcome"] = "passed"
+        else:
+            caught = test == "passed" and bool(entry.get("raised"))
+            entry["outcome"] = CONTROL_CAUGHT if caught else ("failed" if test == "passed" else test)
+
+
+def summarize(entries: Sequence[dict[str, Any]], tests: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Counts of checks (a caught control is counted in ``controls_caught``, not in ``failed``)
+    and, when ``tests`` is given, of the saliency tests by pytest's outcome."""
     by_check: dict[str, dict[str, int]] = {}
     for entry in entries:
-        counts = by_check.setdefault(str(entry.get("check")), {"checks": 0, "passed": 0, "failed": 0})
+        counts = by_check.setdefault(str(entry.get("check")),
+                                     {"checks": 0, "passed": 0, "failed": 0, "controls_caught": 0})
         counts["checks"] += 1
-        counts["passed" if entry.get("passed") else "failed"] += 1
-    passed = sum(1 for e in entries if e.get("passed"))
-    return {"checks": len(entries), "passed": passed, "failed": len(entries) - passed, "by_check": by_check}
+        if entry.get("passed"):
+            counts["passed"] += 1
+        else:
+            counts["controls_caught" if entry.get("outcome") == CONTROL_CAUGHT else "failed"] += 1
+    summary: dict[str, Any] = {
+        "checks": len(entries),
+        "passed": sum(c["passed"] for c in by_check.values()),
+        "failed": sum(c["failed"] for c in by_check.values()),
+        "controls_caught": sum(c["controls_caught"] for c in by_check.values()),
+        "by_check": by_check,
+    }
+    if tests is not None:
+        summary["tests"] = {name: sum(1 for t in tests if t.get("outcome") == name) for name in TEST_OUTCOMES}
+    return summary
 
 
 def build_report(entries: Sequence[dict[str, Any]], *, config: dict[str, Any] | None = None,
-                 environment: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON report document (see ``report_schema.json``)."""
+                 environment: dict[str, Any] | None = None,
+                 tests: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON report document (see ``report_schema.json``). ``tests`` are the saliency tests
+    with pytest's outcomes (``{"nodeid", "outcome", "message"}``); they set each entry's
+    ``outcome`` and are listed under ``tests``."""
     entries = sorted(entries, key=_sort_key)
-    return {
+    if tests is not None:
+        apply_outcomes(entries, tests)
+    document = {
         "schema_version": SCHEMA_VERSION,
         "created": _now(),
         "environment": environment_info(environment),
         "config": jsonable(config or {}, tensors="values"),
-        "summary": summarize(entries),
+        "summary": summarize(entries, tests),
         "results": [jsonable(e, tensors="values") for e in entries],
     }
+    if tests is not None:
+        document["tests"] = [jsonable(dict(t), tensors="values") for t in tests]
+    return document
 
 
 def parse_formats(value: str | Iterable[str]) -> tuple[str, ...]:
@@ -344,16 +409,18 @@ def write_reports(
     config: dict[str, Any] | None = None,
     environment: dict[str, Any] | None = None,
     remove_entries: bool = True,
+    tests: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write ``saliency-report.json`` / ``saliency-report.html`` and remove ``.entries``.
 
     Returns ``{format: path}``. ``config`` is the resolved configuration, ``environment`` extra
-    machine facts (device, CUDA, GPU names, seeds) merged over :func:`environment_info`.
+    machine facts (device, CUDA, GPU names, seeds) merged over :func:`environment_info`,
+    ``tests`` the saliency tests with pytest's outcomes (see :func:`build_report`).
     """
     root = Path(results_dir)
     root.mkdir(parents=True, exist_ok=True)
     formats = parse_formats(formats)
-    document = build_report(entries, config=config, environment=environment)
+    document = build_report(entries, config=config, environment=environment, tests=tests)
     written: dict[str, Path] = {}
     if "json" in formats:
         path = root / JSON_NAME
@@ -512,6 +579,7 @@ h3 { font-size: 15px; margin: 0; font-weight: 600; word-break: break-all; }
 .badge.pass { color: var(--pass); background: var(--pass-bg); border: 1px solid #aceebb; }
 .badge.fail { color: var(--fail); background: var(--fail-bg); border: 1px solid #ffcecb; }
 .badge.other { color: var(--other); background: var(--other-bg); border: 1px solid #f5e0a0; }
+.badge.expected { color: #0550ae; background: #ddf4ff; border: 1px solid #b6e3ff; }
 details.meta { margin: 8px 0; }
 details > summary { cursor: pointer; color: var(--accent); font-weight: 600; margin: 4px 0; }
 .metagrid { display: grid; grid-template-columns: 1fr 1fr; gap: 18px; }
@@ -532,6 +600,7 @@ article.check { border: 1px solid var(--line); border-left: 5px solid var(--pass
   padding: 14px 18px 10px; margin: 16px 0 22px; }
 article.check.failed { border-left-color: var(--fail); }
 article.check.other { border-left-color: var(--other); }
+article.check.expected { border-left-color: #0550ae; }
 .head { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; }
 .kind { color: var(--muted); font-size: 12.5px; }
 p.summary { background: var(--soft); border-radius: 6px; padding: 6px 10px; margin: 10px 0; overflow-x: auto;
@@ -580,7 +649,10 @@ _PLAIN_STATUSES = {"", "passed", "failed", "pass", "fail", "compared", "ok"}
 
 
 def _verdict(entry: dict[str, Any]) -> tuple[str, str]:
-    """(badge text, css class): PASS / FAIL, or REPORT for a check with no verdict."""
+    """(badge text, css class): PASS / FAIL, REPORT for a check with no verdict, or FAILED AS
+    EXPECTED for a control its test caught."""
+    if entry.get("outcome") == CONTROL_CAUGHT:
+        return "FAILED AS EXPECTED (control caught)", "expected"
     if str(entry.get("status") or "").lower() == "report":
         return "REPORT", "other"
     return ("PASS", "pass") if entry.get("passed") else ("FAIL", "fail")
@@ -865,7 +937,7 @@ def _entry_html(entry: dict[str, Any], root: Path) -> str:
     data = _dict(entry, "result")
     check = str(entry.get("check", ""))
     _, css = _verdict(entry)
-    state = {"pass": "", "fail": " failed", "other": " other"}[css]
+    state = {"pass": "", "fail": " failed", "other": " other", "expected": " expected"}[css]
     anchor = entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{check}")
     if check in PANELS:
         numbers_of, table_of = PANELS[check]
@@ -907,6 +979,33 @@ def _entry_html(entry: dict[str, Any], root: Path) -> str:
     return "\n".join(p for p in parts if p)
 
 
+_OUTCOME_CSS = {"passed": "pass", "failed": "fail", "error": "fail", "xpassed": "other"}
+
+
+def _tests_html(tests: Sequence[dict[str, Any]], counts: dict[str, Any]) -> list[str]:
+    """The saliency tests' counts by pytest's outcome, and the tests that did not pass with
+    their outcome and message (an error, a skip reason...)."""
+    if not counts:
+        return []
+    parts = ['<div class="counts tests">', '<div class="count"><b>tests</b><span>pytest outcomes</span></div>']
+    for name in TEST_OUTCOMES:
+        css = " fail" if name in ("failed", "error") and counts.get(name) else ""
+        parts.append(f'<div class="count{css}" data-outcome="{name}"><b>{_e(counts.get(name, 0))}</b>'
+                     f'<span>{_e(name)}</span></div>')
+    parts.append("</div>")
+    others = [t for t in tests if t.get("outcome") != "passed"]
+    if others:
+        rows = "".join(
+            f'<tr><td><span class="badge {_OUTCOME_CSS.get(str(t.get("outcome")), "other")}">'
+            f'{_e(str(t.get("outcome", "")).upper())}</span></td><td class="mono">{_e(t.get("nodeid", ""))}</td>'
+            f'<td class="mono">{_e(t.get("message") or "")}</td></tr>'
+            for t in others)
+        parts.append('<details class="meta" open><summary>Saliency tests that did not pass</summary>'
+                     f'<table class="tests"><tr><th>outcome</th><th>test</th><th>message</th></tr>{rows}</table>'
+                     "</details>")
+    return parts
+
+
 def _kind_title(kind: str) -> str:
     return KIND_TITLES.get(kind, kind.replace("_", " ").capitalize())
 
@@ -928,6 +1027,9 @@ def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *
     for kind in kinds:  # failed first within a group, then by nodeid (stable)
         groups[kind].sort(key=lambda e: (bool(e.get("passed")), _sort_key(e)))
     failed, passed = summary.get("failed", 0), summary.get("passed", 0)
+    caught = summary.get("controls_caught", 0)
+    tests = [t for t in document.get("tests", []) if isinstance(t, dict)]
+    test_counts = summary.get("tests") or {}
     head = [
         '<header class="top"><h1>Saliency checks</h1>',
         f'<p class="sub">pytest-saliency report \u00b7 created {_e(document.get("created", ""))} \u00b7 '
@@ -936,8 +1038,10 @@ def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *
         f'<div class="count"><b>{_e(summary.get("checks", len(entries)))}</b><span>checks</span></div>',
         f'<div class="count pass"><b>{_e(passed)}</b><span>passed</span></div>',
         f'<div class="count{" fail" if failed else ""}"><b>{_e(failed)}</b><span>failed</span></div>',
+        f'<div class="count"><b>{_e(caught)}</b><span>failed as expected (control caught)</span></div>',
         f'<div class="count"><b>{len(groups)}</b><span>check kinds</span></div>',
         "</div>",
+        *_tests_html(tests, test_counts),
         '<details class="meta" open><summary>Configuration and environment</summary><div class="metagrid">',
         f'<div><h4 class="section">Configuration</h4>{_kv_table((document.get("config") or {}).items())}</div>',
         f'<div><h4 class="section">Environment</h4>{_kv_table((document.get("environment") or {}).items())}</div>',
@@ -949,7 +1053,7 @@ def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *
         toc.append('<p class="note">No saliency checks were recorded in this session.</p>')
     for kind in kinds:
         members = groups[kind]
-        bad = sum(1 for e in members if not e.get("passed"))
+        bad = sum(1 for e in members if not e.get("passed") and e.get("outcome") != CONTROL_CAUGHT)
         group_id = "kind-" + re.sub(r"[^A-Za-z0-9_-]+", "-", kind)
         count = f"{len(members)} check{'s' if len(members) != 1 else ''}" + (f", {bad} failed" if bad else "")
         toc.append(f'<h4><a href="#{_e(group_id)}">{_e(_kind_title(kind))}</a> '
@@ -983,7 +1087,7 @@ def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *
 
 __all__ = [
     "HTML_NAME", "JSON_NAME", "REPORT_FORMATS", "ReportEntry", "ReportSchemaError", "SCHEMA_VERSION",
-    "build_report", "collect_entries", "environment_info", "html_link", "load_schema", "make_entry", "parse_formats",
+    "CONTROL_CAUGHT", "TEST_OUTCOMES", "apply_outcomes", "build_report", "collect_entries", "environment_info", "html_link", "load_schema", "make_entry", "parse_formats",
     "prepare_results_dir", "read_entry", "render_html", "report_errors", "results_dir_problem", "sanitize",
     "summarize", "validate_report",
     "write_entry", "write_reports",
