@@ -398,6 +398,50 @@ def test_the_default_c_gate_fails_seed_mlps_and_the_similarity_gate_passes_them(
         assert_seed_consistency_above(models, x, threshold=0.9, metric="ssim", map_shape=(8, 8))
 
 
+class TupleOutput(nn.Module):
+    """A classifier whose forward returns (logits, features): unusable as it is for the explanation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), x
+
+
+@pytest.mark.parametrize("make, inputs, message", [
+    (TupleOutput, lambda x: x, r"model 'seed=0' returned tuple .*\(N, num_classes\) outputs"),
+    (lambda: MLP(hidden=4), lambda x: x[:, :32], r"model 'seed=0' \(MLP\) cannot run on inputs of shape \(60, 32\)"),
+    (lambda: MLP(hidden=4).to(torch.float16), lambda x: x, r"model 'seed=0': inputs are torch.float32 but the model's parameters are torch.float16"),
+])
+@pytest.mark.parametrize("cached", [False, True])
+def test_seed_consistency_checks_the_first_model_before_training_the_others(tmp_path, make, inputs, message, cached):
+    calls: list[int] = []
+
+    def train(seed: int) -> nn.Module:
+        calls.append(seed)
+        return make()
+
+    train.build = make
+    x, _ = test_inputs(60)
+    with pytest.raises(SaliencyUsageError, match=message):
+        seed_consistency(train, inputs(x), seeds=[0, 1, 2, 3], cache=tmp_path if cached else None,
+                         metric="sign_agreement", map_shape=(8, 8))
+    assert calls == [0], "only the first seed is trained before the usage error"
+
+
+def test_seed_consistency_checks_the_inputs_before_training(tmp_path):
+    calls: list[int] = []
+
+    def train(seed: int) -> nn.Module:
+        calls.append(seed)
+        return MLP(hidden=4)
+
+    with pytest.raises(SaliencyUsageError, match="inputs must be a floating-point tensor"):
+        seed_consistency(train, torch.zeros(4, 64, dtype=torch.long), seeds=[0, 1], metric="sign_agreement")
+    assert calls == []
+
+
 def test_factory_models_are_trained_once_and_then_come_from_the_cache(tmp_path):
     calls: list[int] = []
 
@@ -588,12 +632,105 @@ def test_model_cache_refuses_foreign_pickles_and_retrains(tmp_path):
     assert torch.load(path, weights_only=True)["key"] == cache.key(train, 0)  # replaced by a good entry
 
 
-def test_model_cache_retrains_when_the_architecture_changed(tmp_path):
+def test_model_cache_ignores_an_entry_of_another_architecture_and_refuses_a_mismatched_build(tmp_path):
     train = CountingFactory()
     ModelCache(tmp_path).get_or_train(train, 0)
-    with pytest.warns(SaliencyWarning, match="do not fit build"):
-        ModelCache(tmp_path).get_or_train(train, 0, build=lambda: MLP(hidden=5))
+    wider = MLP(hidden=5)
+    with (pytest.raises(SaliencyUsageError, match=r"different models: 'fc1.weight' in the trained model is torch.float32 "
+                        r"of shape \[4, 64\] but build\(\)'s is torch.float32 of shape \[5, 64\]"),
+          pytest.warns(SaliencyWarning, match="do not fit build")):
+        ModelCache(tmp_path).get_or_train(train, 0, build=lambda: wider)
     assert train.calls == [0, 0]
+    assert ModelCache(tmp_path).get_or_train(train, 0) is not None and train.calls == [0, 0]  # the entry survived
+
+
+def _rewrite_entry(path: Path, change) -> None:
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("tamper, why", [
+    (lambda p: p.update(state_dict={k: v.double() for k, v in p["state_dict"].items()}),
+     r"'fc1.weight' in the entry is torch.float64 of shape \[4, 64\] but build\(\)'s is torch.float32"),
+    (lambda p: p.update(state_dict={k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.startswith("fc2")
+                                    else v for k, v in p["state_dict"].items()}),
+     r"'fc2.weight' in the entry is torch.float32 of shape \[11, 4\]"),
+    (lambda p: p.update(architecture="somewhere.OtherNet"), r"holds a somewhere.OtherNet and build\(\) makes a test_consistency.MLP"),
+    (lambda p: p["state_dict"].pop("fc2.bias"), r"missing: \['fc2.bias'\]"),
+    (lambda p: p.update(key="someone.else#seed=0"), "entry belongs to 'someone.else#seed=0'"),
+])
+def test_model_cache_never_loads_a_mismatched_entry(tmp_path, tamper, why):
+    train = CountingFactory()
+    ModelCache(tmp_path).get_or_train(train, 0)
+    cache = ModelCache(tmp_path)
+    _rewrite_entry(cache.path(train, 0), tamper)
+    with pytest.warns(SaliencyWarning, match=why):
+        model = cache.get_or_train(train, 0)
+    assert train.calls == [0, 0] and cache.misses == 1  # retrained, not loaded
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values()) and model.fc2.weight.shape == (10, 4)
+    assert ModelCache(tmp_path).get_or_train(train, 0) is not None and train.calls == [0, 0]  # the entry was replaced
+
+
+def _closure_factory(dtype: torch.dtype, hidden: int = 4):
+    """A factory made inside a function, as fixtures make them: every one is `_closure_factory.<locals>.factory`."""
+    calls: list[int] = []
+
+    def factory(seed: int) -> MLP:
+        calls.append(seed)
+        return MLP(hidden=hidden).to(dtype)
+
+    factory.build = lambda: MLP(hidden=hidden).to(dtype)
+    factory.calls = calls
+    return factory
+
+
+def test_model_cache_keeps_closures_over_different_settings_apart(tmp_path):
+    cl, f64, wide = _closure_factory(torch.float32), _closure_factory(torch.float64), _closure_factory(torch.float32, 6)
+    assert factory_name(cl) == factory_name(f64)  # one qualified name ...
+    cache = ModelCache(tmp_path)
+    assert len({cache.key(f, 0) for f in (cl, f64, wide)}) == 3  # ... three keys
+    assert cache.get_or_train(cl, 0).fc1.weight.dtype == torch.float32
+    assert cache.get_or_train(f64, 0).fc1.weight.dtype == torch.float64  # not rescnn_cl's models
+    assert cache.get_or_train(wide, 0).fc1.weight.shape == (6, 64)
+    assert (cl.calls, f64.calls, wide.calls) == ([0], [0], [0]) and cache.misses == 3
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    # The same settings again (a fresh closure, as the next test session makes) reuse the entry,
+    # and so does the same factory object after its closure recorded the call.
+    again = _closure_factory(torch.float64)
+    assert cache.key(again, 0) == cache.key(f64, 0)
+    fresh = ModelCache(tmp_path)
+    assert fresh.get_or_train(again, 0).fc1.weight.dtype == torch.float64
+    assert fresh.get_or_train(f64, 0) is not None
+    assert again.calls == [] and f64.calls == [0] and fresh.hits == 2 and fresh.misses == 0
+    # An explicit version keeps otherwise equal factories apart.
+    assert cache.key(cl, 0, version="v2") != cache.key(cl, 0)
+    with pytest.raises(SaliencyUsageError, match="version must be a str"):
+        cache.key(cl, 0, version=2)
+
+
+def test_model_cache_asks_for_a_version_when_it_cannot_identify_the_factory(tmp_path):
+    lock = threading.Lock()  # a C object: the fingerprint cannot prove what it is
+
+    def factory(seed: int) -> MLP:
+        with lock:
+            return MLP(hidden=4)
+
+    cache = ModelCache(tmp_path)
+    assert cache.key(factory, 0).endswith(".factory#seed=0")  # the name and the seed only
+    with pytest.warns(SaliencyWarning, match=r"cannot tell the model factory .*pass version='...'"):
+        cache.get_or_train(factory, 0, build=lambda: MLP(hidden=4))
+    cache.get_or_train(factory, 0, build=lambda: MLP(hidden=4), version="mlp4")  # no warning with a version
+    assert cache.key(factory, 0, version="mlp4").endswith(".factory@mlp4#seed=0")
+
+
+def test_model_cache_refuses_a_build_that_does_not_match_the_factory(tmp_path):
+    train = _closure_factory(torch.float64)
+    cache = ModelCache(tmp_path)
+    with pytest.raises(SaliencyUsageError, match=r"and build\(\) make different models: 'fc1.weight' in the trained "
+                       r"model is torch.float64 .* but build\(\)'s is torch.float32"):
+        cache.get_or_train(train, 0, build=lambda: MLP(hidden=4))
+    assert not list(tmp_path.glob("*.pt"))  # nothing stored that could never load
 
 
 def test_model_cache_writes_atomically(tmp_path, monkeypatch):
@@ -635,9 +772,9 @@ def test_model_cache_lets_one_of_two_concurrent_workers_train(tmp_path):
         return MLP(hidden=4)
 
     slow_train.build = lambda: MLP(hidden=4)
-    results = []
+    results = []  # (slow_train closes over a lock, which the cache cannot identify: it needs a version)
     workers = [
-        threading.Thread(target=lambda: results.append(ModelCache(tmp_path).get_or_train(slow_train, 0)))
+        threading.Thread(target=lambda: results.append(ModelCache(tmp_path).get_or_train(slow_train, 0, version="v1")))
         for _ in range(2)
     ]
     for worker in workers:
@@ -653,7 +790,9 @@ def test_model_cache_keys_and_errors(tmp_path):
     assert factory_name(train_mlp_uncached) == "test_consistency.train_mlp_uncached"
     assert factory_name(functools.partial(train_mlp_uncached, steps=5)) == "test_consistency.train_mlp_uncached(steps=5)"
     assert factory_name(CountingFactory()) == "test_consistency.CountingFactory"
-    assert cache.key(train_mlp_uncached, 3) == "test_consistency.train_mlp_uncached#seed=3"
+    digest = cache.key(train_mlp_uncached, 3).split("~")[1].split("#")[0]
+    assert cache.key(train_mlp_uncached, 3) == f"test_consistency.train_mlp_uncached~{digest}#seed=3"
+    assert cache.key(train_mlp_uncached, 3, version="v2") == f"test_consistency.train_mlp_uncached@v2~{digest}#seed=3"
     assert cache.path(train_mlp_uncached, 3) != cache.path(train_mlp_uncached, 3, version="v2")
     assert cache.path(train_mlp_uncached, 3).name.startswith("test_consistency.train_mlp_uncached-seed3-")
     with pytest.raises(SaliencyUsageError, match="Pass build=<zero-argument callable"):

@@ -27,6 +27,7 @@ from pytest_saliency.checks.ensembles import (
 )
 from test_consistency import (
     MLP,
+    TupleOutput,
     assert_same_rng,
     assert_unchanged,
     rng_states,
@@ -282,3 +283,17 @@ def test_perturbed_ensemble_takes_any_integer_seed_and_checks_its_options():
     ]:
         with pytest.raises(SaliencyUsageError, match=message):
             perturbed_ensemble(model, **options)
+
+
+def test_ensemble_size_checks_the_first_model_before_training_the_others():
+    calls: list[int] = []
+
+    def train(seed: int) -> nn.Module:
+        calls.append(seed)
+        return TupleOutput()
+
+    x, _ = test_inputs(60)
+    with pytest.raises(SaliencyUsageError, match=r"model 'seed=0' returned tuple"):
+        consistency_vs_ensemble_size(train, x, [1, 2], "saliency", seeds=[0, 1, 2, 3])
+    assert calls == [0], "only the first seed is trained before the usage error"
+

@@ -427,3 +427,69 @@ def test_an_isolation_marks_its_thread_and_puts_every_generator_back():
     assert torch.equal(torch.random.get_rng_state(), before[0])
     assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
 
+
+
+USAGE_ERROR_TESTS = '''
+import torch
+from torch import nn
+import pytest_saliency as ps
+
+
+class Crashing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        raise RuntimeError("the user's model crashed here")
+
+
+def test_bad_method():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    ps.assert_sensitive_to_layer_randomization(model, torch.rand(4, 1, 8, 8), method="no_such_method")
+
+
+def test_bad_seed_model():
+    def factory(seed):
+        return nn.Linear(64, 3)
+    ps.assert_seed_consistency_above(factory, torch.rand(4, 1, 8, 8), seeds=[0, 1], metric="sign_agreement")
+
+
+def test_crash():
+    ps.assert_sensitive_to_layer_randomization(Crashing(), torch.rand(4, 64))
+'''
+
+
+def _failure_section(lines: list[str], name: str) -> list[str]:
+    """One test's failure report: from its ``____ name ____`` header to the next header."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("__") and f" {name} " in line)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("__", "=="))), len(lines))
+    return lines[start:end]
+
+
+def test_a_usage_error_shows_the_users_line_and_the_message_not_the_library(pytester):
+    path = pytester.makepyfile(test_usage=USAGE_ERROR_TESTS)
+    source = path.read_text().splitlines()
+
+    def line_of(text: str) -> int:
+        return next(number for number, line in enumerate(source, 1) if text in line)
+
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=3)
+    lines = result.outlines
+    bad = _failure_section(lines, "test_bad_method")
+    text = "\n".join(bad)
+    assert "SaliencyUsageError: unknown method 'no_such_method'" in text
+    assert 'method="no_such_method")' in text and f"test_usage.py:{line_of('no_such_method')}: SaliencyUsageError" in text
+    assert "pytest_saliency" not in text.replace("pytest_saliency.exceptions.SaliencyUsageError", "")
+    assert len(bad) < 40, text
+    # Seed consistency's check of the first model: the user's line and the message; only the cause
+    # (torch's own error in the user's model) keeps its traceback.
+    seed = "\n".join(_failure_section(lines, "test_bad_seed_model"))
+    assert "model 'seed=0' (Linear) cannot run on inputs of shape (4, 1, 8, 8)" in seed
+    assert f"test_usage.py:{line_of('seeds=[0, 1]')}: SaliencyUsageError" in seed
+    assert "integrity.py" not in seed and "explainers.py" not in seed and "validation.py" not in seed
+    # A crash inside the user's model keeps its full traceback down to the model's line.
+    crash = "\n".join(_failure_section(lines, "test_crash"))
+    assert 'raise RuntimeError("the user\'s model crashed here")' in crash and f"test_usage.py:{line_of('crashed here')}: RuntimeError" in crash
+    assert f"test_usage.py:{line_of('(Crashing()')}: SaliencyUsageError" in crash

@@ -319,3 +319,20 @@ def test_the_array_digest_covers_dtype_shape_and_bytes_for_every_dtype_and_layou
     assert options["other"] == jsonable({"other": x.t().contiguous()}, tensors="digest")["other"]
     zeros = jsonable([torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int32)], tensors="digest")
     assert zeros[0] != zeros[1] and zeros[0].split()[-1] != zeros[1].split()[-1]
+
+
+def test_an_lru_cache_wrapper_is_fingerprinted_by_the_function_it_wraps():
+    import functools
+
+    def make(scale):
+        @functools.lru_cache(maxsize=None)
+        def scaled(x: int) -> int:
+            return x * scale
+        return scaled
+
+    double, double_again, triple = make(2), make(2), make(3)
+    assert fingerprint_module.value_fingerprint(double) is not None
+    before = fingerprint_module.value_fingerprint(double)
+    double(5)  # a stored result does not change what the function computes
+    assert fingerprint_module.value_fingerprint(double) == before == fingerprint_module.value_fingerprint(double_again)
+    assert fingerprint_module.value_fingerprint(triple) != before

@@ -702,12 +702,17 @@ def _named_models(models: object) -> list[tuple[str, torch.nn.Module]]:
             f"explanation consistency needs at least two models to compare, got {len(named)}. Train the same "
             "architecture again with another seed (or pass a factory and seeds=[0, 1, ...])."
         )
+    _check_models(named)
+    return named
+
+
+def _check_models(named: list[tuple[str, torch.nn.Module]]) -> None:
+    """:func:`check_model` for each model, the error naming the model's label."""
     for label, model in named:
         try:
             check_model(model)
         except SaliencyUsageError as exc:
             raise SaliencyUsageError(f"model {label!r}: {exc}") from None
-    return named
 
 
 def _check_compatible(named: list[tuple[str, torch.nn.Module]], inputs: torch.Tensor) -> None:
@@ -1005,6 +1010,7 @@ def models_from(
     *,
     build: Callable[[], torch.nn.Module] | None = None,
     version: str = "",
+    inputs: torch.Tensor | None = None,
 ) -> tuple[Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module], dict[str, str]]:
     """Turn ``models_or_factory`` into ``({label: model}, factors)``.
 
@@ -1012,7 +1018,10 @@ def models_from(
     once per seed, and each model is labelled ``seed=<s>`` with factor ``"seed"``. Models come
     from ``cache`` (a :class:`pytest_saliency.model.cache.ModelCache` or a directory path) when
     given. The factory runs with the global RNGs seeded and restored, and a factory that raises
-    becomes a :class:`SaliencyUsageError` naming the seed.
+    becomes a :class:`SaliencyUsageError` naming the seed. With ``inputs``, the first model is
+    checked before the other seeds are trained (a valid model, inputs it accepts, one forward
+    pass giving an ``(N, num_classes)`` tensor), so that a model the explanation cannot use fails
+    after one training instead of after all of them.
     """
     from ..model.cache import ModelCache, call_train
 
@@ -1039,6 +1048,10 @@ def models_from(
             call_train(models_or_factory, s)
         )
         named[f"seed={s}"] = model
+        if index == 0 and inputs is not None:
+            first = [(f"seed={s}", model)]
+            _check_models(first)
+            _check_compatible(first, inputs)
     return named, {label: "seed" for label in named}
 
 
@@ -1076,7 +1089,8 @@ def seed_consistency(
         )
     if threshold is not None:
         threshold = check_threshold(threshold, metric)
-    models, factors = models_from(models_or_factory, seeds, cache, build=build, version=version)
+    check_inputs(inputs)
+    models, factors = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs)
     if factors and "factors" not in options:
         options["factors"] = factors
     if metric != LR_SEPARABILITY:
@@ -1130,7 +1144,10 @@ def assert_seed_consistency_above(
     ``train(seed) -> model`` with ``seeds=[...]``. A factory's models are loaded from ``cache``
     (a :class:`pytest_saliency.model.cache.ModelCache`, e.g. the ``saliency_model_cache``
     fixture, or a directory) when given, with ``build=`` or ``train.build`` naming the
-    architecture. Other options are those of :func:`explanation_consistency`.
+    architecture, and ``version=`` (a string) added to the cache key to keep entries of factories
+    that the cache cannot tell apart, or of changed training code it cannot see, separate (see
+    :mod:`pytest_saliency.model.cache`). The first model is checked against ``inputs`` before
+    the other seeds are trained. Other options are those of :func:`explanation_consistency`.
 
     The check passes when ``metric`` is >= ``threshold``. Defaults (``threshold=None``):
 

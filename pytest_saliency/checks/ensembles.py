@@ -422,7 +422,7 @@ def consistency_vs_ensemble_size(
     from .consistency import explanation_consistency, models_from
 
     start = time.perf_counter()
-    named, _ = models_from(models_or_factory, seeds, cache, build=build, version=version)
+    named, _ = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs)
     labelled = _labelled(named)
     m = len(labelled)
     size_list = _checked_sizes(sizes, m)

@@ -19,7 +19,7 @@ instance holds), and what it reaches is identified so:
   monkeypatched on an instance) by their code (``marshal`` of the code object, nested code
   included), defaults, closure cells and the globals the code loads, each walked in turn; bound
   methods by function and ``self``; ``functools.partial``, properties, static and class methods
-  by what they wrap;
+  by what they wrap, and so are ``functools.lru_cache`` wrappers (their stored results aside);
 * other classes (a user's ``nn.Module`` subclass, or one made by a factory around a closure) by
   their bases and the contents of their ``__dict__`` (methods included), so two classes with one
   ``__qualname__`` but different closures differ, and so does a class whose method is replaced;
@@ -84,6 +84,8 @@ _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_
 _C_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
                 types.MethodWrapperType, types.ClassMethodDescriptorType, types.GetSetDescriptorType,
                 types.MemberDescriptorType)
+#: The C type of ``functools.lru_cache``'s wrappers (its results cache does not change what it computes).
+_LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(lambda: None))
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement (or by a C extension)
 
 
@@ -190,6 +192,8 @@ class _Walk:
                     token(getattr(value, "__objclass__", None)), bound)
         if isinstance(value, type):
             return self._class(value)
+        if kind is _LRU_CACHE_WRAPPER:  # functools.lru_cache / cache: what it computes is what it wraps
+            return ("lru_cache", token(value.__wrapped__))
         if kind is functools.partial:
             return ("partial", token(value.func), token(value.args), token(value.keywords), token(vars(value)))
         if kind in (staticmethod, classmethod):

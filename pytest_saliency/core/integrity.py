@@ -28,6 +28,11 @@ the guard takes or restores state, or an :class:`Undo` runs, a Ctrl-C is recorde
 complete; elsewhere it is raised at once. Library code that changes the model and undoes the
 change itself (:func:`pytest_saliency.model.randomize.randomized`) registers the undo first, so
 the guard runs it if an interrupt lands before or inside the code that would have.
+
+Tracebacks. :func:`rng_isolated`'s wrapper re-raises a
+:class:`pytest_saliency.exceptions.SaliencyUsageError` without the library frames below it, so a
+test that passes a bad argument shows its own line and the message, not pages of library source
+with tensors and models as locals. Any other exception keeps its full traceback.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..exceptions import SaliencyCheckFailed, warn_user
+from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from .rng import (
     ISOLATION_LOCK,
     as_seed,
@@ -428,7 +433,16 @@ def rng_isolated(function: F) -> F:
             seed = kwargs.get("seed", default)
         else:
             seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
-        return guarded_call(function, args, kwargs, seed)
+        try:
+            return guarded_call(function, args, kwargs, seed)
+        except SaliencyUsageError as error:
+            # A usage error's message says what was wrong and how to fix it; the library frames
+            # under this one (and their locals: tensors, models) only bury it. Raised again
+            # without them, the traceback starts here (hidden) and pytest shows the caller's
+            # line and the message, as for SaliencyCheckFailed. Other exceptions (a crash in the
+            # user's model) keep their whole traceback, and so does an exception chained to a
+            # usage error as its cause.
+            raise error.with_traceback(None)
 
     return wrapper  # type: ignore[return-value]
 

@@ -7,13 +7,26 @@ trained model's ``state_dict`` once and loads it on later runs.
 Design, and why:
 
 Key
-    ``<train.__module__>.<train.__qualname__>``, the seed and an optional ``version`` string.
-    The qualified name is stable across processes and runs, unlike ``id`` or ``hash``.
-    The cache cannot see when the training code changes, so pass a new ``version=`` (for
-    example ``"v2"``) when it does, or clear the directory. Closures share a qualname
-    (``make.<locals>.train``), so two different closures with one name need different versions.
+    ``<train.__module__>.<train.__qualname__>``, an optional ``version`` string, a digest of the
+    factory and the seed. The qualified name keeps entries readable; it is not enough on its own,
+    because factories defined inside fixtures all share one (``make.<locals>.factory``). The
+    digest (:func:`pytest_saliency.core.fingerprint.value_fingerprint`, walked the way the map
+    cache walks a model) covers the factory's code, defaults, closure values and the globals its
+    code loads (helper functions and classes by their code, tensors and arrays by content), so two
+    closures over different settings (a dtype, a width, a learning rate) get different entries, and
+    editing the factory's code retrains. A callable object is digested with its attributes, and a
+    ``functools.partial`` with its bound arguments. The digest is taken the first time a cache
+    sees a factory object in the process and reused for that object, so a factory that records
+    its own calls (a counter in a closure or an attribute) keeps its key.
+    When the walk cannot prove what the factory is (it reaches a C object such as a lock, a
+    generator or a file handle, or too large a graph), the key is the qualified name and
+    ``version`` only, and a :class:`SaliencyWarning` asks for an explicit ``version=`` naming the
+    settings that make the models differ (e.g. ``version="float64"``) unless one is given. The
+    walk does not see code the factory reaches through another package (a training library) or
+    data it reads from files: pass a new ``version=`` when those change, or clear the directory.
 What is stored
-    ``{"format": 1, "key": ..., "seed": ..., "training": bool, "state_dict": {name: cpu tensor}}``
+    ``{"format": 2, "key": ..., "seed": ..., "training": bool, "architecture": "<module.qualname of
+    the model's class>", "state_dict": {name: cpu tensor}}``
     written with :func:`torch.save`. Only tensors, strings, ints and bools are stored, so
     ``torch.load(path, weights_only=True)`` can read it: loading a cache entry never unpickles
     arbitrary objects, even if someone else wrote to the cache directory.
@@ -35,9 +48,17 @@ One trainer at a time
     of training the same model again. A lock older than ``lock_timeout`` seconds, left by a
     crashed run, is ignored and replaced, so a stale lock cannot block the cache forever.
 Damaged or stale entries
-    If an entry cannot be loaded (a truncated file, a non-weights payload, or keys or shapes that
-    no longer fit ``build()`` because the architecture changed), the model is retrained and the
-    entry replaced, with a :class:`SaliencyWarning` that says why.
+    An entry is loaded only into a model of the same architecture: ``build()``'s class must be the
+    stored one, and its ``state_dict`` must have the same names, shapes and dtypes (a dtype
+    mismatch is refused too, although ``load_state_dict`` would cast silently). If an entry
+    cannot be loaded (a truncated file, a non-weights payload, an entry written for another key,
+    or weights that no longer fit ``build()`` because the architecture changed), the model is
+    retrained and the entry replaced, with a :class:`SaliencyWarning` that says why: the cache
+    is only a shortcut, so a stale entry costs time, never a wrong model.
+Build and train must agree
+    After training, the trained model is compared with ``build()``'s the same way; if they differ
+    (another class, dtype or parameter shapes), the call is a :class:`SaliencyUsageError` before
+    anything is stored: such an entry could never be loaded into the model ``train`` makes.
 Randomness
     ``train(seed)`` runs inside :func:`pytest_saliency.core.rng.seeded`: the global torch, numpy and
     Python RNGs are seeded with ``seed`` for the call and restored afterwards. A factory that
@@ -54,10 +75,12 @@ import os
 import re
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.fingerprint import value_fingerprint
 from ..core.rng import seeded
 from ..core.torchtools import require_torch
 from ..core.validation import check_flag, check_number, check_seed
@@ -66,7 +89,7 @@ from ..exceptions import SaliencyUsageError, warn_user
 if TYPE_CHECKING:
     import torch
 
-FORMAT = 1
+FORMAT = 2
 DEFAULT_LOCK_TIMEOUT = 600.0
 
 
@@ -85,8 +108,53 @@ def factory_name(train: Callable[..., Any]) -> str:
     return f"{getattr(train, '__module__', None) or '<unknown>'}.{qualname}"
 
 
+#: The digest of each factory object, taken when a cache first sees it (see "Key" above).
+_DIGESTS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+
+
+def factory_digest(train: Callable[..., Any]) -> str | None:
+    """A short digest of the factory's code and the values it closes over or loads, or None when the
+    fingerprint walk cannot prove what the factory is; taken once per factory object."""
+    try:
+        return _DIGESTS[train]
+    except (KeyError, TypeError):  # not seen yet, or not weak-referenceable (digested on every call)
+        pass
+    fingerprint = value_fingerprint(train)
+    digest = None if fingerprint is None else hashlib.blake2b(fingerprint.encode(), digest_size=8).hexdigest()
+    with contextlib.suppress(TypeError):
+        _DIGESTS[train] = digest
+    return digest
+
+
+def architecture(model: torch.nn.Module) -> tuple[str, dict[str, tuple[str, tuple[int, ...]]]]:
+    """What a stored ``state_dict`` must match to be loaded: the model's class and each entry's dtype and shape."""
+    cls = type(model)
+    tensors = {name: (str(t.dtype), tuple(t.shape)) for name, t in model.state_dict().items()}
+    return f"{cls.__module__}.{cls.__qualname__}", tensors
+
+
+def architecture_difference(expected: torch.nn.Module, state_dict: dict[str, Any], class_name: Any,
+                            source: str = "the entry") -> str | None:
+    """How ``state_dict`` (from ``source``, a model of class ``class_name``) differs from build()'s
+    model ``expected``, or None."""
+    name, tensors = architecture(expected)
+    if class_name != name:
+        return f"{source} holds a {class_name} and build() makes a {name}"
+    stored = {key: (str(t.dtype), tuple(t.shape)) if hasattr(t, "dtype") else (type(t).__name__, ())
+              for key, t in state_dict.items()}
+    missing, extra = sorted(set(tensors) - set(stored)), sorted(set(stored) - set(tensors))
+    if missing or extra:
+        return f"the parameter names differ (missing: {missing[:5]}, unexpected: {extra[:5]})"
+    for key, (dtype, shape) in tensors.items():
+        if stored[key] != (dtype, shape):
+            return (f"{key!r} in {source} is {stored[key][0]} of shape {list(stored[key][1])} but build()'s "
+                    f"is {dtype} of shape {list(shape)}")
+    return None
+
+
 class ModelCache:
-    """Trained models on disk, keyed by the training function's qualified name and the seed.
+    """Trained models on disk, keyed by the training function (its name and a digest of its code and
+    closure values), an optional ``version`` and the seed.
 
     Example::
 
@@ -125,10 +193,15 @@ class ModelCache:
     # ---------------------------------------------------------------- keys and paths
 
     def key(self, train: Callable[..., Any], seed: int, version: str = "") -> str:
-        """The readable key: ``module.qualname``, the version and the seed."""
+        """The key: ``module.qualname``, the version, the factory's digest (when the fingerprint walk
+        can prove what the factory is; see the module docstring) and the seed."""
         seed = check_seed(seed)
+        if not isinstance(version, str):
+            raise SaliencyUsageError(f"version must be a str (e.g. 'v2'), got {type(version).__name__}.")
         suffix = f"@{version}" if version else ""
-        return f"{factory_name(train)}{suffix}#seed={seed}"
+        digest = factory_digest(train)
+        code = f"~{digest}" if digest is not None else ""
+        return f"{factory_name(train)}{suffix}{code}#seed={seed}"
 
     def path(self, train: Callable[..., Any], seed: int, version: str = "") -> Path:
         """Where the entry for ``(train, seed, version)`` lives.
@@ -186,6 +259,14 @@ class ModelCache:
             )
         path = self.path(train, seed, version)
         key = self.key(train, seed, version)
+        if not version and factory_digest(train) is None:
+            warn_user(
+                f"ModelCache cannot tell the model factory {factory_name(train)} apart from other factories "
+                "with that name (it holds or loads something the fingerprint cannot identify), so its cache "
+                "key is the name and the seed only. If several factories share the name (closures made "
+                "inside fixtures do), pass version='...' naming what makes their models differ, e.g. "
+                "version='float64'."
+            )
         model = self._load(path, builder, key)
         if model is not None:
             self.hits += 1
@@ -196,6 +277,7 @@ class ModelCache:
                 self.hits += 1
                 return model
             model = call_train(train, seed)
+            self._check_build(builder, model, train, seed)
             self._save(path, model, key, seed)
             self.misses += 1
             return model
@@ -211,7 +293,7 @@ class ModelCache:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
-                raise ValueError("not a pytest-saliency model-cache entry (format 1)")
+                raise ValueError(f"not a pytest-saliency model-cache entry (format {FORMAT})")
             if payload.get("key") != key:
                 raise ValueError(f"entry belongs to {payload.get('key')!r}")
         except Exception as exc:  # truncated file, foreign pickle refused by weights_only, wrong payload
@@ -225,8 +307,15 @@ class ModelCache:
                 f"build() must return an untrained nn.Module to load the cached weights into, got "
                 f"{type(model).__name__}."
             )
+        state = payload["state_dict"]
+        difference = (architecture_difference(model, state, payload.get("architecture"))
+                      if isinstance(state, dict) else "its state_dict is not a dict")
+        if difference is not None:
+            if not quiet:
+                _warn_stale(path, f"its weights do not fit build()'s architecture ({difference})")
+            return None
         try:
-            model.load_state_dict(payload["state_dict"], strict=True)
+            model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, ValueError) as exc:
             if not quiet:
                 _warn_stale(path, f"its weights do not fit build()'s architecture ({_short(exc)})")
@@ -238,7 +327,8 @@ class ModelCache:
         """Store the model's weights atomically (temporary file, fsync, rename)."""
         torch = require_torch()
         state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-        payload = {"format": FORMAT, "key": key, "seed": seed, "training": bool(model.training), "state_dict": state}
+        payload = {"format": FORMAT, "key": key, "seed": seed, "training": bool(model.training),
+                   "architecture": architecture(model)[0], "state_dict": state}
         handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.directory)
         try:
             with os.fdopen(handle, "wb") as stream:
@@ -250,6 +340,30 @@ class ModelCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+
+    @staticmethod
+    def _check_build(build: Callable[[], torch.nn.Module], model: torch.nn.Module,
+                     train: Callable[..., Any], seed: int) -> None:
+        """Refuse to store weights that ``build()``'s model could not take (another class, dtype or shape).
+
+        ``build()`` runs with the global RNGs seeded and restored, as ``train`` does, so the check
+        leaves the caller's random streams alone."""
+        with seeded(seed):
+            empty = build()
+        if not isinstance(empty, require_torch().nn.Module):
+            raise SaliencyUsageError(
+                f"build() must return an untrained nn.Module to load the cached weights into, got "
+                f"{type(empty).__name__}."
+            )
+        name, _ = architecture(model)
+        difference = architecture_difference(empty, model.state_dict(), name, source="the trained model")
+        if difference is not None:
+            raise SaliencyUsageError(
+                f"the model factory {factory_name(train)}(seed={seed}) and build() make different models: "
+                f"{difference}. "
+                "The cache loads stored weights into build()'s model, so they must match; fix build= (or "
+                "train.build) to return the same architecture, dtype and sizes as the factory."
+            )
 
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
