@@ -440,3 +440,131 @@ def test_a_check_that_raised_in_a_passed_test_is_a_control_caught_not_a_failure(
     page = render_html({"summary": summary, "results": entries, "tests": tests}, tmp_path)
     assert page.count("FAILED AS EXPECTED (control caught)") == 2  # its badge in the contents and its card
     assert 'data-outcome="skipped"><b>1</b>' in page and "no GPU" in page
+
+
+# One number format for people: the terminal summary and the HTML card write the same digits.
+
+_DECIMAL = re.compile(r"(?<![\w.])-?\d+\.\d+(?:e[-+]\d+)?(?![\w.])")
+
+
+def _card(page: str, data: dict, nodeid: str) -> str:
+    """The HTML card of one entry, less what repeats the result's own text (its summary line, the
+    text report and the JSON), so that only what the HTML writes itself is left."""
+    start = page.index(f'id="{sanitize_anchor(data, nodeid)}"')
+    card = page[start:page.index("</article>", start)]
+    card = re.sub(r'<p class="summary[^"]*">.*?</p>', "", card, flags=re.S)
+    return re.sub(r"<details>.*?</details>", "", card, flags=re.S)
+
+
+def test_the_number_format():
+    from pytest_saliency.reporting.numbers import format_score, format_threshold, layer_label
+
+    assert format_score(0.1015625) == "0.1016" and format_score(1.0) == "1.0000" and format_score(-0.042) == "-0.0420"
+    assert format_score(2.3456e-5) == "2.35e-05" and format_score(0.0) == "0.0000"  # tiny is not zero
+    assert format_score(123456.7) == "1.235e+05" and format_score(12) == "12"
+    assert format_score(None) == format_score(math.nan) == format_score(float("nan")) == "n/a"
+    assert format_score(0.0776, 3) == "0.078"
+    assert [format_threshold(t) for t in (0.5, 0.85, 0.025, 1e-6, 0.99, 2)] == ["0.5", "0.85", "0.025", "1e-06",
+                                                                                "0.99", "2"]
+    assert layer_label("") == "(model)" and layer_label(".weight") == "(model).weight"
+    assert layer_label("features.0") == "features.0"
+
+
+@pytest.mark.parametrize("nodeid", ["tests/test_a.py::test_ipr", "tests/test_a.py::test_edge[abs]",
+                                    "tests/test_b.py::test_agree"])
+def test_summary_numbers_read_the_same_in_the_html(written, results, nodeid):
+    root, paths = written
+    page, data = paths["html"].read_text(), json.loads(paths["json"].read_text())
+    summary = results[nodeid].summary()
+    numbers = _DECIMAL.findall(summary)
+    assert len(numbers) >= 3, summary
+    shown = set(_DECIMAL.findall(_card(page, data, nodeid)))
+    assert set(numbers) <= shown, f"{sorted(set(numbers) - shown)} of {summary!r} are not in the HTML card"
+    assert not re.search(r"\d\.\d{5,}", summary)  # no 0.101562: four decimals at most
+
+
+def _randomization_entry(layers: list[dict]) -> dict:
+    result = {"check": "independent_layer_randomization", "mode": "independent", "dataset_score": 0.5,
+              "sensitivity_threshold": 0.01, "ssim_threshold": 0.99, "dataset_score_ci": [0.4, 0.6],
+              "layers": [dict(mean_ssim=0.3, std_ssim=0.1, min_ssim=0.1, max_ssim=0.5, fraction_sensitive=1.0,
+                              sensitive=True, **layer) for layer in layers]}
+    return {"nodeid": "t::ipr", "check": result["check"], "passed": True, "summary": "PASS", "result": result,
+            "figures": {}}
+
+
+def test_layer_names_are_whole_and_the_root_module_has_a_name(tmp_path):
+    long = "backbone.encoder_module.stage4.residual_block.conv1"
+    page = report.render_html({"results": [_randomization_entry([{"name": ""}, {"name": long}])]}, tmp_path)
+    assert f'title="{long}">{long}</span>' in page  # the whole name, with a tooltip; never "...le.block.conv1"
+    assert "\u2026" + long[-12:] not in page and "..." + long[-12:] not in page
+    assert 'title="(model)">(model)</span>' in page and "<td></td>" not in page
+    assert re.search(r"td\.name \{[^}]*(word-break|overflow-wrap)", page)  # long names wrap in the cell
+
+
+def test_a_real_root_owned_parameter_is_named_in_text_html_and_figures(tmp_path):
+    import torch
+    from collections import OrderedDict
+
+    class Rooted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = torch.nn.Sequential(OrderedDict(conv1=torch.nn.Conv2d(1, 3, 3, padding=1)))
+            self.encoder_module = torch.nn.Sequential(OrderedDict(block=block))
+            self.scale = torch.nn.Parameter(torch.ones(3, 1, 1))  # owned by the root module: its layer is ""
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.encoder_module(x) * self.scale).mean((2, 3)))
+
+    torch.manual_seed(0)
+    result = layer_randomization(Rooted().eval(), torch.rand(3, 1, 12, 12), "saliency", n_bootstrap=20)
+    assert "" in [layer.name for layer in result.stats.layers]
+    assert "(model)" in result.report()
+    write_entry(result, "t::rooted", tmp_path)
+    paths = write_reports(collect_entries(tmp_path), tmp_path, formats=("html",))
+    page = paths["html"].read_text()
+    assert 'title="(model)">(model)</span>' in page
+    assert 'title="encoder_module.block.conv1">encoder_module.block.conv1</span>' in page
+
+
+def test_tables_scroll_inside_the_card(written):
+    root, paths = written
+    page = paths["html"].read_text()
+    assert re.search(r"\.scroll \{[^}]*overflow-x: auto", page)
+    assert page.count("<table><thead>") == page.count('<div class="scroll"><table><thead>') > 0
+
+
+def test_sweep_cards_show_the_reference_value(tmp_path):
+    result = {"check": "hyperparameter_stability", "method": "integrated_gradients", "metric": "ssim",
+              "metrics": ["ssim"], "threshold": 0.5, "reference": {},
+              "tables": [{"hyperparameter": "n_steps", "reference_value": 50, "dataset_mean": {"ssim": 0.9},
+                          "rows": [{"value": 10, "mean": {"ssim": 0.9}, "std": {"ssim": 0.01}}]}]}
+    entry = {"nodeid": "t::sweep", "check": "hyperparameter_stability", "passed": True, "summary": "PASS",
+             "result": result, "figures": {}}
+    page = report.render_html({"results": [entry]}, tmp_path)
+    assert "<dt>reference</dt><dd>n_steps=50</dd>" in page
+    result["reference"] = {"baselines": "black"}
+    page = report.render_html({"results": [entry]}, tmp_path)
+    assert "<dt>reference</dt><dd>baselines=black, n_steps=50</dd>" in page
+    entry["check"] = result["check"] = "input_noise_stability"
+    page = report.render_html({"results": [entry]}, tmp_path)
+    assert "<dt>reference</dt><dd>the clean inputs</dd>" in page
+
+
+def test_seed_consistency_cards_have_readable_labels(tmp_path):
+    pair = {"a": "seed0", "b": "seed1", "factor": "seed", "lr_accuracy": 0.62, "separability": 0.24,
+            "train_accuracy": 0.9, "similarities": {"ssim": 0.41}, "prediction_agreement": 0.95,
+            "baselines": {"ssim": 0.1}}
+    result = {"check": "seed_consistency", "metric": "lr_separability", "threshold": 0.5, "score": 0.76,
+              "consistency": 0.76, "per_factor": {"seed": 0.76}, "mean_lr_accuracy": 0.62,
+              "similarities": {"ssim": 0.41}, "baselines": {"ssim": 0.1}, "models": ["seed0", "seed1"],
+              "metrics": ["ssim"], "pairs": [pair], "method": "saliency", "n_inputs": 8, "seed": 0, "device": "cpu",
+              "seconds": 1.5}
+    entry = {"nodeid": "t::seeds", "check": "seed_consistency", "passed": True, "summary": "PASS", "result": result,
+             "figures": {}}
+    page = report.render_html({"results": [entry]}, tmp_path)
+    for label in ("C (explanation consistency)", "mean held-out LR accuracy", "mean ssim (chance: different inputs)",
+                  "C per training factor", "held-out LR accuracy", "separability S", "model pair"):
+        assert label in page, label
+    assert "<dd>0.7600  (\u2265 0.5 needed)</dd>" in page and "<dd>0.4100 (0.1000)</dd>" in page
+    assert "<dt>mean lr accuracy</dt>" not in page  # not the raw field name

@@ -64,6 +64,7 @@ from ..core.validation import (
     unknown_choice,
 )
 from ..exceptions import SaliencyUsageError
+from ..reporting.numbers import format_score
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -325,8 +326,8 @@ class EnsembleSizeResult:
     def summary(self) -> str:
         parts = []
         for row in self.rows:
-            sims = ", ".join(f"{m} {row.similarities[m]:.3f}" for m in self.metrics)
-            parts.append(f"size {row.size}: C {row.consistency:.3f}" + (f", {sims}" if sims else ""))
+            sims = ", ".join(f"{m} {format_score(row.similarities[m])}" for m in self.metrics)
+            parts.append(f"size {row.size}: C {format_score(row.consistency)}" + (f", {sims}" if sims else ""))
         return f"REPORT {self.check} [{self.method}, {self.n_models} models]: " + " | ".join(parts)
 
     def report(self) -> str:

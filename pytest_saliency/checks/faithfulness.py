@@ -77,6 +77,7 @@ from ..core.validation import (
 from ..exceptions import SaliencyUsageError
 from ..maps.baselines import default_blur_sigma, gaussian_blur
 from ..maps.options import format_value
+from ..reporting.numbers import format_score
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class CausalCurves:
         norm = "AUC / max of curve" if self.normalize == "max" else "raw AUC"
         what = f" [{self.method}]" if self.method else ""
         return (
-            f"{self.mode}{what}: mean {norm} = {self.mean_auc:.4f} ({better} is better); "
+            f"{self.mode}{what}: mean {norm} = {format_score(self.mean_auc)} ({better} is better); "
             f"N = {self.auc.shape[0]}, {self.curves.shape[1] - 1} steps of {self.step} px, "
             f"order={self.order}, substrate={self.substrate}, probability={self.output}"
         )
@@ -493,7 +494,7 @@ class AccuracySpread:
         r = top[0]
         return (
             f"REPORT accuracy_spread [{self.method}]: {r.hyperparameter} changes {r.score} AUC most "
-            f"(std of dataset means {r.std_of_means:.4f}); N = {self.n_images}"
+            f"(std of dataset means {format_score(r.std_of_means)}); N = {self.n_images}"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from ..maps.postprocess import MapPipeline, get_pipeline, pipeline_maps
 from ..maps.targets import resolve_target
 from ..model.layers import select_layers
 from ..model.randomize import STRATEGIES, check_strategy, preserved
+from ..reporting.numbers import format_score, format_threshold, layer_label
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -167,9 +168,10 @@ class RandomizationResult:
         s = self.stats
         verdict = "PASS" if self.passed else "FAIL"
         return (
-            f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: S^I = {s.dataset_score:.4f} "
-            f"({s.confidence:.0%} CI {s.ci_low:.4f}-{s.ci_high:.4f}) vs >= {s.sensitivity_threshold:g}; "
-            f"{len(s.insensitive_layers)}/{len(s.layers)} layers with mean SSIM >= {s.ssim_threshold:g}; "
+            f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: S^I = {format_score(s.dataset_score)} "
+            f"({s.confidence:.0%} CI {format_score(s.ci_low)} \u2013 {format_score(s.ci_high)}) vs >= "
+            f"{format_threshold(s.sensitivity_threshold)}; {len(s.insensitive_layers)}/{len(s.layers)} layers with "
+            f"mean SSIM >= {format_threshold(s.ssim_threshold)}; "
             f"N = {self.n_images}"
         )
 
@@ -177,14 +179,14 @@ class RandomizationResult:
         """Per-layer table, insensitive layers first (they are what needs attention)."""
         s = self.stats
         rows = sorted(s.layers, key=lambda layer: (layer.sensitive, -layer.mean_ssim))
-        width = max([len("layer")] + [len(r.name) for r in rows])
+        width = max([len("layer")] + [len(layer_label(r.name)) for r in rows])
         lines = [
             f"    {'layer':<{width}}  mean SSIM    std    min     max   sensitive images  verdict",
         ]
         for r in rows[:max_rows]:
             verdict = "sensitive" if r.sensitive else "INSENSITIVE"
             lines.append(
-                f"    {r.name:<{width}}  {r.mean_ssim:9.4f} {r.std_ssim:6.3f} {r.min_ssim:6.3f} {r.max_ssim:7.3f}"
+                f"    {layer_label(r.name):<{width}}  {r.mean_ssim:9.4f} {r.std_ssim:6.3f} {r.min_ssim:6.3f} {r.max_ssim:7.3f}"
                 f"   {r.fraction_sensitive:15.1%}  {verdict}"
             )
         if len(rows) > max_rows:
@@ -225,7 +227,7 @@ class RandomizationResult:
                 f"(S^I = {s.dataset_score:.4f} < {s.sensitivity_threshold:g})"
             )
         else:
-            names = ", ".join(layer.name for layer in s.insensitive_layers[:5])
+            names = ", ".join(layer_label(layer.name) for layer in s.insensitive_layers[:5])
             headline = (
                 f"Saliency check failed: {self.method} maps do not change when these layers are randomized: {names}"
             )

@@ -81,7 +81,9 @@ def _float(value: Any, default: float = math.nan) -> float:
 
 def _short(name: Any, width: int = 16) -> str:
     """Keep the tail of long dotted names (``layer4.1.conv2`` says more than ``features.``)."""
-    text = str(name)
+    from .numbers import layer_label
+
+    text = layer_label(name)
     return text if len(text) <= width else "\u2026" + text[-(width - 1):]
 
 

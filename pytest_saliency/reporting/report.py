@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.jsonable import jsonable
+from .numbers import format_score, format_threshold, layer_label
 from .protocol import CheckResult, missing_members
 
 SCHEMA_VERSION = 2
@@ -586,6 +587,9 @@ details > summary { cursor: pointer; color: var(--accent); font-weight: 600; mar
 table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-size: 13px; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: var(--soft); font-weight: 600; white-space: nowrap; }
+.scroll { max-width: 100%; overflow-x: auto; }
+.scroll > table { margin: 0; }
+td.name { word-break: break-all; overflow-wrap: anywhere; min-width: 9em; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.bad td { background: #fff5f5; } tr.bad td.verdict { color: var(--fail); font-weight: 700; }
 table.kv th { width: 34%; background: none; font-weight: 500; color: var(--muted); white-space: normal; }
@@ -635,7 +639,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "n/a"
-        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.4g}"
+        return format_score(value, digits)
     if isinstance(value, (list, tuple)):
         if len(value) > 8:
             return "[" + ", ".join(_fmt(v, digits) for v in value[:6]) + f", \u2026 ({len(value)} values)]"
@@ -672,6 +676,21 @@ def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
     return f'<table class="kv">{rows}</table>' if rows else '<p class="note">none</p>'
 
 
+class _Markup(str):
+    """A table cell that is HTML already (not escaped again), with an optional CSS class for its cell."""
+
+    css = ""
+
+
+def _name_cell(name: Any) -> _Markup:
+    """A layer or parameter name in a table: the whole name, wrapped where the cell is narrow, and in
+    a ``title`` tooltip; the root module's ``""`` reads ``(model)``."""
+    label = layer_label(name)
+    cell = _Markup(f'<span class="mono" title="{_e(label)}">{_e(label)}</span>')
+    cell.css = "name"
+    return cell
+
+
 def _table(headers: Sequence[str], rows: Iterable[tuple[Sequence[Any], bool]], numeric: set[int] | None = None) -> str:
     numeric = numeric or set()
     num = ' class="num"'
@@ -686,10 +705,14 @@ def _table(headers: Sequence[str], rows: Iterable[tuple[Sequence[Any], bool]], n
             if i == len(cells) - 1 and headers and headers[-1] == "verdict":
                 css.append("verdict")
             attr = f' class="{" ".join(css)}"' if css else ""
-            tds.append(f"<td{attr}>{_e(cell)}</td>")
+            text = cell if isinstance(cell, _Markup) else _e(cell)
+            if isinstance(cell, _Markup) and cell.css:
+                css.append(cell.css)
+                attr = f' class="{" ".join(css)}"'
+            tds.append(f"<td{attr}>{text}</td>")
         row_class = ' class="bad"' if bad else ""
         body.append(f"<tr{row_class}>{''.join(tds)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _numbers(items: Iterable[tuple[str, Any, bool]]) -> str:
@@ -730,10 +753,10 @@ def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
     confidence = data.get("confidence")
     conf = f"{confidence:.0%} " if isinstance(confidence, (int, float)) else ""
     return [
-        ("S^I (dataset sensitivity)", f"{_fmt(score)}  (\u2265 {_fmt(threshold, 3)} needed)", below),
+        ("S^I (dataset sensitivity)", f"{_fmt(score)}  (\u2265 {format_threshold(threshold)} needed)", below),
         (f"{conf}CI of S^I", f"{_fmt(ci[0])} \u2013 {_fmt(ci[1])}" if len(ci) == 2 else _fmt(ci), False),
         ("insensitive layers",
-         f"{len(insensitive)} of {len(layers)} (mean SSIM \u2265 {_fmt(data.get('ssim_threshold'), 3)})",
+         f"{len(insensitive)} of {len(layers)} (mean SSIM \u2265 {format_threshold(data.get('ssim_threshold'))})",
          bool(insensitive)),
         ("images sensitive to every layer", _pct(data.get("fraction_images_sensitive_to_all_layers")), False),
         ("method", data.get("method", "n/a"), False),
@@ -761,7 +784,7 @@ def _randomization_table(data: dict[str, Any]) -> str:
     rows = []
     for layer in layers:
         sensitive = bool(layer.get("sensitive", True))
-        cells = [layer.get("name", "?"), _fmt(layer.get("mean_ssim")), _fmt(layer.get("std_ssim"), 3),
+        cells = [_name_cell(layer.get("name", "?")), _fmt(layer.get("mean_ssim")), _fmt(layer.get("std_ssim"), 3),
                  _fmt(layer.get("min_ssim"), 3), _fmt(layer.get("max_ssim"), 3),
                  _pct(layer.get("fraction_sensitive")), "sensitive" if sensitive else "INSENSITIVE"]
         rows.append((cells, not sensitive))
@@ -779,9 +802,9 @@ def _agreement_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
     return [
         ("failing pairs", f"{len(failing)} of {len(pairs)}" if data.get("threshold") is not None else "no threshold",
          bool(failing)),
-        ("threshold", f"{_fmt(data.get('threshold'), 4)} on the {data.get('statistic', 'mean')}", False),
+        ("threshold", f"{format_threshold(data.get('threshold'))} on the {data.get('statistic', 'mean')}", False),
         ("lowest mean", "n/a" if lowest is None else
-         f"{lowest.get('metric')}({lowest.get('method_a')}, {lowest.get('method_b')}) = {_fmt(lowest['mean'], 3)}",
+         f"{lowest.get('metric')}({lowest.get('method_a')}, {lowest.get('method_b')}) = {_fmt(lowest['mean'])}",
          False),
         ("methods", ", ".join(map(str, data.get("methods") or [])) or "n/a", False),
         ("metrics", ", ".join(map(str, data.get("metrics") or [])) or "n/a", False),
@@ -791,6 +814,15 @@ def _agreement_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
         ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
         ("time", _seconds(data.get("seconds")), False),
     ]
+
+
+def _chance(pair: dict[str, Any]) -> str:
+    """A pair's chance level and where it comes from, as the result's summary writes it."""
+    measured = pair.get("chance_measured")
+    where = f"theory {_fmt(pair.get('chance_theory'), 3)}"
+    if measured is not None:
+        where += f", different inputs {_fmt(measured, 3)}"
+    return f"{_fmt(pair.get('chance'), 3)} ({where})"
 
 
 def _agreement_table(data: dict[str, Any]) -> str:
@@ -809,7 +841,7 @@ def _agreement_table(data: dict[str, Any]) -> str:
         verdict = ("BELOW THRESHOLD" if bad(p) else "ok") if has_threshold else "\u2013"
         rows.append(([f"{p.get('method_a')} vs {p.get('method_b')}", p.get("metric", "?"), _fmt(p.get("mean"), 4),
                       _fmt(p.get("std"), 3), f"{_fmt(p.get('ci_low'), 3)} .. {_fmt(p.get('ci_high'), 3)}",
-                      _fmt(p.get("chance"), 3), str(p.get("undefined", 0)), verdict], bad(p)))
+                      _chance(p), str(p.get("undefined", 0)), verdict], bad(p)))
     return ('<h4 class="section">Pairs (failing first)</h4>'
             + _table(["pair", "metric", "mean", "std", conf, "chance", "undefined", "verdict"], rows,
                      numeric={2, 3, 4, 5, 6}))
@@ -824,17 +856,36 @@ def _sweep_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
     return [
         ("failing values", f"{len(failures)}" if threshold is not None else "no threshold (report only)",
          bool(failures)),
-        ("threshold", "n/a" if threshold is None else f"mean {data.get('metric')} {op} {_fmt(threshold, 4)}", False),
+        ("threshold", "n/a" if threshold is None else f"mean {data.get('metric')} {op} {format_threshold(threshold)}", False),
         ("least stable", "n/a" if least is None else
          f"{least.get('hyperparameter')}={_fmt(least.get('value'))}: {_fmt(least.get('mean'), 4)}", bool(failures)),
         ("method", data.get("method", "n/a"), False),
-        ("reference", _fmt(reference) if reference else "n/a", False),
+        ("reference", _sweep_reference(data, reference), False),
         ("metrics", ", ".join(map(str, data.get("metrics") or [])) or "n/a", False),
         ("preset", _preset_name(data) or "n/a", False),
         ("images", _fmt(data.get("n_images")), False),
         ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
         ("time", _seconds(data.get("seconds")), False),
     ]
+
+
+def _sweep_reference(data: dict[str, Any], reference: Any) -> str:
+    """The setting every map is compared with: the hyperparameters given as the reference, and for
+    each swept one left at the method's default, that default (each table's ``reference_value``)."""
+    if data.get("check") == "input_noise_stability":
+        return "the clean inputs"
+    shown: dict[str, Any] = {str(k): v for k, v in reference.items()} if isinstance(reference, dict) else {}
+    for table in _list(data, "tables"):
+        if isinstance(table, dict) and "reference_value" in table:
+            name = str(table.get("hyperparameter", "?"))
+            if name == "setting" and isinstance(table["reference_value"], dict):
+                for key, value in table["reference_value"].items():
+                    shown.setdefault(str(key), value)
+            else:
+                shown.setdefault(name, table["reference_value"])
+    if not shown:
+        return _fmt(reference) if reference not in (None, {}) else "the method's defaults"
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
 
 
 def _sweep_tables(data: dict[str, Any]) -> str:
@@ -871,7 +922,55 @@ def _sweep_tables(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _consistency_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    """Explanation (seed) consistency of several models, with readable labels."""
+    metric = str(data.get("metric", "lr_separability"))
+    score, threshold = data.get("score"), data.get("threshold")
+    below = isinstance(score, (int, float)) and isinstance(threshold, (int, float)) and score < threshold
+    label = "C (explanation consistency)" if metric == "lr_separability" else f"mean {metric} over model pairs"
+    needed = "no threshold (report only)" if threshold is None else f"\u2265 {format_threshold(threshold)} needed"
+    similarities, baselines = _dict(data, "similarities"), _dict(data, "baselines")
+    per_factor = _dict(data, "per_factor")
+    items: list[tuple[str, Any, bool]] = [(label, f"{_fmt(score)}  ({needed})", below)]
+    if metric != "lr_separability":
+        items.append(("C (explanation consistency)", _fmt(data.get("consistency")), False))
+    items.append(("mean held-out LR accuracy", f"{_fmt(data.get('mean_lr_accuracy'))} (0.5 = maps alike)", False))
+    for name, value in similarities.items():
+        items.append((f"mean {name} (chance: different inputs)", f"{_fmt(value)} ({_fmt(baselines.get(name))})",
+                      False))
+    if per_factor:
+        items.append(("C per training factor", ", ".join(f"{k}: {_fmt(v)}" for k, v in per_factor.items()), False))
+    items += [
+        ("models", ", ".join(map(str, data.get("models") or [])) or "n/a", False),
+        ("method", data.get("method", "n/a"), False),
+        ("preset", _preset_name(data) or "n/a", False),
+        ("inputs", _fmt(data.get("n_inputs")), False),
+        ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
+        ("time", _seconds(data.get("seconds")), False),
+    ]
+    return items
+
+
+def _consistency_table(data: dict[str, Any]) -> str:
+    """One row per model pair, the most separable first."""
+    pairs = [p for p in _list(data, "pairs") if isinstance(p, dict)]
+    if not pairs:
+        return ""
+    metrics = [str(m) for m in _list(data, "metrics")]
+    rows = []
+    for p in sorted(pairs, key=lambda p: -(p.get("separability") or 0.0)):
+        sims = _dict(p, "similarities")
+        rows.append(([f"{p.get('a')} vs {p.get('b')}", p.get("factor") or "\u2013", _fmt(p.get("lr_accuracy")),
+                      _fmt(p.get("train_accuracy")), _fmt(p.get("separability")), _pct(p.get("prediction_agreement"))]
+                     + [_fmt(sims.get(m)) for m in metrics], False))
+    headers = ["model pair", "training factor", "held-out LR accuracy", "train accuracy", "separability S",
+               "same prediction"] + [f"mean {m}" for m in metrics]
+    return ('<h4 class="section">Model pairs (most separable first)</h4>'
+            + _table(headers, rows, numeric=set(range(2, len(headers)))))
+
+
 _SKIP_KEYS = {"check", "passed", "reproduce", "preset"}
+_NAME_KEYS = {"layer", "name", "parameter", "module"}  # columns of layer or parameter names
 
 
 def _is_scalar(value: Any) -> bool:
@@ -892,7 +991,8 @@ def _generic_tables(data: dict[str, Any], depth: int = 0, prefix: str = "") -> s
             continue
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             headers = list(dict.fromkeys(k for v in value[:200] for k in v))
-            rows = [([_fmt(v.get(h), 4) for h in headers], v.get("passed") is False or v.get("sensitive") is False)
+            rows = [([_name_cell(v.get(h)) if h in _NAME_KEYS and isinstance(v.get(h), str) else _fmt(v.get(h), 4)
+                      for h in headers], v.get("passed") is False or v.get("sensitive") is False)
                     for v in value[:200]]
             more = f'<p class="note">{len(value) - 200} more rows in the JSON report.</p>' if len(value) > 200 else ""
             parts.append(f'<h4 class="section">{_e(title)}</h4>' + _table(headers, rows) + more)
@@ -930,6 +1030,8 @@ PANELS: dict[str, Panel] = {
     "method_agreement": (_agreement_numbers, _agreement_table),
     "hyperparameter_stability": (_sweep_numbers, _sweep_tables),
     "input_noise_stability": (_sweep_numbers, _sweep_tables),
+    "explanation_consistency": (_consistency_numbers, _consistency_table),
+    "seed_consistency": (_consistency_numbers, _consistency_table),
 }
 
 
