@@ -151,3 +151,13 @@ def test_bad_methods(trained):
         agreement_matrix(model, x, ["saliency", "saliency"])
     with pytest.raises(SaliencyUsageError, match="not among the methods"):
         agreement_matrix(model, x, ["saliency", "input_x_gradient"], method_options={"lime": {"n_samples": 5}})
+
+
+def test_progress_has_one_step_per_method(trained):
+    model, x = trained
+    calls: list[tuple[int, int, str]] = []
+    agreement_matrix(model, x[:4], ["saliency", "input_x_gradient", "guided_backprop"], ["feature_agreement"],
+                     n_bootstrap=10, progress=lambda *step: calls.append(step))
+    assert calls == [(0, 3, "saliency"), (1, 3, "input_x_gradient"), (2, 3, "guided_backprop"), (3, 3, "")]
+    with pytest.raises(SaliencyUsageError, match="progress must be None or a callable"):
+        agreement_matrix(model, x[:4], ["saliency", "input_x_gradient"], progress=3)

@@ -397,3 +397,17 @@ def test_tensor_options_are_told_apart_by_dtype_and_values_whatever_their_layout
     with pytest.raises(SaliencyUsageError, match=r"different method_options \(.*float32 sha256:.*float64 sha256:"):
         check_baseline(model32.double(), x32.double(), tmp_path / "f.npz", "integrated_gradients", n_steps=4,
                        baselines=torch.zeros(1, 1, 16, 16, dtype=torch.float64))
+
+
+def test_progress_has_one_step_per_model_explained(tmp_path, model_and_inputs):
+    model, x = model_and_inputs
+    path = tmp_path / "b.npz"
+    calls: list[tuple[int, int, str]] = []
+    check_baseline(model, x, path, reference_models=[make_tiny_cnn(seed=s) for s in (1, 2)],
+                   progress=lambda *step: calls.append(step))
+    assert calls == [(0, 3, "model"), (1, 3, "reference model 1/2"), (2, 3, "reference model 2/2"), (3, 3, "")]
+    calls.clear()
+    check_baseline(model, x, path, progress=lambda *step: calls.append(step))  # compared: the model only
+    assert calls == [(0, 1, "model"), (1, 1, "")]
+    with pytest.raises(SaliencyUsageError, match="progress must be None or a callable"):
+        check_baseline(model, x, path, progress="bar")

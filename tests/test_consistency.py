@@ -955,3 +955,14 @@ def test_model_cache_options_and_seeds(tmp_path):
     assert cache.path(train_mlp_uncached, 2**70).name.startswith(f"test_consistency.train_mlp_uncached-seed{2**70}-")
     with pytest.raises(SaliencyUsageError, match=r"seed must be an integer .*got 1.5"):
         cache.key(train_mlp_uncached, 1.5)
+
+
+def test_progress_has_one_step_per_seed_trained_or_loaded(tmp_path):
+    x, _ = test_inputs(60)
+    for cached in (False, True):  # trained, then loaded from the cache: the same steps
+        calls: list[tuple[int, int, str]] = []
+        seed_consistency(trained_mlp, x, seeds=[0, 1, 2], cache=ModelCache(tmp_path), build=MLP,
+                         metric="sign_agreement", map_shape=(8, 8), progress=lambda *step: calls.append(step))
+        assert calls == [(0, 3, "seed=0"), (1, 3, "seed=1"), (2, 3, "seed=2"), (3, 3, "")], cached
+    with pytest.raises(SaliencyUsageError, match="progress must be None or a callable"):
+        seed_consistency(trained_mlp, x, seeds=[0, 1], metric="sign_agreement", progress="bar")

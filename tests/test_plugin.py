@@ -825,14 +825,20 @@ def test_seed_consistency_through_the_fixture_trains_once_and_caches(tiny_repo):
 
 
 PROGRESS_CHECK = """
+import os
+
 import pytest
-import pytest_saliency.plugin as plugin
+import pytest_saliency.plugin.progress as progress
 
 
 @pytest.fixture(autouse=True)
 def immediate_progress(monkeypatch):
-    # Report every state at once (the defaults wait 2 s), and put the defaults back afterwards.
-    monkeypatch.setattr(plugin.ProgressLine.__init__, "__defaults__", (0.0, 0.0))
+    # Report every state at once (the defaults wait 2 s), and put the defaults back afterwards;
+    # SALIENCY_TEST_TTY says whether the terminal counts as interactive.
+    monkeypatch.setattr(progress.Progress.__init__, "__defaults__", (progress.DEFAULT_UNIT, 0.0, 0.0))
+    tty = os.environ.get("SALIENCY_TEST_TTY")
+    if tty is not None:
+        monkeypatch.setattr(progress, "terminal_is_interactive", lambda config: tty == "1")
 
 
 def test_long(saliency, model, images):
@@ -840,15 +846,58 @@ def test_long(saliency, model, images):
 """
 
 
-def test_long_checks_show_progress_past_capture_but_not_under_quiet(tiny_repo):
+def test_long_checks_show_progress_past_capture_but_not_under_quiet(tiny_repo, monkeypatch):
     tiny_repo.makepyfile(test_long=PROGRESS_CHECK)
+    monkeypatch.setenv("SALIENCY_TEST_TTY", "0")
     shown = tiny_repo.runpytest("--saliency")
     shown.assert_outcomes(passed=1)
-    shown.stdout.fnmatch_lines(["    saliency: 1/3 randomized states done, next conv2 (images 1-4) (0 s)",
+    shown.stdout.fnmatch_lines(["    saliency: 1/3 randomized states done, next conv2 (images 1-4) (0 s, ETA * s)",
                                 "    saliency: 3/3 randomized states done (0 s)"])
+    assert "saliency randomized states" not in shown.stderr.str(), "no bar without a terminal"
     quiet = tiny_repo.runpytest("--saliency", "-q")
     quiet.assert_outcomes(passed=1)
-    assert "randomized states done" not in quiet.stdout.str()
+    assert "randomized states" not in quiet.stdout.str() + quiet.stderr.str()
+
+
+def test_an_interactive_terminal_gets_a_tqdm_bar_instead_of_lines(tiny_repo, monkeypatch):
+    tiny_repo.makepyfile(test_long=PROGRESS_CHECK)
+    monkeypatch.setenv("SALIENCY_TEST_TTY", "1")
+    result = tiny_repo.runpytest("--saliency")
+    result.assert_outcomes(passed=1)
+    bar = result.stderr.str()
+    assert "saliency randomized states:" in bar and "1/3" in bar and "<" in bar, bar  # tqdm: elapsed<remaining
+    assert "randomized states done" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(("interactive", "args", "kind"), [
+    (True, (), "bar"), (False, (), "line"), (True, ("-q",), "off"), (False, ("-q",), "off"),
+    (True, ("-p", "no:terminal"), "off"),
+])
+def test_the_progress_kind_is_chosen_in_one_place(pytester, monkeypatch, interactive, args, kind):
+    import pytest_saliency.plugin.progress as progress
+
+    monkeypatch.setattr(progress, "terminal_is_interactive", lambda config: interactive)
+    config = pytester.parseconfigure(*args)
+    assert progress.progress_kind(config) == kind
+    reporter = progress.progress_reporter(config)
+    assert reporter.kind == kind and reporter.named("seeds trained or loaded").kind == kind
+    assert reporter.named("seeds trained or loaded").unit == "seeds trained or loaded"
+
+
+def test_progress_that_is_off_prints_nothing(pytester, monkeypatch, capsys):
+    import pytest_saliency.plugin.progress as progress
+
+    reporter = progress.Progress(pytester.parseconfigure(), "off", delay=0.0, interval=0.0)
+    for done in range(4):
+        reporter(done, 3, f"step {done}")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_xdist_workers_show_progress_lines_on_their_stderr(tiny_repo):
+    tiny_repo.makepyfile(test_long=PROGRESS_CHECK)
+    result = tiny_repo.runpytest_subprocess("--saliency", "-n", "2")
+    result.assert_outcomes(passed=1)
+    result.stderr.fnmatch_lines(["[[]gw?[]] saliency: 3/3 randomized states done (* s)"])
 
 
 # 10. An unusable results folder -------------------------------------------------------------------
@@ -1037,3 +1086,39 @@ def test_every_output_counts_the_saliency_tests_as_pytest_does(pytester, xdist):
     assert int(suite.get("errors", -1)) == pytest_counts["error"]
     assert int(suite.get("skipped", -1)) == pytest_counts["skipped"] + pytest_counts["xfailed"]
     assert int(suite.get("tests", -1)) == 9
+
+
+def test_the_fixture_passes_each_check_a_reporter_named_for_what_it_counts(tmp_path):
+    from conftest import make_tiny_cnn, tiny_images
+    from pytest_saliency.plugin.checker import BaselineChecker, SaliencyChecker
+    from pytest_saliency.plugin.config import SaliencyConfig
+
+    steps: list[tuple[str, int, int, str]] = []
+
+    class Reporter:
+        def __init__(self, unit: str = "randomized states") -> None:
+            self.unit = unit
+
+        def named(self, unit: str) -> Reporter:
+            return Reporter(unit)
+
+        def __call__(self, done: int, total: int, label: str) -> None:
+            steps.append((self.unit, done, total, label))
+
+    checker = SaliencyChecker(SaliencyConfig(enabled=True), progress=Reporter())
+    model, x = make_tiny_cnn(), tiny_images(4)
+    checker.agreement_matrix(model, x, ["saliency", "input_x_gradient"], ["feature_agreement"], n_bootstrap=10)
+    assert steps == [("methods", 0, 2, "saliency"), ("methods", 1, 2, "input_x_gradient"), ("methods", 2, 2, "")]
+    steps.clear()
+    checker.hyperparameter_sweep(model, x, "smoothgrad", sweep={"nt_samples": [2]}, reference={"nt_samples": 2},
+                                 metrics=("ssim",))
+    assert [(unit, done, total) for unit, done, total, _ in steps] == [("settings", 0, 2), ("settings", 1, 2),
+                                                                      ("settings", 2, 2)]
+    steps.clear()
+    BaselineChecker(checker, tmp_path, update=True).check(model, x)
+    assert steps == [("models", 0, 1, "model"), ("models", 1, 1, "")]
+    steps.clear()
+    checker.assert_seed_consistency_above(lambda seed: make_tiny_cnn(seed=seed), x, seeds=[0, 1],
+                                          metric="sign_agreement", threshold=0.0, n_splits=2)
+    assert steps == [("seeds trained or loaded", 0, 2, "seed=0"), ("seeds trained or loaded", 1, 2, "seed=1"),
+                     ("seeds trained or loaded", 2, 2, "")]

@@ -519,3 +519,13 @@ def test_lime_on_superpixels_draws_each_images_samples_from_its_index():
             spec, _, prepared = prepare_method("lime", model, x[i:i + 1], {**options, "feature_mask": masks[i:i + 1]})
             alone = attribute(model, x[i:i + 1], spec, result.target_tensor[i:i + 1], 5, None, True, prepared, index=i)
             torch.testing.assert_close(swept[i:i + 1], alone, rtol=0, atol=1e-6)
+
+
+def test_progress_has_one_step_per_setting():
+    model, x = make_tiny_cnn(), tiny_images(4)
+    calls: list[tuple[int, int, str]] = []
+    hyperparameter_sweep(model, x, "smoothgrad", sweep={"nt_samples": [2, 4], "stdevs": [0.1]},
+                         reference={"nt_samples": 4, "stdevs": 0.1}, metrics=("ssim",),
+                         progress=lambda *step: calls.append(step))
+    assert calls == [(0, 4, "reference"), (1, 4, "nt_samples=2"), (2, 4, "nt_samples=4"), (3, 4, "stdevs=0.1"),
+                     (4, 4, "")]

@@ -40,14 +40,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..compare.statistics import bootstrap_interval
 from ..core.integrity import rng_isolated
 from ..core.rng import as_seed
-from ..core.validation import check_choice, check_count, check_inputs, check_model, check_number
+from ..core.validation import check_choice, check_count, check_inputs, check_model, check_number, check_progress
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import method_name
@@ -91,8 +91,10 @@ class PairAgreement:
 
     def chance_text(self) -> str:
         """The chance level and where it comes from, e.g. ``0.178 (theory 0.100, different inputs 0.178)``."""
+        from ..reporting.numbers import format_score
+
         def fmt(value: float | None) -> str:
-            return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+            return format_score(value, 3)  # as the HTML report writes chance levels
 
         measured = "not measured (N = 1)" if self.chance_measured is None else f"different inputs {fmt(self.chance_measured)}"
         return f"{fmt(self.chance)} (theory {fmt(self.chance_theory)}, {measured})"
@@ -244,16 +246,18 @@ class AgreementResult:
         )
 
     def summary(self) -> str:
+        from ..reporting.numbers import format_score, format_threshold
+
         verdict = "PASS" if self.passed else "FAIL"
         worst = min(self.pairs, key=lambda p: -math.inf if math.isnan(self._value(p)) else self._value(p))
-        limit = "" if self.threshold is None else f" vs > {self.threshold:.4g}"
+        limit = "" if self.threshold is None else f" vs > {format_threshold(self.threshold)}"
         what = "" if self.statistic == "mean" else f" ({self.confidence:.0%} bound)"
         if self.beat_chance and self.threshold is not None:
-            limit = f" vs > {self.required(worst):.4g}"
+            limit = f" vs > {format_threshold(self.required(worst))}"
         constant = "".join(f"; {c} of {self.n_images} {m} maps constant" for m, c in self.constant_maps.items() if c)
         return (
             f"{verdict} method_agreement [{', '.join(self.metrics)}, {self.pipeline.name}]: lowest "
-            f"{worst.metric}({worst.method_a}, {worst.method_b}){what} = {self._value(worst):.3f}{limit} "
+            f"{worst.metric}({worst.method_a}, {worst.method_b}){what} = {format_score(self._value(worst))}{limit} "
             f"(chance {worst.chance_text()}); N = {self.n_images}{constant}"
         )
 
@@ -585,11 +589,14 @@ def agreement_matrix(
     threshold: float | None = None,
     statistic: str = "mean",
     reproduce: str = "",
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> AgreementResult:
     """Every pair of ``methods`` on the same inputs and targets, under every metric.
 
     ``method_options`` maps a method name to its hyperparameters, e.g.
     ``{"integrated_gradients": {"n_steps": 32}}``; methods may also be callables.
+    ``progress(done, total, label)`` is called before each method is explained (``label`` names
+    it) and once when all are done (``done == total``, empty label).
     """
     start = time.perf_counter()
     check_model(model)
@@ -607,6 +614,7 @@ def agreement_matrix(
             f"{{'integrated_gradients': {{'n_steps': 32}}}}, got {type(method_options).__name__}."
         )
     method_options = method_options or {}
+    check_progress(progress)
     check_count(batch_size, "batch_size", minimum=1, allow_none=True,
                 hint="It is the number of inputs explained per batch; None explains all at once.")
     if not isinstance(reproduce, str):
@@ -617,12 +625,16 @@ def agreement_matrix(
     _check_options(metrics, k, num_features, confidence, n_bootstrap, seed, threshold, statistic, metric_options)
     fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
     maps: dict[str, Any] = {}
-    for method in methods:
+    for done, method in enumerate(methods):
         label = method if isinstance(method, str) else method_name(method)
         if label in maps:
             raise SaliencyUsageError(f"method {label!r} is listed twice; list each method once.")
         resolved, name, options = prepare_method(method, model, inputs, dict(method_options.get(label, {})))
+        if progress is not None:
+            progress(done, len(methods), name)
         maps[name] = attribute(model, inputs, resolved, fixed_target, seed, batch_size, True, options)
+    if progress is not None:
+        progress(len(methods), len(methods), "")
     unknown = sorted(set(method_options) - set(maps))
     if unknown:
         raise SaliencyUsageError(f"method_options names {unknown}, which are not among the methods {list(maps)}.")

@@ -314,12 +314,16 @@ class ConsistencyResult:
 
     def summary(self) -> str:
         """One line: the gated number, the threshold and the verdict."""
-        parts = [f"C = {self.consistency:.4f} (mean held-out LR accuracy {self.mean_lr_accuracy:.3f})"]
-        parts += [f"{self._metric_label(m)} = {self.value(m):.3f}" for m in self.metrics]
+        from ..reporting.numbers import format_score, format_threshold
+
+        parts = [f"C = {format_score(self.consistency)} (mean held-out LR accuracy "
+                 f"{format_score(self.mean_lr_accuracy)})"]
+        parts += [f"{self._metric_label(m)} = {format_score(self.value(m))}" for m in self.metrics]
         head = f"{self.check} [{self.method}, {self.pipeline.name}]"
         if self.threshold is not None:
             verdict = "PASS" if self.passed else "FAIL"
-            head = f"{verdict} {head}: {self._metric_label(self.metric)} = {self.score:.4f} vs >= {self.threshold:g};"
+            head = (f"{verdict} {head}: {self._metric_label(self.metric)} = {format_score(self.score)} vs >= "
+                    f"{format_threshold(self.threshold)};")
         else:
             head += ":"
         return f"{head} {'; '.join(parts)}; {len(self.models)} models, {len(self.pairs)} pairs, N = {self.n_inputs}"
@@ -498,11 +502,13 @@ class SeedStabilityResult:
         )
 
     def summary(self) -> str:
+        from ..reporting.numbers import format_score, format_threshold
+
         verdict = "PASS" if self.passed else "FAIL"
-        threshold = f" vs >= {self.threshold:g}" if self.threshold is not None else ""
+        threshold = f" vs >= {format_threshold(self.threshold)}" if self.threshold is not None else ""
         determinism = "deterministic" if self.deterministic else "NOT deterministic"
         return (
-            f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: {self._label()} = {self.score:.4f}"
+            f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: {self._label()} = {format_score(self.score)}"
             f"{threshold} over {len(self.seeds)} seeds; {determinism}; N = {self.n_inputs}"
         )
 
@@ -1011,6 +1017,7 @@ def models_from(
     build: Callable[[], torch.nn.Module] | None = None,
     version: str = "",
     inputs: torch.Tensor | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module], dict[str, str]]:
     """Turn ``models_or_factory`` into ``({label: model}, factors)``.
 
@@ -1021,9 +1028,14 @@ def models_from(
     becomes a :class:`SaliencyUsageError` naming the seed. With ``inputs``, the first model is
     checked before the other seeds are trained (a valid model, inputs it accepts, one forward
     pass giving an ``(N, num_classes)`` tensor), so that a model the explanation cannot use fails
-    after one training instead of after all of them.
+    after one training instead of after all of them. ``progress(done, total, label)`` is called
+    before each seed is trained or loaded (``label`` is ``seed=<s>``) and once when all are done
+    (``done == total``, empty label).
     """
+    from ..core.validation import check_progress
     from ..model.cache import ModelCache, call_train
+
+    check_progress(progress)
 
     if not callable(models_or_factory) or isinstance(models_or_factory, require_torch().nn.Module):
         if seeds is not None:
@@ -1044,6 +1056,8 @@ def models_from(
     named: dict[str, torch.nn.Module] = {}
     for index, s in enumerate(seed_list):
         s = check_seed(s, f"seeds[{index}]")
+        if progress is not None:
+            progress(index, len(seed_list), f"seed={s}")
         model = cache.get_or_train(models_or_factory, s, build, version=version) if cache is not None else (
             call_train(models_or_factory, s)
         )
@@ -1052,6 +1066,8 @@ def models_from(
             first = [(f"seed={s}", model)]
             _check_models(first)
             _check_compatible(first, inputs)
+    if progress is not None:
+        progress(len(seed_list), len(seed_list), "")
     return named, {label: "seed" for label in named}
 
 
@@ -1066,9 +1082,13 @@ def seed_consistency(
     *,
     build: Callable[[], torch.nn.Module] | None = None,
     version: str = "",
+    progress: Callable[[int, int, str], None] | None = None,
     **options: Any,
 ) -> ConsistencyResult:
-    """:func:`assert_seed_consistency_above` without the assertion: the result with its verdict."""
+    """:func:`assert_seed_consistency_above` without the assertion: the result with its verdict.
+
+    ``progress(done, total, label)`` counts the seeds a factory's models are trained or loaded
+    for (see :func:`models_from`); it is not called for a list or dict of trained models."""
     from ..compare.metrics import METRICS
 
     if metric != LR_SEPARABILITY:
@@ -1090,7 +1110,8 @@ def seed_consistency(
     if threshold is not None:
         threshold = check_threshold(threshold, metric)
     check_inputs(inputs)
-    models, factors = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs)
+    models, factors = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs,
+                                  progress=progress)
     if factors and "factors" not in options:
         options["factors"] = factors
     if metric != LR_SEPARABILITY:

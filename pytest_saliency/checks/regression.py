@@ -56,7 +56,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -556,11 +556,13 @@ class BaselineResult:
         )
 
     def summary(self) -> str:
+        from ..reporting.numbers import format_score, format_threshold
+
         if self.status in ("written", "updated"):
             return f"{'PASS' if self.passed else 'FAIL'} baseline [{self.method}]: {self.status} {self.path}"
         return (
             f"{'PASS' if self.passed else 'FAIL'} baseline [{self.method}, {self.metric}, {self.pipeline.name}]: "
-            f"mean {self.metric} to baseline = {self.mean:.4f} vs >= {self.threshold:.4g} "
+            f"mean {self.metric} to baseline = {format_score(self.mean)} vs >= {format_threshold(self.threshold)} "
             f"({self.threshold_source}); N = {self.n_images}"
         )
 
@@ -814,6 +816,15 @@ def _stored_maps(path: Path, stored: np.ndarray, current: torch.Tensor) -> torch
     return torch.from_numpy(stored).to(current.device)
 
 
+def _steps(progress: Callable[[int, int, str], None] | None, total: int) -> Callable[[int, str], None]:
+    """``step(done, label)`` calling ``progress(done, total, label)``, or doing nothing without one."""
+    def step(done: int, label: str) -> None:
+        if progress is not None:
+            progress(done, total, label)
+
+    return step
+
+
 @rng_isolated
 def check_baseline(
     model: torch.nn.Module,
@@ -831,6 +842,7 @@ def check_baseline(
     batch_size: int | None = None,
     name: str = "",
     reproduce: str = "",
+    progress: Callable[[int, int, str], None] | None = None,
     **method_kwargs: Any,
 ) -> BaselineResult:
     """Compare ``model``'s maps on ``inputs`` with the baseline at ``path``, writing it when missing.
@@ -847,9 +859,13 @@ def check_baseline(
     predicts another class for an image is still compared on that image's maps of the same class,
     as reference models are when an envelope is calibrated. (Files written before the classes were
     recorded are compared on the current predictions.)
+
+    ``progress(done, total, label)`` hears of each model explained: the model, then each
+    reference model when a baseline is written (``label`` names the next one), then
+    ``done == total`` with an empty label.
     """
     from ..core.rng import as_seed
-    from ..core.validation import check_count, check_number, unknown_choice
+    from ..core.validation import check_count, check_number, check_progress, unknown_choice
 
     start = time.perf_counter()
     path = _checked_path(path)
@@ -860,6 +876,7 @@ def check_baseline(
     batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True)
     if not isinstance(name, str):
         raise SaliencyUsageError(f"baseline name must be a str, got {name!r:.80}. Pass e.g. name='integrated_gradients'.")
+    check_progress(progress)
     check_model(model)
     _check_not_on_meta(model, inputs)
     check_inputs(inputs, model)
@@ -887,16 +904,24 @@ def check_baseline(
         raw = attribute(m, inputs, resolved, fixed_target, seed, batch_size, True, options)
         return apply_pipeline(raw, pipeline).float()
 
+    explained = [model, *references] if stored_maps is None else [model]
+    step = _steps(progress, len(explained))
+    step(0, "model")
     current = maps_of(model)
     baseline = None
     if stored_maps is None:  # writing
         status = "updated" if update else "written"
-        used, source = _threshold_to_write(path, threshold, current, [maps_of(m) for m in references], metric,
-                                           pipeline, metadata)
+        reference_maps = []
+        for index, reference in enumerate(references):
+            step(1 + index, f"reference model {index + 1}/{len(references)}")
+            reference_maps.append(maps_of(reference))
+        step(len(explained), "")
+        used, source = _threshold_to_write(path, threshold, current, reference_maps, metric, pipeline, metadata)
         write_baseline(path, current.detach().cpu().numpy(), metadata)
         values: list[float] = []
     else:
         status = "compared"
+        step(1, "")
         baseline = _stored_maps(path, stored_maps, current)
         values = _similarity(metric, current, baseline, pipeline).double().cpu().tolist()
         used, source = _threshold_in_use(threshold, stored)

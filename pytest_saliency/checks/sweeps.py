@@ -281,6 +281,8 @@ class SweepResult:
                              noise=self.check == "input_noise_stability")
 
     def summary(self) -> str:
+        from ..reporting.numbers import format_score, format_threshold
+
         verdict = "PASS" if self.passed else "FAIL"
         if self.threshold is None:
             verdict = "REPORT"
@@ -288,10 +290,10 @@ class SweepResult:
         detail = ""
         if worst is not None:
             table, row = worst
-            detail = f"least stable: {self._label(table, row)} with mean {self.metric} {row.mean(self.metric):.4f}"
+            detail = f"least stable: {self._label(table, row)} with mean {self.metric} {format_score(row.mean(self.metric))}"
         bound = ""
         if self.threshold is not None:
-            bound = f" vs {'>=' if self.higher_is_better else '<='} {self.threshold:g}"
+            bound = f" vs {'>=' if self.higher_is_better else '<='} {format_threshold(self.threshold)}"
         return f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: {detail}{bound}; N = {self.n_images}"
 
     def table_text(self) -> str:

@@ -346,3 +346,11 @@ def check_threshold(value: Any, metric: str, name: str = "threshold") -> float:
             "without looking at the maps; calibrate one inside it from a run without a threshold."
             if low is not None else "Pass a finite number such as 0.5.")
     return check_number(value, name, low=low, high=None if high == float("inf") else high, hint=hint)
+
+
+def check_progress(progress: Any) -> Any:
+    """``progress`` (None or a callable ``progress(done, total, label)``), or a usage error."""
+    if progress is not None and not callable(progress):
+        raise SaliencyUsageError(
+            f"progress must be None or a callable progress(done, total, label), got {type(progress).__name__}.")
+    return progress

@@ -7,7 +7,6 @@ neither torch nor captum; they load when a saliency fixture or check first runs.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from .config import (
     parse_sensitivity,
     parse_unit_interval,
 )
+from .progress import progress_reporter
 
 CONFIG_KEY = pytest.StashKey[SaliencyConfig]()
 FIXTURES = ("saliency", "saliency_device", "saliency_config", "saliency_baseline", "saliency_model_cache")
@@ -198,35 +198,6 @@ def saliency_device(saliency_config: SaliencyConfig) -> Any:
     return resolve_device(saliency_config.device)  # pytest-xdist worker gwN -> the N-th visible GPU
 
 
-class ProgressLine:
-    """Per-layer progress of long checks, written past pytest's output capture.
-
-    Quiet for checks that finish within ``delay`` seconds, under ``-q``, and in pytest-xdist
-    workers (they have no terminal); at most one line per ``interval`` seconds.
-    """
-
-    def __init__(self, config: pytest.Config, delay: float = 2.0, interval: float = 1.0) -> None:
-        self.terminal = config.pluginmanager.getplugin("terminalreporter")
-        self.capture = config.pluginmanager.getplugin("capturemanager")
-        self.enabled = (
-            self.terminal is not None and config.option.verbose >= 0 and not hasattr(config, "workerinput")
-        )
-        self.delay, self.interval = delay, interval
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, index: int, total: int, label: str) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.start < self.delay or (now - self.last < self.interval and index < total):
-            return
-        self.last = now
-        text = f"    saliency: {index}/{total} randomized states done" + (f", next {label}" if label else "")
-        if self.capture is not None:
-            with self.capture.global_and_fixture_disabled():
-                self.terminal.write_line(f"{text} ({now - self.start:.0f} s)")
-        else:
-            self.terminal.write_line(f"{text} ({now - self.start:.0f} s)")
-
-
 @pytest.fixture(scope="session")
 def _saliency_map_cache() -> Any:
     """The session's cache of original-model attributions, shared by all checks of this process."""
@@ -265,7 +236,7 @@ def saliency(
         nodeid=node.nodeid,
         record=lambda name, value: node.user_properties.append((name, value)),
         cache=_saliency_map_cache,
-        progress=ProgressLine(request.config),
+        progress=progress_reporter(request.config),
         report=_entry_writer(saliency_config, node.nodeid, node.user_properties.append)
         if saliency_config.report else None,
         model_cache=saliency_model_cache,

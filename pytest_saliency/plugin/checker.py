@@ -85,11 +85,21 @@ class SaliencyChecker:
         merged = self._common({"ssim_threshold": self.config.ssim_threshold,
                                "sensitivity_threshold": self.config.sensitivity_threshold, **options})
         merged.setdefault("seed", 0)
-        if self._progress is not None:
-            merged.setdefault("progress", self._progress)
+        self._with_progress(merged, "randomized states")
         if self.cache is not None:
             merged.setdefault("cache", self.cache)
         return merged
+
+    def _with_progress(self, options: dict[str, Any], unit: str) -> dict[str, Any]:
+        """Add this session's progress reporter to ``options`` (an explicit ``progress=`` wins).
+
+        The plugin's reporter gets a fresh one per check counting ``unit`` (its clock and ETA
+        start with the check); a plain callable is passed as is.
+        """
+        if self._progress is not None and "progress" not in options:
+            named = getattr(self._progress, "named", None)
+            options["progress"] = named(unit) if callable(named) else self._progress
+        return options
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -209,7 +219,8 @@ class SaliencyChecker:
         """:func:`pytest_saliency.agreement_matrix` with the session's preset and seed (recorded, not asserted)."""
         from ..checks.agreement import agreement_matrix
 
-        return self._measured(agreement_matrix(model, inputs, methods, metrics, **self._common(options)))
+        return self._measured(agreement_matrix(model, inputs, methods, metrics,
+                                               **self._with_progress(self._common(options), "methods")))
 
     def assert_agreement_above(self, model: torch.nn.Module, inputs: torch.Tensor,
                                methods: Any = ("saliency", "integrated_gradients"),
@@ -219,7 +230,8 @@ class SaliencyChecker:
         __tracebackhide__ = True
         from ..checks.assertions import assert_agreement_above as check
 
-        return self._checked(check, model, inputs, methods, metric, k, threshold, **self._common(options))
+        return self._checked(check, model, inputs, methods, metric, k, threshold,
+                             **self._with_progress(self._common(options), "methods"))
 
 
     def explanation_consistency(self, models: Any, inputs: torch.Tensor,
@@ -238,6 +250,7 @@ class SaliencyChecker:
         options = self._common(options)
         if self.model_cache is not None:
             options.setdefault("cache", self.model_cache)
+        self._with_progress(options, "seeds trained or loaded")
         return self._checked(check, models_or_factory, inputs, threshold, metric, **options)
 
     def assert_explainer_seed_stable(self, model: torch.nn.Module, inputs: torch.Tensor,
@@ -256,9 +269,7 @@ class SaliencyChecker:
 
 
     def _sweeps(self, options: dict[str, Any]) -> dict[str, Any]:
-        merged = self._common(options)
-        if self._progress is not None:
-            merged.setdefault("progress", self._progress)
+        merged = self._with_progress(self._common(options), "settings")
         if self.cache is not None:
             merged.setdefault("cache", self.cache)
         return merged
@@ -365,7 +376,8 @@ class BaselineChecker:
         def run() -> BaselineResult:
             __tracebackhide__ = True
             result = check_baseline(model, inputs, path, method, metric=metric, threshold=threshold,
-                                    update=self.update, name=name or "", **self._checker._common(options))
+                                    update=self.update, name=name or "",
+                                    **self._checker._with_progress(self._checker._common(options), "models"))
             if result.status in ("written", "updated") and self._written is not None:
                 self._written(str(path))
             return result
