@@ -53,6 +53,7 @@ from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import method_name
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
+from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -91,8 +92,6 @@ class PairAgreement:
 
     def chance_text(self) -> str:
         """The chance level and where it comes from, e.g. ``0.178 (theory 0.100, different inputs 0.178)``."""
-        from ..reporting.numbers import format_score
-
         def fmt(value: float | None) -> str:
             return format_score(value, 3)  # as the HTML report writes chance levels
 
@@ -246,8 +245,6 @@ class AgreementResult:
         )
 
     def summary(self) -> str:
-        from ..reporting.numbers import format_score, format_threshold
-
         verdict = "PASS" if self.passed else "FAIL"
         worst = min(self.pairs, key=lambda p: -math.inf if math.isnan(self._value(p)) else self._value(p))
         limit = "" if self.threshold is None else f" vs > {format_threshold(self.threshold)}"

@@ -116,6 +116,7 @@ from ..maps.methods import Explainer, MethodSpec
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import predicted_targets, resolve_target
+from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -314,8 +315,6 @@ class ConsistencyResult:
 
     def summary(self) -> str:
         """One line: the gated number, the threshold and the verdict."""
-        from ..reporting.numbers import format_score, format_threshold
-
         parts = [f"C = {format_score(self.consistency)} (mean held-out LR accuracy "
                  f"{format_score(self.mean_lr_accuracy)})"]
         parts += [f"{self._metric_label(m)} = {format_score(self.value(m))}" for m in self.metrics]
@@ -502,8 +501,6 @@ class SeedStabilityResult:
         )
 
     def summary(self) -> str:
-        from ..reporting.numbers import format_score, format_threshold
-
         verdict = "PASS" if self.passed else "FAIL"
         threshold = f" vs >= {format_threshold(self.threshold)}" if self.threshold is not None else ""
         determinism = "deterministic" if self.deterministic else "NOT deterministic"

@@ -72,6 +72,7 @@ from ..maps.methods import MethodSpec, draws_random
 from ..maps.options import DERIVED_OPTIONS
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
+from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
 
 if TYPE_CHECKING:
@@ -556,8 +557,6 @@ class BaselineResult:
         )
 
     def summary(self) -> str:
-        from ..reporting.numbers import format_score, format_threshold
-
         if self.status in ("written", "updated"):
             return f"{'PASS' if self.passed else 'FAIL'} baseline [{self.method}]: {self.status} {self.path}"
         return (

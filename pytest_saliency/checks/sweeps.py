@@ -77,6 +77,7 @@ from ..maps.methods import EXTRA_OPTIONS, Explainer, MethodSpec, method_name, re
 from ..maps.options import check_option_value, format_value
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
+from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
 from .sam_grids import GRIDS, SweepGrid, sam_grid
 
@@ -281,8 +282,6 @@ class SweepResult:
                              noise=self.check == "input_noise_stability")
 
     def summary(self) -> str:
-        from ..reporting.numbers import format_score, format_threshold
-
         verdict = "PASS" if self.passed else "FAIL"
         if self.threshold is None:
             verdict = "REPORT"
