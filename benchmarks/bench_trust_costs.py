@@ -3,8 +3,8 @@
 Run it once per source tree to compare two versions of the package, e.g. the previous main in a
 worktree and this checkout, alternating runs (the machine is shared and noisy)::
 
-    git worktree add /tmp/old <commit>
-    python benchmarks/bench_trust_costs.py /tmp/old && python benchmarks/bench_trust_costs.py .
+    git worktree add ../old <commit>
+    python benchmarks/bench_trust_costs.py ../old && python benchmarks/bench_trust_costs.py .
 
 Prints the best of five timings for each workload (CPU).
 """

@@ -413,7 +413,7 @@ class ConsistencyResult:
         else:
             headline = (
                 f"Saliency check failed: {self.method} maps of the models are not similar enough "
-                f"({self._metric_label(self.metric)} = {self.score:.4f} < {self.threshold:g})"
+                f"({self._metric_label(self.metric)} = {format_score(self.score)} < {format_threshold(self.threshold)})"
             )
             hint = (
                 "  what next:   the models explain the same inputs differently although they differ only in training "
@@ -549,7 +549,7 @@ class SeedStabilityResult:
         else:
             headline = (
                 f"Saliency check failed: {self.method} maps change with the explainer's seed "
-                f"({self._label()} = {self.score:.4f} < {self.threshold:g})"
+                f"({self._label()} = {format_score(self.score)} < {format_threshold(self.threshold)})"
             )
             hint = (
                 "  what next:   the maps depend on the method's own random draws more than the threshold allows. "
@@ -661,7 +661,8 @@ def _similarity(
 
     info = metric_info(name)
     if name in _MAP_METRICS:
-        assert maps_a is not None and maps_b is not None  # made whenever a spatial metric is asked for
+        if maps_a is None or maps_b is None:  # made whenever a spatial metric is asked for
+            raise RuntimeError(f"pytest-saliency bug: no maps were made for the spatial metric {name!r}")
         if name == "ssim":
             return compute_metric("ssim", maps_a, maps_b, **dataclasses.asdict(pipeline.ssim))
         return compute_metric(name, maps_a, maps_b)

@@ -612,7 +612,8 @@ def accuracy_spread(
     def auc_of(kind: str, key: int, attributions: torch.Tensor | None) -> torch.Tensor:
         """Per-image AUCs of one set of maps, scored once (the reference's serve every table)."""
         # Kept by keep_attributions=True above, or checked by _check_reusable for a given SweepResult.
-        assert attributions is not None, "the sweep kept no attributions"
+        if attributions is None:
+            raise RuntimeError("pytest-saliency bug: the sweep kept no attributions for the accuracy spread")
         if (kind, key) not in cache:
             cache[(kind, key)] = causal_curves(model, inputs, attributions, kind, **curve_options).auc.double()
         return cache[(kind, key)]

@@ -75,6 +75,7 @@ from ..exceptions import SaliencyUsageError, warn_user
 KValue = Union[int, float]
 
 __all__ = [
+    "KValue",
     "METRICS",
     "MetricInfo",
     "angular_difference",
