@@ -568,3 +568,55 @@ def test_seed_consistency_cards_have_readable_labels(tmp_path):
         assert label in page, label
     assert "<dd>0.7600  (\u2265 0.5 needed)</dd>" in page and "<dd>0.4100 (0.1000)</dd>" in page
     assert "<dt>mean lr accuracy</dt>" not in page  # not the raw field name
+
+
+# The page's layout lives in Jinja2 templates (reporting/templates/*.j2); Python computes the data.
+
+
+def test_the_page_is_rendered_from_autoescaping_package_templates(tmp_path):
+    env = report.template_environment()
+    assert env.autoescape is True
+    names = set(env.list_templates())
+    assert {"report.html.j2", "card.html.j2", "header.html.j2", "macros.html.j2", "style.css.j2"} <= names
+    assert all(name.endswith(".j2") for name in names)
+    hostile = "<script>alert(1)</script>&\"'"
+    entry = {"nodeid": f"t::x[{hostile}]", "check": f"kind{hostile}", "passed": False, "summary": hostile,
+             "text": hostile, "worker": hostile, "figures": {hostile: "missing.png"}, "figure_errors": [hostile],
+             "result": {"reproduce": hostile, "rows": [{"name": hostile, "value": hostile}], "note": [hostile]},
+             "status": hostile, "anchor": "a"}
+    tests = [{"nodeid": hostile, "outcome": "error", "message": hostile}]
+    page = report.render_html({"results": [entry], "tests": tests, "summary": report.summarize([entry], tests),
+                               "config": {hostile: hostile}, "environment": {hostile: hostile},
+                               "created": hostile}, tmp_path)
+    assert "<script" not in page and "&\"'" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 15
+
+
+def test_failed_checks_come_first_then_caught_controls_and_an_xfailed_test_is_named(tmp_path):
+    def entry(nodeid, passed, outcome):
+        return {"nodeid": nodeid, "check": "brightness_gate", "passed": passed, "summary": "x", "result": {},
+                "figures": {}, "outcome": outcome}
+
+    entries = [entry("t::a_control", False, report.CONTROL_CAUGHT), entry("t::b_pass", True, "passed"),
+               entry("t::c_xfail", False, "xfailed"), entry("t::d_fail", False, "failed")]
+    page = report.render_html({"results": entries}, tmp_path)
+    body = page[page.index("<section"):]
+    order = [body.index(f">t::{name}<") for name in ("c_xfail", "d_fail", "a_control", "b_pass")]
+    assert order == sorted(order)
+    assert '<span class="badge fail">FAIL</span> <span class="badge other">TEST XFAILED</span>' in page
+
+
+def test_generic_cards_align_numbers_name_figures_and_are_never_empty(tmp_path):
+    png = tmp_path / "x" / "model_maps_size2.png"
+    png.parent.mkdir()
+    png.write_bytes(PNG_MAGIC + b"0")
+    entry = {"nodeid": "t::ens", "check": "consistency_vs_ensemble_size", "passed": True, "summary": "REPORT",
+             "result": {"method": "saliency", "path": "/a/" * 30, "rows": [{"size": 1, "consistency": 0.18},
+                                                                          {"size": 2, "consistency": None}]},
+             "figures": {"model_maps_size2": "x/model_maps_size2.png"}}
+    page = report.render_html({"results": [entry]}, tmp_path)
+    assert '<th class="num">size</th><th class="num">consistency</th>' in page
+    assert '<td class="num">0.1800</td>' in page
+    assert "ensembles of 2 models" in page  # a caption, not the figure's file name
+    assert "<dt>method</dt><dd>saliency</dd>" in page  # no numbers(): the result's single values
+    assert re.search(r'<div class="span3"><dt>path</dt>', page)  # a long value spans grid columns

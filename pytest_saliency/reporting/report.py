@@ -16,16 +16,16 @@ The flow, and who calls what:
 * **At the start** (the controller, before workers start): :func:`prepare_results_dir` removes
   the entry files and figure folders a previous session left behind.
 
-Torch-free: this module imports only the standard library and the package's torch-free
-``core.jsonable`` and ``reporting`` modules (matplotlib is imported by
+Torch-free: this module imports only the standard library, Jinja2 (the HTML page's layout is in
+``templates/*.j2``) and the package's torch-free ``core.jsonable`` and ``reporting`` modules (matplotlib is imported by
 :mod:`pytest_saliency.reporting.figures` when a figure is drawn).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import html
 import itertools
 import json
 import math
@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from ..core.jsonable import jsonable
 from .numbers import format_score, format_threshold, layer_label
@@ -538,7 +540,21 @@ FIGURE_CAPTIONS = {
     "pair_matrices": "Pairwise values, one matrix per quantity.",
     "baseline_comparison": "Baseline, current map and their difference for the worst images.",
     "baseline_written": "The maps stored as the new baseline.",
+    "model_maps": "Each model's map for the first inputs (the inputs on top), on one colour scale.",
 }
+
+
+def _caption(name: str) -> str:
+    """A figure's caption; ``model_maps_size2`` (one per ensemble size) reads as ``model_maps`` for that size."""
+    if name in FIGURE_CAPTIONS:
+        return FIGURE_CAPTIONS[name]
+    match = re.fullmatch(r"model_maps_size(\d+)", name)
+    if match and match.group(1) == "1":
+        return FIGURE_CAPTIONS["model_maps"]
+    if match:
+        return (f"Each ensemble's map (ensembles of {match.group(1)} models) for the first inputs "
+                "(the inputs on top), on one colour scale.")
+    return name.replace("_", " ")
 
 KIND_TITLES = {  # also the order of the groups on the page
     "independent_layer_randomization": "Independent layer randomization",
@@ -554,81 +570,17 @@ KIND_TITLES = {  # also the order of the groups on the page
     "baseline": "Baselines",
 }
 
-CSS = """
-:root { --ink:#1f2328; --muted:#59636e; --line:#d1d9e0; --soft:#f6f8fa; --pass:#1a7f37; --pass-bg:#dafbe1;
-  --fail:#cf222e; --fail-bg:#ffebe9; --other:#9a6700; --other-bg:#fff8c5; --accent:#0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--ink); background: #fff; line-height: 1.45;
-  font: 14px/1.45 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial, sans-serif; }
-code, pre, .mono { font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace;
-  font-size: 12.5px; }
-.wrap { max-width: 1180px; margin: 0 auto; padding: 24px 28px 60px; }
-header.top { border-bottom: 1px solid var(--line); padding-bottom: 14px; margin-bottom: 18px; }
-h1 { font-size: 24px; margin: 0 0 4px; font-weight: 600; }
-h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line);
-  font-weight: 600; }
-h3 { font-size: 15px; margin: 0; font-weight: 600; word-break: break-all; }
-.sub { color: var(--muted); margin: 0; }
-.counts { display: flex; gap: 10px; margin: 14px 0 6px; flex-wrap: wrap; }
-.count { border: 1px solid var(--line); border-radius: 8px; padding: 8px 16px; min-width: 110px;
-  background: var(--soft); }
-.count b { display: block; font-size: 22px; line-height: 1.1; }
-.count span { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
-.count.fail b { color: var(--fail); } .count.pass b { color: var(--pass); }
-.badge { display: inline-block; min-width: 46px; text-align: center; padding: 1px 8px; border-radius: 12px;
-  font-size: 11.5px; font-weight: 700; letter-spacing: .04em; vertical-align: middle; }
-.badge.pass { color: var(--pass); background: var(--pass-bg); border: 1px solid #aceebb; }
-.badge.fail { color: var(--fail); background: var(--fail-bg); border: 1px solid #ffcecb; }
-.badge.other { color: var(--other); background: var(--other-bg); border: 1px solid #f5e0a0; }
-.badge.expected { color: #0550ae; background: #ddf4ff; border: 1px solid #b6e3ff; }
-details.meta { margin: 8px 0; }
-details > summary { cursor: pointer; color: var(--accent); font-weight: 600; margin: 4px 0; }
-.metagrid { display: grid; grid-template-columns: 1fr 1fr; gap: 18px; }
-table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-size: 13px; }
-th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: var(--soft); font-weight: 600; white-space: nowrap; }
-.scroll { max-width: 100%; overflow-x: auto; }
-.scroll > table { margin: 0; }
-td.name { word-break: break-all; overflow-wrap: anywhere; min-width: 9em; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tr.bad td { background: #fff5f5; } tr.bad td.verdict { color: var(--fail); font-weight: 700; }
-table.kv th { width: 34%; background: none; font-weight: 500; color: var(--muted); white-space: normal; }
-nav.toc { background: var(--soft); border: 1px solid var(--line); border-radius: 8px; padding: 10px 18px 12px; }
-nav.toc h4 { margin: 10px 0 4px; font-size: 13.5px; }
-nav.toc ul { list-style: none; margin: 0; padding: 0; }
-nav.toc li { margin: 3px 0; }
-nav.toc a { color: var(--ink); text-decoration: none; }
-nav.toc a:hover { color: var(--accent); text-decoration: underline; }
-nav.toc .mono { font-size: 12px; }
-article.check { border: 1px solid var(--line); border-left: 5px solid var(--pass); border-radius: 8px;
-  padding: 14px 18px 10px; margin: 16px 0 22px; }
-article.check.failed { border-left-color: var(--fail); }
-article.check.other { border-left-color: var(--other); }
-article.check.expected { border-left-color: #0550ae; }
-.head { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; }
-.kind { color: var(--muted); font-size: 12.5px; }
-p.summary { background: var(--soft); border-radius: 6px; padding: 6px 10px; margin: 10px 0; overflow-x: auto;
-  white-space: pre-wrap; }
-.numbers { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 8px; margin: 10px 0; }
-.numbers div { border: 1px solid var(--line); border-radius: 6px; padding: 6px 10px; }
-.numbers dt { color: var(--muted); font-size: 11.5px; text-transform: uppercase; letter-spacing: .03em; }
-.numbers dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; word-break: break-word; }
-.numbers div.bad dd { color: var(--fail); }
-figure { margin: 14px 0; }
-figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
-figcaption { color: var(--muted); font-size: 12.5px; margin-top: 4px; }
-pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px; overflow-x: auto;
-  white-space: pre; font-size: 12px; }
-.note { color: var(--muted); font-size: 12.5px; }
-.warn { color: var(--fail); font-size: 12.5px; }
-h4.section { font-size: 13.5px; margin: 16px 0 4px; }
-footer { color: var(--muted); font-size: 12px; margin-top: 40px; border-top: 1px solid var(--line); padding-top: 10px; }
-@media (max-width: 760px) { .metagrid { grid-template-columns: 1fr; } }
-"""
+#: The page's template; it includes header.html.j2, card.html.j2 (one per check), macros.html.j2 and
+#: style.css.j2, all in ``pytest_saliency/reporting/templates``.
+PAGE_TEMPLATE = "report.html.j2"
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@functools.lru_cache(maxsize=1)
+def template_environment() -> Environment:
+    """The Jinja2 environment of the report's templates; autoescaping is on, so every text passed to a
+    template (test names, layer names, messages) is escaped, and a template may not mark it safe."""
+    return Environment(loader=PackageLoader("pytest_saliency.reporting", "templates"), autoescape=True,
+                       trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -662,65 +614,61 @@ def _verdict(entry: dict[str, Any]) -> tuple[str, str]:
     return ("PASS", "pass") if entry.get("passed") else ("FAIL", "fail")
 
 
-def _badge(entry: dict[str, Any]) -> str:
+#: A failed check's test outcome that the page names next to its FAIL badge (the check still counts as failed).
+_TEST_BADGES = {"xfailed": "TEST XFAILED", "error": "TEST ERROR"}
+
+
+def _badge(entry: dict[str, Any]) -> dict[str, Any]:
+    """The badge of an entry (see the ``badge`` macro): its verdict, then extra badges for its status
+    when that says more (e.g. a baseline ``written`` or ``updated``) and for the outcome of a failed
+    check's test when the test did not simply fail (``xfailed``: the failure was expected)."""
     text, css = _verdict(entry)
-    badge = f'<span class="badge {css}">{_e(text)}</span>'
     status = str(entry.get("status") or "")
-    if status.lower() not in _PLAIN_STATUSES | {"report"}:  # e.g. a baseline "written" or "updated"
-        badge += f' <span class="badge other">{_e(status.upper())}</span>'
-    return badge
+    extras = [status.upper()] if status.lower() not in _PLAIN_STATUSES | {"report"} else []
+    if not entry.get("passed") and str(entry.get("outcome")) in _TEST_BADGES:
+        extras.append(_TEST_BADGES[str(entry.get("outcome"))])
+    return {"text": text, "css": css, "extras": extras}
 
 
-def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td class=\"mono\">{_e(_fmt(v))}</td></tr>" for k, v in items)
-    return f'<table class="kv">{rows}</table>' if rows else '<p class="note">none</p>'
+def _kv_rows(items: Iterable[tuple[str, Any]]) -> list[tuple[str, str]]:
+    """Rows of a key/value table (the ``kv_table`` macro), values formatted."""
+    return [(str(k), _fmt(v)) for k, v in items]
 
 
-class _Markup(str):
-    """A table cell that is HTML already (not escaped again), with an optional CSS class for its cell."""
-
-    css = ""
+Cell = dict[str, Any]  # {"text", "css", "name"}: a table cell (the ``table`` macro)
+Block = dict[str, Any]  # {"type": "table" | "kv" | "note", ...}: what a card shows under its figures
 
 
-def _name_cell(name: Any) -> _Markup:
+def _name_cell(name: Any) -> Cell:
     """A layer or parameter name in a table: the whole name, wrapped where the cell is narrow, and in
     a ``title`` tooltip; the root module's ``""`` reads ``(model)``."""
-    label = layer_label(name)
-    cell = _Markup(f'<span class="mono" title="{_e(label)}">{_e(label)}</span>')
-    cell.css = "name"
-    return cell
+    return {"text": layer_label(name), "css": "name", "name": True}
 
 
-def _table(headers: Sequence[str], rows: Iterable[tuple[Sequence[Any], bool]], numeric: set[int] | None = None) -> str:
+def _table(headers: Sequence[str], rows: Iterable[tuple[Sequence[Any], bool]], numeric: set[int] | None = None,
+           *, heading: str | None = None, note: str | None = None, more: str | None = None) -> Block:
+    """A table block: ``numeric`` columns are right-aligned, a last ``verdict`` column is marked, a
+    row's ``bad`` flag highlights it; ``heading`` (with ``note`` in brackets) and ``more`` frame it."""
     numeric = numeric or set()
-    num = ' class="num"'
-    head = "".join(f"<th{num if i in numeric else ''}>{_e(h)}</th>" for i, h in enumerate(headers))
+    verdict = bool(headers) and headers[-1] == "verdict"
     body = []
     for cells, bad in rows:
         tds = []
         for i, cell in enumerate(cells):
-            css = []
-            if i in numeric:
-                css.append("num")
-            if i == len(cells) - 1 and headers and headers[-1] == "verdict":
+            css = ["num"] if i in numeric else []
+            if verdict and i == len(cells) - 1:
                 css.append("verdict")
-            attr = f' class="{" ".join(css)}"' if css else ""
-            text = cell if isinstance(cell, _Markup) else _e(cell)
-            if isinstance(cell, _Markup) and cell.css:
-                css.append(cell.css)
-                attr = f' class="{" ".join(css)}"'
-            tds.append(f"<td{attr}>{text}</td>")
-        row_class = ' class="bad"' if bad else ""
-        body.append(f"<tr{row_class}>{''.join(tds)}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+            if isinstance(cell, dict):
+                tds.append({**cell, "css": " ".join([*css, cell.get("css", "")]).strip()})
+            else:
+                tds.append({"text": str(cell), "css": " ".join(css), "name": False})
+        body.append({"bad": bool(bad), "cells": tds})
+    return {"type": "table", "heading": heading, "heading_note": note, "more": more, "rows": body,
+            "headers": [{"text": str(h), "num": i in numeric} for i, h in enumerate(headers)]}
 
 
-def _numbers(items: Iterable[tuple[str, Any, bool]]) -> str:
-    bad_class = ' class="bad"'
-    cells = "".join(
-        f"<div{bad_class if bad else ''}><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v, bad in items
-    )
-    return f'<dl class="numbers">{cells}</dl>' if cells else ""
+def _note(text: str, label: str | None = None) -> Block:
+    return {"type": "note", "text": text, "label": label}
 
 
 def _preset_name(data: dict[str, Any]) -> Any:
@@ -777,10 +725,10 @@ def _seconds(value: Any) -> str:
     return f"{value:.2f} s" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
-def _randomization_table(data: dict[str, Any]) -> str:
+def _randomization_table(data: dict[str, Any]) -> list[Block]:
     layers = [layer for layer in _list(data, "layers") if isinstance(layer, dict)]
     if not layers:
-        return ""
+        return []
     rows = []
     for layer in layers:
         sensitive = bool(layer.get("sensitive", True))
@@ -789,9 +737,8 @@ def _randomization_table(data: dict[str, Any]) -> str:
                  _pct(layer.get("fraction_sensitive")), "sensitive" if sensitive else "INSENSITIVE"]
         rows.append((cells, not sensitive))
     order = "in randomization order" if data.get("mode") == "cascading" else "in the model's order"
-    return (f'<h4 class="section">Per layer ({_e(order)})</h4>'
-            + _table(["layer", "mean SSIM", "std", "min", "max", "images sensitive", "verdict"], rows,
-                     numeric={1, 2, 3, 4, 5}))
+    return [_table(["layer", "mean SSIM", "std", "min", "max", "images sensitive", "verdict"], rows,
+                   numeric={1, 2, 3, 4, 5}, heading=f"Per layer ({order})")]
 
 
 def _agreement_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
@@ -825,10 +772,10 @@ def _chance(pair: dict[str, Any]) -> str:
     return f"{_fmt(pair.get('chance'), 3)} ({where})"
 
 
-def _agreement_table(data: dict[str, Any]) -> str:
+def _agreement_table(data: dict[str, Any]) -> list[Block]:
     pairs = [p for p in _list(data, "pairs") if isinstance(p, dict)]
     if not pairs:
-        return ""
+        return []
     confidence = data.get("confidence")
     conf = f"{confidence:.0%} CI" if isinstance(confidence, (int, float)) else "CI"
     has_threshold = data.get("threshold") is not None
@@ -842,9 +789,8 @@ def _agreement_table(data: dict[str, Any]) -> str:
         rows.append(([f"{p.get('method_a')} vs {p.get('method_b')}", p.get("metric", "?"), _fmt(p.get("mean"), 4),
                       _fmt(p.get("std"), 3), f"{_fmt(p.get('ci_low'), 3)} .. {_fmt(p.get('ci_high'), 3)}",
                       _chance(p), str(p.get("undefined", 0)), verdict], bad(p)))
-    return ('<h4 class="section">Pairs (failing first)</h4>'
-            + _table(["pair", "metric", "mean", "std", conf, "chance", "undefined", "verdict"], rows,
-                     numeric={2, 3, 4, 5, 6}))
+    return [_table(["pair", "metric", "mean", "std", conf, "chance", "undefined", "verdict"], rows,
+                   numeric={2, 3, 4, 5, 6}, heading="Pairs (failing first)")]
 
 
 def _sweep_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
@@ -888,14 +834,14 @@ def _sweep_reference(data: dict[str, Any], reference: Any) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
 
 
-def _sweep_tables(data: dict[str, Any]) -> str:
+def _sweep_tables(data: dict[str, Any]) -> list[Block]:
     """One table per swept hyperparameter: value, mean +- std per metric, verdict."""
     tables = [t for t in _list(data, "tables") if isinstance(t, dict) and isinstance(t.get("rows"), list)]
     metrics = [str(m) for m in _list(data, "metrics")]
     failing = {(str(f.get("hyperparameter")), repr(f.get("value"))) for f in _list(data, "failures")
                if isinstance(f, dict)}
     has_threshold = data.get("threshold") is not None
-    parts = []
+    parts: list[Block] = []
     for table in tables:
         name = str(table.get("hyperparameter", "?"))
         rows = []
@@ -905,21 +851,19 @@ def _sweep_tables(data: dict[str, Any]) -> str:
             means, stds = _dict(row, "mean"), _dict(row, "std")
             bad = (name, repr(row.get("value"))) in failing
             cells = [_fmt(row.get("value"))]
-            cells += [f"{_fmt(means.get(m), 4)} \u00b1 {_fmt(stds.get(m), 3)}" for m in metrics]
+            cells += [f"{_fmt(means.get(m), 4)} \u00b1 {_fmt(stds.get(m), 4)}" for m in metrics]
             cells.append(("UNSTABLE" if bad else "ok") if has_threshold else "\u2013")
             rows.append((cells, bad))
         means = _dict(table, "dataset_mean")
         dataset = ", ".join(f"{m} {_fmt(means.get(m), 4)}" for m in metrics)
-        parts.append(
-            f'<h4 class="section">{_e(name)} <span class="note">(reference {_e(_fmt(table.get("reference_value")))}; '
-            f"dataset mean over values: {_e(dataset)})</span></h4>"
-            + _table(["value"] + [f"{m} mean \u00b1 std" for m in metrics] + ["verdict"], rows,
-                     numeric=set(range(1, len(metrics) + 1)))
-        )
+        parts.append(_table(["value"] + [f"{m} mean \u00b1 std" for m in metrics] + ["verdict"], rows,
+                            numeric=set(range(1, len(metrics) + 1)), heading=name,
+                            note=f"reference {_fmt(table.get('reference_value'))}; "
+                                 f"dataset mean over values: {dataset}"))
     note = data.get("note")
     if isinstance(note, str) and note:
-        parts.append(f'<p class="note">{_e(note)}</p>')
-    return "".join(parts)
+        parts.append(_note(note))
+    return parts
 
 
 def _consistency_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
@@ -951,11 +895,11 @@ def _consistency_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
     return items
 
 
-def _consistency_table(data: dict[str, Any]) -> str:
+def _consistency_table(data: dict[str, Any]) -> list[Block]:
     """One row per model pair, the most separable first."""
     pairs = [p for p in _list(data, "pairs") if isinstance(p, dict)]
     if not pairs:
-        return ""
+        return []
     metrics = [str(m) for m in _list(data, "metrics")]
     rows = []
     for p in sorted(pairs, key=lambda p: -(p.get("separability") or 0.0)):
@@ -965,12 +909,18 @@ def _consistency_table(data: dict[str, Any]) -> str:
                      + [_fmt(sims.get(m)) for m in metrics], False))
     headers = ["model pair", "training factor", "held-out LR accuracy", "train accuracy", "separability S",
                "same prediction"] + [f"mean {m}" for m in metrics]
-    return ('<h4 class="section">Model pairs (most separable first)</h4>'
-            + _table(headers, rows, numeric=set(range(2, len(headers)))))
+    return [_table(headers, rows, numeric=set(range(2, len(headers))),
+                   heading="Model pairs (most separable first)")]
 
 
 _SKIP_KEYS = {"check", "passed", "reproduce", "preset"}
 _NAME_KEYS = {"layer", "name", "parameter", "module"}  # columns of layer or parameter names
+
+
+def _is_number_column(values: Sequence[Any]) -> bool:
+    """Numbers (or missing values), at least one: the column is right-aligned."""
+    numbers = [v for v in values if v is not None]
+    return bool(numbers) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -978,13 +928,16 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _entry_numbers(entry: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    """The result's headline numbers (``CheckResult.numbers()``), for kinds with no panel of their own."""
-    return [(str(key).replace("_", " "), _fmt(value), False) for key, value in _dict(entry, "numbers").items()]
+    """The result's headline numbers (``CheckResult.numbers()``), for kinds with no panel of their own;
+    without any, the result's top-level single values (so that such a card is not empty)."""
+    numbers = _dict(entry, "numbers") or {key: value for key, value in _dict(entry, "result").items()
+                                          if key not in _SKIP_KEYS and _is_scalar(value)}
+    return [(str(key).replace("_", " "), _fmt(value), False) for key, value in numbers.items()]
 
 
-def _generic_tables(data: dict[str, Any], depth: int = 0, prefix: str = "") -> str:
+def _generic_tables(data: dict[str, Any], depth: int = 0, prefix: str = "") -> list[Block]:
     """Lists of records as tables, nested dicts as key/value tables; long number lists abridged."""
-    parts = []
+    parts: list[Block] = []
     for key, value in data.items():
         title = f"{prefix}{key}"
         if key in _SKIP_KEYS and not prefix:
@@ -994,19 +947,20 @@ def _generic_tables(data: dict[str, Any], depth: int = 0, prefix: str = "") -> s
             rows = [([_name_cell(v.get(h)) if h in _NAME_KEYS and isinstance(v.get(h), str) else _fmt(v.get(h), 4)
                       for h in headers], v.get("passed") is False or v.get("sensitive") is False)
                     for v in value[:200]]
-            more = f'<p class="note">{len(value) - 200} more rows in the JSON report.</p>' if len(value) > 200 else ""
-            parts.append(f'<h4 class="section">{_e(title)}</h4>' + _table(headers, rows) + more)
+            more = f"{len(value) - 200} more rows in the JSON report." if len(value) > 200 else None
+            numeric = {i for i, h in enumerate(headers) if _is_number_column([v.get(h) for v in value[:200]])}
+            parts.append(_table(headers, rows, numeric, heading=title, more=more))
         elif isinstance(value, dict) and value:
             scalars = [(k, v) for k, v in value.items() if _is_scalar(v) or (isinstance(v, list) and all(
                 _is_scalar(x) for x in v))]
             if scalars:
-                parts.append(f'<h4 class="section">{_e(title)}</h4>' + _kv_table(scalars))
+                parts.append({"type": "kv", "heading": title, "rows": _kv_rows(scalars)})
             nested = {k: v for k, v in value.items() if (k, v) not in scalars}
             if nested and depth < 2:
-                parts.append(_generic_tables(nested, depth + 1, f"{title}."))
+                parts += _generic_tables(nested, depth + 1, f"{title}.")
         elif isinstance(value, list) and value and all(_is_scalar(v) for v in value) and not prefix:
-            parts.append(f'<p class="note"><b>{_e(title)}</b>: {_e(_fmt(value))}</p>')
-    return "".join(parts)
+            parts.append(_note(_fmt(value), label=title))
+    return parts
 
 
 def _image(root: Path, relative: str) -> str | None:
@@ -1020,7 +974,7 @@ def _image(root: Path, relative: str) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-Panel = tuple[Callable[[dict[str, Any]], list[tuple[str, Any, bool]]], Callable[[dict[str, Any]], str]]
+Panel = tuple[Callable[[dict[str, Any]], list[tuple[str, Any, bool]]], Callable[[dict[str, Any]], list[Block]]]
 
 # Check kinds with a numbers panel and tables of their own, read from the entry's ``result``
 # (the result's to_dict()). Other kinds show their numbers() and their to_dict() as tables.
@@ -1035,81 +989,119 @@ PANELS: dict[str, Panel] = {
 }
 
 
-def _entry_html(entry: dict[str, Any], root: Path) -> str:
-    data = _dict(entry, "result")
-    check = str(entry.get("check", ""))
-    _, css = _verdict(entry)
-    state = {"pass": "", "fail": " failed", "other": " other", "expected": " expected"}[css]
-    anchor = entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{check}")
-    if check in PANELS:
-        numbers_of, table_of = PANELS[check]
-        numbers, table = numbers_of(data), table_of(data)
-    else:
-        numbers, table = _entry_numbers(entry), _generic_tables(data)
+def _figures(entry: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """The entry's figures, each ``{name, caption, relative, uri}`` (``uri`` None when its PNG is missing)."""
     figures = []
     for name, relative in (entry.get("figures") or {}).items():
-        uri = _image(root, str(relative))
-        caption = FIGURE_CAPTIONS.get(name, name.replace("_", " "))
-        if uri is None:
-            figures.append(f'<p class="warn">figure {_e(name)} is missing ({_e(relative)}).</p>')
-            continue
-        figures.append(f'<figure><img src="{uri}" alt="{_e(name)}"><figcaption>{_e(caption)}</figcaption></figure>')
-    for error in entry.get("figure_errors") or []:
-        figures.append(f'<p class="warn">figure not drawn: {_e(error)}</p>')
-    reproduce = data.get("reproduce")
-    worker = f" \u00b7 worker {_e(entry['worker'])}" if entry.get("worker") else ""
-    parts = [
-        f'<article class="check{state}" id="{_e(anchor)}">',
-        f'<div class="head">{_badge(entry)}<h3 class="mono">{_e(entry.get("nodeid", ""))}</h3>'
-        f'<span class="kind">{_e(check)}{worker}</span></div>',
-        f'<p class="summary mono">{_e(entry.get("summary", ""))}</p>',
-        _numbers(numbers),
-        "".join(figures),
-        table,
-    ]
-    if reproduce:
-        parts.append(f'<p class="note">reproduce: <code>{_e(reproduce)}</code></p>')
-    if entry.get("text"):
-        parts.append("<details><summary>Text report (as in the failure message)</summary>"
-                     f"<pre>{_e(entry['text'])}</pre></details>")
-    raw = json.dumps(data, indent=1)
-    if len(raw) <= 60_000:
-        parts.append(f"<details><summary>Full result (JSON)</summary><pre>{_e(raw)}</pre></details>")
+        figures.append({"name": str(name), "caption": _caption(str(name)),
+                        "relative": str(relative), "uri": _image(root, str(relative))})
+    return figures
+
+
+def _number_cell(label: Any, value: Any, bad: bool) -> dict[str, Any]:
+    """One headline number (the ``numbers`` macro); a long value (a path, a list of methods) gets a
+    ``span`` of two or three grid columns instead of breaking inside its words in a narrow box."""
+    text = str(value)
+    return {"label": str(label), "value": text, "bad": bool(bad), "span": 1 if len(text) <= 24 else
+            2 if len(text) <= 60 else 3}
+
+
+_STATE_CSS = {"pass": "", "fail": "failed", "other": "other", "expected": "expected"}
+
+
+def _card(entry: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The context of one check's card (``card.html.j2``)."""
+    data = _dict(entry, "result")
+    check = str(entry.get("check", ""))
+    if check in PANELS:
+        numbers_of, table_of = PANELS[check]
+        numbers, blocks = numbers_of(data), table_of(data)
     else:
-        parts.append('<p class="note">The full result is in saliency-report.json.</p>')
-    parts.append("</article>")
-    return "\n".join(p for p in parts if p)
+        numbers, blocks = _entry_numbers(entry), _generic_tables(data)
+    raw = json.dumps(data, indent=1)
+    return {
+        "anchor": str(entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{check}")),
+        "state": _STATE_CSS[_verdict(entry)[1]],
+        "badge": _badge(entry),
+        "nodeid": str(entry.get("nodeid", "")),
+        "kind": check,
+        "worker": str(entry["worker"]) if entry.get("worker") else None,
+        "summary": str(entry.get("summary", "")),
+        "numbers": [_number_cell(label, value, bad) for label, value, bad in numbers],
+        "figures": _figures(entry, root),
+        "figure_errors": [str(error) for error in entry.get("figure_errors") or []],
+        "blocks": blocks,
+        "reproduce": str(data["reproduce"]) if data.get("reproduce") else None,
+        "text": str(entry["text"]) if entry.get("text") else None,
+        "raw_json": raw if len(raw) <= 60_000 else None,
+    }
 
 
 _OUTCOME_CSS = {"passed": "pass", "failed": "fail", "error": "fail", "xpassed": "other"}
 
 
-def _tests_html(tests: Sequence[dict[str, Any]], counts: dict[str, Any]) -> list[str]:
+def _tests_context(tests: Sequence[dict[str, Any]], counts: dict[str, Any]) -> dict[str, Any] | None:
     """The saliency tests' counts by pytest's outcome, and the tests that did not pass with
-    their outcome and message (an error, a skip reason...)."""
+    their outcome and message (an error, a skip reason...); None without test outcomes."""
     if not counts:
-        return []
-    parts = ['<div class="counts tests">', '<div class="count"><b>tests</b><span>pytest outcomes</span></div>']
-    for name in TEST_OUTCOMES:
-        css = " fail" if name in ("failed", "error") and counts.get(name) else ""
-        parts.append(f'<div class="count{css}" data-outcome="{name}"><b>{_e(counts.get(name, 0))}</b>'
-                     f'<span>{_e(name)}</span></div>')
-    parts.append("</div>")
-    others = [t for t in tests if t.get("outcome") != "passed"]
-    if others:
-        rows = "".join(
-            f'<tr><td><span class="badge {_OUTCOME_CSS.get(str(t.get("outcome")), "other")}">'
-            f'{_e(str(t.get("outcome", "")).upper())}</span></td><td class="mono">{_e(t.get("nodeid", ""))}</td>'
-            f'<td class="mono">{_e(t.get("message") or "")}</td></tr>'
-            for t in others)
-        parts.append('<details class="meta" open><summary>Saliency tests that did not pass</summary>'
-                     f'<table class="tests"><tr><th>outcome</th><th>test</th><th>message</th></tr>{rows}</table>'
-                     "</details>")
-    return parts
+        return None
+    return {
+        "counts": [{"name": name, "count": counts.get(name, 0), "fail": name in ("failed", "error")
+                    and bool(counts.get(name))} for name in TEST_OUTCOMES],
+        "others": [{"outcome": str(t.get("outcome", "")).upper(),
+                    "css": _OUTCOME_CSS.get(str(t.get("outcome")), "other"),
+                    "nodeid": str(t.get("nodeid", "")), "message": str(t.get("message") or "")}
+                   for t in tests if t.get("outcome") != "passed"],
+    }
 
 
 def _kind_title(kind: str) -> str:
     return KIND_TITLES.get(kind, kind.replace("_", " ").capitalize())
+
+
+def _rank(entry: dict[str, Any]) -> int:
+    """A card's place in its group: failed checks first, then controls caught, then the others."""
+    if entry.get("passed"):
+        return 2
+    return 1 if entry.get("outcome") == CONTROL_CAUGHT else 0
+
+
+def _groups(entries: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """The cards grouped by check kind (in ``KIND_TITLES``' order), failed first within a group."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(str(entry.get("check", "")), []).append(entry)
+    known = list(KIND_TITLES)
+    kinds = sorted(groups, key=lambda k: (known.index(k) if k in known else len(known), k))
+    shown = []
+    for kind in kinds:
+        members = sorted(groups[kind], key=lambda e: (_rank(e), _sort_key(e)))
+        bad = sum(1 for e in members if not e.get("passed") and e.get("outcome") != CONTROL_CAUGHT)
+        count = f"{len(members)} check{'s' if len(members) != 1 else ''}" + (f", {bad} failed" if bad else "")
+        shown.append({"id": "kind-" + re.sub(r"[^A-Za-z0-9_-]+", "-", kind), "title": _kind_title(kind),
+                      "count": count, "cards": [_card(entry, root) for entry in members]})
+    return shown
+
+
+def _page_context(document: dict[str, Any], root: Path, with_json: bool) -> dict[str, Any]:
+    """The context of ``report.html.j2``: plain data, every text unescaped (the templates escape)."""
+    entries = [e for e in document.get("results", []) if isinstance(e, dict)]
+    summary = document.get("summary") or summarize(entries)
+    groups = _groups(entries, root)
+    failed, passed = summary.get("failed", 0), summary.get("passed", 0)
+    tests = [t for t in document.get("tests", []) if isinstance(t, dict)]
+    return {
+        "title": f"Saliency checks: {failed} failed, {passed} passed",
+        "created": str(document.get("created", "")),
+        "schema_version": str(document.get("schema_version", "")),
+        "counts": {"checks": summary.get("checks", len(entries)), "passed": passed, "failed": failed,
+                   "caught": summary.get("controls_caught", 0), "kinds": len(groups)},
+        "tests": _tests_context(tests, summary.get("tests") or {}),
+        "config": _kv_rows((document.get("config") or {}).items()),
+        "environment": _kv_rows((document.get("environment") or {}).items()),
+        "groups": groups,
+        "json_name": JSON_NAME if with_json else None,
+    }
 
 
 def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *, with_json: bool = True) -> str:
@@ -1117,80 +1109,16 @@ def render_html(document: dict[str, Any], results_dir: str | os.PathLike[str], *
 
     Everything is inline (CSS, PNGs as ``data:`` URIs); the page makes no request and needs no
     JavaScript. ``with_json`` says whether the footer may point to ``saliency-report.json``.
+    Python computes each card's data; the layout is in ``templates/`` (see :data:`PAGE_TEMPLATE`).
     """
-    root = Path(results_dir)
-    entries = [e for e in document.get("results", []) if isinstance(e, dict)]
-    summary = document.get("summary") or summarize(entries)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for entry in entries:
-        groups.setdefault(str(entry.get("check", "")), []).append(entry)
-    known = list(KIND_TITLES)
-    kinds = sorted(groups, key=lambda k: (known.index(k) if k in known else len(known), k))
-    for kind in kinds:  # failed first within a group, then by nodeid (stable)
-        groups[kind].sort(key=lambda e: (bool(e.get("passed")), _sort_key(e)))
-    failed, passed = summary.get("failed", 0), summary.get("passed", 0)
-    caught = summary.get("controls_caught", 0)
-    tests = [t for t in document.get("tests", []) if isinstance(t, dict)]
-    test_counts = summary.get("tests") or {}
-    head = [
-        '<header class="top"><h1>Saliency checks</h1>',
-        f'<p class="sub">pytest-saliency report \u00b7 created {_e(document.get("created", ""))} \u00b7 '
-        f'schema version {_e(document.get("schema_version", ""))}</p>',
-        '<div class="counts">',
-        f'<div class="count"><b>{_e(summary.get("checks", len(entries)))}</b><span>checks</span></div>',
-        f'<div class="count pass"><b>{_e(passed)}</b><span>passed</span></div>',
-        f'<div class="count{" fail" if failed else ""}"><b>{_e(failed)}</b><span>failed</span></div>',
-        f'<div class="count"><b>{_e(caught)}</b><span>failed as expected (control caught)</span></div>',
-        f'<div class="count"><b>{len(groups)}</b><span>check kinds</span></div>',
-        "</div>",
-        *_tests_html(tests, test_counts),
-        '<details class="meta" open><summary>Configuration and environment</summary><div class="metagrid">',
-        f'<div><h4 class="section">Configuration</h4>{_kv_table((document.get("config") or {}).items())}</div>',
-        f'<div><h4 class="section">Environment</h4>{_kv_table((document.get("environment") or {}).items())}</div>',
-        "</div></details></header>",
-    ]
-    toc = ['<nav class="toc"><h4 style="margin-top:4px">Contents</h4>']
-    body = []
-    if not entries:
-        toc.append('<p class="note">No saliency checks were recorded in this session.</p>')
-    for kind in kinds:
-        members = groups[kind]
-        bad = sum(1 for e in members if not e.get("passed") and e.get("outcome") != CONTROL_CAUGHT)
-        group_id = "kind-" + re.sub(r"[^A-Za-z0-9_-]+", "-", kind)
-        count = f"{len(members)} check{'s' if len(members) != 1 else ''}" + (f", {bad} failed" if bad else "")
-        toc.append(f'<h4><a href="#{_e(group_id)}">{_e(_kind_title(kind))}</a> '
-                   f'<span class="note">({_e(count)})</span></h4><ul>')
-        for entry in members:
-            anchor = entry.get("anchor") or sanitize(f"{entry.get('nodeid')}{kind}")
-            toc.append(f'<li>{_badge(entry)} <a class="mono" href="#{_e(anchor)}">'
-                       f'{_e(entry.get("nodeid", ""))}</a></li>')
-        toc.append("</ul>")
-        body.append(f'<section id="{_e(group_id)}"><h2>{_e(_kind_title(kind))} '
-                    f'<span class="note">{_e(count)}</span></h2>')
-        body.extend(_entry_html(entry, root) for entry in members)
-        body.append("</section>")
-    toc.append("</nav>")
-    title = f"Saliency checks: {failed} failed, {passed} passed"
-    footer = f". Every number is also in {_e(JSON_NAME)}, next to this page." if with_json else "."
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{CSS}</style></head>",
-        '<body><div class="wrap">',
-        *head,
-        *toc,
-        *body,
-        f"<footer>Written by pytest-saliency{footer}</footer>",
-        "</div></body></html>",
-    ])
+    context = _page_context(document, Path(results_dir), with_json)
+    return template_environment().get_template(PAGE_TEMPLATE).render(context)
 
 
 __all__ = [
     "HTML_NAME", "JSON_NAME", "REPORT_FORMATS", "ReportEntry", "ReportSchemaError", "SCHEMA_VERSION",
     "CONTROL_CAUGHT", "TEST_OUTCOMES", "apply_outcomes", "build_report", "collect_entries", "environment_info", "html_link", "load_schema", "make_entry", "parse_formats",
-    "prepare_results_dir", "read_entry", "render_html", "report_errors", "results_dir_problem", "sanitize",
+    "prepare_results_dir", "read_entry", "render_html", "template_environment", "report_errors", "results_dir_problem", "sanitize",
     "summarize", "validate_report",
     "write_entry", "write_reports",
 ]
