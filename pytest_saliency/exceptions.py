@@ -14,6 +14,9 @@ class SaliencyUsageError(ValueError):
 
     The message always says what was wrong, what was expected, and how to fix it.
     It is a ``ValueError`` so code that guards generic bad input still catches it.
+    Public entry points raise it with a short traceback (the caller's line and the message); an
+    error it wraps (``__cause__``: the model or a factory failed) keeps the frames of the user's
+    code only. See :func:`pytest_saliency.core.integrity.short_usage_errors`.
     """
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.integrity import short_usage_errors
 from ..core.validation import check_choice, check_count
 from ..exceptions import SaliencyUsageError
 from ..maps.baselines import SAM_INPUT_SIZE
@@ -144,6 +145,7 @@ _GRID_BUILDERS: dict[str, Callable[[int], SweepGrid]] = {
 GRIDS: tuple[str, ...] = tuple(_GRID_BUILDERS)
 
 
+@short_usage_errors
 def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
     """SAM's sweep ``name`` (one of :data:`GRIDS`), with pixel sizes scaled to ``input_shape``.
 

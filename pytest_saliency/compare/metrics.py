@@ -69,6 +69,7 @@ from typing import Any, Union
 
 import torch
 
+from ..core.integrity import short_usage_errors
 from ..core.validation import check_choice, check_count, check_finite, check_flag, is_count, unknown_choice
 from ..exceptions import SaliencyUsageError, warn_user
 
@@ -1117,6 +1118,7 @@ def metric_info(name: Any) -> MetricInfo:
     return METRICS[name]
 
 
+@short_usage_errors
 def chance_level(metric_name: str, k: KValue | None = None, num_features: int | None = None) -> float | None:
     """Expected value of a metric for two independent random maps, or ``None`` if there is none.
 
@@ -1163,6 +1165,7 @@ def chance_level(metric_name: str, k: KValue | None = None, num_features: int | 
     return info.chance(kk, int(num_features))
 
 
+@short_usage_errors
 def compute_metric(name: str, a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Compute metric ``name`` (a key of :data:`METRICS`) for each pair ``(a[i], b[i])``.
 

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_count, check_seed
 from ..exceptions import SaliencyUsageError
@@ -63,7 +64,12 @@ def _to_numpy_rows(x: Any, name: str) -> Any:
     torch = require_torch()
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
-    x = np.asarray(x, dtype=np.float64)
+    try:
+        x = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise SaliencyUsageError(
+            f"{name} must be a tensor or array of maps of shape (N, ...), got {type(x).__name__} ({error})."
+        ) from None
     if x.ndim < 2:
         raise SaliencyUsageError(f"{name} must be a batch of maps of shape (N, ...), got shape {x.shape}.")
     if not np.isfinite(x).all():
@@ -88,6 +94,7 @@ def fold_assignment(n: int, n_splits: int, seed: int) -> Any:
     return folds
 
 
+@short_usage_errors
 def lr_separability(
     a: Any, b: Any, *, n_splits: int = 5, seed: int = 0, classifier: Any = None
 ) -> Separability:

@@ -32,6 +32,7 @@ from typing import NamedTuple, cast
 import torch
 import torch.nn.functional as F
 
+from ..core.integrity import short_usage_errors
 from ..core.validation import check_finite, check_number, is_count
 from ..exceptions import SaliencyUsageError
 
@@ -328,6 +329,7 @@ def ssim_unchecked(
     return luminance_num.mul_(contrast_num).div_(luminance_den.mul_(contrast_den)).mean(dim=(-2, -1))
 
 
+@short_usage_errors
 def structural_similarity(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -468,6 +470,7 @@ def _pearson_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(constant, torch.full_like(r, math.nan), r)
 
 
+@short_usage_errors
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of each pair of rows, like ``scipy.stats.pearsonr(a_i, b_i).statistic``.
 
@@ -530,6 +533,7 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(avg).scatter_(-1, order, avg)
 
 
+@short_usage_errors
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation of each pair of rows, like ``scipy.stats.spearmanr(a_i, b_i)``.
 

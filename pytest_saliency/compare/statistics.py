@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.integrity import short_usage_errors
 from ..core.rng import as_seed, torch_seed_of
 from ..core.torchtools import require_torch
 from ..core.validation import check_count, check_flag, check_number, check_seed
@@ -110,6 +111,7 @@ def check_sensitivity_options(*, ssim_threshold: Any, sensitivity_threshold: Any
     check_count(n_bootstrap, "n_bootstrap", minimum=1, hint="E.g. n_bootstrap=2000 bootstrap resamples.")
 
 
+@short_usage_errors
 def sensitivity_statistics(
     ssim: Any,
     layer_names: list[str],

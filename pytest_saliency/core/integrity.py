@@ -29,10 +29,15 @@ complete; elsewhere it is raised at once. Library code that changes the model an
 change itself (:func:`pytest_saliency.model.randomize.randomized`) registers the undo first, so
 the guard runs it if an interrupt lands before or inside the code that would have.
 
-Tracebacks. :func:`rng_isolated`'s wrapper re-raises a
+Tracebacks. :func:`short_usage_errors` (which :func:`rng_isolated` applies, and which public
+entry points that run no model apply directly, e.g. ``ModelCache.get_or_train``) re-raises a
 :class:`pytest_saliency.exceptions.SaliencyUsageError` without the library frames below it, so a
 test that passes a bad argument shows its own line and the message, not pages of library source
-with tensors and models as locals. Any other exception keeps its full traceback.
+with tensors and models as locals. An exception chained to it (``raise ... from exc``: the model
+or the factory failed inside torch) stays its ``__cause__`` and is still shown, with its type,
+message and the frames of the user's code (the line of the model's ``forward`` that failed); its
+frames inside pytest-saliency, the standard library and installed packages (torch, captum,
+pytest) are dropped (:func:`user_frames_only`). Any other exception keeps its full traceback.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import os
 import signal
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -433,18 +440,98 @@ def rng_isolated(function: F) -> F:
             seed = kwargs.get("seed", default)
         else:
             seed = signature.bind_partial(*args, **kwargs).arguments.get("seed", default)
+        return guarded_call(function, args, kwargs, seed)
+
+    return short_usage_errors(wrapper)  # type: ignore[return-value]
+
+
+def short_usage_errors(function: F) -> F:
+    """Re-raise a :class:`~pytest_saliency.exceptions.SaliencyUsageError` out of ``function`` (a
+    public entry point) with a short traceback: the caller's line and the message.
+
+    A usage error's message says what was wrong and how to fix it; the library frames under the
+    entry point (and their locals: tensors, models) only bury it. Raised again without them, its
+    traceback starts in this wrapper (hidden from pytest) and pytest shows the caller's line and
+    the message, as for ``SaliencyCheckFailed``. The exceptions chained to it keep only the frames
+    of the user's code (:func:`user_frames_only`). Other exceptions (a crash in the user's model,
+    a bug) keep their whole traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
         try:
-            return guarded_call(function, args, kwargs, seed)
+            return function(*args, **kwargs)
         except SaliencyUsageError as error:
-            # A usage error's message says what was wrong and how to fix it; the library frames
-            # under this one (and their locals: tensors, models) only bury it. Raised again
-            # without them, the traceback starts here (hidden) and pytest shows the caller's
-            # line and the message, as for SaliencyCheckFailed. Other exceptions (a crash in the
-            # user's model) keep their whole traceback, and so does an exception chained to a
-            # usage error as its cause.
+            user_frames_only(error)
             raise error.with_traceback(None)
 
     return wrapper  # type: ignore[return-value]
+
+
+def user_frames_only(error: BaseException) -> None:
+    """Drop the library frames from the tracebacks of the exceptions chained under ``error`` (its
+    ``__cause__``, or its ``__context__`` when that is shown), down the whole chain.
+
+    Kept are the frames whose file is outside pytest-saliency, the standard library and the
+    installed packages (:func:`_library_roots`): the user's model, factory or callback. A
+    traceback with no such frame keeps its last one, so the failing line is still shown. The
+    exceptions themselves stay chained (``__cause__`` and ``__context__`` are not touched)."""
+    seen = {id(error)}
+    chained = _shown_under(error)
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        tb = chained.__traceback__
+        if tb is not None:
+            chained.__traceback__ = _pruned(tb)
+        chained = _shown_under(chained)
+
+
+def _shown_under(error: BaseException) -> BaseException | None:
+    """The exception shown above ``error`` in its report (as Python and pytest chain them)."""
+    if error.__cause__ is not None:
+        return error.__cause__
+    return None if error.__suppress_context__ else error.__context__
+
+
+def _pruned(tb: types.TracebackType) -> types.TracebackType:
+    """``tb`` without its library frames (its last frame when every frame is a library's)."""
+    entries: list[types.TracebackType] = []
+    entry: types.TracebackType | None = tb
+    while entry is not None:
+        entries.append(entry)
+        entry = entry.tb_next
+    kept = [entry for entry in entries if not _in_library(entry.tb_frame.f_code.co_filename)] or entries[-1:]
+    if len(kept) == len(entries):
+        return tb
+    pruned: types.TracebackType | None = None
+    for entry in reversed(kept):
+        pruned = types.TracebackType(pruned, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    assert pruned is not None
+    return pruned
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    """The folders of library code: this package, the standard library, the installed packages."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    roots += [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
+    roots += getattr(site, "getsitepackages", list)()
+    if site.ENABLE_USER_SITE and site.USER_SITE:
+        roots.append(site.USER_SITE)
+    return tuple(sorted({os.path.normcase(os.path.realpath(root)) + os.sep for root in roots}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_library(filename: str) -> bool:
+    """Whether code from ``filename`` is library code (frozen modules count; other generated code,
+    such as a traced model's forward, does not)."""
+    if filename.startswith("<"):
+        return filename.startswith("<frozen ")
+    return os.path.normcase(os.path.realpath(filename)).startswith(_library_roots())
 
 
 def guarded_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], seed: Any) -> Any:
@@ -560,4 +647,4 @@ def _same_hooks(top: Any, saved: Any) -> bool:
     return top[0] is saved[0] and top[1] is saved[1]
 
 
-__all__ = ["Guard", "Undo", "guarded_call", "models_in"]
+__all__ = ["Guard", "Undo", "guarded_call", "models_in", "rng_isolated", "short_usage_errors", "user_frames_only"]

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from ..core.fingerprint import model_fingerprint, tensor_fingerprint, value_fingerprint
+from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_count
 
@@ -36,6 +37,7 @@ DEFAULT_MAX_BYTES = 512 * 2**20
 class MapCache:
     """LRU cache of attribution tensors, bounded in bytes; pass one to several checks to share work."""
 
+    @short_usage_errors
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = check_count(max_bytes, "max_bytes", minimum=0,
                                      hint="It bounds the bytes of maps the cache holds (0 caches nothing).")
@@ -44,6 +46,7 @@ class MapCache:
         self.hits = 0
         self.misses = 0
 
+    @short_usage_errors
     def key(self, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor, method: str,
             options: dict[str, Any], seed: int, batch_size: int | None) -> str | None:
         """The entry's key, or None when the model or an option is uncacheable (see the module
@@ -63,6 +66,7 @@ class MapCache:
         ]
         return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 
+    @short_usage_errors
     def get(self, key: str | None) -> torch.Tensor | None:
         entry = self._entries.get(key) if key is not None else None
         if key is None or entry is None:
@@ -72,6 +76,7 @@ class MapCache:
         self._entries.move_to_end(key)
         return entry[0]
 
+    @short_usage_errors
     def put(self, key: str | None, value: torch.Tensor) -> None:
         """Store a compact, detached copy of ``value`` when it is a view of a larger storage (or
         carries a graph), so that the entry holds only its own bytes; ``bytes`` counts them."""

@@ -34,6 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_finite, check_number, unknown_choice
 from ..exceptions import SaliencyUsageError
@@ -92,6 +93,7 @@ class MapPipeline:
     size: tuple[int, int] | None = None
     ssim: SSIMParams = SSIMParams(win_size=5, data_range=1.0)
 
+    @short_usage_errors
     def __post_init__(self) -> None:
         if self.reduce not in REDUCTIONS:
             raise unknown_choice("channel reduction", self.reduce, REDUCTIONS)
@@ -199,6 +201,7 @@ def _normalize(m: torch.Tensor, how: str, percentile: float) -> torch.Tensor:
     return scaled.clamp(0.0, 1.0)
 
 
+@short_usage_errors
 def apply_pipeline(attributions: torch.Tensor, pipeline: str | MapPipeline | None = None) -> torch.Tensor:
     """Raw attributions of shape (N, C, H, W), (N, H, W) or (N, D) to maps of shape (N, H, W).
 

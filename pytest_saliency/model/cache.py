@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.fingerprint import value_fingerprint
+from ..core.integrity import short_usage_errors
 from ..core.rng import seeded
 from ..core.torchtools import require_torch
 from ..core.validation import check_flag, check_number, check_seed
@@ -171,6 +172,7 @@ class ModelCache:
     ``hits`` and ``misses`` count this instance's loads and trainings.
     """
 
+    @short_usage_errors
     def __init__(
         self, directory: str | os.PathLike[str], *, lock: bool = True, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     ) -> None:
@@ -192,6 +194,7 @@ class ModelCache:
 
     # ---------------------------------------------------------------- keys and paths
 
+    @short_usage_errors
     def key(self, train: Callable[..., Any], seed: int, version: str = "") -> str:
         """The key: ``module.qualname``, the version, the factory's digest (when the fingerprint walk
         can prove what the factory is; see the module docstring) and the seed."""
@@ -203,6 +206,7 @@ class ModelCache:
         code = f"~{digest}" if digest is not None else ""
         return f"{factory_name(train)}{suffix}{code}#seed={seed}"
 
+    @short_usage_errors
     def path(self, train: Callable[..., Any], seed: int, version: str = "") -> Path:
         """Where the entry for ``(train, seed, version)`` lives.
 
@@ -214,6 +218,7 @@ class ModelCache:
         digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).hexdigest()
         return self.directory / f"{readable}-seed{check_seed(seed)}-{digest}.pt"
 
+    @short_usage_errors
     def __contains__(self, item: tuple[Callable[..., Any], int]) -> bool:
         train, seed = item
         return self.path(train, seed).exists()
@@ -230,6 +235,7 @@ class ModelCache:
 
     # ---------------------------------------------------------------- main entry point
 
+    @short_usage_errors
     def get_or_train(
         self,
         train: Callable[[int], torch.nn.Module],
