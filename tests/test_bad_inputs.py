@@ -264,7 +264,8 @@ _add((SWEEP, NOISE), "metric_misspelled", {"metric": "ssimm", "threshold": 0.5},
 _add((LR, AGREEMENT, COMPARE, BASELINE, SWEEP, NOISE, CONSISTENCY, SEED_STABILITY), "preset_misspelled",
      {"preset": "adebayo"}, r"preset")
 _add((CONSISTENCY, ENSEMBLE_SIZE), "pairs_misspelled", {"pairs": "every"}, r"pairs")
-_add(CURVES, "output_misspelled", {"output": "probabilities"}, r"output")
+_add(CURVES, "probability_misspelled", {"probability": "probabilities"}, r"probability")
+_add(CURVES, "output_not_a_selector", {"output": 2.5}, r"output=2.5 \(float\) is not a way to select the scores")
 
 
 def _overrides(spec: Any, e: SimpleNamespace) -> dict[str, Any]:

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_cnn, tiny_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
 from pytest_saliency.checks.consistency import (
     ConsistencyResult,
@@ -358,6 +358,65 @@ def test_result_serializes_and_reports():
     assert result.value("sign_agreement") > result.baseline("sign_agreement") + 0.1
 
 
+def test_the_report_shows_each_seeds_actual_maps_of_the_first_inputs(monkeypatch):
+    """seed_consistency's figures: the seed x seed matrices, and a grid with the first four inputs
+    on top and one row per seed, holding the maps explain() gives each model for the reference
+    model's class. The result keeps only those maps (on the CPU), and to_dict() none of them."""
+    from pytest_saliency import explain
+    from pytest_saliency.reporting import figures as figures_module
+    from pytest_saliency.reporting.figures import render
+
+    x = tiny_images(12)
+    result = seed_consistency(lambda seed: make_tiny_cnn(seed=seed), x, seeds=[0, 1, 2], metric="sign_agreement",
+                              n_splits=2)
+    labels = ["seed=0", "seed=1", "seed=2"]
+    assert torch.equal(result.shown_inputs, x[:4]) and list(result.shown_maps) == labels
+    target = make_tiny_cnn(seed=0)(x).argmax(dim=1)
+    expected = {label: explain(make_tiny_cnn(seed=s), x, "saliency", target=target, preset=result.pipeline)[:4]
+                for s, label in enumerate(labels)}
+    for label in labels:
+        assert result.shown_maps[label].device.type == "cpu" and result.shown_maps[label].shape == (4, 16, 16)
+        torch.testing.assert_close(result.shown_maps[label], expected[label])
+    assert not torch.allclose(expected["seed=0"], expected["seed=1"])  # the seeds' maps do differ
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    assert "shown" not in text and len(text) < 10_000
+
+    drawn = {}
+
+    def map_grid(rows, **kwargs):
+        drawn.update(rows=rows, **kwargs)
+        return b""
+
+    monkeypatch.setattr(figures_module, "_map_grid", map_grid)
+    planned = dict(result.figures())
+    assert list(planned) == ["pair_matrices", "model_maps"]
+    planned["model_maps"]()
+    assert len(drawn["rows"]) == len(labels) + 1 and all(len(row) == 4 for row in drawn["rows"])
+    assert drawn["row_labels"] == ["input", *labels]
+    assert [text for text, _ in drawn["col_titles"]] == ["image 0", "image 1", "image 2", "image 3"]
+    assert "of 3 models for the first 4 of 12 inputs (the inputs on top)" in drawn["title"]
+    for column, cell in enumerate(drawn["rows"][0]):
+        image = x[column, 0].double()
+        np.testing.assert_allclose(cell.image, ((image - image.min()) / (image.max() - image.min())).numpy())
+    for label, row in zip(labels, drawn["rows"][1:]):
+        for column, cell in enumerate(row):
+            np.testing.assert_allclose(cell.image, expected[label][column].double().numpy(), rtol=1e-6, atol=1e-7)
+    monkeypatch.undo()
+    assert set(render(result.figures(), strict=True)) == {"pair_matrices", "model_maps"}
+
+
+def test_consistency_vs_ensemble_size_shows_the_maps_of_the_smallest_and_largest_ensembles():
+    from pytest_saliency.checks.ensembles import consistency_vs_ensemble_size
+    from pytest_saliency.reporting.figures import render
+
+    result = consistency_vs_ensemble_size([make_tiny_cnn(seed=s) for s in range(4)], tiny_images(8), sizes=(1, 2),
+                                          n_splits=2)
+    assert list(result.results[2].shown_maps) == ["model0+model1", "model2+model3"]
+    assert all(m.shape == (4, 16, 16) for r in result.results.values() for m in r.shown_maps.values())
+    assert [name for name, _ in result.figures()] == ["ensemble_curve", "model_maps_size1", "model_maps_size2"]
+    assert set(render(result.figures(), strict=True)) == {"ensemble_curve", "model_maps_size1", "model_maps_size2"}
+
+
 def test_no_model_state_or_global_rng_changes():
     x, _ = test_inputs(40)
     models = [trained_mlp(0), trained_mlp(1)]
@@ -410,7 +469,7 @@ class TupleOutput(nn.Module):
 
 
 @pytest.mark.parametrize("make, inputs, message", [
-    (TupleOutput, lambda x: x, r"model 'seed=0' returned tuple .*\(N, num_classes\) outputs"),
+    (TupleOutput, lambda x: x, r"model 'seed=0': the model returns a tuple of 2 .*Pass output="),
     (lambda: MLP(hidden=4), lambda x: x[:, :32], r"model 'seed=0' \(MLP\) cannot run on inputs of shape \(60, 32\)"),
     (lambda: MLP(hidden=4).to(torch.float16), lambda x: x, r"model 'seed=0': inputs are torch.float32 but the model's parameters are torch.float16"),
 ])
@@ -514,6 +573,8 @@ def test_too_few_inputs_for_cross_validation():
         explanation_consistency([trained_mlp(0), trained_mlp(1)], x, n_splits=1)
     with pytest.raises(SaliencyUsageError, match="too few"):
         lr_separability(np.zeros((3, 4)), np.zeros((3, 4)), n_splits=2)
+    with pytest.raises(SaliencyUsageError, match=r"maps a must be a tensor or array of maps .* got str"):
+        lr_separability("x", "y")
 
 
 def test_other_bad_options_say_how_to_fix_them():

@@ -293,7 +293,7 @@ def test_ensemble_size_checks_the_first_model_before_training_the_others():
         return TupleOutput()
 
     x, _ = test_inputs(60)
-    with pytest.raises(SaliencyUsageError, match=r"model 'seed=0' returned tuple"):
+    with pytest.raises(SaliencyUsageError, match=r"model 'seed=0': the model returns a tuple of 2 .*Pass output="):
         consistency_vs_ensemble_size(train, x, [1, 2], "saliency", seeds=[0, 1, 2, 3])
     assert calls == [0], "only the first seed is trained before the usage error"
 

@@ -213,7 +213,8 @@ def test_lime_accuracy_varies_more_with_the_superpixel_count_than_with_the_seed(
         (dict(step=2.5), r"step must be an int >= 1, got 2.5"),
         (dict(order="random"), r"unknown pixel order 'random'"),
         (dict(mode="erase"), r"unknown mode 'erase'"),
-        (dict(output="logits"), r"unknown output 'logits'"),
+        (dict(probability="logits"), r"unknown probability 'logits'"),
+        (dict(output="softmax"), r"output= selects the scores.*probability='softmax'"),
         (dict(normalize="sum"), r"unknown AUC normalization 'sum'"),
         (dict(substrate="noise"), r"unknown substrate 'noise'"),
         (dict(substrate=torch.zeros(2, 2)), r"cannot be broadcast"),
@@ -262,7 +263,7 @@ def test_accuracy_spread_checks_every_option_before_the_sweep_runs():
 
     for options, message in [
         ({"order": "sgned"}, r"unknown pixel order 'sgned'"),
-        ({"output": "probabilities"}, r"unknown output 'probabilities'"),
+        ({"probability": "probabilities"}, r"unknown probability 'probabilities'"),
         ({"normalize": ["max"]}, r"unknown AUC normalization \['max'\]"),
         ({"curve_batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
         ({"step": 0}, r"step must be an int >= 1, got 0"),

@@ -10,18 +10,31 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_cnn, tiny_images
 from matplotlib.image import imread
 
-from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency.checks.agreement import agreement_matrix
 from pytest_saliency.checks.randomization import layer_randomization
 from pytest_saliency.reporting import figures as figures_module
 from pytest_saliency.reporting.figures import (
-    BAD, MAX_STRIP_LAYERS, SweepSeries, _layer_columns, _worst_images, agreement_figures, baseline_figures,
-    ensemble_figures, figures_for, pair_figures, randomization_figures, render, sweep_figures,
+    BAD,
+    MAX_STRIP_LAYERS,
+    SweepSeries,
+    _layer_columns,
+    _worst_images,
+    agreement_figures,
+    baseline_figures,
+    ensemble_figures,
+    figures_for,
+    model_maps_figures,
+    pair_figures,
+    randomization_figures,
+    render,
+    sweep_figures,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -221,6 +234,43 @@ def test_pair_matrices_from_explicit_pairs(monkeypatch):
     decode(render(planned, strict=True)["pair_matrices"])
 
 
+def test_model_maps_grid_has_the_inputs_on_top_and_a_row_per_model(monkeypatch):
+    drawn = {}
+
+    def map_grid(rows, **kwargs):
+        drawn.update(rows=rows, **kwargs)
+        return b""
+
+    rng = np.random.default_rng(0)
+    inputs = rng.random((5, 3, 12, 12))
+    maps = {f"seed={s}": rng.random((5, 12, 12)) for s in range(10)}
+    planned = model_maps_figures(maps=maps, inputs=inputs, n_inputs=50, method="saliency", preset="adebayo2018",
+                                 what="seeds")
+    assert [name for name, _ in planned] == ["model_maps"]
+    monkeypatch.setattr(figures_module, "_map_grid", map_grid)
+    planned[0][1]()
+    rows = drawn["rows"]
+    assert len(rows) == 1 + figures_module.MAX_MAP_ROWS and all(len(row) == 4 for row in rows)  # 4 of 5 inputs
+    assert drawn["row_labels"] == ["input", *list(maps)[:8]]
+    assert drawn["title"].startswith("saliency maps (adebayo2018) of the first 8 of 10 seeds for the first 4 of 50")
+    first = rows[0][0]
+    assert first.scale == "input" and first.image.shape == (12, 12, 3)  # RGB, channels last, scaled to [0, 1]
+    assert first.image.min() == 0.0 and first.image.max() == 1.0
+    np.testing.assert_array_equal(rows[3][1].image, maps["seed=2"][1])
+    assert drawn["scales"]["input"][3] == ""  # the inputs get no colorbar
+    monkeypatch.undo()
+    assert model_maps_figures(maps={}) == []
+    without_inputs = model_maps_figures(maps={"a": maps["seed=0"][:2], "b": maps["seed=1"][:2]})
+    monkeypatch.setattr(figures_module, "_map_grid", map_grid)
+    without_inputs[0][1]()
+    assert drawn["row_labels"] == ["a", "b"] and len(drawn["rows"][0]) == 2
+    monkeypatch.undo()
+    red = np.zeros((2, 3, 8, 8))
+    red[:, 0] = 1.0  # a pure red input is drawn red, not as a colormapped channel
+    image = decode(render(model_maps_figures(maps={"m": rng.random((2, 8, 8))}, inputs=red), strict=True)["model_maps"])
+    assert near(image, "#ff0000") > 500
+
+
 def test_ensemble_curve_from_explicit_sizes():
     planned = ensemble_figures(sizes=[1, 2, 4], consistency=[0.3, 0.5, 0.7],
                                similarities={"sign_agreement": [0.2, float("nan"), 0.6]}, method="saliency")
@@ -274,8 +324,8 @@ def test_pyplot_and_the_global_backend_are_left_alone():
 def test_figures_for_the_other_result_classes(model_and_inputs, tmp_path):
     """SweepResult, ConsistencyResult, SeedStabilityResult and BaselineResult, run for real: each passes
     its own fields to the drawing functions."""
-    from pytest_saliency.checks.regression import check_baseline
     from pytest_saliency.checks.input_noise import input_noise_stability
+    from pytest_saliency.checks.regression import check_baseline
     from pytest_saliency.checks.sweeps import hyperparameter_sweep
 
     model, x = model_and_inputs
@@ -296,7 +346,7 @@ def test_figures_for_the_other_result_classes(model_and_inputs, tmp_path):
 
         consistency = explanation_consistency([model, other], tiny_images(12), "saliency", n_splits=2)
         seeds = explainer_seed_stability(model, x, "smoothgrad", seeds=(0, 1), nt_samples=2)
-        expected["explanation_consistency"] = (consistency, {"pair_matrices"})
+        expected["explanation_consistency"] = (consistency, {"pair_matrices", "model_maps"})
         expected["explainer_seed_stability"] = (seeds, {"pair_matrices"})
     for name, (result, figures) in expected.items():
         rendered = figures_for(result, strict=True)

@@ -1115,6 +1115,10 @@ def test_the_fixture_passes_each_check_a_reporter_named_for_what_it_counts(tmp_p
     assert [(unit, done, total) for unit, done, total, _ in steps] == [("settings", 0, 2), ("settings", 1, 2),
                                                                       ("settings", 2, 2)]
     steps.clear()
+    checker.input_noise_stability(model, x, "saliency", variance=[0.01, 0.1], n_draws=2, metrics=("ssim",))
+    assert [(unit, done, total) for unit, done, total, _ in steps] == [("noise draws", i, 5) for i in range(6)]
+    assert [label for *_, label in steps[:3]] == ["clean inputs", "variance=0.01 draw 1/2", "variance=0.01 draw 2/2"]
+    steps.clear()
     BaselineChecker(checker, tmp_path, update=True).check(model, x)
     assert steps == [("models", 0, 1, "model"), ("models", 1, 1, "")]
     steps.clear()

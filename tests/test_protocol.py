@@ -66,9 +66,9 @@ FIGURES = {
     "AccuracySpread": set(),
     "BaselineResult (written)": {"baseline_written"},
     "BaselineResult (compared)": {"baseline_comparison"},
-    "ConsistencyResult": {"pair_matrices"},
+    "ConsistencyResult": {"pair_matrices", "model_maps"},
     "SeedStabilityResult": {"pair_matrices"},
-    "EnsembleSizeResult": {"ensemble_curve"},
+    "EnsembleSizeResult": {"ensemble_curve", "model_maps_size1", "model_maps_size2"},
 }
 
 

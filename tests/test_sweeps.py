@@ -18,6 +18,7 @@ import torch
 from conftest import make_tiny_cnn, tiny_images
 
 from pytest_saliency.exceptions import SaliencyCheckFailed, SaliencyUsageError
+from pytest_saliency.reporting.numbers import format_score
 from pytest_saliency.strategies import _ig_rule_option
 from pytest_saliency.checks.input_noise import add_input_noise, assert_stable_under_input_noise, input_noise_stability
 from pytest_saliency.checks.sam_grids import GRIDS, SweepGrid, sam_grid
@@ -174,7 +175,7 @@ def test_the_failure_names_the_hyperparameter_the_value_the_similarity_and_the_t
     worst = result.tables[0].rows[0]
     message = str(failure.value)
     assert message.startswith("Saliency check failed: integrated_gradients maps are NOT stable under hyperparameter")
-    assert f"n_steps=2 gives mean ssim {worst.mean('ssim'):.4f} to the reference (n_steps=32), below the threshold 0.95" in message
+    assert f"n_steps=2 gives mean ssim {format_score(worst.mean('ssim'))} to the reference (n_steps=32), below the threshold 0.95" in message
     assert "UNSTABLE" in message and "stability alone is not quality" in message and "reproduce:" in message
     assert [t.hyperparameter for t, _ in result.failures] == ["n_steps"]
     assert result.tables[0].rows[1].mean("ssim") >= 0.95

@@ -40,12 +40,13 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..compare.statistics import bootstrap_interval
-from ..core.integrity import rng_isolated
+from ..core.forward import OutputSelector, passes_model_call
+from ..core.integrity import rng_isolated, short_usage_errors
 from ..core.rng import as_seed
 from ..core.validation import check_choice, check_count, check_inputs, check_model, check_number, check_progress
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
@@ -289,8 +290,8 @@ class AgreementResult:
             chance = "n/a" if p.chance is None else p.chance_text()
             left_out = f"; {p.undefined} of {self.n_images} image(s) left out (constant map)" if p.undefined else ""
             details.append(
-                f"  {p.metric}({p.method_a}, {p.method_b}) {bound} = {self._value(p):.4f}, required {op} "
-                f"{self.required(p):.4g}; chance level {chance}{left_out}"
+                f"  {p.metric}({p.method_a}, {p.method_b}) {bound} = {format_score(self._value(p))}, required {op} "
+                f"{format_threshold(self.required(p))}; chance level {chance}{left_out}"
             )
         return "\n".join(
             [f"Saliency check failed: explanation methods disagree ({len(failing)} of {len(self.pairs)} pair(s))"]
@@ -497,6 +498,7 @@ def _measured_chance(metric: str, a: torch.Tensor, b: torch.Tensor, skip_a: torc
     return float(shifted.mean()) if shifted.numel() else None
 
 
+@short_usage_errors
 def compare_maps(
     maps: dict[str, torch.Tensor],
     metrics: Sequence[str] = DEFAULT_METRICS,
@@ -568,6 +570,7 @@ def compare_maps(
 
 
 @rng_isolated
+@passes_model_call
 def agreement_matrix(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -587,6 +590,8 @@ def agreement_matrix(
     statistic: str = "mean",
     reproduce: str = "",
     progress: Callable[[int, int, str], None] | None = None,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> AgreementResult:
     """Every pair of ``methods`` on the same inputs and targets, under every metric.
 

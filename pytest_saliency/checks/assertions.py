@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ..core.forward import passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
@@ -33,6 +34,7 @@ def _raise_if_failed(result: R) -> R:
 
 
 @rng_isolated
+@passes_model_call
 def assert_sensitive_to_layer_randomization(
     model: torch.nn.Module, inputs: torch.Tensor, method: str | Explainer = "saliency", **options: Any
 ) -> RandomizationResult:
@@ -47,6 +49,7 @@ def assert_sensitive_to_layer_randomization(
 
 
 @rng_isolated
+@passes_model_call
 def assert_sensitive_to_cascading_randomization(
     model: torch.nn.Module, inputs: torch.Tensor, method: str | Explainer = "saliency", **options: Any
 ) -> RandomizationResult:
@@ -56,6 +59,7 @@ def assert_sensitive_to_cascading_randomization(
 
 
 @rng_isolated
+@passes_model_call
 def assert_agreement_above(
     model: torch.nn.Module | torch.Tensor,
     inputs: torch.Tensor,

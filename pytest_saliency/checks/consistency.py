@@ -106,6 +106,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..compare.separability import Separability, fold_assignment, lr_separability, require_sklearn
+from ..core.forward import OutputSelector, call_model, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import model_in_eval_mode, require_torch
@@ -146,6 +147,8 @@ PAIR_MODES = ("all", "reference")
 LR_INPUTS = ("attributions", "maps")
 _MAP_METRICS = ("ssim", "hog_pearson")  # metrics with a spatial window: computed on the preset's maps
 DEFAULT_METRICS = ("ssim", "sign_agreement")
+#: Inputs whose maps a ConsistencyResult keeps for its figure (each model's maps of the first ones).
+SHOWN_INPUTS = 4
 
 
 # ============================================================================================
@@ -219,6 +222,9 @@ class ConsistencyResult:
     reproduce: str = ""
     check: str = "explanation_consistency"  # "seed_consistency" when gated by assert_seed_consistency_above
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
+    # For figures() only, not in to_dict(): the first SHOWN_INPUTS inputs and each model's preset maps of them (CPU)
+    shown_inputs: Any = field(default=None, repr=False, compare=False)
+    shown_maps: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def value(self, metric: str | None = None) -> float:
         """The gated number: C for ``"lr_separability"``, else the mean pairwise similarity."""
@@ -301,7 +307,8 @@ class ConsistencyResult:
         }
 
     def figures(self) -> list[Figure]:
-        """Model x model matrices: held-out LR accuracy, separability and each similarity metric."""
+        """Model x model matrices (held-out LR accuracy, separability and each similarity metric),
+        and each model's maps of the first inputs (see :meth:`map_figures`)."""
         from ..reporting.figures import pair_figures
 
         values = {"lr_accuracy": [p.lr_accuracy for p in self.pairs],
@@ -311,7 +318,15 @@ class ConsistencyResult:
         return pair_figures(
             pairs=[(p.a, p.b) for p in self.pairs], values=values, n_inputs=self.n_inputs, check=self.check,
             what="model", higher_is_better={m: info.higher_is_better for m, info in infos.items() if info is not None},
-        )
+        ) + self.map_figures()
+
+    def map_figures(self, what: str = "models", name: str = "model_maps") -> list[Figure]:
+        """The grid of ``shown_maps``: the first inputs on top, then one row per model (``what``
+        names the rows, in the plural; ``name`` the figure); none when the result kept no maps."""
+        from ..reporting.figures import model_maps_figures
+
+        return model_maps_figures(maps=self.shown_maps, inputs=self.shown_inputs, n_inputs=self.n_inputs,
+                                  method=self.method, preset=self.pipeline.name, what=what, name=name)
 
     def summary(self) -> str:
         """One line: the gated number, the threshold and the verdict."""
@@ -356,15 +371,17 @@ class ConsistencyResult:
             f"  preset:      {self.pipeline.describe()}",
             f"  classifier:  {self.classifier} on {self.lr_input}, {self.n_splits}-fold CV grouped by input "
             f"(held-out M; chance = 0.5)" + ("" if self.converged else "  [did NOT converge in some folds]"),
-            f"  C:           {self.consistency:.4f}   (mean held-out M {self.mean_lr_accuracy:.3f})",
+            f"  C:           {format_score(self.consistency)}   (mean held-out M {self.mean_lr_accuracy:.3f})",
         ]
         if self.threshold is not None:
             lines.append(
-                f"  gate:        {self._metric_label(self.metric)} = {self.score:.4f} vs >= {self.threshold:g}"
+                f"  gate:        {self._metric_label(self.metric)} = {format_score(self.score)} vs >= "
+                f"{format_threshold(self.threshold)}"
                 f"  -> {'PASS' if self.passed else 'FAIL'}"
             )
         if self.per_factor:
-            lines.append("  per factor:  " + ", ".join(f"{f}: C = {c:.4f}" for f, c in sorted(self.per_factor.items())))
+            lines.append("  per factor:  " + ", ".join(f"{f}: C = {format_score(c)}"
+                                                   for f, c in sorted(self.per_factor.items())))
         if self.metrics:
             lines.append(
                 "  similarity:  "
@@ -399,7 +416,8 @@ class ConsistencyResult:
         if self.metric == LR_SEPARABILITY:
             headline = (
                 f"Saliency check failed: {self.method} explanations are not consistent across the models "
-                f"(C = {self.consistency:.4f} < {self.threshold:g}): a classifier tells their maps apart with "
+                f"(C = {format_score(self.consistency)} < {format_threshold(self.threshold)}): "
+                "a classifier tells their maps apart with "
                 f"held-out accuracy {self.mean_lr_accuracy:.3f} on average"
             )
             hint = (
@@ -519,7 +537,8 @@ class SeedStabilityResult:
             f"  method:      {self.method}{format_options(self.method_options)} ({kind})   target: the model's "
             "prediction, fixed",
             f"  preset:      {self.pipeline.describe()}",
-            f"  similarity:  {self._label()} = {self.score:.4f} (mean over {len(self.pair_scores)} seed pairs; "
+            f"  similarity:  {self._label()} = {format_score(self.score)} "
+            f"(mean over {len(self.pair_scores)} seed pairs; "
             f"worst: seeds {a} vs {b} = {_fmt(worst)})"
             + (f"  vs >= {self.threshold:g}" if self.threshold is not None else ""),
             f"  determinism: seed {self.seeds[0]} twice -> "
@@ -643,6 +662,19 @@ def _to_maps(raw: torch.Tensor, pipeline: MapPipeline, map_shape: tuple[int, int
     return apply_pipeline(raw, pipeline)
 
 
+def _shown(
+    inputs: torch.Tensor, raw: dict[str, torch.Tensor], pipeline: MapPipeline, map_shape: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """The result's ``shown_inputs`` and ``shown_maps``: the first :data:`SHOWN_INPUTS` inputs (as
+    images with ``map_shape``) and each model's preset maps of them, on the CPU, for its figure."""
+    k = min(SHOWN_INPUTS, int(inputs.shape[0]))
+    first = inputs[:k].detach().float().cpu()
+    return {
+        "shown_inputs": first if map_shape is None else first.reshape(k, 1, *map_shape),
+        "shown_maps": {label: _to_maps(r[:k].detach(), pipeline, map_shape).float().cpu() for label, r in raw.items()},
+    }
+
+
 def _check_ssim_size(maps: torch.Tensor, pipeline: MapPipeline, method: str) -> None:
     from ..compare.similarity import check_ssim_window
 
@@ -731,7 +763,9 @@ def _check_compatible(named: list[tuple[str, torch.nn.Module]], inputs: torch.Te
             raise SaliencyUsageError(f"model {label!r}: {exc}") from None
         try:
             with torch.no_grad(), model_in_eval_mode(model, True):
-                out = model(probe)
+                out = call_model(model, probe, rows=[0])
+        except SaliencyUsageError as exc:  # an output without scores: says which option selects them
+            raise SaliencyUsageError(f"model {label!r}: {exc}") from None
         except Exception as exc:
             raise SaliencyUsageError(
                 f"model {label!r} ({type(model).__name__}) cannot run on inputs of shape {tuple(inputs.shape)}: "
@@ -883,6 +917,7 @@ def _accuracies(predictions: dict[str, torch.Tensor], labels: torch.Tensor | Non
 
 
 @rng_isolated
+@passes_model_call
 def explanation_consistency(
     models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
     inputs: torch.Tensor,
@@ -902,6 +937,8 @@ def explanation_consistency(
     classifier: Any = None,
     batch_size: int | None = None,
     reproduce: str = "",
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
 ) -> ConsistencyResult:
     """Watson et al.'s explanation consistency C of several models of one architecture.
@@ -1003,7 +1040,7 @@ def explanation_consistency(
         target_mode=target_mode, pair_mode=pairs, lr_input=lr_input, classifier=_classifier_name(classifier),
         n_splits=n_splits, n_inputs=n, seed=seed, device=str(inputs.device), seconds=time.perf_counter() - start,
         accuracies=_accuracies(predictions, true_labels), num_features=int(raw[label_list[0]][0].numel()),
-        converged=converged, reproduce=reproduce,
+        converged=converged, reproduce=reproduce, **_shown(inputs, raw, pipeline, shape),
     )
 
 
@@ -1070,6 +1107,7 @@ def models_from(
 
 
 @rng_isolated
+@passes_model_call
 def seed_consistency(
     models_or_factory: ModelsOrFactory,
     inputs: torch.Tensor,
@@ -1148,6 +1186,7 @@ def default_consistency_threshold(metric: str, k: KValue = 0.1, num_features: in
 
 
 @rng_isolated
+@passes_model_call
 def assert_seed_consistency_above(
     models_or_factory: ModelsOrFactory,
     inputs: torch.Tensor,
@@ -1212,6 +1251,7 @@ def assert_seed_consistency_above(
 
 
 @rng_isolated
+@passes_model_call
 def explainer_seed_stability(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -1226,6 +1266,8 @@ def explainer_seed_stability(
     map_shape: tuple[int, int] | None = None,
     batch_size: int | None = None,
     reproduce: str = "",
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
 ) -> SeedStabilityResult:
     """Explain one model under several method seeds and compare every pair of seeds.
@@ -1303,6 +1345,7 @@ def explainer_seed_stability(
 
 
 @rng_isolated
+@passes_model_call
 def assert_explainer_seed_stable(
     model: torch.nn.Module,
     inputs: torch.Tensor,

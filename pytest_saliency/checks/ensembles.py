@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..core.integrity import rng_isolated
+from ..core.forward import current_call, passes_model_call, select_scores
+from ..core.integrity import rng_isolated, short_usage_errors
 from ..core.rng import derive_seed
 from ..core.validation import (
     check_choice,
@@ -94,6 +95,7 @@ class Ensemble(nn.Module):
     the averaged probability.
     """
 
+    @short_usage_errors
     def __init__(self, members: Sequence[nn.Module], how: str = "average") -> None:
         super().__init__()
         how = _check_how(how)
@@ -111,10 +113,13 @@ class Ensemble(nn.Module):
     def extra_repr(self) -> str:
         return f"how={self.how!r}, n={len(self.members)}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **forward_kwargs: Any) -> torch.Tensor:
+        """``forward_kwargs`` go to every member; each member's scores are selected by the
+        check's ``output=`` (a tensor output as it is)."""
         outputs: list[torch.Tensor] = []
+        selector = current_call().output
         for index, member in enumerate(self.members):
-            out = member(x)
+            out = select_scores(member(x, **forward_kwargs), selector)
             if not isinstance(out, torch.Tensor) or out.dim() != 2:
                 raise SaliencyUsageError(
                     f"ensemble member {index} returned {type(out).__name__} of shape "
@@ -132,6 +137,7 @@ class Ensemble(nn.Module):
         return torch.logsumexp(torch.log_softmax(stacked, dim=-1), dim=0) - math.log(len(outputs))
 
 
+@short_usage_errors
 def ensemble(models: Sequence[nn.Module] | Mapping[Any, nn.Module], how: str = "average") -> Ensemble:
     """An :class:`Ensemble` of ``models`` (a list, or the values of a dict), held by reference."""
     if isinstance(models, nn.Module):
@@ -169,6 +175,7 @@ def _perturb(copy_: nn.Module, layer: str, sigma: float, parameter: str, seed: i
             p.add_(noise, alpha=sigma)
 
 
+@short_usage_errors
 def perturbed_ensemble(
     model: nn.Module | Sequence[nn.Module],
     layer: str | None = None,
@@ -315,13 +322,18 @@ class EnsembleSizeResult:
         return "\n".join([self.summary(), self.report()])
 
     def figures(self) -> list[Figure]:
-        """Consistency C and the similarities between disjoint ensembles against the ensemble size."""
+        """Consistency C and the similarities between disjoint ensembles against the ensemble size,
+        and the maps of the ensembles of the smallest and the largest size (``model_maps_size<s>``)."""
         from ..reporting.figures import ensemble_figures
 
-        return ensemble_figures(
+        figures = ensemble_figures(
             sizes=[row.size for row in self.rows], consistency=[row.consistency for row in self.rows],
             similarities={m: [row.similarities[m] for row in self.rows] for m in self.metrics}, method=self.method,
         )
+        for size in sorted({min(self.results), max(self.results)}) if self.results else []:
+            what = "models" if size == 1 else f"ensembles of {size} models"
+            figures += self.results[size].map_figures(what=what, name=f"model_maps_size{size}")
+        return figures
 
     def summary(self) -> str:
         parts = []
@@ -381,6 +393,7 @@ def _checked_sizes(sizes: object, n_models: int) -> list[int]:
 
 
 @rng_isolated
+@passes_model_call
 def consistency_vs_ensemble_size(
     models_or_factory: ModelsOrFactory,
     inputs: torch.Tensor,

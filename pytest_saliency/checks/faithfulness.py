@@ -34,7 +34,7 @@ Definitions, each an option with the default written here (SAM 2020 and the RISE
     ``scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3.0)`` per channel. RISE
     truncates its kernel at 11x11 taps and pads with zeros (which darkens the border); neither is
     reproduced.
-``output``
+``probability``
     ``"softmax"`` (default): the probability is ``softmax(model(x))[target]``, since RISE wraps
     the classifier in a softmax; ``"raw"`` when the model already outputs probabilities.
 ``normalize``
@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
+from ..core.forward import OutputSelector, call_model, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
@@ -128,7 +129,7 @@ class CausalCurves:
     step: int
     substrate: str
     normalize: str | None
-    output: str
+    probability: str
     seconds: float = 0.0
     method: str = ""
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -148,7 +149,7 @@ class CausalCurves:
         return (
             f"{self.mode}{what}: mean {norm} = {format_score(self.mean_auc)} ({better} is better); "
             f"N = {self.auc.shape[0]}, {self.curves.shape[1] - 1} steps of {self.step} px, "
-            f"order={self.order}, substrate={self.substrate}, probability={self.output}"
+            f"order={self.order}, substrate={self.substrate}, probability={self.probability}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +166,7 @@ class CausalCurves:
             "step": self.step,
             "substrate": self.substrate,
             "normalize": self.normalize,
-            "output": self.output,
+            "probability": self.probability,
             "seconds": self.seconds,
         }
 
@@ -262,17 +263,24 @@ def _substrate(kind: Substrate, inputs: torch.Tensor, blur_sigma: float | None) 
     )
 
 
-def _check_curve_options(mode: Any, order: Any, output: Any, normalize: Any, batch_size: Any) -> int:
+def _check_curve_options(mode: Any, order: Any, probability: Any, normalize: Any, batch_size: Any,
+                         output: Any = None) -> int:
     """The game's options, checked before anything runs; returns ``batch_size`` as an int."""
     check_choice(mode, "mode", MODES)
     check_choice(order, "pixel order", ORDERS, "order ranks pixels by their signed or their absolute attribution.")
-    check_choice(output, "output", OUTPUTS, "'softmax' applies a softmax to the model's logits.")
+    if isinstance(output, str) and output in OUTPUTS:
+        raise SaliencyUsageError(
+            f"output={output!r}: output= selects the scores in the model's output (e.g. output='logits'); "
+            f"the probability the games score is probability={output!r}."
+        )
+    check_choice(probability, "probability", OUTPUTS, "'softmax' applies a softmax to the model's logits.")
     if normalize is not None and not (isinstance(normalize, str) and normalize in NORMALIZATIONS):
         raise unknown_choice("AUC normalization", normalize, ["max", "None"])
     return check_count(batch_size, "batch_size", hint="It bounds the perturbed inputs per forward pass.")
 
 
 @rng_isolated
+@passes_model_call
 def causal_curves(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -285,9 +293,11 @@ def causal_curves(
     substrate: Substrate = "zero",
     blur_sigma: float | None = None,
     normalize: str | None = "max",
-    output: str = "softmax",
+    probability: str = "softmax",
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **method_options: Any,
 ) -> CausalCurves:
     """Play the deletion or insertion game for every input; batched over images and steps.
@@ -306,7 +316,7 @@ def causal_curves(
     start_time = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
-    batch_size = _check_curve_options(mode, order, output, normalize, batch_size)
+    batch_size = _check_curve_options(mode, order, probability, normalize, batch_size, output)
     seed = check_seed(seed)
     label = ""
     if isinstance(attributions, str) or (callable(attributions) and not isinstance(attributions, torch.Tensor)):
@@ -349,12 +359,12 @@ def causal_curves(
             img = image_index[first:first + batch_size]
             keep = (rank[img] < changed[step_index[first:first + batch_size]][:, None])[:, None, :]
             perturbed = torch.where(keep, finish[img], begin[img]).reshape((img.numel(), *inputs.shape[1:]))
-            out = model(perturbed)
+            out = call_model(model, perturbed, rows=img)
             if out.dim() != 2:
                 raise SaliencyUsageError(
                     f"the model's output has shape {tuple(out.shape)}; insertion/deletion need (N, num_classes) scores."
                 )
-            if output == "softmax":
+            if probability == "softmax":
                 out = torch.softmax(out.double(), dim=1)
             probabilities[first:first + img.numel()] = out.gather(1, fixed_target[img][:, None])[:, 0].double()
     curves = probabilities.reshape(n, n_steps + 1)
@@ -362,12 +372,13 @@ def causal_curves(
     return CausalCurves(
         mode=mode, curves=curves.cpu(), fractions=fractions.cpu(), auc=auc.cpu(),
         targets=[int(t) for t in fixed_target.cpu()], order=order, step=step, substrate=substrate_label,
-        normalize=normalize, output=output, seconds=time.perf_counter() - start_time, method=label,
+        normalize=normalize, probability=probability, seconds=time.perf_counter() - start_time, method=label,
         method_options={k: v for k, v in method_options.items()},
     )
 
 
 @rng_isolated
+@passes_model_call
 def deletion(
     model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor | str | Explainer, **options: Any
 ) -> CausalCurves:
@@ -376,6 +387,7 @@ def deletion(
 
 
 @rng_isolated
+@passes_model_call
 def insertion(
     model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor | str | Explainer, **options: Any
 ) -> CausalCurves:
@@ -466,7 +478,8 @@ class AccuracySpread:
             lines.append(f"      {'hyperparameter':<{width}}  std_of_means  mean_image_std  mean AUC per value")
             for r in rows:
                 means = ", ".join(f"{format_value(v, width=24)}: {m:.3f}" for v, m in zip(r.values, r.value_means))
-                lines.append(f"      {r.hyperparameter:<{width}}  {r.std_of_means:12.4f}  {r.mean_image_std:14.4f}  {means}")
+                lines.append(f"      {r.hyperparameter:<{width}}  {format_score(r.std_of_means):>12}  "
+                             f"{format_score(r.mean_image_std):>14}  {means}")
         return "\n".join(lines)
 
     def numbers(self) -> dict[str, Number]:
@@ -544,6 +557,7 @@ def _spread_row(hyperparameter: str, score: str, values: list[Any], aucs: list[t
 
 
 @rng_isolated
+@passes_model_call
 def accuracy_spread(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -560,9 +574,11 @@ def accuracy_spread(
     substrate: Substrate = "zero",
     blur_sigma: float | None = None,
     normalize: str | None = "max",
-    output: str = "softmax",
+    probability: str = "softmax",
     batch_size: int | None = None,
     curve_batch_size: int = DEFAULT_BATCH_SIZE,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> AccuracySpread:
     """The spread of insertion/deletion AUC across a hyperparameter sweep (SAM 4.5 and 4.6).
@@ -589,7 +605,7 @@ def accuracy_spread(
         raise SaliencyUsageError("scores is empty; pass ('deletion', 'insertion') or one of them.")
     check_flag(include_reference, "include_reference")
     seed = check_seed(seed)
-    curve_batch_size = _check_curve_options(MODES[0], order, output, normalize, curve_batch_size)
+    curve_batch_size = _check_curve_options(MODES[0], order, probability, normalize, curve_batch_size, output)
     if step is not None:
         check_count(step, "step", hint="It is the number of pixels changed per step.")
     if isinstance(method, SweepResult):
@@ -604,7 +620,7 @@ def accuracy_spread(
         target = result.target_tensor
     curve_options: dict[str, Any] = dict(
         target=target, order=order, step=step, substrate=substrate, blur_sigma=blur_sigma, normalize=normalize,
-        output=output, batch_size=curve_batch_size,
+        probability=probability, batch_size=curve_batch_size,
     )
 
     cache: dict[tuple[str, int], torch.Tensor] = {}

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..core.integrity import rng_isolated
+from ..core.forward import OutputSelector, passes_model_call
+from ..core.integrity import rng_isolated, short_usage_errors
 from ..core.rng import derive_seed
 from ..core.torchtools import require_torch
 from ..core.validation import (
@@ -63,6 +64,7 @@ NOISES = ("gaussian",)
 NoiseFunction = Callable[["torch.Tensor", int, int], "torch.Tensor"]
 
 
+@short_usage_errors
 def add_input_noise(
     inputs: torch.Tensor, variance: float = SAM_INPUT_NOISE_VARIANCE, clip: tuple[float, float] | None = (0.0, 1.0),
     seed: int = 0, draw: int = 0,
@@ -169,6 +171,7 @@ def _noise_rows(
 
 
 @rng_isolated
+@passes_model_call
 def input_noise_stability(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -189,6 +192,8 @@ def input_noise_stability(
     cache: MapCache | None = None,
     reproduce: str = "",
     progress: Progress | None = None,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> SweepResult:
     """SAM 4.1: maps of x against maps of noisy x (``clip(x + N(0, variance))``), per image.
@@ -249,6 +254,7 @@ def input_noise_stability(
 
 
 @rng_isolated
+@passes_model_call
 def assert_stable_under_input_noise(
     model: torch.nn.Module,
     inputs: torch.Tensor,

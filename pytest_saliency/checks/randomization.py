@@ -22,7 +22,7 @@ moments of the original maps computed once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from ..compare.statistics import (
     check_sensitivity_options,
     sensitivity_statistics,
 )
+from ..core.forward import OutputSelector, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
@@ -186,7 +187,8 @@ class RandomizationResult:
         for r in rows[:max_rows]:
             verdict = "sensitive" if r.sensitive else "INSENSITIVE"
             lines.append(
-                f"    {layer_label(r.name):<{width}}  {r.mean_ssim:9.4f} {r.std_ssim:6.3f} {r.min_ssim:6.3f} {r.max_ssim:7.3f}"
+                f"    {layer_label(r.name):<{width}}  {format_score(r.mean_ssim):>9} {r.std_ssim:6.3f} "
+                f"{r.min_ssim:6.3f} {r.max_ssim:7.3f}"
                 f"   {r.fraction_sensitive:15.1%}  {verdict}"
             )
         if len(rows) > max_rows:
@@ -206,7 +208,8 @@ class RandomizationResult:
             f"  preset:      {self.pipeline.describe()}",
             f"  thresholds:  layer sensitive if SSIM < {s.ssim_threshold:g}; dataset sensitive if "
             f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
-            f"  S^I:         {s.dataset_score:.4f}  ({s.confidence:.0%} bootstrap CI {s.ci_low:.4f} .. {s.ci_high:.4f})"
+            f"  S^I:         {format_score(s.dataset_score)}  ({s.confidence:.0%} bootstrap CI "
+            f"{format_score(s.ci_low)} .. {format_score(s.ci_high)})"
             f"  vs >= {s.sensitivity_threshold:g}  -> {'sensitive' if s.dataset_sensitive else 'NOT sensitive'}",
             f"  images sensitive to every layer (Definition 2): {s.fraction_images_sensitive_to_all_layers:.1%}",
             f"  layers:      {len(s.layers)} ({len(s.insensitive_layers)} with mean SSIM >= {s.ssim_threshold:g})"
@@ -224,7 +227,7 @@ class RandomizationResult:
         if not s.dataset_sensitive:
             headline = (
                 f"Saliency check failed: {self.method} maps are NOT sensitive to {self.mode} layer randomization "
-                f"(S^I = {s.dataset_score:.4f} < {s.sensitivity_threshold:g})"
+                f"(S^I = {format_score(s.dataset_score)} < {format_threshold(s.sensitivity_threshold)})"
             )
         else:
             names = ", ".join(layer_label(layer.name) for layer in s.insensitive_layers[:5])
@@ -502,6 +505,7 @@ def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: floa
 
 
 @rng_isolated
+@passes_model_call
 def layer_randomization(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -532,6 +536,8 @@ def layer_randomization(
     progress: Progress | None = None,
     reproduce: str = "",
     reuse_activations: bool = True,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
 ) -> RandomizationResult:
     """Run IPR (``mode="independent"``) or CPR (``mode="cascading"``) and return the full result.

@@ -56,12 +56,13 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.fingerprint import input_fingerprint
+from ..core.forward import OutputSelector, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
@@ -573,8 +574,9 @@ class BaselineResult:
             f"({self.threshold_source})",
         ]
         if self.values:
-            lines.append(f"  observed:   mean {self.mean:.4f}, min {min(self.values):.4f} over {self.n_images} images")
-            lines.append("  worst images: " + ", ".join(f"#{i} {v:.4f}" for i, v in self.worst()))
+            lines.append(f"  observed:   mean {format_score(self.mean)}, min {format_score(min(self.values))} over "
+                         f"{self.n_images} images")
+            lines.append("  worst images: " + ", ".join(f"#{i} {format_score(v)}" for i, v in self.worst()))
         if self.reproduce:
             lines.append(f"  reproduce:  {self.reproduce}")
         return "\n".join(lines)
@@ -589,7 +591,7 @@ class BaselineResult:
             )
         return "\n".join([
             f"Saliency check failed: {self.method} maps drifted from the stored baseline "
-            f"(mean {self.metric} {self.mean:.4f} < {self.threshold:.4g})",
+            f"(mean {self.metric} {format_score(self.mean)} < {format_threshold(self.threshold)})",
             self.report(),
             "  what next:   if the new explanations are intended (a deliberate model change), refresh the baseline "
             "with pytest --saliency --saliency-update-baselines and commit it; after a retraining with a new seed, "
@@ -825,6 +827,7 @@ def _steps(progress: Callable[[int, int, str], None] | None, total: int) -> Call
 
 
 @rng_isolated
+@passes_model_call
 def check_baseline(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -842,6 +845,8 @@ def check_baseline(
     name: str = "",
     reproduce: str = "",
     progress: Callable[[int, int, str], None] | None = None,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
 ) -> BaselineResult:
     """Compare ``model``'s maps on ``inputs`` with the baseline at ``path``, writing it when missing.

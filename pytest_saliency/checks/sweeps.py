@@ -57,6 +57,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from ..core.forward import OutputSelector, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
@@ -312,10 +313,11 @@ class SweepResult:
                 for m in self.metrics:
                     nan = row.nan_count(m)
                     extra = f" ({nan} NaN)" if nan else ""
-                    cells.append(f"{row.mean(m):>11.4f} +- {row.std(m):<7.4f}{extra:>2}".rjust(24))
+                    cell = f"{format_score(row.mean(m)):>11} +- {format_score(row.std(m)):<7}{extra:>2}"
+                    cells.append(cell.rjust(24))
                 verdict = "" if self.threshold is None else ("UNSTABLE" if id(row) in failing else "ok")
                 lines.append(f"      {label:<{width}}  {'  '.join(cells)}  {verdict}".rstrip())
-            means = ", ".join(f"{m} {table.dataset_mean(m):.4f}" for m in self.metrics)
+            means = ", ".join(f"{m} {format_score(table.dataset_mean(m))}" for m in self.metrics)
             lines.append(f"      dataset mean over values (SAM): {means}")
         return "\n".join(lines)
 
@@ -358,7 +360,7 @@ class SweepResult:
         more = f" (and {len(failures) - 1} more value(s))" if len(failures) > 1 else ""
         headline = (
             f"Saliency check failed: {self.method} maps are NOT stable under {what}: {self._label(table, row)} gives "
-            f"mean {self.metric} {row.mean(self.metric):.4f} to the reference ({self._reference_label()}), "
+            f"mean {self.metric} {format_score(row.mean(self.metric))} to the reference ({self._reference_label()}), "
             f"{op} the threshold {self.threshold:g}{more}"
         )
         hint = (
@@ -845,6 +847,7 @@ def _reference_value(
 
 
 @rng_isolated
+@passes_model_call
 def hyperparameter_sweep(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -865,6 +868,8 @@ def hyperparameter_sweep(
     cache: MapCache | None = None,
     reproduce: str = "",
     progress: Progress | None = None,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> SweepResult:
     """Explain at the reference and at each swept value; per-image similarity to the reference.
@@ -968,6 +973,7 @@ def _default(resolved: MethodSpec | Explainer, name: str, seed: int) -> Any:
 
 
 @rng_isolated
+@passes_model_call
 def assert_stable_under_hyperparameters(
     model: torch.nn.Module,
     inputs: torch.Tensor,

@@ -143,6 +143,7 @@ def _check_input_dtype(inputs: torch.Tensor, model: torch.nn.Module, name: str) 
     refused only when one forward pass of the first input fails; that pass runs in eval mode,
     without gradients and with the random generators restored afterwards, so it changes nothing.
     """
+    from .forward import call_model
     from .rng import seeded
     from .torchtools import model_in_eval_mode
 
@@ -153,7 +154,7 @@ def _check_input_dtype(inputs: torch.Tensor, model: torch.nn.Module, name: str) 
     (dtype,) = dtypes
     try:
         with model_in_eval_mode(model, True), torch.no_grad(), seeded(0, inputs.device):
-            model(inputs[:1])
+            call_model(model, inputs[:1], rows=[0])
     except Exception as exc:  # noqa: BLE001 - reported as the dtype mismatch it most likely is
         raise SaliencyUsageError(
             f"{name} are {inputs.dtype} but the model's parameters are {dtype}, and the model cannot run on "

@@ -73,6 +73,7 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..core.fingerprint import weighted_checksum
+from ..core.forward import call_model
 from ..core.torchtools import require_torch
 from ..core.validation import all_finite
 from ..model.layers import (
@@ -495,7 +496,7 @@ class _RecordedPass:
         """The model's output as it is now (without gradients), with what ended before ``cut`` replayed."""
         torch = require_torch()
         with torch.no_grad(), self._pass(), self._replaying(cut), model_code("the model's replayed forward pass"):
-            return self.model(self.x)
+            return call_model(self.model, self.x)
 
     def close(self) -> None:
         """Drop the recorded outputs (and with them a kept graph)."""
@@ -633,7 +634,7 @@ class GradientReplay(_RecordedPass):
         torch = require_torch()
         leaves: dict[int, tuple[Any, Any]] = {}  # id(recorded tensor) -> (recorded, leaf)
         with torch.enable_grad(), self._replaying(cut, leaves), model_code("the model's replayed forward pass"):
-            out = self.model(self.x)
+            out = call_model(self.model, self.x)
         if self.stood_in and not bool(torch.isfinite(out).all()):
             raise CannotReplay(UNREAD_ERROR)
         selected = out.gather(1, self.recipe.targets(self.target)[:, None]).sum()

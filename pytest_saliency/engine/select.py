@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..core.forward import current_call
 from ..core.rng import generator_states, pass_seeded, same_generator_states
 from ..maps.batching import memory_budget_bytes
 from ..model.layers import ForwardTrace, trace_forward
@@ -48,6 +49,9 @@ def engine_for(model: torch.nn.Module, inputs: torch.Tensor, explanation: Explan
     method's option, which bounds the state stacks and the layer draws kept.
     """
     name = explanation.name
+    # Per-input forward arguments follow the inputs through captum's batches, not through the
+    # engines' recorded passes: those checks explain with the plain engine.
+    reuse_activations = reuse_activations and not current_call().per_example
     gradients = reuse_activations and explanation.named and name in GRADIENT_METHODS
     recording = None
     if gradients and name in TRACED_RECORDING and _one_batch(inputs, explanation, batched):

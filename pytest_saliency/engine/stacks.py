@@ -29,6 +29,7 @@ import functools
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from ..core.forward import call_model
 from ..core.integrity import Undo
 from ..core.rng import generator_states, same_generator_states
 from ..core.torchtools import require_torch
@@ -113,13 +114,13 @@ class StateStack:
             return logits.gather(1, target)[:, 0]
 
         logits, cuts = self._recorded(replay) if replay is not None else (None, [])
-        columns = [column(logits if logits is not None and self.live else self.model(batch))]
+        columns = [column(logits if logits is not None and self.live else call_model(self.model, batch))]
         for index in range(len(self.names)):
             if self.mode == "independent":
                 swap.restore()
             swap.apply(self.drawn[index])
             logits = self._replayed(replay, cuts[index]) if self.live and replay is not None else None
-            columns.append(column(logits if logits is not None else self.model(batch)))
+            columns.append(column(logits if logits is not None else call_model(self.model, batch)))
         return columns
 
     def _recorded(self, replay: ForwardReplay) -> tuple[torch.Tensor | None, list[int]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..core.forward import call_model
 from ..core.torchtools import model_in_eval_mode, module_settings, require_torch
 from ..core.validation import check_count, is_real
 from ..exceptions import SaliencyUsageError
@@ -129,7 +130,7 @@ def _probe_activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> tu
     try:
         handles.extend(m.register_forward_hook(hook) for m in leaves)
         with torch.no_grad(), model_in_eval_mode(model, True):
-            out = model(example)
+            out = call_model(model, example, rows=[0])
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         if isinstance(error, SaliencyUsageError):
             raise

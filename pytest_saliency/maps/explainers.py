@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..core.forward import OutputSelector, ScoresModule, captum_forward, current_call, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.rng import pass_seeded
 from ..core.torchtools import model_in_eval_mode, require_torch
@@ -133,17 +134,17 @@ def run_captum(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor, t
     if isinstance(baselines, torch.Tensor) and baselines.dim() == inputs.dim() and baselines.shape[0] > 1:
         # one baseline per input of the check (see maps.options.check_baselines): these inputs' own
         options = {**options, "baselines": baselines[image_ids(index, inputs.shape[0])]}
+    ids = image_ids(index, inputs.shape[0])
     if not draws_random(spec, options):
-        return _run_captum_chunk(spec, model, inputs, target, options)
+        return _run_captum_chunk(spec, model, inputs, target, options, ids)
     if seed is None:
         seed = _stream_seed()
-    ids = image_ids(index, inputs.shape[0])
     targets = target.reshape(-1).expand(inputs.shape[0]) if target is not None else None
     maps = []
     for row, image in enumerate(ids):
         with pass_seeded(image_seed(seed, image, spec.name, options), inputs.device):
             maps.append(_run_captum_chunk(spec, model, inputs[row:row + 1], None if targets is None
-                                          else targets[row:row + 1], options))
+                                          else targets[row:row + 1], options, [image]))
     return torch.cat(maps) if len(maps) > 1 else maps[0]
 
 
@@ -198,77 +199,88 @@ def _spatial_layer_guard(method: str, model: torch.nn.Module, layer: torch.nn.Mo
 
 
 def _run_captum_chunk(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor | None,
-                      options: dict[str, Any]) -> torch.Tensor:
-    """One captum call on ``inputs`` (for methods that draw: one image, its generators seeded)."""
+                      options: dict[str, Any], rows: Any) -> torch.Tensor:
+    """One captum call on ``inputs`` (for methods that draw: one image, its generators seeded).
+
+    captum runs :func:`captum_forward`'s module (the model's selected scores, the per-input
+    forward arguments of ``rows`` as ``additional_forward_args``); layers are the model's own.
+    """
     import captum.attr as ca
 
     torch = require_torch()
     o = {**spec.defaults, **options}
     name = spec.name
+    forward, extra = captum_forward(model, rows, inputs.shape[0])
+    common = {"target": target, "additional_forward_args": extra}
     if name == "saliency":
-        return ca.Saliency(model).attribute(inputs, target=target, abs=o["abs"])
+        return ca.Saliency(forward).attribute(inputs, abs=o["abs"], **common)
     if name == "input_x_gradient":
-        return ca.InputXGradient(model).attribute(inputs, target=target)
+        return ca.InputXGradient(forward).attribute(inputs, **common)
     if name == "integrated_gradients":
-        return ca.IntegratedGradients(model).attribute(
-            inputs, baselines=zero_or(o["baselines"], inputs), target=target, n_steps=o["n_steps"],
-            method=o["integration_method"], internal_batch_size=o["internal_batch_size"],
+        return ca.IntegratedGradients(forward).attribute(
+            inputs, baselines=zero_or(o["baselines"], inputs), n_steps=o["n_steps"],
+            method=o["integration_method"], internal_batch_size=o["internal_batch_size"], **common,
         )
     if name == "smoothgrad":
         stdev = smoothgrad_stdev(o, inputs)  # one image: its own range
-        return ca.NoiseTunnel(ca.Saliency(_in_dtype_of(model, inputs))).attribute(
-            inputs, nt_type="smoothgrad", nt_samples=o["nt_samples"], stdevs=stdev, target=target,
-            nt_samples_batch_size=o["nt_samples_batch_size"], abs=False,
+        return ca.NoiseTunnel(ca.Saliency(_in_dtype_of(forward, inputs))).attribute(
+            inputs, nt_type="smoothgrad", nt_samples=o["nt_samples"], stdevs=stdev,
+            nt_samples_batch_size=o["nt_samples_batch_size"], abs=False, **common,
         )
     if name == "guided_backprop":
-        return ca.GuidedBackprop(model).attribute(inputs, target=target)
+        return ca.GuidedBackprop(forward).attribute(inputs, **common)
     if name == "deconvolution":
-        return ca.Deconvolution(model).attribute(inputs, target=target)
+        return ca.Deconvolution(forward).attribute(inputs, **common)
     if name == "gradcam":
         layer = find_layer(model, o["layer"])
         with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
-            cam = ca.LayerGradCam(model, layer).attribute(inputs, target=target, relu_attributions=o["relu_attributions"])
+            cam = ca.LayerGradCam(forward, layer).attribute(inputs, relu_attributions=o["relu_attributions"], **common)
         if inputs.dim() == 4:
             cam = ca.LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), o["interpolate_mode"])
         return cam
     if name == "guided_gradcam":
         layer = find_layer(model, o["layer"])
         with _spatial_layer_guard(name, model, layer, o["layer"], inputs):
-            return ca.GuidedGradCam(model, layer).attribute(inputs, target=target)
+            return ca.GuidedGradCam(forward, layer).attribute(inputs, **common)
     if name == "deeplift":
-        return ca.DeepLift(model).attribute(inputs, baselines=zero_or(o["baselines"], inputs), target=target)
+        return ca.DeepLift(forward).attribute(inputs, baselines=zero_or(o["baselines"], inputs), **common)
     if name == "gradient_shap":
         low, high = float(inputs.min()), float(inputs.max())  # one image: its own range
         n_random = max(int(o["n_baselines"]) - 1, 0)
         draws = torch.rand((n_random, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
         baselines = torch.cat([torch.zeros_like(inputs[:1]), low + (high - low) * draws])
-        return ca.GradientShap(_in_dtype_of(model, inputs)).attribute(
-            inputs, baselines=baselines, n_samples=o["n_samples"], stdevs=o["stdevs"], target=target
+        return ca.GradientShap(_in_dtype_of(forward, inputs)).attribute(
+            inputs, baselines=baselines, n_samples=o["n_samples"], stdevs=o["stdevs"], **common
         )
     if name == "occlusion":
         shape, strides = occlusion_windows(inputs, o)
-        return ca.Occlusion(model).attribute(
+        return ca.Occlusion(forward).attribute(
             inputs, sliding_window_shapes=shape, strides=strides, baselines=zero_or(o["baselines"], inputs),
-            target=target,
-            perturbations_per_eval=o["perturbations_per_eval"],
+            perturbations_per_eval=o["perturbations_per_eval"], **common,
         )
+    return _run_perturbation_chunk(ca, name, forward, inputs, o, common)
+
+
+def _run_perturbation_chunk(ca: Any, name: str, forward: Any, inputs: torch.Tensor, o: dict[str, Any],
+                            common: dict[str, Any]) -> torch.Tensor:
+    """Feature ablation, LIME and KernelSHAP over superpixel groups (``grid`` or ``feature_mask``)."""
     mask = o.get("feature_mask")
     if mask is None:
         mask = _grid_mask(inputs, int(o["grid"]))
     if name == "feature_ablation":
-        return ca.FeatureAblation(model).attribute(
-            inputs, baselines=zero_or(o["baselines"], inputs), target=target, feature_mask=mask.expand_as(inputs),
-            perturbations_per_eval=o["perturbations_per_eval"],
+        return ca.FeatureAblation(forward).attribute(
+            inputs, baselines=zero_or(o["baselines"], inputs), feature_mask=mask.expand_as(inputs),
+            perturbations_per_eval=o["perturbations_per_eval"], **common,
         )
     if name == "lime":
         from captum._utils.models.linear_model import SkLearnLasso
 
-        explainer = ca.Lime(model, interpretable_model=SkLearnLasso(alpha=o["alpha"]))
+        explainer = ca.Lime(forward, interpretable_model=SkLearnLasso(alpha=o["alpha"]))
     else:
-        explainer = ca.KernelShap(model)
+        explainer = ca.KernelShap(forward)
     return explainer.attribute(
-        inputs, target=target, feature_mask=mask.expand(1, *inputs.shape[1:]), n_samples=o["n_samples"],
-        perturbations_per_eval=o["perturbations_per_eval"],
+        inputs, feature_mask=mask.expand(1, *inputs.shape[1:]), n_samples=o["n_samples"],
+        perturbations_per_eval=o["perturbations_per_eval"], **common,
     )
 
 
@@ -316,6 +328,7 @@ def prepare_method(
 
 
 @rng_isolated
+@passes_model_call
 def explain(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -326,6 +339,8 @@ def explain(
     *,
     batch_size: int | None = None,
     eval_mode: bool = True,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
 ) -> torch.Tensor:
     """Compute a batch of attribution maps with a named captum method or a user callable.
@@ -340,6 +355,10 @@ def explain(
             post-processed maps of shape (N, H, W).
         batch_size: explain at most this many inputs per call (memory bound); ``None`` = all at once.
         eval_mode: run the model in ``eval()`` mode (restored afterwards).
+        output: which part of the model's output holds the scores (a key, attribute, tuple index
+            or callable); by default a tensor as is, or its ``.logits``. Every check takes it.
+        forward_kwargs: keyword arguments for the model's forward; a tensor with one row per
+            input (an attention mask) follows its inputs through every batch. Every check takes it.
         **method_kwargs: the method's hyperparameters (see :data:`pytest_saliency.maps.methods.METHODS` for names and defaults).
     """
     check_model(model)
@@ -424,7 +443,9 @@ def attribute(
                     _raise_no_gradient_path_error(method, exc)
                     raise
             else:
-                out = method(model, chunk.detach(), chunk_target)
+                call = current_call()
+                explained = model if call.default else ScoresModule(model, call, rows=chunk_ids)
+                out = method(explained, chunk.detach(), chunk_target)
             outputs.append(out.detach())
     result = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     if not isinstance(result, torch.Tensor) or result.shape[0] != inputs.shape[0]:

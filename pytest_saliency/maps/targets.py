@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..core.forward import call_model
 from ..core.rng import pass_seeded
 from ..core.torchtools import model_in_eval_mode, require_torch
 from ..core.validation import unknown_choice
@@ -54,7 +55,10 @@ def predicted_targets(model: torch.nn.Module, inputs: torch.Tensor, batch_size: 
     """
     torch = require_torch()
     with torch.no_grad(), model_in_eval_mode(model, True), pass_seeded(seed, inputs.device):
-        outputs = [model(chunk) for chunk in chunks(inputs, batch_size)]
+        outputs, first = [], 0
+        for chunk in chunks(inputs, batch_size):
+            outputs.append(call_model(model, chunk, rows=range(first, first + chunk.shape[0])))
+            first += chunk.shape[0]
     return targets_from_outputs(torch.cat(outputs))
 
 

@@ -23,10 +23,11 @@ cannot change any map. Naming one explicitly is an error.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..core.forward import OutputSelector, call_model, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.torchtools import (
     ensure_eval_mode,
@@ -167,17 +168,19 @@ def trace_forward(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int 
         ensure_eval_mode(model, flags)
         if saved_tensors_hooks is not None:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*saved_tensors_hooks), tracer.mode():
-                results = [model(inputs)]
+                results = [call_model(model, inputs, rows=range(inputs.shape[0]))]
         else:
             with torch.no_grad():
                 with tracer.mode():
-                    results = [model(chunks[0])]
+                    results = [call_model(model, chunks[0], rows=range(chunks[0].shape[0]))]
                 restore_forwards(patched)
                 if len(chunks) > 1:  # note the order of module calls: see _place_later_modules
                     tracer.watch_entries(modules, handles)
+                first = chunks[0].shape[0]
                 for chunk in chunks[1:]:
                     tracer.later.append(None)
-                    results.append(model(chunk))
+                    results.append(call_model(model, chunk, rows=range(first, first + chunk.shape[0])))
+                    first += chunk.shape[0]
     finally:
         restore_forwards(patched)
         for handle in handles:
@@ -394,6 +397,7 @@ def _collect(value: Any, leaves: list[Any]) -> None:
 
 
 @rng_isolated
+@passes_model_call
 def select_layers(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -401,6 +405,8 @@ def select_layers(
     *,
     depth: int = 1,
     trace: ForwardTrace | None = None,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` pairs to randomize, in forward-execution order (input side first).
 

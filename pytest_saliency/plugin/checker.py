@@ -19,6 +19,7 @@ import shlex
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..core.integrity import short_usage_errors
 from ..reporting.protocol import CheckResult
 from .config import SaliencyConfig
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from ..checks.sweeps import SweepResult
 
 RESULT_PROPERTY = "saliency_result"
+#: What the input-noise checks' progress counts: one explanation of the clean inputs, then one
+#: of each noisy copy (each noise level times its draws); the step's label says which.
+NOISE_STEPS = "noise draws"
 R = TypeVar("R", bound=CheckResult)
 
 
@@ -57,6 +61,7 @@ class SaliencyChecker:
         self.cache = cache
         self.model_cache = model_cache
         self.results: list[CheckResult] = []
+        self.model_call: dict[str, Any] = {}
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -71,9 +76,16 @@ class SaliencyChecker:
             parts.append(f"--saliency-device={self.config.device}")
         return " ".join(parts + [shlex.quote(self.nodeid)])
 
+    def set_model_call(self, output: Any = None, forward_kwargs: Any = None) -> SaliencyChecker:
+        """Make ``output=`` and ``forward_kwargs=`` (how the model is called, see
+        :mod:`pytest_saliency.core.forward`) the default of every check this test runs; a check's
+        own options win. Returns the checker, for a ``saliency`` fixture override in conftest.py."""
+        self.model_call = {"output": output, "forward_kwargs": forward_kwargs}
+        return self
+
     def _common(self, options: dict[str, Any]) -> dict[str, Any]:
         """Preset, seed and reproduce line: what every check takes from the session."""
-        merged = {"preset": self.config.preset, **options}
+        merged = {"preset": self.config.preset, **self.model_call, **options}
         if self.config.seed is not None:
             merged["seed"] = self.config.seed
         if self.nodeid:
@@ -150,6 +162,7 @@ class SaliencyChecker:
         self._store(result)
         return result
 
+    @short_usage_errors
     def record(self, result: R) -> R:
         """Record a result computed outside this fixture, as its own methods record theirs.
 
@@ -178,6 +191,7 @@ class SaliencyChecker:
 
     # -- the checks ------------------------------------------------------------------------------
 
+    @short_usage_errors
     def layer_randomization(self, model: torch.nn.Module, inputs: torch.Tensor,
                             method: Any = "saliency", **options: Any) -> RandomizationResult:
         """Run a randomization check and return the result without asserting (it is still recorded)."""
@@ -203,15 +217,18 @@ class SaliencyChecker:
 
         return self._checked(check, model, inputs, method, **self._randomization(options))
 
+    @short_usage_errors
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor,
                 method: Any = "saliency", **options: Any) -> torch.Tensor:
         """:func:`pytest_saliency.explain` with the session's seed (raw attributions unless preset=)."""
         from ..maps.explainers import explain
 
+        options = {**self.model_call, **options}
         if self.config.seed is not None:
             options["seed"] = self.config.seed
         return explain(model, inputs, method, **options)
 
+    @short_usage_errors
     def agreement_matrix(self, model: torch.nn.Module, inputs: torch.Tensor,
                          methods: Any = ("saliency", "integrated_gradients"),
                          metrics: Any = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim"),
@@ -234,6 +251,7 @@ class SaliencyChecker:
                              **self._with_progress(self._common(options), "methods"))
 
 
+    @short_usage_errors
     def explanation_consistency(self, models: Any, inputs: torch.Tensor,
                                 method: Any = "saliency", **options: Any) -> ConsistencyResult:
         """:func:`pytest_saliency.explanation_consistency` with the session's preset and seed (recorded)."""
@@ -262,18 +280,20 @@ class SaliencyChecker:
         from ..checks.consistency import assert_explainer_seed_stable as check
 
         # No session seed here: the seeds under test are the point of the check.
-        options = {"preset": self.config.preset, **options}
+        options = {"preset": self.config.preset, **self.model_call, **options}
         if self.nodeid:
             options.setdefault("reproduce", self.reproduce_command(0))
         return self._checked(check, model, inputs, method, seeds, metric, threshold, **options)
 
 
-    def _sweeps(self, options: dict[str, Any]) -> dict[str, Any]:
-        merged = self._with_progress(self._common(options), "settings")
+    def _sweeps(self, options: dict[str, Any], unit: str = "settings") -> dict[str, Any]:
+        """The sweep checks' options; ``unit`` is what their progress counts (the sweep's settings)."""
+        merged = self._with_progress(self._common(options), unit)
         if self.cache is not None:
             merged.setdefault("cache", self.cache)
         return merged
 
+    @short_usage_errors
     def hyperparameter_sweep(self, model: torch.nn.Module, inputs: torch.Tensor,
                              method: Any = "smoothgrad", sweep: Any = None,
                              reference: Any = None, **options: Any) -> SweepResult:
@@ -292,12 +312,13 @@ class SaliencyChecker:
 
         return self._checked(check, model, inputs, method, sweep, reference, **self._sweeps(options))
 
+    @short_usage_errors
     def input_noise_stability(self, model: torch.nn.Module, inputs: torch.Tensor,
                               method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x against maps of x + noise (SAM 4.1), recorded, not asserted."""
         from ..checks.input_noise import input_noise_stability
 
-        return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options)))
+        return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options, NOISE_STEPS)))
 
     def assert_stable_under_input_noise(self, model: torch.nn.Module, inputs: torch.Tensor,
                                         method: Any = "saliency", **options: Any) -> SweepResult:
@@ -305,8 +326,9 @@ class SaliencyChecker:
         __tracebackhide__ = True
         from ..checks.input_noise import assert_stable_under_input_noise as check
 
-        return self._checked(check, model, inputs, method, **self._sweeps(options))
+        return self._checked(check, model, inputs, method, **self._sweeps(options, NOISE_STEPS))
 
+    @short_usage_errors
     def accuracy_spread(self, model: torch.nn.Module, inputs: torch.Tensor,
                         method: Any = "smoothgrad", sweep: Any = None,
                         reference: Any = None, **options: Any) -> AccuracySpread:
@@ -332,6 +354,7 @@ class BaselineChecker:
         self.module_dirs = module_dirs
         self._written = written
 
+    @short_usage_errors
     def path(self, name: str | None = None) -> Any:
         from ..checks.regression import baseline_path
 

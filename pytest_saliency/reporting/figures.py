@@ -4,11 +4,11 @@ Each check kind has one entry point that takes the numbers and maps to draw, as 
 arguments, and returns the figures as lazy ``(name, render)`` pairs
 (:data:`~pytest_saliency.reporting.protocol.Figure`): :func:`randomization_figures`,
 :func:`agreement_figures`, :func:`sweep_figures`, :func:`ensemble_figures`,
-:func:`pair_figures` and :func:`baseline_figures`. A result's ``figures()`` method (the
-:class:`~pytest_saliency.reporting.protocol.CheckResult` protocol) passes its own fields to one of
-them; this module never sees a result object, so reporting does not depend on the checks. A
-user's own result provides pictures the same way: its ``figures()`` returns ``(name, render)``
-pairs, drawn with these functions or with anything that returns PNG bytes.
+:func:`pair_figures`, :func:`model_maps_figures` and :func:`baseline_figures`. A result's
+``figures()`` method (the :class:`~pytest_saliency.reporting.protocol.CheckResult` protocol)
+passes its own fields to one of them; this module never sees a result object, so reporting does
+not depend on the checks. A user's own result provides pictures the same way: its ``figures()``
+returns ``(name, render)`` pairs, drawn with these functions or with anything that returns PNG bytes.
 :func:`figures_for` renders what a result lists, leaving out (and explaining) a figure that
 cannot be drawn.
 
@@ -43,6 +43,8 @@ MAX_WIDTH = 11.8  # inches: ~1060 px at 90 dpi, shown 1:1 in the HTML report's c
 MAX_AGREEMENT_IMAGES = 3
 MAX_BASELINE_IMAGES = 4
 MAX_PAIR_MATRICES = 6
+MAX_MAP_ROWS = 8  # labels (models, methods) in one strip of maps
+MAX_MODEL_IMAGES = 4
 
 BAD = "#c62828"
 INK = "#222222"
@@ -168,6 +170,22 @@ def _map_scale(arrays: Iterable[Any]) -> tuple[str, float, float]:
     return "inferno", 0.0, high
 
 
+def _input_image(image: Any) -> Any:
+    """One input as a picture in [0, 1], scaled to its own range: 3 channels first -> RGB (H, W, 3),
+    other channel counts -> their mean (H, W), a feature vector -> one row (a constant input is grey)."""
+    import numpy as np
+
+    if image.ndim == 3 and image.shape[0] == 3:
+        image = np.moveaxis(image, 0, -1)
+    else:
+        while image.ndim > 2:
+            image = image.mean(axis=0)
+        image = _as_image(image)
+    finite = image[np.isfinite(image)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    return (image - low) / (high - low) if high > low else np.where(np.isfinite(image), 0.5, np.nan)
+
+
 def _as_image(image: Any) -> Any:
     """A 2-D array for imshow: (1, H, W) -> (H, W); a 1-D feature map -> one row."""
     while image.ndim > 2 and image.shape[0] == 1:
@@ -203,7 +221,7 @@ def _map_grid(
     """A grid of maps drawn into one full-figure axes with inch coordinates (fast, exact layout).
 
     ``scales`` maps a cell's ``scale`` key to ``(cmap, vmin, vmax, colorbar label)``; each scale
-    gets one colorbar on the right.
+    with a label gets one colorbar on the right (an empty label: none, e.g. for the inputs).
     """
     from matplotlib.patches import Rectangle
 
@@ -215,9 +233,11 @@ def _map_grid(
     caption_h = 0.21 if any(c.caption for c in cells) else 0.03
     title_h = 0.2 if any(c.title for c in cells) else 0.0
     row_h = title_h + ph + caption_h + 0.1
-    left = 0.34 if row_labels else 0.12
+    # a row label runs up the row's side, or, for rows too short for it (feature vectors), left of the row
+    flat = bool(row_labels) and ph < 0.06 * max(len(t) for t in row_labels or [""])
+    left = (0.2 + 0.062 * max(len(t) for t in row_labels or [""]) if flat else 0.34) if row_labels else 0.12
     used = {c.scale for c in cells}
-    bars = [key for key in scales if key in used]
+    bars = [key for key in scales if key in used and scales[key][3]]
     grid_w = ncols * pw + (ncols - 1) * gap
     width = left + grid_w + 0.2 + 0.72 * len(bars)
     title = _wrap(title, width - 0.2, 9)
@@ -230,8 +250,8 @@ def _map_grid(
     for r, row in enumerate(rows):
         y = top + r * row_h + title_h
         if row_labels and r < len(row_labels):
-            ax.text(left - 0.17, y + ph / 2, row_labels[r], rotation=90, ha="center", va="center", fontsize=8,
-                    color=INK)
+            ax.text(left - (0.08 if flat else 0.17), y + ph / 2, row_labels[r], rotation=0 if flat else 90,
+                    ha="right" if flat else "center", va="center", fontsize=8, color=INK)
         for c, cell in enumerate(row):
             if cell is None:
                 continue
@@ -606,21 +626,28 @@ def _agreement_matrices(labels: list[str], metrics: list[str], matrices: Mapping
     return _heatmaps(grids, labels, f"Method agreement: mean over {n_images} images{extra}")
 
 
-def _maps_strip(maps: Mapping[str, Any], title: str, max_images: int, transpose: bool = False) -> bytes:
-    """Rows: images; columns: the labels of ``maps`` (``transpose``: one row, images as columns)."""
+def _maps_strip(maps: Mapping[str, Any], title: str, max_images: int, transpose: bool = False,
+                inputs: Any = None) -> bytes:
+    """Rows: images; columns: the labels of ``maps`` (``transpose``: one row per label, images as
+    columns, under a first row of the ``inputs`` when given)."""
     arrays = {str(label): _np(value) for label, value in maps.items()}
     arrays = {k: v for k, v in arrays.items() if v is not None and v.ndim >= 2 and v.shape[0] > 0}
     if not arrays:
         raise ValueError("no maps to draw")
-    labels = list(arrays)[:8]
-    rows = min(max_images, min(arrays[k].shape[0] for k in labels))
+    labels = list(arrays)[:MAX_MAP_ROWS]
+    shown = _np(inputs)
+    rows = min([max_images, *(arrays[k].shape[0] for k in labels), *([] if shown is None else [len(shown)])])
     cmap, vmin, vmax = _map_scale([arrays[k][:rows] for k in labels])
-    scales = {"map": (cmap, vmin, vmax, _scale_label(cmap))}
+    scales = {"map": (cmap, vmin, vmax, _scale_label(cmap)), "input": ("gray", 0.0, 1.0, "")}
     grid: list[list[_Cell | None]]
     if transpose:
         grid = [[_Cell(arrays[k][r]) for r in range(rows)] for k in labels]
+        row_labels = [_short(k, 18) for k in labels]
+        if shown is not None:
+            grid.insert(0, [_Cell(_input_image(shown[r]), scale="input") for r in range(rows)])
+            row_labels.insert(0, "input")
         return _map_grid(grid, scales=scales, title=title, col_titles=[(f"image {r}", INK) for r in range(rows)],
-                         row_labels=[_short(k, 18) for k in labels])
+                         row_labels=row_labels)
     grid = [[_Cell(arrays[k][r]) for k in labels] for r in range(rows)]
     return _map_grid(grid, scales=scales, title=title, col_titles=[(_short(k, 18), INK) for k in labels],
                      row_labels=[f"image {r}" for r in range(rows)])
@@ -847,6 +874,38 @@ def _pair_matrices(pairs: list[tuple[str, str]], labels: list[str], values: dict
     return _heatmaps(grids, labels, title)
 
 
+def model_maps_figures(
+    *,
+    maps: Mapping[str, Any],
+    inputs: Any = None,
+    n_inputs: int | None = None,
+    method: str = "",
+    preset: str = "",
+    what: str = "models",
+    name: str = "model_maps",
+) -> list[Figure]:
+    """The figure of a check across models or seeds: ``model_maps``, their maps of the same inputs.
+
+    ``maps[label]`` holds one model's (k, H, W) maps of the first k inputs, ``inputs`` those
+    inputs ((k, C, H, W), (k, H, W) or (k, D); 3 channels are drawn as RGB, others in grey, each
+    scaled to its own range). The grid has the inputs in its first row, then one row per model
+    (at most :data:`MAX_MAP_ROWS`), and one column per input (at most :data:`MAX_MODEL_IMAGES`),
+    every map on one colour scale, so that how the models' explanations differ shows at a glance.
+    ``n_inputs`` (how many inputs the check used), ``method``, ``preset`` and ``what`` (the rows,
+    plural: ``models``, ``seeds``, ``ensembles of 2 models``) word the title; ``name`` names the
+    figure. No figure without maps.
+    """
+    if not maps:
+        return []
+    k = min([MAX_MODEL_IMAGES, *(len(m) for m in maps.values())])
+    rows = f"{len(maps)} {what}" if len(maps) <= MAX_MAP_ROWS else f"the first {MAX_MAP_ROWS} of {len(maps)} {what}"
+    of = "" if n_inputs is None else f" of {n_inputs}"
+    on_top = "" if inputs is None else " (the inputs on top)"
+    title = (f"{method or 'explanation'} maps{f' ({preset})' if preset else ''} of {rows} for the first {k}{of} "
+             f"inputs{on_top}, on one colour scale")
+    return [(name, lambda: _maps_strip(maps, title, MAX_MODEL_IMAGES, transpose=True, inputs=inputs))]
+
+
 # --------------------------------------------------------------------------------------------
 # baselines
 
@@ -973,7 +1032,7 @@ def figures_for(result: CheckResult, *, strict: bool = False, errors: list[str] 
 
     The names are file-name-safe stems: ``randomization_strip``, ``ssim_curve``,
     ``agreement_matrices``, ``agreement_maps``, ``sweep_curves``, ``ensemble_curve``,
-    ``pair_matrices``, ``baseline_comparison``, ``baseline_written`` for the library's checks,
+    ``pair_matrices``, ``model_maps``, ``baseline_comparison``, ``baseline_written`` for the library's checks,
     whatever a user's own result names its figures. A ``figures()`` that raises costs the
     result its figures, not the report: the error goes to ``errors`` (``strict`` raises it).
     """
@@ -990,5 +1049,5 @@ def figures_for(result: CheckResult, *, strict: bool = False, errors: list[str] 
 
 __all__ = [
     "DPI", "MISSING_MATPLOTLIB", "SweepSeries", "agreement_figures", "baseline_figures", "ensemble_figures",
-    "figures_for", "pair_figures", "randomization_figures", "render", "sweep_figures",
+    "figures_for", "model_maps_figures", "pair_figures", "randomization_figures", "render", "sweep_figures",
 ]

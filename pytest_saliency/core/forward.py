@@ -1,0 +1,291 @@
+"""How a check calls the user's model: the extra arguments its forward takes, and which part of
+its output holds the class scores.
+
+Models as people write them return a tensor of scores, a tuple, a dict, or a Hugging Face
+``ModelOutput``, and take extra arguments (an attention mask, a flag). Every entry point accepts
+
+- ``output=``: which part of the output holds the (N, num_classes) scores: a key or attribute
+  name (``"logits"``), an index into a tuple, or a callable ``output(out) -> tensor``. The default
+  takes a tensor as it is and the ``.logits`` of anything that has one, and otherwise raises an
+  error naming the output's type and this option. A name or an index leaves a tensor output as it
+  is (the same option then serves an :class:`~pytest_saliency.checks.ensembles.Ensemble` of such
+  models);
+- ``forward_kwargs=``: keyword arguments for every forward call. A tensor whose first dimension
+  equals the number of inputs is one row per input (an attention mask): each forward gets the
+  rows of the inputs it runs on, also inside captum's expanded batches (passed to captum as
+  ``additional_forward_args``, which captum expands with the inputs). Anything else is passed
+  to every call unchanged.
+
+An entry point decorated with :func:`passes_model_call` makes its options the ambient
+:class:`ModelCall` for everything it runs; the library's own forward passes go through
+:func:`call_model`, and captum gets :func:`captum_forward`'s module. Nested entry points that
+leave both options unset run under the outer call's options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, Union
+
+from ..exceptions import SaliencyUsageError
+from .torchtools import require_torch
+
+if TYPE_CHECKING:
+    import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: What ``output=`` accepts: None (the default rule), a key or attribute name, a tuple index, or a callable.
+OutputSelector = Union[None, str, int, Callable[[Any], Any]]
+
+OUTPUT_HINT = (
+    "Pass output= naming the scores: output='logits' (a key or attribute), output=0 (a tuple index), "
+    "or output=lambda out: out['scores']."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCall:
+    """The options every forward pass of one check uses (see the module docstring)."""
+
+    output: OutputSelector = None
+    static: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    per_example: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    n_inputs: int = 0
+
+    @property
+    def default(self) -> bool:
+        return self.output is None and not self.static and not self.per_example
+
+    def kwargs_for(self, rows: Any, batch: int) -> dict[str, Any]:
+        """The forward keyword arguments for a batch of ``batch`` inputs at ``rows`` of the check's
+        inputs (``None``: the batch is the check's inputs, in order)."""
+        if not self.per_example:
+            return dict(self.static)
+        index = _row_index(self, rows, batch)
+        return {**self.static, **{name: value[index] for name, value in self.per_example.items()}}
+
+
+_CALL: contextvars.ContextVar[ModelCall] = contextvars.ContextVar("pytest_saliency_model_call", default=ModelCall())
+
+
+def current_call() -> ModelCall:
+    """The ambient :class:`ModelCall` (the default one outside every entry point)."""
+    return _CALL.get()
+
+
+def _row_index(call: ModelCall, rows: Any, batch: int) -> Any:
+    torch = require_torch()
+    names = ", ".join(repr(n) for n in call.per_example)
+    if rows is None:
+        if batch != call.n_inputs:
+            raise SaliencyUsageError(
+                f"forward_kwargs {names} have one row per input ({call.n_inputs} inputs), but this step of the "
+                f"check runs the model on {batch} examples that are not those inputs, so it cannot tell which "
+                "rows belong to them. Pass the per-input arguments for the inputs this check is given, or run "
+                "this check without per-input forward arguments."
+            )
+        return slice(None)
+    device = next(iter(call.per_example.values())).device
+    index = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
+    if index.numel() == batch:
+        return index
+    if index.numel() == 1:
+        return index.expand(batch)
+    raise SaliencyUsageError(
+        f"forward_kwargs {names}: a forward pass of {batch} examples was given {index.numel()} rows of per-input "
+        "arguments. This is a bug in pytest-saliency; please report it with the check you ran."
+    )
+
+
+def _check_selector(output: Any) -> OutputSelector:
+    if output is None or isinstance(output, str) or callable(output):
+        return output
+    if isinstance(output, int) and not isinstance(output, bool):
+        return output
+    raise SaliencyUsageError(
+        f"output={output!r} ({type(output).__name__}) is not a way to select the scores. {OUTPUT_HINT}"
+    )
+
+
+def _split_kwargs(forward_kwargs: Any, n_inputs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(static, per_example)``: per-example are tensors whose first dimension is the input count."""
+    torch = require_torch()
+    if forward_kwargs is None:
+        return {}, {}
+    if not isinstance(forward_kwargs, Mapping) or not all(isinstance(k, str) for k in forward_kwargs):
+        raise SaliencyUsageError(
+            f"forward_kwargs must be a dict of keyword arguments for the model's forward, got "
+            f"{type(forward_kwargs).__name__}. Pass e.g. forward_kwargs={{'attention_mask': mask}}."
+        )
+    static: dict[str, Any] = {}
+    per_example: dict[str, Any] = {}
+    for name, value in forward_kwargs.items():
+        rows = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_inputs
+        (per_example if rows else static)[name] = value
+    return static, per_example
+
+
+@contextlib.contextmanager
+def model_call_options(output: Any = None, forward_kwargs: Any = None, inputs: Any = None) -> Iterator[ModelCall]:
+    """Make ``output`` and ``forward_kwargs`` the ambient options for the forward passes inside.
+
+    With both unset, an enclosing entry point's options stay in force.
+    """
+    outer = _CALL.get()
+    if output is None and forward_kwargs is None and not outer.default:
+        yield outer
+        return
+    n_inputs = int(inputs.shape[0]) if hasattr(inputs, "shape") and len(inputs.shape) else 0
+    static, per_example = _split_kwargs(forward_kwargs, n_inputs)
+    call = ModelCall(_check_selector(output), static, per_example, n_inputs)
+    token = _CALL.set(call)
+    try:
+        yield call
+    finally:
+        _CALL.reset(token)
+
+
+def passes_model_call(function: F) -> F:
+    """Run an entry point with its ``output=`` and ``forward_kwargs=`` (parameters of its own, or
+    options it passes on through ``**kwargs``) as the ambient :class:`ModelCall`, for the
+    examples of its ``inputs`` argument."""
+    signature = inspect.signature(function)
+    if "inputs" not in signature.parameters:
+        raise TypeError(f"{function.__qualname__} has no inputs parameter")
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        passed = {**bound.get(var_keyword, {}), **bound} if var_keyword else bound
+        with model_call_options(passed.get("output"), passed.get("forward_kwargs"), passed.get("inputs")):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _describe(out: Any) -> str:
+    torch = require_torch()
+    if isinstance(out, Mapping):
+        parts = [f"{k!r}: {_short(v, torch)}" for k, v in out.items()]
+        return f"{type(out).__name__} with keys {{{', '.join(parts)}}}"
+    if isinstance(out, (tuple, list)):
+        return f"{type(out).__name__} of {len(out)} ({', '.join(_short(v, torch) for v in out)})"
+    return type(out).__name__
+
+
+def _short(value: Any, torch: Any) -> str:
+    return f"tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def select_scores(out: Any, output: OutputSelector = None) -> torch.Tensor:
+    """The scores tensor in a model's output ``out`` by the ``output=`` rule (module docstring)."""
+    torch = require_torch()
+    if output is None:
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        raise SaliencyUsageError(
+            f"the model returns a {_describe(out)}, not a tensor of scores, and has no .logits. {OUTPUT_HINT}"
+        )
+    if isinstance(out, torch.Tensor) and not callable(output):
+        return out  # already the scores (an Ensemble of such models, a wrapper that selected them)
+    selected = _selected(out, output)
+    if not isinstance(selected, torch.Tensor):
+        raise SaliencyUsageError(
+            f"output={_name(output)} selected a {type(selected).__name__} from the model's {_describe(out)}; "
+            f"it must select a tensor of scores. {OUTPUT_HINT}"
+        )
+    return selected
+
+
+def _name(output: OutputSelector) -> str:
+    return getattr(output, "__name__", repr(output)) if callable(output) else repr(output)
+
+
+def _selected(out: Any, output: OutputSelector) -> Any:
+    try:
+        if callable(output):
+            return output(out)
+        if isinstance(output, int):
+            return out[output]
+        if isinstance(out, Mapping):
+            return out[output]
+        return getattr(out, str(output))
+    except (KeyError, IndexError, AttributeError, TypeError) as error:
+        raise SaliencyUsageError(
+            f"output={_name(output)} cannot select the scores from the model's {_describe(out)} "
+            f"({type(error).__name__}: {error}). {OUTPUT_HINT}"
+        ) from None
+
+
+def call_model(model: Any, inputs: torch.Tensor, rows: Any = None) -> torch.Tensor:
+    """``model(inputs, **forward_kwargs)``'s scores under the ambient :class:`ModelCall`.
+
+    ``rows``: where ``inputs`` sit in the check's inputs (an index per input, or one index for a
+    batch that repeats one input); ``None`` when ``inputs`` are the check's inputs in order.
+    """
+    call = _CALL.get()
+    if call.default:
+        return select_scores(model(inputs))
+    return select_scores(model(inputs, **call.kwargs_for(rows, inputs.shape[0])), call.output)
+
+
+def captum_forward(model: Any, rows: Any, batch: int) -> tuple[Any, tuple[Any, ...] | None]:
+    """``(forward, additional_forward_args)`` for a captum method explaining ``batch`` inputs at
+    ``rows`` of the check's inputs: a module that returns the selected scores and takes the
+    per-input forward arguments positionally (captum expands ``additional_forward_args`` with the
+    inputs: IG's steps, SmoothGrad's samples, occlusion's perturbations)."""
+    call = _CALL.get()
+    if not call.per_example:
+        return ScoresModule(model, call), None
+    names = tuple(call.per_example)
+    index = _row_index(call, rows, batch)
+    return ScoresModule(model, call, names), tuple(call.per_example[name][index] for name in names)
+
+
+def _module_base() -> type:
+    return require_torch().nn.Module
+
+
+class ScoresModule(_module_base()):  # type: ignore[misc]
+    """The user's model (a child, so captum's module hooks reach its layers) returning the scores
+    selected by a :class:`ModelCall`. With ``names``, the per-input forward arguments come
+    positionally after the inputs (captum's ``additional_forward_args``); without, they are the
+    rows ``rows`` of the check's inputs (see :func:`call_model`)."""
+
+    def __init__(self, model: Any, call: ModelCall, names: Sequence[str] = (), rows: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.call = call
+        self.names = tuple(names)
+        self.rows = rows
+
+    def forward(self, inputs: Any, *per_example: Any) -> Any:
+        if self.names:
+            kwargs = {**self.call.static, **dict(zip(self.names, per_example))}
+        else:
+            kwargs = self.call.kwargs_for(self.rows, inputs.shape[0])
+        return select_scores(self.model(inputs, **kwargs), self.call.output)
+
+    def __getattr__(self, name: str) -> Any:
+        """The user's model's attributes (``wrapper.features[3]`` for a custom explainer's layer)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+__all__ = [
+    "OUTPUT_HINT", "ModelCall", "OutputSelector", "ScoresModule", "call_model", "captum_forward", "current_call",
+    "model_call_options", "passes_model_call", "select_scores",
+]
