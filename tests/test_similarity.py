@@ -8,7 +8,12 @@ hypothesis fast on 2-D maps while still shrinking to a small failing configurati
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from skimage.metrics import structural_similarity as sk_ssim
 
-from pytest_saliency.exceptions import SaliencyUsageError
 from pytest_saliency.compare.similarity import pearson, rankdata, spearman, structural_similarity
+from pytest_saliency.exceptions import SaliencyUsageError
 
 SKIMAGE_TRUNCATE = 3.5
 MAP_KINDS = ("random", "related", "anti", "const_equal", "const_diff", "mixed", "near_const")
@@ -199,6 +204,64 @@ def test_ssim_default_gaussian_window_is_skimage_default() -> None:
         )
 
 
+#: The last version of the module before maps of height 1 became 1-D signals: the 2-D path must
+#: give bit-for-bit the results it gave.
+BEFORE_1D = "eae59bf679236b498b12298f73fde758f631bb31"
+
+
+def _similarity_before_1d(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> types.ModuleType:
+    """``pytest_saliency/compare/similarity.py`` at :data:`BEFORE_1D`, imported as a sibling module."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{BEFORE_1D}:pytest_saliency/compare/similarity.py"], cwd=root, capture_output=True,
+            text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs the git history (commit {BEFORE_1D[:7]})")
+    name = "pytest_saliency.compare.similarity_before_1d"
+    path = tmp_path / "similarity_before_1d.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)  # its relative imports resolve in pytest_saliency.compare
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ssim_of_2d_maps_is_bit_for_bit_what_it_was_before_1d_maps(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Maps with H >= 2 keep the 2-D SSIM unchanged: same setup, same bits, every path and window."""
+    from pytest_saliency.compare import similarity as new
+
+    old = _similarity_before_1d(monkeypatch, tmp_path)
+    configs = [
+        {}, {"win_size": 3}, {"win_size": 5, "use_sample_covariance": False}, {"gaussian_weights": True},
+        {"gaussian_weights": True, "win_size": 3}, {"gaussian_weights": True, "win_size": 7, "sigma": 0.6},
+        {"gaussian_weights": True, "win_size": 5, "sigma": 2.5, "K1": 0.02, "K2": 0.05},
+    ]
+    for index, config in enumerate(configs):
+        kwargs = {"data_range": 2.0, **config}
+        win = effective_win_size(config.get("win_size"), bool(config.get("gaussian_weights")), config.get("sigma", 1.5))
+        for shape in ((3, win, win), (2, win + 1, win + 6), (2, 2 * win + 3, win + 2)):
+            a, b = make_maps("related", shape, 2.0, seed=index)
+            ta, tb = torch.from_numpy(a - 1.0).to(dtype), torch.from_numpy(b - 1.0).to(dtype)
+            assert torch.equal(new.structural_similarity(ta, tb, **kwargs), old.structural_similarity(ta, tb, **kwargs))
+            setup_new, setup_old = new.ssim_setup(**kwargs), old.ssim_setup(**kwargs)
+            assert setup_new.for_maps(shape[1]) is setup_new and setup_new.ndim == 2
+            for field in ("win_size", "pad", "radius", "cov_norm", "c1", "c2"):
+                assert getattr(setup_new, field) == getattr(setup_old, field)
+            stack = torch.stack([tb, tb.flip(-1), ta * 0.5])  # K = 3 batches against one original
+            got = new.ssim_unchecked(ta, stack.clone(), setup_new, new.ssim_reference_moments(ta, setup_new))
+            want = old.ssim_unchecked(ta, stack.clone(), setup_old, old.ssim_reference_moments(ta, setup_old))
+            assert torch.equal(got, want)
+            single = new.ssim_unchecked(ta, tb.clone(), setup_new)
+            assert torch.equal(single, old.ssim_unchecked(ta, tb.clone(), setup_old))
+
+
 # ------------------------------------------------------------------------------------------
 # correlation vs scipy
 # ------------------------------------------------------------------------------------------
@@ -312,7 +375,11 @@ SSIM_ERRORS = [
     ((_maps(2, 6, 6), _maps(2, 6, 6)), {"win_size": 7}, r"smaller odd win_size \(3 to 5\)"),
     # no odd window >= 3 fits: the only advice is to resize (or use a metric without a window)
     ((_maps(2, 2, 2), _maps(2, 2, 2)), {}, r"^maps are 2x2, .*No SSIM window fits 2x2 maps.*3x3 pixels(?!.*win_size \()"),
-    ((_maps(2, 1, 9), _maps(2, 1, 9)), {"win_size": 3}, r"No SSIM window fits 1x9 maps"),
+    ((_maps(2, 2, 9), _maps(2, 2, 9)), {"win_size": 3}, r"No SSIM window fits 2x9 maps"),
+    # maps of height 1 are 1-D signals: only their length must hold the window (tests/test_similarity_1d.py)
+    ((_maps(2, 1, 9), _maps(2, 1, 9)), {"win_size": 11},
+     r"^maps are 1x9: 1-D signals .*1-D SSIM window of 11 samples .*win_size \(3 to 9\)"),
+    ((_maps(2, 1, 2), _maps(2, 1, 2)), {"win_size": 3}, r"No SSIM window fits 1x2 maps"),
     ((M.long(), M.long()), {}, "float32 or float64"),
     ((M.half(), M.half()), {}, "float32 or float64"),
     ((M, M.float()), {}, "must match"),

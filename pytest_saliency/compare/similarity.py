@@ -7,7 +7,9 @@ input's device in the input's floating dtype, and is cross-checked against the r
 implementations in ``tests/test_similarity.py``:
 
 * :func:`structural_similarity` equals ``skimage.metrics.structural_similarity`` per map (2-D,
-  ``channel_axis=None``) to 1e-6 in float64 and 1e-4 in float32;
+  ``channel_axis=None``) to 1e-6 in float64 and 1e-4 in float32; maps of height 1 (sequences and
+  feature vectors, (N, 1, T)) are 1-D signals, compared as skimage compares 1-D arrays (a window of
+  ``win_size`` samples along their length; ``tests/test_similarity_1d.py``);
 * :func:`pearson` equals ``scipy.stats.pearsonr(...).statistic`` per row;
 * :func:`spearman` equals ``scipy.stats.spearmanr(...).statistic`` per row, ties included;
 * :func:`rankdata` equals ``scipy.stats.rankdata(..., method="average")`` along the last dim.
@@ -26,7 +28,7 @@ This module imports torch at the top; it is only ever imported lazily, after tor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, cast
 
 import torch
@@ -131,8 +133,11 @@ def _reflect_index(start: int, stop: int, size: int, device: torch.device) -> to
     return torch.where(idx >= size, 2 * size - 1 - idx, idx)
 
 
-def _valid_filter(stack: torch.Tensor, setup: "SSIMSetup") -> torch.Tensor:
+def _valid_filter(stack: torch.Tensor, setup: SSIMSetup) -> torch.Tensor:
     """Separable filter of (..., H, W) maps, evaluated only where skimage keeps the result.
+
+    With a 1-D setup (``setup.ndim == 1``, for maps of height 1) only the last axis is filtered
+    and cropped, as skimage does for 1-D arrays; everything below then applies to columns only.
 
     skimage filters the whole map (scipy ``mode='reflect'``) and then crops ``pad = (win_size -
     1) // 2`` pixels from every border before averaging. Each kept output pixel only needs input
@@ -144,25 +149,40 @@ def _valid_filter(stack: torch.Tensor, setup: "SSIMSetup") -> torch.Tensor:
     maps (same result to float rounding). The gaussian one runs as two 1-D convolutions, rows
     then columns, in scipy's axis order.
     """
-    pad, radius = setup.pad, setup.radius
+    pad, radius, two_d = setup.pad, setup.radius, setup.ndim == 2
     if setup.kernel is None:
         side = setup.win_size
-        return stack.unfold(-1, side, 1).sum(-1).unfold(-2, side, 1).sum(-1) / (side * side)
+        sums = stack.unfold(-1, side, 1).sum(-1)
+        return sums.unfold(-2, side, 1).sum(-1) / (side * side) if two_d else sums / side
     height, width = stack.shape[-2:]
     if radius != pad:
-        rows = _reflect_index(pad - radius, height - pad + radius, height, stack.device)
-        cols = _reflect_index(pad - radius, width - pad + radius, width, stack.device)
-        stack = stack.index_select(-2, rows).index_select(-1, cols)
+        if two_d:
+            stack = stack.index_select(-2, _reflect_index(pad - radius, height - pad + radius, height, stack.device))
+        stack = stack.index_select(-1, _reflect_index(pad - radius, width - pad + radius, width, stack.device))
     k = setup.kernel.to(dtype=stack.dtype, device=stack.device)
     lead = stack.shape[:-2]
-    out = F.conv2d(stack.reshape(-1, 1, *stack.shape[-2:]), k.view(1, 1, -1, 1))
+    out = stack.reshape(-1, 1, *stack.shape[-2:])
+    if two_d:
+        out = F.conv2d(out, k.view(1, 1, -1, 1))
     out = F.conv2d(out, k.view(1, 1, 1, -1))
     return out.reshape(*lead, *out.shape[-2:])
 
 
+def _cov_norm(win_size: int, ndim: int, use_sample_covariance: bool) -> float:
+    """skimage's (co)variance factor: ``NP / (NP - 1)`` with ``NP = win_size ** ndim``, or 1."""
+    num_px = win_size**ndim  # for either window
+    return num_px / (num_px - 1) if use_sample_covariance else 1.0
+
+
 @dataclass(frozen=True)
 class SSIMSetup:
-    """Validated SSIM parameters, resolved once for many comparisons (see :func:`ssim_setup`)."""
+    """Validated SSIM parameters, resolved once for many comparisons (see :func:`ssim_setup`).
+
+    ``ndim`` is the number of filtered axes: 2 for (H, W) maps, 1 for maps of height 1, which are
+    1-D signals compared along their length (a window of ``win_size`` samples, ``NP = win_size``).
+    :func:`ssim_setup` makes a 2-D setup; :meth:`for_maps` gives the one that fits given maps, and
+    :func:`ssim_reference_moments` and :func:`ssim_unchecked` apply it themselves.
+    """
 
     win_size: int
     pad: int
@@ -171,6 +191,15 @@ class SSIMSetup:
     cov_norm: float
     c1: float
     c2: float
+    use_sample_covariance: bool = True
+    ndim: int = 2
+
+    def for_maps(self, height: int) -> SSIMSetup:
+        """This setup for maps of ``height`` rows: 1-D for height 1, 2-D otherwise (``self`` when it fits)."""
+        ndim = 1 if height == 1 else 2
+        if ndim == self.ndim:
+            return self
+        return replace(self, ndim=ndim, cov_norm=_cov_norm(self.win_size, ndim, self.use_sample_covariance))
 
 
 def ssim_setup(
@@ -210,15 +239,15 @@ def ssim_setup(
                       hint="The usual value is K1=0.01; 0 would make flat windows 0 / 0.")
     K2 = check_number(K2, "K2", low=0, low_open=True,
                       hint="The usual value is K2=0.03; 0 would make flat windows 0 / 0.")
-    num_px = win_size**2  # skimage: NP = win_size ** ndim, for either window
     return SSIMSetup(
         win_size=win_size,
         pad=(win_size - 1) // 2,
         radius=radius if gaussian_weights else (win_size - 1) // 2,
         kernel=_gaussian_kernel1d(sigma, radius) if gaussian_weights else None,
-        cov_norm=num_px / (num_px - 1) if use_sample_covariance else 1.0,
+        cov_norm=_cov_norm(win_size, 2, use_sample_covariance),
         c1=(K1 * data_range) ** 2,
         c2=(K2 * data_range) ** 2,
+        use_sample_covariance=bool(use_sample_covariance),
     )
 
 
@@ -228,8 +257,11 @@ def window_advice(height: int, width: int, win_size: int, pipeline: bool = True)
     SSIM windows are odd and at least 3 pixels wide, so maps under 3 pixels on a side can only be
     resized; larger maps may also take a smaller window, up to the largest odd size that fits.
     ``pipeline``: phrase the advice for a map pipeline (a preset) rather than for the
-    ``win_size`` argument of :func:`structural_similarity`.
+    ``win_size`` argument of :func:`structural_similarity`. Maps of height 1 are 1-D signals
+    (:func:`series_window_advice`).
     """
+    if height == 1:
+        return series_window_advice(width, pipeline)
     how = (
         "(MapPipeline(size=(32, 32)) in the map pipeline, or upsample the inputs)" if pipeline
         else "first (e.g. with torch.nn.functional.interpolate)"
@@ -249,6 +281,27 @@ def window_advice(height: int, width: int, win_size: int, pipeline: bool = True)
     return f"Either resize the maps to at least {win_size}x{win_size} pixels {how}, or {smaller}."
 
 
+def series_window_advice(length: int, pipeline: bool = True) -> str:
+    """How to fit an SSIM window to 1-D signals (maps of height 1) of ``length`` samples.
+
+    Only a shorter window can: a series is never upsampled (interpolated samples would be
+    compared as if measured), so signals under 3 samples take a metric without a window.
+    """
+    if length < 3:
+        return (
+            f"No SSIM window fits 1x{length} maps (1-D signals of {length} sample(s); 1-D windows are odd and at "
+            "least 3 samples long): compare them with a metric that needs no window (e.g. spearman)."
+        )
+    largest = length if length % 2 else length - 1
+    if pipeline:
+        return (
+            "Use a pipeline whose SSIM window is shorter, e.g. dataclasses.replace(preset, "
+            f"ssim=dataclasses.replace(preset.ssim, win_size={largest})) (any odd win_size from 3 to {largest} "
+            "fits), or compare with a metric that needs no window (e.g. spearman)."
+        )
+    return f"Pass a smaller odd win_size (3 to {largest}); series are never upsampled to fit a window."
+
+
 def check_ssim_window(height: int, width: int, win_size: int, *, method: str | None = None,
                       preset: str | None = None, hint: str = "") -> None:
     """Refuse ``height x width`` maps smaller than the ``win_size`` SSIM window, with advice that fits.
@@ -257,10 +310,21 @@ def check_ssim_window(height: int, width: int, win_size: int, *, method: str | N
     maps with SSIM. ``method`` names the method whose maps they are; ``preset`` the map pipeline
     whose window it is (the advice is then about the pipeline, else about the ``win_size``
     argument); ``hint`` is appended (what else the caller's check allows, e.g. another metric).
+    Maps of height 1 are 1-D signals compared along their length: they only need
+    ``width >= win_size`` (a 1-D window of ``win_size`` samples).
     """
-    if height >= win_size and width >= win_size:
+    one_d = height == 1
+    if width >= win_size and (one_d or height >= win_size):
         return
     maps = f"{method} maps" if method else "maps"
+    if one_d:
+        window = (f"the 1-D window of {win_size} samples of preset {preset!r}" if preset is not None
+                  else f"the 1-D SSIM window of {win_size} samples (win_size={win_size})")
+        raise SaliencyUsageError(
+            f"{maps} are 1x{width}: 1-D signals of {width} sample(s), compared along their length, and shorter than "
+            f"{window}. {window_advice(1, width, win_size, pipeline=preset is not None)}"
+            f"{(' ' + hint) if hint else ''}"
+        )
     window = (f"the SSIM window ({win_size}x{win_size}) of preset {preset!r}" if preset is not None
               else f"the {win_size}x{win_size} SSIM window (win_size={win_size})")
     raise SaliencyUsageError(
@@ -286,7 +350,9 @@ def ssim_reference_moments(a: torch.Tensor, setup: SSIMSetup) -> ReferenceMoment
     A randomization check compares the same original maps with one batch of maps per layer;
     computing their local mean and variance (and the terms of the SSIM formula made of them
     alone) once saves two of the five filters per layer and a third of the arithmetic.
+    Maps of height 1 are 1-D signals (:meth:`SSIMSetup.for_maps`).
     """
+    setup = setup.for_maps(a.shape[-2])
     shift = a[..., :1, :1]
     da = a - shift
     dx, dxx = _valid_filter(torch.stack([da, da * da]), setup).unbind(0)
@@ -303,8 +369,10 @@ def ssim_unchecked(
     No validation: for callers that have already checked shape, dtype, device, finiteness and
     size (the randomization engine checks each batch of maps once, when it is made), and for
     maps without gradients (the arithmetic runs in place). A leading K dimension compares the
-    same ``a`` with K batches at once (one result row per batch).
+    same ``a`` with K batches at once (one result row per batch). Maps of height 1 are 1-D
+    signals, compared along their length (:meth:`SSIMSetup.for_maps`).
     """
+    setup = setup.for_maps(a.shape[-2])
     # skimage computes a variance as E[x^2] - E[x]^2, which cancels catastrophically for nearly
     # flat maps far from 0 (float32 loses the whole variance of a map at 0.7 +- 1e-4). (Co)variances
     # do not change when a map is shifted, so filter the maps minus their first pixel (a value in
@@ -344,6 +412,10 @@ def structural_similarity(
 ) -> torch.Tensor:
     """Mean SSIM of each pair of 2-D maps, exactly as ``skimage.metrics.structural_similarity``.
 
+    Maps of height 1 (``(N, 1, T)``: sequences, feature vectors) are 1-D signals: the window is
+    ``win_size`` samples along their length, exactly as skimage on the 1-D arrays ``a[i, 0]``
+    (``NP = win_size``, border crop along that axis only). They are never upsampled.
+
     Args:
         a, b: maps of identical shape ``(N, H, W)`` (a batch of single-channel maps) or ``(H, W)``;
             float32 or float64, any device. The result is computed in that dtype on that device.
@@ -361,7 +433,8 @@ def structural_similarity(
         K1, K2: the SSIM constants; ``C1 = (K1 * data_range)**2``, ``C2 = (K2 * data_range)**2``.
             Must be > 0 (scikit-image also allows 0, but then flat windows give 0 / 0).
         use_sample_covariance: divide (co)variances by ``NP - 1`` instead of ``NP``,
-            ``NP = win_size**2`` (scikit-image's default; ``False`` matches Wang et al.).
+            ``NP = win_size**2`` (``win_size`` for maps of height 1; scikit-image's default;
+            ``False`` matches Wang et al.).
 
     Returns:
         ``(N,)`` per-map mean SSIM, or a 0-d tensor for ``(H, W)`` inputs, in the input dtype; a
@@ -371,7 +444,8 @@ def structural_similarity(
         SaliencyUsageError: non-tensor input, shapes that differ or are not 2-D/3-D, dtype other
             than float32/float64 or differing between ``a`` and ``b``, different devices, NaN or
             inf values, an empty batch, an even / too small ``win_size``, maps smaller than the
-            window, or a missing / non-positive ``data_range``, ``K1``, ``K2`` or ``sigma``.
+            window (maps of height 1: shorter than ``win_size``), or a missing / non-positive
+            ``data_range``, ``K1``, ``K2`` or ``sigma``.
     """
     expected = "(N, H, W) or (H, W)"
     a, b = _validate_array_pair(a, b, expected=expected)
