@@ -21,6 +21,13 @@ Conventions in every map figure: maps with no negative value use ``inferno`` on 
 (``[0, 1]`` for the presets' normalized maps); signed maps use ``coolwarm`` with symmetric limits,
 so white is zero. Values at or past a check's threshold (an insensitive layer, a failing image)
 are drawn in red.
+
+Maps that are not images (see :data:`MODALITIES`) are drawn as plots, chosen by the ``modality``
+argument of the functions that show maps (the shape of a map cannot tell a 1 x D feature map from
+a 1 x T series): ``tabular`` maps as bar charts (red above zero, blue below; one y scale per
+figure), ``sequence`` maps as a line under the input's signal, ``text`` maps as the input's tokens
+in boxes coloured by their score (``Oranges`` on [0, max], ``coolwarm`` when signed). Their grids
+have the inputs as columns and the states, models or methods as rows.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numbers
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeGuard
 
 from .protocol import CheckResult, Figure
@@ -152,16 +160,23 @@ def _wrap(text: str, width_in: float, fontsize: float) -> str:
     return "\n".join(textwrap.wrap(text, chars)) or text
 
 
-def _map_scale(arrays: Iterable[Any]) -> tuple[str, float, float]:
-    """Colormap and limits shared by all panels of a figure: inferno for [0, x], coolwarm when signed."""
+def _finite_range(arrays: Iterable[Any]) -> tuple[float, float] | None:
+    """The lowest and highest finite value of ``arrays`` (None when there is none)."""
     import numpy as np
 
     finite = [a[np.isfinite(a)] for a in arrays if a is not None and a.size]
     finite = [a for a in finite if a.size]
     if not finite:
+        return None
+    return min(float(a.min()) for a in finite), max(float(a.max()) for a in finite)
+
+
+def _map_scale(arrays: Iterable[Any]) -> tuple[str, float, float]:
+    """Colormap and limits shared by all panels of a figure: inferno for [0, x], coolwarm when signed."""
+    span = _finite_range(arrays)
+    if span is None:
         return "inferno", 0.0, 1.0
-    low = min(float(a.min()) for a in finite)
-    high = max(float(a.max()) for a in finite)
+    low, high = span
     if low < 0:
         lim = max(abs(low), abs(high)) or 1.0
         return "coolwarm", -lim, lim
@@ -207,6 +222,7 @@ class _Cell:
     frame: str | None = None
     title: str = ""
     title_color: str = INK
+    index: int | None = None  # the input the map explains: its signal or tokens in a non-image figure
 
 
 def _map_grid(
@@ -217,13 +233,21 @@ def _map_grid(
     col_titles: list[tuple[str, str]] | None = None,
     row_labels: list[str] | None = None,
     panel: float = 1.05,
+    view: _View | None = None,
+    inputs_in_rows: bool = False,
 ) -> bytes:
     """A grid of maps drawn into one full-figure axes with inch coordinates (fast, exact layout).
 
     ``scales`` maps a cell's ``scale`` key to ``(cmap, vmin, vmax, colorbar label)``; each scale
     with a label gets one colorbar on the right (an empty label: none, e.g. for the inputs).
+    A ``view`` of another modality than ``image`` draws the grid with :func:`_plot_grid` instead
+    (``inputs_in_rows``: the rows are inputs, and turn into its columns).
     """
     from matplotlib.patches import Rectangle
+
+    if view is not None and view.modality != "image":
+        return _png(_plot_grid(rows, scales=scales, title=title, col_titles=col_titles, row_labels=row_labels,
+                               view=view, inputs_in_rows=inputs_in_rows))
 
     cells = [cell for row in rows for cell in row if cell is not None]
     first = _as_image(cells[0].image)
@@ -289,6 +313,387 @@ def _scale_label(cmap: str) -> str:
     return "signed value" if cmap == "coolwarm" else "map value"
 
 
+# --------------------------------------------------------------------------------------------
+# maps that are not images: feature vectors, series and token sequences
+
+#: What the maps of a figure explain, and so how they are drawn: ``image`` maps (H, W) as heatmaps;
+#: ``tabular`` maps (1, D), one score per feature, as bar charts; ``sequence`` maps (1, T) as a line
+#: under the input's signal; ``text`` maps (1, L), one score per token, as the input's tokens
+#: highlighted by their score. A map's shape alone cannot tell a 1 x D feature map from a 1 x T
+#: series, so the drawing functions take the modality as an argument.
+MODALITIES = ("image", "tabular", "sequence", "text")
+MAX_FEATURES = 30  # bars, each labelled, in a tabular panel: the top mean |value| features when there are more
+MAX_TEXT_LINES = 8  # lines of tokens in a text panel; the rest is cut with an ellipsis
+#: Token strings that are padding and are not drawn, besides None and the positions past an input's tokens.
+PAD_TOKENS = frozenset({"[PAD]", "<pad>", "<PAD>", "<|pad|>"})
+
+_POSITIVE, _NEGATIVE, _UNSIGNED, _SIGNAL = "#c0392b", "#2f5fb3", "#d95f02", "#8a8f98"
+_TEXT_CMAPS = {"inferno": "Oranges", "magma": "Purples", "gray": "Greys"}  # light at 0: tokens stay readable
+_TOKEN_FONT = 7.0
+_LINE_H = 0.21  # inches a line of tokens takes
+
+
+@dataclass(frozen=True)
+class _View:
+    """How a figure draws its maps: the modality, the features' names, each input's tokens and the inputs."""
+
+    modality: str = "image"
+    feature_names: tuple[str, ...] | None = None
+    tokens: tuple[tuple[str | None, ...], ...] | None = None
+    inputs: Any = None
+
+    @cached_property
+    def signals(self) -> Any:
+        """The inputs as a float array (None when not given or not numbers)."""
+        return _np(self.inputs)
+
+    def signal(self, index: int | None) -> Any:
+        """Input ``index`` as (channels, T), drawn above its sequence map (None when not given)."""
+        inputs = self.signals
+        if inputs is None or inputs.ndim < 2 or index is None or index >= len(inputs):
+            return None
+        return inputs[index].reshape(-1, inputs.shape[-1])
+
+    def words(self, index: int | None, length: int) -> list[str | None]:
+        """The ``length`` tokens of input ``index``, None for padding; their positions when no tokens are given."""
+        if self.tokens is None or index is None or index >= len(self.tokens):
+            return [str(i) for i in range(length)]
+        given = self.tokens[index]
+        return [None if i >= len(given) or given[i] is None or given[i] in PAD_TOKENS else given[i]
+                for i in range(length)]
+
+    def feature_labels(self, n: int) -> list[str]:
+        if self.feature_names is None:
+            return [f"f{i}" for i in range(n)]
+        if len(self.feature_names) != n:
+            raise ValueError(f"{len(self.feature_names)} feature_names for maps of {n} features")
+        return list(self.feature_names)
+
+
+def _view(modality: str = "image", feature_names: Sequence[str] | None = None,
+          tokens: Sequence[Sequence[str | None]] | None = None, inputs: Any = None) -> _View:
+    """The :class:`_View` of a public ``*_figures`` function's arguments; an unknown modality raises at once."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(map(repr, MODALITIES))}, not {modality!r}")
+    return _View(
+        modality=modality,
+        feature_names=None if feature_names is None else tuple(str(name) for name in feature_names),
+        tokens=None if tokens is None else tuple(tuple(None if t is None else str(t) for t in row) for row in tokens),
+        inputs=inputs,
+    )
+
+
+def _vector(values: Any, modality: str) -> Any:
+    """One input's map as a 1-D array of scores: (1, D), (1, 1, D) or (D,)."""
+    import numpy as np
+
+    flat = np.asarray(values, dtype=np.float64)
+    while flat.ndim > 1 and flat.shape[0] == 1:
+        flat = flat[0]
+    if flat.ndim != 1:
+        raise ValueError(f"{modality} maps must be (N, 1, L) or (N, L), one score a position; "
+                         f"got a map of shape {tuple(np.shape(values))}")
+    return flat
+
+
+def _noun(view: _View | None) -> str:
+    """What one map explains, in titles and labels: an image, or an input of another modality."""
+    return "image" if view is None or view.modality == "image" else "input"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _value_limits(arrays: Iterable[Any]) -> tuple[float, float]:
+    """y limits shared by bars or lines: symmetric around 0 when signed, else from 0, with a margin."""
+    span = _finite_range(arrays)
+    low, high = span if span is not None else (0.0, 1.0)
+    if low < 0:
+        lim = max(-low, high) or 1.0
+        return -1.08 * lim, 1.08 * lim
+    return 0.0, 1.08 * (high or 1.0)
+
+
+def _ticks(low: float, high: float, n: int) -> list[float]:
+    """At most ``n`` + 1 round tick positions within [low, high], set once: automatic locators
+    make every panel of a big grid build and discard many ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        return []
+    return [float(t) for t in MaxNLocator(n).tick_values(low, high) if low - 1e-12 <= t <= high + 1e-12]
+
+
+def _top_features(vectors: list[Any], limit: int) -> list[int]:
+    """The features a tabular figure shows: all when few, else the ``limit`` with the largest mean |value|."""
+    import numpy as np
+
+    n = len(vectors[0])
+    if n <= limit:
+        return list(range(n))
+    with np.errstate(all="ignore"):
+        weight = np.nan_to_num(np.nanmean(np.abs(np.stack(vectors)), axis=0), nan=-1.0)
+    return sorted(int(i) for i in np.argsort(-weight, kind="stable")[:limit])
+
+
+def _token_layout(words: list[str | None], width: float) -> tuple[list[tuple[int, str, float, int, float]], bool]:
+    """Where each token's box goes in a panel ``width`` inches wide, as (position, text, x, line, box
+    width), and whether tokens were cut at :data:`MAX_TEXT_LINES`; padding (None) takes no place."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure, prop = TextToPath(), FontProperties(size=_TOKEN_FONT)
+    boxes: list[tuple[int, str, float, int, float]] = []
+    x, line = 0.0, 0
+    for i, word in enumerate(words):
+        if word is None:
+            continue
+        text = _clip(word.replace("\n", "\u21b5").replace("\t", "\u21e5"), 18)
+        box = min(width, measure.get_text_width_height_descent(text, prop, ismath=False)[0] / 72 + 0.09)
+        if x > 0 and x + box > width:
+            x, line = 0.0, line + 1
+        if line >= MAX_TEXT_LINES:
+            return boxes, True
+        boxes.append((i, text, x, line, box))
+        x += box + 0.035
+    return boxes, False
+
+
+def _orient(rows: list[list[_Cell | None]], col_titles: list[tuple[str, str]] | None, row_labels: list[str] | None,
+            inputs_in_rows: bool) -> tuple[list[list[_Cell | None]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """The grid, its column titles and its row labels with the inputs as columns (``inputs_in_rows``: transposed)."""
+    columns, labels = list(col_titles or []), [(text, INK) for text in row_labels or []]
+    if not inputs_in_rows:
+        return rows, columns, labels
+    ncols = max(len(row) for row in rows)
+    grid = [[row[c] if c < len(row) else None for row in rows] for c in range(ncols)]
+    return grid, labels, columns
+
+
+class _PlotGrid:
+    """The layout, in inches, of a map grid whose panels are plots (bars, lines, tokens): one axes each."""
+
+    def __init__(self, rows: list[list[_Cell | None]], scales: dict[str, tuple[str, float, float, str]],
+                 view: _View, labels: list[tuple[str, str]]) -> None:
+        self.rows, self.scales, self.view, self.mode = rows, scales, view, view.modality
+        self.cells = {(r, c): cell for r, row in enumerate(rows) for c, cell in enumerate(row) if cell is not None}
+        self.values = {at: _vector(cell.image, self.mode) for at, cell in self.cells.items()}
+        cells = list(self.cells.values())
+        self.ncols = max(len(row) for row in rows)
+        self.left = 0.25 + 0.062 * max(len(text) for text, _ in labels) if labels else 0.15
+        self.axis_w = 0.0 if self.mode == "text" else 0.5  # the y tick labels left of the first column
+        used = list(dict.fromkeys(cell.scale for cell in cells))
+        self.bars = [key for key in used if self.mode == "text" and scales[key][3]]
+        self.gap = 0.2
+        room = MAX_WIDTH - self.left - self.axis_w - 0.2 - 0.72 * len(self.bars)
+        lengths = {len(v) for v in self.values.values()}
+        if self.mode == "tabular" and len(lengths) > 1:
+            raise ValueError(f"tabular maps of different lengths {sorted(lengths)} in one figure")
+        n = max(lengths)
+        preferred = {"tabular": min(4.2, max(1.6, 0.13 * min(n, MAX_FEATURES) + 0.4)), "sequence": 2.6}
+        self.pw = max(0.9, min(preferred.get(self.mode, 3.2), (room + self.gap) / self.ncols - self.gap))
+        self.tick_h, self.features, self.names, self.signal_h = 0.0, list(range(n)), [""] * n, 0.0
+        if self.mode == "tabular":
+            self.features = _top_features(list(self.values.values()), min(MAX_FEATURES, max(3, int(self.pw / 0.105))))
+            self.names = [_clip(view.feature_labels(n)[i], 14) for i in self.features]
+            self.tick_h, self.ph = 0.12 + 0.048 * max(len(t) for t in self.names), 1.0
+        shown = {at: v[self.features] if self.mode == "tabular" else v for at, v in self.values.items()}
+        self.limits = {key: _value_limits(v for at, v in shown.items() if self.cells[at].scale == key) for key in used}
+        if self.mode == "sequence":
+            self.tick_h, self.ph = 0.24, 1.3 if view.signals is not None else 0.8
+            self.signal_h = 0.42 * self.ph
+        self.layouts: dict[tuple[int, int], Any] = {}
+        if self.mode == "text":
+            layouts: dict[tuple[int | None, int], Any] = {}  # one layout an input: its tokens and their width
+            for at, v in self.values.items():
+                key = (self.cells[at].index, len(v))
+                if key not in layouts:
+                    layouts[key] = _token_layout(view.words(key[0], key[1]), self.pw)
+                self.layouts[at] = layouts[key]
+            lines = max(max((box[3] for box in boxes), default=0) + 1 for boxes, _ in self.layouts.values())
+            self.ph = lines * _LINE_H + 0.06
+        self.title_h = 0.2 if any(cell.title for cell in cells) else 0.0
+        self.caption_h = 0.21 if any(cell.caption for cell in cells) else 0.02
+        self.row_h = self.title_h + self.ph + self.caption_h + (0.3 if self.mode == "sequence" else 0.16)
+        self.grid_w = self.ncols * self.pw + (self.ncols - 1) * self.gap
+        self.width = self.left + self.axis_w + self.grid_w + 0.2 + 0.72 * len(self.bars)
+
+    def x(self, c: int) -> float:
+        return self.left + self.axis_w + c * (self.pw + self.gap)
+
+    def y(self, top: float, r: int) -> float:
+        """The top of row ``r``'s panels; the last row's tick labels push its captions down."""
+        return top + r * self.row_h + self.title_h
+
+    def caption_y(self, top: float, r: int) -> float:
+        return self.y(top, r) + self.ph + (self.tick_h if r == len(self.rows) - 1 else 0.03) + 0.03
+
+
+def _plot_grid(
+    rows: list[list[_Cell | None]],
+    *,
+    scales: dict[str, tuple[str, float, float, str]],
+    title: str,
+    col_titles: list[tuple[str, str]] | None,
+    row_labels: list[str] | None,
+    view: _View,
+    inputs_in_rows: bool = False,
+) -> Any:
+    """The matplotlib figure of a map grid whose maps are not images (see :data:`MODALITIES`): one axes
+    per panel, the inputs as columns, each panel's title above it and caption below, one y scale (or,
+    for text, one colour scale) per scale key, shared by the whole figure. The panels' axes carry the
+    gid ``map r c`` (a sequence panel's signal above it: ``signal r c``), so that tests can read them."""
+    grid, columns, labels = _orient(rows, col_titles, row_labels, inputs_in_rows)
+    plot = _PlotGrid(grid, scales, view, labels)
+    n = len(next(iter(plot.values.values())))
+    if plot.mode == "tabular" and len(plot.features) < n:
+        title += f" Bars: the {len(plot.features)} of {n} features with the largest mean |value|."
+    title = _wrap(title, plot.width - 0.2, 9)
+    top = 0.14 + 0.17 * (title.count("\n") + 1) + (0.24 if columns else 0.06)
+    height = plot.caption_y(top, len(grid) - 1) + plot.caption_h + 0.06
+    fig = _new_figure(plot.width, height)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.set_xlim(0, plot.width)
+    ax.set_ylim(height, 0)
+    ax.text(plot.width / 2, 0.1, title, ha="center", va="top", fontsize=9, color=INK, linespacing=1.25)
+    for c, (text, color) in enumerate(columns[: plot.ncols]):
+        ax.text(plot.x(c) + plot.pw / 2, top - 0.05, text, ha="center", va="bottom", fontsize=7.5, color=color,
+                fontweight="bold" if color == BAD else "normal")
+    for r, row in enumerate(grid):
+        y = plot.y(top, r)
+        if r < len(labels):
+            ax.text(plot.left - 0.1, y + plot.ph / 2, labels[r][0], ha="right", va="center", fontsize=8,
+                    color=labels[r][1], fontweight="bold" if labels[r][1] == BAD else "normal")
+        for c, cell in enumerate(row):
+            if cell is not None:
+                _plot_cell(fig, plot, r, c, y)
+                _cell_texts(ax, cell, plot.x(c) + plot.pw / 2, y - 0.04, plot.caption_y(top, r))
+    bar_h = min(2.6, len(grid) * plot.row_h - 0.2)
+    for i, key in enumerate(plot.bars):
+        cmap, vmin, vmax, label = scales[key]
+        _colorbar_at(fig, plot.x(0) + plot.grid_w + 0.22 + 0.72 * i, top + (len(grid) * plot.row_h - bar_h) / 2 - 0.05,
+                     bar_h, _TEXT_CMAPS.get(cmap, cmap), vmin, vmax, label)
+    return fig
+
+
+def _cell_texts(ax: Any, cell: _Cell, x: float, title_y: float, caption_y: float) -> None:
+    """A panel's title above it and caption below it, on the figure-wide axes ``ax`` (inches)."""
+    if cell.title:
+        ax.text(x, title_y, cell.title, ha="center", va="bottom", fontsize=7.5, color=cell.title_color,
+                fontweight="bold" if cell.title_color == BAD else "normal")
+    if cell.caption:
+        ax.text(x, caption_y, cell.caption, ha="center", va="top", fontsize=7.5, color=cell.caption_color,
+                fontweight="bold" if cell.bold else "normal")
+
+
+def _plot_cell(fig: Any, plot: _PlotGrid, r: int, c: int, y: float) -> None:
+    """Draw panel (r, c) of ``plot`` at the height ``y`` (inches from the top). Ticks are set, not
+    located: y ticks on the first column only, x ticks (feature names, the T axis) on the last row."""
+    cell = plot.rows[r][c]
+    assert cell is not None
+    values, x, first, last = plot.values[r, c], plot.x(c), c == 0, r == len(plot.rows) - 1
+    signal = plot.view.signal(cell.index) if plot.mode == "sequence" and cell.scale != "input" else None
+    split = plot.signal_h if signal is not None else 0.0
+    ax = _axes_at(fig, x, y + split, plot.pw, plot.ph - split)
+    ax.set_gid(f"map {r} {c}")
+    if plot.mode == "text":
+        cmap, vmin, vmax, _ = plot.scales[cell.scale]
+        _style_panel(ax, cell.frame or "#c8c8c8", [], [], box=True)
+        boxes, cut = plot.layouts[r, c]
+        _draw_tokens(ax, values, boxes, cut, _TEXT_CMAPS.get(cmap, cmap), vmin, vmax, plot.pw, plot.ph)
+        return
+    limits = plot.limits[cell.scale]
+    yticks = _ticks(*limits, 3) if first else []
+    if plot.mode == "tabular":
+        _style_panel(ax, cell.frame, list(range(len(plot.features))) if last else [], yticks)
+        _draw_bars(ax, values[plot.features], limits, plot.names if last else None,
+                   _SIGNAL if cell.scale == "input" else None)
+        return
+    length = len(values) if signal is None else signal.shape[-1]
+    _style_panel(ax, cell.frame, _ticks(0, max(length - 1, 1), 5) if last else [], yticks)
+    _draw_attribution(ax, values, limits, length)
+    if signal is not None:
+        above = _axes_at(fig, x, y, plot.pw, split - 0.1)
+        above.set_gid(f"signal {r} {c}")
+        span = _finite_range([signal])
+        _style_panel(above, cell.frame, [], _ticks(*span, 2) if first and span else [])
+        _draw_signal(above, signal, span or (0.0, 1.0))
+
+
+def _style_panel(ax: Any, frame: str | None, xticks: list[float], yticks: list[float], box: bool = False) -> None:
+    """Thin grey left and bottom axes (a box: all four; a coloured frame around a flagged map)."""
+    ax.set_xticks(xticks)
+    ax.set_yticks(yticks)
+    ax.tick_params(labelsize=6.5, length=2, pad=1.5)
+    for name, spine in ax.spines.items():
+        spine.set_visible(bool(frame) or box or name in ("left", "bottom"))
+        spine.set_color(frame or "#b0b0b0")
+        spine.set_linewidth(2.0 if frame and frame != "#c8c8c8" else 0.6)
+
+
+def _draw_bars(ax: Any, heights: Any, limits: tuple[float, float], names: list[str] | None, color: str | None) -> None:
+    """One bar per feature (red above 0, blue below for signed maps); the features' names under the bars."""
+    from matplotlib.patches import Rectangle
+
+    signed = limits[0] < 0
+    for i, height in enumerate(heights):  # add_artist: Axes.bar's limit updates cost more than the drawing
+        face = color or ((_NEGATIVE if height < 0 else _POSITIVE) if signed else _UNSIGNED)
+        ax.add_artist(Rectangle((i - 0.39, 0.0), 0.78, height, facecolor=face, linewidth=0))
+    if signed:
+        ax.axhline(0.0, color=MUTED, linewidth=0.6)
+    ax.set_xlim(-0.6, len(heights) - 0.4)
+    ax.set_ylim(*limits)
+    if names is not None:
+        ax.set_xticklabels(names, rotation=90, fontsize=6.5)
+
+
+def _draw_signal(ax: Any, signal: Any, span: tuple[float, float]) -> None:
+    """The input series above its map: each channel a thin grey line."""
+    for channel in signal:
+        ax.plot(range(len(channel)), channel, color=_SIGNAL, linewidth=0.7, alpha=0.9)
+    ax.set_xlim(0, max(signal.shape[-1] - 1, 1))
+    pad = 0.08 * (span[1] - span[0]) or 1.0
+    ax.set_ylim(span[0] - pad, span[1] + pad)
+
+
+def _draw_attribution(ax: Any, values: Any, limits: tuple[float, float], length: int) -> None:
+    """The map as a line over the series' T axis, filled to 0 (red above, blue below when signed)."""
+    import numpy as np
+
+    xs = np.linspace(0, length - 1, len(values)) if len(values) != length else np.arange(len(values))
+    if limits[0] < 0:
+        ax.fill_between(xs, values, 0, where=values >= 0, color=_POSITIVE, alpha=0.35, linewidth=0, interpolate=True)
+        ax.fill_between(xs, values, 0, where=values < 0, color=_NEGATIVE, alpha=0.35, linewidth=0, interpolate=True)
+        ax.axhline(0.0, color=MUTED, linewidth=0.6)
+    else:
+        ax.fill_between(xs, values, 0, color=_UNSIGNED, alpha=0.3, linewidth=0)
+    ax.plot(xs, values, color=INK, linewidth=0.9)
+    ax.set_xlim(0, max(length - 1, 1))
+    ax.set_ylim(*limits)
+
+
+def _draw_tokens(ax: Any, values: Any, boxes: list[tuple[int, str, float, int, float]], cut: bool, cmap: str,
+                 vmin: float, vmax: float, width: float, height: float) -> None:
+    """The tokens in reading order, each in a box coloured by its score (text in white on dark boxes)."""
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    colors, norm = _cmap(cmap), Normalize(vmin, vmax)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    for i, text, x, line, box in boxes:
+        face = colors(norm(values[i]))
+        y = 0.03 + line * _LINE_H
+        ax.add_artist(Rectangle((x, y), box, _LINE_H - 0.035, facecolor=face, edgecolor="none", gid=f"token {i}"))
+        light = 0.299 * face[0] + 0.587 * face[1] + 0.114 * face[2] > 0.5
+        ax.text(x + box / 2, y + (_LINE_H - 0.035) / 2, text, ha="center", va="center", fontsize=_TOKEN_FONT,
+                color=INK if light else "white", parse_math=False, clip_on=True)
+    if cut:
+        ax.text(width - 0.02, height - 0.01, "\u2026", ha="right", va="bottom", fontsize=8, color=MUTED)
+
+
 
 # --------------------------------------------------------------------------------------------
 # parameter randomization
@@ -311,6 +716,8 @@ class _Randomization:
     check: str
     dataset_score: float | None
     ci: tuple[float, float] | None
+    view: _View
+    similarity: str = "SSIM"
 
     def randomized_what(self) -> str:
         order = self.order.replace("_", "-")
@@ -332,6 +739,11 @@ def randomization_figures(
     check: str = "layer randomization",
     dataset_score: float | None = None,
     ci: tuple[float, float] | None = None,
+    inputs: Any = None,
+    modality: str = "image",
+    feature_names: Sequence[str] | None = None,
+    tokens: Sequence[Sequence[str | None]] | None = None,
+    similarity: str = "SSIM",
 ) -> list[Figure]:
     """The figures of a parameter-randomization check: ``randomization_strip`` and ``ssim_curve``.
 
@@ -341,13 +753,16 @@ def randomization_figures(
     with the ``insensitive_layers`` framed in red; it is left out without maps. ``mode`` and
     ``order`` word the axis and the titles (cascading randomization is cumulative); ``method``,
     ``preset`` and ``check`` name what was checked; ``dataset_score`` (S^I) and ``ci``, its
-    confidence interval, go into the curve's title when given.
+    confidence interval, go into the curve's title when given. ``modality`` (one of
+    :data:`MODALITIES`), ``feature_names``, ``tokens`` and ``inputs`` (the first k inputs) say how
+    maps that are not images are drawn (see :func:`model_maps_figures`). ``similarity`` names the
+    comparison in ``ssim`` (SSIM, or Spearman for tabular and text maps) in labels and titles.
     """
     data = _Randomization(
         layers=[str(name) for name in layers], ssim=_np(ssim), threshold=float(ssim_threshold),
         insensitive=frozenset(str(name) for name in insensitive_layers), original_maps=original_maps,
         randomized_maps=randomized_maps, method=method, preset=preset, mode=mode, order=order, check=check,
-        dataset_score=dataset_score, ci=ci,
+        dataset_score=dataset_score, ci=ci, view=_view(modality, feature_names, tokens, inputs), similarity=similarity,
     )
     figures: list[Figure] = []
     if original_maps is not None and randomized_maps is not None:
@@ -392,24 +807,25 @@ def _randomization_strip(data: _Randomization) -> bytes:
     cmap, vmin, vmax = _map_scale([original[:rows], randomized[columns, :rows]])
     grid: list[list[_Cell | None]] = []
     for r in range(rows):
-        row: list[_Cell | None] = [_Cell(original[r], caption="reference", caption_color=MUTED)]
+        row: list[_Cell | None] = [_Cell(original[r], caption="reference", caption_color=MUTED, index=r)]
         for layer in columns:
             value = math.nan
             if ssim is not None and ssim.ndim == 2 and layer < ssim.shape[0] and r < ssim.shape[1]:
                 value = float(ssim[layer, r])
             bad = not value < threshold
-            row.append(_Cell(randomized[layer, r], caption=f"SSIM {value:.3f}", caption_color=BAD if bad else INK,
-                             bold=bad, frame=BAD if bad else None))
+            row.append(_Cell(randomized[layer, r], caption=f"{data.similarity} {value:.3f}", caption_color=BAD if bad else INK,
+                             bold=bad, frame=BAD if bad else None, index=r))
         grid.append(row)
     shown = "" if len(columns) == len(names) else f" ({len(columns)} of {len(names)} layers shown)"
     preset = f" ({data.preset})" if data.preset else ""
     title = (f"{data.method} maps{preset}: the original model's, then {data.randomized_what()} each layer"
-             f"{shown}. Red frame: SSIM \u2265 {threshold:g}, the map did not change.")
+             f"{shown}. Red frame: {data.similarity} \u2265 {threshold:g}, the map did not change.")
     col_titles = [("original", INK)] + [
         (_short(names[i], 15), BAD if names[i] in data.insensitive else INK) for i in columns
     ]
     return _map_grid(grid, scales={"map": (cmap, vmin, vmax, _scale_label(cmap))}, title=title,
-                     col_titles=col_titles, row_labels=[f"image {r}" for r in range(rows)])
+                     col_titles=col_titles, row_labels=[f"{_noun(data.view)} {r}" for r in range(rows)], view=data.view,
+                     inputs_in_rows=True)
 
 
 def _ssim_curve(data: _Randomization) -> bytes:
@@ -437,7 +853,7 @@ def _ssim_curve(data: _Randomization) -> bytes:
     ax.fill_between(x, low, high, color="#c9daf0", alpha=0.8, linewidth=0, label="min\u2013max over images", zorder=2)
     ax.fill_between(x, mean - std, mean + std, color="#8fb3e0", alpha=0.75, linewidth=0, label="\u00b11 std",
                     zorder=3)
-    ax.plot(x, mean, color=ACCENT, marker="o", markersize=4, linewidth=1.8, label="mean SSIM", zorder=4)
+    ax.plot(x, mean, color=ACCENT, marker="o", markersize=4, linewidth=1.8, label=f"mean {data.similarity}", zorder=4)
     ax.axhline(threshold, color=BAD, linestyle="--", linewidth=1.2, label=f"threshold {threshold:g}", zorder=4)
     if insensitive.any():
         ax.scatter(x[insensitive], mean[insensitive], s=70, facecolors="none", edgecolors=BAD, linewidths=1.6,
@@ -457,7 +873,7 @@ def _ssim_curve(data: _Randomization) -> bytes:
     order = data.order.replace("_", "-")
     ax.set_xlabel(f"layers, cumulatively randomized ({order})" if data.mode == "cascading" else "randomized layer",
                   fontsize=8)
-    ax.set_ylabel("SSIM(original, randomized)", fontsize=8)
+    ax.set_ylabel(f"{data.similarity}(original, randomized)", fontsize=8)
     ax.tick_params(axis="both", labelsize=7.5)
     ax.grid(axis="y", color="#e5e7eb", linewidth=0.6)
     ax.spines[["top", "right"]].set_visible(False)
@@ -468,12 +884,12 @@ def _ssim_curve(data: _Randomization) -> bytes:
 
 
 def _ssim_curve_title(data: _Randomization, n_images: int, n_insensitive: int) -> str:
-    title = f"{data.check}: mean SSIM per layer over N = {n_images} images"
+    title = f"{data.check}: mean {data.similarity} per layer over N = {n_images} images"
     score = _float(data.dataset_score)
     if not math.isnan(score):
         ci_low, ci_high = (_float(v) for v in (data.ci or (math.nan, math.nan)))
         title += (f"\n$S^I$ = {score:.4f} (CI {ci_low:.4f}\u2013{ci_high:.4f}); "
-                  f"{n_insensitive} of {len(data.layers)} layers with mean SSIM \u2265 {data.threshold:g}")
+                  f"{n_insensitive} of {len(data.layers)} layers with mean {data.similarity} \u2265 {data.threshold:g}")
     return title
 
 
@@ -494,6 +910,10 @@ def agreement_figures(
     higher_is_better: Mapping[str, bool] | None = None,
     maps: Mapping[str, Any] | None = None,
     preset: str = "",
+    inputs: Any = None,
+    modality: str = "image",
+    feature_names: Sequence[str] | None = None,
+    tokens: Sequence[Sequence[str | None]] | None = None,
 ) -> list[Figure]:
     """The figures of a method-agreement check: ``agreement_matrices`` and ``agreement_maps``.
 
@@ -503,16 +923,19 @@ def agreement_figures(
     ``(method_a, method_b, metric)`` pairs are framed in red; ``threshold`` and ``statistic``
     (``"mean"`` or a confidence bound) word the title. ``higher_is_better[metric]`` (default
     True) picks the colour scale: a reversed one for distances. ``maps`` (method -> (N, H, W)
-    maps, as compared under ``preset``) gives the strip of each method's maps.
+    maps, as compared under ``preset``) gives the strip of each method's maps; ``modality``,
+    ``feature_names``, ``tokens`` and ``inputs`` (the first images) say how maps that are not
+    images are drawn (see :func:`model_maps_figures`).
     """
     figures: list[Figure] = []
+    view = _view(modality, feature_names, tokens, inputs)
     if methods and metrics:
         figures.append(("agreement_matrices", lambda: _agreement_matrices(
             [str(m) for m in methods], [str(m) for m in metrics], matrices, chance or {}, failing, threshold,
             statistic, higher_is_better or {}, n_images)))
     if maps:
         title = f"Maps of each method for the first images (preset {preset or '?'}, as compared by SSIM)"
-        figures.append(("agreement_maps", lambda: _maps_strip(maps, title, MAX_AGREEMENT_IMAGES)))
+        figures.append(("agreement_maps", lambda: _maps_strip(maps, title, MAX_AGREEMENT_IMAGES, view=view)))
     return figures
 
 
@@ -627,9 +1050,11 @@ def _agreement_matrices(labels: list[str], metrics: list[str], matrices: Mapping
 
 
 def _maps_strip(maps: Mapping[str, Any], title: str, max_images: int, transpose: bool = False,
-                inputs: Any = None) -> bytes:
+                inputs: Any = None, view: _View | None = None) -> bytes:
     """Rows: images; columns: the labels of ``maps`` (``transpose``: one row per label, images as
-    columns, under a first row of the ``inputs`` when given)."""
+    columns, under a first row of the ``inputs`` when given). Maps that are not images (``view``)
+    always have the images as columns; their inputs' row is drawn for tabular maps only (a
+    sequence's signal is drawn above each of its maps, a text's tokens are the map)."""
     arrays = {str(label): _np(value) for label, value in maps.items()}
     arrays = {k: v for k, v in arrays.items() if v is not None and v.ndim >= 2 and v.shape[0] > 0}
     if not arrays:
@@ -640,17 +1065,19 @@ def _maps_strip(maps: Mapping[str, Any], title: str, max_images: int, transpose:
     cmap, vmin, vmax = _map_scale([arrays[k][:rows] for k in labels])
     scales = {"map": (cmap, vmin, vmax, _scale_label(cmap)), "input": ("gray", 0.0, 1.0, "")}
     grid: list[list[_Cell | None]]
+    modality = "image" if view is None else view.modality
     if transpose:
-        grid = [[_Cell(arrays[k][r]) for r in range(rows)] for k in labels]
+        grid = [[_Cell(arrays[k][r], index=r) for r in range(rows)] for k in labels]
         row_labels = [_short(k, 18) for k in labels]
-        if shown is not None:
-            grid.insert(0, [_Cell(_input_image(shown[r]), scale="input") for r in range(rows)])
+        if shown is not None and modality in ("image", "tabular"):
+            grid.insert(0, [_Cell(_input_image(shown[r]) if modality == "image" else shown[r].ravel(), scale="input",
+                                  index=r) for r in range(rows)])
             row_labels.insert(0, "input")
-        return _map_grid(grid, scales=scales, title=title, col_titles=[(f"image {r}", INK) for r in range(rows)],
-                         row_labels=row_labels)
-    grid = [[_Cell(arrays[k][r]) for k in labels] for r in range(rows)]
+        return _map_grid(grid, scales=scales, title=title, col_titles=[(f"{_noun(view)} {r}", INK) for r in range(rows)],
+                         row_labels=row_labels, view=view)
+    grid = [[_Cell(arrays[k][r], index=r) for k in labels] for r in range(rows)]
     return _map_grid(grid, scales=scales, title=title, col_titles=[(_short(k, 18), INK) for k in labels],
-                     row_labels=[f"image {r}" for r in range(rows)])
+                     row_labels=[f"{_noun(view)} {r}" for r in range(rows)], view=view, inputs_in_rows=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,6 +1310,9 @@ def model_maps_figures(
     preset: str = "",
     what: str = "models",
     name: str = "model_maps",
+    modality: str = "image",
+    feature_names: Sequence[str] | None = None,
+    tokens: Sequence[Sequence[str | None]] | None = None,
 ) -> list[Figure]:
     """The figure of a check across models or seeds: ``model_maps``, their maps of the same inputs.
 
@@ -894,16 +1324,28 @@ def model_maps_figures(
     ``n_inputs`` (how many inputs the check used), ``method``, ``preset`` and ``what`` (the rows,
     plural: ``models``, ``seeds``, ``ensembles of 2 models``) word the title; ``name`` names the
     figure. No figure without maps.
+
+    ``modality`` (one of :data:`MODALITIES`) says what the maps explain. ``image``: heatmaps.
+    ``tabular``: maps (k, 1, D) or (k, D) as bar charts on one y scale, the features named by
+    ``feature_names`` (else ``f0``...), at most :data:`MAX_FEATURES` of them (the largest mean
+    |value|); the inputs (k, D) as grey bars on top. ``sequence``: maps (k, 1, T) as a line under
+    each input's signal (``inputs`` (k, C, T) or (k, T), every channel a grey line). ``text``: maps
+    (k, 1, L), one score per token, as ``tokens[i]`` (input i's token strings) in boxes coloured
+    by their score; padding (None, :data:`PAD_TOKENS`, the positions past the list) is not drawn.
+    The maps of every modality but ``image`` go in rows (models, layers, methods) with the inputs
+    as columns.
     """
     if not maps:
         return []
+    view = _view(modality, feature_names, tokens, inputs)
     k = min([MAX_MODEL_IMAGES, *(len(m) for m in maps.values())])
     rows = f"{len(maps)} {what}" if len(maps) <= MAX_MAP_ROWS else f"the first {MAX_MAP_ROWS} of {len(maps)} {what}"
     of = "" if n_inputs is None else f" of {n_inputs}"
-    on_top = "" if inputs is None else " (the inputs on top)"
+    on_top = "" if inputs is None or modality == "text" else (
+        " (each input's signal above its map)" if modality == "sequence" else " (the inputs on top)")
     title = (f"{method or 'explanation'} maps{f' ({preset})' if preset else ''} of {rows} for the first {k}{of} "
-             f"inputs{on_top}, on one colour scale")
-    return [(name, lambda: _maps_strip(maps, title, MAX_MODEL_IMAGES, transpose=True, inputs=inputs))]
+             f"inputs{on_top}, on one {'y' if modality in ('tabular', 'sequence') else 'colour'} scale")
+    return [(name, lambda: _maps_strip(maps, title, MAX_MODEL_IMAGES, transpose=True, inputs=inputs, view=view))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -920,6 +1362,10 @@ def baseline_figures(
     higher_is_better: bool = True,
     status: str = "written",
     path: str = "the baseline file",
+    inputs: Any = None,
+    modality: str = "image",
+    feature_names: Sequence[str] | None = None,
+    tokens: Sequence[Sequence[str | None]] | None = None,
 ) -> list[Figure]:
     """The figure of a baseline check: ``baseline_comparison``, or ``baseline_written``.
 
@@ -927,15 +1373,18 @@ def baseline_figures(
     the worst images by the per-image ``values`` of ``metric`` (titles in red where a value fails
     ``threshold``). Without (a baseline was just written, ``status`` ``written`` or ``updated``,
     to ``path``): the first of the ``current_maps`` that were stored. No figure without current maps.
+    ``modality``, ``feature_names``, ``tokens`` and ``inputs`` (the N inputs of the maps) say how
+    maps that are not images are drawn (see :func:`model_maps_figures`).
     """
     if current_maps is None:
         return []
+    view = _view(modality, feature_names, tokens, inputs)
     if baseline_maps is None:
         title = f"Baseline {status}: the first maps now stored in {path}"
         return [("baseline_written", lambda: _maps_strip({"current (stored)": current_maps}, title,
-                                                         MAX_BASELINE_IMAGES, transpose=True))]
+                                                         MAX_BASELINE_IMAGES, transpose=True, view=view))]
     return [("baseline_comparison", lambda: _baseline_comparison(
-        baseline_maps, current_maps, values, metric, threshold, higher_is_better))]
+        baseline_maps, current_maps, values, metric, threshold, higher_is_better, view))]
 
 
 def _worst_images(values: Any, n: int, higher_is_better: bool, limit: int) -> list[int]:
@@ -951,7 +1400,7 @@ def _worst_images(values: Any, n: int, higher_is_better: bool, limit: int) -> li
 
 
 def _baseline_comparison(baseline_maps: Any, current_maps: Any, per_image: Sequence[float] | None, metric: str,
-                         threshold: float | None, higher: bool) -> bytes:
+                         threshold: float | None, higher: bool, view: _View | None = None) -> bytes:
     import numpy as np
 
     baseline = _np(baseline_maps)
@@ -969,7 +1418,7 @@ def _baseline_comparison(baseline_maps: Any, current_maps: Any, per_image: Seque
     dmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     grid: list[list[_Cell | None]] = []
     for r, i in enumerate(rows):
-        label, color = f"image {i}", INK
+        label, color = f"{_noun(view)} {i}", INK
         if values is not None:
             value = float(values[i])
             label += f": {metric} = {value:.3f}"
@@ -977,10 +1426,10 @@ def _baseline_comparison(baseline_maps: Any, current_maps: Any, per_image: Seque
                 ok = value >= threshold if higher else value <= threshold
                 color = INK if ok else BAD
         grid.append([
-            _Cell(baseline[i], caption="baseline", caption_color=MUTED),
+            _Cell(baseline[i], caption="baseline", caption_color=MUTED, index=i),
             _Cell(current[i], caption="current", caption_color=MUTED, title=label, title_color=color,
-                  frame=BAD if color == BAD else None),
-            _Cell(diff[r], scale="diff", caption="|current \u2212 baseline|", caption_color=MUTED),
+                  frame=BAD if color == BAD else None, index=i),
+            _Cell(diff[r], scale="diff", caption="|current \u2212 baseline|", caption_color=MUTED, index=i),
         ])
     limit = "" if threshold is None else f"; threshold {threshold:g}"
     worst = f"the {len(rows)} worst of {n} images by {metric}" if values is not None else f"{len(rows)} of {n} images"
@@ -989,6 +1438,8 @@ def _baseline_comparison(baseline_maps: Any, current_maps: Any, per_image: Seque
         scales={"map": (cmap, vmin, vmax, _scale_label(cmap)), "diff": ("magma", 0.0, dmax, "|difference|")},
         title=f"Baseline vs current maps: {worst}{limit}",
         panel=1.15,
+        view=view,
+        inputs_in_rows=True,
     )
 
 
@@ -1048,6 +1499,6 @@ def figures_for(result: CheckResult, *, strict: bool = False, errors: list[str] 
 
 
 __all__ = [
-    "DPI", "MISSING_MATPLOTLIB", "SweepSeries", "agreement_figures", "baseline_figures", "ensemble_figures",
+    "DPI", "MAX_FEATURES", "MAX_TEXT_LINES", "MISSING_MATPLOTLIB", "MODALITIES", "PAD_TOKENS", "SweepSeries", "agreement_figures", "baseline_figures", "ensemble_figures",
     "figures_for", "model_maps_figures", "pair_figures", "randomization_figures", "render", "sweep_figures",
 ]
