@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "explain": "maps.explainers",
+    "Text": "core.forward",
+    "Tabular": "core.forward",
+    "static": "core.forward",
     "METHODS": "maps.methods",
     "MapPipeline": "maps.postprocess",
     "SSIMParams": "maps.postprocess",

@@ -496,8 +496,13 @@ def test_seed_consistency_checks_the_inputs_before_training(tmp_path):
         calls.append(seed)
         return MLP(hidden=4)
 
-    with pytest.raises(SaliencyUsageError, match="inputs must be a floating-point tensor"):
+    with pytest.raises(SaliencyUsageError, match=r"inputs are integers of shape \(N, L\), taken as token ids, but MLP "
+                                                 r"has no nn.Embedding.*inputs.float\(\)"):
         seed_consistency(train, torch.zeros(4, 64, dtype=torch.long), seeds=[0, 1], metric="sign_agreement")
+    assert calls == [0], "integer inputs are checked against the first model (its embedding), before the others"
+    calls.clear()
+    with pytest.raises(SaliencyUsageError, match=r"inputs must be a floating-point tensor"):
+        seed_consistency(train, torch.zeros(4, 2, 64, dtype=torch.long), seeds=[0, 1], metric="sign_agreement")
     assert calls == []
 
 
@@ -946,7 +951,8 @@ def test_explainer_seed_stability_bad_input():
         explainer_seed_stability(model, x, "smoothgrad", n_samples=3)
     mlp, (x64, _) = trained_mlp(0), test_inputs(4)
     with pytest.raises(SaliencyUsageError, match="needs 2-D maps"):
-        explainer_seed_stability(mlp, x64, "smoothgrad")
+        explainer_seed_stability(mlp, x64, "smoothgrad", metric="ssim")
+    assert explainer_seed_stability(mlp, x64, "smoothgrad", nt_samples=2).metric == "sign_agreement"  # tabular default
     assert explainer_seed_stability(mlp, x64, "smoothgrad", map_shape=(8, 8), nt_samples=2).n_inputs == 4
 
 

@@ -303,3 +303,143 @@ def test_the_fixture_takes_the_options_and_a_default_for_the_test(pytester: pyte
     result = pytester.runpytest("--saliency", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*SaliencyUsageError*returns a tuple of 2*output=*"])
+
+
+# -- per-input arguments at the check level, and the review's cases ---------------------------------
+
+class Masked(TinyCNN):
+    """TinyCNN whose first activations are multiplied by a per-input mask (N, 16, 16)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if mask.shape[0] != x.shape[0]:
+            raise RuntimeError(f"mask has {mask.shape[0]} rows for {x.shape[0]} inputs")
+        h = self.relu1(self.bn(self.conv1(x))) * mask[:, None]
+        return self.fc(self.relu2(self.conv2(h)).flatten(1))
+
+
+def masked_model() -> Masked:
+    model = Masked()
+    model.load_state_dict(make_tiny_cnn().state_dict())
+    return model.eval()
+
+
+def _per_input_numbers(x: torch.Tensor, mask: torch.Tensor, tmp_path: Path) -> dict[str, Any]:
+    """Per-input numbers of several checks, for inputs and masks in this order."""
+    model, call = masked_model(), {"forward_kwargs": {"mask": mask}}
+    ipr = ps.layer_randomization(model, x, "integrated_gradients", n_steps=4, **call)
+    sweep = ps.hyperparameter_sweep(model, x, "integrated_gradients", {"n_steps": [3, 6]}, metrics=("spearman",),
+                                    **call)  # deterministic: a sampling method draws by the input's index
+    curve = ps.deletion(model, x, "saliency", step=32, **call)
+    base = ps.check_baseline(model, x, tmp_path / f"b{len(list(tmp_path.iterdir()))}.npz", "saliency", **call)
+    return {"ipr": torch.tensor(ipr.ssim), "sweep": torch.tensor(sweep.tables[0].rows[0].scores["spearman"]),
+            "deletion": curve.auc, "baseline": base.current_maps}
+
+
+def test_per_input_arguments_follow_their_inputs_in_every_check(tmp_path: Path) -> None:
+    """Permuting the inputs together with their masks permutes every per-input number: a mask row
+    that reached another input's forward pass (in captum's expanded batches too) would change them."""
+    x = tiny_images(5)
+    mask = (torch.rand(5, 16, 16, generator=torch.Generator().manual_seed(7)) > 0.4).float()
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    straight = _per_input_numbers(x, mask, tmp_path)
+    permuted = _per_input_numbers(x[perm], mask[perm], tmp_path)
+    torch.testing.assert_close(permuted["ipr"], straight["ipr"][:, perm], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(permuted["sweep"], straight["sweep"][perm], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(permuted["deletion"], straight["deletion"][perm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(permuted["baseline"], straight["baseline"][perm], rtol=1e-5, atol=1e-6)
+    # and the masks matter: with every mask row the same, the numbers differ
+    same = _per_input_numbers(x, mask[:1].expand(5, -1, -1).contiguous(), tmp_path)
+    assert not torch.allclose(same["deletion"], straight["deletion"])
+
+
+def test_a_static_tensor_that_happens_to_have_n_rows_is_passed_whole() -> None:
+    class Prior(TinyCNN):
+        def forward(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            assert prior.shape == (3,), prior.shape
+            return super().forward(x) + prior
+
+    model = Prior()
+    model.load_state_dict(make_tiny_cnn().state_dict())
+    model.eval()
+    x, prior = tiny_images(3), torch.tensor([0.0, 0.0, 50.0])
+    maps = ps.explain(model, x, "integrated_gradients", batch_size=1, forward_kwargs={"prior": ps.static(prior)})
+    assert torch.isfinite(maps).all()
+    assert (ps.explain(model, x, batch_size=1, forward_kwargs={"prior": ps.static(prior)}) != 0).any()
+
+
+def test_the_map_cache_tells_model_calls_apart() -> None:
+    from pytest_saliency.maps.cache import MapCache
+
+    cache, x = MapCache(), tiny_images(4)
+    ones, half = torch.ones(4, 16, 16), torch.ones(4, 16, 16) * (torch.arange(16) < 8).float()
+    first = ps.hyperparameter_sweep(masked_model(), x, "smoothgrad", {"nt_samples": [2]}, cache=cache,
+                                    forward_kwargs={"mask": ones})
+    second = ps.hyperparameter_sweep(masked_model(), x, "smoothgrad", {"nt_samples": [2]}, cache=cache,
+                                     forward_kwargs={"mask": half})
+    fresh = ps.hyperparameter_sweep(masked_model(), x, "smoothgrad", {"nt_samples": [2]},
+                                    forward_kwargs={"mask": half})
+    assert _numbers(second.to_dict())["tables"] == _numbers(fresh.to_dict())["tables"]
+    assert _numbers(second.to_dict())["tables"] != _numbers(first.to_dict())["tables"]
+
+
+def test_sweeps_over_per_image_settings_with_forward_arguments() -> None:
+    """A per-image setting (uniform baselines) runs through an internal explainer of its own,
+    which must not wrap the model a second time."""
+    x = tiny_images(3)
+    mask = torch.ones(3, 16, 16)
+    result = ps.hyperparameter_sweep(shaped("dict"), x, "integrated_gradients", {"baselines": ["uniform"]},
+                                     output="scores", n_steps=4)
+    assert result.tables[0].rows
+    masked = ps.hyperparameter_sweep(masked_model(), x, "integrated_gradients", {"baselines": ["uniform"]},
+                                     forward_kwargs={"mask": mask}, n_steps=4)
+    assert masked.tables[0].rows
+
+
+def test_a_custom_explainer_passes_the_per_input_arguments_to_captum() -> None:
+    import captum.attr as ca
+
+    def ig(model: Any, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ca.IntegratedGradients(model).attribute(inputs, target=target, n_steps=5, method="riemann_trapezoid",
+                                                       additional_forward_args=model.additional_forward_args)
+
+    x = tiny_images(4)
+    mask = (torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    ours = ps.explain(masked_model(), x, ig, forward_kwargs={"mask": mask}, batch_size=3)
+    named = ps.explain(masked_model(), x, "integrated_gradients", forward_kwargs={"mask": mask}, n_steps=5,
+                       integration_method="riemann_trapezoid")
+    torch.testing.assert_close(ours, named, rtol=1e-5, atol=1e-6)
+
+    def expanding(model: Any, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ca.IntegratedGradients(model).attribute(inputs, target=target, n_steps=5)
+
+    with pytest.raises(SaliencyUsageError, match=r"pass model.additional_forward_args to captum"):
+        ps.explain(masked_model(), x, expanding, forward_kwargs={"mask": mask})
+
+
+def test_half_precision_sampling_methods_take_per_input_arguments() -> None:
+    model = masked_model().to(torch.bfloat16)
+    x = tiny_images(2).to(torch.bfloat16)
+    mask = torch.ones(2, 16, 16, dtype=torch.bfloat16)
+    maps = ps.explain(model, x, "smoothgrad", nt_samples=2, forward_kwargs={"mask": mask})
+    assert torch.isfinite(maps.float()).all()
+
+
+def test_an_ensemble_selects_its_members_scores_once() -> None:
+    from pytest_saliency.checks.ensembles import Ensemble
+
+    x = tiny_images(3)
+    ensemble = Ensemble([shaped("tuple"), shaped("tuple")], how="logits")
+    ours = ps.explain(ensemble, x, output=lambda out: out[0])
+    plain = ps.explain(Ensemble([shaped("tensor"), shaped("tensor")], how="logits"), x)
+    torch.testing.assert_close(ours, plain)
+
+
+def test_a_tuple_output_with_other_dtype_inputs_names_the_output_option() -> None:
+    class Casting(Shaped):  # converts its inputs itself, so float64 inputs are fine
+        def forward(self, x: torch.Tensor, bias: Any = None, scale: float = 1.0) -> Any:
+            return super().forward(x.float(), bias, scale)
+
+    model = Casting("tuple")
+    model.load_state_dict(make_tiny_cnn().state_dict())
+    with pytest.raises(SaliencyUsageError, match=r"returns a tuple of 2 .* Pass output="):
+        ps.explain(model.eval(), tiny_images(2).double())

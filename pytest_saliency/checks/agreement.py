@@ -52,6 +52,7 @@ from ..core.validation import check_choice, check_count, check_inputs, check_mod
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import method_name
+from ..maps.modality import WINDOW_METRICS, check_metric_fits, current_modality, figure_context
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
 from ..reporting.numbers import format_score, format_threshold
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
 
 PRESET_METRICS = ("ssim", "hog_pearson", "l1_distance", "jensen_shannon_divergence")
 DEFAULT_METRICS = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim")
+#: How many inputs' series, feature names or tokens a result keeps for its figures.
+SHOWN_INPUTS = 8
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class AgreementResult:
     statistic: str = "mean"
     reproduce: str = ""
     maps: dict[str, Any] = field(default_factory=dict, repr=False)  # method -> (N, H, W) preset maps
+    figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
     # True: each pair must beat the stricter of ``threshold`` and its measured chance level (the
     # default gate of assert_agreement_above, which sets ``threshold`` to the theoretical chance).
     beat_chance: bool = False
@@ -242,7 +246,7 @@ class AgreementResult:
                                             for m in self.metrics},
             failing=[(p.method_a, p.method_b, p.metric) for p in self.failing_pairs()], threshold=self.threshold,
             statistic=self.statistic, higher_is_better={m: METRICS[m].higher_is_better for m in self.metrics},
-            maps=self.maps, preset=self.pipeline.name,
+            maps=self.maps, preset=self.pipeline.name, **self.figure_context,
         )
 
     def summary(self) -> str:
@@ -304,12 +308,13 @@ class AgreementResult:
 
 
 def _signed_maps(attributions: torch.Tensor) -> torch.Tensor:
-    """Channel sum with the sign kept: (N, C, H, W) -> (N, H, W); (N, D) -> (N, 1, D)."""
+    """Channel sum with the sign kept: (N, C, H, W) -> (N, H, W); (N, C, T) series -> (N, 1, T);
+    (N, D) -> (N, 1, D)."""
     a = attributions
     if a.dim() == 2:
         return a[:, None, :]
     if a.dim() == 3:
-        return a
+        return a.sum(dim=1, keepdim=True) if current_modality().name == "sequence" else a
     return a.sum(dim=1)
 
 
@@ -575,7 +580,7 @@ def agreement_matrix(
     model: torch.nn.Module,
     inputs: torch.Tensor,
     methods: Sequence[str | Explainer] = ("saliency", "integrated_gradients", "guided_backprop"),
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
     *,
     k: KValue = 0.1,
     preset: str | MapPipeline | None = None,
@@ -592,6 +597,7 @@ def agreement_matrix(
     progress: Callable[[int, int, str], None] | None = None,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
 ) -> AgreementResult:
     """Every pair of ``methods`` on the same inputs and targets, under every metric.
 
@@ -623,7 +629,11 @@ def agreement_matrix(
         raise SaliencyUsageError(f"reproduce must be a str (a command line for the report), got {reproduce!r:.80}.")
     # Features per map as the metrics see them (channels summed): k, thresholds and options are
     # checked here, before any attribution is computed.
-    num_features = inputs[0, 0].numel() if inputs.dim() == 4 else inputs.shape[1]
+    num_features = inputs[0, 0].numel() if inputs.dim() == 4 else inputs.shape[-1]
+    if metrics is None:  # the defaults without SSIM where a window means nothing (tabular, text)
+        metrics = tuple(m for m in DEFAULT_METRICS if m not in WINDOW_METRICS or current_modality().window_ok)
+    for metric_name in metrics:
+        check_metric_fits(metric_name)
     _check_options(metrics, k, num_features, confidence, n_bootstrap, seed, threshold, statistic, metric_options)
     fixed_target = resolve_target(model, inputs, target, batch_size, seed=seed)
     maps: dict[str, Any] = {}
@@ -645,6 +655,7 @@ def agreement_matrix(
         n_bootstrap=n_bootstrap, seed=seed, threshold=threshold, statistic=statistic,
     )
     result.seconds = time.perf_counter() - start
+    result.figure_context = figure_context(inputs, SHOWN_INPUTS)
     result.reproduce = reproduce or (
         f"pytest_saliency.agreement_matrix(model, inputs, methods={list(maps)!r}, metrics={list(result.metrics)!r}, "
         f"k={k!r}, preset={result.pipeline.name!r}, seed={seed})"

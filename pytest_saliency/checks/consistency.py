@@ -114,6 +114,7 @@ from ..core.validation import check_count, check_inputs, check_model, check_seed
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec
+from ..maps.modality import current_modality, figure_context
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import predicted_targets, resolve_target
@@ -225,6 +226,7 @@ class ConsistencyResult:
     # For figures() only, not in to_dict(): the first SHOWN_INPUTS inputs and each model's preset maps of them (CPU)
     shown_inputs: Any = field(default=None, repr=False, compare=False)
     shown_maps: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
 
     def value(self, metric: str | None = None) -> float:
         """The gated number: C for ``"lr_separability"``, else the mean pairwise similarity."""
@@ -326,7 +328,8 @@ class ConsistencyResult:
         from ..reporting.figures import model_maps_figures
 
         return model_maps_figures(maps=self.shown_maps, inputs=self.shown_inputs, n_inputs=self.n_inputs,
-                                  method=self.method, preset=self.pipeline.name, what=what, name=name)
+                                  method=self.method, preset=self.pipeline.name, what=what, name=name,
+                                  **self.figure_context)
 
     def summary(self) -> str:
         """One line: the gated number, the threshold and the verdict."""
@@ -672,6 +675,7 @@ def _shown(
     return {
         "shown_inputs": first if map_shape is None else first.reshape(k, 1, *map_shape),
         "shown_maps": {label: _to_maps(r[:k].detach(), pipeline, map_shape).float().cpu() for label, r in raw.items()},
+        "figure_context": figure_context(inputs, k, with_inputs=False) if map_shape is None else {"modality": "image"},
     }
 
 
@@ -939,6 +943,7 @@ def explanation_consistency(
     reproduce: str = "",
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **method_kwargs: Any,
 ) -> ConsistencyResult:
     """Watson et al.'s explanation consistency C of several models of one architecture.
@@ -1258,7 +1263,7 @@ def explainer_seed_stability(
     method: str | Explainer,
     seeds: Sequence[int] = (0, 1, 2),
     *,
-    metric: str = "ssim",
+    metric: str | None = None,
     threshold: float | None = None,
     k: KValue = 0.1,
     preset: str | MapPipeline | None = None,
@@ -1268,6 +1273,7 @@ def explainer_seed_stability(
     reproduce: str = "",
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **method_kwargs: Any,
 ) -> SeedStabilityResult:
     """Explain one model under several method seeds and compare every pair of seeds.
@@ -1294,6 +1300,8 @@ def explainer_seed_stability(
         raise SaliencyUsageError(f"seeds must be at least two distinct ints, e.g. (0, 1, 2), got {seeds!r}.")
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
                              hint="It bounds the inputs one explainer call sees; None explains all at once.")
+    if metric is None:
+        metric = "ssim" if current_modality().window_ok else "sign_agreement"
     if metric not in METRICS:
         raise unknown_choice("metric", metric, METRICS)
     if not METRICS[metric].higher_is_better:
@@ -1351,12 +1359,14 @@ def assert_explainer_seed_stable(
     inputs: torch.Tensor,
     method: str | Explainer,
     seeds: Sequence[int] = (0, 1, 2),
-    metric: str = "ssim",
+    metric: str | None = None,
     threshold: float | None = None,
     **options: Any,
 ) -> SeedStabilityResult:
     """The explainer's own randomness must not change the maps much, and a fixed seed must reproduce them.
 
+    ``metric=None`` is SSIM for images and series and sign agreement for tabular and text maps
+    (see :mod:`pytest_saliency.maps.modality`).
     Default thresholds (``threshold=None``): mean pairwise SSIM >= **0.5**, or top-10% sign
     agreement >= **0.5**. The maps compared share the model, the inputs and the target, and
     differ only in the method's random draws. So at least half of their structure, or of their

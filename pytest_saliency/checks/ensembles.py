@@ -95,6 +95,10 @@ class Ensemble(nn.Module):
     the averaged probability.
     """
 
+    #: Its forward selects each member's scores (``output=``) itself: :func:`call_model` takes its
+    #: output as it is.
+    selects_scores = True
+
     @short_usage_errors
     def __init__(self, members: Sequence[nn.Module], how: str = "average") -> None:
         super().__init__()

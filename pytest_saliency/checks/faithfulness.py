@@ -61,7 +61,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
-from ..core.forward import OutputSelector, call_model, passes_model_call
+from ..core.forward import OutputSelector, call_model, current_call, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
@@ -204,15 +204,18 @@ def _pixel_scores(attributions: object, inputs: torch.Tensor, order: str) -> tor
         )
     check_finite(attributions, "attributions")
     n = inputs.shape[0]
-    spatial = tuple(inputs.shape[-2:]) if inputs.dim() == 4 else (inputs.shape[1],)
+    channelled = inputs.dim() >= 3  # images (N, C, H, W) and series (N, C, T) have channels
+    spatial = tuple(inputs.shape[2:]) if channelled else (inputs.shape[1],)
     a = attributions
+    if current_call().modality == "text" and a.dim() == 3:  # (N, L, E) at the embedding: one score per token
+        a = a.sum(dim=-1)
     if a.shape[0] != n:
         raise SaliencyUsageError(
             f"attributions hold {a.shape[0]} maps for {n} inputs; pass one map per input (same order)."
         )
-    if inputs.dim() == 4 and a.dim() == 3:
+    if channelled and a.dim() == inputs.dim() - 1:
         a = a[:, None]
-    if tuple(a.shape[2:] if inputs.dim() == 4 else a.shape[1:]) != spatial or a.dim() != inputs.dim():
+    if tuple(a.shape[2:] if channelled else a.shape[1:]) != spatial or a.dim() != inputs.dim():
         raise SaliencyUsageError(
             f"attributions of shape {tuple(attributions.shape)} do not match inputs of shape {tuple(inputs.shape)}: "
             f"expected (N, C, {', '.join(map(str, spatial))}) or (N, {', '.join(map(str, spatial))}) maps. "
@@ -220,7 +223,7 @@ def _pixel_scores(attributions: object, inputs: torch.Tensor, order: str) -> tor
         )
     if order == "absolute":
         a = a.abs()
-    if inputs.dim() == 4:
+    if channelled:
         a = a.sum(dim=1)
     return a.reshape(n, -1)
 
@@ -229,6 +232,9 @@ def _substrate(kind: Substrate, inputs: torch.Tensor, blur_sigma: float | None) 
     """The substrate as a tensor shaped like the inputs, and its name for the report."""
     torch = require_torch()
     if isinstance(kind, str):
+        text = current_call().text
+        if kind == "zero" and text is not None:  # tokens are deleted by replacing them with the baseline token
+            return torch.full_like(inputs, text.baseline), f"token {text.baseline}"
         if kind == "zero":
             return torch.zeros_like(inputs), "zero"
         if kind == "blur":
@@ -298,6 +304,7 @@ def causal_curves(
     seed: int = 0,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **method_options: Any,
 ) -> CausalCurves:
     """Play the deletion or insertion game for every input; batched over images and steps.
@@ -334,10 +341,11 @@ def causal_curves(
     step = check_count(step, "step", hint=f"It is the number of pixels changed per step (1 to {pixels}).")
     if isinstance(substrate, str) and substrate == "blur" and inputs.dim() != 4:
         raise SaliencyUsageError(
-            "substrate='blur' needs images (N, C, H, W); for (N, D) feature vectors use substrate='zero' or a constant."
+            "substrate='blur' needs images (N, C, H, W); for series and feature vectors use substrate='zero' or a "
+            "constant."
         )
     fill, substrate_label = _substrate(substrate, inputs, blur_sigma)
-    channels = inputs.shape[1] if inputs.dim() == 4 else 1
+    channels = inputs.shape[1] if inputs.dim() >= 3 else 1
     x_flat = inputs.detach().reshape(n, channels, pixels)
     s_flat = fill.reshape(n, channels, pixels)
     begin, finish = (x_flat, s_flat) if mode == "deletion" else (s_flat, x_flat)
@@ -579,6 +587,7 @@ def accuracy_spread(
     curve_batch_size: int = DEFAULT_BATCH_SIZE,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **options: Any,
 ) -> AccuracySpread:
     """The spread of insertion/deletion AUC across a hyperparameter sweep (SAM 4.5 and 4.6).

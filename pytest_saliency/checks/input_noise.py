@@ -35,10 +35,10 @@ from ..core.validation import (
 )
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.methods import Explainer, method_name
+from ..maps.modality import current_modality, default_similarity
 from ..maps.postprocess import MapPipeline
 from ..maps.targets import resolve_target
 from .sweeps import (
-    DEFAULT_METRICS,
     SWEEP_PRESET,
     Progress,
     SettingRunner,
@@ -50,6 +50,7 @@ from .sweeps import (
     no_progress,
     require_threshold,
     setup_check,
+    with_default_k,
 )
 
 if TYPE_CHECKING:
@@ -179,14 +180,14 @@ def input_noise_stability(
     *,
     noise: str | NoiseFunction = "gaussian",
     variance: float | Sequence[float] = SAM_INPUT_NOISE_VARIANCE,
-    clip: tuple[float, float] | None = (0.0, 1.0),
+    clip: tuple[float, float] | str | None = "auto",
     n_draws: int = 1,
-    metrics: Sequence[str] | str = DEFAULT_METRICS,
+    metrics: Sequence[str] | str | None = None,
     preset: str | MapPipeline | None = SWEEP_PRESET,
     target: int | torch.Tensor | None = None,
     seed: int = 0,
     threshold: float | None = None,
-    metric: str = "ssim",
+    metric: str | None = None,
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int | None = None,
     cache: MapCache | None = None,
@@ -194,6 +195,7 @@ def input_noise_stability(
     progress: Progress | None = None,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **options: Any,
 ) -> SweepResult:
     """SAM 4.1: maps of x against maps of noisy x (``clip(x + N(0, variance))``), per image.
@@ -205,6 +207,7 @@ def input_noise_stability(
     the same for both. Per image, the similarity is averaged over ``n_draws`` noisy copies (SAM:
     one). ``variance`` may be a list (one row each). ``noise`` may be a callable
     ``(inputs, seed, draw) -> noisy inputs``. A robust model's maps should score higher.
+    ``clip="auto"`` clips to [0, 1] for images (SAM) and not at all for other modalities.
     ``cache`` (a MapCache) lets the clean maps be shared with other checks; ``progress`` is
     called as ``progress(done, total, label)``.
     """
@@ -213,11 +216,20 @@ def input_noise_stability(
     start = time.perf_counter()
     check_model(model)
     check_inputs(inputs, model)
+    if current_modality().name == "text":
+        raise SaliencyUsageError(
+            "input noise adds Gaussian noise to the inputs, and token ids are integers (a noisy id is another "
+            "token, not a nearby input). Check text maps' stability with hyperparameter_sweep or "
+            "explainer_seed_stability instead."
+        )
+    if isinstance(clip, str) and clip == "auto":  # SAM's [0, 1] images; other data has its own scale
+        clip = (0.0, 1.0) if current_modality().name == "image" else None
     variances = _check_noise_args(inputs, noise, variance, clip, n_draws)
+    clip = None if clip is None else _check_clip(clip)
     resolved, label, pipeline, metric_names, metric, higher = setup_check(method, preset, metrics, metric, threshold)
     if not metric_names:
         raise SaliencyUsageError("metrics is empty; pass e.g. metrics=('ssim', 'spearman', 'hog_pearson').")
-    checked_options = check_metric_options(metric_options, metric_names)
+    checked_options = check_metric_options(with_default_k(metric_options, metric_names), metric_names)
     seed = check_seed(seed)
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
                              hint="It bounds the images one explainer call sees; None explains all at once.")
@@ -261,10 +273,10 @@ def assert_stable_under_input_noise(
     method: str | Explainer = "saliency",
     noise: str | NoiseFunction = "gaussian",
     variance: float | Sequence[float] = SAM_INPUT_NOISE_VARIANCE,
-    clip: tuple[float, float] | None = (0.0, 1.0),
+    clip: tuple[float, float] | str | None = "auto",
     n_draws: int = 1,
     threshold: float | None = None,
-    metric: str = "ssim",
+    metric: str | None = None,
     seed: int = 0,
     *,
     metrics: Sequence[str] | str | None = None,
@@ -277,6 +289,7 @@ def assert_stable_under_input_noise(
     """
     __tracebackhide__ = True
     require_threshold(threshold, "assert_stable_under_input_noise")
+    metric = default_similarity(metric)
     result = input_noise_stability(
         model, inputs, method, noise=noise, variance=variance, clip=clip, n_draws=n_draws,
         metrics=(metric,) if metrics is None else metrics, threshold=threshold, metric=metric, seed=seed, **kwargs,

@@ -35,7 +35,7 @@ from ..compare.statistics import (
     check_sensitivity_options,
     sensitivity_statistics,
 )
-from ..core.forward import OutputSelector, passes_model_call
+from ..core.forward import OutputSelector, current_call, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
@@ -55,6 +55,7 @@ from ..engine.select import engine_for
 from ..exceptions import SaliencyUsageError, warn_user
 from ..maps.explainers import prepare_method
 from ..maps.methods import Explainer
+from ..maps.modality import current_modality, default_similarity, figure_context
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, get_pipeline, pipeline_maps
 from ..maps.targets import resolve_target
@@ -70,6 +71,8 @@ if TYPE_CHECKING:
     from ..maps.cache import MapCache
 
 MODES = ("independent", "cascading")
+#: How a state's maps can be compared with the original ones (1 = identical maps).
+SIMILARITY_LABELS = {"ssim": "SSIM", "spearman": "Spearman", "pearson": "Pearson"}
 ORDERS = ("top_down", "bottom_up")
 
 
@@ -98,10 +101,19 @@ class RandomizationResult:
     original_maps: torch.Tensor | None = field(default=None, repr=False)  # (N, H, W) tensor, kept for reports
     randomized_maps: torch.Tensor | None = field(default=None, repr=False)  # (layers, k, H, W) for the first k images
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
+    similarity: str = "ssim"  # how each state's maps were compared with the original ones
+    modality: str = "image"
+    chance: float | None = None  # mean similarity of the original maps of different inputs
+    figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
 
     @property
     def check(self) -> str:
         return f"{self.mode}_layer_randomization"
+
+    @property
+    def similarity_label(self) -> str:
+        """The comparison's name in messages: SSIM, Spearman or Pearson."""
+        return SIMILARITY_LABELS[self.similarity]
 
     @property
     def passed(self) -> bool:
@@ -140,6 +152,9 @@ class RandomizationResult:
             "stopped_early": self.stopped_early,
             "reused_activations": self.reused_activations,
             "reproduce": self.reproduce,
+            "similarity": self.similarity,
+            "modality": self.modality,
+            "chance": self.chance,
         }
 
     def numbers(self) -> dict[str, Number]:
@@ -162,6 +177,7 @@ class RandomizationResult:
             insensitive_layers=[layer.name for layer in s.insensitive_layers], original_maps=self.original_maps,
             randomized_maps=self.randomized_maps, method=self.method, preset=self.pipeline.name, mode=self.mode,
             order=self.order, check=self.check, dataset_score=s.dataset_score, ci=(s.ci_low, s.ci_high),
+            similarity=self.similarity_label, **self.figure_context,
         )
 
     def summary(self) -> str:
@@ -172,7 +188,7 @@ class RandomizationResult:
             f"{verdict} {self.check} [{self.method}, {self.pipeline.name}]: S^I = {format_score(s.dataset_score)} "
             f"({s.confidence:.0%} CI {format_score(s.ci_low)} \u2013 {format_score(s.ci_high)}) vs >= "
             f"{format_threshold(s.sensitivity_threshold)}; {len(s.insensitive_layers)}/{len(s.layers)} layers with "
-            f"mean SSIM >= {format_threshold(s.ssim_threshold)}; "
+            f"mean {self.similarity_label} >= {format_threshold(s.ssim_threshold)}; "
             f"N = {self.n_images}"
         )
 
@@ -182,7 +198,7 @@ class RandomizationResult:
         rows = sorted(s.layers, key=lambda layer: (layer.sensitive, -layer.mean_ssim))
         width = max([len("layer")] + [len(layer_label(r.name)) for r in rows])
         lines = [
-            f"    {'layer':<{width}}  mean SSIM    std    min     max   sensitive images  verdict",
+            f"    {'layer':<{width}}  {'mean ' + self.similarity_label:>9}    std    min     max   sensitive images  verdict",
         ]
         for r in rows[:max_rows]:
             verdict = "sensitive" if r.sensitive else "INSENSITIVE"
@@ -198,21 +214,24 @@ class RandomizationResult:
     def report(self) -> str:
         """The full human-readable account used in failure messages."""
         s = self.stats
-        boundary = "SSIM < threshold counts as sensitive; S from max(SSIM, 0)" if s.clip_negative else (
-            "SSIM < threshold counts as sensitive; S from raw SSIM (may exceed 1)"
+        label = self.similarity_label
+        boundary = f"{label} < threshold counts as sensitive; S from max({label}, 0)" if s.clip_negative else (
+            f"{label} < threshold counts as sensitive; S from raw {label} (may exceed 1)"
         )
+        chance = "n/a (one image)" if self.chance is None else format_score(self.chance)
         order = f", {self.order.replace('_', '-')}" if self.mode == "cascading" else ""
         lines = [
             f"  check:       {self.check} ({self.mode}{order}, randomization={self.randomization})",
             f"  method:      {self.method}{format_options(self.method_options)}   target: original model's prediction",
             f"  preset:      {self.pipeline.describe()}",
-            f"  thresholds:  layer sensitive if SSIM < {s.ssim_threshold:g}; dataset sensitive if "
+            f"  compared:    {self.modality} maps by {label}; chance (original maps of different images): {chance}",
+            f"  thresholds:  layer sensitive if {label} < {s.ssim_threshold:g}; dataset sensitive if "
             f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
             f"  S^I:         {format_score(s.dataset_score)}  ({s.confidence:.0%} bootstrap CI "
             f"{format_score(s.ci_low)} .. {format_score(s.ci_high)})"
             f"  vs >= {s.sensitivity_threshold:g}  -> {'sensitive' if s.dataset_sensitive else 'NOT sensitive'}",
             f"  images sensitive to every layer (Definition 2): {s.fraction_images_sensitive_to_all_layers:.1%}",
-            f"  layers:      {len(s.layers)} ({len(s.insensitive_layers)} with mean SSIM >= {s.ssim_threshold:g})"
+            f"  layers:      {len(s.layers)} ({len(s.insensitive_layers)} with mean {label} >= {s.ssim_threshold:g})"
             + ("; every layer must be sensitive (require_every_layer=True)" if self.require_every_layer else ""),
             self.table(),
             f"  images: {self.n_images}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s"
@@ -256,7 +275,8 @@ SIMILARITY_BATCH_BYTES = 2**20
 
 
 class _Comparison:
-    """SSIM of each randomized state's maps against the original maps, batched over states.
+    """SSIM (or another similarity) of each randomized state's maps against the original maps,
+    batched over states.
 
     Raw attributions are added state by state (in any order) and post-processed and compared
     in groups of up to :data:`SIMILARITY_BATCH_BYTES` of maps; the filtered moments of the
@@ -266,12 +286,12 @@ class _Comparison:
     """
 
     def __init__(self, original: torch.Tensor, pipeline: MapPipeline, setup: Any, states: int, keep: int,
-                 describe: Callable[[int], str]) -> None:
+                 describe: Callable[[int], str], similarity: str = "ssim", valid: torch.Tensor | None = None) -> None:
         from ..compare.similarity import ssim_reference_moments
 
         self.original, self.pipeline, self.setup, self.keep = original, pipeline, setup, keep
-        self.describe = describe
-        self.moments = ssim_reference_moments(original, setup)
+        self.describe, self.similarity, self.valid = describe, similarity, valid
+        self.moments = ssim_reference_moments(original, setup) if similarity == "ssim" else None
         self.map_bytes = original.numel() * original.element_size()
         self.rows: list[Any] = [None] * states
         self.kept_maps: list[Any] = [None] * states
@@ -283,6 +303,7 @@ class _Comparison:
             self.flush()
 
     def flush(self) -> None:
+        from ..compare.metrics import compute_on_valid
         from ..compare.similarity import ssim_unchecked
 
         torch = require_torch()
@@ -294,7 +315,10 @@ class _Comparison:
             for index, state_raw in sorted(self.pending, key=lambda pair: pair[0]):
                 check_finite(state_raw, self.describe(index))
         maps = _for_ssim(raw, self.pipeline).unflatten(0, (len(raws), -1))
-        scores = ssim_unchecked(self.original, maps, self.setup, self.moments)
+        if self.similarity == "ssim":
+            scores = ssim_unchecked(self.original, maps, self.setup, self.moments)
+        else:
+            scores = torch.stack([compute_on_valid(self.similarity, self.original, state, self.valid) for state in maps])
         for row, (index, _) in enumerate(self.pending):
             self.rows[index] = scores[row]
             self.kept_maps[index] = maps[row, : self.keep].clone()
@@ -308,7 +332,31 @@ class _Comparison:
         return require_torch().stack(self.kept_maps)
 
 
-def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str, constant_maps: str) -> torch.Tensor:
+def _chance(original: torch.Tensor, setup: Any, similarity: str, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The similarity of each original map with the next image's (none for a single image): what
+    maps that have nothing to do with each other score on these inputs, the chance level. Token
+    maps are compared on the positions that are not padding in both."""
+    from ..compare.metrics import compute_on_valid
+    from ..compare.similarity import ssim_unchecked
+
+    if original.shape[0] < 2:
+        return None
+    other = original.roll(1, dims=0)
+    if similarity == "ssim":
+        return ssim_unchecked(original, other, setup)
+    return compute_on_valid(similarity, original, other, None if valid is None else valid & valid.roll(1, dims=0))
+
+
+def _valid_tokens(x: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of token inputs are not padding (None for other inputs or without a pad token)."""
+    text = current_call().text
+    if current_modality().name != "text" or text is None or text.pad_token_id is None:
+        return None
+    return x != text.pad_token_id
+
+
+def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str, constant_maps: str,
+                         similarity: str = "ssim") -> torch.Tensor:
     """Original maps must be big enough for the SSIM window and must not be constant.
 
     Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``; none
@@ -317,7 +365,8 @@ def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str,
     from ..compare.similarity import check_ssim_window
 
     torch = require_torch()
-    check_ssim_window(maps.shape[-2], maps.shape[-1], pipeline.ssim.win_size, method=method, preset=pipeline.name)
+    if similarity == "ssim":
+        check_ssim_window(maps.shape[-2], maps.shape[-1], pipeline.ssim.win_size, method=method, preset=pipeline.name)
     flat = maps.flatten(1)
     constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
     keep = torch.nonzero(~constant).flatten()
@@ -325,7 +374,8 @@ def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str,
         index = torch.nonzero(constant).flatten().tolist()
         problem = (
             f"the original model's {method} maps are constant for {len(index)} of {len(constant)} image(s) "
-            f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}); SSIM against a constant map measures nothing."
+            f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}); {SIMILARITY_LABELS[similarity]} against a "
+            "constant map measures nothing."
         )
         if constant_maps == "skip":  # an empty keep: the caller skips this batch of images
             warn_user(f"{problem} Those images are left out of the check.")
@@ -338,13 +388,14 @@ def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str,
     return keep
 
 
-def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str) -> torch.Tensor | None:
+def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str,
+                     similarity: str = "ssim") -> torch.Tensor | None:
     """The original model's maps of the batch, post-processed for SSIM. Images whose map is
     constant are refused (``constant_maps="error"``) or left out of the batch (``"skip"``); None
     when no image is left (the batch is skipped, and the check fails only if none has any left)."""
     name = batch.explanation.name
     original = _for_ssim(batch.original(), pipeline)
-    used = _check_original_maps(original, pipeline, name, constant_maps)
+    used = _check_original_maps(original, pipeline, name, constant_maps, similarity)
     while 0 < used.numel() < original.shape[0]:  # constant_maps="skip" dropped some images
         original = original[used]
         batch.keep_images(used)
@@ -355,8 +406,26 @@ def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str
         # batch too, to draw the same numbers (such a model is never replayed). Its maps may be
         # constant elsewhere now: check again.
         original = _for_ssim(batch.original(), pipeline)
-        used = _check_original_maps(original, pipeline, name, constant_maps)
+        used = _check_original_maps(original, pipeline, name, constant_maps, similarity)
     return original if used.numel() else None
+
+
+def _compared(batch: MapEngine, pipeline: MapPipeline, setup: Any, similarity: str, constant_maps: str, keep: int,
+              states: States, explanation: Explanation) -> tuple[torch.Tensor, _Comparison, Any] | None:
+    """One batch of images: the original model's maps (images with a constant map refused, or left
+    out: None when none is left), each randomized state's maps compared with them (the first
+    ``keep`` of each kept for the report), and the chance level's values on the batch."""
+    with batch:
+        original = _usable_original(batch, pipeline, constant_maps, similarity)
+        if original is None:
+            return None
+        valid = _valid_tokens(batch.x)
+        comparison = _Comparison(original, pipeline, setup, len(states), max(0, min(keep, original.shape[0])),
+                                 lambda index: explanation.describe(states.names[index]), similarity, valid)
+        for index, raw in batch.state_maps():
+            comparison.add(index, raw)
+        comparison.flush()
+    return original, comparison, _chance(original, setup, similarity, valid)
 
 
 def _no_image_left(method: str, images: int) -> SaliencyUsageError:
@@ -519,6 +588,7 @@ def layer_randomization(
     preset: str | MapPipeline | None = None,
     target: int | Sequence[int] | torch.Tensor | None = None,
     seed: int = 0,
+    similarity: str | None = None,
     ssim_threshold: float = SSIM_THRESHOLD,
     sensitivity_threshold: float = SENSITIVITY_THRESHOLD,
     require_every_layer: bool = False,
@@ -538,6 +608,7 @@ def layer_randomization(
     reuse_activations: bool = True,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **method_kwargs: Any,
 ) -> RandomizationResult:
     """Run IPR (``mode="independent"``) or CPR (``mode="cascading"``) and return the full result.
@@ -559,6 +630,11 @@ def layer_randomization(
         method's ``memory_budget`` option (default ``"auto"``) sizes the chunks.
     Sharing: a :class:`pytest_saliency.maps.cache.MapCache` passed as ``cache`` lets several checks
         reuse the original model's attributions (named methods only).
+    ``similarity``: how each state's maps are compared with the original ones: ``"ssim"``,
+        ``"spearman"`` or ``"pearson"``; ``None`` is the modality's default (SSIM for images and
+        series, along the series for the latter; Spearman for tabular and text maps, see
+        :mod:`pytest_saliency.maps.modality`). ``ssim_threshold`` is the threshold of that
+        similarity, and the result reports its chance level on these inputs.
     ``constant_maps``: an image whose original map is constant cannot be compared by SSIM;
         ``"error"`` (default) refuses the check, ``"skip"`` leaves such images out with a warning.
     ``reuse_activations``: for ``saliency``, ``input_x_gradient``, ``integrated_gradients``,
@@ -579,6 +655,7 @@ def layer_randomization(
                   adaptive_confidence=adaptive_confidence, progress=progress, randomization=randomization)
     pipeline = get_pipeline(preset)
     setup = ssim_setup(**pipeline.ssim.kwargs())
+    similarity = check_choice(default_similarity(similarity), "similarity", SIMILARITY_LABELS)
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     if isinstance(s.images, int):
         inputs = inputs[:s.images]
@@ -598,22 +675,18 @@ def layer_randomization(
             columns: list[Tensor] = []
             originals: list[Tensor] = []
             kept: list[Tensor] = []
+            chance: list[Tensor] = []
             explained, stopped = 0, ""
             for batch in engine.batches(states, fixed_target, progress):
-                with batch:
-                    # 2. The original model's maps (images with a constant map refused, or left out).
-                    original = _usable_original(batch, pipeline, s.constant_maps)
-                    if original is None:
-                        continue
-                    # 3. Each randomized state's maps, compared with the original maps (SSIM).
-                    keep = max(0, min(s.keep_maps - sum(o.shape[0] for o in originals), original.shape[0]))
-                    comparison = _Comparison(original, pipeline, setup, len(states), keep,
-                                             lambda index: explanation.describe(states.names[index]))
-                    for index, raw in batch.state_maps():
-                        comparison.add(index, raw)
-                    comparison.flush()
+                # 2. and 3.: the original maps, and each state's compared with them.
+                done = _compared(batch, pipeline, setup, similarity, s.constant_maps,
+                                 s.keep_maps - sum(o.shape[0] for o in originals), states, explanation)
+                if done is None:
+                    continue
+                original, comparison, unrelated = done
+                chance.extend(() if unrelated is None else (unrelated,))
                 columns.append(comparison.ssim())
-                originals.append(original[:keep].clone())
+                originals.append(original[:comparison.keep].clone())
                 kept.append(comparison.kept())
                 explained += original.shape[0]
                 # images="auto" and early_exit: stop once the evidence so far is decisive.
@@ -639,6 +712,11 @@ def layer_randomization(
         require_every_layer=require_every_layer, seconds=time.perf_counter() - start, reproduce=reproduce,
         images_available=int(inputs.shape[0]), stopped_early=stopped, reused_activations=engine.reused,
         original_maps=torch.cat(originals).detach().cpu(), randomized_maps=torch.cat(kept, dim=1).detach().cpu(),
+        similarity=similarity, modality=current_modality().name,
+        # the kept maps are the first images' unless constant_maps="skip" left some out
+        figure_context=figure_context(inputs, sum(o.shape[0] for o in originals)) if s.constant_maps == "error"
+        else {"modality": current_modality().name},
+        chance=float(torch.cat(chance).double().mean()) if chance else None,
     )
 
 

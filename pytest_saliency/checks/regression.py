@@ -70,6 +70,7 @@ from ..core.validation import check_inputs, check_model, model_device
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import MethodSpec, draws_random
+from ..maps.modality import default_similarity, figure_context
 from ..maps.options import DERIVED_OPTIONS
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
@@ -509,6 +510,7 @@ class BaselineResult:
     reproduce: str = ""
     baseline_maps: torch.Tensor | None = field(default=None, repr=False)
     current_maps: torch.Tensor | None = field(default=None, repr=False)
+    figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
 
     check = "baseline"
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
@@ -555,6 +557,7 @@ class BaselineResult:
         return baseline_figures(
             current_maps=self.current_maps, baseline_maps=self.baseline_maps, values=self.values or None,
             metric=self.metric, threshold=self.threshold, higher_is_better=True, status=self.status, path=self.path,
+            **self.figure_context,
         )
 
     def summary(self) -> str:
@@ -834,7 +837,7 @@ def check_baseline(
     path: Path | str,
     method: str | Explainer = "saliency",
     *,
-    metric: str = "ssim",
+    metric: str | None = None,
     threshold: float | None = None,
     reference_models: Sequence[torch.nn.Module] | None = None,
     update: bool = False,
@@ -847,6 +850,7 @@ def check_baseline(
     progress: Callable[[int, int, str], None] | None = None,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **method_kwargs: Any,
 ) -> BaselineResult:
     """Compare ``model``'s maps on ``inputs`` with the baseline at ``path``, writing it when missing.
@@ -868,12 +872,14 @@ def check_baseline(
     reference model when a baseline is written (``label`` names the next one), then
     ``done == total`` with an empty label.
     """
+    from ..compare.similarity import check_ssim_window
     from ..core.rng import as_seed
     from ..core.validation import check_count, check_number, check_progress, unknown_choice
 
     start = time.perf_counter()
     path = _checked_path(path)
     seed = as_seed(seed)
+    metric = default_similarity(metric)  # the modality's comparison unless given; refused where it cannot apply
     if threshold is not None:
         threshold = check_number(threshold, "threshold", low=-1.0, high=1.0,
                                  hint=f"It bounds the mean per-image {metric} to the baseline, which lies in [-1, 1].")
@@ -912,6 +918,9 @@ def check_baseline(
     step = _steps(progress, len(explained))
     step(0, "model")
     current = maps_of(model)
+    if metric == "ssim":  # never write a baseline that no later run could compare
+        check_ssim_window(current.shape[-2], current.shape[-1], pipeline.ssim.win_size, method=label,
+                          preset=pipeline.name)
     baseline = None
     if stored_maps is None:  # writing
         status = "updated" if update else "written"
@@ -934,4 +943,5 @@ def check_baseline(
         threshold_source=source, values=values, pipeline=pipeline, n_images=int(inputs.shape[0]), seed=seed,
         seconds=time.perf_counter() - start, reproduce=reproduce,
         baseline_maps=None if baseline is None else baseline.cpu(), current_maps=current.detach().cpu(),
+        figure_context=figure_context(inputs, inputs.shape[0]),
     )

@@ -34,7 +34,8 @@ class SweepGrid:
 
 
 def _side(input_shape: Sequence[int] | None) -> int:
-    """The smaller of the last two sizes of ``input_shape`` (SAM's 224 px for None)."""
+    """The smaller of the last two sizes of an image's ``input_shape`` (N, C, H, W), the length of
+    a series' (N, C, T) (SAM's 224 px for None)."""
     if input_shape is None:
         return SAM_INPUT_SIZE
     try:
@@ -45,7 +46,7 @@ def _side(input_shape: Sequence[int] | None) -> int:
         raise SaliencyUsageError(
             f"input_shape must end in (H, W), e.g. inputs.shape = (N, C, H, W); got {tuple(input_shape)!r}."
         )
-    return min(shape[-2:])
+    return shape[-1] if len(shape) == 3 else min(shape[-2:])
 
 
 def _scaled(pixels: float, side: int) -> int:

@@ -75,6 +75,7 @@ from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks, uniform_baseline
 from ..maps.explainers import attribute, resolved_options, run_captum
 from ..maps.methods import EXTRA_OPTIONS, Explainer, MethodSpec, method_name, resolve_method
+from ..maps.modality import check_metric_fits, default_metrics, default_similarity
 from ..maps.options import check_option_value, format_value
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
@@ -88,6 +89,8 @@ if TYPE_CHECKING:
     from ..maps.cache import MapCache
 
 DEFAULT_METRICS = ("ssim", "spearman", "hog_pearson")
+#: The top-k metrics' k when a sweep's metric_options give none: the top 10% of the features.
+TOP_K = 0.1
 #: The sweeps' default map pipeline: SAM's own (see the module docstring). The other checks default
 #: to :data:`pytest_saliency.maps.postprocess.DEFAULT_PRESET`.
 SWEEP_PRESET = "sam2020"
@@ -619,18 +622,36 @@ def _check_metrics(
 
 
 def setup_check(
-    method: str | Explainer, preset: str | MapPipeline | None, metrics: str | Sequence[str], metric: str,
-    threshold: float | None,
+    method: str | Explainer, preset: str | MapPipeline | None, metrics: str | Sequence[str] | None,
+    metric: str | None, threshold: float | None,
 ) -> tuple[MethodSpec | Explainer, str, MapPipeline, tuple[str, ...], str, bool]:
-    """``(resolved method, label, pipeline, metrics, summary metric, higher_is_better)`` of a sweep check."""
+    """``(resolved method, label, pipeline, metrics, summary metric, higher_is_better)`` of a sweep check.
+
+    ``metrics`` and ``metric`` default to the modality's (:mod:`pytest_saliency.maps.modality`).
+    """
     resolved = resolve_method(method)
     label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
     pipeline = get_pipeline(preset)
+    metric = default_similarity(metric)
+    metrics = default_metrics(metrics)
     metric_names, higher = _check_metrics(metrics, metric, threshold)
+    for name in metric_names:
+        check_metric_fits(name)
     if threshold is None and metric not in metric_names and metric_names:
         metric = metric_names[0]  # no verdict: summarize with the first metric asked for
         higher = _higher_is_better(metric)
     return resolved, label, pipeline, metric_names, metric, higher
+
+
+def with_default_k(metric_options: Any, metrics: Sequence[str]) -> Any:
+    """``metric_options`` with ``k`` = :data:`TOP_K` for each top-k metric they give no options for."""
+    from ..compare.metrics import METRICS
+
+    if metric_options is not None and not isinstance(metric_options, Mapping):
+        return metric_options  # check_metric_options says what is wrong with it
+    given = dict(metric_options or {})
+    defaults = {m: {"k": TOP_K} for m in metrics if m in METRICS and METRICS[m].takes_k and m not in given}
+    return {**defaults, **given}
 
 
 def _higher_is_better(metric: str) -> bool:
@@ -854,13 +875,13 @@ def hyperparameter_sweep(
     method: str | Explainer | SweepGrid = "smoothgrad",
     sweep: SweepSpec | None = None,
     reference: Mapping[str, Any] | None = None,
-    metrics: Sequence[str] | str = DEFAULT_METRICS,
+    metrics: Sequence[str] | str | None = None,
     *,
     preset: str | MapPipeline | None = SWEEP_PRESET,
     target: int | torch.Tensor | None = None,
     seed: int = 0,
     threshold: float | None = None,
-    metric: str = "ssim",
+    metric: str | None = None,
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int | None = None,
     keep_attributions: bool = False,
@@ -870,6 +891,7 @@ def hyperparameter_sweep(
     progress: Progress | None = None,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **options: Any,
 ) -> SweepResult:
     """Explain at the reference and at each swept value; per-image similarity to the reference.
@@ -884,12 +906,16 @@ def hyperparameter_sweep(
             ``method`` (:func:`sam_grid`, scaled to the inputs), where there is one.
         reference: the reference setting; hyperparameters not named keep the method's defaults.
             ``"seed"`` may be part of it (else ``seed``).
-        metrics: similarity measures of :mod:`pytest_saliency.compare.metrics` (map-level ones).
+        metrics: similarity measures of :mod:`pytest_saliency.compare.metrics` (map-level ones);
+            ``None``: the modality's (SSIM, Spearman and HOG-Pearson for images; SSIM and
+            Spearman for series; Spearman and top-k feature agreement for tabular and text).
         preset: the map pipeline; ``sam2020`` (SAM's) by default, see the module docstring.
         target: ``None`` = each input's predicted class, fixed for every setting.
         threshold, metric: with a threshold the result has a verdict: every swept value's mean
-            ``metric`` must be >= threshold (<= for distances such as ``l1_distance``).
-        metric_options: per-metric keyword arguments, e.g. ``{"hog_pearson": {"pixels_per_cell": (4, 4)}}``.
+            ``metric`` must be >= threshold (<= for distances such as ``l1_distance``); ``metric``
+            defaults to the modality's comparison (SSIM; Spearman for tabular and text).
+        metric_options: per-metric keyword arguments, e.g. ``{"hog_pearson": {"pixels_per_cell": (4, 4)}}``;
+            a top-k metric without options takes ``k`` = :data:`TOP_K` (the top 10%).
         batch_size: images per explainer call (memory bound).
         keep_attributions: keep every setting's raw attributions (for
             :func:`pytest_saliency.checks.faithfulness.accuracy_spread`).
@@ -908,7 +934,7 @@ def hyperparameter_sweep(
     check_inputs(inputs, model)
     method, sweep, reference, options = _resolve_grid(method, sweep, reference, dict(options), inputs)
     resolved, label, pipeline, metric_names, metric, higher = setup_check(method, preset, metrics, metric, threshold)
-    checked_options = check_metric_options(metric_options, metric_names)
+    checked_options = check_metric_options(with_default_k(metric_options, metric_names), metric_names)
     seed = check_seed(seed)
     keep_maps = check_count(keep_maps, "keep_maps", minimum=0, hint="It is the number of maps kept for the report.")
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
@@ -982,7 +1008,7 @@ def assert_stable_under_hyperparameters(
     reference: Mapping[str, Any] | None = None,
     *,
     threshold: float | None = None,
-    metric: str = "ssim",
+    metric: str | None = None,
     metrics: Sequence[str] | str | None = None,
     **kwargs: Any,
 ) -> SweepResult:
@@ -996,6 +1022,7 @@ def assert_stable_under_hyperparameters(
     """
     __tracebackhide__ = True
     require_threshold(threshold, "assert_stable_under_hyperparameters")
+    metric = default_similarity(metric)
     result = hyperparameter_sweep(
         model, inputs, method, sweep, reference, metrics=(metric,) if metrics is None else metrics,
         threshold=threshold, metric=metric, **kwargs,
@@ -1008,5 +1035,5 @@ def assert_stable_under_hyperparameters(
 __all__ = [
     "DEFAULT_METRICS", "GRIDS", "STABILITY_NOTE", "SWEEP_PRESET", "SweepGrid", "SweepResult", "SweepRow", "SweepTable",
     "assert_stable_under_hyperparameters", "blurred_baseline", "hyperparameter_sweep", "sam_grid", "slic_feature_masks",
-    "uniform_baseline",
+    "uniform_baseline", "with_default_k", "TOP_K",
 ]

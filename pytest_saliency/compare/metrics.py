@@ -82,6 +82,7 @@ __all__ = [
     "angular_difference",
     "chance_level",
     "compute_metric",
+    "compute_on_valid",
     "consistent_direction",
     "cosine_similarity",
     "feature_agreement",
@@ -1183,6 +1184,27 @@ def compute_metric(name: str, a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -
             f"signature is {name}{signature}."
         ) from None
     return info.function(a, b, **kwargs)
+
+
+def compute_on_valid(name: str, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None,
+                     **kwargs: Any) -> torch.Tensor:
+    """:func:`compute_metric` of each pair over its row's ``valid`` positions only (token maps
+    without their padding). ``valid`` is a boolean tensor with one row per map (None: every
+    position); rows with the same number of valid positions are compared in one batch, their
+    valid entries taken in order."""
+    if valid is None:
+        return compute_metric(name, a, b, **kwargs)
+    n = a.shape[0]
+    flat_a, flat_b, valid = a.reshape(n, -1), b.reshape(n, -1), valid.reshape(n, -1).to(a.device)
+    counts = valid.sum(dim=1)
+    out = torch.empty(n, dtype=_work_dtype(a, b), device=a.device)
+    for count in counts.unique().tolist():
+        rows = torch.nonzero(counts == count).flatten()
+        # valid positions first, in their order (a stable sort of the flags)
+        index = torch.sort(valid[rows].to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]
+        out[rows] = compute_metric(name, flat_a[rows].gather(1, index)[:, None], flat_b[rows].gather(1, index)[:, None],
+                                   **kwargs).to(out.dtype)
+    return out
 
 
 def check_metric_options(

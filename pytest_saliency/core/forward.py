@@ -57,6 +57,9 @@ class ModelCall:
     static: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     per_example: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     n_inputs: int = 0
+    modality: str | None = None  # what the inputs are (see MODALITIES); None outside every entry point
+    text: Text | None = None  # how token inputs are explained (the text modality)
+    tabular: Tabular | None = None  # the features' names (the tabular modality)
 
     @property
     def default(self) -> bool:
@@ -98,8 +101,10 @@ def _row_index(call: ModelCall, rows: Any, batch: int) -> Any:
     if index.numel() == 1:
         return index.expand(batch)
     raise SaliencyUsageError(
-        f"forward_kwargs {names}: a forward pass of {batch} examples was given {index.numel()} rows of per-input "
-        "arguments. This is a bug in pytest-saliency; please report it with the check you ran."
+        f"forward_kwargs {names} have one row per input, but the model was run on {batch} examples made from "
+        f"{index.numel()} inputs (a custom explainer that expands its batch, as integrated gradients or noise "
+        "samples do), so the rows cannot follow them. In a custom explainer, explain one input at a time, or pass "
+        "model.additional_forward_args to captum as additional_forward_args (captum expands them with the inputs)."
     )
 
 
@@ -113,8 +118,17 @@ def _check_selector(output: Any) -> OutputSelector:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class static:  # noqa: N801 - used like a function: forward_kwargs={"prior": static(prior)}
+    """A forward argument passed to every call as it is, even a tensor whose first dimension happens
+    to equal the number of inputs (which would otherwise be split into one row per input)."""
+
+    value: Any
+
+
 def _split_kwargs(forward_kwargs: Any, n_inputs: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(static, per_example)``: per-example are tensors whose first dimension is the input count."""
+    """``(static, per_example)``: per-example are tensors whose first dimension is the input count,
+    unless wrapped in :class:`static`."""
     torch = require_torch()
     if forward_kwargs is None:
         return {}, {}
@@ -123,27 +137,135 @@ def _split_kwargs(forward_kwargs: Any, n_inputs: int) -> tuple[dict[str, Any], d
             f"forward_kwargs must be a dict of keyword arguments for the model's forward, got "
             f"{type(forward_kwargs).__name__}. Pass e.g. forward_kwargs={{'attention_mask': mask}}."
         )
-    static: dict[str, Any] = {}
+    fixed: dict[str, Any] = {}
     per_example: dict[str, Any] = {}
     for name, value in forward_kwargs.items():
+        if isinstance(value, static):
+            fixed[name] = value.value
+            continue
         rows = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_inputs
-        (per_example if rows else static)[name] = value
-    return static, per_example
+        (per_example if rows else fixed)[name] = value
+    return fixed, per_example
+
+
+#: What a check's inputs can be: images (N, C, H, W), feature vectors (N, D), series (N, C, T) and
+#: token ids (N, L). The maps of the last three are one-dimensional.
+MODALITIES = ("image", "tabular", "sequence", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """``modality=Text(...)``: token-id inputs (N, L), explained at their embedding.
+
+    Attributes:
+        pad_token_id: the padding token; its positions are left out of every comparison.
+        embedding: the name of the embedding module (``model.named_modules()``); ``None`` takes
+            the first ``nn.Embedding`` registered in the model (a Hugging Face model's word
+            embeddings).
+        baseline_token: the token whose embedding is the baseline of integrated gradients and
+            DeepLIFT and replaces tokens in occlusion and ablation; ``None`` is ``pad_token_id``
+            (0 when there is none). A mask token (``[MASK]``) is the other common choice.
+    """
+
+    pad_token_id: int | None = None
+    embedding: str | None = None
+    baseline_token: int | None = None
+    vocabulary: Sequence[str] | None = None  # token id -> its text, for the report's token maps
+
+    def __post_init__(self) -> None:
+        for name in ("pad_token_id", "baseline_token"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise SaliencyUsageError(f"Text({name}=...) must be a token id (an int >= 0) or None, got {value!r}.")
+        if self.embedding is not None and not isinstance(self.embedding, str):
+            raise SaliencyUsageError(
+                f"Text(embedding=...) must name the embedding module (a str from model.named_modules()), got "
+                f"{type(self.embedding).__name__}."
+            )
+
+    def token(self, token_id: int) -> str | None:
+        """A token's text for the report (None for padding, which is not drawn)."""
+        if token_id == self.pad_token_id:
+            return None
+        vocabulary = self.vocabulary
+        return str(vocabulary[token_id]) if vocabulary is not None and 0 <= token_id < len(vocabulary) else str(token_id)
+
+    @property
+    def baseline(self) -> int:
+        """The baseline token id (see the class docstring)."""
+        if self.baseline_token is not None:
+            return self.baseline_token
+        return self.pad_token_id if self.pad_token_id is not None else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tabular:
+    """``modality=Tabular(feature_names=[...])``: feature vectors (N, D) whose features have names,
+    shown in the report's tables and bar charts."""
+
+    feature_names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        names = self.feature_names
+        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+            raise SaliencyUsageError(
+                "Tabular(feature_names=...) must be a list of str, one per feature (e.g. "
+                "sklearn's load_breast_cancer().feature_names.tolist())."
+            )
+
+
+def infer_modality(inputs: Any) -> str | None:
+    """The modality the shape and dtype of ``inputs`` say (None for a shape none has)."""
+    dim = len(getattr(inputs, "shape", ()))
+    if dim == 4:
+        return "image"
+    if dim == 3:
+        return "sequence"
+    if dim == 2:
+        floating = getattr(inputs, "is_floating_point", None)
+        return "tabular" if floating is None or floating() else "text"
+    return None
+
+
+def _check_modality(modality: Any, inputs: Any) -> str | None:
+    if isinstance(modality, Text):
+        return "text"
+    if isinstance(modality, Tabular):
+        if modality.feature_names is not None and len(getattr(inputs, "shape", ())) == 2 \
+                and len(modality.feature_names) != inputs.shape[1]:
+            raise SaliencyUsageError(
+                f"Tabular(feature_names=...) names {len(modality.feature_names)} features, but the inputs have "
+                f"{inputs.shape[1]}: pass one name per column."
+            )
+        return "tabular"
+    if modality is None:
+        return infer_modality(inputs)
+    if not (isinstance(modality, str) and modality in MODALITIES):
+        raise SaliencyUsageError(
+            f"unknown modality {modality!r}. Valid modalities: {', '.join(MODALITIES)} (or leave modality=None to "
+            "infer it: (N, C, H, W) image, (N, D) tabular, (N, C, T) sequence, integer (N, L) text)."
+        )
+    return modality
 
 
 @contextlib.contextmanager
-def model_call_options(output: Any = None, forward_kwargs: Any = None, inputs: Any = None) -> Iterator[ModelCall]:
-    """Make ``output`` and ``forward_kwargs`` the ambient options for the forward passes inside.
+def model_call_options(output: Any = None, forward_kwargs: Any = None, inputs: Any = None,
+                       modality: Any = None) -> Iterator[ModelCall]:
+    """Make ``output``, ``forward_kwargs`` and the inputs' ``modality`` (inferred from ``inputs``
+    unless given) the ambient options for the forward passes inside.
 
-    With both unset, an enclosing entry point's options stay in force.
+    With all three unset, an enclosing entry point's options stay in force.
     """
     outer = _CALL.get()
-    if output is None and forward_kwargs is None and not outer.default:
+    if output is None and forward_kwargs is None and modality is None and outer.modality is not None:
         yield outer
         return
     n_inputs = int(inputs.shape[0]) if hasattr(inputs, "shape") and len(inputs.shape) else 0
     static, per_example = _split_kwargs(forward_kwargs, n_inputs)
-    call = ModelCall(_check_selector(output), static, per_example, n_inputs)
+    name = _check_modality(modality, inputs)
+    text = modality if isinstance(modality, Text) else (Text() if name == "text" else None)
+    tabular = modality if isinstance(modality, Tabular) else None
+    call = ModelCall(_check_selector(output), static, per_example, n_inputs, name, text, tabular)
     token = _CALL.set(call)
     try:
         yield call
@@ -165,7 +287,8 @@ def passes_model_call(function: F) -> F:
         __tracebackhide__ = True
         bound = signature.bind_partial(*args, **kwargs).arguments
         passed = {**bound.get(var_keyword, {}), **bound} if var_keyword else bound
-        with model_call_options(passed.get("output"), passed.get("forward_kwargs"), passed.get("inputs")):
+        options = (passed.get(name) for name in ("output", "forward_kwargs", "inputs", "modality"))
+        with model_call_options(*options):
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -235,9 +358,24 @@ def call_model(model: Any, inputs: torch.Tensor, rows: Any = None) -> torch.Tens
     batch that repeats one input); ``None`` when ``inputs`` are the check's inputs in order.
     """
     call = _CALL.get()
+    model, rows = _unwrapped(model, rows)
+    if getattr(model, "selects_scores", False):  # an Ensemble: its members' scores are selected already
+        return model(inputs, **call.kwargs_for(rows, inputs.shape[0]))
     if call.default:
         return select_scores(model(inputs))
     return select_scores(model(inputs, **call.kwargs_for(rows, inputs.shape[0])), call.output)
+
+
+def _unwrapped(model: Any, rows: Any) -> tuple[Any, Any]:
+    """The user's model and the rows in the check's inputs, for a :class:`ScoresModule` handed to
+    a custom explainer that explains its chunk again (``rows`` are then places in that chunk)."""
+    if not isinstance(model, ScoresModule):
+        return model, rows
+    outer = model.rows
+    if outer is None or rows is None:
+        return model.model, outer if rows is None else rows
+    index = list(range(len(outer)))[rows] if isinstance(rows, slice) else rows
+    return model.model, [outer[int(i)] for i in require_torch().as_tensor(index).reshape(-1).tolist()]
 
 
 def captum_forward(model: Any, rows: Any, batch: int) -> tuple[Any, tuple[Any, ...] | None]:
@@ -246,6 +384,7 @@ def captum_forward(model: Any, rows: Any, batch: int) -> tuple[Any, tuple[Any, .
     per-input forward arguments positionally (captum expands ``additional_forward_args`` with the
     inputs: IG's steps, SmoothGrad's samples, occlusion's perturbations)."""
     call = _CALL.get()
+    model, rows = _unwrapped(model, rows)
     if not call.per_example:
         return ScoresModule(model, call), None
     names = tuple(call.per_example)
@@ -271,11 +410,22 @@ class ScoresModule(_module_base()):  # type: ignore[misc]
         self.rows = rows
 
     def forward(self, inputs: Any, *per_example: Any) -> Any:
-        if self.names:
-            kwargs = {**self.call.static, **dict(zip(self.names, per_example))}
+        names = self.names or tuple(self.call.per_example)
+        if per_example:
+            kwargs = {**self.call.static, **dict(zip(names, per_example))}
         else:
             kwargs = self.call.kwargs_for(self.rows, inputs.shape[0])
-        return select_scores(self.model(inputs, **kwargs), self.call.output)
+        out = self.model(inputs, **kwargs)
+        return out if getattr(self.model, "selects_scores", False) else select_scores(out, self.call.output)
+
+    @property
+    def additional_forward_args(self) -> tuple[Any, ...] | None:
+        """The per-input forward arguments of this module's inputs, for a custom explainer to pass
+        to captum as ``additional_forward_args`` (captum expands them with its batches)."""
+        if not self.call.per_example:
+            return None
+        index = _row_index(self.call, self.rows, len(self.rows) if self.rows is not None else self.call.n_inputs)
+        return tuple(value[index] for value in self.call.per_example.values())
 
     def __getattr__(self, name: str) -> Any:
         """The user's model's attributes (``wrapper.features[3]`` for a custom explainer's layer)."""
@@ -286,6 +436,7 @@ class ScoresModule(_module_base()):  # type: ignore[misc]
 
 
 __all__ = [
-    "OUTPUT_HINT", "ModelCall", "OutputSelector", "ScoresModule", "call_model", "captum_forward", "current_call",
-    "model_call_options", "passes_model_call", "select_scores",
+    "MODALITIES", "OUTPUT_HINT", "ModelCall", "OutputSelector", "ScoresModule", "Tabular", "Text", "call_model",
+    "captum_forward", "current_call", "infer_modality", "model_call_options", "passes_model_call", "select_scores",
+    "static",
 ]

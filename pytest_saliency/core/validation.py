@@ -93,23 +93,27 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def check_inputs(inputs: Any, model: torch.nn.Module | None = None, *, name: str = "inputs") -> None:
-    """Inputs must be a finite floating tensor of shape (N, C, H, W) or (N, D) on the model's device."""
+    """Inputs must be a finite floating tensor of shape (N, C, H, W), (N, C, T) or (N, D) on the
+    model's device."""
     torch = require_torch()
     if not isinstance(inputs, torch.Tensor):
         raise SaliencyUsageError(
-            f"{name} must be a torch.Tensor of shape (N, C, H, W) or (N, D), got "
+            f"{name} must be a torch.Tensor of shape (N, C, H, W), (N, C, T) or (N, D), got "
             f"{type(inputs).__name__}. Convert with torch.as_tensor(x, dtype=torch.float32)."
         )
-    if not inputs.is_floating_point():
+    token_ids = inputs.dim() == 2 and not inputs.is_floating_point() and not inputs.is_complex() \
+        and inputs.dtype != torch.bool
+    if not inputs.is_floating_point() and not token_ids:
         raise SaliencyUsageError(
-            f"{name} must be a floating-point tensor, got dtype {inputs.dtype}. "
-            f"Convert with {name}.float() (and scale images to the range the model was trained on)."
+            f"{name} must be a floating-point tensor (or integer token ids of shape (N, L)), got dtype "
+            f"{inputs.dtype} and shape {tuple(inputs.shape)}. Convert with {name}.float() (and scale images to "
+            "the range the model was trained on)."
         )
-    if inputs.dim() not in (2, 4):
+    if inputs.dim() not in (2, 3, 4):
         raise SaliencyUsageError(
-            f"{name} must have shape (N, C, H, W) for images or (N, D) for feature vectors, got "
-            f"shape {tuple(inputs.shape)}. Add the batch dimension with {name}.unsqueeze(0) for a "
-            "single example, or a channel dimension with unsqueeze(1) for (N, H, W) images."
+            f"{name} must have shape (N, C, H, W) for images, (N, C, T) for series or (N, D) for feature "
+            f"vectors, got shape {tuple(inputs.shape)}. Add the batch dimension with {name}.unsqueeze(0) for "
+            "a single example."
         )
     if inputs.shape[0] < 1:
         raise SaliencyUsageError(f"{name} is an empty batch (N = 0); pass at least one example.")
@@ -133,7 +137,48 @@ def check_inputs(inputs: Any, model: torch.nn.Module | None = None, *, name: str
                 f"e.g. {name} = {name}.to({str(device)!r}) (or model.to({str(inputs.device)!r}))."
             )
         _check_input_dtype(inputs, model, name)
+        if inputs.dim() == 3:
+            _check_series_run(inputs, model, name)
+        if token_ids:
+            _check_embedding(model, name)
     check_finite(inputs, name)
+
+
+def _check_embedding(model: torch.nn.Module, name: str) -> None:
+    """Integer inputs (N, L) are token ids, explained at an embedding module: one must exist."""
+    from .forward import current_call
+
+    torch = require_torch()
+    text = current_call().text
+    if (text is not None and text.embedding is not None) or any(isinstance(m, torch.nn.Embedding)
+                                                                for m in model.modules()):
+        return
+    raise SaliencyUsageError(
+        f"{name} are integers of shape (N, L), taken as token ids, but {type(model).__name__} has no nn.Embedding "
+        f"to explain them at. Feature vectors: convert them with {name}.float(). Token ids read by another module: "
+        "name it with modality=Text(embedding='<module name>')."
+    )
+
+
+def _check_series_run(inputs: torch.Tensor, model: torch.nn.Module, name: str) -> None:
+    """3-D inputs are series (N, C, T); a model that cannot run on one was most likely given
+    images without their channel dimension: say so before a check fails inside the model."""
+    from .forward import call_model
+    from .rng import seeded
+    from .torchtools import model_in_eval_mode
+
+    torch = require_torch()
+    try:
+        with model_in_eval_mode(model, True), torch.no_grad(), seeded(0, inputs.device):
+            call_model(model, inputs[:1], rows=[0])
+    except SaliencyUsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the likely cause
+        raise SaliencyUsageError(
+            f"the model ({type(model).__name__}) cannot run on one of the {name} of shape {tuple(inputs.shape[1:])} "
+            f"({type(exc).__name__}: {str(exc)[:200]}). Inputs of 3 dimensions are taken as series (N, C, T); "
+            f"images need the shape (N, C, H, W): add the channel dimension with {name}.unsqueeze(1)."
+        ) from exc
 
 
 def _check_input_dtype(inputs: torch.Tensor, model: torch.nn.Module, name: str) -> None:
@@ -149,12 +194,14 @@ def _check_input_dtype(inputs: torch.Tensor, model: torch.nn.Module, name: str) 
 
     torch = require_torch()
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) != 1 or inputs.dtype in dtypes:
+    if len(dtypes) != 1 or inputs.dtype in dtypes or not inputs.is_floating_point():  # token ids index an embedding
         return
     (dtype,) = dtypes
     try:
         with model_in_eval_mode(model, True), torch.no_grad(), seeded(0, inputs.device):
             call_model(model, inputs[:1], rows=[0])
+    except SaliencyUsageError:  # an output without scores: its own message says which option selects them
+        raise
     except Exception as exc:  # noqa: BLE001 - reported as the dtype mismatch it most likely is
         raise SaliencyUsageError(
             f"{name} are {inputs.dtype} but the model's parameters are {dtype}, and the model cannot run on "

@@ -51,7 +51,8 @@ def engine_for(model: torch.nn.Module, inputs: torch.Tensor, explanation: Explan
     name = explanation.name
     # Per-input forward arguments follow the inputs through captum's batches, not through the
     # engines' recorded passes: those checks explain with the plain engine.
-    reuse_activations = reuse_activations and not current_call().per_example
+    # Token ids are explained at the embedding by captum's layer methods, which the engines do not replay.
+    reuse_activations = reuse_activations and not current_call().per_example and current_call().modality != "text"
     gradients = reuse_activations and explanation.named and name in GRADIENT_METHODS
     recording = None
     if gradients and name in TRACED_RECORDING and _one_batch(inputs, explanation, batched):

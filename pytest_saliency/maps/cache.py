@@ -19,11 +19,13 @@ User callables are never cached: their identity says nothing about what they com
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from ..core.fingerprint import model_fingerprint, tensor_fingerprint, value_fingerprint
+from ..core.forward import current_call
 from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_count
@@ -32,6 +34,16 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_BYTES = 512 * 2**20
+
+
+def _call_fingerprint() -> str | None:
+    """The ambient :class:`~pytest_saliency.core.forward.ModelCall` by value (None: uncacheable)."""
+    call = current_call()
+    text = None if call.text is None else dataclasses.asdict(call.text)
+    tabular = None if call.tabular is None else dataclasses.asdict(call.tabular)
+    return value_fingerprint({"output": call.output, "static": dict(call.static),
+                              "per_example": dict(call.per_example), "modality": call.modality, "text": text,
+                              "tabular": tabular})
 
 
 class MapCache:
@@ -54,10 +66,12 @@ class MapCache:
         fingerprint = model_fingerprint(model)
         # options by value, their tensors by content and their functions by code
         settings = value_fingerprint(dict(sorted(options.items())))
-        if fingerprint is None or settings is None:
+        call = _call_fingerprint()  # how the model is called: output=, forward_kwargs=, modality
+        if fingerprint is None or settings is None or call is None:
             return None
         parts = [
             fingerprint,
+            call,
             tensor_fingerprint([("inputs", inputs), ("target", target)]),
             method,
             settings,

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..core.forward import OutputSelector, ScoresModule, captum_forward, current_call, passes_model_call
+from ..core.forward import OutputSelector, ScoresModule, Text, captum_forward, current_call, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.rng import pass_seeded
 from ..core.torchtools import model_in_eval_mode, require_torch
@@ -99,12 +99,14 @@ def quiet_captum() -> Iterator[None]:
 
 
 def _grid_mask(inputs: torch.Tensor, grid: int) -> torch.Tensor:
-    """A (1, 1, H, W) (or (1, D)) feature mask of grid x grid superpixels shared by channels."""
+    """A (1, 1, H, W) feature mask of grid x grid superpixels shared by channels; for series
+    (N, C, T) a (1, 1, T) mask and for feature vectors a (1, D) one, of grid * grid segments."""
     torch = require_torch()
-    if inputs.dim() == 2:
-        d = inputs.shape[1]
+    if inputs.dim() in (2, 3):
+        d = inputs.shape[-1]
         groups = min(grid * grid, d)
-        return (torch.arange(d, device=inputs.device) * groups // d)[None]
+        mask = (torch.arange(d, device=inputs.device) * groups // d)[None]
+        return mask if inputs.dim() == 2 else mask[None]
     h, w = inputs.shape[-2:]
     gy, gx = min(grid, h), min(grid, w)
     rows = torch.arange(h, device=inputs.device) * gy // h
@@ -160,8 +162,8 @@ def _in_dtype_of(model: torch.nn.Module, inputs: torch.Tensor) -> Callable[[torc
         return model
     dtype = inputs.dtype
 
-    def forward(batch: Any) -> Any:
-        return model(batch.to(dtype))
+    def forward(batch: Any, *per_example: Any) -> Any:
+        return model(batch.to(dtype), *per_example)
 
     return forward
 
@@ -212,6 +214,8 @@ def _run_captum_chunk(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Te
     name = spec.name
     forward, extra = captum_forward(model, rows, inputs.shape[0])
     common = {"target": target, "additional_forward_args": extra}
+    if current_call().modality == "text":
+        return _run_text_chunk(ca, spec, model, forward, inputs, o, common)
     if name == "saliency":
         return ca.Saliency(forward).attribute(inputs, abs=o["abs"], **common)
     if name == "input_x_gradient":
@@ -237,6 +241,9 @@ def _run_captum_chunk(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Te
             cam = ca.LayerGradCam(forward, layer).attribute(inputs, relu_attributions=o["relu_attributions"], **common)
         if inputs.dim() == 4:
             cam = ca.LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), o["interpolate_mode"])
+        elif inputs.dim() == 3 and cam.dim() == 3:  # a Conv1d layer's (N, 1, T') map, to the series' length
+            mode = "linear" if o["interpolate_mode"] in ("bilinear", "bicubic") else o["interpolate_mode"]
+            cam = ca.LayerAttribution.interpolate(cam, (inputs.shape[-1],), mode)
         return cam
     if name == "guided_gradcam":
         layer = find_layer(model, o["layer"])
@@ -279,8 +286,72 @@ def _run_perturbation_chunk(ca: Any, name: str, forward: Any, inputs: torch.Tens
     else:
         explainer = ca.KernelShap(forward)
     return explainer.attribute(
-        inputs, feature_mask=mask.expand(1, *inputs.shape[1:]), n_samples=o["n_samples"],
+        inputs, baselines=o.get("baselines"), feature_mask=mask.expand(1, *inputs.shape[1:]), n_samples=o["n_samples"],
         perturbations_per_eval=o["perturbations_per_eval"], **common,
+    )
+
+
+#: The methods that explain token ids: gradient methods at the embedding's output (captum's layer
+#: methods), perturbation methods by replacing tokens with the baseline token.
+TEXT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "deeplift", "occlusion", "feature_ablation",
+                "lime", "kernel_shap")
+
+
+def check_text_method(spec: MethodSpec) -> None:
+    """Refuse, for token inputs, a method that cannot explain them (see :data:`TEXT_METHODS`)."""
+    if current_call().modality == "text" and spec.name not in TEXT_METHODS:
+        raise SaliencyUsageError(
+            f"{spec.name} cannot explain token ids: it needs gradients or noise with respect to the inputs "
+            f"themselves (or a convolutional layer), and token ids are integers. Use one of "
+            f"{', '.join(TEXT_METHODS)}."
+        )
+
+
+def embedding_layer(model: torch.nn.Module, text: Text) -> torch.nn.Module:
+    """The module whose output the text methods attribute to: ``text.embedding``, or the first
+    ``nn.Embedding`` registered in the model."""
+    torch = require_torch()
+    if text.embedding is not None:
+        return find_layer(model, text.embedding)
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if not embeddings:
+        raise SaliencyUsageError(
+            f"{type(model).__name__} has no nn.Embedding for the token ids: the text methods attribute to the "
+            "embedding's output. Pass modality=Text(embedding='<module name>') naming the module that turns "
+            "token ids into vectors."
+        )
+    return embeddings[0]
+
+
+def _run_text_chunk(ca: Any, spec: MethodSpec, model: torch.nn.Module, forward: Any, inputs: torch.Tensor,
+                    o: dict[str, Any], common: dict[str, Any]) -> torch.Tensor:
+    """Token ids (N, L): (N, L, E) attributions at the embedding's output for gradient methods,
+    (N, L) ones for perturbation methods, which replace tokens by the baseline token."""
+    torch = require_torch()
+    name, text = spec.name, current_call().text or Text()
+    check_text_method(spec)
+    baseline = torch.full_like(inputs, text.baseline)
+    if name in ("occlusion", "feature_ablation", "lime", "kernel_shap"):
+        per_token = torch.arange(inputs.shape[1], device=inputs.device)[None]
+        o = {**o, "feature_mask": per_token if o.get("feature_mask") is None else o["feature_mask"],
+             "baselines": text.baseline}
+        if name == "occlusion":
+            shape, strides = occlusion_windows(inputs, o)
+            return ca.Occlusion(forward).attribute(inputs, sliding_window_shapes=shape, strides=strides,
+                                                   baselines=text.baseline,
+                                                   perturbations_per_eval=o["perturbations_per_eval"], **common)
+        return _run_perturbation_chunk(ca, name, forward, inputs, o, common)
+    layer = embedding_layer(model, text)
+    if name == "saliency":
+        grads = ca.LayerGradientXActivation(forward, layer, multiply_by_inputs=False).attribute(inputs, **common)
+        return grads.abs() if o["abs"] else grads
+    if name == "input_x_gradient":
+        return ca.LayerGradientXActivation(forward, layer).attribute(inputs, **common)
+    if name == "deeplift":
+        return ca.LayerDeepLift(forward, layer).attribute(inputs, baselines=baseline, **common)
+    return ca.LayerIntegratedGradients(forward, layer).attribute(
+        inputs, baselines=baseline, n_steps=o["n_steps"], method=o["integration_method"],
+        internal_batch_size=o["internal_batch_size"], **common,
     )
 
 
@@ -301,6 +372,7 @@ def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: torch.nn.Module) -
 def resolved_options(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor,
                      options: dict[str, Any]) -> dict[str, Any]:
     """Validate user options, size internal batches, and add the input-range facts some methods scale by."""
+    check_text_method(spec)
     options = check_method_options(spec, inputs, options)
     _warn_if_relu_rules_cannot_apply(spec, model)
     auto_batching(spec, model, inputs, options)
@@ -341,6 +413,7 @@ def explain(
     eval_mode: bool = True,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
     **method_kwargs: Any,
 ) -> torch.Tensor:
     """Compute a batch of attribution maps with a named captum method or a user callable.
@@ -359,6 +432,8 @@ def explain(
             or callable); by default a tensor as is, or its ``.logits``. Every check takes it.
         forward_kwargs: keyword arguments for the model's forward; a tensor with one row per
             input (an attention mask) follows its inputs through every batch. Every check takes it.
+        modality: what the inputs are: ``"image"`` (N, C, H, W), ``"tabular"`` (N, D), ``"sequence"``
+            (N, C, T) or ``"text"``; ``None`` infers it from the inputs' shape. Every check takes it.
         **method_kwargs: the method's hyperparameters (see :data:`pytest_saliency.maps.methods.METHODS` for names and defaults).
     """
     check_model(model)
@@ -382,6 +457,20 @@ def _raise_reused_module_error(method: MethodSpec, exc: RuntimeError) -> None:
         "forward pass (a shared activation module, say), and captum's DeepLIFT keeps one input and "
         "output per module. Give each call its own module (e.g. one nn.ReLU per activation), or use "
         "another method (saliency, integrated_gradients, guided_backprop)."
+    ) from exc
+
+
+def _raise_non_finite_surrogate_error(method: MethodSpec, exc: ValueError) -> None:
+    """LIME and KernelSHAP fit a surrogate to the model's outputs on perturbed inputs; scikit-learn
+    refuses NaN among them. Say where the NaN comes from instead of scikit-learn's traceback."""
+    if method.name not in ("lime", "kernel_shap") or "NaN" not in str(exc):
+        return
+    raise SaliencyUsageError(
+        f"{method.name}: the model's output is NaN for some of the perturbed inputs the surrogate is fitted to "
+        "(inputs with many features replaced by the baseline; for text, all tokens replaced by the baseline "
+        "token, which a model that masks padding may turn into an empty, NaN-pooled sequence). Pick a baseline "
+        "the model can read (for text: modality=Text(baseline_token=<an unknown or mask token>)), or make the "
+        "model's forward finite on such inputs."
     ) from exc
 
 
@@ -441,6 +530,9 @@ def attribute(
                 except RuntimeError as exc:
                     _raise_reused_module_error(method, exc)
                     _raise_no_gradient_path_error(method, exc)
+                    raise
+                except ValueError as exc:
+                    _raise_non_finite_surrogate_error(method, exc)
                     raise
             else:
                 call = current_call()

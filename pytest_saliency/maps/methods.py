@@ -166,10 +166,16 @@ def occlusion_windows(inputs: torch.Tensor, options: dict[str, Any]) -> tuple[tu
     """captum's ``sliding_window_shapes`` and ``strides`` for the ``window`` and ``stride`` options.
 
     Images: a square window of about an eighth of the smaller side over all channels, moved by
-    half a window; flat (N, D) inputs: an eighth of the features, likewise.
+    half a window; series (N, C, T): an eighth of the length over all channels, likewise; flat
+    (N, D) inputs: an eighth of the features, likewise.
     """
     window, stride = options["window"], options["stride"]
-    if inputs.dim() == 4:
+    if inputs.dim() == 3:
+        window = window or max(2, round(inputs.shape[-1] / 8))
+        shape = (inputs.shape[1], window) if isinstance(window, int) else tuple(window)
+        stride = stride or (max(1, window // 2) if isinstance(window, int) else tuple(max(1, w // 2) for w in shape))
+        strides = (1, stride) if isinstance(stride, int) else tuple(stride)
+    elif inputs.dim() == 4:
         side = max(2, round(min(inputs.shape[-2:]) / 8))
         window = window or side
         shape = (inputs.shape[1], window, window) if isinstance(window, int) else tuple(window)

@@ -168,7 +168,7 @@ def check_occlusion_windows(inputs: torch.Tensor, options: dict[str, Any]) -> No
     o = {**METHODS["occlusion"].defaults, **options}
     shape, strides = occlusion_windows(inputs, o)
     sizes = tuple(inputs.shape[1:])
-    images = inputs.dim() == 4
+    images = inputs.dim() in (3, 4)  # the window slides over the last axes, across all channels
     described = "x".join(map(str, sizes[1:])) + " inputs" if images else f"inputs of shape {sizes}"
     for name, given, value in (("window", o["window"], shape), ("stride", o["stride"], strides)):
         if len(value) != len(sizes):

@@ -34,6 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..core.forward import current_call
 from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_finite, check_number, unknown_choice
@@ -203,10 +204,10 @@ def _normalize(m: torch.Tensor, how: str, percentile: float) -> torch.Tensor:
 
 @short_usage_errors
 def apply_pipeline(attributions: torch.Tensor, pipeline: str | MapPipeline | None = None) -> torch.Tensor:
-    """Raw attributions of shape (N, C, H, W), (N, H, W) or (N, D) to maps of shape (N, H, W).
+    """Raw attributions of shape (N, C, H, W), (N, H, W), (N, C, T) or (N, D) to maps of shape (N, H, W).
 
-    Feature vectors (N, D) become (N, 1, D) "maps" so the same similarity code applies; SSIM on
-    them needs ``D`` at least the window size. NaN or inf attributions are an error, not a map.
+    Series (N, C, T) (the ``sequence`` modality) and feature vectors (N, D) become (N, 1, T) and
+    (N, 1, D) maps, with channels reduced as for images; SSIM runs along such one-row maps. NaN or inf attributions are an error, not a map.
     """
     torch = require_torch()
     pipeline = get_pipeline(pipeline)
@@ -242,10 +243,16 @@ def pipeline_maps(attributions: torch.Tensor, pipeline: MapPipeline) -> torch.Te
     if a.dim() == 2:
         a = a[:, None, None, :]
     elif a.dim() == 3:
-        a = a[:, None]
+        # a series' (N, C, T) attributions are channels over one axis; an image method's (N, H, W)
+        # maps (GradCAM) one channel over two
+        modality = current_call().modality
+        if modality == "text":  # (N, L, E) at the embedding: the embedding dimensions are the channels
+            a = a.transpose(1, 2)[:, :, None, :]
+        else:
+            a = a[:, :, None, :] if modality == "sequence" else a[:, None]
     elif a.dim() != 4:
         raise SaliencyUsageError(
-            f"attribution maps must have shape (N, C, H, W), (N, H, W) or (N, D), got {tuple(a.shape)}."
+            f"attribution maps must have shape (N, C, H, W), (N, H, W), (N, C, T) or (N, D), got {tuple(a.shape)}."
         )
     if pipeline.absolute:
         a = a.abs()

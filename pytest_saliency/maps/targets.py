@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..core.forward import call_model
+from ..core.forward import call_model, current_call
 from ..core.rng import pass_seeded
 from ..core.torchtools import model_in_eval_mode, require_torch
 from ..core.validation import unknown_choice
@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 
 
 def last_conv_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
-    """The last ``Conv2d`` in registration order, the usual GradCAM layer."""
+    """The last ``Conv2d`` in registration order, the usual GradCAM layer (``Conv1d`` for series)."""
     torch = require_torch()
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    series = current_call().modality == "sequence"
+    kind = torch.nn.Conv1d if series else torch.nn.Conv2d
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
     if not convs:
         raise SaliencyUsageError(
-            f"{type(model).__name__} has no nn.Conv2d layer for GradCAM. Pass layer='<module name>' "
+            f"{type(model).__name__} has no nn.{kind.__name__} layer for GradCAM. Pass layer='<module name>' "
             "naming the layer whose activations GradCAM should use, or choose a non-layer method."
         )
     return convs[-1]

@@ -407,6 +407,7 @@ def select_layers(
     trace: ForwardTrace | None = None,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
 ) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` pairs to randomize, in forward-execution order (input side first).
 

@@ -531,8 +531,8 @@ def validate_report(data: Any, *, use_jsonschema: bool | None = None) -> None:
 
 FIGURE_CAPTIONS = {
     "randomization_strip": "The original model's map, then the map after each layer's randomization, with the "
-                           "SSIM to the original under each panel.",
-    "ssim_curve": "Mean SSIM per layer with its spread over images, against the SSIM threshold.",
+                           "similarity (SSIM, or Spearman for tabular and text maps) to the original under each panel.",
+    "ssim_curve": "Mean similarity per layer with its spread over images, against its threshold.",
     "agreement_matrices": "Method \u00d7 method agreement, one matrix per metric.",
     "agreement_maps": "Each method's map for the first images.",
     "sweep_curves": "Mean similarity (\u00b11 std over images) per swept value, against the threshold.",
@@ -704,9 +704,12 @@ def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
         ("S^I (dataset sensitivity)", f"{_fmt(score)}  (\u2265 {format_threshold(threshold)} needed)", below),
         (f"{conf}CI of S^I", f"{_fmt(ci[0])} \u2013 {_fmt(ci[1])}" if len(ci) == 2 else _fmt(ci), False),
         ("insensitive layers",
-         f"{len(insensitive)} of {len(layers)} (mean SSIM \u2265 {format_threshold(data.get('ssim_threshold'))})",
+         f"{len(insensitive)} of {len(layers)} (mean {_similarity_label(data)} \u2265 "
+         f"{format_threshold(data.get('ssim_threshold'))})",
          bool(insensitive)),
         ("images sensitive to every layer", _pct(data.get("fraction_images_sensitive_to_all_layers")), False),
+        ("compared by", f"{_similarity_label(data)} ({data.get('modality', 'image')} maps); chance "
+                        f"{_fmt(data.get('chance'))}", False),
         ("method", data.get("method", "n/a"), False),
         ("preset", _preset_name(data) or "n/a", False),
         ("mode", mode or "n/a", False),
@@ -715,6 +718,11 @@ def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
         ("seed \u00b7 device", f"{_fmt(data.get('seed'))} \u00b7 {_fmt(data.get('device'))}", False),
         ("time", _seconds(data.get("seconds")), False),
     ]
+
+
+def _similarity_label(data: dict[str, Any]) -> str:
+    """The randomization check's comparison as people write it (results before it was recorded: SSIM)."""
+    return {"spearman": "Spearman", "pearson": "Pearson"}.get(str(data.get("similarity", "ssim")), "SSIM")
 
 
 def _pct(value: Any) -> str:
@@ -737,7 +745,7 @@ def _randomization_table(data: dict[str, Any]) -> list[Block]:
                  _pct(layer.get("fraction_sensitive")), "sensitive" if sensitive else "INSENSITIVE"]
         rows.append((cells, not sensitive))
     order = "in randomization order" if data.get("mode") == "cascading" else "in the model's order"
-    return [_table(["layer", "mean SSIM", "std", "min", "max", "images sensitive", "verdict"], rows,
+    return [_table(["layer", f"mean {_similarity_label(data)}", "std", "min", "max", "images sensitive", "verdict"], rows,
                    numeric={1, 2, 3, 4, 5}, heading=f"Per layer ({order})")]
 
 

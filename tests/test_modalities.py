@@ -1,0 +1,160 @@
+"""Beyond images: tabular (N, D) and sequence (N, C, T) inputs through the checks, with the
+modality's comparison (Spearman for tabular maps, SSIM along the series for sequences) and
+never a silent resize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+
+import pytest_saliency as ps
+from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError
+from pytest_saliency.core.forward import infer_modality, model_call_options
+from pytest_saliency.maps.modality import current_modality
+from pytest_saliency.maps.postprocess import apply_pipeline
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+def conv1d(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
+
+
+def tabular(n: int = 40) -> torch.Tensor:
+    return torch.randn(n, 30, generator=torch.Generator().manual_seed(1))
+
+
+def series(n: int = 8) -> torch.Tensor:
+    return torch.randn(n, 2, 64, generator=torch.Generator().manual_seed(2))
+
+
+def model_independent(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A control that ignores the model: the inputs' magnitude."""
+    return inputs.abs()
+
+
+def test_the_modality_is_inferred_from_the_inputs_and_can_be_named() -> None:
+    assert infer_modality(torch.zeros(2, 3, 8, 8)) == "image"
+    assert infer_modality(torch.zeros(2, 2, 64)) == "sequence"
+    assert infer_modality(torch.zeros(2, 30)) == "tabular"
+    assert infer_modality(torch.zeros(2, 30, dtype=torch.long)) == "text"
+    with model_call_options(inputs=torch.zeros(2, 30)):
+        assert current_modality().similarity == "spearman"
+    with model_call_options(inputs=torch.zeros(2, 2, 64)):
+        assert current_modality().similarity == "ssim"
+    with pytest.raises(SaliencyUsageError, match=r"unknown modality 'audio'. Valid modalities: image, tabular, "):
+        ps.explain(mlp(), tabular(2), modality="audio")
+
+
+def test_series_maps_are_one_row_of_time_steps_with_channels_reduced() -> None:
+    a = torch.randn(3, 2, 64)
+    with model_call_options(inputs=a):
+        maps = apply_pipeline(a, "thesis2023")
+    assert maps.shape == (3, 1, 64)
+    expected = apply_pipeline(a.abs().sum(dim=1)[:, None, None, :], "thesis2023")  # the same as a 1 x T image
+    torch.testing.assert_close(maps, expected)
+
+
+def test_tabular_randomization_compares_rankings_and_states_the_chance_level() -> None:
+    model, x = mlp(), tabular()
+    result = ps.layer_randomization(model, x, "saliency", mode="cascading")
+    assert result.passed and result.similarity == "spearman" and result.modality == "tabular"
+    data = result.to_dict()
+    assert data["similarity"] == "spearman" and data["modality"] == "tabular"
+    # The chance level: Spearman of each original map with the next input's, a straightforward loop.
+    maps = apply_pipeline(ps.explain(model, x, "saliency"), "adebayo2018").reshape(len(x), -1).numpy()
+    loop = [scipy.stats.spearmanr(maps[i], maps[i - 1]).statistic for i in range(len(x))]
+    assert result.chance == pytest.approx(sum(loop) / len(loop), abs=1e-5)
+    assert "compared:    tabular maps by Spearman; chance (original maps of different images)" in result.report()
+    assert "mean Spearman" in result.report()
+
+
+def test_tabular_control_fails_and_ssim_is_refused() -> None:
+    model, x = mlp(), tabular()
+    with pytest.raises(SaliencyCheckFailed, match=r"NOT sensitive to independent layer randomization"):
+        ps.assert_sensitive_to_layer_randomization(model, x, model_independent)
+    with pytest.raises(SaliencyUsageError, match=r"'ssim' slides a window .* tabular maps are D features in no "
+                                                 r"spatial order.*'spearman'"):
+        ps.layer_randomization(model, x, "saliency", similarity="ssim")
+    with pytest.raises(SaliencyUsageError, match=r"unknown similarity 'l1_distance'"):
+        ps.layer_randomization(model, x, "saliency", similarity="l1_distance")
+
+
+def test_sequence_randomization_runs_ssim_along_the_series_and_catches_the_control() -> None:
+    model, x = conv1d(), series()
+    result = ps.layer_randomization(model, x, "saliency")
+    assert result.passed and result.similarity == "ssim" and result.modality == "sequence"
+    control = ps.layer_randomization(model, x, model_independent)
+    assert not control.passed and control.stats.dataset_score < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["tabular", "sequence"])
+def test_the_other_checks_use_the_modalitys_comparison(kind: str, tmp_path: Path) -> None:
+    model, x = (mlp(), tabular()) if kind == "tabular" else (conv1d(), series())
+    expected = "spearman" if kind == "tabular" else "ssim"
+    sweep = ps.hyperparameter_sweep(model, x, "smoothgrad", {"nt_samples": [2, 4]})
+    assert sweep.metric == expected
+    assert sweep.metrics == (("spearman", "feature_agreement") if kind == "tabular" else ("ssim", "spearman"))
+    noise = ps.input_noise_stability(model, x, "saliency", variance=[0.01])
+    assert noise.noise["clip"] is None  # no [0, 1] clipping outside images
+    written = ps.check_baseline(model, x, tmp_path / "b.npz", "saliency")
+    compared = ps.check_baseline(model, x, tmp_path / "b.npz", "saliency")
+    assert written.status == "written" and compared.status == "compared" and compared.passed
+    assert compared.metric == expected and compared.mean == pytest.approx(1.0)
+    agreement = ps.agreement_matrix(model, x, ["saliency", "integrated_gradients"])
+    assert ("ssim" in agreement.metrics) == (kind == "sequence")
+    stability = ps.explainer_seed_stability(model, x, "smoothgrad", nt_samples=4)
+    assert stability.metric == ("sign_agreement" if kind == "tabular" else "ssim")
+    assert ps.deletion(model, x, "saliency").auc.shape == (len(x),)
+
+
+def test_a_tabular_baseline_that_could_never_be_compared_is_not_written(tmp_path: Path) -> None:
+    with pytest.raises(SaliencyUsageError, match=r"metric 'ssim' slides a window"):
+        ps.check_baseline(mlp(), tabular(), tmp_path / "b.npz", "saliency", metric="ssim")
+    assert not (tmp_path / "b.npz").exists()
+
+
+def test_a_series_too_short_for_the_window_is_refused_never_resized(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4, 2)).eval()
+    with pytest.raises(SaliencyUsageError, match=r"win_size"):
+        ps.layer_randomization(model, torch.randn(6, 2, 4), "saliency")
+    with pytest.raises(SaliencyUsageError, match=r"win_size"):
+        ps.check_baseline(model, torch.randn(6, 2, 4), tmp_path / "b.npz", "saliency")
+    assert not (tmp_path / "b.npz").exists()
+
+
+@pytest.mark.parametrize("method, shape", [
+    ("occlusion", (2, 2, 64)), ("feature_ablation", (2, 2, 64)), ("gradcam", (2, 1, 64)),
+    ("guided_gradcam", (2, 2, 64)), ("lime", (2, 2, 64)), ("integrated_gradients", (2, 2, 64)),
+])
+def test_every_method_explains_a_series(method: str, shape: tuple[int, ...]) -> None:
+    maps = ps.explain(conv1d(), series(2), method)
+    assert maps.shape == shape and torch.isfinite(maps).all()
+
+
+def test_gradcam_on_a_series_uses_the_last_conv1d_upsampled_along_time() -> None:
+    model, x = conv1d(), series(2)
+    cam = ps.explain(model, x, "gradcam", relu_attributions=False)
+    import captum.attr as ca
+
+    target = model(x).argmax(1)
+    raw = ca.LayerGradCam(model, model[2]).attribute(x, target=target)
+    expected = ca.LayerAttribution.interpolate(raw, (64,), "linear")
+    torch.testing.assert_close(cam, expected)
+
+
+def test_sams_grids_scale_to_a_series_length() -> None:
+    """SAM's grids scale pixel sizes to the input's side; a series' side is its length T."""
+    grid = ps.sam_grid("occlusion", (8, 2, 64))
+    assert grid.sweep["window"] == ps.sam_grid("occlusion", (8, 1, 64, 64)).sweep["window"]
+    result = ps.hyperparameter_sweep(conv1d(), series(4), ps.sam_grid("occlusion", (4, 2, 64)))
+    assert [row.value for row in result.tables[0].rows] == grid.sweep["window"]
