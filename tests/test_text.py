@@ -191,3 +191,20 @@ def test_input_noise_refuses_token_ids(trained) -> None:
     model, ids, _ = trained
     with pytest.raises(SaliencyUsageError, match=r"token ids are integers.*hyperparameter_sweep"):
         ps.input_noise_stability(model, ids, "saliency", modality=TEXT)
+
+
+def test_consistency_and_agreement_rank_tokens_not_embedding_coordinates(trained) -> None:
+    """Each model has its own embedding basis: the top-k and sign metrics compare one score per
+    token (the attribution summed over the embedding), so there are L features, not L x E."""
+    model, ids, _ = trained
+    other = TinyText()
+    other.load_state_dict(model.state_dict())
+    result = ps.explanation_consistency([model, other.eval()], ids, "integrated_gradients", modality=TEXT,
+                                        n_splits=2, metrics=("feature_agreement",), k=3, n_steps=8)
+    assert result.num_features == LENGTH
+    # the same weights: the same top tokens, up to ties (the model has no position embedding, so a
+    # repeated token gets one score, and ties at the k-th place count fractionally)
+    assert result.value("feature_agreement") > 0.9
+    agreement = ps.agreement_matrix(model, ids, ["saliency", "integrated_gradients"], ["feature_agreement"],
+                                    modality=TEXT, k=3)
+    assert agreement.pairs[0].values and len(agreement.pairs[0].values) == len(ids)

@@ -314,6 +314,8 @@ def _signed_maps(attributions: torch.Tensor) -> torch.Tensor:
     if a.dim() == 2:
         return a[:, None, :]
     if a.dim() == 3:
+        if current_modality().name == "text":  # (N, L, E) at the embedding: one value per token
+            return a.sum(dim=-1)[:, None, :]
         return a.sum(dim=1, keepdim=True) if current_modality().name == "sequence" else a
     return a.sum(dim=1)
 

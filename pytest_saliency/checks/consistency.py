@@ -114,7 +114,7 @@ from ..core.validation import check_count, check_inputs, check_model, check_seed
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec
-from ..maps.modality import current_modality, figure_context
+from ..maps.modality import current_modality, figure_context, per_position
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import predicted_targets, resolve_target
@@ -1011,7 +1011,7 @@ def explanation_consistency(
     predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
     target_mode, targets = _targets(named, inputs, target, predictions, batch_size, seed)
     raw = {
-        label: attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options)
+        label: per_position(attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options))
         for label, model in named
     }
     need_maps = lr_input == "maps" or any(m in _MAP_METRICS for m in metric_names)
@@ -1323,8 +1323,8 @@ def explainer_seed_stability(
     pipeline = get_pipeline(preset)
     resolved, name, options = prepare_method(method, model, inputs, method_kwargs)
     fixed = resolve_target(model, inputs, target, batch_size)
-    raw = {s: attribute(model, inputs, resolved, fixed, s, batch_size, True, options) for s in seed_list}
-    again = attribute(model, inputs, resolved, fixed, seed_list[0], batch_size, True, options)
+    raw = {s: per_position(attribute(model, inputs, resolved, fixed, s, batch_size, True, options)) for s in seed_list}
+    again = per_position(attribute(model, inputs, resolved, fixed, seed_list[0], batch_size, True, options))
     first = raw[seed_list[0]]
     max_diff = 0.0 if torch.equal(first, again) else float((first - again).abs().max())
     # Reproduced up to rounding: GPU kernels that sum in a varying order (atomic adds in cuDNN's

@@ -79,6 +79,16 @@ def default_metrics(metrics: str | Sequence[str] | None) -> str | Sequence[str]:
     return metrics if metrics is not None else current_modality().metrics
 
 
+def per_position(attributions: Any) -> Any:
+    """Raw attributions with one signed value per map position where a position carries a vector:
+    token maps' (N, L, E) embedding attributions summed over E to (N, L); others as they are.
+    The top-k and sign metrics then rank tokens, not embedding coordinates (which mean nothing
+    across models: each has its own embedding basis)."""
+    if current_modality().name == "text" and getattr(attributions, "dim", lambda: 0)() == 3:
+        return attributions.sum(dim=-1)
+    return attributions
+
+
 def figure_context(inputs: Any, count: int, *, with_inputs: bool = True) -> dict[str, Any]:
     """What a result's figures need to draw its maps of the first ``count`` inputs: the modality,
     and the series (``with_inputs``), the feature names or the token strings where they apply."""
@@ -94,5 +104,5 @@ def figure_context(inputs: Any, count: int, *, with_inputs: bool = True) -> dict
     return context
 
 
-__all__ = ["figure_context", "SPECS", "WINDOW_METRICS", "Modality", "check_metric_fits", "current_modality", "default_metrics",
+__all__ = ["figure_context", "per_position", "SPECS", "WINDOW_METRICS", "Modality", "check_metric_fits", "current_modality", "default_metrics",
            "default_similarity"]

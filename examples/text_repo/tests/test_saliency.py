@@ -81,22 +81,14 @@ def test_integrated_gradients_find_the_trigger(model, with_trigger):
     assert found >= 0.8, f"the trigger has the top score in only {found:.0%} of the inputs that contain it"
 
 
-def token_integrated_gradients(model, ids, target):
-    """Integrated gradients at the embedding, summed over the embedding dimension: one signed score
-    per token, (N, 12). The seed check below compares these: the plain "integrated_gradients"
-    method gives it (N, 12, 32) attributions, whose top-k runs over embedding coordinates, and
-    those mean nothing across seeds (each model has its own embedding basis; see README.md)."""
-    return pytest_saliency.explain(model, ids, "integrated_gradients", target=target, modality=TEXT,
-                                   n_steps=N_STEPS).sum(-1)
-
-
 def test_integrated_gradients_agree_across_seeds(saliency, ids):
-    """Three models differing only in their seed: the top-3 tokens of their per-token integrated
-    gradients overlap more than chance. The default gate (2 x chance = 2 x 3/12 = 0.5, padding
+    """Three models differing only in their seed: the top-3 tokens of their integrated gradients
+    (one score per token: the check sums the embedding attributions, since each model has its own
+    embedding basis) overlap more than chance. The default gate (2 x chance = 2 x 3/12 = 0.5, padding
     counted) does not hold robustly (measured 0.458-0.512 on six seed triples), so the threshold
     is calibrated: 0.4, 1.6 x chance and below every measured value (see README.md)."""
     result = saliency.assert_seed_consistency_above(
         train, ids, threshold=0.4, metric="feature_agreement", seeds=SEEDS,
-        method=token_integrated_gradients, k=TOP_K, modality=TEXT,
+        method="integrated_gradients", n_steps=N_STEPS, k=TOP_K, modality=TEXT,
     )
     assert result.num_features == ids.shape[1]
