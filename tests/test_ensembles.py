@@ -256,7 +256,7 @@ def test_consistency_vs_ensemble_size_checks_inputs_and_options_before_running_a
     for inputs, ensemble_models, options, message in [
         (nan_inputs, models, {}, r"model 'model0': inputs contain 1 NaN"),
         (x.double(), models, {}, r"model 'model0': inputs are torch.float64 but the model's parameters are torch.float32"),
-        (x[:, 0], models, {}, r"model 'model0': .* taken as series \(N, C, T\); images need the shape \(N, C, H, W\)"),
+        (x[:, 0], models, {}, r"model 'model0': .* taken as series \(N, C, T\), but TinyCNN has Conv2d layers"),
         (x, [models[0], meta], {}, r"model 'model1': model TinyCNN is on the meta device"),
         (x, models, {"sizes": (1.5,)}, r"sizes\[0\] must be an int >= 1, got 1.5"),
         (x, models, {"batch_size": 0}, r"batch_size must be an int >= 1 or None, got 0"),

@@ -158,3 +158,30 @@ def test_sams_grids_scale_to_a_series_length() -> None:
     assert grid.sweep["window"] == ps.sam_grid("occlusion", (8, 1, 64, 64)).sweep["window"]
     result = ps.hyperparameter_sweep(conv1d(), series(4), ps.sam_grid("occlusion", (4, 2, 64)))
     assert [row.value for row in result.tables[0].rows] == grid.sweep["window"]
+
+
+def test_a_randomized_state_with_a_constant_map_counts_as_changed() -> None:
+    """Spearman of a constant map is undefined: a layer whose randomization kills every gradient
+    (a dead ReLU) changed the maps completely and must count as sensitive, not poison S^I."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 1), nn.ReLU(), nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(10.0)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    for seed in range(6):
+        result = ps.layer_randomization(model, x, "saliency", seed=seed)
+        assert all(layer.mean_ssim == layer.mean_ssim for layer in result.stats.layers)  # no NaN
+        assert result.stats.dataset_score == result.stats.dataset_score
+
+
+def test_sams_image_grids_are_refused_for_other_modalities() -> None:
+    with pytest.raises(SaliencyUsageError, match=r"SAM's grid for 'integrated_gradients' is for images.*tabular"):
+        ps.hyperparameter_sweep(mlp(), tabular(8), "integrated_gradients")
+
+
+def test_images_without_a_channel_dimension_are_not_taken_for_series_by_a_conv2d_model() -> None:
+    from conftest import make_tiny_cnn, tiny_images
+
+    with pytest.raises(SaliencyUsageError, match=r"taken as series \(N, C, T\), but TinyCNN has Conv2d layers.*"
+                                                 r"unsqueeze\(1\), or pass modality='sequence'"):
+        ps.layer_randomization(make_tiny_cnn(), tiny_images(4)[:, 0], "saliency")

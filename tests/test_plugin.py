@@ -629,8 +629,8 @@ def test_without_xdist_the_plugin_still_works(tiny_repo):
     [
         (
             "saliency.assert_sensitive_to_layer_randomization(model, images[:, 0])",
-            "the model (TinyCNN) cannot run on one of the inputs of shape (16, 16)*Inputs of 3 dimensions are taken as "
-            "series (N, C, T); images need the shape (N, C, H, W): add the channel dimension with inputs.unsqueeze(1).",
+            "the inputs have shape (4, 16, 16), which is taken as series (N, C, T), but TinyCNN has Conv2d layers and "
+            "no Conv1d: images need the shape (N, C, H, W). Add the channel dimension with inputs.unsqueeze(1)*",
         ),
         (
             "saliency.assert_sensitive_to_layer_randomization(torch.nn.Identity(), images)",

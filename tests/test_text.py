@@ -208,3 +208,56 @@ def test_consistency_and_agreement_rank_tokens_not_embedding_coordinates(trained
     agreement = ps.agreement_matrix(model, ids, ["saliency", "integrated_gradients"], ["feature_agreement"],
                                     modality=TEXT, k=3)
     assert agreement.pairs[0].values and len(agreement.pairs[0].values) == len(ids)
+
+
+class Positioned(nn.Module):
+    """A position embedding registered before the token embedding (both nn.Embedding)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.position = nn.Embedding(LENGTH, dim)
+        self.token = nn.Embedding(VOCAB, dim, padding_idx=PAD)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return self.head((self.token(ids) + self.position(positions)).mean(1))
+
+
+def test_of_several_embeddings_the_one_reading_the_token_ids_is_explained() -> None:
+    torch.manual_seed(0)
+    model = Positioned().eval()
+    ids, _ = trigger_task(4, 3)
+    auto = ps.explain(model, ids, "input_x_gradient", modality=TEXT)
+    named = ps.explain(model, ids, "input_x_gradient", modality=ps.Text(pad_token_id=PAD, embedding="token"))
+    torch.testing.assert_close(auto, named)
+
+
+def test_a_text_whose_real_tokens_all_score_alike_is_refused_not_passed(trained) -> None:
+    """Constant over the tokens that are not padding (here: a text of one token) is a constant map."""
+    model, ids, _ = trained
+    short = ids[:6].clone()
+    short[2, 1:] = PAD
+    with pytest.raises(SaliencyUsageError, match=r"constant for 1 of 6 .*over their tokens that are not padding"):
+        ps.layer_randomization(model, short, "integrated_gradients", modality=TEXT, n_steps=4)
+
+
+def test_padding_is_left_out_of_the_baseline_and_sweep_comparisons(trained, tmp_path) -> None:
+    """A reversed ranking of the real tokens must not pass because the padding (equal in both
+    maps) agrees: the baseline compares the tokens that are not padding."""
+    from pytest_saliency.checks.regression import read_baseline, write_baseline
+
+    model, ids, _ = trained
+    ids = ids[:8].clone()
+    ids[:, 4:] = PAD  # four real tokens and eight padding positions per text
+    path = tmp_path / "b.npz"
+    ps.check_baseline(model, ids, path, "saliency", modality=TEXT)
+    maps, metadata = read_baseline(path)
+    valid = (ids != PAD).numpy()
+    reversed_maps = maps.copy()
+    for row in range(8):
+        real = reversed_maps[row, 0, valid[row]]
+        reversed_maps[row, 0, valid[row]] = real.max() + real.min() - real  # the real tokens' order reversed
+    write_baseline(path, reversed_maps, metadata)
+    result = ps.check_baseline(model, ids, path, "saliency", modality=TEXT)
+    assert not result.passed and result.mean < 0

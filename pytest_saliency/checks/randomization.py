@@ -319,6 +319,8 @@ class _Comparison:
             scores = ssim_unchecked(self.original, maps, self.setup, self.moments)
         else:
             scores = torch.stack([compute_on_valid(self.similarity, self.original, state, self.valid) for state in maps])
+            # NaN: the state's map is constant (the original is not): no rank agreement left, 0
+            scores = scores.nan_to_num(nan=0.0)
         for row, (index, _) in enumerate(self.pending):
             self.rows[index] = scores[row]
             self.kept_maps[index] = maps[row, : self.keep].clone()
@@ -347,6 +349,15 @@ def _chance(original: torch.Tensor, setup: Any, similarity: str, valid: torch.Te
     return compute_on_valid(similarity, original, other, None if valid is None else valid & valid.roll(1, dims=0))
 
 
+def _mean_chance(values: list[torch.Tensor]) -> float | None:
+    """The chance level: the mean over the pairs it is defined for (None when there are none)."""
+    if not values:
+        return None
+    joined = require_torch().cat(values).double()
+    defined = joined[~joined.isnan()]
+    return float(defined.mean()) if defined.numel() else None
+
+
 def _valid_tokens(x: torch.Tensor) -> torch.Tensor | None:
     """Which positions of token inputs are not padding (None for other inputs or without a pad token)."""
     text = current_call().text
@@ -356,7 +367,7 @@ def _valid_tokens(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str, constant_maps: str,
-                         similarity: str = "ssim") -> torch.Tensor:
+                         similarity: str = "ssim", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Original maps must be big enough for the SSIM window and must not be constant.
 
     Returns the indices of the images to keep (all of them unless ``constant_maps="skip"``; none
@@ -368,14 +379,20 @@ def _check_original_maps(maps: torch.Tensor, pipeline: MapPipeline, method: str,
     if similarity == "ssim":
         check_ssim_window(maps.shape[-2], maps.shape[-1], pipeline.ssim.win_size, method=method, preset=pipeline.name)
     flat = maps.flatten(1)
-    constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
+    if valid is None:
+        constant = (flat.amax(dim=1) - flat.amin(dim=1)) <= 0
+    else:  # token maps: constant over the tokens that are not padding (or fewer than two of them)
+        mask = valid.reshape(flat.shape).to(flat.device)
+        spread = flat.masked_fill(~mask, float("-inf")).amax(dim=1) - flat.masked_fill(~mask, float("inf")).amin(dim=1)
+        constant = ~(spread > 0) | (mask.sum(dim=1) < 2)
     keep = torch.nonzero(~constant).flatten()
     if bool(constant.any()):
         index = torch.nonzero(constant).flatten().tolist()
         problem = (
             f"the original model's {method} maps are constant for {len(index)} of {len(constant)} image(s) "
-            f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}); {SIMILARITY_LABELS[similarity]} against a "
-            "constant map measures nothing."
+            f"(indices {index[:10]}{' ...' if len(index) > 10 else ''}"
+            f"{', over their tokens that are not padding; a text needs two or more' if valid is not None else ''}); "
+            f"{SIMILARITY_LABELS[similarity]} against a constant map measures nothing."
         )
         if constant_maps == "skip":  # an empty keep: the caller skips this batch of images
             warn_user(f"{problem} Those images are left out of the check.")
@@ -395,7 +412,7 @@ def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str
     when no image is left (the batch is skipped, and the check fails only if none has any left)."""
     name = batch.explanation.name
     original = _for_ssim(batch.original(), pipeline)
-    used = _check_original_maps(original, pipeline, name, constant_maps, similarity)
+    used = _check_original_maps(original, pipeline, name, constant_maps, similarity, _valid_tokens(batch.x))
     while 0 < used.numel() < original.shape[0]:  # constant_maps="skip" dropped some images
         original = original[used]
         batch.keep_images(used)
@@ -406,7 +423,7 @@ def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str
         # batch too, to draw the same numbers (such a model is never replayed). Its maps may be
         # constant elsewhere now: check again.
         original = _for_ssim(batch.original(), pipeline)
-        used = _check_original_maps(original, pipeline, name, constant_maps, similarity)
+        used = _check_original_maps(original, pipeline, name, constant_maps, similarity, _valid_tokens(batch.x))
     return original if used.numel() else None
 
 
@@ -716,7 +733,7 @@ def layer_randomization(
         # the kept maps are the first images' unless constant_maps="skip" left some out
         figure_context=figure_context(inputs, sum(o.shape[0] for o in originals)) if s.constant_maps == "error"
         else {"modality": current_modality().name},
-        chance=float(torch.cat(chance).double().mean()) if chance else None,
+        chance=_mean_chance(chance),
     )
 
 

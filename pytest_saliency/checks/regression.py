@@ -70,7 +70,7 @@ from ..core.validation import check_inputs, check_model, model_device
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import MethodSpec, draws_random
-from ..maps.modality import default_similarity, figure_context
+from ..maps.modality import default_similarity, figure_context, valid_positions
 from ..maps.options import DERIVED_OPTIONS
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
@@ -484,10 +484,14 @@ def read_baseline(path: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _similarity(metric: str, a: torch.Tensor, b: torch.Tensor, pipeline: MapPipeline) -> torch.Tensor:
+    from ..compare.metrics import compute_on_valid
     from ..compare.similarity import pearson, spearman, structural_similarity
 
     if metric == "ssim":
         return structural_similarity(a, b, **pipeline.ssim.kwargs())
+    valid = valid_positions(a)  # token maps: padding left out
+    if valid is not None:
+        return compute_on_valid(metric, a, b, valid)
     return (spearman if metric == "spearman" else pearson)(a, b)
 
 

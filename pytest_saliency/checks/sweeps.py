@@ -75,7 +75,7 @@ from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks, uniform_baseline
 from ..maps.explainers import attribute, resolved_options, run_captum
 from ..maps.methods import EXTRA_OPTIONS, Explainer, MethodSpec, method_name, resolve_method
-from ..maps.modality import check_metric_fits, default_metrics, default_similarity
+from ..maps.modality import check_metric_fits, current_modality, default_metrics, default_similarity, valid_positions
 from ..maps.options import check_option_value, format_value
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
@@ -676,11 +676,13 @@ def _similarities(
     metrics: Sequence[str], reference: torch.Tensor, maps: torch.Tensor, pipeline: MapPipeline,
     metric_options: Mapping[str, Any],
 ) -> dict[str, list[float]]:
-    from ..compare.metrics import compute_metric
+    from ..compare.metrics import compute_on_valid
 
     out = {}
+    valid = valid_positions(reference)  # token maps: padding left out
     for name in metrics:
-        values = compute_metric(name, reference, maps, **_metric_kwargs(name, pipeline, reference, metric_options))
+        values = compute_on_valid(name, reference, maps, valid,
+                                  **_metric_kwargs(name, pipeline, reference, metric_options))
         out[name] = [float(v) for v in values.double().cpu()]
     return out
 
@@ -799,6 +801,13 @@ def _resolve_grid(
     if isinstance(method, SweepGrid):
         grid = method
     elif sweep is None and isinstance(method, str) and method in GRIDS:
+        modality = current_modality().name
+        if modality != "image":
+            raise SaliencyUsageError(
+                f"SAM's grid for {method!r} is for images (blurred and uniform baselines, windows and superpixels in "
+                f"pixels), and these inputs are {modality}. Pass sweep={{'<hyperparameter>': [values]}}, e.g. "
+                "sweep={'n_steps': [16, 64]} for integrated_gradients or {'window': [2, 4, 8]} for occlusion."
+            )
         grid = sam_grid(method, tuple(inputs.shape))
     elif sweep is None:
         raise SaliencyUsageError(

@@ -1191,14 +1191,17 @@ def compute_on_valid(name: str, a: torch.Tensor, b: torch.Tensor, valid: torch.T
     """:func:`compute_metric` of each pair over its row's ``valid`` positions only (token maps
     without their padding). ``valid`` is a boolean tensor with one row per map (None: every
     position); rows with the same number of valid positions are compared in one batch, their
-    valid entries taken in order."""
+    valid entries taken in order; rows with fewer than two are NaN."""
     if valid is None:
         return compute_metric(name, a, b, **kwargs)
     n = a.shape[0]
     flat_a, flat_b, valid = a.reshape(n, -1), b.reshape(n, -1), valid.reshape(n, -1).to(a.device)
     counts = valid.sum(dim=1)
     out = torch.empty(n, dtype=_work_dtype(a, b), device=a.device)
+    out.fill_(float("nan"))  # rows with fewer than two valid positions have no ranking to compare
     for count in counts.unique().tolist():
+        if count < 2:
+            continue
         rows = torch.nonzero(counts == count).flatten()
         # valid positions first, in their order (a stable sort of the flags)
         index = torch.sort(valid[rows].to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]

@@ -60,6 +60,8 @@ class ModelCall:
     modality: str | None = None  # what the inputs are (see MODALITIES); None outside every entry point
     text: Text | None = None  # how token inputs are explained (the text modality)
     tabular: Tabular | None = None  # the features' names (the tabular modality)
+    valid: Any = None  # token inputs: which positions of the check's inputs are not padding (N, L)
+    modality_given: bool = False  # named by the user (modality=...), not inferred from the inputs
 
     @property
     def default(self) -> bool:
@@ -265,7 +267,11 @@ def model_call_options(output: Any = None, forward_kwargs: Any = None, inputs: A
     name = _check_modality(modality, inputs)
     text = modality if isinstance(modality, Text) else (Text() if name == "text" else None)
     tabular = modality if isinstance(modality, Tabular) else None
-    call = ModelCall(_check_selector(output), static, per_example, n_inputs, name, text, tabular)
+    valid = None
+    if text is not None and text.pad_token_id is not None and hasattr(inputs, "shape") and len(inputs.shape) == 2:
+        valid = inputs != text.pad_token_id
+    call = ModelCall(_check_selector(output), static, per_example, n_inputs, name, text, tabular, valid,
+                     modality is not None)
     token = _CALL.set(call)
     try:
         yield call

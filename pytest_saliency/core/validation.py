@@ -163,11 +163,18 @@ def _check_embedding(model: torch.nn.Module, name: str) -> None:
 def _check_series_run(inputs: torch.Tensor, model: torch.nn.Module, name: str) -> None:
     """3-D inputs are series (N, C, T); a model that cannot run on one was most likely given
     images without their channel dimension: say so before a check fails inside the model."""
-    from .forward import call_model
+    from .forward import call_model, current_call
     from .rng import seeded
     from .torchtools import model_in_eval_mode
 
     torch = require_torch()
+    convs = {type(m) for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))}
+    if convs == {torch.nn.Conv2d} and not current_call().modality_given:
+        raise SaliencyUsageError(
+            f"the {name} have shape {tuple(inputs.shape)}, which is taken as series (N, C, T), but "
+            f"{type(model).__name__} has Conv2d layers and no Conv1d: images need the shape (N, C, H, W). Add the "
+            f"channel dimension with {name}.unsqueeze(1), or pass modality='sequence' if these are series."
+        )
     try:
         with model_in_eval_mode(model, True), torch.no_grad(), seeded(0, inputs.device):
             call_model(model, inputs[:1], rows=[0])

@@ -30,10 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..core.forward import OutputSelector, ScoresModule, Text, captum_forward, current_call, passes_model_call
+from ..core.forward import (
+    OutputSelector,
+    ScoresModule,
+    Text,
+    call_model,
+    captum_forward,
+    current_call,
+    passes_model_call,
+)
 from ..core.integrity import rng_isolated
 from ..core.rng import pass_seeded
 from ..core.torchtools import model_in_eval_mode, require_torch
@@ -307,9 +316,14 @@ def check_text_method(spec: MethodSpec) -> None:
         )
 
 
-def embedding_layer(model: torch.nn.Module, text: Text) -> torch.nn.Module:
-    """The module whose output the text methods attribute to: ``text.embedding``, or the first
-    ``nn.Embedding`` registered in the model."""
+#: model -> the embedding module that reads its token ids (found once per model, see embedding_layer)
+_EMBEDDINGS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def embedding_layer(model: torch.nn.Module, text: Text, inputs: torch.Tensor) -> torch.nn.Module:
+    """The module whose output the text methods attribute to: ``text.embedding``, the model's only
+    ``nn.Embedding``, or of several (token, position, segment embeddings) the one that reads the
+    token ids themselves, found with one forward pass of the first input."""
     torch = require_torch()
     if text.embedding is not None:
         return find_layer(model, text.embedding)
@@ -320,7 +334,38 @@ def embedding_layer(model: torch.nn.Module, text: Text) -> torch.nn.Module:
             "embedding's output. Pass modality=Text(embedding='<module name>') naming the module that turns "
             "token ids into vectors."
         )
-    return embeddings[0]
+    if len(embeddings) == 1:
+        return embeddings[0]
+    found = _EMBEDDINGS.get(model)
+    if found is None:
+        found = _EMBEDDINGS[model] = _token_embedding(model, embeddings, inputs[:1])
+    return found
+
+
+def _token_embedding(model: torch.nn.Module, embeddings: list[Any], ids: torch.Tensor) -> torch.nn.Module:
+    """Of several embeddings, the first that is called on the token ids (a position embedding reads
+    positions); an error naming them when none is."""
+    torch = require_torch()
+    readers: list[Any] = []
+
+    def note(module: Any, args: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].shape == ids.shape and torch.equal(args[0], ids):
+            readers.append(module)
+
+    handles = [m.register_forward_pre_hook(note) for m in embeddings]
+    try:
+        with torch.no_grad(), model_in_eval_mode(model, True):
+            call_model(model, ids, rows=[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not readers:
+        names = [n for n, m in model.named_modules() if m in embeddings]
+        raise SaliencyUsageError(
+            f"{type(model).__name__} has {len(embeddings)} nn.Embedding modules ({', '.join(names)}) and none is called "
+            "on the token ids themselves. Name the token embedding with modality=Text(embedding='<module name>')."
+        )
+    return readers[0]
 
 
 def _run_text_chunk(ca: Any, spec: MethodSpec, model: torch.nn.Module, forward: Any, inputs: torch.Tensor,
@@ -341,7 +386,7 @@ def _run_text_chunk(ca: Any, spec: MethodSpec, model: torch.nn.Module, forward: 
                                                    baselines=text.baseline,
                                                    perturbations_per_eval=o["perturbations_per_eval"], **common)
         return _run_perturbation_chunk(ca, name, forward, inputs, o, common)
-    layer = embedding_layer(model, text)
+    layer = embedding_layer(model, text, inputs)
     if name == "saliency":
         grads = ca.LayerGradientXActivation(forward, layer, multiply_by_inputs=False).attribute(inputs, **common)
         return grads.abs() if o["abs"] else grads

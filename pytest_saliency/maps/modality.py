@@ -79,6 +79,15 @@ def default_metrics(metrics: str | Sequence[str] | None) -> str | Sequence[str]:
     return metrics if metrics is not None else current_modality().metrics
 
 
+def valid_positions(maps: Any) -> Any:
+    """Which positions of maps of the check's inputs (in order) are not padding: token maps with
+    ``Text(pad_token_id=...)``; None otherwise (every position counts)."""
+    valid = current_call().valid
+    if valid is None or getattr(maps, "shape", (None,))[0] != valid.shape[0]:
+        return None
+    return valid
+
+
 def per_position(attributions: Any) -> Any:
     """Raw attributions with one signed value per map position where a position carries a vector:
     token maps' (N, L, E) embedding attributions summed over E to (N, L); others as they are.
@@ -104,5 +113,5 @@ def figure_context(inputs: Any, count: int, *, with_inputs: bool = True) -> dict
     return context
 
 
-__all__ = ["figure_context", "per_position", "SPECS", "WINDOW_METRICS", "Modality", "check_metric_fits", "current_modality", "default_metrics",
+__all__ = ["figure_context", "per_position", "valid_positions", "SPECS", "WINDOW_METRICS", "Modality", "check_metric_fits", "current_modality", "default_metrics",
            "default_similarity"]
