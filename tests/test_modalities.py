@@ -74,7 +74,7 @@ def test_tabular_randomization_compares_rankings_and_states_the_chance_level() -
     maps = apply_pipeline(ps.explain(model, x, "saliency"), "adebayo2018").reshape(len(x), -1).numpy()
     loop = [scipy.stats.spearmanr(maps[i], maps[i - 1]).statistic for i in range(len(x))]
     assert result.chance == pytest.approx(sum(loop) / len(loop), abs=1e-5)
-    assert "compared:    tabular maps by Spearman; chance (original maps of different images)" in result.report()
+    assert "compared:    tabular maps by Spearman; chance (original maps of different inputs)" in result.report()
     assert "mean Spearman" in result.report()
 
 
@@ -185,3 +185,13 @@ def test_images_without_a_channel_dimension_are_not_taken_for_series_by_a_conv2d
     with pytest.raises(SaliencyUsageError, match=r"taken as series \(N, C, T\), but TinyCNN has Conv2d layers.*"
                                                  r"unsqueeze\(1\), or pass modality='sequence'"):
         ps.layer_randomization(make_tiny_cnn(), tiny_images(4)[:, 0], "saliency")
+
+
+def test_apply_pipeline_reads_3d_attributions_by_the_modality_given() -> None:
+    a = torch.randn(2, 3, 64)
+    assert ps.apply_pipeline(a).shape == (2, 3, 64)  # (N, H, W) image maps
+    series_maps = ps.apply_pipeline(a, modality="sequence")
+    torch.testing.assert_close(series_maps, ps.apply_pipeline(a.abs().sum(1)[:, None, None, :]))
+    tokens = torch.randn(2, 12, 16)
+    torch.testing.assert_close(ps.apply_pipeline(tokens, modality="text"),
+                               ps.apply_pipeline(tokens.abs().sum(-1)[:, None, None, :]))

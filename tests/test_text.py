@@ -3,6 +3,8 @@ comparisons; a transformer trained in seconds on a task decided by a trigger tok
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import scipy.stats
 import torch
@@ -261,3 +263,48 @@ def test_padding_is_left_out_of_the_baseline_and_sweep_comparisons(trained, tmp_
     write_baseline(path, reversed_maps, metadata)
     result = ps.check_baseline(model, ids, path, "saliency", modality=TEXT)
     assert not result.passed and result.mean < 0
+
+
+def test_padding_is_left_out_of_agreement_and_consistency(trained) -> None:
+    """With four real tokens and eight padding positions, equal (zero) padding would make any two
+    rankings look alike; the comparisons take the real tokens only (a loop over them with scipy)."""
+    model, ids, _ = trained
+    ids = ids[:8].clone()
+    ids[:, 4:] = PAD
+    result = ps.agreement_matrix(model, ids, ["saliency", "input_x_gradient"], ["rank_correlation"], modality=TEXT)
+    a = ps.explain(model, ids, "saliency", modality=TEXT).sum(-1)
+    b = ps.explain(model, ids, "input_x_gradient", modality=TEXT).sum(-1)
+    expected = [scipy.stats.spearmanr(a[i, :4].abs().numpy(), b[i, :4].abs().numpy()).statistic for i in range(8)]
+    assert result.pairs[0].values == pytest.approx(expected, abs=1e-5)
+    other = TinyText()
+    other.load_state_dict(model.state_dict())
+    consistency = ps.explanation_consistency([model, other.eval()], ids, "saliency", modality=TEXT, n_splits=2,
+                                             metrics=("rank_correlation",))
+    assert consistency.value("rank_correlation") == pytest.approx(1.0)
+
+
+def test_a_baseline_the_model_cannot_score_is_a_usage_error() -> None:
+    """nn.TransformerEncoder with a padding mask fails on an all-padding sequence (inside torch's
+    nested tensors): the default baseline token is the pad token, so the error says which to pass."""
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(VOCAB, 16, padding_idx=PAD)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(self.embedding(ids), src_key_padding_mask=ids == PAD).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    ids, _ = trigger_task(4, 5)
+    with pytest.raises(SaliencyUsageError, match=r"sequence of token 0 only, and the model cannot run on it.*"
+                                                 r"baseline_token=<an unknown or mask"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's nested tensors are a prototype
+        ps.explain(model, ids, "integrated_gradients", modality=TEXT, n_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        maps = ps.explain(model, ids, "integrated_gradients",
+                          modality=ps.Text(pad_token_id=PAD, baseline_token=UNKNOWN), n_steps=4)
+    assert torch.isfinite(maps).all()

@@ -52,7 +52,7 @@ from ..core.validation import check_choice, check_count, check_inputs, check_mod
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import method_name
-from ..maps.modality import WINDOW_METRICS, check_metric_fits, current_modality, figure_context
+from ..maps.modality import WINDOW_METRICS, check_metric_fits, current_modality, figure_context, valid_positions
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
 from ..reporting.numbers import format_score, format_threshold
@@ -361,14 +361,19 @@ def _stricter(theory: float | None, measured: float | None, higher_is_better: bo
 
 
 def _metric_values(
-    metric: str, a: torch.Tensor, b: torch.Tensor, skip: torch.Tensor, kwargs: dict[str, Any]
+    metric: str, a: torch.Tensor, b: torch.Tensor, skip: torch.Tensor, kwargs: dict[str, Any],
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The metric per image as float64 on the CPU, NaN for the images in ``skip`` (not computed)."""
+    """The metric per image as float64 on the CPU, NaN for the images in ``skip`` (not computed).
+    ``valid``: token maps' positions that are not padding (the others left out)."""
     import torch
 
-    from ..compare.metrics import compute_metric
+    from ..compare.metrics import compute_metric, compute_on_valid
 
     n = a.shape[0]
+    if valid is not None and "mask" not in kwargs:
+        values = compute_on_valid(metric, a, b, valid, **kwargs).double().cpu()
+        return values.masked_fill(skip.cpu(), math.nan)
     if not bool(skip.any()):
         return compute_metric(metric, a, b, **kwargs).double().cpu()
     values = torch.full((n,), math.nan, dtype=torch.float64)
@@ -500,7 +505,9 @@ def _measured_chance(metric: str, a: torch.Tensor, b: torch.Tensor, skip_a: torc
     """The metric between a's map of input i and b's map of input i-1, averaged; None for one input."""
     if a.shape[0] < 2:
         return None
-    shifted = _metric_values(metric, a, b.roll(1, dims=0), skip_a | skip_b.roll(1, dims=0), kwargs)
+    valid = valid_positions(a)
+    shifted = _metric_values(metric, a, b.roll(1, dims=0), skip_a | skip_b.roll(1, dims=0), kwargs,
+                             None if valid is None else valid & valid.roll(1, dims=0))
     shifted = shifted[~shifted.isnan()]
     return float(shifted.mean()) if shifted.numel() else None
 
@@ -555,7 +562,7 @@ def compare_maps(
         by_magnitude = _ranks_by_magnitude(metric, kwargs)
         skip = no_ranking if by_magnitude else constant_processed if preset_metric else constant_signed
         for a, b in itertools.combinations(maps, 2):
-            values = _metric_values(metric, source[a], source[b], skip[a] | skip[b], kwargs)
+            values = _metric_values(metric, source[a], source[b], skip[a] | skip[b], kwargs, valid_positions(source[a]))
             mean, std, low, high = _statistics(values, confidence, n_bootstrap, seed)
             measured = _measured_chance(metric, source[a], source[b], skip[a], skip[b], quiet)
             pairs.append(PairAgreement(

@@ -114,7 +114,7 @@ from ..core.validation import check_count, check_inputs, check_model, check_seed
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec
-from ..maps.modality import current_modality, figure_context, per_position
+from ..maps.modality import current_modality, figure_context, per_position, valid_positions
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import predicted_targets, resolve_target
@@ -690,10 +690,11 @@ def _check_ssim_size(maps: torch.Tensor, pipeline: MapPipeline, method: str) -> 
 
 def _similarity(
     name: str, raw_a: torch.Tensor, raw_b: torch.Tensor, maps_a: torch.Tensor | None, maps_b: torch.Tensor | None,
-    pipeline: MapPipeline, k: KValue,
+    pipeline: MapPipeline, k: KValue, valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-input similarity: spatial metrics on the preset's maps, all others on raw attributions."""
-    from ..compare.metrics import compute_metric, metric_info
+    """Per-input similarity: spatial metrics on the preset's maps, all others on raw attributions
+    (token maps: over the positions in ``valid``, those that are not padding)."""
+    from ..compare.metrics import compute_metric, compute_on_valid, metric_info
 
     info = metric_info(name)
     if name in _MAP_METRICS:
@@ -704,8 +705,8 @@ def _similarity(
         return compute_metric(name, maps_a, maps_b)
     a, b = raw_a.flatten(1), raw_b.flatten(1)
     if info.takes_k:
-        return compute_metric(name, a, b, k=k)
-    return compute_metric(name, a, b)
+        return compute_on_valid(name, a, b, valid, k=k)
+    return compute_on_valid(name, a, b, valid)
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -882,11 +883,14 @@ def _pair_similarities(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Each metric's mean over inputs for the pair, and its different-input baseline: a's map of
     input i against b's map of input i+1."""
-    similarities = {m: _mean(_similarity(m, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k)) for m in metrics}
+    valid = valid_positions(raw[a])  # token maps: padding left out
+    similarities = {m: _mean(_similarity(m, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k, valid))
+                    for m in metrics}
     shifted_raw = raw[b].roll(1, dims=0)
     shifted_maps = maps[b].roll(1, dims=0) if b in maps else None
+    both = None if valid is None else valid & valid.roll(1, dims=0)
     baselines = {
-        m: _mean(_similarity(m, raw[a], shifted_raw, maps.get(a), shifted_maps, pipeline, k)) for m in metrics
+        m: _mean(_similarity(m, raw[a], shifted_raw, maps.get(a), shifted_maps, pipeline, k, both)) for m in metrics
     }
     return similarities, baselines
 
@@ -1337,7 +1341,7 @@ def explainer_seed_stability(
     pair_scores = []
     for i, a in enumerate(seed_list):
         for b in seed_list[i + 1:]:
-            values = _similarity(metric, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k)
+            values = _similarity(metric, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k, valid_positions(raw[a]))
             pair_scores.append((a, b, _mean(values)))
     if not reproduce:
         reproduce = (

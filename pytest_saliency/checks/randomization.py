@@ -111,6 +111,11 @@ class RandomizationResult:
         return f"{self.mode}_layer_randomization"
 
     @property
+    def unit(self) -> str:
+        """What the inputs are called in the report: images, or inputs for the other modalities."""
+        return "images" if self.modality == "image" else "inputs"
+
+    @property
     def similarity_label(self) -> str:
         """The comparison's name in messages: SSIM, Spearman or Pearson."""
         return SIMILARITY_LABELS[self.similarity]
@@ -198,7 +203,7 @@ class RandomizationResult:
         rows = sorted(s.layers, key=lambda layer: (layer.sensitive, -layer.mean_ssim))
         width = max([len("layer")] + [len(layer_label(r.name)) for r in rows])
         lines = [
-            f"    {'layer':<{width}}  {'mean ' + self.similarity_label:>9}    std    min     max   sensitive images  verdict",
+            f"    {'layer':<{width}}  {'mean ' + self.similarity_label:>9}    std    min     max   sensitive {self.unit}  verdict",
         ]
         for r in rows[:max_rows]:
             verdict = "sensitive" if r.sensitive else "INSENSITIVE"
@@ -224,17 +229,17 @@ class RandomizationResult:
             f"  check:       {self.check} ({self.mode}{order}, randomization={self.randomization})",
             f"  method:      {self.method}{format_options(self.method_options)}   target: original model's prediction",
             f"  preset:      {self.pipeline.describe()}",
-            f"  compared:    {self.modality} maps by {label}; chance (original maps of different images): {chance}",
+            f"  compared:    {self.modality} maps by {label}; chance (original maps of different {self.unit}): {chance}",
             f"  thresholds:  layer sensitive if {label} < {s.ssim_threshold:g}; dataset sensitive if "
             f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
             f"  S^I:         {format_score(s.dataset_score)}  ({s.confidence:.0%} bootstrap CI "
             f"{format_score(s.ci_low)} .. {format_score(s.ci_high)})"
             f"  vs >= {s.sensitivity_threshold:g}  -> {'sensitive' if s.dataset_sensitive else 'NOT sensitive'}",
-            f"  images sensitive to every layer (Definition 2): {s.fraction_images_sensitive_to_all_layers:.1%}",
+            f"  {self.unit} sensitive to every layer (Definition 2): {s.fraction_images_sensitive_to_all_layers:.1%}",
             f"  layers:      {len(s.layers)} ({len(s.insensitive_layers)} with mean {label} >= {s.ssim_threshold:g})"
             + ("; every layer must be sensitive (require_every_layer=True)" if self.require_every_layer else ""),
             self.table(),
-            f"  images: {self.n_images}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s"
+            f"  {self.unit}: {self.n_images}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s"
             + (f"   ({self.stopped_early})" if self.stopped_early else ""),
         ]
         if self.reproduce:

@@ -387,6 +387,8 @@ def _run_text_chunk(ca: Any, spec: MethodSpec, model: torch.nn.Module, forward: 
                                                    perturbations_per_eval=o["perturbations_per_eval"], **common)
         return _run_perturbation_chunk(ca, name, forward, inputs, o, common)
     layer = embedding_layer(model, text, inputs)
+    if name in ("integrated_gradients", "deeplift"):
+        _check_baseline_tokens(forward, baseline, common["additional_forward_args"], text)
     if name == "saliency":
         grads = ca.LayerGradientXActivation(forward, layer, multiply_by_inputs=False).attribute(inputs, **common)
         return grads.abs() if o["abs"] else grads
@@ -398,6 +400,24 @@ def _run_text_chunk(ca: Any, spec: MethodSpec, model: torch.nn.Module, forward: 
         inputs, baselines=baseline, n_steps=o["n_steps"], method=o["integration_method"],
         internal_batch_size=o["internal_batch_size"], **common,
     )
+
+
+def _check_baseline_tokens(forward: Any, baseline: torch.Tensor, extra: Any, text: Text) -> None:
+    """IG and DeepLIFT run the model on a sequence of baseline tokens (for its embeddings): the
+    model must run on it. A model that masks padding may fail on an all-padding sequence
+    (``nn.TransformerEncoder``'s nested tensors do), deep inside torch."""
+    torch = require_torch()
+    args = () if extra is None else tuple(e[:1] for e in extra)
+    try:
+        with torch.no_grad():
+            forward(baseline[:1], *args)
+    except RuntimeError as error:
+        raise SaliencyUsageError(
+            f"the baseline of integrated gradients and DeepLIFT is a sequence of token {text.baseline} only, and the "
+            f"model cannot run on it ({type(error).__name__}: {str(error)[:160]}); a model that masks padding has "
+            "nothing left to read in an all-padding sequence. Pass modality=Text(pad_token_id=..., "
+            "baseline_token=<an unknown or mask token>)."
+        ) from error
 
 
 _RELU_RULE_METHODS = ("guided_backprop", "deconvolution", "guided_gradcam", "deeplift")

@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..core.forward import current_call
+from ..core.forward import current_call, model_call_options
 from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_finite, check_number, unknown_choice
@@ -203,12 +203,19 @@ def _normalize(m: torch.Tensor, how: str, percentile: float) -> torch.Tensor:
 
 
 @short_usage_errors
-def apply_pipeline(attributions: torch.Tensor, pipeline: str | MapPipeline | None = None) -> torch.Tensor:
+def apply_pipeline(attributions: torch.Tensor, pipeline: str | MapPipeline | None = None,
+                   modality: Any = None) -> torch.Tensor:
     """Raw attributions of shape (N, C, H, W), (N, H, W), (N, C, T) or (N, D) to maps of shape (N, H, W).
 
     Series (N, C, T) (the ``sequence`` modality) and feature vectors (N, D) become (N, 1, T) and
-    (N, 1, D) maps, with channels reduced as for images; SSIM runs along such one-row maps. NaN or inf attributions are an error, not a map.
+    (N, 1, D) maps, with channels reduced as for images; SSIM runs along such one-row maps; a
+    text model's (N, L, E) embedding attributions become (N, 1, L). 3-D attributions are read by
+    ``modality`` (``"sequence"`` or ``"text"``; inside a check, the check's); without one they are
+    (N, H, W) image maps. NaN or inf attributions are an error, not a map.
     """
+    if modality is not None:
+        with model_call_options(modality=modality):
+            return apply_pipeline(attributions, pipeline)
     torch = require_torch()
     pipeline = get_pipeline(pipeline)
     if not isinstance(attributions, torch.Tensor):

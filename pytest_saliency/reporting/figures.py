@@ -934,7 +934,8 @@ def agreement_figures(
             [str(m) for m in methods], [str(m) for m in metrics], matrices, chance or {}, failing, threshold,
             statistic, higher_is_better or {}, n_images)))
     if maps:
-        title = f"Maps of each method for the first images (preset {preset or '?'}, as compared by SSIM)"
+        title = (f"Maps of each method for the first images (preset {preset or '?'}, as compared by SSIM)"
+                 if modality == "image" else f"Maps of each method for the first inputs (preset {preset or '?'})")
         figures.append(("agreement_maps", lambda: _maps_strip(maps, title, MAX_AGREEMENT_IMAGES, view=view)))
     return figures
 
