@@ -211,6 +211,7 @@ def test_lime_accuracy_varies_more_with_the_superpixel_count_than_with_the_seed(
     [
         (dict(step=0), r"step must be an int >= 1, got 0"),
         (dict(step=2.5), r"step must be an int >= 1, got 2.5"),
+        (dict(step=10_000), r"step=10000 changes more positions per step than the \d+ each input has"),
         (dict(order="random"), r"unknown pixel order 'random'"),
         (dict(mode="erase"), r"unknown mode 'erase'"),
         (dict(probability="logits"), r"unknown probability 'logits'"),

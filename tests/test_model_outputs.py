@@ -296,12 +296,20 @@ def test_the_fixture_takes_the_options_and_a_default_for_the_test(pytester: pyte
             saliency.assert_sensitive_to_layer_randomization(shaped("tuple"), tiny_images(4), "saliency", output=0)
 
 
+        def test_the_modality_default(saliency):
+            import pytest_saliency as ps
+            saliency.set_model_call(modality=ps.Text(pad_token_id=0))
+            model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+            maps = saliency.explain(model, torch.randint(1, 10, (2, 3)), "integrated_gradients", n_steps=4)
+            assert maps.shape == (2, 3, 4)
+
+
         def test_a_tuple_without_the_option_is_a_usage_error(saliency):
             saliency.explanation_consistency([shaped("tuple"), shaped("tuple")], tiny_images(10), "saliency",
                                              output=None)
     """)
     result = pytester.runpytest("--saliency", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*SaliencyUsageError*returns a tuple of 2*output=*"])
 
 

@@ -339,6 +339,11 @@ def causal_curves(
     if step is None:
         step = inputs.shape[-1] if inputs.dim() == 4 else 1
     step = check_count(step, "step", hint=f"It is the number of pixels changed per step (1 to {pixels}).")
+    if step > pixels:
+        raise SaliencyUsageError(
+            f"step={step} changes more positions per step than the {pixels} each input has, so the curve would have "
+            f"a single step. Pass a step from 1 to {pixels}."
+        )
     if isinstance(substrate, str) and substrate == "blur" and inputs.dim() != 4:
         raise SaliencyUsageError(
             "substrate='blur' needs images (N, C, H, W); for series and feature vectors use substrate='zero' or a "

@@ -76,11 +76,12 @@ class SaliencyChecker:
             parts.append(f"--saliency-device={self.config.device}")
         return " ".join(parts + [shlex.quote(self.nodeid)])
 
-    def set_model_call(self, output: Any = None, forward_kwargs: Any = None) -> SaliencyChecker:
-        """Make ``output=`` and ``forward_kwargs=`` (how the model is called, see
-        :mod:`pytest_saliency.core.forward`) the default of every check this test runs; a check's
-        own options win. Returns the checker, for a ``saliency`` fixture override in conftest.py."""
-        self.model_call = {"output": output, "forward_kwargs": forward_kwargs}
+    def set_model_call(self, output: Any = None, forward_kwargs: Any = None, modality: Any = None) -> SaliencyChecker:
+        """Make ``output=``, ``forward_kwargs=`` and ``modality=`` (how the model is called and what
+        its inputs are, see :mod:`pytest_saliency.core.forward`) the default of every check this
+        test runs; a check's own options win. Returns the checker, for a ``saliency`` fixture
+        override in conftest.py."""
+        self.model_call = {"output": output, "forward_kwargs": forward_kwargs, "modality": modality}
         return self
 
     def _common(self, options: dict[str, Any]) -> dict[str, Any]:
