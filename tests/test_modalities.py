@@ -195,3 +195,15 @@ def test_apply_pipeline_reads_3d_attributions_by_the_modality_given() -> None:
     tokens = torch.randn(2, 12, 16)
     torch.testing.assert_close(ps.apply_pipeline(tokens, modality="text"),
                                ps.apply_pipeline(tokens.abs().sum(-1)[:, None, None, :]))
+
+
+def test_agreement_compares_a_one_channel_gradcam_with_multi_channel_maps() -> None:
+    """GradCAM gives one channel, saliency one per input channel: with channels reduced they cover
+    the same positions (a series' time steps, an image's pixels)."""
+    series_result = ps.agreement_matrix(conv1d(), series(6), ["saliency", "gradcam"], ["rank_correlation"])
+    assert len(series_result.pairs) == 1 and len(series_result.pairs[0].values) == 6
+    torch.manual_seed(0)
+    image_model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    image_result = ps.agreement_matrix(image_model, images, ["saliency", "gradcam"], ["rank_correlation"])
+    assert len(image_result.pairs[0].values) == 4

@@ -479,13 +479,18 @@ def _checked_maps(maps: object) -> dict[str, torch.Tensor]:
                 f"maps[{name!r}] must be a tensor of N >= 1 attributions, shape (N, C, H, W), (N, H, W) or (N, D); "
                 f"got {type(m).__name__}{tuple(m.shape) if isinstance(m, torch.Tensor) else ''}."
             )
-    shapes = {name: tuple(m.shape) for name, m in maps.items()}
-    if len(set(shapes.values())) != 1:
+    return maps
+
+
+def _check_same_positions(maps: dict[str, torch.Tensor], signed: dict[str, torch.Tensor]) -> None:
+    """The maps, their channels reduced, must cover the same positions of the same inputs (a
+    one-channel GradCAM map and a three-channel saliency map of the same images do)."""
+    if len({tuple(m.shape) for m in signed.values()}) != 1:
+        shapes = {name: tuple(m.shape) for name, m in maps.items()}
         raise SaliencyUsageError(
             f"maps of different shapes cannot be compared: {shapes}. Explain the same inputs with every method "
             "(GradCAM-style maps must be upsampled to the input size first)."
         )
-    return maps
 
 
 def _statistics(values: torch.Tensor, confidence: float, n_bootstrap: int,
@@ -538,6 +543,7 @@ def compare_maps(
     pipeline = get_pipeline(preset)
     maps = _checked_maps(maps)
     signed = {name: _signed_maps(m) for name, m in maps.items()}
+    _check_same_positions(maps, signed)
     n = next(iter(signed.values())).shape[0]
     num_features = next(iter(signed.values()))[0].numel()
     metrics, metric_options, threshold = _check_options(
