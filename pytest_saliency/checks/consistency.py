@@ -667,14 +667,18 @@ def _to_maps(raw: torch.Tensor, pipeline: MapPipeline, map_shape: tuple[int, int
 
 def _shown(
     inputs: torch.Tensor, raw: dict[str, torch.Tensor], pipeline: MapPipeline, map_shape: tuple[int, int] | None,
+    maps: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     """The result's ``shown_inputs`` and ``shown_maps``: the first :data:`SHOWN_INPUTS` inputs (as
-    images with ``map_shape``) and each model's preset maps of them, on the CPU, for its figure."""
+    images with ``map_shape``) and each model's preset maps of them (``maps``' where the check made
+    them), on the CPU, for its figure."""
     k = min(SHOWN_INPUTS, int(inputs.shape[0]))
     first = inputs[:k].detach().float().cpu()
+    shown = {label: maps[label][:k] if label in maps else _to_maps(r[:k].detach(), pipeline, map_shape)
+             for label, r in raw.items()}
     return {
         "shown_inputs": first if map_shape is None else first.reshape(k, 1, *map_shape),
-        "shown_maps": {label: _to_maps(r[:k].detach(), pipeline, map_shape).float().cpu() for label, r in raw.items()},
+        "shown_maps": {label: m.detach().float().cpu() for label, m in shown.items()},
         "figure_context": figure_context(inputs, k, with_inputs=False) if map_shape is None else {"modality": "image"},
     }
 
@@ -1049,7 +1053,7 @@ def explanation_consistency(
         target_mode=target_mode, pair_mode=pairs, lr_input=lr_input, classifier=_classifier_name(classifier),
         n_splits=n_splits, n_inputs=n, seed=seed, device=str(inputs.device), seconds=time.perf_counter() - start,
         accuracies=_accuracies(predictions, true_labels), num_features=int(raw[label_list[0]][0].numel()),
-        converged=converged, reproduce=reproduce, **_shown(inputs, raw, pipeline, shape),
+        converged=converged, reproduce=reproduce, **_shown(inputs, raw, pipeline, shape, maps),
     )
 
 

@@ -365,11 +365,9 @@ def call_model(model: Any, inputs: torch.Tensor, rows: Any = None) -> torch.Tens
     """
     call = _CALL.get()
     model, rows = _unwrapped(model, rows)
-    if getattr(model, "selects_scores", False):  # an Ensemble: its members' scores are selected already
-        return model(inputs, **call.kwargs_for(rows, inputs.shape[0]))
-    if call.default:
-        return select_scores(model(inputs))
-    return select_scores(model(inputs, **call.kwargs_for(rows, inputs.shape[0])), call.output)
+    out = model(inputs, **call.kwargs_for(rows, inputs.shape[0]))
+    # an Ensemble selects its members' scores itself
+    return out if getattr(model, "selects_scores", False) else select_scores(out, call.output)
 
 
 def _unwrapped(model: Any, rows: Any) -> tuple[Any, Any]:

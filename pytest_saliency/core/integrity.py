@@ -503,10 +503,10 @@ def _pruned(tb: types.TracebackType) -> types.TracebackType:
     kept = [entry for entry in entries if not _in_library(entry.tb_frame.f_code.co_filename)] or entries[-1:]
     if len(kept) == len(entries):
         return tb
-    pruned: types.TracebackType | None = None
-    for entry in reversed(kept):
+    last = kept[-1]
+    pruned = types.TracebackType(None, last.tb_frame, last.tb_lasti, last.tb_lineno)
+    for entry in reversed(kept[:-1]):
         pruned = types.TracebackType(pruned, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    assert pruned is not None
     return pruned
 
 

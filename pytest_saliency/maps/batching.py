@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from ..core.forward import call_model, current_call
+from ..core.forward import call_model
 from ..core.torchtools import model_in_eval_mode, module_settings, require_torch
 from ..core.validation import check_count, is_real
 from ..exceptions import SaliencyUsageError
@@ -114,14 +114,6 @@ def _probe_key(model: torch.nn.Module, example: torch.Tensor) -> tuple[Any, ...]
     return tuple(example.shape[1:]), example.dtype, example.device, autocast, tuple(modules)
 
 
-def _series_hint(example: torch.Tensor) -> str:
-    """For 3-D inputs taken as series: how to pass images that lack their channel dimension."""
-    if example.dim() != 3 or current_call().modality != "sequence":
-        return ""
-    return (" Inputs of 3 dimensions are taken as series (N, C, T); images need the shape (N, C, H, W): add the "
-            "channel dimension with inputs.unsqueeze(1).")
-
-
 def _probe_activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> tuple[int, int | None]:
     """The bytes of one input's module outputs, and the width of a (1, K) model output (else None)."""
     torch = require_torch()
@@ -146,7 +138,7 @@ def _probe_activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> tu
             f"the model ({type(model).__name__}) raised {type(error).__name__} on one input of shape "
             f"{tuple(example.shape)} ({example.dtype}, {example.device}): {error} Check that the inputs have the "
             "shape, channels, dtype and value range the model was trained on (the traceback above shows where "
-            f"in the model it failed).{_series_hint(example)}"
+            "in the model it failed)."
         ) from error
     finally:
         for handle in handles:

@@ -592,7 +592,8 @@ def _plot_cell(fig: Any, plot: _PlotGrid, r: int, c: int, y: float) -> None:
     """Draw panel (r, c) of ``plot`` at the height ``y`` (inches from the top). Ticks are set, not
     located: y ticks on the first column only, x ticks (feature names, the T axis) on the last row."""
     cell = plot.rows[r][c]
-    assert cell is not None
+    if cell is None:  # the caller draws only the panels that hold a map
+        raise ValueError(f"panel ({r}, {c}) of the grid holds no map")
     values, x, first, last = plot.values[r, c], plot.x(c), c == 0, r == len(plot.rows) - 1
     signal = plot.view.signal(cell.index) if plot.mode == "sequence" and cell.scale != "input" else None
     split = plot.signal_h if signal is not None else 0.0

@@ -38,13 +38,10 @@ def format_score(value: Any, decimals: int = SCORE_DECIMALS) -> str:
 
     An int is written as is (``12``); anything that is not a number as ``str(value)``.
     """
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    number = _number(value)
-    if number is None:
-        return "n/a" if value is None else str(value)
-    if math.isnan(number):
-        return "n/a"
+    special = _not_a_float(value)
+    if special is not None:
+        return special
+    number = float(value)
     if math.isinf(number):
         return "inf" if number > 0 else "-inf"
     size = abs(number)
@@ -55,14 +52,19 @@ def format_score(value: Any, decimals: int = SCORE_DECIMALS) -> str:
 
 def format_threshold(value: Any) -> str:
     """A chosen limit as it was typed: ``0.5``, ``0.85``, ``0.025``, ``1e-06``; ``n/a`` for ``None``."""
+    special = _not_a_float(value)
+    return special if special is not None else f"{float(value):.4g}"
+
+
+def _not_a_float(value: Any) -> str | None:
+    """The text of a value that is not a finite-or-infinite float to format: an int as is, ``n/a``
+    for None and NaN, anything else that is not a number as ``str(value)``; None for the rest."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     number = _number(value)
     if number is None:
         return "n/a" if value is None else str(value)
-    if math.isnan(number):
-        return "n/a"
-    return f"{number:.4g}"
+    return "n/a" if math.isnan(number) else None
 
 
 
