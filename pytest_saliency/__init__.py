@@ -17,6 +17,7 @@ _LAZY = {
     "explain": "maps.explainers",
     "Text": "core.forward",
     "Tabular": "core.forward",
+    "Batches": "core.stream",
     "static": "core.forward",
     "METHODS": "maps.methods",
     "MapPipeline": "maps.postprocess",

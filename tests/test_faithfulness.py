@@ -23,7 +23,6 @@ from sklearn import metrics as sk_metrics
 from torch import nn
 
 from pytest_saliency import explain
-from pytest_saliency.exceptions import SaliencyUsageError
 from pytest_saliency.checks.faithfulness import (
     accuracy_spread,
     area_under_curve,
@@ -34,6 +33,7 @@ from pytest_saliency.checks.faithfulness import (
     insertion,
 )
 from pytest_saliency.checks.sweeps import hyperparameter_sweep
+from pytest_saliency.exceptions import SaliencyUsageError
 
 HYP = settings(deadline=None, max_examples=40)
 
@@ -279,3 +279,84 @@ def test_accuracy_spread_checks_every_option_before_the_sweep_runs():
         accuracy_spread(model, (x * 255).long(), counting, sweep={"scale": [2.0]})
     spread = accuracy_spread(model, x, counting, sweep={"scale": [2.0]}, scores="deletion")
     assert {row.score for row in spread.rows} == {"deletion"}
+
+
+# --------------------------------------------------------------------------------------------
+# token inputs: padding is not part of the game; tokens turned into padding are masked out
+# --------------------------------------------------------------------------------------------
+
+PAD, UNKNOWN = 0, 1
+
+
+class TokenCounter(nn.Module):
+    """Class 1's score is the number of tokens the model reads: with an attention mask, the
+    attended positions; without one, the positions that hold neither padding nor the unknown
+    token. Every input it is run on is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(12, 1)  # read, but weighted by 0: the score is the count
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append(ids.clone())
+        read = attention_mask.bool() if attention_mask is not None else (ids != PAD) & (ids != UNKNOWN)
+        count = read.sum(dim=1).float() + 0.0 * self.embedding(ids).sum(dim=(1, 2))
+        return torch.stack([torch.zeros_like(count), count], dim=1)
+
+
+def _padded_texts() -> tuple[torch.Tensor, list[int]]:
+    lengths = [5, 3, 6]
+    ids = torch.full((3, 6), PAD)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.arange(4, 4 + length)
+    return ids, lengths
+
+
+def test_padding_is_never_deleted_and_the_fraction_counts_tokens_only():
+    """Maps that rank the padding first: it is still never changed (every input the model sees
+    keeps its padding), each input's curve falls from its first step, and the x axis is the
+    fraction of that input's own tokens."""
+    from pytest_saliency import Text
+
+    ids, lengths = _padded_texts()
+    model = TokenCounter()
+    padding_first = (ids == PAD).float() * 10 + torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    result = deletion(model, ids, padding_first, target=1, modality=Text(pad_token_id=PAD, baseline_token=UNKNOWN))
+    assert result.curves.shape == (3, 7) and result.fractions.shape == (3, 7)
+    for row, length in enumerate(lengths):
+        changed = torch.arange(7).clamp(max=length)
+        expected = torch.sigmoid((length - changed).double())  # softmax of [0, tokens left]
+        torch.testing.assert_close(result.curves[row], expected)
+        torch.testing.assert_close(result.fractions[row], changed.double() / length)
+    perturbed = torch.cat(model.seen)[-21:].reshape(3, 7, 6)  # the game's inputs: 7 steps of each input
+    assert torch.equal(perturbed == PAD, (ids == PAD)[:, None].expand(3, 7, 6))  # padding never changes
+    deleted = (perturbed == UNKNOWN).sum(dim=2)
+    assert torch.equal(deleted, torch.stack([torch.arange(7).clamp(max=length) for length in lengths]))
+    same_length = deletion(model, ids[:1], padding_first[:1], target=1, modality=Text(pad_token_id=PAD))
+    assert same_length.fractions.shape == (6,)  # one input (or inputs of one length): one x axis
+    with pytest.raises(SaliencyUsageError, match=r"input\(s\) \[0\] hold only padding"):
+        deletion(model, torch.full((1, 6), PAD), padding_first[:1], modality=Text(pad_token_id=PAD))
+
+
+def test_tokens_replaced_by_the_pad_token_are_masked_out_and_a_mask_token_stays_attended():
+    """With an attention mask, a model that counts attended tokens: deletion to the pad token
+    (the default baseline) removes the tokens, so the mask follows and the score falls; deletion
+    to another token (a [MASK]) replaces them, they stay attended, and the score stays."""
+    from pytest_saliency import Text
+
+    ids, lengths = _padded_texts()
+    mask = (ids != PAD).long()
+    order = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1))
+    options = dict(target=1, forward_kwargs={"attention_mask": mask})
+    removed = deletion(TokenCounter(), ids, order, modality=Text(pad_token_id=PAD), **options)
+    replaced = deletion(TokenCounter(), ids, order, modality=Text(pad_token_id=PAD, baseline_token=UNKNOWN), **options)
+    inserted = insertion(TokenCounter(), ids, order, modality=Text(pad_token_id=PAD), **options)
+    assert removed.substrate == f"token {PAD}" and replaced.substrate == f"token {UNKNOWN}"
+    for row, length in enumerate(lengths):
+        changed = torch.arange(7).clamp(max=length)
+        torch.testing.assert_close(removed.curves[row], torch.sigmoid((length - changed).double()))
+        torch.testing.assert_close(inserted.curves[row], torch.sigmoid(changed.double()))
+        torch.testing.assert_close(replaced.curves[row], torch.sigmoid(torch.full((7,), float(length), dtype=torch.float64)))
+    assert (removed.auc < replaced.auc).all()
+    assert torch.equal(mask, (ids != PAD).long())  # the caller's mask is left as it was

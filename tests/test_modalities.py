@@ -70,9 +70,9 @@ def test_tabular_randomization_compares_rankings_and_states_the_chance_level() -
     assert result.passed and result.similarity == "spearman" and result.modality == "tabular"
     data = result.to_dict()
     assert data["similarity"] == "spearman" and data["modality"] == "tabular"
-    # The chance level: Spearman of each original map with the next input's, a straightforward loop.
+    # The chance level: Spearman of each original map with the previous input's, a straightforward loop.
     maps = apply_pipeline(ps.explain(model, x, "saliency"), "adebayo2018").reshape(len(x), -1).numpy()
-    loop = [scipy.stats.spearmanr(maps[i], maps[i - 1]).statistic for i in range(len(x))]
+    loop = [scipy.stats.spearmanr(maps[i], maps[i - 1]).statistic for i in range(1, len(x))]
     assert result.chance == pytest.approx(sum(loop) / len(loop), abs=1e-5)
     assert "compared:    tabular maps by Spearman; chance (original maps of different inputs)" in result.report()
     assert "mean Spearman" in result.report()
@@ -126,10 +126,34 @@ def test_a_tabular_baseline_that_could_never_be_compared_is_not_written(tmp_path
 def test_a_series_too_short_for_the_window_is_refused_never_resized(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4, 2)).eval()
     with pytest.raises(SaliencyUsageError, match=r"win_size"):
-        ps.layer_randomization(model, torch.randn(6, 2, 4), "saliency")
+        ps.layer_randomization(model, torch.randn(6, 2, 4), "saliency", modality="sequence")
     with pytest.raises(SaliencyUsageError, match=r"win_size"):
-        ps.check_baseline(model, torch.randn(6, 2, 4), tmp_path / "b.npz", "saliency")
+        ps.check_baseline(model, torch.randn(6, 2, 4), tmp_path / "b.npz", "saliency", modality="sequence")
     assert not (tmp_path / "b.npz").exists()
+
+
+def test_images_without_their_channel_dimension_are_not_taken_for_series() -> None:
+    """A flatten-first MLP says nothing about what (N, A, B) inputs are: the check asks, rather
+    than summing an image's rows as a series' channels; with the channel dimension, or with the
+    modality named, it runs."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    images = torch.rand(6, 8, 8)
+    with pytest.raises(SaliencyUsageError, match=r"series \(N, C, T\) or images without their channel dimension.*"
+                                                 r"modality='sequence'.*unsqueeze\(1\)"):
+        ps.layer_randomization(model, images, "saliency")
+    assert ps.layer_randomization(model, images.unsqueeze(1), "saliency").modality == "image"
+    assert ps.explain(model, images, "saliency", modality="sequence").shape == (6, 8, 8)
+    recurrent = nn.GRU(8, 4, batch_first=True)
+    assert ps.explain(_LastStep(recurrent), images, "saliency").shape == (6, 8, 8)  # a GRU says: series
+
+
+class _LastStep(nn.Module):
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn, self.head = rnn, nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
 
 
 @pytest.mark.parametrize("method, shape", [
@@ -207,3 +231,70 @@ def test_agreement_compares_a_one_channel_gradcam_with_multi_channel_maps() -> N
     images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     image_result = ps.agreement_matrix(image_model, images, ["saliency", "gradcam"], ["rank_correlation"])
     assert len(image_result.pairs[0].values) == 4
+
+
+def test_hog_on_a_series_is_refused_with_what_to_use() -> None:
+    model, x = conv1d(), series(4)
+    with pytest.raises(SaliencyUsageError, match=r"'hog_pearson' compares .* one row.*'ssim' \(along the series\)"):
+        ps.agreement_matrix(model, x, ["saliency", "input_x_gradient"], ["hog_pearson"])
+    with pytest.raises(SaliencyUsageError, match=r"metric 'hog_pearson' .* one row"):
+        ps.hyperparameter_sweep(model, x, "smoothgrad", {"nt_samples": [2]}, {"nt_samples": 4},
+                                metrics=["ssim"], metric="hog_pearson", threshold=0.5)
+
+
+def _one_hot_data() -> tuple[nn.Module, torch.Tensor, ps.Tabular]:
+    torch.manual_seed(0)
+    x = torch.randn(24, 6)
+    x[:, 2:5] = nn.functional.one_hot(torch.arange(24) % 3, 3).float()
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
+    return model, x, ps.Tabular(feature_names=["age", "income", "red", "green", "blue", "height"],
+                                groups={"colour": [2, 3, 4]})
+
+
+def test_one_hot_groups_are_one_position_of_the_maps() -> None:
+    """A categorical feature's map value is the pipeline applied to the sum of its columns' signed
+    attributions (checked against summing by hand), at the place of its first column."""
+    model, x, tab = _one_hot_data()
+    raw = ps.explain(model, x, "input_x_gradient", modality=tab)
+    assert raw.shape == (24, 6)  # attributions stay per column; the maps group them
+    by_hand = torch.cat([raw[:, :2], raw[:, 2:5].sum(1, keepdim=True), raw[:, 5:]], dim=1)
+    maps = ps.explain(model, x, "input_x_gradient", modality=tab, preset="adebayo2018")
+    torch.testing.assert_close(maps, ps.apply_pipeline(by_hand, "adebayo2018", modality="tabular"))
+    result = ps.layer_randomization(model, x, "input_x_gradient", modality=tab)
+    assert result.original_maps.shape == (4, 1, 4)
+    assert result.figure_context["feature_names"] == ["age", "income", "colour", "height"]
+    from pytest_saliency.core.forward import model_call_options
+    from pytest_saliency.maps.modality import per_position
+
+    with model_call_options(inputs=x, modality=tab):  # what the top-k and sign metrics rank
+        torch.testing.assert_close(per_position(raw), by_hand)
+        assert per_position(by_hand) is by_hand  # grouped values are not grouped again
+
+
+@pytest.mark.parametrize(("groups", "message"), [
+    ({"colour": [2, 3], "shade": [3, 4]}, r"column 3 is in both 'colour' and 'shade'"),
+    ({"colour": []}, r"must map a name to the column indices"),
+    ({"colour": "234"}, r"must map a name to the column indices"),
+])
+def test_bad_one_hot_groups_are_refused(groups: dict, message: str) -> None:
+    with pytest.raises(SaliencyUsageError, match=message):
+        ps.Tabular(groups=groups)
+
+
+def test_a_group_past_the_last_column_is_refused() -> None:
+    model, x, _ = _one_hot_data()
+    with pytest.raises(SaliencyUsageError, match=r"names column 9, but the inputs have 6 columns"):
+        ps.explain(model, x, "saliency", modality=ps.Tabular(groups={"colour": [2, 9]}))
+
+
+def test_a_tabular_report_names_the_features_the_maps_weigh_most() -> None:
+    model, x, tab = _one_hot_data()
+    result = ps.layer_randomization(model, x, "input_x_gradient", modality=tab)
+    line = next(line for line in result.report().splitlines() if "top features" in line)
+    maps = result.original_maps[:, 0].double().mean(0)
+    names = ["age", "income", "colour", "height"]
+    expected = [names[j] for j in maps.argsort(descending=True).tolist()]
+    assert line.split(": ", 1)[1].split(", ")[0].startswith(expected[0] + " ")
+    assert [part.rsplit(" ", 1)[0] for part in line.split(": ", 1)[1].split(", ")] == expected
+    unnamed = ps.layer_randomization(model, x, "input_x_gradient")
+    assert "top features (original maps of the first 4 inputs): x" in unnamed.report()

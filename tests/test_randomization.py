@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_cnn, tiny_images
 from torch import nn
 
-from conftest import make_tiny_cnn, tiny_images
 from pytest_saliency import SaliencyCheckFailed, SaliencyUsageError, layer_randomization
 from pytest_saliency.model.randomize import randomized
 
@@ -467,3 +467,14 @@ def test_a_tensor_option_shows_as_its_shape_in_the_report() -> None:
     assert format_value({"stdevs": 0.15, "mask": np.zeros((2, 3))}) == "{stdevs=0.15, mask=tensor(2, 3)}"
     assert format_value(torch.tensor(0.5)) == "0.5" and format_value("x" * 40, width=24) == "'" + "x" * 20 + "..."
     assert format_value(nn.Sequential(nn.Linear(2, 2))) == "Sequential(...)"
+
+
+def test_an_undefined_chance_level_says_why() -> None:
+    import dataclasses
+
+    result = layer_randomization(make_tiny_cnn(), tiny_images(4), "saliency")
+    assert "n/a" not in result.report()
+    assert "n/a (undefined for every pair: one of the two maps is constant" in dataclasses.replace(
+        result, chance=None).report()
+    single = layer_randomization(make_tiny_cnn(), tiny_images(1), "saliency")
+    assert single.chance is None and "chance (original maps of different images): n/a (a single input)" in single.report()

@@ -33,41 +33,66 @@ Chance level
     for distances and angles), and the default gate of
     :func:`pytest_saliency.checks.assertions.assert_agreement_above` must beat it. With one image
     nothing can be measured and the theoretical value stands.
+Iterable of batches
+    :func:`agreement_matrix` takes a ``DataLoader`` as its inputs
+    (:mod:`pytest_saliency.checks.streaming`): each batch is explained and compared in turn; the
+    result holds every image's values, the statistics and the verdict on all of them, the
+    constant maps counted over all batches, the chance level measured within each batch (input
+    i against input i-1 of the same batch) averaged over the batches by size, and the maps of
+    the first batch. A pair with no image left is refused only when no batch has one.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..compare.statistics import bootstrap_interval
 from ..core.forward import OutputSelector, passes_model_call
 from ..core.integrity import rng_isolated, short_usage_errors
 from ..core.rng import as_seed
-from ..core.validation import check_choice, check_count, check_inputs, check_model, check_number, check_progress
+from ..core.stream import previous_rows
+from ..core.validation import (
+    check_choice,
+    check_count,
+    check_model,
+    check_number,
+    check_progress,
+    checked_inputs,
+)
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import method_name
-from ..maps.modality import WINDOW_METRICS, check_metric_fits, current_modality, figure_context, valid_positions
+from ..maps.modality import (
+    WINDOW_METRICS,
+    check_metric_fits,
+    current_modality,
+    figure_context,
+    valid_positions,
+)
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
+from .streaming import StreamSpec, same_across_batches, streams, weighted_mean
 
 if TYPE_CHECKING:
     import torch
 
     from ..compare.metrics import KValue
+    from ..core.stream import Inputs
     from ..maps.methods import Explainer
 
 PRESET_METRICS = ("ssim", "hog_pearson", "l1_distance", "jensen_shannon_divergence")
 DEFAULT_METRICS = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim")
 #: How many inputs' series, feature names or tokens a result keeps for its figures.
 SHOWN_INPUTS = 8
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,7 @@ class PairAgreement:
     undefined: int = 0  # images left out: a constant map (no ranking) or an undefined correlation
     chance_theory: float | None = None  # metrics.chance_level: independent maps, exchangeable features
     chance_measured: float | None = None  # the metric on maps of different inputs; None when N == 1
+    chance_pairs: int = 0  # the pairs of different inputs chance_measured is the mean over
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -506,15 +532,18 @@ def _statistics(values: torch.Tensor, confidence: float, n_bootstrap: int,
 
 
 def _measured_chance(metric: str, a: torch.Tensor, b: torch.Tensor, skip_a: torch.Tensor, skip_b: torch.Tensor,
-                     kwargs: dict[str, Any]) -> float | None:
-    """The metric between a's map of input i and b's map of input i-1, averaged; None for one input."""
-    if a.shape[0] < 2:
-        return None
+                     kwargs: dict[str, Any], key: str) -> tuple[float | None, int]:
+    """The metric between a's map of input i and b's map of the input before it (over a stream,
+    across batches: :func:`~pytest_saliency.core.stream.previous_rows`, ``key`` naming b's maps),
+    averaged, and the number of pairs it is defined for; None and 0 when there are none."""
     valid = valid_positions(a)
-    shifted = _metric_values(metric, a, b.roll(1, dims=0), skip_a | skip_b.roll(1, dims=0), kwargs,
-                             None if valid is None else valid & valid.roll(1, dims=0))
+    before, paired = previous_rows(f"{key}:maps", b)
+    skip_before = previous_rows(f"{key}:skip", skip_b)[0]
+    valid_before = None if valid is None else valid & previous_rows(f"{key}:valid", valid)[0]
+    shifted = _metric_values(metric, a, before, skip_a | skip_before | ~paired.to(skip_a.device), kwargs,
+                             valid_before)
     shifted = shifted[~shifted.isnan()]
-    return float(shifted.mean()) if shifted.numel() else None
+    return (float(shifted.mean()) if shifted.numel() else None), int(shifted.numel())
 
 
 @short_usage_errors
@@ -537,6 +566,40 @@ def compare_maps(
     with no image left raises :class:`SaliencyCheckFailed` (see the module docstring). Each pair
     also gets its chance level measured on maps of different inputs.
     """
+    __tracebackhide__ = True
+    result = _compared(maps, metrics, k=k, preset=preset, metric_options=metric_options, confidence=confidence,
+                       n_bootstrap=n_bootstrap, seed=seed, threshold=threshold, statistic=statistic)
+    _refuse_empty_pairs(result)
+    return result
+
+
+def _refuse_empty_pairs(result: AgreementResult) -> None:
+    """Raise :class:`SaliencyCheckFailed` when a pair has no image left under a metric (module docstring)."""
+    __tracebackhide__ = True
+    empty = [p for p in result.pairs if p.undefined == result.n_images]
+    if empty:
+        raise SaliencyCheckFailed(_refusal(result, empty), result)
+
+
+def _refusing_empty_pairs(function: F) -> F:
+    """Refuse, once the whole check has run (every batch of a stream), a pair with no image left."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        result = function(*args, **kwargs)
+        _refuse_empty_pairs(result)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _compared(
+    maps: dict[str, torch.Tensor], metrics: Sequence[str], *, k: KValue, preset: str | MapPipeline | None,
+    metric_options: dict[str, dict[str, Any]] | None, confidence: float, n_bootstrap: int, seed: int,
+    threshold: float | None, statistic: str,
+) -> AgreementResult:
+    """:func:`compare_maps`' result, a pair with no image left included (NaN statistics)."""
     from ..compare.metrics import METRICS, chance_level
 
     start = time.perf_counter()
@@ -570,30 +633,67 @@ def compare_maps(
         for a, b in itertools.combinations(maps, 2):
             values = _metric_values(metric, source[a], source[b], skip[a] | skip[b], kwargs, valid_positions(source[a]))
             mean, std, low, high = _statistics(values, confidence, n_bootstrap, seed)
-            measured = _measured_chance(metric, source[a], source[b], skip[a], skip[b], quiet)
+            measured, measured_pairs = _measured_chance(metric, source[a], source[b], skip[a], skip[b], quiet,
+                                                        f"agreement:{metric}:{b}")
             pairs.append(PairAgreement(
                 method_a=a, method_b=b, metric=metric, values=values.tolist(), mean=mean, std=std,
                 ci_low=low, ci_high=high, chance=_stricter(theory, measured, info.higher_is_better),
                 undefined=int(values.isnan().sum()), chance_theory=theory, chance_measured=measured,
+                chance_pairs=measured_pairs,
             ))
-    result = AgreementResult(
+    return AgreementResult(
         methods=list(maps), metrics=metrics, pairs=pairs, k=k, pipeline=pipeline, n_images=n,
         device=str(next(iter(maps.values())).device), seed=seed, confidence=confidence,
         seconds=time.perf_counter() - start, threshold=threshold, statistic=statistic,
         maps={name: m.detach().cpu() for name, m in processed.items()},
         constant_maps={name: int(c.sum()) for name, c in no_ranking.items()},
     )
-    empty = [p for p in pairs if p.undefined == n]
-    if empty:
-        raise SaliencyCheckFailed(_refusal(result, empty), result)
-    return result
+
+
+def _combined_pair(pairs: list[PairAgreement], sizes: list[int], arguments: dict[str, Any]) -> PairAgreement:
+    """One pair under one metric over a stream's batches: every image's value, the statistics on
+    all of them, the chance measured within each batch averaged over the batches."""
+    import torch
+
+    from ..compare.metrics import METRICS
+
+    first = pairs[0]
+    values = [v for p in pairs for v in p.values]
+    mean, std, low, high = _statistics(torch.tensor(values, dtype=torch.float64), arguments["confidence"],
+                                       arguments["n_bootstrap"], arguments["seed"])
+    measured = weighted_mean([p.chance_measured for p in pairs], [p.chance_pairs for p in pairs])
+    return replace(first, values=values, mean=mean, std=std, ci_low=low, ci_high=high,
+                   chance=_stricter(first.chance_theory, measured, METRICS[first.metric].higher_is_better),
+                   undefined=sum(p.undefined for p in pairs), chance_measured=measured,
+                   chance_pairs=sum(p.chance_pairs for p in pairs))
+
+
+def _combined(parts: list[AgreementResult], arguments: dict[str, Any], stopped: str) -> AgreementResult:
+    """One result of a stream's batches (see :func:`_combined_pair`); the maps and figures of the
+    first batch, the constant maps counted over all."""
+    same_across_batches(parts, "methods", "methods")
+    same_across_batches(parts, "metrics", "metrics")
+    first = parts[0]
+    sizes = [part.n_images for part in parts]
+    pairs = [_combined_pair([part.pairs[i] for part in parts], sizes, arguments) for i in range(len(first.pairs))]
+    return replace(
+        first, pairs=pairs, n_images=sum(sizes), seconds=sum(part.seconds for part in parts),
+        constant_maps={m: sum(part.constant_maps.get(m, 0) for part in parts) for m in first.constant_maps},
+        model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
+    )
+
+
+def _slim(part: AgreementResult) -> AgreementResult:
+    return replace(part, maps={}, figure_context={})
 
 
 @rng_isolated
+@_refusing_empty_pairs
+@streams(StreamSpec(_combined, _slim))
 @passes_model_call
 def agreement_matrix(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     methods: Sequence[str | Explainer] = ("saliency", "integrated_gradients", "guided_backprop"),
     metrics: Sequence[str] | None = None,
     *,
@@ -616,6 +716,9 @@ def agreement_matrix(
 ) -> AgreementResult:
     """Every pair of ``methods`` on the same inputs and targets, under every metric.
 
+    ``inputs`` is a tensor or an iterable of batches (a ``DataLoader``, see
+    :mod:`pytest_saliency.checks.streaming`): every image's values, the statistics on all of
+    them, the chance level measured within each batch and averaged, the maps of the first batch.
     ``method_options`` maps a method name to its hyperparameters, e.g.
     ``{"integrated_gradients": {"n_steps": 32}}``; methods may also be callables.
     ``progress(done, total, label)`` is called before each method is explained (``label`` names
@@ -623,7 +726,7 @@ def agreement_matrix(
     """
     start = time.perf_counter()
     check_model(model)
-    check_inputs(inputs, model)
+    inputs = checked_inputs(inputs, model)
     if isinstance(methods, str) or not isinstance(methods, Sequence):
         raise SaliencyUsageError(
             f"methods must be a list of methods (names or callables), e.g. ['saliency', 'guided_backprop'], "
@@ -665,7 +768,7 @@ def agreement_matrix(
     unknown = sorted(set(method_options) - set(maps))
     if unknown:
         raise SaliencyUsageError(f"method_options names {unknown}, which are not among the methods {list(maps)}.")
-    result = compare_maps(
+    result = _compared(
         maps, metrics, k=k, preset=preset, metric_options=metric_options, confidence=confidence,
         n_bootstrap=n_bootstrap, seed=seed, threshold=threshold, statistic=statistic,
     )

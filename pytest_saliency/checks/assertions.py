@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch.nn import Module
 
+    from ..core.stream import Inputs
     from .agreement import AgreementResult
 
 R = TypeVar("R", bound=CheckResult)
@@ -36,7 +37,7 @@ def _raise_if_failed(result: R) -> R:
 @rng_isolated
 @passes_model_call
 def assert_sensitive_to_layer_randomization(
-    model: torch.nn.Module, inputs: torch.Tensor, method: str | Explainer = "saliency", **options: Any
+    model: torch.nn.Module, inputs: Inputs, method: str | Explainer = "saliency", **options: Any
 ) -> RandomizationResult:
     """Independent parameter randomization (IPR): the maps must change when any layer is randomized.
 
@@ -51,7 +52,7 @@ def assert_sensitive_to_layer_randomization(
 @rng_isolated
 @passes_model_call
 def assert_sensitive_to_cascading_randomization(
-    model: torch.nn.Module, inputs: torch.Tensor, method: str | Explainer = "saliency", **options: Any
+    model: torch.nn.Module, inputs: Inputs, method: str | Explainer = "saliency", **options: Any
 ) -> RandomizationResult:
     """Cascading parameter randomization (CPR), top-down by default (``order="bottom_up"`` for the reverse)."""
     __tracebackhide__ = True
@@ -62,7 +63,7 @@ def assert_sensitive_to_cascading_randomization(
 @passes_model_call
 def assert_agreement_above(
     model: torch.nn.Module | torch.Tensor,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     methods: Sequence[str | Explainer] = ("saliency", "integrated_gradients"),
     metric: str = "feature_agreement",
     k: float | int = 0.1,
@@ -81,6 +82,8 @@ def assert_agreement_above(
     explicit threshold. Images with a constant map are left out of the ranking metrics, and a
     pair with none left fails the check.
 
+    ``inputs`` may be an iterable of batches (a ``DataLoader``, see
+    :mod:`pytest_saliency.checks.streaming`): the gate then holds on every image of every batch.
     Precomputed maps work too: ``assert_agreement_above(maps_a, maps_b, metric="ssim",
     threshold=0.5)`` compares two tensors of attributions directly (``names=("a", "b")`` labels them).
     """
@@ -111,6 +114,12 @@ def assert_agreement_above(
         result = compare_maps(dict(zip(names, (model, inputs))), [metric], k=k, statistic=statistic,
                               threshold=threshold, **options)
         result.reproduce = reproduce
+    elif isinstance(model, torch.Tensor):
+        raise SaliencyUsageError(
+            f"precomputed maps are compared as two tensors of attributions, but the second is a "
+            f"{type(inputs).__name__}. Concatenate each method's maps into one (N, ...) tensor (maps are small), "
+            "or pass the model and the inputs (a DataLoader works) to explain them batch by batch."
+        )
     else:  # (a model that is not a module is refused there, with a message that says so)
         result = agreement_matrix(cast("Module", model), inputs, methods, [metric], k=k, statistic=statistic,
                                   threshold=threshold, **options)

@@ -71,6 +71,16 @@ Different-input baseline
 Accuracy parity
     With ``labels=`` each model's accuracy is reported. Equal accuracies with a low C are the
     paper's point: accuracy parity does not imply explanation parity.
+Inputs as batches
+    ``inputs`` may be an iterable of batches, such as a ``DataLoader`` (see
+    :mod:`pytest_saliency.checks.streaming`). A factory's models are trained (or loaded) once;
+    then each batch is explained by every model and compared input by input, and the means are
+    taken over the per-input numbers of all batches. The classifier is fit on all inputs at
+    once, so each model's classifier features (its flattened maps, N x D numbers, on the CPU)
+    are kept until the end: the one part of the check whose memory grows with N times the map
+    size. The figure shows the first batch's maps, and the different-input baseline pairs
+    inputs within a batch. ``labels`` default to the batches' labels, and ``target="labels"``
+    explains them.
 
 Two things to know when reading C:
 
@@ -101,7 +111,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -109,8 +119,17 @@ from ..compare.separability import Separability, fold_assignment, lr_separabilit
 from ..core.forward import OutputSelector, call_model, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
+from ..core.stream import example_offset, is_stream, previous_rows
 from ..core.torchtools import model_in_eval_mode, require_torch
-from ..core.validation import check_count, check_inputs, check_model, check_seed, check_threshold, unknown_choice
+from ..core.validation import (
+    check_count,
+    check_inputs,
+    check_model,
+    check_seed,
+    check_threshold,
+    checked_inputs,
+    unknown_choice,
+)
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec
@@ -120,6 +139,7 @@ from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import predicted_targets, resolve_target
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
+from .streaming import StreamSpec, same_across_batches, streams
 
 if TYPE_CHECKING:
     import os
@@ -150,6 +170,9 @@ _MAP_METRICS = ("ssim", "hog_pearson")  # metrics with a spatial window: compute
 DEFAULT_METRICS = ("ssim", "sign_agreement")
 #: Inputs whose maps a ConsistencyResult keeps for its figure (each model's maps of the first ones).
 SHOWN_INPUTS = 4
+#: The most inputs whose flattened maps the separability classifier is fit on (the first ones):
+#: what bounds the check's memory over a loader of any size.
+CLASSIFIER_INPUTS = 5000
 
 
 # ============================================================================================
@@ -227,6 +250,7 @@ class ConsistencyResult:
     shown_inputs: Any = field(default=None, repr=False, compare=False)
     shown_maps: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
+    lr_inputs: int = 0  # the inputs whose maps the classifier was fit on: the first ones, at most classifier_inputs
 
     def value(self, metric: str | None = None) -> float:
         """The gated number: C for ``"lr_separability"``, else the mean pairwise similarity."""
@@ -287,6 +311,7 @@ class ConsistencyResult:
             "converged": self.converged,
             "n_splits": self.n_splits,
             "n_inputs": self.n_inputs,
+            "lr_inputs": self.lr_inputs,
             "num_features": self.num_features,
             "seed": self.seed,
             "device": self.device,
@@ -372,7 +397,9 @@ class ConsistencyResult:
             f"pairs={self.pair_mode})",
             f"  method:      {self.method}{format_options(self.method_options)}   target: {target}",
             f"  preset:      {self.pipeline.describe()}",
-            f"  classifier:  {self.classifier} on {self.lr_input}, {self.n_splits}-fold CV grouped by input "
+            f"  classifier:  {self.classifier} on {self.lr_input}"
+            + (f" of the first {self.lr_inputs} inputs" if 0 < self.lr_inputs < self.n_inputs else "")
+            + f", {self.n_splits}-fold CV grouped by input "
             f"(held-out M; chance = 0.5)" + ("" if self.converged else "  [did NOT converge in some folds]"),
             f"  C:           {format_score(self.consistency)}   (mean held-out M {self.mean_lr_accuracy:.3f})",
         ]
@@ -466,6 +493,11 @@ class SeedStabilityResult:
 
     check = "explainer_seed_stability"
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
+    # Not in to_dict(): per seed pair, the similarity of each input (a tensor; the means of a
+    # stream's batches are taken over them), and the largest |value| of the seeds[0] maps (the
+    # scale of the determinism tolerance).
+    pair_values: list[Any] = field(default_factory=list, repr=False, compare=False)
+    scale: float = 0.0
 
     @property
     def score(self) -> float:
@@ -613,11 +645,22 @@ def _metric_info(name: str) -> MetricInfo | None:
     return METRICS.get(name)
 
 
+@dataclass(frozen=True)
+class _DefaultsAnd:
+    """``metrics=`` for the default metrics of the inputs followed by ``extra``: resolved for each
+    batch, as whether the inputs are feature vectors is known only from a batch."""
+
+    extra: tuple[str, ...]
+
+
 def _resolve_metrics(
-    metrics: str | Sequence[str] | None, vector_inputs: bool, map_shape: tuple[int, int] | None
+    metrics: str | Sequence[str] | _DefaultsAnd | None, vector_inputs: bool, map_shape: tuple[int, int] | None
 ) -> list[str]:
     from ..compare.metrics import METRICS
 
+    if isinstance(metrics, _DefaultsAnd):
+        defaults = _resolve_metrics(None, vector_inputs, map_shape)
+        return _resolve_metrics([*defaults, *metrics.extra], vector_inputs, map_shape)
     if metrics is None:
         if vector_inputs and map_shape is None:
             return ["sign_agreement"]  # SSIM needs 2-D maps; feature vectors get it only with map_shape
@@ -713,11 +756,6 @@ def _similarity(
     return compute_on_valid(name, a, b, valid)
 
 
-def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = max(float(a.double().norm()), float(b.double().norm()))
-    return float((a.double() - b.double()).norm()) / scale if scale > 0 else 0.0
-
-
 def _mean(values: torch.Tensor) -> float:
     torch = require_torch()
     values = values.double()
@@ -796,7 +834,7 @@ def _check_compatible(named: list[tuple[str, torch.nn.Module]], inputs: torch.Te
             )
 
 
-def _check_labels(labels: object, inputs: torch.Tensor) -> torch.Tensor | None:
+def _check_labels(labels: object, inputs: torch.Tensor, from_batches: bool = False) -> torch.Tensor | None:
     torch = require_torch()
     if labels is None:
         return None
@@ -808,6 +846,8 @@ def _check_labels(labels: object, inputs: torch.Tensor) -> torch.Tensor | None:
         raise SaliencyUsageError(
             f"labels must be an integer tensor of shape ({inputs.shape[0]},), the true class of each input, got "
             f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}."
+            + (" These are the batches' labels, taken for each model's accuracy: wrap the loader as "
+               "pytest_saliency.Batches(loader, labels=None) to leave them out." if from_batches else "")
         )
     return labels.reshape(-1).to(inputs.device).long()
 
@@ -881,22 +921,42 @@ def _model_pairs(labels: list[str], pairs: str) -> list[tuple[str, str]]:
     return [(labels[0], other) for other in labels[1:]]
 
 
-def _pair_similarities(
+def _pair_values(
     raw: dict[str, torch.Tensor], maps: dict[str, torch.Tensor], a: str, b: str, metrics: list[str],
-    pipeline: MapPipeline, k: KValue,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Each metric's mean over inputs for the pair, and its different-input baseline: a's map of
-    input i against b's map of input i+1."""
+    pipeline: MapPipeline, k: KValue, key: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each metric's value per input for the pair, and its different-input baseline per input: a's
+    map of input i against b's map of the input before it (NaN for the first input of all, which
+    has none; over a stream, across batches: :func:`~pytest_saliency.core.stream.previous_rows`,
+    ``key`` naming the models' maps)."""
     valid = valid_positions(raw[a])  # token maps: padding left out
-    similarities = {m: _mean(_similarity(m, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k, valid))
+    similarities = {m: _similarity(m, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k, valid).double().cpu()
                     for m in metrics}
-    shifted_raw = raw[b].roll(1, dims=0)
-    shifted_maps = maps[b].roll(1, dims=0) if b in maps else None
-    both = None if valid is None else valid & valid.roll(1, dims=0)
+    shifted_raw, paired = previous_rows(f"{key}:raw:{b}", raw[b])
+    shifted_maps = previous_rows(f"{key}:maps:{b}", maps[b])[0] if b in maps else None
+    both = None if valid is None else valid & previous_rows(f"{key}:valid", valid)[0]
+    unpaired = ~paired.cpu()
     baselines = {
-        m: _mean(_similarity(m, raw[a], shifted_raw, maps.get(a), shifted_maps, pipeline, k, both)) for m in metrics
+        m: _similarity(m, raw[a], shifted_raw, maps.get(a), shifted_maps, pipeline, k, both).double().cpu()
+        .masked_fill(unpaired, math.nan)
+        for m in metrics
     }
     return similarities, baselines
+
+
+def _squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(||a - b||^2, ||a||^2, ||b||^2)`` of two models' raw attributions, in double: sums over
+    batches give the relative difference of all inputs (:func:`_relative_difference`)."""
+    torch = require_torch()
+    a, b = a.detach().double(), b.detach().double()
+    return torch.stack([(a - b).square().sum(), a.square().sum(), b.square().sum()]).cpu()
+
+
+def _relative_difference(squares: torch.Tensor) -> float:
+    """||a - b|| / max(||a||, ||b||) from :func:`_squares` (0 for two zero maps)."""
+    diff, a, b = (math.sqrt(float(v)) for v in squares)
+    scale = max(a, b)
+    return diff / scale if scale > 0 else 0.0
 
 
 def _warn_unconverged() -> None:
@@ -928,11 +988,231 @@ def _accuracies(predictions: dict[str, torch.Tensor], labels: torch.Tensor | Non
 # ============================================================================================
 
 
+@dataclass(frozen=True)
+class ConsistencySettings:
+    """What :func:`explanation_consistency` explains and how it compares, the same for every batch
+    of its inputs (made by :func:`consistency_settings`, which checks them)."""
+
+    method: str | Explainer
+    method_kwargs: dict[str, Any]
+    pipeline: MapPipeline
+    seed: int = 0
+    n_splits: int = 5
+    metrics: Any = None  # as given: resolved for the inputs (feature vectors or maps) of each batch
+    k: KValue = 0.1
+    map_shape: Any = None
+    pairs: str = "all"
+    lr_input: str = "attributions"
+    classifier: Any = None
+    batch_size: int | None = None
+    factors: Mapping[str, str] | None = None
+    labels_from_batches: bool = False  # labels= left out for a loader: the batches' labels, if they have any
+    classifier_inputs: int = CLASSIFIER_INPUTS  # the classifier is fit on the maps of the first ones
+
+
+def consistency_settings(
+    method: str | Explainer = "saliency", *, factors: Mapping[str, str] | None = None,
+    preset: str | MapPipeline | None = None, seed: int = 0, n_splits: int = 5, metrics: Any = None,
+    k: KValue = 0.1, map_shape: tuple[int, int] | None = None, pairs: str = "all", lr_input: str = "attributions",
+    classifier: Any = None, batch_size: int | None = None, classifier_inputs: int = CLASSIFIER_INPUTS,
+    **method_kwargs: Any,
+) -> ConsistencySettings:
+    """The options of :func:`explanation_consistency` that do not depend on its inputs, checked."""
+    require_sklearn()
+    classifier_inputs = check_count(classifier_inputs, "classifier_inputs", minimum=2,
+                                    hint="It caps the inputs whose maps the classifier is fit on, e.g. 5000.")
+    seed = check_seed(seed)
+    n_splits = check_count(n_splits, "n_splits", minimum=2, hint="It is the number of cross-validation folds.")
+    batch_size = check_count(batch_size, "batch_size", allow_none=True,
+                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
+    if pairs not in PAIR_MODES:
+        raise unknown_choice("pairs option", pairs, PAIR_MODES)
+    if lr_input not in LR_INPUTS:
+        raise unknown_choice("lr_input option", lr_input, LR_INPUTS)
+    return ConsistencySettings(
+        method=method, method_kwargs=dict(method_kwargs), pipeline=get_pipeline(preset), seed=seed, n_splits=n_splits,
+        metrics=metrics, k=k, map_shape=map_shape, pairs=pairs, lr_input=lr_input, classifier=classifier,
+        classifier_inputs=classifier_inputs, batch_size=batch_size, factors=factors,
+    )
+
+
+@dataclass
+class ExplainedPairs:
+    """The models' explanations of some inputs, reduced to what :func:`consistency_result` needs:
+    per input, each model's prediction, each pair's similarities and different-input baselines;
+    per pair, the sums of squares of the relative difference; per model, the classifier's
+    features (its flattened maps), which the classifier needs all at once; and the maps of the
+    first inputs for the figure. :func:`join_pairs` joins those of a stream's batches."""
+
+    labels: list[str]
+    pairs: list[tuple[str, str]]
+    method: str
+    method_options: dict[str, Any]
+    metrics: list[str]
+    target_mode: str
+    n: int
+    num_features: int
+    predictions: dict[str, torch.Tensor]
+    true_labels: torch.Tensor | None
+    similarities: dict[tuple[str, str], dict[str, torch.Tensor]]
+    baselines: dict[tuple[str, str], dict[str, torch.Tensor]]
+    squares: dict[tuple[str, str], torch.Tensor]
+    features: dict[str, torch.Tensor] = field(repr=False)
+    device: str = "cpu"
+    seconds: float = 0.0
+    shown: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def join_pairs(parts: Sequence[ExplainedPairs]) -> ExplainedPairs:
+    """One :class:`ExplainedPairs` of a stream's batches: every input's numbers in order, the sums
+    summed, the first batch's maps for the figure."""
+    torch = require_torch()
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    for name, what in (("labels", "models"), ("metrics", "metrics"), ("target_mode", "target modes")):
+        same_across_batches(parts, name, what)
+    for index, part in enumerate(parts[1:], start=1):
+        if part.num_features != first.num_features:
+            raise SaliencyUsageError(
+                f"batch {index} of the inputs gives maps of {part.num_features} features, batch 0 of "
+                f"{first.num_features}; the separability classifier needs maps of one size. Give every batch the "
+                "same shape (for text, pad every batch to one length, e.g. padding='max_length').")
+    with_labels = all(part.true_labels is not None for part in parts)
+
+    def per_pair(get: Callable[[ExplainedPairs], dict[tuple[str, str], dict[str, Any]]]) -> Any:
+        return {pair: {m: torch.cat([get(p)[pair][m] for p in parts]) for m in first.metrics} for pair in first.pairs}
+
+    return dataclasses.replace(
+        first, n=sum(part.n for part in parts), seconds=sum(part.seconds for part in parts),
+        predictions={label: torch.cat([part.predictions[label] for part in parts]) for label in first.labels},
+        true_labels=torch.cat([part.true_labels for part in parts if part.true_labels is not None])
+        if with_labels else None,
+        similarities=per_pair(lambda part: part.similarities), baselines=per_pair(lambda part: part.baselines),
+        squares={pair: sum((part.squares[pair] for part in parts), torch.zeros(3, dtype=torch.float64))
+                 for pair in first.pairs},
+        features={label: torch.cat([part.features[label] for part in parts]) for label in first.labels},
+    )
+
+
+def slim_pairs(part: ExplainedPairs) -> ExplainedPairs:
+    """A later batch's :class:`ExplainedPairs` without its maps for the figure."""
+    return dataclasses.replace(part, shown={})
+
+
+def _joined(parts: list[ExplainedPairs], arguments: dict[str, Any], stopped: str) -> ExplainedPairs:
+    return join_pairs(parts)
+
+
+@streams(StreamSpec(_joined, slim_pairs))
+@passes_model_call
+def explained_pairs(
+    models: Mapping[str, torch.nn.Module],
+    inputs: torch.Tensor | Iterable[Any],
+    settings: ConsistencySettings,
+    *,
+    target: str | int | torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    output: OutputSelector = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    modality: str | None = None,
+    chance_key: str = "consistency",
+) -> ExplainedPairs:
+    """Explain ``inputs`` (a tensor or an iterable of batches, see
+    :mod:`pytest_saliency.checks.streaming`) with every model and compare the pairs' maps input by
+    input: the per-example part of :func:`explanation_consistency`. ``models`` are checked
+    (:func:`_named_models`) by the caller. ``chance_key`` names these models' maps among those the
+    different-input baselines carry from batch to batch (one per set of models compared)."""
+    from ..compare.metrics import metric_info, resolve_k
+
+    start = time.perf_counter()
+    named = list(models.items())
+    inputs = checked_inputs(inputs)
+    true_labels = _check_labels(labels, inputs, settings.labels_from_batches)
+    shape = _check_map_shape(settings.map_shape, inputs)
+    metric_names = _resolve_metrics(settings.metrics, inputs.dim() == 2, shape)
+    if any(metric_info(m).takes_k for m in metric_names):
+        resolve_k(settings.k, int(inputs[0].numel()))  # a bad k fails here, before any explanation runs
+    _check_compatible(named, inputs)
+    resolved, name, options = prepare_method(settings.method, named[0][1], inputs, dict(settings.method_kwargs))
+    seed, batch_size, pipeline = settings.seed, settings.batch_size, settings.pipeline
+    predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
+    target_mode, targets = _targets(named, inputs, target, predictions, batch_size, seed)
+    raw = {
+        label: per_position(attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options))
+        for label, model in named
+    }
+    label_list = [label for label, _ in named]
+    need_maps = settings.lr_input == "maps" or any(m in _MAP_METRICS for m in metric_names)
+    maps = {label: _to_maps(raw[label], pipeline, shape) for label in label_list} if need_maps else {}
+    if "ssim" in metric_names:
+        _check_ssim_size(next(iter(maps.values())), pipeline, name)
+    features = maps if settings.lr_input == "maps" else raw
+    pairs = _model_pairs(label_list, settings.pairs)
+    values = {(a, b): _pair_values(raw, maps, a, b, metric_names, pipeline, settings.k, chance_key)
+              for a, b in pairs}
+    return ExplainedPairs(
+        labels=label_list, pairs=pairs, method=name, method_options=options, metrics=metric_names,
+        target_mode=target_mode, n=int(inputs.shape[0]), num_features=int(raw[label_list[0]][0].numel()),
+        predictions={label: p.detach().cpu() for label, p in predictions.items()},
+        true_labels=None if true_labels is None else true_labels.cpu(),
+        similarities={pair: v[0] for pair, v in values.items()}, baselines={pair: v[1] for pair, v in values.items()},
+        squares={(a, b): _squares(raw[a], raw[b]) for a, b in pairs},
+        # the classifier's inputs: the first classifier_inputs of the whole stream
+        features={label: f[:max(0, settings.classifier_inputs - example_offset())].detach().flatten(1).cpu()
+                  for label, f in features.items()},
+        device=str(inputs.device), seconds=time.perf_counter() - start,
+        shown=_shown(inputs, raw, pipeline, shape, maps),
+    )
+
+
+def consistency_result(examples: ExplainedPairs, settings: ConsistencySettings, *, reproduce: str = "",
+                       seconds: float | None = None) -> ConsistencyResult:
+    """The :class:`ConsistencyResult` of the models' explanations ``examples`` (of all inputs):
+    per pair, the classifier's held-out accuracy on all inputs' maps and the means over inputs."""
+    lr_inputs = int(examples.features[examples.labels[0]].shape[0])
+    _check_folds(lr_inputs, settings.n_splits)
+    factor_map = _check_factors(settings.factors, examples.labels)
+    rows: list[PairConsistency] = []
+    converged = True
+    for a, b in examples.pairs:
+        sep = lr_separability(examples.features[a], examples.features[b], n_splits=settings.n_splits,
+                              seed=settings.seed, classifier=settings.classifier)
+        converged &= sep.converged
+        rows.append(PairConsistency(
+            a=a, b=b, factor=_pair_factor(a, b, factor_map), lr_accuracy=sep.accuracy,
+            train_accuracy=sep.train_accuracy,
+            similarities={m: _mean(v) for m, v in examples.similarities[(a, b)].items()},
+            prediction_agreement=float((examples.predictions[a] == examples.predictions[b]).double().mean()),
+            fold_accuracies=sep.fold_accuracies,
+            baselines={m: _mean(v) for m, v in examples.baselines[(a, b)].items()},
+            relative_difference=_relative_difference(examples.squares[(a, b)]),
+        ))
+    if not converged:
+        _warn_unconverged()
+    pipeline = settings.pipeline
+    if not reproduce:
+        reproduce = (
+            f"pytest_saliency.explanation_consistency(models, inputs, method={examples.method!r}, "
+            f"preset={pipeline.name!r}, seed={settings.seed}, n_splits={settings.n_splits})"
+        )
+    return ConsistencyResult(
+        method=examples.method, method_options=examples.method_options, pipeline=pipeline, models=examples.labels,
+        factors=factor_map, pairs=rows, consistency=_consistency(rows), per_factor=_per_factor(rows, factor_map),
+        metrics=examples.metrics, k=settings.k, target_mode=examples.target_mode, pair_mode=settings.pairs,
+        lr_input=settings.lr_input, classifier=_classifier_name(settings.classifier), n_splits=settings.n_splits,
+        n_inputs=examples.n, lr_inputs=lr_inputs, seed=settings.seed, device=examples.device,
+        seconds=examples.seconds if seconds is None else seconds,
+        accuracies=_accuracies(examples.predictions, examples.true_labels), num_features=examples.num_features,
+        converged=converged, reproduce=reproduce, **examples.shown,
+    )
+
+
 @rng_isolated
 @passes_model_call
 def explanation_consistency(
     models: Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module],
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     method: str | Explainer = "saliency",
     *,
     factors: Mapping[str, str] | None = None,
@@ -948,6 +1228,7 @@ def explanation_consistency(
     lr_input: str = "attributions",
     classifier: Any = None,
     batch_size: int | None = None,
+    classifier_inputs: int = CLASSIFIER_INPUTS,
     reproduce: str = "",
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -960,13 +1241,19 @@ def explanation_consistency(
         models: a list of trained models (labelled ``model0``, ``model1``, ...) or a dict
             ``{label: model}``. The first one is the reference. The models are not modified.
         inputs: a floating tensor (N, C, H, W) or (N, D) on the models' device, with
-            N >= 2 * ``n_splits``.
+            N >= 2 * ``n_splits``, or an iterable of batches such as a ``DataLoader`` (see
+            :mod:`pytest_saliency.checks.streaming`): each batch is explained and compared as it
+            comes, while each model's classifier features (its flattened maps) of the first
+            ``classifier_inputs`` inputs are kept for the classifier, which is fit on them at
+            once; the different-input baselines are measured within each batch.
         method: a name from :data:`pytest_saliency.METHODS` or a callable ``(model, inputs, target)``.
         factors: ``{label: factor name}`` for the models that differ from the reference in one
             training factor (see the module docstring); it gives ``result.per_factor``.
-        labels: the true classes (N,), to report each model's accuracy next to C.
+        labels: the true classes (N,), to report each model's accuracy next to C; for a
+            loader, the batches' labels when left out.
         target: ``None``/``"reference"`` (the first model's prediction, held fixed), ``"each"``
-            (each model's own prediction), an int, or an integer tensor (N,).
+            (each model's own prediction), an int, or an integer tensor (N,); for a loader also
+            ``"labels"``, each batch's labels.
         preset: the map pipeline for SSIM (and for the classifier when ``lr_input="maps"``).
         seed: seeds the method's randomness, the fold assignment and the classifier.
         n_splits: cross-validation folds (grouped by input).
@@ -979,82 +1266,33 @@ def explanation_consistency(
         lr_input: ``"attributions"`` (raw, flattened) or ``"maps"`` (the preset's maps).
         classifier: a scikit-learn classifier to use instead of the standardized LR.
         batch_size: explain at most this many inputs per call.
+        classifier_inputs: the classifier is fit on the maps of the first this many inputs
+            (default 5,000; the similarities cover every input): what bounds the memory over a
+            loader, at N x D numbers per model otherwise.
         reproduce: a command line recorded in the result (the pytest plugin fills it in).
         **method_kwargs: the method's hyperparameters.
 
     Returns a :class:`ConsistencyResult`. Cost: one explanation of the inputs per model, and
     ``n_splits`` classifier fits per pair (there are M(M-1)/2 pairs for M models).
     """
-    from ..compare.metrics import metric_info
-
     start = time.perf_counter()
     named = _named_models(models)
-    check_inputs(inputs)
-    require_sklearn()
-    seed = check_seed(seed)
-    n_splits = check_count(n_splits, "n_splits", minimum=2, hint="It is the number of cross-validation folds.")
-    batch_size = check_count(batch_size, "batch_size", allow_none=True,
-                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
-    n = int(inputs.shape[0])
-    _check_folds(n, n_splits)
-    if pairs not in PAIR_MODES:
-        raise unknown_choice("pairs option", pairs, PAIR_MODES)
-    if lr_input not in LR_INPUTS:
-        raise unknown_choice("lr_input option", lr_input, LR_INPUTS)
-    label_list = [label for label, _ in named]
-    factor_map = _check_factors(factors, label_list)
-    true_labels = _check_labels(labels, inputs)
-    shape = _check_map_shape(map_shape, inputs)
-    metric_names = _resolve_metrics(metrics, inputs.dim() == 2, shape)
-    if any(metric_info(m).takes_k for m in metric_names):
-        from ..compare.metrics import resolve_k
-
-        resolve_k(k, int(inputs[0].numel()))  # a bad k fails here, before any explanation runs
-    pipeline = get_pipeline(preset)
-    _check_compatible(named, inputs)
-    resolved, name, options = prepare_method(method, named[0][1], inputs, method_kwargs)
-
-    # Every model explains the same targets; then, per pair of models, a classifier tries to tell
-    # their maps apart (held out) and the similarities say how alike the maps are.
-    predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
-    target_mode, targets = _targets(named, inputs, target, predictions, batch_size, seed)
-    raw = {
-        label: per_position(attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options))
-        for label, model in named
-    }
-    need_maps = lr_input == "maps" or any(m in _MAP_METRICS for m in metric_names)
-    maps = {label: _to_maps(raw[label], pipeline, shape) for label in label_list} if need_maps else {}
-    if "ssim" in metric_names:
-        _check_ssim_size(next(iter(maps.values())), pipeline, name)
-    features = maps if lr_input == "maps" else raw
-    rows: list[PairConsistency] = []
-    converged = True
-    for a, b in _model_pairs(label_list, pairs):
-        sep = lr_separability(features[a], features[b], n_splits=n_splits, seed=seed, classifier=classifier)
-        converged &= sep.converged
-        similarities, baselines = _pair_similarities(raw, maps, a, b, metric_names, pipeline, k)
-        rows.append(PairConsistency(
-            a=a, b=b, factor=_pair_factor(a, b, factor_map), lr_accuracy=sep.accuracy,
-            train_accuracy=sep.train_accuracy, similarities=similarities,
-            prediction_agreement=float((predictions[a] == predictions[b]).double().mean()),
-            fold_accuracies=sep.fold_accuracies, baselines=baselines,
-            relative_difference=_relative_difference(raw[a], raw[b]),
-        ))
-    if not converged:
-        _warn_unconverged()
-    if not reproduce:
-        reproduce = (
-            f"pytest_saliency.explanation_consistency(models, inputs, method={name!r}, preset={pipeline.name!r}, "
-            f"seed={seed}, n_splits={n_splits})"
-        )
-    return ConsistencyResult(
-        method=name, method_options=options, pipeline=pipeline, models=label_list, factors=factor_map, pairs=rows,
-        consistency=_consistency(rows), per_factor=_per_factor(rows, factor_map), metrics=metric_names, k=k,
-        target_mode=target_mode, pair_mode=pairs, lr_input=lr_input, classifier=_classifier_name(classifier),
-        n_splits=n_splits, n_inputs=n, seed=seed, device=str(inputs.device), seconds=time.perf_counter() - start,
-        accuracies=_accuracies(predictions, true_labels), num_features=int(raw[label_list[0]][0].numel()),
-        converged=converged, reproduce=reproduce, **_shown(inputs, raw, pipeline, shape, maps),
+    n = None if is_stream(inputs) else int(checked_inputs(inputs).shape[0])
+    settings = consistency_settings(
+        method, factors=factors, preset=preset, seed=seed, n_splits=n_splits, metrics=metrics, k=k,
+        map_shape=map_shape, pairs=pairs, lr_input=lr_input, classifier=classifier, batch_size=batch_size,
+        classifier_inputs=classifier_inputs, **method_kwargs,
     )
+    settings = dataclasses.replace(settings, labels_from_batches=n is None and labels is None)
+    if n is not None:
+        _check_folds(min(n, settings.classifier_inputs), settings.n_splits)  # before any explanation runs
+    _check_factors(factors, [label for label, _ in named])
+    # Every model explains the same targets, input by input (batch by batch for a loader); then,
+    # per pair of models, a classifier tries to tell their maps apart (held out) and the
+    # similarities say how alike the maps are.
+    examples = explained_pairs(dict(named), inputs, settings, target=target, labels=labels, output=output,
+                               forward_kwargs=forward_kwargs, modality=modality)
+    return consistency_result(examples, settings, reproduce=reproduce, seconds=time.perf_counter() - start)
 
 
 def models_from(
@@ -1064,7 +1302,7 @@ def models_from(
     *,
     build: Callable[[], torch.nn.Module] | None = None,
     version: str = "",
-    inputs: torch.Tensor | None = None,
+    inputs: torch.Tensor | Iterable[Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[Sequence[torch.nn.Module] | Mapping[str, torch.nn.Module], dict[str, str]]:
     """Turn ``models_or_factory`` into ``({label: model}, factors)``.
@@ -1076,7 +1314,8 @@ def models_from(
     becomes a :class:`SaliencyUsageError` naming the seed. With ``inputs``, the first model is
     checked before the other seeds are trained (a valid model, inputs it accepts, one forward
     pass giving an ``(N, num_classes)`` tensor), so that a model the explanation cannot use fails
-    after one training instead of after all of them. ``progress(done, total, label)`` is called
+    after one training instead of after all of them (``inputs`` an iterable of batches: the models
+    are checked on each batch as it is explained, after the training). ``progress(done, total, label)`` is called
     before each seed is trained or loaded (``label`` is ``seed=<s>``) and once when all are done
     (``done == total``, empty label).
     """
@@ -1110,10 +1349,10 @@ def models_from(
             call_train(models_or_factory, s)
         )
         named[f"seed={s}"] = model
-        if index == 0 and inputs is not None:
+        if index == 0 and inputs is not None and not is_stream(inputs):
             first = [(f"seed={s}", model)]
             _check_models(first)
-            _check_compatible(first, inputs)
+            _check_compatible(first, checked_inputs(inputs))
     if progress is not None:
         progress(len(seed_list), len(seed_list), "")
     return named, {label: "seed" for label in named}
@@ -1123,7 +1362,7 @@ def models_from(
 @passes_model_call
 def seed_consistency(
     models_or_factory: ModelsOrFactory,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     threshold: float | None = None,
     metric: str = LR_SEPARABILITY,
     seeds: Sequence[int] | None = None,
@@ -1137,7 +1376,9 @@ def seed_consistency(
     """:func:`assert_seed_consistency_above` without the assertion: the result with its verdict.
 
     ``progress(done, total, label)`` counts the seeds a factory's models are trained or loaded
-    for (see :func:`models_from`); it is not called for a list or dict of trained models."""
+    for (see :func:`models_from`); it is not called for a list or dict of trained models.
+    ``inputs`` may be an iterable of batches (see :mod:`pytest_saliency.checks.streaming`): the
+    models are trained or loaded once, then explained batch by batch."""
     from ..compare.metrics import METRICS
 
     if metric != LR_SEPARABILITY:
@@ -1158,20 +1399,19 @@ def seed_consistency(
         )
     if threshold is not None:
         threshold = check_threshold(threshold, metric)
-    check_inputs(inputs)
+    if not is_stream(inputs):
+        check_inputs(inputs)
     models, factors = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs,
                                   progress=progress)
     if factors and "factors" not in options:
         options["factors"] = factors
     if metric != LR_SEPARABILITY:
         metrics = options.get("metrics")
-        if metrics is None:
-            inputs_are_vectors = getattr(inputs, "dim", lambda: 4)() == 2
-            metrics = _resolve_metrics(None, inputs_are_vectors, options.get("map_shape"))
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-        if metric not in metrics:
-            metrics.append(metric)
-        options["metrics"] = metrics
+        if metrics is None:  # the default metrics of the inputs (of each batch), and the gated one
+            options["metrics"] = _DefaultsAnd((metric,))
+        else:
+            metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+            options["metrics"] = metrics if metric in metrics else [*metrics, metric]
     result = explanation_consistency(models, inputs, **options)
     if threshold is None:
         threshold = default_consistency_threshold(metric, result.k, result.num_features)
@@ -1202,7 +1442,7 @@ def default_consistency_threshold(metric: str, k: KValue = 0.1, num_features: in
 @passes_model_call
 def assert_seed_consistency_above(
     models_or_factory: ModelsOrFactory,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     threshold: float | None = None,
     metric: str = LR_SEPARABILITY,
     seeds: Sequence[int] | None = None,
@@ -1218,7 +1458,9 @@ def assert_seed_consistency_above(
     architecture, and ``version=`` (a string) added to the cache key to keep entries of factories
     that the cache cannot tell apart, or of changed training code it cannot see, separate (see
     :mod:`pytest_saliency.model.cache`). The first model is checked against ``inputs`` before
-    the other seeds are trained. Other options are those of :func:`explanation_consistency`.
+    the other seeds are trained. ``inputs`` is a tensor or an iterable of batches such as a
+    ``DataLoader`` (see :mod:`pytest_saliency.checks.streaming`; the models are trained once, and
+    the classifier is fit on all examples). Other options are those of :func:`explanation_consistency`.
 
     The check passes when ``metric`` is >= ``threshold``. Defaults (``threshold=None``):
 
@@ -1263,11 +1505,30 @@ def assert_seed_consistency_above(
 # ============================================================================================
 
 
+def _stability_combined(parts: list[SeedStabilityResult], arguments: dict[str, Any],
+                        stopped: str) -> SeedStabilityResult:
+    """One result of a stream's batches: each seed pair's mean over every input, determinism over all."""
+    torch = require_torch()
+    for name, what in (("seeds", "seeds"), ("metric", "metrics")):
+        same_across_batches(parts, name, what)
+    first = parts[0]
+    pair_values = [torch.cat([part.pair_values[index] for part in parts]) for index in range(len(first.pair_scores))]
+    pair_scores = [(a, b, _mean(values)) for (a, b, _), values in zip(first.pair_scores, pair_values)]
+    max_diff = max(part.max_abs_difference for part in parts)
+    scale = max(part.scale for part in parts)
+    return dataclasses.replace(
+        first, pair_scores=pair_scores, pair_values=pair_values, max_abs_difference=max_diff, scale=scale,
+        deterministic=max_diff <= REPRODUCIBLE_RTOL * scale, n_inputs=sum(part.n_inputs for part in parts),
+        seconds=sum(part.seconds for part in parts),
+    )
+
+
 @rng_isolated
+@streams(StreamSpec(_stability_combined, lambda part: part))  # the result keeps no maps
 @passes_model_call
 def explainer_seed_stability(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     method: str | Explainer,
     seeds: Sequence[int] = (0, 1, 2),
     *,
@@ -1275,7 +1536,7 @@ def explainer_seed_stability(
     threshold: float | None = None,
     k: KValue = 0.1,
     preset: str | MapPipeline | None = None,
-    target: int | torch.Tensor | None = None,
+    target: int | str | torch.Tensor | None = None,
     map_shape: tuple[int, int] | None = None,
     batch_size: int | None = None,
     reproduce: str = "",
@@ -1293,14 +1554,16 @@ def explainer_seed_stability(
     run, while a seed that does not fix the draws changes the first digits. The
     target is the model's prediction (or ``target``), held fixed for all seeds. ``threshold=None``
     uses :data:`SEED_STABILITY_THRESHOLDS` for ``ssim`` and ``sign_agreement``; other metrics
-    need an explicit threshold.
+    need an explicit threshold. ``inputs`` is a tensor or an iterable of batches such as a
+    ``DataLoader`` (see :mod:`pytest_saliency.checks.streaming`), each batch explained with the
+    same seeds; ``target="labels"`` then explains each batch's labels.
     """
     torch = require_torch()
     from ..compare.metrics import METRICS, resolve_k
 
     start = time.perf_counter()
     check_model(model)
-    check_inputs(inputs, model)
+    inputs = checked_inputs(inputs, model)
     seed_list = list(seeds) if isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)) else None
     if seed_list is not None:
         seed_list = [check_seed(s, f"seeds[{index}]") for index, s in enumerate(seed_list)]
@@ -1338,15 +1601,17 @@ def explainer_seed_stability(
     # Reproduced up to rounding: GPU kernels that sum in a varying order (atomic adds in cuDNN's
     # backward passes) differ in the last bits; a seed that does not fix the draws differs in the
     # first digits.
-    deterministic = max_diff <= REPRODUCIBLE_RTOL * float(first.abs().max())
+    scale = float(first.abs().max()) if first.numel() else 0.0
+    deterministic = max_diff <= REPRODUCIBLE_RTOL * scale
     maps = {s: _to_maps(r, pipeline, shape) for s, r in raw.items()} if metric in _MAP_METRICS else {}
     if metric == "ssim":
         _check_ssim_size(maps[seed_list[0]], pipeline, name)
-    pair_scores = []
+    pair_scores, pair_values = [], []
     for i, a in enumerate(seed_list):
         for b in seed_list[i + 1:]:
             values = _similarity(metric, raw[a], raw[b], maps.get(a), maps.get(b), pipeline, k, valid_positions(raw[a]))
             pair_scores.append((a, b, _mean(values)))
+            pair_values.append(values.double().cpu())
     if not reproduce:
         reproduce = (
             f"pytest_saliency.assert_explainer_seed_stable(model, inputs, {name!r}, seeds={tuple(seed_list)!r}, "
@@ -1357,6 +1622,7 @@ def explainer_seed_stability(
         threshold=float(threshold), pair_scores=pair_scores, deterministic=deterministic, max_abs_difference=max_diff,
         stochastic=resolved.stochastic if isinstance(resolved, MethodSpec) else None, n_inputs=int(inputs.shape[0]),
         device=str(inputs.device), seconds=time.perf_counter() - start, reproduce=reproduce,
+        pair_values=pair_values, scale=scale,
     )
 
 
@@ -1364,7 +1630,7 @@ def explainer_seed_stability(
 @passes_model_call
 def assert_explainer_seed_stable(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     method: str | Explainer,
     seeds: Sequence[int] = (0, 1, 2),
     metric: str | None = None,
@@ -1384,7 +1650,8 @@ def assert_explainer_seed_stable(
     SmoothGrad and GradientSHAP on the digits CNN are in ``benchmarks/RESULTS.md``, "Where the
     seed-consistency defaults come from"). SAM reports the same picture: SmoothGrad maps of
     regular models keep changing as the sample count grows, while robust models stay near 1.
-    Options are those of :func:`explainer_seed_stability`. Returns the result, or raises
+    Options are those of :func:`explainer_seed_stability`; ``inputs`` may be an iterable of
+    batches (see :mod:`pytest_saliency.checks.streaming`). Returns the result, or raises
     :class:`SaliencyCheckFailed`.
     """
     __tracebackhide__ = True

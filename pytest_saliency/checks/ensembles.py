@@ -42,9 +42,10 @@ original.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ from torch import nn
 from ..core.forward import current_call, passes_model_call, select_scores
 from ..core.integrity import rng_isolated, short_usage_errors
 from ..core.rng import derive_seed
+from ..core.stream import is_stream
 from ..core.validation import (
     check_choice,
     check_count,
@@ -62,11 +64,23 @@ from ..core.validation import (
     check_model,
     check_number,
     check_seed,
+    checked_inputs,
     unknown_choice,
 )
 from ..exceptions import SaliencyUsageError
 from ..reporting.numbers import format_score
 from ..reporting.protocol import Figure, Number
+from .consistency import (
+    ConsistencySettings,
+    ExplainedPairs,
+    consistency_result,
+    consistency_settings,
+    explained_pairs,
+    join_pairs,
+    models_from,
+    slim_pairs,
+)
+from .streaming import StreamSpec, streams
 
 if TYPE_CHECKING:
     import os
@@ -396,11 +410,46 @@ def _checked_sizes(sizes: object, n_models: int) -> list[int]:
     return size_list
 
 
+def _sizes_joined(parts: list[dict[int, ExplainedPairs]], arguments: dict[str, Any],
+                  stopped: str) -> dict[int, ExplainedPairs]:
+    return {size: join_pairs([part[size] for part in parts]) for size in parts[0]}
+
+
+def _sizes_slim(part: dict[int, ExplainedPairs]) -> dict[int, ExplainedPairs]:
+    return {size: slim_pairs(explained) for size, explained in part.items()}
+
+
+@streams(StreamSpec(_sizes_joined, _sizes_slim))
+@passes_model_call
+def _explained_by_size(
+    model: Ensemble,
+    inputs: torch.Tensor | Iterable[Any],
+    sized: Mapping[int, Mapping[str, nn.Module]],
+    settings: ConsistencySettings,
+    *,
+    target: str | int | torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    output: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    modality: Any = None,
+) -> dict[int, ExplainedPairs]:
+    """The ensembles of each size (``sized``) explained and compared input by input (batch by batch
+    for a loader); ``target=None`` is the prediction of ``model``, the ensemble of all models."""
+    from ..maps.targets import predicted_targets
+
+    batch = checked_inputs(inputs, model)
+    if target is None:
+        target = predicted_targets(model, batch, settings.batch_size, settings.seed)
+    return {size: explained_pairs(ensembles, batch, settings, target=target, labels=labels,
+                                  chance_key=f"ensembles of {size}")
+            for size, ensembles in sized.items()}
+
+
 @rng_isolated
 @passes_model_call
 def consistency_vs_ensemble_size(
     models_or_factory: ModelsOrFactory,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     sizes: Sequence[int] = (1, 2, 4),
     method: str | Explainer = "saliency",
     *,
@@ -428,17 +477,20 @@ def consistency_vs_ensemble_size(
     An int or tensor (e.g. the true labels) is used as given, and ``"each"`` explains each
     ensemble's own prediction.
 
+    ``inputs`` is a tensor or an iterable of batches such as a ``DataLoader`` (see
+    :mod:`pytest_saliency.checks.streaming`): the models are trained (or loaded) and the
+    ensembles built once, and each batch is explained by the ensembles of every size as it
+    comes (``target="labels"``: each batch's labels); each size's classifier is fit on all
+    examples at once, so it keeps their flattened maps (see ``explanation_consistency``).
+
     ``metrics`` are the pairwise similarities to report besides C (default top-k sign
     agreement, as in Ley et al.). Every size, size 1 included, is explained through
     :class:`Ensemble`, i.e. as log-probabilities, so the sizes are comparable. C on
     log-probability maps is already high for single models (it lacks the logit-shift component,
     see :mod:`pytest_saliency.checks.consistency`), so sign agreement is usually the informative
     column. Other ``options`` go to ``explanation_consistency``
-    (``k``, ``n_splits``, ``preset``, ``map_shape``, ``seed``, ``lr_input``, method options).
+    (``k``, ``n_splits``, ``preset``, ``map_shape``, ``seed``, ``lr_input``, ``labels``, method options).
     """
-    from ..maps.targets import predicted_targets
-    from .consistency import explanation_consistency, models_from
-
     start = time.perf_counter()
     named, _ = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs)
     labelled = _labelled(named)
@@ -448,38 +500,39 @@ def consistency_vs_ensemble_size(
     for label, model in labelled:
         try:
             check_model(model)
-            check_inputs(inputs, model)
+            if not is_stream(inputs):
+                check_inputs(inputs, model)
         except SaliencyUsageError as exc:
             raise SaliencyUsageError(f"model {label!r}: {exc}") from None
-    batch_size = check_count(batch_size, "batch_size", allow_none=True,
-                             hint="It bounds the inputs one explainer call sees; None explains all at once.")
-    seed = check_seed(options.get("seed", 0))
-    all_members = Ensemble([model for _, model in labelled], how=how)
+    call = {name: options.pop(name, None) for name in ("labels", "output", "forward_kwargs", "modality")}
+    reproduce = options.pop("reproduce", "")
+    settings = consistency_settings(method, metrics=metrics, batch_size=batch_size, **options)
+    settings = dataclasses.replace(settings, labels_from_batches=is_stream(inputs) and call["labels"] is None)
     target_mode = "given"
     if target is None:
         target_mode = "ensemble"
-        target = predicted_targets(all_members, inputs, batch_size, seed)
     elif isinstance(target, str):
-        if target not in ("each", "reference"):
-            raise unknown_choice("target mode", target, ("each", "reference"), "Or pass an int or a tensor (N,).")
-        target_mode = target
-    rows, results = [], {}
-    for size in size_list:
-        groups = [labelled[j * size:(j + 1) * size] for j in range(m // size)]
-        ensembles = {
-            ("+".join(label for label, _ in group) if size > 1 else group[0][0]): (
-                Ensemble([model for _, model in group], how=how)
-            )
-            for group in groups
+        modes = ("each", "reference", "labels") if is_stream(inputs) else ("each", "reference")
+        if target not in modes:
+            raise unknown_choice("target mode", target, modes, "Or pass an int or a tensor (N,).")
+        target_mode = "given" if target == "labels" else target
+    sized = {
+        size: {
+            "+".join(label for label, _ in group): Ensemble([member for _, member in group], how=how)
+            for group in (labelled[j * size:(j + 1) * size] for j in range(m // size))
         }
-        result = explanation_consistency(
-            ensembles, inputs, method, target=target, metrics=metrics, batch_size=batch_size, **options
-        )
-        results[size] = result
-        rows.append(EnsembleSizeRow(
-            size=size, n_ensembles=len(ensembles), n_pairs=len(result.pairs), consistency=result.consistency,
+        for size in size_list
+    }
+    all_members = Ensemble([model for _, model in labelled], how=how)
+    explained = _explained_by_size(all_members, inputs, sized, settings, target=target, **call)
+    results = {size: consistency_result(explained[size], settings, reproduce=reproduce) for size in size_list}
+    rows = [
+        EnsembleSizeRow(
+            size=size, n_ensembles=len(sized[size]), n_pairs=len(result.pairs), consistency=result.consistency,
             mean_lr_accuracy=result.mean_lr_accuracy, similarities={mm: result.value(mm) for mm in result.metrics},
-        ))
+        )
+        for size, result in results.items()
+    ]
     first = results[size_list[0]]
     return EnsembleSizeResult(
         method=first.method, metrics=list(first.metrics), k=first.k, how=how, n_models=m, rows=rows,

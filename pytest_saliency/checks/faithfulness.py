@@ -49,6 +49,25 @@ Definitions, each an option with the default written here (SAM 2020 and the RISE
 The x axis of a curve is the actual fraction of pixels changed after each step (``k / (H W)``);
 it equals RISE's uniform grid whenever ``step`` divides ``H W``, as the default does.
 
+**Token inputs** (``modality=Text(pad_token_id=...)``): a position is a token, and padding is
+not part of the game: padding positions are never ranked nor changed, and the fraction on the x
+axis is of each input's own tokens (``k / tokens``, so texts of different lengths each go from 0
+to 1; ``fractions`` is then (N, steps + 1), one row per input, and a shorter text's curve stays
+at its last value once all its tokens are changed). A deleted token is *replaced* by the
+substrate's token (``"zero"``: the baseline token of ``Text``), the standard "replace with
+``[MASK]``" deletion: a ``[MASK]`` or unknown token stays attended, since the model reads it as a
+token. Where the substrate's token is the pad token itself (the baseline token defaults to it),
+the token is *removed*, as padding is: a per-input ``attention_mask`` in ``forward_kwargs`` (or
+in the batches of a loader) is set to 0 at those positions, so the model neither reads nor
+attends to what was deleted (or not yet inserted).
+
+**Streams**: :func:`causal_curves`, :func:`deletion`, :func:`insertion` and
+:func:`accuracy_spread` accept an iterable of batches (a ``DataLoader``) as their inputs
+(:mod:`pytest_saliency.checks.streaming`); the curves and AUCs are per input, so the result
+holds those of every input, in order. Precomputed ``attributions`` for a stream are a tensor
+with one map per input of the whole loader, in its order (sliced batch by batch, like a
+``target``); a method name explains each batch.
+
 Cost and memory: ``N x (steps + 1)`` forward passes, run ``batch_size`` perturbed inputs at a
 time with no gradients, the model in ``eval()`` mode (its flags restored afterwards).
 """
@@ -57,22 +76,29 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Union
 
-from ..core.forward import OutputSelector, call_model, current_call, passes_model_call
+from ..core.forward import (
+    OutputSelector,
+    call_model,
+    current_call,
+    model_call_options,
+    passes_model_call,
+)
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
+from ..core.stream import example_offset, in_stream
 from ..core.torchtools import require_torch
 from ..core.validation import (
     check_choice,
     check_count,
     check_finite,
     check_flag,
-    check_inputs,
     check_model,
     check_seed,
+    checked_inputs,
     unknown_choice,
 )
 from ..exceptions import SaliencyUsageError
@@ -80,6 +106,7 @@ from ..maps.baselines import default_blur_sigma, gaussian_blur
 from ..maps.options import format_value
 from ..reporting.numbers import format_score
 from ..reporting.protocol import Figure, Number
+from .streaming import StreamSpec, streams
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +138,9 @@ class CausalCurves:
 
     ``curves`` is (N, steps + 1): the target-class probability after 0, 1, ... steps;
     ``fractions`` (steps + 1,) the fraction of pixels changed at each point (the x axis for a
-    plot: ``plt.plot(r.fractions, r.curves[i])``); ``auc`` (N,) per image.
+    plot: ``plt.plot(r.fractions, r.curves[i])``); ``auc`` (N,) per image. For token inputs of
+    different lengths ``fractions`` is (N, steps + 1), each input's fraction of its own tokens
+    (``plt.plot(r.fractions[i], r.curves[i])``).
 
     A data object, what :func:`causal_curves`, :func:`deletion` and :func:`insertion` return: not
     a check result, so it does not implement
@@ -177,7 +206,8 @@ class CausalCurves:
 
 
 def area_under_curve(curves: torch.Tensor, fractions: torch.Tensor, normalize: str | None = "max") -> torch.Tensor:
-    """Trapezoidal AUC of (N, S) curves over the x values ``fractions`` (S,).
+    """Trapezoidal AUC of (N, S) curves over the x values ``fractions``: (S,), or (N, S) with
+    each curve's own (token inputs of different lengths).
 
     ``normalize="max"`` divides each AUC by its curve's maximum (SAM); a curve whose maximum is
     0 (the model gives the class probability 0 throughout) gets AUC 0. ``None``: raw AUC.
@@ -185,7 +215,7 @@ def area_under_curve(curves: torch.Tensor, fractions: torch.Tensor, normalize: s
     torch = require_torch()
     if normalize not in NORMALIZATIONS:
         raise unknown_choice("AUC normalization", normalize, ["max", "None"])
-    widths = (fractions[1:] - fractions[:-1]).to(curves.dtype)
+    widths = (fractions[..., 1:] - fractions[..., :-1]).to(curves.dtype)
     area = ((curves[:, 1:] + curves[:, :-1]) * 0.5 * widths).sum(dim=1)
     if normalize == "max":
         peak = curves.amax(dim=1)
@@ -228,6 +258,20 @@ def _pixel_scores(attributions: object, inputs: torch.Tensor, order: str) -> tor
     return a.reshape(n, -1)
 
 
+def _rows_of_batch(substrate: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """A substrate with one row per example of a whole loader: the rows of this batch (from
+    :func:`~pytest_saliency.core.stream.example_offset`); any other tensor as it is."""
+    n, start = inputs.shape[0], example_offset()
+    if not in_stream() or substrate.dim() != inputs.dim() or substrate.shape[0] == 1:
+        return substrate
+    if substrate.shape[0] < start + n:
+        raise SaliencyUsageError(
+            f"the substrate has {substrate.shape[0]} rows, one per example, but the inputs' batches have more "
+            f"examples (at least {start + n}); pass one row per example of the whole loader, in its order, or a "
+            "substrate that broadcasts to every batch (a float, 'zero', 'blur', a callable).")
+    return substrate[start:start + n]
+
+
 def _substrate(kind: Substrate, inputs: torch.Tensor, blur_sigma: float | None) -> tuple[torch.Tensor, str]:
     """The substrate as a tensor shaped like the inputs, and its name for the report."""
     torch = require_torch()
@@ -246,6 +290,7 @@ def _substrate(kind: Substrate, inputs: torch.Tensor, blur_sigma: float | None) 
             raise SaliencyUsageError(f"a constant substrate must be finite, got {kind!r}.")
         return torch.full_like(inputs, float(kind)), f"constant({kind:g})"
     if isinstance(kind, torch.Tensor):
+        kind = _rows_of_batch(kind, inputs)
         try:
             value = kind.to(device=inputs.device, dtype=inputs.dtype).expand_as(inputs).clone()
         except RuntimeError:
@@ -285,11 +330,195 @@ def _check_curve_options(mode: Any, order: Any, probability: Any, normalize: Any
     return check_count(batch_size, "batch_size", hint="It bounds the perturbed inputs per forward pass.")
 
 
+def _token_positions(inputs: torch.Tensor) -> torch.Tensor | None:
+    """(N, L), True where token inputs hold a token and not padding; None for other inputs, or for
+    tokens without ``Text(pad_token_id=...)`` (every position is then a token)."""
+    call = current_call()
+    text = call.text
+    if call.modality != "text" or text is None or text.pad_token_id is None or inputs.dim() != 2:
+        return None
+    valid = inputs != text.pad_token_id
+    empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise SaliencyUsageError(
+            f"input(s) {empty[:10]} hold only padding (pad_token_id={text.pad_token_id}): they have no token to "
+            "delete or insert. Leave them out of the inputs."
+        )
+    return valid
+
+
+def _ranks(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """rank[i, p]: when position p of input i is changed (0 = first), by descending score, ties
+    broken by the lower index (a stable sort). Padding ranks after every token of its input, so
+    the schedule (:func:`_schedule`) never reaches it."""
+    torch = require_torch()
+    n, pixels = scores.shape
+    if valid is not None:
+        scores = scores.masked_fill(~valid.to(scores.device), -math.inf)
+    sorted_index = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(sorted_index)
+    rank.scatter_(1, sorted_index, torch.arange(pixels, device=scores.device).expand(n, pixels).contiguous())
+    return rank
+
+
+def _schedule(valid: torch.Tensor | None, n: int, pixels: int, step: int,
+              device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many positions of each input are changed after each step, (N, steps + 1), and the
+    fractions of the input's positions (its tokens, for token inputs) they are: (steps + 1,) when
+    every input has as many, else one row per input."""
+    torch = require_torch()
+    counts = torch.full((n,), pixels, device=device) if valid is None else valid.sum(dim=1).to(device)
+    n_steps = (int(counts.max()) + step - 1) // step
+    changed = torch.minimum(torch.arange(n_steps + 1, device=device)[None, :] * step, counts[:, None])
+    fractions = changed.double() / counts[:, None].double()
+    return changed, fractions[0] if bool((fractions == fractions[:1]).all()) else fractions
+
+
+def _removed_tokens(inputs: torch.Tensor, fill: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """(N, L), True at the tokens the substrate turns into the pad token, when the model takes a
+    per-input ``attention_mask``: those tokens are removed, and the mask follows (module
+    docstring). None when no token is removed."""
+    call = current_call()
+    mask = call.per_example.get("attention_mask")
+    if valid is None or mask is None or call.text is None:
+        return None
+    removed = valid & (fill.reshape(inputs.shape) == call.text.pad_token_id)
+    if not bool(removed.any()):
+        return None
+    if tuple(mask.shape) != tuple(inputs.shape):
+        raise SaliencyUsageError(
+            f"the substrate replaces deleted tokens by the pad token {call.text.pad_token_id}, which removes them, "
+            f"so the attention_mask must follow; but the attention_mask has shape {tuple(mask.shape)}, not one "
+            f"entry per token {tuple(inputs.shape)}. Pass an (N, L) attention_mask, or replace deleted tokens by "
+            "a token the model reads (modality=Text(pad_token_id=..., baseline_token=<a [MASK] or unknown token>))."
+        )
+    return removed
+
+
+def _class_scores(model: torch.nn.Module, perturbed: torch.Tensor, rows: torch.Tensor,
+                  removed: torch.Tensor | None) -> torch.Tensor:
+    """The model's (B, classes) scores on perturbed inputs made from the inputs at ``rows``; with
+    ``removed`` (B, L), the attention mask is 0 at the removed tokens."""
+    from ..core.forward import static
+
+    if removed is None:
+        out = call_model(model, perturbed, rows=rows)
+    else:
+        call = current_call()
+        kwargs = {**{k: static(v) for k, v in call.static.items()},
+                  **{k: v[rows] for k, v in call.per_example.items()}}
+        kwargs["attention_mask"] = kwargs["attention_mask"].masked_fill(removed.to(perturbed.device), 0)
+        with model_call_options(call.output, kwargs, perturbed, call.text):
+            out = call_model(model, perturbed)
+    if out.dim() != 2:
+        raise SaliencyUsageError(
+            f"the model's output has shape {tuple(out.shape)}; insertion/deletion need (N, num_classes) scores."
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class _Game:
+    """One game's perturbations: the inputs it starts from and ends at (N, C, P), when each
+    position changes (:func:`_ranks`), how many have changed after each step (:func:`_schedule`)
+    and which changed tokens are removed (:func:`_removed_tokens`)."""
+
+    begin: torch.Tensor
+    finish: torch.Tensor
+    rank: torch.Tensor
+    changed: torch.Tensor
+    removed: torch.Tensor | None
+    deletion: bool
+
+
+def _play(model: torch.nn.Module, inputs: torch.Tensor, game: _Game, target: torch.Tensor, probability: str,
+          batch_size: int) -> torch.Tensor:
+    """(N, steps + 1): the target class's probability after each step of each input's game, for
+    ``batch_size`` perturbed inputs per forward pass."""
+    torch = require_torch()
+    n, steps = game.changed.shape
+    image_index = torch.arange(n, device=inputs.device).repeat_interleave(steps)
+    step_index = torch.arange(steps, device=inputs.device).repeat(n)
+    probabilities = torch.empty(n * steps, dtype=torch.float64, device=inputs.device)
+    for first in range(0, image_index.numel(), batch_size):
+        img = image_index[first:first + batch_size]
+        keep = game.rank[img] < game.changed[img, step_index[first:first + batch_size]][:, None]
+        perturbed = torch.where(keep[:, None, :], game.finish[img], game.begin[img])
+        # the positions that hold the substrate: deletion's changed ones, insertion's unchanged ones
+        removed = None if game.removed is None else game.removed[img] & (keep if game.deletion else ~keep)
+        out = _class_scores(model, perturbed.reshape((img.numel(), *inputs.shape[1:])), img, removed)
+        if probability == "softmax":
+            out = torch.softmax(out.double(), dim=1)
+        probabilities[first:first + img.numel()] = out.gather(1, target[img][:, None])[:, 0].double()
+    return probabilities.reshape(n, steps)
+
+
+@dataclass(frozen=True)
+class _StreamMaps:
+    """Precomputed attributions of a stream: one map per input of the whole loader, taken batch
+    by batch from ``start`` (the index of the batch's first input)."""
+
+    maps: torch.Tensor
+    start: int
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.maps.shape[0] < self.start + n:
+            raise SaliencyUsageError(
+                f"attributions hold {self.maps.shape[0]} maps, but the inputs' batches have more examples (at least "
+                f"{self.start + n}). With a loader, pass one map per example of the whole loader, in its order, or a "
+                "method name to explain each batch."
+            )
+        return self.maps[self.start:self.start + n]
+
+
+def _prepare_curves(arguments: dict[str, Any], parts: list[CausalCurves]) -> dict[str, Any]:
+    """A batch's share of precomputed attributions (see :class:`_StreamMaps`)."""
+    attributions = arguments["attributions"]
+    if isinstance(attributions, require_torch().Tensor):
+        return {"attributions": _StreamMaps(attributions, sum(len(part.targets) for part in parts))}
+    return {}
+
+
+def _to_width(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, S) rows extended to ``width`` columns by repeating their last value (a finished game
+    stays where it ended)."""
+    return require_torch().cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], dim=1)
+
+
+def _combined_curves(parts: list[CausalCurves], arguments: dict[str, Any], stopped: str) -> CausalCurves:
+    """One result of a stream's batches: every input's curve and AUC, in order. Token inputs of
+    batches with fewer steps (shorter texts) have finished their games: their curves and
+    fractions are extended by their last value, which leaves the AUCs as they are."""
+    torch = require_torch()
+    first = parts[0]
+    n = sum(part.auc.shape[0] for part in parts)
+    attributions = arguments["attributions"]
+    if isinstance(attributions, torch.Tensor) and attributions.shape[0] != n:
+        raise SaliencyUsageError(
+            f"attributions hold {attributions.shape[0]} maps, but the inputs' batches have {n} examples; pass one "
+            "map per example of the whole loader, in its order, or a method name to explain each batch."
+        )
+    width = max(part.curves.shape[1] for part in parts)
+    fractions = torch.cat([_to_width(p.fractions.expand(p.curves.shape[0], -1), width) for p in parts])
+    return replace(
+        first, curves=torch.cat([_to_width(part.curves, width) for part in parts]),
+        fractions=fractions[0] if bool((fractions == fractions[:1]).all()) else fractions,
+        auc=torch.cat([part.auc for part in parts]), targets=[t for part in parts for t in part.targets],
+        seconds=sum(part.seconds for part in parts),
+    )
+
+
+def _whole(part: Any) -> Any:
+    """A later batch's result as it is: it holds per-input numbers only (curves and AUCs)."""
+    return part
+
+
 @rng_isolated
+@streams(StreamSpec(_combined_curves, _whole, _prepare_curves))
 @passes_model_call
 def causal_curves(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     attributions: torch.Tensor | str | Explainer,
     mode: str = "deletion",
     *,
@@ -309,10 +538,15 @@ def causal_curves(
 ) -> CausalCurves:
     """Play the deletion or insertion game for every input; batched over images and steps.
 
+    ``inputs``: a tensor, or an iterable of batches such as a ``DataLoader``
+    (:mod:`pytest_saliency.checks.streaming`: one call per batch, the curves of every input).
     ``attributions``: a tensor of maps (N, C, H, W), (N, 1, H, W) or (N, H, W) (or (N, D) for
-    feature vectors), or a method name / explainer callable, in which case the maps are computed
-    with :func:`pytest_saliency.explain` (``seed`` and ``method_options`` go there). The module
-    docstring defines every option. Returns :class:`CausalCurves` with the curves for plotting.
+    feature vectors; for a loader, one map per input of the whole loader, in its order), or a
+    method name / explainer callable, in which case the maps are computed with
+    :func:`pytest_saliency.explain` (``seed`` and ``method_options`` go there). The module
+    docstring defines every option, and how token inputs are played (padding left out; tokens
+    replaced by the substrate's token, or removed from the attention mask when that token is the
+    pad token). Returns :class:`CausalCurves` with the curves for plotting.
     """
     torch = require_torch()
     from ..core.torchtools import model_in_eval_mode
@@ -322,10 +556,12 @@ def causal_curves(
 
     start_time = time.perf_counter()
     check_model(model)
-    check_inputs(inputs, model)
+    inputs = checked_inputs(inputs, model)
     batch_size = _check_curve_options(mode, order, probability, normalize, batch_size, output)
     seed = check_seed(seed)
     label = ""
+    if isinstance(attributions, _StreamMaps):  # a stream's batch: its rows of the whole loader's maps
+        attributions = attributions.take(int(inputs.shape[0]))
     if isinstance(attributions, str) or (callable(attributions) and not isinstance(attributions, torch.Tensor)):
         label = method_name(attributions)
         attributions = explain(model, inputs, attributions, target=target, seed=seed, **method_options)
@@ -353,34 +589,14 @@ def causal_curves(
     channels = inputs.shape[1] if inputs.dim() >= 3 else 1
     x_flat = inputs.detach().reshape(n, channels, pixels)
     s_flat = fill.reshape(n, channels, pixels)
-    begin, finish = (x_flat, s_flat) if mode == "deletion" else (s_flat, x_flat)
-
-    # rank[i, p] = position of pixel p in image i's order (0 = changed first); stable ties.
-    sorted_index = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(sorted_index)
-    rank.scatter_(1, sorted_index, torch.arange(pixels, device=scores.device).expand(n, pixels).contiguous())
-
-    n_steps = (pixels + step - 1) // step
-    changed = torch.clamp(torch.arange(n_steps + 1, device=inputs.device) * step, max=pixels)
-    fractions = changed.double() / pixels
+    valid = _token_positions(inputs)
+    changed, fractions = _schedule(valid, n, pixels, step, inputs.device)
+    game = _Game(begin=x_flat if mode == "deletion" else s_flat, finish=s_flat if mode == "deletion" else x_flat,
+                 rank=_ranks(scores, valid), changed=changed, removed=_removed_tokens(inputs, fill, valid),
+                 deletion=mode == "deletion")
     with model_in_eval_mode(model, True), torch.no_grad():
         fixed_target = resolve_target(model, inputs, target, seed=seed)
-        image_index = torch.arange(n, device=inputs.device).repeat_interleave(n_steps + 1)
-        step_index = torch.arange(n_steps + 1, device=inputs.device).repeat(n)
-        probabilities = torch.empty(n * (n_steps + 1), dtype=torch.float64, device=inputs.device)
-        for first in range(0, image_index.numel(), batch_size):
-            img = image_index[first:first + batch_size]
-            keep = (rank[img] < changed[step_index[first:first + batch_size]][:, None])[:, None, :]
-            perturbed = torch.where(keep, finish[img], begin[img]).reshape((img.numel(), *inputs.shape[1:]))
-            out = call_model(model, perturbed, rows=img)
-            if out.dim() != 2:
-                raise SaliencyUsageError(
-                    f"the model's output has shape {tuple(out.shape)}; insertion/deletion need (N, num_classes) scores."
-                )
-            if probability == "softmax":
-                out = torch.softmax(out.double(), dim=1)
-            probabilities[first:first + img.numel()] = out.gather(1, fixed_target[img][:, None])[:, 0].double()
-    curves = probabilities.reshape(n, n_steps + 1)
+        curves = _play(model, inputs, game, fixed_target, probability, batch_size)
     auc = area_under_curve(curves, fractions, normalize)
     return CausalCurves(
         mode=mode, curves=curves.cpu(), fractions=fractions.cpu(), auc=auc.cpu(),
@@ -393,18 +609,22 @@ def causal_curves(
 @rng_isolated
 @passes_model_call
 def deletion(
-    model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor | str | Explainer, **options: Any
+    model: torch.nn.Module, inputs: torch.Tensor | Iterable[Any], attributions: torch.Tensor | str | Explainer,
+    **options: Any,
 ) -> CausalCurves:
-    """The deletion game (lower AUC is better). See :func:`causal_curves` for the options."""
+    """The deletion game (lower AUC is better). See :func:`causal_curves` for the options; ``inputs``
+    may be an iterable of batches (:mod:`pytest_saliency.checks.streaming`)."""
     return causal_curves(model, inputs, attributions, "deletion", **options)
 
 
 @rng_isolated
 @passes_model_call
 def insertion(
-    model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor | str | Explainer, **options: Any
+    model: torch.nn.Module, inputs: torch.Tensor | Iterable[Any], attributions: torch.Tensor | str | Explainer,
+    **options: Any,
 ) -> CausalCurves:
-    """The insertion game (higher AUC is better). See :func:`causal_curves` for the options."""
+    """The insertion game (higher AUC is better). See :func:`causal_curves` for the options; ``inputs``
+    may be an iterable of batches (:mod:`pytest_saliency.checks.streaming`)."""
     return causal_curves(model, inputs, attributions, "insertion", **options)
 
 
@@ -569,11 +789,47 @@ def _spread_row(hyperparameter: str, score: str, values: list[Any], aucs: list[t
     )
 
 
+def _prepare_spread(arguments: dict[str, Any], parts: list[AccuracySpread]) -> dict[str, Any]:
+    """Nothing changes from batch to batch but the inputs; a SweepResult cannot be streamed."""
+    from .sweeps import SweepResult
+
+    if isinstance(arguments["method"], SweepResult):
+        raise SaliencyUsageError(
+            "accuracy_spread was given a SweepResult and a loader: the SweepResult's kept attributions are those "
+            "of the inputs tensor it explained, not of the loader's batches. Pass that inputs tensor with the "
+            "SweepResult, or pass the method name (or grid) and sweep with the loader, to explain each batch."
+        )
+    return {}
+
+
+def _combined_spread(parts: list[AccuracySpread], arguments: dict[str, Any], stopped: str) -> AccuracySpread:
+    """One result of a stream's batches: every input's AUC at every value, the spreads recomputed
+    on all of them."""
+    torch = require_torch()
+    first = parts[0]
+    shape = [(r.hyperparameter, r.score, len(r.values)) for r in first.rows]
+    for index, part in enumerate(parts[1:], start=1):
+        if [(r.hyperparameter, r.score, len(r.values)) for r in part.rows] != shape:
+            raise SaliencyUsageError(
+                f"batch {index} of the inputs gives other sweep rows than batch 0; the batches of one check must "
+                "have the same shapes (a grid is scaled to the inputs' size)."
+            )
+    rows = []
+    for index, row in enumerate(first.rows):
+        per_value = [torch.tensor([auc for part in parts for auc in part.rows[index].per_image[value]],
+                                  dtype=torch.float64) for value in range(len(row.values))]
+        rows.append(_spread_row(row.hyperparameter, row.score, row.values, per_value))
+    return replace(first, rows=rows, n_images=sum(part.n_images for part in parts),
+                   seconds=sum(part.seconds for part in parts),
+                   model_writes=tuple(sorted({w for part in parts for w in part.model_writes})))
+
+
 @rng_isolated
+@streams(StreamSpec(_combined_spread, _whole, _prepare_spread))
 @passes_model_call
 def accuracy_spread(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     method: str | Explainer | SweepGrid | SweepResult = "smoothgrad",
     sweep: SweepSpec | None = None,
     reference: Mapping[str, Any] | None = None,
@@ -606,12 +862,16 @@ def accuracy_spread(
     spreads are reported per score: ``mean_image_std`` (per image, the std of its N scores,
     averaged over images; SAM 4.5) and ``std_of_means`` (the std of the N dataset-mean scores;
     SAM 4.6). Standard deviations are population std (``ddof=0``, numpy's default, as SAM).
+
+    ``inputs`` may be an iterable of batches (:mod:`pytest_saliency.checks.streaming`): each
+    batch is swept and scored in turn, and the spreads are computed on the AUCs of every input
+    (a SweepResult, whose maps are those of one inputs tensor, then cannot be passed).
     """
     from .sweeps import SweepResult, hyperparameter_sweep
 
     start = time.perf_counter()
     check_model(model)
-    check_inputs(inputs, model)
+    inputs = checked_inputs(inputs, model)
     scores = (scores,) if isinstance(scores, str) else tuple(scores)
     for s in scores:
         check_choice(s, "accuracy score", MODES)

@@ -6,6 +6,8 @@ only the input changes. Each noisy map is compared with the clean map of the sam
 measures, map pipeline and table of :mod:`pytest_saliency.checks.sweeps`), and per image the
 similarity is averaged over the noisy copies. The defaults are SAM's code:
 ``skimage.util.random_noise(img, "gaussian", mean=0, var=0.1)`` on [0, 1] images, clipped.
+The noise of an example is drawn from the seed, the draw and the example's index alone, so an
+iterable of batches (a ``DataLoader``) gives every example the numbers one tensor gives it.
 
 Stability alone is not quality: an explainer that ignores the model is perfectly stable under
 any noise (see :data:`pytest_saliency.checks.sweeps.STABILITY_NOTE`).
@@ -17,18 +19,20 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..core.forward import OutputSelector, passes_model_call
 from ..core.integrity import rng_isolated, short_usage_errors
 from ..core.rng import derive_seed
+from ..core.stream import example_offset
 from ..core.torchtools import require_torch
 from ..core.validation import (
     check_count,
-    check_inputs,
     check_model,
     check_number,
     check_seed,
+    checked_inputs,
     is_int,
     is_real,
     unknown_choice,
@@ -38,6 +42,7 @@ from ..maps.methods import Explainer, method_name
 from ..maps.modality import current_modality, default_similarity
 from ..maps.postprocess import MapPipeline
 from ..maps.targets import resolve_target
+from .streaming import StreamSpec, streams
 from .sweeps import (
     SWEEP_PRESET,
     Progress,
@@ -56,6 +61,7 @@ from .sweeps import (
 if TYPE_CHECKING:
     import torch
 
+    from ..core.stream import Inputs
     from ..maps.cache import MapCache
 
 #: SAM code: skimage.util.random_noise(img, "gaussian", mean=0, var=0.1) on [0, 1] images (clipped).
@@ -68,13 +74,16 @@ NoiseFunction = Callable[["torch.Tensor", int, int], "torch.Tensor"]
 @short_usage_errors
 def add_input_noise(
     inputs: torch.Tensor, variance: float = SAM_INPUT_NOISE_VARIANCE, clip: tuple[float, float] | None = (0.0, 1.0),
-    seed: int = 0, draw: int = 0,
+    seed: int = 0, draw: int = 0, *, first_example: int = 0,
 ) -> torch.Tensor:
     """``clip(x + N(0, variance))``: scikit-image's ``random_noise(x, "gaussian", var=variance)`` in torch.
 
-    The noise comes from a local ``torch.Generator`` seeded by ``(seed, draw)``: no global RNG
-    changes, and the same ``(seed, draw)`` gives the same standard-normal draw for every
-    variance (common random numbers, so a variance sweep compares like with like).
+    The noise of each example (a row of ``inputs``) comes from a local ``torch.Generator``
+    seeded by ``(seed, draw, its index)``, the index counted from ``first_example``: no global
+    RNG changes; an example's noise does not depend on the other examples, so a batch of a
+    loader gets the noise its examples get in one tensor; and the same ``(seed, draw)`` gives
+    the same standard-normal draw for every variance (common random numbers, so a variance
+    sweep compares like with like).
     """
     torch = require_torch()
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
@@ -88,10 +97,22 @@ def add_input_noise(
         clip = _check_clip(clip)
     seed = check_seed(seed)
     draw = check_count(draw, "draw", minimum=0, hint="It numbers the noisy copy: 0, 1, 2, ...")
-    generator = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "input_noise", draw))
-    z = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-    noisy = inputs + math.sqrt(variance) * z
+    first_example = check_count(first_example, "first_example", minimum=0,
+                                hint="It is the index of the first input among all the examples, e.g. 0.")
+    noisy = inputs + math.sqrt(variance) * _standard_normal(inputs, seed, draw, first_example)
     return noisy if clip is None else noisy.clamp(clip[0], clip[1])
+
+
+def _standard_normal(inputs: torch.Tensor, seed: int, draw: int, first_example: int) -> torch.Tensor:
+    """N(0, 1) shaped like ``inputs``, row ``i`` drawn from ``(seed, draw, first_example + i)``."""
+    torch = require_torch()
+    rows = inputs.reshape(1) if inputs.dim() == 0 else inputs
+    z = torch.empty_like(rows)
+    generator = torch.Generator(device=inputs.device)
+    for i in range(rows.shape[0]):
+        generator.manual_seed(derive_seed(seed, "input_noise", draw, first_example + i))
+        z[i] = torch.randn(rows.shape[1:], generator=generator, device=inputs.device, dtype=inputs.dtype)
+    return z.reshape(inputs.shape)
 
 
 def _check_clip(clip: Any) -> tuple[float, float]:
@@ -133,13 +154,14 @@ def _check_noise_args(inputs: torch.Tensor, noise: Any, variance: Any, clip: Any
 
 
 def _noisy_copy(
-    inputs: torch.Tensor, noise: str | NoiseFunction, clip: tuple[float, float] | None, seed: int, variance: float,
-    draw: int,
+    inputs: torch.Tensor, noise: str | NoiseFunction, clip: tuple[float, float] | None, seed: int,
+    first_example: int, variance: float, draw: int,
 ) -> torch.Tensor:
     """Noisy copy number ``draw`` of the inputs: the built-in noise, or the callable's (checked)."""
     torch = require_torch()
     if not callable(noise):
-        return add_input_noise(inputs, variance, None if clip is None else (float(clip[0]), float(clip[1])), seed, draw)
+        return add_input_noise(inputs, variance, None if clip is None else (float(clip[0]), float(clip[1])), seed, draw,
+                               first_example=first_example)
     noisy = noise(inputs, seed, draw)
     if not isinstance(noisy, torch.Tensor) or noisy.shape != inputs.shape:
         raise SaliencyUsageError(
@@ -171,11 +193,40 @@ def _noise_rows(
     return rows
 
 
+
+
+def _combined_row(rows: list[SweepRow]) -> SweepRow:
+    """One variance's row over a stream's batches: every image's similarity, in order."""
+    return replace(rows[0], scores={m: [v for row in rows for v in row.scores[m]] for m in rows[0].scores})
+
+
+def _combined(parts: list[SweepResult], arguments: dict[str, Any], stopped: str) -> SweepResult:
+    """One result of a stream's batches: the per-image similarities and targets of every batch
+    (the means, the verdict and the report follow from them), the maps of the first batch."""
+    torch = require_torch()
+    first = parts[0]
+    tables = [replace(table, rows=[_combined_row([part.tables[t].rows[r] for part in parts])
+                                   for r in range(len(table.rows))])
+              for t, table in enumerate(first.tables)]
+    return replace(
+        first, tables=tables, n_images=sum(part.n_images for part in parts),
+        targets=[t for part in parts for t in part.targets],
+        target_tensor=torch.cat([part.target_tensor for part in parts]),
+        seconds=sum(part.seconds for part in parts),
+        model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
+    )
+
+
+def _slim(part: SweepResult) -> SweepResult:
+    return replace(part, reference_maps=None, reference_attributions=None)
+
+
 @rng_isolated
+@streams(StreamSpec(_combined, _slim))
 @passes_model_call
 def input_noise_stability(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     method: str | Explainer = "saliency",
     *,
     noise: str | NoiseFunction = "gaussian",
@@ -202,7 +253,7 @@ def input_noise_stability(
 
     Defaults are the SAM code's: ``skimage.util.random_noise(img, "gaussian", mean=0, var=0.1)``
     on [0, 1] images, which clips to [0, 1]: **variance** 0.1, i.e. std ~0.316 (the paper's
-    "N(0, 0.1)"). The noise is seeded (``seed``; one local generator per draw). The target is the
+    "N(0, 0.1)"). The noise is seeded (``seed``; a local generator per draw and example). The target is the
     class predicted for the *clean* input, kept for the noisy copies; the explainer's own seed is
     the same for both. Per image, the similarity is averaged over ``n_draws`` noisy copies (SAM:
     one). ``variance`` may be a list (one row each). ``noise`` may be a callable
@@ -210,12 +261,18 @@ def input_noise_stability(
     ``clip="auto"`` clips to [0, 1] for images (SAM) and not at all for other modalities.
     ``cache`` (a MapCache) lets the clean maps be shared with other checks; ``progress`` is
     called as ``progress(done, total, label)``.
+
+    ``inputs`` is a tensor or an iterable of batches (a ``DataLoader``, see
+    :mod:`pytest_saliency.checks.streaming`). The Gaussian noise of an example is drawn from the
+    seed, the draw and the example's index (in the whole stream, for a loader), so a loader gives each example the noise, and the similarity, that
+    one tensor of the same examples gives it. A ``noise`` callable is called per batch, with
+    the same ``(seed, draw)`` for every batch.
     """
     from ..compare.metrics import check_metric_options
 
     start = time.perf_counter()
     check_model(model)
-    check_inputs(inputs, model)
+    inputs = checked_inputs(inputs, model)
     if current_modality().name == "text":
         raise SaliencyUsageError(
             "input noise adds Gaussian noise to the inputs, and token ids are integers (a noisy id is another "
@@ -244,7 +301,7 @@ def input_noise_stability(
     progress = progress or no_progress
     progress(0, 1 + len(variances) * n_draws, "clean inputs")
     clean = runner.reference_maps(runner.attributions(inputs, dict(options), seed))
-    noisy_copy = functools.partial(_noisy_copy, inputs, noise, clip, seed)
+    noisy_copy = functools.partial(_noisy_copy, inputs, noise, clip, seed, example_offset())
     rows = _noise_rows(runner, inputs, clean, options, seed, noisy_copy, variances, n_draws, progress)
     if not reproduce:
         reproduce = (
@@ -269,7 +326,7 @@ def input_noise_stability(
 @passes_model_call
 def assert_stable_under_input_noise(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     method: str | Explainer = "saliency",
     noise: str | NoiseFunction = "gaussian",
     variance: float | Sequence[float] = SAM_INPUT_NOISE_VARIANCE,
@@ -285,7 +342,8 @@ def assert_stable_under_input_noise(
     """Fail when the mean similarity between maps of x and of noisy x is below ``threshold``.
 
     See :func:`input_noise_stability` for the noise convention (SAM: variance 0.1 on [0, 1]
-    images, clipped). ``metrics`` defaults to just ``metric``.
+    images, clipped) and for ``inputs`` given as an iterable of batches (a ``DataLoader``).
+    ``metrics`` defaults to just ``metric``.
     """
     __tracebackhide__ = True
     require_threshold(threshold, "assert_stable_under_input_noise")

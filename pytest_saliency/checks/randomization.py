@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..compare.statistics import (
@@ -38,6 +38,7 @@ from ..compare.statistics import (
 from ..core.forward import OutputSelector, current_call, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
+from ..core.stream import carried_rows, previous_rows
 from ..core.torchtools import require_torch
 from ..core.validation import (
     all_finite,
@@ -49,13 +50,14 @@ from ..core.validation import (
     check_model,
     check_number,
     check_seed,
+    checked_inputs,
 )
 from ..engine.base import Explanation, MapEngine, Progress, States
 from ..engine.select import engine_for
 from ..exceptions import SaliencyUsageError, warn_user
 from ..maps.explainers import prepare_method
 from ..maps.methods import Explainer
-from ..maps.modality import current_modality, default_similarity, figure_context
+from ..maps.modality import current_modality, default_similarity, figure_context, top_features
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, get_pipeline, pipeline_maps
 from ..maps.targets import resolve_target
@@ -63,11 +65,13 @@ from ..model.layers import select_layers
 from ..model.randomize import STRATEGIES, check_strategy, preserved
 from ..reporting.numbers import format_score, format_threshold, layer_label
 from ..reporting.protocol import Figure, Number
+from .streaming import StreamSpec, same_across_batches, streams, weighted_mean
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from ..core.stream import Inputs
     from ..maps.cache import MapCache
 
 MODES = ("independent", "cascading")
@@ -78,7 +82,14 @@ ORDERS = ("top_down", "bottom_up")
 
 @dataclass
 class RandomizationResult:
-    """The outcome of one randomization check; ``to_dict()`` is JSON-serializable."""
+    """The outcome of one randomization check; ``to_dict()`` is JSON-serializable.
+
+    ``ssim`` (and, in ``to_dict()``, ``ssim_threshold``, ``clip_negative_ssim`` and each layer's
+    ``mean_ssim``, ``std_ssim``, ``min_ssim``, ``max_ssim``) hold the values of the comparison that
+    ``similarity`` names: SSIM, or Spearman or Pearson correlation (the default for tabular and
+    text maps). The keys keep their names across comparisons so that readers of the JSON report
+    need one layout; ``similarity`` says what the numbers are.
+    """
 
     mode: str
     method: str
@@ -104,6 +115,7 @@ class RandomizationResult:
     similarity: str = "ssim"  # how each state's maps were compared with the original ones
     modality: str = "image"
     chance: float | None = None  # mean similarity of the original maps of different inputs
+    chance_pairs: int = 0  # the pairs of different inputs that mean is over
     figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
 
     @property
@@ -223,13 +235,16 @@ class RandomizationResult:
         boundary = f"{label} < threshold counts as sensitive; S from max({label}, 0)" if s.clip_negative else (
             f"{label} < threshold counts as sensitive; S from raw {label} (may exceed 1)"
         )
-        chance = "n/a (one image)" if self.chance is None else format_score(self.chance)
+        chance = format_score(self.chance) if self.chance is not None else (
+            "n/a (a single input)" if self.n_images < 2 else
+            "n/a (undefined for every pair: one of the two maps is constant on the positions they share)")
         order = f", {self.order.replace('_', '-')}" if self.mode == "cascading" else ""
         lines = [
             f"  check:       {self.check} ({self.mode}{order}, randomization={self.randomization})",
             f"  method:      {self.method}{format_options(self.method_options)}   target: original model's prediction",
             f"  preset:      {self.pipeline.describe()}",
             f"  compared:    {self.modality} maps by {label}; chance (original maps of different {self.unit}): {chance}",
+            *self._top_features(),
             f"  thresholds:  layer sensitive if {label} < {s.ssim_threshold:g}; dataset sensitive if "
             f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
             f"  S^I:         {format_score(s.dataset_score)}  ({s.confidence:.0%} bootstrap CI "
@@ -245,6 +260,13 @@ class RandomizationResult:
         if self.reproduce:
             lines.append(f"  reproduce:   {self.reproduce}")
         return "\n".join(lines)
+
+    def _top_features(self) -> list[str]:
+        """Feature maps: the features the original maps of the kept inputs weigh most."""
+        if self.modality != "tabular" or self.original_maps is None:
+            return []
+        top = top_features(self.original_maps, self.figure_context.get("feature_names"))
+        return [f"  top features (original maps of the first {self.original_maps.shape[0]} {self.unit}): {top}"]
 
     def failure_message(self) -> str:
         s = self.stats
@@ -339,28 +361,32 @@ class _Comparison:
         return require_torch().stack(self.kept_maps)
 
 
-def _chance(original: torch.Tensor, setup: Any, similarity: str, valid: torch.Tensor | None) -> torch.Tensor | None:
-    """The similarity of each original map with the next image's (none for a single image): what
-    maps that have nothing to do with each other score on these inputs, the chance level. Token
-    maps are compared on the positions that are not padding in both."""
+def _chance(original: torch.Tensor, setup: Any, similarity: str, valid: torch.Tensor | None,
+            first: int) -> torch.Tensor | None:
+    """The similarity of each original map with the previous input's (NaN for the first input of
+    all, which has none; see :func:`~pytest_saliency.core.stream.previous_rows`): what maps that have
+    nothing to do with each other score on these inputs, the chance level. Token maps are compared
+    on the positions that are not padding in both."""
     from ..compare.metrics import compute_on_valid
     from ..compare.similarity import ssim_unchecked
 
-    if original.shape[0] < 2:
-        return None
-    other = original.roll(1, dims=0)
+    other, paired = previous_rows("randomization:original", original, first)
     if similarity == "ssim":
-        return ssim_unchecked(original, other, setup)
-    return compute_on_valid(similarity, original, other, None if valid is None else valid & valid.roll(1, dims=0))
+        values = ssim_unchecked(original, other, setup)
+    else:
+        both = None if valid is None else valid & previous_rows("randomization:valid", valid, first)[0]
+        values = compute_on_valid(similarity, original, other, both)
+    return values.double().masked_fill(~paired.to(values.device), float("nan"))
 
 
-def _mean_chance(values: list[torch.Tensor]) -> float | None:
-    """The chance level: the mean over the pairs it is defined for (None when there are none)."""
+def _mean_chance(values: list[torch.Tensor]) -> tuple[float | None, int]:
+    """The chance level: the mean over the pairs it is defined for (None when there are none),
+    and the number of those pairs."""
     if not values:
-        return None
+        return None, 0
     joined = require_torch().cat(values).double()
     defined = joined[~joined.isnan()]
-    return float(defined.mean()) if defined.numel() else None
+    return (float(defined.mean()) if defined.numel() else None), int(defined.numel())
 
 
 def _valid_tokens(x: torch.Tensor) -> torch.Tensor | None:
@@ -447,7 +473,7 @@ def _compared(batch: MapEngine, pipeline: MapPipeline, setup: Any, similarity: s
         for index, raw in batch.state_maps():
             comparison.add(index, raw)
         comparison.flush()
-    return original, comparison, _chance(original, setup, similarity, valid)
+    return original, comparison, _chance(original, setup, similarity, valid, batch.offset)
 
 
 def _no_image_left(method: str, images: int) -> SaliencyUsageError:
@@ -595,11 +621,74 @@ def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: floa
     return None
 
 
+def _prepare_batch(arguments: dict[str, Any], parts: list[RandomizationResult]) -> dict[str, Any] | None:
+    """A batch of a stream runs with every image it has, the cap on images counted over the
+    stream; ``images="auto"`` and ``early_exit`` decide on all the images so far, after the batch
+    that brings in the next ``image_batch`` of them (:func:`_stop`)."""
+    images = arguments["images"]
+    overrides: dict[str, Any] = {"early_exit": False}
+    if images == "auto":
+        overrides["images"] = "all"
+    elif isinstance(images, int) and not isinstance(images, bool):
+        left = images - sum(part.images_available for part in parts)
+        if left <= 0:
+            return None
+        overrides["images"] = left
+    return overrides
+
+
+def _stop(parts: list[RandomizationResult], arguments: dict[str, Any]) -> str:
+    """Why ``images="auto"`` or ``early_exit`` stops a stream after the batches so far ("" to go on)."""
+    torch = require_torch()
+    adaptive = arguments["images"] == "auto"
+    if not adaptive and not arguments["early_exit"]:
+        return ""
+    # as over a tensor: a decision each time image_batch more images are in, never on fewer
+    step, seen = arguments["image_batch"], sum(part.n_images for part in parts)
+    if seen < step or seen // step == (seen - parts[-1].n_images) // step:
+        return ""
+    columns = [torch.tensor(part.ssim, dtype=torch.float64) for part in parts]
+    verdict = _decision(columns, parts[0].layers, ssim_threshold=arguments["ssim_threshold"],
+                        sensitivity_threshold=arguments["sensitivity_threshold"],
+                        require_every_layer=arguments["require_every_layer"],
+                        clip_negative=arguments["clip_negative_ssim"],
+                        confidence=arguments["adaptive_confidence"], seed=arguments["seed"])
+    if verdict == "fail" or (verdict == "pass" and adaptive):
+        return f"decisive {verdict} after {sum(part.n_images for part in parts)} {parts[0].unit}"
+    return ""
+
+
+def _combined(parts: list[RandomizationResult], arguments: dict[str, Any], stopped: str) -> RandomizationResult:
+    """One result of a stream's batches: every image's SSIM, the statistics on all of them."""
+    torch = require_torch()
+    same_across_batches(parts, "layers", "layers")
+    first = parts[0]
+    ssim = [[value for part in parts for value in part.ssim[layer]] for layer in range(len(first.layers))]
+    stats = sensitivity_statistics(
+        torch.tensor(ssim, dtype=torch.float64), first.layers, ssim_threshold=arguments["ssim_threshold"],
+        sensitivity_threshold=arguments["sensitivity_threshold"], clip_negative=arguments["clip_negative_ssim"],
+        confidence=arguments["confidence"], n_bootstrap=arguments["n_bootstrap"], seed=first.seed)
+    sizes = [part.n_images for part in parts]
+    return replace(
+        first, ssim=ssim, stats=stats, n_images=sum(sizes), images_available=sum(p.images_available for p in parts),
+        seconds=sum(part.seconds for part in parts), stopped_early=stopped,
+        reused_activations=all(part.reused_activations for part in parts),
+        model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
+        chance=weighted_mean([part.chance for part in parts], [part.chance_pairs for part in parts]),
+        chance_pairs=sum(part.chance_pairs for part in parts),
+    )
+
+
+def _slim(part: RandomizationResult) -> RandomizationResult:
+    return replace(part, original_maps=None, randomized_maps=None, figure_context={"modality": part.modality})
+
+
 @rng_isolated
+@streams(StreamSpec(_combined, _slim, _prepare_batch, _stop))
 @passes_model_call
 def layer_randomization(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     method: str | Explainer = "saliency",
     *,
     mode: str = "independent",
@@ -669,6 +758,8 @@ def layer_randomization(
     from ..compare.similarity import ssim_setup
 
     start = time.perf_counter()
+    check_model(model)
+    inputs = checked_inputs(inputs, model)
     s = _settings(model, inputs, mode=mode, order=order, constant_maps=constant_maps, images=images,
                   image_batch=image_batch, depth=depth, seed=seed, batch_size=batch_size, keep_maps=keep_maps,
                   early_exit=early_exit, require_every_layer=require_every_layer, reuse_activations=reuse_activations,
@@ -682,7 +773,7 @@ def layer_randomization(
     if isinstance(s.images, int):
         inputs = inputs[:s.images]
     explanation = Explanation(model, resolved, name, options, s.seed, s.batch_size, cache)
-    with preserved(model):
+    with preserved(model), carried_rows():  # the chance level pairs inputs across the batches
         _explain_only(model)
         # The engine, and the check's traced forward pass: the execution order and the predictions.
         # Leaving the block drops the traced pass's recording (an autograd graph) if no batch took
@@ -722,6 +813,7 @@ def layer_randomization(
         raise _no_image_left(name, inputs.shape[0])
     # 4. The statistics over layers and images, and with them the verdict (result.passed).
     ssim = torch.cat(columns, dim=1)
+    chance_level, chance_pairs = _mean_chance(chance)
     stats = s.statistics(ssim, states.names)
     reproduce = reproduce or (
         f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={s.mode!r}, "
@@ -738,7 +830,7 @@ def layer_randomization(
         # the kept maps are the first images' unless constant_maps="skip" left some out
         figure_context=figure_context(inputs, sum(o.shape[0] for o in originals)) if s.constant_maps == "error"
         else {"modality": current_modality().name},
-        chance=_mean_chance(chance),
+        chance=chance_level, chance_pairs=chance_pairs,
     )
 
 

@@ -43,6 +43,26 @@ Thresholds for retraining: a plain ``threshold`` on the mean per-image similarit
 the baseline is written: the lowest mean similarity between any two of them is stored as the
 envelope, and a later model passes when it is at least as close to the baseline as the recipe's
 own seeds are to each other.
+
+Inputs may also come as an iterable of batches (a ``DataLoader``; :mod:`pytest_saliency.core.stream`
+says what a batch may be). They are streamed, so that a baseline of 50,000 examples is never whole
+in memory: a baseline is written a batch of maps at a time to a temporary file beside it, and made
+into the ``.npz`` (the same format, read by :func:`read_baseline` too) only when the last batch is
+in, with the same atomic replace; a comparison reads the stored maps in order, a batch of rows at
+a time, and compares each batch's maps with the rows at its offset. The reference models of an
+envelope are explained batch by batch too (the mean similarity of each pair is summed over the
+batches). What a streamed comparison keeps is the per-example similarities and the maps of the
+first batch (for the report's figure). The inputs' fingerprint is a SHA-256 updated batch by
+batch, so a loader over other examples, or over the same in another order, is refused; a loader
+and a tensor of the same examples in the same order are interchangeable (either may write the
+baseline the other compares with). A streamed baseline records ``example_fingerprint``, the
+SHA-256 of the shape of one example and the float32 bytes of all examples in order (the whole
+inputs' shape is ``input_shape``), as the ``input_fingerprint`` of a tensor cannot be computed
+before the number of examples is known; a stream compared with a file that records
+``input_fingerprint`` computes that hash from the recorded shape and its batches. The target
+works per batch: ``target="labels"`` explains each batch's labels, a target with one class per
+example of the whole stream is sliced batch by batch, and with ``target=None`` a comparison
+explains each batch for the classes stored at its offset.
 """
 
 from __future__ import annotations
@@ -55,16 +75,20 @@ import math
 import os
 import re
 import secrets
+import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from ..core.fingerprint import input_fingerprint
-from ..core.forward import OutputSelector, passes_model_call
+from ..core.forward import OutputSelector, model_call_options, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
+from ..core.stream import Batches, Chunk, chunks, examples_from, is_stream
 from ..core.torchtools import require_torch
 from ..core.validation import check_inputs, check_model, model_device
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
@@ -199,8 +223,9 @@ def _versions() -> dict[str, str]:
 # "." + name + "." + pid + "." + 8 hex digits + ".tmp": the temporary file written next to a target.
 _TEMP_AFFIX_BYTES = 25
 _NAME_MAX_BYTES = 255  # one path component, on the common file systems
-# A temporary file is stale (its writer was killed) once it is this old, whoever wrote it: no
-# baseline takes an hour to write.
+# A temporary file is stale (its writer was killed) once it is this old (its age is the time since
+# its last write), whoever wrote it: no baseline takes an hour to write, and a streamed one writes
+# its temporary file of maps with every batch.
 _TEMP_STALE_SECONDS = 3600.0
 # ... or once its writer's process is gone and it is this old. The grace keeps the files of a
 # writer on another machine (a shared network folder, where a pid means nothing here).
@@ -331,6 +356,13 @@ def write_baseline(path: Path | str, maps: np.ndarray, metadata: dict[str, Any])
     import numpy as np
 
     path = _checked_path(path)
+    _refuse_shared_sidecar(path)
+    text = json.dumps(metadata, sort_keys=True, indent=2)
+    _write_files(path, lambda handle: np.savez_compressed(handle, maps=maps, metadata=np.array(text)), text)
+
+
+def _refuse_shared_sidecar(path: Path) -> None:
+    """Refuse to write ``path`` when another baseline file has the same JSON sidecar."""
     sidecar, twin = sidecar_path(path), _sidecar_twin(path)
     if twin.is_file():
         raise SaliencyUsageError(
@@ -339,20 +371,38 @@ def write_baseline(path: Path | str, maps: np.ndarray, metadata: dict[str, Any])
             f"other's. Rename one of them, e.g. pass {sidecar.with_name(sidecar.name[:-5] + '_2.npz')}, "
             "or delete the one no longer used (with its sidecar)."
         )
-    text = json.dumps(metadata, sort_keys=True, indent=2)
+
+
+def _temp_path(target: Path) -> Path:
+    """A new temporary file's name beside ``target`` (see :func:`_remove_stale_temps`)."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _create(path: Path) -> IO[bytes]:
+    """``path``, created (it must not exist) and opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o666), "wb")
+
+
+def _unwritable(path: Path, exc: OSError) -> SaliencyUsageError:
+    return SaliencyUsageError(
+        f"saliency baseline {path} could not be written ({type(exc).__name__}: {exc}). Check that its folder "
+        f"{path.parent} can be created and is writable (not a file, not on a read-only or full disk), or "
+        "choose another place (--saliency-baseline-dir)."
+    )
+
+
+def _write_files(path: Path, write_npz: Callable[[IO[bytes]], Any], text: str) -> None:
+    """The baseline (``write_npz(handle)`` writes it) and its JSON sidecar (``text``), each written to a
+    temporary file beside it, fsynced and renamed into place."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for target, writer in ((path, "npz"), (sidecar, "json")):
+        for target, write in ((path, write_npz), (sidecar_path(path), lambda handle: handle.write(text.encode("utf-8")))):
             _remove_stale_temps(target)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            fd = os.open(tmp, flags, 0o666)
+            tmp = _temp_path(target)
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    if writer == "npz":
-                        np.savez_compressed(handle, maps=maps, metadata=np.array(text))
-                    else:
-                        handle.write(text.encode("utf-8"))
+                with _create(tmp) as handle:
+                    write(handle)
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(tmp, target)
@@ -360,11 +410,90 @@ def write_baseline(path: Path | str, maps: np.ndarray, metadata: dict[str, Any])
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
     except OSError as exc:
-        raise SaliencyUsageError(
-            f"saliency baseline {path} could not be written ({type(exc).__name__}: {exc}). Check that its folder "
-            f"{path.parent} can be created and is writable (not a file, not on a read-only or full disk), or "
-            "choose another place (--saliency-baseline-dir)."
-        ) from None
+        raise _unwritable(path, exc) from None
+
+
+# Bytes copied at a time from a streamed baseline's temporary file of maps into its .npz.
+_COPY_BYTES = 1 << 16
+
+
+class _RowWriter:
+    """A baseline written a batch of maps at a time: the rows go to a temporary file beside the
+    baseline, which becomes an .npz like :func:`write_baseline`'s (written to another temporary
+    file and renamed into place) only in :meth:`commit`, after the last batch. Until then, and
+    when the stream fails, the file at ``path`` is left as it was; :meth:`discard` removes the
+    temporary file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shape: tuple[int, ...] | None = None  # the shape of one map
+        self.count = 0
+        self._rows_path: Path | None = None
+        self._rows: IO[bytes] | None = None
+
+    def open(self) -> None:
+        _refuse_shared_sidecar(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(self.path)
+            self._rows_path = _temp_path(self.path)
+            self._rows = _create(self._rows_path)
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+
+    def append(self, maps: np.ndarray) -> None:
+        """Add the maps of the next batch, of the same shape as the earlier ones."""
+        import numpy as np
+
+        shape = tuple(int(s) for s in maps.shape[1:])
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            raise SaliencyUsageError(
+                f"this batch's maps have shape {shape}, but the earlier batches' have shape {self.shape}; a baseline "
+                "stores maps of one shape. Give every batch examples of the same shape (e.g. pad every text batch "
+                "to the same length, padding='max_length')."
+            )
+        if self._rows is None:
+            raise SaliencyUsageError(f"the streamed baseline {self.path} is not open for writing.")
+        try:
+            self._rows.write(np.ascontiguousarray(maps, dtype=np.float32).data)
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+        self.count += int(maps.shape[0])
+
+    def commit(self, metadata: dict[str, Any]) -> None:
+        """Make the rows written so far, with ``metadata``, the baseline (atomically), then its sidecar."""
+        if self._rows is not None:
+            self._rows.close()
+        text = json.dumps(metadata, sort_keys=True, indent=2)
+        _write_files(self.path, lambda handle: self._write_npz(handle, text), text)
+
+    def _write_npz(self, handle: IO[bytes], text: str) -> None:
+        """The .npz that ``np.savez_compressed(maps=..., metadata=...)`` writes, the maps copied from
+        the temporary file of rows a chunk at a time."""
+        import numpy as np
+
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                  "shape": (self.count, *(self.shape or ()))}
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+            with archive.open("maps.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                if self._rows_path is not None:
+                    with open(self._rows_path, "rb") as rows:
+                        shutil.copyfileobj(rows, member, _COPY_BYTES)
+            with archive.open("metadata.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.array(text), allow_pickle=False)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file of rows (after :meth:`commit`, or when the stream failed)."""
+        if self._rows is not None:
+            self._rows.close()
+        if self._rows_path is not None and os.path.lexists(self._rows_path):
+            try:
+                os.unlink(self._rows_path)
+            except OSError:  # left for _remove_stale_temps
+                pass
 
 
 _FIX = "Delete it and rerun with --saliency-update-baselines to write a fresh one, or restore it from version control."
@@ -374,39 +503,135 @@ def _damaged(path: Path, problem: str) -> SaliencyUsageError:
     return SaliencyUsageError(f"saliency baseline {path} {problem}. {_FIX}")
 
 
+def _check_magic(path: Path, handle: IO[bytes]) -> None:
+    """Refuse a file that is empty or not a zip archive (``np.savez`` writes one)."""
+    magic = handle.read(4)
+    handle.seek(0)
+    if not magic:
+        raise _damaged(path, "is empty (0 bytes): corrupted or truncated")
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise _damaged(path, f"is not a valid .npz baseline (an .npz file is a zip archive; this file starts "
+                             f"with {magic!r})")
+
+
+def _check_members(path: Path, files: list[str]) -> None:
+    if "maps" not in files or "metadata" not in files:
+        raise SaliencyUsageError(
+            f"saliency baseline {path} is not a pytest-saliency baseline (it holds {sorted(files)}, "
+            f"expected 'maps' and 'metadata'). {_FIX}"
+        )
+
+
+def _unreadable(path: Path, exc: Exception) -> SaliencyUsageError:
+    """The usage error for a baseline file that could not be read (``exc`` says why)."""
+    if isinstance(exc, ValueError) and "pickle" in str(exc).lower():
+        return SaliencyUsageError(
+            f"saliency baseline {path} contains pickled Python objects; it was refused and nothing in it was "
+            f"executed (baselines are loaded with allow_pickle=False). {_FIX}"
+        )
+    if isinstance(exc, ValueError):
+        return SaliencyUsageError(f"saliency baseline {path} could not be read ({exc}). {_FIX}")
+    # zipfile.BadZipFile, zlib.error, EOFError, OSError: a damaged file
+    return SaliencyUsageError(f"saliency baseline {path} is corrupted or truncated ({type(exc).__name__}: {exc}). {_FIX}")
+
+
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The ``maps`` and ``metadata`` arrays of the .npz at ``path``, loaded without unpickling."""
     import numpy as np
 
     try:
         with open(path, "rb") as handle:
-            magic = handle.read(4)
-            handle.seek(0)
-            if not magic:
-                raise _damaged(path, "is empty (0 bytes): corrupted or truncated")
-            if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.savez writes a zip archive
-                raise _damaged(path, f"is not a valid .npz baseline (an .npz file is a zip archive; this file starts "
-                                     f"with {magic!r})")
+            _check_magic(path, handle)
             with np.load(handle, allow_pickle=False) as data:
-                if "maps" not in data.files or "metadata" not in data.files:
-                    raise SaliencyUsageError(
-                        f"saliency baseline {path} is not a pytest-saliency baseline (it holds {sorted(data.files)}, "
-                        f"expected 'maps' and 'metadata'). {_FIX}"
-                    )
+                _check_members(path, data.files)
                 return data["maps"], data["metadata"]
     except SaliencyUsageError:
         raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+
+
+class _StoredRows:
+    """The maps of a stored baseline read in order, a batch of rows at a time (never whole: the
+    ``maps`` member of the .npz is read as a stream, decompressed as it goes), and its metadata,
+    checked as :func:`read_baseline` checks them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metadata: dict[str, Any] = {}
+        self.count = 0  # rows (maps) stored
+        self.position = 0  # rows read
+        self._shape: tuple[int, ...] = ()  # of one map
+        self._dtype: Any = None
+        self._archive: zipfile.ZipFile | None = None
+        self._maps: IO[bytes] | None = None
+
+    def open(self) -> None:
+        """Open the file and read its metadata and the header of its maps."""
+        import numpy as np
+
+        if self.path.is_dir():
             raise SaliencyUsageError(
-                f"saliency baseline {path} contains pickled Python objects; it was refused and nothing in it was "
-                f"executed (baselines are loaded with allow_pickle=False). {_FIX}"
-            ) from None
-        raise SaliencyUsageError(f"saliency baseline {path} could not be read ({exc}). {_FIX}") from None
-    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError: a damaged file
-        raise SaliencyUsageError(
-            f"saliency baseline {path} is corrupted or truncated ({type(exc).__name__}: {exc}). {_FIX}"
-        ) from None
+                f"saliency baseline {self.path} is a folder, not a baseline file. Pass the path of an .npz file.")
+        try:
+            with open(self.path, "rb") as handle:
+                _check_magic(self.path, handle)
+            self._archive = zipfile.ZipFile(self.path)
+            _check_members(self.path, [name[:-4] for name in self._archive.namelist() if name.endswith(".npy")])
+            with self._archive.open("metadata.npy") as member:
+                raw = np.lib.format.read_array(member, allow_pickle=False)
+            self._maps = self._archive.open("maps.npy")
+            version = np.lib.format.read_magic(self._maps)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, self._dtype = read_header(self._maps)
+        except SaliencyUsageError:
+            raise
+        except Exception as exc:
+            raise _unreadable(self.path, exc) from None
+        self.metadata = _parse_metadata(self.path, raw)
+        self._check_header(tuple(int(s) for s in shape), bool(fortran_order))
+
+    def _check_header(self, shape: tuple[int, ...], fortran_order: bool) -> None:
+        if self._dtype.hasobject:
+            raise _unreadable(self.path, ValueError("pickle"))
+        if self._dtype.kind != "f" or len(shape) != 3:
+            raise SaliencyUsageError(
+                f"saliency baseline {self.path} holds maps of dtype {self._dtype} and shape {shape}; expected float "
+                f"maps of shape (N, H, W). {_FIX}"
+            )
+        if fortran_order:
+            raise SaliencyUsageError(
+                f"saliency baseline {self.path} stores its maps in Fortran order, which cannot be read a batch of "
+                "rows at a time. Pass the inputs as one tensor, or write the baseline again "
+                "(pytest --saliency --saliency-update-baselines)."
+            )
+        _checked_targets(self.path, self.metadata, shape[0])
+        self.count, self._shape = shape[0], shape[1:]
+
+    def read(self, rows: int) -> np.ndarray:
+        """The next ``rows`` maps, as float32, refused unless finite."""
+        import numpy as np
+
+        size = rows * int(np.prod(self._shape)) * self._dtype.itemsize
+        try:
+            data = self._maps.read(size) if self._maps is not None else b""
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise _unreadable(self.path, exc) from None
+        if len(data) != size:
+            raise _damaged(self.path, f"ends after {self.position} of its {self.count} maps: corrupted or truncated")
+        maps = np.frombuffer(data, dtype=self._dtype).reshape(rows, *self._shape).astype(np.float32)
+        finite = np.isfinite(maps)
+        if not finite.all():
+            raise _damaged(self.path, f"holds maps with {int((~finite).sum())} NaN or infinite value(s) in rows "
+                                      f"{self.position} to {self.position + rows - 1}")
+        self.position += rows
+        return maps
+
+    def close(self) -> None:
+        for handle in (self._maps, self._archive):
+            if handle is not None:
+                handle.close()
 
 
 def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
@@ -442,6 +667,17 @@ def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
     return metadata
 
 
+def _checked_targets(path: Path, metadata: dict[str, Any], count: int) -> None:
+    """Refuse recorded ``targets`` that are not ``count`` class indices, one per stored map."""
+    targets = metadata.get("targets")
+    if "targets" in metadata and not (
+        isinstance(targets, list) and len(targets) == count
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in targets)
+    ):
+        raise _damaged(path, f"records targets {targets!r:.80}; expected a list of {count} class indices "
+                             "(ints >= 0), one per stored map")
+
+
 def _checked_maps(path: Path, maps: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
     """The stored maps as float32, refused unless finite, of shape (N, H, W), one per recorded target."""
     import numpy as np
@@ -451,13 +687,7 @@ def _checked_maps(path: Path, maps: np.ndarray, metadata: dict[str, Any]) -> np.
             f"saliency baseline {path} holds maps of dtype {maps.dtype} and shape {maps.shape}; expected float "
             f"maps of shape (N, H, W). {_FIX}"
         )
-    targets = metadata.get("targets")
-    if "targets" in metadata and not (
-        isinstance(targets, list) and len(targets) == maps.shape[0]
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in targets)
-    ):
-        raise _damaged(path, f"records targets {targets!r:.80}; expected a list of {maps.shape[0]} class indices "
-                             "(ints >= 0), one per stored map")
+    _checked_targets(path, metadata, maps.shape[0])
     maps = maps.astype(np.float32, copy=False)
     finite = np.isfinite(maps)
     if not finite.all():
@@ -555,11 +785,14 @@ class BaselineResult:
         }
 
     def figures(self) -> list[Figure]:
-        """Baseline, current map and their difference for the worst images; the stored maps when written."""
+        """Baseline, current map and their difference for the worst images; the stored maps when written.
+
+        A streamed check keeps the maps of its first batch only: the worst images among those are drawn."""
         from ..reporting.figures import baseline_figures
 
+        shown = len(self.values) if self.current_maps is None else int(self.current_maps.shape[0])
         return baseline_figures(
-            current_maps=self.current_maps, baseline_maps=self.baseline_maps, values=self.values or None,
+            current_maps=self.current_maps, baseline_maps=self.baseline_maps, values=self.values[:shown] or None,
             metric=self.metric, threshold=self.threshold, higher_is_better=True, status=self.status, path=self.path,
             **self.figure_context,
         )
@@ -616,6 +849,37 @@ def _class_list(target: Any, n: int) -> list[int] | None:
     return None
 
 
+def fingerprint_key(stored: Mapping[str, Any]) -> str:
+    """The field that fingerprints the inputs of the baseline whose metadata is ``stored``:
+    ``example_fingerprint`` when it records one (a streamed baseline), else ``input_fingerprint``."""
+    return "example_fingerprint" if "example_fingerprint" in stored else "input_fingerprint"
+
+
+class _InputDigest:
+    """A SHA-256 of inputs given a batch at a time: the ``repr`` of ``shape``, then the float32 bytes
+    of every batch in order. With the whole inputs' shape it is their ``input_fingerprint``
+    (:func:`~pytest_saliency.core.fingerprint.input_fingerprint`); with the shape of one example,
+    their ``example_fingerprint``. Either way, how the examples are split into batches does not
+    change it, and their order does."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self._hash = hashlib.sha256(repr(tuple(shape)).encode())
+
+    def update(self, inputs: torch.Tensor) -> None:
+        torch = require_torch()
+        self._hash.update(inputs.detach().to("cpu", torch.float32).contiguous().numpy().data)  # (no copy)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def example_fingerprint(inputs: torch.Tensor) -> str:
+    """The ``example_fingerprint`` of a tensor of inputs: equal to a stream's over the same examples."""
+    digest = _InputDigest(tuple(inputs.shape[1:]))
+    digest.update(inputs)
+    return digest.hexdigest()
+
+
 def _refuse_unlike(path: Path, stored: dict[str, Any], metadata: dict[str, Any], classes: list[int] | None,
                    threshold: float | None, *, seeded: str | None, previous_options: dict[str, Any] | None = None) -> None:
     """Refuse a comparison with a baseline made from something that changes the maps or the
@@ -624,12 +888,18 @@ def _refuse_unlike(path: Path, stored: dict[str, Any], metadata: dict[str, Any],
     ``classes``: the classes a given target asks for (None for ``target=None``); ``seeded``: why
     the method's maps depend on the seed, or None when they do not; ``previous_options``: the
     current options in :func:`previous_option_encoding`, which stored ``method_options`` may equal
-    instead of ``metadata``'s.
+    instead of ``metadata``'s. The inputs are matched by the fingerprint the file records
+    (:func:`fingerprint_key`), which ``metadata`` must hold.
     """
-    recorded = {key: stored.get(key, _NOT_RECORDED) for key in (*_MATCHED_FIELDS, "target", "seed", "metric")}
-    differences = [key for key in _MATCHED_FIELDS if recorded[key] != metadata[key] and not (
+    fingerprint = fingerprint_key(stored)
+    matched = tuple(fingerprint if key == "input_fingerprint" else key for key in _MATCHED_FIELDS)
+    recorded = {key: stored.get(key, _NOT_RECORDED) for key in (*matched, "target", "seed", "metric")}
+    differences = [key for key in matched if recorded[key] != metadata[key] and not (
         key == "method_options" and previous_options is not None and recorded[key] == previous_options)]
     hints = []
+    if fingerprint in differences and "input_shape" not in differences:
+        hints.append("The inputs have the same shape but other values: other examples, or the same ones in another "
+                     "order (a DataLoader must not shuffle: pass shuffle=False).")
     given = recorded["target"]
     if given is _NOT_RECORDED or (given is None) != (metadata["target"] is None) or (
             classes is not None and stored.get("targets", _class_list(given, len(classes))) != classes):
@@ -760,17 +1030,19 @@ def previous_option_encoding(options: Any) -> Any:
     return repr(options)
 
 
-def _metadata(label: str, options: dict[str, Any], pipeline: MapPipeline, inputs: torch.Tensor,
-              target: int | torch.Tensor | None, seed: int, metric: str) -> dict[str, Any]:
-    """What a baseline records about the call that made it (see the module docstring)."""
+def _metadata(label: str, options: dict[str, Any], pipeline: MapPipeline, inputs: torch.Tensor | Mapping[str, Any],
+              target: Any, seed: int, metric: str) -> dict[str, Any]:
+    """What a baseline records about the call that made it (see the module docstring). ``inputs``:
+    the tensor of inputs, or (for a stream) the fields that describe them, already computed."""
     torch = require_torch()
+    described = dict(inputs) if isinstance(inputs, Mapping) else {
+        "input_fingerprint": input_fingerprint(inputs), "input_shape": list(inputs.shape)}
     return {
         "format_version": FORMAT_VERSION,
         "method": label,
         "method_options": jsonable(_recorded_options(options), tensors="digest"),
         "preset": pipeline.to_dict(),
-        "input_fingerprint": input_fingerprint(inputs),
-        "input_shape": list(inputs.shape),
+        **described,
         "target": jsonable(target.tolist() if isinstance(target, torch.Tensor) else target),
         "seed": seed,
         "metric": metric,
@@ -779,26 +1051,26 @@ def _metadata(label: str, options: dict[str, Any], pipeline: MapPipeline, inputs
     }
 
 
-def _threshold_to_write(path: Path, threshold: float | None, current: torch.Tensor, references: list[torch.Tensor],
-                        metric: str, pipeline: MapPipeline, metadata: dict[str, Any]) -> tuple[float, str]:
+def _threshold_to_write(path: Path, threshold: float | None, envelope: float | None, references: int, metric: str,
+                        metadata: dict[str, Any]) -> tuple[float, str]:
     """The new baseline's threshold and where it comes from, recorded in ``metadata``: the given one, the
-    default, or the envelope of the reference models' maps (the lowest mean similarity of any two)."""
-    if not references:
+    default, or the ``envelope`` of the maps of the model and its ``references`` reference models (the
+    lowest mean similarity of any two; None without reference models)."""
+    if envelope is None:
         stored = DEFAULT_THRESHOLD if threshold is None else threshold
         metadata["threshold"] = stored
         return stored, "given" if threshold is not None else "default"
-    envelope = _mean_pairwise([current, *references], metric, pipeline)
     if not math.isfinite(envelope):
         raise SaliencyCheckFailed(
             f"saliency baseline {path} not written: the mean {metric} between the maps of the model and "
-            f"its {len(references)} reference model(s) is {envelope}, so no threshold can be calibrated "
+            f"its {references} reference model(s) is {envelope}, so no threshold can be calibrated "
             f"from them ({metric} of constant maps is undefined: does a model's output ignore its "
             "input?). Check the models' maps (saliency.explain), or use metric='ssim', or pass "
             "threshold= instead of reference_models."
         )
-    metadata["envelope"] = {"metric": metric, "min_mean_similarity": envelope, "reference_models": len(references) + 1}
+    metadata["envelope"] = {"metric": metric, "min_mean_similarity": envelope, "reference_models": references + 1}
     metadata["threshold"] = envelope
-    return envelope, f"calibrated from {len(references) + 1} reference models"
+    return envelope, f"calibrated from {references + 1} reference models"
 
 
 def _threshold_in_use(threshold: float | None, stored: dict[str, Any]) -> tuple[float, str]:
@@ -833,11 +1105,331 @@ def _steps(progress: Callable[[int, int, str], None] | None, total: int) -> Call
     return step
 
 
+def _batch_steps(progress: Callable[[int, int, str], None] | None, index: int, batches: int | None,
+                 total: int) -> Callable[[int, str], None]:
+    """:func:`_steps` for batch ``index`` of a stream (of ``batches``, when known): labels name the batch."""
+    of = f"/{batches}" if batches else ""
+
+    def step(done: int, label: str) -> None:
+        if progress is not None:
+            progress(done, total, f"batch {index + 1}{of}" + (f" {label}" if label else ""))
+
+    return step
+
+
+def _checked_metric(metric: str | None, threshold: float | None) -> tuple[str, float | None]:
+    """The metric (the modality's comparison unless given; refused where it cannot apply) and the threshold."""
+    from ..core.validation import check_number, unknown_choice
+
+    metric = default_similarity(metric)
+    if threshold is not None:
+        threshold = check_number(threshold, "threshold", low=-1.0, high=1.0,
+                                 hint=f"It bounds the mean per-image {metric} to the baseline, which lies in [-1, 1].")
+    if metric not in BASELINE_METRICS:
+        raise unknown_choice("baseline metric", metric, BASELINE_METRICS)
+    return metric, threshold
+
+
+@dataclass
+class _Call:
+    """The arguments of one :func:`check_baseline` call (path, seed and batch size checked)."""
+
+    path: Path
+    method: Any
+    metric: str | None
+    threshold: float | None
+    reference_models: Any
+    update: bool
+    preset: Any
+    target: Any
+    seed: int
+    batch_size: int | None
+    name: str
+    reproduce: str
+    progress: Callable[[int, int, str], None] | None
+    output: OutputSelector
+    forward_kwargs: Any
+    modality: Any
+    method_kwargs: dict[str, Any]
+
+
+def _batch_forward_kwargs(given: Any, chunk: Chunk) -> Any:
+    """The call's ``forward_kwargs`` with the batch's per-input arguments (an ``attention_mask``) added."""
+    if not chunk.forward_kwargs or (given is not None and not isinstance(given, Mapping)):
+        return given  # (what is not a mapping is refused by the model call with its own message)
+    clash = sorted(set(given or {}) & set(chunk.forward_kwargs))
+    if clash:
+        raise SaliencyUsageError(
+            f"forward_kwargs names {clash}, which the batches also carry; pass each once (drop it from "
+            "forward_kwargs, or name the batches' forward arguments with pytest_saliency.Batches).")
+    return {**(given or {}), **chunk.forward_kwargs}
+
+
+def _stream_target(target: Any) -> Any:
+    """A streamed call's target: a list or tuple of classes (one per example) as a tensor; others as given."""
+    torch = require_torch()
+    if not isinstance(target, (list, tuple)):
+        return target
+    try:
+        return torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise SaliencyUsageError(
+            f"target must be None (the predicted class), an int, 'labels' (each batch's labels) or one class index "
+            f"per example of the whole loader, got {target!r:.80}.") from None
+
+
+def _lowest(values: list[float]) -> float:
+    """The lowest of ``values``, NaN when any is NaN."""
+    return float("nan") if any(math.isnan(v) for v in values) else min(values)
+
+
+class _Stream:
+    """A streamed :func:`check_baseline` (see the module docstring): what it keeps from batch to batch.
+
+    ``open()``, then ``batch()`` for every batch in order, then ``finish()``; ``close()`` in any
+    case (it removes the temporary file of a baseline that was not finished)."""
+
+    def __init__(self, model: torch.nn.Module, call: _Call) -> None:
+        self.model, self.call = model, call
+        self.target = _stream_target(call.target)
+        self.writing = call.update or not call.path.exists()
+        self.rows = None if self.writing else _StoredRows(call.path)
+        self.writer = _RowWriter(call.path) if self.writing else None
+        self.references = _checked_references(call.reference_models, model_device(model))
+        self.pipeline = get_pipeline(call.preset)
+        self.metric, self.threshold = "", call.threshold
+        self.method: tuple[Any, str, dict[str, Any]] | None = None  # resolved, label, options (first batch)
+        self.example_shape: tuple[int, ...] = ()
+        self.digest = _InputDigest(())  # made for the first batch's example shape
+        self.count = 0  # examples seen
+        self.values: list[float] = []  # per example: the similarity to the stored map
+        self.classes: list[int] = []  # per example: the class explained
+        self.labels: list[int] = []  # per example, with target="labels": the batch's label
+        self.pair_sums: list[float] = []  # per pair of models (when calibrating): the sum of similarities
+        self.first: dict[str, Any] = {}  # the first batch's maps and figure context
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        return {} if self.rows is None else self.rows.metadata
+
+    def open(self) -> None:
+        if self.rows is not None:
+            self.rows.open()
+        if self.writer is not None:
+            self.writer.open()
+
+    def close(self) -> None:
+        if self.rows is not None:
+            self.rows.close()
+        if self.writer is not None:
+            self.writer.discard()
+
+    def batch(self, chunk: Chunk, index: int, batches: int | None) -> None:
+        """Explain one batch, then write its maps or compare them with the stored rows at its offset."""
+        from ..compare.similarity import check_ssim_window
+
+        model, call, inputs = self.model, self.call, chunk.inputs
+        n = int(inputs.shape[0])
+        with model_call_options(call.output, _batch_forward_kwargs(call.forward_kwargs, chunk), inputs, call.modality):
+            _check_not_on_meta(model, inputs)
+            check_inputs(inputs, model)
+            resolved, label, options = prepare_method(call.method, model, inputs, dict(call.method_kwargs))
+            if self.method is None:
+                self._begin(inputs, resolved, label, options)
+            if self.rows is not None and chunk.start + n > self.rows.count:
+                raise self._more_examples(chunk.start + n)
+            self.digest.update(inputs)
+            target = self._target(chunk)
+            explained = 1 + len(self.references) if self.writer is not None else 1
+            step = _batch_steps(call.progress, index, batches, explained)
+            step(0, "model")
+            current = self._maps(model, inputs, resolved, target, options)
+            if self.metric == "ssim" and not self.first:  # never write a baseline that no later run could compare
+                check_ssim_window(current.shape[-2], current.shape[-1], self.pipeline.ssim.win_size, method=label,
+                                  preset=self.pipeline.name)
+            baseline = None
+            if self.writer is not None:
+                self._write(self.writer, current, inputs, (resolved, target, options), step)
+            elif self.rows is not None:
+                baseline = self._compare(self.rows, current)
+            step(explained, "")
+            if not self.first:
+                self.first = {"current": current.detach().cpu(), "context": figure_context(inputs, n),
+                              "baseline": None if baseline is None else baseline.cpu()}
+        self.count += n
+
+    def _begin(self, inputs: torch.Tensor, resolved: Any, label: str, options: dict[str, Any]) -> None:
+        """Set up from the first batch; refuse a stored baseline made with other settings before
+        explaining anything (the inputs' fingerprint and number are checked at the end)."""
+        self.metric, self.threshold = _checked_metric(self.call.metric, self.call.threshold)
+        self.method = (resolved, label, options)
+        self.example_shape = tuple(int(s) for s in inputs.shape[1:])
+        shape: Any = self.stored.get("input_shape")
+        recorded_shape = isinstance(shape, list) and len(shape) > 0 and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in shape)
+        if self.rows is None or "example_fingerprint" in self.stored or not recorded_shape:
+            self.digest = _InputDigest(self.example_shape)
+        else:  # the file's input_fingerprint, computed batch by batch with the recorded shape
+            self.digest = _InputDigest(shape)
+        if self.rows is None:
+            return
+        key = fingerprint_key(self.stored)
+        described = {key: self.stored.get(key, _NOT_RECORDED),
+                     "input_shape": [shape[0], *self.example_shape] if recorded_shape else shape}
+        target = self.target if isinstance(self.target, str) else self._target_record()  # ("labels": not read yet)
+        early = _metadata(label, options, self.pipeline, described, target, self.call.seed, self.metric)
+        _refuse_unlike(self.call.path, self.stored, early, None, self.threshold,
+                       seeded=_seed_dependence(resolved, label, options),
+                       previous_options=previous_option_encoding(_recorded_options(options)))
+
+    def _more_examples(self, seen: int) -> SaliencyUsageError:
+        count = self.rows.count if self.rows is not None else 0
+        return SaliencyUsageError(
+            f"saliency baseline {self.call.path} holds the maps of {count} examples, but the inputs have more "
+            f"(at least {seen}): it was made from other inputs (input_shape "
+            f"{self.stored.get('input_shape', _NOT_RECORDED)!r:.80}), and comparing them would compare unlike things. "
+            "If the change is intended, regenerate it with pytest --saliency --saliency-update-baselines."
+        )
+
+    def _target(self, chunk: Chunk) -> torch.Tensor:
+        """The classes to explain the batch for, recorded in ``classes`` (and ``labels``)."""
+        torch = require_torch()
+        call, target, inputs, start = self.call, self.target, chunk.inputs, chunk.start
+        n = int(inputs.shape[0])
+        if isinstance(target, str) and target == "labels":
+            if chunk.labels is None:
+                raise SaliencyUsageError(
+                    "target='labels' explains each batch's labels, but the batches carry none. Yield (inputs, labels) "
+                    "batches, or name the labels with pytest_saliency.Batches(loader, labels=...).")
+            given = chunk.labels
+        elif isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() > 1:
+            if target.shape[0] < start + n:
+                raise SaliencyUsageError(
+                    f"target has {target.shape[0]} entries, but the inputs' batches have more examples (at least "
+                    f"{start + n}). With a loader, pass one class per example of the whole loader, in its order, or "
+                    "target='labels' for the batches' labels.")
+            given = target[start:start + n]
+        else:  # None, an int, one class for every example (resolve_target refuses the rest)
+            given = target
+        if given is None and self.rows is not None and "targets" in self.stored:
+            fixed = _recorded_classes(call.path, self.model, inputs, self.stored["targets"][start:start + n],
+                                      call.batch_size, call.seed)
+        else:
+            fixed = resolve_target(self.model, inputs, given, call.batch_size, seed=call.seed)
+        classes = [int(c) for c in fixed.tolist()]
+        if isinstance(target, str):
+            self.labels.extend(classes)
+        self.classes.extend(classes)
+        return fixed
+
+    def _target_record(self) -> Any:
+        """The target as a baseline records it (see :func:`_metadata`): a per-example one as its list."""
+        torch = require_torch()
+        if isinstance(self.target, str) and self.target == "labels":
+            return self.labels
+        return self.target.tolist() if isinstance(self.target, torch.Tensor) else self.target
+
+    def _maps(self, model: torch.nn.Module, inputs: torch.Tensor, resolved: Any, target: torch.Tensor,
+              options: dict[str, Any]) -> torch.Tensor:
+        raw = attribute(model, inputs, resolved, target, self.call.seed, self.call.batch_size, True, options)
+        return apply_pipeline(raw, self.pipeline).float()
+
+    def _write(self, writer: _RowWriter, current: torch.Tensor, inputs: torch.Tensor,
+               method: tuple[Any, torch.Tensor, dict[str, Any]], step: Callable[[int, str], None]) -> None:
+        """Write the batch's maps; with reference models, add the batch to each pair's sum of similarities."""
+        writer.append(current.detach().cpu().numpy())
+        if not self.references:
+            return
+        maps = [current]
+        for index, reference in enumerate(self.references):
+            step(1 + index, f"reference model {index + 1}/{len(self.references)}")
+            maps.append(self._maps(reference, inputs, *method))
+        sums = [float(_similarity(self.metric, a, b, self.pipeline).double().sum())
+                for a, b in itertools.combinations(maps, 2)]
+        self.pair_sums = [a + b for a, b in zip(self.pair_sums, sums)] if self.pair_sums else sums
+
+    def _compare(self, rows: _StoredRows, current: torch.Tensor) -> torch.Tensor:
+        """The stored maps at the batch's offset, their similarities to ``current`` kept."""
+        baseline = _stored_maps(self.call.path, rows.read(int(current.shape[0])), current)
+        self.values.extend(_similarity(self.metric, current, baseline, self.pipeline).double().cpu().tolist())
+        return baseline
+
+    def finish(self, start: float, loader: Any) -> BaselineResult:
+        """Check what could only be checked on all examples, then write the baseline or judge the comparison."""
+        call = self.call
+        if self.method is None:
+            raise SaliencyUsageError(
+                f"the inputs ({type(loader).__name__}) yielded no batch; pass a loader over at least one example.")
+        resolved, label, options = self.method
+        self._check_target_length()
+        key = "example_fingerprint" if self.rows is None else fingerprint_key(self.stored)
+        described = {key: self.digest.hexdigest(), "input_shape": [self.count, *self.example_shape]}
+        metadata = _metadata(label, options, self.pipeline, described, self._target_record(), call.seed, self.metric)
+        if self.writer is not None:
+            envelope = _lowest([s / self.count for s in self.pair_sums]) if self.references else None
+            used, source = _threshold_to_write(call.path, self.threshold, envelope, len(self.references), self.metric,
+                                               metadata)
+            metadata["targets"] = self.classes
+            self.writer.commit(metadata)
+            status = "updated" if call.update else "written"
+        else:
+            _refuse_unlike(call.path, self.stored, metadata, None if call.target is None else self.classes,
+                           self.threshold, seeded=_seed_dependence(resolved, label, options),
+                           previous_options=previous_option_encoding(_recorded_options(options)))
+            if self.rows is not None and self.count != self.rows.count:
+                raise _damaged(call.path, f"holds {self.rows.count} maps, but its metadata matches these "
+                                          f"{self.count} examples: the file was changed after it was written")
+            used, source = _threshold_in_use(self.threshold, self.stored)
+            status = "compared"
+        return BaselineResult(
+            name=call.name, path=str(call.path), status=status, method=label, metric=self.metric, threshold=used,
+            threshold_source=source, values=self.values, pipeline=self.pipeline, n_images=self.count, seed=call.seed,
+            seconds=time.perf_counter() - start, reproduce=call.reproduce, baseline_maps=self.first["baseline"],
+            current_maps=self.first["current"], figure_context=self.first["context"],
+        )
+
+    def _check_target_length(self) -> None:
+        torch = require_torch()
+        target = self.target
+        if isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() > 1 and \
+                target.shape[0] != self.count:
+            raise SaliencyUsageError(
+                f"target has {target.shape[0]} entries, but the inputs yielded {self.count} examples. With a loader, "
+                "pass one class per example of the whole loader, in its order, or target='labels' for the batches' "
+                "labels.")
+
+
+def _streamed_baseline(model: torch.nn.Module, loader: Any, call: _Call, start: float) -> BaselineResult:
+    """:func:`check_baseline` over an iterable of batches (see the module docstring)."""
+    __tracebackhide__ = True
+    from ..core.validation import check_number
+
+    if call.threshold is not None:  # (the metric is known from the first batch, whose modality it depends on)
+        check_number(call.threshold, "threshold", low=-1.0, high=1.0,
+                     hint="It bounds the mean per-image similarity to the baseline, which lies in [-1, 1].")
+    stream = _Stream(model, call)
+    try:
+        stream.open()
+        inner = loader.loader if isinstance(loader, Batches) else loader
+        batches = len(inner) if isinstance(inner, Sized) else None
+        for index, chunk in enumerate(chunks(loader, model_device(model))):
+            try:
+                with examples_from(chunk.start):  # per-example random draws keyed by the index in the stream
+                    stream.batch(chunk, index, batches)
+            except SaliencyUsageError as error:
+                last = chunk.start + int(chunk.inputs.shape[0]) - 1
+                raise SaliencyUsageError(
+                    f"in batch {index} of the inputs (examples {chunk.start} to {last}): {error}") from None
+        return stream.finish(start, loader)
+    finally:
+        stream.close()
+
+
 @rng_isolated
 @passes_model_call
 def check_baseline(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     path: Path | str,
     method: str | Explainer = "saliency",
     *,
@@ -846,7 +1438,7 @@ def check_baseline(
     reference_models: Sequence[torch.nn.Module] | None = None,
     update: bool = False,
     preset: str | MapPipeline | None = None,
-    target: int | torch.Tensor | None = None,
+    target: int | torch.Tensor | str | Sequence[int] | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     name: str = "",
@@ -858,6 +1450,12 @@ def check_baseline(
     **method_kwargs: Any,
 ) -> BaselineResult:
     """Compare ``model``'s maps on ``inputs`` with the baseline at ``path``, writing it when missing.
+
+    ``inputs`` is a tensor or an iterable of batches (a ``DataLoader``), streamed as
+    :mod:`pytest_saliency.checks.streaming` describes: the maps are written and compared a batch at
+    a time (see this module's docstring), and the result keeps the similarities of every example
+    and the maps of the first batch. With a loader, ``target="labels"`` explains each batch's
+    labels, and a target with one class per example of the whole loader is sliced batch by batch.
 
     ``update=True`` writes (or overwrites) the baseline and passes. A missing baseline is written
     and the result fails (so a new test cannot pass by accident). ``reference_models`` calibrates
@@ -874,37 +1472,47 @@ def check_baseline(
 
     ``progress(done, total, label)`` hears of each model explained: the model, then each
     reference model when a baseline is written (``label`` names the next one), then
-    ``done == total`` with an empty label.
+    ``done == total`` with an empty label (with a loader, once per batch, labels naming the batch).
     """
-    from ..compare.similarity import check_ssim_window
     from ..core.rng import as_seed
-    from ..core.validation import check_count, check_number, check_progress, unknown_choice
+    from ..core.validation import check_count, check_progress
 
     start = time.perf_counter()
-    path = _checked_path(path)
-    seed = as_seed(seed)
-    metric = default_similarity(metric)  # the modality's comparison unless given; refused where it cannot apply
-    if threshold is not None:
-        threshold = check_number(threshold, "threshold", low=-1.0, high=1.0,
-                                 hint=f"It bounds the mean per-image {metric} to the baseline, which lies in [-1, 1].")
-    batch_size = check_count(batch_size, "batch_size", minimum=1, allow_none=True)
+    call = _Call(
+        path=_checked_path(path), method=method, metric=metric, threshold=threshold,
+        reference_models=reference_models, update=update, preset=preset, target=target, seed=as_seed(seed),
+        batch_size=check_count(batch_size, "batch_size", minimum=1, allow_none=True), name=name,
+        reproduce=reproduce, progress=progress, output=output, forward_kwargs=forward_kwargs, modality=modality,
+        method_kwargs=method_kwargs,
+    )
     if not isinstance(name, str):
         raise SaliencyUsageError(f"baseline name must be a str, got {name!r:.80}. Pass e.g. name='integrated_gradients'.")
     check_progress(progress)
     check_model(model)
+    if is_stream(inputs):
+        return _streamed_baseline(model, inputs, call, start)
+    return _tensor_baseline(model, cast("torch.Tensor", inputs), call, start)
+
+
+def _tensor_baseline(model: torch.nn.Module, inputs: torch.Tensor, call: _Call, start: float) -> BaselineResult:
+    """:func:`check_baseline` on a tensor of inputs: every map computed and compared at once."""
+    from ..compare.similarity import check_ssim_window
+
+    path, target, seed, batch_size = call.path, call.target, call.seed, call.batch_size
+    metric, threshold = _checked_metric(call.metric, call.threshold)
     _check_not_on_meta(model, inputs)
     check_inputs(inputs, model)
-    references = _checked_references(reference_models, inputs.device)
-    if metric not in BASELINE_METRICS:
-        raise unknown_choice("baseline metric", metric, BASELINE_METRICS)
-    pipeline = get_pipeline(preset)
-    resolved, label, options = prepare_method(method, model, inputs, method_kwargs)
-    writing = update or not path.exists()
+    references = _checked_references(call.reference_models, inputs.device)
+    pipeline = get_pipeline(call.preset)
+    resolved, label, options = prepare_method(call.method, model, inputs, call.method_kwargs)
+    writing = call.update or not path.exists()
     stored_maps, stored = (None, {}) if writing else read_baseline(path)
     fixed_target = None if target is None else resolve_target(model, inputs, target, batch_size, seed=seed)
     metadata = _metadata(label, options, pipeline, inputs, target, seed, metric)
     if not writing:
-        _refuse_unlike(path, stored, metadata, None if fixed_target is None else fixed_target.tolist(), threshold,
+        described = metadata if fingerprint_key(stored) == "input_fingerprint" else {
+            **metadata, "example_fingerprint": example_fingerprint(inputs)}  # a streamed baseline
+        _refuse_unlike(path, stored, described, None if fixed_target is None else fixed_target.tolist(), threshold,
                        seeded=_seed_dependence(resolved, label, options),
                        previous_options=previous_option_encoding(_recorded_options(options)))
         if fixed_target is None and "targets" in stored:
@@ -919,7 +1527,7 @@ def check_baseline(
         return apply_pipeline(raw, pipeline).float()
 
     explained = [model, *references] if stored_maps is None else [model]
-    step = _steps(progress, len(explained))
+    step = _steps(call.progress, len(explained))
     step(0, "model")
     current = maps_of(model)
     if metric == "ssim":  # never write a baseline that no later run could compare
@@ -927,13 +1535,14 @@ def check_baseline(
                           preset=pipeline.name)
     baseline = None
     if stored_maps is None:  # writing
-        status = "updated" if update else "written"
+        status = "updated" if call.update else "written"
         reference_maps = []
         for index, reference in enumerate(references):
             step(1 + index, f"reference model {index + 1}/{len(references)}")
             reference_maps.append(maps_of(reference))
         step(len(explained), "")
-        used, source = _threshold_to_write(path, threshold, current, reference_maps, metric, pipeline, metadata)
+        envelope = _mean_pairwise([current, *reference_maps], metric, pipeline) if reference_maps else None
+        used, source = _threshold_to_write(path, threshold, envelope, len(references), metric, metadata)
         write_baseline(path, current.detach().cpu().numpy(), metadata)
         values: list[float] = []
     else:
@@ -943,9 +1552,9 @@ def check_baseline(
         values = _similarity(metric, current, baseline, pipeline).double().cpu().tolist()
         used, source = _threshold_in_use(threshold, stored)
     return BaselineResult(
-        name=name, path=str(path), status=status, method=label, metric=metric, threshold=used,
+        name=call.name, path=str(path), status=status, method=label, metric=metric, threshold=used,
         threshold_source=source, values=values, pipeline=pipeline, n_images=int(inputs.shape[0]), seed=seed,
-        seconds=time.perf_counter() - start, reproduce=reproduce,
+        seconds=time.perf_counter() - start, reproduce=call.reproduce,
         baseline_maps=None if baseline is None else baseline.cpu(), current_maps=current.detach().cpu(),
         figure_context=figure_context(inputs, inputs.shape[0]),
     )

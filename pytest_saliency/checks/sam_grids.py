@@ -1,20 +1,26 @@
 """SAM's built-in sweeps (Bansal, Agarwal & Nguyen, CVPR 2020), as :class:`SweepGrid` values.
 
 :func:`sam_grid` gives the sweep of one method by name (:data:`GRIDS`), with SAM's pixel sizes
-(patch sizes, strides) scaled from SAM's 224 px inputs to the inputs' smaller side. Pass a grid,
-or its name, as the method of :func:`pytest_saliency.checks.sweeps.hyperparameter_sweep`.
+(patch sizes, strides) scaled from SAM's 224 px inputs to the inputs' smaller side: given as
+their shape, the inputs tensor, or an iterable of batches (a ``DataLoader``: the first batch's
+images, which the others share). Pass a grid, or its name, as the method of
+:func:`pytest_saliency.checks.sweeps.hyperparameter_sweep`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.integrity import short_usage_errors
+from ..core.stream import Batches, chunks, is_stream
 from ..core.validation import check_choice, check_count
 from ..exceptions import SaliencyUsageError
 from ..maps.baselines import SAM_INPUT_SIZE
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -146,15 +152,49 @@ _GRID_BUILDERS: dict[str, Callable[[int], SweepGrid]] = {
 GRIDS: tuple[str, ...] = tuple(_GRID_BUILDERS)
 
 
+def _first_batch_shape(stream: Any) -> tuple[int, ...]:
+    """The shape of the inputs of an iterable of batches' first batch (a one-shot iterator is
+    refused: the check it is then passed to would miss that batch)."""
+    loader = stream.loader if isinstance(stream, Batches) else stream
+    if isinstance(loader, Iterator):
+        raise SaliencyUsageError(
+            f"sam_grid reads the first batch of the inputs for their size, but a {type(loader).__name__} can be read "
+            "only once: the check would then miss that batch. Pass the first batch's shape (input_shape="
+            "batch.shape), or a DataLoader or a list of batches, which can be read again."
+        )
+    first = next(chunks(stream, "cpu"), None)
+    if first is None:
+        raise SaliencyUsageError("the inputs yielded no batch, so sam_grid has no size to scale to.")
+    return tuple(first.inputs.shape)
+
+
+def _is_batch(item: Any) -> bool:
+    """Whether a sequence's item is a batch (a tensor or array of inputs, a tuple or a dict), not a size."""
+    return getattr(item, "ndim", 0) > 0 or (isinstance(item, (Sequence, Mapping)) and not isinstance(item, (str, bytes)))
+
+
+def _shape(input_shape: Any) -> Sequence[int] | None:
+    """``input_shape`` as a shape: a tensor's (or array's) own, the first batch's of an iterable
+    of batches, or the shape given (which :func:`_side` checks)."""
+    if getattr(input_shape, "ndim", 0) > 0:
+        return tuple(input_shape.shape)
+    sizes = isinstance(input_shape, Sequence) and not (input_shape and _is_batch(input_shape[0]))
+    if input_shape is not None and not sizes and is_stream(input_shape):
+        return _first_batch_shape(input_shape)
+    return input_shape
+
+
 @short_usage_errors
-def sam_grid(name: str, input_shape: Sequence[int] | None = None) -> SweepGrid:
+def sam_grid(name: str, input_shape: Sequence[int] | torch.Tensor | Iterable[Any] | None = None) -> SweepGrid:
     """SAM's sweep ``name`` (one of :data:`GRIDS`), with pixel sizes scaled to ``input_shape``.
 
-    ``input_shape`` is ``inputs.shape`` (only the last two sizes are used); ``None`` keeps SAM's
-    224 px values. Pass the grid as the method: ``hyperparameter_sweep(model, x, sam_grid("occlusion", x.shape))``.
+    ``input_shape`` is ``inputs.shape`` (only the last two sizes are used), the inputs tensor, or
+    an iterable of batches such as a ``DataLoader`` (the first batch's inputs; a generator, which
+    can be read only once, is refused); ``None`` keeps SAM's 224 px values. Pass the grid as the
+    method: ``hyperparameter_sweep(model, x, sam_grid("occlusion", x.shape))``.
     """
     check_choice(name, "grid", GRIDS)
-    return _GRID_BUILDERS[name](_side(input_shape))
+    return _GRID_BUILDERS[name](_side(_shape(input_shape)))
 
 
 __all__ = ["GRIDS", "SweepGrid", "sam_grid"]

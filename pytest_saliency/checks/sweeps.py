@@ -45,6 +45,14 @@ reproduce SAM's sweeps, with pixel sizes scaled from SAM's 224 px inputs to the 
 * ``seed`` for every method (a no-op for deterministic ones: a useful control).
 
 Custom explainer callables can be swept over ``seed`` and over their own keyword parameters.
+
+**Streams.** :func:`hyperparameter_sweep` and :func:`assert_stable_under_hyperparameters` accept
+an iterable of batches (a ``DataLoader``) as their inputs (:mod:`pytest_saliency.checks.streaming`):
+each batch is swept in turn with the same settings and seed, and :func:`combine_sweep_results`
+joins the batches' per-image similarities, so every mean, dataset mean and the verdict are those
+of all the images; the reference maps shown are the first batch's. A grid scaled to the inputs
+(:func:`sam_grid`) is scaled to each batch's images, which share their size. Raw attributions
+(``keep_attributions=True``) are not kept for a stream.
 """
 
 from __future__ import annotations
@@ -53,8 +61,8 @@ import functools
 import inspect
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ..core.forward import OutputSelector, passes_model_call
@@ -63,10 +71,10 @@ from ..core.jsonable import jsonable
 from ..core.torchtools import require_torch
 from ..core.validation import (
     check_count,
-    check_inputs,
     check_model,
     check_seed,
     check_threshold,
+    checked_inputs,
     is_int,
     is_tensor_like,
     unknown_choice,
@@ -82,6 +90,7 @@ from ..maps.targets import resolve_target
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
 from .sam_grids import GRIDS, SweepGrid, sam_grid
+from .streaming import StreamSpec, streams
 
 if TYPE_CHECKING:
     import torch
@@ -424,6 +433,54 @@ class SweepResult:
             "seed": self.seed,
             "summary": self.summary(),
         }
+
+
+def _layout(result: SweepResult) -> list[tuple[str, list[str]]]:
+    """Each table's hyperparameter and swept values, as the report writes them."""
+    return [(t.hyperparameter, [format_value(r.value) for r in t.rows]) for t in result.tables]
+
+
+def combine_sweep_results(parts: Sequence[SweepResult]) -> SweepResult:
+    """One result of the results of one sweep (or input-noise check) run batch by batch on the
+    batches of a stream, in order: each swept value's per-image similarities concatenated, so the
+    means, the tables' dataset means and the verdict are recomputed on every image; the targets
+    concatenated; the image counts and seconds summed, the tensors the model wrote joined; the
+    first batch's reference maps. Raw attributions are not kept. The batches must have been swept over the
+    same values (a grid scaled to images of another size is refused)."""
+    torch = require_torch()
+    if not parts:
+        raise SaliencyUsageError("combine_sweep_results needs the result of at least one batch.")
+    first = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        if _layout(part) != _layout(first) or part.metrics != first.metrics:
+            raise SaliencyUsageError(
+                f"batch {index} of the inputs was swept over other values or metrics than batch 0 ({_layout(part)!r:.120} "
+                f"vs {_layout(first)!r:.120}); the batches of one check must have the same shapes (a grid is scaled "
+                "to the images' size)."
+            )
+    tables = [
+        replace(table, rows=[
+            replace(row, attributions=None, scores={
+                metric: [v for part in parts for v in part.tables[t].rows[r].scores[metric]] for metric in row.scores})
+            for r, row in enumerate(table.rows)])
+        for t, table in enumerate(first.tables)
+    ]
+    target_tensors = [part.target_tensor for part in parts]
+    joined_targets = torch.cat([t.reshape(-1) for t in target_tensors]) if all(
+        isinstance(t, torch.Tensor) for t in target_tensors) else first.target_tensor
+    return replace(
+        first, tables=tables, n_images=sum(part.n_images for part in parts),
+        targets=[t for part in parts for t in part.targets], target_tensor=joined_targets,
+        seconds=sum(part.seconds for part in parts), reference_attributions=None,
+        model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
+    )
+
+
+def slim_sweep_result(part: SweepResult) -> SweepResult:
+    """A batch's result with only its per-image numbers: no reference maps, no raw attributions
+    (what a stream keeps of its later batches)."""
+    return replace(part, reference_maps=None, reference_attributions=None,
+                   tables=[replace(t, rows=[replace(r, attributions=None) for r in t.rows]) for t in part.tables])
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,11 +933,29 @@ def _reference_value(
     return reference.get(name, _default(resolved, name, seed))
 
 
+def _prepare_sweep(arguments: dict[str, Any], parts: list[SweepResult]) -> dict[str, Any]:
+    """Refuse ``keep_attributions`` for a stream; nothing else changes from batch to batch."""
+    if arguments["keep_attributions"]:
+        raise SaliencyUsageError(
+            "keep_attributions=True keeps the raw attributions of every input at every setting, and a loader's "
+            "inputs are streamed so that they need not all be in memory at once. Leave keep_attributions off with "
+            "a loader (the per-image similarities are kept); accuracy_spread takes the loader itself and scores "
+            "each batch's maps as they are made. Or pass an inputs tensor."
+        )
+    return {}
+
+
+def _combined_sweep(parts: list[SweepResult], arguments: dict[str, Any], stopped: str) -> SweepResult:
+    """The stream's result (:func:`combine_sweep_results`): the verdict follows from the rows' means."""
+    return combine_sweep_results(parts)
+
+
 @rng_isolated
+@streams(StreamSpec(_combined_sweep, slim_sweep_result, _prepare_sweep))
 @passes_model_call
 def hyperparameter_sweep(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     method: str | Explainer | SweepGrid = "smoothgrad",
     sweep: SweepSpec | None = None,
     reference: Mapping[str, Any] | None = None,
@@ -906,7 +981,9 @@ def hyperparameter_sweep(
     """Explain at the reference and at each swept value; per-image similarity to the reference.
 
     Args:
-        model, inputs: as for :func:`pytest_saliency.explain`.
+        model, inputs: as for :func:`pytest_saliency.explain`; ``inputs`` may also be an iterable
+            of batches such as a ``DataLoader`` (:mod:`pytest_saliency.checks.streaming`: each
+            batch swept in turn, the per-image similarities of all of them in one result).
         method: a method name, a custom explainer ``(model, inputs, target, **kw)``, or a
             :class:`SweepGrid` (then ``sweep``/``reference`` default to the grid's).
         sweep: ``{"nt_samples": [100, 200]}`` (each value changed alone, the others at the
@@ -927,7 +1004,7 @@ def hyperparameter_sweep(
             a top-k metric without options takes ``k`` = :data:`TOP_K` (the top 10%).
         batch_size: images per explainer call (memory bound).
         keep_attributions: keep every setting's raw attributions (for
-            :func:`pytest_saliency.checks.faithfulness.accuracy_spread`).
+            :func:`pytest_saliency.checks.faithfulness.accuracy_spread`); refused for a stream.
         cache: a :class:`pytest_saliency.maps.cache.MapCache`: settings already explained for the same
             model (fingerprint), inputs, targets, options and seed are reused (named methods,
             no tensor-valued options). Pass one to a hypothesis test so that the reference is
@@ -940,7 +1017,7 @@ def hyperparameter_sweep(
 
     start = time.perf_counter()
     check_model(model)
-    check_inputs(inputs, model)
+    inputs = checked_inputs(inputs, model)
     method, sweep, reference, options = _resolve_grid(method, sweep, reference, dict(options), inputs)
     resolved, label, pipeline, metric_names, metric, higher = setup_check(method, preset, metrics, metric, threshold)
     checked_options = check_metric_options(with_default_k(metric_options, metric_names), metric_names)
@@ -1011,7 +1088,7 @@ def _default(resolved: MethodSpec | Explainer, name: str, seed: int) -> Any:
 @passes_model_call
 def assert_stable_under_hyperparameters(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Iterable[Any],
     method: str | Explainer | SweepGrid = "smoothgrad",
     sweep: SweepSpec | None = None,
     reference: Mapping[str, Any] | None = None,
@@ -1027,7 +1104,8 @@ def assert_stable_under_hyperparameters(
     the threshold, and prints the full table; the report says that stability alone is not
     quality. ``metrics`` defaults to just ``metric`` (the verdict needs only it; pass
     ``metrics=("ssim", "spearman", "hog_pearson")`` for SAM's full table). Other keyword arguments
-    are those of :func:`hyperparameter_sweep`.
+    are those of :func:`hyperparameter_sweep`; ``inputs`` may be an iterable of batches
+    (:mod:`pytest_saliency.checks.streaming`).
     """
     __tracebackhide__ = True
     require_threshold(threshold, "assert_stable_under_hyperparameters")
@@ -1043,6 +1121,6 @@ def assert_stable_under_hyperparameters(
 
 __all__ = [
     "DEFAULT_METRICS", "GRIDS", "STABILITY_NOTE", "SWEEP_PRESET", "SweepGrid", "SweepResult", "SweepRow", "SweepTable",
-    "assert_stable_under_hyperparameters", "blurred_baseline", "hyperparameter_sweep", "sam_grid", "slic_feature_masks",
-    "uniform_baseline", "with_default_k", "TOP_K",
+    "assert_stable_under_hyperparameters", "blurred_baseline", "combine_sweep_results", "hyperparameter_sweep",
+    "sam_grid", "slic_feature_masks", "slim_sweep_result", "uniform_baseline", "with_default_k", "TOP_K",
 ]

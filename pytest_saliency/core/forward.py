@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from ..exceptions import SaliencyUsageError
+from .stream import is_stream
 from .torchtools import require_torch
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class ModelCall:
     tabular: Tabular | None = None  # the features' names (the tabular modality)
     valid: Any = None  # token inputs: which positions of the check's inputs are not padding (N, L)
     modality_given: bool = False  # named by the user (modality=...), not inferred from the inputs
+    n_features: int = 0  # feature vectors: the inputs' columns (D), before Tabular(groups=...) sums any
 
     @property
     def default(self) -> bool:
@@ -202,10 +204,18 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class Tabular:
-    """``modality=Tabular(feature_names=[...])``: feature vectors (N, D) whose features have names,
-    shown in the report's tables and bar charts."""
+    """``modality=Tabular(feature_names=[...], groups={...})``: feature vectors (N, D) whose
+    features have names, shown in the report's tables and bar charts.
+
+    ``groups`` maps a name to the columns of one categorical feature's one-hot encoding, e.g.
+    ``{"colour": [4, 5, 6]}``. Its columns' signed attributions are summed into one position of
+    the maps (the feature's attribution, as additive attributions such as SHAP group them), which
+    takes the group's place at its first column; every check then ranks and compares the
+    categorical feature once, not each of its indicator columns.
+    """
 
     feature_names: Sequence[str] | None = None
+    groups: Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         names = self.feature_names
@@ -214,6 +224,51 @@ class Tabular:
                 "Tabular(feature_names=...) must be a list of str, one per feature (e.g. "
                 "sklearn's load_breast_cancer().feature_names.tolist())."
             )
+        if self.groups is not None:
+            _check_groups(self.groups)
+
+    def positions(self, n_features: int) -> list[tuple[str, list[int]]]:
+        """The maps' positions: each a name and the input columns summed into it, in column order."""
+        names = list(self.feature_names) if self.feature_names is not None else [f"x{j}" for j in range(n_features)]
+        group_of = {j: name for name, columns in (self.groups or {}).items() for j in columns}
+        out: list[tuple[str, list[int]]] = []
+        for j in range(n_features):
+            if j not in group_of:
+                out.append((names[j], [j]))
+            elif j == min((self.groups or {})[group_of[j]]):
+                out.append((group_of[j], sorted((self.groups or {})[group_of[j]])))
+        return out
+
+    def grouped(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-column values (..., D) summed into the maps' positions (..., D'): the columns of
+        each group added, the others as they are."""
+        if not self.groups:
+            return values
+        torch = require_torch()
+        positions = self.positions(int(values.shape[-1]))
+        sums = torch.zeros(int(values.shape[-1]), len(positions), dtype=values.dtype, device=values.device)
+        for index, (_, columns) in enumerate(positions):
+            sums[columns, index] = 1
+        return values @ sums
+
+
+def _check_groups(groups: Any) -> None:
+    ok = isinstance(groups, Mapping) and all(
+        isinstance(name, str) and isinstance(columns, Sequence) and not isinstance(columns, str) and len(columns) > 0
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in columns)
+        for name, columns in groups.items())
+    if not ok:
+        raise SaliencyUsageError(
+            f"Tabular(groups=...) must map a name to the column indices of one categorical feature's one-hot "
+            f"encoding, e.g. groups={{'colour': [4, 5, 6]}}, got {groups!r:.120}.")
+    seen: dict[int, str] = {}
+    for name, columns in groups.items():
+        for column in columns:
+            if column in seen:
+                raise SaliencyUsageError(
+                    f"Tabular(groups=...): column {column} is in both {seen[column]!r} and {name!r}; a column "
+                    "belongs to one categorical feature.")
+            seen[column] = name
 
 
 def infer_modality(inputs: Any) -> str | None:
@@ -239,6 +294,11 @@ def _check_modality(modality: Any, inputs: Any) -> str | None:
                 f"Tabular(feature_names=...) names {len(modality.feature_names)} features, but the inputs have "
                 f"{inputs.shape[1]}: pass one name per column."
             )
+        columns = max((c for cs in (modality.groups or {}).values() for c in cs), default=-1)
+        if len(getattr(inputs, "shape", ())) == 2 and columns >= inputs.shape[1]:
+            raise SaliencyUsageError(
+                f"Tabular(groups=...) names column {columns}, but the inputs have {inputs.shape[1]} columns "
+                f"(0 to {inputs.shape[1] - 1}).")
         return "tabular"
     if modality is None:
         return infer_modality(inputs)
@@ -270,8 +330,9 @@ def model_call_options(output: Any = None, forward_kwargs: Any = None, inputs: A
     valid = None
     if text is not None and text.pad_token_id is not None and hasattr(inputs, "shape") and len(inputs.shape) == 2:
         valid = inputs != text.pad_token_id
+    n_features = int(inputs.shape[-1]) if name == "tabular" and len(getattr(inputs, "shape", ())) == 2 else 0
     call = ModelCall(_check_selector(output), static, per_example, n_inputs, name, text, tabular, valid,
-                     modality is not None)
+                     modality is not None, n_features)
     token = _CALL.set(call)
     try:
         yield call
@@ -293,6 +354,8 @@ def passes_model_call(function: F) -> F:
         __tracebackhide__ = True
         bound = signature.bind_partial(*args, **kwargs).arguments
         passed = {**bound.get(var_keyword, {}), **bound} if var_keyword else bound
+        if is_stream(passed.get("inputs")):  # the streaming entry point it calls sets the options per batch
+            return function(*args, **kwargs)
         options = (passed.get(name) for name in ("output", "forward_kwargs", "inputs", "modality"))
         with model_call_options(*options):
             return function(*args, **kwargs)

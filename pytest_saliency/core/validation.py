@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ..exceptions import SaliencyUsageError
+from .stream import is_stream
 from .torchtools import require_torch
 
 if TYPE_CHECKING:
@@ -92,10 +93,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return devices.pop()
 
 
+def checked_inputs(inputs: Any, model: torch.nn.Module | None = None, *, name: str = "inputs") -> torch.Tensor:
+    """``inputs`` after :func:`check_inputs`, typed as the tensor it is (the body of a streamed
+    entry point sees one batch; see :mod:`pytest_saliency.checks.streaming`)."""
+    check_inputs(inputs, model, name=name)
+    return inputs
+
+
 def check_inputs(inputs: Any, model: torch.nn.Module | None = None, *, name: str = "inputs") -> None:
     """Inputs must be a finite floating tensor of shape (N, C, H, W), (N, C, T) or (N, D) on the
     model's device."""
     torch = require_torch()
+    if is_stream(inputs):
+        raise SaliencyUsageError(
+            f"{name} must be a tensor here, got a {type(inputs).__name__} of batches: this function returns or "
+            f"compares something for every input at once. Pass the batches one at a time (e.g. torch.cat([... "
+            f"for x, y in loader])); the checks themselves take a loader (pytest_saliency.checks.streaming)."
+        )
     if not isinstance(inputs, torch.Tensor):
         raise SaliencyUsageError(
             f"{name} must be a torch.Tensor of shape (N, C, H, W), (N, C, T) or (N, D), got "
@@ -174,6 +188,16 @@ def _check_series_run(inputs: torch.Tensor, model: torch.nn.Module, name: str) -
             f"the {name} have shape {tuple(inputs.shape)}, which is taken as series (N, C, T), but "
             f"{type(model).__name__} has Conv2d layers and no Conv1d: images need the shape (N, C, H, W). Add the "
             f"channel dimension with {name}.unsqueeze(1), or pass modality='sequence' if these are series."
+        )
+    series_layers = (torch.nn.Conv1d, torch.nn.RNNBase, torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
+    if not convs and not any(isinstance(m, series_layers) for m in model.modules()) \
+            and not current_call().modality_given:
+        raise SaliencyUsageError(
+            f"the {name} have shape {tuple(inputs.shape)}: series (N, C, T) or images without their channel dimension "
+            f"(N, H, W)? {type(model).__name__} has no layer that says which (a Conv1d, recurrent or attention layer "
+            f"for series, a Conv2d for images), and the two give different maps (a series' map sums its channels). "
+            f"Pass modality='sequence' if these are series, or add the channel dimension with {name}.unsqueeze(1) "
+            "for images."
         )
     try:
         with model_in_eval_mode(model, True), torch.no_grad(), seeded(0, inputs.device):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..core.stream import example_offset
 from ..maps.explainers import attribute
 from ..maps.methods import Explainer, MethodSpec, draws_random
 from ..model.randomize import LayerDraws, randomized
@@ -155,9 +156,10 @@ class Explanation:
         """The cache's key for the original maps of ``x``. The images' indices seed a method's random
         draws: part of the key unless they are 0, 1, ... (the images of a check over all its
         inputs, or of any other entry point)."""
+        offset = example_offset()  # a stream's batch: its examples' draws are keyed from here
         drawn = isinstance(self.method, MethodSpec) and draws_random(self.method, self.options) \
-            and ids != list(range(len(ids)))
-        options = {**self.options, "image_ids": tuple(ids)} if drawn else self.options
+            and (ids != list(range(len(ids))) or offset != 0)
+        options = {**self.options, "image_ids": tuple(offset + i for i in ids)} if drawn else self.options
         return cache.key(self.model, x, target, self.name, options, self.seed, self.batch_size)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..core.rng import derive_seed
+from ..core.stream import example_offset
 from ..core.validation import unknown_choice
 
 if TYPE_CHECKING:
@@ -133,14 +134,19 @@ _DRAW_COUNTS = {"smoothgrad": ("nt_samples",), "gradient_shap": ("n_samples", "n
 
 def image_seed(seed: int, index: int, method: str, options: dict[str, Any]) -> int:
     """The seed of every random draw ``method`` makes to explain the input at ``index`` of the
-    user's inputs (with ``options``, whose sample counts it includes: see :data:`_DRAW_COUNTS`)."""
+    check's inputs (with ``options``, whose sample counts it includes: see :data:`_DRAW_COUNTS`).
+    The index counts from the batch's place in a stream (:func:`~pytest_saliency.core.stream.example_offset`),
+    so an example draws alike whichever batch of a loader it comes in."""
     o = {**METHODS[method].defaults, **options}
-    return derive_seed(seed, "image", index, *(int(o[name]) for name in _DRAW_COUNTS.get(method, ())))
+    return derive_seed(seed, "image", example_offset() + index,
+                       *(int(o[name]) for name in _DRAW_COUNTS.get(method, ())))
 
 
 def image_ids(index: int | Sequence[int] | torch.Tensor, n: int) -> list[int]:
     """The indices in the user's inputs of ``n`` inputs: ``index`` is the first one's (an int) or
-    one index per input (a sequence or an integer tensor)."""
+    one index per input (a sequence or an integer tensor), counted in the check's inputs, which
+    start at :func:`~pytest_saliency.core.stream.example_offset` of a stream (which
+    :func:`image_seed` adds)."""
     if isinstance(index, int) and not isinstance(index, bool):
         return list(range(index, index + n))
     values: Any = index.reshape(-1).tolist() if hasattr(index, "reshape") else index

@@ -65,6 +65,12 @@ def check_metric_fits(metric: str, what: str = "metric") -> None:
             f"Use {what}='spearman' (rank correlation) or a top-k metric such as 'feature_agreement' "
             f"(the {modality.name} default is {modality.similarity!r})."
         )
+    if metric == "hog_pearson" and modality.name == "sequence":
+        raise SaliencyUsageError(
+            f"{what} 'hog_pearson' compares histograms of the gradient orientations of 2-D maps, but a series' map "
+            "is one row: every gradient points along time, so every cell's histogram is the same one bin. Use "
+            f"{what}='ssim' (along the series) or 'spearman'."
+        )
 
 
 def default_similarity(metric: str | None) -> str:
@@ -95,7 +101,18 @@ def per_position(attributions: Any) -> Any:
     across models: each has its own embedding basis)."""
     if current_modality().name == "text" and getattr(attributions, "dim", lambda: 0)() == 3:
         return attributions.sum(dim=-1)
-    return attributions
+    return tabular_positions(attributions)
+
+
+def tabular_positions(values: Any) -> Any:
+    """Feature vectors' per-column values (N, D) with the columns of each one-hot group of
+    ``Tabular(groups=...)`` summed into one position; others (values already grouped, with fewer
+    columns than the inputs) as they are."""
+    call = current_call()
+    if current_modality().name != "tabular" or call.tabular is None or getattr(values, "dim", lambda: 0)() != 2 \
+            or values.shape[-1] != call.n_features:
+        return values
+    return call.tabular.grouped(values)
 
 
 def figure_context(inputs: Any, count: int, *, with_inputs: bool = True) -> dict[str, Any]:
@@ -106,12 +123,23 @@ def figure_context(inputs: Any, count: int, *, with_inputs: bool = True) -> dict
     context: dict[str, Any] = {"modality": name}
     if name == "sequence" and with_inputs:
         context["inputs"] = inputs[:count].detach().float().cpu()
-    if name == "tabular" and call.tabular is not None and call.tabular.feature_names is not None:
-        context["feature_names"] = list(call.tabular.feature_names)
+    if name == "tabular" and call.tabular is not None and (call.tabular.feature_names or call.tabular.groups):
+        context["feature_names"] = [label for label, _ in call.tabular.positions(int(inputs.shape[-1]))]
     if name == "text" and call.text is not None:
         context["tokens"] = [[call.text.token(int(t)) for t in row] for row in inputs[:count].tolist()]
     return context
 
 
-__all__ = ["figure_context", "per_position", "valid_positions", "SPECS", "WINDOW_METRICS", "Modality", "check_metric_fits", "current_modality", "default_metrics",
+def top_features(maps: Any, names: Sequence[str] | None, count: int = 5) -> str:
+    """The ``count`` positions of one-row feature maps (k, 1, D) with the largest mean value over
+    the maps, named (``x<j>`` without names): "worst radius 0.31, ...", for a report's text."""
+    if maps is None or getattr(maps, "dim", lambda: 0)() != 3 or maps.shape[1] != 1 or maps.shape[0] == 0:
+        return ""
+    mean = maps[:, 0].double().mean(dim=0)
+    order = mean.argsort(descending=True)[:count].tolist()
+    labels = list(names) if names is not None and len(names) == mean.numel() else [f"x{j}" for j in range(mean.numel())]
+    return ", ".join(f"{labels[j]} {float(mean[j]):.3g}" for j in order)
+
+
+__all__ = ["top_features", "figure_context", "per_position", "tabular_positions", "valid_positions", "SPECS", "WINDOW_METRICS", "Modality", "check_metric_fits", "current_modality", "default_metrics",
            "default_similarity"]

@@ -39,6 +39,7 @@ from ..core.integrity import short_usage_errors
 from ..core.torchtools import require_torch
 from ..core.validation import check_finite, check_number, unknown_choice
 from ..exceptions import SaliencyUsageError
+from .modality import tabular_positions
 
 REDUCTIONS = ("sum", "mean", "max_abs", "l2", "none")
 NORMALIZATIONS = ("none", "max_abs", "min_max", "percentile")
@@ -248,7 +249,7 @@ def pipeline_maps(attributions: torch.Tensor, pipeline: MapPipeline) -> torch.Te
     _check_floating(attributions)
     a = attributions
     if a.dim() == 2:
-        a = a[:, None, None, :]
+        a = tabular_positions(a)[:, None, None, :]  # one-hot groups summed (Tabular(groups=...))
     elif a.dim() == 3:
         # a series' (N, C, T) attributions are channels over one axis; an image method's (N, H, W)
         # maps (GradCAM) one channel over two

@@ -103,6 +103,11 @@ def resolve_target(
           and not target.is_complex() and target.dtype != torch.bool and target.numel() in (1, n)):
         target = target.to(inputs.device).long().reshape(-1)
         resolved = target.expand(n).clone() if target.numel() == 1 else target
+    if isinstance(target, str) and target == "labels":
+        raise SaliencyUsageError(
+            "target='labels' explains each example's label as the batches of a loader carry it; these inputs are "
+            f"one tensor. Pass the labels themselves, target=labels (an integer tensor of shape ({n},)), or the "
+            "inputs as a DataLoader of (inputs, labels) batches.")
     if resolved is None:
         raise SaliencyUsageError(
             f"target must be None (the predicted class), an int, or an integer tensor of shape ({n},), "

@@ -99,7 +99,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("saliency_device", "default device for saliency checks (auto, cpu, cuda, cuda:N)", default="auto")
     parser.addini("saliency_seed", "seed forced for every saliency check (empty: per-check seed)", default="")
     parser.addini("saliency_preset", f"default map pipeline preset ({DEFAULT_PRESET})", default=DEFAULT_PRESET)
-    parser.addini("saliency_ssim_threshold", "SSIM below which a layer counts as sensitive (0.99)", default="0.99")
+    parser.addini("saliency_ssim_threshold", "similarity (SSIM; Spearman for tabular and text maps) below which a "
+                  "layer counts as sensitive (0.99)", default="0.99")
     parser.addini(
         "saliency_sensitivity_threshold", "S^I at or above which a method counts as sensitive (0.01)", default="0.01"
     )

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..checks.randomization import RandomizationResult
     from ..checks.regression import BaselineResult
     from ..checks.sweeps import SweepResult
+    from ..core.stream import Inputs
 
 RESULT_PROPERTY = "saliency_result"
 #: What the input-noise checks' progress counts: one explanation of the clean inputs, then one
@@ -193,7 +194,7 @@ class SaliencyChecker:
     # -- the checks ------------------------------------------------------------------------------
 
     @short_usage_errors
-    def layer_randomization(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def layer_randomization(self, model: torch.nn.Module, inputs: Inputs,
                             method: Any = "saliency", **options: Any) -> RandomizationResult:
         """Run a randomization check and return the result without asserting (it is still recorded)."""
         from ..checks.randomization import layer_randomization
@@ -201,7 +202,7 @@ class SaliencyChecker:
         return self._measured(layer_randomization(model, inputs, method, **self._randomization(options)))
 
     def assert_sensitive_to_layer_randomization(
-        self, model: torch.nn.Module, inputs: torch.Tensor, method: Any = "saliency", **options: Any
+        self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency", **options: Any
     ) -> RandomizationResult:
         """IPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
@@ -210,7 +211,7 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, method, **self._randomization(options))
 
     def assert_sensitive_to_cascading_randomization(
-        self, model: torch.nn.Module, inputs: torch.Tensor, method: Any = "saliency", **options: Any
+        self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency", **options: Any
     ) -> RandomizationResult:
         """CPR with the session's preset, thresholds and seed; see the free function of the same name."""
         __tracebackhide__ = True
@@ -230,7 +231,7 @@ class SaliencyChecker:
         return explain(model, inputs, method, **options)
 
     @short_usage_errors
-    def agreement_matrix(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def agreement_matrix(self, model: torch.nn.Module, inputs: Inputs,
                          methods: Any = ("saliency", "integrated_gradients"),
                          metrics: Any = ("feature_agreement", "sign_agreement", "rank_correlation", "ssim"),
                          **options: Any) -> AgreementResult:
@@ -240,7 +241,7 @@ class SaliencyChecker:
         return self._measured(agreement_matrix(model, inputs, methods, metrics,
                                                **self._with_progress(self._common(options), "methods")))
 
-    def assert_agreement_above(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def assert_agreement_above(self, model: torch.nn.Module, inputs: Inputs,
                                methods: Any = ("saliency", "integrated_gradients"),
                                metric: str = "feature_agreement", k: Any = 0.1, threshold: Any = None,
                                **options: Any) -> AgreementResult:
@@ -253,14 +254,14 @@ class SaliencyChecker:
 
 
     @short_usage_errors
-    def explanation_consistency(self, models: Any, inputs: torch.Tensor,
+    def explanation_consistency(self, models: Any, inputs: Inputs,
                                 method: Any = "saliency", **options: Any) -> ConsistencyResult:
         """:func:`pytest_saliency.explanation_consistency` with the session's preset and seed (recorded)."""
         from ..checks.consistency import explanation_consistency
 
         return self._measured(explanation_consistency(models, inputs, method, **self._common(options)))
 
-    def assert_seed_consistency_above(self, models_or_factory: Any, inputs: torch.Tensor, threshold: Any = None,
+    def assert_seed_consistency_above(self, models_or_factory: Any, inputs: Inputs, threshold: Any = None,
                                       metric: str = "lr_separability", **options: Any) -> ConsistencyResult:
         """Retrained models must explain alike; models a factory trains come from ``saliency_model_cache``."""
         __tracebackhide__ = True
@@ -272,7 +273,7 @@ class SaliencyChecker:
         self._with_progress(options, "seeds trained or loaded")
         return self._checked(check, models_or_factory, inputs, threshold, metric, **options)
 
-    def assert_explainer_seed_stable(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def assert_explainer_seed_stable(self, model: torch.nn.Module, inputs: Inputs,
                                      method: Any, seeds: Any = (0, 1, 2),
                                      metric: str = "ssim", threshold: Any = None,
                                      **options: Any) -> SeedStabilityResult:
@@ -295,7 +296,7 @@ class SaliencyChecker:
         return merged
 
     @short_usage_errors
-    def hyperparameter_sweep(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def hyperparameter_sweep(self, model: torch.nn.Module, inputs: Inputs,
                              method: Any = "smoothgrad", sweep: Any = None,
                              reference: Any = None, **options: Any) -> SweepResult:
         """SAM's sweep protocol with the session's preset and seed (recorded, not asserted)."""
@@ -303,7 +304,7 @@ class SaliencyChecker:
 
         return self._measured(hyperparameter_sweep(model, inputs, method, sweep, reference, **self._sweeps(options)))
 
-    def assert_stable_under_hyperparameters(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def assert_stable_under_hyperparameters(self, model: torch.nn.Module, inputs: Inputs,
                                             method: Any = "smoothgrad",
                                             sweep: Any = None, reference: Any = None,
                                             **options: Any) -> SweepResult:
@@ -314,14 +315,14 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, method, sweep, reference, **self._sweeps(options))
 
     @short_usage_errors
-    def input_noise_stability(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def input_noise_stability(self, model: torch.nn.Module, inputs: Inputs,
                               method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x against maps of x + noise (SAM 4.1), recorded, not asserted."""
         from ..checks.input_noise import input_noise_stability
 
         return self._measured(input_noise_stability(model, inputs, method, **self._sweeps(options, NOISE_STEPS)))
 
-    def assert_stable_under_input_noise(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def assert_stable_under_input_noise(self, model: torch.nn.Module, inputs: Inputs,
                                         method: Any = "saliency", **options: Any) -> SweepResult:
         """Maps of x and of noisy x must be similar (SAM's variance-0.1 convention by default)."""
         __tracebackhide__ = True
@@ -330,7 +331,7 @@ class SaliencyChecker:
         return self._checked(check, model, inputs, method, **self._sweeps(options, NOISE_STEPS))
 
     @short_usage_errors
-    def accuracy_spread(self, model: torch.nn.Module, inputs: torch.Tensor,
+    def accuracy_spread(self, model: torch.nn.Module, inputs: Inputs,
                         method: Any = "smoothgrad", sweep: Any = None,
                         reference: Any = None, **options: Any) -> AccuracySpread:
         """How much insertion/deletion AUC moves across a sweep (SAM 4.5-4.6), recorded."""
@@ -388,7 +389,7 @@ class BaselineChecker:
             "  otherwise write a fresh one with pytest --saliency --saliency-update-baselines, review it and commit it."
         )
 
-    def check(self, model: torch.nn.Module, inputs: torch.Tensor, method: Any = "saliency", name: str | None = None,
+    def check(self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency", name: str | None = None,
               metric: str = "ssim", threshold: float | None = None, **options: Any) -> BaselineResult:
         """Compare with the stored baseline (written, and failing, when it is missing)."""
         __tracebackhide__ = True
