@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..compare.statistics import (
     CONFIDENCE,
@@ -65,6 +65,7 @@ from ..model.layers import select_layers
 from ..model.randomize import STRATEGIES, check_strategy, preserved
 from ..reporting.numbers import format_score, format_threshold, layer_label
 from ..reporting.protocol import Figure, Number
+from .controls import ControlScores, Floor, above_controls, control_scores, floor_lines, floor_of
 from .streaming import StreamSpec, same_across_batches, streams, weighted_mean
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ if TYPE_CHECKING:
 MODES = ("independent", "cascading")
 #: How a state's maps can be compared with the original ones (1 = identical maps).
 SIMILARITY_LABELS = {"ssim": "SSIM", "spearman": "Spearman", "pearson": "Pearson"}
+#: A randomization result class (:class:`RandomizationResult` or a subclass, e.g. smooth MPRT's).
+R = TypeVar("R", bound="RandomizationResult")
 ORDERS = ("top_down", "bottom_up")
 
 
@@ -116,6 +119,12 @@ class RandomizationResult:
     modality: str = "image"
     chance: float | None = None  # mean similarity of the original maps of different inputs
     chance_pairs: int = 0  # the pairs of different inputs that mean is over
+    # the noise floor (checks.controls): per image, the random control's S^i and the entropies
+    random_control_scores: list[float] = field(default_factory=list, repr=False)
+    entropy_method: list[float] = field(default_factory=list, repr=False)
+    entropy_random: list[float] = field(default_factory=list, repr=False)
+    repeat_scores: list[float] = field(default_factory=list, repr=False)  # empty: a deterministic method
+    require_above_controls: bool = False
     figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
 
     @property
@@ -135,7 +144,18 @@ class RandomizationResult:
     @property
     def passed(self) -> bool:
         every_layer = all(layer.sensitive for layer in self.stats.layers)
-        return self.stats.dataset_sensitive and (every_layer or not self.require_every_layer)
+        return self.stats.dataset_sensitive and (every_layer or not self.require_every_layer) and (
+            self.above_controls or not self.require_above_controls)
+
+    @property
+    def floor(self) -> Floor:
+        """The controls' S^I and the maps' structure (see :mod:`pytest_saliency.checks.controls`)."""
+        return floor_of(self.random_control_scores, self.entropy_method, self.entropy_random, self.repeat_scores)
+
+    @property
+    def above_controls(self) -> bool:
+        """Clearly above the uninformative controls (:func:`~pytest_saliency.checks.controls.above_controls`)."""
+        return above_controls(self.stats.ci_low, self.stats.sensitivity_threshold, self.floor)
 
     def to_dict(self) -> dict[str, Any]:
         s = self.stats
@@ -172,6 +192,9 @@ class RandomizationResult:
             "similarity": self.similarity,
             "modality": self.modality,
             "chance": self.chance,
+            "controls": {**self.floor.to_dict(), "position": self.floor.position(s.dataset_score),
+                         "above_controls": self.above_controls, "require_above_controls": self.require_above_controls,
+                         },
         }
 
     def numbers(self) -> dict[str, Number]:
@@ -182,6 +205,8 @@ class RandomizationResult:
             "sensitivity_threshold": s.sensitivity_threshold, "insensitive_layers": len(s.insensitive_layers),
             "layers": len(s.layers), "ssim_threshold": s.ssim_threshold, "n_images": self.n_images,
             "seed": self.seed, "method": self.method, "preset": self.pipeline.name, "mode": self.mode,
+            "control_random": self.floor.random if self.random_control_scores else None,
+            "control_repeat": self.floor.repeat if self.random_control_scores else None,
         }
 
     def figures(self) -> list[Figure]:
@@ -206,7 +231,8 @@ class RandomizationResult:
             f"({s.confidence:.0%} CI {format_score(s.ci_low)} \u2013 {format_score(s.ci_high)}) vs >= "
             f"{format_threshold(s.sensitivity_threshold)}; {len(s.insensitive_layers)}/{len(s.layers)} layers with "
             f"mean {self.similarity_label} >= {format_threshold(s.ssim_threshold)}; "
-            f"N = {self.n_images}"
+            f"N = {self.n_images}" + ("" if not self.require_above_controls else
+                                      "; above the controls" if self.above_controls else "; NOT above the controls")
         )
 
     def table(self, max_rows: int = 20) -> str:
@@ -245,6 +271,7 @@ class RandomizationResult:
             f"  preset:      {self.pipeline.describe()}",
             f"  compared:    {self.modality} maps by {label}; chance (original maps of different {self.unit}): {chance}",
             *self._top_features(),
+            *self._floor_lines(),
             f"  thresholds:  layer sensitive if {label} < {s.ssim_threshold:g}; dataset sensitive if "
             f"S^I >= {s.sensitivity_threshold:g} ({boundary})",
             f"  S^I:         {format_score(s.dataset_score)}  ({s.confidence:.0%} bootstrap CI "
@@ -261,6 +288,12 @@ class RandomizationResult:
             lines.append(f"  reproduce:   {self.reproduce}")
         return "\n".join(lines)
 
+    def _floor_lines(self) -> list[str]:
+        """The noise floor: the controls' S^I, where the method sits between them, the structure."""
+        if not self.random_control_scores:
+            return []
+        return floor_lines(self.floor, self.stats.dataset_score, self.above_controls, self.require_above_controls)
+
     def _top_features(self) -> list[str]:
         """Feature maps: the features the original maps of the kept inputs weigh most."""
         if self.modality != "tabular" or self.original_maps is None:
@@ -275,10 +308,17 @@ class RandomizationResult:
                 f"Saliency check failed: {self.method} maps are NOT sensitive to {self.mode} layer randomization "
                 f"(S^I = {format_score(s.dataset_score)} < {format_threshold(s.sensitivity_threshold)})"
             )
-        else:
+        elif s.insensitive_layers and self.require_every_layer:
             names = ", ".join(layer_label(layer.name) for layer in s.insensitive_layers[:5])
             headline = (
                 f"Saliency check failed: {self.method} maps do not change when these layers are randomized: {names}"
+            )
+        else:
+            f = self.floor
+            headline = (
+                f"Saliency check failed: {self.method} maps are NOT clearly above the uninformative controls "
+                f"(S^I CI low {format_score(s.ci_low)} vs the method's own repeat level {format_score(f.repeat)} "
+                f"and the edge detector's {format_score(f.edge)}, + {format_threshold(s.sensitivity_threshold)})"
             )
         hint = (
             "  what next:   an explanation that does not depend on the model's parameters is not explaining the "
@@ -459,10 +499,11 @@ def _usable_original(batch: MapEngine, pipeline: MapPipeline, constant_maps: str
 
 
 def _compared(batch: MapEngine, pipeline: MapPipeline, setup: Any, similarity: str, constant_maps: str, keep: int,
-              states: States, explanation: Explanation) -> tuple[torch.Tensor, _Comparison, Any] | None:
+              states: States, explanation: Explanation) -> tuple[torch.Tensor, _Comparison, Any, ControlScores] | None:
     """One batch of images: the original model's maps (images with a constant map refused, or left
     out: None when none is left), each randomized state's maps compared with them (the first
-    ``keep`` of each kept for the report), and the chance level's values on the batch."""
+    ``keep`` of each kept for the report), the chance level's values on the batch, and the
+    uninformative controls' numbers (:mod:`pytest_saliency.checks.controls`)."""
     with batch:
         original = _usable_original(batch, pipeline, constant_maps, similarity)
         if original is None:
@@ -473,7 +514,67 @@ def _compared(batch: MapEngine, pipeline: MapPipeline, setup: Any, similarity: s
         for index, raw in batch.state_maps():
             comparison.add(index, raw)
         comparison.flush()
-    return original, comparison, _chance(original, setup, similarity, valid, batch.offset)
+    controls = control_scores(original, len(states), pipeline, setup, similarity, valid, explanation.seed,
+                              batch.offset, _repeated(batch, explanation, pipeline))
+    return original, comparison, _chance(original, setup, similarity, valid, batch.offset), controls
+
+
+def _repeated(batch: MapEngine, explanation: Explanation, pipeline: MapPipeline) -> torch.Tensor | None:
+    """The original model's maps of the batch from a second run of the method with another seed
+    (the method's own noise floor, :mod:`pytest_saliency.checks.controls`); None for a method of
+    the package that draws no random numbers, whose second run would repeat the first exactly."""
+    from ..core.rng import derive_seed
+    from ..maps.methods import draws_random
+
+    if explanation.named and not draws_random(explanation.method, explanation.options):  # type: ignore[arg-type]
+        return None
+    again = replace(explanation, seed=derive_seed(explanation.seed, "repeat"), cache=None)
+    return _for_ssim(again.maps(batch.x, batch.target, batch.ids), pipeline)
+
+
+class _Collected:
+    """What a check keeps of its image batches: the SSIM columns, the maps for the report, the
+    chance level's values, the controls' numbers."""
+
+    def __init__(self) -> None:
+        self.columns: list[Tensor] = []
+        self.originals: list[Tensor] = []
+        self.kept: list[Tensor] = []
+        self.chance: list[Tensor] = []
+        self.floor: list[ControlScores] = []
+        self.explained, self.stopped = 0, ""
+
+    @property
+    def shown(self) -> int:
+        return sum(o.shape[0] for o in self.originals)
+
+    def add(self, original: Tensor, comparison: _Comparison, unrelated: Tensor | None,
+            controls: ControlScores) -> None:
+        self.chance.extend(() if unrelated is None else (unrelated,))
+        self.columns.append(comparison.ssim())
+        self.originals.append(original[:comparison.keep].clone())
+        self.kept.append(comparison.kept())
+        self.floor.append(controls)
+        self.explained += original.shape[0]
+
+    def random_scores(self, clip_negative: bool) -> list[float]:
+        """The random control's S^i per image (negative similarities clipped as the method's are)."""
+        similarity = require_torch().cat([c.random for c in self.floor], dim=1)
+        scores = 1.0 - (similarity.clamp_min(0.0) if clip_negative else similarity)
+        return scores.mean(dim=0).tolist()
+
+    def repeat_scores(self, clip_negative: bool) -> list[float]:
+        """Each image's S between two runs of the method on the unchanged model (empty when the
+        method is deterministic)."""
+        runs = [c.repeat for c in self.floor if c.repeat is not None]
+        if not runs:
+            return []
+        similarity = require_torch().cat(runs)
+        return (1.0 - (similarity.clamp_min(0.0) if clip_negative else similarity)).tolist()
+
+    def entropies(self, of: str) -> list[float]:
+        """Each image's original-map entropy: the method's (``"method"``) or the noise control's."""
+        return require_torch().cat([getattr(c, f"entropy_{of}") for c in self.floor]).tolist()
 
 
 def _no_image_left(method: str, images: int) -> SaliencyUsageError:
@@ -658,8 +759,9 @@ def _stop(parts: list[RandomizationResult], arguments: dict[str, Any]) -> str:
     return ""
 
 
-def _combined(parts: list[RandomizationResult], arguments: dict[str, Any], stopped: str) -> RandomizationResult:
-    """One result of a stream's batches: every image's SSIM, the statistics on all of them."""
+def combine_randomization(parts: list[R], arguments: dict[str, Any], stopped: str) -> R:
+    """One result of a stream's batches (of any randomization result class): every image's SSIM,
+    the statistics on all of them, the controls' numbers of every image; the first batch's maps."""
     torch = require_torch()
     same_across_batches(parts, "layers", "layers")
     first = parts[0]
@@ -675,6 +777,10 @@ def _combined(parts: list[RandomizationResult], arguments: dict[str, Any], stopp
         reused_activations=all(part.reused_activations for part in parts),
         model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
         chance=weighted_mean([part.chance for part in parts], [part.chance_pairs for part in parts]),
+        random_control_scores=[v for part in parts for v in part.random_control_scores],
+        entropy_method=[v for part in parts for v in part.entropy_method],
+        entropy_random=[v for part in parts for v in part.entropy_random],
+        repeat_scores=[v for part in parts for v in part.repeat_scores],
         chance_pairs=sum(part.chance_pairs for part in parts),
     )
 
@@ -684,7 +790,7 @@ def _slim(part: RandomizationResult) -> RandomizationResult:
 
 
 @rng_isolated
-@streams(StreamSpec(_combined, _slim, _prepare_batch, _stop))
+@streams(StreamSpec(combine_randomization, _slim, _prepare_batch, _stop))
 @passes_model_call
 def layer_randomization(
     model: torch.nn.Module,
@@ -717,6 +823,7 @@ def layer_randomization(
     progress: Progress | None = None,
     reproduce: str = "",
     reuse_activations: bool = True,
+    require_above_controls: bool = False,
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
     modality: str | None = None,
@@ -753,6 +860,10 @@ def layer_randomization(
         randomized layer can change (see :mod:`pytest_saliency.engine.replay` and
         :mod:`pytest_saliency.engine.stacks`); ``False`` runs every state as a full captum call.
         ``result.reused_activations`` says whether it ran.
+    Noise floor: every result also reports the S^I of two uninformative controls on the same
+        inputs, an edge detector (0 by construction) and i.i.d. noise maps, and how structured the
+        method's maps are against noise (:mod:`pytest_saliency.checks.controls`);
+        ``require_above_controls=True`` also fails a method that is not clearly above them.
     """
     torch = require_torch()
     from ..compare.similarity import ssim_setup
@@ -760,6 +871,7 @@ def layer_randomization(
     start = time.perf_counter()
     check_model(model)
     inputs = checked_inputs(inputs, model)
+    check_flag(require_above_controls, "require_above_controls")
     s = _settings(model, inputs, mode=mode, order=order, constant_maps=constant_maps, images=images,
                   image_batch=image_batch, depth=depth, seed=seed, batch_size=batch_size, keep_maps=keep_maps,
                   early_exit=early_exit, require_every_layer=require_every_layer, reuse_activations=reuse_activations,
@@ -785,35 +897,26 @@ def layer_randomization(
             # 1. The layers to randomize, in the order they are randomized.
             selected = select_layers(model, inputs, layers, depth=s.depth, trace=engine.trace)
             states = States(s.ordered(selected), s.mode, randomization, s.seed)
-            columns: list[Tensor] = []
-            originals: list[Tensor] = []
-            kept: list[Tensor] = []
-            chance: list[Tensor] = []
-            explained, stopped = 0, ""
+            got = _Collected()
             for batch in engine.batches(states, fixed_target, progress):
-                # 2. and 3.: the original maps, and each state's compared with them.
-                done = _compared(batch, pipeline, setup, similarity, s.constant_maps,
-                                 s.keep_maps - sum(o.shape[0] for o in originals), states, explanation)
+                # 2. and 3.: the original maps, and each state's compared with them (and the controls).
+                done = _compared(batch, pipeline, setup, similarity, s.constant_maps, s.keep_maps - got.shown,
+                                 states, explanation)
                 if done is None:
                     continue
-                original, comparison, unrelated = done
-                chance.extend(() if unrelated is None else (unrelated,))
-                columns.append(comparison.ssim())
-                originals.append(original[:comparison.keep].clone())
-                kept.append(comparison.kept())
-                explained += original.shape[0]
+                got.add(*done)
                 # images="auto" and early_exit: stop once the evidence so far is decisive.
-                verdict = s.decision(columns, states.names) if s.batched and not batch.last else None
+                verdict = s.decision(got.columns, states.names) if s.batched and not batch.last else None
                 if verdict == "fail" or (verdict == "pass" and s.adaptive):
-                    stopped = f"decisive {verdict} after {explained} of {inputs.shape[0]} images"
+                    got.stopped = f"decisive {verdict} after {got.explained} of {inputs.shape[0]} images"
                     break
             if progress is not None:
                 progress(len(states), len(states), "")
-    if not columns:
+    if not got.columns:
         raise _no_image_left(name, inputs.shape[0])
     # 4. The statistics over layers and images, and with them the verdict (result.passed).
-    ssim = torch.cat(columns, dim=1)
-    chance_level, chance_pairs = _mean_chance(chance)
+    ssim = torch.cat(got.columns, dim=1)
+    chance_level, chance_pairs = _mean_chance(got.chance)
     stats = s.statistics(ssim, states.names)
     reproduce = reproduce or (
         f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={s.mode!r}, "
@@ -821,17 +924,21 @@ def layer_randomization(
     )
     return RandomizationResult(
         mode=s.mode, method=name, method_options=options, pipeline=pipeline, layers=states.names,
-        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=explained, device=str(inputs.device),
+        ssim=ssim.double().cpu().tolist(), stats=stats, n_images=got.explained, device=str(inputs.device),
         seed=s.seed, randomization=randomization, order=s.order if s.mode == "cascading" else "n/a",
         require_every_layer=require_every_layer, seconds=time.perf_counter() - start, reproduce=reproduce,
-        images_available=int(inputs.shape[0]), stopped_early=stopped, reused_activations=engine.reused,
-        original_maps=torch.cat(originals).detach().cpu(), randomized_maps=torch.cat(kept, dim=1).detach().cpu(),
+        images_available=int(inputs.shape[0]), stopped_early=got.stopped, reused_activations=engine.reused,
+        original_maps=torch.cat(got.originals).detach().cpu(),
+        randomized_maps=torch.cat(got.kept, dim=1).detach().cpu(),
         similarity=similarity, modality=current_modality().name,
         # the kept maps are the first images' unless constant_maps="skip" left some out
-        figure_context=figure_context(inputs, sum(o.shape[0] for o in originals)) if s.constant_maps == "error"
+        figure_context=figure_context(inputs, got.shown) if s.constant_maps == "error"
         else {"modality": current_modality().name},
-        chance=chance_level, chance_pairs=chance_pairs,
+        chance=chance_level, chance_pairs=chance_pairs, require_above_controls=require_above_controls,
+        random_control_scores=got.random_scores(s.clip_negative_ssim), entropy_method=got.entropies("method"),
+        entropy_random=got.entropies("random"), repeat_scores=got.repeat_scores(s.clip_negative_ssim),
     )
 
 
-__all__ = ["MODES", "ORDERS", "STRATEGIES", "RandomizationResult", "layer_randomization", "N_BOOTSTRAP"]
+__all__ = ["MODES", "ORDERS", "STRATEGIES", "RandomizationResult", "combine_randomization", "layer_randomization",
+           "N_BOOTSTRAP"]

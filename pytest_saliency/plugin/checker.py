@@ -28,9 +28,14 @@ if TYPE_CHECKING:
 
     from ..checks.agreement import AgreementResult
     from ..checks.consistency import ConsistencyResult, SeedStabilityResult
+    from ..checks.data_randomization import DataRandomizationResult
+    from ..checks.efficient_randomization import EfficientRandomizationResult
     from ..checks.faithfulness import AccuracySpread
+    from ..checks.input_shift import InputShiftResult
+    from ..checks.random_logit import RandomLogitResult
     from ..checks.randomization import RandomizationResult
     from ..checks.regression import BaselineResult
+    from ..checks.smooth_randomization import SmoothRandomizationResult
     from ..checks.sweeps import SweepResult
     from ..core.stream import Inputs
 
@@ -192,6 +197,125 @@ class SaliencyChecker:
         return self._measured(result)
 
     # -- the checks ------------------------------------------------------------------------------
+
+    def _efficient(self, options: dict[str, Any]) -> dict[str, Any]:
+        """eMPRT takes the session's preset, seed, progress and map cache (not the SSIM thresholds)."""
+        merged = self._common(options)
+        merged.setdefault("seed", 0)
+        self._with_progress(merged, "model states")
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
+        return merged
+
+    @short_usage_errors
+    def efficient_randomization(self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency",
+                                **options: Any) -> EfficientRandomizationResult:
+        """Efficient MPRT (eMPRT, the fast gate), recorded, not asserted."""
+        from ..checks.efficient_randomization import efficient_randomization
+
+        return self._measured(efficient_randomization(model, inputs, method, **self._efficient(options)))
+
+    def assert_efficient_randomization(self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency",
+                                       **options: Any) -> EfficientRandomizationResult:
+        """eMPRT with the session's preset and seed; see the free function of the same name."""
+        __tracebackhide__ = True
+        from ..checks.efficient_randomization import assert_efficient_randomization as check
+
+        return self._checked(check, model, inputs, method, **self._efficient(options))
+
+    def _smooth(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The randomization checks' session options, less the map cache (smoothed maps are not cached)."""
+        merged = self._randomization(options)
+        if "cache" not in options:
+            merged.pop("cache", None)
+        return merged
+
+    @short_usage_errors
+    def smooth_randomization(self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency",
+                             **options: Any) -> SmoothRandomizationResult:
+        """Run Smooth MPRT and return the result without asserting (it is still recorded)."""
+        from ..checks.smooth_randomization import smooth_randomization
+
+        return self._measured(smooth_randomization(model, inputs, method, **self._smooth(options)))
+
+    def assert_sensitive_to_smooth_randomization(self, model: torch.nn.Module, inputs: Inputs,
+                                                 method: Any = "saliency", **options: Any) -> SmoothRandomizationResult:
+        """Smooth MPRT with the session's preset, thresholds and seed; see the free function of the same name."""
+        __tracebackhide__ = True
+        from ..checks.smooth_randomization import assert_sensitive_to_smooth_randomization as check
+
+        return self._checked(check, model, inputs, method, **self._smooth(options))
+
+    def _paired(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Random logit and data randomization: the session's preset, seed, reproduce line and the
+        randomization thresholds (their verdict reads them as IPR's does); no progress line."""
+        merged = self._common({"ssim_threshold": self.config.ssim_threshold,
+                               "sensitivity_threshold": self.config.sensitivity_threshold, **options})
+        merged.setdefault("seed", 0)
+        return merged
+
+    def _random_logit(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = self._paired(options)
+        if self.cache is not None:
+            merged.setdefault("cache", self.cache)
+        return merged
+
+    def _data_randomization(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = self._paired(options)
+        if self.model_cache is not None:
+            merged.setdefault("cache", self.model_cache)
+        if self.cache is not None:
+            merged.setdefault("map_cache", self.cache)
+        return merged
+
+    @short_usage_errors
+    def random_logit(self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency",
+                     **options: Any) -> RandomLogitResult:
+        """Random logit (Sixt et al.) without asserting (it is still recorded)."""
+        from ..checks.random_logit import random_logit
+
+        return self._measured(random_logit(model, inputs, method, **self._random_logit(options)))
+
+    def assert_sensitive_to_random_logit(self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency",
+                                         **options: Any) -> RandomLogitResult:
+        """The target class's maps must differ from a random other class's."""
+        __tracebackhide__ = True
+        from ..checks.random_logit import assert_sensitive_to_random_logit as check
+
+        return self._checked(check, model, inputs, method, **self._random_logit(options))
+
+    @short_usage_errors
+    def data_randomization(self, train: Any, inputs: Inputs, method: Any = "saliency",
+                           **options: Any) -> DataRandomizationResult:
+        """Data randomization (Adebayo et al.) without asserting; models from the session's model cache."""
+        from ..checks.data_randomization import data_randomization
+
+        return self._measured(data_randomization(train, inputs, method, **self._data_randomization(options)))
+
+    def assert_sensitive_to_data_randomization(self, train: Any, inputs: Inputs, method: Any = "saliency",
+                                               **options: Any) -> DataRandomizationResult:
+        """The permuted-label model's maps must differ from the real model's; models trained once and cached."""
+        __tracebackhide__ = True
+        from ..checks.data_randomization import assert_sensitive_to_data_randomization as check
+
+        return self._checked(check, train, inputs, method, **self._data_randomization(options))
+
+    @short_usage_errors
+    def input_shift_invariance(self, model: torch.nn.Module, inputs: Inputs,
+                               method: Any = "saliency", **options: Any) -> InputShiftResult:
+        """Run the input-shift invariance check and return the result without asserting (it is still recorded)."""
+        from ..checks.input_shift import input_shift_invariance
+
+        return self._measured(input_shift_invariance(model, inputs, method, **self._common(options)))
+
+    def assert_input_shift_invariant(
+        self, model: torch.nn.Module, inputs: Inputs, method: Any = "saliency", **options: Any
+    ) -> InputShiftResult:
+        """Input-shift invariance (Kindermans et al.) with the session's preset and seed; see the free function."""
+        __tracebackhide__ = True
+        from ..checks.input_shift import assert_input_shift_invariant as check
+
+        return self._checked(check, model, inputs, method, **self._common(options))
 
     @short_usage_errors
     def layer_randomization(self, model: torch.nn.Module, inputs: Inputs,

@@ -530,6 +530,8 @@ def validate_report(data: Any, *, use_jsonschema: bool | None = None) -> None:
 # HTML
 
 FIGURE_CAPTIONS = {
+    "input_shift_maps": "Raw maps (channels summed, each input divided by its max |a1|) of the model on x, of the "
+                        "input-shifted model on x + m, and their difference, on one colour scale.",
     "randomization_strip": "The original model's map, then the map after each layer's randomization, with the "
                            "similarity (SSIM, or Spearman for tabular and text maps) to the original under each panel.",
     "ssim_curve": "Mean similarity per layer with its spread over images, against its threshold.",
@@ -559,6 +561,10 @@ def _caption(name: str) -> str:
 KIND_TITLES = {  # also the order of the groups on the page
     "independent_layer_randomization": "Independent layer randomization",
     "cascading_layer_randomization": "Cascading layer randomization",
+    "efficient_randomization": "Efficient randomization (eMPRT, fast gate)",
+    "smooth_layer_randomization": "Smooth layer randomization (sMPRT)",
+    "random_logit": "Random logit",
+    "data_randomization": "Data randomization",
     "method_agreement": "Method agreement",
     "hyperparameter_stability": "Hyperparameter stability",
     "input_noise_stability": "Input-noise stability",
@@ -568,6 +574,7 @@ KIND_TITLES = {  # also the order of the groups on the page
     "consistency_vs_ensemble_size": "Consistency vs ensemble size",
     "accuracy_spread": "Explanation accuracy spread",
     "baseline": "Baselines",
+    "input_shift_invariance": "Input-shift invariance",
 }
 
 #: The page's template; it includes header.html.j2, card.html.j2 (one per check), macros.html.j2 and
@@ -689,6 +696,17 @@ def _dict(data: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _floor_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    """The noise floor's panel entry (checks.controls): the controls' S^I and the method's own
+    repeat level; bad when the check required being above them and is not."""
+    controls = data.get("controls")
+    if not isinstance(controls, dict):
+        return []
+    text = (f"edge {_fmt(controls.get('edge'))} · noise {_fmt(controls.get('random'))} · "
+            f"own repeat {_fmt(controls.get('repeat'))}")
+    return [("controls (S^I)", text, bool(controls.get("require_above_controls")) and not controls.get("above_controls"))]
+
+
 def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
     layers = _list(data, "layers")
     insensitive = [layer for layer in layers if isinstance(layer, dict) and not layer.get("sensitive", True)]
@@ -710,7 +728,9 @@ def _randomization_numbers(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
         ("images sensitive to every layer", _pct(data.get("fraction_images_sensitive_to_all_layers")), False),
         ("compared by", f"{_similarity_label(data)} ({data.get('modality', 'image')} maps); chance "
                         f"{_fmt(data.get('chance'))}", False),
+        *_floor_numbers(data),
         ("method", data.get("method", "n/a"), False),
+        *([("smoothing", data["smoothing"], False)] if data.get("smoothing") else []),
         ("preset", _preset_name(data) or "n/a", False),
         ("mode", mode or "n/a", False),
         ("randomization", data.get("randomization", "n/a"), False),
@@ -989,6 +1009,7 @@ Panel = tuple[Callable[[dict[str, Any]], list[tuple[str, Any, bool]]], Callable[
 PANELS: dict[str, Panel] = {
     "independent_layer_randomization": (_randomization_numbers, _randomization_table),
     "cascading_layer_randomization": (_randomization_numbers, _randomization_table),
+    "smooth_layer_randomization": (_randomization_numbers, _randomization_table),
     "method_agreement": (_agreement_numbers, _agreement_table),
     "hyperparameter_stability": (_sweep_numbers, _sweep_tables),
     "input_noise_stability": (_sweep_numbers, _sweep_tables),
