@@ -33,7 +33,8 @@ from pytest_saliency.maps.targets import resolve_target
 FAST = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 4},
         "lime": {"n_samples": 24, "grid": 4, "alpha": 1e-3}, "kernel_shap": {"n_samples": 24, "grid": 4},
         "gradient_shap": {"n_samples": 3, "n_baselines": 3},
-        "deeplift": {}, "occlusion": {"window": 4, "stride": 4}, "feature_ablation": {"grid": 4}}
+        "deeplift": {}, "occlusion": {"window": 4, "stride": 4}, "feature_ablation": {"grid": 4},
+        "meaningful_perturbation": {"n_iter": 5}}
 
 #: Every method that draws random numbers: the stochastic ones, and those with a "uniform" baseline.
 DRAWING = [(name, dict(FAST.get(name, {}))) for name, spec in sorted(METHODS.items()) if spec.stochastic] + [

@@ -16,7 +16,7 @@ from pytest_saliency import METHODS, SaliencyUsageError, SaliencyWarning, explai
 from pytest_saliency.maps.targets import last_conv_layer, resolve_target
 
 FAST = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4}, "lime": {"n_samples": 30, "alpha": 1e-3},
-        "kernel_shap": {"n_samples": 30}, "gradient_shap": {"n_samples": 4}}
+        "kernel_shap": {"n_samples": 30}, "gradient_shap": {"n_samples": 4}, "meaningful_perturbation": {"n_iter": 5}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -235,3 +235,8 @@ def test_token_ids_are_refused() -> None:
     ids = torch.randint(0, 10, (3, 3), generator=torch.Generator().manual_seed(0))
     with pytest.raises(SaliencyUsageError, match=r"token ids cannot take noise"):
         smooth_randomization(model, ids, "saliency", n_samples=2)
+
+
+def test_one_sample_with_the_clean_input_is_refused_as_plain_mprt() -> None:
+    with pytest.raises(SaliencyUsageError, match=r"n_samples=1 with include_clean=True averages the clean input alone"):
+        smooth_randomization(make_tiny_cnn(), tiny_images(2), "saliency", n_samples=1)

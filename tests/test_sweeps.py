@@ -204,7 +204,7 @@ def test_sam_grids_are_named_after_the_paper_and_scaled_to_the_input():
     assert lime.reference == {"seed": 0, "n_samples": 1000, "grid": 7}
     assert sam_grid("lime_slic").reference["n_segments"] == 50
     assert set(GRIDS) == {"smoothgrad", "integrated_gradients", "occlusion", "occlusion_small", "lime", "lime_slic",
-                          "kernel_shap"}
+                          "kernel_shap", "meaningful_perturbation", "meaningful_perturbation_circular"}
     for name in GRIDS:
         for shape in (None, (2, 3, 64, 48), (2, 1, 16, 16)):
             grid = sam_grid(name, shape)

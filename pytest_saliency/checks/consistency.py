@@ -81,6 +81,24 @@ Inputs as batches
     size. The figure shows the first batch's maps, and the different-input baseline pairs
     inputs within a batch. ``labels`` default to the batches' labels, and ``target="labels"``
     explains them.
+Fidelity next to consistency
+    Watson et al. plot each architecture's consistency against the infidelity and the
+    sensitivity (Yeh et al. 2019) of its explanations. ``fidelity=True`` measures both per model
+    with captum.metrics (:mod:`pytest_saliency.compare.fidelity`: the perturbations of an input
+    are drawn from a local generator keyed by the seed and the input's index, the same for every
+    model and any batching), for the class each model was explained for, and reports per model
+    the mean over inputs with a 95% percentile bootstrap interval (``result.fidelity``), the
+    model's C over the pairs it is in (:meth:`ConsistencyResult.model_consistency`), a table in
+    the report and the figure ``consistency_vs_fidelity``. The infidelity is in squared output
+    units, so the table adds the **relative infidelity**, the infidelity over the mean squared
+    output change under the same perturbations, which compares models whose outputs differ in
+    scale (a model with random weights has a tiny infidelity because its outputs hardly move).
+    Off by default: per input and model it costs ``2 * n_perturb_samples`` forward passes and
+    ``n_perturb_samples`` explanations of perturbed copies (a perturbed copy is explained with
+    its input's index, so a stochastic method draws the same numbers for it). Options:
+    ``n_perturb_samples`` (10), ``perturb_radius`` (0.02, in input units: the infidelity's
+    Gaussian std and the sensitivity's L-inf radius), ``fidelity_normalize`` (True); over a
+    loader the per-example values of the batches are concatenated.
 
 Two things to know when reading C:
 
@@ -115,14 +133,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..compare.fidelity import (
+    DEFAULT_RADIUS,
+    DEFAULT_SAMPLES,
+    check_fidelity_options,
+    infidelity_values,
+    sensitivity_values,
+)
 from ..compare.separability import Separability, fold_assignment, lr_separability, require_sklearn
+from ..compare.statistics import bootstrap_interval
 from ..core.forward import OutputSelector, call_model, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
+from ..core.rng import derive_seed, pass_seeded
 from ..core.stream import example_offset, is_stream, previous_rows
 from ..core.torchtools import model_in_eval_mode, require_torch
 from ..core.validation import (
     check_count,
+    check_flag,
     check_inputs,
     check_model,
     check_seed,
@@ -132,7 +160,7 @@ from ..core.validation import (
 )
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
 from ..maps.explainers import attribute, prepare_method
-from ..maps.methods import Explainer, MethodSpec
+from ..maps.methods import Explainer, MethodSpec, draws_random
 from ..maps.modality import current_modality, figure_context, per_position, valid_positions
 from ..maps.options import format_options
 from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
@@ -173,6 +201,9 @@ SHOWN_INPUTS = 4
 #: The most inputs whose flattened maps the separability classifier is fit on (the first ones):
 #: what bounds the check's memory over a loader of any size.
 CLASSIFIER_INPUTS = 5000
+#: The per-model fidelity's bootstrap interval: its confidence and resamples.
+FIDELITY_CONFIDENCE = 0.95
+FIDELITY_RESAMPLES = 1000
 
 
 # ============================================================================================
@@ -207,6 +238,44 @@ class PairConsistency:
             "prediction_agreement": self.prediction_agreement, "fold_accuracies": self.fold_accuracies,
             "baselines": {k: _finite_or_none(v) for k, v in self.baselines.items()},
             "relative_difference": _finite_or_none(self.relative_difference),
+        }
+
+
+@dataclass
+class ModelFidelity:
+    """One model's explanations measured by Yeh et al.'s infidelity and sensitivity (captum.metrics,
+    see :mod:`pytest_saliency.compare.fidelity`): the means over inputs with percentile bootstrap
+    intervals of the mean. Lower is better for all three.
+
+    The infidelity is in squared units of the model's output, so a model whose outputs barely
+    move (random weights) has a tiny infidelity whatever its maps. ``relative_infidelity``
+    divides each input's infidelity by the mean squared output change ``E[(f(x) - f(x - I))^2]``
+    under the same perturbations (captum's infidelity of an all-zero map): the share of the
+    output's change that the map does not explain, in [0, 1] with the normalized infidelity,
+    comparable across models."""
+
+    model: str
+    infidelity: float
+    infidelity_interval: tuple[float, float]
+    sensitivity: float
+    sensitivity_interval: tuple[float, float]
+    n_inputs: int  # inputs with a finite value of all three (an all-zero map has no normalized infidelity)
+    relative_infidelity: float = math.nan
+    relative_infidelity_interval: tuple[float, float] = (math.nan, math.nan)
+    # Not in to_dict(): each input's values (float64, CPU), in the order of the inputs.
+    infidelity_values: Any = field(default=None, repr=False, compare=False)
+    sensitivity_values: Any = field(default=None, repr=False, compare=False)
+    output_change_values: Any = field(default=None, repr=False, compare=False)  # E[(f(x) - f(x - I))^2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "infidelity": _finite_or_none(self.infidelity),
+            "infidelity_interval": [_finite_or_none(v) for v in self.infidelity_interval],
+            "sensitivity": _finite_or_none(self.sensitivity),
+            "sensitivity_interval": [_finite_or_none(v) for v in self.sensitivity_interval],
+            "relative_infidelity": _finite_or_none(self.relative_infidelity),
+            "relative_infidelity_interval": [_finite_or_none(v) for v in self.relative_infidelity_interval],
+            "n_inputs": self.n_inputs,
         }
 
 
@@ -251,6 +320,13 @@ class ConsistencyResult:
     shown_maps: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     figure_context: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # see maps.modality
     lr_inputs: int = 0  # the inputs whose maps the classifier was fit on: the first ones, at most classifier_inputs
+    # fidelity=True: each model's infidelity and sensitivity, and how they were measured ({} and None without)
+    fidelity: dict[str, ModelFidelity] = field(default_factory=dict)
+    fidelity_settings: dict[str, Any] | None = None
+
+    def model_consistency(self) -> dict[str, float]:
+        """Each model's C over the pairs it is in: 1 - mean separability of those pairs."""
+        return {label: _consistency([p for p in self.pairs if label in (p.a, p.b)]) for label in self.models}
 
     def value(self, metric: str | None = None) -> float:
         """The gated number: C for ``"lr_separability"``, else the mean pairwise similarity."""
@@ -317,7 +393,46 @@ class ConsistencyResult:
             "device": self.device,
             "seconds": self.seconds,
             "reproduce": self.reproduce,
+            "fidelity": self._fidelity_dict(),
         }
+
+    def _fidelity_dict(self) -> dict[str, Any] | None:
+        if not self.fidelity:
+            return None
+        per_model = self.model_consistency()
+        return {
+            "settings": dict(self.fidelity_settings or {}),
+            "models": {label: {**f.to_dict(), "consistency": _finite_or_none(per_model.get(label, math.nan)),
+                               "accuracy": None if self.accuracies is None else self.accuracies.get(label)}
+                       for label, f in self.fidelity.items()},
+        }
+
+    def fidelity_table(self) -> str:
+        """Per model: accuracy, its C, and the mean infidelity and sensitivity with their intervals."""
+        settings = self.fidelity_settings or {}
+        per_model = self.model_consistency()
+        confidence = settings.get("confidence", FIDELITY_CONFIDENCE)
+        lines = [
+            f"  fidelity:    Yeh et al.'s infidelity (captum; Gaussian perturbations, std "
+            f"{settings.get('perturb_radius')}, {settings.get('n_perturb_samples')} per input"
+            f"{', normalized' if settings.get('normalize') else ''}) and sensitivity_max (uniform in the L-inf ball "
+            f"of radius {settings.get('perturb_radius')}); means over inputs [{confidence:.0%} bootstrap interval]; "
+            "lower is better",
+        ]
+        width = max([len("model")] + [len(label) for label in self.fidelity])
+        lines.append("               relative infidelity: the infidelity over the mean squared output change under "
+                     "the same perturbations (comparable across models whose outputs differ in scale)")
+        lines.append(f"    {'model':<{width}}  accuracy  C (its pairs)  {'infidelity':>32}  {'relative infidelity':>28}"
+                     f"  {'sensitivity':>28}")
+        for label, f in self.fidelity.items():
+            accuracy = "-" if self.accuracies is None else f"{self.accuracies[label]:.1%}"
+            lines.append(
+                f"    {label:<{width}}  {accuracy:>8}  {_fmt(per_model.get(label, math.nan)):>13}  "
+                f"{_with_interval(f.infidelity, f.infidelity_interval):>32}  "
+                f"{_with_interval(f.relative_infidelity, f.relative_infidelity_interval):>28}  "
+                f"{_with_interval(f.sensitivity, f.sensitivity_interval):>28}"
+            )
+        return "\n".join(lines)
 
     def _metric_label(self, metric: str) -> str:
         if metric == LR_SEPARABILITY:
@@ -345,7 +460,22 @@ class ConsistencyResult:
         return pair_figures(
             pairs=[(p.a, p.b) for p in self.pairs], values=values, n_inputs=self.n_inputs, check=self.check,
             what="model", higher_is_better={m: info.higher_is_better for m, info in infos.items() if info is not None},
-        ) + self.map_figures()
+        ) + self.fidelity_figures() + self.map_figures()
+
+    def fidelity_figures(self) -> list[Figure]:
+        """Watson et al.'s second panel: each model's C (over its pairs) against the infidelity and
+        the sensitivity of its explanations; none without ``fidelity=True``."""
+        from ..reporting.fidelity_figures import FidelityPoint, consistency_fidelity_figures
+
+        if not self.fidelity:
+            return []
+        per_model = self.model_consistency()
+        points = [FidelityPoint(label=label, consistency=per_model.get(label, math.nan), infidelity=f.infidelity,
+                                infidelity_interval=f.infidelity_interval, sensitivity=f.sensitivity,
+                                sensitivity_interval=f.sensitivity_interval, relative_infidelity=f.relative_infidelity,
+                                relative_infidelity_interval=f.relative_infidelity_interval)
+                  for label, f in self.fidelity.items()]
+        return consistency_fidelity_figures(points, method=self.method, n_inputs=self.n_inputs, check=self.check)
 
     def map_figures(self, what: str = "models", name: str = "model_maps") -> list[Figure]:
         """The grid of ``shown_maps``: the first inputs on top, then one row per model (``what``
@@ -437,6 +567,8 @@ class ConsistencyResult:
                 + "); accuracy parity does not imply explanation parity"
             )
         lines.append(self.table())
+        if self.fidelity:
+            lines.append(self.fidelity_table())
         lines.append(f"  inputs: {self.n_inputs}   device: {self.device}   seed: {self.seed}   time: {self.seconds:.1f} s")
         return _report_text(lines, self.reproduce)
 
@@ -627,6 +759,13 @@ def _report_text(lines: list[str], reproduce: str) -> str:
 
 def _fmt(value: float) -> str:
     return "nan" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _with_interval(value: float, interval: tuple[float, float]) -> str:
+    """``mean [low, high]`` in 4 significant digits (infidelity spans many orders of magnitude)."""
+    if value is None or not math.isfinite(value):
+        return "nan"
+    return f"{value:.4g} [{interval[0]:.4g}, {interval[1]:.4g}]"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -1008,6 +1147,10 @@ class ConsistencySettings:
     factors: Mapping[str, str] | None = None
     labels_from_batches: bool = False  # labels= left out for a loader: the batches' labels, if they have any
     classifier_inputs: int = CLASSIFIER_INPUTS  # the classifier is fit on the maps of the first ones
+    fidelity: bool = False  # each model's infidelity and sensitivity (compare.fidelity)
+    n_perturb_samples: int = DEFAULT_SAMPLES
+    perturb_radius: float = DEFAULT_RADIUS
+    fidelity_normalize: bool = True
 
 
 def consistency_settings(
@@ -1015,10 +1158,14 @@ def consistency_settings(
     preset: str | MapPipeline | None = None, seed: int = 0, n_splits: int = 5, metrics: Any = None,
     k: KValue = 0.1, map_shape: tuple[int, int] | None = None, pairs: str = "all", lr_input: str = "attributions",
     classifier: Any = None, batch_size: int | None = None, classifier_inputs: int = CLASSIFIER_INPUTS,
-    **method_kwargs: Any,
+    fidelity: bool = False, n_perturb_samples: int = DEFAULT_SAMPLES, perturb_radius: float = DEFAULT_RADIUS,
+    fidelity_normalize: bool = True, **method_kwargs: Any,
 ) -> ConsistencySettings:
     """The options of :func:`explanation_consistency` that do not depend on its inputs, checked."""
     require_sklearn()
+    fidelity = check_flag(fidelity, "fidelity")
+    fidelity_normalize = check_flag(fidelity_normalize, "fidelity_normalize")
+    n_perturb_samples, perturb_radius = check_fidelity_options(n_perturb_samples, perturb_radius)
     classifier_inputs = check_count(classifier_inputs, "classifier_inputs", minimum=2,
                                     hint="It caps the inputs whose maps the classifier is fit on, e.g. 5000.")
     seed = check_seed(seed)
@@ -1032,7 +1179,8 @@ def consistency_settings(
     return ConsistencySettings(
         method=method, method_kwargs=dict(method_kwargs), pipeline=get_pipeline(preset), seed=seed, n_splits=n_splits,
         metrics=metrics, k=k, map_shape=map_shape, pairs=pairs, lr_input=lr_input, classifier=classifier,
-        classifier_inputs=classifier_inputs, batch_size=batch_size, factors=factors,
+        classifier_inputs=classifier_inputs, batch_size=batch_size, factors=factors, fidelity=fidelity,
+        n_perturb_samples=n_perturb_samples, perturb_radius=perturb_radius, fidelity_normalize=fidelity_normalize,
     )
 
 
@@ -1061,6 +1209,8 @@ class ExplainedPairs:
     device: str = "cpu"
     seconds: float = 0.0
     shown: dict[str, Any] = field(default_factory=dict, repr=False)
+    # with settings.fidelity: {label: {"infidelity": (n,), "sensitivity": (n,)}} per input, float64 on the CPU
+    fidelity: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def join_pairs(parts: Sequence[ExplainedPairs]) -> ExplainedPairs:
@@ -1092,6 +1242,8 @@ def join_pairs(parts: Sequence[ExplainedPairs]) -> ExplainedPairs:
         squares={pair: sum((part.squares[pair] for part in parts), torch.zeros(3, dtype=torch.float64))
                  for pair in first.pairs},
         features={label: torch.cat([part.features[label] for part in parts]) for label in first.labels},
+        fidelity={label: {name: torch.cat([part.fidelity[label][name] for part in parts]) for name in values}
+                  for label, values in first.fidelity.items()},
     )
 
 
@@ -1138,10 +1290,9 @@ def explained_pairs(
     seed, batch_size, pipeline = settings.seed, settings.batch_size, settings.pipeline
     predictions = {label: predicted_targets(model, inputs, batch_size, seed) for label, model in named}
     target_mode, targets = _targets(named, inputs, target, predictions, batch_size, seed)
-    raw = {
-        label: per_position(attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options))
-        for label, model in named
-    }
+    unprocessed = {label: attribute(model, inputs, resolved, targets[label], seed, batch_size, True, options)
+                   for label, model in named}
+    raw = {label: per_position(attributions) for label, attributions in unprocessed.items()}
     label_list = [label for label, _ in named]
     need_maps = settings.lr_input == "maps" or any(m in _MAP_METRICS for m in metric_names)
     maps = {label: _to_maps(raw[label], pipeline, shape) for label in label_list} if need_maps else {}
@@ -1163,6 +1314,65 @@ def explained_pairs(
                   for label, f in features.items()},
         device=str(inputs.device), seconds=time.perf_counter() - start,
         shown=_shown(inputs, raw, pipeline, shape, maps),
+        fidelity={label: _model_fidelity(model, inputs, unprocessed[label], targets[label], resolved, options, settings)
+                  for label, model in named} if settings.fidelity else {},
+    )
+
+
+def _model_fidelity(model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor, target: torch.Tensor,
+                    method: MethodSpec | Explainer, options: dict[str, Any],
+                    settings: ConsistencySettings) -> dict[str, torch.Tensor]:
+    """One model's infidelity and sensitivity per input (:mod:`pytest_saliency.compare.fidelity`),
+    for the class it was explained for. A perturbed copy of an input is explained with that
+    input's target and index, so a stochastic method draws the same numbers for it as for the
+    input: the sensitivity measures the change of the input, not of the method's draws."""
+    torch = require_torch()
+    if not inputs.is_floating_point():
+        raise SaliencyUsageError(
+            f"fidelity=True perturbs the inputs with small real-valued noise, but these are {inputs.dtype} (token "
+            "ids?). Leave fidelity out for text models, or pass their embeddings as floating-point inputs.")
+    targets = target.reshape(-1).expand(inputs.shape[0]) if target.numel() == 1 else target.reshape(-1)
+    seed, batch_size = settings.seed, settings.batch_size
+
+    def forward(x: Any, rows: list[int]) -> Any:
+        with model_in_eval_mode(model, True):
+            scores = call_model(model, x, rows=rows)
+        return scores[torch.arange(x.shape[0], device=scores.device), targets[rows].to(scores.device)]
+
+    def explain(x: Any, rows: list[int]) -> Any:
+        return attribute(model, x, method, targets[rows], seed, batch_size, True, options, index=rows)
+
+    common: dict[str, Any] = {"n_perturb_samples": settings.n_perturb_samples, "radius": settings.perturb_radius,
+                              "seed": seed, "max_rows": batch_size}
+    with pass_seeded(derive_seed(seed, "fidelity", example_offset()), inputs.device):  # a model that draws
+        infidelity = infidelity_values(forward, inputs, attributions.to(inputs.dtype),
+                                       normalize=settings.fidelity_normalize, **common)
+        # an all-zero map explains nothing: its (unnormalized) infidelity is E[(f(x) - f(x - I))^2]
+        change = infidelity_values(forward, inputs, torch.zeros_like(inputs), normalize=False, **common)
+    return {"infidelity": infidelity, "output_change": change,
+            "sensitivity": sensitivity_values(explain, inputs, attributions=attributions, **common)}
+
+
+def _summarized_fidelity(label: str, values: dict[str, torch.Tensor], seed: int) -> ModelFidelity:
+    """A model's means over the inputs with a finite value of all three, with bootstrap intervals."""
+    torch = require_torch()
+    infidelity, sensitivity, change = values["infidelity"], values["sensitivity"], values["output_change"]
+    relative = infidelity / change
+    finite = torch.isfinite(infidelity) & torch.isfinite(sensitivity) & torch.isfinite(relative)
+    stats = {}
+    for name, v in (("infidelity", infidelity[finite]), ("sensitivity", sensitivity[finite]),
+                    ("relative_infidelity", relative[finite])):
+        if v.numel() == 0:
+            stats[name] = (math.nan, (math.nan, math.nan))
+            continue
+        interval = bootstrap_interval(v, FIDELITY_CONFIDENCE, FIDELITY_RESAMPLES, derive_seed(seed, "fidelity", name))
+        stats[name] = (float(v.mean()), interval)
+    return ModelFidelity(
+        model=label, infidelity=stats["infidelity"][0], infidelity_interval=stats["infidelity"][1],
+        sensitivity=stats["sensitivity"][0], sensitivity_interval=stats["sensitivity"][1],
+        n_inputs=int(finite.sum()), relative_infidelity=stats["relative_infidelity"][0],
+        relative_infidelity_interval=stats["relative_infidelity"][1], infidelity_values=infidelity,
+        sensitivity_values=sensitivity, output_change_values=change,
     )
 
 
@@ -1205,6 +1415,12 @@ def consistency_result(examples: ExplainedPairs, settings: ConsistencySettings, 
         seconds=examples.seconds if seconds is None else seconds,
         accuracies=_accuracies(examples.predictions, examples.true_labels), num_features=examples.num_features,
         converged=converged, reproduce=reproduce, **examples.shown,
+        fidelity={label: _summarized_fidelity(label, values, settings.seed) for label, values in examples.fidelity.items()},
+        fidelity_settings={
+            "n_perturb_samples": settings.n_perturb_samples, "perturb_radius": settings.perturb_radius,
+            "normalize": settings.fidelity_normalize, "confidence": FIDELITY_CONFIDENCE,
+            "n_bootstrap": FIDELITY_RESAMPLES, "seed": settings.seed,
+        } if examples.fidelity else None,
     )
 
 
@@ -1229,6 +1445,10 @@ def explanation_consistency(
     classifier: Any = None,
     batch_size: int | None = None,
     classifier_inputs: int = CLASSIFIER_INPUTS,
+    fidelity: bool = False,
+    n_perturb_samples: int = DEFAULT_SAMPLES,
+    perturb_radius: float = DEFAULT_RADIUS,
+    fidelity_normalize: bool = True,
     reproduce: str = "",
     output: OutputSelector = None,
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -1269,11 +1489,24 @@ def explanation_consistency(
         classifier_inputs: the classifier is fit on the maps of the first this many inputs
             (default 5,000; the similarities cover every input): what bounds the memory over a
             loader, at N x D numbers per model otherwise.
+        fidelity: also measure each model's explanations by Yeh et al.'s infidelity and
+            sensitivity (captum.metrics; Watson et al.'s second panel, consistency against both):
+            ``result.fidelity``, a table in the report and a figure. Off by default for its cost:
+            ``n_perturb_samples`` forward passes per input and model for the infidelity, and
+            ``n_perturb_samples`` explanations per input and model for the sensitivity (with
+            ``batch_size``, at most that many perturbed inputs per call).
+        n_perturb_samples: perturbations per input for both (default 10, captum's).
+        perturb_radius: their size in input units (default 0.02, captum's sensitivity radius):
+            the std of the infidelity's Gaussian noise and the L-inf radius of the sensitivity's
+            uniform noise. Scale it with the inputs' range.
+        fidelity_normalize: rescale each map by its least-squares factor before the infidelity
+            (captum's ``normalize``, as Yeh et al.'s code; default True).
         reproduce: a command line recorded in the result (the pytest plugin fills it in).
         **method_kwargs: the method's hyperparameters.
 
     Returns a :class:`ConsistencyResult`. Cost: one explanation of the inputs per model, and
-    ``n_splits`` classifier fits per pair (there are M(M-1)/2 pairs for M models).
+    ``n_splits`` classifier fits per pair (there are M(M-1)/2 pairs for M models); with
+    ``fidelity=True`` also ``n_perturb_samples`` forward passes and explanations per input and model.
     """
     start = time.perf_counter()
     named = _named_models(models)
@@ -1281,7 +1514,8 @@ def explanation_consistency(
     settings = consistency_settings(
         method, factors=factors, preset=preset, seed=seed, n_splits=n_splits, metrics=metrics, k=k,
         map_shape=map_shape, pairs=pairs, lr_input=lr_input, classifier=classifier, batch_size=batch_size,
-        classifier_inputs=classifier_inputs, **method_kwargs,
+        classifier_inputs=classifier_inputs, fidelity=fidelity, n_perturb_samples=n_perturb_samples,
+        perturb_radius=perturb_radius, fidelity_normalize=fidelity_normalize, **method_kwargs,
     )
     settings = dataclasses.replace(settings, labels_from_batches=n is None and labels is None)
     if n is not None:
@@ -1620,7 +1854,8 @@ def explainer_seed_stability(
     return SeedStabilityResult(
         method=name, method_options=options, pipeline=pipeline, seeds=seed_list, metric=metric, k=k,
         threshold=float(threshold), pair_scores=pair_scores, deterministic=deterministic, max_abs_difference=max_diff,
-        stochastic=resolved.stochastic if isinstance(resolved, MethodSpec) else None, n_inputs=int(inputs.shape[0]),
+        stochastic=draws_random(resolved, options) if isinstance(resolved, MethodSpec) else None,
+        n_inputs=int(inputs.shape[0]),
         device=str(inputs.device), seconds=time.perf_counter() - start, reproduce=reproduce,
         pair_values=pair_values, scale=scale,
     )
@@ -1662,7 +1897,8 @@ def assert_explainer_seed_stable(
 
 
 __all__ = [
-    "CONSISTENCY_THRESHOLDS", "SEED_STABILITY_THRESHOLDS", "ConsistencyResult", "PairConsistency", "Separability",
+    "CONSISTENCY_THRESHOLDS", "SEED_STABILITY_THRESHOLDS", "ConsistencyResult", "ModelFidelity", "PairConsistency",
+    "Separability",
     "SeedStabilityResult", "assert_explainer_seed_stable", "assert_seed_consistency_above", "explainer_seed_stability",
     "explanation_consistency", "fold_assignment", "lr_separability", "models_from", "seed_consistency",
 ]

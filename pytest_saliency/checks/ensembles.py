@@ -47,7 +47,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ from ..core.validation import (
     unknown_choice,
 )
 from ..exceptions import SaliencyUsageError
+from ..model.curves import LossFunction, check_train, fit_curve, refresh_batchnorm
 from ..reporting.numbers import format_score
 from ..reporting.protocol import Figure, Number
 from .consistency import (
@@ -257,6 +258,168 @@ def perturbed_ensemble(
 
 
 # ============================================================================================
+# Mode-connected ensembles ("connect") and their perturbation ("combine")
+# ============================================================================================
+
+
+def curve_points(n: int) -> list[float]:
+    """``n`` positions spread uniformly over the curve: the midpoints ``(i + 0.5) / n`` of ``n`` equal
+    pieces of [0, 1] (for n = 1 the curve's middle; the trained endpoints themselves are not drawn)."""
+    return [(index + 0.5) / n for index in range(n)]
+
+
+@rng_isolated
+def connected_ensemble(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    train: Iterable[Any] | LossFunction,
+    n: int = 10,
+    *,
+    criterion: Callable[..., torch.Tensor] | None = None,
+    epochs: int = 10,
+    steps: int = 200,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ts: Sequence[float] | None = None,
+    how: str = "average",
+) -> Ensemble:
+    """Ley et al.'s mode-connected ensemble ("connect"): ``n`` models sampled along a trained
+    quadratic Bezier curve between two trained models (Garipov et al.).
+
+    The curve's control point is trained (:class:`pytest_saliency.model.curves.BezierCurve`) on
+    ``train``: a loader of ``(x, y)`` batches (``criterion(model(x), y)``, cross-entropy by default;
+    ``epochs`` passes) or a function ``loss(forward) -> scalar tensor`` (``steps`` Adam steps), at
+    ``t ~ U(0, 1)`` drawn from ``seed``. The members are the models at ``ts``, by default
+    :func:`curve_points` (``(i + 0.5) / n``, uniform over the curve). Every member is a new model;
+    ``model_a`` and ``model_b`` are never modified. With a loader, the members' BatchNorm running
+    statistics are recomputed from it (without one they are interpolated between the endpoints').
+
+    The global generators and both endpoints (values, modes, flags) are as before the call.
+
+    "Combine", the paper's best strategy, perturbs these members:
+    ``perturbed_ensemble(list(connected_ensemble(...).members), ...)``.
+    """
+    how = _check_how(how)
+    n = check_count(n, "n", hint="n must be a positive int: the models sampled along the curve, e.g. n=10.")
+    loader = check_train(train)
+    if ts is None:
+        points = curve_points(n)
+    elif isinstance(ts, Sequence) and not isinstance(ts, (str, bytes)) and len(ts) > 0:
+        points = [check_number(t, f"ts[{i}]", low=0.0, high=1.0, hint="Positions on the curve lie in [0, 1].")
+                  for i, t in enumerate(ts)]
+    else:
+        raise SaliencyUsageError(f"ts must be a non-empty list of positions in [0, 1] (or None), got {ts!r:.80}.")
+    curve = fit_curve(model_a, model_b, train, criterion=criterion, epochs=epochs, steps=steps, lr=lr, seed=seed)
+    members = [curve.model_at(t) for t in points]
+    if loader:
+        for index, member in enumerate(members):
+            refresh_batchnorm(member, cast(Iterable[Any], train), seed=derive_seed(seed, index))
+    return Ensemble(members, how=how)
+
+
+STRATEGIES = ("vanilla", "perturb", "connect", "combine")
+#: The options each strategy takes (``strategy_options=``), with their defaults.
+PERTURB_OPTIONS = {"layer": None, "sigma": 0.1, "parameter": "weight", "perturbations": 20, "seed": 0}
+CONNECT_OPTIONS = {"train": None, "n": 10, "criterion": None, "epochs": 10, "steps": 200, "lr": 1e-3, "seed": 0,
+                   "ts": None}
+
+
+def _strategy_options(strategy: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    given = dict(options or {})
+    allowed: dict[str, Any] = {}
+    if strategy in ("perturb", "combine"):
+        allowed.update(PERTURB_OPTIONS)
+    if strategy in ("connect", "combine"):
+        allowed.update(CONNECT_OPTIONS)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise SaliencyUsageError(
+            f"strategy_options {unknown} do not apply to strategy {strategy!r}; it takes {sorted(allowed) or 'none'}."
+        )
+    merged = {**allowed, **given}
+    if strategy in ("connect", "combine") and merged["train"] is None:
+        raise SaliencyUsageError(
+            f"strategy {strategy!r} trains a curve between pairs of models and needs "
+            "strategy_options={'train': <loader of (x, y) batches, or a loss function loss(forward)>}."
+        )
+    return merged
+
+
+def _perturbed_members(models: list[nn.Module], options: Mapping[str, Any], key: str) -> list[nn.Module]:
+    built = perturbed_ensemble(models, layer=options["layer"], sigma=options["sigma"], n=options["perturbations"],
+                               parameter=options["parameter"], seed=derive_seed(options["seed"], key))
+    return list(built.members)
+
+
+def _unit_members(labelled: list[tuple[str, nn.Module]], strategy: str,
+                  options: Mapping[str, Any]) -> list[tuple[str, list[nn.Module]]]:
+    """The members each unit of pre-trained models contributes: one model per unit (vanilla,
+    perturb) or one disjoint pair, consecutive models, per unit (connect, combine)."""
+    if strategy == "vanilla":
+        return [(label, [model]) for label, model in labelled]
+    if strategy == "perturb":
+        return [(label, _perturbed_members([model], options, label)) for label, model in labelled]
+    units = []
+    for j in range(len(labelled) // 2):
+        (label_a, a), (label_b, b) = labelled[2 * j], labelled[2 * j + 1]
+        label = f"{label_a}~{label_b}"
+        built = connected_ensemble(
+            a, b, options["train"], options["n"], criterion=options["criterion"], epochs=options["epochs"],
+            steps=options["steps"], lr=options["lr"], seed=derive_seed(options["seed"], label), ts=options["ts"],
+        )
+        members = list(built.members)
+        if strategy == "combine":
+            members = _perturbed_members(members, options, label)
+        units.append((label, members))
+    return units
+
+
+@short_usage_errors
+def strategy_ensembles(
+    models: Sequence[nn.Module] | Mapping[str, nn.Module],
+    sizes: Sequence[int],
+    strategy: str = "vanilla",
+    strategy_options: Mapping[str, Any] | None = None,
+    *,
+    how: str = "average",
+) -> dict[int, dict[str, Ensemble]]:
+    """The disjoint ensembles of each size that :func:`consistency_vs_ensemble_size` compares,
+    for Ley et al.'s strategies; a size counts *pre-trained models* per ensemble.
+
+    * ``"vanilla"``: the s models themselves;
+    * ``"perturb"``: each model's ``perturbations`` noisy copies (:func:`perturbed_ensemble`,
+      options ``layer``, ``sigma``, ``parameter``, ``perturbations``, ``seed``);
+    * ``"connect"``: the s models as s/2 disjoint pairs of consecutive models, each pair replaced by
+      ``n`` models along its trained curve (:func:`connected_ensemble`, options ``train``, ``n``,
+      ``criterion``, ``epochs``, ``steps``, ``lr``, ``seed``, ``ts``); s must be even;
+    * ``"combine"``: connect, then every model on the curves perturbed (both sets of options).
+
+    Ensemble j of size s holds the members of models ``j*s .. (j+1)*s - 1``. Each curve and each
+    model's perturbations are built once per call and shared by all sizes (the pairs are the same:
+    size 4's pairs are size 2's), seeded by ``seed`` and the models' labels.
+    """
+    strategy = check_choice(strategy, "ensemble strategy", STRATEGIES)
+    how = _check_how(how)
+    options = _strategy_options(strategy, strategy_options)
+    labelled = _labelled(models)
+    size_list = _checked_sizes(sizes, len(labelled))
+    per_unit = 2 if strategy in ("connect", "combine") else 1
+    odd = [s for s in size_list if s % per_unit]
+    if odd:
+        raise SaliencyUsageError(
+            f"strategy {strategy!r} joins pairs of models by a curve, so every size must be even; got sizes {odd}. "
+            "Use sizes such as (2, 4, 8)."
+        )
+    units = _unit_members(labelled, strategy, options)
+    sized: dict[int, dict[str, Ensemble]] = {}
+    for size in size_list:
+        groups = [units[j * size // per_unit:(j + 1) * size // per_unit] for j in range(len(labelled) // size)]
+        sized[size] = {"+".join(label for label, _ in group): Ensemble([m for _, ms in group for m in ms], how=how)
+                       for group in groups}
+    return sized
+
+
+# ============================================================================================
 # Consistency against ensemble size
 # ============================================================================================
 
@@ -294,6 +457,7 @@ class EnsembleSizeResult:
     n_inputs: int
     seconds: float
     results: dict[int, ConsistencyResult] = field(default_factory=dict, repr=False)  # by ensemble size
+    strategy: str = "vanilla"  # how each ensemble is built from its pre-trained models (see strategy_ensembles)
 
     check = "consistency_vs_ensemble_size"
     model_writes: tuple[str, ...] = ()  # tensors the model's forward wrote (restored by the guard)
@@ -315,7 +479,7 @@ class EnsembleSizeResult:
         return {
             "model_writes": list(self.model_writes),
             "check": self.check, "method": self.method, "metrics": list(self.metrics), "k": self.k,
-            "how": self.how, "n_models": self.n_models, "rows": [row.to_dict() for row in self.rows],
+            "how": self.how, "strategy": self.strategy, "n_models": self.n_models, "rows": [row.to_dict() for row in self.rows],
             "target": self.target_mode, "n_inputs": self.n_inputs, "seconds": self.seconds,
         }
 
@@ -327,7 +491,7 @@ class EnsembleSizeResult:
     def numbers(self) -> dict[str, Number]:
         """C at the smallest and the largest ensemble size and the gain between them."""
         numbers: dict[str, float | int | str | bool | None] = {
-            "method": self.method, "how": self.how, "models": self.n_models, "n_inputs": self.n_inputs,
+            "method": self.method, "how": self.how, "strategy": self.strategy, "models": self.n_models, "n_inputs": self.n_inputs,
         }
         if self.rows:
             first, last = self.rows[0], self.rows[-1]
@@ -358,7 +522,7 @@ class EnsembleSizeResult:
         for row in self.rows:
             sims = ", ".join(f"{m} {format_score(row.similarities[m])}" for m in self.metrics)
             parts.append(f"size {row.size}: C {format_score(row.consistency)}" + (f", {sims}" if sims else ""))
-        return f"REPORT {self.check} [{self.method}, {self.n_models} models]: " + " | ".join(parts)
+        return f"REPORT {self.check} [{self.method}, {self.strategy}, {self.n_models} models]: " + " | ".join(parts)
 
     def report(self) -> str:
         sims = "".join(f"  {m[:14]:>14}" for m in self.metrics)
@@ -367,7 +531,7 @@ class EnsembleSizeResult:
         }.get(self.target_mode, self.target_mode)
         lines = [
             f"  check:       {self.check} (disjoint ensembles of each size, all pairs between them)",
-            f"  method:      {self.method}   ensembles: {self.how} of probabilities   target: {target}",
+            f"  method:      {self.method}   ensembles: {self.strategy}, {self.how} of probabilities   target: {target}",
             f"     size  ensembles  pairs       C  M held-out{sims}",
         ]
         for row in self.rows:
@@ -461,6 +625,8 @@ def consistency_vs_ensemble_size(
     target: str | int | torch.Tensor | None = None,
     metrics: Sequence[str] | None = ("sign_agreement",),
     batch_size: int | None = None,
+    strategy: str = "vanilla",
+    strategy_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> EnsembleSizeResult:
     """Explanation consistency between disjoint ensembles, for each ensemble size.
@@ -488,10 +654,19 @@ def consistency_vs_ensemble_size(
     :class:`Ensemble`, i.e. as log-probabilities, so the sizes are comparable. C on
     log-probability maps is already high for single models (it lacks the logit-shift component,
     see :mod:`pytest_saliency.checks.consistency`), so sign agreement is usually the informative
-    column. Other ``options`` go to ``explanation_consistency``
+    column.
+
+    ``strategy`` is how an ensemble is built from its s pre-trained models, Ley et al.'s four
+    (:func:`strategy_ensembles`, with ``strategy_options``): ``"vanilla"`` (the models themselves),
+    ``"perturb"`` (weight perturbations of each), ``"connect"`` (models along trained curves between
+    disjoint pairs; ``strategy_options={"train": loader_or_loss, ...}``; even sizes) and
+    ``"combine"`` (those models perturbed). A size is always the number of pre-trained models, so
+    the strategies compare at a fixed training budget; the default target is still the prediction
+    of the vanilla ensemble of all the pre-trained models. Other ``options`` go to ``explanation_consistency``
     (``k``, ``n_splits``, ``preset``, ``map_shape``, ``seed``, ``lr_input``, ``labels``, method options).
     """
     start = time.perf_counter()
+    _strategy_options(check_choice(strategy, "ensemble strategy", STRATEGIES), strategy_options)  # fail before training
     named, _ = models_from(models_or_factory, seeds, cache, build=build, version=version, inputs=inputs)
     labelled = _labelled(named)
     m = len(labelled)
@@ -516,13 +691,7 @@ def consistency_vs_ensemble_size(
         if target not in modes:
             raise unknown_choice("target mode", target, modes, "Or pass an int or a tensor (N,).")
         target_mode = "given" if target == "labels" else target
-    sized = {
-        size: {
-            "+".join(label for label, _ in group): Ensemble([member for _, member in group], how=how)
-            for group in (labelled[j * size:(j + 1) * size] for j in range(m // size))
-        }
-        for size in size_list
-    }
+    sized = strategy_ensembles(dict(labelled), size_list, strategy, strategy_options, how=how)
     all_members = Ensemble([model for _, model in labelled], how=how)
     explained = _explained_by_size(all_members, inputs, sized, settings, target=target, **call)
     results = {size: consistency_result(explained[size], settings, reproduce=reproduce) for size in size_list}
@@ -537,10 +706,12 @@ def consistency_vs_ensemble_size(
     return EnsembleSizeResult(
         method=first.method, metrics=list(first.metrics), k=first.k, how=how, n_models=m, rows=rows,
         target_mode=target_mode, n_inputs=first.n_inputs, seconds=time.perf_counter() - start, results=results,
+        strategy=str(strategy),
     )
 
 
 __all__ = [
-    "Ensemble", "EnsembleSizeResult", "EnsembleSizeRow", "HOWS", "consistency_vs_ensemble_size", "ensemble",
-    "first_parameterized_layer", "perturbed_ensemble",
+    "HOWS", "STRATEGIES", "Ensemble", "EnsembleSizeResult", "EnsembleSizeRow", "connected_ensemble",
+    "consistency_vs_ensemble_size", "curve_points", "ensemble", "first_parameterized_layer", "perturbed_ensemble",
+    "strategy_ensembles",
 ]

@@ -139,6 +139,35 @@ def _grid_kernel_shap(side: int) -> SweepGrid:
     )
 
 
+def _blur(pixels: float, side: int) -> float:
+    """SAM's blur radius on 224 px inputs, scaled to ``side`` px (a float: a Gaussian's sigma need not be whole)."""
+    return round(pixels * side / SAM_INPUT_SIZE, 4)
+
+
+def _grid_meaningful_perturbation(side: int) -> SweepGrid:
+    ref = _blur(10, side)
+    return SweepGrid(
+        "meaningful_perturbation", "meaningful_perturbation", {"n_iter": 300, "blur_radius": ref, "seed": 0},
+        {"n_iter": [10, 150, 450], "blur_radius": [_blur(5, side), _blur(30, side)], "seed": [1, 2, 3, 4]},
+        {"init": "random"},
+        f"SAM 4.3.2: N_iter reference 300 vs {{10, 150, 450}}, b_R reference 10 vs {{5, 30}} px on 224 px (scaled to "
+        f"{side} px: {ref:g} vs {_blur(5, side):g}, {_blur(30, side):g}), and the random start's seed (SAM S4.3; "
+        "seeds 1-4 are ours); a random start (SAM's 'random' init) for all three so that the seed matters. "
+        "Compare MP's maps as SAM did with preset=pytest_saliency.maps.meaningful_perturbation.MP_PIPELINE "
+        "(1 - m as it is, SSIM data_range 1). For the original's circular start use 'meaningful_perturbation_circular'.",
+    )
+
+
+def _grid_meaningful_perturbation_circular(side: int) -> SweepGrid:
+    ref = _blur(10, side)
+    return SweepGrid(
+        "meaningful_perturbation_circular", "meaningful_perturbation", {"n_iter": 300, "blur_radius": ref},
+        {"n_iter": [10, 150, 450], "blur_radius": [_blur(5, side), _blur(30, side)]}, {"init": "circular"},
+        f"SAM 4.3.2's N_iter and b_R experiments exactly as run (the original's circular start, which draws "
+        f"nothing): N_iter 300 vs {{10, 150, 450}}, b_R 10 vs {{5, 30}} px on 224 px, scaled to {side} px.",
+    )
+
+
 _GRID_BUILDERS: dict[str, Callable[[int], SweepGrid]] = {
     "smoothgrad": _grid_smoothgrad,
     "integrated_gradients": _grid_integrated_gradients,
@@ -147,6 +176,8 @@ _GRID_BUILDERS: dict[str, Callable[[int], SweepGrid]] = {
     "lime": _grid_lime,
     "lime_slic": _grid_lime_slic,
     "kernel_shap": _grid_kernel_shap,
+    "meaningful_perturbation": _grid_meaningful_perturbation,
+    "meaningful_perturbation_circular": _grid_meaningful_perturbation_circular,
 }
 #: The names :func:`sam_grid` knows.
 GRIDS: tuple[str, ...] = tuple(_GRID_BUILDERS)

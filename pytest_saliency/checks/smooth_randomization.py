@@ -208,6 +208,10 @@ def smoothed_explainer(model: torch.nn.Module, inputs: torch.Tensor, method: str
     noise_level = check_number(noise_level, "noise_level", low=0.0,
                                hint="The noise std is noise_level x (max - min) of each input (Quantus: 0.1).")
     check_flag(include_clean, "include_clean")
+    if include_clean and n_samples < 2:
+        raise SaliencyUsageError(
+            "n_samples=1 with include_clean=True averages the clean input alone, no noisy copy: plain MPRT under "
+            "sMPRT's name. Pass n_samples >= 2 (Quantus: 50), or include_clean=False for one noisy copy.")
     batch_size = check_count(batch_size, "batch_size", allow_none=True,
                              hint="It bounds the noisy copies one captum call explains; None sizes them from memory.")
     if current_call().modality == "text":

@@ -685,9 +685,13 @@ def setup_check(
     """``(resolved method, label, pipeline, metrics, summary metric, higher_is_better)`` of a sweep check.
 
     ``metrics`` and ``metric`` default to the modality's (:mod:`pytest_saliency.maps.modality`).
+    The sweeps' preset ``"sam2020"`` is SAM's convention for each method: for Meaningful
+    Perturbation's masks, ``"sam2020_mp"`` (the mask as it is, SSIM ``data_range=1``).
     """
     resolved = resolve_method(method)
     label = resolved.name if isinstance(resolved, MethodSpec) else method_name(method)
+    if preset == SWEEP_PRESET and label == "meaningful_perturbation":
+        preset = "sam2020_mp"
     pipeline = get_pipeline(preset)
     metric = default_similarity(metric)
     metrics = default_metrics(metrics)

@@ -48,8 +48,9 @@ from ..core.rng import pass_seeded
 from ..core.torchtools import model_in_eval_mode, require_torch
 from ..core.validation import check_count, check_finite, check_inputs, check_model
 from ..exceptions import SaliencyUsageError, warn_user
-from .baselines import zero_or
+from .baselines import blurred_baseline, zero_or
 from .batching import BATCH_SIZE_HINT, auto_batching, chunks
+from .meaningful_perturbation import meaningful_perturbation, mp_settings
 from .methods import (
     Explainer,
     MethodSpec,
@@ -146,6 +147,10 @@ def run_captum(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Tensor, t
         # one baseline per input of the check (see maps.options.check_baselines): these inputs' own
         options = {**options, "baselines": baselines[image_ids(index, inputs.shape[0])]}
     ids = image_ids(index, inputs.shape[0])
+    if spec.name == "meaningful_perturbation":  # its own optimizer, batched; each image's start seeded
+        if seed is None:
+            seed = _stream_seed() if draws_random(spec, options) else 0
+        return meaningful_perturbation(model, inputs, target, options, seed=seed, ids=ids)
     if not draws_random(spec, options):
         return _run_captum_chunk(spec, model, inputs, target, options, ids)
     if seed is None:
@@ -260,6 +265,8 @@ def _run_captum_chunk(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Te
             return ca.GuidedGradCam(forward, layer).attribute(inputs, **common)
     if name == "deeplift":
         return ca.DeepLift(forward).attribute(inputs, baselines=zero_or(o["baselines"], inputs), **common)
+    if name == "deep_lift_shap":
+        return _run_deep_lift_shap(ca, forward, inputs, o["background"], common)
     if name == "gradient_shap":
         low, high = float(inputs.min()), float(inputs.max())  # one image: its own range
         n_random = max(int(o["n_baselines"]) - 1, 0)
@@ -275,6 +282,53 @@ def _run_captum_chunk(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Te
             perturbations_per_eval=o["perturbations_per_eval"], **common,
         )
     return _run_perturbation_chunk(ca, name, forward, inputs, o, common)
+
+
+def _run_deep_lift_shap(ca: Any, forward: Any, inputs: torch.Tensor, background: torch.Tensor | None,
+                        common: dict[str, Any]) -> torch.Tensor:
+    """captum's DeepLiftShap over ``background`` (checked by :func:`_check_background`), shared by the
+    inputs; without one, image by image over a zero image and the image's blur (:func:`blurred_baseline`)."""
+    torch = require_torch()
+    explainer = ca.DeepLiftShap(forward)
+    if background is not None:
+        return explainer.attribute(inputs, baselines=background, **common)
+    maps = []
+    for row in range(inputs.shape[0]):
+        image = inputs[row:row + 1]
+        target, extra = common["target"], common["additional_forward_args"]
+        maps.append(explainer.attribute(
+            image, baselines=torch.cat([torch.zeros_like(image), blurred_baseline(image)]),
+            target=None if target is None else target.reshape(-1).expand(inputs.shape[0])[row:row + 1],
+            additional_forward_args=None if extra is None else tuple(e[row:row + 1] for e in extra)))
+    return torch.cat(maps)
+
+
+def _check_background(inputs: torch.Tensor, background: Any) -> None:
+    """deep_lift_shap's ``background``: None (images only), or a tensor of B >= 2 inputs (B, *input
+    shape) on the inputs' device and dtype."""
+    torch = require_torch()
+    if background is None:
+        if inputs.dim() != 4:
+            raise SaliencyUsageError(
+                f"deep_lift_shap's default background (a zero image and a blurred copy) needs images (N, C, H, W), "
+                f"got inputs of shape {tuple(inputs.shape)}. Pass background= a tensor of reference inputs "
+                f"(B, {', '.join(map(str, inputs.shape[1:]))}) with B >= 2, e.g. training examples."
+            )
+        return
+    one = tuple(inputs.shape[1:])
+    if not isinstance(background, torch.Tensor) or background.dim() != inputs.dim() or \
+            tuple(background.shape[1:]) != one or background.shape[0] < 2:
+        shape = tuple(background.shape) if isinstance(background, torch.Tensor) else type(background).__name__
+        raise SaliencyUsageError(
+            f"deep_lift_shap's background must be a tensor of B >= 2 reference inputs of shape (B, "
+            f"{', '.join(map(str, one))}), got {shape}. captum's DeepLiftShap averages DeepLIFT over them, "
+            "so one reference is DeepLIFT itself: pass several (e.g. a batch of training examples)."
+        )
+    if background.device != inputs.device or background.dtype != inputs.dtype:
+        raise SaliencyUsageError(
+            f"deep_lift_shap's background is {background.dtype} on {background.device}, the inputs "
+            f"{inputs.dtype} on {inputs.device}. Convert it with background.to(inputs)."
+        )
 
 
 def _run_perturbation_chunk(ca: Any, name: str, forward: Any, inputs: torch.Tensor, o: dict[str, Any],
@@ -420,7 +474,7 @@ def _check_baseline_tokens(forward: Any, baseline: torch.Tensor, extra: Any, tex
         ) from error
 
 
-_RELU_RULE_METHODS = ("guided_backprop", "deconvolution", "guided_gradcam", "deeplift")
+_RELU_RULE_METHODS = ("guided_backprop", "deconvolution", "guided_gradcam", "deeplift", "deep_lift_shap")
 
 
 def _warn_if_relu_rules_cannot_apply(spec: MethodSpec, model: torch.nn.Module) -> None:
@@ -439,6 +493,10 @@ def resolved_options(spec: MethodSpec, model: torch.nn.Module, inputs: torch.Ten
     """Validate user options, size internal batches, and add the input-range facts some methods scale by."""
     check_text_method(spec)
     options = check_method_options(spec, inputs, options)
+    if spec.name == "meaningful_perturbation":
+        mp_settings(inputs, options)
+    elif spec.name == "deep_lift_shap":
+        _check_background(inputs, options.get("background"))
     _warn_if_relu_rules_cannot_apply(spec, model)
     auto_batching(spec, model, inputs, options)
     return options
@@ -514,11 +572,11 @@ def _raise_reused_module_error(method: MethodSpec, exc: RuntimeError) -> None:
     """captum's DeepLIFT refuses a module called more than once in a forward pass (a shared ReLU):
     say which module and what to do, instead of captum's traceback from inside its hooks."""
     text = str(exc)
-    if method.name != "deeplift" or "used more than once" not in text:
+    if method.name not in ("deeplift", "deep_lift_shap") or "used more than once" not in text:
         return
     module = text.split("A Module ", 1)[-1].split(" was detected", 1)[0]
     raise SaliencyUsageError(
-        f"deeplift cannot explain this model: the module {module} is called more than once in one "
+        f"{method.name} cannot explain this model: the module {module} is called more than once in one "
         "forward pass (a shared activation module, say), and captum's DeepLIFT keeps one input and "
         "output per module. Give each call its own module (e.g. one nn.ReLU per activation), or use "
         "another method (saliency, integrated_gradients, guided_backprop)."

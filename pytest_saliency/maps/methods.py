@@ -8,6 +8,9 @@ kernel_shap, and any method with ``baselines="uniform"``: see :func:`draws_rando
 image at a time, with every generator seeded from :func:`image_seed` (``seed``, the image's index
 in the user's inputs and the method's sample counts), so an image's map never depends on
 ``batch_size``, the memory budget's chunks or the other images of its batch.
+meaningful_perturbation keeps the promise its own way: each image's random start comes from its
+own generator seeded with :func:`image_seed`, and its masks are optimized one image at a time on
+the CPU (a chunk together, each from its own image's loss, on an accelerator).
 """
 
 
@@ -84,6 +87,21 @@ METHODS: dict[str, MethodSpec] = {
             stochastic=True, note="features: a grid x grid superpixel grid",
         ),
         MethodSpec(
+            "meaningful_perturbation", "(own optimizer: pytest_saliency.maps.meaningful_perturbation)",
+            {"n_iter": 300, "blur_radius": None, "mask_size": None, "init": "random", "learning_rate": 0.1,
+             "l1_coeff": 1e-4, "tv_coeff": 1e-2, "tv_beta": 3.0},
+            stochastic=True, signed=False,
+            note="Fong & Vedaldi's blur mask as SAM's code: n_iter Adam steps on a mask_size grid (None: 28 cells "
+            "on 224 px, scaled), blur sigma blur_radius px (None: 10 px on 224 px, scaled); init 'random' (seeded "
+            "per image) or 'circular' (draws nothing); maps 1 - m in [0, 1], (N, 1, H, W); images only",
+        ),
+        MethodSpec(
+            "deep_lift_shap", "DeepLiftShap", {"background": None},
+            note="DeepLIFT averaged over a background set: background= a tensor (B, *input shape), B >= 2, shared "
+            "by all inputs; None: per image, a zero image and its Gaussian blur (sigma 1/16 of the smaller side; "
+            "images only)",
+        ),
+        MethodSpec(
             "feature_ablation", "FeatureAblation", {"grid": 8, "baselines": 0.0, "perturbations_per_eval": None},
             note="features: a grid x grid superpixel grid, replaced by the baseline",
         ),
@@ -120,7 +138,10 @@ def resolve_method(method: str | Explainer) -> MethodSpec | Explainer:
 
 def draws_random(spec: MethodSpec, options: dict[str, Any]) -> bool:
     """Whether one call of this named method draws random numbers (its noise, sampled
-    perturbations, or a ``"uniform"`` baseline, whatever the method)."""
+    perturbations, a ``"uniform"`` baseline whatever the method, or meaningful_perturbation's
+    random start: its ``init="circular"`` draws nothing)."""
+    if spec.name == "meaningful_perturbation":
+        return {**spec.defaults, **options}.get("init") == "random"
     baselines = options.get("baselines")
     return spec.stochastic or (isinstance(baselines, str) and baselines == "uniform")
 

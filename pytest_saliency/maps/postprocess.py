@@ -130,6 +130,11 @@ PRESETS: dict[str, MapPipeline] = {
         name="thesis2023", absolute=True, reduce="sum", normalize="min_max",
         ssim=SSIMParams(win_size=7, data_range=1.0),
     ),
+    # SAM's comparison of Meaningful Perturbation masks: 1 - m as it is, in [0, 1] (data_range 1)
+    "sam2020_mp": MapPipeline(
+        name="sam2020_mp", absolute=False, reduce="mean", normalize="none",
+        ssim=SSIMParams(win_size=5, data_range=1.0),
+    ),
 }
 DEFAULT_PRESET = "adebayo2018"
 

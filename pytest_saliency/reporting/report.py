@@ -530,6 +530,8 @@ def validate_report(data: Any, *, use_jsonschema: bool | None = None) -> None:
 # HTML
 
 FIGURE_CAPTIONS = {
+    "consistency_vs_fidelity": "Each model's consistency C (over its pairs) against its explanations' infidelity, "
+                               "relative infidelity and sensitivity (Watson et al.'s second panel); bars: 95% intervals.",
     "input_shift_maps": "Raw maps (channels summed, each input divided by its max |a1|) of the model on x, of the "
                         "input-shifted model on x + m, and their difference, on one colour scale.",
     "randomization_strip": "The original model's map, then the map after each layer's randomization, with the "
