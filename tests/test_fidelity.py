@@ -282,3 +282,18 @@ def test_digits_cnn_trained_and_random_weights_are_both_reported(digits) -> None
     real = infidelity_values(forward, x, attr, **small) / change
     control = infidelity_values(forward, x, shuffled.reshape(attr.shape), **small) / change
     assert float(real.mean()) < 0.8 * float(control.mean())
+
+
+def test_one_channel_maps_of_colour_images_are_shared_by_the_channels() -> None:
+    from torch import nn
+
+    import pytest_saliency as ps
+
+    def cnn(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+
+    x = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = ps.explanation_consistency([cnn(0), cnn(1)], x, "gradcam", layer="0", fidelity=True, n_splits=2,
+                                        metrics=["ssim"], n_perturb_samples=2)
+    assert all(f.infidelity == f.infidelity for f in result.fidelity.values())  # finite numbers, not a crash

@@ -242,3 +242,13 @@ def test_sam_grid_sweep_runs_and_its_similarities_are_the_maps(digits):
         maps = ps.explain(model, x, MP, preset=MP_PIPELINE, **setting)
         expected = structural_similarity(base, maps, win_size=5, data_range=1.0)
         assert table.rows[0].scores["ssim"] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_a_model_with_one_score_is_refused_not_explained_by_its_random_start() -> None:
+    from torch import nn
+
+    import pytest_saliency as ps
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16 * 16, 1)).eval()
+    with pytest.raises(ps.SaliencyUsageError, match=r"softmax of one score is always 1"):
+        ps.explain(model, torch.rand(2, 3, 16, 16), "meaningful_perturbation", n_iter=2, target=0)

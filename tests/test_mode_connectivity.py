@@ -342,3 +342,15 @@ def test_strategy_errors_come_before_training():
     assert calls == []
     with pytest.raises(SaliencyUsageError, match="must be even"):
         strategy_ensembles([trained(i) for i in range(4)], (1, 2), "connect", STRATEGY_OPTIONS["connect"])
+
+
+def test_endpoints_whose_layers_differ_are_refused_even_with_equal_parameters() -> None:
+    from torch import nn
+
+    import pytest_saliency as ps
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    b = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    with pytest.raises(ps.SaliencyUsageError, match=r"module .1. is ReLU in one and Tanh in the other"):
+        ps.connected_ensemble(a, b, lambda forward: forward(torch.zeros(1, 4)).sum(), n=2, steps=1)

@@ -438,7 +438,7 @@ def test_a_cuda_device_without_cuda_errors_the_test(pytester, device):
     "option, message",
     [
         ("--saliency-device=tpu", "invalid saliency device 'tpu': use auto (CUDA when available), cpu, cuda or cuda:N"),
-        ("--saliency-preset=nope", "unknown saliency preset 'nope'; choose one of adebayo2018, sam2020, thesis2023"),
+        ("--saliency-preset=nope", "unknown saliency preset 'nope'; choose one of adebayo2018, sam2020, thesis2023, sam2020_mp"),
         ("--saliency-seed=-1", "the seed must be >= 0, got -1"),
         ("--saliency-seed=abc", "expected an integer seed, got 'abc'"),
     ],
@@ -460,7 +460,7 @@ def test_an_invalid_option_is_a_usage_error(pytester, option, message):
         ("saliency_ssim_threshold = high", "invalid ini value saliency_ssim_threshold = 'high': "
          "expected a number, got 'high'"),
         ("saliency_preset = nope", "invalid ini value saliency_preset = 'nope': "
-         "unknown saliency preset 'nope'; choose one of adebayo2018, sam2020, thesis2023"),
+         "unknown saliency preset 'nope'; choose one of adebayo2018, sam2020, thesis2023, sam2020_mp"),
         ("saliency_device = tpu", "invalid ini value saliency_device = 'tpu': "
          "invalid saliency device 'tpu': use auto (CUDA when available), cpu, cuda or cuda:N"),
         ("saliency_seed = -3", "invalid ini value saliency_seed = '-3': the seed must be >= 0, got -3"),

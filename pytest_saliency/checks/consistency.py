@@ -1319,6 +1319,21 @@ def explained_pairs(
     )
 
 
+def _per_feature(attributions: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Attributions with one value per input feature, as infidelity pairs them with the inputs: a
+    one-channel map (GradCAM, Meaningful Perturbation) is shared by the input's channels."""
+    if attributions.shape == inputs.shape:
+        return attributions
+    one_channel = attributions.dim() == inputs.dim() == 4 and attributions.shape[1] == 1 \
+        and attributions.shape[2:] == inputs.shape[2:]
+    if one_channel:
+        return attributions.expand_as(inputs)
+    raise SaliencyUsageError(
+        f"fidelity=True needs one attribution per input feature, but the maps have shape {tuple(attributions.shape)} "
+        f"for inputs of shape {tuple(inputs.shape)}. Use a method whose maps match the inputs (e.g. saliency, "
+        "integrated_gradients), or leave fidelity out for this method.")
+
+
 def _model_fidelity(model: torch.nn.Module, inputs: torch.Tensor, attributions: torch.Tensor, target: torch.Tensor,
                     method: MethodSpec | Explainer, options: dict[str, Any],
                     settings: ConsistencySettings) -> dict[str, torch.Tensor]:
@@ -1345,7 +1360,7 @@ def _model_fidelity(model: torch.nn.Module, inputs: torch.Tensor, attributions: 
     common: dict[str, Any] = {"n_perturb_samples": settings.n_perturb_samples, "radius": settings.perturb_radius,
                               "seed": seed, "max_rows": batch_size}
     with pass_seeded(derive_seed(seed, "fidelity", example_offset()), inputs.device):  # a model that draws
-        infidelity = infidelity_values(forward, inputs, attributions.to(inputs.dtype),
+        infidelity = infidelity_values(forward, inputs, _per_feature(attributions, inputs).to(inputs.dtype),
                                        normalize=settings.fidelity_normalize, **common)
         # an all-zero map explains nothing: its (unnormalized) infidelity is E[(f(x) - f(x - I))^2]
         change = infidelity_values(forward, inputs, torch.zeros_like(inputs), normalize=False, **common)

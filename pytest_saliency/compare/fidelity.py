@@ -18,9 +18,10 @@ feeds captum perturbations drawn from local generators and splits the work into 
 Seeds: the perturbations of the input at ``first_example + i`` are drawn from a local generator
 seeded with :func:`~pytest_saliency.core.rng.derive_seed` of ``(seed, metric, first_example + i)``
 (``first_example`` defaults to :func:`~pytest_saliency.core.stream.example_offset`), all
-``n_perturb_samples`` at once, on the CPU. An input's value therefore does not depend on the
-batching (``max_rows``, the batches of a loader), on the other inputs or on the device, two
-models are measured on the same perturbations, and no global RNG state is touched. Callers pass
+``n_perturb_samples`` at once, on the CPU. An input's perturbations therefore do not depend on
+the batching (``max_rows``, the batches of a loader), on the other inputs or on the device (its
+value may move in float32's last digits with the batch size the model runs: about 1e-4 relative
+measured), two models are measured on the same perturbations, and no global RNG state is touched. Callers pass
 ``forward(x, rows)`` and ``explain(x, rows)``, ``rows`` giving for each row of ``x`` the index
 of its input in ``inputs`` (a perturbed copy has its input's row), so that targets and
 per-input forward arguments follow the rows.

@@ -126,6 +126,12 @@ def target_probability(forward: Any, extra: Any, x: torch.Tensor, target: torch.
     """The softmax probability (N,) of each row's target class in the selected scores (float32)."""
     torch = require_torch()
     scores = forward(x, *(extra or ()))
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise SaliencyUsageError(
+            f"meaningful_perturbation drives the target's softmax probability down, but the model returns scores of "
+            f"shape {tuple(scores.shape)}: the softmax of one score is always 1, so the mask would learn nothing from "
+            "the model. Give the model (N, num_classes) scores with two or more classes, e.g. wrap a one-logit "
+            "binary classifier to return torch.cat([-logit, logit], dim=1).")
     return torch.softmax(scores.float(), dim=1).gather(1, target.reshape(-1, 1))[:, 0]
 
 

@@ -86,6 +86,15 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
                     f"{kind} {name!r} is on {a[name].device} in the first model and on {b[name].device} in the "
                     "second; move both models to the same device first."
                 )
+    tree_a = [(name, type(m).__name__) for name, m in model_a.named_modules()]
+    tree_b = [(name, type(m).__name__) for name, m in model_b.named_modules()]
+    if tree_a != tree_b:
+        (name, kind_a), (_, kind_b) = next(((a, b) for a, b in zip(tree_a, tree_b) if a != b),
+                                            ((str(len(tree_a)), "modules"), ("", f"{len(tree_b)} modules")))
+        raise SaliencyUsageError(
+            f"the endpoints have different architectures: module {name!r} is {kind_a} in one and {kind_b} in the "
+            "other, so the models along the curve would run one endpoint's layers with the other's weights. Pass "
+            "two models built by the same constructor with the same arguments.")
 
 
 def bezier_weights(t: float) -> tuple[float, float, float]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PRESET = "adebayo2018"  # keep in step with postprocess.DEFAULT_PRESET (tested)
-PRESET_NAMES = ("adebayo2018", "sam2020", "thesis2023")  # keep in step with postprocess.PRESETS (tested)
+PRESET_NAMES = ("adebayo2018", "sam2020", "thesis2023", "sam2020_mp")  # keep in step with postprocess.PRESETS (tested)
 
 
 @dataclass(frozen=True)
