@@ -154,7 +154,9 @@ def test_defaults_are_sams_scaled_to_the_inputs_and_bad_options_are_refused(tiny
     assert (o["n_iter"], o["blur_radius"], o["mask_size"], o["init"]) == (300, 10.0, 28, "random")
     assert (o["learning_rate"], o["l1_coeff"], o["tv_coeff"], o["tv_beta"]) == (0.1, 1e-4, 1e-2, 3.0)
     o = mp_settings(torch.zeros(1, 1, 32, 32), {})
-    assert o["mask_size"] == 4 and math.isclose(o["blur_radius"], 10 * 32 / 224)
+    assert o["mask_size"] == 8 and math.isclose(o["blur_radius"], 10 * 32 / 224)  # SAM's 4 cells, raised to 8
+    assert mp_settings(torch.zeros(1, 1, 6, 6), {})["mask_size"] == 6  # no more cells than pixels
+    assert mp_settings(torch.zeros(1, 1, 448, 448), {})["mask_size"] == 56
     x = tiny_images(2)
     for bad in ({"n_iter": -1}, {"init": "ones"}, {"blur_radius": 0}, {"mask_size": 17}, {"tv_beta": 0},
                 {"learning_rate": float("nan")}, {"steps": 3}):

@@ -29,7 +29,10 @@ within 1% of the fully blurred image's (SAM's ``test_circular_masks``, threshold
 do not depend on the seed.
 
 **Defaults** are SAM's code: 300 steps, b_R = 10 px and a 28-cell grid on 224 px images (the
-sensitivity runs' ``--mask_init_size 28``), both scaled to the inputs' smaller side (``None``);
+sensitivity runs' ``--mask_init_size 28``), both scaled to the inputs' smaller side (``None``),
+the grid to no fewer than :data:`MIN_MASK_SIZE` cells (or the side's pixels, if fewer): scaled
+down to 32 px digits SAM's grid has 4 cells per side, and a mask that coarse gives maps no better
+than random ones (deletion AUC 0.37 against 0.33 for random maps; 0.14 with 8 cells);
 tv_beta 3, tv_coeff 1e-2, l1_coeff 1e-4, learning rate 0.1. Left out: SAM's 4 px jitter (it crops
 a 228 px resize at a random offset each step; inputs here come at the model's size) and its
 final 1 px PIL blur of the saved mask. The blur is :func:`~pytest_saliency.maps.baselines.gaussian_blur`
@@ -58,6 +61,8 @@ NAME = "meaningful_perturbation"
 INITS = ("random", "circular")
 #: SAM's MP runs: a 28 x 28 mask on 224 px images, blur radius 10 px.
 SAM_MASK_SIZE = 28
+#: The fewest cells per side of the default grid (see the module docstring).
+MIN_MASK_SIZE = 8
 SAM_BLUR_RADIUS = 10.0
 #: The original's circular start on SAM's 28-cell grid: radii 0, 5, ..., 170 cells, disc blur 10 cells,
 #: and the share of the probability drop that may remain (1%).
@@ -99,7 +104,7 @@ def mp_settings(inputs: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]
     if o["blur_radius"] is None:
         o["blur_radius"] = SAM_BLUR_RADIUS * side / SAM_INPUT_SIZE
     if o["mask_size"] is None:
-        o["mask_size"] = max(1, round(SAM_MASK_SIZE * side / SAM_INPUT_SIZE))
+        o["mask_size"] = max(min(MIN_MASK_SIZE, side), round(SAM_MASK_SIZE * side / SAM_INPUT_SIZE))
     if o["mask_size"] > side:
         raise SaliencyUsageError(
             f"{NAME}: mask_size={o['mask_size']} cells is more than the images' {side} px side. "
