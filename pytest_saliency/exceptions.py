@@ -6,7 +6,20 @@ Kept free of torch so the pytest plugin can import them at collection time.
 from __future__ import annotations
 
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, TypeVar
+
+
+class Verdict(Protocol):
+    """What :func:`raise_if_failed` reads of a check result (the whole protocol is
+    :class:`pytest_saliency.reporting.protocol.CheckResult`)."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    def failure_message(self) -> str: ...
+
+
+R = TypeVar("R", bound=Verdict)
 
 
 class SaliencyUsageError(ValueError):
@@ -51,3 +64,12 @@ def warn_user(message: str, category: type[Warning] = SaliencyWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def raise_if_failed(result: R) -> R:
+    """``result`` when it passed; otherwise raise :class:`SaliencyCheckFailed` with its failure
+    message (what the ``assert_*`` functions do with the result of their check)."""
+    __tracebackhide__ = True
+    if not result.passed:
+        raise SaliencyCheckFailed(result.failure_message(), result)
+    return result

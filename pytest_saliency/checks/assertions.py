@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from ..core.forward import passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.torchtools import require_torch
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
+from ..exceptions import SaliencyUsageError, raise_if_failed
 from ..maps.methods import Explainer
 from ..reporting.protocol import CheckResult
 from .randomization import RandomizationResult, layer_randomization
@@ -27,13 +27,6 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=CheckResult)
 
 
-def _raise_if_failed(result: R) -> R:
-    __tracebackhide__ = True
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
-
-
 @rng_isolated
 @passes_model_call
 def assert_sensitive_to_layer_randomization(
@@ -46,7 +39,7 @@ def assert_sensitive_to_layer_randomization(
     hyperparameters. Raises :class:`SaliencyCheckFailed` with the per-layer table otherwise.
     """
     __tracebackhide__ = True
-    return _raise_if_failed(layer_randomization(model, inputs, method, mode="independent", **options))
+    return raise_if_failed(layer_randomization(model, inputs, method, mode="independent", **options))
 
 
 @rng_isolated
@@ -56,7 +49,7 @@ def assert_sensitive_to_cascading_randomization(
 ) -> RandomizationResult:
     """Cascading parameter randomization (CPR), top-down by default (``order="bottom_up"`` for the reverse)."""
     __tracebackhide__ = True
-    return _raise_if_failed(layer_randomization(model, inputs, method, mode="cascading", **options))
+    return raise_if_failed(layer_randomization(model, inputs, method, mode="cascading", **options))
 
 
 @rng_isolated
@@ -126,4 +119,4 @@ def assert_agreement_above(
     if threshold is None:
         result.threshold = result.pairs[0].chance_theory  # the same for every pair of one metric
         result.beat_chance = True
-    return _raise_if_failed(result)
+    return raise_if_failed(result)

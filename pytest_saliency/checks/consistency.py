@@ -158,7 +158,7 @@ from ..core.validation import (
     checked_inputs,
     unknown_choice,
 )
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from ..exceptions import SaliencyUsageError, raise_if_failed, warn_user
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec, draws_random
 from ..maps.modality import current_modality, figure_context, per_position, valid_positions
@@ -1744,9 +1744,7 @@ def assert_seed_consistency_above(
     """
     __tracebackhide__ = True
     result = seed_consistency(models_or_factory, inputs, threshold, metric, seeds, cache, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 # ============================================================================================
@@ -1906,9 +1904,7 @@ def assert_explainer_seed_stable(
     """
     __tracebackhide__ = True
     result = explainer_seed_stability(model, inputs, method, seeds, metric=metric, threshold=threshold, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [

@@ -30,13 +30,15 @@ The report also says how structured the original maps are: the mean entropy of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..compare.complexity import discrete_entropy
 from ..core.rng import derive_seed, torch_seed_of
 from ..core.stream import example_offset
 from ..core.torchtools import require_torch
+from ..engine.base import Explanation
+from ..maps.methods import draws_random
 from ..maps.postprocess import MapPipeline, pipeline_maps
 from ..reporting.numbers import format_score
 
@@ -55,6 +57,22 @@ class ControlScores:
     entropy_method: torch.Tensor
     entropy_random: torch.Tensor
     repeat: torch.Tensor | None = None  # the similarity of two runs of the method on the same model (n,)
+
+
+def sensitivity_of(similarity: torch.Tensor, clip_negative: bool) -> torch.Tensor:
+    """S = 1 - similarity, negative similarities clipped to 0 first when ``clip_negative`` (as
+    the randomization statistics read a method's similarities)."""
+    return 1.0 - (similarity.clamp_min(0.0) if clip_negative else similarity)
+
+
+def second_run(explanation: Explanation, x: torch.Tensor, target: torch.Tensor, ids: list[int]) -> torch.Tensor | None:
+    """Raw maps of ``x`` from a second run of the method with another seed, the model as it is
+    now (the method's own noise floor); None for a method of the package that draws no random
+    numbers, whose second run would repeat the first exactly."""
+    if explanation.named and not draws_random(explanation.method, explanation.options):  # type: ignore[arg-type]
+        return None
+    again = replace(explanation, seed=derive_seed(explanation.seed, "repeat"), cache=None)
+    return again.maps(x, target, ids)
 
 
 def _noise(maps: torch.Tensor, seed: int, state: int, first: int) -> torch.Tensor:
@@ -162,5 +180,5 @@ def above_controls(ci_low: float, sensitivity_threshold: float, floor: Floor) ->
     return ci_low >= max(floor.edge, floor.repeat) + sensitivity_threshold
 
 
-__all__ = ["CONTROLS", "ControlScores", "Floor", "above_controls", "control_scores", "floor_lines",
+__all__ = ["CONTROLS", "ControlScores", "Floor", "above_controls", "control_scores", "floor_lines", "second_run", "sensitivity_of",
            "floor_of"]

@@ -60,7 +60,7 @@ from ..core.validation import (
     checked_inputs,
 )
 from ..engine.base import Explanation
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from ..exceptions import SaliencyUsageError, raise_if_failed, warn_user
 from ..maps.explainers import prepare_method
 from ..maps.methods import Explainer
 from ..maps.modality import current_modality, default_similarity
@@ -517,9 +517,7 @@ def assert_sensitive_to_data_randomization(train: Any, inputs: Inputs, method: s
     model do not differ from the real model's; returns the result on success."""
     __tracebackhide__ = True
     result = data_randomization(train, inputs, method, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [

@@ -68,7 +68,7 @@ from ..core.validation import (
     checked_inputs,
 )
 from ..engine.base import Explanation, Progress
-from ..exceptions import SaliencyUsageError, warn_user
+from ..exceptions import SaliencyUsageError, raise_if_failed, warn_user
 from ..maps.explainers import prepare_method
 from ..maps.methods import Explainer
 from ..maps.modality import current_modality, figure_context
@@ -526,12 +526,8 @@ def assert_efficient_randomization(
     :class:`~pytest_saliency.exceptions.SaliencyCheckFailed` with the report otherwise.
     """
     __tracebackhide__ = True
-    from ..exceptions import SaliencyCheckFailed
-
     result = efficient_randomization(model, inputs, method, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [

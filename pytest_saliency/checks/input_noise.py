@@ -37,7 +37,7 @@ from ..core.validation import (
     is_real,
     unknown_choice,
 )
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
+from ..exceptions import SaliencyUsageError, raise_if_failed
 from ..maps.methods import Explainer, method_name
 from ..maps.modality import current_modality, default_similarity
 from ..maps.postprocess import MapPipeline
@@ -352,9 +352,7 @@ def assert_stable_under_input_noise(
         model, inputs, method, noise=noise, variance=variance, clip=clip, n_draws=n_draws,
         metrics=(metric,) if metrics is None else metrics, threshold=threshold, metric=metric, seed=seed, **kwargs,
     )
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [

@@ -58,7 +58,7 @@ from ..core.validation import (
     checked_inputs,
     is_real,
 )
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
+from ..exceptions import SaliencyUsageError, raise_if_failed
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec
 from ..maps.modality import current_modality, default_similarity, figure_context
@@ -533,9 +533,7 @@ def assert_input_shift_invariant(
     """
     __tracebackhide__ = True
     result = input_shift_invariance(model, inputs, method, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = ["DEFAULT_SHIFT", "PRECISIONS", "SHIFT_TOLERANCE", "InputShiftResult", "assert_input_shift_invariant",

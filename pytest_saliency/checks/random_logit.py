@@ -65,7 +65,7 @@ from ..core.validation import (
     checked_inputs,
 )
 from ..engine.base import Explanation
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from ..exceptions import SaliencyUsageError, raise_if_failed, warn_user
 from ..maps.batching import chunks
 from ..maps.explainers import prepare_method
 from ..maps.methods import Explainer
@@ -76,7 +76,7 @@ from ..maps.targets import resolve_target
 from ..model.randomize import preserved
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
-from .controls import Floor, above_controls, control_scores, floor_lines, floor_of
+from .controls import Floor, above_controls, control_scores, floor_lines, floor_of, second_run, sensitivity_of
 from .randomization import SIMILARITY_LABELS
 from .streaming import StreamSpec, same_across_batches, streams, weighted_mean
 
@@ -421,16 +421,12 @@ def repeated_maps(model: torch.nn.Module, inputs: torch.Tensor, explanation: Exp
     """The reference maps from a second run of the method with another seed (the method's own
     noise floor, :mod:`pytest_saliency.checks.controls`), the model in eval mode without parameter
     gradients (flags restored); None for a method of the package that draws no random numbers."""
-    from ..maps.methods import draws_random
-
-    if explanation.named and not draws_random(explanation.method, explanation.options):  # type: ignore[arg-type]
-        return None
-    again = replace(explanation, seed=derive_seed(explanation.seed, "repeat"), cache=None)
     with preserved(model):
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        return compared_maps(again.maps(inputs, target, list(range(inputs.shape[0]))), pipeline)
+        raw = second_run(explanation, inputs, target, list(range(inputs.shape[0])))
+    return None if raw is None else compared_maps(raw, pipeline)
 
 
 def floor_numbers(reference: torch.Tensor, pipeline: MapPipeline, similarity: str, valid: torch.Tensor | None,
@@ -445,12 +441,9 @@ def floor_numbers(reference: torch.Tensor, pipeline: MapPipeline, similarity: st
 
     scores = control_scores(reference, 1, pipeline, ssim_setup(**pipeline.ssim.kwargs()), similarity, valid, seed, 0,
                             repeated)
-
-    def s_of(values: torch.Tensor) -> list[float]:
-        return (1.0 - (values.clamp_min(0.0) if clip_negative else values)).tolist()
-
-    repeat = [] if scores.repeat is None else s_of(scores.repeat)
-    return s_of(scores.random[0]), scores.entropy_method.tolist(), scores.entropy_random.tolist(), repeat
+    repeat = [] if scores.repeat is None else sensitivity_of(scores.repeat, clip_negative).tolist()
+    return (sensitivity_of(scores.random[0], clip_negative).tolist(), scores.entropy_method.tolist(),
+            scores.entropy_random.tolist(), repeat)
 
 
 def mean_defined(values: torch.Tensor) -> tuple[float | None, int]:
@@ -739,9 +732,7 @@ def assert_sensitive_to_random_logit(model: torch.nn.Module, inputs: Inputs, met
     random other class do not differ; returns the result on success."""
     __tracebackhide__ = True
     result = random_logit(model, inputs, method, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [

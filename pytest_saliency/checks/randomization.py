@@ -65,7 +65,16 @@ from ..model.layers import select_layers
 from ..model.randomize import STRATEGIES, check_strategy, preserved
 from ..reporting.numbers import format_score, format_threshold, layer_label
 from ..reporting.protocol import Figure, Number
-from .controls import ControlScores, Floor, above_controls, control_scores, floor_lines, floor_of
+from .controls import (
+    ControlScores,
+    Floor,
+    above_controls,
+    control_scores,
+    floor_lines,
+    floor_of,
+    second_run,
+    sensitivity_of,
+)
 from .streaming import StreamSpec, same_across_batches, streams, weighted_mean
 
 if TYPE_CHECKING:
@@ -523,13 +532,8 @@ def _repeated(batch: MapEngine, explanation: Explanation, pipeline: MapPipeline)
     """The original model's maps of the batch from a second run of the method with another seed
     (the method's own noise floor, :mod:`pytest_saliency.checks.controls`); None for a method of
     the package that draws no random numbers, whose second run would repeat the first exactly."""
-    from ..core.rng import derive_seed
-    from ..maps.methods import draws_random
-
-    if explanation.named and not draws_random(explanation.method, explanation.options):  # type: ignore[arg-type]
-        return None
-    again = replace(explanation, seed=derive_seed(explanation.seed, "repeat"), cache=None)
-    return _for_ssim(again.maps(batch.x, batch.target, batch.ids), pipeline)
+    raw = second_run(explanation, batch.x, batch.target, batch.ids)
+    return None if raw is None else _for_ssim(raw, pipeline)
 
 
 class _Collected:
@@ -560,8 +564,7 @@ class _Collected:
     def random_scores(self, clip_negative: bool) -> list[float]:
         """The random control's S^i per image (negative similarities clipped as the method's are)."""
         similarity = require_torch().cat([c.random for c in self.floor], dim=1)
-        scores = 1.0 - (similarity.clamp_min(0.0) if clip_negative else similarity)
-        return scores.mean(dim=0).tolist()
+        return sensitivity_of(similarity, clip_negative).mean(dim=0).tolist()
 
     def repeat_scores(self, clip_negative: bool) -> list[float]:
         """Each image's S between two runs of the method on the unchanged model (empty when the
@@ -569,8 +572,7 @@ class _Collected:
         runs = [c.repeat for c in self.floor if c.repeat is not None]
         if not runs:
             return []
-        similarity = require_torch().cat(runs)
-        return (1.0 - (similarity.clamp_min(0.0) if clip_negative else similarity)).tolist()
+        return sensitivity_of(require_torch().cat(runs), clip_negative).tolist()
 
     def entropies(self, of: str) -> list[float]:
         """Each image's original-map entropy: the method's (``"method"``) or the noise control's."""

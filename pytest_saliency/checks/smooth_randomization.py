@@ -57,7 +57,7 @@ from ..core.validation import (
     check_seed,
     checked_inputs,
 )
-from ..exceptions import SaliencyUsageError
+from ..exceptions import SaliencyUsageError, raise_if_failed
 from ..maps.batching import ROW_OPTIONS, auto_batching
 from ..maps.explainers import attribute, prepare_method
 from ..maps.methods import Explainer, MethodSpec, draws_random
@@ -395,12 +395,8 @@ def assert_sensitive_to_smooth_randomization(
     result when it passes; raises :class:`~pytest_saliency.exceptions.SaliencyCheckFailed` with
     the per-layer table otherwise."""
     __tracebackhide__ = True
-    from ..exceptions import SaliencyCheckFailed
-
     result = smooth_randomization(model, inputs, method, **options)
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [

@@ -79,7 +79,7 @@ from ..core.validation import (
     is_tensor_like,
     unknown_choice,
 )
-from ..exceptions import SaliencyCheckFailed, SaliencyUsageError, warn_user
+from ..exceptions import SaliencyUsageError, raise_if_failed, warn_user
 from ..maps.baselines import SAM_INPUT_SIZE, blurred_baseline, slic_feature_masks, uniform_baseline
 from ..maps.explainers import attribute, resolved_options, run_captum
 from ..maps.methods import EXTRA_OPTIONS, Explainer, MethodSpec, method_name, resolve_method
@@ -1118,9 +1118,7 @@ def assert_stable_under_hyperparameters(
         model, inputs, method, sweep, reference, metrics=(metric,) if metrics is None else metrics,
         threshold=threshold, metric=metric, **kwargs,
     )
-    if not result.passed:
-        raise SaliencyCheckFailed(result.failure_message(), result)
-    return result
+    return raise_if_failed(result)
 
 
 __all__ = [
