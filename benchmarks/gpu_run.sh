@@ -8,6 +8,8 @@
 #   cuda-tests: tests/test_cuda.py and the other CUDA tests     suite: the whole suite (-n 8)
 #   verdict: bench_verdict.py --device cuda (extra arguments in VERDICT_ARGS)
 #   ipr: bench_ipr.py --device cuda (extra arguments in IPR_ARGS, e.g. "--workload resnet50_224")
+#   distributed: bench_distributed.py --device cuda, 1 rank per visible GPU (RANKS, e.g. "1,2,4,8"; one GPU:
+#     "1": the sharded path's overhead against the plain process) and tests/test_distributed*.py
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -39,8 +41,15 @@ for step in "${@:-cuda-tests}"; do
       timeout "${IPR_TIMEOUT:-540}" python3 benchmarks/bench_ipr.py --device cuda ${IPR_ARGS:-} \
         --json "$OUT/results_ipr_cuda.json" 2>&1 | tee "$OUT/ipr.log" | tail -80
       ;;
+    distributed)
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/test_distributed_units.py \
+        2>&1 | tee "$OUT/distributed_tests.log" | tail -5
+      timeout "${DISTRIBUTED_TIMEOUT:-420}" python3 benchmarks/bench_distributed.py --device cuda \
+        --ranks "${RANKS:-1}" --images 1024 --size 64 --shard-size 64 --repeats 3 \
+        --json "$OUT/results_distributed_cuda.json" 2>&1 | tee "$OUT/distributed.log" | tail -30
+      ;;
     *)
-      echo "unknown step $step: use cuda-tests, suite, verdict or ipr" >&2
+      echo "unknown step $step: use cuda-tests, suite, verdict, ipr or distributed" >&2
       exit 2
       ;;
   esac

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .exceptions import SaliencyCheckFailed, SaliencyUsageError, SaliencyWarning
+from .exceptions import SaliencyCheckFailed, SaliencyRankFailed, SaliencyUsageError, SaliencyWarning
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ _LAZY = {
     "Text": "core.forward",
     "Tabular": "core.forward",
     "Batches": "core.stream",
+    "unsharded": "core.distributed",
     "static": "core.forward",
     "METHODS": "maps.methods",
     "MapPipeline": "maps.postprocess",
@@ -96,7 +97,7 @@ _LAZY = {
     "AccuracySpread": "checks.faithfulness",
 }
 
-__all__ = ["SaliencyCheckFailed", "SaliencyUsageError", "SaliencyWarning", "__version__", *_LAZY]
+__all__ = ["SaliencyCheckFailed", "SaliencyRankFailed", "SaliencyUsageError", "SaliencyWarning", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

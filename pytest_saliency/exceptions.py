@@ -46,6 +46,12 @@ class SaliencyCheckFailed(AssertionError):
         self.result = result
 
 
+class SaliencyRankFailed(RuntimeError):
+    """Another rank of a distributed run (torchrun) failed its share of a check, or the ranks lost
+    step: every rank fails the check with the failing rank's error, instead of waiting forever.
+    See :mod:`pytest_saliency.core.distributed`."""
+
+
 class SaliencyWarning(UserWarning):
     """A check ran, but the numbers are likely to mislead (e.g. a sign metric on non-negative maps)."""
 

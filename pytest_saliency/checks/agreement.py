@@ -689,7 +689,7 @@ def _slim(part: AgreementResult) -> AgreementResult:
 
 @rng_isolated
 @_refusing_empty_pairs
-@streams(StreamSpec(_combined, _slim))
+@streams(StreamSpec(_combined, _slim, carries=True))
 @passes_model_call
 def agreement_matrix(
     model: torch.nn.Module,

@@ -1256,7 +1256,7 @@ def _joined(parts: list[ExplainedPairs], arguments: dict[str, Any], stopped: str
     return join_pairs(parts)
 
 
-@streams(StreamSpec(_joined, slim_pairs))
+@streams(StreamSpec(_joined, slim_pairs, carries=True))
 @passes_model_call
 def explained_pairs(
     models: Mapping[str, torch.nn.Module],

@@ -358,7 +358,7 @@ def _combined(parts: list[DataRandomizationResult], arguments: dict[str, Any], s
 
 
 @rng_isolated
-@streams(StreamSpec(_combined, slim_paired))
+@streams(StreamSpec(_combined, slim_paired, carries=True))
 @passes_model_call
 def _compared(
     model: torch.nn.Module, permuted_model: torch.nn.Module, inputs: Inputs, method: str | Explainer, *,

@@ -79,7 +79,7 @@ from ..model.layers import select_layers
 from ..model.randomize import check_strategy, preserved, randomized
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
-from .streaming import StreamSpec, streams, weighted_mean
+from .streaming import StreamSpec, streams, tensor_size, weighted_mean
 
 if TYPE_CHECKING:
     import torch
@@ -385,13 +385,20 @@ def _kept(h_original: torch.Tensor, method: str, constant_maps: str) -> torch.Te
     )
 
 
-def _prepare_batch(arguments: dict[str, Any], parts: list[EfficientRandomizationResult]) -> dict[str, Any] | None:
+def _prepare_batch(arguments: dict[str, Any], seen: int) -> dict[str, Any] | None:
     """A cap on the inputs (``images=``) is counted over the whole stream."""
     images = arguments["images"]
     if isinstance(images, int) and not isinstance(images, bool):
-        left = images - sum(part.images_available for part in parts)
+        left = images - seen
         return None if left <= 0 else {"images": left}
     return {}
+
+
+def _available(parts: list[EfficientRandomizationResult], arguments: dict[str, Any]) -> int:
+    """The inputs there were: a tensor's (split into shards across ranks) all of them, as over the
+    tensor; a loader's, those read."""
+    total = tensor_size(arguments["inputs"])
+    return total if total is not None else sum(part.images_available for part in parts)
 
 
 def _combined(parts: list[EfficientRandomizationResult], arguments: dict[str, Any],
@@ -405,7 +412,7 @@ def _combined(parts: list[EfficientRandomizationResult], arguments: dict[str, An
         first, rise=rise, mean_rise=statistics.fmean(rise), ci_low=low, ci_high=high,
         entropy_original=[v for part in parts for v in part.entropy_original],
         entropy_randomized=[v for part in parts for v in part.entropy_randomized],
-        n_images=sum(sizes), images_available=sum(part.images_available for part in parts),
+        n_images=sum(sizes), images_available=_available(parts, arguments),
         skipped=[i for part in parts for i in part.skipped], seconds=sum(part.seconds for part in parts),
         noise_entropy=weighted_mean([part.noise_entropy for part in parts], sizes),
         max_entropy=max(part.max_entropy for part in parts),

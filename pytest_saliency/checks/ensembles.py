@@ -583,7 +583,7 @@ def _sizes_slim(part: dict[int, ExplainedPairs]) -> dict[int, ExplainedPairs]:
     return {size: slim_pairs(explained) for size, explained in part.items()}
 
 
-@streams(StreamSpec(_sizes_joined, _sizes_slim))
+@streams(StreamSpec(_sizes_joined, _sizes_slim, carries=True))
 @passes_model_call
 def _explained_by_size(
     model: Ensemble,

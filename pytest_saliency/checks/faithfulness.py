@@ -471,11 +471,11 @@ class _StreamMaps:
         return self.maps[self.start:self.start + n]
 
 
-def _prepare_curves(arguments: dict[str, Any], parts: list[CausalCurves]) -> dict[str, Any]:
+def _prepare_curves(arguments: dict[str, Any], seen: int) -> dict[str, Any]:
     """A batch's share of precomputed attributions (see :class:`_StreamMaps`)."""
     attributions = arguments["attributions"]
     if isinstance(attributions, require_torch().Tensor):
-        return {"attributions": _StreamMaps(attributions, sum(len(part.targets) for part in parts))}
+        return {"attributions": _StreamMaps(attributions, seen)}
     return {}
 
 
@@ -789,7 +789,7 @@ def _spread_row(hyperparameter: str, score: str, values: list[Any], aucs: list[t
     )
 
 
-def _prepare_spread(arguments: dict[str, Any], parts: list[AccuracySpread]) -> dict[str, Any]:
+def _prepare_spread(arguments: dict[str, Any], seen: int) -> dict[str, Any]:
     """Nothing changes from batch to batch but the inputs; a SweepResult cannot be streamed."""
     from .sweeps import SweepResult
 
@@ -800,6 +800,13 @@ def _prepare_spread(arguments: dict[str, Any], parts: list[AccuracySpread]) -> d
             "SweepResult, or pass the method name (or grid) and sweep with the loader, to explain each batch."
         )
     return {}
+
+
+def _spread_shardable(arguments: dict[str, Any]) -> bool:
+    """A SweepResult's kept attributions are of its whole inputs tensor: not split across ranks."""
+    from .sweeps import SweepResult
+
+    return not isinstance(arguments["method"], SweepResult)
 
 
 def _combined_spread(parts: list[AccuracySpread], arguments: dict[str, Any], stopped: str) -> AccuracySpread:
@@ -825,7 +832,7 @@ def _combined_spread(parts: list[AccuracySpread], arguments: dict[str, Any], sto
 
 
 @rng_isolated
-@streams(StreamSpec(_combined_spread, _whole, _prepare_spread))
+@streams(StreamSpec(_combined_spread, _whole, _prepare_spread, shard_tensor=_spread_shardable))
 @passes_model_call
 def accuracy_spread(
     model: torch.nn.Module,

@@ -598,14 +598,14 @@ def _other_classes(classes: Any, targets: torch.Tensor, num_classes: int, seed: 
     return given
 
 
-def _prepare_batch(arguments: dict[str, Any], parts: list[RandomLogitResult]) -> dict[str, Any]:
+def _prepare_batch(arguments: dict[str, Any], seen: int) -> dict[str, Any]:
     """A stream's batch takes its rows of ``classes=`` (one per example of the whole stream)."""
     classes = arguments["classes"]
     if classes is None:
         return {}
     torch = require_torch()
     rows = classes if isinstance(classes, torch.Tensor) else torch.as_tensor(classes)
-    start = sum(part.images_available for part in parts)
+    start = seen
     if rows.dim() != 1:
         raise SaliencyUsageError(f"classes must hold one integer class per example, got shape {tuple(rows.shape)}.")
     return {"classes": StreamRows(rows[start:], start)}
@@ -636,7 +636,7 @@ def _explained(model: torch.nn.Module, inputs: torch.Tensor, explanation: Explan
 
 
 @rng_isolated
-@streams(StreamSpec(_combined, slim_paired, _prepare_batch))
+@streams(StreamSpec(_combined, slim_paired, _prepare_batch, carries=True))
 @passes_model_call
 def random_logit(
     model: torch.nn.Module,

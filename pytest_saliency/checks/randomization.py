@@ -38,7 +38,7 @@ from ..compare.statistics import (
 from ..core.forward import OutputSelector, current_call, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
-from ..core.stream import carried_rows, previous_rows
+from ..core.stream import CarryTaken, carried_rows, carry_only, previous_rows
 from ..core.torchtools import require_torch
 from ..core.validation import (
     all_finite,
@@ -75,7 +75,7 @@ from .controls import (
     second_run,
     sensitivity_of,
 )
-from .streaming import StreamSpec, same_across_batches, streams, weighted_mean
+from .streaming import StreamSpec, same_across_batches, streams, tensor_size, weighted_mean
 
 if TYPE_CHECKING:
     import torch
@@ -517,6 +517,9 @@ def _compared(batch: MapEngine, pipeline: MapPipeline, setup: Any, similarity: s
         original = _usable_original(batch, pipeline, constant_maps, similarity)
         if original is None:
             return None
+        if carry_only():  # run for the next batch's chance level only: no state is explained
+            _chance(original, setup, similarity, _valid_tokens(batch.x), batch.offset)
+            return None
         valid = _valid_tokens(batch.x)
         comparison = _Comparison(original, pipeline, setup, len(states), max(0, min(keep, original.shape[0])),
                                  lambda index: explanation.describe(states.names[index]), similarity, valid)
@@ -724,7 +727,7 @@ def _decision(ssim_columns: list[Any], names: list[str], *, ssim_threshold: floa
     return None
 
 
-def _prepare_batch(arguments: dict[str, Any], parts: list[RandomizationResult]) -> dict[str, Any] | None:
+def _prepare_batch(arguments: dict[str, Any], seen: int) -> dict[str, Any] | None:
     """A batch of a stream runs with every image it has, the cap on images counted over the
     stream; ``images="auto"`` and ``early_exit`` decide on all the images so far, after the batch
     that brings in the next ``image_batch`` of them (:func:`_stop`)."""
@@ -733,11 +736,24 @@ def _prepare_batch(arguments: dict[str, Any], parts: list[RandomizationResult]) 
     if images == "auto":
         overrides["images"] = "all"
     elif isinstance(images, int) and not isinstance(images, bool):
-        left = images - sum(part.images_available for part in parts)
+        left = images - seen
         if left <= 0:
             return None
         overrides["images"] = left
     return overrides
+
+
+def _decides(arguments: dict[str, Any]) -> bool:
+    """Whether :func:`_stop` may end a stream early: ``images="auto"`` or ``early_exit``."""
+    return arguments["images"] == "auto" or bool(arguments["early_exit"])
+
+
+def _decision_step(arguments: dict[str, Any]) -> int | None:
+    """Shards of ``image_batch`` images when the check decides as it goes: a tensor split across
+    ranks is then decided after the same images as in one process."""
+    step = arguments["image_batch"]
+    valid = isinstance(step, int) and not isinstance(step, bool) and step > 0  # else the check refuses it
+    return step if valid and _decides(arguments) else None
 
 
 def _stop(parts: list[RandomizationResult], arguments: dict[str, Any]) -> str:
@@ -757,7 +773,9 @@ def _stop(parts: list[RandomizationResult], arguments: dict[str, Any]) -> str:
                         clip_negative=arguments["clip_negative_ssim"],
                         confidence=arguments["adaptive_confidence"], seed=arguments["seed"])
     if verdict == "fail" or (verdict == "pass" and adaptive):
-        return f"decisive {verdict} after {sum(part.n_images for part in parts)} {parts[0].unit}"
+        total = tensor_size(arguments["inputs"])  # a tensor split into shards: as over the tensor
+        of = "" if total is None else f" of {total}"
+        return f"decisive {verdict} after {sum(part.n_images for part in parts)}{of} {parts[0].unit}"
     return ""
 
 
@@ -773,8 +791,12 @@ def combine_randomization(parts: list[R], arguments: dict[str, Any], stopped: st
         sensitivity_threshold=arguments["sensitivity_threshold"], clip_negative=arguments["clip_negative_ssim"],
         confidence=arguments["confidence"], n_bootstrap=arguments["n_bootstrap"], seed=first.seed)
     sizes = [part.n_images for part in parts]
+    available = sum(p.images_available for p in parts)
+    if stopped and tensor_size(arguments["inputs"]) is not None:  # a tensor's shards: all its inputs were there
+        available = tensor_size(arguments["inputs"]) or available
     return replace(
-        first, ssim=ssim, stats=stats, n_images=sum(sizes), images_available=sum(p.images_available for p in parts),
+        first, ssim=ssim, stats=stats, n_images=sum(sizes), images_available=available,
+        reproduce=_reproduce_line(first.reproduce, arguments),
         seconds=sum(part.seconds for part in parts), stopped_early=stopped,
         reused_activations=all(part.reused_activations for part in parts),
         model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
@@ -787,12 +809,21 @@ def combine_randomization(parts: list[R], arguments: dict[str, Any], stopped: st
     )
 
 
+def _reproduce_line(line: str, arguments: dict[str, Any]) -> str:
+    """The first batch's reproduce line, with the call's ``images="auto"`` (each batch ran with
+    ``images="all"``, :func:`_prepare_batch`)."""
+    if arguments.get("reproduce") or arguments.get("images") != "auto":
+        return line
+    return line.replace("images='all')", "images='auto')")
+
+
 def _slim(part: RandomizationResult) -> RandomizationResult:
     return replace(part, original_maps=None, randomized_maps=None, figure_context={"modality": part.modality})
 
 
 @rng_isolated
-@streams(StreamSpec(combine_randomization, _slim, _prepare_batch, _stop))
+@streams(StreamSpec(combine_randomization, _slim, _prepare_batch, _stop, decides=_decides, carries=True,
+                     shard_examples=_decision_step))
 @passes_model_call
 def layer_randomization(
     model: torch.nn.Module,
@@ -914,6 +945,8 @@ def layer_randomization(
                     break
             if progress is not None:
                 progress(len(states), len(states), "")
+    if carry_only():
+        raise CarryTaken
     if not got.columns:
         raise _no_image_left(name, inputs.shape[0])
     # 4. The statistics over layers and images, and with them the verdict (result.passed).

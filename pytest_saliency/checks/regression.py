@@ -80,15 +80,16 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from ..core.distributed import Ranks, exchange, ranks, unsharded
 from ..core.fingerprint import input_fingerprint
 from ..core.forward import OutputSelector, model_call_options, passes_model_call
 from ..core.integrity import rng_isolated
 from ..core.jsonable import jsonable
-from ..core.stream import Batches, Chunk, chunks, examples_from, is_stream
+from ..core.stream import Batches, Chunk, chunks, examples_from, in_stream, is_stream
 from ..core.torchtools import require_torch
 from ..core.validation import check_inputs, check_model, model_device
 from ..exceptions import SaliencyCheckFailed, SaliencyUsageError
@@ -100,6 +101,15 @@ from ..maps.postprocess import MapPipeline, apply_pipeline, get_pipeline
 from ..maps.targets import resolve_target
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
+from .streaming import (
+    batch_checksum,
+    has_example_rows,
+    models_fingerprint,
+    owner,
+    same_batches,
+    same_models,
+    tensor_shards,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1189,10 +1199,10 @@ class _Stream:
     ``open()``, then ``batch()`` for every batch in order, then ``finish()``; ``close()`` in any
     case (it removes the temporary file of a baseline that was not finished)."""
 
-    def __init__(self, model: torch.nn.Module, call: _Call) -> None:
+    def __init__(self, model: torch.nn.Module, call: _Call, writing: bool | None = None) -> None:
         self.model, self.call = model, call
         self.target = _stream_target(call.target)
-        self.writing = call.update or not call.path.exists()
+        self.writing = call.update or not call.path.exists() if writing is None else writing
         self.rows = None if self.writing else _StoredRows(call.path)
         self.writer = _RowWriter(call.path) if self.writing else None
         self.references = _checked_references(call.reference_models, model_device(model))
@@ -1224,10 +1234,10 @@ class _Stream:
         if self.writer is not None:
             self.writer.discard()
 
-    def batch(self, chunk: Chunk, index: int, batches: int | None) -> None:
-        """Explain one batch, then write its maps or compare them with the stored rows at its offset."""
-        from ..compare.similarity import check_ssim_window
-
+    def batch(self, chunk: Chunk, index: int, batches: int | None, own: bool = True) -> None:
+        """Explain one batch, then write its maps or compare them with the stored rows at its offset.
+        A batch another rank explains (``own=False``) only moves the stream on: its inputs enter
+        the fingerprint and its stored rows are passed over."""
         model, call, inputs = self.model, self.call, chunk.inputs
         n = int(inputs.shape[0])
         with model_call_options(call.output, _batch_forward_kwargs(call.forward_kwargs, chunk), inputs, call.modality):
@@ -1239,24 +1249,51 @@ class _Stream:
             if self.rows is not None and chunk.start + n > self.rows.count:
                 raise self._more_examples(chunk.start + n)
             self.digest.update(inputs)
-            target = self._target(chunk)
-            explained = 1 + len(self.references) if self.writer is not None else 1
-            step = _batch_steps(call.progress, index, batches, explained)
-            step(0, "model")
-            current = self._maps(model, inputs, resolved, target, options)
-            if self.metric == "ssim" and not self.first:  # never write a baseline that no later run could compare
-                check_ssim_window(current.shape[-2], current.shape[-1], self.pipeline.ssim.win_size, method=label,
-                                  preset=self.pipeline.name)
-            baseline = None
-            if self.writer is not None:
-                self._write(self.writer, current, inputs, (resolved, target, options), step)
+            if own:
+                self._explain(chunk, index, batches, (resolved, label, options))
             elif self.rows is not None:
-                baseline = self._compare(self.rows, current)
-            step(explained, "")
-            if not self.first:
-                self.first = {"current": current.detach().cpu(), "context": figure_context(inputs, n),
-                              "baseline": None if baseline is None else baseline.cpu()}
+                self.rows.read(n)
         self.count += n
+
+    def _explain(self, chunk: Chunk, index: int, batches: int | None, method: tuple[Any, str, dict[str, Any]]) -> None:
+        from ..compare.similarity import check_ssim_window
+
+        model, inputs, (resolved, label, options) = self.model, chunk.inputs, method
+        target = self._target(chunk)
+        explained = 1 + len(self.references) if self.writer is not None else 1
+        step = _batch_steps(self.call.progress, index, batches, explained)
+        step(0, "model")
+        current = self._maps(model, inputs, resolved, target, options)
+        if self.metric == "ssim" and not self.first:  # never write a baseline that no later run could compare
+            check_ssim_window(current.shape[-2], current.shape[-1], self.pipeline.ssim.win_size, method=label,
+                              preset=self.pipeline.name)
+        baseline = None
+        if self.writer is not None:
+            self._write(self.writer, current, inputs, (resolved, target, options), step)
+        elif self.rows is not None:
+            baseline = self._compare(self.rows, current)
+        step(explained, "")
+        if not self.first:
+            self.first = {"current": current.detach().cpu(), "context": figure_context(inputs, int(inputs.shape[0])),
+                          "baseline": None if baseline is None else baseline.cpu()}
+
+    def marks(self) -> tuple[int, int, int]:
+        """Where the per-example lists stand (before a batch: see :meth:`record`)."""
+        return len(self.values), len(self.classes), len(self.labels)
+
+    def record(self, index: int, marks: tuple[int, int, int]) -> dict[str, Any]:
+        """What batch ``index`` added since ``marks``, for the other ranks (see :meth:`join`)."""
+        return {"index": index, "values": self.values[marks[0]:], "classes": self.classes[marks[1]:],
+                "labels": self.labels[marks[2]:], "first": self.first if index == 0 else None}
+
+    def join(self, shares: list[list[dict[str, Any]]]) -> None:
+        """Every rank's records, in the order of the batches: the per-example lists and the first
+        batch's maps as one process running every batch would have them."""
+        records = sorted((record for share in shares for record in share), key=lambda record: record["index"])
+        self.values = [v for record in records for v in record["values"]]
+        self.classes = [c for record in records for c in record["classes"]]
+        self.labels = [c for record in records for c in record["labels"]]
+        self.first = next((record["first"] for record in records if record["first"]), self.first)
 
     def _begin(self, inputs: torch.Tensor, resolved: Any, label: str, options: dict[str, Any]) -> None:
         """Set up from the first batch; refuse a stored baseline made with other settings before
@@ -1399,30 +1436,87 @@ class _Stream:
                 "labels.")
 
 
-def _streamed_baseline(model: torch.nn.Module, loader: Any, call: _Call, start: float) -> BaselineResult:
-    """:func:`check_baseline` over an iterable of batches (see the module docstring)."""
+def _streamed_baseline(model: torch.nn.Module, loader: Any, call: _Call, start: float,
+                       world: Ranks | None = None) -> BaselineResult:
+    """:func:`check_baseline` over an iterable of batches (see the module docstring); with
+    ``world``, comparing: each rank explains its share of the batches, and every rank judges all."""
     __tracebackhide__ = True
     from ..core.validation import check_number
 
     if call.threshold is not None:  # (the metric is known from the first batch, whose modality it depends on)
         check_number(call.threshold, "threshold", low=-1.0, high=1.0,
                      hint="It bounds the mean per-image similarity to the baseline, which lies in [-1, 1].")
-    stream = _Stream(model, call)
+    stream = _Stream(model, call, writing=None if world is None else False)
     try:
         stream.open()
-        inner = loader.loader if isinstance(loader, Batches) else loader
-        batches = len(inner) if isinstance(inner, Sized) else None
-        for index, chunk in enumerate(chunks(loader, model_device(model))):
-            try:
-                with examples_from(chunk.start):  # per-example random draws keyed by the index in the stream
-                    stream.batch(chunk, index, batches)
-            except SaliencyUsageError as error:
-                last = chunk.start + int(chunk.inputs.shape[0]) - 1
-                raise SaliencyUsageError(
-                    f"in batch {index} of the inputs (examples {chunk.start} to {last}): {error}") from None
+        if world is None:
+            _read_stream(stream, loader, None)
+        else:
+            shares = exchange(_exchange_tag(call),
+                              lambda: (*_read_stream(stream, loader, world), models_fingerprint({"model": model})))
+            same_models([models for _, _, models in shares])
+            same_batches([read for _, read, _ in shares])
+            stream.join([records for records, _, _ in shares])
         return stream.finish(start, loader)
     finally:
         stream.close()
+
+
+def _read_stream(stream: _Stream, loader: Any,
+                 world: Ranks | None) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
+    """Run every batch of ``loader`` through ``stream``: this rank's share explained (all of them
+    without ``world``). Returns the records of its batches (:meth:`_Stream.record`) and the
+    checksum of every batch read (:func:`~pytest_saliency.checks.streaming.same_batches`)."""
+    __tracebackhide__ = True
+    inner = loader.loader if isinstance(loader, Batches) else loader
+    batches = len(inner) if isinstance(inner, Sized) else None
+    records, read = [], []
+    for index, chunk in enumerate(chunks(loader, model_device(stream.model))):
+        own = world is None or owner(index, batches, world) == world.rank
+        marks = stream.marks()
+        try:
+            with examples_from(chunk.start):  # per-example random draws keyed by the index in the stream
+                stream.batch(chunk, index, batches, own)
+        except SaliencyUsageError as error:
+            last = chunk.start + int(chunk.inputs.shape[0]) - 1
+            raise SaliencyUsageError(
+                f"in batch {index} of the inputs (examples {chunk.start} to {last}): {error}") from None
+        if world is not None:
+            read.append((index, batch_checksum(chunk.inputs)))
+            if own:
+                records.append(stream.record(index, marks))
+    return records, read
+
+
+def _exchange_tag(call: _Call) -> str:
+    return f"{os.environ.get('PYTEST_CURRENT_TEST', '')} check_baseline {call.path.name}"
+
+
+def _ranked_baseline(model: torch.nn.Module, inputs: Any, call: _Call, start: float, world: Ranks) -> BaselineResult:
+    """:func:`check_baseline` across the ranks of a process group. Comparing with a stored baseline
+    is split across them (a tensor of inputs in shards); writing one is rank 0's alone (the others
+    wait for its result): only rank 0 writes files, and whether to write is rank 0's decision."""
+    __tracebackhide__ = True
+    tag = _exchange_tag(call)
+    writing = exchange(f"{tag} (write?)", lambda: call.update or not call.path.exists())[0]
+    if writing or (not is_stream(inputs) and has_example_rows(call.method_kwargs, int(inputs.shape[0]))):
+        def alone() -> BaselineResult | None:
+            if world.rank != 0 and writing:
+                return None
+            with unsharded():
+                return _plain_baseline(model, inputs, call, start)
+
+        return cast(BaselineResult, exchange(tag, alone)[0 if writing else world.rank])
+    if not is_stream(inputs):
+        inputs, rest = tensor_shards(inputs, call.forward_kwargs)
+        call = replace(call, forward_kwargs=rest)
+    return _streamed_baseline(model, inputs, call, start, world)
+
+
+def _plain_baseline(model: torch.nn.Module, inputs: Any, call: _Call, start: float) -> BaselineResult:
+    if is_stream(inputs):
+        return _streamed_baseline(model, inputs, call, start)
+    return _tensor_baseline(model, cast("torch.Tensor", inputs), call, start)
 
 
 @rng_isolated
@@ -1489,9 +1583,10 @@ def check_baseline(
         raise SaliencyUsageError(f"baseline name must be a str, got {name!r:.80}. Pass e.g. name='integrated_gradients'.")
     check_progress(progress)
     check_model(model)
-    if is_stream(inputs):
-        return _streamed_baseline(model, inputs, call, start)
-    return _tensor_baseline(model, cast("torch.Tensor", inputs), call, start)
+    world = None if in_stream() else ranks()
+    if world is not None:
+        return _ranked_baseline(model, inputs, call, start, world)
+    return _plain_baseline(model, inputs, call, start)
 
 
 def _tensor_baseline(model: torch.nn.Module, inputs: torch.Tensor, call: _Call, start: float) -> BaselineResult:

@@ -284,11 +284,11 @@ def _slim(part: SmoothRandomizationResult) -> SmoothRandomizationResult:
     return replace(part, original_maps=None, randomized_maps=None, figure_context={"modality": part.modality})
 
 
-def _prepare_batch(arguments: dict[str, Any], parts: list[SmoothRandomizationResult]) -> dict[str, Any] | None:
+def _prepare_batch(arguments: dict[str, Any], seen: int) -> dict[str, Any] | None:
     """A cap on the inputs counts over the stream: a batch gets what is left of it (None: stop)."""
     images = arguments["images"]
     if isinstance(images, int) and not isinstance(images, bool):
-        left = images - sum(part.images_available for part in parts)
+        left = images - seen
         return None if left <= 0 else {"images": left}
     return {}
 
@@ -301,7 +301,7 @@ def _check_images(images: Any) -> str | int:
 
 
 @rng_isolated
-@streams(StreamSpec(combine_randomization, _slim, _prepare_batch))
+@streams(StreamSpec(combine_randomization, _slim, _prepare_batch, carries=True))
 @passes_model_call
 def smooth_randomization(
     model: torch.nn.Module,

@@ -22,8 +22,15 @@ Per batch:
   (:func:`pytest_saliency.core.stream.example_offset`), so a stochastic method's per-example
   numbers are the tensor run's too.
 
-Chance levels measured between inputs (an unrelated input's map) are measured within each batch
-and averaged over the batches, weighted by their sizes.
+Chance levels that compare each input's map with another input's pair every example with the one
+before it, across batch boundaries too (:func:`~pytest_saliency.core.stream.previous_rows`).
+
+Inside a torch.distributed process group (``torchrun``; :mod:`pytest_saliency.core.distributed`),
+the batches -- or a tensor of inputs cut into shards of
+:func:`~pytest_saliency.core.distributed.shard_size` examples -- are split across the ranks
+(:func:`_sharded`): each rank runs its contiguous share, the per-batch results are exchanged, and
+every rank combines all of them in batch order, so the result is the one a single process running
+every batch gets, bit for bit where the computation is deterministic.
 """
 
 from __future__ import annotations
@@ -32,13 +39,20 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ..core.stream import Chunk, carried_rows, chunks, examples_from, is_stream
+from ..core.distributed import Ranks, exchange, ranks, shard_size, unsharded
+from ..core.fingerprint import tensor_fingerprint
+from ..core.stream import Batches, Chunk, carried_rows, carrying_only, chunks, examples_from, in_stream, is_stream
 from ..core.torchtools import require_torch
 from ..core.validation import model_device
 from ..exceptions import SaliencyUsageError
+
+if TYPE_CHECKING:
+    import torch
 
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,18 +67,29 @@ class StreamSpec(Generic[R]):
     """How one check streams.
 
     ``combine`` makes the result; ``slim(part)`` drops a later batch's maps; ``prepare(arguments,
-    parts)`` returns the argument overrides for the next batch, or None to stop before it (a cap
-    on the examples); ``stop(parts, arguments)`` returns why to stop after a batch ("" to go on).
+    seen)`` returns the argument overrides for the next batch (``seen``: the examples of the
+    batches before it), or None to stop before it (a cap on the examples); ``stop(parts,
+    arguments)`` returns why to stop after a batch ("" to go on), and ``decides(arguments)``
+    whether it may stop early for these arguments (then ranks exchange results after every round
+    of batches, one batch each). ``carries``: the check compares each example with the one before
+    it (:func:`~pytest_saliency.core.stream.previous_rows`), so a rank that starts after another
+    rank's batch first runs that batch for its carried rows. ``shard_tensor(arguments)``: whether
+    a tensor of inputs may be split into shards across ranks (True when not given).
     """
 
     combine: Combine
     slim: Callable[[Any], Any]
-    prepare: Callable[[dict[str, Any], list[Any]], dict[str, Any] | None] | None = None
+    prepare: Callable[[dict[str, Any], int], dict[str, Any] | None] | None = None
     stop: Callable[[list[Any], dict[str, Any]], str] | None = None
+    decides: Callable[[dict[str, Any]], bool] | None = None
+    carries: bool = False
+    shard_tensor: Callable[[dict[str, Any]], bool] | None = None
+    shard_examples: Callable[[dict[str, Any]], int | None] | None = None
 
 
 def streams(spec: StreamSpec[Any]) -> Callable[[F], F]:
-    """Let an entry point take an iterable of batches as its ``inputs`` (module docstring).
+    """Let an entry point take an iterable of batches as its ``inputs`` (module docstring), and
+    split its batches, or a tensor's shards, across the ranks of a process group (:func:`_sharded`).
 
     Goes between :func:`~pytest_saliency.core.integrity.rng_isolated` (the seed and the guard
     cover the whole stream) and :func:`~pytest_saliency.core.forward.passes_model_call` (the model
@@ -77,10 +102,19 @@ def streams(spec: StreamSpec[Any]) -> Callable[[F], F]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             __tracebackhide__ = True
             bound = signature.bind(*args, **kwargs)
-            if not is_stream(bound.arguments.get("inputs")):
+            world = None if in_stream() else ranks()
+            stream = is_stream(bound.arguments.get("inputs"))
+            if not stream and world is None:
                 return function(*args, **kwargs)
             bound.apply_defaults()
-            return _run(function, signature, dict(bound.arguments), spec)
+            arguments = dict(bound.arguments)
+            if world is None:
+                return _run(function, signature, arguments, spec)
+            shards = None if stream else _tensor_shards(arguments, signature, spec)
+            if not stream and shards is None:  # every rank runs the check whole, alike
+                with unsharded():
+                    return function(*args, **kwargs)
+            return _sharded(function, signature, {**arguments, **(shards or {})}, spec, world)
 
         return wrapper  # type: ignore[return-value]
 
@@ -100,7 +134,7 @@ def _run(function: Callable[..., Any], signature: inspect.Signature, arguments: 
     with carried_rows():
         for index in itertools.count():
             # asked before the next batch is read: a cap on the examples reads no batch past it
-            overrides = {} if spec.prepare is None else spec.prepare(arguments, parts)
+            overrides = {} if spec.prepare is None else spec.prepare(arguments, seen)
             chunk = None if overrides is None else next(batches, None)
             if chunk is None:
                 exhausted = overrides is not None
@@ -112,12 +146,253 @@ def _run(function: Callable[..., Any], signature: inspect.Signature, arguments: 
             stopped = "" if spec.stop is None else spec.stop(parts, arguments)
             if stopped:
                 break
+    return _finished(parts, loader, arguments, signature, spec, stopped, seen if exhausted else None)
+
+
+def _finished(parts: list[Any], loader: Any, arguments: dict[str, Any], signature: inspect.Signature,
+              spec: StreamSpec[Any], stopped: str, seen: int | None) -> Any:
+    """The combined result; ``seen``: the examples of a stream read to its end (None if cut short)."""
+    __tracebackhide__ = True
     if not parts:
         raise SaliencyUsageError(
             f"the inputs ({type(loader).__name__}) yielded no batch; pass a loader over at least one example.")
-    if exhausted:
+    if seen is not None:
         _check_lengths(arguments, signature, seen)
     return spec.combine(parts, arguments, stopped)
+
+
+class _TensorShards(list):
+    """A tensor of inputs cut into shards (dicts of the inputs and the per-input forward arguments)."""
+
+
+#: Arguments a stream's batches take their own rows of (the rest must not have one row per input).
+_PER_BATCH = frozenset({"inputs", "target", "labels", "forward_kwargs", "classes", "attributions"})
+
+
+def _tensor_shards(arguments: dict[str, Any], signature: inspect.Signature,
+                   spec: StreamSpec[Any]) -> dict[str, Any] | None:
+    """The arguments of a check whose tensor of inputs is split into shards across ranks (see
+    :func:`tensor_shards`), or None when it is not: one example, ``spec.shard_tensor`` says no, or
+    another argument holds one row per input (per-input IG baselines: the check then runs whole
+    on every rank)."""
+    torch = require_torch()
+    inputs = arguments.get("inputs")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        return None
+    n = int(inputs.shape[0])
+    if n < 2 or (spec.shard_tensor is not None and not spec.shard_tensor(arguments)):
+        return None
+    if has_example_rows({k: v for k, v in arguments.items() if k not in _PER_BATCH}, n):
+        return None
+    takes = "forward_kwargs" in signature.parameters
+    size = None if spec.shard_examples is None else spec.shard_examples(arguments)
+    stream, rest = tensor_shards(inputs, arguments.get("forward_kwargs") if takes else None, size)
+    return {"inputs": stream, **({"forward_kwargs": rest} if takes else {})}
+
+
+def tensor_shards(inputs: torch.Tensor, forward_kwargs: Any = None, size: int | None = None) -> tuple[Batches, Any]:
+    """``inputs`` cut into a stream of shards of ``size`` examples (by default
+    :func:`~pytest_saliency.core.distributed.shard_size`), with the per-input tensors of
+    ``forward_kwargs`` cut alike; and what is left of ``forward_kwargs`` (passed to every shard)."""
+    n = int(inputs.shape[0])
+    given = forward_kwargs if isinstance(forward_kwargs, Mapping) else {}
+    rows = {k: v for k, v in given.items() if _has_rows(v, n)}
+    size = size or shard_size()
+    shards = _TensorShards({"inputs": inputs[i:i + size], **{k: v[i:i + size] for k, v in rows.items()}}
+                           for i in range(0, n, size))
+    rest = forward_kwargs
+    if isinstance(forward_kwargs, Mapping):
+        rest = {k: v for k, v in given.items() if k not in rows} or None
+    return Batches(shards, inputs="inputs", labels=None, forward_kwargs=list(rows)), rest
+
+
+def tensor_size(inputs: Any) -> int | None:
+    """The number of examples of a tensor cut into shards by :func:`tensor_shards` (None for any
+    other stream): what a check over the tensor reports as its inputs."""
+    inner = inputs.loader if isinstance(inputs, Batches) else inputs
+    return sum(int(shard["inputs"].shape[0]) for shard in inner) if isinstance(inner, _TensorShards) else None
+
+
+def _has_rows(value: Any, n: int) -> bool:
+    torch = require_torch()
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and int(value.shape[0]) == n
+
+
+def has_example_rows(arguments: Mapping[str, Any], n: int) -> bool:
+    """Whether an argument (or a value of a mapping argument, such as ``**method_kwargs``) is a
+    tensor with one row per input (``n``): a check given one is not split into shards."""
+    for value in arguments.values():
+        values = value.values() if isinstance(value, Mapping) else [value]
+        if any(_has_rows(v, n) for v in values):
+            return True
+    return False
+
+
+def batch_checksum(inputs: torch.Tensor) -> float:
+    """A number that differs, as a rule, between two batches of inputs: ranks compare theirs to
+    be sure they read the same batches in the same order (:func:`same_batches`)."""
+    total = inputs.detach().double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sum()
+    return float(total) + float(inputs.shape[0])
+
+
+def models_fingerprint(arguments: Mapping[str, Any]) -> str:
+    """A digest of the parameters and buffers of every model among ``arguments`` (a model, or a
+    list or mapping of them): ranks compare theirs before combining (:func:`same_models`)."""
+    torch = require_torch()
+    found: list[tuple[str, Any]] = []
+    for name, value in arguments.items():
+        values = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else [value]
+        for index, model in enumerate(values):
+            if isinstance(model, torch.nn.Module):
+                found.extend((f"{name}[{index}].{key}", tensor) for key, tensor in model.state_dict().items()
+                             if isinstance(tensor, torch.Tensor))
+    return tensor_fingerprint(found)
+
+
+def same_models(fingerprints: Sequence[str]) -> None:
+    """Refuse to combine when the ranks were given different models (see :func:`models_fingerprint`)."""
+    for rank, fingerprint in enumerate(fingerprints[1:], start=1):
+        if fingerprint != fingerprints[0]:
+            raise SaliencyUsageError(
+                f"rank {rank} was given another model than rank 0 (their parameters or buffers differ): the ranks "
+                "would explain different models. Every rank must build the same model: load one checkpoint, or "
+                "train it deterministically from one seed (the saliency_model_cache fixture trains it once and lets "
+                "every rank load it).")
+
+
+def same_batches(reads: Sequence[Sequence[tuple[int, float]]]) -> None:
+    """Refuse to combine when the ranks read different batches (their :func:`batch_checksum`
+    per batch index differ): a shuffled loader, or files that differ between hosts."""
+    first = dict(reads[0])
+    for rank, read in enumerate(reads[1:], start=1):
+        for index, checksum in read:
+            if index in first and first[index] != checksum:
+                raise SaliencyUsageError(
+                    f"rank {rank} read another batch {index} from the inputs than rank 0 (its values differ): every "
+                    "rank reads the whole loader and must get the same batches in the same order. Pass a loader that "
+                    "does not shuffle (shuffle=False, or a sampler seeded alike on every rank) over the same files on "
+                    "every host.")
+
+
+def owner(index: int, batches: int | None, world: Ranks) -> int:
+    """The rank that runs batch ``index`` of ``batches`` (contiguous shares; one batch per rank in
+    turn when the number is unknown)."""
+    return index * world.size // batches if batches else index % world.size
+
+
+def _sharded(function: Callable[..., Any], signature: inspect.Signature, arguments: dict[str, Any],
+             spec: StreamSpec[Any], world: Ranks) -> Any:
+    """The stream's batches split across the ranks: every rank reads every batch and runs its own
+    (a contiguous share of a round), then the ranks exchange their per-batch results and each
+    combines all of them in order, as one process running every batch would, to the same numbers.
+
+    One round holds every batch, unless the stream's length is unknown or the check may stop early
+    (``images="auto"``): then a round holds one batch per rank, and the stop is decided after each
+    batch of the exchanged round, in order (a later batch of that round is dropped)."""
+    __tracebackhide__ = True
+    began = time.perf_counter()
+    run = _ShardedRun(function, signature, arguments, spec, world)
+    parts: list[Any] = []
+    stopped = ""
+    with carried_rows():
+        for round_index in itertools.count():
+            tag = f"{os.environ.get('PYTEST_CURRENT_TEST', '')} {function.__qualname__} round {round_index}"
+            start, size = run.read, run.round_size()
+            shares = exchange(tag, lambda: run.compute_round(start, size))
+            same_models([models for _, _, models in shares])
+            same_batches([read for _, read, _ in shares])
+            for _, part in sorted(((index, part) for done, _, _ in shares for index, part in done), key=lambda p: p[0]):
+                parts.append(part)
+                stopped = "" if spec.stop is None else spec.stop(parts, arguments)
+                if stopped:
+                    break
+            if stopped or run.ended or run.capped:
+                break
+    result = _finished(parts, arguments["inputs"], arguments, signature, spec, stopped,
+                       run.seen if run.ended and not stopped else None)
+    return _timed(result, time.perf_counter() - began)
+
+
+def _timed(result: Any, seconds: float) -> Any:
+    """``result`` with the check's wall time as its ``seconds`` (its parts' add up the ranks' times)."""
+    if not dataclasses.is_dataclass(result) or isinstance(result, type):
+        return result
+    return dataclasses.replace(result, seconds=seconds) if "seconds" in {f.name for f in dataclasses.fields(result)} \
+        else result
+
+
+class _ShardedRun:
+    """What one rank of :func:`_sharded` reads and computes, a round of batches at a time."""
+
+    def __init__(self, function: Callable[..., Any], signature: inspect.Signature, arguments: dict[str, Any],
+                 spec: StreamSpec[Any], world: Ranks) -> None:
+        loader = arguments["inputs"]
+        _check_loader(loader)
+        self.function, self.signature, self.arguments, self.spec, self.world = function, signature, arguments, spec, world
+        self.total = _length(loader)
+        inner = loader.loader if isinstance(loader, Batches) else loader
+        self.shards = len(inner) if isinstance(inner, _TensorShards) else None
+        self.blocks = self._blocks(inner)
+        self.batches = chunks(loader, _device(arguments))
+        self.read = self.seen = 0  # batches and examples read
+        self.ended = self.capped = False
+        self.computed = -1  # the last batch this rank ran
+        self.previous: tuple[Chunk, dict[str, Any]] | None = None  # the last batch read, with its call
+        self.models = models_fingerprint(arguments)
+
+    def _blocks(self, inner: Any) -> int | None:
+        """How many batches the run will read: a tensor's shards up to a cap on the examples, a
+        loader's length (None when it has none)."""
+        if not isinstance(inner, _TensorShards) or self.spec.prepare is None:
+            return self.total
+        seen = 0
+        for index, shard in enumerate(inner):
+            if self.spec.prepare(self.arguments, seen) is None:
+                return index
+            seen += int(shard["inputs"].shape[0])
+        return len(inner)
+
+    def round_size(self) -> int:
+        adaptive = self.spec.decides is not None and self.spec.decides(self.arguments)
+        if adaptive or self.blocks is None:
+            return self.world.size
+        return max(self.blocks - self.read, 1)
+
+    def compute_round(self, start: int, size: int) -> tuple[list[tuple[int, Any]], list[tuple[int, float]], str]:
+        """Read the batches ``start`` to ``start + size - 1`` and run this rank's share of them:
+        the results of its batches, the checksum of every batch read (see :func:`same_batches`) and
+        the models' fingerprint (:func:`same_models`)."""
+        done: list[tuple[int, Any]] = []
+        read: list[tuple[int, float]] = []
+        for index in range(start, start + size):
+            overrides = {} if self.spec.prepare is None else self.spec.prepare(self.arguments, self.seen)
+            chunk = None if overrides is None else next(self.batches, None)
+            if chunk is None:
+                self.capped, self.ended = overrides is None, overrides is not None
+                break
+            call = {**self.arguments, **_per_batch(self.arguments, chunk, index, self.total, self.signature),
+                    **(overrides or {})}
+            self.read, self.seen = index + 1, self.seen + int(chunk.inputs.shape[0])
+            read.append((index, batch_checksum(chunk.inputs)))
+            if owner(index - start, size, self.world) == self.world.rank:
+                self._carry_from(index)
+                part = _call(self.function, self.signature, call, chunk, index)
+                done.append((index, part if index == 0 else self.spec.slim(part)))
+                self.computed = index
+            self.previous = (chunk, call)
+        if self.shards is not None and self.read >= (self.blocks or 0):  # a tensor's shards: known to the end
+            self.capped, self.ended = self.read < self.shards, self.read >= self.shards
+        return done, read, self.models
+
+    def _carry_from(self, index: int) -> None:
+        """Run the batch before ``index`` for its carried rows, if another rank ran it."""
+        if not self.spec.carries or index == 0 or self.computed == index - 1 or self.previous is None:
+            return
+        chunk, call = self.previous
+        with carrying_only():
+            _call(self.function, self.signature, {**call, **({"progress": None} if "progress" in call else {})},
+                  chunk, index - 1)
+
 
 
 def _check_loader(loader: Any) -> None:
@@ -290,4 +565,4 @@ def same_across_batches(parts: Sequence[Any], attribute: str, what: str) -> None
                 f"{first!r:.120}); the batches of one check must have the same shapes and modality.")
 
 
-__all__ = ["StreamSpec", "streams", "weighted_mean", "same_across_batches"]
+__all__ = ["StreamSpec", "batch_checksum", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]

@@ -937,7 +937,7 @@ def _reference_value(
     return reference.get(name, _default(resolved, name, seed))
 
 
-def _prepare_sweep(arguments: dict[str, Any], parts: list[SweepResult]) -> dict[str, Any]:
+def _prepare_sweep(arguments: dict[str, Any], seen: int) -> dict[str, Any]:
     """Refuse ``keep_attributions`` for a stream; nothing else changes from batch to batch."""
     if arguments["keep_attributions"]:
         raise SaliencyUsageError(
@@ -955,7 +955,8 @@ def _combined_sweep(parts: list[SweepResult], arguments: dict[str, Any], stopped
 
 
 @rng_isolated
-@streams(StreamSpec(_combined_sweep, slim_sweep_result, _prepare_sweep))
+@streams(StreamSpec(_combined_sweep, slim_sweep_result, _prepare_sweep,
+                     shard_tensor=lambda arguments: not arguments["keep_attributions"]))
 @passes_model_call
 def hyperparameter_sweep(
     model: torch.nn.Module,

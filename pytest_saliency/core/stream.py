@@ -147,6 +147,34 @@ def previous_rows(key: str, rows: torch.Tensor, first: int = 0) -> tuple[torch.T
     return torch.cat([head, rows[:-1]]), paired
 
 
+class CarryTaken(Exception):
+    """Raised by a check that runs a batch only for the rows it carries to the next batch
+    (:func:`carry_only`), once :func:`previous_rows` has them: the rest of the batch's work is not needed."""
+
+
+_CARRY_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("pytest_saliency_carry_only", default=False)
+
+
+def carry_only() -> bool:
+    """Whether the batch runs only so that the next batch gets its carried rows (see
+    :func:`previous_rows`): a rank of a sharded check starting after another rank's batches runs
+    the batch before its first so. A check may then skip what does not feed :func:`previous_rows`
+    and raise :class:`CarryTaken`; one that does not runs the batch in full (its result is dropped)."""
+    return _CARRY_ONLY.get()
+
+
+@contextlib.contextmanager
+def carrying_only() -> Iterator[None]:
+    """Run the block as a batch whose only use is its carried rows (:func:`carry_only`)."""
+    token = _CARRY_ONLY.set(True)
+    try:
+        yield
+    except CarryTaken:
+        pass
+    finally:
+        _CARRY_ONLY.reset(token)
+
+
 def is_stream(inputs: Any) -> bool:
     """True for an iterable of batches: anything iterable that is not a tensor, an array or a string."""
     torch = require_torch()
@@ -261,4 +289,4 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-__all__ = ["Batches", "Chunk", "INPUT_KEYS", "Inputs", "carried_rows", "example_offset", "examples_from", "in_stream", "previous_rows", "LABEL_KEYS", "chunks", "is_stream"]
+__all__ = ["Batches", "CarryTaken", "Chunk", "carry_only", "carrying_only", "INPUT_KEYS", "Inputs", "carried_rows", "example_offset", "examples_from", "in_stream", "previous_rows", "LABEL_KEYS", "chunks", "is_stream"]

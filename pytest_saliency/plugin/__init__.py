@@ -7,18 +7,23 @@ neither torch nor captum; they load when a saliency fixture or check first runs.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..core.distributed import is_main, launched
 from ..reporting.protocol import CheckResult
 from .checker import RESULT_PROPERTY, BaselineChecker, SaliencyChecker
 from .config import (
     DEFAULT_PRESET,
     SaliencyConfig,
+    parse_count,
     parse_device,
+    parse_devices,
+    parse_positive,
     parse_preset,
     parse_seed,
     parse_sensitivity,
@@ -92,6 +97,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--saliency-results-dir", dest="saliency_results_dir", metavar="PATH", default=None,
         help="folder for reports and figures, relative to the root dir. Default: .saliency",
     )
+    group.addoption(
+        "--saliency-devices", dest="saliency_devices", metavar="LIST", type=parse_devices, default=None,
+        help="split every saliency check across these devices, one pytest process each (as torchrun would "
+        "start them): cuda:0,cuda:1, all (every visible GPU) or cpu,cpu. Under torchrun, rank N takes the N-th.",
+    )
+    group.addoption(
+        "--saliency-timeout", dest="saliency_timeout", metavar="SECONDS", type=parse_positive, default=None,
+        help="under torchrun or --saliency-devices: how long a rank waits for the others to reach a check "
+        "before every rank fails it. Default: 1800.",
+    )
+    group.addoption(
+        "--saliency-shard-size", dest="saliency_shard_size", metavar="N", type=parse_count, default=None,
+        help="under torchrun or --saliency-devices: examples per shard when a check's inputs are one tensor "
+        "(the same for any number of ranks, so the numbers do not depend on it). Default: 32.",
+    )
     parser.addini("saliency_report", "report formats to write (json, html or json,html)", default="")
     parser.addini("saliency_results_dir", "folder for saliency reports (relative to the root dir)", default=".saliency")
     parser.addini("saliency_baseline_dir", "root folder of stored saliency baselines (relative to the ini file)",
@@ -140,15 +160,65 @@ def resolve_config(config: pytest.Config) -> SaliencyConfig:
         sensitivity_threshold=_ini(config, "saliency_sensitivity_threshold", parse_sensitivity),
         report=_report_formats(config),
         results_dir=str((config.rootpath / results_dir).resolve()),
+        devices=getattr(option, "saliency_devices", None) or (),
+        timeout=getattr(option, "saliency_timeout", None) or 1800.0,
+        shard_size=getattr(option, "saliency_shard_size", None),
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--saliency-devices`` with several devices, outside torchrun: run the session once per
+    device (:mod:`pytest_saliency.plugin.launch`) and return its exit status."""
+    devices = getattr(config.option, "saliency_devices", None) or ()
+    if launched() or not getattr(config.option, "saliency_enabled", False) or devices == ():
+        return None
+    if devices == ("all",):
+        devices = _all_gpus()
+    if len(devices) < 2:
+        return None  # one device: this process runs on it (--saliency-device does the same)
+    if getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError("--saliency-devices starts one pytest process per device; it cannot be combined "
+                                "with pytest-xdist's -n. Drop -n (or use -n with --saliency-device=auto instead).")
+    from .launch import launch
+
+    results = Path(getattr(config.option, "saliency_results_dir", None) or config.getini("saliency_results_dir"))
+    logs = (config.rootpath / results / "ranks").resolve()
+    return launch(list(config.invocation_params.args), list(devices), config.invocation_params.dir, logs)
+
+
+def _all_gpus() -> tuple[str, ...]:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise pytest.UsageError("--saliency-devices=all splits the checks across the visible GPUs, but CUDA sees "
+                                "none here. List devices instead (cpu,cpu for two processes on the CPU).")
+    return tuple(f"cuda:{index}" for index in range(count))
+
+
+def _join_ranks(config: SaliencyConfig) -> None:
+    """Under torchrun: join the process group (the rank's device and timeout) so that every
+    saliency check is split across the ranks (:mod:`pytest_saliency.core.distributed`)."""
+    from ..core.devices import resolve_device
+    from ..core.distributed import SHARD_SIZE_VARIABLE, join
+
+    if config.shard_size is not None:
+        os.environ[SHARD_SIZE_VARIABLE] = str(config.shard_size)
+    join(resolve_device(config.device, devices=config.devices), config.timeout)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "saliency: a saliency sanity-check test; skipped unless pytest runs with --saliency"
     )
     resolved = config.stash[CONFIG_KEY] = resolve_config(config)
-    controller = not hasattr(config, "workerinput")
+    if resolved.enabled and launched():
+        _join_ranks(resolved)
+        if not is_main():  # one JUnit XML, written by rank 0 (its plugin reads the option after this hook)
+            config.option.xmlpath = None
+    controller = not hasattr(config, "workerinput") and is_main()
     reporter = SaliencyReporter(resolved, controller, config)
     config.pluginmanager.register(reporter, "saliency-reporter")
     if resolved.enabled and resolved.report and controller:
@@ -160,14 +230,26 @@ def pytest_configure(config: pytest.Config) -> None:
             reporter.problems.append(f"saliency report not written: {results_dir_problem(resolved.results_dir, exc)}")
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cfg = config.stash.get(CONFIG_KEY, None)
+    if cfg is not None and cfg.enabled and launched():
+        from ..core.distributed import leave
+
+        leave()
+
+
 def pytest_report_header(config: pytest.Config) -> str | None:
     cfg = config.stash.get(CONFIG_KEY, None)
     if cfg is None or not cfg.enabled:
         return None
     seed = cfg.seed if cfg.seed is not None else "per check"
+    ranks = ""
+    if launched():
+        ranks = (f", rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} (every check split across the ranks; "
+                 "rank 0 writes the reports)")
     return (
         f"saliency: device={cfg.device}, preset={cfg.preset}, seed={seed}, "
-        f"thresholds SSIM<{cfg.ssim_threshold:g} / S^I>={cfg.sensitivity_threshold:g}"
+        f"thresholds SSIM<{cfg.ssim_threshold:g} / S^I>={cfg.sensitivity_threshold:g}{ranks}"
     )
 
 
@@ -196,7 +278,8 @@ def saliency_device(saliency_config: SaliencyConfig) -> Any:
     """
     from ..core.devices import resolve_device
 
-    return resolve_device(saliency_config.device)  # pytest-xdist worker gwN -> the N-th visible GPU
+    # pytest-xdist worker gwN, or torchrun's local rank N -> the N-th visible GPU (or --saliency-devices' N-th)
+    return resolve_device(saliency_config.device, devices=saliency_config.devices)
 
 
 @pytest.fixture(scope="session")
@@ -239,7 +322,7 @@ def saliency(
         cache=_saliency_map_cache,
         progress=progress_reporter(request.config),
         report=_entry_writer(saliency_config, node.nodeid, node.user_properties.append)
-        if saliency_config.report else None,
+        if saliency_config.report and is_main() else None,
         model_cache=saliency_model_cache,
     )
 

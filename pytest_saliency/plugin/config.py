@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ class SaliencyConfig:
     sensitivity_threshold: float = 0.01
     report: tuple[str, ...] = ()  # "json", "html": written under results_dir at the end of the session
     results_dir: str = ".saliency"
+    devices: tuple[str, ...] = ()  # --saliency-devices: one process per device (plugin/launch.py)
+    timeout: float = 1800.0  # seconds a rank waits for the others at an exchange (torchrun runs)
+    shard_size: int | None = None  # examples per shard of a tensor of inputs across ranks (None: the default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -49,6 +53,41 @@ def parse_device(value: str) -> str:
     raise argparse.ArgumentTypeError(
         f"invalid saliency device {value!r}: use auto (CUDA when available), cpu, cuda or cuda:N"
     )
+
+
+def parse_devices(value: str) -> tuple[str, ...]:
+    """argparse ``type=`` of ``--saliency-devices``: ``all`` (every visible CUDA device) or a
+    comma-separated list of ``cpu``, ``cuda`` or ``cuda:N`` (``cpu,cpu``: two processes on the CPU)."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return ("all",)
+    devices = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not devices or any(device == "auto" for device in devices):
+        raise argparse.ArgumentTypeError(
+            f"invalid --saliency-devices {value!r}: use all, or a comma-separated list such as cuda:0,cuda:1 or cpu,cpu")
+    return tuple(parse_device(device) for device in devices)
+
+
+def parse_positive(value: str) -> float:
+    """argparse ``type=``: a finite number of seconds above zero."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
+    return number
+
+
+def parse_count(value: str) -> int:
+    """argparse ``type=``: a whole number above zero (a number of examples)."""
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number of examples, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value!r}")
+    return number
 
 
 def parse_preset(value: str) -> str:

@@ -1,0 +1,94 @@
+"""``--saliency-devices=cuda:0,cuda:1``: one pytest process per device, as ``torchrun`` would start
+them, for a machine with several GPUs and no launcher.
+
+The command is run again once per device, each process with torchrun's environment (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and ``PYTEST_SALIENCY_DEVICES``:
+each joins the process group at the start of its session and takes its device, and every saliency
+check splits its examples between them (:mod:`pytest_saliency.core.distributed`). Processes, not
+threads: captum and the checks draw random numbers from process-wide generators, which threads
+would share. Rank 0 prints to this terminal and writes the reports; the other ranks' output goes
+to ``<results dir>/ranks/rank-N.log``. The exit status is rank 0's, or the first failing rank's.
+
+Torch-free: the launcher only starts processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+DEVICES_VARIABLE = "PYTEST_SALIENCY_DEVICES"
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for the ranks' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_environment(rank: int, devices: list[str], port: int) -> dict[str, str]:
+    """The environment of rank ``rank``'s process: torchrun's variables, the devices, and (on the
+    CPU, unless set) an even share of the cores for each process's threads."""
+    env = dict(os.environ)
+    size = len(devices)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
+               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env[DEVICES_VARIABLE] = ",".join(devices)
+    if "OMP_NUM_THREADS" not in env and all(device == "cpu" for device in devices):
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // size))
+    return env
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate the ranks still running (they get 10 seconds to clean up), then kill them."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def launch(args: list[str], devices: list[str], directory: Path, logs: Path) -> int:
+    """Run ``python -m pytest args`` in ``directory`` once per device; rank 0 on this terminal,
+    the others into ``logs``. Returns rank 0's exit status, or the first other failing rank's."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [sys.executable, "-m", "pytest", *args]
+    processes = []
+    handles = []
+    for rank in range(len(devices)):
+        output = None
+        if rank:
+            output = open(logs / f"rank-{rank}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            handles.append(output)
+        processes.append(subprocess.Popen(command, cwd=directory, env=rank_environment(rank, devices, port),
+                                          stdout=output, stderr=subprocess.STDOUT if output else None))
+    previous = signal.signal(signal.SIGTERM, _interrupted)  # a CI timeout's SIGTERM: stop the ranks too
+    try:
+        codes = [process.wait() for process in processes]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(processes)
+        for handle in handles:
+            handle.close()
+    failed = [(rank, code) for rank, code in enumerate(codes) if code and rank]
+    for rank, code in failed:
+        print(f"saliency: rank {rank} exited with status {code}; its output: {logs / f'rank-{rank}.log'}",
+              file=sys.stderr)
+    return codes[0] or (failed[0][1] if failed else 0)
+
+
+__all__ = ["DEVICES_VARIABLE", "free_port", "launch", "rank_environment"]
