@@ -338,7 +338,7 @@ class _ShardedRun:
         self.ended = self.capped = False
         self.computed = -1  # the last batch this rank ran
         self.previous: tuple[Chunk, dict[str, Any]] | None = None  # the last batch read, with its call
-        self.models = models_fingerprint(arguments)
+        self.models = models_fingerprint(arguments) if world.size > 1 else ""  # one rank: nothing to compare
 
     def _blocks(self, inner: Any) -> int | None:
         """How many batches the run will read: a tensor's shards up to a cap on the examples, a

@@ -22,14 +22,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from ..exceptions import SaliencyUsageError
 from .torchtools import require_torch
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 #: Mapping keys tried, in order, for a batch's inputs and labels.
 INPUT_KEYS = ("input_ids", "pixel_values", "input_values", "inputs", "x")
@@ -100,7 +102,7 @@ def examples_from(start: int) -> Iterator[None]:
         _OFFSET.reset(token)
 
 
-_CARRIED: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+_CARRIED: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar(
     "pytest_saliency_carried", default=None)
 
 
@@ -115,6 +117,20 @@ def carried_rows() -> Iterator[None]:
     finally:
         if token is not None:
             _CARRIED.reset(token)
+
+
+def remembered(key: Hashable, make: Callable[[], T]) -> T:
+    """``make()``, made once for the length of a check over all the batches of a stream (inside
+    :func:`carried_rows`) and given again to the later batches that ask with an equal ``key``:
+    work that does not depend on the batch (each layer's randomized values) is not redone per
+    batch. Outside, ``make()`` every time."""
+    store = _CARRIED.get()
+    if store is None:
+        return make()
+    memo = store.setdefault(("remembered",), {})
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
 
 
 def previous_rows(key: str, rows: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,4 +305,4 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-__all__ = ["Batches", "CarryTaken", "Chunk", "carry_only", "carrying_only", "INPUT_KEYS", "Inputs", "carried_rows", "example_offset", "examples_from", "in_stream", "previous_rows", "LABEL_KEYS", "chunks", "is_stream"]
+__all__ = ["Batches", "CarryTaken", "Chunk", "carry_only", "carrying_only", "INPUT_KEYS", "Inputs", "carried_rows", "example_offset", "examples_from", "in_stream", "previous_rows", "remembered", "LABEL_KEYS", "chunks", "is_stream"]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..core.forward import current_call
 from ..core.rng import generator_states, pass_seeded, same_generator_states
+from ..core.stream import remembered
 from ..maps.batching import memory_budget_bytes
 from ..model.layers import ForwardTrace, trace_forward
 from ..model.randomize import LayerDraws
@@ -151,8 +152,11 @@ class Engines:
         kind, step = self._fitted(states)
         if kind != "stack":  # each layer's randomized values, drawn once up front (see LayerDraws)
             limit = memory_budget_bytes(self.memory_budget, self.inputs.device) // DRAW_SHARE
-            states = dataclasses.replace(states, draws=LayerDraws(states.stages, states.strategy, states.seed,
-                                                                   limit_bytes=limit))
+            # the same for every batch of a stream: drawn for the first, kept for the others
+            key = ("layer_draws", tuple((name, id(module)) for name, module in states.stages), states.strategy,
+                   states.seed, limit)
+            draws = remembered(key, lambda: LayerDraws(states.stages, states.strategy, states.seed, limit_bytes=limit))
+            states = dataclasses.replace(states, draws=draws)
         explained, n = 0, self.inputs.shape[0]
         for first in range(0, n, step):
             if self._current is not None:
