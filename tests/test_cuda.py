@@ -250,3 +250,37 @@ def test_the_plugin_runs_a_check_on_cuda(pytester) -> None:
     )
     result = pytester.runpytest("--saliency", f"--saliency-device={CUDA}", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_two_ranks_on_the_gpu_give_one_process_numbers(pytester) -> None:
+    """--saliency-devices with two ranks on the GPU (sharing it: the ranks exchange results over
+    gloo, NCCL is never started) gives one process's per-image SSIM within float tolerance and its
+    verdict: the rank's device, the CUDA tensors of the exchanged first shard and the process group
+    on CUDA (``SALIENCY_TEST_DEVICE=cpu``: two CPU ranks)."""
+    import json
+
+    pytester.makepyfile(
+        """
+        import torch
+        from torch import nn
+
+        def test_model(saliency, saliency_device):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
+            model = model.to(saliency_device)
+            assert saliency_device.type == {kind!r}
+            x = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(saliency_device)
+            saliency.assert_sensitive_to_layer_randomization(model, x, "saliency")
+        """.replace("{kind!r}", repr(CUDA.type))
+    )
+    common = ("--saliency", "--saliency-report=json", "--saliency-shard-size=8", "-p", "no:cacheprovider")
+    one = pytester.runpytest_subprocess(*common, f"--saliency-device={CUDA}", timeout=300)
+    one.assert_outcomes(passed=1)
+    plain = json.loads((pytester.path / ".saliency" / "saliency-report.json").read_text())["results"][0]
+    two = pytester.runpytest_subprocess(*common, f"--saliency-devices={CUDA},{CUDA}", "--saliency-timeout=120",
+                                        timeout=300)
+    two.assert_outcomes(passed=1)
+    split = json.loads((pytester.path / ".saliency" / "saliency-report.json").read_text())["results"][0]
+    assert split["passed"] == plain["passed"]
+    assert np.allclose(split["result"]["ssim"], plain["result"]["ssim"], rtol=1e-5, atol=1e-6)
+    assert (pytester.path / ".saliency" / "ranks" / "rank-1.log").exists()
