@@ -99,6 +99,8 @@ def checks() -> list[tuple[str, Callable[[], Any]]]:
             yield x[start:start + 6]
 
     ig = {"n_steps": 4}
+    blank = torch.zeros(4, 1, 16, 16)
+    with_blank = torch.cat([x[:4], blank, x[4:12]])
     return [
         ("ipr", lambda: ps.layer_randomization(cnn, x, "saliency", n_bootstrap=200)),
         ("cpr", lambda: ps.layer_randomization(cnn, x, "integrated_gradients", mode="cascading", n_bootstrap=200,
@@ -112,6 +114,11 @@ def checks() -> list[tuple[str, Callable[[], Any]]]:
         ("ipr_early_exit", lambda: ps.layer_randomization(cnn, x, "saliency", early_exit=True, image_batch=8,
                                                           n_bootstrap=200)),
         ("ipr_cap", lambda: ps.layer_randomization(cnn, x, "saliency", images=12, n_bootstrap=200)),  # cuts shard 1
+        # one process stops after the first 4 images; the maps of images 4 to 7 are constant (an error if
+        # reached): the shard that holds them runs in the same round on rank 1, and must not fail the check
+        ("ipr_auto_later_error", lambda: ps.layer_randomization(cnn, with_blank, "input_x_gradient", images="auto",
+                                                                image_batch=4, n_bootstrap=200)),
+        ("ipr_loader_cap", lambda: ps.layer_randomization(cnn, loader, "saliency", images=12, n_bootstrap=200)),
         ("ipr_loader", lambda: ps.layer_randomization(cnn, loader, "saliency", target="labels", n_bootstrap=200)),
         ("ipr_loader_auto", lambda: ps.layer_randomization(cnn, loader, "saliency", images="auto", image_batch=5,
                                                            n_bootstrap=200)),

@@ -39,7 +39,8 @@ TIMEOUT = 240  # seconds, per process launch: a hang fails the test instead of b
 
 #: Every check the worker runs (tests/distributed_worker.py ``checks()``).
 CHECKS = (
-    "ipr", "cpr", "ipr_auto", "ipr_auto_small_batch", "ipr_early_exit", "ipr_cap", "ipr_loader", "ipr_loader_auto",
+    "ipr", "cpr", "ipr_auto", "ipr_auto_small_batch", "ipr_early_exit", "ipr_cap", "ipr_auto_later_error",
+    "ipr_loader_cap", "ipr_loader", "ipr_loader_auto",
     "smooth_randomization", "efficient_randomization", "efficient_randomization_cap", "random_logit",
     "random_logit_loader",
     "agreement_matrix", "agreement_generator", "seed_consistency", "explanation_consistency",
@@ -221,7 +222,52 @@ def test_unsharded_on_rank_0_only(saliency, model, images):
             assert ps.layer_randomization(model, images, "saliency", n_bootstrap=100).n_images == 20
 
 
+def test_baseline_on_rank_0_only(saliency, model, images):
+    path = f"rank{RANK}/baseline.npz"  # the same name on both ranks; only rank 0 has the file
+    if RANK == "0":
+        with ps.unsharded():
+            ps.check_baseline(model, images, path, update=True)
+    ps.check_baseline(model, images, path)
+
+
+class Skipping(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        if RANK == "1":
+            import pytest
+
+            pytest.skip("rank 1 skips inside the model")
+        return self.inner(x)
+
+
+def test_a_rank_that_skips(saliency, model, images):
+    saliency.layer_randomization(Skipping(model), images, method="saliency", n_bootstrap=100)
+
+
 def test_still_in_step(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency", n_bootstrap=100)
+
+
+def test_a_rank_that_dies(saliency, model, images):
+    saliency.layer_randomization(Broken(model, exit=3), images, method="saliency", n_bootstrap=100)
+
+
+def test_after_the_loss(saliency, model, images):
+    saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency", n_bootstrap=100)
+'''
+
+STEP_FILE = '''
+import os
+
+import pytest_saliency as ps
+
+RANK = os.environ.get("RANK", "0")
+
+
+def test_in_step(saliency, model, images):
     saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency", n_bootstrap=100)
 
 
@@ -235,12 +281,8 @@ def test_rank_1_only(saliency, model, images):
         ps.layer_randomization(model, images, "saliency", n_bootstrap=100)
 
 
-def test_in_step_again(saliency, model, images):
+def test_after_the_loss(saliency, model, images):
     saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency", n_bootstrap=100)
-
-
-def test_a_rank_that_dies(saliency, model, images):
-    saliency.layer_randomization(Broken(model, exit=3), images, method="saliency", n_bootstrap=100)
 '''
 
 FAULT_TIMEOUT = 20  # --saliency-timeout of the fault run
@@ -282,7 +324,8 @@ class Launches:
                        "pytest_plain": lambda: _pytest(_project(root / "plain_pytest", **checks),
                                                        "--saliency-report=json")},
             "faults": {"faults": lambda: _pytest(_project(root / "faults", test_faults=FAULTS_FILE), *RANKED,
-                                                 timeout)},
+                                                 timeout),
+                       "step": lambda: _pytest(_project(root / "step", test_step=STEP_FILE), *RANKED, timeout)},
         }
         self.launch_pool, self.group_pool = ThreadPoolExecutor(max_workers=3), ThreadPoolExecutor(max_workers=3)
         self.started: dict[str, Future[dict[str, Launch]]] = {}
@@ -460,35 +503,58 @@ F = "test_faults.py::"
 
 def test_faults_fail_the_check_on_every_rank_within_the_timeout(launched: Launches) -> None:
     """A model that raises on rank 1 only fails the test on both ranks with rank 1's error; a check
-    that only rank 0 runs inside unsharded() passes, and the ranks are still in step; a check that
-    only one rank runs puts the ranks out of step: both fail, then run in step again; a rank whose
-    process exits fails rank 0's check with SaliencyRankFailed, without hanging."""
+    that only rank 0 runs inside unsharded() passes; a baseline file present on rank 0 only is
+    refused on both; a rank that skips inside the model fails the others' test with that; the ranks
+    are still in step after all of these; a rank whose
+    process exits fails rank 0's check with SaliencyRankFailed, without hanging, and the session
+    stops there (the ranks can exchange nothing more)."""
     run = launched.result("faults")
     rank0, rank1 = _outcomes(run, "0"), _outcomes(run, "1")
     assert {name: outcome for name, (outcome, _) in rank0.items()} == {
         "test_a_rank_that_raises": "failed", "test_unsharded_on_rank_0_only": "passed",
-        "test_still_in_step": "passed", "test_rank_0_only": "failed", "test_rank_1_only": "passed",
-        "test_in_step_again": "passed", "test_a_rank_that_dies": "failed"}, run.output[-6000:]
+        "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "failed",
+        "test_still_in_step": "passed", "test_a_rank_that_dies": "failed"}, run.output[-6000:]
     assert {name: outcome for name, (outcome, _) in rank1.items()} == {  # it died in the last test
         "test_a_rank_that_raises": "failed", "test_unsharded_on_rank_0_only": "passed",
-        "test_still_in_step": "passed", "test_rank_0_only": "passed", "test_rank_1_only": "failed",
-        "test_in_step_again": "passed"}, run.output[-6000:]
+        "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "skipped",
+        "test_still_in_step": "passed"}, run.output[-6000:]
+    # a baseline file on one rank only: both refuse it, saying so (and stay in step)
+    for outcomes in (rank0, rank1):
+        assert re.search(r"SaliencyUsageError: saliency baseline .*baseline.npz exists on rank\(s\) \[0\] but not",
+                         outcomes["test_baseline_on_rank_0_only"][1]), outcomes["test_baseline_on_rank_0_only"][1]
+    # a pytest outcome raised on one rank reaches the others as that rank's failure
+    skipped = rank0["test_a_rank_that_skips"][1]  # (the end of the long report: the traceback sent by rank 1)
+    assert "Skipped: rank 1 skips inside the model" in skipped and skipped.endswith("SaliencyRankFailed"), skipped
     # rank 0 fails with rank 1's error, rank 1 with its own
     assert re.search(r"SaliencyUsageError: on rank 1 of 2: .*the model broke on rank 1",
                      rank0["test_a_rank_that_raises"][1]), rank0["test_a_rank_that_raises"][1]
     assert "RuntimeError on one input" in rank1["test_a_rank_that_raises"][1]
     assert "the model broke on rank 1" in rank1["test_a_rank_that_raises"][1]
-    # out of step: each rank is told which check each rank was running
-    out_of_step = (r"SaliencyRankFailed: the ranks are out of step: .*rank 0: test_faults.py::test_rank_0_only "
-                   r".*rank 1: test_faults.py::test_rank_1_only")
-    assert re.search(out_of_step, rank0["test_rank_0_only"][1]), rank0["test_rank_0_only"][1]
-    assert re.search(out_of_step, rank1["test_rank_1_only"][1]), rank1["test_rank_1_only"][1]
     # the dead rank: rank 0 fails at once (the connection closed), well within the timeout
     assert re.search(r"SaliencyRankFailed: rank 0 of 2 got no answer from every rank .*test_a_rank_that_dies",
                      rank0["test_a_rank_that_dies"][1]), rank0["test_a_rank_that_dies"][1]
-    assert "saliency: rank 1 exited with status 3" in run.output and run.returncode == 1
-    # no test waited for the timeout (a dead or out-of-step rank is noticed at once); the whole
-    # run (the start of three processes on a busy machine included) is bounded too
+    assert "the ranks lost step, so the session stops" in run.output
+    assert "saliency: rank 1 exited with status 3" in run.output and run.returncode != 0
+    # no test waited for the timeout (a dead rank is noticed at once); the whole run (the start of
+    # three processes on a busy machine included) is bounded too
     durations = _outcomes(run, "0", durations=True)
     assert max(durations.values()) < FAULT_TIMEOUT, durations
     assert run.seconds < 4 * FAULT_TIMEOUT, run.seconds
+
+
+def test_ranks_out_of_step_fail_and_stop_the_session(launched: Launches) -> None:
+    """A check that only one rank runs puts the ranks out of step: each fails that test, told which
+    check each rank was running, and the session stops instead of pairing later checks wrongly."""
+    run = launched.result("step")
+    rank0, rank1 = _outcomes(run, "0"), _outcomes(run, "1")
+    assert {name: outcome for name, (outcome, _) in rank0.items()} == {
+        "test_in_step": "passed", "test_rank_0_only": "failed"}, run.output[-6000:]
+    assert {name: outcome for name, (outcome, _) in rank1.items()} == {
+        "test_in_step": "passed", "test_rank_0_only": "passed", "test_rank_1_only": "failed"}, run.output[-6000:]
+    out_of_step = (r"SaliencyRankFailed: the ranks are out of step: .*rank 0: test_step.py::test_rank_0_only"
+                   r".*rank 1: test_step.py::test_rank_1_only")
+    assert re.search(out_of_step, rank0["test_rank_0_only"][1]), rank0["test_rank_0_only"][1]
+    assert re.search(out_of_step, rank1["test_rank_1_only"][1]), rank1["test_rank_1_only"][1]
+    assert "the ranks lost step, so the session stops" in run.output and run.returncode != 0
+    durations = _outcomes(run, "0", durations=True)
+    assert max(durations.values()) < FAULT_TIMEOUT, durations

@@ -85,9 +85,9 @@ def batch_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     real = streaming._call
 
-    def wrapper(function, signature, call, chunk, index):
+    def wrapper(function, signature, call, chunk, index, *part):
         sizes.append(int(chunk.inputs.shape[0]))
-        return real(function, signature, call, chunk, index)
+        return real(function, signature, call, chunk, index, *part)
 
     monkeypatch.setattr(streaming, "_call", wrapper)
     return sizes
@@ -512,3 +512,73 @@ def test_cpu_cpu_launch_reports_rank_headers_and_the_failing_ranks_status(pytest
     text = log.read_text()
     assert "rank 1 of 2" in text and "rank 1 leaves" in text
     assert "rank 0 of 2" not in text
+
+
+# ---------------------------------------------------------------------------------- review fixes
+
+
+def test_a_loader_with_a_distributed_sampler_is_refused_with_what_to_pass() -> None:
+    """Every rank must read the whole loader: a DistributedSampler (even without shuffling) is
+    refused, saying to pass a loader over the whole data set."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(torch.rand(8, 1, 4, 4))
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
+    with pytest.raises(SaliencyUsageError, match="DistributedSampler.*over the whole data set"):
+        streaming._check_sampler(loader)
+    streaming._check_sampler(DataLoader(data, batch_size=2))  # a plain loader is fine
+
+
+class _Process:
+    """A stand-in for a rank's process: exits with ``code`` at the ``at``-th poll (None: never)."""
+
+    def __init__(self, code: int, at: int | None) -> None:
+        self.code, self.at, self.polls, self.stopped = code, at, 0, False
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        if self.stopped:
+            return -15
+        return self.code if self.at is not None and self.polls >= self.at else None
+
+    def terminate(self) -> None:
+        self.stopped = True
+
+    def kill(self) -> None:
+        self.stopped = True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.poll()
+
+
+def test_the_launcher_stops_the_ranks_left_waiting_for_one_that_failed(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """A rank that fails while the others run on (it never joined) gets them stopped after the
+    grace period instead of leaving them waiting for the timeout; a signal death reads 128 + N."""
+    from pytest_saliency.plugin import launch
+
+    monkeypatch.setattr(launch, "GRACE", 0.2)
+    monkeypatch.setattr(launch.time, "sleep", lambda seconds: None)
+    waiting, failed = _Process(0, None), _Process(3, 1)
+    codes = launch._watch([waiting, failed], tmp_path)  # type: ignore[list-item]
+    assert waiting.stopped and codes == [143, 3]
+
+
+def test_torchrun_with_xdist_is_a_usage_error(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun, pytest-xdist's -n would start workers that all claim the rank: refused."""
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = pytester.runpytest_subprocess("--saliency", "-n", "2", "-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(["*pytest-xdist's -n would start more processes*"])
+    assert result.ret != 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA sees no GPU")
+def test_a_listed_device_the_machine_lacks_is_refused_before_any_process_starts(pytester: pytest.Pytester) -> None:
+    """--saliency-devices=cpu,cuda:1 without CUDA: a usage error naming the entry, no rank started."""
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("--saliency", "--saliency-devices=cpu,cuda:1", "-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(["*--saliency-devices=cpu,cuda:1: cuda:1: *CUDA is not available*"])
+    assert result.ret == 4 and not (pytester.path / ".saliency" / "ranks").exists()

@@ -79,7 +79,7 @@ from ..model.layers import select_layers
 from ..model.randomize import check_strategy, preserved, randomized
 from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
-from .streaming import StreamSpec, streams, tensor_size, weighted_mean
+from .streaming import StreamSpec, capped_images, streams, tensor_size, weighted_mean
 
 if TYPE_CHECKING:
     import torch
@@ -436,7 +436,7 @@ def _result_maps(original: torch.Tensor, randomized_maps: torch.Tensor, inputs: 
 
 
 @rng_isolated
-@streams(StreamSpec(_combined, _slim, _prepare_batch))
+@streams(StreamSpec(_combined, _slim, _prepare_batch, caps=capped_images))
 @passes_model_call
 def efficient_randomization(
     model: torch.nn.Module,

@@ -75,7 +75,7 @@ from .controls import (
     second_run,
     sensitivity_of,
 )
-from .streaming import StreamSpec, same_across_batches, streams, tensor_size, weighted_mean
+from .streaming import StreamSpec, capped_images, same_across_batches, streams, tensor_size, weighted_mean
 
 if TYPE_CHECKING:
     import torch
@@ -823,7 +823,7 @@ def _slim(part: RandomizationResult) -> RandomizationResult:
 
 @rng_isolated
 @streams(StreamSpec(combine_randomization, _slim, _prepare_batch, _stop, decides=_decides, carries=True,
-                     shard_examples=_decision_step))
+                     shard_examples=_decision_step, caps=capped_images))
 @passes_model_call
 def layer_randomization(
     model: torch.nn.Module,

@@ -1447,13 +1447,16 @@ def _streamed_baseline(model: torch.nn.Module, loader: Any, call: _Call, start: 
         check_number(call.threshold, "threshold", low=-1.0, high=1.0,
                      hint="It bounds the mean per-image similarity to the baseline, which lies in [-1, 1].")
     stream = _Stream(model, call, writing=None if world is None else False)
+
+    def read() -> tuple[list[dict[str, Any]], list[tuple[int, float]], str]:
+        stream.open()  # (inside the exchange: a file that one rank cannot open fails every rank)
+        return (*_read_stream(stream, loader, world), "" if world is None else models_fingerprint({"model": model}))
+
     try:
-        stream.open()
         if world is None:
-            _read_stream(stream, loader, None)
+            read()
         else:
-            shares = exchange(_exchange_tag(call),
-                              lambda: (*_read_stream(stream, loader, world), models_fingerprint({"model": model})))
+            shares = exchange(_exchange_tag(call), read)
             same_models([models for _, _, models in shares])
             same_batches([read for _, read, _ in shares])
             stream.join([records for records, _, _ in shares])
@@ -1489,7 +1492,7 @@ def _read_stream(stream: _Stream, loader: Any,
 
 
 def _exchange_tag(call: _Call) -> str:
-    return f"{os.environ.get('PYTEST_CURRENT_TEST', '')} check_baseline {call.path.name}"
+    return f"check_baseline {call.path.name}"
 
 
 def _ranked_baseline(model: torch.nn.Module, inputs: Any, call: _Call, start: float, world: Ranks) -> BaselineResult:
@@ -1498,7 +1501,14 @@ def _ranked_baseline(model: torch.nn.Module, inputs: Any, call: _Call, start: fl
     wait for its result): only rank 0 writes files, and whether to write is rank 0's decision."""
     __tracebackhide__ = True
     tag = _exchange_tag(call)
-    writing = exchange(f"{tag} (write?)", lambda: call.update or not call.path.exists())[0]
+    exists = exchange(f"{tag} (write?)", call.path.exists)
+    if not call.update and len(set(exists)) > 1:
+        having = [rank for rank, found in enumerate(exists) if found]
+        raise SaliencyUsageError(
+            f"saliency baseline {call.path} exists on rank(s) {having} but not on the others: every host needs the "
+            "baseline files at the same path (they belong in the repository), or none does (the first run writes "
+            "them on rank 0).")
+    writing = call.update or not exists[0]
     if writing or (not is_stream(inputs) and has_example_rows(call.method_kwargs, int(inputs.shape[0]))):
         def alone() -> BaselineResult | None:
             if world.rank != 0 and writing:

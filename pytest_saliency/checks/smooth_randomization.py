@@ -64,7 +64,7 @@ from ..maps.methods import Explainer, MethodSpec, draws_random
 from ..maps.postprocess import MapPipeline
 from ..reporting.protocol import Number
 from .randomization import RandomizationResult, combine_randomization, layer_randomization
-from .streaming import StreamSpec, streams
+from .streaming import StreamSpec, capped_images, streams
 
 if TYPE_CHECKING:
     import torch
@@ -301,7 +301,7 @@ def _check_images(images: Any) -> str | int:
 
 
 @rng_isolated
-@streams(StreamSpec(combine_randomization, _slim, _prepare_batch, carries=True))
+@streams(StreamSpec(combine_randomization, _slim, _prepare_batch, carries=True, caps=capped_images))
 @passes_model_call
 def smooth_randomization(
     model: torch.nn.Module,

@@ -39,12 +39,11 @@ import dataclasses
 import functools
 import inspect
 import itertools
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ..core.distributed import Ranks, exchange, ranks, shard_size, unsharded
+from ..core.distributed import RankError, Ranks, exchange, ranks, shard_size, unsharded
 from ..core.fingerprint import tensor_fingerprint
 from ..core.stream import Batches, Chunk, carried_rows, carrying_only, chunks, examples_from, in_stream, is_stream
 from ..core.torchtools import require_torch
@@ -85,6 +84,7 @@ class StreamSpec(Generic[R]):
     carries: bool = False
     shard_tensor: Callable[[dict[str, Any]], bool] | None = None
     shard_examples: Callable[[dict[str, Any]], int | None] | None = None
+    caps: Callable[[dict[str, Any]], bool] | None = None
 
 
 def streams(spec: StreamSpec[Any]) -> Callable[[F], F]:
@@ -182,6 +182,8 @@ def _tensor_shards(arguments: dict[str, Any], signature: inspect.Signature,
     n = int(inputs.shape[0])
     if n < 2 or (spec.shard_tensor is not None and not spec.shard_tensor(arguments)):
         return None
+    if isinstance(arguments.get("target"), (list, tuple)):  # the check's own rules for it apply: run whole
+        return None
     if has_example_rows({k: v for k, v in arguments.items() if k not in _PER_BATCH}, n):
         return None
     takes = "forward_kwargs" in signature.parameters
@@ -226,6 +228,17 @@ def has_example_rows(arguments: Mapping[str, Any], n: int) -> bool:
         if any(_has_rows(v, n) for v in values):
             return True
     return False
+
+
+#: Batches per rank in a round over a loader of unknown length: a rank that does not run the
+#: batch before its share runs it first (for the checks that carry rows), once per round.
+UNKNOWN_ROUND = 8
+
+
+def capped_images(arguments: Mapping[str, Any]) -> bool:
+    """Whether ``images=`` is a number: a cap that may stop a stream before its end (``caps``)."""
+    images = arguments.get("images")
+    return isinstance(images, int) and not isinstance(images, bool)
 
 
 def batch_checksum(inputs: torch.Tensor) -> float:
@@ -296,12 +309,14 @@ def _sharded(function: Callable[..., Any], signature: inspect.Signature, argumen
     stopped = ""
     with carried_rows():
         for round_index in itertools.count():
-            tag = f"{os.environ.get('PYTEST_CURRENT_TEST', '')} {function.__qualname__} round {round_index}"
+            tag = f"{function.__qualname__} round {round_index}"
             start, size = run.read, run.round_size()
             shares = exchange(tag, lambda: run.compute_round(start, size))
             same_models([models for _, _, models in shares])
             same_batches([read for _, read, _ in shares])
-            for _, part in sorted(((index, part) for done, _, _ in shares for index, part in done), key=lambda p: p[0]):
+            for index, part in sorted(((i, part) for done, _, _ in shares for i, part in done), key=lambda p: p[0]):
+                if isinstance(part, RankError):  # raised when one process would have reached that batch
+                    raise run.failed.get(index) or part.exception(world.size, function.__qualname__)
                 parts.append(part)
                 stopped = "" if spec.stop is None else spec.stop(parts, arguments)
                 if stopped:
@@ -332,6 +347,8 @@ class _ShardedRun:
         self.total = _length(loader)
         inner = loader.loader if isinstance(loader, Batches) else loader
         self.shards = len(inner) if isinstance(inner, _TensorShards) else None
+        self.part = "batch" if self.shards is None else "shard"
+        _check_sampler(inner)
         self.blocks = self._blocks(inner)
         self.batches = chunks(loader, _device(arguments))
         self.read = self.seen = 0  # batches and examples read
@@ -339,6 +356,7 @@ class _ShardedRun:
         self.computed = -1  # the last batch this rank ran
         self.previous: tuple[Chunk, dict[str, Any]] | None = None  # the last batch read, with its call
         self.models = models_fingerprint(arguments) if world.size > 1 else ""  # one rank: nothing to compare
+        self.failed: dict[int, Exception] = {}  # the batches of this rank that raised, by index
 
     def _blocks(self, inner: Any) -> int | None:
         """How many batches the run will read: a tensor's shards up to a cap on the examples, a
@@ -353,9 +371,14 @@ class _ShardedRun:
         return len(inner)
 
     def round_size(self) -> int:
+        """Every batch at once when their number is known; one per rank with an adaptive stop, or a
+        cap somewhere in a loader; :data:`UNKNOWN_ROUND` per rank when the number is unknown."""
         adaptive = self.spec.decides is not None and self.spec.decides(self.arguments)
-        if adaptive or self.blocks is None:
+        capped = self.shards is None and self.spec.caps is not None and self.spec.caps(self.arguments)
+        if adaptive or capped:
             return self.world.size
+        if self.blocks is None:
+            return self.world.size * UNKNOWN_ROUND
         return max(self.blocks - self.read, 1)
 
     def compute_round(self, start: int, size: int) -> tuple[list[tuple[int, Any]], list[tuple[int, float]], str]:
@@ -375,8 +398,13 @@ class _ShardedRun:
             self.read, self.seen = index + 1, self.seen + int(chunk.inputs.shape[0])
             read.append((index, batch_checksum(chunk.inputs)))
             if owner(index - start, size, self.world) == self.world.rank:
-                self._carry_from(index)
-                part = _call(self.function, self.signature, call, chunk, index)
+                try:
+                    self._carry_from(index)
+                    part = _call(self.function, self.signature, call, chunk, index, self.part)
+                except Exception as error:  # sent as the batch's part: a stop before it makes it moot
+                    self.failed[index] = error
+                    done.append((index, RankError.of(self.world.rank, error)))
+                    break
                 done.append((index, part if index == 0 else self.spec.slim(part)))
                 self.computed = index
             self.previous = (chunk, call)
@@ -391,8 +419,20 @@ class _ShardedRun:
         chunk, call = self.previous
         with carrying_only():
             _call(self.function, self.signature, {**call, **({"progress": None} if "progress" in call else {})},
-                  chunk, index - 1)
+                  chunk, index - 1, self.part)
 
+
+
+def _check_sampler(loader: Any) -> None:
+    """Refuse a loader that gives each rank a part of the data itself (a ``DistributedSampler``):
+    the check splits the batches across the ranks, and every rank must read all of them."""
+    torch = require_torch()
+    samplers = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    if any(isinstance(s, torch.utils.data.distributed.DistributedSampler) for s in samplers):
+        raise SaliencyUsageError(
+            "the inputs' DataLoader has a DistributedSampler, which gives each rank a part of the data; a saliency "
+            "check splits the batches across the ranks itself and every rank must read all of them. Pass a loader "
+            "over the whole data set (no DistributedSampler, shuffle=False).")
 
 
 def _check_loader(loader: Any) -> None:
@@ -426,7 +466,8 @@ def _check_lengths(arguments: dict[str, Any], signature: inspect.Signature, seen
 
 
 def _call(function: Callable[..., Any], signature: inspect.Signature, call: dict[str, Any], chunk: Chunk,
-          index: int) -> Any:
+          index: int, part: str = "batch") -> Any:
+    """The check on one batch (``part``: "shard" for a tensor's shard), its usage errors naming it."""
     __tracebackhide__ = True
     bound = inspect.BoundArguments(signature, call)
     try:
@@ -435,7 +476,7 @@ def _call(function: Callable[..., Any], signature: inspect.Signature, call: dict
     except SaliencyUsageError as error:
         n = int(chunk.inputs.shape[0])
         raise SaliencyUsageError(
-            f"in batch {index} of the inputs (examples {chunk.start} to {chunk.start + n - 1}): {error}") from None
+            f"in {part} {index} of the inputs (examples {chunk.start} to {chunk.start + n - 1}): {error}") from None
 
 
 def _length(loader: Any) -> int | None:
@@ -565,4 +606,4 @@ def same_across_batches(parts: Sequence[Any], attribute: str, what: str) -> None
                 f"{first!r:.120}); the batches of one check must have the same shapes and modality.")
 
 
-__all__ = ["StreamSpec", "batch_checksum", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]
+__all__ = ["StreamSpec", "UNKNOWN_ROUND", "batch_checksum", "capped_images", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]

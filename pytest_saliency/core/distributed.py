@@ -68,8 +68,20 @@ class RankError:
     details: str
     usage: bool
 
-    def describe(self, size: int) -> str:
-        return f"rank {self.rank} of {size} failed with {self.kind}: {self.message}"
+    @classmethod
+    def of(cls, rank: int, error: BaseException) -> RankError:
+        """What rank ``rank`` sends of ``error`` (its traceback as text)."""
+        details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        return cls(rank, type(error).__name__, str(error), details[-4000:], isinstance(error, SaliencyUsageError))
+
+    def exception(self, size: int, where: str) -> Exception:
+        """The error the other ranks raise: the rank's usage error, or a :class:`SaliencyRankFailed`
+        with its traceback."""
+        if self.usage:
+            return SaliencyUsageError(f"on rank {self.rank} of {size}: {self.message}")
+        return SaliencyRankFailed(
+            f"rank {self.rank} of {size} failed with {self.kind}: {self.message} (in {where}); every rank fails the "
+            f"check with it. Its traceback:\n{self.details}")
 
 
 def launched() -> bool:
@@ -103,8 +115,8 @@ def join(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> bool:
 def leave() -> None:
     """Leave the process group :func:`join` made (one the user made is left alone)."""
     torch = require_torch()
-    if _JOINED.pop("owned", False) and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if _JOINED.pop("owned", False) and torch.distributed.is_initialized() and not _JOINED.get("broken"):
+        torch.distributed.destroy_process_group()  # (a broken group may hang in its teardown: left to the exit)
     _JOINED.clear()
 
 
@@ -160,28 +172,50 @@ def shard_size() -> int:
 def exchange(tag: str, work: Callable[[], T]) -> list[T]:
     """Run ``work`` on this rank and return every rank's result, in rank order, on every rank.
 
-    ``tag`` names what the ranks are doing (the test and the check): ranks that send different
-    tags are out of step, and every rank fails. If ``work`` raised on any rank, every rank raises:
-    the rank that failed its own exception, the others that rank's error (the lowest rank's when
-    several failed)."""
+    ``tag`` names what the ranks are doing (the check); the test running and the number of the
+    exchange within it are added, and ranks that send different tags are out of step: every rank
+    fails. If ``work`` raised on any rank, every rank raises: the rank that failed its own
+    exception, the others that rank's error (the lowest rank's when several failed).
+
+    Ranks out of step, or an exchange that failed (a timeout, a rank gone), leave the process
+    group unusable: every later exchange of the session fails at once with that first cause
+    (:func:`broken`), and the plugin stops the session."""
     world = ranks()
     if world is None:
         return [work()]
+    if _JOINED.get("broken"):
+        raise SaliencyRankFailed(
+            f"the ranks lost step earlier in this session, so no saliency check can be split across them any more: "
+            f"{_JOINED['broken']}")
+    tag = _numbered(tag)
     error: BaseException | None = None
     try:
         payload: Any = ("ok", _pack(work()))
-    except Exception as caught:  # sent to the other ranks, then raised here
+    except BaseException as caught:  # a pytest outcome or Ctrl-C too: sent to the other ranks, then raised here
         error = caught
-        payload = ("error", _rank_error(world.rank, caught))
+        payload = ("error", RankError.of(world.rank, caught))
     gathered = _all_gather(world, (tag, payload))
     _check_in_step(tag, gathered)
     failures = [sent for _, (status, sent) in gathered if status == "error"]
     if failures:
         if error is not None and failures[0].rank == world.rank:
             raise error
-        raise _raised_for(failures[0], world, tag)
+        raise failures[0].exception(world.size, tag)
     device = _JOINED.get("device")
     return [_unpack(sent, device) for _, (_, sent) in gathered]
+
+
+def broken() -> str:
+    """Why the ranks can no longer exchange results ("" while they can): see :func:`exchange`."""
+    return str(_JOINED.get("broken", ""))
+
+
+def _numbered(tag: str) -> str:
+    """``tag`` with the test running and the number of this exchange within it."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    counts = _JOINED.setdefault("counts", {})
+    counts[test] = counts.get(test, 0) + 1
+    return f"{test}: {tag} #{counts[test]}" if test else f"{tag} #{counts[test]}"
 
 
 def _all_gather(world: Ranks, payload: Any) -> list[Any]:
@@ -191,11 +225,13 @@ def _all_gather(world: Ranks, payload: Any) -> list[Any]:
         torch.distributed.all_gather_object(gathered, payload)
     except Exception as error:  # a timeout, or a rank's process is gone
         timeout = _JOINED.get("timeout", DEFAULT_TIMEOUT)
-        raise SaliencyRankFailed(
+        message = (
             f"rank {world.rank} of {world.size} got no answer from every rank while exchanging the results of "
             f"{payload[0]} (waited up to {timeout:g} s, the process group's timeout, --saliency-timeout): a rank "
             f"died, hangs, or is running another test; see the other ranks' output. {type(error).__name__}: "
-            f"{str(error)[:400]}") from None
+            f"{str(error)[:400]}")
+        _JOINED["broken"] = message
+        raise SaliencyRankFailed(message) from None
     return gathered
 
 
@@ -203,23 +239,12 @@ def _check_in_step(tag: str, gathered: list[Any]) -> None:
     tags = [sent_tag for sent_tag, _ in gathered]
     if len(set(tags)) > 1:
         listed = "; ".join(f"rank {rank}: {name}" for rank, name in enumerate(tags))
-        raise SaliencyRankFailed(
+        message = (
             f"the ranks are out of step: they exchanged the results of different checks ({listed}). Every rank must "
             "run the same saliency checks in the same order: run the same command on every rank, and do not let "
             "a test run saliency checks on some ranks only (wrap such a check in pytest_saliency.unsharded()).")
-
-
-def _rank_error(rank: int, error: Exception) -> RankError:
-    details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return RankError(rank, type(error).__name__, str(error), details[-4000:], isinstance(error, SaliencyUsageError))
-
-
-def _raised_for(failure: RankError, world: Ranks, tag: str) -> Exception:
-    if failure.usage:
-        return SaliencyUsageError(f"on rank {failure.rank} of {world.size}: {failure.message}")
-    return SaliencyRankFailed(
-        f"{failure.describe(world.size)} (in {tag}); every rank fails the check with it. Its traceback:\n"
-        f"{failure.details}")
+        _JOINED["broken"] = message
+        raise SaliencyRankFailed(message)
 
 
 def _pack(value: Any) -> bytes:
@@ -241,5 +266,5 @@ def _unpack(data: bytes, device: Any) -> Any:
     return torch.load(io.BytesIO(data), map_location=place, weights_only=False)
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "DEFAULT_TIMEOUT", "RankError", "Ranks", "SHARD_SIZE_VARIABLE", "exchange",
+__all__ = ["DEFAULT_SHARD_SIZE", "DEFAULT_TIMEOUT", "RankError", "Ranks", "SHARD_SIZE_VARIABLE", "broken", "exchange",
            "is_main", "join", "launched", "leave", "local_rank", "ranks", "shard_size", "unsharded"]

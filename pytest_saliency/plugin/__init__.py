@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ..core.distributed import is_main, launched
+from ..exceptions import SaliencyUsageError
 from ..reporting.protocol import CheckResult
 from .checker import RESULT_PROPERTY, BaselineChecker, SaliencyChecker
 from .config import (
@@ -180,11 +181,23 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     if getattr(config.option, "numprocesses", None):
         raise pytest.UsageError("--saliency-devices starts one pytest process per device; it cannot be combined "
                                 "with pytest-xdist's -n. Drop -n (or use -n with --saliency-device=auto instead).")
+    _check_devices(devices)
     from .launch import launch
 
     results = Path(getattr(config.option, "saliency_results_dir", None) or config.getini("saliency_results_dir"))
     logs = (config.rootpath / results / "ranks").resolve()
     return launch(list(config.invocation_params.args), list(devices), config.invocation_params.dir, logs)
+
+
+def _check_devices(devices: tuple[str, ...]) -> None:
+    """Refuse, before starting any process, a listed device this machine does not have."""
+    from ..core.devices import resolve_device
+
+    for device in devices:
+        try:
+            resolve_device(device)
+        except SaliencyUsageError as error:
+            raise pytest.UsageError(f"--saliency-devices={','.join(devices)}: {device}: {error}") from None
 
 
 def _all_gpus() -> tuple[str, ...]:
@@ -205,7 +218,11 @@ def _join_ranks(config: SaliencyConfig) -> None:
 
     if config.shard_size is not None:
         os.environ[SHARD_SIZE_VARIABLE] = str(config.shard_size)
-    join(resolve_device(config.device, devices=config.devices), config.timeout)
+    try:
+        device = resolve_device(config.device, devices=config.devices)
+    except SaliencyUsageError as error:
+        raise pytest.UsageError(str(error)) from None
+    join(device, config.timeout)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -215,6 +232,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     resolved = config.stash[CONFIG_KEY] = resolve_config(config)
     if resolved.enabled and launched():
+        if hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None):
+            raise pytest.UsageError(
+                "under torchrun (or --saliency-devices) every rank splits each saliency check with the others; "
+                "pytest-xdist's -n would start more processes that all claim the same rank. Drop -n (check addopts).")
         _join_ranks(resolved)
         if not is_main():  # one JUnit XML, written by rank 0 (its plugin reads the option after this hook)
             config.option.xmlpath = None
@@ -228,6 +249,18 @@ def pytest_configure(config: pytest.Config) -> None:
             prepare_results_dir(resolved.results_dir)
         except OSError as exc:  # the checks still run; the summary says why there is no report
             reporter.problems.append(f"saliency report not written: {results_dir_problem(resolved.results_dir, exc)}")
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Under torchrun: once the ranks have lost step (a rank ran other checks, died or timed out),
+    no later saliency check can run; stop the session with the cause instead of failing each."""
+    if not launched():
+        return
+    from ..core.distributed import broken
+
+    cause = broken()
+    if cause:
+        item.session.shouldstop = f"saliency: the ranks lost step, so the session stops: {cause}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -19,10 +19,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 DEVICES_VARIABLE = "PYTEST_SALIENCY_DEVICES"
+#: Seconds the other ranks get to finish after one failed (rank 0 writes the reports meanwhile).
+GRACE = 60.0
 
 
 def free_port() -> int:
@@ -63,7 +66,8 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 def launch(args: list[str], devices: list[str], directory: Path, logs: Path) -> int:
     """Run ``python -m pytest args`` in ``directory`` once per device; rank 0 on this terminal,
-    the others into ``logs``. Returns rank 0's exit status, or the first other failing rank's."""
+    the others into ``logs``. Returns rank 0's exit status, or the first other failing rank's
+    (``128 + N`` for a rank killed by signal N; pytest's 2 when this launcher is interrupted)."""
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [sys.executable, "-m", "pytest", *args]
@@ -78,7 +82,10 @@ def launch(args: list[str], devices: list[str], directory: Path, logs: Path) -> 
                                           stdout=output, stderr=subprocess.STDOUT if output else None))
     previous = signal.signal(signal.SIGTERM, _interrupted)  # a CI timeout's SIGTERM: stop the ranks too
     try:
-        codes = [process.wait() for process in processes]
+        codes = _watch(processes, logs)
+    except KeyboardInterrupt:
+        print("saliency: interrupted; stopping the ranks", file=sys.stderr)
+        return 2  # pytest's ExitCode.INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(processes)
@@ -89,6 +96,25 @@ def launch(args: list[str], devices: list[str], directory: Path, logs: Path) -> 
         print(f"saliency: rank {rank} exited with status {code}; its output: {logs / f'rank-{rank}.log'}",
               file=sys.stderr)
     return codes[0] or (failed[0][1] if failed else 0)
+
+
+def _watch(processes: list[subprocess.Popen[bytes]], logs: Path) -> list[int]:
+    """Wait for every rank. One that fails while others run (it died, or never joined) gets them
+    :data:`GRACE` seconds to finish, and then they are stopped: they would wait for it until the
+    timeout. Signal deaths are reported as ``128 + N``."""
+    failed_at: float | None = None
+    while True:
+        codes = [process.poll() for process in processes]
+        if all(code is not None for code in codes):
+            return [128 - code if code is not None and code < 0 else int(code or 0) for code in codes]
+        if failed_at is None and any(code not in (None, 0) for code in codes):
+            failed_at = time.monotonic()
+        elif failed_at is not None and time.monotonic() - failed_at > GRACE:
+            rank = next(rank for rank, code in enumerate(codes) if code not in (None, 0))
+            print(f"saliency: rank {rank} failed {GRACE:g} s ago and the others have not finished; stopping them "
+                  f"(its output: {logs / f'rank-{rank}.log'} or above)", file=sys.stderr)
+            _stop(processes)
+        time.sleep(0.2)
 
 
 __all__ = ["DEVICES_VARIABLE", "free_port", "launch", "rank_environment"]
