@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 import itertools
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -287,6 +289,31 @@ def same_batches(reads: Sequence[Sequence[tuple[int, float]]]) -> None:
                     "every host.")
 
 
+def call_digest(arguments: Mapping[str, Any]) -> str:
+    """A short digest of a call's arguments (tensors by shape and dtype, models by class, other
+    values by their text): ranks that exchange results of calls that differ are out of step, even
+    when they run the same check in the same test."""
+    torch = require_torch()
+
+    def text(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"tensor{tuple(value.shape)}{value.dtype}"
+        if isinstance(value, torch.nn.Module):
+            return type(value).__qualname__
+        if isinstance(value, Mapping):
+            return "{" + ",".join(f"{k}:{text(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, (list, tuple)):
+            return "[" + ",".join(text(v) for v in value) + "]"
+        if isinstance(value, (set, frozenset)):  # (its order follows each process's string hashing)
+            return "{" + ",".join(sorted(text(v) for v in value)) + "}"
+        if callable(value):
+            return str(getattr(value, "__qualname__", type(value).__qualname__))
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:200]  # (an object's address differs per process)
+
+    described = ";".join(f"{name}={text(value)}" for name, value in arguments.items() if name != "progress")
+    return hashlib.blake2b(described.encode(), digest_size=4).hexdigest()
+
+
 def owner(index: int, batches: int | None, world: Ranks) -> int:
     """The rank that runs batch ``index`` of ``batches`` (contiguous shares; one batch per rank in
     turn when the number is unknown)."""
@@ -309,7 +336,7 @@ def _sharded(function: Callable[..., Any], signature: inspect.Signature, argumen
     stopped = ""
     with carried_rows():
         for round_index in itertools.count():
-            tag = f"{function.__qualname__} round {round_index}"
+            tag = f"{function.__qualname__} {run.called} round {round_index}"
             start, size = run.read, run.round_size()
             shares = exchange(tag, lambda: run.compute_round(start, size))
             same_models([models for _, _, models in shares])
@@ -357,6 +384,7 @@ class _ShardedRun:
         self.previous: tuple[Chunk, dict[str, Any]] | None = None  # the last batch read, with its call
         self.models = models_fingerprint(arguments) if world.size > 1 else ""  # one rank: nothing to compare
         self.failed: dict[int, Exception] = {}  # the batches of this rank that raised, by index
+        self.called = call_digest(arguments)
 
     def _blocks(self, inner: Any) -> int | None:
         """How many batches the run will read: a tensor's shards up to a cap on the examples, a
@@ -606,4 +634,4 @@ def same_across_batches(parts: Sequence[Any], attribute: str, what: str) -> None
                 f"{first!r:.120}); the batches of one check must have the same shapes and modality.")
 
 
-__all__ = ["StreamSpec", "UNKNOWN_ROUND", "batch_checksum", "capped_images", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]
+__all__ = ["StreamSpec", "UNKNOWN_ROUND", "batch_checksum", "call_digest", "capped_images", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]

@@ -185,7 +185,8 @@ def exchange(tag: str, work: Callable[[], T]) -> list[T]:
         return [work()]
     if _JOINED.get("broken"):
         raise SaliencyRankFailed(
-            f"the ranks lost step earlier in this session, so no saliency check can be split across them any more: "
+            f"the ranks lost contact or step earlier in this session, so no saliency check can be split across them "
+            f"any more: "
             f"{_JOINED['broken']}")
     tag = _numbered(tag)
     error: BaseException | None = None
