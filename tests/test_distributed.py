@@ -135,7 +135,7 @@ regression._write_files = _logged
 def pytest_runtest_logreport(report):
     """Each test's outcome as it happens, per rank (a rank that dies writes no summary)."""
     if report.when == "call" or report.outcome != "passed":
-        message = str(report.longrepr)[-3000:] if report.failed else ""
+        message = str(report.longrepr)[-3000:] if report.failed or report.skipped else ""
         with open(os.path.join(os.path.dirname(__file__), f"outcomes-{os.environ.get('RANK', 'plain')}.log"), "a",
                   encoding="utf-8") as log:
             log.write(json.dumps([report.nodeid.split("::")[-1], report.outcome, message, report.duration]) + "\\n")
@@ -245,6 +245,10 @@ class Skipping(torch.nn.Module):
 
 def test_a_rank_that_skips(saliency, model, images):
     saliency.layer_randomization(Skipping(model), images, method="saliency", n_bootstrap=100)
+
+
+def test_inputs_differ_between_ranks(saliency, model, images):
+    saliency.layer_randomization(model, images + int(RANK) * 1e-3, method="saliency", n_bootstrap=100)
 
 
 def test_still_in_step(saliency, model, images):
@@ -504,7 +508,8 @@ F = "test_faults.py::"
 def test_faults_fail_the_check_on_every_rank_within_the_timeout(launched: Launches) -> None:
     """A model that raises on rank 1 only fails the test on both ranks with rank 1's error; a check
     that only rank 0 runs inside unsharded() passes; a baseline file present on rank 0 only is
-    refused on both; a rank that skips inside the model fails the others' test with that; the ranks
+    refused on both; a rank that skips inside the model skips the test on every rank; inputs that
+    differ between the ranks are refused as such on both; the ranks
     are still in step after all of these; a rank whose
     process exits fails rank 0's check with SaliencyRankFailed, without hanging, and the session
     stops there (the ranks can exchange nothing more)."""
@@ -512,19 +517,22 @@ def test_faults_fail_the_check_on_every_rank_within_the_timeout(launched: Launch
     rank0, rank1 = _outcomes(run, "0"), _outcomes(run, "1")
     assert {name: outcome for name, (outcome, _) in rank0.items()} == {
         "test_a_rank_that_raises": "failed", "test_unsharded_on_rank_0_only": "passed",
-        "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "failed",
-        "test_still_in_step": "passed", "test_a_rank_that_dies": "failed"}, run.output[-6000:]
+        "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "skipped",
+        "test_inputs_differ_between_ranks": "failed", "test_still_in_step": "passed",
+        "test_a_rank_that_dies": "failed"}, run.output[-6000:]
     assert {name: outcome for name, (outcome, _) in rank1.items()} == {  # it died in the last test
         "test_a_rank_that_raises": "failed", "test_unsharded_on_rank_0_only": "passed",
         "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "skipped",
-        "test_still_in_step": "passed"}, run.output[-6000:]
+        "test_inputs_differ_between_ranks": "failed", "test_still_in_step": "passed"}, run.output[-6000:]
     # a baseline file on one rank only: both refuse it, saying so (and stay in step)
     for outcomes in (rank0, rank1):
         assert re.search(r"SaliencyUsageError: saliency baseline .*baseline.npz exists on rank\(s\) \[0\] but not",
                          outcomes["test_baseline_on_rank_0_only"][1]), outcomes["test_baseline_on_rank_0_only"][1]
     # a pytest outcome raised on one rank reaches the others as that rank's failure
-    skipped = rank0["test_a_rank_that_skips"][1]  # (the end of the long report: the traceback sent by rank 1)
-    assert "Skipped: rank 1 skips inside the model" in skipped and skipped.endswith("SaliencyRankFailed"), skipped
+    assert "on rank 1 of 2: rank 1 skips inside the model" in rank0["test_a_rank_that_skips"][1], rank0
+    # other inputs on each rank: a usage error saying so on both (not "out of step"), and still in step
+    for outcomes in (rank0, rank1):
+        assert "SaliencyUsageError: rank 1 read another batch 0" in outcomes["test_inputs_differ_between_ranks"][1]
     # rank 0 fails with rank 1's error, rank 1 with its own
     assert re.search(r"SaliencyUsageError: on rank 1 of 2: .*the model broke on rank 1",
                      rank0["test_a_rank_that_raises"][1]), rank0["test_a_rank_that_raises"][1]

@@ -526,8 +526,8 @@ def test_a_loader_with_a_distributed_sampler_is_refused_with_what_to_pass() -> N
     data = TensorDataset(torch.rand(8, 1, 4, 4))
     loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
     with pytest.raises(SaliencyUsageError, match="DistributedSampler.*over the whole data set"):
-        streaming._check_sampler(loader)
-    streaming._check_sampler(DataLoader(data, batch_size=2))  # a plain loader is fine
+        streaming.check_sampler(loader)
+    streaming.check_sampler(DataLoader(data, batch_size=2))  # a plain loader is fine
 
 
 class _Process:
@@ -563,6 +563,10 @@ def test_the_launcher_stops_the_ranks_left_waiting_for_one_that_failed(monkeypat
     waiting, failed = _Process(0, None), _Process(3, 1)
     codes = launch._watch([waiting, failed], tmp_path)  # type: ignore[list-item]
     assert waiting.stopped and codes == [143, 3]
+    # a rank whose tests failed ended normally: the other runs to its end (its reports are written)
+    finishing, failed_tests = _Process(0, 40), _Process(1, 1)
+    assert launch._watch([finishing, failed_tests], tmp_path) == [0, 1]  # type: ignore[list-item]
+    assert not finishing.stopped
 
 
 def test_torchrun_with_xdist_is_a_usage_error(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -582,3 +586,21 @@ def test_a_listed_device_the_machine_lacks_is_refused_before_any_process_starts(
     result = pytester.runpytest_subprocess("--saliency", "--saliency-devices=cpu,cuda:1", "-p", "no:cacheprovider")
     result.stderr.fnmatch_lines(["*--saliency-devices=cpu,cuda:1: cuda:1: *CUDA is not available*"])
     assert result.ret == 4 and not (pytester.path / ".saliency" / "ranks").exists()
+
+
+def test_call_digest_reads_structure_not_values_devices_or_addresses() -> None:
+    """The digest the ranks compare: equal for tensors of one shape on other devices or with other
+    values, for sets in any order, for objects whose text holds an address; different for another
+    method or another shape."""
+    from pytest_saliency.checks.streaming import call_digest
+
+    x = torch.rand(4, 3)
+
+    class Thing:
+        pass
+
+    same = {"inputs": x, "method": "saliency", "layers": {"a", "b", "c"}, "cache": Thing(), "model": torch.nn.ReLU()}
+    assert call_digest(same) == call_digest({**same, "inputs": torch.zeros(4, 3, device="meta"),
+                                             "layers": {"c", "b", "a"}, "cache": Thing(), "model": torch.nn.Tanh()})
+    assert call_digest(same) != call_digest({**same, "method": "integrated_gradients"})
+    assert call_digest(same) != call_digest({**same, "inputs": torch.rand(5, 3)})

@@ -103,6 +103,7 @@ from ..reporting.numbers import format_score, format_threshold
 from ..reporting.protocol import Figure, Number
 from .streaming import (
     batch_checksum,
+    check_sampler,
     has_example_rows,
     models_fingerprint,
     owner,
@@ -1520,6 +1521,7 @@ def _ranked_baseline(model: torch.nn.Module, inputs: Any, call: _Call, start: fl
     if not is_stream(inputs):
         inputs, rest = tensor_shards(inputs, call.forward_kwargs)
         call = replace(call, forward_kwargs=rest)
+    check_sampler(inputs.loader if isinstance(inputs, Batches) else inputs)
     return _streamed_baseline(model, inputs, call, start, world)
 
 

@@ -40,7 +40,6 @@ import functools
 import hashlib
 import inspect
 import itertools
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -290,28 +289,36 @@ def same_batches(reads: Sequence[Sequence[tuple[int, float]]]) -> None:
 
 
 def call_digest(arguments: Mapping[str, Any]) -> str:
-    """A short digest of a call's arguments (tensors by shape and dtype, models by class, other
-    values by their text): ranks that exchange results of calls that differ are out of step, even
-    when they run the same check in the same test."""
-    torch = require_torch()
-
-    def text(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            return f"tensor{tuple(value.shape)}{value.dtype}"
-        if isinstance(value, torch.nn.Module):
-            return type(value).__qualname__
-        if isinstance(value, Mapping):
-            return "{" + ",".join(f"{k}:{text(v)}" for k, v in value.items()) + "}"
-        if isinstance(value, (list, tuple)):
-            return "[" + ",".join(text(v) for v in value) + "]"
-        if isinstance(value, (set, frozenset)):  # (its order follows each process's string hashing)
-            return "{" + ",".join(sorted(text(v) for v in value)) + "}"
-        if callable(value):
-            return str(getattr(value, "__qualname__", type(value).__qualname__))
-        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:200]  # (an object's address differs per process)
-
-    described = ";".join(f"{name}={text(value)}" for name, value in arguments.items() if name != "progress")
+    """A short digest of a call's arguments by their structure: tensors by shape and dtype (never
+    their values or device), models as "module" (:func:`same_models` compares them), plain values
+    by their text, other objects by their type. Ranks that exchange results of calls that differ
+    are out of step, even when they run the same check in the same test."""
+    described = ";".join(f"{name}={_structure(value)}" for name, value in arguments.items() if name != "progress")
     return hashlib.blake2b(described.encode(), digest_size=4).hexdigest()
+
+
+def _structure(value: Any, depth: int = 0) -> str:
+    torch = require_torch()
+    if depth > 8:
+        return type(value).__qualname__
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}{value.dtype}"
+    if isinstance(value, torch.nn.Module):
+        return "module"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_structure(v, depth + 1)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_structure(v, depth + 1) for v in value) + "]"
+    if isinstance(value, (set, frozenset)):  # (its order follows each process's string hashing)
+        return "{" + ",".join(sorted(_structure(v, depth + 1) for v in value)) + "}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ",".join(f"{f.name}={_structure(getattr(value, f.name), depth + 1)}" for f in dataclasses.fields(value))
+        return f"{type(value).__qualname__}({fields})"
+    if callable(value):
+        return str(getattr(value, "__qualname__", type(value).__qualname__))
+    if isinstance(value, (str, bytes, int, float, complex, bool, type(None))):
+        return repr(value)[:200]
+    return type(value).__qualname__  # (another object's text may hold addresses, times or counts)
 
 
 def owner(index: int, batches: int | None, world: Ranks) -> int:
@@ -336,7 +343,7 @@ def _sharded(function: Callable[..., Any], signature: inspect.Signature, argumen
     stopped = ""
     with carried_rows():
         for round_index in itertools.count():
-            tag = f"{function.__qualname__} {run.called} round {round_index}"
+            tag = f"{function.__qualname__} round {round_index} (arguments {run.called})"
             start, size = run.read, run.round_size()
             shares = exchange(tag, lambda: run.compute_round(start, size))
             same_models([models for _, _, models in shares])
@@ -375,7 +382,7 @@ class _ShardedRun:
         inner = loader.loader if isinstance(loader, Batches) else loader
         self.shards = len(inner) if isinstance(inner, _TensorShards) else None
         self.part = "batch" if self.shards is None else "shard"
-        _check_sampler(inner)
+        check_sampler(inner)
         self.blocks = self._blocks(inner)
         self.batches = chunks(loader, _device(arguments))
         self.read = self.seen = 0  # batches and examples read
@@ -451,7 +458,7 @@ class _ShardedRun:
 
 
 
-def _check_sampler(loader: Any) -> None:
+def check_sampler(loader: Any) -> None:
     """Refuse a loader that gives each rank a part of the data itself (a ``DistributedSampler``):
     the check splits the batches across the ranks, and every rank must read all of them."""
     torch = require_torch()
@@ -634,4 +641,4 @@ def same_across_batches(parts: Sequence[Any], attribute: str, what: str) -> None
                 f"{first!r:.120}); the batches of one check must have the same shapes and modality.")
 
 
-__all__ = ["StreamSpec", "UNKNOWN_ROUND", "batch_checksum", "call_digest", "capped_images", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]
+__all__ = ["StreamSpec", "UNKNOWN_ROUND", "batch_checksum", "call_digest", "capped_images", "check_sampler", "has_example_rows", "models_fingerprint", "same_batches", "same_models", "owner", "streams", "tensor_shards", "tensor_size", "weighted_mean", "same_across_batches"]

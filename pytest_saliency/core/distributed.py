@@ -74,14 +74,25 @@ class RankError:
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         return cls(rank, type(error).__name__, str(error), details[-4000:], isinstance(error, SaliencyUsageError))
 
-    def exception(self, size: int, where: str) -> Exception:
-        """The error the other ranks raise: the rank's usage error, or a :class:`SaliencyRankFailed`
-        with its traceback."""
+    def exception(self, size: int, where: str) -> BaseException:
+        """The error the other ranks raise: the rank's usage error, its pytest outcome (a skip, an
+        xfail) or Ctrl-C as such, or a :class:`SaliencyRankFailed` with its traceback."""
         if self.usage:
             return SaliencyUsageError(f"on rank {self.rank} of {size}: {self.message}")
+        outcome = _outcomes().get(self.kind)
+        if outcome is not None:
+            return outcome(f"on rank {self.rank} of {size}: {self.message}")
         return SaliencyRankFailed(
             f"rank {self.rank} of {size} failed with {self.kind}: {self.message} (in {where}); every rank fails the "
             f"check with it. Its traceback:\n{self.details}")
+
+
+def _outcomes() -> dict[str, Callable[[str], BaseException]]:
+    """The BaseExceptions a rank's share may end with that the others raise as such."""
+    import pytest
+
+    return {"Skipped": pytest.skip.Exception, "XFailed": pytest.xfail.Exception, "Failed": pytest.fail.Exception,
+            "KeyboardInterrupt": KeyboardInterrupt}
 
 
 def launched() -> bool:

@@ -60,6 +60,16 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
+#: pytest's exit statuses of a session that ran to its end: passed, tests failed, interrupted (the
+#: ranks lost step), no tests collected. Anything else (an internal or usage error, a signal, a
+#: status set by os._exit) means the rank stopped where it was.
+NORMAL_EXITS = frozenset({0, 1, 2, 5})
+
+
+def _abnormal(code: int | None) -> bool:
+    return code is not None and code not in NORMAL_EXITS
+
+
 def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -99,18 +109,19 @@ def launch(args: list[str], devices: list[str], directory: Path, logs: Path) -> 
 
 
 def _watch(processes: list[subprocess.Popen[bytes]], logs: Path) -> list[int]:
-    """Wait for every rank. One that fails while others run (it died, or never joined) gets them
-    :data:`GRACE` seconds to finish, and then they are stopped: they would wait for it until the
-    timeout. Signal deaths are reported as ``128 + N``."""
+    """Wait for every rank. One that ends abnormally while others run (it died, or never joined)
+    gets them :data:`GRACE` seconds to finish, and then they are stopped: they would wait for it
+    until the timeout. A rank whose tests failed ended normally: the others run to their end (an
+    exchange with it would fail at once). Signal deaths are reported as ``128 + N``."""
     failed_at: float | None = None
     while True:
         codes = [process.poll() for process in processes]
         if all(code is not None for code in codes):
             return [128 - code if code is not None and code < 0 else int(code or 0) for code in codes]
-        if failed_at is None and any(code not in (None, 0) for code in codes):
+        if failed_at is None and any(_abnormal(code) for code in codes):
             failed_at = time.monotonic()
         elif failed_at is not None and time.monotonic() - failed_at > GRACE:
-            rank = next(rank for rank, code in enumerate(codes) if code not in (None, 0))
+            rank = next(rank for rank, code in enumerate(codes) if _abnormal(code))
             print(f"saliency: rank {rank} failed {GRACE:g} s ago and the others have not finished; stopping them "
                   f"(its output: {logs / f'rank-{rank}.log'} or above)", file=sys.stderr)
             _stop(processes)
