@@ -251,6 +251,27 @@ def test_inputs_differ_between_ranks(saliency, model, images):
     saliency.layer_randomization(model, images + int(RANK) * 1e-3, method="saliency", n_bootstrap=100)
 
 
+class Counting(torch.utils.data.Dataset):
+    """The images, remembering which were loaded."""
+
+    def __init__(self, images):
+        self.images, self.loaded = images, []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        self.loaded.append(index)
+        return self.images[index]
+
+
+def test_each_rank_loads_its_share(saliency, model, images):
+    data = Counting(images)  # 20 images in 5 batches: rank 0 runs 0-2, rank 1 runs 3-4 after batch 2's carry
+    saliency.layer_randomization(model, torch.utils.data.DataLoader(data, batch_size=4), method="saliency",
+                                 n_bootstrap=100)
+    assert data.loaded == (list(range(12)) if RANK == "0" else list(range(8, 20)))
+
+
 def test_still_in_step(saliency, model, images):
     saliency.assert_sensitive_to_layer_randomization(model, images, method="saliency", n_bootstrap=100)
 
@@ -509,7 +530,8 @@ def test_faults_fail_the_check_on_every_rank_within_the_timeout(launched: Launch
     """A model that raises on rank 1 only fails the test on both ranks with rank 1's error; a check
     that only rank 0 runs inside unsharded() passes; a baseline file present on rank 0 only is
     refused on both; a rank that skips inside the model skips the test on every rank; inputs that
-    differ between the ranks are refused as such on both; the ranks
+    differ between the ranks are refused as such on both; a DataLoader over a map-style dataset is
+    loaded by each rank for its own batches only (and the one before them); the ranks
     are still in step after all of these; a rank whose
     process exits fails rank 0's check with SaliencyRankFailed, without hanging, and the session
     stops there (the ranks can exchange nothing more)."""
@@ -518,12 +540,13 @@ def test_faults_fail_the_check_on_every_rank_within_the_timeout(launched: Launch
     assert {name: outcome for name, (outcome, _) in rank0.items()} == {
         "test_a_rank_that_raises": "failed", "test_unsharded_on_rank_0_only": "passed",
         "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "skipped",
-        "test_inputs_differ_between_ranks": "failed", "test_still_in_step": "passed",
-        "test_a_rank_that_dies": "failed"}, run.output[-6000:]
+        "test_inputs_differ_between_ranks": "failed", "test_each_rank_loads_its_share": "passed",
+        "test_still_in_step": "passed", "test_a_rank_that_dies": "failed"}, run.output[-6000:]
     assert {name: outcome for name, (outcome, _) in rank1.items()} == {  # it died in the last test
         "test_a_rank_that_raises": "failed", "test_unsharded_on_rank_0_only": "passed",
         "test_baseline_on_rank_0_only": "failed", "test_a_rank_that_skips": "skipped",
-        "test_inputs_differ_between_ranks": "failed", "test_still_in_step": "passed"}, run.output[-6000:]
+        "test_inputs_differ_between_ranks": "failed", "test_each_rank_loads_its_share": "passed",
+        "test_still_in_step": "passed"}, run.output[-6000:]
     # a baseline file on one rank only: both refuse it, saying so (and stay in step)
     for outcomes in (rank0, rank1):
         assert re.search(r"SaliencyUsageError: saliency baseline .*baseline.npz exists on rank\(s\) \[0\] but not",

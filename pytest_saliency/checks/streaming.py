@@ -41,7 +41,7 @@ import hashlib
 import inspect
 import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..core.distributed import RankError, Ranks, exchange, ranks, shard_size, unsharded
@@ -384,11 +384,11 @@ class _ShardedRun:
         self.part = "batch" if self.shards is None else "shard"
         check_sampler(inner)
         self.blocks = self._blocks(inner)
-        self.batches = chunks(loader, _device(arguments))
+        self.reader = _OwnBatches.of(loader, inner, self) or _AllBatches(chunks(loader, _device(arguments)))
         self.read = self.seen = 0  # batches and examples read
         self.ended = self.capped = False
         self.computed = -1  # the last batch this rank ran
-        self.previous: tuple[Chunk, dict[str, Any]] | None = None  # the last batch read, with its call
+        self.previous: tuple[int, Chunk, dict[str, Any]] | None = None  # the last batch read, with its call
         self.models = models_fingerprint(arguments) if world.size > 1 else ""  # one rank: nothing to compare
         self.failed: dict[int, Exception] = {}  # the batches of this rank that raised, by index
         self.called = call_digest(arguments)
@@ -405,12 +405,16 @@ class _ShardedRun:
             seen += int(shard["inputs"].shape[0])
         return len(inner)
 
+    def in_rounds(self) -> bool:
+        """Whether the ranks take one batch each per round (an adaptive stop, or a cap in a loader)."""
+        adaptive = self.spec.decides is not None and self.spec.decides(self.arguments)
+        capped = self.shards is None and self.spec.caps is not None and self.spec.caps(self.arguments)
+        return adaptive or capped
+
     def round_size(self) -> int:
         """Every batch at once when their number is known; one per rank with an adaptive stop, or a
         cap somewhere in a loader; :data:`UNKNOWN_ROUND` per rank when the number is unknown."""
-        adaptive = self.spec.decides is not None and self.spec.decides(self.arguments)
-        capped = self.shards is None and self.spec.caps is not None and self.spec.caps(self.arguments)
-        if adaptive or capped:
+        if self.in_rounds():
             return self.world.size
         if self.blocks is None:
             return self.world.size * UNKNOWN_ROUND
@@ -424,13 +428,16 @@ class _ShardedRun:
         read: list[tuple[int, float]] = []
         for index in range(start, start + size):
             overrides = {} if self.spec.prepare is None else self.spec.prepare(self.arguments, self.seen)
-            chunk = None if overrides is None else next(self.batches, None)
-            if chunk is None:
+            batch = None if overrides is None else self.reader.next(index)
+            if batch is None:
                 self.capped, self.ended = overrides is None, overrides is not None
                 break
+            examples, chunk = batch
+            self.read, self.seen = index + 1, self.seen + examples
+            if chunk is None:  # another rank's, not read here (see _OwnBatches)
+                continue
             call = {**self.arguments, **_per_batch(self.arguments, chunk, index, self.total, self.signature),
                     **(overrides or {})}
-            self.read, self.seen = index + 1, self.seen + int(chunk.inputs.shape[0])
             read.append((index, batch_checksum(chunk.inputs)))
             if owner(index - start, size, self.world) == self.world.rank:
                 try:
@@ -442,7 +449,7 @@ class _ShardedRun:
                     break
                 done.append((index, part if index == 0 else self.spec.slim(part)))
                 self.computed = index
-            self.previous = (chunk, call)
+            self.previous = (index, chunk, call)
         if self.shards is not None and self.read >= (self.blocks or 0):  # a tensor's shards: known to the end
             self.capped, self.ended = self.read < self.shards, self.read >= self.shards
         return done, read, self.models
@@ -451,11 +458,66 @@ class _ShardedRun:
         """Run the batch before ``index`` for its carried rows, if another rank ran it."""
         if not self.spec.carries or index == 0 or self.computed == index - 1 or self.previous is None:
             return
-        chunk, call = self.previous
+        _, chunk, call = self.previous
         with carrying_only():
             _call(self.function, self.signature, {**call, **({"progress": None} if "progress" in call else {})},
                   chunk, index - 1, self.part)
 
+
+
+class _AllBatches:
+    """Every batch of the stream, read in turn (each rank reads them all)."""
+
+    def __init__(self, batches: Iterator[Chunk]) -> None:
+        self.batches = batches
+
+    def next(self, index: int) -> tuple[int, Chunk | None] | None:
+        chunk = next(self.batches, None)
+        return None if chunk is None else (int(chunk.inputs.shape[0]), chunk)
+
+
+class _OwnBatches:
+    """The batches of a ``DataLoader`` over a map-style dataset read in order (no shuffling): its
+    batch sampler says which examples each batch holds, so a rank loads only its own batches and
+    the one before its share (the carried rows' batch), and counts the others by their sizes."""
+
+    def __init__(self, plan: list[list[int]], wanted: list[int], batches: Iterator[Chunk]) -> None:
+        self.plan, self.wanted, self.batches = plan, set(wanted), batches
+
+    @classmethod
+    def of(cls, loader: Any, inner: Any, run: _ShardedRun) -> _OwnBatches | None:
+        torch = require_torch()
+        data = torch.utils.data
+        if not isinstance(inner, data.DataLoader) or isinstance(inner.dataset, data.IterableDataset) \
+                or inner.batch_sampler is None or not isinstance(inner.sampler, data.SequentialSampler):
+            return None
+        plan = [list(indices) for indices in inner.batch_sampler]
+        world, count = run.world, len(plan)
+        own = [j for j in range(count) if (j % world.size if run.in_rounds() else owner(j, count, world)) == world.rank]
+        carried = [j - 1 for j in own if run.spec.carries and j > 0 and j - 1 not in own]
+        wanted = sorted({*own, *carried})
+        first = list(itertools.accumulate((len(indices) for indices in plan), initial=0))
+        starts = [first[j] for j in wanted]
+        mine = data.DataLoader(
+            inner.dataset, batch_sampler=[plan[j] for j in wanted], collate_fn=inner.collate_fn,
+            num_workers=inner.num_workers, pin_memory=inner.pin_memory, timeout=inner.timeout,
+            worker_init_fn=inner.worker_init_fn, multiprocessing_context=inner.multiprocessing_context,
+            generator=inner.generator, prefetch_factor=inner.prefetch_factor if inner.num_workers else None)
+        stream = dataclasses.replace(loader, loader=mine) if isinstance(loader, Batches) else mine
+        return cls(plan, wanted, chunks(stream, _device(run.arguments), zip(wanted, starts)))
+
+    def next(self, index: int) -> tuple[int, Chunk | None] | None:
+        if index >= len(self.plan):
+            return None
+        size = len(self.plan[index])
+        if index not in self.wanted:
+            return size, None
+        chunk = next(self.batches)
+        if int(chunk.inputs.shape[0]) != size:
+            raise SaliencyUsageError(
+                f"batch {index} of the inputs' DataLoader holds {int(chunk.inputs.shape[0])} examples, but its batch "
+                f"sampler gave it {size}: its collate_fn changes the number of examples. Return one row per index.")
+        return size, chunk
 
 
 def check_sampler(loader: Any) -> None:

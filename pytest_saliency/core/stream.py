@@ -201,11 +201,16 @@ def is_stream(inputs: Any) -> bool:
     return isinstance(inputs, Iterable)
 
 
-def chunks(stream: Any, device: Any) -> Iterator[Chunk]:
-    """The batches of ``stream`` (see the module docstring), each moved to ``device``."""
+def chunks(stream: Any, device: Any, positions: Iterable[tuple[int, int]] | None = None) -> Iterator[Chunk]:
+    """The batches of ``stream`` (see the module docstring), each moved to ``device``.
+    ``positions``: (index, first example) of each batch, when ``stream`` yields some batches of a
+    longer one (a rank's own); by default they follow each other from 0."""
     spec = stream if isinstance(stream, Batches) else Batches(stream)
     start = 0
+    given = iter(positions) if positions is not None else None
     for index, batch in enumerate(spec.loader):
+        if given is not None:
+            index, start = next(given)
         inputs = _inputs(batch, spec.inputs, index)
         n = int(inputs.shape[0]) if inputs.dim() else 0
         labels = _labels(batch, spec.labels, n)
