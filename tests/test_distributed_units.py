@@ -604,3 +604,43 @@ def test_call_digest_reads_structure_not_values_devices_or_addresses() -> None:
                                              "layers": {"c", "b", "a"}, "cache": Thing(), "model": torch.nn.Tanh()})
     assert call_digest(same) != call_digest({**same, "method": "integrated_gradients"})
     assert call_digest(same) != call_digest({**same, "inputs": torch.rand(5, 3)})
+
+
+def test_only_plain_in_order_dataloaders_are_loaded_per_rank() -> None:
+    """A rank loads only its batches of a plain DataLoader over a map-style dataset in order (its
+    batch sampler's index lists, or a list of them); a subclass, a random batch sampler, or a
+    batch sampler whose length is not its number of batches is read whole by every rank."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    x = torch.rand(10, 2)
+    assert streaming._plan(DataLoader(x, batch_size=4), 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    uneven = [[0, 1, 2], [3], [4, 5, 6, 7, 8, 9]]
+    assert streaming._plan(DataLoader(x, batch_sampler=uneven), 3) == uneven
+
+    class Doubled(DataLoader):
+        pass
+
+    assert streaming._plan(Doubled(x, batch_size=4), 3) is None
+    assert streaming._plan(DataLoader(x, batch_sampler=BatchSampler(RandomSampler(x), 4, False)), 3) is None
+    assert streaming._plan(DataLoader(x, batch_size=4), None) is None  # no length: its batches are not known
+    assert streaming._plan(DataLoader(x, batch_size=4), 4) is None  # a length that is not its number of batches
+
+
+def test_a_collate_that_changes_the_rows_is_read_whole(one_rank: object) -> None:
+    """A collate that does not give one row per index (pairs joined by torch.cat) is not loaded per
+    rank (its batch sizes are unknown without loading): the check reads it whole, as before."""
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    def reader(loader: DataLoader) -> object:
+        def check(inputs: object) -> None:
+            return None
+
+        spec = streaming.StreamSpec(lambda *args: None, lambda part: part)
+        return streaming._ShardedRun(check, inspect.signature(check), {"inputs": loader}, spec, Ranks(0, 1)).reader
+
+    pairs = torch.rand(6, 2, 1, 8, 8)
+    assert isinstance(reader(DataLoader(pairs, batch_size=3, collate_fn=lambda items: torch.cat(list(items)))),
+                      streaming._AllBatches)
+    assert isinstance(reader(DataLoader(pairs.flatten(0, 1), batch_size=3)), streaming._OwnBatches)

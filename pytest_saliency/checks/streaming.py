@@ -486,25 +486,21 @@ class _OwnBatches:
 
     @classmethod
     def of(cls, loader: Any, inner: Any, run: _ShardedRun) -> _OwnBatches | None:
-        torch = require_torch()
-        data = torch.utils.data
-        if not isinstance(inner, data.DataLoader) or isinstance(inner.dataset, data.IterableDataset) \
-                or inner.batch_sampler is None or not isinstance(inner.sampler, data.SequentialSampler):
+        """The reader of ``inner`` when it can be loaded per rank (else None: every rank reads it
+        all): a plain ``DataLoader`` (not a subclass, which may change its batches) over a
+        map-style dataset, batched by a ``BatchSampler`` over a ``SequentialSampler`` (or a list of
+        index lists) whose length is its number of batches, and a collate that gives one row per
+        index. (A dataset that draws random numbers as it loads sees other draws per rank.)"""
+        plan = _plan(inner, run.total)
+        if plan is None or not _rows_per_index(loader, inner, plan, run):
             return None
-        plan = [list(indices) for indices in inner.batch_sampler]
         world, count = run.world, len(plan)
         own = [j for j in range(count) if (j % world.size if run.in_rounds() else owner(j, count, world)) == world.rank]
         carried = [j - 1 for j in own if run.spec.carries and j > 0 and j - 1 not in own]
         wanted = sorted({*own, *carried})
         first = list(itertools.accumulate((len(indices) for indices in plan), initial=0))
-        starts = [first[j] for j in wanted]
-        mine = data.DataLoader(
-            inner.dataset, batch_sampler=[plan[j] for j in wanted], collate_fn=inner.collate_fn,
-            num_workers=inner.num_workers, pin_memory=inner.pin_memory, timeout=inner.timeout,
-            worker_init_fn=inner.worker_init_fn, multiprocessing_context=inner.multiprocessing_context,
-            generator=inner.generator, prefetch_factor=inner.prefetch_factor if inner.num_workers else None)
-        stream = dataclasses.replace(loader, loader=mine) if isinstance(loader, Batches) else mine
-        return cls(plan, wanted, chunks(stream, _device(run.arguments), zip(wanted, starts)))
+        stream = _loader_of(loader, inner, [plan[j] for j in wanted])
+        return cls(plan, wanted, chunks(stream, _device(run.arguments), zip(wanted, [first[j] for j in wanted])))
 
     def next(self, index: int) -> tuple[int, Chunk | None] | None:
         if index >= len(self.plan):
@@ -518,6 +514,46 @@ class _OwnBatches:
                 f"batch {index} of the inputs' DataLoader holds {int(chunk.inputs.shape[0])} examples, but its batch "
                 f"sampler gave it {size}: its collate_fn changes the number of examples. Return one row per index.")
         return size, chunk
+
+
+def _plan(inner: Any, total: int | None) -> list[list[int]] | None:
+    """The index lists of the batches of a DataLoader :class:`_OwnBatches` can load per rank."""
+    torch = require_torch()
+    data = torch.utils.data
+    if type(inner) is not data.DataLoader or isinstance(inner.dataset, data.IterableDataset):
+        return None
+    sampler = inner.batch_sampler
+    in_order = isinstance(sampler, data.BatchSampler) and isinstance(sampler.sampler, data.SequentialSampler)
+    if not (in_order or isinstance(sampler, (list, tuple))):
+        return None  # (a random sampler would draw in another order than the loader's own iterator)
+    plan = [list(indices) for indices in sampler]
+    return plan if total == len(plan) else None
+
+
+def _loader_of(loader: Any, inner: Any, batches: list[list[int]]) -> Any:
+    """``inner`` over the given index lists only (its dataset, collate and workers), wrapped in
+    ``loader``'s :class:`Batches` if it had one."""
+    data = require_torch().utils.data
+    workers = inner.num_workers
+    mine = data.DataLoader(
+        inner.dataset, batch_sampler=batches, collate_fn=inner.collate_fn, num_workers=workers,
+        pin_memory=inner.pin_memory, timeout=inner.timeout, worker_init_fn=inner.worker_init_fn,
+        multiprocessing_context=inner.multiprocessing_context, generator=inner.generator,
+        prefetch_factor=inner.prefetch_factor if workers else None,
+        persistent_workers=inner.persistent_workers if workers else False, pin_memory_device=inner.pin_memory_device)
+    return dataclasses.replace(loader, loader=mine) if isinstance(loader, Batches) else mine
+
+
+def _rows_per_index(loader: Any, inner: Any, plan: list[list[int]], run: _ShardedRun) -> bool:
+    """Whether the collate gives one row per index (the default's does; another's first batch is
+    loaded to see): the batch sizes are then known without loading the batches."""
+    data = require_torch().utils.data
+    if not plan or inner.collate_fn is data.default_collate:
+        return True
+    probe = data.DataLoader(inner.dataset, batch_sampler=plan[:1], collate_fn=inner.collate_fn)
+    stream = dataclasses.replace(loader, loader=probe) if isinstance(loader, Batches) else probe
+    chunk = next(chunks(stream, _device(run.arguments)), None)
+    return chunk is not None and int(chunk.inputs.shape[0]) == len(plan[0])
 
 
 def check_sampler(loader: Any) -> None:
