@@ -792,11 +792,14 @@ def combine_randomization(parts: list[R], arguments: dict[str, Any], stopped: st
         confidence=arguments["confidence"], n_bootstrap=arguments["n_bootstrap"], seed=first.seed)
     sizes = [part.n_images for part in parts]
     available = sum(p.images_available for p in parts)
-    if stopped and tensor_size(arguments["inputs"]) is not None:  # a tensor's shards: all its inputs were there
-        available = tensor_size(arguments["inputs"]) or available
+    total = tensor_size(arguments["inputs"])
+    if stopped and total is not None:  # a tensor's shards: all its inputs were there
+        available = total
+    reproduce = first.reproduce  # each batch of images="auto" ran with images="all" (_prepare_batch)
+    if arguments.get("images") == "auto" and not arguments.get("reproduce"):
+        reproduce = _reproduce_line(first.method, first.mode, first.pipeline.name, first.seed, "auto")
     return replace(
-        first, ssim=ssim, stats=stats, n_images=sum(sizes), images_available=available,
-        reproduce=_reproduce_line(first.reproduce, arguments),
+        first, ssim=ssim, stats=stats, n_images=sum(sizes), images_available=available, reproduce=reproduce,
         seconds=sum(part.seconds for part in parts), stopped_early=stopped,
         reused_activations=all(part.reused_activations for part in parts),
         model_writes=tuple(sorted({w for part in parts for w in part.model_writes})),
@@ -809,12 +812,10 @@ def combine_randomization(parts: list[R], arguments: dict[str, Any], stopped: st
     )
 
 
-def _reproduce_line(line: str, arguments: dict[str, Any]) -> str:
-    """The first batch's reproduce line, with the call's ``images="auto"`` (each batch ran with
-    ``images="all"``, :func:`_prepare_batch`)."""
-    if arguments.get("reproduce") or arguments.get("images") != "auto":
-        return line
-    return line.replace("images='all')", "images='auto')")
+def _reproduce_line(method: str, mode: str, preset: str, seed: int, images: str | int) -> str:
+    """The call that reproduces a randomization result (its ``reproduce`` when none is given)."""
+    return (f"pytest_saliency.layer_randomization(model, inputs, method={method!r}, mode={mode!r}, "
+            f"preset={preset!r}, seed={seed}, images={images!r})")
 
 
 def _slim(part: RandomizationResult) -> RandomizationResult:
@@ -953,10 +954,7 @@ def layer_randomization(
     ssim = torch.cat(got.columns, dim=1)
     chance_level, chance_pairs = _mean_chance(got.chance)
     stats = s.statistics(ssim, states.names)
-    reproduce = reproduce or (
-        f"pytest_saliency.layer_randomization(model, inputs, method={name!r}, mode={s.mode!r}, "
-        f"preset={pipeline.name!r}, seed={s.seed}, images={s.images!r})"
-    )
+    reproduce = reproduce or _reproduce_line(name, s.mode, pipeline.name, s.seed, s.images)
     return RandomizationResult(
         mode=s.mode, method=name, method_options=options, pipeline=pipeline, layers=states.names,
         ssim=ssim.double().cpu().tolist(), stats=stats, n_images=got.explained, device=str(inputs.device),

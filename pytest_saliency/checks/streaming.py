@@ -283,9 +283,9 @@ def same_batches(reads: Sequence[Sequence[tuple[int, float]]]) -> None:
             if index in first and first[index] != checksum:
                 raise SaliencyUsageError(
                     f"rank {rank} read another batch {index} from the inputs than rank 0 (its values differ): every "
-                    "rank reads the whole loader and must get the same batches in the same order. Pass a loader that "
-                    "does not shuffle (shuffle=False, or a sampler seeded alike on every rank) over the same files on "
-                    "every host.")
+                    "rank must get the same batches in the same order. Pass a loader that does not shuffle "
+                    "(shuffle=False, or a sampler seeded alike on every rank) over the same files on every host, and "
+                    "give every rank the same inputs.")
 
 
 def call_digest(arguments: Mapping[str, Any]) -> str:
@@ -364,10 +364,10 @@ def _sharded(function: Callable[..., Any], signature: inspect.Signature, argumen
 
 def _timed(result: Any, seconds: float) -> Any:
     """``result`` with the check's wall time as its ``seconds`` (its parts' add up the ranks' times)."""
-    if not dataclasses.is_dataclass(result) or isinstance(result, type):
-        return result
-    return dataclasses.replace(result, seconds=seconds) if "seconds" in {f.name for f in dataclasses.fields(result)} \
-        else result
+    if dataclasses.is_dataclass(result) and not isinstance(result, type) \
+            and any(field.name == "seconds" for field in dataclasses.fields(result)):
+        return dataclasses.replace(result, seconds=seconds)
+    return result
 
 
 class _ShardedRun:
@@ -462,7 +462,6 @@ class _ShardedRun:
         with carrying_only():
             _call(self.function, self.signature, {**call, **({"progress": None} if "progress" in call else {})},
                   chunk, index - 1, self.part)
-
 
 
 class _AllBatches:

@@ -240,7 +240,8 @@ def _all_gather(world: Ranks, payload: Any) -> list[Any]:
         message = (
             f"rank {world.rank} of {world.size} got no answer from every rank while exchanging the results of "
             f"{payload[0]} (waited up to {timeout:g} s, the process group's timeout, --saliency-timeout): a rank "
-            f"died, hangs, or is running another test; see the other ranks' output. {type(error).__name__}: "
+            f"died, hangs, or is running another test; see the other ranks' output (a rank that is only slow "
+            f"needs a larger --saliency-timeout). {type(error).__name__}: "
             f"{str(error)[:400]}")
         _JOINED["broken"] = message
         raise SaliencyRankFailed(message) from None
@@ -275,6 +276,9 @@ def _unpack(data: bytes, device: Any) -> Any:
             return storage.cuda(device)
         return storage
 
+    # Results are objects (check results, their figures' context), which weights_only refuses. The
+    # bytes come only from the ranks of this run, over the process group, as torch's own
+    # all_gather_object (which unpickles the envelope) gets them; never from a file.
     return torch.load(io.BytesIO(data), map_location=place, weights_only=False)
 
 
