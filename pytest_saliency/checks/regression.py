@@ -1509,15 +1509,17 @@ def _ranked_baseline(model: torch.nn.Module, inputs: Any, call: _Call, start: fl
             f"saliency baseline {call.path} exists on rank(s) {having} but not on the others: every host needs the "
             "baseline files at the same path (they belong in the repository), or none does (the first run writes "
             "them on rank 0).")
-    writing = call.update or not exists[0]
-    if writing or (not is_stream(inputs) and has_example_rows(call.method_kwargs, int(inputs.shape[0]))):
-        def alone() -> BaselineResult | None:
-            if world.rank != 0 and writing:
+    if call.update or not exists[0]:
+        def on_rank_0() -> BaselineResult | None:
+            if world.rank != 0:
                 return None
             with unsharded():
                 return _plain_baseline(model, inputs, call, start)
 
-        return cast(BaselineResult, exchange(tag, alone)[0 if writing else world.rank])
+        return cast(BaselineResult, exchange(tag, on_rank_0)[0])
+    if not is_stream(inputs) and has_example_rows(call.method_kwargs, int(inputs.shape[0])):
+        with unsharded():  # per-input method arguments (IG baselines) are not cut: every rank compares all
+            return _plain_baseline(model, inputs, call, start)
     if not is_stream(inputs):
         inputs, rest = tensor_shards(inputs, call.forward_kwargs)
         call = replace(call, forward_kwargs=rest)
